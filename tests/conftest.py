@@ -1,0 +1,51 @@
+"""Shared fixtures: real image fixtures, seeded RNGs, a tiny random ViT.
+
+Every test runs on the CPU with few threads so the default suite stays under 10 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    """Every test starts from the same RNG state, so failures reproduce."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def fmnist_train() -> tuple[np.ndarray, np.ndarray]:
+    """500 real Fashion-MNIST training images (50 per class): uint8 (500, 28, 28) and labels (500,)."""
+    data = np.load(FIXTURES / "fmnist_train_500.npz")
+    return data["images"], data["labels"]
+
+
+@pytest.fixture(scope="session")
+def fmnist_test() -> tuple[np.ndarray, np.ndarray]:
+    """200 real Fashion-MNIST test images (20 per class): uint8 (200, 28, 28) and labels (200,)."""
+    data = np.load(FIXTURES / "fmnist_test_200.npz")
+    return data["images"], data["labels"]
+
+
+@pytest.fixture(scope="session")
+def photo_paths() -> list[Path]:
+    """Four real colour photos (scikit-image samples, JPEG, at most 160 px)."""
+    return sorted((FIXTURES / "photos").glob("*.jpg"))
