@@ -21,7 +21,7 @@ dev: $(VENV)/.installed-dev
 # Main job. Until the Gradio demo lands (issue 5) this is a real small job: a tiny ViT trained with VISReg
 # on committed real Fashion-MNIST images, printing every loss term and the health of the embeddings.
 demo: dev
-	$(PY) scripts/smoke_train.py
+	$(PY) -m training.smoke --steps 300
 
 test: dev
 	$(PY) -m ruff check .
