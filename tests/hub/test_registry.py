@@ -1,0 +1,83 @@
+"""Registry listing, patterns, statuses and name resolution errors."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+import visreg_hub
+from tests.fixtures_models import tiny_encoder
+from visreg_hub.errors import ModelNotFoundError, ModelNotPublishedError
+from visreg_hub.hub import RegistryEntry, from_pretrained, list_models, registry, save_pretrained
+from visreg_hub.hub.registry import FORMATS, STATUSES
+
+
+def test_official_and_unpublished_entries_are_listed_with_source_license_status():
+    entries = {entry.name: entry for entry in list_models()}
+    assert {"vit-b16-in1k", "vit-l14-in1k", "vit-l14-in22k"} <= set(entries)
+    b16, l14 = entries["vit-b16-in1k"], entries["vit-l14-in1k"]
+    assert (b16.repo_id, b16.filename, b16.size) == ("BooBooWu/visreg", "visreg-vit-b-inet1k.pth", "vit-b16")
+    assert (l14.repo_id, l14.filename, l14.size) == ("BooBooWu/visreg", "visreg-vit-l-inet1k.pth", "vit-l14")
+    assert b16.license == l14.license == "cc-by-nc-4.0"
+    assert entries["vit-l14-in22k"].status == "not yet published"
+    for entry in entries.values():
+        assert entry.source and entry.license and entry.status in STATUSES and entry.format in FORMATS
+        assert entry.size in visreg_hub.ModelConfig.available_names()
+    assert visreg_hub.list_models() == list_models()  # public lazy name
+
+
+def test_pattern_is_a_glob_or_a_substring():
+    assert [e.name for e in list_models("vit-l14*")] == ["vit-l14-in1k", "vit-l14-in22k"]
+    assert {e.name for e in list_models("in1k")} == {"vit-b16-in1k", "vit-l14-in1k"}
+    assert [e.name for e in list_models("*IN22K")] == ["vit-l14-in22k"]
+    assert list_models("resnet") == []
+
+
+def test_unpublished_entry_says_so_and_how_to_train_one():
+    with pytest.raises(ModelNotPublishedError) as info:
+        from_pretrained("vit-l14-in22k")
+    message = str(info.value)
+    assert "not yet published" in message
+    assert "accelerate launch training/pretrain.py --config training/configs/vit_l14_in22k.yaml" in message
+
+
+@pytest.mark.parametrize(
+    ("typo", "suggestion"), [("vit-b16-in1", "vit-b16-in1k"), ("vit-l14-in21k", "vit-l14-in22k")]
+)
+def test_unknown_name_suggests_close_registry_names(typo, suggestion):
+    with pytest.raises(ModelNotFoundError, match=f"Did you mean: .*{suggestion}"):
+        from_pretrained(typo)
+
+
+def test_names_are_case_insensitive_and_accept_a_visreg_prefix():
+    assert registry.find_entry("VISREG-vit-b16-in1k").name == "vit-b16-in1k"
+    assert registry.find_entry("nope") is None
+
+
+def test_bundled_entry_loads_from_its_folder_with_sha256(tmp_path, monkeypatch):
+    model = tiny_encoder(seed=4)
+    folder = save_pretrained(model, tmp_path / "bundled")
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    entry = RegistryEntry(
+        name="visreg-tiny-bundled", size="vit-t4-28", status="bundled", format="visreg_hub",
+        source="test", license="apache-2.0", local_path=str(folder), sha256=digest,
+    )  # fmt: skip
+    missing = RegistryEntry(
+        **{**entry.__dict__, "name": "visreg-tiny-gone", "local_path": str(tmp_path / "gone")}
+    )
+    monkeypatch.setattr(registry, "_ENTRIES", (*registry._ENTRIES, entry, missing))
+    loaded = from_pretrained("visreg-tiny-bundled")
+    images = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model(images), rtol=0, atol=0)
+    with pytest.raises(ModelNotFoundError, match="folder is missing"):
+        from_pretrained("visreg-tiny-gone")
+
+
+def test_entry_validation():
+    with pytest.raises(ValueError, match="status"):
+        RegistryEntry(
+            name="x", size="vit-s16", status="released", format="visreg_hub", source="s", license="l"
+        )

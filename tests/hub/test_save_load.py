@@ -1,0 +1,217 @@
+"""save_pretrained / from_pretrained on local folders: round trips, timm compatibility, strict loading."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from tests.fixtures_models import tiny_encoder
+from visreg_hub.errors import CheckpointError, ModelNotFoundError
+from visreg_hub.hub import from_pretrained, save_pretrained
+from visreg_hub.hub.loading import load_folder
+from visreg_hub.models import POOLINGS
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A tiny encoder with registers and metadata, saved to a folder."""
+    extra = {
+        "license": "apache-2.0",
+        "loss": {"name": "visreg", "reg_weight": 0.9, "num_slices": 64},
+        "recipe": {"epochs": 3, "lr": 1e-3},
+        "datasets": ["fashion_mnist"],
+        "notes": "kept under visreg.extra",
+    }
+    model = tiny_encoder(depth=4, num_reg_tokens=1, pooling="cls_last2", extra=extra)
+    folder = save_pretrained(
+        model,
+        tmp_path / "ckpt",
+        eval_results=[{"task": "knn", "dataset": "fashion_mnist", "metric": "accuracy", "value": 80.25}],
+        eval_command="visreg-hub eval --model ckpt --dataset fashion_mnist",
+    )
+    return model, folder
+
+
+def _images(height=28, width=28):
+    return torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(3))
+
+
+def test_folder_layout_and_config_json_is_timm_compatible(saved):
+    model, folder = saved
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "vit_tiny_patch16_224"
+    assert config["num_features"] == 32
+    pretrained_cfg = config["pretrained_cfg"]
+    assert pretrained_cfg["input_size"] == [3, 28, 28]
+    assert pretrained_cfg["mean"] == list(model.config.mean) and pretrained_cfg["std"] == list(
+        model.config.std
+    )
+    assert {"crop_pct", "interpolation"} <= set(pretrained_cfg)
+    visreg = config["visreg"]
+    assert visreg["format_version"] == 1
+    assert (visreg["pooling"], visreg["embedding_dim"]) == ("cls_last2", 64)
+    assert visreg["loss"] == {"name": "visreg", "reg_weight": 0.9, "num_slices": 64}
+    assert visreg["license"] == "apache-2.0"
+    # weights: exactly the keys timm's own model built from model_args has (timm key names, no prefix)
+    reference = timm.create_model(config["architecture"], pretrained=False, **config["model_args"])
+    weights = load_file(folder / "model.safetensors")
+    assert set(weights) == set(reference.state_dict())
+
+
+def test_round_trip_gives_identical_embeddings_and_config(saved):
+    model, folder = saved
+    loaded = from_pretrained(str(folder))
+    assert loaded.config == model.config
+    assert not loaded.training
+    images = _images(28, 36)
+    with torch.no_grad():
+        for pooling in POOLINGS:
+            torch.testing.assert_close(
+                loaded(images, pooling=pooling), model(images, pooling=pooling), rtol=0, atol=0
+            )
+        torch.testing.assert_close(loaded.patch_tokens(images), model.patch_tokens(images), rtol=0, atol=0)
+
+
+def test_timm_local_dir_loads_the_same_features(saved):
+    model, folder = saved
+    backbone = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    images = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            backbone.forward_features(images), model.forward_features(images), rtol=0, atol=1e-6
+        )
+        torch.testing.assert_close(backbone(images), model(images, pooling="cls"), rtol=0, atol=1e-6)
+    data_config = timm.data.resolve_data_config({}, model=backbone)
+    assert data_config["input_size"] == (3, 28, 28)
+    assert tuple(data_config["mean"]) == model.config.mean
+
+
+def test_model_card_metadata_and_evaluation(saved):
+    _model, folder = saved
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\n")
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["license"] == "apache-2.0"
+    assert metadata["library_name"] == "visreg_hub"
+    assert metadata["pipeline_tag"] == "image-feature-extraction"
+    assert {"timm", "visreg_hub"} <= set(metadata["tags"])
+    assert metadata["datasets"] == ["fashion_mnist"]
+    assert metadata["model-index"][0]["results"][0]["metrics"][0]["value"] == 80.25
+    assert "visreg-hub eval --model ckpt --dataset fashion_mnist" in card
+    assert '"reg_weight": 0.9' in card  # loss settings in the training section
+
+
+def test_save_pretrained_method_with_verbatim_card_and_license(tmp_path):
+    model = tiny_encoder()
+    folder = model.save_pretrained(tmp_path / "m", card="# hand written\n", license="cc-by-nc-4.0")
+    assert (folder / "README.md").read_text() == "# hand written\n"
+    assert json.loads((folder / "config.json").read_text())["visreg"]["license"] == "cc-by-nc-4.0"
+    assert from_pretrained(folder).config.extra["license"] == "cc-by-nc-4.0"
+
+
+def test_device_and_dtype(saved):
+    model, folder = saved
+    loaded = from_pretrained(folder, device="cpu", dtype=torch.float64)
+    assert loaded.dtype == torch.float64 and loaded.device.type == "cpu"
+    images = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images.double()).float(), model(images), rtol=1e-4, atol=1e-4)
+
+
+def _rewrite_weights(folder, change):
+    weights = load_file(folder / "model.safetensors")
+    change(weights)
+    save_file(weights, str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("change", "expected_message"),
+    [
+        (lambda w: w.pop("blocks.1.mlp.fc2.bias"), r"missing keys \['blocks.1.mlp.fc2.bias'\]"),
+        (lambda w: w.__setitem__("proj.0.weight", torch.zeros(2, 2)), r"unexpected keys \['proj.0.weight'\]"),
+        (
+            lambda w: w.__setitem__("norm.weight", torch.ones(33)),
+            r"norm.weight: checkpoint \(33,\) vs model \(32,\)",
+        ),
+    ],
+    ids=["missing", "unexpected", "wrong-shape"],
+)
+def test_strict_loading_lists_the_offending_keys(saved, change, expected_message):
+    _model, folder = saved
+    _rewrite_weights(folder, change)
+    with pytest.raises(CheckpointError, match=expected_message):
+        from_pretrained(folder)
+
+
+def test_config_and_weights_disagreeing_is_a_checkpoint_error(saved):
+    _model, folder = saved
+    config = json.loads((folder / "config.json").read_text())
+    config["model_args"]["depth"] = 3
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"unexpected keys \['blocks.3"):
+        from_pretrained(folder)
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_pickle_renamed_to_safetensors_is_refused_without_unpickling(saved, tmp_path, writer):
+    model, folder = saved
+    marker = tmp_path / "pwned"
+    payload = {"state_dict": model.backbone.state_dict(), "evil": _RunsCodeWhenUnpickled(marker)}
+    target = folder / "model.safetensors"
+    if writer == "torch.save":
+        torch.save(payload, target)
+    else:
+        target.write_bytes(pickle.dumps(payload, protocol=4))
+    with pytest.raises(CheckpointError, match="pickled PyTorch file"):
+        from_pretrained(folder)
+    assert not marker.exists()
+
+
+def test_truncated_safetensors_is_refused(saved):
+    _model, folder = saved
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        from_pretrained(folder)
+
+
+def test_sha256_mismatch_and_match(saved):
+    import hashlib
+
+    _model, folder = saved
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    load_folder(folder, weights_sha256=digest)
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_folder(folder, weights_sha256="ab" * 32)
+
+
+def test_folder_without_safetensors_points_to_the_converter(saved):
+    _model, folder = saved
+    (folder / "model.safetensors").rename(folder / "pytorch_model.pth")
+    with pytest.raises(CheckpointError, match="visreg-hub convert"):
+        from_pretrained(folder)
+
+
+def test_missing_folder_or_bad_name(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no such folder"):
+        from_pretrained(str(tmp_path / "does" / "not" / "exist"))
+    with pytest.raises(ModelNotFoundError, match=r"config\.json"):
+        from_pretrained(tmp_path)
+    (tmp_path / "weights.pth").write_bytes(b"x")
+    with pytest.raises(ModelNotFoundError, match="is a file"):
+        from_pretrained(str(tmp_path / "weights.pth"))

@@ -1,0 +1,207 @@
+"""Named checkpoints (data, not code): where each one lives, its format, license and status.
+
+Statuses:
+    ``published``: weights are downloadable; ``format`` says how they are stored.
+    ``bundled``: weights ship with this project (a folder under the package or ``demo/assets``).
+    ``not yet published``: the name is reserved; loading it raises ``ModelNotPublishedError`` with the
+        command that trains one.
+
+Formats:
+    ``official-pth``: the official VISReg release (pickled PyTorch state dict). It is downloaded through
+        the Hugging Face cache and converted on load by :mod:`visreg_hub.hub.convert` with
+        ``torch.load(weights_only=True)`` (no code execution).
+    ``visreg_hub``: a folder written by ``save_pretrained`` (config.json + model.safetensors + README.md).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+from visreg_hub.errors import ModelNotFoundError
+
+STATUSES = ("published", "bundled", "not yet published")
+FORMATS = ("official-pth", "visreg_hub")
+
+OFFICIAL_REPO = "BooBooWu/visreg"
+OFFICIAL_LICENSE = "cc-by-nc-4.0"  # per the official repository's README
+OFFICIAL_SOURCE = "Official VISReg release (github.com/HaiyuWu/visreg), Hugging Face Hub BooBooWu/visreg"
+# Evaluation preprocessing of the official release: resize 256 bicubic, centre crop 224, ImageNet stats.
+OFFICIAL_DATA = {
+    "crop_pct": 0.875,
+    "interpolation": "bicubic",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+}
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """One named checkpoint.
+
+    Attributes:
+        name: registry name passed to ``from_pretrained``.
+        size: named size of ``ModelConfig.from_name`` (architecture) the weights fit.
+        status: one of ``STATUSES``.
+        format: one of ``FORMATS`` (how the weights are stored at the source).
+        source: human-readable origin of the weights.
+        license: SPDX-style license id carried into the model card.
+        description: one line for listings.
+        repo_id: Hugging Face Hub repository, for downloadable entries.
+        filename: file inside ``repo_id`` (official-pth entries).
+        revision: commit hash or tag that pins the download; None follows ``main``.
+        sha256: expected SHA-256 of the downloaded weights file, checked when set.
+        local_path: bundled folder, relative to the repository root or the installed package.
+        dataset: training data, for the card's ``datasets`` metadata.
+        config_overrides: ModelConfig fields that differ from the named size's defaults.
+        train_command: how to train such a model (used in the not-yet-published message).
+    """
+
+    name: str
+    size: str
+    status: str
+    format: str
+    source: str
+    license: str
+    description: str = ""
+    repo_id: str | None = None
+    filename: str | None = None
+    revision: str | None = None
+    sha256: str | None = None
+    local_path: str | None = None
+    dataset: str | None = None
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    train_command: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"registry entry {self.name!r}: status {self.status!r} not in {STATUSES}")
+        if self.format not in FORMATS:
+            raise ValueError(f"registry entry {self.name!r}: format {self.format!r} not in {FORMATS}")
+
+
+_ENTRIES: tuple[RegistryEntry, ...] = (
+    RegistryEntry(
+        name="vit-b16-in1k",
+        size="vit-b16",
+        status="published",
+        format="official-pth",
+        source=OFFICIAL_SOURCE,
+        license=OFFICIAL_LICENSE,
+        description="VISReg ViT-B/16 pre-trained on ImageNet-1K (official weights, converted on load)",
+        repo_id=OFFICIAL_REPO,
+        filename="visreg-vit-b-inet1k.pth",
+        # revision / sha256 are left unpinned: they could not be verified from this machine (no network).
+        # The loader logs the SHA-256 of the downloaded file; paste it here (and the commit hash) to pin.
+        revision=None,
+        sha256=None,
+        dataset="imagenet-1k",
+        config_overrides=dict(OFFICIAL_DATA),
+    ),
+    RegistryEntry(
+        name="vit-l14-in1k",
+        size="vit-l14",
+        status="published",
+        format="official-pth",
+        source=OFFICIAL_SOURCE,
+        license=OFFICIAL_LICENSE,
+        description="VISReg ViT-L/14 pre-trained on ImageNet-1K (official weights, converted on load)",
+        repo_id=OFFICIAL_REPO,
+        filename="visreg-vit-l-inet1k.pth",
+        revision=None,
+        sha256=None,
+        dataset="imagenet-1k",
+        config_overrides=dict(OFFICIAL_DATA),
+    ),
+    RegistryEntry(
+        name="vit-l14-in22k",
+        size="vit-l14",
+        status="not yet published",
+        format="visreg_hub",
+        source="Paper result (VISReg-IN22K ViT-L/14); no public checkpoint",
+        license=OFFICIAL_LICENSE,
+        description="VISReg ViT-L/14 pre-trained on ImageNet-22K (not yet published)",
+        dataset="imagenet-22k",
+        train_command="accelerate launch training/pretrain.py --config training/configs/vit_l14_in22k.yaml",
+    ),
+    # ---------------------------------------------------------------- bundled models (filled by the lead)
+    # The project's own small models, shipped as save_pretrained folders. Add one entry per folder that
+    # actually exists in the repository, e.g.:
+    #
+    # RegistryEntry(
+    #     name="visreg-vit-t8-fmnist",
+    #     size="vit-t4-28",                      # or the closest named size; config.json is authoritative
+    #     status="bundled",
+    #     format="visreg_hub",
+    #     source="trained by visreg_hub: <command>",
+    #     license="apache-2.0",
+    #     local_path="demo/assets/visreg-vit-t8-fmnist",   # folder with config.json + model.safetensors
+    #     sha256="<sha256 of model.safetensors>",
+    #     dataset="fashion_mnist",
+    # ),
+)
+
+
+def _normalise(name: str) -> str:
+    return name.strip().lower()
+
+
+def _index() -> dict[str, RegistryEntry]:
+    return {entry.name: entry for entry in _ENTRIES}
+
+
+def list_models(pattern: str | None = None) -> list[RegistryEntry]:
+    """Registry entries, optionally filtered.
+
+    Args:
+        pattern: shell-style glob (``"vit-l14*"``) matched against the name; without wildcard characters
+            it is a case-insensitive substring (``"in1k"``). None lists everything.
+
+    Returns:
+        Matching entries in registry order.
+    """
+    entries = list(_ENTRIES)
+    if pattern is None:
+        return entries
+    pattern = _normalise(pattern)
+    if any(char in pattern for char in "*?["):
+        return [e for e in entries if fnmatch.fnmatchcase(e.name, pattern)]
+    return [e for e in entries if pattern in e.name]
+
+
+def find_entry(name: str) -> RegistryEntry | None:
+    """The entry called ``name`` (case-insensitive; a leading ``visreg-`` is optional), or None."""
+    index = _index()
+    key = _normalise(name)
+    for candidate in (key, key.removeprefix("visreg-"), f"visreg-{key}"):
+        if candidate in index:
+            return index[candidate]
+    return None
+
+
+def get_entry(name: str) -> RegistryEntry:
+    """The entry called ``name``.
+
+    Raises:
+        ModelNotFoundError: no such entry; the message lists close names.
+    """
+    entry = find_entry(name)
+    if entry is None:
+        raise ModelNotFoundError(f"no registry model named {name!r}.{suggest_names(name)}")
+    return entry
+
+
+def suggest_names(name: str) -> str:
+    """A sentence with registry names close to ``name`` (difflib), plus where to see them all."""
+    names = [entry.name for entry in _ENTRIES]
+    key = _normalise(name)
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+    close += [
+        n
+        for n in difflib.get_close_matches(key.removeprefix("visreg-"), names, n=3, cutoff=0.5)
+        if n not in close
+    ]
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return f"{hint} Registry names: {', '.join(names)} (visreg_hub.list_models())."

@@ -1,0 +1,201 @@
+"""Write checkpoint folders (config.json + model.safetensors + README.md) and push them to the Hub.
+
+Folder layout (one folder = one model):
+
+* ``config.json``: timm-compatible (``architecture``, ``num_classes``, ``num_features``, ``global_pool``,
+  ``model_args``, ``pretrained_cfg`` with ``mean``, ``std``, ``input_size``, ``crop_pct``,
+  ``interpolation``) plus a ``visreg`` block (``format_version``, ``pooling``, ``embedding_dim``,
+  ``name``, ``license``, ``recipe``, ``loss``, ``datasets``, evaluation results, other ``extra``).
+  ``timm.create_model("local-dir:<folder>", pretrained=True)`` reads it directly.
+* ``model.safetensors``: the backbone's ``state_dict`` with timm key names (no projector, no ``backbone.``
+  prefix), so timm loads it unchanged.
+* ``README.md``: the model card (:mod:`visreg_hub.hub.card`).
+
+Conventional ``config.extra`` keys, promoted into the ``visreg`` block: ``license`` (SPDX-style id),
+``recipe`` (dict), ``loss`` (dict: name and settings), ``datasets`` (list), ``eval_results`` (list of
+dicts with task, dataset, metric, value, split, command), ``eval_command``, ``source``, ``description``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from visreg_hub.hub.card import DEFAULT_LICENSE, render_model_card
+from visreg_hub.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+# extra keys stored at the top of the visreg block (the rest stays under visreg["extra"])
+PROMOTED_EXTRA_KEYS = ("license", "recipe", "loss", "datasets", "eval_results", "eval_command", "source")
+
+
+def build_config_json(config: ModelConfig, embedding_dim: int) -> dict[str, Any]:
+    """The timm-compatible ``config.json`` content for ``config``.
+
+    Args:
+        config: the model configuration.
+        embedding_dim: length of the default (``config.pooling``) embedding.
+    """
+    model_args = config.timm_kwargs()
+    pretrained_cfg = {
+        "input_size": [config.in_chans, config.img_size, config.img_size],
+        "fixed_input_size": not config.dynamic_img_size,
+        "interpolation": config.interpolation,
+        "crop_pct": config.crop_pct,
+        "crop_mode": "center",
+        "mean": list(config.mean),
+        "std": list(config.std),
+        "num_classes": 0,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": config.extra.get("license", DEFAULT_LICENSE),
+    }
+    extra = dict(config.extra)
+    visreg: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "library": "visreg_hub",
+        "name": config.name,
+        "pooling": config.pooling,
+        "embedding_dim": embedding_dim,
+        "drop_path_rate": config.drop_path_rate,
+    }
+    for key in PROMOTED_EXTRA_KEYS:
+        if key in extra:
+            visreg[key] = extra.pop(key)
+    visreg["extra"] = extra
+    return {
+        "architecture": config.architecture,
+        "num_classes": 0,
+        "num_features": config.embed_dim,
+        "global_pool": "token",
+        "model_args": model_args,
+        "pretrained_cfg": pretrained_cfg,
+        "visreg": visreg,
+    }
+
+
+def backbone_state_dict(model) -> dict[str, torch.Tensor]:
+    """The backbone weights as contiguous CPU tensors with timm key names (what model.safetensors holds)."""
+    return {key: value.detach().to("cpu").contiguous() for key, value in model.backbone.state_dict().items()}
+
+
+def save_pretrained(
+    model,
+    folder: str | Path,
+    *,
+    card: str | None = None,
+    eval_results: list[dict[str, Any]] | None = None,
+    eval_command: str | None = None,
+    datasets: list[str] | None = None,
+    license: str | None = None,
+    repo_id: str | None = None,
+    description: str | None = None,
+    tags: list[str] | None = None,
+) -> Path:
+    """Write ``model`` as a checkpoint folder (see module docstring) and return the folder.
+
+    Args:
+        model: a :class:`~visreg_hub.models.VISRegEncoder`.
+        folder: output directory (created; existing files of the same names are overwritten).
+        card: README.md text to write verbatim instead of the generated card.
+        eval_results: evaluation numbers for the card (default: ``config.extra["eval_results"]``).
+        eval_command: command that produced them.
+        datasets: training datasets for the card metadata.
+        license: license id; also stored in config.json (default: ``config.extra["license"]`` or apache-2.0).
+        repo_id: Hub repository the folder is meant for (used in the card's usage snippet).
+        description: one paragraph for the card.
+        tags: extra Hub tags.
+    """
+    from visreg_hub.models.encoder import VISRegEncoder
+
+    if not isinstance(model, VISRegEncoder):
+        raise TypeError(f"save_pretrained expects a VISRegEncoder, got {type(model).__name__}")
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a directory; choose a folder path")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    config = model.config
+    if license is not None:
+        config = config.replace(extra={**config.extra, "license": license})
+    config_json = build_config_json(config, model.embedding_dim())
+    (folder / CONFIG_NAME).write_text(json.dumps(config_json, indent=2) + "\n", encoding="utf-8")
+    save_file(backbone_state_dict(model), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    if card is None:
+        card = render_model_card(
+            config,
+            embedding_dim=model.embedding_dim(),
+            repo_id=repo_id,
+            license=license,
+            datasets=datasets,
+            eval_results=eval_results,
+            eval_command=eval_command,
+            description=description,
+            tags=tags,
+        )
+    (folder / CARD_NAME).write_text(card, encoding="utf-8")
+    logger.info("saved %s to %s", config.name or config.architecture, folder)
+    return folder
+
+
+def push_to_hub(
+    model,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload VISReg encoder with visreg_hub",
+    revision: str | None = None,
+    create_pr: bool = False,
+    **card_kwargs: Any,
+):
+    """Save ``model`` to a temporary folder and upload it to the Hub in one commit.
+
+    The repository is created if needed (``exist_ok``); a ``revision`` branch is created if missing.
+    The token comes from ``token``, else ``HF_TOKEN`` / the stored login (huggingface_hub's rules).
+
+    Args:
+        model: a :class:`~visreg_hub.models.VISRegEncoder`.
+        repo_id: ``"org/name"``.
+        private: visibility of a newly created repository (None: the account default).
+        token: Hub token.
+        commit_message: the commit's summary line.
+        revision: branch to commit to (default ``main``).
+        create_pr: open a pull request instead of committing to the branch.
+        **card_kwargs: forwarded to :func:`save_pretrained` (eval_results, eval_command, datasets,
+            license, description, tags).
+
+    Returns:
+        huggingface_hub's ``CommitInfo`` (``.commit_url``, ``.oid``).
+    """
+    from huggingface_hub import HfApi
+
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or repo_id.startswith("hf-hub:"):
+        raise ValueError(f"repo_id must look like 'org/name', got {repo_id!r}")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision is not None and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    with tempfile.TemporaryDirectory(prefix="visreg_hub_push_") as tmp:
+        save_pretrained(model, tmp, repo_id=repo_id, **card_kwargs)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=tmp,
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+            repo_type="model",
+        )
+    logger.info("pushed %s to %s", model.config.name or model.config.architecture, repo_id)
+    return commit

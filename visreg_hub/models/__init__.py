@@ -1,0 +1,7 @@
+"""Encoder architecture: configuration, timm ViT with VISReg feature taps, training projector."""
+
+from visreg_hub.models.config import NAMED_SIZES, PATCH_POOLING, POOLINGS, ModelConfig
+from visreg_hub.models.encoder import VISRegEncoder
+from visreg_hub.models.projector import Projector
+
+__all__ = ["NAMED_SIZES", "PATCH_POOLING", "POOLINGS", "ModelConfig", "Projector", "VISRegEncoder"]
