@@ -1,0 +1,58 @@
+"""Embedding files (.npy/.parquet + JSON sidecar): round trips and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from visreg_hub.retrieval import read_embeddings, write_embeddings
+from visreg_hub.retrieval.files import read_paths_file
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".parquet"])
+def test_round_trip(tmp_path, suffix):
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    embeddings = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+    paths = [f"/data/{i}.png" for i in range(5)]
+    sidecar = write_embeddings(
+        tmp_path / f"emb{suffix}", embeddings, paths=paths, failures=[("/data/bad.png", "truncated")],
+        model="tiny", pooling="cls", normalized=False,
+    )  # fmt: skip
+    assert sidecar == tmp_path / "emb.json"
+    loaded = read_embeddings(tmp_path / f"emb{suffix}")
+    np.testing.assert_array_equal(loaded.embeddings, embeddings)
+    assert loaded.paths == paths
+    assert loaded.info["model"] == "tiny" and loaded.info["failures"] == [
+        {"path": "/data/bad.png", "reason": "truncated"}
+    ]
+    if suffix == ".parquet":  # the parquet file names its rows even without the sidecar
+        sidecar.unlink()
+        assert read_embeddings(tmp_path / f"emb{suffix}").paths == paths
+
+
+def test_refusals(tmp_path):
+    with pytest.raises(ValueError, match=r"must end with \.npy or \.parquet"):
+        write_embeddings(tmp_path / "emb.csv", np.zeros((1, 2), np.float32), paths=["a"])
+    with pytest.raises(ValueError, match="got 1 paths for 2 embeddings"):
+        write_embeddings(tmp_path / "emb.npy", np.zeros((2, 2), np.float32), paths=["a"])
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="not a plain numeric"):
+        read_embeddings(tmp_path / "objects.npy")  # would need pickle: refused
+    np.save(tmp_path / "nan.npy", np.array([[1.0, np.nan]], dtype=np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        read_embeddings(tmp_path / "nan.npy")
+    with pytest.raises(FileNotFoundError, match="embeddings file not found"):
+        read_embeddings(tmp_path / "missing.npy")
+
+
+def test_paths_files(tmp_path):
+    (tmp_path / "p.txt").write_text("a.png\n\nb.png\n")
+    assert read_paths_file(tmp_path / "p.txt") == (["a.png", "b.png"], {})
+    (tmp_path / "p.json").write_text(json.dumps({"paths": ["x"], "model": "m"}))
+    assert read_paths_file(tmp_path / "p.json") == (["x"], {"model": "m"})
+    (tmp_path / "bad.json").write_text(json.dumps({"files": ["x"]}))
+    with pytest.raises(ValueError, match="JSON list of file paths"):
+        read_paths_file(tmp_path / "bad.json")

@@ -1,0 +1,121 @@
+"""EmbeddingIndex save/load: round trip, manifest contents, tamper detection, no pickle."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from visreg_hub.errors import CheckpointError
+from visreg_hub.retrieval import EmbeddingIndex, read_manifest
+
+pytest.importorskip("faiss")
+
+
+def make_index(kind: str, metric: str = "ip") -> tuple[EmbeddingIndex, np.ndarray]:
+    rng = np.random.default_rng(0)
+    database = rng.standard_normal((800, 16)).astype(np.float32)
+    database /= np.linalg.norm(database, axis=1, keepdims=True)
+    extra = {"nlist": 8, "nprobe": 3} if kind == "ivf" else {"ef_search": 20} if kind == "hnsw" else {}
+    index = EmbeddingIndex(16, metric=metric, kind=kind, model_name="tiny-model", pooling="cls", **extra)
+    ids = np.arange(800, dtype=np.int64) * 3 + 5
+    index.add(database, ids=ids, metadata=[{"path": f"{i}.png", "label": i % 4} for i in range(800)])
+    return index, rng.standard_normal((20, 16)).astype(np.float32)
+
+
+@pytest.mark.parametrize(("kind", "metric"), [("flat", "ip"), ("flat", "l2"), ("ivf", "ip"), ("hnsw", "l2")])
+def test_round_trip_gives_identical_results(tmp_path, kind, metric):
+    index, queries = make_index(kind, metric)
+    before = index.search(queries, k=7)
+    index.save(tmp_path / "idx")
+    loaded = EmbeddingIndex.load(tmp_path / "idx")
+    after = loaded.search(queries, k=7)
+    np.testing.assert_array_equal(after.ids, before.ids)
+    np.testing.assert_array_equal(after.scores, before.scores)
+    assert after.metadata == before.metadata
+    assert (loaded.kind, loaded.metric, loaded.dim, len(loaded)) == (kind, metric, 16, 800)
+    assert loaded.model_name == "tiny-model" and loaded.pooling == "cls"
+    assert loaded.nprobe == index.nprobe and loaded.ef_search == index.ef_search
+    np.testing.assert_array_equal(loaded.ids, index.ids)
+
+
+def test_manifest_records_format_and_checksums(tmp_path):
+    index, _ = make_index("flat")
+    folder = index.save(tmp_path / "idx")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["format_version"] == 1
+    assert (manifest["dim"], manifest["metric"], manifest["kind"], manifest["count"]) == (
+        16,
+        "ip",
+        "flat",
+        800,
+    )
+    assert manifest["model_name"] == "tiny-model" and manifest["normalized"] is True
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "ids.npy",
+        "index.faiss",
+        "manifest.json",
+        "metadata.json",
+    ]
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+    assert read_manifest(folder) == manifest
+    # the ids file is a plain int64 array, readable without pickle
+    np.testing.assert_array_equal(np.load(folder / "ids.npy", allow_pickle=False), index.ids)
+
+
+@pytest.mark.parametrize("name", ["index.faiss", "ids.npy", "metadata.json"])
+def test_tampered_file_is_detected(tmp_path, name):
+    index, _ = make_index("flat")
+    folder = index.save(tmp_path / "idx")
+    payload = bytearray((folder / name).read_bytes())
+    payload[-2] ^= 0x01
+    (folder / name).write_bytes(bytes(payload))
+    with pytest.raises(CheckpointError, match=f"checksum mismatch for .*{name}"):
+        EmbeddingIndex.load(folder)
+
+
+def test_manifest_that_disagrees_with_files_is_rejected(tmp_path):
+    index, _ = make_index("flat")
+    folder = index.save(tmp_path / "idx")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["dim"] = 32
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"dim: manifest says 32, index\.faiss has 16"):
+        EmbeddingIndex.load(folder)
+    manifest.update(dim=16, count=799)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="count"):
+        EmbeddingIndex.load(folder)
+
+
+def test_bad_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no manifest\.json"):
+        EmbeddingIndex.load(tmp_path)
+    index, _ = make_index("flat")
+    folder = index.save(tmp_path / "idx")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(CheckpointError, match="format_version 99"):
+        EmbeddingIndex.load(folder)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "ids.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"ids\.npy"):
+        EmbeddingIndex.load(folder)
+
+
+def test_untrained_ivf_cannot_be_saved(tmp_path):
+    with pytest.raises(ValueError, match="untrained"):
+        EmbeddingIndex(8, kind="ivf", nlist=2).save(tmp_path / "idx")
+
+
+def test_loaded_index_keeps_growing(tmp_path):
+    index, queries = make_index("flat")
+    loaded = EmbeddingIndex.load(index.save(tmp_path / "idx"))
+    new_ids = loaded.add(queries[:2])
+    assert new_ids.tolist() == [int(index.ids.max()) + 1, int(index.ids.max()) + 2]
+    assert loaded.search(queries[:2], k=1).ids[:, 0].tolist() == new_ids.tolist()
+    with pytest.raises(ValueError, match="already in the index"):
+        loaded.add(queries[:1], ids=[5])

@@ -1,0 +1,349 @@
+"""``visreg-hub``: the command line. Thin: every sub-command parses arguments and calls the library.
+
+    visreg-hub list [pattern]
+    visreg-hub embed photos/ -o emb.npy --model vit-b16-in1k      # + emb.json: paths, failures, model
+    visreg-hub index build emb.npy -o gallery-index               # paths/model taken from emb.json
+    visreg-hub search gallery-index query.jpg -k 5                 # model taken from the index manifest
+    visreg-hub convert visreg-vit-b-inet1k.pth vit-b16-in1k/ --arch vit-b16
+
+Results go to stdout, diagnostics and progress bars to stderr. Exit codes: 0 success, 1 user error
+(one-line message; ``--verbose`` adds the traceback), 2 usage error (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from visreg_hub import __version__
+from visreg_hub.errors import VisregHubError
+
+logger = logging.getLogger("visreg_hub.cli")
+
+DEFAULT_MODEL = "vit-b16-in1k"
+
+
+class UserError(VisregHubError):
+    """A problem with the command line's input, reported as one line with exit code 1."""
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _model_reference(name: str) -> str:
+    """Local folders are recorded as absolute paths so the index can be searched from any directory."""
+    return os.path.abspath(name) if Path(name).expanduser().is_dir() else name
+
+
+def _expand_image_inputs(inputs: list[str]) -> list[str]:
+    from visreg_hub.inference.images import list_image_files
+
+    paths: list[str] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = list_image_files(path)
+            if not found:
+                raise UserError(f"folder {item!r} contains no image files")
+            paths.extend(os.path.abspath(p) for p in found)
+        elif path.is_file():
+            paths.append(os.path.abspath(path))
+        else:
+            raise UserError(f"input not found: {item!r} is neither an image file nor a folder")
+    return paths
+
+
+def _load_model(name: str, device: str | None):
+    from visreg_hub.hub import from_pretrained
+
+    logger.info("loading model %s", name)
+    return from_pretrained(name, device=device)
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    return False if getattr(args, "no_progress", False) else None  # None: shown when stderr is a terminal
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_list(args: argparse.Namespace) -> int:
+    from visreg_hub.hub import list_models
+
+    entries = list_models(args.pattern)
+    if args.json:
+        rows = [
+            {key: getattr(e, key, None) for key in ("name", "status", "license", "repo_id", "description")}
+            for e in entries
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not entries:
+        print(f"no registry model matches {args.pattern!r}", file=sys.stderr)
+        return 0
+    width = max(len(e.name) for e in entries)
+    status_width = max(len(e.status) for e in entries)
+    for e in entries:
+        print(f"{e.name:<{width}}  {e.status:<{status_width}}  {e.license:<14}  {e.description}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from visreg_hub.inference import encode
+    from visreg_hub.retrieval.files import check_suffix, write_embeddings
+
+    out = check_suffix(args.output, "output")  # fail before the slow part
+    paths = _expand_image_inputs(args.inputs)
+    model = _load_model(args.model, args.device)
+    pooling = args.pooling if args.pooling is not None else model.config.pooling
+    result = encode(
+        model,
+        paths,
+        batch_size=args.batch_size,
+        pooling=pooling,
+        normalize=not args.no_normalize,
+        device=args.device,
+        num_workers=args.num_workers,
+        show_progress_bar=_progress(args),
+        convert_to_numpy=True,
+        on_error=args.on_error,
+    )
+    failures = result.failures if args.on_error == "skip" else []
+    embeddings = result.embeddings if args.on_error == "skip" else result
+    failed = {f.index for f in failures}
+    if len(failed) == len(paths):
+        raise UserError(
+            f"none of the {len(paths)} images could be embedded; first failure: {failures[0].reason}"
+        )
+    sidecar = write_embeddings(
+        out,
+        embeddings,
+        paths=[p for i, p in enumerate(paths) if i not in failed],
+        failures=[(paths[f.index], f.reason) for f in failures],
+        model=_model_reference(args.model),
+        pooling=pooling,
+        normalized=not args.no_normalize,
+    )
+    rows, dim = len(paths) - len(failed), model.embedding_dim(pooling)
+    print(f"wrote {rows} x {dim} embeddings to {out} (paths: {sidecar})")
+    if failures:
+        print(
+            f"{len(failures)} image(s) failed and were skipped; first: {failures[0].reason}", file=sys.stderr
+        )
+    return 0
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from visreg_hub.retrieval import EmbeddingIndex, read_embeddings
+
+    loaded = read_embeddings(args.embeddings, paths_file=args.paths)
+    embeddings, paths, info = loaded.embeddings, loaded.paths, loaded.info
+    index = EmbeddingIndex(
+        embeddings.shape[1],
+        metric=args.metric,
+        kind=args.kind,
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+        m=args.m,
+        ef_search=args.ef_search,
+        normalize=args.normalize,
+        model_name=_model_reference(args.model) if args.model else info.get("model"),
+        pooling=info.get("pooling"),
+    )
+    metadata = None if paths is None else [{"path": p} for p in paths]
+    index.add(embeddings, metadata=metadata)
+    index.save(args.output)
+    print(f"built {args.kind} index ({args.metric}) of {len(index)} x {index.dim} vectors in {args.output}")
+    if index.model_name is None:
+        print("no model recorded in the index; `search` will need --model", file=sys.stderr)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from visreg_hub.inference import encode
+    from visreg_hub.retrieval import EmbeddingIndex
+
+    if args.k < 1:
+        raise UserError(f"-k must be a positive integer, got {args.k}")
+    queries = _expand_image_inputs(args.images)
+    index = EmbeddingIndex.load(args.index)
+    if args.nprobe is not None:
+        index.nprobe = args.nprobe
+    if args.ef_search is not None:
+        index.ef_search = args.ef_search
+    model_name = args.model or index.model_name
+    if model_name is None:
+        raise UserError(f"the index {args.index!r} records no model; pass --model NAME")
+    model = _load_model(model_name, args.device)
+    dim = model.embedding_dim(index.pooling)
+    if dim != index.dim:
+        raise UserError(
+            f"model {model_name!r} gives {dim}-dimensional embeddings (pooling {index.pooling!r}) but the "
+            f"index holds {index.dim}-dimensional ones; pass the --model the index was built with"
+        )
+    embeddings = encode(
+        model,
+        queries,
+        pooling=index.pooling,
+        normalize=index.normalized,
+        device=args.device,
+        show_progress_bar=_progress(args),
+        convert_to_numpy=True,
+    )
+    result = index.search(embeddings, k=args.k)
+    report = [
+        {
+            "query": query,
+            "results": [
+                {"rank": rank + 1, "score": float(score), "id": int(hit), "metadata": meta}
+                for rank, (score, hit, meta) in enumerate(zip(scores, ids, metas, strict=True))
+                if hit != -1
+            ],
+        }
+        for query, scores, ids, metas in zip(queries, result.scores, result.ids, result.metadata, strict=True)
+    ]
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    score_name = "score" if index.metric == "ip" else "sq-dist"
+    for entry in report:
+        print(f"query: {entry['query']}")
+        print(f"  {'rank':>4}  {score_name:>8}  {'id':>8}  path")
+        for hit in entry["results"]:
+            path = (hit["metadata"] or {}).get("path", "")
+            print(f"  {hit['rank']:>4}  {hit['score']:>8.4f}  {hit['id']:>8}  {path}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from visreg_hub.hub.convert import convert_official_checkpoint
+
+    source = Path(args.checkpoint)
+    if not source.is_file():
+        raise UserError(f"checkpoint not found: {str(source)!r}")
+    if source.suffix.lower() not in (".pth", ".pt", ".bin"):
+        raise UserError(f"{str(source)!r} is not an official .pth checkpoint (got suffix {source.suffix!r})")
+    out = convert_official_checkpoint(source, args.output, arch=args.arch)
+    print(f"converted {source} ({args.arch}) to {out or args.output}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of ``visreg-hub`` (exposed for documentation and tests)."""
+    # SUPPRESS defaults: a sub-command's copy of these flags must not reset a value given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="info logging, full tracebacks",
+    )
+    common.add_argument(
+        "--no-progress", action="store_true", default=argparse.SUPPRESS, help="never show progress bars"
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="visreg-hub",
+        description="VISReg image embeddings: list models, embed images, build and search FAISS indexes.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"visreg-hub {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = commands.add_parser("list", parents=[common], help="list named models in the registry")
+    p.add_argument("pattern", nargs="?", help="substring or glob (e.g. 'vit-l14*') to filter names")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_list)
+
+    p = commands.add_parser("embed", parents=[common], help="embed images or folders of images")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders")
+    p.add_argument(
+        "-o", "--output", required=True, help="output .npy or .parquet (+ a .json sidecar of paths)"
+    )
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"registry name, Hub repo or folder ({DEFAULT_MODEL})"
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--pooling", help="cls | cls_last2 | cls_last4 | mean_patch (default: the model's)")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="on an unreadable image")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--num-workers", type=int, default=0, help="decoding worker processes")
+    p.add_argument("--no-normalize", action="store_true", help="keep raw (not L2-normalised) embeddings")
+    p.set_defaults(func=cmd_embed)
+
+    p = commands.add_parser("index", parents=[common], help="build or inspect an embedding index")
+    index_commands = p.add_subparsers(dest="index_command", metavar="ACTION")
+    b = index_commands.add_parser("build", parents=[common], help="build a FAISS index from embeddings")
+    b.add_argument("embeddings", help=".npy or .parquet written by `visreg-hub embed`")
+    b.add_argument("-o", "--output", required=True, help="index folder to write")
+    b.add_argument("--kind", choices=("flat", "ivf", "hnsw"), default="flat", help="flat is exact (default)")
+    b.add_argument("--metric", choices=("ip", "l2"), default="ip", help="inner product (cosine) or L2")
+    b.add_argument("--paths", help="JSON list of file paths per row (default: the embed sidecar .json)")
+    b.add_argument("--model", help="model to record for `search` (default: from the sidecar)")
+    b.add_argument("--nlist", type=int, help="IVF cells (default: 4*sqrt(N), >= 39 vectors per cell)")
+    b.add_argument("--nprobe", type=int, help="IVF cells searched per query (default: 16)")
+    b.add_argument("--m", type=int, default=32, help="HNSW neighbours per node")
+    b.add_argument("--ef-search", type=int, default=64, help="HNSW search beam width")
+    b.add_argument("--normalize", action="store_true", help="L2-normalise vectors (cosine with --metric ip)")
+    b.set_defaults(func=cmd_index_build)
+    p.set_defaults(func=None, subparser=p)
+
+    p = commands.add_parser(
+        "search", parents=[common], help="find the nearest indexed images of query images"
+    )
+    p.add_argument("index", help="index folder written by `visreg-hub index build`")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="query image files and/or folders")
+    p.add_argument("-k", type=int, default=5, help="neighbours per query (default 5)")
+    p.add_argument("--model", help="model to embed the queries (default: the one in the index manifest)")
+    p.add_argument("--device", help="cpu, cuda, ...")
+    p.add_argument("--nprobe", type=int, help="override the IVF nprobe")
+    p.add_argument("--ef-search", type=int, help="override the HNSW ef_search")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_search)
+
+    p = commands.add_parser(
+        "convert", parents=[common], help="convert an official VISReg .pth to a model folder"
+    )
+    p.add_argument("checkpoint", help="official .pth file (loaded with torch.load(weights_only=True))")
+    p.add_argument("output", help="folder to write config.json + model.safetensors + README.md")
+    p.add_argument("--arch", default="vit-b16", help="architecture of the checkpoint (vit-b16, vit-l14)")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``visreg-hub`` with ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) and usage errors (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    func = getattr(args, "func", None)
+    if func is None:
+        (getattr(args, "subparser", None) or parser).print_help(sys.stderr)
+        return 2
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print("visreg-hub: interrupted", file=sys.stderr)
+        return 130
+    except (VisregHubError, OSError, ValueError, LookupError) as exc:
+        # user errors (bad files, names, values) get one line; --verbose shows where it came from
+        if verbose:
+            traceback.print_exc()
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"visreg-hub: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

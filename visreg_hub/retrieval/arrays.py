@@ -1,0 +1,64 @@
+"""Validation of user arrays shared by the index, the metrics and the embedding files."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from visreg_hub.errors import ConfigError
+
+
+def as_float32_matrix(array: Any, *, name: str, dim: int | None = None) -> np.ndarray:
+    """Validate user vectors and return a C-contiguous float32 (N, D) array.
+
+    Args:
+        array: (N, D) or (D,) floating array; a numpy array, a torch tensor or a nested list.
+        name: the argument name used in error messages.
+        dim: expected D, or None to accept any.
+
+    Raises:
+        ValueError: non-floating dtype, wrong rank, wrong dimension, or NaN/inf values.
+    """
+    if hasattr(array, "detach") and hasattr(array, "cpu"):  # torch tensor without importing torch
+        array = array.detach().cpu()
+        if str(array.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+            array = array.float()
+        array = array.numpy()
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(
+            f"{name} must be a floating-point array, got dtype {array.dtype}; "
+            f"convert it with .astype(np.float32) if the values really are embeddings"
+        )
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2:
+        raise ValueError(f"{name} must have shape (N, D) or (D,), got shape {tuple(array.shape)}")
+    if dim is not None and array.shape[1] != dim:
+        raise ValueError(
+            f"{name} has dimension {array.shape[1]} but the index holds {dim}-dimensional vectors; "
+            f"use embeddings from the same model (and pooling) the index was built with"
+        )
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    finite = np.isfinite(array).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise ValueError(
+            f"{name} contains NaN or infinite values in {bad.size} row(s), first at row {int(bad[0])}; "
+            f"drop or re-encode those rows"
+        )
+    return array
+
+
+def check_positive_int(label: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ConfigError(f"{label} must be a positive integer, got {value!r}")
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        row = int(np.flatnonzero(norms[:, 0] == 0)[0])
+        raise ValueError(f"cannot L2-normalise a zero vector (row {row}); remove it or use normalize=False")
+    return x / norms

@@ -1,0 +1,246 @@
+"""Evaluation of frozen embeddings: kNN classification, recall@k and a linear probe.
+
+* :func:`knn_predict` / :func:`knn_accuracy` follow DINO's weighted kNN (Caron et al. 2021, ``eval_knn.py``):
+  cosine similarity, the k = 20 most similar training vectors vote for their label with weight
+  ``exp(similarity / T)``, T = 0.07. ``weighting="majority"`` gives every neighbour one vote.
+* :func:`recall_at_k` measures an approximate index against exact neighbours ("10-recall@10");
+  :func:`label_recall_at_k` is the Recall@K of metric-learning papers (a same-label item in the top k).
+* :func:`linear_probe` fits a logistic regression on frozen features, choosing the regularisation on a
+  validation split carved out of the training set. The test set is used once, for the final number.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from visreg_hub.errors import require_extra
+from visreg_hub.retrieval.arrays import as_float32_matrix
+
+logger = logging.getLogger(__name__)
+
+WEIGHTINGS = ("dino", "majority")
+
+
+def _as_labels(labels: Any, n: int, name: str) -> np.ndarray:
+    if hasattr(labels, "detach"):
+        labels = labels.detach().cpu().numpy()
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},) to match the features, got {tuple(labels.shape)}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{name} must be integer class ids, got dtype {labels.dtype}")
+    return labels.astype(np.int64)
+
+
+def knn_predict(
+    train_features: Any,
+    train_labels: Any,
+    query_features: Any,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    weighting: str = "dino",
+    batch_size: int = 1024,
+) -> np.ndarray:
+    """Predict labels by k-nearest-neighbour vote over cosine similarity.
+
+    Args:
+        train_features: (N, D) floating features of the labelled set (L2-normalised here).
+        train_labels: (N,) integer labels.
+        query_features: (Q, D) floating features to classify.
+        k: neighbours per query (DINO uses 20); clipped to N.
+        temperature: T in the vote weight ``exp(cos / T)`` (DINO uses 0.07); ignored for majority.
+        weighting: ``"dino"`` (weighted vote) or ``"majority"`` (one vote per neighbour). Ties between
+            classes go to the smallest label.
+        batch_size: queries per similarity block, bounding memory at ``batch_size * N`` floats.
+
+    Returns:
+        int64 (Q,) predicted labels.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if not (isinstance(temperature, int | float) and temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    train = as_float32_matrix(train_features, name="train_features")
+    queries = as_float32_matrix(query_features, name="query_features", dim=train.shape[1])
+    labels = _as_labels(train_labels, train.shape[0], "train_labels")
+    classes, label_index = np.unique(labels, return_inverse=True)
+    k_eff = min(k, train.shape[0])
+    if k_eff < k:
+        logger.warning("k=%d exceeds the %d training vectors; using k=%d", k, train.shape[0], k_eff)
+
+    import torch  # here, not at module level, so `import visreg_hub.retrieval` stays light
+
+    train_t = torch.nn.functional.normalize(torch.from_numpy(train), dim=1)
+    label_t = torch.from_numpy(label_index.reshape(-1)).long()
+    predictions = []
+    for start in range(0, queries.shape[0], batch_size):
+        block = torch.nn.functional.normalize(torch.from_numpy(queries[start : start + batch_size]), dim=1)
+        similarity, neighbours = (block @ train_t.T).topk(k_eff, dim=1)
+        votes = torch.exp(similarity / temperature) if weighting == "dino" else torch.ones_like(similarity)
+        scores = torch.zeros(block.shape[0], classes.size, dtype=torch.float64)
+        scores.scatter_add_(1, label_t[neighbours], votes.double())
+        predictions.append(scores.argmax(dim=1).numpy())  # argmax returns the first maximum on ties
+    predicted = np.concatenate(predictions) if predictions else np.zeros((0,), dtype=np.int64)
+    return classes[predicted].astype(np.int64)
+
+
+def knn_accuracy(
+    train_features: Any,
+    train_labels: Any,
+    test_features: Any,
+    test_labels: Any,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    weighting: str = "dino",
+) -> float:
+    """Top-1 accuracy of :func:`knn_predict` on a labelled test set, in [0, 1].
+
+    Args:
+        train_features: (N, D). train_labels: (N,). test_features: (Q, D). test_labels: (Q,).
+        k, temperature, weighting: as in :func:`knn_predict`.
+    """
+    predicted = knn_predict(
+        train_features, train_labels, test_features, k=k, temperature=temperature, weighting=weighting
+    )
+    truth = _as_labels(test_labels, predicted.shape[0], "test_labels")
+    return float((predicted == truth).mean())
+
+
+def recall_at_k(retrieved_ids: Any, true_ids: Any, k: int | None = None) -> float:
+    """Neighbour recall of an approximate search: mean over queries of ``|top-k retrieved ∩ true| / |true|``.
+
+    Args:
+        retrieved_ids: (Q, K1) integer ids returned by the approximate search, best first.
+        true_ids: (Q, K2) exact neighbour ids, best first; ``-1`` entries are ignored.
+        k: how many columns of each to compare; None uses K2.
+
+    Returns:
+        recall in [0, 1] (1.0 when the approximate index finds every true neighbour).
+    """
+    retrieved = np.asarray(retrieved_ids)
+    truth = np.asarray(true_ids)
+    if retrieved.ndim != 2 or truth.ndim != 2 or retrieved.shape[0] != truth.shape[0]:
+        raise ValueError(
+            f"retrieved_ids and true_ids must be (Q, K) arrays with the same Q, got "
+            f"{retrieved.shape} and {truth.shape}"
+        )
+    k = truth.shape[1] if k is None else k
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    recalls = []
+    for got, want in zip(retrieved[:, :k].tolist(), truth[:, :k].tolist(), strict=True):
+        wanted = {i for i in want if i != -1}
+        if wanted:
+            recalls.append(len(wanted.intersection(got)) / len(wanted))
+    if not recalls:
+        raise ValueError("true_ids holds no valid ids (all -1)")
+    return float(np.mean(recalls))
+
+
+def label_recall_at_k(query_labels: Any, neighbor_labels: Any, k: int) -> float:
+    """Recall@K of metric learning: fraction of queries with a same-label item among the top k results.
+
+    Args:
+        query_labels: (Q,) labels of the queries.
+        neighbor_labels: (Q, K1) labels of the retrieved items, best first (exclude the query itself).
+        k: cut-off, 1 <= k <= K1.
+    """
+    neighbours = np.asarray(neighbor_labels)
+    if neighbours.ndim != 2:
+        raise ValueError(f"neighbor_labels must be (Q, K), got shape {neighbours.shape}")
+    queries = _as_labels(query_labels, neighbours.shape[0], "query_labels")
+    if not 1 <= k <= neighbours.shape[1]:
+        raise ValueError(f"k must be in [1, {neighbours.shape[1]}] (columns of neighbor_labels), got {k}")
+    return float((neighbours[:, :k] == queries[:, None]).any(axis=1).mean())
+
+
+@dataclass(frozen=True)
+class LinearProbeResult:
+    """Outcome of :func:`linear_probe`.
+
+    Attributes:
+        test_accuracy: accuracy on the test set of the model refit on all training data with ``best_c``.
+        val_accuracy: validation accuracy of ``best_c``.
+        best_c: inverse regularisation strength chosen on the validation split.
+        val_accuracies: validation accuracy of every candidate C.
+    """
+
+    test_accuracy: float
+    val_accuracy: float
+    best_c: float
+    val_accuracies: dict[float, float]
+
+
+def linear_probe(
+    train_features: Any,
+    train_labels: Any,
+    test_features: Any,
+    test_labels: Any,
+    *,
+    cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
+    val_fraction: float = 0.2,
+    standardize: bool = True,
+    max_iter: int = 1000,
+    seed: int = 0,
+) -> LinearProbeResult:
+    """Logistic-regression probe on frozen features; C chosen on a validation split of the training set.
+
+    The training set is split (stratified when every class has >= 2 samples) into fit/validation parts;
+    each C is fit on the fit part and scored on the validation part; the best C (smallest on ties, i.e.
+    the strongest regularisation) is refit on the whole training set and scored once on the test set.
+    Needs scikit-learn (the ``train`` extra).
+
+    Args:
+        train_features: (N, D). train_labels: (N,). test_features: (Q, D). test_labels: (Q,).
+        cs: candidate inverse regularisation strengths.
+        val_fraction: share of the training set held out for choosing C, in (0, 1).
+        standardize: z-score features with statistics of the data each model is fit on.
+        max_iter: L-BFGS iterations.
+        seed: seed of the split.
+    """
+    require_extra("sklearn", "train")
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    if not cs or any(not (isinstance(c, int | float) and c > 0) for c in cs):
+        raise ValueError(f"cs must be a non-empty sequence of positive numbers, got {cs!r}")
+    x_train = as_float32_matrix(train_features, name="train_features")
+    x_test = as_float32_matrix(test_features, name="test_features", dim=x_train.shape[1])
+    y_train = _as_labels(train_labels, x_train.shape[0], "train_labels")
+    y_test = _as_labels(test_labels, x_test.shape[0], "test_labels")
+    _, counts = np.unique(y_train, return_counts=True)
+    stratify = y_train if counts.min() >= 2 else None
+    x_fit, x_val, y_fit, y_val = train_test_split(
+        x_train, y_train, test_size=val_fraction, random_state=seed, stratify=stratify
+    )
+
+    def make_model(c: float):
+        classifier = LogisticRegression(C=float(c), max_iter=max_iter)
+        return make_pipeline(StandardScaler(), classifier) if standardize else classifier
+
+    val_accuracies = {}
+    for c in sorted(float(c) for c in cs):
+        val_accuracies[c] = float(make_model(c).fit(x_fit, y_fit).score(x_val, y_val))
+        logger.info("linear probe C=%g: validation accuracy %.4f", c, val_accuracies[c])
+    best_c = max(val_accuracies, key=lambda c: (val_accuracies[c], -c))
+    final = make_model(best_c).fit(x_train, y_train)
+    return LinearProbeResult(
+        test_accuracy=float(final.score(x_test, y_test)),
+        val_accuracy=val_accuracies[best_c],
+        best_c=best_c,
+        val_accuracies=val_accuracies,
+    )
