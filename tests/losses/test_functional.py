@@ -1,0 +1,305 @@
+"""Every functional term against an independent reference.
+
+References are plain float64 numpy transcriptions of the formulas in REFERENCE.md (written here, not
+imported from the library), closed forms, and plain-autograd versions for gradients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from visreg_hub.losses import (
+    barlow_twins_terms,
+    batch_moments,
+    center_loss,
+    epps_pulley_grid,
+    gaussian_quantiles,
+    invariance_loss,
+    scale_loss,
+    shape_loss,
+    shape_loss_reference,
+    sigreg_loss,
+    sliced_wasserstein_loss,
+    sliced_wasserstein_loss_reference,
+    sort_shape,
+    vicreg_covariance_loss,
+    vicreg_invariance_loss,
+    vicreg_variance_loss,
+    view_pairs,
+    visreg_regularizer,
+)
+
+
+# ------------------------------------------------------------------ float64 transcriptions of the paper
+def np_quantiles(n):
+    return norm.ppf(np.arange(1, n + 1) / (n + 1))
+
+
+def np_visreg_terms(z, w):
+    """center, scale, shape of REFERENCE.md for z (V, N, D) and directions w (D, K)."""
+    mu = z.mean(axis=1)
+    sigma = np.sqrt(((z - mu[:, None, :]) ** 2).mean(axis=1))  # biased std over n
+    center = (mu**2).mean()
+    scale = ((sigma - 1.0) ** 2).mean()
+    z_hat = (z - mu[:, None, :]) / sigma[:, None, :]
+    p = np.sort(z_hat @ w, axis=1)  # sort over n
+    shape = ((p - np_quantiles(z.shape[1])[None, :, None]) ** 2).mean()
+    return center, scale, shape
+
+
+def np_swd(x, w):
+    p = np.sort(x @ w, axis=1)
+    return ((p - np_quantiles(x.shape[1])[None, :, None]) ** 2).mean()
+
+
+def np_invariance(global_views, local_views=None):
+    target = global_views.mean(axis=0)
+    views = global_views if local_views is None else np.concatenate([global_views, local_views])
+    return ((views - target) ** 2).mean()
+
+
+def np_sigreg(x, w, t_max=3.0, knots=17):
+    """Epps-Pulley: N * sum_t w(t) |ECF(t) - exp(-t^2/2)|^2, trapezoid on [0, t_max] doubled, per slice."""
+    n = x.shape[1]
+    p = x @ w  # (V, N, K)
+    t = np.linspace(0.0, t_max, knots)
+    dt = t_max / (knots - 1)
+    # trapezoid rule on [0, t_max] (dt/2 at the ends, dt inside), doubled for the mirror half t < 0
+    trapezoid = 2 * np.concatenate([[dt / 2], np.full(knots - 2, dt), [dt / 2]])
+    phi = np.exp(-(t**2) / 2)
+    angle = p[..., None] * t
+    real = np.cos(angle).mean(axis=1)  # (V, K, T)
+    imag = np.sin(angle).mean(axis=1)
+    statistic = n * (((real - phi) ** 2 + imag**2) * trapezoid * phi).sum(axis=-1)
+    return statistic.mean()
+
+
+def np_vicreg(global_views, local_views=None, gamma=1.0, eps=1e-4):
+    views = global_views if local_views is None else np.concatenate([global_views, local_views])
+    v, _, d = views.shape
+    std = np.sqrt(views.var(axis=1, ddof=1) + eps)
+    variance = np.maximum(0.0, gamma - std).mean()
+    covs = []
+    for view in views:
+        c = np.cov(view, rowvar=False)  # unbiased
+        covs.append(((c**2).sum() - (np.diag(c) ** 2).sum()) / d)
+    pairs = [(a, b) for a in range(global_views.shape[0]) for b in range(a + 1, v)]
+    invariance = np.mean([((views[a] - views[b]) ** 2).mean() for a, b in pairs])
+    return invariance, variance, np.mean(covs)
+
+
+def np_barlow(global_views, local_views=None, eps=1e-5):
+    views = global_views if local_views is None else np.concatenate([global_views, local_views])
+    n = views.shape[1]
+    normalised = (views - views.mean(axis=1, keepdims=True)) / np.sqrt(views.var(axis=1, keepdims=True) + eps)
+    pairs = [(a, b) for a in range(global_views.shape[0]) for b in range(a + 1, views.shape[0])]
+    on, off = [], []
+    for a, b in pairs:
+        c = normalised[a].T @ normalised[b] / n
+        on.append(((1 - np.diag(c)) ** 2).sum())
+        off.append((c**2).sum() - (np.diag(c) ** 2).sum())
+    return np.mean(on), np.mean(off)
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+def data(v=3, n=40, d=6, seed=0, loc=0.4, spread=1.7):
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(v, n, d, generator=generator, dtype=torch.float64)
+    return spread * base**3 / 3 + loc  # skewed, heavy-tailed: far from Gaussian
+
+
+def directions(d=6, k=11, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, k, generator=generator, dtype=torch.float64)
+    return w / w.norm(dim=0)
+
+
+def test_gaussian_quantiles_match_scipy():
+    for n in (1, 2, 7, 1000):
+        np.testing.assert_allclose(
+            gaussian_quantiles(n, dtype=torch.float64).numpy(), np_quantiles(n), atol=1e-12
+        )
+    assert gaussian_quantiles(5).dtype == torch.float32
+    with pytest.raises(ValueError, match="n must be"):
+        gaussian_quantiles(0)
+
+
+def test_visreg_terms_match_float64_transcription():
+    z, w = data(), directions()
+    center, scale, shape = np_visreg_terms(z.numpy(), w.numpy())
+    assert center_loss(z).item() == pytest.approx(center, rel=1e-12)
+    assert scale_loss(z).item() == pytest.approx(scale, rel=1e-12)
+    assert shape_loss(z, w).item() == pytest.approx(shape, rel=1e-12)
+    out = visreg_regularizer(z, w, scale_weight=2.0, shape_weight=3.0, center_weight=0.5)
+    assert out.total.item() == pytest.approx(2 * scale + 3 * shape + 0.5 * center, rel=1e-12)
+    assert (out.center.item(), out.scale.item(), out.shape.item()) == pytest.approx((center, scale, shape))
+
+
+def test_swd_and_invariance_match_float64_transcription():
+    z, w = data(), directions()
+    assert sliced_wasserstein_loss(z, w).item() == pytest.approx(np_swd(z.numpy(), w.numpy()), rel=1e-12)
+    local = data(v=4, seed=5)
+    expected = np_invariance(z.numpy(), local.numpy())
+    assert invariance_loss(z, local).item() == pytest.approx(expected, rel=1e-12)
+    assert invariance_loss(z).item() == pytest.approx(np_invariance(z.numpy()), rel=1e-12)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 50])  # one chunk, and one (v, K, N) row per chunk
+def test_fast_shape_equals_plain_autograd_in_value_and_gradient(monkeypatch, chunk_elements):
+    monkeypatch.setattr(sort_shape, "_CHUNK_ELEMENTS", chunk_elements)
+    z, w = data(), directions()
+    for fast, reference in (
+        (shape_loss, shape_loss_reference),
+        (sliced_wasserstein_loss, sliced_wasserstein_loss_reference),
+    ):
+        z1, w1 = z.clone().requires_grad_(), w.clone().requires_grad_()
+        z2, w2 = z.clone().requires_grad_(), w.clone().requires_grad_()
+        value, expected = fast(z1, w1), reference(z2, w2)
+        (3.0 * value).backward()
+        (3.0 * expected).backward()
+        assert value.item() == pytest.approx(expected.item(), rel=1e-13)
+        torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-11, atol=1e-14)
+        torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-11, atol=1e-14)
+
+
+def test_shape_accepts_any_leading_axes():
+    z, w = data(v=4), directions()
+    flat = shape_loss(z[0], w)  # (N, D)
+    assert flat.item() == pytest.approx(np_visreg_terms(z[:1].numpy(), w.numpy())[2], rel=1e-12)
+    nested = shape_loss(z.reshape(2, 2, *z.shape[1:]), w)
+    assert nested.item() == pytest.approx(shape_loss(z, w).item(), rel=1e-13)
+
+
+def test_closed_forms():
+    n, d = 25, 4
+    t = gaussian_quantiles(n, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(3)
+    # every dimension is a permutation of the exact quantiles
+    z = torch.stack([t[torch.randperm(n, generator=generator)] for _ in range(d)], dim=-1).unsqueeze(0)
+    identity = torch.eye(d, dtype=torch.float64)
+    # SWD of exact quantiles along each projected axis is 0
+    assert sliced_wasserstein_loss(z, identity).item() == pytest.approx(0.0, abs=1e-28)
+    # the shape term standardises first: sort(z_hat) = t / s with s = std(t) < 1, so shape = (1 - s)^2
+    s = t.square().mean().sqrt().item()  # mean(t) = 0 by symmetry
+    assert shape_loss(z, identity).item() == pytest.approx((1 - s) ** 2, rel=1e-10)
+    # hence also invariant to any positive affine map of the data
+    assert shape_loss(3.0 * z - 7.0, identity).item() == pytest.approx((1 - s) ** 2, rel=1e-10)
+    # centred data has no center loss; unit-std data has no scale loss
+    x = data()
+    centred = x - x.mean(dim=1, keepdim=True)
+    assert center_loss(centred).item() == pytest.approx(0.0, abs=1e-28)
+    unit = centred / centred.std(dim=1, correction=0, keepdim=True)
+    assert scale_loss(unit).item() == pytest.approx(0.0, abs=1e-28)
+    # a zero-spread (collapsed) batch stays finite
+    collapsed = torch.ones(2, 8, 3, dtype=torch.float64, requires_grad=True)
+    visreg_regularizer(collapsed, identity[:3]).total.backward()
+    assert torch.isfinite(collapsed.grad).all()
+
+
+def test_batch_moments_gradients():
+    z = data(v=2, n=7, d=3).requires_grad_()
+    assert torch.autograd.gradcheck(batch_moments, (z,))
+    mean, std = batch_moments(z)
+    torch.testing.assert_close(std, z.std(dim=1, correction=0))
+    torch.testing.assert_close(mean, z.mean(dim=1))
+
+
+def test_invariance_gradient_and_detached_target():
+    z, local = data(), data(v=2, seed=9)
+    z1, l1 = z.clone().requires_grad_(), local.clone().requires_grad_()
+    invariance_loss(z1, l1).backward()
+    z2, l2 = z.clone().requires_grad_(), local.clone().requires_grad_()
+    target = z2.mean(0)
+    (torch.cat([z2, l2]) - target).square().mean().backward()
+    torch.testing.assert_close(z1.grad, z2.grad)
+    torch.testing.assert_close(l1.grad, l2.grad)
+    z3 = z.clone().requires_grad_()
+    invariance_loss(z3, detach_target=True).backward()
+    z4 = z.clone().requires_grad_()
+    (z4 - z4.mean(0).detach()).square().mean().backward()
+    torch.testing.assert_close(z3.grad, z4.grad)
+
+
+def test_epps_pulley_grid():
+    t, phi, weights = epps_pulley_grid(3.0, 17, dtype=torch.float64)
+    assert t[0] == 0 and t[-1] == 3.0 and len(t) == 17
+    # symmetric trapezoid: integrates the window exp(-t^2/2) on [-3, 3] (sqrt(2 pi) erf(3/sqrt 2))
+    assert weights.sum().item() == pytest.approx(np.sqrt(2 * np.pi) * 0.9973002039, rel=2e-3)
+    torch.testing.assert_close(phi, torch.exp(-(t**2) / 2))
+
+
+def test_sigreg_matches_float64_transcription_and_autograd():
+    x, w = data(n=30), directions()
+    assert sigreg_loss(x, w).item() == pytest.approx(np_sigreg(x.numpy(), w.numpy()), rel=1e-12)
+    assert sigreg_loss(x, w, t_max=5.0, num_knots=9).item() == pytest.approx(
+        np_sigreg(x.numpy(), w.numpy(), 5.0, 9), rel=1e-12
+    )
+    # gradient of the memory-light custom backward vs the textbook (V, N, K, T) autograd formulation
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    sigreg_loss(x1, w).backward()
+    t, phi, weights = epps_pulley_grid(3.0, 17, dtype=torch.float64)
+    angle = (x2 @ w).unsqueeze(-1) * t
+    error = (angle.cos().mean(1) - phi).square() + angle.sin().mean(1).square()
+    (x.shape[1] * (error @ weights)).mean().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_vicreg_and_barlow_match_float64_transcription():
+    g, local = data(v=2), data(v=3, seed=4)
+    invariance, variance, covariance = np_vicreg(g.numpy(), local.numpy())
+    assert vicreg_invariance_loss(g, local).item() == pytest.approx(invariance, rel=1e-12)
+    views = torch.cat([g, local])
+    assert vicreg_variance_loss(views).item() == pytest.approx(variance, rel=1e-12)
+    assert vicreg_covariance_loss(views).item() == pytest.approx(covariance, rel=1e-12)
+    # small-variance data activates the hinge
+    small = 0.1 * views
+    assert vicreg_variance_loss(small).item() == pytest.approx(
+        np_vicreg(0.1 * g.numpy(), 0.1 * local.numpy())[1]
+    )
+    on, off = np_barlow(g.numpy(), local.numpy())
+    on_t, off_t = barlow_twins_terms(g, local)
+    assert (on_t.item(), off_t.item()) == pytest.approx((on, off), rel=1e-12)
+    assert view_pairs(2, 5) == [(0, 1), (0, 2), (0, 3), (0, 4), (1, 2), (1, 3), (1, 4)]
+    with pytest.raises(ValueError, match="two views"):
+        barlow_twins_terms(g[:1])
+
+
+def test_bad_inputs_name_the_shape():
+    with pytest.raises(ValueError, match=r"\(6, K\)"):
+        shape_loss(data(), torch.ones(5, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="N >= 1"):
+        center_loss(torch.ones(4))
+    with pytest.raises(ValueError, match="sort_backend"):
+        shape_loss(data(), directions(), sort_backend="bogus")
+
+
+def test_bf16_autocast_close_to_float32():
+    """Under autocast, projections run in bf16 but residuals and sums in float32: the loss stays close."""
+    z = torch.randn(4, 256, 32) * 1.3 + 0.2
+    w = directions(32, 64).float()
+    z32 = z.clone().requires_grad_()
+    ref = visreg_regularizer(z32, w)
+    ref.total.backward()
+    z16 = z.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = visreg_regularizer(z16, w)
+    out.total.backward()
+    assert out.total.dtype == torch.float32
+    assert out.shape.item() == pytest.approx(ref.shape.item(), rel=2e-2)
+    assert (out.center.item(), out.scale.item()) == pytest.approx(
+        (ref.center.item(), ref.scale.item()), rel=1e-5
+    )
+    cosine = torch.nn.functional.cosine_similarity(z16.grad.flatten(), z32.grad.flatten(), dim=0)
+    assert cosine > 0.99
+    # explicit float32 projections under autocast reproduce the float32 result
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        precise = shape_loss(z, w, projection_dtype=torch.float32)
+    assert precise.item() == pytest.approx(ref.shape.item(), rel=1e-5)
+    # bf16 inputs (no autocast) also give float32 losses and bf16 gradients
+    zb = z.bfloat16().requires_grad_()
+    loss = shape_loss(zb, w)
+    loss.backward()
+    assert loss.dtype == torch.float32 and zb.grad.dtype == torch.bfloat16

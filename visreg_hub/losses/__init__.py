@@ -1,0 +1,87 @@
+"""VISReg loss family: pure terms (:mod:`.functional`) and modules returning every term.
+
+Modules share one calling convention, ``loss_fn(global_proj, local_proj=None)`` with ``(V, N, D)``
+tensors, and return a NamedTuple whose ``total`` is the loss to back-propagate::
+
+    from visreg_hub.losses import VISRegLoss
+    loss_fn = VISRegLoss(num_slices=4096, reg_weight=0.9)
+    out = loss_fn(global_proj, local_proj)      # VISRegOutput(total, invariance, regularizer, center, ...)
+    out.total.backward()
+
+See :mod:`visreg_hub.losses.modules` for defaults, steps and distributed semantics,
+:mod:`visreg_hub.losses.slices` for the slice modes and :mod:`visreg_hub.losses.sort_shape` for the
+fast sort-based shape term and its mixed-precision choices.
+"""
+
+from .distributed import all_reduce_sum, gather_batch, world_info
+from .functional import (
+    RegularizerOutput,
+    barlow_twins_terms,
+    batch_moments,
+    center_loss,
+    epps_pulley_grid,
+    gaussian_quantiles,
+    invariance_loss,
+    scale_loss,
+    shape_loss,
+    shape_loss_reference,
+    sigreg_loss,
+    sliced_wasserstein_loss,
+    sliced_wasserstein_loss_reference,
+    vicreg_covariance_loss,
+    vicreg_invariance_loss,
+    vicreg_variance_loss,
+    view_pairs,
+    visreg_regularizer,
+)
+from .modules import (
+    BarlowTwinsLoss,
+    BarlowTwinsOutput,
+    SIGRegLoss,
+    SIGRegOutput,
+    SWDLoss,
+    SWDOutput,
+    VICRegLoss,
+    VICRegOutput,
+    VISRegLoss,
+    VISRegOutput,
+)
+from .slices import SLICE_MODES, SliceSampler, derive_seed, partition_slices
+
+__all__ = [
+    "SLICE_MODES",
+    "BarlowTwinsLoss",
+    "BarlowTwinsOutput",
+    "RegularizerOutput",
+    "SIGRegLoss",
+    "SIGRegOutput",
+    "SWDLoss",
+    "SWDOutput",
+    "SliceSampler",
+    "VICRegLoss",
+    "VICRegOutput",
+    "VISRegLoss",
+    "VISRegOutput",
+    "all_reduce_sum",
+    "barlow_twins_terms",
+    "batch_moments",
+    "center_loss",
+    "derive_seed",
+    "epps_pulley_grid",
+    "gather_batch",
+    "gaussian_quantiles",
+    "invariance_loss",
+    "partition_slices",
+    "scale_loss",
+    "shape_loss",
+    "shape_loss_reference",
+    "sigreg_loss",
+    "sliced_wasserstein_loss",
+    "sliced_wasserstein_loss_reference",
+    "vicreg_covariance_loss",
+    "vicreg_invariance_loss",
+    "vicreg_variance_loss",
+    "view_pairs",
+    "visreg_regularizer",
+    "world_info",
+]

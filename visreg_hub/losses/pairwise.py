@@ -1,0 +1,120 @@
+"""Pairwise peers of VISReg: VICReg and Barlow Twins, with the modules' calling convention.
+
+``loss_fn(global_proj, local_proj=None)`` with ``(Vg, N, D)`` and ``(Vl, N, D)`` projections, Vg + Vl >= 2.
+Pair-based parts average over :func:`~visreg_hub.losses.functional.view_pairs` (global-global and
+global-local pairs); per-view parts average over all views. With ``gather=True`` (default) and an
+initialised process group, every term is computed on the batch gathered from all ranks (as the original
+implementations do), every rank reports the same values, and gradients follow the convention of
+:mod:`visreg_hub.losses.distributed`. All statistics are computed in float32, also under autocast.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from . import functional as F
+from ._common import all_views, check_views, check_weight
+from .distributed import gather_batch
+
+__all__ = ["BarlowTwinsLoss", "BarlowTwinsOutput", "VICRegLoss", "VICRegOutput"]
+
+
+class VICRegOutput(NamedTuple):
+    """``total = invariance_weight * invariance + variance_weight * variance + covariance_weight * cov``."""
+
+    total: torch.Tensor
+    invariance: torch.Tensor
+    variance: torch.Tensor
+    covariance: torch.Tensor
+
+
+class BarlowTwinsOutput(NamedTuple):
+    """``total = on_diagonal + off_diagonal_weight * off_diagonal``."""
+
+    total: torch.Tensor
+    on_diagonal: torch.Tensor
+    off_diagonal: torch.Tensor
+
+
+class _GatheringLoss(nn.Module):
+    def __init__(self, gather: bool, group) -> None:
+        super().__init__()
+        self.gather, self.group = bool(gather), group
+
+    def _views(self, global_proj, local_proj):
+        check_views(global_proj, local_proj)
+        if not self.gather:
+            return global_proj, local_proj
+        gathered_local = None if local_proj is None else gather_batch(local_proj, -2, self.group)
+        return gather_batch(global_proj, -2, self.group), gathered_local
+
+
+class VICRegLoss(_GatheringLoss):
+    """VICReg (Bardes, Ponce & LeCun 2022) for V >= 2 views.
+
+    ``total = invariance_weight * invariance + variance_weight * variance + covariance_weight * covariance``;
+    invariance is the MSE averaged over global-global and global-local view pairs, variance and covariance
+    are averaged over views (see :mod:`visreg_hub.losses.functional`). With ``gather=True`` (default) and a
+    process group, every term is computed on the gathered global batch, as the original implementation.
+    """
+
+    def __init__(
+        self,
+        invariance_weight: float = 25.0,
+        variance_weight: float = 25.0,
+        covariance_weight: float = 1.0,
+        *,
+        gamma: float = 1.0,
+        eps: float = 1e-4,
+        gather: bool = True,
+        group=None,
+    ) -> None:
+        super().__init__(gather, group)
+        self.invariance_weight = check_weight("invariance_weight", invariance_weight)
+        self.variance_weight = check_weight("variance_weight", variance_weight)
+        self.covariance_weight = check_weight("covariance_weight", covariance_weight)
+        self.gamma = check_weight("gamma", gamma)
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps!r}")
+        self.eps = float(eps)
+
+    def forward(self, global_proj, local_proj=None) -> VICRegOutput:
+        """Args: ``global_proj`` ``(Vg, N, D)``, ``local_proj`` ``(Vl, N, D)`` or None; Vg + Vl >= 2."""
+        global_proj, local_proj = self._views(global_proj, local_proj)
+        views = all_views(global_proj, local_proj)
+        invariance = F.vicreg_invariance_loss(global_proj, local_proj)
+        variance = F.vicreg_variance_loss(views, gamma=self.gamma, eps=self.eps)
+        covariance = F.vicreg_covariance_loss(views)
+        total = (
+            self.invariance_weight * invariance
+            + self.variance_weight * variance
+            + self.covariance_weight * covariance
+        )
+        return VICRegOutput(total, invariance, variance, covariance)
+
+
+class BarlowTwinsLoss(_GatheringLoss):
+    """Barlow Twins (Zbontar et al. 2021): ``sum (1 - C_ii)^2 + off_diagonal_weight * sum_{i!=j} C_ij^2``.
+
+    For more than two views the two terms are averaged over global-global and global-local pairs. With
+    ``gather=True`` (default) and a process group, C is computed on the gathered global batch.
+    """
+
+    def __init__(
+        self, off_diagonal_weight: float = 0.0051, *, eps: float = 1e-5, gather: bool = True, group=None
+    ) -> None:
+        super().__init__(gather, group)
+        self.off_diagonal_weight = check_weight("off_diagonal_weight", off_diagonal_weight)
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps!r}")
+        self.eps = float(eps)
+
+    def forward(self, global_proj, local_proj=None) -> BarlowTwinsOutput:
+        """Args: ``global_proj`` ``(Vg, N, D)``, ``local_proj`` ``(Vl, N, D)`` or None; Vg + Vl >= 2."""
+        global_proj, local_proj = self._views(global_proj, local_proj)
+        on_diagonal, off_diagonal = F.barlow_twins_terms(global_proj, local_proj, eps=self.eps)
+        total = on_diagonal + self.off_diagonal_weight * off_diagonal
+        return BarlowTwinsOutput(total, on_diagonal, off_diagonal)
