@@ -1,0 +1,262 @@
+"""Robust decoding: every malformed or unusual input has one documented, asserted outcome."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from tests.inference import malformed
+from visreg_hub.errors import ImageDecodeError
+from visreg_hub.inference.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageSource,
+    decode_image,
+    expand_inputs,
+    list_image_files,
+)
+
+
+@pytest.fixture
+def photo(photo_paths):
+    return malformed.photo_rgb(photo_paths[1])
+
+
+def decode_file(tmp_path, name: str, data: bytes, **kwargs) -> Image.Image:
+    path = malformed.write(tmp_path / name, data)
+    return decode_image(ImageSource(path, str(path)), **kwargs)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    assert image.mode == "RGB"
+    return np.asarray(image)
+
+
+# ----------------------------------------------------------------------------- failures (documented errors)
+def test_truncated_jpeg_fails_naming_file(tmp_path, photo_paths):
+    data = photo_paths[0].read_bytes()
+    with pytest.raises(ImageDecodeError, match=r"half\.jpg: truncated or corrupt image data"):
+        decode_file(tmp_path, "half.jpg", data[: len(data) // 2])
+    # losing only the last bytes is still detected (forced .load(), no LOAD_TRUNCATED_IMAGES)
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        decode_file(tmp_path, "tail.jpg", data[:-10])
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_truncated_png_fails_but_missing_iend_only_decodes(tmp_path, photo):
+    data = malformed.png_bytes(photo)
+    with pytest.raises(ImageDecodeError, match=r"half\.png: truncated or corrupt image data"):
+        decode_file(tmp_path, "half.png", data[: len(data) // 2])
+    # documented: every pixel row present, only the 12-byte IEND chunk lost -> decodes identically
+    no_end = decode_file(tmp_path, "no_iend.png", data[:-12])
+    np.testing.assert_array_equal(pixels(no_end), np.asarray(photo))
+
+
+def test_zero_byte_file(tmp_path):
+    with pytest.raises(ImageDecodeError, match=r"empty\.jpg: empty file \(0 bytes\)"):
+        decode_file(tmp_path, "empty.jpg", b"")
+
+
+def test_text_file_with_image_extension(tmp_path):
+    with pytest.raises(ImageDecodeError, match=r"notes\.jpg: not a recognised image format"):
+        decode_file(tmp_path, "notes.jpg", b"this is a text file, not a JPEG\n" * 20)
+
+
+def test_decompression_bomb_header_is_refused_by_pillow_limit(tmp_path):
+    with pytest.raises(ImageDecodeError, match=r"bomb\.png: .*10000000000 pixels.*decompression bomb"):
+        decode_file(tmp_path, "bomb.png", malformed.png_header_only(100_000, 100_000))
+
+
+def test_pixel_cap_is_checked_from_header_before_decoding(tmp_path, photo_paths):
+    # the file has no pixel data at all: a cap error (not "truncated") proves nothing was decoded
+    message = r"2000x2000 = 4,000,000 pixels, above the cap max_pixels=1,000,000"
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_file(tmp_path, "big.png", malformed.png_header_only(2000, 2000), max_pixels=1_000_000)
+    with pytest.raises(ImageDecodeError, match="max_pixels=100"):
+        decode_image(ImageSource(photo_paths[0], "p"), max_pixels=100)
+    uncapped = decode_image(ImageSource(photo_paths[0], "p"), max_pixels=None)
+    assert uncapped.size == Image.open(photo_paths[0]).size
+    assert DEFAULT_MAX_PIXELS == 89_478_485  # Pillow's default warning threshold
+
+
+def test_nonexistent_path(tmp_path):
+    missing = tmp_path / "nope" / "missing.png"
+    with pytest.raises(ImageDecodeError, match=r"missing\.png: file not found"):
+        decode_image(ImageSource(missing, str(missing)))
+
+
+def test_directory_without_images_becomes_a_failing_item(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("no images here")
+    (sources,) = expand_inputs(str(folder))
+    assert sources.label == str(folder)
+    with pytest.raises(ImageDecodeError, match="directory contains no image files"):
+        decode_image(sources)
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.zeros(3, np.uint8), r"array of shape \(3,\) must be \(H, W\) or \(H, W, C\)"),
+        (np.zeros((4, 4, 5), np.uint8), r"array of shape \(4, 4, 5\)"),
+        (np.zeros((3, 8, 9), np.uint8), r"looks channels-first, use array.transpose\(1, 2, 0\)"),
+        (np.zeros((0, 5, 3), np.uint8), "has no pixels"),
+        (np.zeros((4, 4, 3), np.int64), "array dtype int64 is not supported"),
+        (np.full((4, 4, 3), 2.0, np.float32), r"values span \[2, 2\] but raw pixels must be in \[0, 1\]"),
+    ],
+)
+def test_bad_numpy_arrays(array, message):
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_image(ImageSource(array, "item 7"))
+
+
+def test_four_d_array_with_five_channels_is_one_failing_item():
+    sources = expand_inputs([np.zeros((2, 4, 4, 3), np.uint8), np.zeros((2, 4, 4, 5), np.uint8)])
+    assert [s.label for s in sources] == ["item 0[0]", "item 0[1]", "item 1"]
+    message = r"item 1: 4-D input of shape \(2, 4, 4, 5\) must be a \(N, H, W, C\)"
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_image(sources[2])
+
+
+def test_nan_in_float_array():
+    array = np.full((4, 4, 3), 0.5, np.float32)
+    array[1, 2, 0] = np.nan
+    with pytest.raises(ImageDecodeError, match="item 3: float array contains NaN"):
+        decode_image(ImageSource(array, "item 3"))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_tensor_wrong_dtype(dtype):
+    with pytest.raises(ImageDecodeError, match=f"item 2: tensor dtype {dtype} is not supported"):
+        decode_image(ImageSource(torch.zeros(3, 4, 4, dtype=dtype), "item 2"))
+
+
+def test_normalised_or_channels_last_tensor_is_refused():
+    with pytest.raises(ImageDecodeError, match=r"model\(batch\) directly"):
+        decode_image(ImageSource(torch.randn(3, 8, 8), "item 0"))
+    with pytest.raises(ImageDecodeError, match=r"channels-last, use tensor.permute\(2, 0, 1\)"):
+        decode_image(ImageSource(torch.rand(8, 8, 3), "item 0"))
+
+
+def test_unsupported_input_type_is_a_failing_item():
+    (source,) = expand_inputs([None])
+    with pytest.raises(ImageDecodeError, match="item 0: unsupported input type NoneType"):
+        decode_image(source)
+
+
+# ------------------------------------------------------------------------- conversions (documented outcomes)
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 257, 1000, 40000], [65535, 128, 129, 30000]], dtype=np.uint16)
+    decoded = pixels(decode_file(tmp_path, "deep.png", malformed.sixteen_bit_png(values)))
+    expected = np.rint(values / 257.0).astype(np.uint8)  # 40000 -> 156 (clipping would give 255)
+    for channel in range(3):
+        np.testing.assert_array_equal(decoded[..., channel], expected)
+
+
+def test_cmyk_jpeg_converts_to_matching_rgb(tmp_path, photo):
+    buffer = io.BytesIO()
+    photo.convert("CMYK").save(buffer, "JPEG", quality=95)
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == "CMYK"
+    decoded = pixels(decode_file(tmp_path, "cmyk.jpg", buffer.getvalue()))
+    error = np.abs(decoded.astype(int) - np.asarray(photo).astype(int))
+    assert error.mean() < 2.0  # JPEG loss only; an inverted/naive CMYK decode is off by ~100
+
+
+def test_palette_transparency_is_composited_on_white(tmp_path):
+    decoded = pixels(decode_file(tmp_path, "pal.png", malformed.palette_png_with_transparency()))
+    white, blue = [255, 255, 255], [0, 0, 255]
+    assert decoded.tolist() == [[white, blue], [blue, white]]  # the transparent red index became white
+
+
+def test_rgba_and_la_are_composited_on_white():
+    rgba = np.array([[[255, 0, 0, 0], [0, 255, 0, 255], [0, 0, 0, 128]]], dtype=np.uint8)
+    decoded = pixels(decode_image(Image.fromarray(rgba)))
+    assert decoded[0, 0].tolist() == [255, 255, 255]
+    assert decoded[0, 1].tolist() == [0, 255, 0]
+    half = 255 * (1 - 128 / 255)  # black at alpha 128 over white
+    np.testing.assert_allclose(decoded[0, 2], [half] * 3, atol=1)
+    la = Image.fromarray(np.array([[[0, 0], [50, 255]]], dtype=np.uint8))
+    assert la.mode == "LA"
+    assert pixels(decode_image(la)).tolist() == [[[255, 255, 255], [50, 50, 50]]]
+
+
+def test_animated_gif_uses_first_frame(tmp_path):
+    decoded = pixels(decode_file(tmp_path, "anim.gif", malformed.animated_gif([(255, 0, 0), (0, 0, 255)])))
+    assert decoded.shape == (6, 8, 3)
+    assert (decoded == [255, 0, 0]).all()
+
+
+def test_exif_orientation_6_is_applied(tmp_path, photo):
+    data = malformed.jpeg_with_orientation(photo, 6)
+    raw = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # stored pixels, orientation ignored
+    decoded = pixels(decode_file(tmp_path, "rotated.jpg", data))
+    assert decoded.shape == (raw.shape[1], raw.shape[0], 3)
+    np.testing.assert_array_equal(decoded, np.rot90(raw, k=-1))  # orientation 6: rotate 90 degrees clockwise
+    # an already opened PIL image gets the same treatment and is not modified itself
+    user_image = Image.open(io.BytesIO(data))
+    np.testing.assert_array_equal(pixels(decode_image(user_image)), decoded)
+    assert user_image.size == (raw.shape[1], raw.shape[0])
+
+
+def test_one_bit_image(tmp_path):
+    bits = np.array([[0, 1, 1], [1, 0, 0]], dtype=bool)
+    data = malformed.png_bytes(Image.fromarray(bits).convert("1"))
+    decoded = pixels(decode_file(tmp_path, "bits.png", data))
+    np.testing.assert_array_equal(decoded, np.repeat((bits * 255).astype(np.uint8)[..., None], 3, axis=2))
+
+
+def test_float_tiff_unit_range_and_stretched(tmp_path):
+    unit = np.array([[0.0, 0.25, 1.0], [0.5, 0.1, 0.9]], dtype=np.float32)
+    decoded = pixels(decode_file(tmp_path, "unit.tif", malformed.float_tiff(unit)))
+    np.testing.assert_array_equal(decoded[..., 0], np.rint(unit.astype(np.float64) * 255).astype(np.uint8))
+    wide = np.array([[-5.0, 0.0, 10.0]], dtype=np.float32)  # no white point: min-max stretched
+    stretched = pixels(decode_file(tmp_path, "wide.tif", malformed.float_tiff(wide)))
+    assert stretched[..., 1].tolist() == [[0, 85, 255]]
+
+
+def test_grayscale_becomes_three_equal_channels(photo):
+    gray = photo.convert("L")
+    decoded = pixels(decode_image(gray))
+    for channel in range(3):
+        np.testing.assert_array_equal(decoded[..., channel], np.asarray(gray))
+
+
+# ----------------------------------------------------------------------------- in-memory inputs
+def test_arrays_and_tensors_match_the_pil_image(photo):
+    reference = np.array(photo)
+    as_float = reference.astype(np.float32) / 255.0
+    chw = torch.from_numpy(reference).permute(2, 0, 1)
+    for item in (reference, as_float, chw, chw.float() / 255.0, chw.to(torch.bfloat16) / 255.0):
+        decoded = pixels(decode_image(item))
+        if item.dtype == torch.bfloat16:  # 8 mantissa bits: off by at most 1 level
+            assert np.abs(decoded.astype(int) - reference).max() <= 1
+        else:
+            np.testing.assert_array_equal(decoded, reference)
+    uint16 = reference.astype(np.uint16) * 257  # 8-bit data widened to 16 bit scales back exactly
+    np.testing.assert_array_equal(pixels(decode_image(uint16)), reference)
+    gray = reference[..., 0]
+    np.testing.assert_array_equal(pixels(decode_image(gray))[..., 2], gray)
+    np.testing.assert_array_equal(pixels(decode_image(torch.from_numpy(gray)[None]))[..., 1], gray)
+
+
+# ----------------------------------------------------------------------------- input expansion
+def test_folders_are_listed_recursively_sorted_and_filtered(tmp_path, photo_paths):
+    data = photo_paths[0].read_bytes()
+    names = ["b.jpg", "a/z.JPEG", "a/b/c.png", ".hidden/x.jpg", "._resource.jpg", "notes.txt", "a/y.webp"]
+    for relative in names:
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    found = [p.relative_to(tmp_path).as_posix() for p in list_image_files(tmp_path)]
+    assert found == ["a/b/c.png", "a/y.webp", "a/z.JPEG", "b.jpg"]
+    sources = expand_inputs([photo_paths[1], tmp_path, b"raw", torch.zeros(2, 3, 4, 4)])
+    labels = [s.label for s in sources]
+    assert labels[0] == str(photo_paths[1])
+    assert labels[1:5] == [str(tmp_path / f) for f in found]
+    assert labels[5:] == ["item 2 (bytes)", "item 3[0]", "item 3[1]"]
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        list_image_files(photo_paths[0])

@@ -1,0 +1,352 @@
+"""Robust image decoding: any supported input -> an 8-bit RGB ``PIL.Image``, or a per-item error.
+
+Every input of :func:`visreg_hub.inference.encode` goes through :func:`expand_inputs` (folders are
+listed, 4-D batches split) and then :func:`decode_image`, which applies these rules:
+
+* Files (``str``/``Path``) and encoded ``bytes`` are opened with Pillow and fully decoded (``.load()``)
+  so truncated and corrupt files fail here, with a reason, instead of later or silently.
+  ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never changed. A file whose pixel data is complete but whose
+  trailer is missing (e.g. a PNG without its final IEND chunk) decodes normally.
+* A pixel cap (``max_pixels``, default Pillow's 89,478,485) rejects decompression bombs from the header
+  alone, before any pixel data is decoded.
+* EXIF orientation is applied (``ImageOps.exif_transpose``).
+* Animated GIF / APNG / WebP / multi-page TIFF: the first frame is used.
+* Transparency (RGBA, LA, PA, palette or colour-key transparency) is composited on a white background.
+* 16-bit images (``I;16*``, and ``I`` with values in [0, 65535]) are scaled to 8 bit as ``round(v / 257)``
+  (full range kept, never clipped). Float images (``F``) in [0, 1] are scaled by 255. ``I``/``F`` images
+  outside those ranges are min-max stretched to [0, 255], since such scientific data has no white point.
+* CMYK, grayscale, 1-bit, YCbCr and the rest are converted to RGB with Pillow's conversions (ICC
+  profiles are not applied).
+* numpy arrays are HWC (or HW): ``uint8`` (0-255), ``uint16`` (scaled by 1/257), or float in [0, 1];
+  1, 2, 3 or 4 channels (L, LA, RGB, RGBA). A 4-D array is a batch of HWC images.
+* torch tensors are CHW (or HW, or a 4-D BCHW batch): ``uint8`` or float in [0, 1]. A float tensor is
+  treated as raw pixels, quantised to 8 bit and preprocessed like a file; an already normalised
+  batch (values outside [0, 1]) is refused with a pointer to ``model(batch)``.
+
+Errors are :class:`~visreg_hub.errors.ImageDecodeError` whose message starts with the item's label
+(the file path, or ``item K`` for in-memory inputs) followed by the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from visreg_hub.errors import ImageDecodeError
+
+# Pillow's own default warning threshold; a per-call cap keeps the global untouched.
+DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+
+IMAGE_EXTENSIONS = (
+    ".bmp", ".gif", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp",
+)  # fmt: skip
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_WHITE = (255, 255, 255, 255)
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """One image to decode, after :func:`expand_inputs`.
+
+    Attributes:
+        payload: a ``Path``, encoded ``bytes``, ``PIL.Image``, numpy array or torch tensor.
+        label: how errors name it: the file path, or ``item K`` / ``item K[J]`` for in-memory inputs.
+        error: set when expansion already knows the item is bad (e.g. an empty folder); decoding it
+            raises :class:`ImageDecodeError` with this reason.
+    """
+
+    payload: Any
+    label: str
+    error: str | None = None
+
+
+def list_image_files(folder: str | os.PathLike) -> list[Path]:
+    """Image files under ``folder``, recursively, sorted by relative path.
+
+    Files are matched by extension (case-insensitive, see ``IMAGE_EXTENSIONS``). Hidden files and
+    folders (name starting with ``.``, e.g. macOS ``._photo.jpg`` resource forks) are skipped.
+
+    Raises:
+        NotADirectoryError: ``folder`` is not a directory.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a directory; pass a folder of images")
+    found = []
+    for path in root.rglob("*"):
+        relative = path.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+            found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+_SINGLE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, torch.Tensor)
+
+
+def _is_single(obj: Any) -> bool:
+    return isinstance(obj, _SINGLE_TYPES)
+
+
+def expand_inputs(images: Any) -> list[ImageSource]:
+    """Flatten ``encode()`` inputs into one :class:`ImageSource` per image.
+
+    Folders expand to their image files (:func:`list_image_files`); a 4-D numpy array (N, H, W, C) or
+    tensor (B, C, H, W) expands to its images. The position of an item in the returned list is the
+    index that ``encode(..., on_error="skip")`` reports for failures; it equals the input position
+    when no folder or 4-D batch was given. Problems found here (empty folder, bad batch shape,
+    unsupported type) become items that fail on decode, so one bad input never loses the others.
+
+    Args:
+        images: a path, folder, encoded bytes, PIL image, array or tensor, or an iterable of them.
+
+    Returns:
+        The expanded sources, in input order.
+    """
+    items = [images] if _is_single(images) else list(images) if isinstance(images, Iterable) else [images]
+    sources: list[ImageSource] = []
+    for k, obj in enumerate(items):
+        label = f"item {k}"
+        if isinstance(obj, torch.Tensor):
+            # why: decoding runs on the CPU, possibly in forked DataLoader workers, which cannot touch CUDA
+            obj = obj.detach().cpu()
+        if isinstance(obj, (str, os.PathLike)):
+            path = Path(obj).expanduser()
+            if path.is_dir():
+                files = list_image_files(path)
+                if not files:
+                    reason = f"directory contains no image files (looked for {', '.join(IMAGE_EXTENSIONS)})"
+                    sources.append(ImageSource(None, str(path), reason))
+                sources.extend(ImageSource(f, str(f)) for f in files)
+            else:
+                sources.append(ImageSource(path, str(path)))
+        elif isinstance(obj, (bytes, bytearray, memoryview)):
+            sources.append(ImageSource(bytes(obj), f"{label} (bytes)"))
+        elif isinstance(obj, (np.ndarray, torch.Tensor)) and obj.ndim == 4:
+            channel_axis = -1 if isinstance(obj, np.ndarray) else 1
+            if not 1 <= obj.shape[channel_axis] <= 4:
+                layout = "(N, H, W, C)" if channel_axis == -1 else "(B, C, H, W)"
+                reason = f"4-D input of shape {tuple(obj.shape)} must be a {layout} batch with 1-4 channels"
+                sources.append(ImageSource(None, label, reason))
+            else:
+                sources.extend(ImageSource(obj[j], f"{label}[{j}]") for j in range(obj.shape[0]))
+        elif isinstance(obj, (Image.Image, np.ndarray, torch.Tensor)):
+            sources.append(ImageSource(obj, label))
+        else:
+            reason = (
+                f"unsupported input type {type(obj).__name__}; pass a path, folder, bytes, PIL image, "
+                "numpy array (H, W, C) or tensor (C, H, W)"
+            )
+            sources.append(ImageSource(None, label, reason))
+    return sources
+
+
+def decode_image(source: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode one image to an 8-bit RGB ``PIL.Image`` (rules in the module docstring).
+
+    Args:
+        source: an :class:`ImageSource`, or any single input accepted by :func:`expand_inputs`
+            (path, bytes, PIL image, HWC array, CHW tensor).
+        max_pixels: refuse images with more pixels than this (width * height, read from the header
+            before decoding); None disables this cap. Pillow's own hard limit
+            (``2 * PIL.Image.MAX_IMAGE_PIXELS``) still applies.
+
+    Returns:
+        A fully loaded RGB image that holds no open file.
+
+    Raises:
+        ImageDecodeError: the message names the item and the reason.
+    """
+    if not isinstance(source, ImageSource):
+        source = ImageSource(source, f"{type(source).__name__} input")
+    if source.error is not None:
+        raise ImageDecodeError(f"{source.label}: {source.error}")
+    payload = source.payload
+    if isinstance(payload, (Path, bytes)):
+        return _decode_encoded(payload, source.label, max_pixels)
+    if isinstance(payload, Image.Image):
+        _check_pixels(payload.size, source.label, max_pixels)
+        try:
+            payload.load()
+            # not in place: the caller's image must not change; the copy also detaches it
+            return _to_rgb(ImageOps.exif_transpose(payload), source.label)
+        except ImageDecodeError:
+            raise
+        except Exception as exc:  # why: a lazily opened PIL image can still hold a corrupt file
+            raise ImageDecodeError(f"{source.label}: PIL image could not be loaded: {exc}") from exc
+    if isinstance(payload, torch.Tensor):
+        payload = _tensor_to_hwc(payload, source.label)
+    if isinstance(payload, np.ndarray):
+        image = Image.fromarray(_array_to_uint8(payload, source.label))
+        _check_pixels(image.size, source.label, max_pixels)
+        return _to_rgb(image, source.label)
+    raise ImageDecodeError(
+        f"{source.label}: unsupported input type {type(payload).__name__}; pass a path, bytes, "
+        "PIL image, numpy array (H, W, C) or tensor (C, H, W)"
+    )
+
+
+def _check_pixels(size: tuple[int, int], label: str, max_pixels: int | None) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"{label}: image has an empty size {width}x{height}")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageDecodeError(
+            f"{label}: image is {width}x{height} = {width * height:,} pixels, above the cap "
+            f"max_pixels={max_pixels:,} (decompression-bomb guard); pass a larger max_pixels "
+            "only for files you trust"
+        )
+
+
+def _decode_encoded(payload: Path | bytes, label: str, max_pixels: int | None) -> Image.Image:
+    if isinstance(payload, Path):
+        if not payload.exists():
+            raise ImageDecodeError(f"{label}: file not found; check the path")
+        if not payload.is_file():
+            raise ImageDecodeError(f"{label}: not a regular file")
+        try:
+            fp: Any = open(payload, "rb")  # noqa: SIM115 - closed in the finally below
+        except OSError as exc:
+            raise ImageDecodeError(f"{label}: file cannot be read ({exc})") from exc
+    else:
+        fp = io.BytesIO(payload)
+    try:
+        # why: our cap decides; Pillow's warning at 1x its limit would only be noise next to it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(fp) as image:
+                _check_pixels(image.size, label, max_pixels)
+                image.seek(0)  # first frame of animated GIF / APNG / WebP / multi-page TIFF
+                image.load()  # forces full decode: truncated / corrupt data fails here
+                # why suppress: a malformed EXIF block should not lose an otherwise good image;
+                # in place: no copy, the image is ours
+                with contextlib.suppress(Exception):
+                    ImageOps.exif_transpose(image, in_place=True)
+                return _to_rgb(image, label)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(
+            f"{label}: {exc} Raise PIL.Image.MAX_IMAGE_PIXELS and max_pixels only for trusted files"
+        ) from exc
+    except UnidentifiedImageError as exc:
+        size = payload.stat().st_size if isinstance(payload, Path) else len(payload)
+        what = "empty file (0 bytes)" if size == 0 else "not a recognised image format (or corrupt header)"
+        raise ImageDecodeError(f"{label}: {what}") from exc
+    except OSError as exc:
+        raise ImageDecodeError(f"{label}: truncated or corrupt image data ({exc})") from exc
+    except Exception as exc:  # why: Pillow plugins raise SyntaxError, ValueError, struct.error, ...
+        raise ImageDecodeError(f"{label}: corrupt image data ({type(exc).__name__}: {exc})") from exc
+    finally:
+        fp.close()
+
+
+def _to_rgb(image: Image.Image, label: str) -> Image.Image:
+    """Mode conversion to 8-bit RGB (an RGB input is returned as is)."""
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
+        return Image.fromarray(_high_depth_to_uint8(np.asarray(image), mode, label)).convert("RGB")
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+    try:
+        return image if mode == "RGB" else image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageDecodeError(f"{label}: image mode {mode!r} cannot be converted to RGB ({exc})") from exc
+
+
+def _high_depth_to_uint8(values: np.ndarray, mode: str, label: str) -> np.ndarray:
+    values = values.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise ImageDecodeError(f"{label}: {mode}-mode image contains NaN or infinite values")
+    low, high = float(values.min()), float(values.max())
+    if mode == "F" and low >= 0.0 and high <= 1.0:
+        scaled = values * 255.0
+    elif mode != "F" and low >= 0.0 and high <= 65535.0:
+        scaled = values / 257.0  # 65535 -> 255 exactly: full 16-bit range, no clipping
+    elif high > low:
+        scaled = (values - low) * (255.0 / (high - low))
+    else:
+        scaled = np.zeros_like(values)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _tensor_to_hwc(tensor: torch.Tensor, label: str) -> np.ndarray:
+    if not (tensor.dtype in (torch.uint8, torch.uint16) or tensor.is_floating_point()):
+        raise ImageDecodeError(
+            f"{label}: tensor dtype {tensor.dtype} is not supported; pass uint8 (0-255) or float in [0, 1]"
+        )
+    if tensor.ndim == 3:
+        if not 1 <= tensor.shape[0] <= 4:
+            hint = ""
+            if 1 <= tensor.shape[-1] <= 4:
+                hint = "; it looks channels-last, use tensor.permute(2, 0, 1)"
+            shape = tuple(tensor.shape)
+            raise ImageDecodeError(
+                f"{label}: tensor of shape {shape} must be (C, H, W) with 1-4 channels{hint}"
+            )
+        tensor = tensor.permute(1, 2, 0)
+    elif tensor.ndim != 2:
+        raise ImageDecodeError(
+            f"{label}: tensor of shape {tuple(tensor.shape)} must be (H, W), (C, H, W) or (B, C, H, W)"
+        )
+    tensor = tensor.detach().cpu()
+    if tensor.is_floating_point() and tensor.dtype != torch.float64:
+        tensor = tensor.float()  # numpy has no bfloat16
+    array = tensor.numpy()
+    if array.dtype.kind == "f":
+        _check_unit_range(array, label, "tensor")
+    return array
+
+
+def _check_unit_range(array: np.ndarray, label: str, what: str) -> None:
+    if not np.isfinite(array).all():
+        raise ImageDecodeError(f"{label}: float {what} contains NaN or infinite values")
+    if array.size and (array.min() < 0.0 or array.max() > 1.0):
+        raise ImageDecodeError(
+            f"{label}: float {what} values span [{array.min():.4g}, {array.max():.4g}] but raw pixels "
+            "must be in [0, 1]: divide 0-255 data by 255; an already normalised (B, C, H, W) batch goes "
+            "to model(batch) directly"
+        )
+
+
+def _array_to_uint8(array: np.ndarray, label: str) -> np.ndarray:
+    """HW / HWC array (uint8, uint16 or float in [0, 1]) -> contiguous uint8 HW / HWC."""
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and not 2 <= array.shape[-1] <= 4):
+        hint = ""
+        if array.ndim == 3 and 1 <= array.shape[0] <= 4:
+            hint = "; it looks channels-first, use array.transpose(1, 2, 0)"
+        raise ImageDecodeError(
+            f"{label}: array of shape {tuple(array.shape)} must be (H, W) or (H, W, C) with C in 1..4, "
+            f"or an (N, H, W, C) batch{hint}"
+        )
+    if array.shape[0] < 1 or array.shape[1] < 1:
+        raise ImageDecodeError(f"{label}: array of shape {tuple(array.shape)} has no pixels")
+    if array.dtype == np.uint8:
+        converted = array
+    elif array.dtype == np.uint16:
+        converted = np.rint(array / 257.0).astype(np.uint8)
+    elif array.dtype.kind == "f":
+        _check_unit_range(array, label, "array")
+        converted = np.rint(array.astype(np.float64) * 255.0).astype(np.uint8)
+    else:
+        raise ImageDecodeError(
+            f"{label}: array dtype {array.dtype} is not supported; pass uint8 (0-255), uint16 or "
+            "float in [0, 1]"
+        )
+    return np.ascontiguousarray(converted)
