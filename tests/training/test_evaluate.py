@@ -1,0 +1,129 @@
+"""training/evaluate.py on real images: numbers match independent computations, test labels never steer.
+
+The model is a tiny random ViT saved with ``save_pretrained`` (the path every trained model takes), the
+data the committed real Fashion-MNIST fixtures (500 train / 200 test images).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures_models import tiny_encoder
+from tests.training.helpers import REPO, single_thread  # noqa: F401
+from training import evaluate
+from visreg_hub.retrieval.metrics import knn_accuracy
+
+TRAIN = str(REPO / "tests" / "fixtures" / "fmnist_train_500.npz")
+TEST = str(REPO / "tests" / "fixtures" / "fmnist_test_200.npz")
+
+
+@pytest.fixture(autouse=True)
+def single_blas_thread():
+    """scikit-learn's BLAS threads oversubscribe two shared cores as badly as torch's do."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    tiny_encoder(seed=1, in_chans=1, mean=(0.2860,), std=(0.3530,)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def features(model_folder):
+    """Independent features: the fixture images normalised by hand (28 px, crop_pct 1: no resize)."""
+    model = tiny_encoder(seed=1, in_chans=1, mean=(0.2860,), std=(0.3530,))
+    out = {}
+    for name, path in (("train", TRAIN), ("test", TEST)):
+        data = np.load(path)
+        images = (torch.from_numpy(data["images"]).float().div(255).unsqueeze(1) - 0.2860) / 0.3530
+        with torch.inference_mode():
+            out[name] = (model(images).numpy(), data["labels"].astype(np.int64))
+    return out
+
+
+def _run(model_folder, tmp_path, *extra) -> dict:
+    out = tmp_path / "eval.json"
+    code = evaluate.main([str(model_folder), "--data", "npz", "--train", TRAIN, "--test", TEST,
+                          "--out", str(out), *extra])  # fmt: skip
+    assert code == 0
+    return json.loads(out.read_text())
+
+
+def test_knn_and_outputs_match_an_independent_computation(model_folder, features, tmp_path):
+    results = _run(model_folder, tmp_path)
+    (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
+    for k in (10, 20, 200):
+        expected = 100 * knn_accuracy(train_x, train_y, test_x, test_y, k=k, temperature=0.07)
+        assert results["knn"][str(k)] == pytest.approx(expected, abs=1e-9)
+    assert results["num_train"] == 500 and results["num_test"] == 200 and results["embedding_dim"] == 32
+    table = (tmp_path / "eval.md").read_text()
+    assert "| kNN k=20 T=0.07 |" in table and f"{results['linear']['accuracy']:.2f}" in table
+
+
+def test_linear_probe_choice_never_looks_at_the_test_labels(features):
+    (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
+    linear = evaluate.linear_probe(train_x, train_y, test_x, test_y, val_fraction=0.1, seed=0)
+    scores = {float(c): acc for c, acc in linear["val_accuracies"].items()}
+    assert linear["best_c"] == max(scores, key=lambda c: (scores[c], -c))
+    assert linear["accuracy"] == pytest.approx(100 * (linear["predictions"] == test_y).mean())
+    # Test labels scrambled: the chosen C and the validation scores cannot change, the test score does.
+    scrambled = np.random.default_rng(0).permutation(test_y)
+    other = evaluate.linear_probe(train_x, train_y, test_x, scrambled, val_fraction=0.1, seed=0)
+    assert (other["best_c"], other["val_accuracies"]) == (linear["best_c"], linear["val_accuracies"])
+    assert np.array_equal(other["predictions"], linear["predictions"])
+    assert other["accuracy"] != linear["accuracy"]
+
+
+def test_few_shot_uses_n_per_class_over_seeds(features):
+    (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
+    seen = []
+    original = evaluate.select_c
+
+    def spy(x_fit, y_fit, x_val, y_val, cs=evaluate.DEFAULT_CS):
+        seen.append((np.bincount(y_fit).tolist(), np.bincount(y_val).tolist()))
+        return original(x_fit, y_fit, x_val, y_val, cs)
+
+    evaluate.select_c = spy
+    try:
+        results = evaluate.few_shot(train_x, train_y, test_x, test_y, shots=[2], seeds=3)
+    finally:
+        evaluate.select_c = original
+    assert seen == [([2] * 10, [5] * 10)] * 3  # 2 per class to fit, a disjoint 5 per class to choose C
+    runs = results["2"]["runs"]
+    assert len(runs) == 3 and len(set(runs)) > 1  # different draws
+    assert results["2"]["mean"] == pytest.approx(np.mean(runs)) and results["2"]["std"] == pytest.approx(
+        np.std(runs)
+    )
+
+
+def test_long_tail_groups_partition_the_test_accuracy(model_folder, tmp_path):
+    results = _run(model_folder, tmp_path, "--long-tail-ratio", "10", "--long-tail-seed", "1")
+    counts = results["train_class_counts"]
+    assert (
+        max(counts.values()) == 50
+        and min(counts.values()) == 5
+        and results["num_train"] == sum(counts.values())
+    )
+    groups = results["groups"]["linear probe"]
+    assert set(groups) == {"many", "medium", "few"}
+    # Each test class has 20 images; the group accuracies, weighted by their class counts, give the total.
+    from training.data import class_groups
+
+    per_group = class_groups({int(c): n for c, n in counts.items()}).groups
+    sizes = {g: sum(1 for v in per_group.values() if v == g) for g in groups}
+    total = sum(groups[g] * sizes[g] for g in groups) / sum(sizes.values())
+    assert total == pytest.approx(results["linear"]["accuracy"])
+
+
+def test_missing_split_is_a_clear_error(model_folder, capsys):
+    code = evaluate.main([str(model_folder), "--data", "folder", "--train", "/nonexistent", "--test", TEST])
+    assert code == 2 and "--train '/nonexistent' does not exist" in capsys.readouterr().err

@@ -1,0 +1,200 @@
+"""Crash-safe checkpoint folders: write to a temporary folder, fsync, rename; pointer files; pruning.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    step-00001000/        complete checkpoints (accelerate ``save_state`` + trainer_state.json)
+    .tmp-step-00002000/   a checkpoint being written (never loaded; removed on the next start)
+    latest                text file naming the newest complete checkpoint (replaced atomically)
+    best                  text file naming the best one (highest kNN accuracy, else lowest loss)
+
+A folder only gets its ``step-*`` name by ``os.rename`` after every rank has written into it and its
+files are fsynced, and ``latest`` is replaced with ``os.replace`` after that, so a process killed at any
+moment leaves ``latest`` naming a complete checkpoint. The folders must be on a file system shared by
+all nodes (as accelerate's ``save_state`` assumes).
+
+Test hook: with ``VISREG_TEST_CHECKPOINT_SLEEP=<step>:<seconds>`` the writer of step ``<step>`` creates
+``HOOK_SLEEPING`` inside the temporary folder and sleeps there, so a test can ``kill -9`` it mid-write.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from visreg_hub.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+SLEEP_HOOK_ENV = "VISREG_TEST_CHECKPOINT_SLEEP"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_pointer(root: Path, name: str, target: str) -> None:
+    """Atomically make ``root/name`` contain ``target`` (write a temporary file, then ``os.replace``)."""
+    temporary = root / f".{name}.tmp"
+    temporary.write_text(target + "\n", encoding="utf-8")
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, root / name)
+    _fsync_dir(root)
+
+
+def read_pointer(root: Path, name: str) -> Path | None:
+    """The complete checkpoint folder ``root/name`` points to, or None."""
+    pointer = root / name
+    if not pointer.is_file():
+        return None
+    folder = root / pointer.read_text(encoding="utf-8").strip()
+    return folder if is_complete(folder) else None
+
+
+def is_complete(folder: Path) -> bool:
+    return folder.is_dir() and _STEP_DIR.match(folder.name) is not None and (folder / STATE_FILE).is_file()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete ``step-*`` folders, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(path for path in root.iterdir() if is_complete(path))
+
+
+def remove_stale_temporaries(root: Path) -> None:
+    """Delete ``.tmp-*`` folders left by a process killed while writing."""
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        if path.name.startswith(".tmp-") and path.is_dir():
+            logger.warning(
+                "removing the incomplete checkpoint %s (a previous run stopped while writing)", path
+            )
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_resume(root: Path, resume: str | None) -> Path | None:
+    """The folder to resume from: ``None`` (fresh), ``"auto"`` (latest complete, if any) or a path.
+
+    Raises:
+        CheckpointError: an explicit path that is not a complete checkpoint folder.
+    """
+    if resume is None:
+        return None
+    if resume == "auto":
+        folder = read_pointer(root, "latest")
+        if folder is None:
+            found = complete_checkpoints(root)
+            folder = found[-1] if found else None
+        if folder is None:
+            logger.info("--resume auto: no checkpoint under %s, starting from scratch", root)
+        return folder
+    folder = Path(resume).expanduser()
+    if (folder / "checkpoints" / "latest").is_file():  # a run's output folder
+        folder = folder / "checkpoints"
+    if folder.is_dir() and (folder / "latest").is_file():  # a checkpoints folder
+        folder = read_pointer(folder, "latest") or folder
+    if not is_complete(folder):
+        raise CheckpointError(
+            f"--resume {resume!r} is not a complete checkpoint folder (expected a step-XXXXXXXX folder "
+            f"holding {STATE_FILE}); use --resume auto to pick the latest one under the output folder"
+        )
+    return folder
+
+
+def _sleep_hook(temporary: Path, step: int) -> None:
+    spec = os.environ.get(SLEEP_HOOK_ENV)
+    if not spec:
+        return
+    hook_step, _, seconds = spec.partition(":")
+    if int(hook_step) == step:
+        (temporary / "HOOK_SLEEPING").write_text(str(os.getpid()), encoding="utf-8")
+        time.sleep(float(seconds or 60))
+
+
+def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep_last: int, is_best: bool) -> Path:
+    """Write a complete checkpoint of every object registered with ``accelerator``; all ranks call this.
+
+    Args:
+        accelerator: the run's ``Accelerator`` (models, optimiser and custom objects registered).
+        root: the ``checkpoints`` folder.
+        step: the optimiser step the state is at.
+        state: JSON-able trainer state written to ``trainer_state.json``.
+        keep_last: complete checkpoints to keep besides the best.
+        is_best: make ``best`` point to this checkpoint.
+
+    Returns:
+        The final folder.
+    """
+    name = step_dir_name(step)
+    temporary, final = root / f".tmp-{name}", root / name
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir()
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (temporary / STATE_FILE).write_text(
+            json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+        _fsync_tree(temporary)
+        _sleep_hook(temporary, step)
+        retired = root / f".tmp-old-{name}"
+        if final.exists():  # the same step saved again: move the old copy aside, never delete first
+            os.rename(final, retired)
+        os.rename(temporary, final)
+        shutil.rmtree(retired, ignore_errors=True)
+        _fsync_dir(root)
+        write_pointer(root, "latest", name)
+        if is_best:
+            write_pointer(root, "best", name)
+        prune(root, keep_last)
+        logger.info("checkpoint saved: %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete complete checkpoints except the newest ``keep_last``, ``latest`` and ``best``."""
+    keep = {path.name for path in complete_checkpoints(root)[-keep_last:]}
+    for pointer in ("latest", "best"):
+        target = read_pointer(root, pointer)
+        if target is not None:
+            keep.add(target.name)
+    for path in complete_checkpoints(root):
+        if path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def read_state(folder: Path) -> dict:
+    """The ``trainer_state.json`` of a complete checkpoint folder."""
+    try:
+        return json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder / STATE_FILE} is unreadable: {exc}") from exc

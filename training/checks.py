@@ -1,0 +1,207 @@
+"""Checks of a :class:`~training.config.TrainingConfig` that run before any work starts.
+
+:func:`validate` checks ranges and consistency (called by every config constructor); :func:`batch_plan`
+needs the number of processes; :func:`check_paths` touches the file system; :func:`model_config`
+resolves the backbone's :class:`~visreg_hub.models.ModelConfig` (which validates it) without building it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from training.config import FMNIST_DIR, TrainingConfig
+from visreg_hub.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key} must be {bound}, got {value!r}")
+
+
+def _probability(key: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{key} must be a probability in [0, 1], got {value!r}")
+
+
+def _scale(key: str, value: tuple[float, float]) -> None:
+    if not 0.0 < value[0] <= value[1] <= 1.0:
+        raise ConfigError(f"{key}={list(value)} must satisfy 0 < min <= max <= 1 (fractions of image area)")
+
+
+def validate(config: TrainingConfig) -> None:
+    """Range and consistency checks that do not touch the file system (see :func:`check_paths`)."""
+    model, data, aug, loss, optim, train = (
+        config.model,
+        config.data,
+        config.augment,
+        config.loss,
+        config.optim,
+        config.train,
+    )
+    for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+        _positive(f"model.{key}", getattr(model, key))
+    _positive("model.num_reg_tokens", model.num_reg_tokens, allow_zero=True)
+    for key in ("hidden_dim", "out_dim", "num_hidden_layers"):
+        _positive(f"projector.{key}", getattr(config.projector, key))
+    if len(data.mean) != data.channels or len(data.std) != data.channels:
+        raise ConfigError(
+            f"data.mean {list(data.mean)} and data.std {list(data.std)} need one value per channel "
+            f"(data.channels={data.channels})"
+        )
+    if data.path is None and data.source != "fmnist":
+        raise ConfigError(f"data.path is required for data.source={data.source!r}; set data.path=/my/images")
+    if data.val_source is not None and data.val_path is None and data.val_source != "fmnist":
+        raise ConfigError(f"data.val_path is required for data.val_source={data.val_source!r}")
+    _positive("data.base_size", data.base_size)
+    _positive("data.val_size", data.val_size, allow_zero=True)
+    _positive("data.num_workers", data.num_workers, allow_zero=True)
+    _positive("data.shuffle_buffer", data.shuffle_buffer)
+    lt = data.long_tail
+    if lt.imbalance_ratio < 1:
+        raise ConfigError(f"data.long_tail.imbalance_ratio must be >= 1, got {lt.imbalance_ratio}")
+    _positive("data.long_tail.alpha", lt.alpha)
+    _positive("data.long_tail.max_per_class", lt.max_per_class)
+    _positive("data.long_tail.min_per_class", lt.min_per_class)
+    for count_key, size_key in (("global_count", "global_size"), ("local_count", "local_size")):
+        _positive(f"augment.{count_key}", getattr(aug, count_key), allow_zero=count_key == "local_count")
+        _positive(f"augment.{size_key}", getattr(aug, size_key))
+    for size_key in ("global_size", "local_size"):
+        if getattr(aug, size_key) > data.base_size:
+            raise ConfigError(
+                f"augment.{size_key}={getattr(aug, size_key)} exceeds data.base_size={data.base_size}; "
+                "views are cut from base_size images, so raise data.base_size or shrink the views"
+            )
+    _scale("augment.global_scale", aug.global_scale)
+    _scale("augment.local_scale", aug.local_scale)
+    for key in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+        _probability(f"augment.{key}", getattr(aug, key))
+    for key in ("brightness", "contrast", "saturation"):
+        if not 0.0 <= getattr(aug, key) < 1.0:
+            raise ConfigError(f"augment.{key} must be in [0, 1), got {getattr(aug, key)!r}")
+    if not 0.0 <= loss.reg_weight <= 1.0:
+        raise ConfigError(f"loss.reg_weight (lambda) must be in [0, 1], got {loss.reg_weight!r}")
+    _positive("loss.num_slices", loss.num_slices)
+    _positive("optim.lr", optim.lr)
+    _positive("optim.weight_decay", optim.weight_decay, allow_zero=True)
+    _positive("optim.warmup_epochs", optim.warmup_epochs, allow_zero=True)
+    _positive("optim.warmup_steps", optim.warmup_steps, allow_zero=True)
+    if not 0.0 < optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio must be in (0, 1], got {optim.min_lr_ratio!r} (paper: 0.001)")
+    _positive("optim.clip_grad_norm", optim.clip_grad_norm, allow_zero=True)
+    positive_keys = ("epochs", "max_steps", "stop_after", "global_batch_size", "per_device_batch_size")
+    positive_keys += ("log_every",)
+    for key in positive_keys:
+        _positive(f"train.{key}", getattr(train, key))
+    for key in ("checkpoint_every", "export_every"):
+        _positive(f"train.{key}", getattr(train, key), allow_zero=True)
+    _positive("train.keep_last", train.keep_last)
+    if train.global_batch_size % train.per_device_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} is not a multiple of "
+            f"train.per_device_batch_size={train.per_device_batch_size}"
+        )
+    _positive("eval.knn_every", config.eval.knn_every, allow_zero=True)
+    _positive("eval.knn_k", config.eval.knn_k)
+    _positive("eval.knn_temperature", config.eval.knn_temperature)
+    _positive("eval.knn_bank_size", config.eval.knn_bank_size, allow_zero=True)
+    _positive("eval.batch_size", config.eval.batch_size)
+    _positive("monitor.collapse_patience", config.monitor.collapse_patience)
+    _positive("monitor.gaussianity_slices", config.monitor.gaussianity_slices)
+
+
+def batch_plan(config: TrainingConfig, num_processes: int) -> int:
+    """Gradient-accumulation steps so that per-device batch x processes x accumulation = global batch.
+
+    Raises:
+        ConfigError: the global batch is not divisible by per-device batch x number of processes.
+    """
+    per_step = config.train.per_device_batch_size * num_processes
+    if config.train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={config.train.global_batch_size} is not divisible by "
+            f"train.per_device_batch_size={config.train.per_device_batch_size} x {num_processes} processes "
+            f"= {per_step}; change train.per_device_batch_size (or the number of processes) so it divides"
+        )
+    return config.train.global_batch_size // per_step
+
+
+def model_config(config: TrainingConfig):
+    """The :class:`visreg_hub.models.ModelConfig` of the backbone (validated; nothing is built).
+
+    ``img_size`` defaults to the global view size, channels and normalisation come from ``data``.
+    """
+    from visreg_hub.models import ModelConfig
+
+    model = config.model
+    overrides = {
+        key: getattr(model, key)
+        for key in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+        if getattr(model, key) is not None
+    }
+    return ModelConfig.from_name(
+        model.size,
+        img_size=model.img_size or config.augment.global_size,
+        in_chans=config.data.channels,
+        mean=config.data.mean,
+        std=config.data.std,
+        num_reg_tokens=model.num_reg_tokens,
+        drop_path_rate=model.drop_path_rate,
+        pooling=model.pooling,
+        **overrides,
+    )
+
+
+def check_paths(config: TrainingConfig) -> None:
+    """Fail early, before any folder is created, when a data path does not exist."""
+    for source, path, key in (
+        (config.data.source, config.data.path, "data.path"),
+        (config.data.val_source, config.data.val_path, "data.val_path"),
+    ):
+        if source is None:
+            continue
+        resolved = Path(path if path is not None else FMNIST_DIR).expanduser()
+        if source == "webdataset" and any(ch in str(path) for ch in "*?["):
+            if not sorted(resolved.parent.glob(resolved.name)):
+                raise ConfigError(f"{key}={path!r} matches no shard files")
+            continue
+        if not resolved.exists():
+            hint = (
+                " (install it with `apt-get install dataset-fashion-mnist`, or use data.source=npz with "
+                "tests/fixtures/fmnist_train_500.npz)"
+                if source == "fmnist"
+                else ""
+            )
+            raise ConfigError(f"{key}={str(resolved)!r} does not exist for data source {source!r}{hint}")
+
+
+def warn_config_changes(before: dict, after: dict) -> None:
+    """Log the settings a resumed run changes (run-length keys are expected to change)."""
+    old, new = flat_dict(before), flat_dict(after)
+    expected = {"train.stop_after", "train.max_steps", "train.epochs", "train.progress_bar"}
+    changed = sorted(
+        key for key in old.keys() | new.keys() if old.get(key) != new.get(key) and key not in expected
+    )
+    if changed:
+        details = ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed)
+        logger.warning("resuming with changed settings (the run is no longer one recipe): %s", details)
+
+
+def flat_dict(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; values that are not scalars or strings become strings
+    (TensorBoard's hparams accept nothing else)."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flat_dict(value, f"{name}."))
+        elif isinstance(value, bool | int | float | str):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat

@@ -1,0 +1,321 @@
+"""Frozen-feature evaluation of any ``from_pretrained`` model: kNN, linear probe, few-shot, long-tail groups.
+
+    python training/evaluate.py runs/fmnist-tiny-cpu/final --data fmnist
+    python training/evaluate.py org/model --data folder --train /data/train --test /data/test --out eval.json
+    python training/evaluate.py MODEL --data npz --train tests/fixtures/fmnist_train_500.npz \\
+        --test tests/fixtures/fmnist_test_200.npz --few-shot 1 5 --seeds 3
+
+Protocol:
+
+* Images go through the model's own preprocessing (:class:`visreg_hub.inference.preprocess.Preprocessor`
+  built from its data config), features (``--pooling``, default the model's) are computed once for the
+  train and test splits and reused by every evaluation below.
+* kNN (DINO): cosine similarity, k in ``--knn-k`` (10, 20, 200), votes weighted by exp(sim / 0.07).
+* Linear probe: standardised features, multinomial logistic regression; the inverse regularisation C is
+  chosen on a stratified validation split carved from the training split (``--val-fraction``), then the
+  probe is refit on the whole training split and scored once on the test split. The test split is never
+  used for any choice.
+* Few-shot (``--few-shot N ...``): N training images per class, ``--seeds`` draws; C is chosen on a
+  disjoint sample of max(N, 5) images per class from the rest of the training split. Mean and std over
+  draws are reported.
+* Long-tailed (``--long-tail-ratio R``): the training split is subsampled as in training
+  (:func:`training.data.long_tail_indices`), the test split stays balanced, and accuracies are also
+  reported per class group (many > 100 / medium / few < 20 training images, scaled for small sets).
+
+Writes JSON (``--out``) and a markdown table (``--markdown``, default next to the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.config import FMNIST_DIR, LongTailSection
+from visreg_hub.errors import ConfigError, VisregHubError
+
+logger = logging.getLogger("training.evaluate")
+
+DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+# ------------------------------------------------------------------------------------------ data
+def load_split(kind: str, path: str | None, split: str) -> tuple[list | np.ndarray, np.ndarray]:
+    """Labelled images of one split: (paths or uint8 arrays, int64 labels)."""
+    from training.datasets import read_filelist, read_fmnist, read_npz, scan_folder
+
+    if kind == "fmnist":
+        return read_fmnist(path or FMNIST_DIR, split)
+    if path is None:
+        raise ConfigError(f"--{split} is required for --data {kind}")
+    if not Path(path).exists():
+        raise ConfigError(f"--{split} {path!r} does not exist")
+    if kind == "npz":
+        items, labels = read_npz(path)
+    elif kind == "folder":
+        items, labels, _ = scan_folder(path)
+    else:
+        items, labels, _ = read_filelist(path)
+    if labels is None:
+        raise ConfigError(f"{path} has no labels; evaluation needs labelled images")
+    return items, labels
+
+
+class _EvalImages:
+    """Dataset of (preprocessed uint8 (C, H, W), index) pairs for the DataLoader."""
+
+    def __init__(self, items, preprocessor) -> None:
+        self.items, self.preprocessor = items, preprocessor
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        from visreg_hub.inference.images import ImageSource, decode_image
+
+        item = self.items[index]
+        if isinstance(item, np.ndarray):
+            image = Image.fromarray(item).convert("RGB")
+        else:
+            image = decode_image(ImageSource(Path(item), str(item)))
+        return self.preprocessor(image), index
+
+
+def extract_features(model, items, batch_size: int, workers: int, pooling: str | None) -> np.ndarray:
+    """(N, E) float32 features of ``items`` with the model's preprocessing, in order."""
+    import torch
+
+    from visreg_hub.inference.preprocess import Preprocessor
+
+    preprocessor = Preprocessor(model.data_config)
+    loader = torch.utils.data.DataLoader(
+        _EvalImages(items, preprocessor), batch_size=batch_size, num_workers=workers, shuffle=False
+    )
+    device = next(model.parameters()).device
+    chunks = []
+    with torch.inference_mode():
+        for pixels, _ in loader:
+            inputs = preprocessor.normalize(pixels.to(device))
+            chunks.append(model(inputs, pooling=pooling).float().cpu().numpy())
+    return np.concatenate(chunks)
+
+
+# ------------------------------------------------------------------------------------------ probes
+def _classifier(c: float):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=float(c), max_iter=1000))
+
+
+def select_c(x_fit, y_fit, x_val, y_val, cs=DEFAULT_CS) -> tuple[float, dict[float, float]]:
+    """The C with the best validation accuracy (the smaller C, i.e. stronger regularisation, on ties)."""
+    scores = {float(c): float(_classifier(c).fit(x_fit, y_fit).score(x_val, y_val)) for c in sorted(cs)}
+    best = max(scores, key=lambda c: (scores[c], -c))
+    return best, scores
+
+
+def linear_probe(train_x, train_y, test_x, test_y, val_fraction: float, seed: int, cs=DEFAULT_CS) -> dict:
+    """Full-data probe: C chosen on a validation split of train, refit on all of train, tested once."""
+    from sklearn.model_selection import train_test_split
+
+    _, counts = np.unique(train_y, return_counts=True)
+    stratify = train_y if counts.min() >= 2 else None
+    x_fit, x_val, y_fit, y_val = train_test_split(
+        train_x, train_y, test_size=val_fraction, random_state=seed, stratify=stratify
+    )
+    best_c, scores = select_c(x_fit, y_fit, x_val, y_val, cs)
+    predictions = _classifier(best_c).fit(train_x, train_y).predict(test_x)
+    return {
+        "accuracy": 100.0 * float((predictions == test_y).mean()),
+        "best_c": best_c,
+        "val_accuracy": 100.0 * scores[best_c],
+        "val_accuracies": {str(c): 100.0 * s for c, s in scores.items()},
+        "predictions": predictions,
+    }
+
+
+def few_shot(train_x, train_y, test_x, test_y, shots: list[int], seeds: int, cs=DEFAULT_CS) -> dict:
+    """N-per-class probes over ``seeds`` draws; C chosen on a disjoint max(N, 5)-per-class sample."""
+    classes = np.unique(train_y)
+    results = {}
+    for shot in shots:
+        runs = []
+        for seed in range(seeds):
+            rng = np.random.default_rng([seed, shot])
+            chosen, held = [], []
+            for cls in classes:
+                members = rng.permutation(np.flatnonzero(train_y == cls))
+                if len(members) < shot + 1:
+                    raise ConfigError(
+                        f"class {cls} has {len(members)} training images, too few for {shot}-shot"
+                    )
+                chosen.append(members[:shot])
+                held.append(members[shot : shot + max(shot, 5)])
+            chosen, held = np.concatenate(chosen), np.concatenate(held)
+            best_c, _ = select_c(train_x[chosen], train_y[chosen], train_x[held], train_y[held], cs)
+            model = _classifier(best_c).fit(train_x[chosen], train_y[chosen])
+            runs.append(100.0 * float(model.score(test_x, test_y)))
+        results[str(shot)] = {"mean": float(np.mean(runs)), "std": float(np.std(runs)), "runs": runs}
+    return results
+
+
+def group_accuracy(predictions: np.ndarray, labels: np.ndarray, groups: dict[int, str]) -> dict[str, float]:
+    """Accuracy (%) over test images of the classes in each group (many / medium / few)."""
+    out = {}
+    for group in ("many", "medium", "few"):
+        mask = np.isin(labels, [c for c, g in groups.items() if g == group])
+        if mask.any():
+            out[group] = 100.0 * float((predictions[mask] == labels[mask]).mean())
+    return out
+
+
+# ------------------------------------------------------------------------------------------ report
+def to_markdown(results: dict) -> str:
+    """A markdown table of every number in ``results``."""
+    lines = [
+        f"## Frozen-feature evaluation of `{results['model']}`",
+        "",
+        "| evaluation | accuracy (%) |",
+        "|---|---|",
+    ]
+    for k, acc in results["knn"].items():
+        lines.append(f"| kNN k={k} T={results['knn_temperature']} | {acc:.2f} |")
+    linear = results["linear"]
+    lines.append(f"| linear probe (C={linear['best_c']:g} chosen on validation) | {linear['accuracy']:.2f} |")
+    for shot, row in results.get("few_shot", {}).items():
+        lines.append(
+            f"| {shot}-shot linear ({len(row['runs'])} seeds) | {row['mean']:.2f} ± {row['std']:.2f} |"
+        )
+    for method, groups in results.get("groups", {}).items():
+        for group, acc in groups.items():
+            lines.append(f"| {method}, {group}-shot classes | {acc:.2f} |")
+    lines += [
+        "",
+        f"Data: {results['data']}; {results['num_train']} train / {results['num_test']} test images.",
+    ]
+    lines.append(f"Command: `{results['command']}`")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="registry name, org/repo or a folder written by save_pretrained")
+    parser.add_argument("--data", choices=("fmnist", "npz", "folder", "filelist"), default="fmnist")
+    parser.add_argument("--train", help="training split (folder, file list or .npz); fmnist: the idx folder")
+    parser.add_argument("--test", help="test split (folder, file list or .npz)")
+    parser.add_argument("--pooling", help="feature tap (default: the model's), e.g. cls_last4")
+    parser.add_argument("--knn-k", type=int, nargs="+", default=[10, 20, 200])
+    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--few-shot", type=int, nargs="*", default=[])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--long-tail-ratio", type=float, help="subsample train long-tailed (n_max / n_min)")
+    parser.add_argument("--long-tail-profile", choices=("pareto", "exponential"), default="pareto")
+    parser.add_argument(
+        "--long-tail-max", type=int, help="images of the head class (default: smallest class)"
+    )
+    parser.add_argument("--long-tail-seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--out", type=Path, help="JSON results file")
+    parser.add_argument("--markdown", type=Path, help="markdown table (default: --out with .md)")
+    return parser.parse_args(argv)
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Run every evaluation ``args`` asks for and return the results dict (see module docstring)."""
+    import torch
+
+    from training.data import long_tail_indices
+    from visreg_hub.hub import from_pretrained
+    from visreg_hub.retrieval.metrics import knn_accuracy
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = from_pretrained(args.model, device=device)
+    started = time.perf_counter()
+    train_items, train_y = load_split(args.data, args.train, "train")
+    test_items, test_y = load_split(args.data, args.test, "test")
+    groups = None
+    if args.long_tail_ratio:
+        spec = LongTailSection(
+            enabled=True, profile=args.long_tail_profile, imbalance_ratio=args.long_tail_ratio,
+            max_per_class=args.long_tail_max, seed=args.long_tail_seed,
+        )  # fmt: skip
+        kept, info = long_tail_indices(train_y, spec)
+        train_items = (
+            train_items[kept] if isinstance(train_items, np.ndarray) else [train_items[i] for i in kept]
+        )
+        train_y, groups = train_y[kept], info.groups
+    train_x = extract_features(model, train_items, args.batch_size, args.workers, args.pooling)
+    test_x = extract_features(model, test_items, args.batch_size, args.workers, args.pooling)
+    logger.info(
+        "features: train %s, test %s (%.1f s)", train_x.shape, test_x.shape, time.perf_counter() - started
+    )
+
+    results: dict = {
+        "model": str(args.model),
+        "data": args.data if args.data == "fmnist" else f"{args.data}: {args.train} / {args.test}",
+        "num_train": len(train_y),
+        "num_test": len(test_y),
+        "embedding_dim": int(train_x.shape[1]),
+        "pooling": args.pooling or model.config.pooling,
+        "knn_temperature": args.temperature,
+        "command": " ".join(["training/evaluate.py", *sys.argv[1:]]),
+    }
+    results["knn"] = {
+        str(k): 100.0 * knn_accuracy(train_x, train_y, test_x, test_y, k=k, temperature=args.temperature)
+        for k in args.knn_k
+    }
+    linear = linear_probe(train_x, train_y, test_x, test_y, args.val_fraction, seed=0)
+    predictions = linear.pop("predictions")
+    results["linear"] = linear
+    if args.few_shot:
+        results["few_shot"] = few_shot(train_x, train_y, test_x, test_y, args.few_shot, args.seeds)
+    if groups is not None:
+        from visreg_hub.retrieval.metrics import knn_predict
+
+        knn_k = 20 if 20 in args.knn_k else args.knn_k[0]
+        knn_predictions = knn_predict(train_x, train_y, test_x, k=knn_k, temperature=args.temperature)
+        results["train_class_counts"] = {str(c): int((train_y == c).sum()) for c in np.unique(train_y)}
+        results["groups"] = {
+            "linear probe": group_accuracy(predictions, test_y, groups),
+            f"kNN k={knn_k}": group_accuracy(knn_predictions, test_y, groups),
+        }
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        results = evaluate(args)
+    except (VisregHubError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    table = to_markdown(results)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        (args.markdown or args.out.with_suffix(".md")).write_text(table, encoding="utf-8")
+    elif args.markdown is not None:
+        args.markdown.write_text(table, encoding="utf-8")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Pre-train a VISReg (or SIGReg / SWD / VICReg / Barlow Twins) ViT on your images.
+
+    accelerate launch [--num_processes M] training/pretrain.py --config training/configs/<preset>.yaml \\
+        [key=value ...] [--resume auto|PATH] [--export-every N] [--push_to_hub org/name]
+    python training/pretrain.py --config training/configs/fmnist-tiny-cpu.yaml     # one device or the CPU
+
+Overrides use dotted keys and YAML values (``optim.lr=5e-4 loss.name=sigreg data.path=/data/train``).
+The whole configuration (including the batch plan for the number of processes, the loss settings and
+the data paths) is checked before anything is created; errors go to stderr with exit status 2.
+Outputs under ``train.output_dir``: ``config.yaml``, TensorBoard logs, ``checkpoints/`` (keep-last-k +
+best, ``latest`` pointer) and ``final/`` (the backbone in the hub format, loadable with
+``visreg_hub.from_pretrained``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Only light modules here, so configuration errors are reported in about a second.
+from training.checks import batch_plan, check_paths, model_config
+from training.config import TrainingConfig, load_config
+from visreg_hub.errors import ConfigError, VisregHubError
+
+logger = logging.getLogger("training.pretrain")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML preset or config file (training/configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    parser.add_argument(
+        "--resume", help="'auto' (latest checkpoint in the output folder) or a checkpoint folder"
+    )
+    parser.add_argument(
+        "--push_to_hub", "--push-to-hub", dest="push_to_hub", help="upload the final model: org/name"
+    )
+    parser.add_argument("--export-every", "--export_every", dest="export_every", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def preflight(config: TrainingConfig, num_processes: int) -> None:
+    """Every check that needs no model or data loading: batch plan, loss settings, backbone, paths."""
+    batch_plan(config, num_processes)
+    check_paths(config)
+    stop_after, max_steps = config.train.stop_after, config.train.max_steps
+    if stop_after is not None and max_steps is not None and stop_after > max_steps:
+        raise ConfigError(f"train.stop_after={stop_after} is beyond train.max_steps={max_steps}")
+    from training.build import loss_settings  # imports torch and timm
+
+    loss_settings(config)
+    model_config(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
+    try:
+        config = load_config(args.config, args.overrides)
+        preflight(config, int(os.environ.get("WORLD_SIZE", "1")))
+        if args.export_every is not None and args.export_every < 0:
+            raise ConfigError(f"--export-every must be >= 0, got {args.export_every}")
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from training.engine import Trainer  # heavy imports only after the config is known to be good
+
+    try:
+        trainer = Trainer(
+            config, resume=args.resume, push_to_hub=args.push_to_hub, export_every=args.export_every
+        )
+        summary = trainer.fit()
+    except ConfigError as exc:  # found while opening the data (e.g. fewer images than one batch)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except VisregHubError as exc:  # diverged, collapsed (stop_on_collapse), bad checkpoint
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if trainer.accelerator.is_main_process:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
