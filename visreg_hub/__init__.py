@@ -29,6 +29,8 @@ _LAZY = {
     "from_pretrained": "visreg_hub.hub",
     "list_models": "visreg_hub.hub",
     "EmbeddingIndex": "visreg_hub.retrieval",
+    "export_onnx": "visreg_hub.inference.onnx",
+    "OnnxEmbedder": "visreg_hub.inference.onnx",
     "SearchResult": "visreg_hub.retrieval",
     "VisregHubError": "visreg_hub.errors",
 }
@@ -50,8 +52,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from visreg_hub.errors import VisregHubError
-    from visreg_hub.hub import from_pretrained, list_models
-    from visreg_hub.losses import BarlowTwinsLoss, SIGRegLoss, SWDLoss, VICRegLoss, VISRegLoss
-    from visreg_hub.models import ModelConfig, VISRegEncoder
-    from visreg_hub.retrieval import EmbeddingIndex, SearchResult
+    from visreg_hub.errors import VisregHubError  # noqa: F401
+    from visreg_hub.hub import from_pretrained, list_models  # noqa: F401
+    from visreg_hub.inference.onnx import OnnxEmbedder, export_onnx  # noqa: F401
+    from visreg_hub.losses import BarlowTwinsLoss, SIGRegLoss, SWDLoss, VICRegLoss, VISRegLoss  # noqa: F401
+    from visreg_hub.models import ModelConfig, VISRegEncoder  # noqa: F401
+    from visreg_hub.retrieval import EmbeddingIndex, SearchResult  # noqa: F401

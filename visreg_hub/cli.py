@@ -311,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="folder to write config.json + model.safetensors + README.md")
     p.add_argument("--arch", default="vit-b16", help="architecture of the checkpoint (vit-b16, vit-l14)")
     p.set_defaults(func=cmd_convert)
+    from visreg_hub.cli_export import add_export_parser  # `export onnx` lives there: keeps this file short
+
+    add_export_parser(commands, common)
     return parser
 
 

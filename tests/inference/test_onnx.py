@@ -1,0 +1,363 @@
+"""ONNX export and ONNX Runtime inference, checked against the PyTorch model and timm's PIL transform.
+
+Three exports of the tiny encoder are shared by the module (each costs seconds): a plain fp32 graph with
+patch tokens, a graph with baked preprocessing written through the CLI, and an fp16 + fused graph made
+by ``encode(..., backend="onnx")``'s helper. Everything else reuses them or builds small graphs by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import timm.data
+import torch
+from PIL import Image
+
+from tests.fixtures_models import tiny_encoder
+from tests.inference import malformed
+from visreg_hub.errors import CheckpointError, ImageDecodeError
+from visreg_hub.models import ModelConfig
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from visreg_hub.inference import onnx as vonnx  # noqa: E402
+from visreg_hub.inference.onnx import (  # noqa: E402
+    OnnxEmbedder,
+    OnnxValidationError,
+    encode_onnx,
+    export_onnx,
+    read_onnx_metadata,
+    validate_onnx,
+)
+from visreg_hub.inference.onnx_graph import PreprocessingSpec, preprocessing_model  # noqa: E402
+
+BAKED_SIZE = (48, 40)  # (H, W) of the uint8 input of the baked graph: portrait, not the model size
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_encoder(seed=0)
+
+
+@pytest.fixture(scope="module")
+def plain(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    report = export_onnx(model, path, patch_tokens=True)
+    return path, report
+
+
+@pytest.fixture(scope="module")
+def baked(model, tmp_path_factory):
+    """Exported through `visreg-hub export onnx` from a saved folder (same weights as `model`)."""
+    from visreg_hub.cli import main
+
+    root = tmp_path_factory.mktemp("baked")
+    model.save_pretrained(root / "tiny")
+    path, report = root / "tiny-uint8.onnx", root / "report.json"
+    argv = [
+        "export",
+        "onnx",
+        str(root / "tiny"),
+        str(path),
+        "--with-preprocessing",
+        "--report-json",
+        str(report),
+    ]
+    assert main([*argv, "--image-size", *map(str, BAKED_SIZE)]) == 0
+    return path, json.loads(report.read_text())
+
+
+@pytest.fixture(scope="module")
+def photos(photo_paths):
+    return [malformed.photo_rgb(p) for p in photo_paths]
+
+
+def torch_forward(model, pixels, pooling=None):
+    with torch.inference_mode():
+        return model(torch.as_tensor(pixels), pooling=pooling).numpy()
+
+
+def cosine(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+# --------------------------------------------------------------------------------- plain fp32 export
+def test_ort_equals_torch_at_every_batch_size_and_a_second_image_size(model, plain):
+    path, report = plain
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    shapes = [(batch, 28, 28) for batch in (1, 3, 17, 64)] + [(3, 20, 36)]  # 20x36: non-square 5x9 grid
+    for batch, height, width in shapes:
+        pixels = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(batch))
+        embedding, grid = session.run(["embedding", "patch_tokens"], {"pixel_values": pixels.numpy()})
+        np.testing.assert_allclose(embedding, torch_forward(model, pixels), atol=1e-4, rtol=0)
+        with torch.inference_mode():
+            expected_grid = model.patch_tokens(pixels).numpy()
+        assert grid.shape == (batch, height // 4, width // 4, 32)
+        np.testing.assert_allclose(grid, expected_grid, atol=1e-4, rtol=0)
+    # the report returned by export_onnx covers the same ground
+    assert report.passed and report.path == str(path) and report.provider == "CPUExecutionProvider"
+    assert {row.batch_size for row in report.rows} == {1, 3, 17, 64}
+    assert {row.output for row in report.rows} == {"embedding", "patch_tokens"}
+    assert {row.image_size for row in report.rows} == {(28, 28), (36, 32)}
+    assert 0 < report.max_abs_error <= 1e-4 and report.min_cosine > 0.99999
+
+
+def test_batch_and_image_axes_are_symbolic(plain):
+    session = ort.InferenceSession(str(plain[0]), providers=["CPUExecutionProvider"])
+    (pixel_values,) = session.get_inputs()
+    assert pixel_values.name == "pixel_values" and pixel_values.type == "tensor(float)"
+    batch, channels, height, width = pixel_values.shape
+    assert channels == 3 and all(isinstance(dim, str) for dim in (batch, height, width))
+
+
+def test_metadata_round_trip(model, plain):
+    meta = read_onnx_metadata(plain[0])
+    assert ModelConfig.from_dict(meta.model_config) == model.config
+    assert meta.model_name == "tiny-test" and meta.pooling == "cls" and meta.embedding_dim == 32
+    assert meta.data_config == model.data_config
+    assert meta.outputs == ("embedding", "patch_tokens") and meta.precision == "fp32"
+    assert meta.input_name == "pixel_values" and meta.image_size == (28, 28)
+    assert meta.dynamic_batch and meta.dynamic_image_size and not meta.has_preprocessing
+    proto = onnx.load(str(plain[0]))
+    onnx.checker.check_model(proto, full_check=True)  # a valid ONNX file, not just one ORT accepts
+    raw = {p.key: p.value for p in proto.metadata_props}  # plain ONNX metadata_props
+    assert raw["visreg_hub.model_name"] == "tiny-test" and raw["visreg_hub.pooling"] == "cls"
+    assert json.loads(raw["visreg_hub.data_config"])["mean"] == list(model.config.mean)
+
+
+def test_validation_fails_clearly_on_other_weights(plain):
+    with pytest.raises(OnnxValidationError, match=r"max abs error .* > 0.0001 at batch") as info:
+        validate_onnx(tiny_encoder(seed=1), plain[0], batch_sizes=(1, 3))
+    assert not info.value.report.passed and info.value.report.max_abs_error > 1e-2
+
+
+def test_validation_catches_a_baked_batch_size(model, plain, tmp_path):
+    proto = onnx.load(str(plain[0]))
+    dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    dim.ClearField("dim_param")
+    dim.dim_value = 1  # what a batch traced into the graph looks like
+    path = tmp_path / "static.onnx"
+    onnx.save(proto, str(path))
+    report = validate_onnx(model, path, batch_sizes=(1, 3), raise_on_failure=False)
+    assert not report.passed
+    failed = [row for row in report.rows if not row.passed]
+    assert failed and all(row.batch_size == 3 and row.error for row in failed)
+    with pytest.raises(OnnxValidationError, match="ONNX Runtime failed at batch 3"):
+        validate_onnx(model, path, batch_sizes=(1, 3))
+
+
+# ------------------------------------------------------------------------------- OnnxEmbedder.encode
+def test_embedder_encode_equals_model_encode_on_photos(model, plain, photo_paths):
+    embedder = OnnxEmbedder(plain[0])
+    assert embedder.active_provider == "CPUExecutionProvider" and not embedder.fell_back
+    assert not embedder.uses_io_binding  # CPU: plain session.run
+    ours = embedder.encode(photo_paths, batch_size=3)  # uneven batches: 3 + 1
+    expected = model.encode(photo_paths)
+    assert ours.shape == (4, 32) and ours.dtype == torch.float32
+    assert cosine(ours, expected).min() > 0.9999
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    raw = embedder.encode(photo_paths, normalize=False, convert_to_numpy=True)
+    assert isinstance(raw, np.ndarray)
+    np.testing.assert_allclose(raw, model.encode(photo_paths, normalize=False).numpy(), atol=1e-4, rtol=0)
+
+
+def test_embedder_on_error_and_argument_checks(model, plain, photo_paths):
+    embedder = OnnxEmbedder(plain[0])
+    items = [photo_paths[0], b"not an image", photo_paths[1]]
+    result = embedder.encode(items, on_error="skip")
+    assert [f.index for f in result.failures] == [1]
+    torch.testing.assert_close(
+        result.embeddings, model.encode([photo_paths[0], photo_paths[1]]), atol=1e-5, rtol=0
+    )
+    with pytest.raises(ImageDecodeError, match="input index 1"):
+        embedder.encode(items)
+    assert embedder.encode([]).shape == (0, 32)
+    with pytest.raises(ValueError, match=r"exported with pooling='cls'.*pooling='mean_patch'"):
+        embedder.encode(photo_paths, pooling="mean_patch")
+    with pytest.raises(ValueError, match="fp32 graph; export with fp16=True"):
+        embedder.encode(photo_paths, dtype="fp16")
+    with pytest.raises(ValueError, match="runs on CPUExecutionProvider"):
+        embedder.encode(photo_paths, device="cuda")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        embedder.encode(photo_paths, batch_size=0)
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in ort.get_available_providers(), reason="this onnxruntime build has CUDA"
+)
+def test_cuda_requested_but_unavailable_warns_and_reports_cpu(plain, caplog):
+    with caplog.at_level(logging.WARNING, logger="visreg_hub.inference.onnx_runtime"):
+        embedder = OnnxEmbedder(plain[0], providers="cuda")
+    assert embedder.requested_providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert embedder.active_provider == "CPUExecutionProvider" and embedder.fell_back
+    messages = " ".join(record.getMessage() for record in caplog.records)
+    assert "CUDAExecutionProvider" in messages and "not on the requested CUDAExecutionProvider" in messages
+    with pytest.raises(RuntimeError, match="not on the requested CUDAExecutionProvider"):
+        OnnxEmbedder(plain[0], providers=["cuda"], allow_fallback=False)
+    with pytest.raises(ValueError, match="unknown ONNX Runtime provider 'cdua'"):
+        OnnxEmbedder(plain[0], providers="cdua")
+
+
+# ------------------------------------------------------------------------------ baked preprocessing
+def test_baked_graph_on_uint8_photos_matches_the_pil_path(model, baked, photos, photo_paths):
+    path, report = baked
+    assert report["passed"] and report["preprocessing"]["max_pixel_error"] <= 2
+    meta = read_onnx_metadata(path)
+    assert meta.input_name == "images" and meta.input_layout == "NHWC" and meta.image_size == BAKED_SIZE
+    assert "bicubic" in meta.preprocessing and "x / 255" in meta.preprocessing
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(uint8)"
+    # a client's images at the fixed size, fed as uint8 (N, H, W, 3)
+    fixed = [image.resize(BAKED_SIZE[::-1], Image.BICUBIC) for image in photos]
+    (ours,) = session.run(["embedding"], {"images": np.stack([np.asarray(image) for image in fixed])})
+    transform = timm.data.create_transform(**model.data_config)  # the PIL/timm reference path
+    expected = torch_forward(model, torch.stack([transform(image) for image in fixed]))
+    assert cosine(ours, expected).min() > 0.9999
+    np.testing.assert_allclose(ours, expected, atol=2e-3, rtol=0)  # measured 4e-5 on these photos
+    # the embedder resizes decoded files to the fixed size with PIL, then the graph does the rest
+    via_files = OnnxEmbedder(path).encode(photo_paths, normalize=False)
+    np.testing.assert_allclose(via_files.numpy(), ours, atol=1e-5, rtol=0)
+
+
+CASES = [  # interpolation, crop_pct, crop_mode, model size, layout, uint8 input size (H, W)
+    ("bicubic", 0.875, "center", 32, "NHWC", (48, 40)),
+    ("bicubic", 0.875, "center", 32, "NCHW", (100, 160)),
+    ("bicubic", 1.0, "center", 32, "NHWC", (32, 32)),  # identity resize: only normalisation
+    ("bilinear", 0.9, "center", 32, "NCHW", (37, 61)),
+    ("bilinear", 0.875, "squash", 32, "NHWC", (120, 80)),
+    ("bicubic", 0.875, "center", 224, "NHWC", (160, 120)),  # upsampling, the ImageNet setting
+]
+
+
+@pytest.mark.parametrize(("interpolation", "crop_pct", "crop_mode", "size", "layout", "image_size"), CASES)
+def test_baked_preprocessing_pixels_match_timm(
+    photos, interpolation, crop_pct, crop_mode, size, layout, image_size
+):
+    data_config = dict(
+        input_size=(3, size, size), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        crop_pct=crop_pct, crop_mode=crop_mode, interpolation=interpolation,
+    )  # fmt: skip
+    spec = PreprocessingSpec.from_data_config(data_config, image_size, layout)
+    session = ort.InferenceSession(
+        preprocessing_model(spec).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    images = np.stack([np.asarray(p.resize(image_size[::-1], Image.BICUBIC)) for p in photos])
+    feed = images if layout == "NHWC" else images.transpose(0, 3, 1, 2).copy()
+    (ours,) = session.run(None, {"images": feed})
+    transform = timm.data.create_transform(**data_config)
+    expected = torch.stack([transform(Image.fromarray(image)) for image in images]).numpy()
+    assert ours.shape == expected.shape == (len(photos), 3, size, size)
+    levels = np.abs(ours - expected) * np.asarray(data_config["std"]).reshape(1, 3, 1, 1) * 255
+    assert levels.max() <= 2.01  # 8-bit levels: ties rounded differently, never a shifted crop
+    assert (levels > 0.5).mean() < 0.02
+
+
+def test_preprocessing_rejects_what_the_graph_cannot_reproduce():
+    config = dict(
+        input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875, interpolation="bicubic"
+    )
+    with pytest.raises(ValueError, match="crop_mode='border' is not supported"):
+        PreprocessingSpec.from_data_config({**config, "crop_mode": "border"}, (40, 40), "NHWC")
+    with pytest.raises(ValueError, match="image_layout must be one of"):
+        PreprocessingSpec.from_data_config(config, (40, 40), "HWC")
+    with pytest.raises(ValueError, match="not 'nearest'"):
+        PreprocessingSpec.from_data_config({**config, "interpolation": "nearest"}, (40, 40), "NHWC")
+    with pytest.raises(ValueError, match="needs an RGB model"):
+        PreprocessingSpec.from_data_config(
+            {**config, "input_size": (1, 32, 32), "mean": (0.5,), "std": (0.5,)}, (40, 40), "NHWC"
+        )
+
+
+# ----------------------------------------------------------------------- fp16 + fusions, backend="onnx"
+def test_encode_backend_onnx_fp16_fused(model, photo_paths):
+    ours = encode_onnx(model, photo_paths, dtype="fp16", optimize=True)
+    assert cosine(ours, model.encode(photo_paths)).min() >= 0.999
+    (_fingerprint, embedder), *_ = vonnx._EMBEDDERS[model].values()
+    assert encode_onnx(model, photo_paths[:1], dtype="fp16", optimize=True).shape == (1, 32)
+    assert vonnx._EMBEDDERS[model][("cls", True, True, None, 0)][1] is embedder  # cached, not re-exported
+    meta = embedder.metadata
+    assert meta.precision == "fp16" and meta.fusions.get("sdpa_via_mha") == 2  # one attention per block
+    proto = onnx.load(str(embedder.path))
+    onnx.checker.check_model(proto, full_check=True)  # nodes in topological order after the conversion
+    graph = proto.graph
+    ops = {node.op_type for node in graph.node}
+    assert {"MultiHeadAttention", "SkipLayerNormalization"} <= ops  # ONNX Runtime contrib ops
+    big = [t for t in graph.initializer if np.prod(t.dims) >= 32 * 32]
+    assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)  # weights stored in fp16
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 in and out
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    before = vonnx._weights_fingerprint(model)
+    with torch.no_grad():
+        model.backbone.cls_token.add_(0.0)  # an in-place update must invalidate the cached export
+    assert vonnx._weights_fingerprint(model) != before
+    with pytest.raises(ValueError, match="bfloat16 is not supported by the ONNX backend"):
+        encode_onnx(model, photo_paths, dtype="bf16")
+
+
+# ------------------------------------------------------------------------------------- bad inputs
+def test_bad_files_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"ONNX model not found: .*missing.onnx"):
+        OnnxEmbedder(tmp_path / "missing.onnx")
+    with pytest.raises(FileNotFoundError, match="it is a folder"):
+        OnnxEmbedder(tmp_path)
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a protobuf\n" * 10)
+    with pytest.raises(CheckpointError, match=r"not a readable ONNX model|not an ONNX model"):
+        OnnxEmbedder(text)
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [value], [value])
+    graph.output[0].name = "y"
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph), str(foreign))
+    with pytest.raises(CheckpointError, match="no visreg_hub metadata"):
+        OnnxEmbedder(foreign)
+
+
+def test_export_argument_errors_before_exporting(model, tmp_path):
+    with pytest.raises(ValueError, match=r"must end with .onnx"):
+        export_onnx(model, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match=r"opset must be an integer in \[18"):
+        export_onnx(model, tmp_path / "m.onnx", opset=13)
+    with pytest.raises(ValueError, match="cls_last4"):
+        export_onnx(model, tmp_path / "m.onnx", pooling="cls_last4")
+    with pytest.raises(ValueError, match="image_size only applies with with_preprocessing"):
+        export_onnx(model, tmp_path / "m.onnx", image_size=64)
+    with pytest.raises(ValueError, match="dynamic_image_size=True needs a model built with"):
+        export_onnx(tiny_encoder(dynamic_img_size=False), tmp_path / "m.onnx", dynamic_image_size=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_validate_cli(model, plain, tmp_path, capsys):
+    from export.validate import main
+
+    model.save_pretrained(tmp_path / "tiny")
+    assert main([str(tmp_path / "tiny"), str(plain[0]), "--batch-sizes", "1,3"]) == 0
+    out = capsys.readouterr().out
+    assert "| 3 | 28x28 | patch_tokens |" in out and "validation passed" in out
+    tiny_encoder(seed=2).save_pretrained(tmp_path / "other")
+    assert main([str(tmp_path / "other"), str(plain[0]), "--batch-sizes", "1"]) == 1
+
+
+# ------------------------------------------------------------------------------ GPU (not run by default)
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers(),
+    reason="needs a CUDA GPU, a CUDA build of torch and onnxruntime-gpu",
+)
+def test_cuda_provider_with_io_binding(model, plain, photo_paths):
+    embedder = OnnxEmbedder(plain[0], providers="cuda", allow_fallback=False)
+    assert embedder.active_provider == "CUDAExecutionProvider" and embedder.uses_io_binding
+    ours = embedder.encode(photo_paths, batch_size=3, device="cuda")
+    assert cosine(ours, model.encode(photo_paths)).min() > 0.9999
+    fp16 = OnnxEmbedder.from_model(model, providers="cuda", fp16=True, optimize=True)  # validated on CUDA
+    assert fp16.active_provider == "CUDAExecutionProvider"
+    assert cosine(fp16.encode(photo_paths), model.encode(photo_paths)).min() >= 0.999

@@ -1,0 +1,266 @@
+"""ONNX metadata of exported encoders and ONNX Runtime sessions whose provider is checked after creation.
+
+* :class:`OnnxMetadata`: what :func:`~visreg_hub.inference.onnx.export_onnx` stores in the model's
+  ``metadata_props`` (model name and config, data config, pooling, inputs, outputs, precision, baked
+  preprocessing), so that an ``.onnx`` file alone is enough to embed images.
+* :func:`create_session`: providers in the order TensorRT > CUDA > CPU (those present in this
+  onnxruntime build), and the provider actually used read back with ``session.get_providers()``: ONNX
+  Runtime falls back to the CPU with at most a log line when, for example, the CUDA libraries fail to
+  load. Here that fallback is a ``logging`` warning and is visible as ``SessionInfo.fell_back``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from visreg_hub.errors import CheckpointError, require_extra
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+PREFIX = "visreg_hub."
+TENSORRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+PROVIDER_PRIORITY = (TENSORRT, CUDA, CPU)
+PROVIDER_ALIASES = {"tensorrt": TENSORRT, "trt": TENSORRT, "cuda": CUDA, "gpu": CUDA, "cpu": CPU}
+GPU_PROVIDERS = (TENSORRT, CUDA)
+
+
+@dataclass(frozen=True)
+class OnnxMetadata:
+    """Everything an ``.onnx`` file written by ``export_onnx`` says about itself.
+
+    Attributes:
+        model_name: ``config.name`` of the exported encoder ("" when it had none).
+        model_config: ``ModelConfig.to_dict()`` of the encoder.
+        data_config: timm-style preprocessing (input_size, mean, std, crop_pct, interpolation, crop_mode).
+        pooling: feature tap of the ``embedding`` output.
+        embedding_dim: E, the width of ``embedding``.
+        outputs: graph outputs, ``("embedding",)`` or ``("embedding", "patch_tokens")``.
+        precision: ``"fp32"`` or ``"fp16"`` (inputs and outputs are float32 either way).
+        input_name: ``"pixel_values"`` (normalised float32 (B, C, H, W)) or ``"images"`` (uint8).
+        input_layout: ``"NCHW"`` or ``"NHWC"``.
+        image_size: (H, W) of the input: the model size, or the fixed uint8 size with preprocessing.
+        dynamic_batch: the batch dimension is symbolic.
+        dynamic_image_size: H and W are symbolic (multiples of the patch size).
+        preprocessing: description of the baked preprocessing, "" when there is none.
+        fusions: ONNX Runtime fusions applied at export (name -> count); empty when not optimised.
+        opset: ONNX opset of the default domain.
+        library_version: visreg_hub version that wrote the file.
+        format_version: version of this metadata layout.
+    """
+
+    model_name: str
+    model_config: dict[str, Any]
+    data_config: dict[str, Any]
+    pooling: str
+    embedding_dim: int
+    outputs: tuple[str, ...]
+    precision: str
+    input_name: str
+    input_layout: str
+    image_size: tuple[int, int]
+    dynamic_batch: bool
+    dynamic_image_size: bool
+    preprocessing: str = ""
+    fusions: dict[str, int] = field(default_factory=dict)
+    opset: int = 18
+    library_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def has_preprocessing(self) -> bool:
+        """The graph takes uint8 images and resizes/normalises them itself."""
+        return bool(self.preprocessing)
+
+    def to_props(self) -> dict[str, str]:
+        """``metadata_props`` entries (string -> string; structured values as JSON)."""
+        props = {}
+        for key, value in asdict(self).items():
+            props[PREFIX + key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        return props
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], source: str = "the model") -> OnnxMetadata:
+        """Parse ``metadata_props``.
+
+        Raises:
+            CheckpointError: the entries are missing (not exported by visreg_hub) or malformed.
+        """
+        ours = {key[len(PREFIX) :]: value for key, value in props.items() if key.startswith(PREFIX)}
+        if "format_version" not in ours:
+            raise CheckpointError(
+                f"{source} has no visreg_hub metadata (metadata_props {sorted(props)}); export it with "
+                "visreg_hub.export_onnx or `visreg-hub export onnx`"
+            )
+        try:
+            fields = {
+                key: (value if key in _STRING_FIELDS else json.loads(value)) for key, value in ours.items()
+            }
+            if int(fields["format_version"]) > FORMAT_VERSION:
+                raise CheckpointError(
+                    f"{source} uses metadata format {fields['format_version']}, newer than this visreg_hub "
+                    f"({FORMAT_VERSION}); upgrade visreg_hub"
+                )
+            fields["outputs"] = tuple(fields["outputs"])
+            fields["image_size"] = tuple(fields["image_size"])
+            data_config = fields["data_config"]
+            for key in ("input_size", "mean", "std"):  # JSON lists back to the tuples of ModelConfig
+                data_config[key] = tuple(data_config[key])
+            known = set(cls.__dataclass_fields__)
+            return cls(**{key: value for key, value in fields.items() if key in known})
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source} has malformed visreg_hub metadata: {exc!r}") from exc
+
+
+_STRING_FIELDS = frozenset(
+    {"model_name", "pooling", "precision", "input_name", "input_layout", "preprocessing", "library_version"}
+)
+
+
+def check_model_file(path: str | Path) -> Path:
+    """``path`` as a Path if it is an existing file, else a FileNotFoundError naming it."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        hint = " (it is a folder; pass the .onnx file inside it)" if path.is_dir() else ""
+        raise FileNotFoundError(f"ONNX model not found: {str(path)!r}{hint}")
+    return path
+
+
+def read_onnx_metadata(path: str | Path) -> OnnxMetadata:
+    """The :class:`OnnxMetadata` of an exported ``.onnx`` file (weights are not loaded).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is not an ONNX model or has no visreg_hub metadata.
+    """
+    onnx = require_extra("onnx", "onnx")
+    path = check_model_file(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning-like errors on garbage
+        raise CheckpointError(f"{str(path)!r} is not a readable ONNX model: {exc}") from exc
+    if not proto.graph.node:
+        raise CheckpointError(f"{str(path)!r} is not an ONNX model (no graph nodes)")
+    return OnnxMetadata.from_props({p.key: p.value for p in proto.metadata_props}, source=repr(str(path)))
+
+
+# ------------------------------------------------------------------------------------------ providers
+def resolve_providers(providers: str | list[str] | tuple[str, ...] | None, available: list[str]) -> list[str]:
+    """Provider names to request, best first; CPU is always last as the fallback.
+
+    Args:
+        providers: None for the best available (TensorRT > CUDA > CPU); otherwise a name or list of names,
+            full (``"CUDAExecutionProvider"``) or short (``"tensorrt"``, ``"cuda"``, ``"cpu"``).
+        available: ``onnxruntime.get_available_providers()``.
+
+    Raises:
+        ValueError: a name that is neither a known alias nor an ``...ExecutionProvider``.
+    """
+    if providers is None:
+        return [name for name in PROVIDER_PRIORITY if name in available or name == CPU]
+    names = [providers] if isinstance(providers, str) else list(providers)
+    if not names:
+        raise ValueError("providers is empty; pass None for the best available, or e.g. ['cuda', 'cpu']")
+    resolved = []
+    for name in names:
+        full = PROVIDER_ALIASES.get(str(name).lower(), name)
+        if not str(full).endswith("ExecutionProvider"):
+            raise ValueError(
+                f"unknown ONNX Runtime provider {name!r}; use one of {sorted(PROVIDER_ALIASES)} or a full "
+                f"name such as {CUDA!r} (available here: {available})"
+            )
+        if full not in resolved:
+            resolved.append(full)
+    if CPU not in resolved:
+        resolved.append(CPU)
+    return resolved
+
+
+class SessionInfo(NamedTuple):
+    """An ONNX Runtime session and what it actually runs on.
+
+    Attributes:
+        session: the ``onnxruntime.InferenceSession``.
+        requested: providers asked for, best first (after alias resolution).
+        active: ``session.get_providers()[0]``, the provider that runs the graph.
+        fell_back: ``active`` is not the first requested provider (e.g. CUDA asked, CPU running).
+    """
+
+    session: Any
+    requested: list[str]
+    active: str
+    fell_back: bool
+
+
+def create_session(
+    path: str | Path,
+    *,
+    providers: str | list[str] | None = None,
+    device_id: int = 0,
+    intra_op_num_threads: int | None = None,
+    fp16: bool = False,
+    allow_fallback: bool = True,
+) -> SessionInfo:
+    """Create an ONNX Runtime session and check which provider it really uses.
+
+    Args:
+        path: the ``.onnx`` file.
+        providers: see :func:`resolve_providers`.
+        device_id: GPU index for the CUDA and TensorRT providers.
+        intra_op_num_threads: CPU threads of the session (None: ONNX Runtime's default, all cores).
+        fp16: let TensorRT build fp16 engines (for fp16 exports).
+        allow_fallback: when False, running on another provider than the first requested one raises
+            instead of logging a warning.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: ONNX Runtime cannot load the file (not ONNX, or an op it has no kernel for).
+        RuntimeError: ``allow_fallback=False`` and the session fell back to another provider.
+    """
+    ort = require_extra("onnxruntime", "onnx")
+    path = check_model_file(path)
+    available = ort.get_available_providers()
+    requested = resolve_providers(providers, available)
+    missing = [name for name in requested if name not in available]
+    if missing:
+        logger.warning(
+            "ONNX Runtime provider(s) %s requested but not in this onnxruntime build (available: %s); "
+            "for GPUs install onnxruntime-gpu (pip install 'visreg_hub[onnx]') with matching CUDA/cuDNN",
+            missing, available,
+        )  # fmt: skip
+    usable = [name for name in requested if name in available] or [CPU]
+    options = []
+    for name in usable:
+        if name == CUDA:
+            options.append({"device_id": str(device_id)})
+        elif name == TENSORRT:
+            options.append({"device_id": str(device_id), "trt_fp16_enable": str(fp16)})
+        else:
+            options.append({})
+    session_options = ort.SessionOptions()
+    session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_num_threads is not None:
+        session_options.intra_op_num_threads = int(intra_op_num_threads)
+    try:
+        session = ort.InferenceSession(str(path), session_options, providers=usable, provider_options=options)
+    except Exception as exc:  # onnxruntime raises its own pybind exception types
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"ONNX Runtime cannot load {str(path)!r} on {usable}: {text}") from exc
+    active = session.get_providers()[0]
+    fell_back = active != requested[0]
+    if fell_back:
+        message = (
+            f"ONNX Runtime is running {path.name} on {active}, not on the requested {requested[0]} "
+            f"(session providers: {session.get_providers()}); inference will be slower. Check that "
+            "onnxruntime-gpu and its CUDA/cuDNN libraries match this machine"
+        )
+        if not allow_fallback:
+            raise RuntimeError(message)
+        logger.warning(message)
+    return SessionInfo(session, requested, active, fell_back)
