@@ -6,24 +6,39 @@ PY      = $(VENV)/bin/python
 # torch/torchvision pinned to the wheels this project's machines carry; override for your CUDA build:
 #   make test TORCH_SPEC="torch==2.11.0 torchvision==0.26.0"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# Extra arguments for the demo, e.g.  make demo DEMO_ARGS="--gallery ~/photos --port 8080"
+DEMO_ARGS ?=
 
-.PHONY: venv dev demo test lint bench-losses clean
+.PHONY: dev demo test browser lint bench-losses clean
 
-$(VENV)/.installed-dev: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
+
+$(VENV)/.installed-demo: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e ".[demo]"
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
 dev: $(VENV)/.installed-dev
 
-# Main job. Until the Gradio demo lands (issue 5) this is a real small job: a tiny ViT trained with VISReg
-# on committed real Fashion-MNIST images, printing every loss term and the health of the embeddings.
-demo: dev
-	$(PY) -m training.smoke --steps 300
+# Main job: the Gradio app on the bundled model and gallery, offline, at http://127.0.0.1:7860
+demo: $(VENV)/.installed-demo
+	GRADIO_ANALYTICS_ENABLED=False $(PY) -m demo.app $(DEMO_ARGS)
 
-test: dev
+# Headless Chromium + ChromeDriver from Debian for the browser tests (needs root, as on CI).
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "warning: /usr/bin/chromium missing and not root: browser tests will be skipped"; fi; \
+	fi
+
+test: dev browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

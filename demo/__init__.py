@@ -1,0 +1,6 @@
+"""The visreg_hub Gradio demo: ``python -m demo.app`` (see demo/README.md).
+
+``demo.service`` holds the logic (models, galleries, upload checks, extraction, retrieval) without Gradio;
+``demo.cache`` the on-disk index cache; ``demo.app`` the page; ``demo.make_gallery`` builds the bundled
+gallery and examples from real Fashion-MNIST test images.
+"""

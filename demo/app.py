@@ -1,0 +1,334 @@
+"""The visreg_hub Gradio demo: feature extraction and gallery retrieval with a VISReg ViT, offline.
+
+Launch::
+
+    python -m demo.app [--model PATH_OR_NAME] [--gallery DIR] [--host 127.0.0.1] [--port 7860]
+                       [--cache-dir DIR] [--device auto] [--max-file-size 10mb] [--max-pixels N]
+
+Without ``--model``/``--gallery`` it serves the bundled model (``demo/assets/model``) and gallery
+(``demo/assets/gallery``). Both flags can be repeated; the first one is the default in the UI menus and
+the bundled assets are always offered too. Users pick among what the operator named, never a path of
+their own. The UI logic lives in :mod:`demo.service`; this module only lays out the page and wires events.
+
+Serving safety: uploads are limited in bytes (``--max-file-size``, enforced by Gradio's upload route) and
+pixels (``--max-pixels``), must have an image extension and decode as PNG/JPEG/GIF/BMP/TIFF/WebP/PPM;
+errors reach the user as a message (no traceback); the queue is bounded; Gradio may serve only its
+own cache, the galleries and the bundled examples; the per-run temporary folder (uploads, Gradio's
+cache, ``.npy`` downloads) is removed when the server stops (Ctrl-C or SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import functools
+import html
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no phoning home
+
+from demo.service import DEMO_MAX_PIXELS, MAX_K, DemoService, UserInputError
+from visreg_hub.errors import MissingExtraError, VisregHubError
+from visreg_hub.inference import IMAGE_EXTENSIONS
+from visreg_hub.models.config import POOLINGS
+
+try:
+    import gradio as gr
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise MissingExtraError(
+        "the demo needs gradio, which is not installed; install it with: pip install 'visreg_hub[demo]'"
+    ) from exc
+
+logger = logging.getLogger("demo")
+
+DEFAULT_POOLING = "model default"
+CSS = """
+#examples img, #results img, #query-preview img { image-rendering: pixelated; }
+#view-image img, #pca-image img, #overlay-image img { image-rendering: pixelated; }
+"""
+INTRO = """\
+# visreg_hub: VISReg image embeddings
+
+Upload an image (or click an example), then **search** the gallery for the most similar images or
+**extract** its embedding and see its patch tokens' first three principal components as colours.
+Everything runs locally; no image leaves this server.
+"""
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/visreg_hub/demo`` (``~/.cache/visreg_hub/demo`` by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "visreg_hub" / "demo"
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn errors into a message in the UI: the user's own mistakes as is, anything else as a short
+    notice with the details in the server log (never a traceback in the browser)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserInputError as exc:
+            logger.info("refused request: %s", exc)
+            raise gr.Error(html.escape(str(exc)), print_exception=False) from None
+        except VisregHubError as exc:  # model or gallery problems: the operator's, but worth showing
+            logger.warning("request failed: %s", exc)
+            raise gr.Error(html.escape(str(exc)), print_exception=False) from None
+        except gr.Error:
+            raise
+        except Exception:
+            logger.exception("unexpected error in %s", fn.__name__)
+            message = "Something went wrong on the server; the error was logged."
+            raise gr.Error(message, print_exception=False) from None
+
+    return wrapper
+
+
+def display(image, size: int = 224):
+    """Upscale small images by an integer factor (crisp pixels) and shrink large ones, for display."""
+    from PIL import Image
+
+    longest = max(image.size)
+    if longest < size:
+        factor = max(1, size // longest)
+        return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+    if longest > 2 * size:
+        image = image.copy()
+        image.thumbnail((2 * size, 2 * size))
+    return image
+
+
+def build_app(service: DemoService, *, top_k: int = 8) -> gr.Blocks:
+    """Lay out the page and wire its events to ``service``.
+
+    Named API endpoints (for ``gradio_client``): ``/search`` (model, gallery, image, k) -> (gallery,
+    results JSON) and ``/extract`` (model, image, pooling, normalize) -> (stats, plot, .npy,
+    model view, PCA, overlay). The other events (previews, picks, menus) are private to the page.
+    """
+    import pandas as pd
+
+    examples = [(str(p), p.stem) for p in service.examples()]
+
+    @user_errors
+    def status(model_key: str, gallery_key: str) -> str:
+        return service.describe(model_key, gallery_key)
+
+    @user_errors
+    def preview(path: str | None):
+        return None if path is None else display(service.check_query(path))
+
+    @user_errors
+    def search(model_key: str, gallery_key: str, path: str | None, k: float):
+        outcome = service.search(model_key, gallery_key, path, int(k))
+        items = [(str(hit.path), f"{hit.label} · {hit.score:.3f}") for hit in outcome.hits]
+        return items, [hit.as_dict() for hit in outcome.hits], [str(hit.path) for hit in outcome.hits]
+
+    @user_errors
+    def extract(model_key: str, path: str | None, pooling: str, normalize: bool):
+        pooling = None if pooling in (None, "", DEFAULT_POOLING) else pooling
+        result = service.extract(model_key, path, pooling=pooling, normalize=bool(normalize))
+        values = result.embedding
+        stats = (
+            f"| dimension | L2 norm | pooling | normalised | min | max | mean | patch grid |\n"
+            f"|---|---|---|---|---|---|---|---|\n"
+            f"| {values.shape[0]} | {result.norm:.4f} | {result.pooling} | {'yes' if normalize else 'no'} "
+            f"| {values.min():.4f} | {values.max():.4f} | {values.mean():.4f} | "
+            f"{result.grid[0]}x{result.grid[1]} |"
+        )
+        frame = pd.DataFrame({"dimension": range(values.shape[0]), "value": values.astype(float)})
+        return stats, frame, str(result.npy_path), result.model_view, result.pca, result.overlay
+
+    def pick(paths: list[str], evt: gr.SelectData) -> str:
+        return paths[evt.index]
+
+    def pick_example(evt: gr.SelectData) -> str:
+        return examples[evt.index][0]
+
+    with gr.Blocks(title="visreg_hub demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(INTRO)
+        with gr.Row():
+            model = gr.Dropdown(
+                [(c.label, c.key) for c in service.model_choices], value=service.default_model,
+                label="Model", elem_id="model-choice",
+            )  # fmt: skip
+            gallery = gr.Dropdown(
+                [(c.label, c.key) for c in service.gallery_choices], value=service.default_gallery,
+                label="Gallery", elem_id="gallery-choice",
+            )  # fmt: skip
+        info = gr.Markdown(service.describe(), elem_id="status")
+        with gr.Row():
+            with gr.Column(scale=1):
+                query = gr.File(
+                    label="Query image",
+                    file_types=list(IMAGE_EXTENSIONS),
+                    type="filepath",
+                    elem_id="query-file",
+                )
+                example_gallery = gr.Gallery(
+                    examples, label="Examples (click one)", columns=3, height=260, allow_preview=False,
+                    elem_id="examples",
+                )  # fmt: skip
+                query_view = gr.Image(
+                    label="Query", interactive=False, format="png", height=240, elem_id="query-preview"
+                )
+            with gr.Column(scale=2), gr.Tabs():
+                with gr.Tab("Retrieval", id="retrieval"):
+                    with gr.Row():
+                        k = gr.Slider(1, MAX_K, value=top_k, step=1, label="k (results)", elem_id="k")
+                        search_button = gr.Button("Search", variant="primary", elem_id="search-button")
+                    results = gr.Gallery(
+                        label="Most similar gallery images (click one to search from it)", columns=4,
+                        height=420, allow_preview=False, elem_id="results",
+                    )  # fmt: skip
+                    with gr.Accordion("Scores (JSON)", open=False):
+                        table = gr.JSON(label="Cosine similarities", elem_id="results-json")
+                    hit_paths = gr.State([])
+                with gr.Tab("Feature extraction", id="features"):
+                    with gr.Row():
+                        pooling = gr.Dropdown(
+                            [DEFAULT_POOLING, *POOLINGS],
+                            value=DEFAULT_POOLING,
+                            label="Pooling",
+                            elem_id="pooling",
+                        )
+                        normalize = gr.Checkbox(value=True, label="L2-normalise", elem_id="normalize")
+                        extract_button = gr.Button("Extract", variant="primary", elem_id="extract-button")
+                    stats = gr.Markdown(elem_id="embedding-stats")
+                    plot = gr.LinePlot(
+                        x="dimension", y="value", label="Embedding values by dimension", height=220,
+                        elem_id="embedding-plot",
+                    )  # fmt: skip
+                    download = gr.File(label="Embedding (.npy)", interactive=False, elem_id="embedding-npy")
+                    with gr.Row():
+                        view = gr.Image(
+                            label="Model input",
+                            interactive=False,
+                            format="png",
+                            height=260,
+                            elem_id="view-image",
+                        )
+                        pca = gr.Image(
+                            label="PCA of patch tokens",
+                            interactive=False,
+                            format="png",
+                            height=260,
+                            elem_id="pca-image",
+                        )
+                        overlay = gr.Image(
+                            label="Overlay",
+                            interactive=False,
+                            format="png",
+                            height=260,
+                            elem_id="overlay-image",
+                        )
+
+        private = {"api_visibility": "private"}
+        search_io = {
+            "fn": search,
+            "inputs": [model, gallery, query, k],
+            "outputs": [results, table, hit_paths],
+        }
+        for dropdown in (model, gallery):
+            dropdown.change(status, [model, gallery], info, **private)
+        query.change(preview, query, query_view, **private)
+        search_button.click(**search_io, api_name="search")
+        # picking an example or a result makes it the query and searches from it
+        example_gallery.select(pick_example, None, query, **private).success(**search_io, **private)
+        results.select(pick, hit_paths, query, **private).success(**search_io, **private)
+        extract_button.click(
+            extract, [model, query, pooling, normalize], [stats, plot, download, view, pca, overlay],
+            api_name="extract",
+        )  # fmt: skip
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m demo.app", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", default=[], metavar="PATH_OR_NAME",
+                        help="model folder, registry name or org/repo (repeatable; the first is the default; "
+                             "the bundled demo/assets/model is always offered when present)")  # fmt: skip
+    parser.add_argument(
+        "--gallery",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder of images to search (repeatable; the bundled gallery is always offered)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                        help="where gallery indexes are cached (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--max-file-size", default="10mb", help="upload size limit (e.g. 5mb, 500kb)")
+    parser.add_argument("--max-pixels", type=int, default=DEMO_MAX_PIXELS,
+                        help="upload pixel limit, width*height (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--queue-size", type=int, default=16, help="requests waiting at most")
+    parser.add_argument("--concurrency", type=int, default=2, help="requests running at once per event")
+    parser.add_argument("--top-k", type=int, default=8, help="default number of results")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser.parse_args(argv)
+
+
+def _stop_on_sigterm(_signum, _frame) -> None:
+    # why: SIGTERM would end Python without atexit; as KeyboardInterrupt, main() closes the server and
+    # the temporary folder is removed
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the server (blocks until Ctrl-C or SIGTERM). Returns the exit status."""
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("httpx", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    workspace = Path(tempfile.mkdtemp(prefix="visreg-demo-"))
+    atexit.register(shutil.rmtree, workspace, ignore_errors=True)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    # uploads and Gradio's cache of served files live in the workspace, so they go with it
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(workspace / "gradio"))
+    try:
+        service = DemoService(
+            args.model, args.gallery, cache_dir=args.cache_dir, download_dir=workspace / "downloads",
+            device=args.device, max_pixels=args.max_pixels,
+        )  # fmt: skip
+        logger.info("%s", service.describe())  # loads the default model and builds/loads its index now
+    except (VisregHubError, OSError, ValueError) as exc:
+        shutil.rmtree(workspace, ignore_errors=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    demo = build_app(service, top_k=args.top_k)
+    demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
+    logger.info("temporary files in %s (removed at exit); index cache in %s", workspace, args.cache_dir)
+    try:
+        demo.launch(
+            server_name=args.host, server_port=args.port, share=False, max_file_size=args.max_file_size,
+            allowed_paths=service.allowed_paths(), show_error=False, ssr_mode=False, mcp_server=False,
+            pwa=False, enable_monitoring=False, footer_links=["api"], css=CSS, prevent_thread_lock=True,
+        )  # fmt: skip
+    except OSError as exc:  # e.g. the port is taken
+        print(f"error: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        while demo.is_running:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        logger.info("stopping the server")
+    finally:
+        demo.close(verbose=False)  # also ends the heartbeat streams open browser tabs hold
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""What the demo does, without Gradio: model and gallery choices, upload checks, extraction, retrieval.
+
+:class:`DemoService` is what ``demo/app.py`` wires into the UI and what tests call directly. It loads
+models with :func:`visreg_hub.from_pretrained`, embeds with :func:`visreg_hub.inference.encode` (so the
+demo's numbers are the library's numbers), and keeps one cached gallery index per (model, gallery)
+(:mod:`demo.cache`). Every problem a user can cause raises :class:`UserInputError`, whose message is
+shown in the UI as is; it never holds a traceback or a server path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import shutil
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from demo.cache import CachedIndex, load_or_build, model_identity
+from visreg_hub.errors import ImageDecodeError, ModelNotFoundError, VisregHubError
+from visreg_hub.hub import from_pretrained, registry
+from visreg_hub.inference import (
+    IMAGE_EXTENSIONS,
+    ImageSource,
+    Preprocessor,
+    decode_image,
+    encode,
+    extract_patch_features,
+    patch_pca_rgb,
+)
+from visreg_hub.models.config import POOLINGS
+
+logger = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUNDLED_MODEL = ASSETS / "model"
+BUNDLED_GALLERY = ASSETS / "gallery"
+EXAMPLES = ASSETS / "examples"
+BUNDLED = "bundled"
+# 4096 x 4096: ample for a demo, and a decoded RGB image stays under 50 MB.
+DEMO_MAX_PIXELS = 4096 * 4096
+MAX_K = 50
+DISPLAY_SIZE = 224
+DOWNLOAD_MAX_AGE_S = 3600  # .npy downloads older than this are removed (Gradio has its own copy by then)
+# Pillow decoders an upload may use (by content, whatever its name); the rest (EPS, PSD, ...) are refused.
+# JPEG covers camera MPO files too (Pillow opens them through its JPEG plugin).
+ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+ACCEPTED_TYPES = ", ".join(IMAGE_EXTENSIONS)
+
+
+class UserInputError(VisregHubError, ValueError):
+    """A problem the user can fix (bad upload, unknown choice); the message is shown as is."""
+
+
+class BundledAssetMissingError(ModelNotFoundError):
+    """The bundled model or gallery folder is missing from this checkout."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One entry of the model or gallery menu: ``key`` is what the UI sends, ``source`` what it means."""
+
+    key: str
+    label: str
+    source: str
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to embed, with the identity that keys its gallery indexes."""
+
+    model: torch.nn.Module
+    spec: str
+    identity: dict
+    seconds: float
+
+
+@dataclass
+class Hit:
+    """One retrieval result. ``id`` is the file's position in the sorted gallery listing."""
+
+    rank: int
+    id: int
+    path: Path
+    relpath: str
+    label: str
+    score: float
+
+    def as_dict(self) -> dict:
+        # why "file", not "path": gradio_client takes any JSON dict with a "path" for a file to download
+        return {"rank": self.rank, "id": self.id, "file": self.relpath, "label": self.label,
+                "score": self.score}  # fmt: skip
+
+
+@dataclass
+class Extraction:
+    """Feature extraction output: the embedding and the pictures shown next to it."""
+
+    embedding: np.ndarray  # (E,) float32
+    pooling: str
+    normalized: bool
+    npy_path: Path
+    model_view: Image.Image  # what the model sees (resized, cropped), upscaled for display
+    pca: Image.Image  # first 3 principal components of the patch tokens as RGB, upscaled
+    overlay: Image.Image  # pca blended over model_view
+    grid: tuple[int, int] = (0, 0)
+
+    @property
+    def norm(self) -> float:
+        return float(np.linalg.norm(self.embedding.astype(np.float64)))
+
+
+@dataclass
+class SearchOutcome:
+    """Retrieval output: the hits, best first, and the decoded query for display."""
+
+    hits: list[Hit]
+    query: Image.Image
+    index: CachedIndex
+    extra: dict = field(default_factory=dict)
+
+
+def pick_device(device: str | None) -> torch.device:
+    """``"auto"``/None: the first CUDA device if there is one, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class DemoService:
+    """Models, galleries and the operations of the demo.
+
+    Args:
+        models: model specs the operator allows (folder, registry name or ``org/repo``); the first is the
+            default. The bundled model (``demo/assets/model``) is offered too when it exists.
+        galleries: gallery folders the operator allows; the first is the default. The bundled gallery
+            is offered too when it exists.
+        cache_dir: where gallery indexes are cached (see :mod:`demo.cache`).
+        download_dir: where ``.npy`` downloads are written (the app removes it at exit).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
+        max_pixels: pixel cap for uploads (width * height).
+        batch_size: images per forward pass when embedding a gallery.
+
+    Raises:
+        BundledAssetMissingError: no model (or gallery) was named and the bundled one is missing.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[str] = (),
+        galleries: Sequence[str | Path] = (),
+        *,
+        cache_dir: str | Path,
+        download_dir: str | Path,
+        device: str | None = "auto",
+        max_pixels: int = DEMO_MAX_PIXELS,
+        batch_size: int = 64,
+    ) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.download_dir = Path(download_dir)
+        self.device = pick_device(device)
+        self.max_pixels = int(max_pixels)
+        self.batch_size = int(batch_size)
+        self.model_choices = self._model_choices(models)
+        self.gallery_choices = self._gallery_choices(galleries)
+        self._models: dict[str, LoadedModel] = {}
+        self._indexes: dict[tuple[str, str], CachedIndex] = {}
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ choices
+    @staticmethod
+    def _model_choices(models: Sequence[str]) -> list[Choice]:
+        choices = [Choice(str(spec), f"{spec}", str(spec)) for spec in dict.fromkeys(models)]
+        if (BUNDLED_MODEL / "config.json").is_file():
+            choices.append(Choice(BUNDLED, "bundled (demo/assets/model)", str(BUNDLED_MODEL)))
+        elif not choices:
+            raise BundledAssetMissingError(
+                f"the bundled model is missing: {BUNDLED_MODEL} has no config.json. Pass --model with a "
+                "model folder or name, or create the folder, e.g. "
+                "`python -m training.smoke --steps 300 --output demo/assets/model`"
+            )
+        else:
+            logger.warning("bundled model %s is missing; offering only --model choices", BUNDLED_MODEL)
+        return choices
+
+    @staticmethod
+    def _gallery_choices(galleries: Sequence[str | Path]) -> list[Choice]:
+        choices = []
+        for folder in dict.fromkeys(Path(g).expanduser().resolve() for g in galleries):
+            if not folder.is_dir():
+                raise NotADirectoryError(f"gallery {folder} is not a folder; pass --gallery DIR of images")
+            choices.append(Choice(str(folder), str(folder), str(folder)))
+        if BUNDLED_GALLERY.is_dir():
+            choices.append(
+                Choice(
+                    BUNDLED, "bundled: Fashion-MNIST test images (demo/assets/gallery)", str(BUNDLED_GALLERY)
+                )
+            )
+        elif not choices:
+            raise BundledAssetMissingError(
+                f"the bundled gallery {BUNDLED_GALLERY} is missing; run `python -m demo.make_gallery` "
+                "or pass --gallery DIR"
+            )
+        return choices
+
+    @property
+    def default_model(self) -> str:
+        return self.model_choices[0].key
+
+    @property
+    def default_gallery(self) -> str:
+        return self.gallery_choices[0].key
+
+    def allowed_paths(self) -> list[str]:
+        """Folders the web server may serve files from: the galleries and the bundled examples."""
+        return [choice.source for choice in self.gallery_choices] + [str(EXAMPLES)]
+
+    @staticmethod
+    def examples() -> list[Path]:
+        """The bundled example queries (not in the bundled gallery)."""
+        return sorted(p for p in EXAMPLES.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+    def _find(self, choices: list[Choice], key: str, what: str) -> Choice:
+        for choice in choices:
+            if choice.key == key:
+                return choice
+        known = ", ".join(repr(c.key) for c in choices)
+        raise UserInputError(f"unknown {what} {key!r}; choose one of {known}")
+
+    # ------------------------------------------------------------------ loading
+    def get_model(self, key: str | None = None) -> LoadedModel:
+        """The model behind a menu key, loaded once."""
+        choice = self._find(self.model_choices, key or self.default_model, "model")
+        with self._lock:
+            if choice.key not in self._models:
+                start = time.perf_counter()
+                model = from_pretrained(choice.source, device=self.device)
+                entry = None if Path(choice.source).is_dir() else registry.find_entry(choice.source)
+                identity = model_identity(choice.source, model, getattr(entry, "revision", None))
+                seconds = time.perf_counter() - start
+                logger.info("loaded model %s in %.1f s", choice.source, seconds)
+                self._models[choice.key] = LoadedModel(model, choice.source, identity, seconds)
+            return self._models[choice.key]
+
+    def get_index(self, model_key: str | None = None, gallery_key: str | None = None) -> CachedIndex:
+        """The gallery index for a (model, gallery) pair: from memory, the disk cache, or built."""
+        model_key = self._find(self.model_choices, model_key or self.default_model, "model").key
+        gallery = self._find(self.gallery_choices, gallery_key or self.default_gallery, "gallery")
+        with self._lock:
+            pair = (model_key, gallery.key)
+            if pair not in self._indexes:
+                loaded = self.get_model(model_key)
+                self._indexes[pair] = load_or_build(
+                    self.cache_dir, loaded.model, loaded.identity, gallery.source,
+                    model_name=loaded.spec, batch_size=self.batch_size,
+                )  # fmt: skip
+            return self._indexes[pair]
+
+    def describe(self, model_key: str | None = None, gallery_key: str | None = None) -> str:
+        """Markdown status line for a (model, gallery) pair (loads or builds it if needed)."""
+        loaded = self.get_model(model_key)
+        cached = self.get_index(model_key, gallery_key)
+        config = loaded.model.config
+        how = f"built in {cached.seconds:.1f} s" if cached.built else "loaded from the cache"
+        text = (
+            f"**Model** `{config.name or config.architecture}`: {config.img_size} px, "
+            f"{config.in_chans} channel(s), patch {config.patch_size}, embedding dim "
+            f"{loaded.model.embedding_dim()} ({config.pooling}), on {self.device.type}. "
+            f"**Gallery** {len(cached.index)} images, index {how} (`{cached.folder.name}`)."
+        )
+        if cached.failures:
+            text += f" {len(cached.failures)} gallery file(s) could not be read and are left out."
+        return text
+
+    # ------------------------------------------------------------------ uploads
+    def check_query(self, path: str | Path | None) -> Image.Image:
+        """Validate an uploaded or picked image and decode it (RGB).
+
+        Checks the extension, that the content is one of :data:`ALLOWED_FORMATS`, and decodes it with
+        the library's rules (pixel cap, truncated data, EXIF, alpha, 16-bit).
+
+        Raises:
+            UserInputError: the message names the file (not its server path) and what is wrong.
+        """
+        if path is None or str(path) == "":
+            raise UserInputError("No image yet: upload one or pick an example first.")
+        path = Path(path)
+        name = path.name
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise UserInputError(
+                f"{name}: file type {path.suffix or '(none)'!r} is not accepted; "
+                f"upload one of {ACCEPTED_TYPES}"
+            )
+        if not path.is_file():
+            raise UserInputError(f"{name}: the uploaded file is gone; upload it again")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path, formats=ALLOWED_FORMATS):
+                    pass
+        except UnidentifiedImageError:
+            raise UserInputError(
+                f"{name}: not a readable image; the content is not {', '.join(ALLOWED_FORMATS)} or is corrupt"
+            ) from None
+        except Image.DecompressionBombError:
+            raise UserInputError(
+                f"{name}: the image has too many pixels (limit {self.max_pixels:,}); upload a smaller one"
+            ) from None
+        except OSError as exc:
+            raise UserInputError(f"{name}: truncated or corrupt image ({exc})") from None
+        try:
+            return decode_image(ImageSource(path, name), max_pixels=self.max_pixels)
+        except ImageDecodeError as exc:
+            raise UserInputError(self._clean(str(exc), path)) from None
+
+    @staticmethod
+    def _clean(message: str, path: Path) -> str:
+        """Replace server paths in a library message by the file's name; drop library-user hints."""
+        message = message.replace(str(path), path.name)
+        message = re.sub(r";? ?pass a larger max_pixels only for files you trust", "", message)
+        return re.sub(r" \(input index \d+; pass on_error='skip' to embed the others\)", "", message)
+
+    def _encode_query(self, loaded: LoadedModel, path: Path, **kwargs) -> np.ndarray:
+        try:
+            return encode(loaded.model, [path], max_pixels=self.max_pixels, convert_to_numpy=True, **kwargs)
+        except ImageDecodeError as exc:
+            raise UserInputError(self._clean(str(exc), path)) from None
+
+    # ------------------------------------------------------------------ operations
+    def extract(
+        self,
+        model_key: str | None,
+        path: str | Path | None,
+        *,
+        pooling: str | None = None,
+        normalize: bool = True,
+    ) -> Extraction:
+        """Embed one image and picture its patch tokens.
+
+        The embedding is exactly ``model.encode(path, pooling=pooling, normalize=normalize)``; it is also
+        written to a ``.npy`` file under ``download_dir``.
+        """
+        image = self.check_query(path)
+        path = Path(path)
+        loaded = self.get_model(model_key)
+        model = loaded.model
+        pooling = pooling or model.config.pooling
+        if pooling not in POOLINGS:
+            raise UserInputError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        try:
+            model.embedding_dim(pooling)
+        except ValueError as exc:
+            raise UserInputError(str(exc)) from None
+        embedding = self._encode_query(loaded, path, pooling=pooling, normalize=normalize)[0]
+        grid = extract_patch_features(model, [path], max_pixels=self.max_pixels, convert_to_numpy=True)[0]
+        view, pca, overlay = self._pca_pictures(model, image, grid)
+        npy_path = self._write_npy(embedding, path.stem)
+        return Extraction(embedding, pooling, normalize, npy_path, view, pca, overlay, tuple(grid.shape[:2]))
+
+    def _pca_pictures(self, model, image: Image.Image, grid: np.ndarray):
+        """(model view, PCA of patch tokens, overlay), upscaled by an integer factor to about 224 px."""
+        preprocessor = Preprocessor(model.data_config)
+        view = preprocessor.resize_crop(image.convert("L") if preprocessor.channels == 1 else image)
+        view = view.convert("RGB")
+        scale = max(1, round(DISPLAY_SIZE / max(view.size)))
+        size = (view.width * scale, view.height * scale)
+        view = view.resize(size, Image.Resampling.BICUBIC)
+        pca = Image.fromarray(patch_pca_rgb(grid)).resize(size, Image.Resampling.NEAREST)
+        return view, pca, Image.blend(view, pca, 0.55)
+
+    def _write_npy(self, embedding: np.ndarray, stem: str) -> Path:
+        """Write the embedding to a fresh folder under ``download_dir``; prune folders older than an hour."""
+        if self.download_dir.is_dir():
+            cutoff = time.time() - DOWNLOAD_MAX_AGE_S
+            for old in self.download_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    if old.stat().st_mtime < cutoff:
+                        shutil.rmtree(old)
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:60] or "image"
+        folder = self.download_dir / uuid.uuid4().hex
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{safe}_embedding.npy"
+        np.save(target, embedding.astype(np.float32), allow_pickle=False)
+        return target
+
+    def search(
+        self, model_key: str | None, gallery_key: str | None, path: str | Path | None, k: int = 8
+    ) -> SearchOutcome:
+        """Top-k gallery images for a query image, by cosine similarity of the model's embeddings."""
+        if isinstance(k, bool) or not isinstance(k, int | float) or int(k) != k or not 1 <= k <= MAX_K:
+            raise UserInputError(f"k must be a whole number from 1 to {MAX_K}, got {k!r}")
+        image = self.check_query(path)
+        loaded = self.get_model(model_key)
+        cached = self.get_index(model_key, gallery_key)
+        query = self._encode_query(loaded, Path(path))
+        result = cached.index.search(query, int(k))
+        hits = []
+        for rank, (score, item_id, meta) in enumerate(
+            zip(result.scores[0].tolist(), result.ids[0].tolist(), result.metadata[0]), start=1
+        ):
+            if item_id < 0:
+                continue
+            hits.append(
+                Hit(rank, item_id, cached.root / meta["path"], meta["path"], meta["label"], float(score))
+            )
+        return SearchOutcome(hits, image, cached)

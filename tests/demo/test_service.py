@@ -1,0 +1,242 @@
+"""demo.service and demo.cache in-process: the index cache, upload checks, results against the library,
+and the bundled assets."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from demo import cache as demo_cache
+from demo import make_gallery, service
+from demo.service import BundledAssetMissingError, DemoService, UserInputError
+from tests.demo.conftest import BUNDLED_GALLERY, EXAMPLES, REPO, copy_gallery
+from tests.fixtures_models import tiny_encoder
+from visreg_hub.inference import list_image_files
+from visreg_hub.retrieval import EmbeddingIndex
+
+PHOTO = REPO / "tests" / "fixtures" / "photos" / "coffee.jpg"
+
+
+def save_model(folder, seed: int):
+    tiny_encoder(seed=seed, in_chans=1, mean=(0.2860,), std=(0.3530,)).save_pretrained(folder)
+    return folder
+
+
+def make_service(model_dir, gallery, tmp_path, **kwargs) -> DemoService:
+    return DemoService(
+        [str(model_dir)],
+        [gallery],
+        cache_dir=tmp_path / "cache",
+        download_dir=tmp_path / "downloads",
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def gallery(tmp_path):
+    return copy_gallery(tmp_path / "gallery", per_class=2)
+
+
+# -------------------------------------------------------------------------------------- index cache
+def test_index_is_built_once_then_loaded_from_disk(demo_model_dir, demo_model, gallery, tmp_path):
+    first = make_service(demo_model_dir, gallery, tmp_path).get_index()
+    assert first.built and len(first.index) == 20
+    assert [path for path, _ in first.failures] == ["broken/truncated.png"]
+    assert "truncated.png" in first.failures[0][1] and str(gallery) not in first.failures[0][1]
+    info = json.loads((first.folder / demo_cache.INFO_NAME).read_text())
+    assert info["model"]["weights_sha256"] == demo_cache.sha256_file(demo_model_dir / "model.safetensors")
+
+    second = make_service(demo_model_dir, gallery, tmp_path).get_index()  # a new process would do the same
+    assert not second.built and second.folder == first.folder and second.failures == first.failures
+    np.testing.assert_array_equal(second.index.ids, first.index.ids)
+    query = demo_model.encode(EXAMPLES / "Bag_320.png")
+    a, b = first.index.search(query, 5), second.index.search(query, 5)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_changed_gallery_or_model_rebuilds(demo_model_dir, gallery, tmp_path):
+    model_dir = save_model(tmp_path / "model", seed=1)
+    base = make_service(model_dir, gallery, tmp_path).get_index()
+
+    image = next(gallery.glob("Bag/*.png"))
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # touched
+    touched = make_service(model_dir, gallery, tmp_path).get_index()
+    assert touched.built and touched.key != base.key
+
+    shutil.copy(EXAMPLES / "Bag_320.png", gallery / "Bag" / "320.png")  # added
+    added = make_service(model_dir, gallery, tmp_path).get_index()
+    assert added.built and len(added.index) == len(base.index) + 1
+
+    save_model(model_dir, seed=2)  # new weights in the same folder
+    retrained = make_service(model_dir, gallery, tmp_path).get_index()
+    assert retrained.built and retrained.key != added.key
+
+    assert not make_service(model_dir, gallery, tmp_path).get_index().built  # and now it is cached
+
+
+def test_corrupt_cache_entry_is_rebuilt(demo_model_dir, gallery, tmp_path, caplog):
+    built = make_service(demo_model_dir, gallery, tmp_path).get_index()
+    (built.folder / "ids.npy").write_bytes(b"tampered")
+    again = make_service(demo_model_dir, gallery, tmp_path).get_index()
+    assert again.built and "unusable" in caplog.text
+    assert EmbeddingIndex.load(again.folder).count == built.index.count
+
+
+def test_cache_key_covers_model_name_revision_and_gallery(demo_model, tmp_path):
+    files = [demo_cache.GalleryFile("a/1.png", 10, 1)]
+    by_name = demo_cache.model_identity("org/some-model", demo_model, revision="abc123")
+    assert by_name["kind"] == "name" and by_name["revision"] == "abc123"
+    assert by_name["weights_sha256"] == demo_cache.weights_digest(demo_model)
+    keys = {
+        demo_cache.cache_key(by_name, tmp_path, files),
+        demo_cache.cache_key({**by_name, "revision": "def456"}, tmp_path, files),
+        demo_cache.cache_key(by_name, tmp_path / "other", files),
+        demo_cache.cache_key(by_name, tmp_path, [demo_cache.GalleryFile("a/1.png", 11, 1)]),
+    }
+    assert len(keys) == 4
+
+
+# ------------------------------------------------------------------------ results against the library
+def test_search_and_extract_equal_the_library(demo_model_dir, demo_model, gallery, tmp_path):
+    demo = make_service(demo_model_dir, gallery, tmp_path)
+    files = list_image_files(gallery)
+    good = [i for i, f in enumerate(files) if f.parent.name != "broken"]
+    embeddings = demo_model.encode([files[i] for i in good], convert_to_numpy=True)
+    for query in (EXAMPLES / "Sandal_384.png", PHOTO):  # a colour JPEG goes to a 1-channel model as grey
+        outcome = demo.search(None, None, query, 5)
+        scores = embeddings @ demo_model.encode(query, convert_to_numpy=True)[0]
+        by_id = dict(zip(good, scores.tolist()))
+        np.testing.assert_allclose([h.score for h in outcome.hits], np.sort(scores)[::-1][:5], atol=1e-5)
+        np.testing.assert_allclose(
+            [by_id[h.id] for h in outcome.hits], [h.score for h in outcome.hits], atol=1e-5
+        )
+        assert all(h.path == files[h.id] for h in outcome.hits)
+
+        extraction = demo.extract(None, query)
+        np.testing.assert_array_equal(
+            extraction.embedding, demo_model.encode(query, convert_to_numpy=True)[0]
+        )
+        np.testing.assert_array_equal(np.load(extraction.npy_path), extraction.embedding)
+        assert extraction.grid == (7, 7) and extraction.pca.size == extraction.overlay.size == (224, 224)
+
+
+def test_bad_choices_and_k_are_refused(demo_model_dir, gallery, tmp_path):
+    demo = make_service(demo_model_dir, gallery, tmp_path)
+    with pytest.raises(UserInputError, match="unknown model '/etc'"):
+        demo.search("/etc", None, EXAMPLES / "Bag_320.png", 3)
+    with pytest.raises(UserInputError, match="unknown gallery"):
+        demo.search(None, "/", EXAMPLES / "Bag_320.png", 3)
+    with pytest.raises(UserInputError, match="k must be a whole number from 1 to 50"):
+        demo.search(None, None, EXAMPLES / "Bag_320.png", 0)
+    with pytest.raises(UserInputError, match="needs at least 4 blocks"):
+        demo.extract(None, EXAMPLES / "Bag_320.png", pooling="cls_last4")
+    with pytest.raises(UserInputError, match="upload one or pick an example"):
+        demo.extract(None, None)
+
+
+# ------------------------------------------------------------------------------------ upload checks
+def _png(size, mode="L", noise: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    if noise:
+        pixels = np.random.default_rng(0).integers(0, 256, size[::-1], dtype=np.uint8)
+        Image.fromarray(pixels).save(buffer, format="PNG")
+    else:
+        Image.new(mode, size).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "payload", "message"),
+    [
+        ("notes.txt", b"hello", "file type '.txt' is not accepted"),
+        ("noext", b"hello", "file type '(none)' is not accepted"),
+        ("empty.png", b"", "not a readable image"),
+        ("text.png", b"hello world, not pixels", "not a readable image"),
+        ("eps.png", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "not a readable image"),
+        ("truncated.png", _png((64, 64), noise=True)[:2000], "truncated or corrupt"),
+        (
+            "big.png",
+            _png((3000, 2000), "1"),
+            "3000x2000 = 6,000,000 pixels, above the cap max_pixels=1,000,000",
+        ),
+    ],
+)
+def test_check_query_refuses_bad_uploads(demo_model_dir, gallery, tmp_path, name, payload, message):
+    demo = make_service(demo_model_dir, gallery, tmp_path, max_pixels=1_000_000)
+    path = tmp_path / name
+    path.write_bytes(payload)
+    with pytest.raises(UserInputError) as info:
+        demo.check_query(path)
+    assert message in str(info.value)
+    assert str(tmp_path) not in str(info.value) and "max_pixels only for files you trust" not in str(
+        info.value
+    )
+
+
+def test_check_query_accepts_real_images(demo_model_dir, gallery, tmp_path):
+    demo = make_service(demo_model_dir, gallery, tmp_path)
+    rgba = tmp_path / "rgba.webp"
+    Image.new("RGBA", (40, 30), (255, 0, 0, 128)).save(rgba)
+    for path in (PHOTO, EXAMPLES / "Bag_320.png", rgba):
+        image = demo.check_query(path)
+        assert image.mode == "RGB" and image.size[0] > 0
+
+
+# ------------------------------------------------------------------------------------ missing assets
+def test_missing_bundled_model_gives_a_clear_message(monkeypatch, tmp_path):
+    monkeypatch.setattr(service, "BUNDLED_MODEL", tmp_path / "no-model")
+    with pytest.raises(BundledAssetMissingError, match=r"bundled model is missing.*Pass --model"):
+        DemoService(cache_dir=tmp_path / "c", download_dir=tmp_path / "d")
+
+
+def test_app_exits_with_a_message_when_the_bundled_model_is_missing(monkeypatch, tmp_path, capsys):
+    import signal
+
+    from demo import app
+
+    monkeypatch.setattr(service, "BUNDLED_MODEL", tmp_path / "no-model")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        assert app.main(["--cache-dir", str(tmp_path / "cache")]) == 2
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert "error: the bundled model is missing" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ bundled assets
+def test_bundled_gallery_and_examples_are_small_real_and_disjoint():
+    images = list_image_files(BUNDLED_GALLERY)
+    assert len(images) == 300
+    assert {p.parent.name for p in images} == set(make_gallery.CLASS_NAMES)
+    total = sum(p.stat().st_size for p in BUNDLED_GALLERY.rglob("*") if p.is_file())
+    total += sum(p.stat().st_size for p in EXAMPLES.rglob("*") if p.is_file())
+    assert total < 1_000_000
+    assert "MIT License" in (BUNDLED_GALLERY / "LICENSE.md").read_text()
+    assert "MIT License" in (EXAMPLES / "LICENSE.md").read_text()
+    gallery_pixels = {np.asarray(Image.open(p)).tobytes() for p in images}
+    examples = DemoService.examples()
+    assert len(examples) == 6
+    for example in examples:
+        with Image.open(example) as image:
+            assert image.size == (28, 28) and image.mode == "L"
+            assert np.asarray(image).tobytes() not in gallery_pixels
+
+
+def test_make_gallery_builds_from_real_images(tmp_path):
+    gallery, examples = make_gallery.build(tmp_path, per_class=3)
+    images = list_image_files(gallery)
+    assert len(images) == 30 and len(list_image_files(examples)) == 6
+    source_images, labels, _ = make_gallery.load_test_images()
+    for path in images[:5]:  # file name = index in the source, folder = its class
+        index = int(path.stem)
+        assert make_gallery.CLASS_NAMES[labels[index]] == path.parent.name
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), source_images[index])
