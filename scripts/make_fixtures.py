@@ -37,7 +37,8 @@ def first_per_class(images: np.ndarray, labels: np.ndarray, per_class: int) -> t
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    for split, name, per_class in [("train", "fmnist_train_500.npz", 50), ("t10k", "fmnist_test_200.npz", 20)]:
+    subsets = [("train", "fmnist_train_500.npz", 50), ("t10k", "fmnist_test_200.npz", 20)]
+    for split, name, per_class in subsets:
         images, labels = first_per_class(*read_idx(split), per_class)
         np.savez_compressed(OUT / name, images=images, labels=labels)
     import skimage.data

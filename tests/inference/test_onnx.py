@@ -361,3 +361,16 @@ def test_cuda_provider_with_io_binding(model, plain, photo_paths):
     fp16 = OnnxEmbedder.from_model(model, providers="cuda", fp16=True, optimize=True)  # validated on CUDA
     assert fp16.active_provider == "CUDAExecutionProvider"
     assert cosine(fp16.encode(photo_paths), model.encode(photo_paths)).min() >= 0.999
+
+
+def test_model_encode_backend_switch(model, photo_paths):
+    """``model.encode(..., backend="onnx")`` is the ONNX path with the torch path's contract."""
+    torch_embeddings = model.encode(photo_paths)
+    onnx_embeddings = model.encode(photo_paths, backend="onnx")
+    assert onnx_embeddings.shape == torch_embeddings.shape
+    assert cosine(onnx_embeddings, torch_embeddings).min() > 0.9999
+    skipped = model.encode([photo_paths[0], b"not an image"], backend="onnx", on_error="skip")
+    assert [failure.index for failure in skipped.failures] == [1]
+    assert cosine(skipped.embeddings, torch_embeddings[:1]).min() > 0.9999
+    with pytest.raises(ValueError, match="backend must be 'torch' or 'onnx'"):
+        model.encode(photo_paths, backend="tensorrt")

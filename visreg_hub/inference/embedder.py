@@ -76,6 +76,7 @@ def encode(
     convert_to_numpy: bool = False,
     on_error: str = "raise",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    backend: str = "torch",
 ) -> torch.Tensor | np.ndarray | EncodeResult:
     """Embed images with a VISReg encoder (``model.encode`` calls this).
 
@@ -104,6 +105,9 @@ def encode(
         on_error: ``"raise"`` stops at the first bad item with :class:`ImageDecodeError` naming it and
             the reason; ``"skip"`` embeds the others and returns an :class:`EncodeResult`.
         max_pixels: decompression-bomb cap per image (width * height); None disables it.
+        backend: ``"torch"`` runs the model itself; ``"onnx"`` exports it once (cached per model,
+            pooling, precision and device) and runs it with ONNX Runtime (``pip install
+            'visreg_hub[onnx]'``), same decoding, preprocessing and return contract.
 
     Returns:
         With ``on_error="raise"``: (N, E) float32 embeddings on the CPU, in input order (N after
@@ -114,6 +118,16 @@ def encode(
         ImageDecodeError: an item could not be decoded and ``on_error="raise"``.
         ValueError: an argument is invalid (the message says which and how to fix it).
     """
+    if backend == "onnx":
+        from visreg_hub.inference.onnx import encode_onnx
+
+        return encode_onnx(
+            model, images, batch_size=batch_size, pooling=pooling, normalize=normalize, device=device,
+            dtype=dtype, num_workers=num_workers, show_progress_bar=show_progress_bar,
+            convert_to_numpy=convert_to_numpy, on_error=on_error, max_pixels=max_pixels,
+        )  # fmt: skip
+    if backend != "torch":
+        raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
     embedding_dim = model.embedding_dim(pooling)  # validates pooling before any decoding
 
     def forward(batch: torch.Tensor) -> torch.Tensor:

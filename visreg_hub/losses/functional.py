@@ -308,7 +308,9 @@ def vicreg_invariance_loss(global_proj: torch.Tensor, local_proj: torch.Tensor |
     pairs = view_pairs(global_proj.shape[0], views.shape[0])
     if not pairs:
         raise ValueError(f"VICReg needs at least two views, got global {tuple(global_proj.shape)}")
-    return torch.stack([(views[a] - views[b]).square().mean() for a, b in pairs]).mean()
+    # unbind once: indexing views[a] per pair makes autograd zero-fill a (V, N, D) gradient per pair.
+    per_view = views.unbind(0)
+    return torch.stack([(per_view[a] - per_view[b]).square().mean() for a, b in pairs]).mean()
 
 
 def barlow_twins_terms(
@@ -329,8 +331,9 @@ def barlow_twins_terms(
     normalised = (views - mean) / torch.sqrt(var + eps)
     on_terms, off_terms = [], []
     with _autocast_off(views.device.type):
+        per_view = normalised.unbind(0)  # see vicreg_invariance_loss: no per-pair zero-filled gradients
         for a, b in pairs:
-            corr = normalised[a].t() @ normalised[b] / n
+            corr = per_view[a].t() @ per_view[b] / n
             diagonal = corr.diagonal()
             on_terms.append((1.0 - diagonal).square().sum())
             off_terms.append(corr.square().sum() - diagonal.square().sum())
