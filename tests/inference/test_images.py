@@ -61,7 +61,7 @@ def test_zero_byte_file(tmp_path):
 
 
 def test_text_file_with_image_extension(tmp_path):
-    with pytest.raises(ImageDecodeError, match=r"notes\.jpg: not a recognised image format"):
+    with pytest.raises(ImageDecodeError, match=r"notes\.jpg: not an image in an accepted format \(JPEG, "):
         decode_file(tmp_path, "notes.jpg", b"this is a text file, not a JPEG\n" * 20)
 
 
@@ -260,3 +260,24 @@ def test_folders_are_listed_recursively_sorted_and_filtered(tmp_path, photo_path
     assert labels[5:] == ["item 2 (bytes)", "item 3[0]", "item 3[1]"]
     with pytest.raises(NotADirectoryError, match="not a directory"):
         list_image_files(photo_paths[0])
+
+
+def test_formats_outside_the_allow_list_are_refused_before_parsing(tmp_path):
+    """EPS would run Ghostscript: it must not reach Pillow's EPS plugin unless the caller opts in."""
+    eps = tmp_path / "drawing.eps"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n")
+    assert Image.open(eps).format == "EPS"  # Pillow itself would identify and parse it
+    with pytest.raises(ImageDecodeError, match=r"drawing\.eps: not an image in an accepted format"):
+        decode_image(eps)
+    png = io.BytesIO()
+    Image.new("RGB", (4, 3), (10, 20, 30)).save(png, format="PNG")
+    with pytest.raises(ImageDecodeError, match="accepted format"):
+        decode_image(png.getvalue(), formats=("JPEG",))
+    assert decode_image(png.getvalue(), formats=("PNG",)).size == (4, 3)
+
+
+def test_paths_given_directly_are_decoded_and_named_in_errors(tmp_path, photo_paths):
+    as_text = decode_image(str(photo_paths[0]))
+    assert as_text.size == decode_image(photo_paths[0]).size and as_text.mode == "RGB"
+    with pytest.raises(ImageDecodeError, match=r"missing\.png: file not found"):
+        decode_image(str(tmp_path / "missing.png"))

@@ -124,7 +124,7 @@ _ENTRIES: tuple[RegistryEntry, ...] = (
         license=OFFICIAL_LICENSE,
         description="VISReg ViT-L/14 pre-trained on ImageNet-22K (not yet published)",
         dataset="imagenet-22k",
-        train_command="accelerate launch training/pretrain.py --config training/configs/vit_l14_in22k.yaml",
+        train_command="accelerate launch training/pretrain.py --config training/configs/vit-l14-in22k.yaml",
     ),
     # ---------------------------------------------------------------- bundled models (filled by the lead)
     # The project's own small models, shipped as save_pretrained folders. Add one entry per folder that

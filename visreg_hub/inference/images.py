@@ -7,6 +7,10 @@ listed, 4-D batches split) and then :func:`decode_image`, which applies these ru
   so truncated and corrupt files fail here, with a reason, instead of later or silently.
   ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never changed. A file whose pixel data is complete but whose
   trailer is missing (e.g. a PNG without its final IEND chunk) decodes normally.
+* Only common raster formats are parsed (:data:`DEFAULT_FORMATS`: JPEG, PNG, GIF, BMP, TIFF, WebP, PPM
+  and their close relatives). Pillow can also open EPS (which runs Ghostscript), PSD and dozens of
+  rarely used formats; untrusted uploads should not reach those parsers, so they are refused unless the
+  caller passes ``formats=None`` to :func:`decode_image`.
 * A pixel cap (``max_pixels``, default Pillow's 89,478,485) rejects decompression bombs from the header
   alone, before any pixel data is decoded.
 * EXIF orientation is applied (``ImageOps.exif_transpose``).
@@ -46,6 +50,9 @@ from visreg_hub.errors import ImageDecodeError
 
 # Pillow's own default warning threshold; a per-call cap keeps the global untouched.
 DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+# Pillow format identifiers accepted by default (see the module docstring for why there is a list).
+# Multi-picture JPEGs (MPO, from phones) open through the JPEG plugin.
+DEFAULT_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "ICO")
 
 IMAGE_EXTENSIONS = (
     ".bmp", ".gif", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp",
@@ -154,7 +161,12 @@ def expand_inputs(images: Any) -> list[ImageSource]:
     return sources
 
 
-def decode_image(source: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(
+    source: Any,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    formats: tuple[str, ...] | None = DEFAULT_FORMATS,
+) -> Image.Image:
     """Decode one image to an 8-bit RGB ``PIL.Image`` (rules in the module docstring).
 
     Args:
@@ -163,6 +175,8 @@ def decode_image(source: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
         max_pixels: refuse images with more pixels than this (width * height, read from the header
             before decoding); None disables this cap. Pillow's own hard limit
             (``2 * PIL.Image.MAX_IMAGE_PIXELS``) still applies.
+        formats: Pillow format identifiers that encoded files and bytes may be parsed as; None lets
+            every installed Pillow plugin try (only for trusted files).
 
     Returns:
         A fully loaded RGB image that holds no open file.
@@ -170,13 +184,15 @@ def decode_image(source: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     Raises:
         ImageDecodeError: the message names the item and the reason.
     """
-    if not isinstance(source, ImageSource):
+    if isinstance(source, (str, os.PathLike)):
+        source = ImageSource(Path(source), str(source))  # errors name the file, as in encode()
+    elif not isinstance(source, ImageSource):
         source = ImageSource(source, f"{type(source).__name__} input")
     if source.error is not None:
         raise ImageDecodeError(f"{source.label}: {source.error}")
     payload = source.payload
     if isinstance(payload, (Path, bytes)):
-        return _decode_encoded(payload, source.label, max_pixels)
+        return _decode_encoded(payload, source.label, max_pixels, formats)
     if isinstance(payload, Image.Image):
         _check_pixels(payload.size, source.label, max_pixels)
         try:
@@ -211,7 +227,9 @@ def _check_pixels(size: tuple[int, int], label: str, max_pixels: int | None) -> 
         )
 
 
-def _decode_encoded(payload: Path | bytes, label: str, max_pixels: int | None) -> Image.Image:
+def _decode_encoded(
+    payload: Path | bytes, label: str, max_pixels: int | None, formats: tuple[str, ...] | None
+) -> Image.Image:
     if isinstance(payload, Path):
         if not payload.exists():
             raise ImageDecodeError(f"{label}: file not found; check the path")
@@ -227,7 +245,7 @@ def _decode_encoded(payload: Path | bytes, label: str, max_pixels: int | None) -
         # why: our cap decides; Pillow's warning at 1x its limit would only be noise next to it.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(fp) as image:
+            with Image.open(fp, formats=formats) as image:
                 _check_pixels(image.size, label, max_pixels)
                 image.seek(0)  # first frame of animated GIF / APNG / WebP / multi-page TIFF
                 image.load()  # forces full decode: truncated / corrupt data fails here
@@ -244,7 +262,12 @@ def _decode_encoded(payload: Path | bytes, label: str, max_pixels: int | None) -
         ) from exc
     except UnidentifiedImageError as exc:
         size = payload.stat().st_size if isinstance(payload, Path) else len(payload)
-        what = "empty file (0 bytes)" if size == 0 else "not a recognised image format (or corrupt header)"
+        if size == 0:
+            what = "empty file (0 bytes)"
+        elif formats is None:
+            what = "not a recognised image format (or corrupt header)"
+        else:
+            what = f"not an image in an accepted format ({', '.join(formats)}) or a corrupt header"
         raise ImageDecodeError(f"{label}: {what}") from exc
     except OSError as exc:
         raise ImageDecodeError(f"{label}: truncated or corrupt image data ({exc})") from exc
