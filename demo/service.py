@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+import visreg_hub
 from demo.cache import CachedIndex, load_or_build, model_identity
 from visreg_hub.errors import ImageDecodeError, ModelNotFoundError, VisregHubError
 from visreg_hub.hub import from_pretrained, registry
@@ -42,7 +43,9 @@ from visreg_hub.models.config import POOLINGS
 logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUNDLED_MODEL = ASSETS / "model"
+# The bundled model ships inside the library (registry name below), so it also works after a pip install.
+BUNDLED_MODEL_NAME = "vit-mini-p7-fmnist"
+BUNDLED_MODEL = Path(visreg_hub.__file__).resolve().parent / "assets" / BUNDLED_MODEL_NAME
 BUNDLED_GALLERY = ASSETS / "gallery"
 EXAMPLES = ASSETS / "examples"
 BUNDLED = "bundled"
@@ -181,12 +184,11 @@ class DemoService:
     def _model_choices(models: Sequence[str]) -> list[Choice]:
         choices = [Choice(str(spec), f"{spec}", str(spec)) for spec in dict.fromkeys(models)]
         if (BUNDLED_MODEL / "config.json").is_file():
-            choices.append(Choice(BUNDLED, "bundled (demo/assets/model)", str(BUNDLED_MODEL)))
+            choices.append(Choice(BUNDLED, f"bundled ({BUNDLED_MODEL_NAME})", str(BUNDLED_MODEL)))
         elif not choices:
             raise BundledAssetMissingError(
                 f"the bundled model is missing: {BUNDLED_MODEL} has no config.json. Pass --model with a "
-                "model folder or name, or create the folder, e.g. "
-                "`python -m training.smoke --steps 300 --output demo/assets/model`"
+                "model folder or name, or re-create it with the commands in scripts/bundle_model.py"
             )
         else:
             logger.warning("bundled model %s is missing; offering only --model choices", BUNDLED_MODEL)

@@ -126,21 +126,21 @@ _ENTRIES: tuple[RegistryEntry, ...] = (
         dataset="imagenet-22k",
         train_command="accelerate launch training/pretrain.py --config training/configs/vit-l14-in22k.yaml",
     ),
-    # ---------------------------------------------------------------- bundled models (filled by the lead)
-    # The project's own small models, shipped as save_pretrained folders. Add one entry per folder that
-    # actually exists in the repository, e.g.:
-    #
-    # RegistryEntry(
-    #     name="visreg-vit-t8-fmnist",
-    #     size="vit-t4-28",                      # or the closest named size; config.json is authoritative
-    #     status="bundled",
-    #     format="visreg_hub",
-    #     source="trained by visreg_hub: <command>",
-    #     license="apache-2.0",
-    #     local_path="demo/assets/visreg-vit-t8-fmnist",   # folder with config.json + model.safetensors
-    #     sha256="<sha256 of model.safetensors>",
-    #     dataset="fashion_mnist",
-    # ),
+    # ---------------------------------------------------------------- bundled models
+    # The project's own small models, shipped inside the package as save_pretrained folders.
+    # Re-create with the commands in scripts/bundle_model.py's docstring; update sha256 with the weights.
+    RegistryEntry(
+        name="vit-mini-p7-fmnist",
+        size="vit-t4-28",
+        status="bundled",
+        format="visreg_hub",
+        source="trained by visreg_hub: training/pretrain.py --config training/configs/fmnist-bundle-cpu.yaml",
+        license="apache-2.0",
+        description="Small VISReg ViT (width 64, 4 blocks, 7 px patches), Fashion-MNIST; the demo's default",
+        local_path="assets/vit-mini-p7-fmnist",
+        sha256="6850cb0061bab72ab3559d0f7309c3a7a2fadfa15132b4abc8f9900fc60cbd53",
+        dataset="fashion-mnist",
+    ),
 )
 
 
