@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from training.augment import ColorSpec, ViewSpec, multi_crop
+from training.monitor import effective_rank
 from visreg_hub.losses import VISRegLoss
 from visreg_hub.models import ModelConfig, Projector, VISRegEncoder
+from visreg_hub.retrieval.metrics import knn_accuracy
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 logger = logging.getLogger(__name__)
@@ -51,17 +52,6 @@ def load_fixture(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.from_numpy(data["labels"]).long()
 
 
-def effective_rank(embeddings: torch.Tensor) -> float:
-    """RankMe (Garrido et al. 2023): exp of the entropy of the normalised singular values.
-
-    Args:
-        embeddings: (N, D) features.
-    """
-    singular = torch.linalg.svdvals(embeddings.double() - embeddings.double().mean(0))
-    p = singular / singular.sum() + 1e-12
-    return float(torch.exp(-(p * p.log()).sum()))
-
-
 @torch.no_grad()
 def embed(encoder: VISRegEncoder, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """(N, C, H, W) preprocessed images -> (N, E) backbone embeddings in eval mode."""
@@ -76,22 +66,6 @@ def embed(encoder: VISRegEncoder, images: torch.Tensor, batch_size: int = 256) -
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """Fashion-MNIST mean/std normalisation of (..., 1, H, W) images in [0, 1]."""
     return (images - 0.2860) / 0.3530
-
-
-def knn_accuracy(
-    train_feats: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_feats: torch.Tensor,
-    test_labels: torch.Tensor,
-    k: int = 20,
-    temperature: float = 0.07,
-) -> float:
-    """Weighted cosine kNN accuracy (DINO's protocol: weights exp(sim / T)), in %."""
-    train_feats, test_feats = F.normalize(train_feats, dim=1), F.normalize(test_feats, dim=1)
-    sims, idx = (test_feats @ train_feats.T).topk(k, dim=1)
-    votes = torch.zeros(len(test_feats), int(train_labels.max()) + 1)
-    votes.scatter_add_(1, train_labels[idx], (sims / temperature).exp())
-    return float((votes.argmax(1) == test_labels).float().mean() * 100)
 
 
 def run_smoke(
@@ -150,7 +124,7 @@ def run_smoke(
     global_spec, local_spec = ViewSpec(2, 28, (0.3, 1.0)), ViewSpec(2, 14, (0.1, 0.4))
 
     report = SmokeReport(encoder=encoder)
-    report.knn_before = knn_accuracy(
+    report.knn_before = 100 * knn_accuracy(
         embed(encoder, train_images), train_labels, embed(encoder, test_images), test_labels
     )
     log(f"kNN accuracy before training: {report.knn_before:.1f} %")
@@ -180,7 +154,7 @@ def run_smoke(
                 f"std {row['feature_std']:.3f}  rank {row['effective_rank']:.1f}/{feats.shape[1]}"
             )
     report.seconds = time.perf_counter() - start
-    report.knn_after = knn_accuracy(
+    report.knn_after = 100 * knn_accuracy(
         embed(encoder, train_images), train_labels, embed(encoder, test_images), test_labels
     )
     log(f"kNN accuracy after {steps} steps ({report.seconds:.0f} s): {report.knn_after:.1f} %")
