@@ -138,7 +138,7 @@ _ENTRIES: tuple[RegistryEntry, ...] = (
         license="apache-2.0",
         description="Small VISReg ViT (width 64, 4 blocks, 7 px patches), Fashion-MNIST; the demo's default",
         local_path="assets/vit-mini-p7-fmnist",
-        sha256="6850cb0061bab72ab3559d0f7309c3a7a2fadfa15132b4abc8f9900fc60cbd53",
+        sha256="f73e7ff3e05fcd09755225c0eed0e33eb6788003bd646dbc29f9395246f7105d",
         dataset="fashion-mnist",
     ),
 )
