@@ -10,6 +10,7 @@ workers there are, and after a resume.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -181,16 +182,8 @@ def view_specs(aug: AugmentSection) -> tuple[ViewSpec, ViewSpec | None, ColorSpe
     local_spec = None
     if aug.local_count:
         local_spec = ViewSpec(aug.local_count, aug.local_size, tuple(aug.local_scale))
-    color = ColorSpec(
-        jitter_prob=aug.jitter_prob,
-        brightness=aug.brightness,
-        contrast=aug.contrast,
-        saturation=aug.saturation,
-        grayscale_prob=aug.grayscale_prob,
-        blur_prob=aug.blur_prob,
-        solarize_prob=aug.solarize_prob,
-        flip_prob=aug.flip_prob,
-    )
+    # every ColorSpec field has a same-named AugmentSection field (tests/training/test_config.py checks it)
+    color = ColorSpec(**{spec.name: getattr(aug, spec.name) for spec in dataclasses.fields(ColorSpec)})
     return global_spec, local_spec, color
 
 

@@ -167,3 +167,14 @@ def test_cli_config_errors_exit_nonzero_before_creating_anything(tmp_path, overr
     assert fragment in result.stderr
     assert not output.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing created in the working folder either
+
+
+def test_augment_section_defaults_are_the_augmentation_defaults():
+    """config.py keeps its own photometric defaults (it must not import torch): they must agree."""
+    import dataclasses
+
+    from training.augment import ColorSpec
+    from training.config import AugmentSection
+
+    for spec in dataclasses.fields(ColorSpec):
+        assert getattr(AugmentSection(), spec.name) == spec.default, spec.name
