@@ -32,10 +32,9 @@ import numpy as np
 import torch
 
 from visreg_hub.errors import CheckpointError
-from visreg_hub.hub.saving import CONFIG_NAME, WEIGHTS_NAME
+from visreg_hub.hub.format import CONFIG_NAME, WEIGHTS_NAME, sha256_file
 from visreg_hub.inference import encode, list_image_files
 from visreg_hub.retrieval import EmbeddingIndex
-from visreg_hub.retrieval.storage import sha256_file
 
 logger = logging.getLogger(__name__)
 

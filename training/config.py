@@ -13,7 +13,6 @@ value and the fix. Relative paths are resolved against the current working direc
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import types
 import typing
@@ -24,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from visreg_hub.errors import ConfigError
+from visreg_hub.suggest import did_you_mean
 
 LOSS_NAMES = ("visreg", "sigreg", "swd", "vicreg", "barlow")
 DATA_SOURCES = ("folder", "filelist", "webdataset", "fmnist", "npz")
@@ -237,11 +237,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _suggest(name: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
-    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-
-
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check ``value`` against the type hint ``hint`` and convert YAML spellings (``9e-4`` is a str)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -318,7 +313,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             full = f"{prefix}.{key}" if prefix else key
             dotted = [f"{prefix}.{name}" if prefix else name for name in names]
             raise ConfigError(
-                f"unknown config key {full!r}.{_suggest(full, dotted)} Valid keys of {where}: {names}"
+                f"unknown config key {full!r}.{did_you_mean(full, dotted)} Valid keys of {where}: {names}"
             )
     kwargs = {
         key: _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key) for key, value in data.items()

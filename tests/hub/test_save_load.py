@@ -59,8 +59,14 @@ def test_folder_layout_and_config_json_is_timm_compatible(saved):
     assert (visreg["pooling"], visreg["embedding_dim"]) == ("cls_last2", 64)
     assert visreg["loss"] == {"name": "visreg", "reg_weight": 0.9, "num_slices": 64}
     assert visreg["license"] == "apache-2.0"
+    # head arguments live at the top level only: timm's local-dir loader and transformers' TimmWrapper
+    # pass num_classes themselves, and a second copy in model_args is a "multiple values" TypeError
+    assert {"num_classes", "global_pool"}.isdisjoint(config["model_args"])
+    assert (config["num_classes"], config["global_pool"]) == (0, "token")
     # weights: exactly the keys timm's own model built from model_args has (timm key names, no prefix)
-    reference = timm.create_model(config["architecture"], pretrained=False, **config["model_args"])
+    reference = timm.create_model(
+        config["architecture"], pretrained=False, num_classes=config["num_classes"], **config["model_args"]
+    )
     weights = load_file(folder / "model.safetensors")
     assert set(weights) == set(reference.state_dict())
 

@@ -107,7 +107,7 @@ def test_loss_choice_passes_shared_settings_only_where_accepted():
 @pytest.mark.parametrize(
     "override,fragment",
     [
-        ("optim.lrr=1e-3", "unknown config key 'optim.lrr'. Did you mean 'optim.lr'"),
+        ("optim.lrr=1e-3", "unknown config key 'optim.lrr'. Did you mean: 'optim.lr'"),
         ("optimizer.lr=1e-3", "unknown config key 'optimizer'"),
         ("train.max_steps=abc", "train.max_steps must be an integer"),
         ("loss.name=dino", "loss.name='dino' is not allowed"),

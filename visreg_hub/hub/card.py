@@ -19,9 +19,9 @@ from typing import Any
 import yaml
 
 from visreg_hub.errors import ConfigError
+from visreg_hub.hub.format import DEFAULT_LICENSE
 from visreg_hub.models.config import ModelConfig
 
-DEFAULT_LICENSE = "apache-2.0"
 LICENSE_TEXT = {
     "cc-by-nc-4.0": (
         "Creative Commons Attribution-NonCommercial 4.0 (CC BY-NC 4.0), inherited from the official VISReg "

@@ -13,7 +13,6 @@ dropped (and logged); whatever remains must match the timm model exactly.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from visreg_hub.errors import CheckpointError, ConfigError, VisregHubError
+from visreg_hub.hub.format import load_backbone_weights, sha256_file
 from visreg_hub.models.config import NAMED_SIZES, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -35,15 +35,6 @@ NON_BACKBONE_PREFIXES = (
 # Keys under which training scripts commonly nest the model's state dict.
 CONTAINER_KEYS = ("net_state_dict", "state_dict", "model_state_dict", "model", "net", "encoder", "backbone")
 OFFICIAL_LICENSE = "cc-by-nc-4.0"
-
-
-def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_torch_version() -> None:
@@ -168,7 +159,6 @@ def official_encoder(pth_path: str | Path, arch: str = "vit-b16", **config_overr
         arch: named size or timm architecture the weights belong to.
         **config_overrides: ModelConfig fields (name, extra, data config...).
     """
-    from visreg_hub.hub.loading import load_backbone_weights
     from visreg_hub.models.encoder import VISRegEncoder
 
     config = ModelConfig.from_name(resolve_size_name(arch), **config_overrides)
@@ -205,7 +195,7 @@ def convert_official_checkpoint(
         The written folder.
     """
     pth_path = Path(pth_path)
-    digest = file_sha256(pth_path) if pth_path.is_file() else None
+    digest = sha256_file(pth_path) if pth_path.is_file() else None
     extra: dict[str, Any] = {
         "license": license,
         "source": source or f"converted from {pth_path.name} (sha256 {digest}) by visreg_hub",

@@ -1,240 +1,138 @@
-"""from_pretrained: registry name | ``hf-hub:org/repo`` | ``org/repo`` | local folder -> VISRegEncoder.
+"""from_pretrained = resolve(name) -> :class:`Source`, then load(source) -> VISRegEncoder (as timm does).
 
-Downloads go through huggingface_hub's cache (``hf_hub_download``), so ``HF_HOME`` / ``HF_HUB_CACHE``,
+:func:`resolve` turns what the user typed (local folder, registry name, ``hf-hub:org/repo``, ``org/repo``)
+into a :class:`Source` without touching the network; :func:`load` fetches and builds it. Downloads go
+through huggingface_hub's cache (``hf_hub_download``), so ``HF_HOME`` / ``HF_HUB_CACHE``,
 ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` and ``HF_TOKEN`` behave as everywhere else in the ecosystem. Weights
 are read from safetensors only (no pickle on any load path) and loaded strictly: missing, unexpected
-or mis-shaped keys are a :class:`CheckpointError` listing them.
+or mis-shaped keys are a :class:`CheckpointError` listing them. The file format itself lives in
+:mod:`visreg_hub.hub.format`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from visreg_hub.errors import CheckpointError, ConfigError, ModelNotFoundError, ModelNotPublishedError
+from visreg_hub.errors import CheckpointError, ModelNotFoundError, ModelNotPublishedError
+from visreg_hub.hub import format as ckpt
 from visreg_hub.hub import registry
-from visreg_hub.hub.saving import CONFIG_NAME, FORMAT_VERSION, PROMOTED_EXTRA_KEYS, WEIGHTS_NAME
-from visreg_hub.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-# model_args that describe only the (absent) classifier head or training-time dropout
-_IGNORED_MODEL_ARGS = {
-    "num_classes",
-    "global_pool",
-    "drop_rate",
-    "pos_drop_rate",
-    "attn_drop_rate",
-    "proj_drop_rate",
-}
-_MODEL_ARG_TO_FIELD = {
-    "img_size": "img_size",
-    "patch_size": "patch_size",
-    "embed_dim": "embed_dim",
-    "depth": "depth",
-    "num_heads": "num_heads",
-    "in_chans": "in_chans",
-    "mlp_ratio": "mlp_ratio",
-    "reg_tokens": "num_reg_tokens",
-    "dynamic_img_size": "dynamic_img_size",
-    "qkv_bias": "qkv_bias",
-    "init_values": "init_values",
-    "drop_path_rate": "drop_path_rate",
-}
-_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+SourceKind = Literal["folder", "hub", "official-pth"]
 
 
-# ---------------------------------------------------------------------- config.json -> ModelConfig
-def _architecture_defaults(architecture: str, model_args: dict[str, Any]) -> dict[str, Any]:
-    """Fields a plain timm config.json leaves implicit, read from the architecture built on ``meta``."""
-    import timm
+@dataclass(frozen=True)
+class Source:
+    """Where a checkpoint lives, resolved from a user-facing name (no I/O beyond local stat calls).
 
-    try:
-        with torch.device("meta"):
-            reference = timm.create_model(architecture, pretrained=False, num_classes=0, **model_args)
-    except RuntimeError as exc:
-        raise ConfigError(
-            f"config.json names architecture {architecture!r}, which timm cannot build: {exc}"
-        ) from exc
-    if not hasattr(reference, "patch_embed") or not hasattr(reference, "blocks"):
-        raise ConfigError(
-            f"architecture {architecture!r} is not a timm VisionTransformer; visreg_hub loads ViTs only"
-        )
-    return {
-        "img_size": int(reference.patch_embed.img_size[0]),
-        "patch_size": int(reference.patch_embed.patch_size[0]),
-        "embed_dim": int(reference.embed_dim),
-        "depth": len(reference.blocks),
-        "num_heads": int(reference.blocks[0].attn.num_heads),
-    }
-
-
-def config_from_config_json(data: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """Rebuild the :class:`ModelConfig` from a timm-compatible ``config.json`` (visreg block optional).
-
-    Raises:
-        CheckpointError: the file is not a ViT config this library can rebuild.
+    Attributes:
+        kind: ``folder`` (config.json + model.safetensors on disk), ``hub`` (the same files in a Hub
+            repository) or ``official-pth`` (the official pickled release, converted on load).
+        location: folder path or Hub repository id.
+        name: registry name, or None.
+        revision: Hub branch, tag or commit to download.
+        filename: file inside the repository (``official-pth`` only).
+        sha256: expected SHA-256 of the weights file, checked on load when set.
+        config_overrides: ModelConfig fields for ``official-pth`` (the release has no config.json).
+        size: named size the ``official-pth`` weights fit.
     """
-    if not isinstance(data, dict) or "architecture" not in data:
-        raise CheckpointError(f"{source} has no 'architecture'; it is not a timm/visreg_hub config.json")
-    visreg = data.get("visreg") or {}
-    version = visreg.get("format_version", FORMAT_VERSION)
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{source} uses visreg format_version {version}, newer than this library's {FORMAT_VERSION}; "
-            "upgrade visreg_hub"
-        )
-    model_args = dict(data.get("model_args") or {})
-    unsupported = sorted(set(model_args) - set(_MODEL_ARG_TO_FIELD) - _IGNORED_MODEL_ARGS)
-    if unsupported:
-        raise CheckpointError(
-            f"{source}: model_args {unsupported} are not supported by VISRegEncoder "
-            "(a standard ViT with a CLS token)"
-        )
-    fields: dict[str, Any] = {"architecture": data["architecture"]}
-    for arg, field_name in _MODEL_ARG_TO_FIELD.items():
-        if arg in model_args:
-            fields[field_name] = model_args[arg]
-    if isinstance(fields.get("img_size"), list | tuple):
-        height, width = fields["img_size"]
-        if height != width:
-            raise CheckpointError(f"{source}: non-square img_size {fields['img_size']} is not supported")
-        fields["img_size"] = height
-    if isinstance(fields.get("patch_size"), list | tuple):
-        fields["patch_size"] = fields["patch_size"][0]
-    if any(key not in fields for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")):
-        known = {k: v for k, v in model_args.items() if k not in _IGNORED_MODEL_ARGS}
-        defaults = _architecture_defaults(data["architecture"], known)
-        fields = {**defaults, **fields}
-    pretrained_cfg = data.get("pretrained_cfg") or {}
-    for key in ("mean", "std", "crop_pct", "interpolation"):
-        if key in pretrained_cfg:
-            fields[key] = pretrained_cfg[key]
-    for key in ("pooling", "name", "drop_path_rate"):
-        if visreg.get(key) is not None:
-            fields[key] = visreg[key]
-    extra = dict(visreg.get("extra") or {})
-    extra.update({key: visreg[key] for key in PROMOTED_EXTRA_KEYS if key in visreg})
-    if "license" not in extra and pretrained_cfg.get("license"):
-        extra["license"] = pretrained_cfg["license"]
-    fields["extra"] = extra
-    try:
-        return ModelConfig(**fields)
-    except (ConfigError, TypeError) as exc:
-        raise CheckpointError(f"{source} describes an invalid model: {exc}") from exc
+
+    kind: SourceKind
+    location: str
+    name: str | None = None
+    revision: str | None = None
+    filename: str | None = None
+    sha256: str | None = None
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    size: str | None = None
 
 
-def read_config_json(path: str | Path) -> ModelConfig:
-    """Read and parse a ``config.json`` file."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-    return config_from_config_json(data, source=str(path))
-
-
-# ---------------------------------------------------------------------- weights
-def load_safetensors_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` file onto the CPU, refusing anything else (pickles renamed included).
-
-    Raises:
-        CheckpointError: the file is not valid safetensors; the message says if it looks like a pickle.
-    """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as exc:  # safetensors raises SafetensorError / OSError subclasses on malformed files
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-        looks_pickled = head.startswith(_PICKLE_MAGIC)
-        hint = (
-            " It looks like a pickled PyTorch file (.pt/.pth/.bin) renamed to .safetensors; visreg_hub never "
-            "unpickles weights. Convert it with `visreg-hub convert` (weights-only loader) instead."
-            if looks_pickled
-            else " The file is corrupt or truncated; delete it (or the cache entry) and download it again."
-        )
-        raise CheckpointError(f"{path} is not a valid safetensors file ({exc}).{hint}") from exc
-
-
-def load_backbone_weights(model, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Load timm-keyed weights into ``model.backbone`` strictly.
-
-    Raises:
-        CheckpointError: lists missing keys, unexpected keys and shape mismatches (never a warning).
-    """
-    expected = model.backbone.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = sorted(
-        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in set(expected) & set(state_dict)
-        if tuple(state_dict[key].shape) != tuple(expected[key].shape)
+# ---------------------------------------------------------------------- resolve
+def _looks_like_path(name: str) -> bool:
+    return (
+        name.startswith(("/", "./", "../", "~", "\\"))
+        or name.count("/") > 1
+        or "\\" in name
+        or name in {".", ".."}
     )
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing keys {missing}")
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected}")
-        if mismatched:
-            problems.append(f"shape mismatches {mismatched}")
-        raise CheckpointError(
-            f"weights in {source} do not match the model described by its config: {'; '.join(problems)}. "
-            "Make sure config.json and model.safetensors come from the same save_pretrained call."
+
+
+def _bundled_folder(entry: registry.RegistryEntry) -> Path:
+    package_root = Path(__file__).resolve().parents[1]
+    for base in (package_root, package_root.parent):  # inside the package, then the repository root
+        candidate = base / entry.local_path
+        if candidate.is_dir():
+            return candidate
+    raise ModelNotFoundError(
+        f"bundled model {entry.name!r} should be at {entry.local_path!r} (under {package_root} or "
+        f"{package_root.parent}) but the folder is missing; reinstall or check out the repository's assets"
+    )
+
+
+def _registry_source(entry: registry.RegistryEntry, revision: str | None) -> Source:
+    if entry.status == "not yet published":
+        how = f" To train one yourself: {entry.train_command}" if entry.train_command else ""
+        raise ModelNotPublishedError(
+            f"{entry.name!r} is listed in the registry but its weights are not yet published "
+            f"({entry.source}).{how}"
         )
-    model.backbone.load_state_dict(state_dict, strict=True)
+    if entry.status == "bundled":
+        return Source("folder", str(_bundled_folder(entry)), name=entry.name, sha256=entry.sha256)
+    revision = revision or entry.revision
+    if entry.format == "visreg_hub":
+        return Source("hub", entry.repo_id, name=entry.name, revision=revision, sha256=entry.sha256)
+    extra = {"license": entry.license, "source": entry.source}
+    if entry.dataset:
+        extra["datasets"] = [entry.dataset]
+    return Source(
+        "official-pth",
+        entry.repo_id,
+        name=entry.name,
+        revision=revision,
+        filename=entry.filename,
+        sha256=entry.sha256,
+        config_overrides={**entry.config_overrides, "name": entry.name, "extra": extra},
+        size=entry.size,
+    )
 
 
-def verify_sha256(path: str | Path, expected: str | None, name: str) -> str:
-    """Compare a file's SHA-256 with the registry's pin; return the digest."""
-    from visreg_hub.hub.convert import file_sha256
+def resolve(name_or_path: str | Path, *, revision: str | None = None) -> Source:
+    """Turn a folder, registry name, ``hf-hub:org/repo`` or ``org/repo`` into a :class:`Source`.
 
-    digest = file_sha256(path)
-    if expected is None:
-        logger.info("%s: sha256 %s (not pinned in the registry)", name, digest)
-    elif digest != expected.lower():
-        raise CheckpointError(
-            f"{name}: SHA-256 of {path} is {digest}, the registry pins {expected}. "
-            "The download is corrupt or "
-            "the upstream file changed; delete the cached file and retry, or pin the new revision."
-        )
-    return digest
+    Resolution order: an existing local folder; ``hf-hub:org/repo``; a registry name
+    (:func:`visreg_hub.list_models`); ``org/repo`` on the Hugging Face Hub.
 
-
-def load_folder(folder: str | Path, *, weights_sha256: str | None = None, name: str | None = None):
-    """Build a :class:`VISRegEncoder` from a checkpoint folder (config.json + model.safetensors)."""
-
-    folder = Path(folder)
-    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    if not config_path.is_file():
+    Raises:
+        ModelNotFoundError: nothing matches (close registry names are suggested), or a file was given.
+        ModelNotPublishedError: a registry entry without public weights.
+    """
+    if isinstance(name_or_path, Path) or (
+        isinstance(name_or_path, str) and Path(name_or_path).expanduser().is_dir()
+    ):
+        return Source("folder", str(Path(name_or_path).expanduser()))
+    if isinstance(name_or_path, str) and Path(name_or_path).expanduser().is_file():
         raise ModelNotFoundError(
-            f"{folder} has no {CONFIG_NAME}; it is not a visreg_hub/timm checkpoint folder"
+            f"{name_or_path!r} is a file; pass the folder that holds config.json and model.safetensors "
+            "(for an official .pth, run `visreg-hub convert` first)"
         )
-    if not weights_path.is_file():
-        pickles = sorted(p.name for p in folder.glob("*") if p.suffix in {".pth", ".pt", ".bin", ".ckpt"})
-        hint = f" Found pickled weights {pickles}: convert them with `visreg-hub convert`." if pickles else ""
-        raise CheckpointError(
-            f"{folder} has no {WEIGHTS_NAME} (safetensors is the only accepted format).{hint}"
-        )
-    if weights_sha256 is not None:
-        verify_sha256(weights_path, weights_sha256, name or str(folder))
-    return _build(read_config_json(config_path), weights_path)
-
-
-def _build(config: ModelConfig, weights_path: Path):
-    from visreg_hub.models.encoder import VISRegEncoder
-
-    state_dict = load_safetensors_weights(weights_path)
-    model = VISRegEncoder(config)
-    load_backbone_weights(model, state_dict, source=str(weights_path))
-    return model
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ModelNotFoundError(f"from_pretrained needs a name, repo id or folder, got {name_or_path!r}")
+    name = name_or_path.strip()
+    if name.startswith("hf-hub:"):
+        return Source("hub", name[len("hf-hub:") :], revision=revision)
+    entry = registry.find_entry(name)
+    if entry is not None:
+        return _registry_source(entry, revision)
+    if _looks_like_path(name) or name.count("/") != 1:
+        where = "no such folder" if _looks_like_path(name) else "not a registry name or 'org/repo'"
+        raise ModelNotFoundError(f"cannot load {name!r}: {where}.{registry.suggest_names(name)}")
+    return Source("hub", name, revision=revision)
 
 
 # ---------------------------------------------------------------------- Hub downloads
@@ -285,60 +183,67 @@ def hub_download(repo_id: str, filename: str, **download_kwargs: Any) -> Path:
         raise ModelNotFoundError(f"{repo_id!r} is not a valid Hub repository id: {exc}") from exc
 
 
-def _load_hub_repo(repo_id: str, *, weights_sha256: str | None = None, **download_kwargs: Any):
-    config_path = hub_download(repo_id, CONFIG_NAME, **download_kwargs)
-    config = read_config_json(config_path)
-    weights_path = hub_download(repo_id, WEIGHTS_NAME, **download_kwargs)
+# ---------------------------------------------------------------------- load
+def _check_pin(path: Path, source: Source) -> None:
+    label = source.name or source.location
+    if source.sha256 is None:
+        logger.info("%s: sha256 %s (not pinned in the registry)", label, ckpt.sha256_file(path))
+    else:
+        ckpt.verify_sha256(path, source.sha256, label)
+
+
+def _build(config, weights_path: Path):
+    from visreg_hub.models.encoder import VISRegEncoder
+
+    state_dict = ckpt.read_weights(weights_path)
+    model = VISRegEncoder(config)
+    ckpt.load_backbone_weights(model, state_dict, source=str(weights_path))
+    return model
+
+
+def load_folder(folder: str | Path, *, weights_sha256: str | None = None, name: str | None = None):
+    """Build a :class:`VISRegEncoder` from a checkpoint folder (config.json + model.safetensors)."""
+    folder = Path(folder)
+    config_path, weights_path = folder / ckpt.CONFIG_NAME, folder / ckpt.WEIGHTS_NAME
+    if not config_path.is_file():
+        raise ModelNotFoundError(
+            f"{folder} has no {ckpt.CONFIG_NAME}; it is not a visreg_hub/timm checkpoint folder"
+        )
+    if not weights_path.is_file():
+        pickles = sorted(p.name for p in folder.glob("*") if p.suffix in {".pth", ".pt", ".bin", ".ckpt"})
+        hint = f" Found pickled weights {pickles}: convert them with `visreg-hub convert`." if pickles else ""
+        raise CheckpointError(
+            f"{folder} has no {ckpt.WEIGHTS_NAME} (safetensors is the only accepted format).{hint}"
+        )
     if weights_sha256 is not None:
-        verify_sha256(weights_path, weights_sha256, repo_id)
-    return _build(config, weights_path)
+        ckpt.verify_sha256(weights_path, weights_sha256, name or str(folder))
+    return _build(ckpt.read_config(config_path), weights_path)
 
 
-def _bundled_folder(entry: registry.RegistryEntry) -> Path:
-    package_root = Path(__file__).resolve().parents[1]
-    for base in (package_root, package_root.parent):  # inside the package, then the repository root
-        candidate = base / entry.local_path
-        if candidate.is_dir():
-            return candidate
-    raise ModelNotFoundError(
-        f"bundled model {entry.name!r} should be at {entry.local_path!r} (under {package_root} or "
-        f"{package_root.parent}) but the folder is missing; reinstall or check out the repository's assets"
-    )
+def load(source: Source, **download_kwargs: Any):
+    """Fetch and build the model a :class:`Source` points at (not yet in eval mode or moved).
 
-
-def _load_registry_entry(entry: registry.RegistryEntry, revision: str | None, **download_kwargs: Any):
-    if entry.status == "not yet published":
-        how = f" To train one yourself: {entry.train_command}" if entry.train_command else ""
-        raise ModelNotPublishedError(
-            f"{entry.name!r} is listed in the registry but its weights are not yet published "
-            f"({entry.source}).{how}"
+    Args:
+        source: from :func:`resolve`.
+        **download_kwargs: ``cache_dir``, ``local_files_only``, ``token`` for Hub downloads.
+    """
+    if source.kind == "folder":
+        return load_folder(source.location, weights_sha256=source.sha256, name=source.name)
+    if source.kind == "hub":
+        revision = {"revision": source.revision}
+        config = ckpt.read_config(
+            hub_download(source.location, ckpt.CONFIG_NAME, **revision, **download_kwargs)
         )
-    if entry.status == "bundled":
-        return load_folder(_bundled_folder(entry), weights_sha256=entry.sha256, name=entry.name)
-    revision = revision or entry.revision
-    if entry.format == "visreg_hub":
-        return _load_hub_repo(
-            entry.repo_id, weights_sha256=entry.sha256, revision=revision, **download_kwargs
-        )
+        weights_path = hub_download(source.location, ckpt.WEIGHTS_NAME, **revision, **download_kwargs)
+        if source.sha256 is not None:
+            ckpt.verify_sha256(weights_path, source.sha256, source.name or source.location)
+        return _build(config, weights_path)
     # official-pth: download the pickled release, check it, convert in memory with the weights-only loader
     from visreg_hub.hub.convert import official_encoder
 
-    pth_path = hub_download(entry.repo_id, entry.filename, revision=revision, **download_kwargs)
-    verify_sha256(pth_path, entry.sha256, entry.name)
-    extra = {"license": entry.license, "source": entry.source}
-    if entry.dataset:
-        extra["datasets"] = [entry.dataset]
-    return official_encoder(pth_path, entry.size, name=entry.name, extra=extra, **entry.config_overrides)
-
-
-# ---------------------------------------------------------------------- entry point
-def _looks_like_path(name: str) -> bool:
-    return (
-        name.startswith(("/", "./", "../", "~", "\\"))
-        or name.count("/") > 1
-        or "\\" in name
-        or name in {".", ".."}
-    )
+    pth_path = hub_download(source.location, source.filename, revision=source.revision, **download_kwargs)
+    _check_pin(pth_path, source)
+    return official_encoder(pth_path, source.size, **source.config_overrides)
 
 
 def from_pretrained(
@@ -351,13 +256,10 @@ def from_pretrained(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
 ):
-    """Load a :class:`~visreg_hub.models.VISRegEncoder` in eval mode.
-
-    Resolution order: an existing local folder; ``hf-hub:org/repo``; a registry name
-    (:func:`visreg_hub.list_models`); ``org/repo`` on the Hugging Face Hub.
+    """Load a :class:`~visreg_hub.models.VISRegEncoder` in eval mode: ``load(resolve(name_or_path))``.
 
     Args:
-        name_or_path: folder, registry name, ``hf-hub:org/repo`` or ``org/repo``.
+        name_or_path: folder, registry name, ``hf-hub:org/repo`` or ``org/repo`` (see :func:`resolve`).
         revision: Hub branch, tag or commit hash to pin (overrides the registry's pin).
         cache_dir: Hugging Face cache directory (default: ``HF_HUB_CACHE`` / ``HF_HOME``).
         local_files_only: never touch the network; use the cache only (``HF_HUB_OFFLINE=1`` does the same).
@@ -370,30 +272,8 @@ def from_pretrained(
         ModelNotPublishedError: a registry entry without public weights.
         CheckpointError: malformed config, non-safetensors weights, key/shape mismatch, sha256 mismatch.
     """
-    if isinstance(name_or_path, Path) or (
-        isinstance(name_or_path, str) and Path(name_or_path).expanduser().is_dir()
-    ):
-        model = load_folder(Path(name_or_path).expanduser())
-    elif isinstance(name_or_path, str) and Path(name_or_path).expanduser().is_file():
-        raise ModelNotFoundError(
-            f"{name_or_path!r} is a file; pass the folder that holds config.json and model.safetensors "
-            "(for an official .pth, run `visreg-hub convert` first)"
-        )
-    elif not isinstance(name_or_path, str) or not name_or_path.strip():
-        raise ModelNotFoundError(f"from_pretrained needs a name, repo id or folder, got {name_or_path!r}")
-    else:
-        download_kwargs = {"cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
-        name = name_or_path.strip()
-        entry = registry.find_entry(name)
-        if name.startswith("hf-hub:"):
-            model = _load_hub_repo(name[len("hf-hub:") :], revision=revision, **download_kwargs)
-        elif entry is not None:
-            model = _load_registry_entry(entry, revision, **download_kwargs)
-        elif _looks_like_path(name) or name.count("/") != 1:
-            where = "no such folder" if _looks_like_path(name) else "not a registry name or 'org/repo'"
-            raise ModelNotFoundError(f"cannot load {name!r}: {where}.{registry.suggest_names(name)}")
-        else:
-            model = _load_hub_repo(name, revision=revision, **download_kwargs)
+    source = resolve(name_or_path, revision=revision)
+    model = load(source, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     return model.eval()

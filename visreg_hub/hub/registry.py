@@ -15,12 +15,11 @@ Formats:
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
-from visreg_hub.errors import ModelNotFoundError
+from visreg_hub.suggest import did_you_mean
 
 STATUSES = ("published", "bundled", "not yet published")
 FORMATS = ("official-pth", "visreg_hub")
@@ -181,27 +180,10 @@ def find_entry(name: str) -> RegistryEntry | None:
     return None
 
 
-def get_entry(name: str) -> RegistryEntry:
-    """The entry called ``name``.
-
-    Raises:
-        ModelNotFoundError: no such entry; the message lists close names.
-    """
-    entry = find_entry(name)
-    if entry is None:
-        raise ModelNotFoundError(f"no registry model named {name!r}.{suggest_names(name)}")
-    return entry
-
-
 def suggest_names(name: str) -> str:
-    """A sentence with registry names close to ``name`` (difflib), plus where to see them all."""
+    """A sentence with registry names close to ``name``, plus where to see them all."""
     names = [entry.name for entry in _ENTRIES]
     key = _normalise(name)
-    close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
-    close += [
-        n
-        for n in difflib.get_close_matches(key.removeprefix("visreg-"), names, n=3, cutoff=0.5)
-        if n not in close
-    ]
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    # "visreg-vit-b16-in1k" and "vit-b16-in1k" both point at the same entry
+    hint = did_you_mean(key, names) or did_you_mean(key.removeprefix("visreg-"), names)
     return f"{hint} Registry names: {', '.join(names)} (visreg_hub.list_models())."

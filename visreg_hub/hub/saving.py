@@ -1,93 +1,21 @@
 """Write checkpoint folders (config.json + model.safetensors + README.md) and push them to the Hub.
 
-Folder layout (one folder = one model):
-
-* ``config.json``: timm-compatible (``architecture``, ``num_classes``, ``num_features``, ``global_pool``,
-  ``model_args``, ``pretrained_cfg`` with ``mean``, ``std``, ``input_size``, ``crop_pct``,
-  ``interpolation``) plus a ``visreg`` block (``format_version``, ``pooling``, ``embedding_dim``,
-  ``name``, ``license``, ``recipe``, ``loss``, ``datasets``, evaluation results, other ``extra``).
-  ``timm.create_model("local-dir:<folder>", pretrained=True)`` reads it directly.
-* ``model.safetensors``: the backbone's ``state_dict`` with timm key names (no projector, no ``backbone.``
-  prefix), so timm loads it unchanged.
-* ``README.md``: the model card (:mod:`visreg_hub.hub.card`).
-
-Conventional ``config.extra`` keys, promoted into the ``visreg`` block: ``license`` (SPDX-style id),
-``recipe`` (dict), ``loss`` (dict: name and settings), ``datasets`` (list), ``eval_results`` (list of
-dicts with task, dataset, metric, value, split, command), ``eval_command``, ``source``, ``description``.
+The folder format (file names, config.json layout, safetensors) is defined in :mod:`visreg_hub.hub.format`;
+``timm.create_model("local-dir:<folder>", pretrained=True)`` and transformers'
+``AutoModel.from_pretrained(folder)`` read the same folder.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
-
-from visreg_hub.hub.card import DEFAULT_LICENSE, render_model_card
-from visreg_hub.models.config import ModelConfig
+from visreg_hub.hub import format as ckpt
+from visreg_hub.hub.card import render_model_card
 
 logger = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-CARD_NAME = "README.md"
-# extra keys stored at the top of the visreg block (the rest stays under visreg["extra"])
-PROMOTED_EXTRA_KEYS = ("license", "recipe", "loss", "datasets", "eval_results", "eval_command", "source")
-
-
-def build_config_json(config: ModelConfig, embedding_dim: int) -> dict[str, Any]:
-    """The timm-compatible ``config.json`` content for ``config``.
-
-    Args:
-        config: the model configuration.
-        embedding_dim: length of the default (``config.pooling``) embedding.
-    """
-    model_args = config.timm_kwargs()
-    pretrained_cfg = {
-        "input_size": [config.in_chans, config.img_size, config.img_size],
-        "fixed_input_size": not config.dynamic_img_size,
-        "interpolation": config.interpolation,
-        "crop_pct": config.crop_pct,
-        "crop_mode": "center",
-        "mean": list(config.mean),
-        "std": list(config.std),
-        "num_classes": 0,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": config.extra.get("license", DEFAULT_LICENSE),
-    }
-    extra = dict(config.extra)
-    visreg: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "library": "visreg_hub",
-        "name": config.name,
-        "pooling": config.pooling,
-        "embedding_dim": embedding_dim,
-        "drop_path_rate": config.drop_path_rate,
-    }
-    for key in PROMOTED_EXTRA_KEYS:
-        if key in extra:
-            visreg[key] = extra.pop(key)
-    visreg["extra"] = extra
-    return {
-        "architecture": config.architecture,
-        "num_classes": 0,
-        "num_features": config.embed_dim,
-        "global_pool": "token",
-        "model_args": model_args,
-        "pretrained_cfg": pretrained_cfg,
-        "visreg": visreg,
-    }
-
-
-def backbone_state_dict(model) -> dict[str, torch.Tensor]:
-    """The backbone weights as contiguous CPU tensors with timm key names (what model.safetensors holds)."""
-    return {key: value.detach().to("cpu").contiguous() for key, value in model.backbone.state_dict().items()}
 
 
 def save_pretrained(
@@ -129,9 +57,8 @@ def save_pretrained(
     config = model.config
     if license is not None:
         config = config.replace(extra={**config.extra, "license": license})
-    config_json = build_config_json(config, model.embedding_dim())
-    (folder / CONFIG_NAME).write_text(json.dumps(config_json, indent=2) + "\n", encoding="utf-8")
-    save_file(backbone_state_dict(model), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    ckpt.write_config(folder, config, model.embedding_dim())
+    ckpt.write_weights(folder, model)
     if card is None:
         card = render_model_card(
             config,
@@ -144,7 +71,7 @@ def save_pretrained(
             description=description,
             tags=tags,
         )
-    (folder / CARD_NAME).write_text(card, encoding="utf-8")
+    (folder / ckpt.CARD_NAME).write_text(card, encoding="utf-8")
     logger.info("saved %s to %s", config.name or config.architecture, folder)
     return folder
 

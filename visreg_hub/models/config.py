@@ -12,7 +12,6 @@ configurations for 28-64 px images (Fashion-MNIST, CIFAR, downsampled ImageNet).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from visreg_hub.errors import ConfigError
+from visreg_hub.suggest import did_you_mean
 
 # Feature taps returning one vector per image; "patch" (a token grid) is served by ``patch_tokens``.
 POOLINGS = ("cls", "cls_last2", "cls_last4", "mean_patch")
@@ -93,11 +93,6 @@ NAMED_SIZES: dict[str, dict[str, Any]] = {
         crop_pct=1.0,
     ),
 }
-
-
-def _suggest(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
-    return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
 @dataclass(frozen=True)
@@ -212,17 +207,6 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ derived views
     @property
-    def grid_size(self) -> tuple[int, int]:
-        """Token grid (h, w) at the default ``img_size``."""
-        side = self.img_size // self.patch_size
-        return side, side
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        """CLS token plus register tokens, which precede the patch tokens in every token sequence."""
-        return 1 + self.num_reg_tokens
-
-    @property
     def data_config(self) -> dict[str, Any]:
         """Preprocessing settings with timm's keys (``timm.data.resolve_data_config`` format)."""
         return {
@@ -238,7 +222,9 @@ class ModelConfig:
         """Keyword arguments of ``timm.create_model`` (besides the name) that rebuild this backbone.
 
         These are also the ``model_args`` of the saved timm-compatible ``config.json``; the training-only
-        ``drop_path_rate`` is left out so loaded checkpoints are deterministic at inference.
+        ``drop_path_rate`` is left out so loaded checkpoints are deterministic at inference, and so are the
+        head arguments (``num_classes``, ``global_pool``): timm's ``local-dir:`` loader and transformers'
+        ``TimmWrapperModel`` pass ``num_classes`` themselves, and a second copy here breaks them.
         """
         return {
             "img_size": self.img_size,
@@ -252,8 +238,6 @@ class ModelConfig:
             "dynamic_img_size": self.dynamic_img_size,
             "qkv_bias": self.qkv_bias,
             "init_values": self.init_values,
-            "num_classes": 0,
-            "global_pool": "token",
         }
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -276,7 +260,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            hints = "".join(_suggest(key, known) for key in unknown)
+            hints = "".join(did_you_mean(key, known) for key in unknown)
             raise ConfigError(f"unknown ModelConfig key(s) {unknown}; valid keys are {sorted(known)}.{hints}")
         required = {
             f.name
@@ -333,7 +317,7 @@ class ModelConfig:
         if key not in NAMED_SIZES:
             raise ConfigError(
                 f"unknown model size {size_name!r}; choose one of {list(NAMED_SIZES)}."
-                + _suggest(key, NAMED_SIZES)
+                + did_you_mean(key, NAMED_SIZES)
             )
         base: dict[str, Any] = {"img_size": 224, "name": key}
         base.update(NAMED_SIZES[key])

@@ -49,6 +49,8 @@ class VISRegEncoder(nn.Module):
         self.backbone = timm.create_model(
             config.architecture,
             pretrained=False,
+            num_classes=0,  # no classifier head: the encoder returns features
+            global_pool="token",
             drop_path_rate=config.drop_path_rate,
             **config.timm_kwargs(),
         )

@@ -14,7 +14,6 @@ folders from sources you trust.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from visreg_hub.errors import CheckpointError, require_extra
+from visreg_hub.hub.format import sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from visreg_hub.retrieval.index import EmbeddingIndex
@@ -37,15 +37,6 @@ IDS_NAME = "ids.npy"
 METADATA_NAME = "metadata.json"
 _DATA_FILES = (INDEX_NAME, IDS_NAME, METADATA_NAME)
 _FAISS_CLASS = {"flat": "IndexFlat", "ivf": "IndexIVFFlat", "hnsw": "IndexHNSWFlat"}
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks so large indexes don't need to fit in memory twice."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_index(index: EmbeddingIndex, folder: str | Path) -> Path:

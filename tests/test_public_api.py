@@ -1,0 +1,45 @@
+"""The public surface of ``import visreg_hub``: one name list, lazily imported, and a docstring that runs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+import visreg_hub
+from visreg_hub.hub import registry
+
+
+def test_every_public_name_resolves_to_the_object_of_its_module():
+    import importlib
+
+    names = [name for name in visreg_hub.__all__ if name != "__version__"]
+    assert len(names) == len(set(names))
+    for name in names:
+        module = importlib.import_module(visreg_hub._PUBLIC[name])
+        assert getattr(visreg_hub, name) is getattr(module, name)
+    assert set(visreg_hub.__all__) <= set(dir(visreg_hub))
+
+
+def test_unknown_attribute_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="no attribute 'from_pretrain'"):
+        visreg_hub.from_pretrain  # noqa: B018
+
+
+def test_import_is_lazy_and_star_import_gives_the_list():
+    code = (
+        "import sys, visreg_hub; assert 'torch' not in sys.modules, 'import visreg_hub pulled in torch'; "
+        "ns = {}; exec('from visreg_hub import *', ns); "
+        "print(sorted(k for k in ns if k != '__builtins__'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(sorted(visreg_hub.__all__))
+
+
+def test_package_docstring_names_a_registry_model():
+    names = re.findall(r'from_pretrained\("([^"]+)"\)', visreg_hub.__doc__)
+    assert names, "the package docstring should show from_pretrained"
+    for name in names:
+        assert registry.find_entry(name) is not None, f"{name!r} is not a registry model"

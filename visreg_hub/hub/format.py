@@ -1,0 +1,304 @@
+"""The checkpoint format's one home: file names, config.json in both directions, safetensors I/O, sha256.
+
+A checkpoint is a folder (one folder = one model):
+
+* ``config.json``: timm-compatible (``architecture``, ``num_classes``, ``num_features``, ``global_pool``,
+  ``model_args``, ``pretrained_cfg`` with ``mean``, ``std``, ``input_size``, ``crop_pct``,
+  ``interpolation``) plus a ``visreg`` block (``format_version``, ``pooling``, ``embedding_dim``,
+  ``name``, ``license``, ``recipe``, ``loss``, ``datasets``, evaluation results, other ``extra``).
+  ``model_args`` holds only architecture arguments: the head arguments (``num_classes``,
+  ``global_pool``) live at the top level, because timm's ``local-dir:`` loader and transformers'
+  ``TimmWrapperModel`` pass ``num_classes`` themselves and a second copy inside ``model_args`` is a
+  "multiple values for keyword argument" error.
+* ``model.safetensors``: the backbone's ``state_dict`` with timm key names (no projector, no
+  ``backbone.`` prefix), so timm and transformers load it unchanged.
+* ``README.md``: the model card (:mod:`visreg_hub.hub.card`).
+
+Conventional ``config.extra`` keys, promoted into the ``visreg`` block: ``license`` (SPDX-style id),
+``recipe`` (dict), ``loss`` (dict: name and settings), ``datasets`` (list of Hub dataset ids),
+``eval_results`` (list of dicts with task, dataset, metric, value, split, command), ``eval_command``,
+``source``; the rest stays under ``visreg["extra"]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from visreg_hub.errors import CheckpointError, ConfigError
+from visreg_hub.models.config import ModelConfig
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+DEFAULT_LICENSE = "apache-2.0"
+# extra keys stored at the top of the visreg block (the rest stays under visreg["extra"])
+PROMOTED_EXTRA_KEYS = ("license", "recipe", "loss", "datasets", "eval_results", "eval_command", "source")
+
+# model_args that describe only the (absent) classifier head or training-time dropout; accepted when
+# reading (format_version 1 folders written before the fix repeat num_classes/global_pool there)
+_IGNORED_MODEL_ARGS = {
+    "num_classes",
+    "global_pool",
+    "drop_rate",
+    "pos_drop_rate",
+    "attn_drop_rate",
+    "proj_drop_rate",
+}
+# timm model_args key -> ModelConfig field
+_MODEL_ARG_TO_FIELD = {
+    "img_size": "img_size",
+    "patch_size": "patch_size",
+    "embed_dim": "embed_dim",
+    "depth": "depth",
+    "num_heads": "num_heads",
+    "in_chans": "in_chans",
+    "mlp_ratio": "mlp_ratio",
+    "reg_tokens": "num_reg_tokens",
+    "dynamic_img_size": "dynamic_img_size",
+    "qkv_bias": "qkv_bias",
+    "init_values": "init_values",
+    "drop_path_rate": "drop_path_rate",
+}
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+# ---------------------------------------------------------------------- checksums
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks so large files never sit in memory twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: str | Path, expected: str, name: str) -> str:
+    """Compare a file's SHA-256 with a pinned digest; return the digest.
+
+    Raises:
+        CheckpointError: the digests differ.
+    """
+    digest = sha256_file(path)
+    if digest != expected.lower():
+        raise CheckpointError(
+            f"{name}: SHA-256 of {path} is {digest}, the registry pins {expected}. The download is corrupt "
+            "or the upstream file changed; delete the cached file and retry, or pin the new revision."
+        )
+    return digest
+
+
+# ---------------------------------------------------------------------- ModelConfig -> config.json
+def config_to_json(config: ModelConfig, embedding_dim: int) -> dict[str, Any]:
+    """The timm-compatible ``config.json`` content for ``config``.
+
+    Args:
+        config: the model configuration.
+        embedding_dim: length of the default (``config.pooling``) embedding.
+    """
+    pretrained_cfg = {
+        "input_size": [config.in_chans, config.img_size, config.img_size],
+        "fixed_input_size": not config.dynamic_img_size,
+        "interpolation": config.interpolation,
+        "crop_pct": config.crop_pct,
+        "crop_mode": "center",
+        "mean": list(config.mean),
+        "std": list(config.std),
+        "num_classes": 0,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": config.extra.get("license", DEFAULT_LICENSE),
+    }
+    extra = dict(config.extra)
+    visreg: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "library": "visreg_hub",
+        "name": config.name,
+        "pooling": config.pooling,
+        "embedding_dim": embedding_dim,
+        "drop_path_rate": config.drop_path_rate,
+    }
+    for key in PROMOTED_EXTRA_KEYS:
+        if key in extra:
+            visreg[key] = extra.pop(key)
+    visreg["extra"] = extra
+    return {
+        "architecture": config.architecture,
+        "num_classes": 0,
+        "num_features": config.embed_dim,
+        "global_pool": "token",
+        "model_args": config.timm_kwargs(),
+        "pretrained_cfg": pretrained_cfg,
+        "visreg": visreg,
+    }
+
+
+def write_config(folder: str | Path, config: ModelConfig, embedding_dim: int) -> Path:
+    """Write ``config.json`` into ``folder`` and return its path."""
+    path = Path(folder) / CONFIG_NAME
+    path.write_text(json.dumps(config_to_json(config, embedding_dim), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------- config.json -> ModelConfig
+def _architecture_defaults(architecture: str, model_args: dict[str, Any]) -> dict[str, Any]:
+    """Fields a plain timm config.json leaves implicit, read from the architecture built on ``meta``."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            reference = timm.create_model(architecture, pretrained=False, num_classes=0, **model_args)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"config.json names architecture {architecture!r}, which timm cannot build: {exc}"
+        ) from exc
+    if not hasattr(reference, "patch_embed") or not hasattr(reference, "blocks"):
+        raise ConfigError(
+            f"architecture {architecture!r} is not a timm VisionTransformer; visreg_hub loads ViTs only"
+        )
+    return {
+        "img_size": int(reference.patch_embed.img_size[0]),
+        "patch_size": int(reference.patch_embed.patch_size[0]),
+        "embed_dim": int(reference.embed_dim),
+        "depth": len(reference.blocks),
+        "num_heads": int(reference.blocks[0].attn.num_heads),
+    }
+
+
+def config_from_json(data: dict[str, Any], source: str = CONFIG_NAME) -> ModelConfig:
+    """Rebuild the :class:`ModelConfig` from a timm-compatible ``config.json`` (visreg block optional).
+
+    Raises:
+        CheckpointError: the file is not a ViT config this library can rebuild.
+    """
+    if not isinstance(data, dict) or "architecture" not in data:
+        raise CheckpointError(f"{source} has no 'architecture'; it is not a timm/visreg_hub config.json")
+    visreg = data.get("visreg") or {}
+    version = visreg.get("format_version", FORMAT_VERSION)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source} uses visreg format_version {version}, newer than this library's {FORMAT_VERSION}; "
+            "upgrade visreg_hub"
+        )
+    model_args = dict(data.get("model_args") or {})
+    unsupported = sorted(set(model_args) - set(_MODEL_ARG_TO_FIELD) - _IGNORED_MODEL_ARGS)
+    if unsupported:
+        raise CheckpointError(
+            f"{source}: model_args {unsupported} are not supported by VISRegEncoder "
+            "(a standard ViT with a CLS token)"
+        )
+    fields: dict[str, Any] = {"architecture": data["architecture"]}
+    for arg, field_name in _MODEL_ARG_TO_FIELD.items():
+        if arg in model_args:
+            fields[field_name] = model_args[arg]
+    if isinstance(fields.get("img_size"), list | tuple):
+        height, width = fields["img_size"]
+        if height != width:
+            raise CheckpointError(f"{source}: non-square img_size {fields['img_size']} is not supported")
+        fields["img_size"] = height
+    if isinstance(fields.get("patch_size"), list | tuple):
+        fields["patch_size"] = fields["patch_size"][0]
+    if any(key not in fields for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")):
+        known = {k: v for k, v in model_args.items() if k not in _IGNORED_MODEL_ARGS}
+        defaults = _architecture_defaults(data["architecture"], known)
+        fields = {**defaults, **fields}
+    pretrained_cfg = data.get("pretrained_cfg") or {}
+    for key in ("mean", "std", "crop_pct", "interpolation"):
+        if key in pretrained_cfg:
+            fields[key] = pretrained_cfg[key]
+    for key in ("pooling", "name", "drop_path_rate"):
+        if visreg.get(key) is not None:
+            fields[key] = visreg[key]
+    extra = dict(visreg.get("extra") or {})
+    extra.update({key: visreg[key] for key in PROMOTED_EXTRA_KEYS if key in visreg})
+    if "license" not in extra and pretrained_cfg.get("license"):
+        extra["license"] = pretrained_cfg["license"]
+    fields["extra"] = extra
+    try:
+        return ModelConfig(**fields)
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{source} describes an invalid model: {exc}") from exc
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """Read and parse a ``config.json`` file (or the one inside a folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONFIG_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    return config_from_json(data, source=str(path))
+
+
+# ---------------------------------------------------------------------- weights
+def backbone_state_dict(model) -> dict[str, torch.Tensor]:
+    """The backbone weights as contiguous CPU tensors with timm key names (what model.safetensors holds)."""
+    return {key: value.detach().to("cpu").contiguous() for key, value in model.backbone.state_dict().items()}
+
+
+def write_weights(folder: str | Path, model) -> Path:
+    """Write ``model.safetensors`` (the backbone of a VISRegEncoder) into ``folder``; return its path."""
+    from safetensors.torch import save_file
+
+    path = Path(folder) / WEIGHTS_NAME
+    save_file(backbone_state_dict(model), str(path), metadata={"format": "pt"})
+    return path
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` file onto the CPU, refusing anything else (pickles renamed included).
+
+    Raises:
+        CheckpointError: the file is not valid safetensors; the message says if it looks like a pickle.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises SafetensorError / OSError subclasses on malformed files
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+        hint = (
+            " It looks like a pickled PyTorch file (.pt/.pth/.bin) renamed to .safetensors; visreg_hub never "
+            "unpickles weights. Convert it with `visreg-hub convert` (weights-only loader) instead."
+            if head.startswith(_PICKLE_MAGIC)
+            else " The file is corrupt or truncated; delete it (or the cache entry) and download it again."
+        )
+        raise CheckpointError(f"{path} is not a valid safetensors file ({exc}).{hint}") from exc
+
+
+def load_backbone_weights(model, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load timm-keyed weights into ``model.backbone`` strictly.
+
+    Raises:
+        CheckpointError: lists missing keys, unexpected keys and shape mismatches (never a warning).
+    """
+    expected = model.backbone.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(
+        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in set(expected) & set(state_dict)
+        if tuple(state_dict[key].shape) != tuple(expected[key].shape)
+    )
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys {missing}")
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected}")
+        if mismatched:
+            problems.append(f"shape mismatches {mismatched}")
+        raise CheckpointError(
+            f"weights in {source} do not match the model described by its config: {'; '.join(problems)}. "
+            "Make sure config.json and model.safetensors come from the same save_pretrained call."
+        )
+    model.backbone.load_state_dict(state_dict, strict=True)
