@@ -1,0 +1,69 @@
+"""Folders written by save_pretrained load in transformers (TimmWrapper) and give our embeddings.
+
+transformers reads ``config.json`` as a timm config: ``AutoModel`` builds ``TimmWrapperModel`` with
+``timm.create_model(architecture, num_classes=0, **model_args)`` and loads ``model.safetensors`` with a
+``timm_model.`` prefix; ``AutoImageProcessor`` builds timm's eval transform from ``pretrained_cfg``.
+Its ``pooler_output`` is timm's ``forward_head`` (the final-norm CLS token for ``global_pool="token"``),
+i.e. our ``pooling="cls"``. The reference here is our own ``encode()`` on the same real images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers  # in the dev extra: this runs in the default suite
+from PIL import Image
+
+from tests.fixtures_models import tiny_encoder
+from visreg_hub import from_pretrained
+from visreg_hub.hub.loading import resolve
+
+
+def _unit(rows: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(rows.float(), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def rgb_folder(tmp_path_factory):
+    model = tiny_encoder(seed=5, pooling="cls")
+    folder = model.save_pretrained(tmp_path_factory.mktemp("rgb") / "tiny-rgb")
+    return model, folder
+
+
+def test_automodel_and_image_processor_match_encode_on_rgb_photos(rgb_folder, photo_paths):
+    model, folder = rgb_folder
+    hf_model = transformers.AutoModel.from_pretrained(str(folder)).eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(str(folder))
+    assert type(hf_model).__name__ == "TimmWrapperModel"
+    images = [Image.open(path).convert("RGB") for path in photo_paths]
+    with torch.no_grad():
+        pooled = hf_model(**processor(images, return_tensors="pt")).pooler_output
+    ours = model.encode(images)  # (N, D), L2-normalised
+    assert pooled.shape == ours.shape
+    torch.testing.assert_close(_unit(pooled), ours, rtol=0, atol=1e-5)
+
+
+def test_pipeline_image_feature_extraction_matches_encode(rgb_folder, photo_paths):
+    model, folder = rgb_folder
+    extractor = transformers.pipeline("image-feature-extraction", model=str(folder), device="cpu")
+    pooled = torch.tensor(np.asarray(extractor([str(p) for p in photo_paths], pool=True))).reshape(
+        len(photo_paths), -1
+    )
+    torch.testing.assert_close(_unit(pooled), model.encode(photo_paths), rtol=0, atol=1e-5)
+
+
+def test_bundled_grayscale_model_loads_in_transformers(fmnist_test):
+    """The bundled 1-channel model: AutoModel + AutoImageProcessor on grayscale ("L") images.
+
+    transformers' pipeline converts every input to RGB, which a 1-channel model cannot take; that
+    limitation is documented in docs/interop.md.
+    """
+    ours = from_pretrained("vit-mini-p7-fmnist")
+    folder = resolve("vit-mini-p7-fmnist").location
+    hf_model = transformers.AutoModel.from_pretrained(folder).eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    images = [Image.fromarray(pixels, mode="L") for pixels in fmnist_test[0][:8]]
+    with torch.no_grad():
+        pooled = hf_model(**processor(images, return_tensors="pt")).pooler_output
+    torch.testing.assert_close(_unit(pooled), ours.encode(images), rtol=0, atol=1e-5)
