@@ -2,7 +2,8 @@
 
 Layout under ``<output_dir>/checkpoints``::
 
-    step-00001000/        complete checkpoints (accelerate ``save_state`` + trainer_state.json)
+    step-00001000/        complete checkpoints (:mod:`training.state_io` files, trainer_state.json and
+                          manifest.json with the sha256 of every file, see :mod:`training.manifest`)
     .tmp-step-00002000/   a checkpoint being written (never loaded; removed on the next start)
     latest                text file naming the newest complete checkpoint (replaced atomically)
     best                  text file naming the best one (highest kNN accuracy, else lowest loss)
@@ -10,7 +11,8 @@ Layout under ``<output_dir>/checkpoints``::
 A folder only gets its ``step-*`` name by ``os.rename`` after every rank has written into it and its
 files are fsynced, and ``latest`` is replaced with ``os.replace`` after that, so a process killed at any
 moment leaves ``latest`` naming a complete checkpoint. The folders must be on a file system shared by
-all nodes (as accelerate's ``save_state`` assumes).
+all nodes. On resume the manifest is verified first; a checkpoint with a missing, truncated or corrupt
+file is skipped with a warning naming the problem, and the newest intact one is used instead.
 
 Test hook: with ``VISREG_TEST_CHECKPOINT_SLEEP=<step>:<seconds>`` the writer of step ``<step>`` creates
 ``HOOK_SLEEPING`` inside the temporary folder and sleeps there, so a test can ``kill -9`` it mid-write.
@@ -26,6 +28,8 @@ import shutil
 import time
 from pathlib import Path
 
+from training.manifest import verify_manifest, write_manifest
+from training.state_io import TrainingParts, save_training_state
 from visreg_hub.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -66,11 +70,18 @@ def write_pointer(root: Path, name: str, target: str) -> None:
 
 
 def read_pointer(root: Path, name: str) -> Path | None:
-    """The complete checkpoint folder ``root/name`` points to, or None."""
+    """The complete checkpoint folder ``root/name`` points to, or None (also for a malformed pointer)."""
     pointer = root / name
     if not pointer.is_file():
         return None
-    folder = root / pointer.read_text(encoding="utf-8").strip()
+    try:
+        with open(pointer, "rb") as handle:
+            target = handle.read(64).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not _STEP_DIR.match(target):  # only a sibling step folder, never a path elsewhere
+        return None
+    folder = root / target
     return folder if is_complete(folder) else None
 
 
@@ -97,33 +108,61 @@ def remove_stale_temporaries(root: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def resolve_resume(root: Path, resume: str | None) -> Path | None:
-    """The folder to resume from: ``None`` (fresh), ``"auto"`` (latest complete, if any) or a path.
+def _newest_first(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``: the ``latest`` pointer's target first, then newest to oldest."""
+    latest = read_pointer(root, "latest")
+    others = [path for path in reversed(complete_checkpoints(root)) if path != latest]
+    return ([latest] if latest is not None else []) + others
+
+
+def _newest_intact(root: Path, resume: str) -> tuple[Path, set[str]]:
+    problems = []
+    for folder in _newest_first(root):
+        try:
+            return folder, verify_manifest(folder)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            logger.warning("skipping checkpoint %s: %s; trying the previous one", folder.name, exc)
+    raise CheckpointError(
+        f"--resume {resume!r}: no intact checkpoint under {root} ({'; '.join(problems)}); "
+        "resume from another copy or start afresh without --resume"
+    )
+
+
+def resolve_resume(root: Path, resume: str | None) -> tuple[Path, set[str]] | None:
+    """The checkpoint to resume from and its verified file names, or None (start afresh).
+
+    ``resume`` is None (fresh), ``"auto"`` (the newest intact checkpoint under ``root``, none: fresh), a
+    run's output folder or a ``checkpoints`` folder (the newest intact one in it), or one ``step-*``
+    folder (used only if intact). Every rank calls this and reaches the same answer from the same files.
 
     Raises:
-        CheckpointError: an explicit path that is not a complete checkpoint folder.
+        CheckpointError: no intact checkpoint where one was asked for, naming what is wrong.
     """
     if resume is None:
         return None
     if resume == "auto":
-        folder = read_pointer(root, "latest")
-        if folder is None:
-            found = complete_checkpoints(root)
-            folder = found[-1] if found else None
-        if folder is None:
+        if not _newest_first(root):
             logger.info("--resume auto: no checkpoint under %s, starting from scratch", root)
-        return folder
+            return None
+        return _newest_intact(root, resume)
     folder = Path(resume).expanduser()
     if (folder / "checkpoints" / "latest").is_file():  # a run's output folder
         folder = folder / "checkpoints"
     if folder.is_dir() and (folder / "latest").is_file():  # a checkpoints folder
-        folder = read_pointer(folder, "latest") or folder
+        return _newest_intact(folder, resume)
     if not is_complete(folder):
         raise CheckpointError(
             f"--resume {resume!r} is not a complete checkpoint folder (expected a step-XXXXXXXX folder "
             f"holding {STATE_FILE}); use --resume auto to pick the latest one under the output folder"
         )
-    return folder
+    try:
+        return folder, verify_manifest(folder)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"--resume {resume!r}: {exc}; pass an older step folder or the run folder to use the newest "
+            "intact checkpoint"
+        ) from None
 
 
 def _sleep_hook(temporary: Path, step: int) -> None:
@@ -136,16 +175,19 @@ def _sleep_hook(temporary: Path, step: int) -> None:
         time.sleep(float(seconds or 60))
 
 
-def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep_last: int, is_best: bool) -> Path:
-    """Write a complete checkpoint of every object registered with ``accelerator``; all ranks call this.
+def save_checkpoint(
+    accelerator, root: Path, step: int, state: dict, keep_last: int, is_best: bool, parts: TrainingParts
+) -> Path:
+    """Write a complete checkpoint of ``parts``; all ranks call this (each writes its generator states).
 
     Args:
-        accelerator: the run's ``Accelerator`` (models, optimiser and custom objects registered).
+        accelerator: the run's ``Accelerator``.
         root: the ``checkpoints`` folder.
         step: the optimiser step the state is at.
         state: JSON-able trainer state written to ``trainer_state.json``.
         keep_last: complete checkpoints to keep besides the best.
         is_best: make ``best`` point to this checkpoint.
+        parts: the live objects to save (see :mod:`training.state_io`).
 
     Returns:
         The final folder.
@@ -157,12 +199,13 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep_last: 
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir()
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
+    save_training_state(temporary, parts, accelerator.process_index, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (temporary / STATE_FILE).write_text(
             json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
+        write_manifest(temporary)  # last: every file is complete when it is hashed
         _fsync_tree(temporary)
         _sleep_hook(temporary, step)
         retired = root / f".tmp-old-{name}"
@@ -196,5 +239,5 @@ def read_state(folder: Path) -> dict:
     """The ``trainer_state.json`` of a complete checkpoint folder."""
     try:
         return json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{folder / STATE_FILE} is unreadable: {exc}") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
+        raise CheckpointError(f"{folder / STATE_FILE} is unreadable: {exc}") from None

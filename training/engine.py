@@ -8,11 +8,11 @@ before any optimiser step), backward. Then clipping, AdamW, the per-step LR sche
 ``train.log_every`` steps the terms and health statistics (:mod:`training.monitor`) go to TensorBoard and
 the progress bar; kNN accuracy on the validation split every ``eval.knn_every`` steps and at checkpoints.
 
-State that makes a resume exact: models, optimiser, scheduler, GradScaler, every rank's RNGs (accelerate
-``save_state``), the loss module (its slice seed and step), the health monitor counters and the
-:class:`TrainState` (global step, epoch, step within the epoch). The data order is a function of
-(seed, epoch) and each micro-batch's crops of (seed, epoch, step, micro-step, rank), so no data-loader
-state is needed beyond the position.
+State that makes a resume exact: models, optimiser, scheduler, GradScaler, every rank's RNGs, the loss
+module (its slice seed and step), the health monitor counters and the :class:`TrainState` (global step,
+epoch, step within the epoch), all as safetensors + JSON (:mod:`training.state_io`; never a pickle).
+The data order is a function of (seed, epoch) and each micro-batch's crops of (seed, epoch, step,
+micro-step, rank), so no data-loader state is needed beyond the position.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from training.data import build_data, cut_views, epoch_steps, train_loader
 from training.evaluate_online import OnlineEvaluator
 from training.monitor import HealthMonitor, nonfinite_flag, raise_if_flagged
 from training.publish import export_encoder, push_encoder
+from training.state_io import TrainingParts, load_training_state
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,16 @@ class Trainer:
         torch.manual_seed(train.seed + 1 + self.rank)  # per-rank stream for stochastic layers
         self.state = TrainState()
         self.monitor = HealthMonitor(config.monitor, seed=train.seed)
-        accelerator.register_for_checkpointing(self.scheduler, self.loss_fn, self.monitor, self.state)
+        self.parts = TrainingParts(
+            model=accelerator.unwrap_model(self.model),
+            probe=None if self.probe is None else accelerator.unwrap_model(self.probe),
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=accelerator.scaler,
+            loss_fn=self.loss_fn,
+            monitor=self.monitor,
+            state=self.state,
+        )
         self.encoder = accelerator.unwrap_model(self.model).encoder
         mean = torch.tensor(config.data.mean, device=accelerator.device).view(1, -1, 1, 1)
         std = torch.tensor(config.data.std, device=accelerator.device).view(1, -1, 1, 1)
@@ -128,7 +138,8 @@ class Trainer:
         self.evaluator = OnlineEvaluator(self, self.data)
         self.checkpoint_root = self.output_dir / "checkpoints"
         # Resolved before anything is written, so a bad --resume path creates nothing.
-        self.resumed_from = folder = ckpt.resolve_resume(self.checkpoint_root, resume)
+        resolved = ckpt.resolve_resume(self.checkpoint_root, resume)
+        self.resumed_from = folder = None if resolved is None else resolved[0]
 
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -140,8 +151,9 @@ class Trainer:
         accelerator.wait_for_everyone()
         if accelerator.trackers == [] and train.log_with != "none":
             accelerator.init_trackers("tensorboard", config=flat_dict(config.to_dict()))
-        if folder is not None:
-            accelerator.load_state(str(folder))
+        if resolved is not None:
+            for note in load_training_state(folder, self.parts, self.rank, resolved[1]):
+                logger.warning(note)
             logger.info(
                 "resumed from %s at step %d (epoch %d)", folder, self.state.global_step, self.state.epoch
             )
@@ -360,6 +372,7 @@ class Trainer:
             record,
             self.config.train.keep_last,
             is_best,
+            self.parts,
         )
 
     def _export(self, folder: Path) -> Path:

@@ -7,6 +7,7 @@ after a seeded 100-image validation split).
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -72,7 +73,8 @@ def test_two_processes_through_accelerate_launch(tmp_path):
     root = output / "checkpoints"
     for step in (6, 12):
         folder = root / ckpt.step_dir_name(step)
-        assert (folder / "random_states_0.pkl").is_file() and (folder / "random_states_1.pkl").is_file()
+        assert {"rng_state_0.json", "rng_state_1.json", "rng_state_1.safetensors"} <= set(os.listdir(folder))
+        assert not [name for name in os.listdir(folder) if name.endswith((".pkl", ".bin", ".pt"))]
         assert ckpt.read_state(folder)["global_step"] == step
     assert ckpt.read_pointer(root, "latest").name == "step-00000012"
 

@@ -1,0 +1,236 @@
+"""Resuming never unpickles, and a damaged latest checkpoint falls back to the newest intact one.
+
+One real 4-step run writes checkpoints at steps 2 and 4. Each test copies that run folder, damages or
+booby-traps it, and resumes. The trap is a pickle whose unpickling creates a marker file (the payload
+is proved live by a positive control in a child process); it is planted under every file name a
+checkpoint folder holds today or held when accelerate's ``save_state`` wrote it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.training.helpers import REPO, run_script, single_thread, tiny_config, train  # noqa: F401
+from training import checkpoint as ckpt
+from training.manifest import MANIFEST_FILE, write_manifest
+from visreg_hub.errors import CheckpointError
+
+COMMON = ["train.max_steps=4", "train.checkpoint_every=2", "eval.knn_every=0"]
+OUR_FILES = [
+    "model.safetensors", "probe.safetensors", "training_state.safetensors", "training_state.json",
+    "rng_state_0.safetensors", "rng_state_0.json", "trainer_state.json", MANIFEST_FILE,
+]  # fmt: skip
+ACCELERATE_FILES = [
+    "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "custom_checkpoint_2.pkl", "custom_checkpoint_3.pkl",
+    "random_states_0.pkl", "optimizer.bin", "scheduler.bin", "scaler.pt", "sampler.bin", "dl_state_dict.bin",
+    "pytorch_model.bin", "model.bin", "model_1.safetensors", "optimizer.pt", "state.pkl",
+]  # fmt: skip
+
+
+class _Trap:
+    """Unpickling this calls ``open(marker, "w")``: the marker file appears iff the pickle ran."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _pickle_bytes(marker, torch_format: bool) -> bytes:
+    if torch_format:  # the zip container torch.save (and so accelerate) writes
+        buffer = io.BytesIO()
+        torch.save({"state": _Trap(marker)}, buffer)
+        return buffer.getvalue()
+    return pickle.dumps({"state": _Trap(marker)}, protocol=4)
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(tiny_config(folder, *COMMON))
+    finally:
+        torch.set_num_threads(previous)
+    return folder
+
+
+@pytest.fixture()
+def trainer(run_folder, tmp_path):
+    """A fresh trainer of the same configuration, to restore checkpoints into."""
+    from training.engine import Trainer
+
+    return Trainer(tiny_config(tmp_path / "fresh", *COMMON))
+
+
+def _copy(run_folder, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(run_folder, target)
+    return target, target / "checkpoints" / "step-00000004"
+
+
+def _resume(trainer, resume):
+    """What the Trainer does on resume: verify, pick, load; returns (folder, notes)."""
+    from training.state_io import load_training_state
+
+    folder, names = ckpt.resolve_resume(trainer.checkpoint_root, resume)
+    return folder, load_training_state(folder, trainer.parts, 0, names)
+
+
+def test_the_planted_pickle_is_live(tmp_path):
+    """Positive control: unpickling the traps (in a child process) does create the markers."""
+    markers = [tmp_path / "control-pickle", tmp_path / "control-torch"]
+    (tmp_path / "trap.pkl").write_bytes(_pickle_bytes(markers[0], torch_format=False))
+    (tmp_path / "trap.bin").write_bytes(_pickle_bytes(markers[1], torch_format=True))
+    code = "import pickle, sys, torch; pickle.loads(open(sys.argv[1], 'rb').read()); "
+    code += "torch.load(sys.argv[2], weights_only=False)"
+    args = [sys.executable, "-c", code, str(tmp_path / "trap.pkl"), str(tmp_path / "trap.bin")]
+    subprocess.run(args, check=False, capture_output=True)
+    assert all(marker.exists() for marker in markers)
+
+
+def test_checkpoint_holds_no_pickle_and_a_manifest(run_folder):
+    folder = run_folder / "checkpoints" / "step-00000004"
+    names = {path.name for path in folder.iterdir()}
+    assert names == set(OUR_FILES)
+    for name in names:
+        head = (folder / name).read_bytes()[:2]
+        assert head != b"\x80\x04" and not head.startswith(b"PK"), name  # neither pickle nor torch zip
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    assert set(manifest["files"]) == names - {MANIFEST_FILE}
+    import hashlib
+
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == hashlib.sha256((folder / name).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("torch_format", [False, True], ids=["pickle", "torch.save"])
+def test_foreign_pickles_next_to_an_intact_checkpoint_are_ignored(
+    run_folder, tmp_path, trainer, torch_format
+):
+    """accelerate's file names (even listed in a rewritten manifest) are never read; resume still exact."""
+    output, step4 = _copy(run_folder, tmp_path)
+    marker = tmp_path / "PWNED"
+    for name in ACCELERATE_FILES:
+        (step4 / name).write_bytes(_pickle_bytes(marker, torch_format))
+    write_manifest(step4)
+    trainer.checkpoint_root = output / "checkpoints"
+    folder, notes = _resume(trainer, "auto")
+    assert folder == step4 and trainer.state.global_step == 4
+    assert any("custom_checkpoint_0.pkl" in note and "never read" in note for note in notes)
+    assert not marker.exists()
+    from safetensors.torch import load_file
+
+    expected = load_file(str(step4 / "model.safetensors"))
+    assert all(torch.equal(expected[k], v) for k, v in trainer.parts.model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", OUR_FILES)
+def test_pickle_in_place_of_a_checkpoint_file_never_runs(run_folder, tmp_path, trainer, name, caplog):
+    """Replace one of our files by a pickle. Manifest untouched: the digest check skips step 4 with a
+    warning naming the file, and step 2 is used. Manifest rewritten to match (a hostile folder): an
+    explicit --resume of step 4 is refused with a CheckpointError (or, for files the loader never reads,
+    resumes). The marker never appears."""
+    output, step4 = _copy(run_folder, tmp_path)
+    marker = tmp_path / "PWNED"
+    (step4 / name).write_bytes(_pickle_bytes(marker, torch_format=name.endswith(".safetensors")))
+    trainer.checkpoint_root = output / "checkpoints"
+    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
+        folder, _ = _resume(trainer, "auto")
+    assert folder.name == "step-00000002" and trainer.state.global_step == 2
+    assert any(
+        name in record.getMessage() and "step-00000004" in record.getMessage() for record in caplog.records
+    )
+
+    if name != MANIFEST_FILE:
+        write_manifest(step4)
+        if name == "trainer_state.json":  # human-readable copy; the loader reads training_state.json
+            folder, _ = _resume(trainer, str(step4))
+            assert trainer.state.global_step == 4
+        else:
+            with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+                _resume(trainer, str(step4))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "damage", ["truncate", "delete", "bitflip", "garbage_manifest", "no_manifest", "symlink"]
+)
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(
+    run_folder, tmp_path, trainer, damage, caplog
+):
+    output, step4 = _copy(run_folder, tmp_path)
+    target = step4 / "model.safetensors"
+    data = target.read_bytes()
+    expected_words = {
+        "truncate": "bytes",
+        "delete": "missing",
+        "bitflip": "sha256",
+        "garbage_manifest": "unreadable",
+        "no_manifest": "missing",
+        "symlink": "not a regular file",
+    }[damage]
+    if damage == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+    elif damage == "delete":
+        target.unlink()
+    elif damage == "bitflip":  # one bit deep inside the tensor data: still valid safetensors
+        flipped = bytearray(data)
+        flipped[len(data) - 100] ^= 0x01
+        target.write_bytes(bytes(flipped))
+    elif damage == "garbage_manifest":
+        (step4 / MANIFEST_FILE).write_bytes(b"\xff\xfe{" + b"[" * 100_000)
+    elif damage == "no_manifest":
+        (step4 / MANIFEST_FILE).unlink()
+    else:
+        target.unlink()
+        target.symlink_to(run_folder / "checkpoints" / "step-00000004" / "model.safetensors")
+    trainer.checkpoint_root = output / "checkpoints"
+    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
+        folder, _ = _resume(trainer, "auto")
+    assert folder.name == "step-00000002" and trainer.state.global_step == 2
+    warnings = [
+        r.getMessage() for r in caplog.records if "skipping checkpoint step-00000004" in r.getMessage()
+    ]
+    assert len(warnings) == 1 and expected_words in warnings[0]
+    with pytest.raises(CheckpointError, match=expected_words):  # an explicit step folder is refused
+        _resume(trainer, str(step4))
+    # the run folder and the checkpoints folder fall back like --resume auto
+    assert _resume(trainer, str(output))[0].name == "step-00000002"
+
+
+def test_all_checkpoints_damaged_is_an_error_not_a_fresh_start(run_folder, tmp_path, trainer):
+    output, _ = _copy(run_folder, tmp_path)
+    for folder in ckpt.complete_checkpoints(output / "checkpoints"):
+        (folder / "training_state.json").write_text("{}")
+    trainer.checkpoint_root = output / "checkpoints"
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+        _resume(trainer, "auto")
+
+
+def test_pretrain_refuses_a_hostile_checkpoint_in_one_line(run_folder, tmp_path):
+    """The real program: a pickle as the optimiser moments, manifest rewritten; exit 1, no traceback."""
+    output, step4 = _copy(run_folder, tmp_path)
+    shutil.rmtree(output / "checkpoints" / "step-00000002")
+    marker = tmp_path / "PWNED"
+    (step4 / "training_state.safetensors").write_bytes(_pickle_bytes(marker, torch_format=True))
+    write_manifest(step4)
+    args = ["--config", str(REPO / "training/configs/fmnist-fixture-cpu.yaml"),
+            f"data.path={REPO / 'tests/fixtures/fmnist_train_500.npz'}", f"train.output_dir={output}",
+            "train.progress_bar=false", "train.log_with=none", *COMMON, "--resume", "auto"]  # fmt: skip
+    result = run_script(args, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "training_state.safetensors is not a valid safetensors file" in result.stderr.splitlines()[-1]
+    assert not marker.exists()

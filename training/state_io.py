@@ -1,0 +1,405 @@
+"""Training state as safetensors + JSON: nothing on the resume path is ever unpickled.
+
+A checkpoint folder holds (names in :data:`MAIN_FILES` and :func:`rng_files`)::
+
+    model.safetensors             backbone + projector (the unwrapped module's state dict)
+    probe.safetensors             the online probe, when there is one
+    training_state.safetensors    optimiser moments (``optimizer.<param index>.<name>``)
+    training_state.json           optimiser param groups and scalars, LR schedule, GradScaler, loss slice
+                                  state, monitor counters, position (:class:`~training.engine.TrainState`)
+    rng_state_<rank>.safetensors  torch CPU (``cpu``) and CUDA (``cuda.<device>``) generator states
+    rng_state_<rank>.json         Python ``random`` and NumPy global generator states
+
+Everything read back is checked against the live objects it goes into (same keys, same types, same
+shapes) before anything is changed, so a hostile folder gives a :class:`CheckpointError`, never code
+execution or a half-restored run. Integrity (sha256 of every file) is :mod:`training.manifest`'s job.
+This writer replaces accelerate's ``save_state``, whose optimiser, scheduler, RNG and custom-object files
+are pickles that ``load_state`` unpickles with ``weights_only=False``. The state dicts are those of a
+single-replica module (DDP); sharded FSDP/DeepSpeed states are not supported by this trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from visreg_hub.errors import CheckpointError
+
+MODEL_FILE = "model.safetensors"
+PROBE_FILE = "probe.safetensors"
+TENSORS_FILE = "training_state.safetensors"
+STATE_JSON = "training_state.json"
+FORMAT = "visreg-training-state"
+VERSION = 1
+MAX_JSON_BYTES = 64 * 1024 * 1024  # optimiser param groups of very large models stay far below this
+
+
+_KNOWN = re.compile(
+    r"^(model|probe|training_state)\.safetensors$|^(training_state|trainer_state|manifest)\.json$"
+    r"|^rng_state_\d+\.(safetensors|json)$"
+)
+
+
+def rng_files(rank: int) -> tuple[str, str]:
+    """(safetensors, JSON) names of one rank's generator states."""
+    return f"rng_state_{rank}.safetensors", f"rng_state_{rank}.json"
+
+
+@dataclass
+class TrainingParts:
+    """The live objects a checkpoint saves and restores (the model unwrapped from DDP)."""
+
+    model: torch.nn.Module
+    probe: torch.nn.Module | None
+    optimizer: Any  # torch.optim.Optimizer or accelerate's AcceleratedOptimizer
+    scheduler: Any
+    scaler: Any  # torch.amp.GradScaler or None
+    loss_fn: torch.nn.Module
+    monitor: Any  # training.monitor.HealthMonitor
+    state: Any  # training.engine.TrainState
+
+
+# ----------------------------------------------------------------------------------------------- saving
+def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # clone: safetensors refuses views sharing storage; cpu: files are device-independent
+    return {name: value.detach().cpu().contiguous().clone() for name, value in state.items()}
+
+
+def _json_ready(value: Any, where: str) -> Any:
+    """Refuse anything JSON cannot hold exactly (so a state never silently needs pickle)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value  # json writes repr(): exact; nan/inf as NaN/Infinity literals
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, dict):
+        return {str(key): _json_ready(item, f"{where}.{key}") for key, item in value.items()}
+    raise TypeError(f"training state {where} is a {type(value).__name__}, which JSON cannot hold")
+
+
+def _optimizer_split(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _loss_split(loss_fn: torch.nn.Module) -> tuple[dict[str, torch.Tensor], Any]:
+    tensors, extra = {}, None
+    for name, value in loss_fn.state_dict().items():
+        if name.endswith("_extra_state"):
+            extra = value
+        else:
+            tensors[f"loss.{name}"] = value
+    return tensors, extra
+
+
+def save_training_state(folder: Path, parts: TrainingParts, rank: int, is_main: bool) -> list[str]:
+    """Write ``parts`` into ``folder``; every rank calls this (rank files), the main one writes the rest.
+
+    Returns:
+        The names of the files this process wrote.
+    """
+    written = []
+    rng_tensors, rng_json = _rng_state()
+    tensor_name, json_name = rng_files(rank)
+    save_file(_tensors(rng_tensors), str(folder / tensor_name))
+    _write_json(folder / json_name, rng_json)
+    written += [tensor_name, json_name]
+    if not is_main:
+        return written
+    save_file(_tensors(parts.model.state_dict()), str(folder / MODEL_FILE))
+    written.append(MODEL_FILE)
+    if parts.probe is not None:
+        save_file(_tensors(parts.probe.state_dict()), str(folder / PROBE_FILE))
+        written.append(PROBE_FILE)
+    optimizer_tensors, optimizer_json = _optimizer_split(parts.optimizer)
+    loss_tensors, loss_extra = _loss_split(parts.loss_fn)
+    save_file(_tensors({**optimizer_tensors, **loss_tensors}), str(folder / TENSORS_FILE))
+    record = {
+        "format": FORMAT,
+        "version": VERSION,
+        "optimizer": optimizer_json,
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": None if parts.scaler is None else parts.scaler.state_dict(),
+        "loss": loss_extra,
+        "monitor": parts.monitor.state_dict(),
+        "trainer": parts.state.state_dict(),
+    }
+    _write_json(folder / STATE_JSON, _json_ready(record, "state"))
+    return [*written, TENSORS_FILE, STATE_JSON]
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    version, internal, gauss_next = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
+    tensors = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    record = {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "kind": kind, "keys": keys.tolist(), "position": int(position),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached),
+        },
+    }  # fmt: skip
+    return tensors, record
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Parse a JSON file of a checkpoint; every failure is a :class:`CheckpointError` naming the file."""
+    try:
+        if path.stat().st_size > max_bytes:
+            raise CheckpointError(f"{path} is larger than {max_bytes} bytes; it is not a training-state file")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} is not readable JSON ({type(exc).__name__}: {exc})") from None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file onto the CPU (no pickle); every failure is a :class:`CheckpointError`."""
+    try:
+        return load_file(str(path), device="cpu")
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({exc})") from None
+
+
+def _like(saved: Any, reference: Any, where: str) -> None:
+    """Check that ``saved`` (from JSON) has the structure and types of ``reference`` (the live state)."""
+    if isinstance(reference, dict):
+        if not isinstance(saved, dict) or set(saved) != {str(k) for k in reference}:
+            got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+            raise CheckpointError(
+                f"training state {where} has keys {got}, expected {sorted(map(str, reference))}"
+            )
+        for key, value in reference.items():
+            _like(saved[str(key)], value, f"{where}.{key}")
+    elif isinstance(reference, (list, tuple)):
+        if not isinstance(saved, list) or len(saved) != len(reference):
+            raise CheckpointError(f"training state {where} should be a list of {len(reference)} items")
+        for i, (item, ref) in enumerate(zip(saved, reference, strict=True)):
+            _like(item, ref, f"{where}[{i}]")
+    elif isinstance(reference, bool) or reference is None or isinstance(reference, str):
+        if type(saved) is not type(reference):
+            raise CheckpointError(f"training state {where} should be {reference!r}-like, got {saved!r}")
+    elif isinstance(reference, (int, float)):
+        if isinstance(saved, bool) or not isinstance(saved, (int, float)):
+            raise CheckpointError(f"training state {where} should be a number, got {saved!r}")
+        if isinstance(reference, int) and not isinstance(saved, int):
+            raise CheckpointError(f"training state {where} should be an integer, got {saved!r}")
+    else:
+        raise CheckpointError(f"training state {where}: unsupported live value {type(reference).__name__}")
+
+
+def _retuple(saved: Any, reference: Any) -> Any:
+    """JSON turns tuples into lists; give back the live state's container types (e.g. AdamW ``betas``)."""
+    if isinstance(reference, dict):
+        return {key: _retuple(saved[str(key)], value) for key, value in reference.items()}
+    if isinstance(reference, (list, tuple)):
+        items = [_retuple(s, r) for s, r in zip(saved, reference, strict=True)]
+        return tuple(items) if isinstance(reference, tuple) else items
+    return saved
+
+
+def _check_module_tensors(tensors: dict, module: torch.nn.Module, where: str) -> None:
+    expected = {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where} does not match the model being trained (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}); resume with the configuration that wrote it"
+        )
+    for name, value in expected.items():
+        if tensors[name].shape != value.shape or tensors[name].dtype != value.dtype:
+            raise CheckpointError(
+                f"{where}: {name} is {tuple(tensors[name].shape)} {tensors[name].dtype}, the model has "
+                f"{tuple(value.shape)} {value.dtype}; resume with the configuration that wrote it"
+            )
+
+
+def _optimizer_state(parts: TrainingParts, record: dict, tensors: dict) -> dict:
+    live = parts.optimizer.state_dict()
+    saved_groups = record["param_groups"]
+    _like(saved_groups, live["param_groups"], "optimizer.param_groups")
+    groups = _retuple(saved_groups, live["param_groups"])
+    params = [p for group in parts.optimizer.param_groups for p in group["params"]]
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        index_text, _, key = name.removeprefix("optimizer.").partition(".")
+        if not index_text.isdigit() or int(index_text) >= len(params) or not key:
+            raise CheckpointError(f"{TENSORS_FILE}: {name!r} names no parameter of this optimiser")
+        index = int(index_text)
+        if value.dim() > 0 and value.shape != params[index].shape:
+            raise CheckpointError(
+                f"{TENSORS_FILE}: {name} has shape {tuple(value.shape)}, parameter {index} has "
+                f"{tuple(params[index].shape)}; resume with the configuration that wrote it"
+            )
+        if not value.is_floating_point():
+            raise CheckpointError(f"{TENSORS_FILE}: {name} is {value.dtype}, expected a float tensor")
+        state.setdefault(index, {})[key] = value
+    scalars = record["scalars"]
+    if not isinstance(scalars, dict):
+        raise CheckpointError("training state optimizer.scalars should be a mapping")
+    for index_text, values in scalars.items():
+        if not index_text.isdigit() or int(index_text) >= len(params) or not isinstance(values, dict):
+            raise CheckpointError(f"training state optimizer.scalars.{index_text} names no parameter")
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise CheckpointError(f"training state optimizer.scalars.{index_text}.{key} is not a number")
+            state.setdefault(int(index_text), {})[key] = value
+    return {"state": state, "param_groups": groups}
+
+
+def _read_rng(folder: Path, rank: int, names: set[str]):
+    """Parse and check one rank's generator states; returns a function that applies them, or None."""
+    tensor_name, json_name = rng_files(rank)
+    if tensor_name not in names or json_name not in names:
+        return None
+    tensors, record = read_tensors(folder / tensor_name), read_json(folder / json_name)
+    _, reference = _rng_state()
+    _like(record, reference, "rng")
+    python, numpy_state, cpu = record["python"], record["numpy"], tensors.get("cpu")
+    python_state = (python["version"], tuple(python["state"]), python["gauss_next"])
+    numpy_tuple = (
+        numpy_state["kind"], np.asarray(numpy_state["keys"]), numpy_state["position"],
+        numpy_state["has_gauss"], numpy_state["cached_gaussian"],
+    )  # fmt: skip
+    if cpu is None or cpu.dtype != torch.uint8:
+        raise CheckpointError(
+            f"{folder / tensor_name}: the torch CPU generator state is missing or malformed"
+        )
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
+    try:  # trial runs on throwaway generators: the setters are the authority on what is valid
+        if np.asarray(numpy_state["keys"]).dtype.kind not in "iu" or min(numpy_state["keys"]) < 0:
+            raise ValueError("NumPy keys must be non-negative integers")
+        numpy_tuple = (numpy_tuple[0], numpy_tuple[1].astype(np.uint32), *numpy_tuple[2:])
+        random.Random().setstate(python_state)
+        np.random.RandomState().set_state(numpy_tuple)
+        torch.Generator().set_state(cpu)
+    except (ValueError, TypeError, OverflowError, RuntimeError) as exc:
+        raise CheckpointError(f"{folder / json_name}: a generator state is malformed ({exc})") from None
+
+    def apply() -> None:
+        random.setstate(python_state)
+        np.random.set_state(numpy_tuple)
+        torch.set_rng_state(cpu)
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+    return apply
+
+
+def load_training_state(folder: Path, parts: TrainingParts, rank: int, names: set[str]) -> list[str]:
+    """Restore ``parts`` from ``folder``, reading only the verified files ``names`` (see the manifest).
+
+    Everything is parsed and checked before the first live object changes.
+
+    Returns:
+        Notes for the log (e.g. a rank without saved generator states after a change of world size).
+
+    Raises:
+        CheckpointError: a file is missing, malformed, or does not fit the objects being restored.
+    """
+    needed = {MODEL_FILE, TENSORS_FILE, STATE_JSON} | ({PROBE_FILE} if parts.probe is not None else set())
+    if needed - names:
+        raise CheckpointError(
+            f"{folder} lacks {sorted(needed - names)}; it is not a complete training checkpoint"
+        )
+    record = read_json(folder / STATE_JSON)
+    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != VERSION:
+        raise CheckpointError(f"{folder / STATE_JSON} is not a {FORMAT} version {VERSION} file")
+    model_tensors = read_tensors(folder / MODEL_FILE)
+    _check_module_tensors(model_tensors, parts.model, MODEL_FILE)
+    probe_tensors = None
+    if parts.probe is not None:
+        probe_tensors = read_tensors(folder / PROBE_FILE)
+        _check_module_tensors(probe_tensors, parts.probe, PROBE_FILE)
+    tensors = read_tensors(folder / TENSORS_FILE)
+    loss_tensors = {k.removeprefix("loss."): v for k, v in tensors.items() if k.startswith("loss.")}
+    _check_module_tensors(loss_tensors, parts.loss_fn, f"{TENSORS_FILE} (loss)")
+    optimizer_tensors = {k: v for k, v in tensors.items() if not k.startswith("loss.")}
+    if not isinstance(record.get("optimizer"), dict) or set(record["optimizer"]) != {
+        "param_groups",
+        "scalars",
+    }:
+        raise CheckpointError(f"{folder / STATE_JSON}: the optimizer entry is malformed")
+    optimizer_state = _optimizer_state(parts, record["optimizer"], optimizer_tensors)
+    for key, live in (("scheduler", parts.scheduler), ("scaler", parts.scaler), ("monitor", parts.monitor)):
+        reference = None if live is None else live.state_dict()
+        _like(record.get(key), reference, key)
+    _, loss_extra = _loss_split(parts.loss_fn)
+    _like(record.get("loss"), loss_extra, "loss")
+    trainer = record.get("trainer")
+    _check_trainer_state(trainer)
+    apply_rng = _read_rng(folder, rank, names)
+    for name, value in (record["scheduler"] or {}).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CheckpointError(f"training state scheduler.{name} is {value}")
+
+    # Everything parsed and checked: now change the live objects.
+    parts.model.load_state_dict(model_tensors, strict=True)
+    if parts.probe is not None:
+        parts.probe.load_state_dict(probe_tensors, strict=True)
+    parts.optimizer.load_state_dict(optimizer_state)
+    parts.scheduler.load_state_dict(_retuple(record["scheduler"], parts.scheduler.state_dict()))
+    if parts.scaler is not None:
+        parts.scaler.load_state_dict(record["scaler"])
+    loss_state = {**loss_tensors}
+    if loss_extra is not None:
+        loss_state = {**loss_state, "_extra_state": record["loss"]}
+    parts.loss_fn.load_state_dict(loss_state, strict=True)
+    parts.monitor.load_state_dict(record["monitor"])
+    parts.state.load_state_dict(trainer)
+    notes = []
+    if apply_rng is not None:
+        apply_rng()
+    ignored = sorted(name for name in os.listdir(folder) if not _KNOWN.match(name))
+    if ignored:
+        notes.append(f"{folder}: ignoring {ignored} (not part of a training checkpoint; never read)")
+    if apply_rng is None:
+        notes.append(
+            f"{folder} holds no generator state for rank {rank} (saved with another number of processes); "
+            "random streams restart from the seed, so the run is not bit-exact with an uninterrupted one"
+        )
+    return notes
+
+
+def _check_trainer_state(trainer: Any) -> None:
+    ints = ("global_step", "epoch", "step_in_epoch")
+    optional_floats = ("best_metric", "last_knn")
+    if not isinstance(trainer, dict) or set(trainer) != set(ints + optional_floats):
+        raise CheckpointError(f"training state 'trainer' should hold exactly {list(ints + optional_floats)}")
+    for key in ints:
+        value = trainer[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(
+                f"training state trainer.{key} should be a non-negative integer, got {value!r}"
+            )
+    for key in optional_floats:
+        value = trainer[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise CheckpointError(f"training state trainer.{key} should be a number or null, got {value!r}")
