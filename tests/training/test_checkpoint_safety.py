@@ -30,7 +30,8 @@ OUR_FILES = [
     "rng_state_0.safetensors", "rng_state_0.json", "trainer_state.json", MANIFEST_FILE,
 ]  # fmt: skip
 ACCELERATE_FILES = [
-    "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "custom_checkpoint_2.pkl", "custom_checkpoint_3.pkl",
+    "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "custom_checkpoint_2.pkl",
+    "custom_checkpoint_3.pkl",
     "random_states_0.pkl", "optimizer.bin", "scheduler.bin", "scaler.pt", "sampler.bin", "dl_state_dict.bin",
     "pytorch_model.bin", "model.bin", "model_1.safetensors", "optimizer.pt", "state.pkl",
 ]  # fmt: skip
