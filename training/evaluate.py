@@ -7,9 +7,9 @@
 
 Protocol:
 
-* Images go through the model's own preprocessing (:class:`visreg_hub.inference.preprocess.Preprocessor`
-  built from its data config), features (``--pooling``, default the model's) are computed once for the
-  train and test splits and reused by every evaluation below.
+* Images go through the model's own preprocessing and the library's embedding pipeline (``model.encode``,
+  :mod:`visreg_hub.inference.pipeline`); features (``--pooling``, default the model's) are computed once
+  for the train and test splits and reused by every evaluation below.
 * kNN (DINO): cosine similarity, k in ``--knn-k`` (10, 20, 200), votes weighted by exp(sim / 0.07).
 * Linear probe: standardised features, multinomial logistic regression; the inverse regularisation C is
   chosen on a stratified validation split carved from the training split (``--val-fraction``), then the
@@ -69,45 +69,20 @@ def load_split(kind: str, path: str | None, split: str) -> tuple[list | np.ndarr
     return items, labels
 
 
-class _EvalImages:
-    """Dataset of (preprocessed uint8 (C, H, W), index) pairs for the DataLoader."""
-
-    def __init__(self, items, preprocessor) -> None:
-        self.items, self.preprocessor = items, preprocessor
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int):
-        from PIL import Image
-
-        from visreg_hub.inference.images import ImageSource, decode_image
-
-        item = self.items[index]
-        if isinstance(item, np.ndarray):
-            image = Image.fromarray(item).convert("RGB")
-        else:
-            image = decode_image(ImageSource(Path(item), str(item)))
-        return self.preprocessor(image), index
-
-
 def extract_features(model, items, batch_size: int, workers: int, pooling: str | None) -> np.ndarray:
-    """(N, E) float32 features of ``items`` with the model's preprocessing, in order."""
-    import torch
+    """(N, E) float32 features (not L2-normalised) of ``items``, in order, through ``model.encode``.
 
-    from visreg_hub.inference.preprocess import Preprocessor
-
-    preprocessor = Preprocessor(model.data_config)
-    loader = torch.utils.data.DataLoader(
-        _EvalImages(items, preprocessor), batch_size=batch_size, num_workers=workers, shuffle=False
-    )
-    device = next(model.parameters()).device
-    chunks = []
-    with torch.inference_mode():
-        for pixels, _ in loader:
-            inputs = preprocessor.normalize(pixels.to(device))
-            chunks.append(model(inputs, pooling=pooling).float().cpu().numpy())
-    return np.concatenate(chunks)
+    Args:
+        model: a loaded :class:`~visreg_hub.models.VISRegEncoder` (its backend is the one it was loaded with).
+        items: image paths, or uint8 images (N, H, W[, C]) as one array.
+        batch_size, workers: images per forward pass, DataLoader decoding processes.
+        pooling: feature tap (None: the model's default).
+    """
+    images = list(items) if isinstance(items, np.ndarray) else items  # one image per row, not one 3-D image
+    return model.encode(
+        images, batch_size=batch_size, num_workers=workers, pooling=pooling, normalize=False,
+        convert_to_numpy=True, show_progress_bar=False,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ probes

@@ -25,7 +25,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from visreg_hub.inference import onnx as vonnx  # noqa: E402
+from visreg_hub.inference import backends  # noqa: E402
 from visreg_hub.inference.onnx import (  # noqa: E402
     OnnxEmbedder,
     OnnxValidationError,
@@ -34,7 +34,8 @@ from visreg_hub.inference.onnx import (  # noqa: E402
     read_onnx_metadata,
     validate_onnx,
 )
-from visreg_hub.inference.onnx_graph import PreprocessingSpec, preprocessing_model  # noqa: E402
+from visreg_hub.inference.onnx.backend import weights_fingerprint  # noqa: E402
+from visreg_hub.inference.onnx.graph import PreprocessingSpec, preprocessing_model  # noqa: E402
 
 BAKED_SIZE = (48, 40)  # (H, W) of the uint8 input of the baked graph: portrait, not the model size
 
@@ -192,7 +193,7 @@ def test_embedder_on_error_and_argument_checks(model, plain, photo_paths):
     "CUDAExecutionProvider" in ort.get_available_providers(), reason="this onnxruntime build has CUDA"
 )
 def test_cuda_requested_but_unavailable_warns_and_reports_cpu(plain, caplog):
-    with caplog.at_level(logging.WARNING, logger="visreg_hub.inference.onnx_runtime"):
+    with caplog.at_level(logging.WARNING, logger="visreg_hub.inference.onnx.runtime"):
         embedder = OnnxEmbedder(plain[0], providers="cuda")
     assert embedder.requested_providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert embedder.active_provider == "CPUExecutionProvider" and embedder.fell_back
@@ -279,9 +280,10 @@ def test_preprocessing_rejects_what_the_graph_cannot_reproduce():
 def test_encode_backend_onnx_fp16_fused(model, photo_paths):
     ours = encode_onnx(model, photo_paths, dtype="fp16", optimize=True)
     assert cosine(ours, model.encode(photo_paths)).min() >= 0.999
-    (_fingerprint, embedder), *_ = vonnx._EMBEDDERS[model].values()
+    (_fingerprint, embedder), *_ = backends._ONNX_BACKENDS[model].values()
     assert encode_onnx(model, photo_paths[:1], dtype="fp16", optimize=True).shape == (1, 32)
-    assert vonnx._EMBEDDERS[model][("cls", True, True, None, 0)][1] is embedder  # cached, not re-exported
+    cached = backends._ONNX_BACKENDS[model][("cls", True, True, None, 0)][1]
+    assert cached is embedder  # cached, not re-exported
     meta = embedder.metadata
     assert meta.precision == "fp16" and meta.fusions.get("sdpa_via_mha") == 2  # one attention per block
     proto = onnx.load(str(embedder.path))
@@ -293,10 +295,10 @@ def test_encode_backend_onnx_fp16_fused(model, photo_paths):
     assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)  # weights stored in fp16
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 in and out
     assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    before = vonnx._weights_fingerprint(model)
+    before = weights_fingerprint(model)
     with torch.no_grad():
         model.backbone.cls_token.add_(0.0)  # an in-place update must invalidate the cached export
-    assert vonnx._weights_fingerprint(model) != before
+    assert weights_fingerprint(model) != before
     with pytest.raises(ValueError, match="bfloat16 is not supported by the ONNX backend"):
         encode_onnx(model, photo_paths, dtype="bf16")
 
@@ -366,11 +368,14 @@ def test_cuda_provider_with_io_binding(model, plain, photo_paths):
 def test_model_encode_backend_switch(model, photo_paths):
     """``model.encode(..., backend="onnx")`` is the ONNX path with the torch path's contract."""
     torch_embeddings = model.encode(photo_paths)
-    onnx_embeddings = model.encode(photo_paths, backend="onnx")
+    with pytest.warns(DeprecationWarning, match="from_pretrained"):
+        onnx_embeddings = model.encode(photo_paths, backend="onnx")
     assert onnx_embeddings.shape == torch_embeddings.shape
     assert cosine(onnx_embeddings, torch_embeddings).min() > 0.9999
-    skipped = model.encode([photo_paths[0], b"not an image"], backend="onnx", on_error="skip")
+    with pytest.warns(DeprecationWarning):
+        skipped = model.encode([photo_paths[0], b"not an image"], backend="onnx", on_error="skip")
     assert [failure.index for failure in skipped.failures] == [1]
     assert cosine(skipped.embeddings, torch_embeddings[:1]).min() > 0.9999
-    with pytest.raises(ValueError, match="backend must be 'torch' or 'onnx'"):
+    wrong = pytest.raises(ValueError, match="backend must be 'torch' or 'onnx'")
+    with wrong, pytest.warns(DeprecationWarning):
         model.encode(photo_paths, backend="tensorrt")

@@ -255,6 +255,9 @@ def from_pretrained(
     token: str | bool | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    backend: str = "torch",
+    provider: str | None = None,
+    precision: str = "fp32",
 ):
     """Load a :class:`~visreg_hub.models.VISRegEncoder` in eval mode: ``load(resolve(name_or_path))``.
 
@@ -266,14 +269,23 @@ def from_pretrained(
         token: Hub token (default: ``HF_TOKEN`` or the stored login).
         device: where to put the model.
         dtype: floating dtype of the parameters (e.g. ``torch.bfloat16``).
+        backend: what ``model.encode()`` runs on: ``"torch"`` (the model itself) or ``"onnx"`` (the
+            model exported once and run by ONNX Runtime; ``pip install 'visreg_hub[onnx-cpu]'``).
+            ``model.backend`` says which (see :mod:`visreg_hub.inference.backends`).
+        provider: ONNX Runtime provider for ``backend="onnx"`` (``"cpu"``, ``"cuda"``, ``"tensorrt"``;
+            None: from ``device``, else the best available).
+        precision: ONNX graph precision for ``backend="onnx"``: ``"fp32"`` or ``"fp16"`` (GPU providers).
 
     Raises:
         ModelNotFoundError: nothing matches (close registry names are suggested).
         ModelNotPublishedError: a registry entry without public weights.
         CheckpointError: malformed config, non-safetensors weights, key/shape mismatch, sha256 mismatch.
     """
+    from visreg_hub.inference.backends import make_spec, set_backend
+
+    make_spec(backend, provider, precision)  # a bad backend argument fails before any download
     source = resolve(name_or_path, revision=revision)
     model = load(source, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
-    return model.eval()
+    return set_backend(model.eval(), backend, provider, precision)

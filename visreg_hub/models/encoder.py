@@ -236,8 +236,18 @@ class VISRegEncoder(nn.Module):
 
     # ------------------------------------------------------------------ thin delegations
     # Imports are local so that visreg_hub.models never imports hub/inference at import time.
+    @property
+    def backend(self) -> str:
+        """What :meth:`encode` runs on: ``"torch"`` or ``"onnx"`` (``from_pretrained(backend=...)``)."""
+        from visreg_hub.inference.backends import spec_of
+
+        return spec_of(self).backend
+
     def encode(self, images, **kwargs):
-        """Embed paths, PIL images, arrays or tensors; see :func:`visreg_hub.inference.embedder.encode`."""
+        """Embed paths, PIL images, arrays or tensors; see :func:`visreg_hub.inference.embedder.encode`.
+
+        Runs on the backend chosen at load time (``from_pretrained(..., backend=...)``; torch by default).
+        """
         from visreg_hub.inference.embedder import encode
 
         return encode(self, images, **kwargs)

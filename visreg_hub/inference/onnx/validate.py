@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 
 from visreg_hub.errors import VisregHubError, require_extra
-from visreg_hub.inference.embedder import _inference_state
-from visreg_hub.inference.onnx_graph import PreprocessingSpec, preprocessing_model
-from visreg_hub.inference.onnx_runtime import create_session, read_onnx_metadata
+from visreg_hub.inference.backends import inference_state
+from visreg_hub.inference.onnx.graph import PreprocessingSpec, preprocessing_model
+from visreg_hub.inference.onnx.runtime import create_session, read_onnx_metadata
 from visreg_hub.inference.preprocess import Preprocessor
 
 logger = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ def validate_onnx(
         return [out.float().cpu().numpy() for out in outputs]
 
     rows = []
-    with _inference_state(model, model.device), torch.inference_mode():
+    with inference_state(model, model.device), torch.inference_mode():
         for size_index, size in enumerate(sizes):
             for batch in batch_sizes if size_index == 0 else batch_sizes[:2]:
                 if pre_session is not None:

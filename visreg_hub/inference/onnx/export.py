@@ -1,4 +1,4 @@
-"""ONNX export of VISReg encoders and embedding with ONNX Runtime (needs the ``onnx`` extra).
+"""ONNX export of VISReg encoders (needs the ``onnx`` extra).
 
     import visreg_hub
     from visreg_hub.inference.onnx import OnnxEmbedder
@@ -17,7 +17,7 @@ Graph inputs and outputs (all float32 whatever the precision inside):
 * ``embedding`` (B, E), not L2-normalised; ``patch_tokens`` (B, h, w, D) with ``patch_tokens=True``.
 
 The model name, config, data config, pooling and input description are stored in ``metadata_props``
-(:class:`~.onnx_runtime.OnnxMetadata`), which is all :class:`OnnxEmbedder` needs.
+(:class:`~visreg_hub.inference.onnx.runtime.OnnxMetadata`), which is all :class:`OnnxEmbedder` needs.
 
 What the baked preprocessing does (``with_preprocessing=True``), step by step, for inputs of (H, W):
 
@@ -47,18 +47,14 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from visreg_hub.errors import require_extra
-from visreg_hub.inference.embedder import EncodeResult, _inference_state, _resolve_dtype
-from visreg_hub.inference.onnx_embedder import OnnxEmbedder
-from visreg_hub.inference.onnx_graph import (
+from visreg_hub.inference.backends import inference_state
+from visreg_hub.inference.onnx.graph import (
     CORE_INPUT,
     EMBEDDING,
     IMAGE_INPUT,
@@ -70,26 +66,14 @@ from visreg_hub.inference.onnx_graph import (
     fuse_for_ort,
     save_model,
 )
-from visreg_hub.inference.onnx_runtime import CPU, OnnxMetadata, read_onnx_metadata
-from visreg_hub.inference.onnx_validate import (
+from visreg_hub.inference.onnx.runtime import OnnxMetadata
+from visreg_hub.inference.onnx.validate import (
     DEFAULT_BATCH_SIZES,
-    OnnxValidationError,
     ValidationReport,
     validate_onnx,
 )
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "OnnxEmbedder",
-    "OnnxMetadata",
-    "OnnxValidationError",
-    "ValidationReport",
-    "encode_onnx",
-    "export_onnx",
-    "read_onnx_metadata",
-    "validate_onnx",
-]
 
 
 def export_onnx(
@@ -135,7 +119,7 @@ def export_onnx(
             the GPU provider they are meant for.
 
     Returns:
-        The :class:`~visreg_hub.inference.onnx_validate.ValidationReport` (``.path`` is the file).
+        The :class:`~visreg_hub.inference.onnx.validate.ValidationReport` (``.path`` is the file).
 
     Raises:
         ValueError: an argument is invalid (the message says how to fix it).
@@ -179,7 +163,7 @@ def export_onnx(
         raise ValueError("image_size only applies with with_preprocessing=True (the fixed uint8 input size)")
 
     started = time.perf_counter()
-    with _inference_state(model, model.device):
+    with inference_state(model, model.device):
         core = export_core(
             model, pooling=pooling, with_patch_tokens=patch_tokens, dynamic_batch=dynamic_batch,
             dynamic_image_size=dynamic_image_size, opset=opset,
@@ -214,68 +198,3 @@ def export_onnx(
     return validate_onnx(
         model, path, batch_sizes=tuple(validation_batch_sizes), providers=validation_providers
     )
-
-
-# ------------------------------------------------------------------------- encode(backend="onnx")
-_EMBEDDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _weights_fingerprint(model: nn.Module) -> tuple:
-    # why: in-place updates bump a tensor's version counter and moves change its storage, so a stale
-    # export is never reused without hashing hundreds of MB of weights on every call
-    return tuple((t.data_ptr(), t._version) for t in model.state_dict().values())
-
-
-def encode_onnx(
-    model: nn.Module,
-    images: Any,
-    *,
-    pooling: str | None = None,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
-    optimize: bool = False,
-    **encode_kwargs: Any,
-) -> torch.Tensor | np.ndarray | EncodeResult:
-    """``encode(model, images, backend="onnx")``: export once per model, pooling, precision and device.
-
-    The export (validated) is cached for the lifetime of ``model`` and redone when its weights change.
-
-    Args:
-        model: a float32 :class:`~visreg_hub.models.VISRegEncoder`.
-        images, pooling, **encode_kwargs: as :func:`visreg_hub.inference.encode`.
-        device: None: the best available provider; ``"cpu"``; ``"cuda"`` / ``"cuda:1"``: the CUDA
-            provider (TensorRT is used only when asked for through :class:`OnnxEmbedder`).
-        dtype: None or float32: an fp32 graph; float16: an fp16 graph. bfloat16 is refused.
-        optimize: export with ONNX Runtime fusions.
-    """
-    pooling = model.config.pooling if pooling is None else pooling
-    model.embedding_dim(pooling)  # validates before any export
-    resolved = _resolve_dtype(dtype)
-    if resolved == torch.bfloat16:
-        raise ValueError(
-            "dtype=bfloat16 is not supported by the ONNX backend; use dtype='fp16' or backend='torch'"
-        )
-    fp16 = resolved == torch.float16
-    providers, device_id = None, 0
-    if device is not None:
-        target = torch.device(device)
-        providers = "cuda" if target.type == "cuda" else CPU if target.type == "cpu" else None
-        if providers is None:
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' for the ONNX backend, got {device!r}")
-        device_id = target.index or 0
-    key = (pooling, fp16, optimize, providers, device_id)
-    cache = _EMBEDDERS.setdefault(model, {})
-    fingerprint = _weights_fingerprint(model)
-    entry = cache.get(key)
-    if entry is None or entry[0] != fingerprint:
-        logger.info(
-            "exporting %s to ONNX for the onnx backend (pooling=%s, fp16=%s)",
-            model.config.name,
-            pooling,
-            fp16,
-        )
-        embedder = OnnxEmbedder.from_model(
-            model, providers=providers, device_id=device_id, pooling=pooling, fp16=fp16, optimize=optimize
-        )
-        cache[key] = entry = (fingerprint, embedder)
-    return entry[1].encode(images, **encode_kwargs)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 import tempfile
 import weakref
 from pathlib import Path
@@ -24,20 +23,13 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 
-from visreg_hub.errors import ImageDecodeError
-from visreg_hub.inference.embedder import (
-    EncodeFailure,
-    EncodeResult,
-    _check_args,
-    _resolve_dtype,
-    _worker_init,
-)
-from visreg_hub.inference.images import DEFAULT_MAX_PIXELS, expand_inputs
-from visreg_hub.inference.onnx_graph import EMBEDDING
-from visreg_hub.inference.onnx_runtime import GPU_PROVIDERS, create_session, read_onnx_metadata
-from visreg_hub.inference.preprocess import Collate, ImageDataset, Preprocessor
+from visreg_hub.inference.backends import resolve_dtype
+from visreg_hub.inference.images import DEFAULT_MAX_PIXELS
+from visreg_hub.inference.onnx.graph import EMBEDDING
+from visreg_hub.inference.onnx.runtime import GPU_PROVIDERS, create_session, read_onnx_metadata
+from visreg_hub.inference.pipeline import EmbeddingPipeline, EncodeResult
+from visreg_hub.inference.preprocess import Preprocessor
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +65,15 @@ class OnnxEmbedder:
             True (default) logs a warning and records it in :attr:`fell_back`.
 
     Attributes:
-        metadata: the file's :class:`~visreg_hub.inference.onnx_runtime.OnnxMetadata`.
+        metadata: the file's :class:`~visreg_hub.inference.onnx.runtime.OnnxMetadata`.
         session: the ``onnxruntime.InferenceSession``.
         requested_providers: providers asked for, best first.
         active_provider: provider that runs the graph (``session.get_providers()[0]``).
         fell_back: ``active_provider`` is not the first requested provider.
         uses_io_binding: batches go through IOBinding on the GPU (CUDA/TensorRT provider and CUDA torch).
+        transform: decoded PIL image -> (3, H, W) uint8 the graph's pipeline expects (resize + crop for a
+            plain graph, resize to the fixed input size for baked preprocessing).
+        input_shape: (C, H, W) of one transformed image.
     """
 
     def __init__(
@@ -105,11 +100,11 @@ class OnnxEmbedder:
         self._normalizer = Preprocessor(self.metadata.data_config)
         if self.metadata.has_preprocessing:
             height, width = self.metadata.image_size
-            self._transform = _ResizeTo((height, width), self.metadata.data_config["interpolation"])
-            self._item_shape = (3, height, width)
+            self.transform = _ResizeTo((height, width), self.metadata.data_config["interpolation"])
+            self.input_shape = (3, height, width)
         else:
-            self._transform = self._normalizer
-            self._item_shape = self._normalizer.output_shape
+            self.transform = self._normalizer
+            self.input_shape = self._normalizer.output_shape
         self._tempdir: str | None = None  # set by from_model; removed with the embedder
 
     @property
@@ -147,7 +142,7 @@ class OnnxEmbedder:
             **export_kwargs: passed to :func:`export_onnx` (``pooling``, ``fp16``, ``optimize``, ...).
         """
         tempdir = tempfile.mkdtemp(prefix="visreg-onnx-")
-        from visreg_hub.inference.onnx import export_onnx  # here: onnx.py imports this module
+        from visreg_hub.inference.onnx.export import export_onnx
 
         try:
             path = Path(tempdir) / f"{model.config.name or 'model'}.onnx"
@@ -175,10 +170,10 @@ class OnnxEmbedder:
         """
         return self.session.run(list(outputs or self.metadata.outputs), {self.metadata.input_name: inputs})
 
-    def _embed_batch(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) uint8 on the CPU -> (B, E) float32 on the CPU."""
+    def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) uint8 from :attr:`transform` (CPU) -> (B, E) float32 on the CPU, not normalised."""
         if not self.metadata.dynamic_batch and len(pixels) > 1:  # exported with a batch of 1
-            return torch.cat([self._embed_batch(pixels[i : i + 1]) for i in range(len(pixels))])
+            return torch.cat([self.embed_pixels(pixels[i : i + 1]) for i in range(len(pixels))])
         baked, nhwc = self.metadata.has_preprocessing, self.metadata.input_layout == "NHWC"
         if self.uses_io_binding:
             return self._embed_batch_cuda(pixels, baked, nhwc).cpu()
@@ -220,7 +215,7 @@ class OnnxEmbedder:
                     f"device={str(device)!r} but this session runs on {self.active_provider} (device_id "
                     f"{self.device_id}); open OnnxEmbedder(path, providers=..., device_id=...) for it"
                 )
-        resolved = _resolve_dtype(dtype)
+        resolved = resolve_dtype(dtype)
         if resolved is not None:
             expected = torch.float16 if self.metadata.precision == "fp16" else torch.float32
             if resolved != expected:
@@ -253,36 +248,13 @@ class OnnxEmbedder:
             (N, E) float32 embeddings in input order (a CPU tensor, or numpy with ``convert_to_numpy``);
             ``EncodeResult(embeddings, failures)`` with ``on_error="skip"``.
         """
-        _check_args(batch_size, num_workers, on_error)
+        from visreg_hub.inference.onnx.backend import OnnxBackend
+
         self._check_call(pooling, device, dtype)
-        sources = expand_inputs(images)
-        loader = torch.utils.data.DataLoader(
-            ImageDataset(sources, self._transform, max_pixels),
-            batch_size=batch_size, shuffle=False, num_workers=num_workers,
-            collate_fn=Collate(self._item_shape), pin_memory=self.uses_io_binding,
-            worker_init_fn=_worker_init if num_workers > 0 else None,
+        pipeline = EmbeddingPipeline(OnnxBackend(self), normalize=normalize, max_pixels=max_pixels)
+        result, failures = pipeline.run(
+            images, batch_size=batch_size, num_workers=num_workers, on_error=on_error,
+            show_progress_bar=show_progress_bar, desc="encode (onnx)",
         )  # fmt: skip
-        if show_progress_bar is None:
-            show_progress_bar = sys.stderr.isatty()
-        failures: list[EncodeFailure] = []
-        outputs: list[torch.Tensor] = []
-        with tqdm(total=len(sources), desc="encode (onnx)", unit="img", disable=not show_progress_bar) as bar:
-            for batch in loader:
-                if batch.failures and on_error == "raise":
-                    index, reason = batch.failures[0]
-                    raise ImageDecodeError(
-                        f"{reason} (input index {index}; pass on_error='skip' to embed the others)"
-                    )
-                failures.extend(EncodeFailure(index, reason) for index, reason in batch.failures)
-                if len(batch.indices):
-                    embeddings = self._embed_batch(batch.pixels).float()
-                    outputs.append(nn.functional.normalize(embeddings, dim=-1) if normalize else embeddings)
-                bar.update(len(batch.indices) + len(batch.failures))
-        result = torch.cat(outputs) if outputs else torch.empty((0, self.embedding_dim), dtype=torch.float32)
-        if failures:
-            logger.warning(
-                "%d of %d images could not be decoded and were skipped; first: %s",
-                len(failures), len(sources), failures[0].reason,
-            )  # fmt: skip
         embeddings = result.numpy() if convert_to_numpy else result
         return EncodeResult(embeddings, failures) if on_error == "skip" else embeddings

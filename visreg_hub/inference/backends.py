@@ -1,0 +1,256 @@
+"""Inference backends: what turns a batch of preprocessed uint8 pixels into features.
+
+One small interface, two implementations, chosen when the model is loaded (as sentence-transformers
+does): ``from_pretrained(name, backend="torch" | "onnx", provider=..., precision=...)`` records a
+:class:`BackendSpec` on the model, and :func:`backend_for` turns it into a :class:`Backend` the first
+time the model embeds something (for the ONNX backend that means exporting or reading a cached graph).
+
+* :class:`TorchBackend`: the model itself under ``torch.inference_mode`` (and autocast when asked).
+* ``OnnxBackend`` (:mod:`visreg_hub.inference.onnx.backend`): an exported graph run by ONNX Runtime.
+
+Both give the :class:`~visreg_hub.inference.pipeline.EmbeddingPipeline` the same four things: the
+per-image transform (decoded PIL image -> (C, H, W) uint8, run in DataLoader workers), the shape of one
+transformed item, the shape of one output item, and ``forward`` ((B, C, H, W) uint8 -> (B, *out) float32,
+pooled but not L2-normalised).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from visreg_hub.inference.preprocess import Preprocessor
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnx")
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}  # fmt: skip
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bf16"``, ``torch.float16``, ... -> a torch dtype (None stays None); anything else: ValueError."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in _DTYPES.values()):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(
+        f"dtype must be None, float32, float16 or bfloat16 (or 'fp32', 'fp16', 'bf16'), got {dtype!r}"
+    )
+
+
+@contextlib.contextmanager
+def inference_state(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Eval mode and ``device`` for the duration; every module's training flag and the device restored."""
+    flags = [(module, module.training) for module in model.modules()]
+    original_device = next(model.parameters()).device
+    moved = original_device != device
+    if moved:
+        logger.info("moving the model from %s to %s for this call", original_device, device)
+        model.to(device)
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+        if moved:
+            model.to(original_device)
+
+
+class Backend:
+    """The interface the pipeline needs; subclasses fill in the attributes and ``forward``.
+
+    Attributes:
+        name: ``"torch"`` or ``"onnx"``.
+        device: where ``forward`` returns its outputs (the pipeline normalises them there).
+        transform: decoded PIL image -> (C, H, W) uint8 tensor; picklable (runs in DataLoader workers).
+        input_shape: (C, H, W) of one transformed image.
+        output_shape: shape of one output item, e.g. (E,) for embeddings, (h, w, D) for patch grids.
+        pin_memory: the DataLoader should pin batches (a GPU consumes them).
+    """
+
+    name: str
+    device: torch.device
+    transform: Callable[[Any], torch.Tensor]
+    input_shape: tuple[int, int, int]
+    output_shape: tuple[int, ...]
+    pin_memory: bool = False
+
+    def session(self) -> contextlib.AbstractContextManager:
+        """Context entered around a run of ``forward`` calls (eval mode, device, no-grad, autocast)."""
+        return contextlib.nullcontext()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) uint8 on the CPU -> (B, *output_shape) float32 on ``device`` (not normalised)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line for logs: backend, device or provider, precision."""
+        return f"{self.name} on {self.device}"
+
+
+class TorchBackend(Backend):
+    """The PyTorch model itself, normalisation on its device, optional autocast.
+
+    Args:
+        model: a :class:`~visreg_hub.models.VISRegEncoder`.
+        pooling: feature tap of the embedding (None: the checkpoint's default); ignored for patch tokens.
+        device: where to run (None: where the parameters are). The model is moved there for each
+            ``session()`` and moved back afterwards.
+        dtype: float16/bfloat16 run a float32 model under autocast; None or float32: the model's dtype.
+        output: ``"embedding"`` ((B, E) pooled) or ``"patch_tokens"`` ((B, h, w, D) grids).
+    """
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        pooling: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        output: str = "embedding",
+    ) -> None:
+        self.model = model
+        self.pooling = pooling
+        self.output = output
+        amp_dtype = resolve_dtype(dtype)
+        self.param_dtype = next(model.parameters()).dtype
+        target = torch.device(device) if device is not None else next(model.parameters()).device
+        if target.type == "cuda" and target.index is None:  # "cuda" means the current device, as in .to()
+            target = torch.device("cuda", torch.cuda.current_device())
+        if amp_dtype == torch.float32 and self.param_dtype != torch.float32:
+            raise ValueError(
+                f"dtype=float32 was asked but the model's parameters are {self.param_dtype}; "
+                "call model.float() first"
+            )
+        self.amp_dtype = amp_dtype
+        self.use_autocast = amp_dtype in (torch.float16, torch.bfloat16) and self.param_dtype == torch.float32
+        if amp_dtype in (torch.float16, torch.bfloat16) and target.type == "cpu":
+            logger.info("autocast to %s on the CPU is slow; dtype is meant for GPUs", amp_dtype)
+        self.device = target
+        self.preprocessor = Preprocessor(model.data_config)
+        self.transform = self.preprocessor
+        self.input_shape = self.preprocessor.output_shape
+        self.pin_memory = target.type == "cuda"
+        if output == "embedding":
+            self.output_shape = (model.embedding_dim(pooling),)  # validates pooling before any decoding
+        elif output == "patch_tokens":
+            _, height, width = self.input_shape
+            patch = model.config.patch_size
+            self.output_shape = (height // patch, width // patch, model.config.embed_dim)
+        else:
+            raise ValueError(f"output must be 'embedding' or 'patch_tokens', got {output!r}")
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        with inference_state(self.model, self.device), torch.inference_mode():
+            yield
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        inputs = self.preprocessor.normalize(
+            pixels.to(self.device, non_blocking=True), dtype=self.param_dtype
+        )
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_autocast):
+            if self.output == "patch_tokens":
+                return self.model.patch_tokens(inputs).float()
+            return self.model(inputs, pooling=self.pooling).float()
+
+    def describe(self) -> str:
+        precision = self.amp_dtype if self.use_autocast else self.param_dtype
+        return f"torch on {self.device} ({str(precision).removeprefix('torch.')})"
+
+
+# ------------------------------------------------------------------ choosing a backend at load time
+@dataclass(frozen=True)
+class BackendSpec:
+    """What ``from_pretrained(..., backend=, provider=, precision=)`` asked for; stored on the model.
+
+    Attributes:
+        backend: ``"torch"`` or ``"onnx"``.
+        provider: ONNX Runtime provider (``"cpu"``, ``"cuda"``, ``"tensorrt"`` or a full name); None: from
+            the model's device. Only for the ONNX backend.
+        precision: ``"fp32"`` or ``"fp16"`` (ONNX graph precision). Only for the ONNX backend.
+    """
+
+    backend: str = "torch"
+    provider: str | None = None
+    precision: str = "fp32"
+
+
+PRECISIONS = ("fp32", "fp16")
+
+
+def make_spec(backend: str = "torch", provider: str | None = None, precision: str = "fp32") -> BackendSpec:
+    """Check and normalise ``from_pretrained``'s backend arguments (a ValueError names the bad one)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    aliases = {"float32": "fp32", "float16": "fp16"}
+    precision = aliases.get(precision, precision)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if backend == "torch" and (provider is not None or precision != "fp32"):
+        raise ValueError(
+            "provider= and precision= choose the ONNX Runtime graph; pass backend='onnx' with them "
+            "(for torch use device= and dtype=)"
+        )
+    return BackendSpec(backend, provider, precision)
+
+
+def set_backend(
+    model: nn.Module, backend: str = "torch", provider: str | None = None, precision: str = "fp32"
+):
+    """Record which backend ``encode()`` uses for ``model`` (what ``from_pretrained(backend=...)`` does)."""
+    spec = make_spec(backend, provider, precision)
+    model.backend_spec = spec
+    name = getattr(model.config, "name", None) or "model"
+    logger.info("%s: encode() uses the %s backend", name, spec.backend)
+    return model
+
+
+def spec_of(model: nn.Module) -> BackendSpec:
+    """The model's :class:`BackendSpec` (torch when none was recorded)."""
+    spec = getattr(model, "backend_spec", None)
+    return spec if isinstance(spec, BackendSpec) else BackendSpec()
+
+
+_ONNX_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def backend_for(
+    model: nn.Module,
+    *,
+    pooling: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    spec: BackendSpec | None = None,
+) -> Backend:
+    """The backend that embeds with ``model`` for these call arguments.
+
+    Args:
+        model: a :class:`~visreg_hub.models.VISRegEncoder`.
+        pooling, device, dtype: as :func:`visreg_hub.inference.encode`.
+        spec: override the model's recorded :class:`BackendSpec`.
+
+    Returns:
+        A :class:`TorchBackend`, or an ONNX Runtime backend (exported once per model, pooling, precision
+        and provider, kept for the model's lifetime and redone when its weights change).
+    """
+    spec = spec or spec_of(model)
+    if spec.backend == "torch":
+        return TorchBackend(model, pooling=pooling, device=device, dtype=dtype)
+    from visreg_hub.inference.onnx.backend import onnx_backend_for
+
+    return onnx_backend_for(model, spec, pooling=pooling, device=device, dtype=dtype, cache=_ONNX_BACKENDS)

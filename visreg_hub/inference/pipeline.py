@@ -1,0 +1,252 @@
+"""The one embedding loop: decode -> preprocess -> batch -> backend forward (pooled) -> normalise.
+
+``encode()``, ``extract_patch_features()``, :class:`~visreg_hub.inference.onnx.OnnxEmbedder`, the CLI,
+the demo, ``training/evaluate.py`` and the HTTP service all embed through :class:`EmbeddingPipeline`.
+
+Two entry points:
+
+* :meth:`EmbeddingPipeline.run`: any number of inputs (paths, folders, bytes, PIL images, arrays,
+  tensors, 4-D batches), decoded in DataLoader workers (``num_workers > 0``) or in-process, batched,
+  embedded; the contract of ``encode()``.
+* :meth:`EmbeddingPipeline.embed_batch`: one batch of items as a server's dynamic batcher holds them
+  (encoded bytes or already decoded PIL images / arrays), decoded in this thread, embedded in one
+  forward pass, per-item failures reported; and :meth:`EmbeddingPipeline.embed_pixels` for a batch that
+  is already preprocessed to uint8 pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from visreg_hub.errors import ImageDecodeError
+from visreg_hub.inference.backends import Backend
+from visreg_hub.inference.images import DEFAULT_MAX_PIXELS, ImageSource, expand_inputs
+from visreg_hub.inference.preprocess import Collate, ImageDataset
+
+logger = logging.getLogger(__name__)
+
+ON_ERROR = ("raise", "skip")
+_FLUSH_BYTES = 64 * 2**20
+
+
+class EncodeFailure(NamedTuple):
+    """An item that could not be embedded.
+
+    Attributes:
+        index: position in the expanded input list (see :func:`~visreg_hub.inference.images.expand_inputs`;
+            the input position when no folder or 4-D batch was given).
+        reason: the item's label (path or ``item K``) and what went wrong.
+    """
+
+    index: int
+    reason: str
+
+
+class EncodeResult(NamedTuple):
+    """Return value of ``encode(..., on_error="skip")`` (and of ``extract_patch_features``).
+
+    Attributes:
+        embeddings: the good items' outputs, in input order: (N_good, E) for ``encode``,
+            (N_good, h, w, D) for ``extract_patch_features``; a tensor, or a numpy array with
+            ``convert_to_numpy=True``.
+        failures: one :class:`EncodeFailure` per bad item, in input order.
+    """
+
+    embeddings: torch.Tensor | np.ndarray
+    failures: list[EncodeFailure]
+
+
+class BatchEmbeddings(NamedTuple):
+    """What :meth:`EmbeddingPipeline.embed_batch` returns for one batch of B items.
+
+    Attributes:
+        embeddings: (B_good, *output_shape) float32 on the CPU, the good items in input order.
+        indices: (B_good,) positions of those items in the batch.
+        failures: one :class:`EncodeFailure` per bad item (its position in the batch and the reason).
+    """
+
+    embeddings: torch.Tensor
+    indices: list[int]
+    failures: list[EncodeFailure]
+
+
+def check_run_args(batch_size: Any, num_workers: Any, on_error: Any) -> None:
+    """ValueError naming the bad argument of ``encode()``-style calls."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+
+
+def _worker_init(_worker_id: int) -> None:
+    # why: PIL decoding is single-threaded; intra-op torch threads per worker would oversubscribe cores
+    torch.set_num_threads(1)
+
+
+class EmbeddingPipeline:
+    """Decode, preprocess, batch, run a :class:`~visreg_hub.inference.backends.Backend`, normalise.
+
+    Args:
+        backend: what runs the model (torch or ONNX Runtime), with its transform and shapes.
+        normalize: L2-normalise each output along its last axis.
+        max_pixels: decompression-bomb cap per image (width * height); None disables it.
+    """
+
+    def __init__(
+        self, backend: Backend, *, normalize: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    ) -> None:
+        self.backend = backend
+        self.normalize = normalize
+        self.max_pixels = max_pixels
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """Shape of one output item, e.g. (E,)."""
+        return tuple(self.backend.output_shape)
+
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) uint8 -> (B, *output_shape) float32 on the backend's device; inside ``session()``."""
+        outputs = self.backend.forward(pixels).float()
+        return nn.functional.normalize(outputs, dim=-1) if self.normalize else outputs
+
+    # -------------------------------------------------------------------------- batch entry points
+    def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """One forward pass on already preprocessed images.
+
+        Args:
+            pixels: (B, C, H, W) uint8, each image resized and cropped by ``backend.transform``.
+
+        Returns:
+            (B, *output_shape) float32 on the CPU.
+        """
+        if pixels.dtype != torch.uint8 or tuple(pixels.shape[1:]) != tuple(self.backend.input_shape):
+            raise ValueError(
+                f"pixels must be uint8 (B, {', '.join(map(str, self.backend.input_shape))}), got "
+                f"{pixels.dtype} {tuple(pixels.shape)}; use embed_batch for images of any size"
+            )
+        if len(pixels) == 0:
+            return torch.empty((0, *self.output_shape), dtype=torch.float32)
+        with self.backend.session():
+            return self._forward(pixels).cpu()
+
+    def embed_batch(self, items: Sequence[Any]) -> BatchEmbeddings:
+        """Decode and embed one batch in this thread: a server's dynamic batcher calls this.
+
+        Args:
+            items: B single images of any kind ``encode()`` takes (encoded bytes, PIL images, arrays,
+                tensors, paths); a folder or a 4-D batch as one item is a failure of that item.
+
+        Returns:
+            :class:`BatchEmbeddings`: the good items' embeddings in one (B_good, E) tensor, their
+            positions, and a failure per bad item. Never raises for a bad item.
+        """
+        sources = []
+        for position, item in enumerate(items):
+            expanded = expand_inputs([item])
+            if len(expanded) != 1:
+                reason = f"one image per item, got {len(expanded)} (a folder or a 4-D batch)"
+                sources.append(ImageSource(None, f"item {position}", reason))
+                continue
+            label = expanded[0].label  # "item 0..." for in-memory items: renumber to the batch position
+            if label.startswith("item 0"):
+                label = f"item {position}{label[len('item 0') :]}"
+            sources.append(dataclasses.replace(expanded[0], label=label))
+        dataset = ImageDataset(sources, self.backend.transform, self.max_pixels)
+        pixels, indices, failures = [], [], []
+        for position in range(len(sources)):
+            decoded = dataset[position]
+            if decoded.error is not None:
+                failures.append(EncodeFailure(position, decoded.error))
+            else:
+                pixels.append(decoded.pixels)
+                indices.append(position)
+        stacked = (
+            torch.stack(pixels) if pixels else torch.empty((0, *self.backend.input_shape), dtype=torch.uint8)
+        )
+        return BatchEmbeddings(self.embed_pixels(stacked), indices, failures)
+
+    # ---------------------------------------------------------------------------------- the loop
+    def run(
+        self,
+        images: Any,
+        *,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        on_error: str = "raise",
+        show_progress_bar: bool | None = None,
+        desc: str = "encode",
+    ) -> tuple[torch.Tensor, list[EncodeFailure]]:
+        """Embed any number of inputs in order (the body of ``encode()``).
+
+        Args:
+            images: see :func:`visreg_hub.inference.encode`.
+            batch_size: images per forward pass.
+            num_workers: DataLoader worker processes for decoding; 0 decodes in this process.
+            on_error: ``"raise"``: :class:`ImageDecodeError` at the first bad item; ``"skip"``: collect.
+            show_progress_bar: None shows it only when stderr is a terminal.
+            desc: progress bar label.
+
+        Returns:
+            ((N_good, *output_shape) float32 CPU tensor, failures in input order).
+        """
+        check_run_args(batch_size, num_workers, on_error)
+        backend = self.backend
+        sources = expand_inputs(images)
+        loader = torch.utils.data.DataLoader(
+            ImageDataset(sources, backend.transform, self.max_pixels),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=Collate(backend.input_shape),
+            pin_memory=backend.pin_memory,
+            worker_init_fn=_worker_init if num_workers > 0 else None,
+        )
+        if show_progress_bar is None:
+            show_progress_bar = sys.stderr.isatty()
+        on_host = backend.device.type == "cpu"
+        failures: list[EncodeFailure] = []
+        outputs: list[torch.Tensor] = []  # on the CPU
+        pending: list[torch.Tensor] = []  # on the device, not yet copied back
+
+        def flush() -> None:
+            if pending:
+                outputs.append(torch.cat(pending).cpu())
+                pending.clear()
+
+        with (
+            backend.session(),
+            tqdm(total=len(sources), desc=desc, unit="img", disable=not show_progress_bar) as progress,
+        ):
+            for batch in loader:
+                if batch.failures and on_error == "raise":
+                    index, reason = batch.failures[0]
+                    raise ImageDecodeError(
+                        f"{reason} (input index {index}; pass on_error='skip' to embed the others)"
+                    )
+                failures.extend(EncodeFailure(index, reason) for index, reason in batch.failures)
+                if len(batch.indices):
+                    pending.append(self._forward(batch.pixels))
+                    # why: copying every batch back would make the host wait for the device each batch
+                    # and stall kernel launches; a few dozen MiB of results per copy keeps the queue full
+                    if on_host or sum(t.numel() for t in pending) * 4 >= _FLUSH_BYTES:
+                        flush()
+                progress.update(len(batch.indices) + len(batch.failures))
+            flush()
+        result = torch.cat(outputs) if outputs else torch.empty((0, *self.output_shape), dtype=torch.float32)
+        if failures:
+            logger.warning(
+                "%d of %d images could not be decoded and were skipped; first: %s",
+                len(failures), len(sources), failures[0].reason,
+            )  # fmt: skip
+        return result, failures
