@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
+from tests.losses.reference import shape_loss_reference, sliced_wasserstein_loss_reference
 from visreg_hub.losses import (
     barlow_twins_terms,
     batch_moments,
@@ -20,10 +21,8 @@ from visreg_hub.losses import (
     invariance_loss,
     scale_loss,
     shape_loss,
-    shape_loss_reference,
     sigreg_loss,
     sliced_wasserstein_loss,
-    sliced_wasserstein_loss_reference,
     sort_shape,
     vicreg_covariance_loss,
     vicreg_invariance_loss,
@@ -303,3 +302,71 @@ def test_bf16_autocast_close_to_float32():
     loss = shape_loss(zb, w)
     loss.backward()
     assert loss.dtype == torch.float32 and zb.grad.dtype == torch.bfloat16
+
+
+def _plain_vicreg_barlow(global_views, local_views):
+    """VICReg and Barlow terms with plain autograd (differentiable transcription of the formulas)."""
+    views = torch.cat([global_views, local_views])
+    v, n, d = views.shape
+    pairs = [(a, b) for a in range(global_views.shape[0]) for b in range(a + 1, v)]
+    invariance = torch.stack([(views[a] - views[b]).square().mean() for a, b in pairs]).mean()
+    variance = torch.relu(1.0 - torch.sqrt(views.var(dim=1, correction=1) + 1e-4)).mean()
+    centred = views - views.mean(dim=1, keepdim=True)
+    cov = centred.transpose(1, 2) @ centred / (n - 1)
+    off_cov = cov.square().sum(dim=(1, 2)) - cov.diagonal(dim1=1, dim2=2).square().sum(-1)
+    covariance = (off_cov / d).mean()
+    normalised = centred / torch.sqrt(views.var(dim=1, correction=0, keepdim=True) + 1e-5)
+    on, off = [], []
+    for a, b in pairs:
+        c = normalised[a].T @ normalised[b] / n
+        on.append((1 - c.diagonal()).square().sum())
+        off.append(c.square().sum() - c.diagonal().square().sum())
+    return invariance, variance, covariance, torch.stack(on).mean(), torch.stack(off).mean()
+
+
+def test_vicreg_and_barlow_gradients_match_plain_autograd():
+    """The custom backwards (two-matmul covariance, closed-form pair invariance, Barlow's batch-norm)."""
+    g, local = data(v=2, n=30, d=5), data(v=3, n=30, d=5, seed=4)
+    weights = (3.0, 5.0, 7.0, 11.0, 13.0)  # distinct weights: a wrong term's gradient cannot hide
+    g1, l1 = g.clone().requires_grad_(), local.clone().requires_grad_()
+    ours = (
+        vicreg_invariance_loss(g1, l1),
+        vicreg_variance_loss(torch.cat([g1, l1])),
+        vicreg_covariance_loss(torch.cat([g1, l1])),
+        *barlow_twins_terms(g1, l1),
+    )
+    sum(w * t for w, t in zip(weights, ours)).backward()
+    g2, l2 = g.clone().requires_grad_(), local.clone().requires_grad_()
+    plain = _plain_vicreg_barlow(g2, l2)
+    sum(w * t for w, t in zip(weights, plain)).backward()
+    for mine, expected in zip(ours, plain):
+        assert mine.item() == pytest.approx(expected.item(), rel=1e-12)
+    torch.testing.assert_close(g1.grad, g2.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(l1.grad, l2.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_vicreg_and_barlow_bf16_close_to_float32():
+    """bf16 matmuls for the D x D matrices, float32 statistics: values and gradients stay close."""
+    generator = torch.Generator().manual_seed(7)
+    content = torch.randn(1, 256, 48, generator=generator)
+    z = content + 0.3 * torch.randn(4, 256, 48, generator=generator) + 0.2
+
+    def terms(x):
+        return (
+            vicreg_covariance_loss(x),
+            vicreg_invariance_loss(x[:2], x[2:]),
+            *barlow_twins_terms(x[:2], x[2:]),
+        )
+
+    z32 = z.clone().requires_grad_()
+    ref = terms(z32)
+    sum(ref).backward()
+    zb = z.bfloat16().requires_grad_()
+    out = terms(zb)
+    sum(out).backward()
+    for mine, expected in zip(out, ref):
+        assert mine.dtype == torch.float32
+        assert mine.item() == pytest.approx(expected.item(), rel=2e-2)
+    assert zb.grad.dtype == torch.bfloat16
+    cosine = torch.nn.functional.cosine_similarity(zb.grad.float().flatten(), z32.grad.flatten(), dim=0)
+    assert cosine > 0.99

@@ -9,6 +9,9 @@ of what every rank's loss sends back to them. Both collectives here implement th
 * :func:`gather_batch`: forward concatenates every rank's block along the batch axis; backward
   all-reduces (sums) the *full* gradient of the gathered tensor and returns this rank's block.
 * :func:`all_reduce_sum`: forward sums a tensor over ranks; backward sums the gradients over ranks.
+* :func:`exchange_slices`: forward turns "my samples on every slice" into "every sample on my slices"
+  (one all-to-all); backward sends each rank the gradient of its samples from every rank's slices, so
+  the sum over ranks of the gradients again lands on the rank that owns the samples.
 
 Pitfall avoided: ``torch.distributed.nn.functional.all_gather`` on gloo returns wrong gradients when the
 upstream gradient is not contiguous (e.g. after gathering a transposed ``(N, V, D)`` view). Here every
@@ -24,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_sum", "gather_batch", "world_info"]
+__all__ = ["all_reduce_sum", "batch_sizes", "exchange_slices", "gather_batch", "world_info"]
 
 
 def world_info(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
@@ -34,7 +37,8 @@ def world_info(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _batch_sizes(local_size: int, device: torch.device, world_size: int, group) -> list[int]:
+def batch_sizes(local_size: int, device: torch.device, world_size: int, group) -> list[int]:
+    """Every rank's batch size, in rank order (one small all-gather)."""
     size = torch.tensor([local_size], dtype=torch.int64, device=device)
     sizes = [torch.empty_like(size) for _ in range(world_size)]
     dist.all_gather(sizes, size, group=group)
@@ -45,7 +49,7 @@ class _GatherBatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int, group, world_size: int, rank: int) -> torch.Tensor:
         leading = x.movedim(dim, 0).contiguous()  # batch axis first: every collective sees contiguous rows
-        sizes = _batch_sizes(leading.shape[0], leading.device, world_size, group)
+        sizes = batch_sizes(leading.shape[0], leading.device, world_size, group)
         largest = max(sizes)
         if leading.shape[0] < largest:  # gloo's all_gather needs equal shapes: pad, then trim
             padding = leading.new_zeros((largest - leading.shape[0], *leading.shape[1:]))
@@ -115,3 +119,59 @@ def reduce_values(values: torch.Tensor, group: dist.ProcessGroup | None = None) 
     if world_info(group)[0] > 1:
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     return total
+
+
+class _ExchangeSlices(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local, slice_counts, sample_counts, rank, group):
+        _, views, mine = local.shape
+        my_slices = slice_counts[rank]
+        send = [count * views * mine for count in slice_counts]
+        receive = [my_slices * views * count for count in sample_counts]
+        out = local.new_empty(sum(receive))
+        dist.all_to_all_single(out, local.contiguous().view(-1), receive, send, group=group)
+        blocks = [
+            block.view(my_slices, views, count) for block, count in zip(out.split(receive), sample_counts)
+        ]
+        ctx.meta = (slice_counts, sample_counts, rank, group)
+        return torch.cat(blocks, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        slice_counts, sample_counts, rank, group = ctx.meta
+        my_slices, views, _ = grad.shape
+        mine = sample_counts[rank]
+        send = torch.cat([block.contiguous().view(-1) for block in grad.split(sample_counts, dim=-1)])
+        send_sizes = [my_slices * views * count for count in sample_counts]
+        receive_sizes = [count * views * mine for count in slice_counts]
+        out = grad.new_empty(sum(receive_sizes))
+        dist.all_to_all_single(out, send, receive_sizes, send_sizes, group=group)
+        # blocks arrive in rank order, i.e. in slice order: together they are (K, V, n_mine)
+        return out.view(sum(slice_counts), views, mine), None, None, None, None
+
+
+def exchange_slices(
+    local: torch.Tensor, slice_counts: list[int], group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """Redistribute projections from "this rank's samples on all K slices" to "all samples on this rank's
+    slices", with correct gradients (one all-to-all each way, no gather of the embeddings).
+
+    Args:
+        local: this rank's projections, slices first.
+        slice_counts: how many of the K slices each rank owns, in rank order (contiguous blocks, e.g. from
+            :func:`~visreg_hub.losses.slices.partition_slices`); they sum to K.
+        group: process group (default: the world).
+
+    Shape:
+        ``local``: ``(K, V, n_r)`` with this rank's ``n_r`` samples. Returns ``(K_r, V, N)``: this rank's
+        ``K_r`` slices of all ``N = sum_r n_r`` samples, sample blocks in rank order.
+    """
+    world_size, rank = world_info(group)
+    if world_size == 1:
+        return local
+    if len(slice_counts) != world_size or sum(slice_counts) != local.shape[0]:
+        raise ValueError(
+            f"slice_counts {slice_counts} must give one count per rank summing to {local.shape[0]}"
+        )
+    sizes = batch_sizes(local.shape[-1], local.device, world_size, group)
+    return _ExchangeSlices.apply(local, list(slice_counts), sizes, rank, group)

@@ -26,7 +26,11 @@ before every call, or never, both work. ``(seed, step)`` is saved in ``state_dic
 resuming is exact. An explicit ``directions=`` ``(D, K)`` overrides the sampler (in ``partition`` mode the
 ranks split its columns; in ``replicate`` and ``local`` modes every rank uses all of them).
 
-Distributed (slice_mode, see :mod:`visreg_hub.losses.slices`). In ``partition`` and ``replicate`` modes
+Distributed (slice_mode, see :mod:`visreg_hub.losses.slices`). ``partition`` never gathers the
+embeddings: the batch moments come from every rank's shard sums all-reduced, and one all-to-all hands each
+rank all samples on its K/M slices (:mod:`visreg_hub.losses.partition`), so per-rank work and traffic
+shrink with M. ``replicate`` gathers the batch (every rank needs all of it for its own K directions). In
+``partition`` and ``replicate`` modes
 every reported term equals the single-process value on the concatenated batch (the per-rank partial
 values are summed with one small all-reduce; the invariance is averaged over ranks too), and the gradient
 on each rank's inputs is ``world_size`` times the single-process gradient, which DDP's gradient averaging
@@ -50,7 +54,8 @@ from . import functional as F
 from ._common import all_views, check_views, check_weight, report
 from .distributed import gather_batch, reduce_values, world_info
 from .pairwise import BarlowTwinsLoss, BarlowTwinsOutput, VICRegLoss, VICRegOutput
-from .slices import SLICE_MODES, SliceSampler, partition_slices
+from .partition import partitioned_quantile_distance
+from .slices import SLICE_MODES, SlicePlan, SliceSampler, plan_slices
 from .sort_shape import SORT_BACKENDS
 
 __all__ = [
@@ -157,34 +162,19 @@ class _SlicedLoss(nn.Module):
             f"seed={self.seed}, step={self.step}"
         )
 
-    def _directions(self, dim: int, step: int, device, stream: int = 0) -> torch.Tensor:
-        return self.sampler.directions(dim, step, stream=stream, device=device)
-
     def _check_explicit(self, directions: torch.Tensor, dim: int) -> torch.Tensor:
         if not isinstance(directions, torch.Tensor) or directions.dim() != 2 or directions.shape[0] != dim:
             shape = tuple(directions.shape) if isinstance(directions, torch.Tensor) else type(directions)
             raise ValueError(f"directions must be a (D, K) = ({dim}, K) tensor, got {shape}")
         return directions
 
-    def _sliced_setup(self, z: torch.Tensor, directions: torch.Tensor | None, step: int):
-        """Resolve the slice mode: (samples to evaluate, this rank's directions, weight, communicates)."""
+    def _plan(self, z: torch.Tensor, directions: torch.Tensor | None, step: int) -> SlicePlan:
+        """This step's :class:`~visreg_hub.losses.slices.SlicePlan` for embeddings ``z`` ``(V, N, D)``."""
         dim = z.shape[-1]
         if directions is not None:
             directions = self._check_explicit(directions, dim)
-        world_size, rank = world_info(self.group)
-        if self.slice_mode == "local" or world_size == 1:
-            if directions is None:
-                directions = self._directions(dim, step, z.device)
-            return z, directions, 1.0, False
-        gathered = gather_batch(z, dim=-2, group=self.group)
-        if self.slice_mode == "partition":
-            full = directions if directions is not None else self._directions(dim, step, z.device)
-            start, stop = partition_slices(full.shape[1], world_size, rank)
-            # the rank's share of a mean over all K slices, times M for the gradient convention
-            return gathered, full[:, start:stop], world_size * (stop - start) / full.shape[1], True
-        if directions is None:  # replicate: every rank its own K directions
-            directions = self._directions(dim, step, z.device, stream=rank)
-        return gathered, directions, 1.0, True
+        world = world_info(self.group)
+        return plan_slices(self.sampler, self.slice_mode, dim, step, z.device, world, directions)
 
     def _reduce(self, invariance: torch.Tensor, batch: int, partial: list[torch.Tensor]):
         """One all-reduce for the reported values: the invariance averaged over every rank's samples (exact
@@ -254,21 +244,34 @@ class VISRegLoss(_SlicedLoss):
         self.detach_target = bool(detach_target)
 
     def _regularizer(self, z, directions, step):
-        samples, mine, weight, communicates = self._sliced_setup(z, directions, step)
-        mean, std = F.batch_moments(samples)
-        center = mean.square().mean()
-        scale = (std - 1.0).square().mean()
-        if mine.shape[1] > 0:
-            shape = (
-                F._shape_from_moments(samples, mean, std, mine, self.projection_dtype, self.sort_backend)
-                * weight
+        """(center, scale, shape, communicates) of this rank, composed from the functional terms."""
+        plan = self._plan(z, directions, step)
+        if plan.mode == "partition":
+            mean, std = F.batch_moments(z, sync=True, group=self.group)
+            shape = partitioned_quantile_distance(
+                z,
+                plan.directions,
+                mean=mean,
+                inv_std=std.detach().reciprocal(),
+                projection_dtype=self.projection_dtype,
+                group=self.group,
             )
-        else:  # more ranks than slices: this rank has no block
-            shape = center.new_zeros(())
-        return center, scale, shape, communicates
+        else:
+            samples = gather_batch(z, dim=-2, group=self.group) if plan.mode == "replicate" else z
+            mean, std = F.batch_moments(samples)
+            shape = F.shape_loss(
+                samples,
+                plan.directions,
+                moments=(mean, std),
+                projection_dtype=self.projection_dtype,
+                sort_backend=self.sort_backend,
+            )
+        return F.center_term(mean), F.scale_term(std), shape, plan.communicates
 
     def _combine(self, center, scale, shape) -> torch.Tensor:
-        return self.scale_weight * scale + self.shape_weight * shape + self.center_weight * center
+        return F.combine_regularizer(
+            center, scale, shape, self.scale_weight, self.shape_weight, self.center_weight
+        )
 
     def regularizer(self, z: torch.Tensor, directions: torch.Tensor | None = None) -> F.RegularizerOutput:
         """The regulariser alone on ``z`` ``(V, N, D)`` (all views), honouring the slice mode.
@@ -334,18 +337,21 @@ class SWDLoss(_SlicedLoss):
         """Args: ``global_proj`` ``(Vg, N, D)``, ``local_proj`` ``(Vl, N, D)`` or None, ``directions``."""
         check_views(global_proj, local_proj)
         step = self._take_step()
-        samples, mine, weight, communicates = self._sliced_setup(
-            all_views(global_proj, local_proj), directions, step
-        )
-        if mine.shape[1] > 0:
-            swd = (
-                F.sliced_wasserstein_loss(
-                    samples, mine, projection_dtype=self.projection_dtype, sort_backend=self.sort_backend
-                )
-                * weight
+        views = all_views(global_proj, local_proj)
+        plan = self._plan(views, directions, step)
+        communicates = plan.communicates
+        if plan.mode == "partition":
+            swd = partitioned_quantile_distance(
+                views, plan.directions, projection_dtype=self.projection_dtype, group=self.group
             )
-        else:  # keep the gathered batch in the graph so every rank runs the same backward collectives
-            swd = samples.sum() * 0.0
+        else:
+            samples = gather_batch(views, dim=-2, group=self.group) if plan.mode == "replicate" else views
+            swd = F.sliced_wasserstein_loss(
+                samples,
+                plan.directions,
+                projection_dtype=self.projection_dtype,
+                sort_backend=self.sort_backend,
+            )
         invariance = F.invariance_loss(global_proj, local_proj, detach_target=self.detach_target)
         if communicates:
             invariance, (swd,) = self._reduce(invariance, global_proj.shape[1], [swd])
@@ -401,10 +407,7 @@ class SIGRegLoss(_SlicedLoss):
         check_views(global_proj, local_proj)
         step = self._take_step()
         views = all_views(global_proj, local_proj)
-        if directions is None:
-            directions = self._directions(views.shape[-1], step, views.device)
-        else:
-            directions = self._check_explicit(directions, views.shape[-1])
+        directions = self._plan(views, directions, step).directions  # "local": shared, no gather
         communicates = self.sync and world_info(self.group)[0] > 1
         sigreg = F.sigreg_loss(
             views,

@@ -86,8 +86,7 @@ class VICRegLoss(_GatheringLoss):
         global_proj, local_proj = self._views(global_proj, local_proj)
         views = all_views(global_proj, local_proj)
         invariance = F.vicreg_invariance_loss(global_proj, local_proj)
-        variance = F.vicreg_variance_loss(views, gamma=self.gamma, eps=self.eps)
-        covariance = F.vicreg_covariance_loss(views)
+        variance, covariance = F.vicreg_variance_covariance(views, gamma=self.gamma, eps=self.eps)
         total = (
             self.invariance_weight * invariance
             + self.variance_weight * variance

@@ -19,14 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _numerics as num
 from .distributed import all_reduce_sum
-from .sort_shape import (
-    _CHUNK_ELEMENTS,
-    _accumulation_dtype,
-    _autocast_off,
-    _check_directions,
-    resolve_projection_dtype,
-)
 
 __all__ = ["epps_pulley_grid", "sigreg_loss"]
 
@@ -81,7 +75,7 @@ class _CharacteristicSums(torch.autograd.Function):
     def forward(ctx, projections, knots, accumulate):
         rows, n = projections.shape
         sums = torch.empty((rows, 2, len(knots)), dtype=accumulate, device=projections.device)
-        step = max(1, _CHUNK_ELEMENTS // max(1, n))
+        step = max(1, num.CHUNK_ELEMENTS // max(1, n))
         for start in range(0, rows, step):
             chunk = projections[start : start + step].to(accumulate)
             for j, t in enumerate(knots):
@@ -98,7 +92,7 @@ class _CharacteristicSums(torch.autograd.Function):
         (projections,) = ctx.saved_tensors
         rows, n = projections.shape
         grad = torch.empty((rows, n), dtype=projections.dtype, device=projections.device)
-        step = max(1, _CHUNK_ELEMENTS // max(1, n))
+        step = max(1, num.CHUNK_ELEMENTS // max(1, n))
         for start in range(0, rows, step):
             chunk = projections[start : start + step].to(ctx.accumulate)
             acc = torch.zeros_like(chunk)
@@ -139,11 +133,11 @@ def sigreg_loss(
         raise ValueError(
             f"x must be a floating (..., N, D) tensor with N >= 1, got {tuple(x.shape)} {x.dtype}"
         )
-    _check_directions(x, directions)
-    accumulate = _accumulation_dtype(x.dtype)
-    compute = resolve_projection_dtype(x, projection_dtype)
+    num.check_directions(x, directions)
+    accumulate = num.accumulation_dtype(x.dtype)
+    compute = num.resolve_projection_dtype(x, projection_dtype)
     n = x.shape[-2]
-    with _autocast_off(x.device.type):
+    with num.autocast_off(x.device.type):
         projections = torch.matmul(directions.t().to(compute), x.to(compute).transpose(-1, -2))
     leading = projections.shape[:-1]  # (..., K)
     _, phi, weights = epps_pulley_grid(t_max, num_knots, x.device, accumulate)

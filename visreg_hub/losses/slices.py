@@ -25,7 +25,7 @@ Slice modes on M ranks (see :data:`SLICE_MODES`):
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -120,3 +120,59 @@ class SliceSampler:
         generator.manual_seed(derive_seed(self.seed, step, stream))
         raw = torch.randn(dim, self.num_slices, generator=generator, device=device, dtype=torch.float32)
         return (raw / raw.norm(dim=0, keepdim=True)).to(dtype)
+
+
+class SlicePlan(NamedTuple):
+    """How this rank evaluates a sliced term in one step.
+
+    Attributes:
+        mode: ``"single"`` (one process, or ``slice_mode="local"``: this rank's own batch, no
+            communication), ``"partition"`` (all ranks' samples on this rank's block of ``directions``,
+            exchanged with an all-to-all) or ``"replicate"`` (the gathered batch on this rank's own
+            ``directions``).
+        directions: ``(D, K)``: all K shared directions in ``partition`` mode, this rank's own otherwise.
+        world_size: ranks taking part.
+        rank: this rank.
+    """
+
+    mode: str
+    directions: torch.Tensor
+    world_size: int
+    rank: int
+
+    @property
+    def communicates(self) -> bool:
+        return self.mode != "single"
+
+
+def plan_slices(
+    sampler: SliceSampler,
+    slice_mode: str,
+    dim: int,
+    step: int,
+    device: torch.device,
+    world: tuple[int, int],
+    directions: torch.Tensor | None = None,
+) -> SlicePlan:
+    """The :class:`SlicePlan` of one step: which directions this rank uses and how it evaluates them.
+
+    Args:
+        sampler: the run's direction generator.
+        slice_mode: one of :data:`SLICE_MODES`.
+        dim: D, the embedding dimension.
+        step: the step whose directions are drawn.
+        device: where to draw them.
+        world: ``(world_size, rank)``.
+        directions: explicit ``(D, K)`` directions; they replace the sampler's draw (in ``partition`` mode
+            the ranks split their columns, otherwise every rank uses all of them).
+    """
+    world_size, rank = world
+    if slice_mode == "local" or world_size == 1:
+        mode, stream = "single", 0
+    elif slice_mode == "partition":
+        mode, stream = "partition", 0
+    else:  # replicate: every rank K directions of its own stream
+        mode, stream = "replicate", rank
+    if directions is None:
+        directions = sampler.directions(dim, step, stream=stream, device=device)
+    return SlicePlan(mode, directions, world_size, rank)

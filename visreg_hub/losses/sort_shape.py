@@ -38,73 +38,18 @@ Ampere+ if enabled) when the slices themselves must be float32-accurate.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
+from . import _numerics as num
 from . import _triton_sort
+from ._numerics import gaussian_quantiles, resolve_projection_dtype
 
-__all__ = [
-    "gaussian_quantiles",
-    "resolve_projection_dtype",
-    "sliced_quantile_distance",
-    "sliced_quantile_distance_reference",
-]
+__all__ = ["gaussian_quantiles", "resolve_projection_dtype", "sliced_quantile_distance"]
 
 SORT_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 
-# Elements of one (rows, K, N) projection chunk: bounds the int64 sort indices and float32 temporaries.
-_CHUNK_ELEMENTS = 1 << 24
-
-
-_QUANTILE_CACHE: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
-
-
-def _cached_quantiles(n: int, device: str, dtype: torch.dtype) -> torch.Tensor:
-    # a plain dict rather than functools.lru_cache, which torch.compile warns about
-    key = (n, device, dtype)
-    cached = _QUANTILE_CACHE.get(key)
-    if cached is None:
-        if len(_QUANTILE_CACHE) >= 64:
-            _QUANTILE_CACHE.clear()
-        levels = torch.arange(1, n + 1, dtype=torch.float64) / (n + 1)
-        cached = _QUANTILE_CACHE[key] = torch.special.ndtri(levels).to(device=device, dtype=dtype)
-    return cached
-
-
-def gaussian_quantiles(
-    n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """``t_i = Phi^-1(i / (n + 1))`` for ``i = 1..n``: the N(0, 1) quantiles a sorted slice is matched to.
-
-    Computed in float64 and cast to ``dtype``; cached per ``(n, device, dtype)``, so treat the result as
-    read-only.
-    """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    device = torch.device("cpu") if device is None else torch.device(device)
-    return _cached_quantiles(n, str(device), dtype)
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def resolve_projection_dtype(x: torch.Tensor, projection_dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype the projection matmul runs in: explicit, else the active autocast dtype, else x's."""
-    if projection_dtype is not None:
-        return projection_dtype
-    device_type = x.device.type
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
-
-
-def _autocast_off(device_type: str):
-    # Inside the function every dtype is chosen explicitly; autocast would silently re-cast the matmuls.
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+# Elements of one (rows, K, N) projection chunk (read at call time, so tests can shrink it).
+_CHUNK_ELEMENTS = num.CHUNK_ELEMENTS
 
 
 def _standardised(x, mean, inv_std, start, stop, compute):
@@ -127,6 +72,56 @@ def _resolve_backend(sort_backend: str, device: torch.device) -> bool:
     return sort_backend == "triton"
 
 
+def _residual_into(projections: torch.Tensor, quantiles: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Sort ``projections`` ``(..., N)`` along N, write ``sort(p) - t`` back in unsorted order into ``out``
+    (same shape, projection dtype) and return the sum of squared residuals in the quantiles' dtype."""
+    values, order = torch.sort(projections, dim=-1, stable=True)  # ties by index, as Triton
+    sorted_residual = torch.sub(values, quantiles)  # promoted to float32 in the same pass
+    del values
+    out.scatter_(-1, order, sorted_residual.to(out.dtype))
+    del order
+    # torch.sum reduces pairwise (relative error ~1e-8 in float32 over 16M terms); a float32 torch.dot
+    # over the same chunk drifted by ~2e-4 on the CPU (benchmarks/losses.py agreement).
+    return sorted_residual.square().sum()
+
+
+class _ProjectedQuantileDistance(torch.autograd.Function):
+    """``sum over rows, i of (sort_n(p)_i - t_i)^2`` for given projections ``p`` ``(rows, N)``.
+
+    The partitioned path (:mod:`.partition`) projects before it exchanges slices, so the sort stage gets
+    projections rather than samples; the backward is the residual, ``2 (p - t_rank(p))``, times the
+    upstream gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, projections, accumulate):
+        rows, n = projections.shape
+        quantiles = gaussian_quantiles(n, projections.device, accumulate)
+        residual = torch.empty_like(projections)
+        squared = projections.new_zeros((), dtype=accumulate)
+        step = max(1, _CHUNK_ELEMENTS // max(1, n))
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            squared = squared + _residual_into(projections[start:stop], quantiles, residual[start:stop])
+        ctx.save_for_backward(residual)
+        return squared
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (residual,) = ctx.saved_tensors
+        return residual * (2.0 * grad).to(residual.dtype), None
+
+
+def projected_quantile_sum(projections: torch.Tensor, accumulate: torch.dtype) -> torch.Tensor:
+    """Sum over rows of the squared distance of each sorted row to the N(0, 1) quantiles.
+
+    Shape:
+        ``projections``: ``(rows, N)``, any float dtype. Returns a 0-d tensor in ``accumulate``.
+    """
+    return _ProjectedQuantileDistance.apply(projections, accumulate)
+
+
 class _SlicedQuantileDistance(torch.autograd.Function):
     """Forward: mean squared distance of sorted projections to the Gaussian quantiles. See module doc."""
 
@@ -134,8 +129,8 @@ class _SlicedQuantileDistance(torch.autograd.Function):
     def forward(ctx, x, mean, inv_std, directions, compute_dtype, use_triton):
         rows, n, _ = x.shape
         num_slices = directions.shape[1]
-        accumulate = _accumulation_dtype(x.dtype)
-        with _autocast_off(x.device.type):
+        accumulate = num.accumulation_dtype(x.dtype)
+        with num.autocast_off(x.device.type):
             quantiles = gaussian_quantiles(n, x.device, accumulate)
             w_t = directions.t().to(compute_dtype)  # (K, D)
             residual = torch.empty((rows, num_slices, n), dtype=compute_dtype, device=x.device)
@@ -155,15 +150,8 @@ class _SlicedQuantileDistance(torch.autograd.Function):
                 if row_squares is not None:
                     squared = squared + row_squares.sum(dtype=accumulate)
                     continue
-                values, order = torch.sort(projections, dim=-1, stable=True)  # ties by index, as Triton
+                squared = squared + _residual_into(projections, quantiles, block)
                 del projections
-                sorted_residual = values.to(accumulate).sub_(quantiles)
-                del values
-                block.scatter_(-1, order, sorted_residual.to(compute_dtype))
-                del order
-                # torch.sum reduces pairwise (relative error ~1e-8 in float32 over 16M terms); a float32
-                # torch.dot over the same chunk drifted by ~2e-4 on the CPU (benchmarks/losses.py agreement).
-                squared = squared + sorted_residual.square().sum()
         ctx.compute_dtype = compute_dtype
         ctx.x_dtype = x.dtype
         ctx.numel = rows * num_slices * n
@@ -179,11 +167,11 @@ class _SlicedQuantileDistance(torch.autograd.Function):
     def backward(ctx, grad_output):
         residual, directions, inv_std, x_saved, mean_saved = ctx.saved_tensors
         rows, _, n = residual.shape
-        accumulate = _accumulation_dtype(grad_output.dtype)
+        accumulate = num.accumulation_dtype(grad_output.dtype)
         scale = grad_output.to(accumulate) * (2.0 / ctx.numel)
         need_x, need_mean, _, need_directions, _, _ = ctx.needs_input_grad
         grad_x = grad_mean = grad_directions = None
-        with _autocast_off(residual.device.type):
+        with num.autocast_off(residual.device.type):
             w_t = directions.t().to(ctx.compute_dtype)
             if need_x or need_mean:
                 dim = directions.shape[0]
@@ -209,14 +197,6 @@ class _SlicedQuantileDistance(torch.autograd.Function):
                     grad_directions += product.to(accumulate).sum(0)
                 grad_directions = (grad_directions * scale).to(directions.dtype)
         return grad_x, grad_mean, None, grad_directions, None, None
-
-
-def _check_directions(x: torch.Tensor, directions: torch.Tensor) -> None:
-    if directions.dim() != 2 or directions.shape[0] != x.shape[-1]:
-        raise ValueError(
-            f"directions must have shape (D, K) = ({x.shape[-1]}, K) for embeddings of shape "
-            f"{tuple(x.shape)}, got {tuple(directions.shape)}"
-        )
 
 
 def sliced_quantile_distance(
@@ -245,7 +225,7 @@ def sliced_quantile_distance(
     """
     if x.dim() < 2:
         raise ValueError(f"x must have shape (..., N, D), got {tuple(x.shape)}")
-    _check_directions(x, directions)
+    num.check_directions(x, directions)
     if (mean is None) != (inv_std is None):
         raise ValueError("mean and inv_std must be given together")
     compute = resolve_projection_dtype(x, projection_dtype)
@@ -256,23 +236,3 @@ def sliced_quantile_distance(
         inv_std = inv_std.detach().reshape(-1, dim)
     use_triton = _resolve_backend(sort_backend, x.device)
     return _SlicedQuantileDistance.apply(flat, mean, inv_std, directions, compute, use_triton)
-
-
-def sliced_quantile_distance_reference(
-    x: torch.Tensor,
-    directions: torch.Tensor,
-    *,
-    mean: torch.Tensor | None = None,
-    std: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Plain-autograd transcription of the same quantity (sort along N, differentiate through sort).
-
-    Slow and memory hungry; kept for tests and as an executable definition. ``std`` is detached.
-    """
-    _check_directions(x, directions)
-    if mean is not None:
-        x = (x - mean.unsqueeze(-2)) / std.detach().unsqueeze(-2)
-    projections = x @ directions.to(x.dtype)
-    sorted_projections = projections.sort(dim=-2).values
-    quantiles = gaussian_quantiles(x.shape[-2], x.device, x.dtype).unsqueeze(-1)
-    return (sorted_projections - quantiles).square().mean()

@@ -1,0 +1,88 @@
+"""Numeric helpers shared by every loss file: dtypes, autocast, quantiles, argument shapes.
+
+One home for what the terms have in common, so the term files import from here instead of from each
+other's private names. Nothing here is public API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+#: Elements of one chunk of temporaries (e.g. ``(rows, K, N)`` projections): bounds the int64 sort
+#: indices and float32 temporaries that exist at one time.
+CHUNK_ELEMENTS = 1 << 24
+
+_QUANTILE_CACHE: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, else float32: the dtype statistics and sums are kept in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def to_accumulation(z: torch.Tensor) -> torch.Tensor:
+    """``z`` in :func:`accumulation_dtype` (no copy when it already is)."""
+    return z.to(accumulation_dtype(z.dtype))
+
+
+def resolve_projection_dtype(x: torch.Tensor, projection_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a loss's matmuls run in: explicit, else the active autocast dtype, else x's."""
+    if projection_dtype is not None:
+        return projection_dtype
+    device_type = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def autocast_off(device_type: str):
+    """Inside the loss kernels every dtype is chosen explicitly; autocast would silently re-cast matmuls."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def check_samples(z: torch.Tensor, minimum: int = 1) -> None:
+    """``z`` must be a floating ``(..., N, D)`` tensor with ``N >= minimum``."""
+    if z.dim() < 2 or z.shape[-2] < minimum:
+        raise ValueError(f"embeddings must have shape (..., N, D) with N >= {minimum}, got {tuple(z.shape)}")
+    if not z.is_floating_point():
+        raise ValueError(f"embeddings must be a floating-point tensor, got dtype {z.dtype}")
+
+
+def check_directions(x: torch.Tensor, directions: torch.Tensor) -> None:
+    """``directions`` must be ``(D, K)`` for embeddings ``(..., N, D)``."""
+    if directions.dim() != 2 or directions.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"directions must have shape (D, K) = ({x.shape[-1]}, K) for embeddings of shape "
+            f"{tuple(x.shape)}, got {tuple(directions.shape)}"
+        )
+
+
+def _cached_quantiles(n: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    # a plain dict rather than functools.lru_cache, which torch.compile warns about
+    key = (n, device, dtype)
+    cached = _QUANTILE_CACHE.get(key)
+    if cached is None:
+        if len(_QUANTILE_CACHE) >= 64:
+            _QUANTILE_CACHE.clear()
+        levels = torch.arange(1, n + 1, dtype=torch.float64) / (n + 1)
+        cached = _QUANTILE_CACHE[key] = torch.special.ndtri(levels).to(device=device, dtype=dtype)
+    return cached
+
+
+def gaussian_quantiles(
+    n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``t_i = Phi^-1(i / (n + 1))`` for ``i = 1..n``: the N(0, 1) quantiles a sorted slice is matched to.
+
+    Shape:
+        ``(n,)``. Computed in float64 and cast to ``dtype``; cached per ``(n, device, dtype)``, so treat
+        the result as read-only.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    return _cached_quantiles(n, str(device), dtype)

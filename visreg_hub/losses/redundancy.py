@@ -1,0 +1,259 @@
+"""Redundancy-reduction terms: VICReg (Bardes, Ponce & LeCun 2022) and Barlow Twins (Zbontar et al. 2021).
+
+Pure functions of projections ``(V, N, D)`` (V views, N samples, D dims). Pair-based parts average over
+:func:`view_pairs` (global-global and global-local pairs, the multi-crop convention); per-view parts
+average over all views.
+
+Why custom autograd functions. The D x D matrices dominate the cost, and plain autograd spends three
+matmuls on ``X^T X`` (forward, then one per operand) where two suffice, and materialises per-pair
+gradients. Here:
+
+* covariance: one ``Xc^T Xc`` per view forward and one ``Xc (C - diag C)`` backward;
+* invariance: the pair sums forward, and the closed-form gradient ``2 (deg_v x_v - sum of neighbours)``
+  backward, without a graph of per-pair differences;
+* Barlow Twins: one ``D x (k D)`` matmul per global view against all its partners forward, two backward,
+  with the batch-norm backward written out.
+
+Precision. Statistics, centring, normalisation, diagonals and every reduction are float32 (float64 for
+float64 inputs). The D x D matmuls run in the projection dtype (bf16 under bf16 autocast or for bf16
+inputs, as every other matmul of a mixed-precision step; fp32 otherwise): on CPUs with bf16 units that is
+about four times the fp32 rate. The off-diagonal sums subtract the squared diagonal of the same matrix, so
+the rounding of the diagonal cancels exactly, and Barlow's on-diagonal term uses the float32 diagonal
+``sum_n zn_a * zn_b / N`` computed elementwise (a bf16 ``C_ii`` near 1 would be off by up to 2e-3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _numerics as num
+from ._common import all_views
+
+__all__ = [
+    "barlow_twins_terms",
+    "vicreg_covariance_loss",
+    "vicreg_invariance_loss",
+    "vicreg_variance_covariance",
+    "vicreg_variance_loss",
+    "view_pairs",
+]
+
+
+def view_pairs(num_global: int, num_views: int) -> list[tuple[int, int]]:
+    """Unordered view pairs ``(a, b)``, ``a < b``, with ``a`` a global view: global-global and
+    global-local pairs, no local-local pairs (the multi-crop convention)."""
+    return [(a, b) for a in range(num_global) for b in range(a + 1, num_views)]
+
+
+# ------------------------------------------------------------------------------------------- VICReg
+def vicreg_variance_loss(z: torch.Tensor, *, gamma: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+    """VICReg variance term v(Z): mean over (views, dims) of ``relu(gamma - sqrt(Var_n(z) + eps))``.
+
+    ``Var`` is the unbiased variance over the batch axis, as in the VICReg paper (eq. 1).
+
+    Shape:
+        ``z``: ``(..., N, D)``, N >= 2. Returns a 0-d float32 tensor (float64 for float64 ``z``).
+    """
+    num.check_samples(z, minimum=2)
+    std = torch.sqrt(num.to_accumulation(z).var(dim=-2, correction=1) + eps)
+    return torch.relu(gamma - std).mean()
+
+
+class _CentredStatistics(torch.autograd.Function):
+    """Per view: the unbiased variances ``(V, D)`` and ``sum_{i != j} C_ij^2`` with ``C = Xc^T Xc / (N - 1)``,
+    from one centring, one matmul forward and one backward."""
+
+    @staticmethod
+    def forward(ctx, z, compute):
+        n = z.shape[-2]
+        with num.autocast_off(z.device.type):
+            centred = num.to_accumulation(z)
+            centred = centred - centred.mean(dim=-2, keepdim=True)
+            variance = centred.square().sum(dim=-2) / (n - 1)
+            operand = centred.to(compute)
+            cov = torch.matmul(operand.transpose(-1, -2), operand).to(centred.dtype).div_(n - 1)
+            cov.diagonal(dim1=-2, dim2=-1).zero_()  # off-diagonal part; also what the backward needs
+        ctx.save_for_backward(centred, operand, cov)
+        ctx.z_dtype = z.dtype
+        return variance, cov.square().sum(dim=(-2, -1))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_variance, grad_off):
+        centred, operand, off_cov = ctx.saved_tensors
+        n = operand.shape[-2]
+        with num.autocast_off(operand.device.type):
+            # d/dXc sum_{i!=j} C_ij^2 = 4 Xc C_off / (N - 1)
+            weights = (off_cov * (4.0 / (n - 1) * grad_off).unsqueeze(-1).unsqueeze(-1)).to(operand.dtype)
+            grad_centred = num.to_accumulation(torch.matmul(operand, weights))
+            # d/dXc var = 2 Xc / (N - 1)
+            grad_centred.addcmul_(centred, (2.0 / (n - 1) * grad_variance).unsqueeze(-2))
+            # centring passes the gradient on minus its mean over N (zero up to rounding for both parts)
+            grad_centred -= grad_centred.mean(dim=-2, keepdim=True)
+        return grad_centred.to(ctx.z_dtype), None
+
+
+def vicreg_variance_covariance(
+    z: torch.Tensor, *, gamma: float = 1.0, eps: float = 1e-4, projection_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`vicreg_variance_loss` and :func:`vicreg_covariance_loss` of the same ``z`` from one centring
+    (what :class:`~visreg_hub.losses.VICRegLoss` uses).
+
+    Shape:
+        ``z``: ``(..., N, D)``, N >= 2. Returns two 0-d float32 tensors (float64 for float64 ``z``).
+    """
+    num.check_samples(z, minimum=2)
+    compute = num.resolve_projection_dtype(z, projection_dtype)
+    variance, off = _CentredStatistics.apply(z, compute)
+    return torch.relu(gamma - torch.sqrt(variance + eps)).mean(), (off / z.shape[-1]).mean()
+
+
+def vicreg_covariance_loss(z: torch.Tensor, *, projection_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """VICReg covariance term c(Z): mean over views of ``sum_{i != j} C_ij^2 / D``, C the unbiased
+    covariance over the batch axis (VICReg paper, eq. 3-4).
+
+    The VICReg code sums this term over its two branches; the mean here is half that at V = 2.
+
+    Args:
+        z: projections.
+        projection_dtype: dtype of the ``D x D`` matmuls (default: autocast dtype, else ``z.dtype``).
+
+    Shape:
+        ``z``: ``(..., N, D)``, N >= 2. Returns a 0-d float32 tensor (float64 for float64 ``z``).
+    """
+    return vicreg_variance_covariance(z, projection_dtype=projection_dtype)[1]
+
+
+class _PairInvariance(torch.autograd.Function):
+    """``sum over view_pairs of sum_{n,d} (x_a - x_b)^2`` for views ``(V, N, D)``, closed-form backward."""
+
+    @staticmethod
+    def forward(ctx, views, num_global):
+        upcast = num.to_accumulation(views)
+        total = upcast.new_zeros(())
+        for a in range(num_global):  # pairs (a, b > a): one broadcast difference per global view
+            total = total + (upcast[a + 1 :] - upcast[a]).square().sum()
+        ctx.num_global = num_global
+        ctx.save_for_backward(views)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (views,) = ctx.saved_tensors
+        g, v = ctx.num_global, views.shape[0]
+        upcast = num.to_accumulation(views)
+        factor = 2.0 * grad.to(upcast.dtype)
+        out = torch.empty_like(upcast)
+        # a global view pairs with every other view: sum_b (x_a - x_b) = V x_a - sum_all
+        out[:g] = (v * upcast[:g] - upcast.sum(dim=0)) * factor
+        # a local view pairs with every global view: sum_a (x_b - x_a) = G x_b - sum_global
+        out[g:] = (g * upcast[g:] - upcast[:g].sum(dim=0)) * factor
+        return out.to(views.dtype), None
+
+
+def vicreg_invariance_loss(global_proj: torch.Tensor, local_proj: torch.Tensor | None = None) -> torch.Tensor:
+    """VICReg invariance term s(Z, Z'): mean over :func:`view_pairs` of the mean squared difference of
+    the two views' projections (VICReg paper, eq. 5). At two views this is ``F.mse_loss(z_a, z_b)``.
+
+    Shape:
+        ``global_proj``: ``(Vg, N, D)``; ``local_proj``: ``(Vl, N, D)`` or None. Returns a 0-d float32
+        tensor (float64 for float64 inputs).
+    """
+    views = all_views(global_proj, local_proj)
+    num_pairs = len(view_pairs(global_proj.shape[0], views.shape[0]))
+    if not num_pairs:
+        raise ValueError(f"VICReg needs at least two views, got global {tuple(global_proj.shape)}")
+    total = _PairInvariance.apply(views, global_proj.shape[0])
+    return total / (num_pairs * views[0].numel())
+
+
+# ------------------------------------------------------------------------------------- Barlow Twins
+class _BarlowTerms(torch.autograd.Function):
+    """Sums over view pairs of ``sum_i (1 - C_ii)^2`` and ``sum_{i != j} C_ij^2``, ``C = zn_a^T zn_b / N``."""
+
+    @staticmethod
+    def forward(ctx, views, num_global, eps, compute):
+        v, n, d = views.shape
+        with num.autocast_off(views.device.type):
+            upcast = num.to_accumulation(views)
+            var, mean = torch.var_mean(upcast, dim=-2, correction=0, keepdim=True)
+            inv_std = torch.rsqrt(var + eps)
+            normalised = (upcast - mean) * inv_std  # (V, N, D), the affine-free batch norm
+            operand = normalised.to(compute)
+            on = upcast.new_zeros(())
+            off = upcast.new_zeros(())
+            corrs, diagonals = [], []
+            for a in range(num_global):
+                partners = v - a - 1
+                if partners == 0:
+                    continue
+                # every partner b > a in one (D, N) @ (N, k D) matmul
+                stacked = operand[a + 1 :].transpose(0, 1).reshape(n, partners * d)
+                corr = torch.matmul(operand[a].t(), stacked).view(d, partners, d).to(upcast.dtype) / n
+                exact_diagonal = (normalised[a] * normalised[a + 1 :]).sum(dim=1) / n  # (k, D)
+                on = on + (1.0 - exact_diagonal).square().sum()
+                rounded_diagonal = corr.diagonal(dim1=0, dim2=2)  # (k, D), the same rounding as corr
+                off = off + corr.square().sum() - rounded_diagonal.square().sum()
+                corrs.append(corr)
+                diagonals.append(exact_diagonal)
+        ctx.save_for_backward(normalised, operand, inv_std, *corrs, *diagonals)
+        ctx.num_global, ctx.views_dtype = num_global, views.dtype
+        return on, off
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_on, grad_off):
+        normalised, operand, inv_std, *saved = ctx.saved_tensors
+        half = len(saved) // 2
+        corrs, diagonals = saved[:half], saved[half:]
+        v, n, d = normalised.shape
+        grad_norm = torch.zeros_like(normalised)
+        with num.autocast_off(normalised.device.type):
+            for a, (corr, diagonal) in enumerate(zip(corrs, diagonals)):
+                partners = v - a - 1
+                # dL/dC: 2 C_ij off the diagonal (off term), -2 (1 - C_ii) on it (on term)
+                grad_corr = corr * (2.0 * grad_off)
+                grad_corr.diagonal(dim1=0, dim2=2).copy_((diagonal - 1.0) * (2.0 * grad_on))
+                grad_corr = (grad_corr / n).to(operand.dtype).view(d, partners * d)
+                stacked = operand[a + 1 :].transpose(0, 1).reshape(n, partners * d)
+                grad_norm[a] += torch.matmul(stacked, grad_corr.t()).to(grad_norm.dtype)
+                grad_partners = torch.matmul(operand[a], grad_corr).view(n, partners, d)
+                grad_norm[a + 1 :] += grad_partners.transpose(0, 1).to(grad_norm.dtype)
+            # batch-norm backward (biased variance): inv_std * (g - mean g - zn * mean(g * zn))
+            grad_views = grad_norm - grad_norm.mean(dim=-2, keepdim=True)
+            grad_views -= normalised * (grad_norm * normalised).mean(dim=-2, keepdim=True)
+            grad_views *= inv_std
+        return grad_views.to(ctx.views_dtype), None, None, None
+
+
+def barlow_twins_terms(
+    global_proj: torch.Tensor,
+    local_proj: torch.Tensor | None = None,
+    *,
+    eps: float = 1e-5,
+    projection_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Barlow Twins L_BT (Zbontar et al. 2021, eq. 1): ``(sum_i (1 - C_ii)^2, sum_{i != j} C_ij^2)``
+    averaged over :func:`view_pairs`.
+
+    ``C = zn_a^T zn_b / N`` with ``zn = (z - mean_n) / sqrt(var_n + eps)`` (biased variance, the
+    affine-free batch norm of the original). The loss is ``on_diagonal + off_diagonal_weight * off``.
+
+    Args:
+        global_proj, local_proj: projections of the global and (optional) local views.
+        eps: added to the variance.
+        projection_dtype: dtype of the cross-correlation matmuls (default: autocast dtype, else input).
+
+    Shape:
+        ``global_proj``: ``(Vg, N, D)``; ``local_proj``: ``(Vl, N, D)`` or None. Returns two 0-d float32
+        tensors (float64 for float64 inputs).
+    """
+    views = all_views(global_proj, local_proj)
+    num.check_samples(views, minimum=2)
+    num_pairs = len(view_pairs(global_proj.shape[0], views.shape[0]))
+    if not num_pairs:
+        raise ValueError(f"Barlow Twins needs at least two views, got global {tuple(global_proj.shape)}")
+    compute = num.resolve_projection_dtype(views, projection_dtype)
+    on, off = _BarlowTerms.apply(views, global_proj.shape[0], float(eps), compute)
+    return on / num_pairs, off / num_pairs
