@@ -45,7 +45,7 @@ def test_manifest_records_format_and_checksums(tmp_path):
     index, _ = make_index("flat")
     folder = index.save(tmp_path / "idx")
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert (manifest["dim"], manifest["metric"], manifest["kind"], manifest["count"]) == (
         16,
         "ip",
@@ -57,7 +57,7 @@ def test_manifest_records_format_and_checksums(tmp_path):
         "ids.npy",
         "index.faiss",
         "manifest.json",
-        "metadata.json",
+        "metadata.jsonl",
     ]
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
@@ -66,7 +66,7 @@ def test_manifest_records_format_and_checksums(tmp_path):
     np.testing.assert_array_equal(np.load(folder / "ids.npy", allow_pickle=False), index.ids)
 
 
-@pytest.mark.parametrize("name", ["index.faiss", "ids.npy", "metadata.json"])
+@pytest.mark.parametrize("name", ["index.faiss", "ids.npy", "metadata.jsonl"])
 def test_tampered_file_is_detected(tmp_path, name):
     index, _ = make_index("flat")
     folder = index.save(tmp_path / "idx")
@@ -83,7 +83,7 @@ def test_manifest_that_disagrees_with_files_is_rejected(tmp_path):
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["dim"] = 32
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match=r"dim: manifest says 32, index\.faiss has 16"):
+    with pytest.raises(CheckpointError, match=r"dim 16.*the manifest says 32"):
         EmbeddingIndex.load(folder)
     manifest.update(dim=16, count=799)
     (folder / "manifest.json").write_text(json.dumps(manifest))

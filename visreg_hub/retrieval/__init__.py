@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from visreg_hub.retrieval.files import EmbeddingFile, read_embeddings, write_embeddings
 from visreg_hub.retrieval.index import EmbeddingIndex, SearchResult
+from visreg_hub.retrieval.manifest import read_manifest
 from visreg_hub.retrieval.metrics import (
     LinearProbeResult,
     knn_accuracy,
@@ -16,7 +17,6 @@ from visreg_hub.retrieval.metrics import (
     linear_probe,
     recall_at_k,
 )
-from visreg_hub.retrieval.storage import read_manifest
 
 __all__ = [
     "EmbeddingFile",

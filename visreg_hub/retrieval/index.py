@@ -1,14 +1,13 @@
-"""EmbeddingIndex: nearest-neighbour search over image embeddings with FAISS.
+"""EmbeddingIndex: nearest-neighbour search over image embeddings with FAISS, stable ids, remove.
 
-Exact search (``kind="flat"``) is the default: it never misses a neighbour and needs no training (about
-300 queries/s over 100k x 256 vectors on 2 CPU threads, see docs/benchmarks.md). ``"ivf"`` (inverted
-lists) and ``"hnsw"`` (graph) trade recall for speed on millions of vectors; their recall depends on the
-data, so measure it (``metrics.recall_at_k`` against a flat index) before switching.
+Kinds (FAISS ``index_factory`` strings in :mod:`visreg_hub.retrieval.factory`; flat and HNSW wrapped
+in ``IDMap2``, the IVF kinds keep user ids in their inverted lists): ``"flat"`` (exact, the default;
+no training), ``"ivf"`` (inverted lists, float vectors), ``"ivfsq8"`` (inverted lists, 8-bit scalar
+codes: 4x smaller), ``"ivfpq"`` (inverted lists, product quantisation: 16-64x smaller) and
+``"hnsw"`` (graph). Approximate kinds trade recall for speed and memory; ``visreg-hub index build
+--kind auto`` measures recall@10 against exact search and records it.
 
-FAISS stores vectors at positions ``0..count-1``; the index keeps the user's int64 ids and JSON metadata
-in arrays aligned with those positions, so every kind supports ids and metadata the same way.
-
-Persistence (``save``/``load``, manifest with checksums, no pickle) lives in
+Persistence (``save``/``load``, checksummed manifest, no pickle) lives in
 :mod:`visreg_hub.retrieval.storage`.
 """
 
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +23,13 @@ import numpy as np
 
 from visreg_hub.errors import ConfigError, require_extra
 from visreg_hub.retrieval.arrays import as_float32_matrix, check_positive_int, l2_normalize
+from visreg_hub.retrieval.factory import IVF_KINDS, KINDS, default_nlist, factory_string
+from visreg_hub.retrieval.records import check_new_ids, encode_metadata
 from visreg_hub.retrieval.storage import load_index, save_index
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("ip", "l2")
-KINDS = ("flat", "ivf", "hnsw")
 # Vectors whose norm is within this of 1 count as L2-normalised (float32 round-off of encode()).
 _UNIT_NORM_TOL = 1e-3
 
@@ -41,11 +40,10 @@ class SearchResult:
 
     Attributes:
         scores: float32 (Q, k). Inner products for ``metric="ip"`` (higher is closer); squared L2
-            distances for ``metric="l2"`` (lower is closer). Unfilled slots hold ``-inf`` (ip) / ``inf`` (l2).
-        ids: int64 (Q, k) user ids, best first. ``-1`` marks an unfilled slot, which only approximate
-            kinds produce (IVF with ``nprobe < nlist`` probing too few vectors, HNSW on tiny graphs).
-        metadata: (Q, k) nested list of the metadata dict stored with each hit (``None`` where no
-            metadata was given or the slot is unfilled).
+            distances for ``metric="l2"`` (lower is closer); approximate for the compressed kinds.
+        ids: int64 (Q, k) user ids, best first. Every slot holds a live id: k is clipped to the number
+            of stored vectors and approximate kinds widen their search until every slot is filled.
+        metadata: (Q, k) nested list of the metadata stored with each hit (``None`` where none was given).
     """
 
     scores: np.ndarray
@@ -57,28 +55,42 @@ class SearchResult:
 
 
 class EmbeddingIndex:
-    """A FAISS index over (N, D) embeddings with int64 ids and JSON metadata.
+    """A FAISS index over (N, D) embeddings with stable int64 ids, JSON metadata by id, and remove.
+
+    API:
+        * ``add(vectors, metadata=None, ids=None) -> ids``: (N, D) vectors; optional N metadata dicts;
+          optional N unique int64 ids >= 0. Without ids, ids are assigned from a counter that only
+          grows (``next_id``): an id is never handed out twice, not even after ``remove``.
+        * ``remove(ids) -> int``: drops vectors and their metadata; returns how many were present.
+          Removed ids never appear in ``search`` again (flat/IVF kinds delete from FAISS; HNSW, whose
+          graph cannot delete, hides them with a FAISS id selector until the index is rebuilt).
+        * ``search(queries, k) -> SearchResult``: (Q, min(k, count)) ids, scores and metadata; no -1.
+        * ``get_metadata(ids)``: O(1) per id (a dict keyed by id; no table is rebuilt per call).
+        * ``save(folder)`` / ``EmbeddingIndex.load(folder)``: FAISS file + ids + metadata, all covered
+          by the sha256 manifest; the loader checks every file against the manifest before FAISS
+          parses it (see :mod:`visreg_hub.retrieval.storage`).
 
     Args:
         dim: embedding dimension D.
         metric: ``"ip"`` (inner product; cosine similarity for L2-normalised vectors, the output of
             ``encode(normalize=True)``) or ``"l2"`` (squared Euclidean distance).
-        kind: ``"flat"`` (exact, default), ``"ivf"`` (inverted file; trained on the first ``add`` or by
-            ``train``) or ``"hnsw"`` (graph, no training).
+        kind: one of ``"flat"`` (exact, default), ``"ivf"``, ``"ivfsq8"``, ``"ivfpq"`` (trained on the
+            first ``add`` or by ``train``) or ``"hnsw"`` (no training).
         nlist: IVF cells; None picks ``round(4 * sqrt(n))`` capped so each cell gets >= 39 training points.
-        nprobe: IVF cells visited per query (recall/speed knob; ``nprobe == nlist`` is exact);
-            None picks ``min(nlist, 16)``.
+        nprobe: IVF cells visited per query (recall/speed knob); None picks ``min(nlist, 16)``.
+        pq_m: IVF-PQ bytes per vector (sub-quantizers, must divide D); None picks up to 64.
         m: HNSW neighbours per node.
         ef_construction: HNSW build-time beam width.
-        ef_search: HNSW query-time beam width (recall/speed knob; must be >= k for good recall).
+        ef_search: HNSW query-time beam width (recall/speed knob; should be >= k).
         normalize: L2-normalise vectors on ``add`` and queries on ``search`` (makes ``"ip"`` cosine).
-        model_name: the model that produced the embeddings; recorded in the manifest so ``visreg-hub
-            search`` can embed queries with the same model.
+        model_name: the model that produced the embeddings; recorded so ``visreg-hub search`` can embed
+            queries with the same model.
         pooling: the pooling used to produce the embeddings, recorded likewise (None = model default).
 
     Example:
         >>> index = EmbeddingIndex(dim=384)
-        >>> index.add(embeddings, metadata=[{"path": p} for p in paths])
+        >>> ids = index.add(embeddings, metadata=[{"path": p} for p in paths])
+        >>> index.remove(ids[:2])
         >>> result = index.search(query_embeddings, k=5)   # result.ids (Q, 5), result.metadata
     """
 
@@ -90,6 +102,7 @@ class EmbeddingIndex:
         kind: str = "flat",
         nlist: int | None = None,
         nprobe: int | None = None,
+        pq_m: int | None = None,
         m: int = 32,
         ef_construction: int = 40,
         ef_search: int = 64,
@@ -102,11 +115,13 @@ class EmbeddingIndex:
             raise ConfigError(f"metric must be one of {METRICS}, got {metric!r}")
         if kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
-        for label, value in (("nlist", nlist), ("nprobe", nprobe)):
+        for label, value in (("nlist", nlist), ("nprobe", nprobe), ("pq_m", pq_m)):
             if value is not None:
                 check_positive_int(label, value)
         for label, value in (("m", m), ("ef_construction", ef_construction), ("ef_search", ef_search)):
             check_positive_int(label, value)
+        if kind == "ivfpq" and pq_m is not None and dim % pq_m:
+            raise ConfigError(f"pq_m={pq_m} must divide dim={dim}")
         self.dim = int(dim)
         self.metric = metric
         self.kind = kind
@@ -115,23 +130,41 @@ class EmbeddingIndex:
         self._ef_search = int(ef_search)
         self._nlist = None if nlist is None else int(nlist)
         self._nprobe = None if nprobe is None else int(nprobe)
+        self.pq_m = None if pq_m is None else int(pq_m)
         self.normalize = bool(normalize)
         self.model_name = model_name
         self.pooling = pooling
-        self._ids = np.zeros((0,), dtype=np.int64)
-        self._id_set: set[int] = set()
-        self._metadata: list[dict[str, Any] | None] = []
+        # id -> compact JSON text of its metadata (None without); insertion-ordered, O(1) lookups.
+        self._meta: dict[int, str | None] = {}
+        self._next_id = 0
+        self._tombstones: set[int] = set()  # HNSW only: removed ids still in the graph
+        self._selector = None  # cached FAISS selector excluding the tombstones
         self._all_unit_norm = True
-        self._faiss_index = None if kind == "ivf" else self._build_untrained(nlist=None)
+        self.build_info: dict[str, Any] = {}  # recorded by index build (factory, memory, recall)
+        self._faiss_index = None if kind in IVF_KINDS else self._build(nlist=None)
 
     # ----------------------------------------------------------------------------------- properties
     def __len__(self) -> int:
-        return int(self._ids.shape[0])
+        return len(self._meta)
 
     @property
     def count(self) -> int:
-        """Number of stored vectors."""
+        """Number of stored (live) vectors."""
         return len(self)
+
+    @property
+    def next_id(self) -> int:
+        """The next auto-assigned id (greater than every id ever added)."""
+        return self._next_id
+
+    @property
+    def factory(self) -> str | None:
+        """The FAISS ``index_factory`` string of the index (None for IVF kinds before training)."""
+        if self.kind in IVF_KINDS:
+            if self._nlist is None:
+                return None
+            return factory_string(self.kind, dim=self.dim, nlist=self._nlist, pq_m=self.pq_m, m=self.m)
+        return "IDMap2," + factory_string(self.kind, dim=self.dim, nlist=None, pq_m=None, m=self.m)
 
     @property
     def is_trained(self) -> bool:
@@ -155,8 +188,8 @@ class EmbeddingIndex:
     def nprobe(self, value: int) -> None:
         check_positive_int("nprobe", value)
         self._nprobe = int(value)
-        if self.kind == "ivf" and self._faiss_index is not None:
-            self._faiss_index.nprobe = min(self._nprobe, self._faiss_index.nlist)
+        if self.kind in IVF_KINDS and self._faiss_index is not None:
+            self._nprobe = min(self._nprobe, self._nlist)
 
     @property
     def ef_search(self) -> int:
@@ -166,46 +199,46 @@ class EmbeddingIndex:
     def ef_search(self, value: int) -> None:
         check_positive_int("ef_search", value)
         self._ef_search = int(value)
-        if self.kind == "hnsw":
-            self._faiss_index.hnsw.efSearch = self._ef_search
 
     @property
     def ids(self) -> np.ndarray:
-        """int64 (count,) user ids in insertion order (a copy)."""
-        return self._ids.copy()
+        """int64 (count,) live ids in insertion order (a copy)."""
+        return np.fromiter(self._meta.keys(), dtype=np.int64, count=len(self._meta))
+
+    def __contains__(self, item: object) -> bool:
+        return isinstance(item, int | np.integer) and int(item) in self._meta
 
     # --------------------------------------------------------------------------------- building
     def _faiss_metric(self, faiss):
         return faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2
 
-    def _build_untrained(self, nlist: int | None):
+    def _build(self, nlist: int | None):
         faiss = require_extra("faiss", "index")
-        metric = self._faiss_metric(faiss)
-        if self.kind == "flat":
-            return faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
+        description = factory_string(self.kind, dim=self.dim, nlist=nlist, pq_m=self.pq_m, m=self.m)
+        # IVF lists store user ids natively; IDMap2 over IVF would break on remove (FAISS renumbers
+        # its id map but not the lists' stored positions), so only flat and HNSW get the wrapper
+        if self.kind not in IVF_KINDS:
+            description = "IDMap2," + description
+        index = faiss.index_factory(self.dim, description, self._faiss_metric(faiss))
         if self.kind == "hnsw":
-            index = faiss.IndexHNSWFlat(self.dim, self.m, metric)
-            index.hnsw.efConstruction = self.ef_construction
-            index.hnsw.efSearch = self._ef_search
-            return index
-        quantizer = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
-        # faiss's Python wrapper keeps a reference to the quantizer for the index's lifetime
-        return faiss.IndexIVFFlat(quantizer, self.dim, nlist, metric)
+            faiss.downcast_index(index.index).hnsw.efConstruction = self.ef_construction
+        return index
 
     def _prepare(self, vectors: Any, name: str) -> np.ndarray:
         array = as_float32_matrix(vectors, name=name, dim=self.dim)
         return l2_normalize(array) if self.normalize else array
 
     def train(self, embeddings: Any) -> None:
-        """Train the IVF coarse quantizer (k-means) on representative vectors.
+        """Train the IVF coarse quantizer (k-means) and codebooks on representative vectors.
 
         Args:
-            embeddings: (N, D) floating array with N >= nlist (ideally >= 39 * nlist).
+            embeddings: (N, D) floating array with N >= nlist (ideally >= 39 * nlist); IVF-PQ also
+                needs N >= 256 (one k-means of 256 codes per sub-quantizer).
 
         Raises:
-            ValueError: the kind needs no training and the index is not IVF, or too few vectors.
+            ValueError: already trained, or too few vectors (the message says how many are needed).
         """
-        if self.kind != "ivf":
+        if self.kind not in IVF_KINDS:
             logger.info("kind=%r needs no training; train() ignored", self.kind)
             return
         if self.is_trained:
@@ -213,103 +246,99 @@ class EmbeddingIndex:
         data = self._prepare(embeddings, "embeddings")
         n = data.shape[0]
         if self._nlist is None:
-            # 4*sqrt(n) is FAISS's rule of thumb; the cap keeps >= 39 points per cell for stable k-means.
-            self._nlist = max(1, min(round(4 * math.sqrt(n)), n // 39))
-        if n < self._nlist:
+            self._nlist = default_nlist(n)
+        needed = max(self._nlist, 256 if self.kind == "ivfpq" else 1)
+        if n < needed:
             raise ValueError(
-                f"IVF training needs at least nlist={self._nlist} vectors, got {n}; "
+                f"{self.kind} training needs at least {needed} vectors (nlist={self._nlist}), got {n}; "
                 f"pass a smaller nlist, more training vectors, or use kind='flat'"
             )
         if n < 39 * self._nlist:
             logger.warning("training %d IVF cells on only %d vectors; recall may suffer", self._nlist, n)
-        index = self._build_untrained(self._nlist)
+        index = self._build(self._nlist)
         index.train(data)
-        index.nprobe = min(self._nprobe if self._nprobe is not None else 16, self._nlist)
-        self._nprobe = int(index.nprobe)
+        self._nprobe = min(self._nprobe if self._nprobe is not None else 16, self._nlist)
         self._faiss_index = index
 
     def add(
-        self,
-        embeddings: Any,
-        ids: Any = None,
-        metadata: list[dict[str, Any] | None] | None = None,
+        self, vectors: Any, metadata: list[dict[str, Any] | None] | None = None, ids: Any = None
     ) -> np.ndarray:
-        """Add vectors, with optional int64 ids and JSON metadata.
+        """Add vectors with optional JSON metadata and int64 ids.
 
         Args:
-            embeddings: (N, D) floating array (numpy or torch); cast to float32.
-            ids: (N,) integer ids, unique across the index; None assigns ``count .. count+N-1``.
+            vectors: (N, D) floating array (numpy or torch); cast to float32.
             metadata: list of N JSON-serialisable dicts (or None), e.g. ``{"path": ..., "label": ...}``.
+            ids: (N,) integer ids >= 0, unique and not live in the index; None assigns
+                ``next_id .. next_id + N - 1``.
 
         Returns:
             int64 (N,) the ids of the added vectors.
 
         Raises:
             ValueError: dimension/dtype/NaN problems, wrong ids or metadata length, duplicate ids,
-                metadata that is not JSON-serialisable.
+                metadata that is not JSON-serialisable. A failed add leaves the index unchanged.
         """
-        data = self._prepare(embeddings, "embeddings")
+        data = self._prepare(vectors, "vectors")
         n = data.shape[0]
-        new_ids = self._check_ids(ids, n)
-        new_meta = self._check_metadata(metadata, n)
+        new_ids = check_new_ids(ids, n, next_id=self._next_id, live=self._meta, tombstones=self._tombstones)
+        texts = encode_metadata(metadata, n)
         if not self.is_trained:
             logger.info("training IVF index on the %d vectors of the first add()", n)
             self.train(data)
-        self._faiss_index.add(data)
-        self._ids = np.concatenate([self._ids, new_ids])
-        self._id_set.update(new_ids.tolist())
-        self._metadata.extend(new_meta)
-        if n and self._all_unit_norm:
-            self._all_unit_norm = bool(np.all(np.abs(np.linalg.norm(data, axis=1) - 1) < _UNIT_NORM_TOL))
+        if n:
+            self._faiss_index.add_with_ids(data, new_ids)
+            self._meta.update(zip(new_ids.tolist(), texts, strict=True))
+            self._next_id = max(self._next_id, int(new_ids.max()) + 1)
+            if self._all_unit_norm:
+                self._all_unit_norm = bool(np.all(np.abs(np.linalg.norm(data, axis=1) - 1) < _UNIT_NORM_TOL))
         return new_ids
 
-    def _check_ids(self, ids: Any, n: int) -> np.ndarray:
-        if ids is None:
-            start = int(self._ids.max()) + 1 if len(self) else 0
-            return np.arange(start, start + n, dtype=np.int64)
-        ids = np.asarray(ids)
-        if ids.ndim != 1 or ids.shape[0] != n:
-            raise ValueError(f"ids must have shape ({n},) to match the embeddings, got {tuple(ids.shape)}")
-        if n and not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"ids must be integers, got dtype {ids.dtype}; use np.int64 ids")
-        ids = ids.astype(np.int64)
-        if (ids < 0).any():
-            raise ValueError(f"ids must be >= 0 (-1 marks empty result slots), got {int(ids.min())}")
-        unique = np.unique(ids)
-        if unique.size != n:
-            raise ValueError("ids contain duplicates; every vector needs its own id")
-        clash = [int(i) for i in unique if int(i) in self._id_set]
-        if clash:
-            raise ValueError(f"ids already in the index: {clash[:5]}; ids must be unique")
-        return ids
+    def remove(self, ids: Any) -> int:
+        """Remove vectors by id; ids not in the index are ignored.
 
-    @staticmethod
-    def _check_metadata(metadata: Any, n: int) -> list[dict[str, Any] | None]:
-        if metadata is None:
-            return [None] * n
-        if not isinstance(metadata, list | tuple) or len(metadata) != n:
-            got = len(metadata) if isinstance(metadata, list | tuple) else type(metadata).__name__
-            raise ValueError(f"metadata must be a list of {n} dicts (one per vector), got {got}")
-        for i, item in enumerate(metadata):
-            if item is not None and not isinstance(item, dict):
-                raise ValueError(f"metadata[{i}] must be a dict or None, got {type(item).__name__}")
-        try:
-            json.dumps(list(metadata), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(
-                f"metadata must be JSON-serialisable (str, numbers, lists, dicts): {exc}"
-            ) from exc
-        # a JSON round trip stores plain copies, so later edits to the caller's dicts don't leak in
-        return json.loads(json.dumps(list(metadata)))
+        Args:
+            ids: int or (K,) integers.
+
+        Returns:
+            the number of vectors removed.
+        """
+        wanted = np.unique(np.asarray(ids).reshape(-1))
+        if wanted.size and not np.issubdtype(wanted.dtype, np.integer):
+            raise ValueError(f"ids must be integers, got dtype {wanted.dtype}")
+        present = np.asarray([i for i in wanted.tolist() if i in self._meta], dtype=np.int64)
+        if not present.size:
+            return 0
+        if self.kind == "hnsw":
+            self._tombstones.update(present.tolist())
+            self._selector = None
+        else:
+            removed = int(self._faiss_index.remove_ids(present))
+            if removed != present.size:  # would mean FAISS and the id table disagree
+                raise RuntimeError(
+                    f"FAISS removed {removed} of {present.size} ids; the index is inconsistent"
+                )
+        for i in present.tolist():
+            del self._meta[i]
+        return int(present.size)
 
     # ---------------------------------------------------------------------------------- querying
+    def _search_params(self, faiss, *, nprobe: int | None = None, ef: int | None = None):
+        if self._tombstones and self._selector is None:
+            batch = faiss.IDSelectorBatch(np.fromiter(self._tombstones, np.int64, len(self._tombstones)))
+            self._selector = (faiss.IDSelectorNot(batch), batch)  # keep the inner selector alive
+        selector = self._selector[0] if self._tombstones else None
+        if self.kind in IVF_KINDS:
+            return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe or self._nprobe)
+        if self.kind == "hnsw":
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=ef or self._ef_search)
+        return None
+
     def search(self, queries: Any, k: int = 10) -> SearchResult:
         """Find the k nearest stored vectors of each query.
 
         Args:
             queries: (Q, D) or (D,) floating array.
-            k: neighbours per query; clipped to ``count`` when larger, so the result has
-                ``min(k, count)`` columns.
+            k: neighbours per query; clipped to ``count``, so the result has ``min(k, count)`` columns.
 
         Returns:
             SearchResult with scores/ids of shape (Q, min(k, count)) and the hits' metadata.
@@ -321,38 +350,49 @@ class EmbeddingIndex:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         if len(self) == 0:
             raise ValueError("the index is empty; add() embeddings before searching")
+        faiss = require_extra("faiss", "index")
         data = self._prepare(queries, "queries")
         k_eff = min(int(k), len(self))
-        if k_eff < k:
-            logger.info("k=%d exceeds the %d stored vectors; returning %d neighbours", k, len(self), k_eff)
-        scores, positions = self._faiss_index.search(data, k_eff)
-        filled = positions >= 0
-        ids = np.where(filled, self._ids[np.where(filled, positions, 0)], -1).astype(np.int64)
-        # FAISS pads with -/+FLT_MAX; infinities say "no hit" unambiguously
-        scores = np.where(filled, scores, -np.inf if self.metric == "ip" else np.inf).astype(np.float32)
-        metadata = [[self._metadata[p] if p >= 0 else None for p in row] for row in positions.tolist()]
-        return SearchResult(scores=scores, ids=ids, metadata=metadata)
+        scores, ids = self._faiss_index.search(data, k_eff, params=self._search_params(faiss))
+        short = np.flatnonzero((ids < 0).any(axis=1))
+        if short.size:  # too few candidates probed: widen to exhaustive for those rows
+            wide = self._search_params(faiss, nprobe=self._nlist, ef=max(self._faiss_index.ntotal, k_eff))
+            scores[short], ids[short] = self._faiss_index.search(data[short], k_eff, params=wide)
+            short = short[(ids[short] < 0).any(axis=1)]
+        if short.size:  # an HNSW graph can still leave hidden corners: exact search over live vectors
+            scores[short], ids[short] = self._exact_search(data[short], k_eff)
+        metadata = [[self._decode(i) for i in row] for row in ids.tolist()]
+        return SearchResult(scores=scores.astype(np.float32), ids=ids.astype(np.int64), metadata=metadata)
+
+    def _exact_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        live = self.ids
+        vectors = np.stack([self._faiss_index.reconstruct(int(i)) for i in live]).astype(np.float32)
+        scores = queries @ vectors.T if self.metric == "ip" else (
+            (queries**2).sum(1, keepdims=True) - 2 * queries @ vectors.T + (vectors**2).sum(1)[None, :]
+        )  # fmt: skip
+        order = np.argsort(-scores if self.metric == "ip" else scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, axis=1), live[order]
+
+    def _decode(self, i: int) -> dict[str, Any] | None:
+        text = self._meta[i]
+        return None if text is None else json.loads(text)
 
     def get_metadata(self, ids: Any) -> list[dict[str, Any] | None]:
-        """Metadata stored with the given ids (None for -1 or ids without metadata).
+        """Metadata stored with the given ids (None for ids stored without metadata); O(1) per id.
 
         Raises:
-            KeyError: an id that is not in the index.
+            KeyError: an id that is not in the index (never added, or removed).
         """
-        position = {int(i): p for p, i in enumerate(self._ids.tolist())}
         out = []
         for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
-            if i == -1:
-                out.append(None)
-            elif i not in position:
+            if i not in self._meta:
                 raise KeyError(f"id {i} is not in the index")
-            else:
-                out.append(self._metadata[position[i]])
+            out.append(self._decode(i))
         return out
 
     # --------------------------------------------------------------------------- persistence
     def save(self, folder: str | Path) -> Path:
-        """Write the index to ``folder``: FAISS index, ids.npy, metadata.json and a checksummed manifest.
+        """Write the index to ``folder``: FAISS index, ids.npy, metadata.jsonl and a checksummed manifest.
 
         See :mod:`visreg_hub.retrieval.storage` for the layout. Existing index files are replaced.
 
@@ -363,12 +403,13 @@ class EmbeddingIndex:
 
     @classmethod
     def load(cls, folder: str | Path) -> EmbeddingIndex:
-        """Load a folder written by :meth:`save`, verifying the manifest and every checksum first.
+        """Load a folder written by :meth:`save`, verifying the manifest, every checksum and the files'
+        structure before FAISS parses anything.
 
         Raises:
             FileNotFoundError: the folder or one of its files is missing.
             CheckpointError: unknown format version, checksum mismatch (tampered or corrupt file), or
-                files that disagree with the manifest (dim, count, metric, kind).
+                files that disagree with the manifest (dim, count, metric, kind, ids, metadata).
         """
         return load_index(cls, folder)
 

@@ -1,42 +1,72 @@
 """Saving and loading EmbeddingIndex folders, with a checksummed manifest and no pickle.
 
-Folder layout::
+Folder layout (format version 2)::
 
-    manifest.json   format version, dim, metric, kind, count, model name, pooling, normalized flag,
-                    search parameters, sha256 of every other file (written last)
-    index.faiss     faiss.write_index output (FAISS's own binary format, not pickle)
-    ids.npy         int64 (count,), written and read with allow_pickle=False
-    metadata.json   JSON list of length count (dicts or null)
+    manifest.json    format version, dim, metric, kind, factory string, count, FAISS ntotal, next_id,
+                     model name, pooling, normalized flag, search parameters, build info (memory,
+                     measured recall), sha256 of every other file (written last)
+    index.faiss      faiss.write_index output of an IDMap2 index (FAISS's binary format, not pickle)
+    ids.npy          int64 (count,) live ids in insertion order, read with allow_pickle=False
+    metadata.jsonl   one JSON object (or null) per line, aligned with ids.npy
 
-The checksums detect corruption and accidental edits; they are not a signature, so only load index
-folders from sources you trust.
+Nothing in an index folder is trusted: the manifest is validated field by field, every checksum is
+verified, and every file is checked against the manifest (the FAISS file by walking its structure
+with :mod:`visreg_hub.retrieval.faiss_file`) before FAISS or numpy allocate anything from it. The
+checksums detect corruption and accidental edits; they are not a signature.
+
+Format version 1 folders (positions instead of an id map, written before ``remove`` existed) are
+refused with a message saying to rebuild them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from visreg_hub.errors import CheckpointError, require_extra
-from visreg_hub.hub.format import sha256_file
+from visreg_hub.retrieval.factory import KINDS
+from visreg_hub.retrieval.faiss_file import check_faiss_file
+from visreg_hub.retrieval.manifest import (
+    DATA_FILES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    read_manifest,
+    sha256_file,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from visreg_hub.retrieval.index import EmbeddingIndex
 
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME = "visreg_hub.EmbeddingIndex"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-INDEX_NAME = "index.faiss"
-IDS_NAME = "ids.npy"
-METADATA_NAME = "metadata.json"
-_DATA_FILES = (INDEX_NAME, IDS_NAME, METADATA_NAME)
-_FAISS_CLASS = {"flat": "IndexFlat", "ivf": "IndexIVFFlat", "hnsw": "IndexHNSWFlat"}
+INDEX_NAME, IDS_NAME, METADATA_NAME = DATA_FILES
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "KINDS",
+    "load_index",
+    "read_manifest",
+    "save_index",
+    "sha256_file",
+]
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write via ``write(tmp_path)``, fsync, then rename over ``path`` (readers never see half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with tmp.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_index(index: EmbeddingIndex, folder: str | Path) -> Path:
@@ -48,16 +78,25 @@ def save_index(index: EmbeddingIndex, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     # removing the old manifest first means a crash mid-save leaves a folder that refuses to load
     (folder / MANIFEST_NAME).unlink(missing_ok=True)
-    faiss.write_index(index._faiss_index, str(folder / INDEX_NAME))
-    np.save(folder / IDS_NAME, index._ids, allow_pickle=False)
-    (folder / METADATA_NAME).write_text(json.dumps(index._metadata), encoding="utf-8")
+    _write_atomic(folder / INDEX_NAME, lambda p: faiss.write_index(index._faiss_index, str(p)))
+    _write_atomic(folder / IDS_NAME, lambda p: p.write_bytes(_npy_bytes(index.ids)))
+
+    def write_metadata(path: Path) -> None:
+        with path.open("w", encoding="utf-8") as handle:
+            for text in index._meta.values():
+                handle.write(("null" if text is None else text) + "\n")
+
+    _write_atomic(folder / METADATA_NAME, write_metadata)
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "dim": index.dim,
         "metric": index.metric,
         "kind": index.kind,
+        "factory": index.factory,
         "count": len(index),
+        "ntotal": int(index._faiss_index.ntotal),
+        "next_id": index.next_id,
         "model_name": index.model_name,
         "pooling": index.pooling,
         "normalized": index.normalized,
@@ -65,58 +104,74 @@ def save_index(index: EmbeddingIndex, folder: str | Path) -> Path:
         "params": {
             "nlist": index.nlist,
             "nprobe": index.nprobe,
+            "pq_m": index.pq_m,
             "m": index.m,
             "ef_construction": index.ef_construction,
             "ef_search": index.ef_search,
         },
-        "files": {name: sha256_file(folder / name) for name in _DATA_FILES},
+        "build": index.build_info,
+        "files": {name: sha256_file(folder / name) for name in DATA_FILES},
     }
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(manifest, indent=2) + "\n"
+    _write_atomic(folder / MANIFEST_NAME, lambda p: p.write_text(text, encoding="utf-8"))
     logger.info("saved %s index of %d vectors to %s", index.kind, len(index), folder)
     return folder
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """Read and validate ``folder/manifest.json`` without loading the index (cheap).
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
 
-    Raises:
-        FileNotFoundError: no manifest in the folder.
-        CheckpointError: not valid JSON, not an index manifest, unknown version, missing fields.
-    """
-    path = Path(folder) / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no {MANIFEST_NAME} in {folder}; pass a folder written by EmbeddingIndex.save "
-            f"or `visreg-hub index build`"
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{path} is not an EmbeddingIndex manifest")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _read_ids(path: Path, count: int) -> np.ndarray:
+    """ids.npy as int64 (count,), with the header checked before numpy allocates from it."""
+    with path.open("rb") as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+            if version != (1, 0):
+                raise ValueError(f"npy version {version}")
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle, max_header_size=1024)
+        except (ValueError, OSError, SyntaxError) as exc:
+            raise CheckpointError(f"{path} is not a plain .npy array: {exc}; rebuild the index") from exc
+        header_end = handle.tell()
+    if dtype != np.dtype("<i8") or fortran or shape != (count,):
         raise CheckpointError(
-            f"{path} has format_version {version!r}; this visreg_hub reads version {FORMAT_VERSION}. "
-            f"Rebuild the index or upgrade visreg_hub"
+            f"{path}: expected little-endian int64 of shape ({count},), got {dtype} {shape}; "
+            f"rebuild the index"
         )
-    missing = [
-        key
-        for key in ("dim", "metric", "kind", "count", "normalized", "params", "files")
-        if key not in manifest
-    ]
-    if missing:
-        raise CheckpointError(f"{path} lacks required fields {missing}")
-    if manifest["kind"] not in _FAISS_CLASS or manifest["metric"] not in ("ip", "l2"):
-        raise CheckpointError(f"{path} has unknown metric/kind {manifest['metric']!r}/{manifest['kind']!r}")
-    if not isinstance(manifest["files"], dict) or set(manifest["files"]) != set(_DATA_FILES):
-        raise CheckpointError(f"{path} must list the sha256 of exactly {list(_DATA_FILES)}")
-    return manifest
+    if path.stat().st_size != header_end + 8 * count:
+        raise CheckpointError(f"{path} has {path.stat().st_size} bytes, not a ({count},) int64 array")
+    return np.load(path, allow_pickle=False)
+
+
+def _read_metadata(path: Path, count: int) -> list[str | None]:
+    """metadata.jsonl as compact JSON texts; each line a JSON object or null."""
+    texts: list[str | None] = []
+    with path.open("r", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if number > count:
+                raise CheckpointError(f"{path} has more than the manifest's {count} lines; rebuild the index")
+            try:
+                value = json.loads(line)
+            except (ValueError, RecursionError) as exc:
+                raise CheckpointError(
+                    f"{path} line {number} is not valid (or too deeply nested) JSON"
+                ) from exc
+            if value is not None and not isinstance(value, dict):
+                raise CheckpointError(
+                    f"{path} line {number} must be a JSON object or null, got {type(value).__name__}"
+                )
+            texts.append(None if value is None else json.dumps(value, separators=(",", ":")))
+    if len(texts) != count:
+        raise CheckpointError(f"{path} has {len(texts)} lines but the manifest says count={count}")
+    return texts
 
 
 def load_index(cls: type[EmbeddingIndex], folder: str | Path) -> EmbeddingIndex:
-    """Load a folder written by :func:`save_index`, verifying every checksum before parsing any file."""
+    """Load a folder written by :func:`save_index`; everything is verified before it is parsed."""
     faiss = require_extra("faiss", "index")
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -130,51 +185,60 @@ def load_index(cls: type[EmbeddingIndex], folder: str | Path) -> EmbeddingIndex:
                 f"checksum mismatch for {path}: the manifest records sha256 {str(expected)[:12]}..., "
                 f"the file has {actual[:12]}...; the file was modified or corrupted, rebuild the index"
             )
+    count, ntotal = manifest["count"], manifest["ntotal"]
+    ids = _read_ids(folder / IDS_NAME, count)
+    texts = _read_metadata(folder / METADATA_NAME, count)
+    faiss_ids = check_faiss_file(
+        folder / INDEX_NAME,
+        kind=manifest["kind"],
+        dim=manifest["dim"],
+        ntotal=ntotal,
+        metric=manifest["metric"],
+        params=manifest["params"],
+    )
+    _check_ids(ids, faiss_ids, manifest, folder)
     params = manifest["params"]
     index = cls(
         manifest["dim"],
         metric=manifest["metric"],
         kind=manifest["kind"],
-        nlist=params.get("nlist"),
-        nprobe=params.get("nprobe"),
-        m=params.get("m", 32),
-        ef_construction=params.get("ef_construction", 40),
-        ef_search=params.get("ef_search", 64),
-        normalize=bool(manifest.get("normalize", False)),
-        model_name=manifest.get("model_name"),
-        pooling=manifest.get("pooling"),
+        nlist=params["nlist"],
+        nprobe=params["nprobe"],
+        pq_m=params["pq_m"],
+        m=params["m"],
+        ef_construction=params["ef_construction"],
+        ef_search=params["ef_search"],
+        normalize=manifest["normalize"],
+        model_name=manifest["model_name"],
+        pooling=manifest["pooling"],
     )
-    raw = faiss.read_index(str(folder / INDEX_NAME))
-    ids = np.load(folder / IDS_NAME, allow_pickle=False)
-    metadata = json.loads((folder / METADATA_NAME).read_text(encoding="utf-8"))
-    _check_contents(manifest, raw, ids, metadata, faiss, folder)
-    if manifest["kind"] == "hnsw":
-        raw.hnsw.efSearch = index.ef_search
-    if manifest["kind"] == "ivf" and index.nprobe is not None:
-        raw.nprobe = min(index.nprobe, raw.nlist)
+    try:
+        raw = faiss.read_index(str(folder / INDEX_NAME))
+    except RuntimeError as exc:  # the structure check should make this unreachable
+        raise CheckpointError(f"FAISS cannot read {folder / INDEX_NAME}: rebuild the index") from exc
     index._faiss_index = raw
-    index._ids = ids
-    index._id_set = set(ids.tolist())
-    index._metadata = metadata
-    index._all_unit_norm = bool(manifest["normalized"])
+    index._meta = dict(zip(ids.tolist(), texts, strict=True))
+    index._tombstones = set(faiss_ids.tolist()) - set(index._meta)
+    index._next_id = manifest["next_id"]
+    index._all_unit_norm = manifest["normalized"]
+    index.build_info = manifest["build"]
     return index
 
 
-def _check_contents(manifest, raw, ids, metadata, faiss, folder: Path) -> None:
-    """Cross-check the parsed files against the manifest; collect every disagreement in one message."""
+def _check_ids(ids: np.ndarray, faiss_ids: np.ndarray, manifest: dict[str, Any], folder: Path) -> None:
+    """ids.npy must be unique, >= 0, below next_id, and (with tombstones only for HNSW) FAISS's id map."""
     problems = []
-    if raw.d != manifest["dim"]:
-        problems.append(f"dim: manifest says {manifest['dim']}, index.faiss has {raw.d}")
-    if raw.ntotal != manifest["count"]:
-        problems.append(f"count: manifest says {manifest['count']}, index.faiss has {raw.ntotal}")
-    expected_metric = faiss.METRIC_INNER_PRODUCT if manifest["metric"] == "ip" else faiss.METRIC_L2
-    if raw.metric_type != expected_metric:
-        problems.append(f"metric: manifest says {manifest['metric']!r}, index.faiss has {raw.metric_type}")
-    if not type(raw).__name__.startswith(_FAISS_CLASS[manifest["kind"]]):
-        problems.append(f"kind: manifest says {manifest['kind']!r}, index.faiss is {type(raw).__name__}")
-    if ids.dtype != np.int64 or ids.shape != (manifest["count"],):
-        problems.append(f"ids.npy: expected int64 ({manifest['count']},), got {ids.dtype} {ids.shape}")
-    if not isinstance(metadata, list) or len(metadata) != manifest["count"]:
-        problems.append(f"metadata.json: expected a list of {manifest['count']} entries")
+    if ids.size and int(ids.min()) < 0:
+        problems.append(f"ids.npy holds negative id {int(ids.min())}")
+    if np.unique(ids).size != ids.size:
+        problems.append("ids.npy holds duplicate ids")
+    if np.unique(faiss_ids).size != faiss_ids.size:
+        problems.append("index.faiss maps two vectors to one id")
+    if ids.size and int(ids.max()) >= manifest["next_id"]:
+        problems.append(f"next_id {manifest['next_id']} is not above the largest id {int(ids.max())}")
+    if not np.isin(ids, faiss_ids).all():
+        problems.append("ids.npy lists ids that index.faiss does not hold")
+    if manifest["kind"] != "hnsw" and faiss_ids.size != ids.size:
+        problems.append(f"index.faiss holds {faiss_ids.size} vectors for {ids.size} ids")
     if problems:
-        raise CheckpointError(f"index folder {folder} disagrees with its manifest: " + "; ".join(problems))
+        raise CheckpointError(f"index folder {folder} is inconsistent: " + "; ".join(problems))

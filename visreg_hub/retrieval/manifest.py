@@ -1,0 +1,124 @@
+"""The index folder's ``manifest.json``: read it and validate every field's type and range.
+
+The manifest comes from an index folder, which is not trusted: a wrong type, a huge number or a
+deeply nested document must give a :class:`~visreg_hub.errors.CheckpointError` naming the field, never
+a ``TypeError``/``RecursionError`` later on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from visreg_hub.errors import CheckpointError
+from visreg_hub.hub.format import sha256_file
+
+FORMAT_NAME = "visreg_hub.EmbeddingIndex"
+FORMAT_VERSION = 2
+MANIFEST_NAME = "manifest.json"
+DATA_FILES = ("index.faiss", "ids.npy", "metadata.jsonl")
+__all__ = ["read_manifest", "sha256_file"]
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_DIM = 1 << 16
+MAX_COUNT = 1 << 40
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+# (name, allowed None, upper bound) of the positive integer search/build parameters
+_PARAMS = (
+    ("nlist", True, 1 << 24),
+    ("nprobe", True, 1 << 24),
+    ("pq_m", True, MAX_DIM),
+    ("m", False, 1 << 12),
+    ("ef_construction", False, 1 << 20),
+    ("ef_search", False, 1 << 20),
+)
+
+
+def _int(value: Any, name: str, low: int, high: int, path: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise CheckpointError(f"{path}: {name} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _optional_str(value: Any, name: str, path: Path) -> None:
+    if value is not None and not isinstance(value, str):
+        raise CheckpointError(f"{path}: {name} must be a string or null, got {type(value).__name__}")
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """Read and validate ``folder/manifest.json`` without loading the index (cheap).
+
+    Raises:
+        FileNotFoundError: no manifest in the folder.
+        CheckpointError: not valid JSON, not an index manifest, unknown version, a missing field or a
+            field of the wrong type or range.
+    """
+    from visreg_hub.retrieval.factory import KINDS
+
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {MANIFEST_NAME} in {folder}; pass a folder written by EmbeddingIndex.save "
+            f"or `visreg-hub index build`"
+        )
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise CheckpointError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; not an index manifest")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{path} is not valid (or is too deeply nested) UTF-8 JSON") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path} is not an EmbeddingIndex manifest")
+    version = manifest.get("format_version")
+    if version == 1:
+        raise CheckpointError(
+            f"{path} is a format 1 index (written before stable ids and remove); this visreg_hub reads "
+            f"format {FORMAT_VERSION}: rebuild it with `visreg-hub index build` or EmbeddingIndex.save"
+        )
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version {version!r}; this visreg_hub reads version {FORMAT_VERSION}. "
+            f"Rebuild the index or upgrade visreg_hub"
+        )
+    required = ("dim", "metric", "kind", "count", "ntotal", "next_id", "normalized", "normalize", "params",
+                "files", "model_name", "pooling", "build")  # fmt: skip
+    missing = [key for key in required if key not in manifest]
+    if missing:
+        raise CheckpointError(f"{path} lacks required fields {missing}")
+    _int(manifest["dim"], "dim", 1, MAX_DIM, path)
+    count = _int(manifest["count"], "count", 0, MAX_COUNT, path)
+    _int(manifest["ntotal"], "ntotal", count, MAX_COUNT, path)
+    _int(manifest["next_id"], "next_id", 0, (1 << 63) - 1, path)
+    if not isinstance(manifest["kind"], str) or manifest["kind"] not in KINDS:
+        raise CheckpointError(f"{path}: kind must be one of {KINDS}, got {manifest['kind']!r}")
+    if not isinstance(manifest["metric"], str) or manifest["metric"] not in ("ip", "l2"):
+        raise CheckpointError(f"{path}: metric must be 'ip' or 'l2', got {manifest['metric']!r}")
+    if manifest["kind"] != "hnsw" and manifest["ntotal"] != count:
+        raise CheckpointError(f"{path}: ntotal must equal count for kind {manifest['kind']!r}")
+    for key in ("normalized", "normalize"):
+        if not isinstance(manifest[key], bool):
+            raise CheckpointError(f"{path}: {key} must be true or false, got {manifest[key]!r}")
+    for key in ("model_name", "pooling"):
+        _optional_str(manifest[key], key, path)
+    if not isinstance(manifest["build"], dict):
+        raise CheckpointError(f"{path}: build must be an object, got {type(manifest['build']).__name__}")
+    params = manifest["params"]
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{path}: params must be an object, got {type(params).__name__}")
+    for name, nullable, high in _PARAMS:
+        if name not in params:
+            raise CheckpointError(f"{path}: params lacks {name!r}")
+        if not (nullable and params[name] is None):
+            _int(params[name], f"params.{name}", 1, high, path)
+    if manifest["kind"] in ("ivf", "ivfsq8", "ivfpq") and params["nlist"] is None:
+        raise CheckpointError(f"{path}: params.nlist is required for kind {manifest['kind']!r}")
+    files = manifest["files"]
+    if not isinstance(files, dict) or set(files) != set(DATA_FILES):
+        raise CheckpointError(f"{path} must list the sha256 of exactly {list(DATA_FILES)}")
+    bad = [
+        name for name, digest in files.items() if not isinstance(digest, str) or not _HEX64.fullmatch(digest)
+    ]
+    if bad:
+        raise CheckpointError(f"{path}: files.{bad[0]} must be a 64-character lowercase hex sha256")
+    return manifest

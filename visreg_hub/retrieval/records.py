@@ -1,0 +1,78 @@
+"""Validation of the ids and metadata handed to :meth:`EmbeddingIndex.add`.
+
+Ids are int64 >= 0 (``-1`` is FAISS's "no result" marker, never a user id). Metadata is stored as
+compact JSON text per id: a plain copy (later edits to the caller's dicts don't leak in) that costs
+one string per vector instead of a tree of Python objects.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Container
+from typing import Any
+
+import numpy as np
+
+MAX_ID = int(np.iinfo(np.int64).max)
+
+
+def check_new_ids(
+    ids: Any, n: int, *, next_id: int, live: Container[int], tombstones: Container[int]
+) -> np.ndarray:
+    """The int64 (n,) ids of n new vectors: ``ids`` validated, or ``next_id .. next_id + n - 1``.
+
+    Raises:
+        ValueError: wrong shape or dtype, negative, duplicate, already live, or removed from an HNSW
+            graph that still holds them (``tombstones``).
+    """
+    if ids is None:
+        if next_id > MAX_ID - n:
+            raise ValueError("the id counter is exhausted; pass explicit ids")
+        return np.arange(next_id, next_id + n, dtype=np.int64)
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.shape[0] != n:
+        raise ValueError(f"ids must have shape ({n},) to match the vectors, got {tuple(ids.shape)}")
+    if n and not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must be integers, got dtype {ids.dtype}; use np.int64 ids")
+    if n and (int(ids.min()) < 0 or int(ids.max()) > MAX_ID):
+        raise ValueError(f"ids must be in [0, 2**63), got {int(ids.min())}..{int(ids.max())}")
+    ids = ids.astype(np.int64)
+    if np.unique(ids).size != n:
+        raise ValueError("ids contain duplicates; every vector needs its own id")
+    clash = [i for i in ids.tolist() if i in live]
+    if clash:
+        raise ValueError(f"ids already in the index: {clash[:5]}; ids must be unique")
+    reused = [i for i in ids.tolist() if i in tombstones]
+    if reused:
+        raise ValueError(
+            f"ids {reused[:5]} were removed from this HNSW index, whose graph still holds them; "
+            f"use new ids or rebuild the index"
+        )
+    return ids
+
+
+def encode_metadata(metadata: Any, n: int) -> list[str | None]:
+    """n metadata dicts (or None) as compact JSON texts.
+
+    Raises:
+        ValueError: not a list of n dicts/None, or a value JSON cannot represent (NaN, objects, cycles).
+    """
+    if metadata is None:
+        return [None] * n
+    if not isinstance(metadata, list | tuple) or len(metadata) != n:
+        got = len(metadata) if isinstance(metadata, list | tuple) else type(metadata).__name__
+        raise ValueError(f"metadata must be a list of {n} dicts (one per vector), got {got}")
+    texts: list[str | None] = []
+    for i, item in enumerate(metadata):
+        if item is None:
+            texts.append(None)
+            continue
+        if not isinstance(item, dict):
+            raise ValueError(f"metadata[{i}] must be a dict or None, got {type(item).__name__}")
+        try:
+            texts.append(json.dumps(item, allow_nan=False, separators=(",", ":")))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ValueError(
+                f"metadata[{i}] must be JSON-serialisable (str, numbers, lists, dicts): {exc}"
+            ) from exc
+    return texts
