@@ -47,8 +47,12 @@ def validate(config: TrainingConfig) -> None:
     for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
         _positive(f"model.{key}", getattr(model, key))
     _positive("model.num_reg_tokens", model.num_reg_tokens, allow_zero=True)
-    for key in ("hidden_dim", "out_dim", "num_hidden_layers"):
+    for key, bound in (("hidden_dim", 65536), ("out_dim", 65536), ("num_hidden_layers", 16)):
         _positive(f"projector.{key}", getattr(config.projector, key))
+        if getattr(config.projector, key) > bound:  # before anything allocates a (hidden x hidden) matrix
+            raise ConfigError(
+                f"projector.{key}={getattr(config.projector, key)} is over the limit of {bound}"
+            )
     if len(data.mean) != data.channels or len(data.std) != data.channels:
         raise ConfigError(
             f"data.mean {list(data.mean)} and data.std {list(data.std)} need one value per channel "
@@ -134,9 +138,12 @@ def batch_plan(config: TrainingConfig, num_processes: int) -> int:
 def model_config(config: TrainingConfig):
     """The :class:`visreg_hub.models.ModelConfig` of the backbone (validated; nothing is built).
 
-    ``img_size`` defaults to the global view size, channels and normalisation come from ``data``.
+    ``img_size`` defaults to the global view size, channels and normalisation come from ``data``. The
+    same limits as loading a checkpoint apply (known ViT architecture, field bounds, the default
+    parameter / activation budget of :mod:`visreg_hub.models.limits`).
     """
     from visreg_hub.models import ModelConfig
+    from visreg_hub.models.limits import check_architecture, check_budget
 
     model = config.model
     overrides = {
@@ -144,7 +151,7 @@ def model_config(config: TrainingConfig):
         for key in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
         if getattr(model, key) is not None
     }
-    return ModelConfig.from_name(
+    backbone = ModelConfig.from_name(
         model.size,
         img_size=model.img_size or config.augment.global_size,
         in_chans=config.data.channels,
@@ -155,6 +162,11 @@ def model_config(config: TrainingConfig):
         pooling=model.pooling,
         **overrides,
     )
+    check_architecture(backbone.architecture)
+    check_budget(
+        backbone, source="the model section", fix="shrink model.depth, model.embed_dim or model.img_size"
+    )
+    return backbone
 
 
 def check_paths(config: TrainingConfig) -> None:

@@ -30,12 +30,15 @@ from typing import Any
 import torch
 
 from visreg_hub.errors import CheckpointError, ConfigError
+from visreg_hub.jsonio import read_json_file
+from visreg_hub.models import limits
 from visreg_hub.models.config import ModelConfig
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
+MAX_CONFIG_BYTES = 4 * 1024 * 1024  # a config.json with model card data is a few KB
 DEFAULT_LICENSE = "apache-2.0"
 # extra keys stored at the top of the visreg block (the rest stays under visreg["extra"])
 PROMOTED_EXTRA_KEYS = ("license", "recipe", "loss", "datasets", "eval_results", "eval_command", "source")
@@ -153,10 +156,12 @@ def _architecture_defaults(architecture: str, model_args: dict[str, Any]) -> dic
     try:
         with torch.device("meta"):
             reference = timm.create_model(architecture, pretrained=False, num_classes=0, **model_args)
-    except RuntimeError as exc:
-        raise ConfigError(
-            f"config.json names architecture {architecture!r}, which timm cannot build: {exc}"
-        ) from exc
+    except Exception as exc:  # timm asserts/raises anything on odd arguments from a file
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"config.json names architecture {architecture!r} with model_args timm cannot build "
+            f"({type(exc).__name__}: {message}); fix model_args"
+        ) from None
     if not hasattr(reference, "patch_embed") or not hasattr(reference, "blocks"):
         raise ConfigError(
             f"architecture {architecture!r} is not a timm VisionTransformer; visreg_hub loads ViTs only"
@@ -178,8 +183,17 @@ def config_from_json(data: dict[str, Any], source: str = CONFIG_NAME) -> ModelCo
     """
     if not isinstance(data, dict) or "architecture" not in data:
         raise CheckpointError(f"{source} has no 'architecture'; it is not a timm/visreg_hub config.json")
+    for key in ("visreg", "model_args", "pretrained_cfg"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise CheckpointError(f"{source}: {key!r} must be a JSON object, got {type(data[key]).__name__}")
+    try:  # only timm ViT names reach timm (no hf-hub:/local-dir: indirection from a config file)
+        limits.check_architecture(data["architecture"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
     visreg = data.get("visreg") or {}
     version = visreg.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"{source}: visreg.format_version must be an integer, got {version!r}")
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{source} uses visreg format_version {version}, newer than this library's {FORMAT_VERSION}; "
@@ -197,12 +211,18 @@ def config_from_json(data: dict[str, Any], source: str = CONFIG_NAME) -> ModelCo
         if arg in model_args:
             fields[field_name] = model_args[arg]
     if isinstance(fields.get("img_size"), list | tuple):
+        if len(fields["img_size"]) != 2 or fields["img_size"][0] != fields["img_size"][1]:
+            raise CheckpointError(f"{source}: img_size {fields['img_size']} is not a square size [h, h]")
         height, width = fields["img_size"]
         if height != width:
             raise CheckpointError(f"{source}: non-square img_size {fields['img_size']} is not supported")
         fields["img_size"] = height
-    if isinstance(fields.get("patch_size"), list | tuple):
+    if isinstance(fields.get("patch_size"), list | tuple) and fields["patch_size"]:
         fields["patch_size"] = fields["patch_size"][0]
+    try:  # types and bounds before timm sees any of it (the meta build below still makes modules)
+        limits.check_field_bounds(fields)
+    except ConfigError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
     if any(key not in fields for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")):
         known = {k: v for k, v in model_args.items() if k not in _IGNORED_MODEL_ARGS}
         defaults = _architecture_defaults(data["architecture"], known)
@@ -214,6 +234,8 @@ def config_from_json(data: dict[str, Any], source: str = CONFIG_NAME) -> ModelCo
     for key in ("pooling", "name", "drop_path_rate"):
         if visreg.get(key) is not None:
             fields[key] = visreg[key]
+    if not isinstance(visreg.get("extra") or {}, dict):
+        raise CheckpointError(f"{source}: visreg.extra must be a JSON object")
     extra = dict(visreg.get("extra") or {})
     extra.update({key: visreg[key] for key in PROMOTED_EXTRA_KEYS if key in visreg})
     if "license" not in extra and pretrained_cfg.get("license"):
@@ -221,8 +243,8 @@ def config_from_json(data: dict[str, Any], source: str = CONFIG_NAME) -> ModelCo
     fields["extra"] = extra
     try:
         return ModelConfig(**fields)
-    except (ConfigError, TypeError) as exc:
-        raise CheckpointError(f"{source} describes an invalid model: {exc}") from exc
+    except (ConfigError, TypeError, ValueError) as exc:  # e.g. mean: "abc" -> float() ValueError
+        raise CheckpointError(f"{source} describes an invalid model: {exc}") from None
 
 
 def read_config(path: str | Path) -> ModelConfig:
@@ -230,10 +252,7 @@ def read_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     if path.is_dir():
         path = path / CONFIG_NAME
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    data = read_json_file(path, error=CheckpointError, max_bytes=MAX_CONFIG_BYTES)
     return config_from_json(data, source=str(path))
 
 

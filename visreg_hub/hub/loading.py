@@ -20,7 +20,8 @@ import torch
 
 from visreg_hub.errors import CheckpointError, ModelNotFoundError, ModelNotPublishedError
 from visreg_hub.hub import format as ckpt
-from visreg_hub.hub import registry
+from visreg_hub.hub import preflight, registry
+from visreg_hub.models.limits import ModelLimits
 
 logger = logging.getLogger(__name__)
 
@@ -192,16 +193,25 @@ def _check_pin(path: Path, source: Source) -> None:
         ckpt.verify_sha256(path, source.sha256, label)
 
 
-def _build(config, weights_path: Path):
+def _build(config, weights_path: Path, limits: ModelLimits | None = None):
+    """Check budget and declared shapes (no allocation), then read, build, load strictly, refuse NaN/Inf."""
     from visreg_hub.models.encoder import VISRegEncoder
 
+    preflight.check_before_build(config, weights_path, limits)
     state_dict = ckpt.read_weights(weights_path)
     model = VISRegEncoder(config)
     ckpt.load_backbone_weights(model, state_dict, source=str(weights_path))
+    preflight.check_finite(state_dict, str(weights_path))
     return model
 
 
-def load_folder(folder: str | Path, *, weights_sha256: str | None = None, name: str | None = None):
+def load_folder(
+    folder: str | Path,
+    *,
+    weights_sha256: str | None = None,
+    name: str | None = None,
+    limits: ModelLimits | None = None,
+):
     """Build a :class:`VISRegEncoder` from a checkpoint folder (config.json + model.safetensors)."""
     folder = Path(folder)
     config_path, weights_path = folder / ckpt.CONFIG_NAME, folder / ckpt.WEIGHTS_NAME
@@ -217,18 +227,20 @@ def load_folder(folder: str | Path, *, weights_sha256: str | None = None, name: 
         )
     if weights_sha256 is not None:
         ckpt.verify_sha256(weights_path, weights_sha256, name or str(folder))
-    return _build(ckpt.read_config(config_path), weights_path)
+    return _build(ckpt.read_config(config_path), weights_path, limits)
 
 
-def load(source: Source, **download_kwargs: Any):
+def load(source: Source, *, limits: ModelLimits | None = None, **download_kwargs: Any):
     """Fetch and build the model a :class:`Source` points at (not yet in eval mode or moved).
 
     Args:
         source: from :func:`resolve`.
+        limits: the parameter / activation budget a downloaded or local config must fit (default
+            :class:`~visreg_hub.models.limits.ModelLimits`).
         **download_kwargs: ``cache_dir``, ``local_files_only``, ``token`` for Hub downloads.
     """
     if source.kind == "folder":
-        return load_folder(source.location, weights_sha256=source.sha256, name=source.name)
+        return load_folder(source.location, weights_sha256=source.sha256, name=source.name, limits=limits)
     if source.kind == "hub":
         revision = {"revision": source.revision}
         config = ckpt.read_config(
@@ -237,7 +249,7 @@ def load(source: Source, **download_kwargs: Any):
         weights_path = hub_download(source.location, ckpt.WEIGHTS_NAME, **revision, **download_kwargs)
         if source.sha256 is not None:
             ckpt.verify_sha256(weights_path, source.sha256, source.name or source.location)
-        return _build(config, weights_path)
+        return _build(config, weights_path, limits)
     # official-pth: download the pickled release, check it, convert in memory with the weights-only loader
     from visreg_hub.hub.convert import official_encoder
 
@@ -258,6 +270,7 @@ def from_pretrained(
     backend: str = "torch",
     provider: str | None = None,
     precision: str = "fp32",
+    limits: ModelLimits | None = None,
 ):
     """Load a :class:`~visreg_hub.models.VISRegEncoder` in eval mode: ``load(resolve(name_or_path))``.
 
@@ -275,17 +288,22 @@ def from_pretrained(
         provider: ONNX Runtime provider for ``backend="onnx"`` (``"cpu"``, ``"cuda"``, ``"tensorrt"``;
             None: from ``device``, else the best available).
         precision: ONNX graph precision for ``backend="onnx"``: ``"fp32"`` or ``"fp16"`` (GPU providers).
+        limits: budget checked before anything is built (default ``ModelLimits()``: at most 3 B
+            parameters and 8 GiB of float32 activations per image); e.g.
+            ``ModelLimits(max_params=None)`` to load a larger model you trust.
 
     Raises:
         ModelNotFoundError: nothing matches (close registry names are suggested).
         ModelNotPublishedError: a registry entry without public weights.
-        CheckpointError: malformed config, non-safetensors weights, key/shape mismatch, sha256 mismatch.
+        CheckpointError: malformed config, non-safetensors weights, key/shape mismatch, sha256 mismatch,
+            NaN/Inf weights.
+        ConfigError: unknown (non-ViT) architecture, or a model over ``limits``.
     """
     from visreg_hub.inference.backends import make_spec, set_backend
 
     make_spec(backend, provider, precision)  # a bad backend argument fails before any download
     source = resolve(name_or_path, revision=revision)
-    model = load(source, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+    model = load(source, limits=limits, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     return set_backend(model.eval(), backend, provider, precision)

@@ -2,6 +2,15 @@
 
 from visreg_hub.models.config import NAMED_SIZES, PATCH_POOLING, POOLINGS, ModelConfig
 from visreg_hub.models.encoder import VISRegEncoder
+from visreg_hub.models.limits import ModelLimits
 from visreg_hub.models.projector import Projector
 
-__all__ = ["NAMED_SIZES", "PATCH_POOLING", "POOLINGS", "ModelConfig", "Projector", "VISRegEncoder"]
+__all__ = [
+    "NAMED_SIZES",
+    "PATCH_POOLING",
+    "POOLINGS",
+    "ModelConfig",
+    "ModelLimits",
+    "Projector",
+    "VISRegEncoder",
+]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from visreg_hub.errors import ConfigError
+from visreg_hub.models.limits import check_architecture_name, check_field_bounds
 from visreg_hub.suggest import did_you_mean
 
 # Feature taps returning one vector per image; "patch" (a token grid) is served by ``patch_tokens``.
@@ -95,6 +96,10 @@ NAMED_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture, default feature tap and data configuration of a VISReg encoder.
@@ -146,14 +151,33 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         # JSON gives lists; store tuples so the frozen config is hashable-ish and compares equal.
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        for stat_name in ("mean", "std"):
+            values = getattr(self, stat_name)
+            if not isinstance(values, list | tuple) or not all(_is_number(v) for v in values):
+                raise ConfigError(f"{stat_name} must be a list of numbers (one per channel), got {values!r}")
+            object.__setattr__(self, stat_name, tuple(float(v) for v in values))
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra must be a dict of JSON values, got {type(self.extra).__name__}")
         object.__setattr__(self, "extra", dict(self.extra))
         self._validate()
 
     def _validate(self) -> None:
-        if not isinstance(self.architecture, str) or not self.architecture:
-            raise ConfigError(f"architecture must be a timm model name, got {self.architecture!r}")
+        check_architecture_name(self.architecture)
+        check_field_bounds(dataclasses.asdict(self))
+        for number_field in ("mlp_ratio", "drop_path_rate", "crop_pct"):
+            if not _is_number(getattr(self, number_field)):
+                raise ConfigError(f"{number_field} must be a number, got {getattr(self, number_field)!r}")
+        if self.init_values is not None and not _is_number(self.init_values):
+            raise ConfigError(f"init_values must be None or a number, got {self.init_values!r}")
+        for flag in ("dynamic_img_size", "qkv_bias"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if self.name is not None and not isinstance(self.name, str):
+            raise ConfigError(f"name must be a string or null, got {self.name!r}")
+        if not isinstance(self.pooling, str) or not isinstance(self.interpolation, str):
+            raise ConfigError(
+                f"pooling and interpolation must be strings, got {self.pooling!r}, {self.interpolation!r}"
+            )
         for int_field in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "in_chans"):
             value = getattr(self, int_field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -200,10 +224,10 @@ class ModelConfig:
             raise ConfigError(f"interpolation={self.interpolation!r} is not one of {INTERPOLATIONS}")
         try:
             json.dumps(self.extra)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise ConfigError(
                 f"extra must be JSON-serialisable (plain dicts, lists, numbers, str): {exc}"
-            ) from exc
+            ) from None
 
     # ------------------------------------------------------------------ derived views
     @property

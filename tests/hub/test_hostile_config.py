@@ -1,0 +1,177 @@
+"""A model folder is untrusted: hostile config.json / weights give one clear error, before any allocation,
+without the network, and never another exception type."""
+
+from __future__ import annotations
+
+import json
+import resource
+import socket
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.fixtures_models import tiny_encoder
+from visreg_hub.errors import CheckpointError, ConfigError, VisregHubError
+from visreg_hub.hub import from_pretrained
+from visreg_hub.models import ModelLimits
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Every outbound socket operation raises and is recorded (loopback included: nothing may try)."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access attempted during a local load")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return attempts
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    model = tiny_encoder()
+    model.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def _edit_config(folder, change) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+
+
+def test_a_local_load_never_touches_the_network(folder, no_network):
+    model = from_pretrained(folder)
+    assert model.config.depth == 2 and no_network == []
+
+
+@pytest.mark.parametrize(
+    "architecture",
+    ["hf-hub:timm/vit_tiny_patch16_224.augreg_in21k", "local-dir:/etc", "resnet50", "timm/vit_tiny", 7, None],
+)
+def test_config_architecture_cannot_redirect_timm(folder, no_network, architecture):
+    _edit_config(folder, lambda c: c.__setitem__("architecture", architecture))
+    with pytest.raises(CheckpointError, match="not a timm Vision Transformer"):
+        from_pretrained(folder)
+    assert no_network == []
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@pytest.mark.parametrize(
+    ("model_args", "message", "error"),
+    [
+        ({"depth": 10_000}, "depth=10000 is out of range", CheckpointError),
+        ({"embed_dim": 1 << 20, "num_heads": 2}, "embed_dim=1048576 is out of range", CheckpointError),
+        ({"img_size": 4096, "patch_size": 1}, "GiB of activations per image", ConfigError),
+        ({"depth": 512, "embed_dim": 8192, "num_heads": 64}, "B-parameter model", ConfigError),
+        ({"reg_tokens": 5000}, "num_reg_tokens=5000 is out of range", CheckpointError),
+        ({"mlp_ratio": 1e9}, "mlp_ratio=1000000000.0 is out of range", CheckpointError),
+        # within every bound and the budget (1.2 B parameters, 4.8 GB to build): the header check refuses it
+        ({"depth": 24, "embed_dim": 2048, "num_heads": 16}, "does not match the model", CheckpointError),
+    ],
+)
+def test_huge_configs_are_refused_before_allocation(folder, model_args, message, error):
+    _edit_config(folder, lambda c: c["model_args"].update(model_args))
+    before, started = _peak_rss_bytes(), time.perf_counter()
+    with pytest.raises(error, match=message):
+        from_pretrained(folder)
+    assert time.perf_counter() - started < 20  # seconds: the unchecked path took 18 s and 6 GB
+    assert _peak_rss_bytes() - before < 512 * 2**20  # building any of these would take gigabytes
+
+
+def test_limits_argument_overrides_the_budget(folder):
+    with pytest.raises(ConfigError, match="over the limit"):
+        from_pretrained(folder, limits=ModelLimits(max_params=10_000))
+    assert from_pretrained(folder, limits=ModelLimits(max_params=None, max_activation_bytes=None)) is not None
+
+
+def test_weights_declaring_other_tensors_than_the_config_are_refused_from_the_header(folder):
+    _edit_config(folder, lambda c: c["model_args"].update({"depth": 3}))
+    with pytest.raises(CheckpointError, match=r"missing keys \['blocks.2.attn.proj.bias'"):
+        from_pretrained(folder)
+
+
+def test_integer_weights_are_refused(folder):
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["norm.weight"] = torch.ones(32, dtype=torch.int32)
+    save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"non-float tensors \['norm.weight'\]"):
+        from_pretrained(folder)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused(folder, value):
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["blocks.1.mlp.fc1.weight"][3, 5] = value
+    save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"NaN or Inf values in \['blocks.1.mlp.fc1.weight'\]"):
+        from_pretrained(folder)
+
+
+MALFORMED = {
+    "non-utf8": b'{"architecture": "vit_tiny_patch16_224", "name": "\xff\xfe"}',
+    "deep-nesting": b'{"architecture": "vit_tiny_patch16_224", "visreg": '
+    + b"[" * 100_000
+    + b"]" * 100_000
+    + b"}",
+    "moderate-nesting": b'{"architecture": "vit_tiny_patch16_224", "x": ' + b"[" * 500 + b"]" * 500 + b"}",
+    "not-json": b"architecture: vit",
+    "json-list": b"[1, 2, 3]",
+    "empty": b"",
+    "nul-bytes": b"\x00" * 64,
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_config_json_is_a_checkpoint_error(folder, name, no_network):
+    (folder / "config.json").write_bytes(MALFORMED[name])
+    with pytest.raises(CheckpointError) as caught:
+        from_pretrained(folder)
+    assert "\n" not in str(caught.value) and "config.json" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda c: c["model_args"].update({"depth": "2"}),
+        lambda c: c["model_args"].update({"embed_dim": 32.5}),
+        lambda c: c["model_args"].update({"img_size": [28, 28, 28]}),
+        lambda c: c["model_args"].update({"img_size": [28, 14]}),
+        lambda c: c["model_args"].update({"patch_size": []}),
+        lambda c: c["model_args"].update({"qkv_bias": "yes"}),
+        lambda c: c["model_args"].update({"init_values": "small"}),
+        lambda c: c["model_args"].update({"unknown_arg": 1}),
+        lambda c: c.__setitem__("model_args", [1, 2]),
+        lambda c: c.__setitem__("visreg", "v1"),
+        lambda c: c.__setitem__("pretrained_cfg", 3),
+        lambda c: c["pretrained_cfg"].update({"mean": "abc"}),
+        lambda c: c["pretrained_cfg"].update({"mean": {"r": 1}}),
+        lambda c: c["pretrained_cfg"].update({"std": [0.0, 0.1, 0.1]}),
+        lambda c: c["pretrained_cfg"].update({"crop_pct": "full"}),
+        lambda c: c["pretrained_cfg"].update({"interpolation": ["bicubic"]}),
+        lambda c: c["visreg"].update({"format_version": "1"}),
+        lambda c: c["visreg"].update({"format_version": 99}),
+        lambda c: c["visreg"].update({"pooling": {"cls": 1}}),
+        lambda c: c["visreg"].update({"name": ["x"]}),
+        lambda c: c["visreg"].update({"extra": "notes"}),
+        lambda c: c["visreg"].update({"drop_path_rate": 2.0}),
+        lambda c: (c["model_args"].pop("depth"), c["model_args"].update({"embed_dim": 30, "num_heads": 4})),
+    ],
+)
+def test_wrong_types_and_values_are_checkpoint_errors(folder, change):
+    _edit_config(folder, change)
+    with pytest.raises(VisregHubError) as caught:
+        from_pretrained(folder)
+    assert isinstance(caught.value, CheckpointError | ConfigError), type(caught.value)
+    assert "\n" not in str(caught.value)

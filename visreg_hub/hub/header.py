@@ -1,0 +1,119 @@
+"""Reading a safetensors header (names, dtypes, shapes, offsets) without reading any tensor data.
+
+Layout of a ``.safetensors`` file: 8 bytes little-endian header length N, N bytes of UTF-8 JSON
+``{"name": {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, "__metadata__": {str: str}}``,
+then the data buffer; offsets are relative to the buffer. Every field is untrusted: the header is
+checked against the file's real size before any of it is believed, so a hostile header can neither
+make the loader allocate what the file does not hold nor raise anything but a :class:`CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from visreg_hub.errors import CheckpointError
+from visreg_hub.jsonio import parse_json
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_DIMS = 8
+ITEM_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+}  # fmt: skip
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # torch zip, pickle 2-5
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's declaration: dtype (safetensors code), shape and byte range in the data buffer."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check the header of ``path``; no tensor data is read.
+
+    Returns:
+        (tensors by name, the ``__metadata__`` strings).
+
+    Raises:
+        CheckpointError: not a safetensors file, or a header inconsistent with itself or the file size.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise _invalid(path, f"{size} bytes, too short")
+            if prefix.startswith(_PICKLE_MAGIC):
+                raise CheckpointError(
+                    f"{path} is not a valid safetensors file: it looks like a pickled PyTorch file "
+                    "(.pt/.pth/.bin) renamed to .safetensors; visreg_hub never unpickles weights. Convert it "
+                    "with `visreg-hub convert` instead."
+                )
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES or length > size - 8:
+                raise _invalid(path, f"a {length}-byte header is declared but the file holds {size} bytes")
+            raw = handle.read(length)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        header = parse_json(raw, "header", error=CheckpointError, max_depth=4)
+    except CheckpointError as exc:
+        raise _invalid(path, str(exc)) from None
+    if not isinstance(header, dict):
+        raise _invalid(path, "the header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _invalid(path, "__metadata__ must map strings to strings")
+    data_size = size - 8 - length
+    tensors = {name: _tensor_info(path, name, entry, data_size) for name, entry in header.items()}
+    spans = sorted((info.begin, info.end, name) for name, info in tensors.items() if info.end > info.begin)
+    for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
+        if begin < end:
+            raise _invalid(path, f"tensors {first!r} and {second!r} overlap in the data buffer")
+    return tensors, metadata
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
+    where = f"tensor {name!r}"
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise _invalid(path, f"{where} should declare exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in ITEM_BYTES:
+        raise _invalid(path, f"{where} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_count(d) for d in shape):
+        raise _invalid(path, f"{where} has shape {shape!r}; expected up to {MAX_DIMS} non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(o) for o in offsets):
+        raise _invalid(path, f"{where} has data_offsets {offsets!r}; expected [begin, end]")
+    begin, end = offsets
+    nbytes = math.prod(shape) * ITEM_BYTES[dtype]
+    if not begin <= end <= data_size or end - begin != nbytes:
+        raise _invalid(
+            path,
+            f"{where} declares {shape} {dtype} ({nbytes} bytes) at [{begin}, {end}) of a "
+            f"{data_size}-byte buffer",
+        )
+    return TensorInfo(dtype, tuple(shape), begin, end)
+
+
+def _invalid(path: Path, detail: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a valid safetensors file ({detail}); it is corrupt, truncated or not safetensors: "
+        "delete it (or its cache entry) and download or export it again"
+    )
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
