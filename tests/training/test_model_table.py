@@ -1,0 +1,51 @@
+"""docs/results.md's fixture row is recomputed here, so the published numbers cannot silently rot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training import model_table as mt
+from visreg_hub import from_pretrained
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+def _weighted_knn_float64(train_x, train_y, test_x, test_y, k=20, temperature=0.07) -> float:
+    """Independent reference: DINO-weighted kNN in float64 numpy."""
+    a = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    b = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
+    similarity = b.astype(np.float64) @ a.astype(np.float64).T
+    hits = 0
+    for row, truth in zip(similarity, test_y):
+        top = np.argsort(-row, kind="stable")[:k]
+        votes = np.zeros(int(train_y.max()) + 1)
+        np.add.at(votes, train_y[top], np.exp(row[top] / temperature))
+        hits += int(np.argmax(votes) == truth)
+    return 100.0 * hits / len(test_y)
+
+
+def test_fixture_row_in_docs_matches_a_recomputation():
+    row = mt.parse_fixture_row((REPO / "docs" / "results.md").read_text())
+    recomputed = mt.fixture_row(from_pretrained(row["model"]), FIXTURES)
+    assert (recomputed["n_train"], recomputed["n_test"]) == (row["n_train"], row["n_test"])
+    # one test image is 0.5 points: allow a single flipped near-tie from float rounding, nothing more
+    assert recomputed["model_knn"] == pytest.approx(row["model_knn"], abs=0.51)
+    assert recomputed["raw_knn"] == pytest.approx(row["raw_knn"], abs=0.51)
+    train, test = np.load(FIXTURES / "fmnist_train_500.npz"), np.load(FIXTURES / "fmnist_test_200.npz")
+    raw = _weighted_knn_float64(mt.raw_pixel_features(train["images"]), train["labels"],
+                                mt.raw_pixel_features(test["images"]), test["labels"])  # fmt: skip
+    assert raw == pytest.approx(row["raw_knn"], abs=0.51)
+
+
+def test_section_replacement_keeps_the_rest_of_the_document():
+    doc = "# Results\n\nintro\n"
+    once = mt.replace_section(doc, "model-table", "A")
+    twice = mt.replace_section(once + "\n## later section\n", "model-table", "B")
+    assert once.startswith(doc.rstrip()) and "A" in once
+    assert "B" in twice and "A" not in twice.split("intro")[1] and twice.endswith("## later section\n")
+    with pytest.raises(ValueError, match=r"model_table\.py"):
+        mt.parse_fixture_row(doc)
