@@ -266,7 +266,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="folder of images to search (repeatable; the bundled gallery is always offered)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument(  # GRADIO_SERVER_PORT: gradio's own variable for the default port
+        "--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    )
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                         help="where gallery indexes are cached (default: %(default)s)")  # fmt: skip
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")

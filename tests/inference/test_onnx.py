@@ -270,10 +270,38 @@ def test_preprocessing_rejects_what_the_graph_cannot_reproduce():
         PreprocessingSpec.from_data_config(config, (40, 40), "HWC")
     with pytest.raises(ValueError, match="not 'nearest'"):
         PreprocessingSpec.from_data_config({**config, "interpolation": "nearest"}, (40, 40), "NHWC")
-    with pytest.raises(ValueError, match="needs an RGB model"):
+    with pytest.raises(ValueError, match="has 2 channels"):
         PreprocessingSpec.from_data_config(
-            {**config, "input_size": (1, 32, 32), "mean": (0.5,), "std": (0.5,)}, (40, 40), "NHWC"
+            {**config, "input_size": (2, 32, 32), "mean": (0.5,) * 2, "std": (0.5,) * 2}, (40, 40), "NHWC"
         )
+
+
+def test_baked_preprocessing_of_a_grayscale_model_matches_pil_luma(photos):
+    """1-channel models take RGB uint8 and convert it like PIL's convert("L"), bit for bit."""
+    data_config = dict(
+        input_size=(1, 28, 28), mean=(0.286,), std=(0.353,), crop_pct=0.875, crop_mode="center",
+        interpolation="bicubic",
+    )  # fmt: skip
+    spec = PreprocessingSpec.from_data_config(data_config, (48, 40), "NHWC")
+    session = ort.InferenceSession(
+        preprocessing_model(spec).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    images = np.stack([np.asarray(p.resize((40, 48), Image.BICUBIC)) for p in photos])  # real colour photos
+    (ours,) = session.run(None, {"images": images})
+    transform = timm.data.create_transform(**data_config)
+    expected = torch.stack([transform(Image.fromarray(image).convert("L")) for image in images]).numpy()
+    assert ours.shape == expected.shape == (len(photos), 1, 28, 28)
+    levels = np.abs(ours - expected) * 0.353 * 255
+    assert levels.max() <= 2.01 and (levels > 0.5).mean() < 0.02  # same tolerance as the RGB cases
+    # the luma step alone is exact: a graph with no resize (crop_pct 1, same size) equals PIL exactly
+    exact = PreprocessingSpec.from_data_config({**data_config, "crop_pct": 1.0}, (28, 28), "NHWC")
+    session = ort.InferenceSession(
+        preprocessing_model(exact).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    small = np.stack([np.asarray(p.resize((28, 28), Image.BICUBIC)) for p in photos])
+    (pixels,) = session.run(None, {"images": small})
+    luma = np.stack([np.asarray(Image.fromarray(image).convert("L")) for image in small])
+    np.testing.assert_array_equal(np.rint(pixels[:, 0] * 0.353 * 255 + 0.286 * 255), luma)
 
 
 # ----------------------------------------------------------------------- fp16 + fusions, backend="onnx"

@@ -258,6 +258,27 @@ def load(source: Source, *, limits: ModelLimits | None = None, **download_kwargs
     return official_encoder(pth_path, source.size, **source.config_overrides)
 
 
+def build_architecture(registry_name: str, *, device=None, dtype=None):
+    """A registry model's architecture with random weights (nothing is downloaded), in eval mode.
+
+    Raises:
+        ModelNotFoundError: not a registry name (close names are suggested).
+    """
+    from visreg_hub.models.config import ModelConfig
+    from visreg_hub.models.encoder import VISRegEncoder
+
+    entry = registry.find_entry(registry_name)
+    if entry is None:
+        raise ModelNotFoundError(
+            f"no registry model {registry_name!r}.{registry.suggest_names(registry_name)}"
+        )
+    if entry.status == "bundled":
+        config = ckpt.read_config(_bundled_folder(entry))
+    else:
+        config = ModelConfig.from_name(entry.size, **{"name": entry.name, **entry.config_overrides})
+    return VISRegEncoder(config).to(device=device, dtype=dtype).eval()
+
+
 def from_pretrained(
     name_or_path: str | Path,
     *,

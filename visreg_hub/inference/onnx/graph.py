@@ -189,6 +189,8 @@ class PreprocessingSpec:
         crop: (top, left, height, width) of the centre crop, in the resized image.
         interpolation: ``bicubic`` or ``bilinear``.
         mean, std: per-channel normalisation.
+        channels: channels the model takes: 3, or 1 for grayscale models, whose graph still accepts RGB
+            and converts it to luma exactly as PIL's ``convert("L")`` does (integer ITU-R 601-2 weights).
     """
 
     image_size: tuple[int, int]
@@ -198,6 +200,7 @@ class PreprocessingSpec:
     interpolation: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    channels: int = 3
 
     @classmethod
     def from_data_config(
@@ -211,10 +214,10 @@ class PreprocessingSpec:
         if layout not in LAYOUTS:
             raise ValueError(f"image_layout must be one of {LAYOUTS}, got {layout!r}")
         channels, out_h, out_w = tuple(data_config["input_size"])
-        if channels != 3:
+        if channels not in (1, 3):
             raise ValueError(
-                f"with_preprocessing needs an RGB model (3 channels), this one has {channels}; "
-                "export without with_preprocessing and convert images to grayscale before the graph"
+                f"with_preprocessing supports RGB (3-channel) and grayscale (1-channel) models, this one "
+                f"has {channels} channels; export without with_preprocessing"
             )
         interpolation = data_config["interpolation"]
         if interpolation not in _ONNX_MODES:
@@ -248,14 +251,20 @@ class PreprocessingSpec:
         crop = (round((resized[0] - out_h) / 2.0), round((resized[1] - out_w) / 2.0), out_h, out_w)
         mean = tuple(float(v) for v in data_config["mean"])
         std = tuple(float(v) for v in data_config["std"])
-        return cls((height, width), layout, tuple(resized), crop, interpolation, mean, std)
+        return cls((height, width), layout, tuple(resized), crop, interpolation, mean, std, channels)
 
     def describe(self) -> str:
         """One paragraph saying what the graph does to its input (stored in the ONNX metadata)."""
         top, left, crop_h, crop_w = self.crop
         shape = "(N, H, W, 3)" if self.layout == "NHWC" else "(N, 3, H, W)"
         return (
-            f"input uint8 RGB {shape} with H, W = {self.image_size}; cast to float32; resize to "
+            f"input uint8 RGB {shape} with H, W = {self.image_size}; cast to float32; "
+            + (
+                "convert to luma like PIL convert('L'): (19595 R + 38470 G + 7471 B + 32768) >> 16; "
+                if self.channels == 1
+                else ""
+            )
+            + f"resize to "
             f"{self.resize_size} ({self.interpolation}, PIL-style: antialiased when shrinking, cubic "
             "a=-0.5, half-pixel centres, width then height, each pass rounded half up and clipped to "
             f"[0, 255] like PIL's 8-bit passes); crop rows {top}:{top + crop_h}, "
@@ -287,6 +296,18 @@ def preprocessing_nodes(spec: PreprocessingSpec, source: str, target: str):
         const("zero", 0.0, np.float32),
         const("max", 255.0, np.float32),
     )
+    if spec.channels == 1:
+        # PIL's convert("L"): (19595 R + 38470 G + 7471 B + 0x8000) >> 16. Every intermediate is an
+        # integer below 2**24 and 65536 a power of two, so float32 reproduces it exactly.
+        weights = const(
+            "luma_weights", np.array([19595, 38470, 7471], np.float32).reshape(1, 3, 1, 1), np.float32
+        )
+        weighted = node("Mul", [current, weights], "luma_weighted")
+        total = node("ReduceSum", [weighted, const("luma_axis", [1], np.int64)], "luma_sum", keepdims=1)
+        rounded = node("Add", [total, const("luma_half", 32768.0, np.float32)], "luma_rounded")
+        current = node(
+            "Floor", [node("Div", [rounded, const("luma_scale", 65536.0, np.float32)], "luma_div")], "luma"
+        )
     # PIL resamples width then height, storing each pass as 8-bit: replicate both roundings
     for axis, new, old in (
         (3, spec.resize_size[1], spec.image_size[1]),
@@ -352,7 +373,7 @@ def preprocessing_model(spec: PreprocessingSpec, opset: int = 18):
 
     nodes, inits = preprocessing_nodes(spec, IMAGE_INPUT, CORE_INPUT)
     output = helper.make_tensor_value_info(
-        CORE_INPUT, TensorProto.FLOAT, ["batch", 3, spec.crop[2], spec.crop[3]]
+        CORE_INPUT, TensorProto.FLOAT, ["batch", spec.channels, spec.crop[2], spec.crop[3]]
     )
     graph = helper.make_graph(nodes, "visreg_preprocessing", [_image_input(spec, "batch")], [output], inits)
     # IR 8 is what ONNX Runtime 1.14+ reads for opset 18
