@@ -1,0 +1,289 @@
+"""Run the method-comparison grid (methods x settings x seeds), resumably, one cell at a time.
+
+    nice -n 19 python training/experiments/compare.py --out runs/compare-v2 > runs/compare-v2.log 2>&1 &
+    python training/experiments/summarize.py runs/compare-v2            # tables of what has finished
+
+Every cell trains ``--config`` (default ``training/configs/fmnist-compare-cpu.yaml``) with the method's and
+the setting's overrides for the same number of optimiser steps (``--epochs`` passes over the balanced
+training set, the same step count in the long-tailed setting), then runs ``training/evaluate.py`` on the
+final backbone. Cell folders: ``<out>/<setting>/<method>/seed-<s>/`` with ``train.log``, ``final/``,
+``eval.log``, ``eval.json`` and, written last and atomically, ``cell.json``: a cell is finished exactly
+when ``cell.json`` exists.
+
+Restarting the command continues the grid: finished cells are skipped, an interrupted training resumes
+from its latest checkpoint (``--resume auto``), a finished training whose evaluation was interrupted is
+only evaluated. A cell whose training exits with an error (divergence, collapse stop) gets ``failed.json``
+and is skipped on later runs unless ``--retry-failed``. ``<out>/grid.json`` pins the budget and the
+config; a later run with a different budget or config refuses to mix into the same folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from training.experiments.grid import METHODS, METHODS_BY_KEY, Cell, LongTail, cells, settings
+from visreg_hub.errors import ConfigError
+
+logger = logging.getLogger("training.experiments.compare")
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = "training/configs/fmnist-compare-cpu.yaml"
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------ runners
+class SubprocessRunner:
+    """Runs pretrain.py / evaluate.py as child processes (one crash or leak cannot take the grid down)."""
+
+    def __init__(self, python: str = sys.executable) -> None:
+        self.python = python
+
+    def __call__(self, script: str, argv: list[str], log: Path) -> int:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        }
+        with open(log, "a", encoding="utf-8") as out:
+            out.write(f"\n$ {script} {' '.join(argv)}\n")
+            out.flush()
+            return subprocess.call(
+                [self.python, str(REPO / script), *argv],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=REPO,
+            )
+
+
+class InProcessRunner:
+    """Calls the scripts' ``main(argv)`` in this process (fast: no interpreter start; used by the tests)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def __call__(self, script: str, argv: list[str], log: Path) -> int:
+        from training import evaluate, pretrain
+
+        self.calls.append((script, argv))
+        main = {"training/pretrain.py": pretrain.main, "training/evaluate.py": evaluate.main}[script]
+        with (
+            open(log, "a", encoding="utf-8") as out,
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(out),
+        ):
+            return main(argv)
+
+
+# ------------------------------------------------------------------------------------------ the grid
+def train_size(config) -> int:
+    """Number of training images the config reads (after its validation hold-out)."""
+    from training.evaluate import load_split
+
+    _, labels = load_split(config.data.source, config.data.path, config.data.split)
+    return len(labels) - config.data.val_size
+
+
+def weight_defaults(loss_class: str) -> dict:
+    """The loss constructor's default weights (``*_weight``), so the grid names every weight in force."""
+    import inspect
+
+    import visreg_hub.losses as losses
+
+    params = inspect.signature(getattr(losses, loss_class).__init__).parameters
+    return {k: p.default for k, p in params.items() if k.endswith("_weight") and p.default is not p.empty}
+
+
+def grid_spec(args: argparse.Namespace) -> dict:
+    """Everything that defines the grid's cells; written to ``<out>/grid.json`` on the first run."""
+    from training.build import loss_settings
+    from training.config import load_config
+
+    config_path = REPO / args.config if not Path(args.config).is_absolute() else Path(args.config)
+    base = load_config(str(config_path), list(args.set))
+    # at least --epochs full passes over the balanced set (the last step may run into a further epoch)
+    steps = args.steps or math.ceil(args.epochs * train_size(base) / base.train.global_batch_size)
+    long_tail = LongTail(args.lt_max, args.lt_ratio, args.lt_seed)
+    methods = {}
+    for method in METHODS:
+        config = load_config(str(config_path), [*args.set, *method.overrides])
+        loss_class, kwargs = loss_settings(config)
+        kwargs = {**weight_defaults(loss_class), **kwargs}
+        methods[method.key] = {"label": method.label, "overrides": list(method.overrides),
+                               "loss_class": loss_class, "loss_kwargs": kwargs}  # fmt: skip
+    eval_data = ["--data", base.data.source]
+    if base.data.source != "fmnist":
+        if not args.test_split:
+            raise ConfigError(f"--test-split is required for data.source={base.data.source}")
+        eval_data += ["--train", str(base.data.path), "--test", args.test_split]
+    return {
+        "config": str(args.config),
+        "config_sha256": hashlib.sha256(config_path.read_bytes()).hexdigest(),
+        "extra_overrides": list(args.set),
+        "steps": steps,
+        "global_batch_size": base.train.global_batch_size,
+        "train_images": train_size(base),
+        "epochs_of_balanced_set": round(steps * base.train.global_batch_size / train_size(base), 3),
+        "eval_data": eval_data,
+        "long_tail": asdict(long_tail),
+        "settings": {k: asdict(s) for k, s in settings(long_tail).items()},
+        "methods": methods,
+    }
+
+
+def open_grid(out: Path, spec: dict, create: bool = True) -> dict:
+    """Create ``grid.json`` (if ``create``) or check that the existing one describes the same grid."""
+    path = out / "grid.json"
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        differing = sorted(k for k in spec if saved.get(k) != spec[k])
+        if differing:
+            raise ConfigError(
+                f"{out} holds a grid with different {', '.join(differing)}; use a new --out folder "
+                "or the settings of the existing grid"
+            )
+        return saved
+    if not create:
+        return spec
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {**spec, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return spec
+
+
+def cell_dir(out: Path, cell: Cell) -> Path:
+    return out / cell.setting / cell.method / f"seed-{cell.seed}"
+
+
+def run_cell(out: Path, grid: dict, cell: Cell, runner, retry_failed: bool = False) -> str:
+    """Bring one cell to 'done' (or 'failed'); returns what happened: skipped/done/failed/skipped-failed."""
+    folder = cell_dir(out, cell)
+    if (folder / "cell.json").is_file():
+        return "skipped"
+    failed = folder / "failed.json"
+    if failed.is_file():
+        if not retry_failed:
+            return "skipped-failed"
+        failed.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    method, setting = grid["methods"][cell.method], grid["settings"][cell.setting]
+    overrides = [
+        *grid["extra_overrides"], *method["overrides"], *setting["train"],
+        f"train.output_dir={folder}", f"train.max_steps={grid['steps']}", f"train.seed={cell.seed}",
+    ]  # fmt: skip
+    started = time.time()
+    if not (folder / "train.done").is_file():
+        argv = ["--config", str(REPO / grid["config"]), *overrides, "--resume", "auto"]
+        code = runner("training/pretrain.py", argv, folder / "train.log")
+        if code != 0:
+            write_json_atomic(failed, {"cell": asdict(cell), "stage": "train", "exit_code": code,
+                                       "log": str(folder / "train.log")})  # fmt: skip
+            return "failed"
+        (folder / "train.done").write_text("ok\n", encoding="utf-8")
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # final/ holds the backbone
+    argv = [str(folder / "final"), *grid["eval_data"], *setting["eval_args"], "--workers", "0",
+            "--batch-size", "512", "--device", "cpu", "--out", str(folder / "eval.json")]  # fmt: skip
+    code = runner("training/evaluate.py", argv, folder / "eval.log")
+    if code != 0:
+        write_json_atomic(failed, {"cell": asdict(cell), "stage": "eval", "exit_code": code,
+                                   "log": str(folder / "eval.log")})  # fmt: skip
+        return "failed"
+    write_json_atomic(folder / "cell.json", {
+        "cell": asdict(cell), "overrides": overrides, "steps": grid["steps"],
+        "eval": "eval.json", "seconds_this_run": round(time.time() - started, 1),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })  # fmt: skip
+    return "done"
+
+
+@contextlib.contextmanager
+def grid_lock(out: Path):
+    """One runner per grid folder (a second one would train the same cells twice)."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another compare.py is running on {out}; wait for it or stop it") from None
+        yield
+
+
+def run_grid(args: argparse.Namespace, runner) -> dict[str, str]:
+    """Run (or continue) the grid; returns {cell name: outcome}."""
+    out = Path(args.out)
+    if args.dry_run:  # reads only: no lock, no grid.json written
+        grid = open_grid(out, grid_spec(args), create=False)
+        return {c.name: "done" if (cell_dir(out, c) / "cell.json").is_file() else "to run"
+                for c in cells(args.settings, args.methods, args.seeds)}  # fmt: skip
+    with grid_lock(out):
+        grid = open_grid(out, grid_spec(args))
+        todo = cells(args.settings, args.methods, args.seeds)
+        outcomes = {}
+        for index, cell in enumerate(todo, 1):
+            started = time.perf_counter()
+            outcomes[cell.name] = outcome = run_cell(out, grid, cell, runner, args.retry_failed)
+            logger.info("[%d/%d] %s: %s (%.0f s)", index, len(todo), cell.name, outcome,
+                        time.perf_counter() - started)  # fmt: skip
+    return outcomes
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/compare-v2", help="grid folder (resumes what is there)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG)
+    parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every cell")
+    parser.add_argument("--epochs", type=int, default=2, help="budget in passes over the balanced set")
+    parser.add_argument("--steps", type=int, help="budget in optimiser steps (overrides --epochs)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--methods", nargs="+", default=[m.key for m in METHODS], choices=list(METHODS_BY_KEY)
+    )
+    parser.add_argument("--settings", nargs="+", default=["balanced", "lt"], choices=["balanced", "lt"])
+    parser.add_argument("--lt-max", type=int, default=LongTail.max_per_class)
+    parser.add_argument("--lt-ratio", type=float, default=LongTail.ratio)
+    parser.add_argument("--lt-seed", type=int, default=LongTail.seed)
+    parser.add_argument("--test-split", help="test images for a non-fmnist config (folder, list or .npz)")
+    parser.add_argument("--retry-failed", action="store_true")
+    parser.add_argument("--in-process", action="store_true", help="no child processes (tests, debugging)")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done")
+    args = parser.parse_args(argv)
+    if (args.steps is not None and args.steps < 1) or args.epochs < 1:
+        parser.error("--steps and --epochs must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runner = InProcessRunner() if args.in_process else SubprocessRunner()
+    try:
+        outcomes = run_grid(args, runner)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    counts = {k: sum(v == k for v in outcomes.values()) for k in sorted(set(outcomes.values()))}
+    print(json.dumps({"cells": len(outcomes), **counts}))
+    return 0 if "failed" not in counts else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
