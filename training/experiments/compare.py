@@ -217,11 +217,22 @@ def run_cell(out: Path, grid: dict, cell: Cell, runner, retry_failed: bool = Fal
                                    "log": str(folder / "eval.log")})  # fmt: skip
         return "failed"
     write_json_atomic(folder / "cell.json", {
-        "cell": asdict(cell), "overrides": overrides, "steps": grid["steps"],
+        "cell": asdict(cell), "overrides": overrides, "steps": grid["steps"], "code": code_version(),
         "eval": "eval.json", "seconds_this_run": round(time.time() - started, 1),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })  # fmt: skip
     return "done"
+
+
+def code_version() -> str:
+    """The commit the cell ran with (provenance): ``git rev-parse HEAD``, else $VISREG_CODE_COMMIT."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    except OSError:
+        head = None
+    if head is not None and head.returncode == 0:
+        return head.stdout.strip()
+    return os.environ.get("VISREG_CODE_COMMIT", "unknown")
 
 
 @contextlib.contextmanager
