@@ -225,14 +225,19 @@ def run_cell(out: Path, grid: dict, cell: Cell, runner, retry_failed: bool = Fal
 
 
 def code_version() -> str:
-    """The commit the cell ran with (provenance): ``git rev-parse HEAD``, else $VISREG_CODE_COMMIT."""
+    """The commit the cell ran with (provenance): $VISREG_CODE_COMMIT (set it when running from an
+    exported copy of the code), else ``git rev-parse HEAD`` when this file's repository is a checkout."""
+    if os.environ.get("VISREG_CODE_COMMIT"):
+        return os.environ["VISREG_CODE_COMMIT"]
     try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+        top = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--show-toplevel", "HEAD"],
+                             capture_output=True, text=True)  # fmt: skip
     except OSError:
-        head = None
-    if head is not None and head.returncode == 0:
-        return head.stdout.strip()
-    return os.environ.get("VISREG_CODE_COMMIT", "unknown")
+        return "unknown"
+    lines = top.stdout.split()
+    if top.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != REPO:
+        return "unknown"  # not a checkout of its own (e.g. an exported copy inside another repository)
+    return lines[1]
 
 
 @contextlib.contextmanager
