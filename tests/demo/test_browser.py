@@ -123,7 +123,7 @@ def reference_top_k(model, gallery: Path, query: Path, k: int) -> list[str]:
     """The library's top-k scores, formatted as the captions show them."""
     files = [f for f in list_image_files(gallery) if f.parent.name != "broken"]
     embeddings = model.encode(files, convert_to_numpy=True)
-    scores = embeddings @ model.encode(query, convert_to_numpy=True)[0]
+    scores = embeddings @ model.encode(query, convert_to_numpy=True)
     return [f"{score:.3f}" for score in np.sort(scores)[::-1][:k]]
 
 
@@ -167,7 +167,7 @@ def test_extract_shows_embedding_pca_and_download(page, demo_model, tmp_path):
                      "#embedding-stats table", "#embedding-npy a"):  # fmt: skip
         wait(page, lambda b, s=selector: css(b, s))
     screenshot(page, tmp_path, "extract")
-    expected = demo_model.encode(PHOTO, convert_to_numpy=True)[0]
+    expected = demo_model.encode(PHOTO, convert_to_numpy=True)
     stats = css(page, "#embedding-stats table")[0].text
     assert f"{expected.shape[0]} 1.0000 cls yes" in stats
     link = next(

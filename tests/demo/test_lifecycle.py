@@ -43,7 +43,7 @@ def test_bounded_queue_and_clean_shutdown(
             str(demo_model_dir), handle_file(str(query)), "model default", True, api_name="/extract"
         )
         np.testing.assert_allclose(
-            np.load(npy_path), demo_model.encode(query, convert_to_numpy=True)[0], atol=1e-6
+            np.load(npy_path), demo_model.encode(query, convert_to_numpy=True), atol=1e-6
         )
         workspaces = list(server.tmpdir.glob("visreg-demo-*"))
         assert len(workspaces) == 1

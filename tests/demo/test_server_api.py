@@ -78,8 +78,8 @@ def test_search_matches_library_brute_force_and_index(
     assert [row["rank"] for row in rows] == list(range(1, k + 1))
     assert len(gallery) == k
 
-    q = demo_model.encode(query, convert_to_numpy=True)  # (1, E)
-    scores = (embeddings.astype(np.float64) @ q[0].astype(np.float64)).astype(np.float32)
+    q = demo_model.encode(query, convert_to_numpy=True)  # (E,): one image in, one vector out
+    scores = (embeddings.astype(np.float64) @ q.astype(np.float64)).astype(np.float32)
     order = np.argsort(-scores, kind="stable")[:k]
     server_ids = np.array([row["id"] for row in rows])
     server_scores = np.array([row["score"] for row in rows])
@@ -110,7 +110,7 @@ def test_search_the_bundled_gallery_chosen_in_the_menu(client, menus, demo_model
     _, rows = client.predict(menus["model"], "bundled", handle_file(str(query)), k, api_name="/search")
     files = list_image_files(BUNDLED_GALLERY)
     scores = (
-        demo_model.encode(files, convert_to_numpy=True) @ demo_model.encode(query, convert_to_numpy=True)[0]
+        demo_model.encode(files, convert_to_numpy=True) @ demo_model.encode(query, convert_to_numpy=True)
     )
     np.testing.assert_allclose([row["score"] for row in rows], np.sort(scores)[::-1][:k], atol=1e-5)
     assert [row["file"] for row in rows] == [
@@ -121,7 +121,7 @@ def test_search_the_bundled_gallery_chosen_in_the_menu(client, menus, demo_model
 def test_extract_matches_model_encode(client, menus, demo_model):
     stats, plot, npy_path, view, pca, overlay = extract(client, menus, PHOTO)
     embedding = np.load(npy_path, allow_pickle=False)
-    expected = demo_model.encode(PHOTO, convert_to_numpy=True)[0]
+    expected = demo_model.encode(PHOTO, convert_to_numpy=True)
     assert embedding.dtype == np.float32 and embedding.shape == expected.shape
     np.testing.assert_allclose(embedding, expected, atol=1e-6)
     assert f"| {expected.shape[0]} | 1.0000 | cls | yes |" in stats
@@ -137,7 +137,7 @@ def test_extract_matches_model_encode(client, menus, demo_model):
 def test_extract_pooling_and_normalize_options(client, menus, demo_model):
     query = EXAMPLES / "Bag_320.png"
     _, _, npy_path, *_ = extract(client, menus, query, pooling="mean_patch", normalize=False)
-    expected = demo_model.encode(query, pooling="mean_patch", normalize=False, convert_to_numpy=True)[0]
+    expected = demo_model.encode(query, pooling="mean_patch", normalize=False, convert_to_numpy=True)
     np.testing.assert_allclose(np.load(npy_path), expected, atol=1e-5)
     assert abs(float(np.linalg.norm(expected)) - 1.0) > 1e-3  # really not normalised
 
@@ -150,7 +150,7 @@ def _png_bytes(size: tuple[int, int], mode: str = "1") -> bytes:
 
 def assert_still_serving(client: Client, menus, demo_model) -> None:
     _, _, npy_path, *_ = extract(client, menus, EXAMPLES / "Trouser_216.png")
-    expected = demo_model.encode(EXAMPLES / "Trouser_216.png", convert_to_numpy=True)[0]
+    expected = demo_model.encode(EXAMPLES / "Trouser_216.png", convert_to_numpy=True)
     np.testing.assert_allclose(np.load(npy_path), expected, atol=1e-6)
 
 

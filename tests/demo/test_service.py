@@ -111,7 +111,7 @@ def test_search_and_extract_equal_the_library(demo_model_dir, demo_model, galler
     embeddings = demo_model.encode([files[i] for i in good], convert_to_numpy=True)
     for query in (EXAMPLES / "Sandal_384.png", PHOTO):  # a colour JPEG goes to a 1-channel model as grey
         outcome = demo.search(None, None, query, 5)
-        scores = embeddings @ demo_model.encode(query, convert_to_numpy=True)[0]
+        scores = embeddings @ demo_model.encode(query, convert_to_numpy=True)
         by_id = dict(zip(good, scores.tolist()))
         np.testing.assert_allclose([h.score for h in outcome.hits], np.sort(scores)[::-1][:5], atol=1e-5)
         np.testing.assert_allclose(
@@ -121,7 +121,7 @@ def test_search_and_extract_equal_the_library(demo_model_dir, demo_model, galler
 
         extraction = demo.extract(None, query)
         np.testing.assert_array_equal(
-            extraction.embedding, demo_model.encode(query, convert_to_numpy=True)[0]
+            extraction.embedding, demo_model.encode(query, convert_to_numpy=True)
         )
         np.testing.assert_array_equal(np.load(extraction.npy_path), extraction.embedding)
         assert extraction.grid == (7, 7) and extraction.pca.size == extraction.overlay.size == (224, 224)

@@ -113,8 +113,8 @@ def test_gray_and_alpha_inputs_go_through_decoding_rules(model):
     gray = Image.new("L", (40, 30), 90)
     transparent = Image.new("RGBA", (40, 30), (10, 200, 30, 0))
     embeddings = encode(model, [gray, transparent])
-    torch.testing.assert_close(embeddings[0], encode(model, Image.new("RGB", (40, 30), (90, 90, 90)))[0])
-    torch.testing.assert_close(embeddings[1], encode(model, Image.new("RGB", (40, 30), "white"))[0])
+    torch.testing.assert_close(embeddings[0], encode(model, Image.new("RGB", (40, 30), (90, 90, 90))))
+    torch.testing.assert_close(embeddings[1], encode(model, Image.new("RGB", (40, 30), "white")))
 
 
 def test_eval_mode_used_and_training_flags_restored(model, photo_paths):

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from visreg_hub.inference.backends import BACKENDS, TorchBackend, backend_for, make_spec
-from visreg_hub.inference.images import DEFAULT_MAX_PIXELS
+from visreg_hub.inference.images import DEFAULT_MAX_PIXELS, is_single_image
 from visreg_hub.inference.pipeline import EmbeddingPipeline, EncodeFailure, EncodeResult
+from visreg_hub.inference.quantize import EMBEDDING_PRECISIONS, quantize_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -35,17 +36,22 @@ def encode(
     *,
     batch_size: int = 64,
     pooling: str | None = None,
-    normalize: bool = True,
+    normalize: bool | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     num_workers: int = 0,
     show_progress_bar: bool | None = None,
     convert_to_numpy: bool = False,
+    convert_to_tensor: bool = False,
+    normalize_embeddings: bool | None = None,
+    precision: str = "float32",
+    calibration_embeddings: np.ndarray | torch.Tensor | None = None,
+    truncate_dim: int | None = None,
     on_error: str = "raise",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     backend: str | None = None,
 ) -> torch.Tensor | np.ndarray | EncodeResult:
-    """Embed images with a VISReg encoder (``model.encode`` calls this).
+    """Embed images with a VISReg encoder (``model.encode`` calls this); sentence-transformers' arguments.
 
     Args:
         model: a :class:`~visreg_hub.models.VISRegEncoder` (anything with ``data_config``,
@@ -57,10 +63,11 @@ def encode(
             (float arrays/tensors are quantised to 8 bit first, like a saved file); already normalised
             batches are refused: pass them to ``model(batch)`` instead. Decoding rules (EXIF, alpha,
             16-bit, first frame of animations, ...) are in :mod:`visreg_hub.inference.images`.
+            A single image (not in a list; not a folder or a 4-D batch) gives a 1-D vector.
         batch_size: images per forward pass; does not change the result beyond float rounding.
         pooling: feature tap (``cls``, ``cls_last2``, ``cls_last4``, ``mean_patch``); None: the
             checkpoint's default. The embedding width is ``model.embedding_dim(pooling)``.
-        normalize: L2-normalise each embedding (cosine similarity becomes a dot product).
+        normalize: L2-normalise each embedding (cosine similarity becomes a dot product); default True.
         device: where the model runs; None: where its parameters are. If different, the model is
             moved there for this call and moved back afterwards (move it once yourself for many calls).
         dtype: ``"bf16"``/``torch.bfloat16`` or ``"fp16"``/``torch.float16`` run a float32 model under
@@ -68,9 +75,19 @@ def encode(
         num_workers: DataLoader worker processes for decoding; 0 decodes in this process. With a GPU,
             batches are pinned and copied asynchronously.
         show_progress_bar: None shows it only when stderr is a terminal.
-        convert_to_numpy: return a ``np.float32`` array instead of a CPU float32 tensor.
+        convert_to_numpy: return a numpy array instead of a CPU tensor.
+        convert_to_tensor: return a tensor (the default here; wins over ``convert_to_numpy``, as in
+            sentence-transformers).
+        normalize_embeddings: sentence-transformers' name for ``normalize`` (give one of the two).
+        precision: ``"float32"`` (default), or quantised embeddings: ``"int8"``, ``"uint8"`` (one byte
+            per dimension), ``"binary"``, ``"ubinary"`` (one bit per dimension, packed: E / 8 bytes).
+            Rules: :mod:`visreg_hub.inference.quantize` (sentence-transformers' ``quantize_embeddings``).
+        calibration_embeddings: (M, E) float embeddings whose per-dimension min/max give the int8/uint8
+            ranges; None: the min/max of this call's own embeddings (so codes depend on the batch).
+        truncate_dim: keep the first ``truncate_dim`` dimensions, before normalising (Matryoshka style;
+            VISReg models are not trained for it, so expect a quality loss; measure it).
         on_error: ``"raise"`` stops at the first bad item with :class:`ImageDecodeError` naming it and
-            the reason; ``"skip"`` embeds the others and returns an :class:`EncodeResult`.
+            the reason; ``"skip"`` embeds the others and returns an :class:`EncodeResult` (always 2-D).
         max_pixels: decompression-bomb cap per image (width * height); None disables it.
         backend: deprecated; choose the backend when loading instead:
             ``from_pretrained(name, backend="onnx")`` (or ``visreg_hub.inference.backends.set_backend``).
@@ -78,14 +95,19 @@ def encode(
             DeprecationWarning. None: the model's backend (torch for a model built in code).
 
     Returns:
-        With ``on_error="raise"``: (N, E) float32 embeddings on the CPU, in input order (N after
-        expanding folders and batches; (0, E) for an empty input). With ``"skip"``:
-        ``EncodeResult(embeddings, failures)``.
+        With ``on_error="raise"``: (N, E) embeddings on the CPU in input order (N after expanding
+        folders and batches; (0, E) for an empty input; (E,) for a single image), float32 or the
+        ``precision``'s dtype and width. With ``"skip"``: ``EncodeResult(embeddings, failures)``.
 
     Raises:
         ImageDecodeError: an item could not be decoded and ``on_error="raise"``.
         ValueError: an argument is invalid (the message says which and how to fix it).
     """
+    if normalize is not None and normalize_embeddings is not None and normalize != normalize_embeddings:
+        raise ValueError("normalize and normalize_embeddings disagree; pass only one of them")
+    normalize = next((v for v in (normalize, normalize_embeddings) if v is not None), True)
+    if precision not in EMBEDDING_PRECISIONS:
+        raise ValueError(f"precision must be one of {EMBEDDING_PRECISIONS}, got {precision!r}")
     spec = None
     if backend is not None:
         warnings.warn(
@@ -99,12 +121,20 @@ def encode(
             raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
         spec = make_spec(backend)
     runner = backend_for(model, pooling=pooling, device=device, dtype=dtype, spec=spec)
-    pipeline = EmbeddingPipeline(runner, normalize=normalize, max_pixels=max_pixels)
+    pipeline = EmbeddingPipeline(
+        runner, normalize=normalize, max_pixels=max_pixels, truncate_dim=truncate_dim
+    )
     result, failures = pipeline.run(
         images, batch_size=batch_size, num_workers=num_workers, on_error=on_error,
         show_progress_bar=show_progress_bar, desc="encode" if runner.name == "torch" else "encode (onnx)",
     )  # fmt: skip
-    embeddings = result.numpy() if convert_to_numpy else result
+    if precision != "float32":
+        result = torch.from_numpy(
+            quantize_embeddings(result.numpy(), precision, calibration_embeddings=calibration_embeddings)
+        )
+    if on_error == "raise" and is_single_image(images):
+        result = result[0]
+    embeddings = result.numpy() if convert_to_numpy and not convert_to_tensor else result
     return EncodeResult(embeddings, failures) if on_error == "skip" else embeddings
 
 

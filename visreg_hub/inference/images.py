@@ -108,6 +108,15 @@ def _is_single(obj: Any) -> bool:
     return isinstance(obj, _SINGLE_TYPES)
 
 
+def is_single_image(obj: Any) -> bool:
+    """``obj`` is one image, not a list, a folder or a 4-D batch (``encode`` then returns a 1-D vector)."""
+    if not _is_single(obj):
+        return False
+    if isinstance(obj, (str, os.PathLike)):
+        return not Path(obj).expanduser().is_dir()
+    return not (isinstance(obj, (np.ndarray, torch.Tensor)) and obj.ndim == 4)
+
+
 def expand_inputs(images: Any) -> list[ImageSource]:
     """Flatten ``encode()`` inputs into one :class:`ImageSource` per image.
 

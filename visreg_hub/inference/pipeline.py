@@ -101,23 +101,40 @@ class EmbeddingPipeline:
         backend: what runs the model (torch or ONNX Runtime), with its transform and shapes.
         normalize: L2-normalise each output along its last axis.
         max_pixels: decompression-bomb cap per image (width * height); None disables it.
+        truncate_dim: keep the first ``truncate_dim`` features of each output (before normalising).
     """
 
     def __init__(
-        self, backend: Backend, *, normalize: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS
+        self,
+        backend: Backend,
+        *,
+        normalize: bool = True,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        truncate_dim: int | None = None,
     ) -> None:
+        width = backend.output_shape[-1]
+        if truncate_dim is not None and (
+            isinstance(truncate_dim, bool)
+            or not isinstance(truncate_dim, int)
+            or not 1 <= truncate_dim <= width
+        ):
+            raise ValueError(f"truncate_dim must be an integer in [1, {width}] or None, got {truncate_dim!r}")
         self.backend = backend
         self.normalize = normalize
         self.max_pixels = max_pixels
+        self.truncate_dim = truncate_dim
 
     @property
     def output_shape(self) -> tuple[int, ...]:
-        """Shape of one output item, e.g. (E,)."""
-        return tuple(self.backend.output_shape)
+        """Shape of one output item, e.g. (E,) (or (truncate_dim,))."""
+        shape = tuple(self.backend.output_shape)
+        return shape if self.truncate_dim is None else (*shape[:-1], self.truncate_dim)
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) uint8 -> (B, *output_shape) float32 on the backend's device; inside ``session()``."""
         outputs = self.backend.forward(pixels).float()
+        if self.truncate_dim is not None:
+            outputs = outputs[..., : self.truncate_dim]
         return nn.functional.normalize(outputs, dim=-1) if self.normalize else outputs
 
     # -------------------------------------------------------------------------- batch entry points

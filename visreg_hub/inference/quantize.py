@@ -1,0 +1,106 @@
+"""Embedding quantisation with sentence-transformers' rules (``encode(..., precision=...)``).
+
+This shrinks stored embeddings (4x for int8/uint8, 32x for binary); it is not model quantisation (for
+that, see ``from_pretrained(..., backend="onnx", precision="int8")``). The rules are those of
+``sentence_transformers.quantization.quantize_embeddings``:
+
+* ``"float32"``: unchanged, as float32.
+* ``"uint8"`` / ``"int8"``: per dimension d, ``start_d = min_d``, ``step_d = (max_d - min_d) / 255``;
+  ``uint8 = trunc((x - start) / step)``, ``int8 = trunc((x - start) / step - 128)`` (truncation toward
+  zero, as numpy's ``astype``). The calibration rule: ``ranges`` (a (2, E) array of per-dimension
+  minimum and maximum) if given, else the minimum and maximum of ``calibration_embeddings`` if given,
+  else of the embeddings being quantised (the batch itself: then the result depends on what else is
+  in the batch, and a single embedding has no range; pass calibration embeddings for stable codes).
+* ``"ubinary"``: ``numpy.packbits(x > 0)`` per row, uint8 (E / 8 bytes, zero-padded to a whole byte).
+* ``"binary"``: the same bits as int8: ``packbits(x > 0) - 128``.
+
+Where this differs from sentence-transformers, on purpose: values outside the calibration range are
+clipped to it (sentence-transformers lets the integer cast wrap around, so an embedding slightly above
+the calibration maximum becomes a very small code), and a dimension whose range is empty (min == max)
+quantises to the lowest code instead of dividing by zero.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+EMBEDDING_PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
+
+
+def quantization_ranges(
+    embeddings: np.ndarray, calibration_embeddings: np.ndarray | torch.Tensor | None = None
+) -> np.ndarray:
+    """The (2, E) per-dimension [min; max] used by int8/uint8: from the calibration set, else the batch.
+
+    Args:
+        embeddings: (N, E) float embeddings being quantised (used when there is no calibration set).
+        calibration_embeddings: (M, E) float embeddings representative of the corpus, or None.
+    """
+    source = embeddings if calibration_embeddings is None else _as_float_array(calibration_embeddings)
+    if source.ndim != 2 or source.shape[1] != embeddings.shape[1] or len(source) == 0:
+        raise ValueError(
+            f"calibration_embeddings must be a non-empty (M, {embeddings.shape[1]}) array, got shape "
+            f"{tuple(source.shape)}"
+        )
+    if calibration_embeddings is None and len(source) < 100:
+        logger.info(
+            "int8/uint8 ranges come from the %d embedding(s) of this call; pass calibration_embeddings "
+            "(or ranges) for codes that do not depend on the batch",
+            len(source),
+        )
+    return np.stack([source.min(axis=0), source.max(axis=0)]).astype(np.float64)
+
+
+def quantize_embeddings(
+    embeddings: np.ndarray | torch.Tensor,
+    precision: str,
+    *,
+    ranges: np.ndarray | None = None,
+    calibration_embeddings: np.ndarray | torch.Tensor | None = None,
+) -> np.ndarray:
+    """Quantise (N, E) float embeddings to ``precision`` (rules in the module docstring).
+
+    Args:
+        embeddings: (N, E) float embeddings (normalised or not, as they will be compared).
+        precision: ``"float32"``, ``"int8"``, ``"uint8"``, ``"binary"`` or ``"ubinary"``.
+        ranges: (2, E) per-dimension minimum and maximum for int8/uint8.
+        calibration_embeddings: (M, E) embeddings whose per-dimension min/max give the ranges when
+            ``ranges`` is None; None: the ranges of ``embeddings`` itself.
+
+    Returns:
+        float32 (N, E), int8 / uint8 (N, E), or int8 / uint8 (N, ceil(E / 8)) for binary / ubinary.
+    """
+    if precision not in EMBEDDING_PRECISIONS:
+        raise ValueError(f"precision must be one of {EMBEDDING_PRECISIONS}, got {precision!r}")
+    values = _as_float_array(embeddings)
+    if values.ndim != 2:
+        raise ValueError(f"embeddings must be (N, E), got shape {tuple(values.shape)}")
+    if precision == "float32":
+        return values.astype(np.float32)
+    if precision in ("binary", "ubinary"):
+        bits = np.packbits(values > 0, axis=-1)
+        return bits if precision == "ubinary" else (bits.astype(np.int16) - 128).astype(np.int8)
+    if ranges is None:
+        ranges = quantization_ranges(values, calibration_embeddings)
+    ranges = np.asarray(ranges, dtype=np.float64)
+    if ranges.shape != (2, values.shape[1]):
+        raise ValueError(f"ranges must have shape (2, {values.shape[1]}), got {ranges.shape}")
+    starts, steps = ranges[0], (ranges[1] - ranges[0]) / 255
+    safe = np.where(steps > 0, steps, 1.0)  # an empty range maps to the lowest code
+    levels = np.clip((values.astype(np.float64) - starts) / safe, 0.0, 255.0)
+    levels = np.where(steps > 0, levels, 0.0)
+    if precision == "uint8":
+        return np.trunc(levels).astype(np.uint8)
+    return np.trunc(levels - 128).astype(np.int8)
+
+
+def _as_float_array(values: np.ndarray | torch.Tensor) -> np.ndarray:
+    array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"embeddings to quantise must be floating point, got {array.dtype}")
+    return array
