@@ -109,9 +109,7 @@ def test_search_the_bundled_gallery_chosen_in_the_menu(client, menus, demo_model
     query, k = EXAMPLES / "Trouser_216.png", 5
     _, rows = client.predict(menus["model"], "bundled", handle_file(str(query)), k, api_name="/search")
     files = list_image_files(BUNDLED_GALLERY)
-    scores = (
-        demo_model.encode(files, convert_to_numpy=True) @ demo_model.encode(query, convert_to_numpy=True)
-    )
+    scores = demo_model.encode(files, convert_to_numpy=True) @ demo_model.encode(query, convert_to_numpy=True)
     np.testing.assert_allclose([row["score"] for row in rows], np.sort(scores)[::-1][:k], atol=1e-5)
     assert [row["file"] for row in rows] == [
         files[row["id"]].relative_to(BUNDLED_GALLERY).as_posix() for row in rows

@@ -120,9 +120,7 @@ def test_search_and_extract_equal_the_library(demo_model_dir, demo_model, galler
         assert all(h.path == files[h.id] for h in outcome.hits)
 
         extraction = demo.extract(None, query)
-        np.testing.assert_array_equal(
-            extraction.embedding, demo_model.encode(query, convert_to_numpy=True)
-        )
+        np.testing.assert_array_equal(extraction.embedding, demo_model.encode(query, convert_to_numpy=True))
         np.testing.assert_array_equal(np.load(extraction.npy_path), extraction.embedding)
         assert extraction.grid == (7, 7) and extraction.pca.size == extraction.overlay.size == (224, 224)
 
