@@ -65,7 +65,7 @@ def main() -> None:
     model.config = model.config.replace(name=args.name, extra={**model.config.extra, "eval_results": results})
     model.save_pretrained(
         args.output, eval_results=results, eval_command=command, datasets=["fashion-mnist"],
-        license="apache-2.0", description=DESCRIPTION,
+        license="apache-2.0", description=DESCRIPTION, load_name=args.name,
     )  # fmt: skip
     digest = hashlib.sha256((args.output / "model.safetensors").read_bytes()).hexdigest()
     print(f"wrote {args.output}; model.safetensors sha256 {digest}")

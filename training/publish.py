@@ -25,7 +25,8 @@ def model_extra(trainer) -> dict:
     aug, optim, train = config.augment, config.optim, config.train
     _, loss_kwargs = loss_settings(config)
     data = config.data
-    dataset_name = "fashion-mnist" if data.source == "fmnist" else f"{data.source}:{data.path}"
+    # a Hub dataset id where there is one; never the local path (the card and config.json are published)
+    dataset_name = "zalando-datasets/fashion_mnist" if data.source == "fmnist" else f"own {data.source} data"
     recipe = {
         "trainer": "visreg_hub training/pretrain.py",
         "method": config.loss.name,
@@ -55,7 +56,7 @@ def model_extra(trainer) -> dict:
     extra.update(
         recipe=recipe,
         loss={"name": config.loss.name, **loss_kwargs},
-        datasets=[dataset_name],
+        datasets=[dataset_name] if data.source == "fmnist" else [],
         data=trainer.data.describe(),
     )
     if state.last_knn is not None:

@@ -1,27 +1,35 @@
-"""Model card (README.md) generation: YAML metadata for the Hub plus a human-readable body.
+"""Model card (README.md): Hub metadata built with huggingface_hub's ModelCardData/EvalResult, plus a body.
 
-The template is ``hub/card.md`` (``$placeholders``, :class:`string.Template`). Metadata follows the
-Hugging Face model card conventions: ``license``, ``library_name``, ``pipeline_tag``, ``tags``,
-``datasets``, ``metrics`` and, when evaluation numbers are known, a ``model-index`` block.
+Metadata: ``library_name: timm`` with a ``visreg_hub`` tag. The folder *is* a timm checkpoint (and loads
+in transformers), so the Hub's timm integration gives users a "Use this model" snippet that works with
+the library they already have, the timm widget, and download counts; ``library_name: visreg_hub`` is
+unknown to the Hub and would show none of these. The body's usage section shows visreg_hub, timm and
+transformers. ``datasets`` holds Hub dataset ids only (:func:`hub_dataset_id`): local folders, file
+lists and unknown names are left out of the metadata (never a local path) and described in the body.
 
 Evaluation results are dicts ``{"task", "dataset", "metric", "value"}`` with optional ``"split"`` and
-``"command"`` (the command that produced the number). They come from the ``eval_results`` argument or
-``config.extra["eval_results"]``.
+``"command"`` (the command that produced the number), from the ``eval_results`` argument or
+``config.extra["eval_results"]``. Those on a Hub dataset also become ``model-index`` entries
+(:class:`huggingface_hub.EvalResult`); all of them are in the body's table. The body's text is
+``hub/card.md`` (``$placeholders``, :class:`string.Template`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from importlib import resources
 from string import Template
 from typing import Any
-
-import yaml
 
 from visreg_hub.errors import ConfigError
 from visreg_hub.hub.format import DEFAULT_LICENSE
 from visreg_hub.models.config import ModelConfig
 
+logger = logging.getLogger(__name__)
+
+LIBRARY_NAME = "timm"
 LICENSE_TEXT = {
     "cc-by-nc-4.0": (
         "Creative Commons Attribution-NonCommercial 4.0 (CC BY-NC 4.0), inherited from the official VISReg "
@@ -29,15 +37,31 @@ LICENSE_TEXT = {
     ),
     "apache-2.0": "Apache License 2.0.",
 }
-BASE_TAGS = (
-    "visreg_hub",
-    "timm",
-    "image-feature-extraction",
-    "self-supervised",
-    "vision-transformer",
-    "visreg",
-)
+BASE_TAGS = ("visreg_hub", "visreg", "self-supervised", "vision-transformer", "image-feature-extraction")
 REQUIRED_RESULT_KEYS = ("task", "dataset", "metric", "value")
+# The names this project uses for public datasets -> their Hugging Face Hub dataset ids.
+HUB_DATASETS = {
+    "fashion-mnist": "zalando-datasets/fashion_mnist",
+    "fashion_mnist": "zalando-datasets/fashion_mnist",
+    "fmnist": "zalando-datasets/fashion_mnist",
+    "imagenet-1k": "ILSVRC/imagenet-1k",
+    "imagenet1k": "ILSVRC/imagenet-1k",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+PLACEHOLDER_FOLDER = "path/to/this/folder"
+
+
+def hub_dataset_id(name: str) -> str | None:
+    """The Hub dataset id for a dataset name, or None when it is not one (a local path, a source tag).
+
+    Known names map through :data:`HUB_DATASETS`; otherwise only ``org/name`` ids are accepted.
+    """
+    name = str(name).strip()
+    if name.lower() in HUB_DATASETS:
+        return HUB_DATASETS[name.lower()]
+    if _HUB_ID.match(name) and ".." not in name and not name.endswith((".", "-")):
+        return name
+    return None
 
 
 def _validate_results(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -55,45 +79,69 @@ def _validate_results(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return checked
 
 
-def _model_index(name: str, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    entries = []
-    for result in results:
-        dataset = {"name": str(result["dataset"]), "type": str(result["dataset"])}
-        if result.get("split"):
-            dataset["split"] = str(result["split"])
-        entries.append(
-            {
-                "task": {"type": "image-feature-extraction", "name": str(result["task"])},
-                "dataset": dataset,
-                "metrics": [
-                    {"type": str(result["metric"]), "value": result["value"], "name": str(result["task"])}
-                ],
-            }
-        )
-    return [{"name": name, "results": entries}]
+def _task_type(task: str) -> str:
+    """The Hub task id at the start of a task description ("image-classification (kNN, k=20)")."""
+    return str(task).split(" ", 1)[0].split("(", 1)[0] or "image-feature-extraction"
 
 
-def card_metadata(
+def _protocol(task: str) -> str:
+    """The part of a task description in parentheses ("kNN, k=20"), or the description."""
+    match = re.search(r"\((.*)\)", str(task))
+    return match.group(1) if match else str(task)
+
+
+def card_data(
     config: ModelConfig,
     *,
     license: str,
     datasets: list[str],
     eval_results: list[dict[str, Any]],
     tags: list[str] | None = None,
-) -> dict[str, Any]:
-    """YAML front matter of the card, as a dict."""
-    metadata: dict[str, Any] = {
-        "license": license,
-        "library_name": "visreg_hub",
-        "pipeline_tag": "image-feature-extraction",
-        "tags": list(dict.fromkeys([*BASE_TAGS, *(tags or [])])),
-    }
-    if datasets:
-        metadata["datasets"] = list(datasets)
-    if eval_results:
-        metadata["metrics"] = sorted({str(r["metric"]) for r in eval_results})
-        metadata["model-index"] = _model_index(config.name or config.architecture, eval_results)
-    return metadata
+):
+    """The card's metadata as a :class:`huggingface_hub.ModelCardData`."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    hub_ids = list(dict.fromkeys(i for i in map(hub_dataset_id, datasets) if i))
+    dropped = [name for name in datasets if hub_dataset_id(name) is None]
+    if dropped:
+        logger.info("datasets %s are not Hub dataset ids; left out of the card metadata", dropped)
+    name = config.name or config.architecture
+    hub_results = []
+    for result in eval_results:
+        dataset_id = hub_dataset_id(result["dataset"])
+        if dataset_id is None:
+            continue  # model-index entries must name a Hub dataset; the body's table has every result
+        split = str(result.get("split") or "").split(" ", 1)[0] or None
+        hub_results.append(
+            EvalResult(
+                task_type=_task_type(result["task"]),
+                task_name=_task_type(result["task"]),
+                dataset_type=dataset_id,
+                dataset_name=dataset_id.split("/")[-1],
+                dataset_split=split,
+                metric_type=str(result["metric"]),
+                metric_value=result["value"],
+                metric_name=f"{result['metric']} ({_protocol(result['task'])})",
+            )
+        )
+    return ModelCardData(
+        license=license,
+        library_name=LIBRARY_NAME,
+        pipeline_tag="image-feature-extraction",
+        tags=list(dict.fromkeys([*BASE_TAGS, *(tags or [])])),
+        datasets=hub_ids or None,
+        metrics=sorted({str(r["metric"]) for r in eval_results}) or None,
+        model_name=name if hub_results else None,
+        eval_results=hub_results or None,
+    )
+
+
+def _dataset_label(name: str) -> str:
+    """A dataset name fit to publish: its Hub id, a plain name, or "own data" (never a local path)."""
+    hub_id = hub_dataset_id(name)
+    if hub_id:
+        return hub_id
+    return "own data" if any(char in str(name) for char in "/\\:~") else str(name)
 
 
 def _evaluation_section(results: list[dict[str, Any]], command: str | None) -> str:
@@ -103,8 +151,8 @@ def _evaluation_section(results: list[dict[str, Any]], command: str | None) -> s
     for r in results:
         cmd = r.get("command") or command or ""
         lines.append(
-            f"| {r['task']} | {r['dataset']} | {r.get('split', '')} | {r['metric']} | {r['value']} | "
-            f"{'`' + cmd + '`' if cmd else ''} |"
+            f"| {r['task']} | {_dataset_label(r['dataset'])} | {r.get('split', '')} | {r['metric']} | "
+            f"{r['value']} | {'`' + cmd + '`' if cmd else ''} |"
         )
     if command:
         lines += ["", "Produced by:", "", "```bash", command, "```"]
@@ -128,6 +176,7 @@ def render_model_card(
     *,
     embedding_dim: int,
     repo_id: str | None = None,
+    load_name: str | None = None,
     license: str | None = None,
     datasets: list[str] | None = None,
     eval_results: list[dict[str, Any]] | None = None,
@@ -135,7 +184,7 @@ def render_model_card(
     description: str | None = None,
     tags: list[str] | None = None,
 ) -> str:
-    """README.md text for a checkpoint folder.
+    """README.md text for a checkpoint folder (YAML metadata checked by ``huggingface_hub.ModelCard``).
 
     Arguments override the corresponding ``config.extra`` entries (``license``, ``datasets``,
     ``eval_results``, ``eval_command``, ``description``).
@@ -143,29 +192,37 @@ def render_model_card(
     Args:
         config: the model's configuration (architecture, data config, extra metadata).
         embedding_dim: length of the default embedding.
-        repo_id: Hub repository, used in the usage snippet (the folder name otherwise).
+        repo_id: Hub repository ``org/name``; the usage snippets load it by that id.
+        load_name: what the visreg_hub snippet passes to ``from_pretrained`` when there is no repo_id
+            (e.g. a registry name); default: a ``path/to/this/folder`` placeholder.
         license: license id for the metadata (default: ``config.extra["license"]`` or apache-2.0).
-        datasets: training datasets for the metadata.
+        datasets: training datasets (Hub ids or known names; others stay out of the metadata).
         eval_results: evaluation numbers (see module docstring).
         eval_command: command that produced the evaluation numbers.
         description: one paragraph under the title.
         tags: extra Hub tags.
     """
+    from huggingface_hub import ModelCard
+
     extra = config.extra
     license = license or extra.get("license") or DEFAULT_LICENSE
-    datasets = list(datasets if datasets is not None else extra.get("datasets", []))
+    datasets = [str(d) for d in (datasets if datasets is not None else extra.get("datasets", []))]
     results = _validate_results(
         list(eval_results if eval_results is not None else extra.get("eval_results", []))
     )
     eval_command = eval_command or extra.get("eval_command")
     name = config.name or config.architecture
-    load_name = repo_id or "path/to/this/folder"
-    metadata = card_metadata(config, license=license, datasets=datasets, eval_results=results, tags=tags)
+    data = card_data(config, license=license, datasets=datasets, eval_results=results, tags=tags)
+    hub_ids = data.datasets or []
+    local = len(datasets) > len([d for d in datasets if hub_dataset_id(d)])
+    data_row = [f"[{d}](https://huggingface.co/datasets/{d})" for d in hub_ids]
+    data_row += ["own data, not on the Hugging Face Hub"] if local else []
     details = {
         "architecture": f"timm `{config.architecture}`",
         "image size / patch": (
             f"{config.img_size} / {config.patch_size} (dynamic size: {config.dynamic_img_size})"
         ),
+        "input channels": f"{config.in_chans} ({'RGB' if config.in_chans == 3 else 'grayscale'})",
         "width / depth / heads": f"{config.embed_dim} / {config.depth} / {config.num_heads}",
         "register tokens": str(config.num_reg_tokens),
         "default pooling": f"`{config.pooling}` ({embedding_dim}-d)",
@@ -173,19 +230,28 @@ def render_model_card(
             f"resize {config.interpolation}, centre crop {config.crop_pct}, mean {list(config.mean)}, "
             f"std {list(config.std)}"
         ),
-        "datasets": ", ".join(datasets) or "not recorded",
+        "training data": ", ".join(data_row) or "not recorded",
     }
+    folder = repo_id or PLACEHOLDER_FOLDER
     template = Template(resources.files("visreg_hub.hub").joinpath("card.md").read_text(encoding="utf-8"))
-    return template.substitute(
-        metadata=yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True).strip(),
+    body = template.substitute(
         title=name,
         description=description or extra.get("description") or f"VISReg image encoder `{name}`.",
         architecture=config.architecture,
-        load_name=load_name,
-        timm_name=f"hf-hub:{repo_id}" if repo_id else "local-dir:/path/to/this/folder",
-        embedding_dim_example=f"2, {embedding_dim}",
+        load_name=repo_id or load_name or PLACEHOLDER_FOLDER,
+        timm_name=f"hf-hub:{repo_id}" if repo_id else f"local-dir:{PLACEHOLDER_FOLDER}",
+        transformers_name=folder,
+        mode="RGB" if config.in_chans == 3 else "L",
+        embedding_dim=embedding_dim,
+        pipeline_note=(
+            ""
+            if config.in_chans == 3
+            else ' This model takes 1-channel images: give `AutoImageProcessor` grayscale (`"L"`) images; '
+            '`pipeline("image-feature-extraction")` converts inputs to RGB and cannot feed it.'
+        ),
         details_table="\n".join(f"| {key} | {value} |" for key, value in details.items()),
         training=_training_section(extra),
         evaluation=_evaluation_section(results, eval_command),
         license_text=LICENSE_TEXT.get(license, f"`{license}`."),
     )
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))

@@ -28,6 +28,7 @@ def save_pretrained(
     datasets: list[str] | None = None,
     license: str | None = None,
     repo_id: str | None = None,
+    load_name: str | None = None,
     description: str | None = None,
     tags: list[str] | None = None,
 ) -> Path:
@@ -41,7 +42,9 @@ def save_pretrained(
         eval_command: command that produced them.
         datasets: training datasets for the card metadata.
         license: license id; also stored in config.json (default: ``config.extra["license"]`` or apache-2.0).
-        repo_id: Hub repository the folder is meant for (used in the card's usage snippet).
+        repo_id: Hub repository the folder is meant for (used in the card's usage snippets).
+        load_name: ``from_pretrained`` name for the card's snippet when there is no repo_id (e.g. the
+            registry name of a bundled model).
         description: one paragraph for the card.
         tags: extra Hub tags.
     """
@@ -64,6 +67,7 @@ def save_pretrained(
             config,
             embedding_dim=model.embedding_dim(),
             repo_id=repo_id,
+            load_name=load_name,
             license=license,
             datasets=datasets,
             eval_results=eval_results,
