@@ -233,7 +233,7 @@ def test_push_to_hub_sends_config_weights_and_card(fake_hub):
     metadata = yaml.safe_load(card.split("---")[1])
     assert metadata["license"] == "apache-2.0"
     assert metadata["pipeline_tag"] == "image-feature-extraction"
-    assert metadata["datasets"] == ["fashion_mnist"]
+    assert metadata["datasets"] == ["zalando-datasets/fashion_mnist"]  # the Hub id, see hub/card.py
     assert "71.5" in card and "visreg-hub eval --model visreg-test/tiny" in card
     assert 'from_pretrained("visreg-test/tiny")' in card
     assert json.loads(commit["files"]["config.json"])["visreg"]["license"] == "apache-2.0"
