@@ -41,7 +41,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LossFactory = Callable[[int, float], LossFn]
 
 #: Losses the benchmark knows, in table order.
-LOSS_NAMES = ("visreg", "sigreg", "swd", "vicreg")
+LOSS_NAMES = ("visreg", "sigreg", "swd", "vicreg", "barlow")
 #: Losses whose regulariser uses random directions.
 SLICED_LOSSES = ("visreg", "sigreg", "swd")
 
@@ -50,8 +50,15 @@ _OFFICIAL_CLASSES = {  # loss -> (file in visreg/losses/, class)
     "sigreg": ("sigreg", "SIGReg"),
     "swd": ("swd", "SlicedWasserstein"),
     "vicreg": ("vicreg", "VICReg"),
+    "barlow": ("barlow", "BarlowTwins"),
 }
-_OUR_CLASSES = {"visreg": "VISRegLoss", "sigreg": "SIGRegLoss", "swd": "SWDLoss", "vicreg": "VICRegLoss"}
+_OUR_CLASSES = {
+    "visreg": "VISRegLoss",
+    "sigreg": "SIGRegLoss",
+    "swd": "SWDLoss",
+    "vicreg": "VICRegLoss",
+    "barlow": "BarlowTwinsLoss",
+}
 
 
 @dataclass
@@ -143,7 +150,7 @@ def official_losses(repo: Path) -> Peer:
         cls = getattr(modules[name], _OFFICIAL_CLASSES[name][1])
 
         def factory(num_slices: int, reg_weight: float) -> LossFn:
-            regulariser = cls() if name == "vicreg" else cls(num_projections=num_slices)
+            regulariser = cls() if name in ("vicreg", "barlow") else cls(num_projections=num_slices)
 
             def loss(global_proj: torch.Tensor, local_proj: torch.Tensor) -> torch.Tensor:
                 # As in the official train.py: regulariser over all views (globals first).
@@ -190,7 +197,7 @@ def our_module(loss: str, num_slices: int, reg_weight: float) -> torch.nn.Module
     cls = getattr(losses, _OUR_CLASSES[loss])
     if loss in SLICED_LOSSES:
         return cls(num_slices=num_slices, reg_weight=reg_weight)
-    # VICReg: the paper's objective (invariance 25, variance 25, covariance 1), no lambda mixing
+    # VICReg, Barlow Twins: the papers' objectives (VICReg 25 / 25 / 1, Barlow 0.0051), no lambda mixing
     return cls()
 
 

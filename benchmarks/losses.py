@@ -9,8 +9,8 @@ Besides the timing table it prints:
 
 * agreement: each implementation's value and input gradient next to ours on the *same* inputs and the
   *same* random directions (the peers' own draws, reproduced by seeding; see ``_peers.peer_directions``);
-* partition: the per-rank cost of ``slice_mode="partition"``, simulating rank r of M by evaluating only
-  its K/M block of directions on the full gathered batch, for M = 1, 2, 4, 8;
+* partition: the per-rank cost of ``slice_mode="partition"`` with M = 1, 2, 4, 8 real gloo processes
+  (:mod:`_partition`: each rank's CPU time for the whole VISReg step, slowest rank reported);
 * the top operators of our VISReg at the largest setting (what bounds it on this device).
 
 Setup (once): ``git clone https://github.com/HaiyuWu/visreg third_party/visreg`` (git-ignored) and
@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without `pip in
 
 import _doc  # noqa: E402
 import _measure  # noqa: E402
+import _partition  # noqa: E402
 import _peers  # noqa: E402
 
 
@@ -280,30 +281,12 @@ def _seeded(fn, global_proj, local_proj) -> torch.Tensor:
 
 
 def partition_scaling(args, device) -> list[tuple]:
-    """Per-rank cost of our VISReg regulariser in partition mode, rank 0 of M simulated in one process."""
-    from visreg_hub.losses import VISRegLoss
-
-    rows = []
+    """Per-rank cost of our VISReg in partition mode with M real gloo processes (CPU only)."""
+    if device.type != "cpu":
+        print("partition: measured with gloo CPU processes only; skipped on", device.type)
+        return []
     setting = args.settings[-1]  # the largest requested: where the per-rank cost matters
-    master = make_master(setting)
-    for dtype_name in args.dtypes:
-        dtype = DTYPES[dtype_name]
-        gathered = master.to(device=device, dtype=dtype).clone().requires_grad_()
-        module = VISRegLoss(num_slices=setting.num_slices, reg_weight=setting.reg_weight).to(device)
-        directions = _peers.peer_directions(SEED, setting.dim, setting.num_slices, dtype, device)
-        base = None
-        for ranks in (1, 2, 4, 8):
-            block = directions[:, : setting.num_slices // ranks].contiguous()
-            step = functools.partial(_regularizer_total, module, gathered, block)
-            timing = _measure.time_fwd_bwd(step, (gathered,), device, args.warmup, args.repeats)
-            base = base or timing.median
-            rows.append((setting.name, dtype_name, ranks, block.shape[1], timing, timing.median / base))
-    return rows
-
-
-def _regularizer_total(module, gathered, directions) -> torch.Tensor:
-    result = module.regularizer(gathered, directions=directions)
-    return result if isinstance(result, torch.Tensor) else result.total
+    return _partition.partition_scaling_gloo(setting, args.dtypes, args.warmup, args.repeats, seed=SEED)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
