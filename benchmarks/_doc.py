@@ -215,9 +215,9 @@ def versions(peers: dict, tf32: bool) -> list[str]:
     return lines
 
 
-def write_section(path: Path, device_type: str, text: str) -> None:
-    """Insert or replace this script's section for ``device_type`` in the markdown file at ``path``."""
-    marker = f"benchmarks/losses.py:{device_type}"
+def write_section(path: Path, device_type: str, text: str, script: str = "benchmarks/losses.py") -> None:
+    """Insert or replace ``script``'s section for ``device_type`` in the markdown file at ``path``."""
+    marker = f"{script}:{device_type}"
     start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     block = f"{start}\n{text.rstrip()}\n{end}\n"
     current = path.read_text() if path.exists() else DOC_HEADER
