@@ -1,0 +1,52 @@
+"""The GPU suite's dry run: every section runs end to end at tiny sizes on the CPU, so the script cannot rot.
+
+The numbers of a dry run mean nothing; what is checked is that every promised measurement is present,
+was taken (or says exactly why not: no official checkout, no serve benchmark), and that the markdown and
+JSON outputs agree.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ALLOWED_NOT_MEASURED = ("official code not found", "no official checkout", "no serve benchmark")
+
+
+def _suite():
+    spec = importlib.util.spec_from_file_location("_gpu_suite_under_test", ROOT / "benchmarks" / "gpu_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_measures_every_section(tmp_path):
+    suite = _suite()
+    # no official checkout here, so the peer rows must say so (CI has none either)
+    result = suite.main(["--dry-run", "--out", str(tmp_path / "out"), "--official-repo", str(tmp_path / "none")])
+    saved = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())
+    assert saved["rows"] == result["rows"] and saved["dry_run"] is True
+    sections = {row["section"] for row in saved["rows"]}
+    assert sections == {"loss", "train", "encode", "onnx", "serve"}
+    for row in saved["rows"]:
+        status = row["status"]
+        assert status == "measured" or (
+            status.startswith("not measured") and any(reason in status for reason in ALLOWED_NOT_MEASURED)
+        ), row
+        if row["section"] != "serve" or status == "measured":
+            if row["ours"] is not None:
+                assert math.isfinite(row["ours"]) and row["ours"] > 0, row
+        if row["ratio"] is not None:  # a ratio is exactly the two measured rates' quotient
+            assert row["peer"] > 0 and math.isfinite(row["ratio"]) and row["ratio"] > 0
+    measured = {row["section"] for row in saved["rows"] if row["status"] == "measured"}
+    assert {"encode", "onnx"} <= measured  # peers that need no checkout are always compared
+    # ours was timed in the loss and train sections even without the official peer
+    assert all(row["ours"] for row in saved["rows"] if row["section"] in ("loss", "train"))
+    markdown = (tmp_path / "out" / "gpu_suite.md").read_text()
+    assert markdown.startswith("## GPU suite (dry run")
+    assert markdown.count("\n| ") == len(saved["rows"]) + 1  # header + one table row per JSON row
