@@ -226,8 +226,9 @@ def loss_rows(plan: Plan, official_repo: Path) -> list[Row]:
             ms = {label: timing.median for label, timing in zip(fns, timings)}
             ours = ms["ours"]
             if missing:  # ours is still timed, so the code path is exercised; no ratio without the peer
-                name_ = f"{setting.describe()} {dtype_name}: ours vs official"
-                rows.append(Row("loss", name_, f"not measured: official code {missing}", ours=ours, unit="ms"))
+                label = f"{setting.describe()} {dtype_name}: ours vs official"
+                status = f"not measured: official code {missing}"
+                rows.append(Row("loss", label, status, ours=ours, unit="ms"))
             for label in fns:
                 if label == "ours":
                     continue
