@@ -65,7 +65,7 @@ def test_embed_index_search_end_to_end(tmp_path, capsys, model_dir, gallery):
     code, out, err = run(capsys, "embed", gallery, "-o", emb, "--model", model_dir, "--no-progress")
     assert code == 0, err
     embeddings = np.load(emb, allow_pickle=False)
-    sidecar = json.loads((tmp_path / "emb.json").read_text())
+    sidecar = json.loads((tmp_path / "emb.npy.json").read_text())
     assert embeddings.shape == (16, 32) and embeddings.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
     assert len(sidecar["paths"]) == 16 and sidecar["failures"] == []
@@ -116,7 +116,7 @@ def test_embed_skips_broken_images_and_records_them(tmp_path, capsys, model_dir,
     assert code == 1 and "broken.png" in err and "Traceback" not in err
     code, _, err = run(capsys, "embed", folder, "-o", out_file, "--model", model_dir, "--on-error", "skip")
     assert code == 0, err
-    sidecar = json.loads((tmp_path / "emb.json").read_text())
+    sidecar = json.loads((tmp_path / "emb.npy.json").read_text())
     assert np.load(out_file).shape == (12, 32)
     assert [Path(f["path"]).name for f in sidecar["failures"]] == ["broken.png"]
     assert "broken.png" not in " ".join(sidecar["paths"])

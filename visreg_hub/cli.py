@@ -1,8 +1,8 @@
 """``visreg-hub``: the command line. Thin: every sub-command parses arguments and calls the library.
 
     visreg-hub list [pattern]
-    visreg-hub embed photos/ -o emb.npy --model vit-b16-in1k      # + emb.json: paths, failures, model
-    visreg-hub index build emb.npy -o gallery-index               # paths/model taken from emb.json
+    visreg-hub embed photos/ -o embeddings/ --model vit-b16-in1k  # resumable parquet shards
+    visreg-hub index build embeddings/ -o gallery-index            # paths/model from the embed job
     visreg-hub search gallery-index query.jpg -k 5                 # model taken from the index manifest
     visreg-hub convert visreg-vit-b-inet1k.pth vit-b16-in1k/ --arch vit-b16
 
@@ -86,77 +86,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     status_width = max(len(e.status) for e in entries)
     for e in entries:
         print(f"{e.name:<{width}}  {e.status:<{status_width}}  {e.license:<14}  {e.description}")
-    return 0
-
-
-def cmd_embed(args: argparse.Namespace) -> int:
-    from visreg_hub.inference import encode
-    from visreg_hub.retrieval.files import check_suffix, write_embeddings
-
-    out = check_suffix(args.output, "output")  # fail before the slow part
-    paths = _expand_image_inputs(args.inputs)
-    model = _load_model(args.model, args.device)
-    pooling = args.pooling if args.pooling is not None else model.config.pooling
-    result = encode(
-        model,
-        paths,
-        batch_size=args.batch_size,
-        pooling=pooling,
-        normalize=not args.no_normalize,
-        device=args.device,
-        num_workers=args.num_workers,
-        show_progress_bar=_progress(args),
-        convert_to_numpy=True,
-        on_error=args.on_error,
-    )
-    failures = result.failures if args.on_error == "skip" else []
-    embeddings = result.embeddings if args.on_error == "skip" else result
-    failed = {f.index for f in failures}
-    if len(failed) == len(paths):
-        raise UserError(
-            f"none of the {len(paths)} images could be embedded; first failure: {failures[0].reason}"
-        )
-    sidecar = write_embeddings(
-        out,
-        embeddings,
-        paths=[p for i, p in enumerate(paths) if i not in failed],
-        failures=[(paths[f.index], f.reason) for f in failures],
-        model=_model_reference(args.model),
-        pooling=pooling,
-        normalized=not args.no_normalize,
-    )
-    rows, dim = len(paths) - len(failed), model.embedding_dim(pooling)
-    print(f"wrote {rows} x {dim} embeddings to {out} (paths: {sidecar})")
-    if failures:
-        print(
-            f"{len(failures)} image(s) failed and were skipped; first: {failures[0].reason}", file=sys.stderr
-        )
-    return 0
-
-
-def cmd_index_build(args: argparse.Namespace) -> int:
-    from visreg_hub.retrieval import EmbeddingIndex, read_embeddings
-
-    loaded = read_embeddings(args.embeddings, paths_file=args.paths)
-    embeddings, paths, info = loaded.embeddings, loaded.paths, loaded.info
-    index = EmbeddingIndex(
-        embeddings.shape[1],
-        metric=args.metric,
-        kind=args.kind,
-        nlist=args.nlist,
-        nprobe=args.nprobe,
-        m=args.m,
-        ef_search=args.ef_search,
-        normalize=args.normalize,
-        model_name=_model_reference(args.model) if args.model else info.get("model"),
-        pooling=info.get("pooling"),
-    )
-    metadata = None if paths is None else [{"path": p} for p in paths]
-    index.add(embeddings, metadata=metadata)
-    index.save(args.output)
-    print(f"built {args.kind} index ({args.metric}) of {len(index)} x {index.dim} vectors in {args.output}")
-    if index.model_name is None:
-        print("no model recorded in the index; `search` will need --model", file=sys.stderr)
     return 0
 
 
@@ -258,38 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_list)
 
-    p = commands.add_parser("embed", parents=[common], help="embed images or folders of images")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders")
-    p.add_argument(
-        "-o", "--output", required=True, help="output .npy or .parquet (+ a .json sidecar of paths)"
-    )
-    p.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"registry name, Hub repo or folder ({DEFAULT_MODEL})"
-    )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--pooling", help="cls | cls_last2 | cls_last4 | mean_patch (default: the model's)")
-    p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="on an unreadable image")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--num-workers", type=int, default=0, help="decoding worker processes")
-    p.add_argument("--no-normalize", action="store_true", help="keep raw (not L2-normalised) embeddings")
-    p.set_defaults(func=cmd_embed)
+    from visreg_hub.cli_embed import add_embed_parsers  # `embed` and `index build|inspect` live there
 
-    p = commands.add_parser("index", parents=[common], help="build or inspect an embedding index")
-    index_commands = p.add_subparsers(dest="index_command", metavar="ACTION")
-    b = index_commands.add_parser("build", parents=[common], help="build a FAISS index from embeddings")
-    b.add_argument("embeddings", help=".npy or .parquet written by `visreg-hub embed`")
-    b.add_argument("-o", "--output", required=True, help="index folder to write")
-    b.add_argument("--kind", choices=("flat", "ivf", "hnsw"), default="flat", help="flat is exact (default)")
-    b.add_argument("--metric", choices=("ip", "l2"), default="ip", help="inner product (cosine) or L2")
-    b.add_argument("--paths", help="JSON list of file paths per row (default: the embed sidecar .json)")
-    b.add_argument("--model", help="model to record for `search` (default: from the sidecar)")
-    b.add_argument("--nlist", type=int, help="IVF cells (default: 4*sqrt(N), >= 39 vectors per cell)")
-    b.add_argument("--nprobe", type=int, help="IVF cells searched per query (default: 16)")
-    b.add_argument("--m", type=int, default=32, help="HNSW neighbours per node")
-    b.add_argument("--ef-search", type=int, default=64, help="HNSW search beam width")
-    b.add_argument("--normalize", action="store_true", help="L2-normalise vectors (cosine with --metric ip)")
-    b.set_defaults(func=cmd_index_build)
-    p.set_defaults(func=None, subparser=p)
+    add_embed_parsers(commands, common)
 
     p = commands.add_parser(
         "search", parents=[common], help="find the nearest indexed images of query images"

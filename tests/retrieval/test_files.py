@@ -21,7 +21,7 @@ def test_round_trip(tmp_path, suffix):
         tmp_path / f"emb{suffix}", embeddings, paths=paths, failures=[("/data/bad.png", "truncated")],
         model="tiny", pooling="cls", normalized=False,
     )  # fmt: skip
-    assert sidecar == tmp_path / "emb.json"
+    assert sidecar == tmp_path / f"emb{suffix}.json"
     loaded = read_embeddings(tmp_path / f"emb{suffix}")
     np.testing.assert_array_equal(loaded.embeddings, embeddings)
     assert loaded.paths == paths

@@ -1,6 +1,6 @@
 """Embedding files: (N, E) vectors in ``.npy`` or ``.parquet`` plus a JSON sidecar naming each row.
 
-``write_embeddings("emb.npy", ...)`` writes ``emb.npy`` (float32, no pickle) and ``emb.json``::
+``write_embeddings("emb.npy", ...)`` writes ``emb.npy`` (float32, no pickle) and ``emb.npy.json``::
 
     {"format": "visreg_hub.embeddings", "format_version": 1, "model": ..., "pooling": ..., "normalized": ...,
      "dim": E, "count": N, "paths": [N file paths, row order], "failures": [{"path": ..., "reason": ...}]}
@@ -65,8 +65,10 @@ def check_suffix(path: str | Path, what: str = "embeddings file", *, need_pyarro
 
 
 def sidecar_path(path: str | Path) -> Path:
-    """``emb.npy`` / ``emb.parquet`` -> ``emb.json``."""
-    return Path(path).with_suffix(".json")
+    """``emb.npy`` -> ``emb.npy.json``, ``emb.parquet`` -> ``emb.parquet.json`` (one sidecar per file;
+    ``emb.json``, written by earlier versions for both, is still read when the new name is absent)."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
 
 
 def write_embeddings(
@@ -174,7 +176,14 @@ def read_embeddings(path: str | Path, *, paths_file: str | Path | None = None) -
         paths = table.column("path").to_pylist() if "path" in table.column_names else None
     embeddings = as_float32_matrix(raw, name=f"embeddings in {path}")
     info: dict[str, Any] = {}
-    source = Path(paths_file) if paths_file is not None else sidecar_path(path)
+    legacy = path.with_suffix(".json")
+    source = (
+        Path(paths_file)
+        if paths_file is not None
+        else sidecar_path(path)
+        if sidecar_path(path).is_file() or not legacy.is_file()
+        else legacy
+    )
     if paths_file is not None or source.is_file():
         paths, info = read_paths_file(source)
     if paths is not None and len(paths) != embeddings.shape[0]:

@@ -1,0 +1,14 @@
+"""Bulk embedding: folders, file lists and webdataset tar shards -> resumable parquet shards.
+
+    from visreg_hub.bulk import embed_dataset
+
+    out = embed_dataset(["photos/", "more.txt", "shard-0000.tar"], "embeddings/", model="vit-mini-p7-fmnist")
+
+Re-running the same call after a crash continues where it stopped; ``accelerate launch`` splits the
+shards across processes and machines; ``engine="ray"`` runs it as a Ray Data job. The CLI is
+``visreg-hub embed INPUTS... -o OUTDIR``.
+"""
+
+from visreg_hub.bulk.runner import EmbedSummary, embed_dataset, run_embedding
+
+__all__ = ["EmbedSummary", "embed_dataset", "run_embedding"]

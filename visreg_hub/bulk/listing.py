@@ -1,0 +1,215 @@
+"""The input listing of a bulk embedding job, streamed: folders, file lists and webdataset tar shards.
+
+Inputs, in the order given:
+
+* a folder: its image files, recursively, each directory's entries sorted by name, hidden names
+  skipped (only one directory's names are held at a time);
+* a ``.txt`` file: one image path per line (relative paths are relative to the list's folder; blank
+  lines and lines starting with ``#`` are skipped);
+* a ``.tar`` shard in webdataset layout: members grouped by key (the member path up to the first dot of
+  its file name), ``key.jpg`` (or another image extension) plus optional ``key.json`` / ``key.cls``;
+* an image file.
+
+The listing is read twice (a cheap first pass for its digest and count, then the embedding pass),
+never held in memory. Its digest names every item in order, so a resumed job can tell whether it is
+looking at the same inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from visreg_hub.errors import VisregHubError
+from visreg_hub.inference.images import IMAGE_EXTENSIONS
+
+logger = logging.getLogger(__name__)
+
+TAR_SUFFIXES = (".tar",)
+LIST_SUFFIXES = (".txt",)
+_IMAGE_EXTS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+MAX_SIDE_BYTES = 1 << 20  # a name.json / name.cls side file larger than this is not metadata
+
+
+class InputError(VisregHubError, FileNotFoundError):
+    """An input of ``embed`` is missing or of a kind it cannot read."""
+
+
+@dataclass
+class Item:
+    """One listed image.
+
+    Attributes:
+        path: the image file, or the tar shard holding it (absolute).
+        key: None for files; the member key inside the tar shard.
+        member: tar member name of the image (None for files or a key without an image).
+        payload: the member's bytes, read in the embedding pass only (None for files).
+        cls: text of ``key.cls``; json: text of ``key.json`` (tar members only).
+        error: set when the listing already knows the item cannot be embedded.
+    """
+
+    path: str
+    key: str | None = None
+    member: str | None = None
+    payload: bytes | None = None
+    cls: str | None = None
+    json: str | None = None
+    error: str | None = None
+
+    def identity(self) -> bytes:
+        """What the listing digest hashes for this item."""
+        return f"{self.path}\0{self.key or ''}\n".encode("utf-8", "surrogateescape")
+
+
+def check_inputs(inputs: list[str | os.PathLike]) -> list[str]:
+    """Absolute input paths; an InputError for a missing one or one of an unknown kind."""
+    if not inputs:
+        raise InputError("no inputs given; pass folders, .txt file lists, .tar shards or image files")
+    resolved = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if not path.exists():
+            raise InputError(f"input not found: {str(item)!r} (expected a folder, .txt list, .tar or image)")
+        suffix = path.suffix.lower()
+        if path.is_file() and suffix not in TAR_SUFFIXES + LIST_SUFFIXES + tuple(IMAGE_EXTENSIONS):
+            raise InputError(
+                f"input {str(item)!r} is not a folder, .txt file list, .tar shard or image file "
+                f"(got suffix {suffix or 'none'!r}); compressed tars: decompress to .tar first"
+            )
+        resolved.append(os.path.abspath(path))
+    return resolved
+
+
+def _walk(root: str) -> Iterator[str]:
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as exc:
+        logger.warning("cannot list %s: %s", root, exc)
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk(entry.path)
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+            yield entry.path
+
+
+def _list_file(path: str) -> Iterator[str]:
+    base = os.path.dirname(path)
+    with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+        for line in handle:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                yield os.path.normpath(os.path.join(base, os.path.expanduser(line)))
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """webdataset convention: ``dir/abc.seg.jpg`` -> key ``dir/abc``, extension ``seg.jpg``."""
+    directory, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+def _read_side(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str | None:
+    if member.size > MAX_SIDE_BYTES:
+        return None
+    handle = tar.extractfile(member)
+    return None if handle is None else handle.read().decode("utf-8", "replace").strip()
+
+
+def _tar(path: str, read: Callable[[], bool]) -> Iterator[Item]:
+    """Items of one webdataset shard; when ``read()`` is true for the item being built, its payload,
+    cls and json are read (the embedding pass reads only the shards it embeds)."""
+    group: Item | None = None
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_member(member.name)
+                if group is not None and key != group.key:
+                    yield _finish(group)
+                    group = None
+                if group is None:
+                    group = Item(path=path, key=key)
+                    wanted = read()
+                last = ext.rsplit(".", 1)[-1]
+                try:
+                    if last in _IMAGE_EXTS and group.member is None:
+                        group.member = member.name
+                        if wanted:
+                            handle = tar.extractfile(member)
+                            group.payload = b"" if handle is None else handle.read()
+                    elif wanted and last == "cls":
+                        group.cls = _read_side(tar, member)
+                    elif wanted and last == "json":
+                        group.json = _read_side(tar, member)
+                except (tarfile.TarError, OSError, EOFError) as exc:
+                    # a member whose data cannot be read fails alone (the listing stays the same)
+                    group.error = f"{path}#{key}: cannot read {member.name}: {exc}"
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        # why: a damaged shard loses its remaining members, not the job: one failure names where
+        if group is not None:
+            yield _finish(group)
+            group = None
+        yield Item(path=path, key="<unreadable rest>", error=f"{path}: tar shard is damaged: {exc}")
+    if group is not None:
+        yield _finish(group)
+
+
+def _finish(group: Item) -> Item:
+    if group.member is None and group.error is None:
+        group.error = f"{group.path}#{group.key}: no image member ({', '.join(_IMAGE_EXTS)}) for this key"
+    return group
+
+
+def iter_items(inputs: list[str], *, read: Callable[[int], bool] | None = None) -> Iterator[Item]:
+    """Stream the listing of ``inputs`` (absolute paths from :func:`check_inputs`), in order.
+
+    Args:
+        inputs: absolute paths.
+        read: ``read(i)`` says whether item i's tar bytes and side files are needed (the embedding
+            pass); None lists names only.
+    """
+    position = 0
+
+    def wanted() -> bool:
+        return read is not None and read(position)
+
+    for source in inputs:
+        suffix = os.path.splitext(source)[1].lower()
+        if os.path.isdir(source):
+            items = (Item(path=p) for p in _walk(source))
+        elif suffix in LIST_SUFFIXES:
+            items = (Item(path=p) for p in _list_file(source))
+        elif suffix in TAR_SUFFIXES:
+            items = _tar(source, wanted)
+        else:
+            items = iter([Item(path=source)])
+        for item in items:
+            yield item
+            position += 1
+
+
+@dataclass(frozen=True)
+class ListingSummary:
+    """Digest (sha256 over every item's identity, in order) and number of items of a listing."""
+
+    digest: str
+    count: int
+
+
+def summarize(inputs: list[str]) -> ListingSummary:
+    """One streaming pass over the listing: its digest and count."""
+    digest = hashlib.sha256()
+    count = 0
+    for item in iter_items(inputs):
+        digest.update(item.identity())
+        count += 1
+    return ListingSummary(digest.hexdigest(), count)

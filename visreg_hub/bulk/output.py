@@ -1,0 +1,213 @@
+"""The output folder of a bulk embedding job: parquet shards, failures and the manifest.
+
+Layout::
+
+    OUTDIR/manifest.json        what was embedded how (model, pooling, dim, normalisation, input
+                                listing digest and count, shard size) and which shards are done
+    OUTDIR/part-00000.parquet   columns path, key, embedding (fixed-size list of float32), cls, json
+    OUTDIR/failures.jsonl       one {"path", "key", "reason"} per unreadable input (complete runs)
+    OUTDIR/.failures/part-00000.jsonl   the failures of each shard, written before the shard
+
+A shard is the commit unit: its failures file, then its parquet file, are each written to a temporary
+name, fsynced and renamed, and the folder fsynced. A shard whose parquet file exists is complete;
+anything else is redone. Rows are the shard's readable inputs in listing order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visreg_hub.errors import MissingExtraError, VisregHubError
+
+FORMAT_NAME = "visreg_hub.embedding_shards"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+FAILURES_NAME = "failures.jsonl"
+FAILURES_DIR = ".failures"
+_SHARD = re.compile(r"part-(\d{5,})\.parquet")
+
+
+class OutputMismatchError(VisregHubError, ValueError):
+    """The output folder holds another job's embeddings (different model, inputs or settings)."""
+
+
+def pyarrow():
+    """``(pyarrow, pyarrow.parquet)``, or an error naming the extra."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise MissingExtraError(
+            "bulk embedding writes parquet shards and needs pyarrow: pip install 'visreg_hub[parquet]'"
+        ) from exc
+    return pa, pq
+
+
+def shard_name(number: int) -> str:
+    return f"part-{number:05d}.parquet"
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)``, fsync, rename over ``path``, fsync the folder: all or nothing after a crash."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with tmp.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def done_shards(folder: Path) -> set[int]:
+    """Numbers of the shards whose parquet file exists."""
+    if not folder.is_dir():
+        return set()
+    return {int(m.group(1)) for entry in os.scandir(folder) if (m := _SHARD.fullmatch(entry.name))}
+
+
+def clean_temporaries(folder: Path) -> None:
+    """Remove temporary files a killed run left (``.name.tmp-PID``)."""
+    for sub in (folder, folder / FAILURES_DIR):
+        if sub.is_dir():
+            for entry in os.scandir(sub):
+                if entry.name.startswith(".") and ".tmp-" in entry.name:
+                    Path(entry.path).unlink(missing_ok=True)
+
+
+def write_shard(
+    folder: Path,
+    number: int,
+    *,
+    rows: list[dict[str, Any]],
+    embeddings: np.ndarray,
+    failures: list[dict[str, Any]],
+) -> Path:
+    """Write shard ``number``: its failures, then its parquet file (the commit point).
+
+    Args:
+        rows: one dict per embedded input with ``path``, ``key``, ``cls``, ``json`` (None where absent).
+        embeddings: float32 (len(rows), E).
+        failures: one ``{"path", "key", "reason"}`` per input that failed.
+    """
+    pa, pq = pyarrow()
+    (folder / FAILURES_DIR).mkdir(exist_ok=True)
+    text = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures)
+    write_atomic(folder / FAILURES_DIR / f"part-{number:05d}.jsonl", lambda p: p.write_text(text, "utf-8"))
+    dim = embeddings.shape[1]
+    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1), pa.float32())
+    table = pa.table(
+        {
+            "path": pa.array([r["path"] for r in rows], pa.string()),
+            "key": pa.array([r["key"] for r in rows], pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+            "cls": pa.array([r["cls"] for r in rows], pa.string()),
+            "json": pa.array([r["json"] for r in rows], pa.string()),
+        }
+    )
+    path = folder / shard_name(number)
+    write_atomic(path, lambda p: pq.write_table(table, p))
+    return path
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise OutputMismatchError(f"{path} is not valid JSON; use a new output folder") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise OutputMismatchError(f"{path} is not a visreg-hub embed manifest; use a new output folder")
+    return manifest
+
+
+def check_or_start(folder: Path, job: dict[str, Any]) -> dict[str, Any]:
+    """Create ``folder`` and its manifest for ``job``, or check that an existing one is the same job.
+
+    Args:
+        job: the identity of the job: ``model`` (name, weights digest, pooling, dim, normalize, dtype),
+            ``inputs`` (listing digest, count, the input arguments) and ``shard_size``.
+
+    Raises:
+        OutputMismatchError: the folder holds a different job's output, or unrelated files.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        stray = [e.name for e in os.scandir(folder) if not e.name.startswith(".")]
+        if stray:
+            raise OutputMismatchError(
+                f"output folder {folder} is not empty and has no {MANIFEST_NAME} (found {stray[:3]}); "
+                f"pass a new or empty folder"
+            )
+        manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **job, "shards_done": [],
+                    "complete": False}  # fmt: skip
+        write_manifest(folder, manifest)
+        return manifest
+    for field in ("model", "inputs", "shard_size"):
+        if manifest.get(field) != job[field]:
+            raise OutputMismatchError(_mismatch(folder, field, manifest.get(field), job[field]))
+    return manifest
+
+
+def _mismatch(folder: Path, field: str, old: Any, new: Any) -> str:
+    if field == "model" and isinstance(old, dict) and isinstance(new, dict):
+        diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        what = (
+            f"a different model setup ({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff)})"
+        )
+    elif field == "inputs":
+        what = f"a different input set ({(old or {}).get('count')} -> {new.get('count')} items, other names)"
+    else:
+        what = f"a different {field} ({old!r} -> {new!r})"
+    return (
+        f"{folder} holds embeddings of another job: this run has {what}; re-run with the original "
+        f"settings to resume, or pass a new output folder"
+    )
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    text = json.dumps(manifest, indent=2) + "\n"
+    write_atomic(folder / MANIFEST_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def finalize(folder: Path, manifest: dict[str, Any], num_shards: int) -> bool:
+    """When every shard is done: failures.jsonl (all shards, in order) and ``complete: true``.
+
+    Returns:
+        True if the job is complete.
+    """
+    done = done_shards(folder)
+    manifest = {**manifest, "shards_done": sorted(done), "num_shards": num_shards}
+    complete = done >= set(range(num_shards))
+    if complete:
+
+        def write_failures(path: Path) -> None:
+            with path.open("w", encoding="utf-8") as out:
+                for number in range(num_shards):
+                    part = folder / FAILURES_DIR / f"part-{number:05d}.jsonl"
+                    if part.is_file():
+                        out.write(part.read_text(encoding="utf-8"))
+
+        write_atomic(folder / FAILURES_NAME, write_failures)
+        manifest["complete"] = True
+    write_manifest(folder, manifest)
+    return complete

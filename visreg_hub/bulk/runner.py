@@ -1,0 +1,324 @@
+"""``embed_dataset``: embed a listing of images into resumable parquet shards.
+
+The listing (see :mod:`visreg_hub.bulk.listing`) is cut into shards of ``shard_size`` consecutive
+items; shard s covers items ``s * shard_size .. (s + 1) * shard_size - 1``. Under ``accelerate
+launch``/``torchrun`` (``WORLD_SIZE`` > 1) rank r embeds the shards with ``s % world_size == r``: a
+deterministic, disjoint split that needs no communication and survives a change of world size on
+resume. Every shard is embedded through :class:`~visreg_hub.inference.pipeline.EmbeddingPipeline` in
+fixed chunks, so a resumed or re-split job computes every embedding from the same batches as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from visreg_hub.bulk import output
+from visreg_hub.bulk.listing import Item, check_inputs, iter_items, summarize
+from visreg_hub.errors import ConfigError
+from visreg_hub.inference.images import DEFAULT_MAX_PIXELS
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("local", "ray")
+_CHUNK_BYTES = 256 * 2**20  # encoded tar bytes held per pipeline call
+
+
+@dataclass
+class EmbedSummary:
+    """What one call (one rank) did. ``complete``: every shard of the job is now on disk."""
+
+    output_dir: Path
+    embedded: int
+    failed: int
+    seconds: float
+    shards_written: int
+    shards_skipped: int
+    complete: bool
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.embedded + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        state = "complete" if self.complete else "incomplete (other ranks or a re-run will finish it)"
+        return (
+            f"embedded {self.embedded}, failed {self.failed}, {self.seconds:.1f} s, "
+            f"{self.images_per_second:.1f} images/s; {self.shards_written} shard(s) written, "
+            f"{self.shards_skipped} already done; {self.output_dir} {state}"
+        )
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter and buffer (name, dtype, shape, bytes): the model's identity."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{data.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def distributed_rank() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the torchrun/accelerate environment, (0, 1, 0) without."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError as exc:
+        raise ConfigError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers: {exc}") from exc
+    return rank, world, local
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def prepare_model(model: Any, device: str | None) -> tuple[torch.nn.Module, str | None]:
+    """A loaded model and the reference recorded in the manifest (absolute for local folders)."""
+    if isinstance(model, str | os.PathLike):
+        from visreg_hub.hub import from_pretrained
+
+        name = os.fspath(model)
+        reference = os.path.abspath(name) if Path(name).expanduser().is_dir() else name
+        return from_pretrained(name, device=device), reference
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model must be a name, a folder or a VISRegEncoder, got {type(model).__name__}")
+    return model, getattr(getattr(model, "config", None), "name", None)
+
+
+def embed_dataset(
+    inputs: str | os.PathLike | list[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    *,
+    model: Any,
+    **options: Any,
+) -> Path:
+    """Embed folders, ``.txt`` file lists and webdataset ``.tar`` shards into parquet shards.
+
+    Re-running the same call after a crash or ``kill -9`` continues from the last completed shard;
+    the finished folder holds every readable input exactly once, with the embeddings an
+    uninterrupted run gives. See :func:`run_embedding` for the options and
+    :mod:`visreg_hub.bulk.output` for the folder layout.
+
+    Args:
+        inputs: one input or a list (folders, ``.txt`` lists, ``.tar`` shards, image files).
+        output_dir: the output folder (created; must be empty or hold this same job).
+        model: registry name, Hub repo or folder, or a loaded :class:`~visreg_hub.models.VISRegEncoder`.
+
+    Returns:
+        the output folder.
+    """
+    return run_embedding(inputs, output_dir, model=model, **options).output_dir
+
+
+def run_embedding(
+    inputs: str | os.PathLike | list[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    *,
+    model: Any,
+    shard_size: int = 5000,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    pooling: str | None = None,
+    normalize: bool = True,
+    device: str | None = None,
+    dtype: str | None = None,
+    engine: str = "local",
+    rank: int | None = None,
+    world_size: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    show_progress_bar: bool | None = None,
+) -> EmbedSummary:
+    """:func:`embed_dataset` with every option, returning an :class:`EmbedSummary`.
+
+    Args:
+        shard_size: inputs per parquet shard (the unit of resume: a kill loses at most one shard).
+        batch_size: images per forward pass.
+        num_workers: DataLoader decoding processes per rank.
+        pooling, normalize, dtype: as in ``encode()``; recorded in the manifest.
+        device: where to run; None: the model's device, or ``cuda:LOCAL_RANK`` under a multi-GPU launch.
+        engine: ``"local"`` (this process; one rank of an accelerate/torchrun launch) or ``"ray"``
+            (a Ray Data job on the current Ray cluster; ``pip install 'visreg_hub[ray]'``).
+        rank, world_size: override the launcher's ``RANK``/``WORLD_SIZE``.
+        max_pixels: decompression-bomb cap per image.
+        show_progress_bar: None shows it when stderr is a terminal.
+    """
+    start = time.perf_counter()
+    _check_int("shard_size", shard_size, 1)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("num_workers", num_workers, 0)
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
+    env_rank, env_world, local_rank = distributed_rank()
+    rank = env_rank if rank is None else _check_int("rank", rank, 0)
+    world_size = env_world if world_size is None else _check_int("world_size", world_size, 1)
+    if rank >= world_size:
+        raise ConfigError(f"rank {rank} must be below world_size {world_size}")
+    if device is None and world_size > 1 and torch.cuda.is_available():
+        device = f"cuda:{local_rank % torch.cuda.device_count()}"
+    sources = check_inputs([inputs] if isinstance(inputs, str | os.PathLike) else list(inputs))
+    folder = Path(output_dir).expanduser().absolute()
+    output.pyarrow()  # fail before the slow part when pyarrow is missing
+    net, reference = prepare_model(model, device)
+    from visreg_hub.inference.backends import backend_for
+
+    runner = backend_for(net, pooling=pooling, device=device, dtype=dtype)
+    listing = summarize(sources)
+    if listing.count == 0:
+        raise ConfigError(f"the inputs {sources} list no images; check the paths and extensions")
+    job = {
+        "model": {"name": reference, "weights_sha256": weights_digest(net),
+                  "pooling": pooling or net.config.pooling, "dim": int(runner.output_shape[0]),
+                  "normalize": bool(normalize), "dtype": None if dtype is None else str(dtype)},
+        "inputs": {"args": sources, "digest": listing.digest, "count": listing.count},
+        "shard_size": shard_size,
+    }  # fmt: skip
+    manifest = output.check_or_start(folder, job)
+    if world_size == 1:
+        output.clean_temporaries(folder)
+    num_shards = math.ceil(listing.count / shard_size)
+    if engine == "ray":
+        from visreg_hub.bulk.ray_engine import run_ray
+
+        return run_ray(sources, folder, manifest, net, runner, listing, num_shards, start=start,
+                       batch_size=batch_size, normalize=normalize, max_pixels=max_pixels)  # fmt: skip
+    from visreg_hub.inference.pipeline import EmbeddingPipeline
+
+    embedder = ShardEmbedder(
+        EmbeddingPipeline(runner, normalize=normalize, max_pixels=max_pixels),
+        batch_size=batch_size,
+        num_workers=num_workers,
+    )
+    mine = [s for s in range(num_shards) if s % world_size == rank]
+    done = output.done_shards(folder)
+    todo = {s for s in mine if s not in done}
+
+    def shard_len(s: int) -> int:
+        return min(shard_size, listing.count - s * shard_size)
+
+    if show_progress_bar is None:
+        show_progress_bar = sys.stderr.isatty()
+    bar = tqdm(
+        total=sum(shard_len(s) for s in mine),
+        initial=sum(shard_len(s) for s in mine if s in done),
+        desc="embed" if world_size == 1 else f"embed rank {rank}/{world_size}",
+        unit="img",
+        disable=not show_progress_bar or not todo,
+        smoothing=0.05,
+    )
+    embedded = failed = written = 0
+    with bar:
+        for number, items in _shards(sources, listing, shard_size, todo):
+            rows, vectors, failures = embedder.embed(items, progress=bar.update)
+            output.write_shard(folder, number, rows=rows, embeddings=vectors, failures=failures)
+            embedded, failed, written = embedded + len(rows), failed + len(failures), written + 1
+            output.finalize(folder, manifest, num_shards)
+    complete = output.finalize(folder, manifest, num_shards)
+    summary = EmbedSummary(folder, embedded, failed, time.perf_counter() - start, written,
+                           len(mine) - len(todo), complete)  # fmt: skip
+    logger.info("%s", summary.line())
+    return summary
+
+
+def _shards(sources: list[str], listing, shard_size: int, todo: set[int]):
+    """Yield (shard number, its items) for the shards in ``todo``, streaming the listing once.
+
+    Raises:
+        OutputMismatchError: the listing changed since its digest was taken.
+    """
+    digest = hashlib.sha256()
+    count = 0
+    current: list[Item] = []
+    number = -1
+    for count, item in enumerate(iter_items(sources, read=lambda i: i // shard_size in todo), 1):
+        digest.update(item.identity())
+        shard = (count - 1) // shard_size
+        if shard not in todo:
+            continue
+        number = shard
+        current.append(item)
+        if count % shard_size == 0 or count == listing.count:
+            yield number, current
+            current = []
+    if digest.hexdigest() != listing.digest or count != listing.count or current:
+        raise output.OutputMismatchError(
+            f"the inputs changed while they were being embedded ({listing.count} items listed before, "
+            f"{count} now); shards written so far are kept, re-run to finish against the current listing"
+        )
+
+
+class ShardEmbedder:
+    """Embeds the items of one shard through the pipeline in fixed chunks.
+
+    Args:
+        pipeline: the :class:`~visreg_hub.inference.pipeline.EmbeddingPipeline`.
+        batch_size, num_workers: passed to ``pipeline.run``.
+    """
+
+    def __init__(self, pipeline, *, batch_size: int, num_workers: int) -> None:
+        self.pipeline = pipeline
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        # why: with worker processes each pipeline call pays their start-up, so a whole shard goes in
+        # one call; in-process decoding has no such cost and smaller calls update the progress bar
+        self.chunk_items = None if num_workers > 0 else max(8 * batch_size, 512)
+
+    def _chunks(self, items: list[Item]):
+        chunk: list[Item] = []
+        size = 0
+        for item in items:
+            chunk.append(item)
+            size += len(item.payload or b"")
+            if size >= _CHUNK_BYTES or (self.chunk_items and len(chunk) >= self.chunk_items):
+                yield chunk
+                chunk, size = [], 0
+        if chunk:
+            yield chunk
+
+    def embed(
+        self, items: list[Item], progress=lambda n: None
+    ) -> tuple[list[dict[str, Any]], np.ndarray, list[dict[str, Any]]]:
+        """(rows, float32 (len(rows), E) embeddings, failures) of one shard, in listing order."""
+        rows: list[dict[str, Any]] = []
+        vectors: list[np.ndarray] = []
+        failures: list[dict[str, Any]] = []
+        for chunk in self._chunks(items):
+            slot: dict[int, int] = {}  # chunk position -> position among the decodable payloads
+            payloads: list[Any] = []
+            for position, item in enumerate(chunk):
+                if item.error is None:
+                    slot[position] = len(payloads)
+                    payloads.append(Path(item.path) if item.key is None else item.payload)
+            result, failed = self.pipeline.run(
+                payloads, batch_size=self.batch_size, num_workers=self.num_workers, on_error="skip",
+                show_progress_bar=False,
+            )  # fmt: skip
+            bad = dict(failed)
+            for position, item in enumerate(chunk):
+                reason = item.error if position not in slot else bad.get(slot[position])
+                if reason is None:
+                    rows.append({"path": item.path, "key": item.key, "cls": item.cls, "json": item.json})
+                    continue
+                if item.key is not None and position in slot:  # the pipeline names bytes "item K (bytes)"
+                    reason = reason.replace(f"item {slot[position]} (bytes)", f"{item.path}#{item.key}", 1)
+                failures.append({"path": item.path, "key": item.key, "reason": reason})
+            vectors.append(result.numpy())
+            progress(len(chunk))
+        dim = self.pipeline.output_shape[0]
+        matrix = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
+        return rows, matrix.astype(np.float32, copy=False), failures

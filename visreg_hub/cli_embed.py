@@ -1,0 +1,225 @@
+"""``visreg-hub embed`` and ``visreg-hub index build|inspect`` (registered from :mod:`visreg_hub.cli`).
+
+    visreg-hub embed photos/ lists.txt shard-{0000..0099}.tar -o embeddings/   # resumable parquet shards
+    visreg-hub embed photos/ -o emb.npy                                        # one file (small sets)
+    visreg-hub index build embeddings/ -o gallery-index --max-memory 2GB --target-recall 0.95
+    visreg-hub index inspect gallery-index
+
+Thin: parses flags and calls :func:`visreg_hub.bulk.run_embedding`,
+:func:`visreg_hub.retrieval.build.build_index` and :func:`visreg_hub.retrieval.read_manifest`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "vit-b16-in1k"
+SINGLE_FILE_SUFFIXES = (".npy", ".parquet")
+# an output named like one of these is a mistyped single file, not a shard folder
+_FILE_LIKE = (
+    ".csv",
+    ".json",
+    ".jsonl",
+    ".txt",
+    ".npz",
+    ".pt",
+    ".pth",
+    ".h5",
+    ".pkl",
+    ".tar",
+    ".zip",
+    ".arrow",
+)
+
+
+def _cli():
+    from visreg_hub import cli
+
+    return cli
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    if out.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return _embed_single_file(args)
+    if out.suffix.lower() in _FILE_LIKE or out.is_file():
+        raise _cli().UserError(
+            f"output {args.output!r} must end with .npy or .parquet (one file), or name a folder for "
+            f"resumable parquet shards"
+        )
+    if args.on_error == "raise":
+        raise _cli().UserError(
+            "--on-error raise needs a single .npy/.parquet output; shard folders always record unreadable "
+            "inputs in failures.jsonl"
+        )
+    from visreg_hub.bulk import run_embedding
+
+    model = args.model if not Path(args.model).expanduser().is_dir() else str(Path(args.model).resolve())
+    summary = run_embedding(
+        args.inputs,
+        args.output,
+        model=model,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        pooling=args.pooling,
+        normalize=not args.no_normalize,
+        device=args.device,
+        dtype=args.dtype,
+        engine=args.engine,
+        show_progress_bar=_cli()._progress(args),
+    )
+    print(summary.line())
+    return 0
+
+
+def _embed_single_file(args: argparse.Namespace) -> int:
+    """All embeddings in memory, one .npy/.parquet file + its sidecar (for small sets)."""
+    from visreg_hub.errors import ImageDecodeError
+    from visreg_hub.inference import encode
+    from visreg_hub.retrieval.files import check_suffix, write_embeddings
+
+    cli = _cli()
+    out = check_suffix(args.output, "output")  # fail before the slow part
+    paths = cli._expand_image_inputs(args.inputs)
+    model = cli._load_model(args.model, args.device)
+    pooling = args.pooling if args.pooling is not None else model.config.pooling
+    on_error = args.on_error or "raise"
+    try:
+        result = encode(
+            model, paths, batch_size=args.batch_size, pooling=pooling, normalize=not args.no_normalize,
+            device=args.device, dtype=args.dtype, num_workers=args.num_workers,
+            show_progress_bar=cli._progress(args), convert_to_numpy=True, on_error=on_error,
+        )  # fmt: skip
+    except ImageDecodeError as exc:
+        message = str(exc).replace("pass on_error='skip'", "pass --on-error skip")
+        raise cli.UserError(message) from exc
+    failures = result.failures if on_error == "skip" else []
+    embeddings = result.embeddings if on_error == "skip" else result
+    failed = {f.index for f in failures}
+    if len(failed) == len(paths):
+        raise cli.UserError(
+            f"none of the {len(paths)} images could be embedded; first failure: {failures[0].reason}"
+        )
+    sidecar = write_embeddings(
+        out,
+        embeddings,
+        paths=[p for i, p in enumerate(paths) if i not in failed],
+        failures=[(paths[f.index], f.reason) for f in failures],
+        model=cli._model_reference(args.model),
+        pooling=pooling,
+        normalized=not args.no_normalize,
+    )
+    rows, dim = len(paths) - len(failed), model.embedding_dim(pooling)
+    print(f"wrote {rows} x {dim} embeddings to {out} (paths: {sidecar})")
+    if failures:
+        print(
+            f"{len(failures)} image(s) failed and were skipped; first: {failures[0].reason}", file=sys.stderr
+        )
+    return 0
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from visreg_hub.retrieval.build import RECALL_K, build_index
+
+    fixed = {name: getattr(args, name) for name in ("nlist", "nprobe", "pq_m", "m", "ef_search")}
+    fixed = {name: value for name, value in fixed.items() if value is not None}
+    kind = args.kind
+    if fixed and kind == "auto":
+        raise _cli().UserError(f"--{next(iter(fixed)).replace('_', '-')} needs an explicit --kind (not auto)")
+    index = build_index(
+        args.embeddings,
+        args.output,
+        kind=kind,
+        max_memory=args.max_memory,
+        target_recall=args.target_recall,
+        metric=args.metric,
+        normalize=args.normalize,
+        model_name=_cli()._model_reference(args.model) if args.model else None,
+        num_queries=args.queries,
+        paths_file=args.paths,
+        **fixed,
+    )
+    info = index.build_info
+    recall = info[f"recall_at_{RECALL_K}"]
+    print(
+        f"built {info['factory']} index ({args.metric}) of {len(index)} x {index.dim} vectors in "
+        f"{args.output}: about {info['estimated_bytes'] / 2**20:.1f} MiB, recall@{RECALL_K} {recall:.3f} "
+        f"on {len(info['query_ids'])} held-out queries"
+    )
+    if index.model_name is None:
+        print("no model recorded in the index; `search` will need --model", file=sys.stderr)
+    return 0
+
+
+def cmd_index_inspect(args: argparse.Namespace) -> int:
+    from visreg_hub.retrieval import read_manifest
+
+    manifest = read_manifest(args.index)
+    build = {key: value for key, value in manifest["build"].items() if key != "query_ids"}
+    fields = ("kind", "factory", "metric", "dim", "count", "next_id", "model_name", "pooling", "normalized",
+              "params")  # fmt: skip
+    summary = {key: manifest[key] for key in fields}
+    summary["build"] = build
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    for key, value in summary.items():
+        print(f"{key:>11}: {json.dumps(value)}")
+    return 0
+
+
+def add_embed_parsers(commands, common: argparse.ArgumentParser) -> None:
+    """Register ``embed`` and ``index build|inspect`` on the ``visreg-hub`` sub-command parser."""
+    p = commands.add_parser("embed", parents=[common], help="embed images, file lists or tar shards")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="folders, .txt lists, .tar shards, images")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder of resumable parquet shards, or one .npy/.parquet file")  # fmt: skip
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"registry name, Hub repo or folder ({DEFAULT_MODEL})"
+    )
+    p.add_argument(
+        "--shard-size", type=int, default=5000, help="inputs per parquet shard (the unit of resume)"
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--pooling", help="cls | cls_last2 | cls_last4 | mean_patch (default: the model's)")
+    p.add_argument("--on-error", choices=("raise", "skip"),
+                   help="single-file output: stop at an unreadable image (raise, default) or skip it; "
+                        "shard folders always skip and record it in failures.jsonl")  # fmt: skip
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", help="bf16 or fp16 autocast on a GPU (default: the model's dtype)")
+    p.add_argument("--num-workers", type=int, default=0, help="decoding worker processes")
+    p.add_argument("--no-normalize", action="store_true", help="keep raw (not L2-normalised) embeddings")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local (this process; one per rank under accelerate launch) or ray")  # fmt: skip
+    p.set_defaults(func=cmd_embed)
+
+    p = commands.add_parser("index", parents=[common], help="build or inspect an embedding index")
+    actions = p.add_subparsers(dest="index_command", metavar="ACTION")
+    b = actions.add_parser("build", parents=[common], help="build a FAISS index from embeddings")
+    b.add_argument("embeddings", nargs="+", help="`embed` output folders and/or .npy/.parquet files")
+    b.add_argument("-o", "--output", required=True, help="index folder to write")
+    b.add_argument("--kind", choices=("auto", "flat", "ivf", "ivfsq8", "ivfpq", "hnsw"), default="auto",
+                   help="auto: the most accurate index within --max-memory (flat without one)")  # fmt: skip
+    b.add_argument("--max-memory", help="FAISS memory budget, e.g. 256MB or 2GB (default: none)")
+    b.add_argument("--target-recall", type=float, default=0.95,
+                   help="recall@10 the search effort is tuned to reach (default 0.95)")  # fmt: skip
+    b.add_argument("--queries", type=int, default=1000, help="held-out queries for measuring recall")
+    b.add_argument("--metric", choices=("ip", "l2"), default="ip", help="inner product (cosine) or L2")
+    b.add_argument("--paths", help="file naming the rows of one .npy file (default: its sidecar)")
+    b.add_argument("--model", help="model to record for `search` (default: the embed job's)")
+    b.add_argument("--nlist", type=int, help="IVF cells (explicit IVF kinds; default 4*sqrt(N))")
+    b.add_argument("--nprobe", type=int, help="IVF cells searched per query (default: tuned to the target)")
+    b.add_argument("--pq-m", type=int, help="IVF-PQ bytes per vector (must divide the dimension)")
+    b.add_argument("--m", type=int, help="HNSW neighbours per node (default 32)")
+    b.add_argument("--ef-search", type=int, help="HNSW search beam width (default: tuned to the target)")
+    b.add_argument("--normalize", action="store_true", help="L2-normalise vectors (cosine with --metric ip)")
+    b.set_defaults(func=cmd_index_build)
+    i = actions.add_parser("inspect", parents=[common], help="print an index folder's manifest summary")
+    i.add_argument("index", help="index folder")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_index_inspect)
+    p.set_defaults(func=None, subparser=p)
