@@ -1,0 +1,150 @@
+"""Resume after ``kill -9`` at random moments: the final output equals an uninterrupted run, no duplicates.
+
+Default run: a forked child embeds 600 real tiles and is SIGKILLed 5 times (fork: no interpreter start-up
+per attempt). ``slow``: the CLI in fresh processes over 3,000 tiles, and 2 ranks under ``accelerate
+launch``, killed repeatedly.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.bulk.helpers import ROOT, cli, read_output, write_tile_folder
+from tests.fixtures_models import tiny_encoder
+from visreg_hub.bulk import run_embedding
+from visreg_hub.bulk.output import done_shards
+
+pytest.importorskip("pyarrow")
+
+
+def assert_same_output(resumed, reference):
+    rows, vectors, _ = read_output(resumed)
+    want_rows, want_vectors, _ = read_output(reference)
+    assert len(rows) == len(set(rows)), "an input was embedded twice"
+    assert rows == want_rows  # every readable input exactly once, in listing order
+    np.testing.assert_array_equal(vectors, want_vectors)  # bit-identical embeddings
+    assert (resumed / "failures.jsonl").read_text() == (reference / "failures.jsonl").read_text()
+    manifest = json.loads((resumed / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["shards_done"] == list(range(manifest["num_shards"]))
+
+
+def _child(model, inputs, out):
+    import torch
+
+    # why: one intra-op thread per process; two spinning OpenMP threads per process on a shared 2-core
+    # machine made each run 17x slower
+    torch.set_num_threads(1)
+    run_embedding(inputs, out, model=model, shard_size=40, batch_size=16)
+
+
+def test_kill_9_five_times_then_finish_equals_uninterrupted(tmp_path):
+    write_tile_folder(tmp_path / "imgs", 600)
+    (tmp_path / "imgs" / "bad.png").write_bytes(b"not an image")
+    model = tiny_encoder()
+    context = multiprocessing.get_context("fork")
+    # the reference runs in a forked child too: same thread count as the killed runs (see _child)
+    reference = context.Process(target=_child, args=(model, tmp_path / "imgs", tmp_path / "reference"))
+    start = time.perf_counter()
+    reference.start()
+    reference.join()
+    full = time.perf_counter() - start
+    assert reference.exitcode == 0
+    rng = random.Random(0)
+    kills, progress = 0, []
+    while kills < 5:
+        child = context.Process(target=_child, args=(model, tmp_path / "imgs", tmp_path / "out"))
+        child.start()
+        time.sleep(rng.uniform(0.05, 0.5) * full)
+        if child.is_alive():
+            os.kill(child.pid, signal.SIGKILL)
+            kills += 1
+        child.join()
+        progress.append(len(done_shards(tmp_path / "out")))
+    assert progress[0] < 16, "the first kill must interrupt the job"  # 601 inputs / 40 = 16 shards
+    finish = context.Process(target=_child, args=(model, tmp_path / "imgs", tmp_path / "out"))
+    finish.start()
+    finish.join()
+    assert finish.exitcode == 0
+    assert_same_output(tmp_path / "out", tmp_path / "reference")
+
+
+@pytest.mark.slow
+def test_cli_kill_9_at_random_moments_over_3000_images(tmp_path):
+    write_tile_folder(tmp_path / "imgs", 3000)
+    model_dir = tmp_path / "model"
+    tiny_encoder().save_pretrained(model_dir)
+    args = ["embed", tmp_path / "imgs", "--model", model_dir, "--shard-size", 100, "--no-progress"]
+    start = time.perf_counter()
+    reference = cli(*args, "-o", tmp_path / "reference")
+    assert reference.wait() == 0, reference.stderr.read().decode()[-2000:]
+    full = time.perf_counter() - start
+    rng = random.Random(1)
+    kills, lost = 0, []
+    while kills < 6:
+        before = len(done_shards(tmp_path / "out"))
+        process = cli(*args, "-o", tmp_path / "out")
+        time.sleep(rng.uniform(0.2, 0.9) * full)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait()
+        lost.append((before, len(done_shards(tmp_path / "out"))))
+    final = cli(*args, "-o", tmp_path / "out")
+    out, err = final.communicate()
+    assert final.returncode == 0, err.decode()[-2000:]
+    assert "embedded" in out.decode() and "complete" in out.decode()
+    assert any(0 < after < 30 for _, after in lost), lost  # some kills landed mid-job
+    assert_same_output(tmp_path / "out", tmp_path / "reference")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _accelerate(args):
+    # `accelerate launch --cpu --num_processes 2` starts one process in accelerate 1.x; the torchrun-based
+    # launcher with ACCELERATE_USE_CPU gives two real processes (as tests/training does)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(_free_port()), "-m", "visreg_hub.cli"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*launcher, *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_ranks_under_accelerate_launch_killed_and_resumed(tmp_path):
+    write_tile_folder(tmp_path / "imgs", 1200)
+    model_dir = tmp_path / "model"
+    tiny_encoder().save_pretrained(model_dir)
+    run_embedding(tmp_path / "imgs", tmp_path / "reference", model=str(model_dir), shard_size=50)
+    args = ["embed", tmp_path / "imgs", "-o", tmp_path / "out", "--model", model_dir, "--shard-size", 50,
+            "--no-progress"]  # fmt: skip
+    rng = random.Random(2)
+    kills = 0
+    while kills < 2:
+        launch = _accelerate(args)
+        time.sleep(rng.uniform(15, 30))
+        if launch.poll() is None:
+            os.killpg(launch.pid, signal.SIGKILL)  # the launcher and both ranks
+            kills += 1
+        launch.wait()
+    launch = _accelerate(args)
+    out, err = launch.communicate()
+    assert launch.returncode == 0, err.decode()[-3000:]
+    text = out.decode()
+    assert text.count("embedded") == 2  # one summary line per rank
+    assert_same_output(tmp_path / "out", tmp_path / "reference")
