@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 import visreg_hub
 from demo.cache import CachedIndex, load_or_build, model_identity
-from visreg_hub.errors import ImageDecodeError, ModelNotFoundError, VisregHubError
+from visreg_hub.errors import ImageDecodeError, ModelNotFoundError, UserInputError
 from visreg_hub.hub import from_pretrained, registry
 from visreg_hub.inference import (
     IMAGE_EXTENSIONS,
@@ -58,10 +58,6 @@ DOWNLOAD_MAX_AGE_S = 3600  # .npy downloads older than this are removed (Gradio 
 # JPEG covers camera MPO files too (Pillow opens them through its JPEG plugin).
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 ACCEPTED_TYPES = ", ".join(IMAGE_EXTENSIONS)
-
-
-class UserInputError(VisregHubError, ValueError):
-    """A problem the user can fix (bad upload, unknown choice); the message is shown as is."""
 
 
 class BundledAssetMissingError(ModelNotFoundError):

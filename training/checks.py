@@ -8,6 +8,7 @@ resolves the backbone's :class:`~visreg_hub.models.ModelConfig` (which validates
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from training.config import FMNIST_DIR, TrainingConfig
@@ -162,6 +163,15 @@ def model_config(config: TrainingConfig):
         pooling=model.pooling,
         **overrides,
     )
+    augment = config.augment
+    views = [("augment.global_size", augment.global_size)]
+    views += [("augment.local_size", augment.local_size)] if augment.local_count else []
+    for key, size in views:  # found here, not after the first forward pass of a long start-up
+        if size % backbone.patch_size:
+            raise ConfigError(
+                f"{key}={size} is not a multiple of the patch size {backbone.patch_size}; "
+                f"use a multiple of {backbone.patch_size} or another model.patch_size"
+            )
     check_architecture(backbone.architecture)
     check_budget(
         backbone, source="the model section", fix="shrink model.depth, model.embed_dim or model.img_size"
@@ -182,6 +192,10 @@ def check_paths(config: TrainingConfig) -> None:
             if not sorted(resolved.parent.glob(resolved.name)):
                 raise ConfigError(f"{key}={path!r} matches no shard files")
             continue
+        if resolved.exists() and source in ("npz", "filelist") and not resolved.is_file():
+            raise ConfigError(f"{key}={str(resolved)!r} is a folder; data source {source!r} needs a file")
+        if resolved.exists() and source == "folder" and not resolved.is_dir():
+            raise ConfigError(f"{key}={str(resolved)!r} is a file; data source 'folder' needs a folder")
         if not resolved.exists():
             hint = (
                 " (install it with `apt-get install dataset-fashion-mnist`, or use data.source=npz with "
@@ -190,6 +204,25 @@ def check_paths(config: TrainingConfig) -> None:
                 else ""
             )
             raise ConfigError(f"{key}={str(resolved)!r} does not exist for data source {source!r}{hint}")
+
+
+def check_output_dir(config: TrainingConfig) -> None:
+    """Make sure ``train.output_dir`` is (or can become) a writable folder, creating it now.
+
+    Raises:
+        ConfigError: it is a file, lies under a file, or cannot be created or written (e.g. under /proc).
+    """
+    folder = Path(config.train.output_dir).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"train.output_dir={str(folder)!r} is not a writable folder ({exc.strerror or exc}); "
+            "choose another train.output_dir"
+        ) from None
 
 
 def warn_config_changes(before: dict, after: dict) -> None:

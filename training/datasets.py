@@ -121,12 +121,36 @@ def read_fmnist(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]
 
 
 def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """``images`` uint8 (N, H, W[, C]) and optional ``labels`` (N,) from an .npz file."""
-    with np.load(path) as data:
-        if "images" not in data:
-            raise ConfigError(f"{path} has no 'images' array (found {sorted(data.files)})")
-        images = data["images"]
-        labels = data["labels"].astype(np.int64) if "labels" in data else None
+    """``images`` uint8 (N, H, W[, C]) and optional ``labels`` (N,) from an .npz file (never unpickled)."""
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):  # a bare .npy renamed: np.load returned an array
+                raise ConfigError(f"{path} is a single .npy array, not an .npz archive of 'images'")
+            if "images" not in data:
+                raise ConfigError(f"{path} has no 'images' array (found {sorted(data.files)})")
+            images = data["images"]
+            labels = data.get("labels")
+    except ConfigError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # object arrays: ValueError
+        detail = (
+            "it holds pickled or object data, which is never loaded"
+            if "pickle" in str(exc)
+            else f"{type(exc).__name__}: {str(exc)[:160]}"
+        )
+        raise ConfigError(
+            f"{path} is not a readable .npz of plain arrays ({detail}); "
+            "save it with np.savez(path, images=uint8_array, labels=int_array)"
+        ) from None
+    if labels is not None:
+        if labels.dtype.kind not in "iu" or labels.shape != images.shape[:1]:
+            raise ConfigError(
+                f"{path}: 'labels' must be integers of shape ({len(images)},), "
+                f"got {labels.dtype} {labels.shape}"
+            )
+        labels = labels.astype(np.int64)
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
         raise ConfigError(f"{path}: 'images' must be uint8 (N, H, W[, C]), got {images.dtype} {images.shape}")
     return images, labels

@@ -5,8 +5,10 @@
     python training/pretrain.py --config training/configs/fmnist-tiny-cpu.yaml     # one device or the CPU
 
 Overrides use dotted keys and YAML values (``optim.lr=5e-4 loss.name=sigreg data.path=/data/train``).
-The whole configuration (including the batch plan for the number of processes, the loss settings and
-the data paths) is checked before anything is created; errors go to stderr with exit status 2.
+The whole configuration (including the batch plan for the number of processes, the loss settings, the
+model size and the data and output paths) is checked before anything is created; a configuration error
+is one line on stderr with exit status 2, a failure while training one line with exit status 1 (``-v``
+adds the traceback).
 Outputs under ``train.output_dir``: ``config.yaml``, TensorBoard logs, ``checkpoints/`` (keep-last-k +
 best, ``latest`` pointer) and ``final/`` (the backbone in the hub format, loadable with
 ``visreg_hub.from_pretrained``).
@@ -19,15 +21,16 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Only light modules here, so configuration errors are reported in about a second.
-from training.checks import batch_plan, check_paths, model_config
+from training.checks import batch_plan, check_output_dir, check_paths, model_config
 from training.config import TrainingConfig, load_config
-from visreg_hub.errors import ConfigError, VisregHubError
+from visreg_hub.errors import ConfigError, one_line
 
 logger = logging.getLogger("training.pretrain")
 
@@ -45,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--push_to_hub", "--push-to-hub", dest="push_to_hub", help="upload the final model: org/name"
     )
     parser.add_argument("--export-every", "--export_every", dest="export_every", type=int, default=None)
+    parser.add_argument("-v", "--verbose", action="store_true", help="print the traceback of an error")
     return parser.parse_args(argv)
 
 
@@ -61,6 +65,14 @@ def preflight(config: TrainingConfig, num_processes: int) -> None:
     model_config(config)
 
 
+def _fail(exc: BaseException, code: int, verbose: bool) -> int:
+    """One line on stderr (the traceback too with ``-v``) and the exit status."""
+    if verbose:
+        traceback.print_exception(exc)
+    print(f"error: {one_line(exc)}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -74,9 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         preflight(config, int(os.environ.get("WORLD_SIZE", "1")))
         if args.export_every is not None and args.export_every < 0:
             raise ConfigError(f"--export-every must be >= 0, got {args.export_every}")
+        check_output_dir(config)  # last: creates the folder, so only once everything else is right
     except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc, 2, args.verbose)
+    except Exception as exc:  # never a traceback, whatever a bad configuration raises
+        return _fail(exc, 2, args.verbose)
 
     from training.engine import Trainer  # heavy imports only after the config is known to be good
 
@@ -86,11 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         summary = trainer.fit()
     except ConfigError as exc:  # found while opening the data (e.g. fewer images than one batch)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except VisregHubError as exc:  # diverged, collapsed (stop_on_collapse), bad checkpoint
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(exc, 2, args.verbose)
+    except KeyboardInterrupt:
+        print("error: interrupted; continue with --resume auto", file=sys.stderr)
+        return 130
+    except Exception as exc:  # diverged, collapsed, bad checkpoint, I/O, out of memory
+        return _fail(exc, 1, args.verbose)
     if trainer.accelerator.is_main_process:
         print(json.dumps(summary, indent=2))
     return 0

@@ -21,15 +21,13 @@ import traceback
 from pathlib import Path
 
 from visreg_hub import __version__
-from visreg_hub.errors import VisregHubError
+from visreg_hub.errors import UserInputError, VisregHubError, one_line, printable
 
 logger = logging.getLogger("visreg_hub.cli")
 
 DEFAULT_MODEL = "vit-b16-in1k"
-
-
-class UserError(VisregHubError):
-    """A problem with the command line's input, reported as one line with exit code 1."""
+# The one user-error type of the CLI and the demo lives in visreg_hub.errors; this name is an alias.
+UserError = UserInputError
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -47,17 +45,20 @@ def _expand_image_inputs(inputs: list[str]) -> list[str]:
         if path.is_dir():
             found = list_image_files(path)
             if not found:
-                raise UserError(f"folder {item!r} contains no image files")
+                raise UserInputError(f"folder {item!r} contains no image files")
             paths.extend(os.path.abspath(p) for p in found)
         elif path.is_file():
             paths.append(os.path.abspath(path))
         else:
-            raise UserError(f"input not found: {item!r} is neither an image file nor a folder")
+            raise UserInputError(f"input not found: {item!r} is neither an image file nor a folder")
     return paths
 
 
 def _load_model(name: str, device: str | None):
+    from visreg_hub.devices import resolve_device
     from visreg_hub.hub import from_pretrained
+
+    resolve_device(device)  # a bad --device is one line before any loading
 
     logger.info("loading model %s", name)
     return from_pretrained(name, device=device)
@@ -94,7 +95,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from visreg_hub.retrieval import EmbeddingIndex
 
     if args.k < 1:
-        raise UserError(f"-k must be a positive integer, got {args.k}")
+        raise UserInputError(f"-k must be a positive integer, got {args.k}")
     queries = _expand_image_inputs(args.images)
     index = EmbeddingIndex.load(args.index)
     if args.nprobe is not None:
@@ -103,11 +104,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         index.ef_search = args.ef_search
     model_name = args.model or index.model_name
     if model_name is None:
-        raise UserError(f"the index {args.index!r} records no model; pass --model NAME")
+        raise UserInputError(f"the index {args.index!r} records no model; pass --model NAME")
     model = _load_model(model_name, args.device)
     dim = model.embedding_dim(index.pooling)
     if dim != index.dim:
-        raise UserError(
+        raise UserInputError(
             f"model {model_name!r} gives {dim}-dimensional embeddings (pooling {index.pooling!r}) but the "
             f"index holds {index.dim}-dimensional ones; pass the --model the index was built with"
         )
@@ -137,11 +138,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 0
     score_name = "score" if index.metric == "ip" else "sq-dist"
     for entry in report:
-        print(f"query: {entry['query']}")
+        print(f"query: {printable(entry['query'])}")
         print(f"  {'rank':>4}  {score_name:>8}  {'id':>8}  path")
         for hit in entry["results"]:
             path = (hit["metadata"] or {}).get("path", "")
-            print(f"  {hit['rank']:>4}  {hit['score']:>8.4f}  {hit['id']:>8}  {path}")
+            print(f"  {hit['rank']:>4}  {hit['score']:>8.4f}  {hit['id']:>8}  {printable(str(path))}")
     return 0
 
 
@@ -150,9 +151,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     source = Path(args.checkpoint)
     if not source.is_file():
-        raise UserError(f"checkpoint not found: {str(source)!r}")
+        raise UserInputError(f"checkpoint not found: {str(source)!r}")
     if source.suffix.lower() not in (".pth", ".pt", ".bin"):
-        raise UserError(f"{str(source)!r} is not an official .pth checkpoint (got suffix {source.suffix!r})")
+        raise UserInputError(
+            f"{str(source)!r} is not an official .pth checkpoint (got suffix {source.suffix!r})"
+        )
     out = convert_official_checkpoint(source, args.output, arch=args.arch)
     print(f"converted {source} ({args.arch}) to {out or args.output}")
     return 0
@@ -239,12 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("visreg-hub: interrupted", file=sys.stderr)
         return 130
-    except (VisregHubError, OSError, ValueError, LookupError) as exc:
-        # user errors (bad files, names, values) get one line; --verbose shows where it came from
+    except Exception as exc:  # one line for everything; --verbose shows where it came from
         if verbose:
             traceback.print_exc()
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"visreg-hub: error: {message}", file=sys.stderr)
+        hint = (
+            ""
+            if isinstance(exc, VisregHubError | OSError | ValueError | LookupError)
+            else (" (unexpected: rerun with -v and report the traceback)")
+        )
+        print(f"visreg-hub: error: {one_line(exc)}{hint}", file=sys.stderr)
         return 1
 
 

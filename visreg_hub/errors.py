@@ -32,6 +32,15 @@ class ImageDecodeError(VisregHubError, ValueError):
     """An image could not be decoded; the message names the item and the reason."""
 
 
+class UserInputError(VisregHubError, ValueError):
+    """A problem the user can fix in what they typed or uploaded (CLI arguments, demo inputs); the message
+    is shown as is, on one line."""
+
+
+class DeviceError(VisregHubError, ValueError):
+    """A device string that is malformed (``bogus``) or names hardware this machine lacks (``cuda``)."""
+
+
 class MissingExtraError(VisregHubError, ImportError):
     """An optional dependency is missing; the message names the pip extra that provides it."""
 
@@ -52,3 +61,27 @@ def require_extra(module: str, extra: str):
             f"{module!r} is required for this feature but is not installed; "
             f"install it with: pip install 'visreg_hub[{extra}]'"
         ) from exc
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escapes, newlines) written as ``\\x1b``-style escapes,
+    so a hostile file name cannot drive the terminal it is printed on."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def one_line(exc: BaseException) -> str:
+    """The one-line message a command line prints for ``exc``.
+
+    A :class:`VisregHubError`, ``OSError`` or ``ValueError`` message is kept as is; anything else is
+    prefixed with its type (``KeyError: 101`` says more than ``101``). Control characters are escaped
+    (:func:`printable`).
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    message = lines[0] if lines else ""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        message = f"out of memory ({message or type(exc).__name__}); use a smaller batch, model or image size"
+    elif isinstance(exc, RecursionError):
+        message = "the input is nested too deeply to process"
+    elif not isinstance(exc, VisregHubError | OSError | ValueError) or not message:
+        message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return printable(message)

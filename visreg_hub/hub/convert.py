@@ -56,6 +56,13 @@ def load_pth_weights_only(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if not (head == b"PK" or head[:1] == b"\x80"):  # torch zip archive, or a legacy pickle (protocol 2+)
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (it starts with {head!r}, not a zip archive or a pickle); "
+            "pass the official .pth file"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -63,8 +70,11 @@ def load_pth_weights_only(path: str | Path) -> Any:
             f"{path} was refused by the weights-only loader: it contains Python objects other than tensors "
             f"and plain containers, and visreg_hub never executes pickled code. Details: {exc}"
         ) from exc
-    except (RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
+    except Exception as exc:  # a damaged file makes the unpickler raise KeyError, IndexError, ...
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}); it is damaged or "
+            "not the official .pth file"
+        ) from None
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from visreg_hub.devices import resolve_device
 from visreg_hub.errors import CheckpointError, ModelNotFoundError, ModelNotPublishedError
 from visreg_hub.hub import format as ckpt
 from visreg_hub.hub import preflight, registry
@@ -319,10 +320,12 @@ def from_pretrained(
         CheckpointError: malformed config, non-safetensors weights, key/shape mismatch, sha256 mismatch,
             NaN/Inf weights.
         ConfigError: unknown (non-ViT) architecture, or a model over ``limits``.
+        DeviceError: ``device`` is malformed or absent on this machine (e.g. ``cuda`` without a GPU).
     """
     from visreg_hub.inference.backends import make_spec, set_backend
 
     make_spec(backend, provider, precision)  # a bad backend argument fails before any download
+    resolve_device(device)  # a bad device is one clear error before any download or build
     source = resolve(name_or_path, revision=revision)
     model = load(source, limits=limits, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
     if device is not None or dtype is not None:

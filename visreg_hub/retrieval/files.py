@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from visreg_hub.errors import MissingExtraError
+from visreg_hub.errors import MissingExtraError, UserInputError
+from visreg_hub.jsonio import parse_json
 from visreg_hub.retrieval.arrays import as_float32_matrix
 
 SUFFIXES = (".npy", ".parquet")
@@ -131,10 +132,7 @@ def read_paths_file(path: str | Path) -> tuple[list[str], dict[str, Any]]:
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() != ".json":
         return [line.strip() for line in text.splitlines() if line.strip()], {}
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    data = parse_json(text, str(path), error=UserInputError)  # deep nesting, bad JSON: one clear error
     paths = data.get("paths") if isinstance(data, dict) else data
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise ValueError(f"{path} must hold a JSON list of file paths or an object with a 'paths' list")
