@@ -23,6 +23,7 @@ import argparse
 import gzip
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,9 @@ def select(labels: np.ndarray, per_class: int) -> tuple[dict[int, np.ndarray], d
         needed = per_class + (1 if label in EXAMPLE_CLASSES else 0)
         if len(indices) < needed:
             raise ValueError(
-                f"class {CLASS_NAMES[label]} has {len(indices)} images, {needed} needed; lower --per-class"
+                f"class {CLASS_NAMES[label]} has {len(indices)} images, {needed} needed for --per-class "
+                f"{per_class} plus an example; lower --per-class to {len(indices) - 1} or install the full "
+                "test set with `apt-get install dataset-fashion-mnist`"
             )
         gallery[label] = indices[:per_class]
         if label in EXAMPLE_CLASSES:
@@ -122,17 +125,21 @@ def save_png(pixels: np.ndarray, path: Path) -> None:
     Image.fromarray(pixels, mode="L").save(path, optimize=True)
 
 
-def build(assets: Path = ASSETS, per_class: int = 30) -> tuple[Path, Path]:
+def build(assets: Path = ASSETS, per_class: int | None = None) -> tuple[Path, Path]:
     """Write the gallery and the examples under ``assets`` (see the module docstring).
 
     Args:
         assets: the demo's assets folder.
-        per_class: gallery images per class (at most 19 when only the fixture is available).
+        per_class: gallery images per class; None: 30 from the Debian package, 19 from the fixture
+            (its 20 images per class less the one held out as an example query).
 
     Returns:
         (gallery folder, examples folder).
     """
     images, labels, source = load_test_images()
+    if per_class is None:
+        smallest = min(int((labels == label).sum()) for label in range(len(CLASS_NAMES)))
+        per_class = min(30, smallest - 1)
     gallery_ids, example_ids = select(labels, per_class)
     gallery, examples = assets / "gallery", assets / "examples"
     for folder in (gallery, examples):
@@ -157,14 +164,24 @@ def build(assets: Path = ASSETS, per_class: int = 30) -> tuple[Path, Path]:
     return gallery, examples
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-class", type=int, default=30, help="gallery images per class (default 30)")
+    parser.add_argument(
+        "--per-class",
+        type=int,
+        default=None,
+        help="gallery images per class (default 30; 19 from the fixture)",
+    )
     parser.add_argument("--assets", type=Path, default=ASSETS, help="output assets folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    build(args.assets, args.per_class)
+    try:
+        build(args.assets, args.per_class)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -250,3 +250,40 @@ def flat_dict(tree: dict, prefix: str = "") -> dict:
         else:
             flat[name] = str(value)
     return flat
+
+
+# What a previous run leaves in train.output_dir (removed by --overwrite; config.yaml is rewritten anyway).
+RUN_OUTPUTS = ("checkpoints", "final", "exports", "tensorboard", "metrics.jsonl")
+
+
+def check_previous_run(config: TrainingConfig, resume: str | None, overwrite: bool) -> list[Path]:
+    """Refuse to start a fresh run over a previous one unless asked; return what ``overwrite`` replaces.
+
+    Raises:
+        ConfigError: ``train.output_dir`` holds a previous run's outputs and neither ``--resume`` nor
+            ``--overwrite`` was given.
+    """
+    output_dir = Path(config.train.output_dir).expanduser()
+    if resume is not None:
+        return []
+    previous = [output_dir / name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    if previous and not overwrite:
+        found = ", ".join(path.name for path in previous)
+        raise ConfigError(
+            f"train.output_dir={str(output_dir)!r} already holds a run ({found}); "
+            "continue it with --resume auto, replace it with --overwrite, or choose another train.output_dir"
+        )
+    return previous
+
+
+def check_extras(config: TrainingConfig) -> None:
+    """The training extra's packages, before anything heavy is imported (``make demo`` lacks them).
+
+    Raises:
+        MissingExtraError: naming ``pip install 'visreg_hub[train]'``.
+    """
+    from visreg_hub.errors import require_extra
+
+    require_extra("accelerate", "train")
+    if config.train.log_with == "tensorboard":
+        require_extra("tensorboard", "train")

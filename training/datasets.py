@@ -110,9 +110,24 @@ def to_base_tensor(item, channels: int, base_size: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ readers
 def read_fmnist(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST idx files -> uint8 (N, 28, 28) images and int64 (N,) labels."""
+    """Fashion-MNIST idx files -> uint8 (N, 28, 28) images and int64 (N,) labels.
+
+    Raises:
+        ConfigError: the files are missing; the message says how to install them.
+    """
     prefix = {"train": "train", "test": "t10k"}[split]
     folder = Path(folder)
+    missing = [
+        name
+        for name in (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz")
+        if not (folder / name).is_file()
+    ]
+    if missing:
+        raise ConfigError(
+            f"Fashion-MNIST files {missing} are not in {folder}: install Debian's package with "
+            "`apt-get install dataset-fashion-mnist` (it puts them in /usr/share/datasets/fashion-mnist), "
+            "or point at your own copy of the idx files"
+        )
     with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "rb") as handle:
         images = np.frombuffer(handle.read(), np.uint8, offset=16).reshape(-1, 28, 28)
     with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "rb") as handle:

@@ -59,6 +59,18 @@ class TrainState:
             setattr(self, key, value)
 
 
+def epochs_covered(steps_by_epoch: list[int], total_steps: int) -> float:
+    """Epochs a run of ``total_steps`` goes through (``train.max_steps`` may end it mid-epoch), 2 decimals."""
+    done = 0.0
+    remaining = total_steps
+    for steps in steps_by_epoch:
+        if remaining <= 0 or steps <= 0:
+            break
+        done += min(1.0, remaining / steps)
+        remaining -= steps
+    return round(done, 2)
+
+
 class Trainer:
     """Build everything for ``config`` and train with :meth:`fit`.
 
@@ -174,9 +186,9 @@ class Trainer:
             desc="train",
         )
         logger.info(
-            "training %d steps: %d process(es) x %d images x %d accumulation = global batch %d, %d epochs",
+            "training %d steps: %d process(es) x %d images x %d accumulation = global batch %d, %s epochs",
             self.total_steps, self.world, train.per_device_batch_size, self.accumulation,
-            train.global_batch_size, len(self.steps_by_epoch),
+            train.global_batch_size, f"{epochs_covered(self.steps_by_epoch, self.total_steps):g}",
         )  # fmt: skip
         stopped_early = train.stop_after is not None and state.global_step >= train.stop_after
         if stopped_early:
@@ -288,7 +300,8 @@ class Trainer:
                     logits = self.probe(probe_features.detach().float())
                     terms["probe/loss"] = F.cross_entropy(logits, labels)
                     total = total + terms["probe/loss"]
-                    metrics["probe/train_acc"] = (logits.argmax(1) == labels).float().mean().detach()
+                    # percent, like probe/val_acc and knn/accuracy
+                    metrics["probe/train_acc"] = 100.0 * (logits.argmax(1) == labels).float().mean().detach()
                 for name, value in terms.items():
                     nonfinite[name] = nonfinite.get(name, 0) + nonfinite_flag(value)
                 accelerator.backward(total / len(micro_batches))  # NaN gradients are never applied

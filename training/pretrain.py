@@ -1,7 +1,7 @@
 """Pre-train a VISReg (or SIGReg / SWD / VICReg / Barlow Twins) ViT on your images.
 
     accelerate launch [--num_processes M] training/pretrain.py --config training/configs/<preset>.yaml \\
-        [key=value ...] [--resume auto|PATH] [--export-every N] [--push_to_hub org/name]
+        [key=value ...] [--resume auto|PATH] [--overwrite] [--export-every N] [--push_to_hub org/name]
     python training/pretrain.py --config training/configs/fmnist-tiny-cpu.yaml     # one device or the CPU
 
 Overrides use dotted keys and YAML values (``optim.lr=5e-4 loss.name=sigreg data.path=/data/train``).
@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -28,7 +29,14 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Only light modules here, so configuration errors are reported in about a second.
-from training.checks import batch_plan, check_output_dir, check_paths, model_config
+from training.checks import (
+    batch_plan,
+    check_extras,
+    check_output_dir,
+    check_paths,
+    check_previous_run,
+    model_config,
+)
 from training.config import TrainingConfig, load_config
 from visreg_hub.errors import ConfigError, one_line
 
@@ -49,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--export-every", "--export_every", dest="export_every", type=int, default=None)
     parser.add_argument("-v", "--verbose", action="store_true", help="print the traceback of an error")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous run in train.output_dir (default: refuse)",
+    )
     return parser.parse_args(argv)
 
 
@@ -83,9 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
     try:
         config = load_config(args.config, args.overrides)
+        check_extras(config)
         preflight(config, int(os.environ.get("WORLD_SIZE", "1")))
         if args.export_every is not None and args.export_every < 0:
             raise ConfigError(f"--export-every must be >= 0, got {args.export_every}")
+        replaced = check_previous_run(config, args.resume, args.overwrite)
+        if rank == 0 and args.push_to_hub:
+            from training.publish import check_push_target
+
+            check_push_target(args.push_to_hub)  # before training, not after the last step
+        for path in replaced if rank == 0 else []:  # --overwrite: the previous run's outputs go first
+            logger.warning("--overwrite: removing %s", path)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         check_output_dir(config)  # last: creates the folder, so only once everything else is right
     except (ConfigError, FileNotFoundError) as exc:
         return _fail(exc, 2, args.verbose)

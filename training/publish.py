@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from training.build import loss_settings
+from visreg_hub.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -104,3 +105,49 @@ def push_encoder(trainer, repo_id: str):
         encoder.config = original
     logger.info("pushed the backbone to https://huggingface.co/%s", repo_id)
     return getattr(commit, "commit_url", commit)
+
+
+def check_push_target(repo_id: str, token: str | None = None) -> None:
+    """Before training: ``--push_to_hub`` names a valid repository the Hub lets this token write to.
+
+    Creates the repository if needed (``exist_ok``; the upload at the end would do the same), so a bad
+    name, a missing or read-only token, ``HF_HUB_OFFLINE`` or an unreachable Hub stop the run before
+    the first step instead of after the last one.
+
+    Raises:
+        ConfigError: the reason, and how to fix it or train without pushing.
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    later = "or train without --push_to_hub and upload final/ later with `hf upload`"
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise ConfigError(f"--push_to_hub {repo_id!r} must be a Hub repository id 'org/name'")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise ConfigError(f"--push_to_hub {repo_id!r} is not a valid Hub repository id: {exc}") from exc
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(
+            f"--push_to_hub needs the Hugging Face Hub but HF_HUB_OFFLINE is set; unset it, {later}"
+        )
+    try:
+        HfApi(token=token).create_repo(repo_id, exist_ok=True, repo_type="model")
+    except LocalTokenNotFoundError as exc:
+        raise ConfigError(
+            f"--push_to_hub {repo_id}: no Hub token; run `hf auth login` or set HF_TOKEN, {later}"
+        ) from exc
+    except HfHubHTTPError as exc:
+        status = getattr(exc.response, "status_code", None)
+        why = "the token is missing, invalid or read-only" if status in (401, 403) else f"HTTP {status}"
+        raise ConfigError(
+            f"--push_to_hub {repo_id}: the Hub refused to create the repository ({why}); set HF_TOKEN to a "
+            f"token with write access, {later}"
+        ) from exc
+    except Exception as exc:  # connection refused, DNS, TLS, timeouts: httpx/requests/OSError types vary
+        raise ConfigError(
+            f"--push_to_hub {repo_id}: the Hugging Face Hub at {constants.ENDPOINT} is unreachable "
+            f"({type(exc).__name__}: {exc}); {later}"
+        ) from exc
+    logger.info("--push_to_hub %s: repository ready, the final model is uploaded after training", repo_id)

@@ -169,6 +169,9 @@ def test_keep_last_and_best_checkpoints(tmp_path):
     assert kept == {ckpt.step_dir_name(s) for s in {4, 5, best_step}}
     assert ckpt.read_pointer(root, "best").name == ckpt.step_dir_name(best_step)
     assert trainer.state.best_metric == knn[best_step]
+    # every accuracy is logged in percent (probe/train_acc was a 0-1 fraction next to 0-100 ones)
+    probe = [row["probe/train_acc"] for row in _metrics(tmp_path) if "probe/train_acc" in row]
+    assert probe and all(0.0 <= value <= 100.0 for value in probe) and max(probe) > 1.0
 
 
 def test_export_every_and_push_to_hub_through_the_hub_api(tmp_path, monkeypatch):

@@ -66,7 +66,7 @@ from visreg_hub.inference.onnx.graph import (
     fuse_for_ort,
     save_model,
 )
-from visreg_hub.inference.onnx.runtime import OnnxMetadata
+from visreg_hub.inference.onnx.runtime import OnnxMetadata, onnx_extra
 from visreg_hub.inference.onnx.validate import (
     DEFAULT_BATCH_SIZES,
     ValidationReport,
@@ -126,9 +126,9 @@ def export_onnx(
         OnnxValidationError: ONNX Runtime disagrees with PyTorch (fp32: max abs error > 1e-4; fp16:
             cosine < 0.999); the file is kept for inspection.
     """
-    onnx = require_extra("onnx", "onnx")
-    require_extra("onnxscript", "onnx")
-    onnx_ir = require_extra("onnx_ir", "onnx")  # installed with onnxscript
+    onnx = require_extra("onnx", onnx_extra())
+    require_extra("onnxscript", onnx_extra())
+    onnx_ir = require_extra("onnx_ir", onnx_extra())  # installed with onnxscript
     from visreg_hub import __version__
 
     path = Path(path).expanduser()

