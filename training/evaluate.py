@@ -186,7 +186,22 @@ def to_markdown(results: dict) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="registry name, org/repo or a folder written by save_pretrained")
+    parser.add_argument(
+        "model",
+        help="registry name, org/repo or a folder written by save_pretrained; with --suite ood also "
+        "timm:NAME, untrained:NAME, pixels or efficientnet-lite0 (see training/ood.py)",
+    )
+    parser.add_argument(
+        "--suite", choices=("standard", "ood"), default="standard",
+        help="standard: the --data evaluation below; ood: linear probes on the offline OOD datasets",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ood-manifest", default=None, help="OOD split (default training/splits/ood-v1.json)"
+    )
+    parser.add_argument(
+        "--ood-root", help="folder the manifest's paths are relative to (default: sources cache)"
+    )
+    parser.add_argument("--datasets", nargs="+", help="OOD datasets to run (default: all in the manifest)")
     parser.add_argument("--data", choices=("fmnist", "npz", "folder", "filelist"), default="fmnist")
     parser.add_argument("--train", help="training split (folder, file list or .npz); fmnist: the idx folder")
     parser.add_argument("--test", help="test split (folder, file list or .npz)")
@@ -277,11 +292,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        results = evaluate(args)
+        if args.suite == "ood":
+            from training import ood, ood_data
+
+            device = args.device or "cpu"
+            results = ood.run_suite(args.model, args.ood_manifest or ood_data.MANIFEST, args.ood_root,
+                                    args.datasets, batch_size=args.batch_size, device=device)  # fmt: skip
+            results["command"] = " ".join(["training/evaluate.py", *(sys.argv[1:] if argv is None else argv)])
+            table = ood.to_markdown(results)
+        else:
+            results = evaluate(args)
+            table = to_markdown(results)
     except (VisregHubError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    table = to_markdown(results)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

