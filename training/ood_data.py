@@ -292,8 +292,13 @@ def small_enough(path: Path) -> bool:
 def split_items(items: list[Labelled], seed: int) -> list[tuple[Labelled, str]]:
     """Seeded stratified split: per class (>= MIN_CLASS images) at most MAX_PER_CLASS images, 30 % test.
 
-    Images over MAX_PIXELS are left out before the draw."""
-    items = [item for item in items if small_enough(item.path)]
+    Images over MAX_PIXELS are left out before the draw, and so are files reached under two labels
+    (openclipart links one drawing into several category folders: such an image has no single label)."""
+    labels_of: dict[Path, set[str]] = {}
+    for item in items:
+        labels_of.setdefault(item.path.resolve(), set()).add(item.label)
+    single = [Labelled(path, labels.pop()) for path, labels in labels_of.items() if len(labels) == 1]
+    items = [item for item in sorted(single, key=lambda i: str(i.path)) if small_enough(item.path)]
     rng = np.random.default_rng(seed)
     by_class: dict[str, list[Labelled]] = {}
     for item in sorted(items, key=lambda i: str(i.path)):
