@@ -12,13 +12,13 @@ loader (:mod:`training.state_io`) still treats every byte as untrusted. Only fil
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import stat
 from pathlib import Path
 
 from visreg_hub.errors import CheckpointError
+from visreg_hub.hub.format import sha256_file
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "visreg-checkpoint-manifest"
@@ -26,14 +26,6 @@ VERSION = 1
 MAX_MANIFEST_BYTES = 1024 * 1024
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # plain file names: no paths, no dot-files
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(folder: Path) -> dict:
