@@ -78,9 +78,14 @@ def _check_same_features(model, reference, image_size: int):
         torch.testing.assert_close(model(images), reference.forward_head(expected, pre_logits=True))
 
 
+@pytest.fixture(scope="module")
+def vit_b16_depth2():
+    return _official_like("vit_base_patch16_224", depth=2)
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_vit_b16_release_layouts_load_exactly(layout, tmp_path, monkeypatch):
-    reference = _official_like("vit_base_patch16_224", depth=2)
+def test_vit_b16_release_layouts_load_exactly(layout, vit_b16_depth2, tmp_path, monkeypatch):
+    reference = vit_b16_depth2
     pth = tmp_path / "visreg-vit-b-inet1k.pth"
     torch.save(LAYOUTS[layout](reference.state_dict(), 768), pth)
     model = _load_like_from_pretrained("vit-b16-in1k", pth, monkeypatch, depth=2)
@@ -99,10 +104,10 @@ def test_vit_l14_release_loads_exactly(tmp_path, monkeypatch):
     _check_same_features(model, reference, 224)
 
 
-def test_truncated_release_is_refused_strictly(tmp_path, monkeypatch):
+def test_truncated_release_is_refused_strictly(vit_b16_depth2, tmp_path, monkeypatch):
     from visreg_hub.errors import CheckpointError
 
-    state = _official_like("vit_base_patch16_224", depth=2).state_dict()
+    state = dict(vit_b16_depth2.state_dict())
     state.pop("blocks.1.mlp.fc2.weight")
     pth = tmp_path / "visreg-vit-b-inet1k.pth"
     torch.save(state, pth)
