@@ -256,11 +256,15 @@ def list_tuxpaint(root=None) -> list[Item]:
 
 
 def list_openclipart(root=None) -> list[Item]:
-    """Clipart PNGs, label = top-level category; duplicate file names keep their first occurrence."""
+    """Clipart PNGs, label = top-level category; duplicate file names keep their first occurrence.
+
+    The package links about 300 names to shared files (118 of them to one gradient); symlinks are skipped
+    so every image is listed once, under its real file's category.
+    """
     folder = package_dir("openclipart-png", root) / "usr/share/openclipart/png"
     seen, items = set(), []
     for path in sorted(folder.rglob("*.png")):
-        if path.name in seen:
+        if path.name in seen or path.is_symlink():
             continue
         seen.add(path.name)
         items.append(Item(path, path.relative_to(folder).parts[0], "openclipart"))
