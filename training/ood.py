@@ -194,12 +194,24 @@ def combined_table(runs: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "table":
-        print("usage: python -m training.ood table RUN.json ...", file=sys.stderr)
-        return 2
-    runs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in argv[1:]]
-    print(combined_table(runs))
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m training.ood", description="one table of many OOD runs")
+    parser.add_argument("command", choices=["table"])
+    parser.add_argument("runs", nargs="+", type=Path, help="JSON files of evaluate.py --suite ood")
+    parser.add_argument("--update", type=Path, help="markdown file: replace its ood:begin/ood:end block")
+    args = parser.parse_args(argv)
+    runs = [json.loads(p.read_text(encoding="utf-8")) for p in args.runs]
+    table = combined_table(sorted(runs, key=lambda r: -r["average"]))
+    if args.update:
+        text = args.update.read_text(encoding="utf-8")
+        begin, end = "<!-- ood:begin -->", "<!-- ood:end -->"
+        if begin not in text or end not in text:
+            print(f"error: {args.update} has no {begin} ... {end} block", file=sys.stderr)
+            return 2
+        head, rest = text.split(begin, 1)
+        args.update.write_text(f"{head}{begin}\n{table}{end}{rest.split(end, 1)[1]}", encoding="utf-8")
+    print(table)
     return 0
 
 
