@@ -85,8 +85,10 @@ def _header(r: _Reader, dim: int, ntotal: int, metric: str, what: str) -> None:
     d = r.scalar("i", f"{what} dim")
     n = r.scalar("q", f"{what} ntotal")
     r.skip(16, f"{what} header")
-    r.scalar("?", f"{what} is_trained")
+    trained = r.scalar("B", f"{what} is_trained")
     metric_type = r.scalar("i", f"{what} metric")
+    if trained != 1:
+        raise r.fail(f"{what} is not marked trained")
     if (d, n, metric_type) != (dim, ntotal, _METRIC[metric]):
         raise r.fail(
             f"{what} has dim {d}, {n} vectors, metric {metric_type}; "
@@ -144,16 +146,19 @@ def _ivf(r: _Reader, tag: str, dim: int, ntotal: int, metric: str, params: dict[
     if tag == "IwFl":
         code_size = 4 * dim
     elif tag == "IwSq":
-        r.skip(12, "scalar quantizer type")
+        qtype, rangestat = r.scalar("i", "SQ type"), r.scalar("i", "SQ range statistic")
+        r.skip(4, "SQ range argument")
+        if qtype != 0 or not 0 <= rangestat <= 3:  # QT_8bit; RS_minmax .. RS_optim
+            raise r.fail(f"scalar quantizer type {qtype} / range statistic {rangestat} is not SQ8")
         if r.scalar("Q", "SQ dim") != dim or r.scalar("Q", "SQ code size") != dim:
             raise r.fail("scalar quantizer is not 8-bit over the manifest's dim")
-        r.skip(4 * r.length(4, "SQ ranges"), "SQ ranges")
+        r.skip(4 * r.length(4, "SQ ranges", 2 * dim), "SQ ranges")
         code_size = r.scalar("Q", "SQ code size")
-        r.scalar("?", "by_residual")
+        r.scalar("B", "by_residual")
         if code_size != dim:
             raise r.fail(f"SQ8 code size {code_size} != dim {dim}")
     else:
-        r.scalar("?", "by_residual")
+        r.scalar("B", "by_residual")
         code_size = r.scalar("Q", "PQ code size")
         pq = (r.scalar("Q", "PQ dim"), r.scalar("Q", "PQ M"), r.scalar("Q", "PQ nbits"))
         if pq != (dim, params["pq_m"], 8) or code_size != params["pq_m"]:

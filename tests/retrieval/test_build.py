@@ -1,0 +1,123 @@
+"""index build: kind=auto under a memory budget, recall recomputed here, shards -> path/key metadata."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from visreg_hub.cli import main
+from visreg_hub.errors import ConfigError
+from visreg_hub.retrieval import EmbeddingIndex
+from visreg_hub.retrieval.build import build_index, parse_bytes
+
+pytest.importorskip("faiss")
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+
+def clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Unit vectors around 50 random centres (like embeddings of 50 kinds of image)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((50, dim))
+    data = centres[rng.integers(0, 50, n)] + 0.6 * rng.standard_normal((n, dim))
+    return (data / np.linalg.norm(data, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_parquet(path, vectors: np.ndarray, first: int) -> None:
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+    names = [f"/data/img_{first + i}.jpg" for i in range(len(vectors))]
+    pq.write_table(pa.table({"path": names, "key": [None] * len(names), "embedding": column}), path)
+
+
+def exact_recall(vectors: np.ndarray, query_ids: list[int], found: np.ndarray, k: int = 10) -> float:
+    """Independent recall@k in float64: a hit is a non-self id scoring >= the exact k-th non-self score."""
+    data = vectors.astype(np.float64)
+    hits = 0
+    for row, own in zip(found, query_ids, strict=True):
+        scores = data @ data[own]
+        others = np.delete(scores, own)
+        kth = np.sort(others)[::-1][k - 1]
+        got = [i for i in row.tolist() if i != own][:k]
+        hits += sum(scores[i] >= kth - 1e-6 for i in got)
+    return hits / (k * len(query_ids))
+
+
+def test_auto_under_a_small_budget_picks_a_compressed_index_whose_recall_is_as_recorded(tmp_path):
+    vectors = clustered(4_000, 16)
+    write_parquet(tmp_path / "a.parquet", vectors[:2_500], 0)
+    write_parquet(tmp_path / "b.parquet", vectors[2_500:], 2_500)
+    flat_bytes = vectors.nbytes
+    budget = 95_000  # a third of the flat vectors alone: flat, IVF-Flat and IVF-SQ8 do not fit
+    index = build_index([tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "idx", max_memory=budget,
+                        target_recall=0.9, num_queries=300)  # fmt: skip
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    build = manifest["build"]
+    assert manifest["kind"] == "ivfpq" and build["factory"] == manifest["factory"]
+    assert build["factory"].startswith("IVF") and ",PQ8x8" in build["factory"]
+    assert build["estimated_bytes"] <= budget < flat_bytes
+    assert (tmp_path / "idx" / "index.faiss").stat().st_size <= budget  # what FAISS stores is in budget
+    loaded = EmbeddingIndex.load(tmp_path / "idx")
+    assert loaded.nprobe == build["nprobe"] == manifest["params"]["nprobe"]
+    query_ids = build["query_ids"]
+    assert len(query_ids) == 300 and len(set(query_ids)) == 300
+    found = loaded.search(vectors[query_ids], k=11).ids
+    recomputed = exact_recall(vectors, query_ids, found)
+    assert abs(recomputed - build["recall_at_10"]) <= 0.005, (recomputed, build["recall_at_10"])
+    assert build["recall_at_10"] >= 0.9 or loaded.nprobe == loaded.nlist
+    assert 0.5 < recomputed < 1.0  # compressed: good but not exact
+    # metadata comes from the parquet rows, ids are global row numbers
+    assert loaded.get_metadata([3_456]) == [{"path": "/data/img_3456.jpg"}]
+    assert index.count == 4_000
+
+
+def test_without_a_budget_auto_is_exact(tmp_path):
+    vectors = clustered(2_000, 16, seed=1)
+    write_parquet(tmp_path / "a.parquet", vectors, 0)
+    index = build_index([tmp_path / "a.parquet"], tmp_path / "idx", num_queries=50)
+    assert index.kind == "flat" and index.build_info["recall_at_10"] == 1.0
+    found = index.search(vectors[index.build_info["query_ids"]], k=11).ids
+    assert exact_recall(vectors, index.build_info["query_ids"], found) == 1.0
+
+
+def test_budget_errors_and_sizes():
+    assert (
+        parse_bytes("256MB") == 256 * 2**20 and parse_bytes("1.5GiB") == 3 * 2**29 and parse_bytes(10) == 10
+    )
+    for bad in ("lots", "-1GB", "0", "12 parsecs"):
+        with pytest.raises(ConfigError, match="memory size"):
+            parse_bytes(bad)
+
+
+def test_budget_too_small_names_the_smallest_option(tmp_path):
+    write_parquet(tmp_path / "a.parquet", clustered(3_000, 32), 0)
+    with pytest.raises(
+        ConfigError, match=r"no index over 3000 x 32 vectors fits.*ivfpq, pq_m=4.*raise the budget"
+    ):
+        build_index([tmp_path / "a.parquet"], tmp_path / "idx", max_memory="10KB")
+
+
+def test_cli_build_from_embed_shards_returns_path_and_key(tmp_path, capsys):
+    """`embed` a folder and a tar into shards, `index build` the folder, search: hits name their row."""
+    from tests.bulk.helpers import tiles, write_tar, write_tile_folder
+    from tests.fixtures_models import tiny_encoder
+    from visreg_hub.bulk import embed_dataset
+    from visreg_hub.inference import encode
+
+    model = tiny_encoder()
+    files = write_tile_folder(tmp_path / "imgs", 30, nested=False)
+    images = list(tiles(40))[30:]
+    write_tar(tmp_path / "s.tar", images)
+    out = embed_dataset([tmp_path / "imgs", tmp_path / "s.tar"], tmp_path / "emb", model=model, shard_size=16)
+    assert main(["index", "build", str(out), "-o", str(tmp_path / "idx"), "--queries", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "built IDMap2,Flat index (ip) of 40 x 32 vectors" in printed and "recall@10 1.000" in printed
+    index = EmbeddingIndex.load(tmp_path / "idx")
+    queries = encode(model, [files[7], images[3]], convert_to_numpy=True)
+    result = index.search(queries, k=1)
+    assert result.metadata[0][0] == {"path": str(files[7])}
+    assert result.metadata[1][0] == {"path": str(tmp_path / "s.tar"), "key": "sample0003", "cls": "0"}
+    assert main(["index", "inspect", str(tmp_path / "idx"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["kind"], summary["count"], summary["build"]["recall_at_10"]) == ("flat", 40, 1.0)
