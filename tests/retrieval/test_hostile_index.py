@@ -100,10 +100,10 @@ def test_random_bytes_as_index_file(folders, tmp_path, kind):
 
 def test_index_of_another_kind_or_dim_is_refused(folders, tmp_path):
     ivf_bytes = (folders["ivf"] / "index.faiss").read_bytes()
-    with pytest.raises(CheckpointError, match="'IwFl'.*kind 'flat' needs 'IxM2'"):
+    with pytest.raises(CheckpointError, match=r"'IwFl'.*kind 'flat' needs 'IxM2'"):
         EmbeddingIndex.load(copy_with(folders["flat"], tmp_path, files={"index.faiss": ivf_bytes}))
     manifest = json.loads((folders["hnsw"] / "manifest.json").read_text())
-    with pytest.raises(CheckpointError, match="dim 8.*manifest says 9"):
+    with pytest.raises(CheckpointError, match=r"dim 8.*manifest says 9"):
         EmbeddingIndex.load(copy_with(folders["hnsw"], tmp_path, manifest={**manifest, "dim": 9}))
 
 
@@ -135,8 +135,12 @@ def test_wrong_manifest_types_name_the_field(folders, tmp_path, field, value, me
 
 def test_wrong_param_types(folders, tmp_path):
     manifest = json.loads((folders["ivf"] / "manifest.json").read_text())
-    for params, message in (({"nlist": "4"}, r"params\.nlist must be an integer"),
-                            ({"ef_search": 2.5}, r"params\.ef_search"), ({"nprobe": -3}, r"params\.nprobe")):  # fmt: skip
+    cases = [
+        ({"nlist": "4"}, r"params\.nlist must be an integer"),
+        ({"ef_search": 2.5}, r"params\.ef_search"),
+        ({"nprobe": -3}, r"params\.nprobe"),
+    ]
+    for params, message in cases:
         folder = copy_with(
             folders["ivf"], tmp_path, manifest={**manifest, "params": {**manifest["params"], **params}}
         )
@@ -220,8 +224,9 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=10,
 )
-MANIFEST_FIELDS = ["dim", "metric", "kind", "factory", "count", "ntotal", "next_id", "model_name", "pooling",
-                   "normalized", "normalize", "params", "build", "files", "format_version", "format"]  # fmt: skip
+MANIFEST_FIELDS = ["dim", "metric", "kind", "factory", "count", "ntotal", "next_id", "model_name",
+                   "pooling", "normalized", "normalize", "params", "build", "files", "format_version",
+                   "format"]  # fmt: skip
 
 
 def _fuzz_manifest(folders, tmp_path, kind, field, value):
