@@ -5,7 +5,11 @@ Every test runs on the CPU with few threads so the default suite stays under 10 
 
 from __future__ import annotations
 
+import atexit
+import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,15 @@ FIXTURES = Path(__file__).parent / "fixtures"
 # One intra-op thread: tests spawn ranks and workers of their own, and two threads per process on two
 # cores oversubscribe (measured: a resume test 88 s with 2 threads, 5 s with 1 on a busy machine).
 torch.set_num_threads(1)
+
+# from_pretrained's default backend on a CPU is ONNX Runtime ("auto"), which exports each new model once
+# (seconds per tiny model, about a minute for ViT-S/16 on a busy machine). Tests that are not about the
+# backend choice run on torch so the default run stays fast; tests of "auto"/"onnx" ask for them explicitly.
+# Exported graphs go to a throw-away cache, never the user's (~/.cache/visreg_hub). Both reach subprocesses.
+os.environ.setdefault("VISREG_HUB_BACKEND", "torch")
+if "VISREG_HUB_CACHE" not in os.environ:
+    os.environ["VISREG_HUB_CACHE"] = tempfile.mkdtemp(prefix="visreg-hub-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["VISREG_HUB_CACHE"], True)
 
 
 @pytest.fixture(autouse=True)

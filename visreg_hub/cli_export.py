@@ -41,6 +41,17 @@ def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--fp16", action="store_true", help="float16 inside the graph (float32 in/out)")
     parser.add_argument("--optimize", action="store_true", help="ORT attention/LayerNorm/GELU fusions")
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="int8 linear layers for CPUs (dynamic, or static with calibration)",
+    )
+    parser.add_argument(
+        "--calibration-images",
+        nargs="+",
+        metavar="PATH",
+        help="with --int8: image files or folders (up to 256 images) for static quantisation",
+    )
     parser.add_argument("--patch-tokens", action="store_true", help="add the (B,h,w,D) patch_tokens output")
     parser.add_argument(
         "--with-preprocessing",
@@ -88,6 +99,8 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
             image_layout=args.image_layout,
             patch_tokens=args.patch_tokens,
             optimize=args.optimize,
+            int8=args.int8,
+            calibration_images=args.calibration_images,
             validation_batch_sizes=args.validation_batch_sizes,
             validation_providers=args.provider,
         )

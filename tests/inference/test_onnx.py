@@ -310,7 +310,7 @@ def test_encode_backend_onnx_fp16_fused(model, photo_paths):
     assert cosine(ours, model.encode(photo_paths)).min() >= 0.999
     (_fingerprint, embedder), *_ = backends._ONNX_BACKENDS[model].values()
     assert encode_onnx(model, photo_paths[:1], dtype="fp16", optimize=True).shape == (1, 32)
-    cached = backends._ONNX_BACKENDS[model][("cls", True, True, None, 0)][1]
+    cached = backends._ONNX_BACKENDS[model][("cls", "fp16", True, None, 0)][1]
     assert cached is embedder  # cached, not re-exported
     meta = embedder.metadata
     assert meta.precision == "fp16" and meta.fusions.get("sdpa_via_mha") == 2  # one attention per block

@@ -1,8 +1,6 @@
-"""The one embedding pipeline: the batch entry points a server calls, and backends chosen at load time."""
+"""The one embedding pipeline: the batch entry points a server's dynamic batcher calls."""
 
 from __future__ import annotations
-
-import logging
 
 import pytest
 import timm.data
@@ -10,9 +8,7 @@ import torch
 
 from tests.fixtures_models import tiny_encoder
 from tests.inference import malformed
-from visreg_hub.hub import from_pretrained
-from visreg_hub.inference import EmbeddingPipeline, TorchBackend, backend_for, encode
-from visreg_hub.inference.backends import BackendSpec
+from visreg_hub.inference import EmbeddingPipeline, TorchBackend, encode
 
 
 @pytest.fixture(scope="module")
@@ -58,20 +54,29 @@ def test_embed_batch_of_only_bad_items_returns_an_empty_batch(model):
     assert out.embeddings.shape == (0, 32) and out.indices == [] and [f.index for f in out.failures] == [0, 1]
 
 
-def test_from_pretrained_records_the_backend_and_encode_uses_it(model, tmp_path, photo_paths, caplog):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    model.save_pretrained(tmp_path / "tiny")
-    with caplog.at_level(logging.INFO, logger="visreg_hub.inference.backends"):
-        loaded = from_pretrained(tmp_path / "tiny", backend="onnx")
-    assert loaded.backend == "onnx" and "uses the onnx backend" in caplog.text
-    assert backend_for(loaded).name == "onnx"
-    reference = timm_reference(model, [malformed.photo_rgb(p) for p in photo_paths])
-    torch.testing.assert_close(loaded.encode(photo_paths), reference, atol=1e-4, rtol=0)
-    assert from_pretrained(tmp_path / "tiny").backend == "torch"
-    assert tiny_encoder().backend == "torch"  # a model built in code runs on torch
-    with pytest.raises(ValueError, match="backend must be one of"):
-        from_pretrained(tmp_path / "tiny", backend="tensorrt")
-    with pytest.raises(ValueError, match="pass backend='onnx' with them"):
-        from_pretrained(tmp_path / "tiny", precision="fp16")
-    assert BackendSpec().backend == "torch"
+def test_prefetch_keeps_order_raises_producer_errors_and_stops_when_left():
+    from visreg_hub.inference.pipeline import prefetched
+
+    assert list(prefetched(iter(range(50)))) == list(range(50))
+
+    def broken():
+        yield from range(3)
+        raise OSError("disk gone")
+
+    seen = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in prefetched(broken()):
+            seen.append(item)
+    assert seen == [0, 1, 2]
+
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    for item in prefetched(endless(), depth=2):
+        if item == 1:
+            break
+    assert len(produced) <= 5  # two consumed, at most depth queued and one in the producer's hand

@@ -289,7 +289,7 @@ def from_pretrained(
     token: str | bool | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-    backend: str = "torch",
+    backend: str | None = None,
     provider: str | None = None,
     precision: str = "fp32",
     limits: ModelLimits | None = None,
@@ -304,12 +304,15 @@ def from_pretrained(
         token: Hub token (default: ``HF_TOKEN`` or the stored login).
         device: where to put the model.
         dtype: floating dtype of the parameters (e.g. ``torch.bfloat16``).
-        backend: what ``model.encode()`` runs on: ``"torch"`` (the model itself) or ``"onnx"`` (the
-            model exported once and run by ONNX Runtime; ``pip install 'visreg_hub[onnx-cpu]'``).
-            ``model.backend`` says which (see :mod:`visreg_hub.inference.backends`).
+        backend: what ``model.encode()`` runs on: ``"auto"`` (ONNX Runtime on the CPU when
+            ``visreg_hub[onnx-cpu]`` is installed, else torch; torch on GPUs), ``"torch"`` (the model itself)
+            or ``"onnx"`` (the model exported once, cached on disk, run by ONNX Runtime). None:
+            ``$VISREG_HUB_BACKEND`` if set, else ``"auto"``. ``model.backend`` says which is used, and the
+            choice is logged (see :mod:`visreg_hub.inference.backends`).
         provider: ONNX Runtime provider for ``backend="onnx"`` (``"cpu"``, ``"cuda"``, ``"tensorrt"``;
             None: from ``device``, else the best available).
-        precision: ONNX graph precision for ``backend="onnx"``: ``"fp32"`` or ``"fp16"`` (GPU providers).
+        precision: ONNX graph precision: ``"fp32"``, ``"fp16"`` (GPU providers) or ``"int8"`` (CPUs:
+            dynamic int8 linear layers, about 2x fp32; see docs/inference.md). Implies ``backend="onnx"``.
         limits: budget checked before anything is built (default ``ModelLimits()``: at most 3 B
             parameters and 8 GiB of float32 activations per image); e.g.
             ``ModelLimits(max_params=None)`` to load a larger model you trust.
@@ -322,8 +325,12 @@ def from_pretrained(
         ConfigError: unknown (non-ViT) architecture, or a model over ``limits``.
         DeviceError: ``device`` is malformed or absent on this machine (e.g. ``cuda`` without a GPU).
     """
-    from visreg_hub.inference.backends import make_spec, set_backend
+    from visreg_hub.inference.backends import default_backend, make_spec, set_backend
 
+    if backend is None:  # a provider or a precision only means something to ONNX Runtime
+        backend = (
+            "onnx" if provider is not None or precision not in ("fp32", "float32") else default_backend()
+        )
     make_spec(backend, provider, precision)  # a bad backend argument fails before any download
     resolve_device(device)  # a bad device is one clear error before any download or build
     source = resolve(name_or_path, revision=revision)

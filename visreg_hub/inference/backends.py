@@ -17,7 +17,9 @@ pooled but not L2-normalised).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
+import os
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -179,10 +181,12 @@ class BackendSpec:
     """What ``from_pretrained(..., backend=, provider=, precision=)`` asked for; stored on the model.
 
     Attributes:
-        backend: ``"torch"`` or ``"onnx"``.
+        backend: ``"auto"`` (ONNX Runtime on the CPU when it is installed, torch on GPUs), ``"torch"``
+            or ``"onnx"``.
         provider: ONNX Runtime provider (``"cpu"``, ``"cuda"``, ``"tensorrt"`` or a full name); None: from
             the model's device. Only for the ONNX backend.
-        precision: ``"fp32"`` or ``"fp16"`` (ONNX graph precision). Only for the ONNX backend.
+        precision: ONNX graph precision: ``"fp32"``, ``"fp16"`` (GPU providers) or ``"int8"`` (dynamic
+            int8 quantisation of the linear layers, for CPUs). Only for the ONNX backend.
     """
 
     backend: str = "torch"
@@ -190,13 +194,18 @@ class BackendSpec:
     precision: str = "fp32"
 
 
-PRECISIONS = ("fp32", "fp16")
+REQUESTS = ("auto", *BACKENDS)
+PRECISIONS = ("fp32", "fp16", "int8")
+ENV_BACKEND = "VISREG_HUB_BACKEND"
 
 
-def make_spec(backend: str = "torch", provider: str | None = None, precision: str = "fp32") -> BackendSpec:
-    """Check and normalise ``from_pretrained``'s backend arguments (a ValueError names the bad one)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def make_spec(backend: str = "auto", provider: str | None = None, precision: str = "fp32") -> BackendSpec:
+    """Check and normalise ``from_pretrained``'s backend arguments (a ValueError names the bad one).
+
+    ``"auto"`` with a ``provider`` or a non-fp32 ``precision`` means ``"onnx"`` (only ONNX takes them).
+    """
+    if backend not in REQUESTS:
+        raise ValueError(f"backend must be one of {REQUESTS}, got {backend!r}")
     aliases = {"float32": "fp32", "float16": "fp16"}
     precision = aliases.get(precision, precision)
     if precision not in PRECISIONS:
@@ -206,22 +215,59 @@ def make_spec(backend: str = "torch", provider: str | None = None, precision: st
             "provider= and precision= choose the ONNX Runtime graph; pass backend='onnx' with them "
             "(for torch use device= and dtype=)"
         )
+    if backend == "auto" and (provider is not None or precision != "fp32"):
+        backend = "onnx"
     return BackendSpec(backend, provider, precision)
 
 
+def default_backend() -> str:
+    """``$VISREG_HUB_BACKEND`` (``auto``, ``torch`` or ``onnx``) when set, else ``"auto"``."""
+    value = os.environ.get(ENV_BACKEND, "").strip().lower() or "auto"
+    if value not in REQUESTS:
+        raise ValueError(f"{ENV_BACKEND}={value!r} is not one of {REQUESTS}; unset it or fix it")
+    return value
+
+
+def onnx_available() -> bool:
+    """ONNX Runtime and the exporter's packages are importable (``pip install 'visreg_hub[onnx-cpu]'``)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx", "onnxscript"))
+
+
+def resolve_backend(model: nn.Module, spec: BackendSpec, device: str | torch.device | None = None) -> str:
+    """``"torch"`` or ``"onnx"``: what ``spec`` means for ``model`` on ``device`` (None: its parameters')."""
+    if spec.backend != "auto":
+        return spec.backend
+    parameter = next(model.parameters())
+    target = torch.device(device) if device is not None else parameter.device
+    if parameter.dtype != torch.float32:  # the exporter needs float32 weights; bf16/fp16 models stay on torch
+        return "torch"
+    # why: on the CPU ONNX Runtime is 1.7x (batch 32) to 2.6x (batch 1) torch eager for ViT-S/16; on GPUs
+    # torch (bf16, IOBinding-free) is faster than ORT's CUDA provider (docs/benchmarks.md)
+    return "onnx" if target.type == "cpu" and onnx_available() else "torch"
+
+
 def set_backend(
-    model: nn.Module, backend: str = "torch", provider: str | None = None, precision: str = "fp32"
+    model: nn.Module, backend: str = "auto", provider: str | None = None, precision: str = "fp32"
 ):
-    """Record which backend ``encode()`` uses for ``model`` (what ``from_pretrained(backend=...)`` does)."""
+    """Record which backend ``encode()`` uses for ``model`` (what ``from_pretrained(backend=...)`` does).
+
+    The choice is logged (INFO) and readable as ``model.backend``. Nothing is exported here: the ONNX
+    graph is exported (or read from the on-disk cache) the first time the model embeds.
+    """
     spec = make_spec(backend, provider, precision)
     model.backend_spec = spec
     name = getattr(model.config, "name", None) or "model"
-    logger.info("%s: encode() uses the %s backend", name, spec.backend)
+    chosen = resolve_backend(model, spec)
+    why = (
+        f" (backend={spec.backend!r} on {next(model.parameters()).device})" if spec.backend == "auto" else ""
+    )
+    extra = f", precision {spec.precision}" if chosen == "onnx" else ""
+    logger.info("%s: encode() uses the %s backend%s%s", name, chosen, extra, why)
     return model
 
 
 def spec_of(model: nn.Module) -> BackendSpec:
-    """The model's :class:`BackendSpec` (torch when none was recorded)."""
+    """The model's :class:`BackendSpec` (torch when none was recorded, e.g. a model built in code)."""
     spec = getattr(model, "backend_spec", None)
     return spec if isinstance(spec, BackendSpec) else BackendSpec()
 
@@ -246,10 +292,14 @@ def backend_for(
 
     Returns:
         A :class:`TorchBackend`, or an ONNX Runtime backend (exported once per model, pooling, precision
-        and provider, kept for the model's lifetime and redone when its weights change).
+        and provider, kept in memory for the model's lifetime and on disk across processes; redone when
+        the weights change).
     """
     spec = spec or spec_of(model)
-    if spec.backend == "torch":
+    resolved_dtype = resolve_dtype(dtype)
+    if spec.backend == "auto" and resolved_dtype in (torch.float16, torch.bfloat16):
+        spec = BackendSpec("torch")  # autocast dtypes are a torch feature; auto never refuses them
+    if resolve_backend(model, spec, device) == "torch":
         return TorchBackend(model, pooling=pooling, device=device, dtype=dtype)
     from visreg_hub.inference.onnx.backend import onnx_backend_for
 

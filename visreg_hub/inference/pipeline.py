@@ -16,10 +16,13 @@ Two entry points:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import queue
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -87,6 +90,49 @@ def check_run_args(batch_size: Any, num_workers: Any, on_error: Any) -> None:
         raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+
+
+def prefetched(batches: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """Iterate ``batches`` in a background thread, up to ``depth`` items ahead, in order.
+
+    The producer's exceptions are raised here; leaving the loop early (an exception in the consumer)
+    stops the producer within one item.
+    """
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        items.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put((done, None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            items.put((done, exc))
+
+    thread = threading.Thread(target=produce, name="visreg-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = items.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                items.get(timeout=0.05)
+        thread.join()
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -203,6 +249,7 @@ class EmbeddingPipeline:
         on_error: str = "raise",
         show_progress_bar: bool | None = None,
         desc: str = "encode",
+        prefetch: bool = True,
     ) -> tuple[torch.Tensor, list[EncodeFailure]]:
         """Embed any number of inputs in order (the body of ``encode()``).
 
@@ -213,6 +260,7 @@ class EmbeddingPipeline:
             on_error: ``"raise"``: :class:`ImageDecodeError` at the first bad item; ``"skip"``: collect.
             show_progress_bar: None shows it only when stderr is a terminal.
             desc: progress bar label.
+            prefetch: with ``num_workers=0``, decode the next batch in a thread while this one runs.
 
         Returns:
             ((N_good, *output_shape) float32 CPU tensor, failures in input order).
@@ -245,7 +293,9 @@ class EmbeddingPipeline:
             backend.session(),
             tqdm(total=len(sources), desc=desc, unit="img", disable=not show_progress_bar) as progress,
         ):
-            for batch in loader:
+            # why: with num_workers=0 a thread decodes the next batch while this one runs; PIL's decode and
+            # resize and the backends' forward release the GIL, so the two overlap where a core is free
+            for batch in prefetched(loader) if num_workers == 0 and prefetch else loader:
                 if batch.failures and on_error == "raise":
                     index, reason = batch.failures[0]
                     raise ImageDecodeError(

@@ -238,10 +238,10 @@ class VISRegEncoder(nn.Module):
     # Imports are local so that visreg_hub.models never imports hub/inference at import time.
     @property
     def backend(self) -> str:
-        """What :meth:`encode` runs on: ``"torch"`` or ``"onnx"`` (``from_pretrained(backend=...)``)."""
-        from visreg_hub.inference.backends import spec_of
+        """What :meth:`encode` runs on now: ``"torch"`` or ``"onnx"`` (``from_pretrained(backend=...)``)."""
+        from visreg_hub.inference.backends import resolve_backend, spec_of
 
-        return spec_of(self).backend
+        return resolve_backend(self, spec_of(self))
 
     def encode(self, images, **kwargs):
         """Embed paths, PIL images, arrays or tensors; see :func:`visreg_hub.inference.embedder.encode`.

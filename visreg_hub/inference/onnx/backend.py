@@ -4,13 +4,14 @@
 the :class:`~visreg_hub.inference.backends.Backend` interface. :func:`onnx_backend_for` is what
 :func:`visreg_hub.inference.backends.backend_for` calls for a model whose backend is ``"onnx"``: it
 exports the model once per (pooling, precision, optimisation, provider, device) and keeps the export for
-the model's lifetime, redoing it when the weights change.
+the model's lifetime (and on disk across processes, :mod:`.cache`), redoing it when the weights change.
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,9 @@ from torch import nn
 
 from visreg_hub.inference.backends import Backend, BackendSpec, resolve_dtype
 from visreg_hub.inference.images import DEFAULT_MAX_PIXELS
+from visreg_hub.inference.onnx.cache import cached_export
 from visreg_hub.inference.onnx.embedder import OnnxEmbedder
+from visreg_hub.inference.onnx.export import export_onnx
 from visreg_hub.inference.onnx.runtime import CPU
 from visreg_hub.inference.pipeline import EmbeddingPipeline, EncodeResult
 
@@ -66,6 +69,38 @@ def _providers_for(spec: BackendSpec, device: str | torch.device | None) -> tupl
     return ("cuda" if target.type == "cuda" else CPU), target.index or 0
 
 
+def export_cached(
+    model: nn.Module,
+    *,
+    pooling: str,
+    precision: str = "fp32",
+    optimize: bool = False,
+    providers: str | list[str] | None = None,
+) -> Path:
+    """Path of ``model``'s exported, validated graph in the on-disk cache (exported on a miss).
+
+    Args:
+        model: a float32 :class:`~visreg_hub.models.VISRegEncoder`.
+        pooling: feature tap of the graph's ``embedding``.
+        precision: ``"fp32"``, ``"fp16"`` or ``"int8"`` (dynamic int8 quantisation of the linear layers).
+        optimize: ONNX Runtime fusions.
+        providers: providers of the validation against PyTorch.
+    """
+    options = {"pooling": pooling, "precision": precision, "optimize": bool(optimize)}
+
+    def export(path: Path) -> None:
+        logger.info(
+            "exporting %s to ONNX (pooling=%s, precision=%s); once per weights and options, then cached",
+            model.config.name or "the model", pooling, precision,
+        )  # fmt: skip
+        export_onnx(
+            model, path, pooling=pooling, fp16=precision == "fp16", int8=precision == "int8",
+            optimize=optimize, validation_providers=providers,
+        )  # fmt: skip
+
+    return cached_export(model, options, export)
+
+
 def onnx_backend_for(
     model: nn.Module,
     spec: BackendSpec,
@@ -76,7 +111,7 @@ def onnx_backend_for(
     optimize: bool = False,
     cache: weakref.WeakKeyDictionary,
 ) -> OnnxBackend:
-    """The ONNX backend of ``model`` for one call's arguments (exported on first use, then reused).
+    """The ONNX backend of ``model`` for one call's arguments (exported or read from disk on first use).
 
     Args:
         model: a float32 :class:`~visreg_hub.models.VISRegEncoder`.
@@ -94,22 +129,18 @@ def onnx_backend_for(
         raise ValueError(
             "dtype=bfloat16 is not supported by the ONNX backend; use dtype='fp16' or backend='torch'"
         )
-    fp16 = spec.precision == "fp16" if resolved is None else resolved == torch.float16
+    precision = spec.precision if resolved is None else "fp16" if resolved == torch.float16 else "fp32"
     providers, device_id = _providers_for(spec, device)
-    key = (pooling, fp16, optimize, providers, device_id)
+    key = (pooling, precision, optimize, providers, device_id)
     entries = cache.setdefault(model, {})
     fingerprint = weights_fingerprint(model)
     entry = entries.get(key)
     if entry is None or entry[0] != fingerprint:
-        logger.info(
-            "exporting %s to ONNX for the onnx backend (pooling=%s, fp16=%s)",
-            model.config.name,
-            pooling,
-            fp16,
+        path = export_cached(
+            model, pooling=pooling, precision=precision, optimize=optimize, providers=providers
         )
-        embedder = OnnxEmbedder.from_model(
-            model, providers=providers, device_id=device_id, pooling=pooling, fp16=fp16, optimize=optimize
-        )
+        embedder = OnnxEmbedder(path, providers=providers, device_id=device_id)
+        logger.info("%s runs on ONNX Runtime: %s", model.config.name or "the model", embedder)
         entries[key] = entry = (fingerprint, embedder)
     return OnnxBackend(entry[1])
 

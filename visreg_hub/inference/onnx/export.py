@@ -45,9 +45,11 @@ at some exact ties), crop_mode ``border``, 1-channel models. Decoding (EXIF rota
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,6 +68,7 @@ from visreg_hub.inference.onnx.graph import (
     fuse_for_ort,
     save_model,
 )
+from visreg_hub.inference.onnx.quantize import calibration_inputs, quantize_int8
 from visreg_hub.inference.onnx.runtime import OnnxMetadata, onnx_extra
 from visreg_hub.inference.onnx.validate import (
     DEFAULT_BATCH_SIZES,
@@ -74,6 +77,10 @@ from visreg_hub.inference.onnx.validate import (
 )
 
 logger = logging.getLogger(__name__)
+
+# why: int8 linear layers move a random-input ViT embedding by a few degrees at most; below this the
+# quantisation went wrong (measured on ViT-S/16 and the tiny test model: docs/benchmarks.md)
+INT8_MIN_COSINE = 0.98
 
 
 def export_onnx(
@@ -90,6 +97,8 @@ def export_onnx(
     image_layout: str = "NHWC",
     patch_tokens: bool = False,
     optimize: bool = False,
+    int8: bool = False,
+    calibration_images: Any = None,
     validation_batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
     validation_providers: str | list[str] | None = None,
 ) -> ValidationReport:
@@ -114,6 +123,12 @@ def export_onnx(
         patch_tokens: add the (B, h, w, D) ``patch_tokens`` output.
         optimize: fuse attention / LayerNorm / GELU into ONNX Runtime contrib ops (the file then runs on
             ONNX Runtime only).
+        int8: quantise the linear layers to int8 for CPUs (:mod:`~visreg_hub.inference.onnx.quantize`):
+            the fp32 graph is exported and validated first, then quantised and checked against PyTorch
+            by cosine (>= ``INT8_MIN_COSINE``).
+        calibration_images: with ``int8``, real images (anything ``encode()`` takes: paths, folders, PIL
+            images, ...; at most 256 are used) for static quantisation; None: dynamic quantisation (no
+            calibration needed).
         validation_batch_sizes: batch sizes of the check against PyTorch.
         validation_providers: providers of that check (None: best available). Validate fp16 graphs on
             the GPU provider they are meant for.
@@ -161,6 +176,13 @@ def export_onnx(
         spec = PreprocessingSpec.from_data_config(config.data_config, size, image_layout)
     elif image_size is not None:
         raise ValueError("image_size only applies with with_preprocessing=True (the fixed uint8 input size)")
+    if int8 and (fp16 or optimize or with_preprocessing or patch_tokens):
+        raise ValueError(
+            "int8=True quantises the plain fp32 graph; "
+            "drop fp16, optimize, with_preprocessing and patch_tokens"
+        )
+    if calibration_images is not None and not int8:
+        raise ValueError("calibration_images only applies with int8=True (static quantisation)")
 
     started = time.perf_counter()
     with inference_state(model, model.device):
@@ -195,6 +217,29 @@ def export_onnx(
     proto.doc_string = f"visreg_hub {config.name or config.architecture} image encoder ({pooling} pooling)"
     save_model(proto, path)
     logger.info("exported %s in %.1f s; validating against PyTorch", path, time.perf_counter() - started)
-    return validate_onnx(
+    report = validate_onnx(
         model, path, batch_sizes=tuple(validation_batch_sizes), providers=validation_providers
     )
+    if not int8:
+        return report
+    scratch = path.with_name(path.stem + ".int8-tmp.onnx")
+    try:
+        calibration = None
+        if calibration_images is not None:
+            calibration = calibration_inputs(config.data_config, calibration_images)
+        method = quantize_int8(path, scratch, input_name=meta.input_name, calibration=calibration)
+        quantized = onnx.load(str(scratch))
+    finally:
+        scratch.unlink(missing_ok=True)
+    meta = dataclasses.replace(meta, precision="int8", quantization=method)
+    kept = [prop for prop in quantized.metadata_props if not prop.key.startswith("visreg_hub.")]
+    del quantized.metadata_props[:]
+    quantized.metadata_props.extend(kept)
+    for key, value in meta.to_props().items():
+        quantized.metadata_props.add(key=key, value=value)
+    save_model(quantized, path)
+    logger.info("quantised %s to int8 (%s); checking it against PyTorch", path, method)
+    return validate_onnx(
+        model, path, batch_sizes=tuple(validation_batch_sizes), providers=validation_providers,
+        min_cosine=INT8_MIN_COSINE,
+    )  # fmt: skip

@@ -48,7 +48,7 @@ class OnnxMetadata:
         pooling: feature tap of the ``embedding`` output.
         embedding_dim: E, the width of ``embedding``.
         outputs: graph outputs, ``("embedding",)`` or ``("embedding", "patch_tokens")``.
-        precision: ``"fp32"`` or ``"fp16"`` (inputs and outputs are float32 either way).
+        precision: ``"fp32"``, ``"fp16"`` or ``"int8"`` (inputs and outputs are float32 whatever it is).
         input_name: ``"pixel_values"`` (normalised float32 (B, C, H, W)) or ``"images"`` (uint8).
         input_layout: ``"NCHW"`` or ``"NHWC"``.
         image_size: (H, W) of the input: the model size, or the fixed uint8 size with preprocessing.
@@ -58,6 +58,7 @@ class OnnxMetadata:
         fusions: ONNX Runtime fusions applied at export (name -> count); empty when not optimised.
         opset: ONNX opset of the default domain.
         library_version: visreg_hub version that wrote the file.
+        quantization: how an int8 graph was quantised (``"dynamic"``, ``"static, N calibration images"``).
         format_version: version of this metadata layout.
     """
 
@@ -77,6 +78,7 @@ class OnnxMetadata:
     fusions: dict[str, int] = field(default_factory=dict)
     opset: int = 18
     library_version: str = ""
+    quantization: str = ""
     format_version: int = FORMAT_VERSION
 
     @property
@@ -127,7 +129,16 @@ class OnnxMetadata:
 
 
 _STRING_FIELDS = frozenset(
-    {"model_name", "pooling", "precision", "input_name", "input_layout", "preprocessing", "library_version"}
+    {
+        "model_name",
+        "pooling",
+        "precision",
+        "input_name",
+        "input_layout",
+        "preprocessing",
+        "library_version",
+        "quantization",
+    }
 )
 
 

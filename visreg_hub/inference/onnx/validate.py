@@ -211,7 +211,7 @@ def validate_onnx(
     require_extra("onnxruntime", onnx_extra())
     meta = read_onnx_metadata(path)
     info = create_session(path, providers=providers, fp16=meta.precision == "fp16")
-    session, fp16 = info.session, meta.precision == "fp16"
+    session, fp16 = info.session, meta.precision in ("fp16", "int8")  # both judged by cosine
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     config = model.config

@@ -1,0 +1,211 @@
+"""int8 ONNX Runtime graphs against ORT fp32 on the CPU: throughput and retrieval recall, same run.
+
+Rows, per model and batch size (the same preprocessed real images for every row; model only):
+
+* ``ORT fp32`` (the peer; ratios are to it): ``export_onnx(model, path)``, run by ``OnnxEmbedder``'s session.
+* ``ORT int8 dynamic``: ``export_onnx(..., int8=True)``: int8 weights of every linear layer (per output
+  channel), activations quantised per batch at run time. What ``from_pretrained(..., precision="int8")`` uses.
+* ``ORT int8 static``: ``export_onnx(..., int8=True, calibration_images=...)``: QDQ graph, activation ranges
+  from calibration photos that are not in the evaluation set.
+
+Quality: every evaluation image is embedded (L2-normalised) by the fp32 graph and by each int8 graph;
+recall@10 is the mean over queries of |top-10 neighbours by int8 embeddings & top-10 by fp32| / 10 (the
+query itself excluded), plus the smallest cosine between an image's int8 and fp32 embeddings.
+
+Models: ``vit-s16`` (timm ViT-S/16 at 224 px, random weights: REFERENCE.md's CPU anchor size) on the bundled
+photo gallery (demo/assets/photo-gallery, 333 real photos and clip art; 64 for calibration, the rest
+evaluated), and ``bundled`` (vit-mini-p7-fmnist, trained) on the 700 real Fashion-MNIST fixture images.
+
+Usage::
+
+    .venv/bin/python benchmarks/int8.py                     # print the table
+    .venv/bin/python benchmarks/int8.py --append-doc        # also write its section of docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.onnx import device_description, versions  # noqa: E402
+from visreg_hub.hub import from_pretrained  # noqa: E402
+from visreg_hub.inference.images import list_image_files  # noqa: E402
+from visreg_hub.inference.onnx import OnnxEmbedder, export_onnx  # noqa: E402
+from visreg_hub.inference.onnx.quantize import calibration_inputs  # noqa: E402
+from visreg_hub.models import ModelConfig, VISRegEncoder  # noqa: E402
+
+DOC = ROOT / "docs" / "benchmarks.md"
+GALLERY = ROOT / "demo" / "assets" / "photo-gallery"
+FIXTURES = ROOT / "tests" / "fixtures"
+PEER = "ORT fp32"
+
+
+def model_and_images(size: str) -> tuple[torch.nn.Module, list, list, str]:
+    """(model, calibration images, evaluation images, description of the images)."""
+    if size == "bundled":
+        model = from_pretrained("vit-mini-p7-fmnist", backend="torch")
+        images = []
+        for name in ("fmnist_train_500.npz", "fmnist_test_200.npz"):
+            with np.load(FIXTURES / name) as data:
+                images += list(data["images"])
+        return model, images[:64], images[64:], "700 real Fashion-MNIST fixture images (64 calibrate)"
+    torch.manual_seed(0)
+    model = VISRegEncoder(ModelConfig.from_name(size)).eval()
+    files = list_image_files(GALLERY)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(files))
+    calibration = [files[i] for i in order[:64]]
+    evaluation = [files[i] for i in sorted(order[64:])]
+    return model, calibration, evaluation, f"{len(files)} photos of demo/assets/photo-gallery (64 calibrate)"
+
+
+def recall_at_k(reference: np.ndarray, other: np.ndarray, k: int = 10) -> float:
+    """Mean over queries of the overlap of the k nearest neighbours (cosine, query excluded)."""
+
+    def neighbours(embeddings: np.ndarray) -> np.ndarray:
+        scores = embeddings.astype(np.float64) @ embeddings.astype(np.float64).T
+        np.fill_diagonal(scores, -np.inf)
+        return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+    ours, ref = neighbours(other), neighbours(reference)
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ours, ref, strict=True)]))
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def measure(args) -> tuple[list, list]:
+    rows, notes = [], []
+    threads = torch.get_num_threads()
+    for size in args.sizes:
+        model, calibration, evaluation, described = model_and_images(size)
+        inputs = calibration_inputs(model.data_config, evaluation, limit=len(evaluation))
+        with tempfile.TemporaryDirectory(prefix="visreg-int8-bench-") as folder:
+            variants = {
+                PEER: {},
+                "ORT int8 dynamic": {"int8": True},
+                "ORT int8 static": {"int8": True, "calibration_images": calibration},
+            }
+            sessions, embeddings = {}, {}
+            for name, kwargs in variants.items():
+                path = Path(folder) / f"{name.replace(' ', '-')}.onnx"
+                start = time.perf_counter()
+                report = export_onnx(model, path, validation_batch_sizes=(1, 3), **kwargs)
+                sessions[name] = OnnxEmbedder(path, providers="cpu", intra_op_num_threads=threads)
+                embeddings[name] = unit(
+                    np.concatenate(
+                        [sessions[name].run(inputs[i : i + 64])[0] for i in range(0, len(inputs), 64)]
+                    )
+                )
+                notes.append(
+                    f"{size} {name}: export + validation {time.perf_counter() - start:.0f} s, "
+                    f"min cosine vs torch fp32 on random inputs {report.min_cosine:.4f}, "
+                    f"file {path.stat().st_size / 2**20:.1f} MiB"
+                )
+            quality = {
+                name: (recall_at_k(embeddings[PEER], embeddings[name]),
+                       float((embeddings[PEER] * embeddings[name]).sum(1).min()))
+                for name in variants
+            }  # fmt: skip
+            for batch in args.batch_sizes:
+                feed = np.ascontiguousarray(np.resize(inputs, (batch, *inputs.shape[1:])))
+                runners = {name: (lambda s=s, f=feed: s.run(f)) for name, s in sessions.items()}
+                for run in runners.values():
+                    run()
+                times = {name: [] for name in runners}
+                for _ in range(args.repeats):
+                    for name, run in runners.items():
+                        start = time.perf_counter()
+                        run()
+                        times[name].append(time.perf_counter() - start)
+                for name, values in times.items():
+                    rows.append((size, described, batch, name, statistics.median(values), *quality[name]))
+                print(f"{size} batch {batch}: done", file=sys.stderr)
+    return rows, notes
+
+
+def render(args, rows, notes, load_start: float, command: str) -> str:
+    peer = {(r[0], r[2]): r[4] for r in rows if r[3] == PEER}
+    table = [
+        "| model | batch | runtime | ms per batch (median) | images/s | ratio to ORT fp32 "
+        "| recall@10 vs fp32 | min cosine vs fp32 |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for size, _, batch, name, seconds, recall, cosine in rows:
+        table.append(
+            f"| {size} | {batch} | {name} | {1e3 * seconds:,.1f} | {batch / seconds:,.1f} | "
+            f"{peer[(size, batch)] / seconds:.2f}x | {recall:.3f} | {cosine:.4f} |"
+        )
+    images = sorted({(r[0], r[1]) for r in rows})
+    lines = [
+        "## int8 ONNX Runtime vs ORT fp32 (cpu)",
+        "",
+        f"- Date: {dt.date.today().isoformat()}",
+        f"- Device: {device_description(torch.device('cpu'))}",
+        f"- Versions: {versions()}",
+        f"- Command: `{command}`",
+        f"- Load average (1 min) at start / end: {load_start:.1f} / {os.getloadavg()[0]:.1f} "
+        "(other jobs on the machine; interleaved rounds keep the ratios fair)",
+        f"- Images: {'; '.join(f'{size}: {text}' for size, text in images)}. Model only (preprocessed "
+        f"images, no decoding); 1 warm-up call, median of {args.repeats} interleaved rounds.",
+        "- Goal (issue 14): int8 >= 1.8x ORT fp32 with recall@10 >= 0.98 against the fp32 embeddings.",
+        "",
+        *table,
+        "",
+        *(f"- {note}" for note in notes),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--sizes", default="vit-s16,bundled", help="comma-separated: named sizes or 'bundled'"
+    )
+    parser.add_argument("--batch-sizes", default="1,32")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="ORT intra-op threads (default: usable cores)")
+    parser.add_argument("--append-doc", action="store_true", help=f"write the section into {DOC}")
+    args = parser.parse_args()
+    args.sizes = args.sizes.split(",")
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    load_start = os.getloadavg()[0]
+    command = "python benchmarks/int8.py " + shlex.join(sys.argv[1:])
+    rows, notes = measure(args)
+    text = render(args, rows, notes, load_start, command.strip())
+    print(text)
+    if args.append_doc:
+        write_section(DOC, text)
+
+
+def write_section(path: Path, text: str) -> None:
+    """Insert or replace this script's section; other sections are left alone."""
+    start, end = "<!-- benchmarks/int8.py:cpu:start -->", "<!-- benchmarks/int8.py:cpu:end -->"
+    block = f"{start}\n{text.rstrip()}\n{end}\n"
+    current = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start in current and end in current:
+        head, rest = current.split(start, 1)
+        current = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        current = current.rstrip("\n") + "\n\n" + block
+    path.write_text(current)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Backends chosen at load time: "auto" is ONNX Runtime on the CPU, exports are cached on disk and verified,
+int8 graphs; each checked against the PyTorch model on real photos.
+
+One tiny model is saved once; its fp32 and int8 exports are made once per module (a few seconds each) in a
+cache folder of this module, and every test below reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import numpy as np
+import pytest
+import timm.data
+import torch
+
+from tests.fixtures_models import tiny_encoder
+from tests.inference import malformed
+from visreg_hub.hub import from_pretrained
+from visreg_hub.inference import backends
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from visreg_hub.inference.onnx import backend as onnx_backend  # noqa: E402
+from visreg_hub.inference.onnx import cache  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    tiny_encoder(seed=7).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VISREG_HUB_CACHE", str(root))
+        yield root / "onnx"
+
+
+@pytest.fixture
+def exports(monkeypatch):
+    """Counts real exports: a cache hit must not call export_onnx."""
+    calls = []
+    original = onnx_backend.export_onnx
+
+    def counting(model, path, **kwargs):
+        calls.append(kwargs)
+        return original(model, path, **kwargs)
+
+    monkeypatch.setattr(onnx_backend, "export_onnx", counting)
+    return calls
+
+
+def reference(photo_paths, folder):
+    """Independent path: timm's transform on PIL images, then the torch model."""
+    model = from_pretrained(folder, backend="torch")
+    transform = timm.data.create_transform(**model.data_config)
+    batch = torch.stack([transform(malformed.photo_rgb(p)) for p in photo_paths])
+    with torch.no_grad():
+        return torch.nn.functional.normalize(model(batch), dim=-1)
+
+
+def test_auto_is_onnx_on_the_cpu_and_says_so(folder, cache_root, photo_paths, exports, caplog):
+    with caplog.at_level(logging.INFO, logger="visreg_hub.inference.backends"):
+        model = from_pretrained(folder, backend="auto")
+    assert model.backend == "onnx" and "encode() uses the onnx backend" in caplog.text
+    assert "backend='auto' on cpu" in caplog.text
+    torch.testing.assert_close(model.encode(photo_paths), reference(photo_paths, folder), atol=1e-4, rtol=0)
+    assert len(exports) == 1 and exports[0]["int8"] is False
+    entries = [p for p in cache_root.iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1 and (entries[0] / "model.onnx").is_file()
+    record = json.loads((entries[0] / "entry.json").read_text())
+    assert record["weights_sha256"] == cache.weights_digest(model)
+    assert record["options"] == {"pooling": "cls", "precision": "fp32", "optimize": False}
+    # a fresh load of the same weights (a new process would do the same) reuses the verified file
+    again = from_pretrained(folder, backend="auto")
+    torch.testing.assert_close(again.encode(photo_paths), model.encode(photo_paths), atol=0, rtol=0)
+    assert len(exports) == 1
+    # bfloat16 parameters cannot be exported: auto keeps them on torch
+    assert from_pretrained(folder, backend="auto", dtype=torch.bfloat16).backend == "torch"
+
+
+def test_environment_and_arguments_choose_the_backend(folder, monkeypatch):
+    monkeypatch.setenv("VISREG_HUB_BACKEND", "onnx")
+    assert from_pretrained(folder).backend == "onnx"
+    monkeypatch.setenv("VISREG_HUB_BACKEND", "torch")
+    assert from_pretrained(folder).backend == "torch"
+    assert from_pretrained(folder, precision="int8").backend == "onnx"  # only ONNX takes a precision
+    monkeypatch.setenv("VISREG_HUB_BACKEND", "tensorrt")
+    with pytest.raises(ValueError, match="VISREG_HUB_BACKEND='tensorrt' is not one of"):
+        from_pretrained(folder)
+    with pytest.raises(ValueError, match="pass backend='onnx' with them"):
+        from_pretrained(folder, backend="torch", precision="fp16")
+    assert tiny_encoder().backend == "torch"  # a model built in code runs on torch
+
+
+def test_a_corrupt_or_incomplete_cache_entry_is_exported_again(tmp_path, caplog):
+    """The cache's own rules on a small real ONNX file (the exports above show the integration)."""
+    from onnx import TensorProto, helper
+
+    model = tiny_encoder(seed=8)
+    calls = []
+
+    def export(path):  # a real, small ONNX file: y = x + 1
+        calls.append(path)
+        value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+        one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+        graph = helper.make_graph(
+            [helper.make_node("Add", ["x", "one"], ["y"])], "g", [value],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [one],
+        )  # fmt: skip
+        onnx.save(helper.make_model(graph), str(path))
+
+    options = {"pooling": "cls", "precision": "fp32", "optimize": False}
+    first = cache.cached_export(model, options, export, root=tmp_path)
+    assert cache.cached_export(model, options, export, root=tmp_path) == first and len(calls) == 1
+    record = json.loads((first.parent / "entry.json").read_text())
+    assert record["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    data = bytearray(first.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte: same size, another digest
+    first.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="visreg_hub.inference.onnx.cache"):
+        again = cache.cached_export(model, options, export, root=tmp_path)
+    assert "does not match its recorded SHA-256" in caplog.text and len(calls) == 2
+    assert again == first and hashlib.sha256(again.read_bytes()).hexdigest() == record["sha256"]
+    (first.parent / "entry.json").unlink()  # a crash before the record was written: never trusted
+    cache.cached_export(model, options, export, root=tmp_path)
+    assert len(calls) == 3
+    # other weights, or other options, are other entries; a staging folder left by a killed export is ignored
+    (tmp_path / f".{first.parent.name}-leftover").mkdir()
+    cache.cached_export(tiny_encoder(seed=9), options, export, root=tmp_path)
+    cache.cached_export(model, {**options, "precision": "int8"}, export, root=tmp_path)
+    cache.cached_export(model, options, export, root=tmp_path)
+    assert len(calls) == 5
+    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 3
+
+
+def test_int8_backend_quantises_the_linear_layers(folder, cache_root, photo_paths, exports):
+    model = from_pretrained(folder, backend="onnx", precision="int8")
+    embeddings = model.encode(photo_paths)
+    (call,) = exports
+    assert call["int8"] is True
+    (_, embedder), *_ = backends._ONNX_BACKENDS[model].values()
+    assert embedder.metadata.precision == "int8" and embedder.metadata.quantization == "dynamic"
+    ops = {node.op_type for node in onnx.load(str(embedder.path)).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops and "MatMul" in ops  # attention stays float
+    expected = reference(photo_paths, folder).numpy().astype(np.float64)
+    cosine = (embeddings.numpy().astype(np.float64) * expected).sum(-1)  # both are unit vectors
+    assert cosine.min() >= 0.98 and not np.allclose(embeddings.numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.slow  # one more export and a static quantisation: ~50 s on the busy 2-core machine
+def test_cli_int8_export_with_calibration_on_real_photos(folder, tmp_path, photo_paths, capsys):
+    from visreg_hub.cli import main
+    from visreg_hub.inference.onnx import OnnxEmbedder
+
+    out = tmp_path / "tiny-int8.onnx"
+    argv = ["export", "onnx", str(folder), str(out), "--int8", "--validation-batch-sizes", "1,3"]
+    assert main([*argv, "--calibration-images", str(photo_paths[0].parent)]) == 0
+    assert "int8" in capsys.readouterr().out
+    embedder = OnnxEmbedder(out)
+    assert embedder.metadata.precision == "int8"
+    assert embedder.metadata.quantization == "static, 4 calibration images"
+    ops = {node.op_type for node in onnx.load(str(out)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ: ranges fixed by the calibration photos
+    expected = reference(photo_paths, folder).numpy().astype(np.float64)
+    cosine = (embedder.encode(photo_paths).numpy().astype(np.float64) * expected).sum(-1)
+    assert cosine.min() >= 0.98
