@@ -307,7 +307,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="cap the timed rounds of a cell group near this many seconds per impl (>= 1; cpu 60, cuda none)",
     )
     parser.add_argument("--no-tf32", action="store_true", help="CUDA: full fp32 matmuls (default: TF32)")
-    parser.add_argument("--skip", default="", help="stages to skip: partition,profile")
+    parser.add_argument("--skip", default="", help="stages to skip: cells,partition,profile")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="CPU timer: wall time, or this process's CPU time (a machine shared by more runnable processes "
+        "than cores; use with --threads 1)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     try:
         args.settings = [SETTINGS[s] for s in args.settings.split(",")]
@@ -337,6 +345,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        _measure.CPU_CLOCK = time.process_time
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
     command = "python benchmarks/losses.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -345,7 +357,7 @@ def main(argv=None) -> None:
     for peer in peers.values():
         print(f"{peer.name}: {peer.missing_reason or peer.version}")
 
-    cells = measure_cells(args, peers, device)
+    cells = measure_cells(args, peers, device) if "cells" not in args.skip else []
     has_ours = peers["ours"].missing_reason is None
     partition = partition_scaling(args, device) if has_ours and "partition" not in args.skip else []
     profiles = []
