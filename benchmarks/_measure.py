@@ -27,6 +27,8 @@ Step = Callable[[], torch.Tensor]
 #: The CPU timer: wall time by default; ``time.process_time`` (CPU seconds of this process) when a shared,
 #: oversubscribed machine makes wall time measure the queue for a core (``--clock cpu`` of losses.py).
 CPU_CLOCK: Callable[[], float] = time.perf_counter
+#: CPU peak memory needs a profiled step (several times slower); ``--skip memory`` turns it off.
+PROFILE_CPU_MEMORY = True
 
 
 @dataclass
@@ -115,6 +117,9 @@ def profiled_step(
         loss.backward()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - before + input_bytes
+    elif not PROFILE_CPU_MEMORY:
+        loss = step()
+        loss.backward()
     else:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             loss = step()

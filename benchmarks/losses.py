@@ -152,7 +152,11 @@ def measure_cells(args, peers, device) -> list[Cell]:
             cells += planned
             if all(cell.skipped for cell in planned):
                 continue
-            reference, reference_grad = float64_reference(peers, loss, setting, master, device)
+            reference, reference_grad = (
+                (None, None)
+                if "reference" in args.skip
+                else float64_reference(peers, loss, setting, master, device)
+            )
             for dtype_name in args.dtypes:
                 group = [cell for cell in planned if cell.dtype == dtype_name and not cell.skipped]
                 for cell in group:
@@ -307,7 +311,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="cap the timed rounds of a cell group near this many seconds per impl (>= 1; cpu 60, cuda none)",
     )
     parser.add_argument("--no-tf32", action="store_true", help="CUDA: full fp32 matmuls (default: TF32)")
-    parser.add_argument("--skip", default="", help="stages to skip: cells,partition,profile")
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="stages to skip: cells,memory,partition,profile,reference (the float64 agreement)",
+    )
     parser.add_argument(
         "--clock",
         default="wall",
@@ -349,6 +357,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu":
         _measure.CPU_CLOCK = time.process_time
+    _measure.PROFILE_CPU_MEMORY = "memory" not in args.skip
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
     command = "python benchmarks/losses.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

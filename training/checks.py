@@ -10,9 +10,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from training.config import FMNIST_DIR, TrainingConfig
 from visreg_hub.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: training.config imports this module, never the other way round
+    from training.config import TrainingConfig
+
+#: Where the Debian package ``dataset-fashion-mnist`` installs Fashion-MNIST (default ``data.path``).
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 logger = logging.getLogger(__name__)
 

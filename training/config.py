@@ -22,12 +22,12 @@ from typing import Any, Literal
 
 import yaml
 
+from training.checks import FMNIST_DIR, validate  # noqa: F401  (FMNIST_DIR re-exported)
 from visreg_hub.errors import ConfigError
 from visreg_hub.suggest import did_you_mean
 
 LOSS_NAMES = ("visreg", "sigreg", "swd", "vicreg", "barlow")
 DATA_SOURCES = ("folder", "filelist", "webdataset", "fmnist", "npz")
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 @dataclass(frozen=True)
@@ -323,8 +323,6 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 def from_dict(data: dict[str, Any]) -> TrainingConfig:
     """Build and validate a :class:`TrainingConfig` from a nested mapping."""
-    from training.checks import validate  # the checks module imports this one's schema
-
     config = _build(TrainingConfig, data, "")
     validate(config)
     return config

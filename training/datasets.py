@@ -270,14 +270,15 @@ def eval_views(images: torch.Tensor, img_size: int, crop_pct: float) -> torch.Te
     return out.clamp_(0, 1)
 
 
-def eval_loader(images: ImageSet, rank: int, world: int, batch_size: int, workers: int):
-    """This rank's share (indices ``rank::world``) of an evaluation set, in order."""
+def eval_loader(images: ImageSet, rank: int, world: int, batch_size: int, workers: int, collate=None):
+    """This rank's share (indices ``rank::world``) of an evaluation set, in order (``collate``: default
+    :func:`eval_collate`)."""
     shard = images.subset(np.arange(rank, len(images), world))
     return torch.utils.data.DataLoader(
         shard,
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=eval_collate,
+        collate_fn=eval_collate if collate is None else collate,
         shuffle=False,
         # Its own generator: evaluating must not consume the global RNG (exact resume).
         generator=torch.Generator().manual_seed(0),

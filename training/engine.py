@@ -30,12 +30,13 @@ from tqdm.auto import tqdm
 
 from training import checkpoint as ckpt
 from training.build import build_loss, build_model, build_probe, build_scheduler, param_groups
-from training.checks import batch_plan, flat_dict, warn_config_changes
+from training.checks import flat_dict, warn_config_changes
 from training.config import TrainingConfig
 from training.data import build_data, cut_views, epoch_steps, train_loader
 from training.evaluate_online import OnlineEvaluator
 from training.monitor import HealthMonitor, nonfinite_flag, raise_if_flagged
-from training.publish import export_encoder, push_encoder
+from training.plan import build_run_plan
+from training.publish import export_encoder, model_extra, push_encoder
 from training.state_io import TrainingParts, load_training_state
 
 logger = logging.getLogger(__name__)
@@ -102,17 +103,8 @@ class Trainer:
             step_scheduler_with_optimizer=False,
         )
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
-        self.accumulation = batch_plan(config, self.world)
         self.data = build_data(config)
-        self.steps_by_epoch = [
-            epoch_steps(self.data, config, self.world, self.accumulation, epoch)
-            for epoch in range(train.epochs)
-        ]
-        self.total_steps = train.max_steps or sum(self.steps_by_epoch)
-        warmup = config.optim.warmup_steps
-        if warmup is None:
-            warmup = round(config.optim.warmup_epochs * self.steps_by_epoch[0])
-        self.warmup_steps = min(warmup, max(self.total_steps - 1, 0))
+        self.plan = build_run_plan(config, self.data, self.world)
 
         set_seed(train.seed)  # the same initial weights on every rank
         model = build_model(config)
@@ -123,7 +115,7 @@ class Trainer:
         self.loss_fn = build_loss(config).to(accelerator.device)
         optimizer = torch.optim.AdamW(param_groups(model, probe, config), betas=tuple(config.optim.betas))
         self.scheduler = build_scheduler(
-            optimizer, self.warmup_steps, self.total_steps, config.optim.min_lr_ratio
+            optimizer, self.plan.warmup_steps, self.plan.total_steps, config.optim.min_lr_ratio
         )
         if probe is not None:
             self.model, self.probe, self.optimizer = accelerator.prepare(model, probe, optimizer)
@@ -147,7 +139,14 @@ class Trainer:
         mean = torch.tensor(config.data.mean, device=accelerator.device).view(1, -1, 1, 1)
         std = torch.tensor(config.data.std, device=accelerator.device).view(1, -1, 1, 1)
         self.normalize = lambda x: (x - mean) / std
-        self.evaluator = OnlineEvaluator(self, self.data)
+        self.evaluator = OnlineEvaluator(
+            accelerator,
+            accelerator.unwrap_model(self.model),
+            None if self.probe is None else self.probe,
+            self.data,
+            config.eval,
+            num_workers=config.data.num_workers,
+        )
         self.checkpoint_root = self.output_dir / "checkpoints"
         # Resolved before anything is written, so a bad --resume path creates nothing.
         resolved = ckpt.resolve_resume(self.checkpoint_root, resume)
@@ -179,7 +178,7 @@ class Trainer:
         """Train until ``total_steps`` (or ``train.stop_after``); return a summary dict."""
         train, state = self.config.train, self.state
         bar = tqdm(
-            total=self.total_steps,
+            total=self.plan.total_steps,
             initial=state.global_step,
             disable=not (self.accelerator.is_main_process and train.progress_bar),
             dynamic_ncols=True,
@@ -187,14 +186,14 @@ class Trainer:
         )
         logger.info(
             "training %d steps: %d process(es) x %d images x %d accumulation = global batch %d, %s epochs",
-            self.total_steps, self.world, train.per_device_batch_size, self.accumulation,
-            train.global_batch_size, f"{epochs_covered(self.steps_by_epoch, self.total_steps):g}",
+            self.plan.total_steps, self.world, train.per_device_batch_size, self.plan.accumulation,
+            train.global_batch_size, f"{epochs_covered(self.plan.steps_by_epoch, self.plan.total_steps):g}",
         )  # fmt: skip
         stopped_early = train.stop_after is not None and state.global_step >= train.stop_after
         if stopped_early:
             logger.info("already at step %d >= train.stop_after; nothing to do", state.global_step)
         try:
-            while state.global_step < self.total_steps and not stopped_early:
+            while state.global_step < self.plan.total_steps and not stopped_early:
                 stopped_early = self._run_epoch(bar)
         finally:
             bar.close()
@@ -209,21 +208,27 @@ class Trainer:
         return summary
 
     def _epoch_length(self, epoch: int) -> int:
-        if epoch < len(self.steps_by_epoch):
-            return self.steps_by_epoch[epoch]
-        return epoch_steps(self.data, self.config, self.world, self.accumulation, epoch)
+        if epoch < len(self.plan.steps_by_epoch):
+            return self.plan.steps_by_epoch[epoch]
+        return epoch_steps(self.data, self.config, self.world, self.plan.accumulation, epoch)
 
     def _run_epoch(self, bar) -> bool:
         """Train from the current position to the end of its epoch; True when ``stop_after`` was reached."""
         state, train = self.state, self.config.train
         length = self._epoch_length(state.epoch)
         loader = train_loader(
-            self.data, self.config, self.rank, self.world, self.accumulation, state.epoch, state.step_in_epoch
+            self.data,
+            self.config,
+            self.rank,
+            self.world,
+            self.plan.accumulation,
+            state.epoch,
+            state.step_in_epoch,
         )
         batches = iter(loader)
         started, steps_since_log = time.perf_counter(), 0
-        while state.global_step < self.total_steps:
-            metrics = self._train_step([next(batches) for _ in range(self.accumulation)])
+        while state.global_step < self.plan.total_steps:
+            metrics = self._train_step([next(batches) for _ in range(self.plan.accumulation)])
             state.global_step += 1
             state.step_in_epoch += 1
             epoch_done = state.step_in_epoch >= length
@@ -231,7 +236,7 @@ class Trainer:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
             bar.update(1)
             step, steps_since_log = state.global_step, steps_since_log + 1
-            if step % train.log_every == 0 or step == self.total_steps:
+            if step % train.log_every == 0 or step == self.plan.total_steps:
                 elapsed, started = time.perf_counter() - started, time.perf_counter()
                 # Includes evaluation and checkpoint time since the last log: the rate a run really gets.
                 rate = train.global_batch_size * steps_since_log / elapsed
@@ -240,9 +245,9 @@ class Trainer:
             knn_due = self.config.eval.knn_every and step % self.config.eval.knn_every == 0
             if knn_due and self.evaluator.enabled:
                 self._evaluate(bar)
-            if self.export_every and step % self.export_every == 0 and step < self.total_steps:
+            if self.export_every and step % self.export_every == 0 and step < self.plan.total_steps:
                 self._export(self.output_dir / "exports" / ckpt.step_dir_name(step))
-            stop = train.stop_after is not None and step >= train.stop_after and step < self.total_steps
+            stop = train.stop_after is not None and step >= train.stop_after and step < self.plan.total_steps
             if (train.checkpoint_every and step % train.checkpoint_every == 0) or stop:
                 self.save()
             if stop:
@@ -287,7 +292,7 @@ class Trainer:
                 if debug.nan_at_step == step and debug.nan_rank in (None, self.rank):
                     projections = projections * float("nan")  # test hook: a diverging projector
                 if hasattr(self.loss_fn, "set_step"):  # sliced losses: directions of (seed, micro-step)
-                    self.loss_fn.set_step(step * self.accumulation + micro)
+                    self.loss_fn.set_step(step * self.plan.accumulation + micro)
                 with accelerator.autocast():
                     out = self.loss_fn(
                         projections[:num_global],
@@ -317,7 +322,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._loss_sum += metrics["loss/total"]
         self._loss_count += 1
-        if (step + 1) % self.config.train.log_every == 0 or step + 1 == self.total_steps:
+        if (step + 1) % self.config.train.log_every == 0 or step + 1 == self.plan.total_steps:
             metrics.update(self._health(probe_features, projections, num_global, batch_size))
         if grad_norm is not None:
             metrics["optim/grad_norm"] = grad_norm.detach()
@@ -338,7 +343,10 @@ class Trainer:
         return out
 
     def _evaluate(self, bar=None) -> None:
-        self._log(self.evaluator.run(), bar)
+        results = self.evaluator.run()
+        self.state.last_knn = results["knn/accuracy"]
+        logger.info("step %d: %s", self.state.global_step, results)
+        self._log(results, bar)
         self._evaluated_at = self.state.global_step
 
     def _log(self, metrics: dict, bar=None) -> None:
@@ -375,7 +383,7 @@ class Trainer:
         is_best = state.best_metric is None or metric > state.best_metric
         if is_best:
             state.best_metric = metric
-        record = {**state.state_dict(), "metric": metric, "total_steps": self.total_steps}
+        record = {**state.state_dict(), "metric": metric, "total_steps": self.plan.total_steps}
         record["metric_name"] = "knn_accuracy" if self.evaluator.enabled else "negative_mean_loss"
         self._last_saved_step = state.global_step
         return ckpt.save_checkpoint(
@@ -391,9 +399,19 @@ class Trainer:
     def _export(self, folder: Path) -> Path:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            export_encoder(self, folder)
+            export_encoder(self.encoder, folder, self._model_extra())
         self.accelerator.wait_for_everyone()
         return folder
+
+    def _model_extra(self) -> dict:
+        return model_extra(
+            self.config,
+            self.plan,
+            base=self.encoder.config.extra,
+            data=self.data.describe(),
+            global_step=self.state.global_step,
+            last_knn=self.state.last_knn,
+        )
 
     def _finish(self) -> dict:
         """Final checkpoint, evaluation, export (and push)."""
@@ -404,6 +422,6 @@ class Trainer:
         final = self._export(self.output_dir / "final")
         summary = {"checkpoint": str(path), "export": str(final), "knn_accuracy": self.state.last_knn}
         if self.push_to_hub and self.accelerator.is_main_process:
-            summary["push"] = str(push_encoder(self, self.push_to_hub))
+            summary["push"] = str(push_encoder(self.encoder, self.push_to_hub, self._model_extra()))
         self.accelerator.wait_for_everyone()
         return summary

@@ -15,33 +15,54 @@ import sys
 from pathlib import Path
 
 from training.build import loss_settings
+from training.config import TrainingConfig
+from training.plan import RunPlan
 from visreg_hub.errors import ConfigError
+from visreg_hub.models import VISRegEncoder
 
 logger = logging.getLogger(__name__)
 
 
-def model_extra(trainer) -> dict:
-    """The ``config.extra`` of the exported model: recipe, loss, data and evaluation numbers."""
-    config, state = trainer.config, trainer.state
+def model_extra(
+    config: TrainingConfig,
+    plan: RunPlan,
+    *,
+    base: dict,
+    data: dict,
+    global_step: int,
+    last_knn: float | None,
+) -> dict:
+    """The ``config.extra`` of the exported model: recipe, loss, data and evaluation numbers.
+
+    Args:
+        config: the run's configuration.
+        plan: its step arithmetic.
+        base: the backbone config's current ``extra`` (kept, then extended).
+        data: :meth:`training.data.TrainData.describe` of the run's data.
+        global_step: optimiser steps taken so far.
+        last_knn: the latest validation kNN accuracy (%), or None before any evaluation.
+    """
     aug, optim, train = config.augment, config.optim, config.train
     _, loss_kwargs = loss_settings(config)
-    data = config.data
+    source = config.data
     # a Hub dataset id where there is one; never the local path (the card and config.json are published)
-    dataset_name = "zalando-datasets/fashion_mnist" if data.source == "fmnist" else f"own {data.source} data"
+    dataset_name = (
+        "zalando-datasets/fashion_mnist" if source.source == "fmnist" else f"own {source.source} data"
+    )
     recipe = {
         "trainer": "visreg_hub training/pretrain.py",
         "method": config.loss.name,
-        "steps": state.global_step,
-        "total_steps": trainer.total_steps,
+        "steps": global_step,
+        "total_steps": plan.total_steps,
         "epochs": config.train.epochs if train.max_steps is None else None,
         "global_batch_size": train.global_batch_size,
-        "processes": trainer.world,
-        "gradient_accumulation": trainer.accumulation,
+        "processes": plan.world,
+        "gradient_accumulation": plan.accumulation,
         "optimizer": {
             "name": "adamw",
             "lr": optim.lr,
             "weight_decay": optim.weight_decay,
-            "warmup_steps": trainer.warmup_steps,
+            "warmup_steps": plan.warmup_steps,
             "min_lr_ratio": optim.min_lr_ratio,
             "clip_grad_norm": optim.clip_grad_norm,
         },
@@ -53,32 +74,32 @@ def model_extra(trainer) -> dict:
         "mixed_precision": train.mixed_precision,
         "seed": train.seed,
     }
-    extra = dict(trainer.encoder.config.extra)
+    extra = dict(base)
     extra.update(
         recipe=recipe,
         loss={"name": config.loss.name, **loss_kwargs},
-        datasets=[dataset_name] if data.source == "fmnist" else [],
-        data=trainer.data.describe(),
+        datasets=[dataset_name] if source.source == "fmnist" else [],
+        data=data,
     )
-    if state.last_knn is not None:
+    if last_knn is not None:
         extra["eval_results"] = [
             {
                 "task": f"image-classification (kNN, k={config.eval.knn_k}, T={config.eval.knn_temperature})",
                 "dataset": dataset_name,
                 "metric": "accuracy",
-                "value": round(float(state.last_knn), 2),
-                "split": "validation (carved from train)" if data.val_source is None else "validation",
+                "value": round(float(last_knn), 2),
+                "split": "validation (carved from train)" if source.val_source is None else "validation",
                 "command": " ".join(["training/pretrain.py", *sys.argv[1:]]),
             }
         ]
     return extra
 
 
-def export_encoder(trainer, folder: Path) -> Path:
-    """Write the backbone with ``save_pretrained`` into ``folder`` atomically (main process only)."""
-    encoder = trainer.encoder
+def export_encoder(encoder: VISRegEncoder, folder: Path, extra: dict) -> Path:
+    """Write the backbone with ``save_pretrained`` into ``folder`` atomically (main process only), with
+    ``extra`` (from :func:`model_extra`) as its ``config.extra``."""
     original = encoder.config
-    encoder.config = original.replace(extra=model_extra(trainer), drop_path_rate=0.0)
+    encoder.config = original.replace(extra=extra, drop_path_rate=0.0)
     temporary = folder.with_name(f".tmp-{folder.name}")
     try:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -94,11 +115,10 @@ def export_encoder(trainer, folder: Path) -> Path:
     return folder
 
 
-def push_encoder(trainer, repo_id: str):
+def push_encoder(encoder: VISRegEncoder, repo_id: str, extra: dict):
     """Upload the backbone (with the same metadata as the export) to the Hub repository ``repo_id``."""
-    encoder = trainer.encoder
     original = encoder.config
-    encoder.config = original.replace(extra=model_extra(trainer), drop_path_rate=0.0)
+    encoder.config = original.replace(extra=extra, drop_path_rate=0.0)
     try:
         commit = encoder.push_to_hub(repo_id)
     finally:

@@ -120,7 +120,7 @@ def test_webdataset_run_resumes_mid_epoch_exactly_with_workers(tmp_path, fmnist_
         "train.checkpoint_every=0", "eval.knn_every=0",
     ]  # fmt: skip
     reference = train(tiny_config(tmp_path / "straight", *shards))
-    assert reference.steps_by_epoch[0] == 14 and reference.state.epoch == 1
+    assert reference.plan.steps_by_epoch[0] == 14 and reference.state.epoch == 1
     train(tiny_config(tmp_path / "stopped", *shards, "train.stop_after=9"))
     resumed = train(tiny_config(tmp_path / "stopped", *shards), resume="auto")
     assert resumed.start_step == 9

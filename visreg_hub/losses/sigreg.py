@@ -116,7 +116,8 @@ def sigreg_loss(
     group=None,
     projection_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """LeJEPA SIGReg: mean over views and slices of the Epps-Pulley statistic of ``x @ W``.
+    """LeJEPA SIGReg (Sketched Isotropic Gaussian Regularisation): mean over views and slices of the
+    Epps-Pulley statistic of ``x @ W``.
 
     ``T = N * sum_j w_j |ECF(t_j) - exp(-t_j^2 / 2)|^2`` per slice (see :func:`epps_pulley_grid`), on the
     raw (un-standardised) embeddings.
@@ -128,6 +129,11 @@ def sigreg_loss(
             so every rank evaluates the statistic of the global batch; no gather is needed. Gradients
             follow the convention of :mod:`visreg_hub.losses.distributed`.
         group: process group for ``sync``.
+        projection_dtype: dtype of the projection matmul (default: autocast dtype, else ``x.dtype``).
+
+    Shape:
+        ``x``: ``(..., N, D)``; ``directions``: ``(D, K)``. Returns a 0-d float32 tensor (float64 for
+        float64 ``x``).
     """
     if x.dim() < 2 or x.shape[-2] < 1 or not x.is_floating_point():
         raise ValueError(

@@ -220,7 +220,8 @@ def sliced_quantile_distance(
         sort_backend: ``"auto"`` (currently ``torch.sort``), ``"torch"``, or ``"triton"`` (opt-in CUDA
             kernel of :mod:`._triton_sort`, verified only in Triton's CPU interpreter so far).
 
-    Returns:
+    Shape:
+        ``x``: ``(..., N, D)``; ``directions``: ``(D, K)``; ``mean``, ``inv_std``: ``(..., D)``. Returns a
         0-d tensor in float32 (float64 for float64 ``x``).
     """
     if x.dim() < 2:
