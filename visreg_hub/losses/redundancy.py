@@ -191,9 +191,12 @@ class _BarlowTerms(torch.autograd.Function):
                 # every partner b > a in one (D, N) @ (N, k D) matmul
                 stacked = operand[a + 1 :].transpose(0, 1).reshape(n, partners * d)
                 corr = torch.matmul(operand[a].t(), stacked).view(d, partners, d).to(upcast.dtype) / n
-                exact_diagonal = (normalised[a] * normalised[a + 1 :]).sum(dim=1) / n  # (k, D)
-                on = on + (1.0 - exact_diagonal).square().sum()
                 rounded_diagonal = corr.diagonal(dim1=0, dim2=2)  # (k, D), the same rounding as corr
+                if operand.dtype == upcast.dtype:  # full-precision matmul: its diagonal is exact already
+                    exact_diagonal = rounded_diagonal.clone()
+                else:
+                    exact_diagonal = (normalised[a] * normalised[a + 1 :]).sum(dim=1) / n  # (k, D)
+                on = on + (1.0 - exact_diagonal).square().sum()
                 off = off + corr.square().sum() - rounded_diagonal.square().sum()
                 corrs.append(corr)
                 diagonals.append(exact_diagonal)
