@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     from visreg_hub.cli_export import add_export_parser  # `export onnx` lives there: keeps this file short
 
     add_export_parser(commands, common)
+    from visreg_hub.cli_serve import add_serve_parser
+
+    add_serve_parser(commands, common)
     return parser
 
 

@@ -1,0 +1,105 @@
+"""``visreg-hub serve``: the HTTP inference API (registered from :func:`visreg_hub.cli.build_parser`).
+
+    visreg-hub serve --model vit-mini-p7-fmnist
+    visreg-hub serve --model ./my-model --index photos=./photos-index --port 8080 --api-keys keys.txt
+
+Thin: parses the flags into a :class:`~visreg_hub.serving.config.ServeConfig` and calls
+:func:`visreg_hub.serving.server.serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from visreg_hub.serving.config import Limits, ServeConfig, index_spec, model_spec
+
+DEFAULT_MODEL = "vit-mini-p7-fmnist"
+
+
+def add_serve_parser(commands, common: argparse.ArgumentParser) -> None:
+    """Add ``serve`` to the ``visreg-hub`` sub-commands."""
+    defaults = Limits()
+    p = commands.add_parser("serve", parents=[common], help="serve embeddings and search over HTTP")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME_OR_PATH",
+        help=f"model to serve, repeatable; NAME=PATH names it (default: {DEFAULT_MODEL}); "
+        "the first is the default for requests",
+    )
+    p.add_argument(
+        "--index",
+        action="append",
+        default=[],
+        metavar="NAME=FOLDER",
+        help="durable index (created if missing), repeatable",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="images per forward pass (32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="batching wait for the first image (5)")
+    p.add_argument("--api-keys", metavar="FILE", help="one key or sha256:<hex> per line; enables auth")
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser calls from ORIGIN (repeatable; default: no CORS)",
+    )
+    for name, help_text in (
+        ("max_body_bytes", "request body size"),
+        ("max_pixels", "pixels per image (width*height)"),
+        ("max_items", "images or vectors per request"),
+        ("max_k", "neighbours per search"),
+        ("max_queue", "images waiting per model before 429"),
+        ("decode_workers", "threads decoding images"),
+    ):
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, type=int, default=getattr(defaults, name), help=f"{help_text} (%(default)s)")
+    p.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=defaults.request_timeout_s,
+        help="seconds per request before 408 (%(default)s)",
+    )
+    p.add_argument("--snapshot-every", type=int, default=10_000, help="log records per index snapshot")
+    p.set_defaults(func=cmd_serve)
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    from visreg_hub.serving.security import load_api_keys
+
+    limits = Limits(
+        max_body_bytes=args.max_body_bytes,
+        max_pixels=args.max_pixels,
+        max_items=args.max_items,
+        max_k=args.max_k,
+        request_timeout_s=args.request_timeout_s,
+        max_queue=args.max_queue,
+        decode_workers=args.decode_workers,
+    )
+    return ServeConfig(
+        models=tuple(model_spec(m) for m in (args.model or [DEFAULT_MODEL])),
+        indexes=tuple(index_spec(i) for i in args.index),
+        backend=args.backend,
+        device=args.device,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        api_key_hashes=load_api_keys(args.api_keys) if args.api_keys else frozenset(),
+        cors_origins=tuple(args.cors_origin),
+        limits=limits,
+        snapshot_every=args.snapshot_every,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from visreg_hub.serving.server import serve
+
+    config = config_from_args(args)
+    logging.getLogger("visreg_hub").setLevel(logging.INFO)
+    serve(config, args.host, args.port, log_level="debug" if getattr(args, "verbose", False) else "info")
+    return 0

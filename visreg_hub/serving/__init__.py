@@ -1,0 +1,31 @@
+"""The HTTP inference API: ``visreg-hub serve``, :func:`create_app` and the :class:`Client`.
+
+Server pieces: :mod:`~visreg_hub.serving.config` (what to serve, limits), :mod:`.batcher` (dynamic
+batching), :mod:`.runtime` (one model), :mod:`.store` + :mod:`.wal` (durable indexes), :mod:`.routes`
+(HTTP), :mod:`.security` (API keys, body limit), :mod:`.metrics` (Prometheus), :mod:`.server`
+(uvicorn, signals). FastAPI and uvicorn come with ``pip install 'visreg_hub[serve]'``; the client needs
+only the standard library.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "Client": "visreg_hub.serving.client",
+    "ServeConfig": "visreg_hub.serving.config",
+    "Limits": "visreg_hub.serving.config",
+    "ModelSpec": "visreg_hub.serving.config",
+    "IndexSpec": "visreg_hub.serving.config",
+    "create_app": "visreg_hub.serving.app",
+    "serve": "visreg_hub.serving.server",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'visreg_hub.serving' has no attribute {name!r}")
+    return getattr(importlib.import_module(module_name), name)

@@ -1,0 +1,275 @@
+"""The FastAPI application factory of ``visreg-hub serve`` (and of the demo, which mounts its UI on it).
+
+:func:`create_app` loads each model once, opens each durable index, starts one
+:class:`~visreg_hub.serving.batcher.DynamicBatcher` per model and wires the routes of
+:mod:`visreg_hub.serving.routes`. ``app.state.service`` (a :class:`Service`) is what routes, the demo and
+tests share: one copy of each model, one batcher each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from visreg_hub.errors import VisregHubError, require_extra
+from visreg_hub.serving.batcher import DynamicBatcher
+from visreg_hub.serving.config import IndexSpec, ServeConfig
+from visreg_hub.serving.metrics import Metrics
+from visreg_hub.serving.runtime import ModelRuntime, load_runtime
+from visreg_hub.serving.store import DurableIndex
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error answer: HTTP ``status``, a one-line ``message`` naming the problem and the fix."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        kind: str = "invalid_request_error",
+        limit: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.limit, self.headers = status, message, kind, limit, headers
+
+
+class Service:
+    """Models, batchers, indexes and limits of one server process.
+
+    Args:
+        config: what to serve.
+        runtimes: already loaded models to use instead of loading ``config.models`` (the demo passes
+            none; tests may share a model object with the reference they compare against).
+    """
+
+    def __init__(self, config: ServeConfig, runtimes: dict[str, ModelRuntime] | None = None) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.metrics = Metrics()
+        self.started = time.time()
+        self.ready = False
+        self.runtimes: dict[str, ModelRuntime] = dict(runtimes or {})
+        for spec in config.models:
+            if spec.name not in self.runtimes:
+                self.runtimes[spec.name] = load_runtime(spec, config.device)
+        for runtime in self.runtimes.values():
+            runtime.batcher = self._batcher(runtime)
+        # bounded decode pool: at most decode_workers images are being decoded at any moment
+        self.decode_pool = concurrent.futures.ThreadPoolExecutor(
+            config.limits.decode_workers, thread_name_prefix="decode"
+        )
+        self.admitted: dict[str, int] = dict.fromkeys(self.runtimes, 0)  # images in decode or queue
+        self.indexes: dict[str, DurableIndex] = {}
+        self.index_models: dict[str, str | None] = {}
+        for spec in config.indexes:
+            self._open_index(spec)
+        self.ready = True
+
+    def _batcher(self, runtime: ModelRuntime) -> DynamicBatcher:
+        name = runtime.name
+        batch_size, batch_seconds = (
+            self.metrics.batch_size.labels(name),
+            self.metrics.batch_seconds.labels(name),
+        )
+        depth, items = self.metrics.queue_depth.labels(name), self.metrics.items_embedded.labels(name)
+
+        def on_batch(size: int, seconds: float) -> None:
+            batch_size.observe(size)
+            batch_seconds.observe(seconds)
+            items.inc(size)
+
+        return DynamicBatcher(
+            runtime.forward,
+            max_batch_size=self.config.max_batch_size,
+            max_wait_ms=self.config.max_wait_ms,
+            max_queue=self.limits.max_queue,
+            name=name,
+            on_batch=on_batch,
+            on_queue=depth.set,
+        )
+
+    def _open_index(self, spec: IndexSpec) -> None:
+        from visreg_hub.retrieval import EmbeddingIndex
+
+        model = self.runtimes[spec.model] if spec.model else self.runtimes[self.config.default_model]
+
+        def new_index() -> EmbeddingIndex:
+            return EmbeddingIndex(model.embedding_dim, metric="ip", normalize=True, model_name=model.name)
+
+        store = DurableIndex(spec.folder, new_index, snapshot_every=self.config.snapshot_every)
+        self.indexes[spec.name] = store
+        self.index_models[spec.name] = self._model_for_index(spec, store)
+
+    def _model_for_index(self, spec: IndexSpec, store: DurableIndex) -> str | None:
+        """The served model that embeds this index's image queries (None: vectors only)."""
+        if spec.model:
+            return spec.model
+        recorded = store.index.model_name
+        for runtime in self.runtimes.values():
+            if recorded in (runtime.name, runtime.spec.source):
+                return runtime.name
+        default = self.runtimes[self.config.default_model]
+        if default.embedding_dim == store.index.dim:
+            if recorded:
+                logger.warning(
+                    "index %s was built with model %r, which is not served; image queries use %r",
+                    spec.name,
+                    recorded,
+                    default.name,
+                )
+            return default.name
+        logger.warning(
+            "index %s (dim %d) matches no served model: vector queries only", spec.name, store.index.dim
+        )
+        return None
+
+    # ------------------------------------------------------------------ lookups
+    def runtime(self, name: str | None) -> ModelRuntime:
+        name = name or self.config.default_model
+        if name not in self.runtimes:
+            known = ", ".join(sorted(self.runtimes))
+            raise ApiError(
+                404,
+                f"unknown model {name!r}; GET /v1/models lists the served ones ({known})",
+                kind="not_found",
+            )
+        return self.runtimes[name]
+
+    def index(self, name: str) -> DurableIndex:
+        if name not in self.indexes:
+            known = ", ".join(sorted(self.indexes)) or "none: start the server with --index NAME=FOLDER"
+            raise ApiError(404, f"unknown index {name!r}; served indexes: {known}", kind="not_found")
+        return self.indexes[name]
+
+    # ------------------------------------------------------------------ embedding
+    def admit(self, model: str, count: int) -> None:
+        """Reserve room for ``count`` images of ``model`` (decoding + queued) or raise 429."""
+        runtime = self.runtimes[model]
+        if self.admitted[model] + count > self.limits.max_queue:
+            self.metrics.rejected.labels("max_queue").inc()
+            raise ApiError(
+                429,
+                f"server busy: {self.admitted[model]} images of model {model!r} are waiting "
+                f"(limit max_queue={self.limits.max_queue}); retry after the Retry-After seconds",
+                kind="rate_limit_error",
+                limit="max_queue",
+                headers={"Retry-After": str(runtime.batcher.retry_after())},
+            )
+        self.admitted[model] += count
+
+    def release(self, model: str, count: int) -> None:
+        self.admitted[model] -= count
+
+    async def embed_payloads(
+        self, model: str, payloads: list[bytes | None], labels: list[str], errors: dict[int, str]
+    ) -> dict[int, np.ndarray]:
+        """Decode (bounded pool) and embed (batcher) the non-None payloads.
+
+        Items that fail to decode get a message in ``errors``; returns index -> (E,) float32 embedding.
+        """
+        runtime = self.runtimes[model]
+        wanted = [i for i, payload in enumerate(payloads) if payload is not None]
+        if not wanted:
+            return {}
+        self.admit(model, len(wanted))
+        try:
+            loop = asyncio.get_running_loop()
+            draft = self.config.draft_decode
+            jobs = [
+                loop.run_in_executor(self.decode_pool, self._decode, runtime, payloads[i], labels[i], draft)
+                for i in wanted
+            ]
+            decoded = await asyncio.gather(*jobs)
+            good = [(i, pixels) for i, (pixels, _) in zip(wanted, decoded) if pixels is not None]
+            for i, (_, message) in zip(wanted, decoded):
+                if message is not None:
+                    errors[i] = message
+                    self.metrics.decode_failures.inc()
+            if not good:
+                return {}
+            import torch
+
+            outputs = await runtime.batcher.submit(torch.stack([pixels for _, pixels in good]))
+            return {i: outputs[row] for row, (i, _) in enumerate(good)}
+        finally:
+            self.release(model, len(wanted))
+
+    def _decode(self, runtime: ModelRuntime, payload: bytes, label: str, draft: bool):
+        try:
+            return runtime.decode(payload, label, max_pixels=self.limits.max_pixels, draft=draft), None
+        except VisregHubError as exc:
+            return None, str(exc)
+        except Exception as exc:  # why: an unexpected decoder error is this item's, not the request's
+            logger.warning("unexpected error decoding %s: %r", label, exc)
+            return None, f"{label}: could not be decoded ({type(exc).__name__})"
+
+    async def with_timeout(self, coro):
+        """Run ``coro`` within ``request_timeout_s`` or answer 408 (queued work is dropped)."""
+        try:
+            return await asyncio.wait_for(coro, self.limits.request_timeout_s)
+        except TimeoutError:
+            self.metrics.rejected.labels("request_timeout_s").inc()
+            raise ApiError(
+                408,
+                f"the request took longer than request_timeout_s={self.limits.request_timeout_s:g}; "
+                "send fewer images per request or retry later",
+                kind="timeout_error",
+                limit="request_timeout_s",
+            ) from None
+
+    def close(self) -> None:
+        """Drain the batchers, snapshot every index (graceful shutdown)."""
+        self.ready = False
+        for runtime in self.runtimes.values():
+            if runtime.batcher is not None:
+                runtime.batcher.close()
+        self.decode_pool.shutdown(wait=True, cancel_futures=True)
+        for name, store in self.indexes.items():
+            try:
+                store.close()
+            except Exception:  # why: one failing index must not keep the others from their snapshot
+                logger.exception("closing index %s failed; its log still holds every change", name)
+
+
+def create_app(config: ServeConfig, *, runtimes: dict[str, ModelRuntime] | None = None) -> Any:
+    """Build the FastAPI app (models loaded and indexes opened before this returns).
+
+    Args:
+        config: see :class:`~visreg_hub.serving.config.ServeConfig`.
+        runtimes: pre-loaded models by name (optional; see :class:`Service`).
+
+    Returns:
+        a ``fastapi.FastAPI``; run it with uvicorn. ``app.state.service`` is the :class:`Service`.
+    """
+    fastapi = require_extra("fastapi", "serve")
+    from visreg_hub.serving.routes import install
+
+    service = Service(config, runtimes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        try:
+            yield
+        finally:
+            logger.info("shutting down: draining batchers, snapshotting indexes")
+            await asyncio.to_thread(service.close)
+
+    app = fastapi.FastAPI(
+        title="visreg_hub inference API",
+        version=__import__("visreg_hub").__version__,
+        description="Image embeddings and similarity search with VISReg encoders.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    install(app, service)
+    return app

@@ -1,0 +1,281 @@
+"""``visreg_hub.Client``: the HTTP API with the local API's shape (standard library HTTP only).
+
+Moving from a local model to the service is one line::
+
+    model = visreg_hub.from_pretrained("vit-mini-p7-fmnist")      # local
+    model = visreg_hub.Client("http://127.0.0.1:8000")            # the same calls, on the server
+    embeddings = model.encode(["a.png", "b.jpg"])                  # (2, E) float32 tensor
+
+Inputs are what ``encode()`` takes (paths, folders, bytes, PIL images, arrays, tensors). Files and bytes
+are sent as they are; in-memory images are decoded here with the library's rules and sent as lossless
+PNG, so the server computes the same embeddings as a local ``encode()`` of the same model.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import numpy as np
+
+from visreg_hub.errors import ImageDecodeError, VisregHubError
+
+
+class ServerError(VisregHubError, RuntimeError):
+    """The server answered with an error; ``status`` is the HTTP status, the message is the server's."""
+
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.retry_after = retry_after
+
+
+class Client:
+    """Talk to a ``visreg-hub serve`` server.
+
+    Args:
+        url: the server's base URL, e.g. ``http://127.0.0.1:8000``.
+        api_key: sent as ``Authorization: Bearer <key>`` when given.
+        model: the served model to use (None: the server's default).
+        timeout: seconds per HTTP request.
+        retries: how often a 429 (server busy) is retried after its ``Retry-After``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        model: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {url!r}")
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+        self.model = model
+        self.timeout = timeout
+        self.retries = int(retries)
+
+    def __repr__(self) -> str:
+        return f"Client({self.url!r}, model={self.model!r})"
+
+    # ------------------------------------------------------------------ HTTP
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        """One JSON request; returns the decoded JSON answer.
+
+        Raises:
+            ServerError: an HTTP error status (after ``retries`` retries of 429).
+            ConnectionError: the server cannot be reached.
+        """
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        headers = {"Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        for attempt in range(self.retries + 1):
+            request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as exc:
+                error = _server_error(exc)
+                if exc.code == 429 and attempt < self.retries:
+                    time.sleep(min(error.retry_after or 1.0, 30.0))
+                    continue
+                raise error from None
+            except urllib.error.URLError as exc:
+                raise ConnectionError(f"cannot reach {self.url}: {exc.reason}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ------------------------------------------------------------------ local-API mirror
+    def encode(
+        self,
+        images: Any,
+        *,
+        batch_size: int = 64,
+        convert_to_numpy: bool = False,
+        on_error: str = "raise",
+    ):
+        """Embed images on the server, like ``model.encode(images)`` (default pooling, L2-normalised).
+
+        Args:
+            images: one input or a list (see :func:`visreg_hub.inference.encode`).
+            batch_size: images per HTTP request (at most the server's ``max_items``).
+            convert_to_numpy: return a numpy array instead of a torch tensor.
+            on_error: ``"raise"`` (first bad image raises :class:`ImageDecodeError`) or ``"skip"``
+                (returns ``EncodeResult(embeddings, failures)`` as ``encode`` does).
+        """
+        import torch
+
+        from visreg_hub.inference import EncodeFailure, EncodeResult
+        from visreg_hub.inference.images import expand_inputs
+
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        sources = expand_inputs(images)
+        rows: dict[int, np.ndarray] = {}
+        failures: list[EncodeFailure] = []
+        for start in range(0, len(sources), batch_size):
+            chunk = sources[start : start + batch_size]
+            payloads, local_errors = [], {}
+            for offset, source in enumerate(chunk):
+                try:
+                    payloads.append(_payload(source))
+                except ImageDecodeError as exc:
+                    local_errors[start + offset] = str(exc)
+                    payloads.append(None)
+            sent = [(start + o, p) for o, p in enumerate(payloads) if p is not None]
+            server_errors: dict[int, str] = {}
+            if sent:
+                body = {"input": [p for _, p in sent], "encoding_format": "base64"}
+                if self.model:
+                    body["model"] = self.model
+                try:
+                    answer = self.request("POST", "/v1/embeddings", body)
+                except ServerError as exc:
+                    if exc.status != 422:
+                        raise
+                    answer = {
+                        "data": [],
+                        "errors": [{"index": j, "message": str(exc)} for j in range(len(sent))],
+                    }
+                for item in answer["data"]:
+                    rows[sent[item["index"]][0]] = np.frombuffer(base64.b64decode(item["embedding"]), "<f4")
+                for item in answer.get("errors", []):
+                    server_errors[sent[item["index"]][0]] = item["message"]
+            for index, message in sorted({**local_errors, **server_errors}.items()):
+                label = chunk[index - start].label
+                reason = message if message.startswith(label) else f"{label}: {message}"
+                if on_error == "raise":
+                    raise ImageDecodeError(
+                        f"{reason} (input index {index}; pass on_error='skip' to embed the others)"
+                    )
+                failures.append(EncodeFailure(index, reason))
+        ordered = [rows[i] for i in sorted(rows)]
+        dim = ordered[0].shape[0] if ordered else self._dim()
+        array = np.stack(ordered).astype(np.float32) if ordered else np.zeros((0, dim), np.float32)
+        embeddings = array if convert_to_numpy else torch.from_numpy(array)
+        return EncodeResult(embeddings, failures) if on_error == "skip" else embeddings
+
+    def search(self, queries: Any, k: int = 10, *, index: str):
+        """Nearest items of a server index, like ``EmbeddingIndex.search(queries, k)``.
+
+        Args:
+            queries: a (D,) or (Q, D) float array, tensor or list of vectors (as for
+                ``EmbeddingIndex.search``), or an image (path, bytes, PIL, uint8 array) or a list of
+                images, embedded on the server with the index's model.
+            k: neighbours per query.
+            index: the server index's name.
+
+        Returns:
+            ``SearchResult(scores (Q, k'), ids (Q, k'), metadata)``, ``k' = min(k, count)``; the last
+            columns hold ``-1`` / ``-inf`` where a query found fewer hits.
+        """
+        from visreg_hub.inference.images import expand_inputs
+        from visreg_hub.retrieval import SearchResult
+
+        if _is_vectors(queries):
+            vectors = np.asarray(queries, dtype=np.float32)
+            vectors = vectors.reshape(-1, vectors.shape[-1])
+            bodies = [{"index": index, "vector": v.tolist(), "k": k} for v in vectors]
+        else:
+            bodies = [{"index": index, "image": _payload(s), "k": k} for s in expand_inputs(queries)]
+        answers = [self.request("POST", "/v1/search", body)["hits"] for body in bodies]
+        width = max((len(hits) for hits in answers), default=0)
+        ids = np.full((len(answers), width), -1, dtype=np.int64)
+        scores = np.full((len(answers), width), -np.inf, dtype=np.float32)
+        metadata: list[list[dict | None]] = []
+        for row, hits in enumerate(answers):
+            ids[row, : len(hits)] = [h["id"] for h in hits]
+            scores[row, : len(hits)] = [h["score"] for h in hits]
+            metadata.append([h.get("metadata") for h in hits] + [None] * (width - len(hits)))
+        return SearchResult(scores=scores, ids=ids, metadata=metadata)
+
+    def add(
+        self,
+        index: str,
+        images: Any = None,
+        *,
+        vectors: Any = None,
+        metadata: list | None = None,
+        ids: list[int] | None = None,
+    ) -> np.ndarray:
+        """Add images or vectors to a server index durably; returns the new int64 ids."""
+        from visreg_hub.inference.images import expand_inputs
+
+        body: dict[str, Any] = {"metadata": metadata, "ids": ids}
+        if vectors is not None:
+            body["vectors"] = np.asarray(vectors, dtype=np.float32).tolist()
+        else:
+            body["images"] = [_payload(s) for s in expand_inputs(images)]
+        answer = self.request("POST", f"/v1/indexes/{index}/items", body)
+        return np.asarray(answer["ids"], dtype=np.int64)
+
+    def remove(self, index: str, item_id: int) -> bool:
+        """Remove one item; False when the index has no such id."""
+        try:
+            self.request("DELETE", f"/v1/indexes/{index}/items/{int(item_id)}")
+        except ServerError as exc:
+            if exc.status == 404 and "has no item" in str(exc):
+                return False
+            raise
+        return True
+
+    def index_info(self, index: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/indexes/{index}")
+
+    def models(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/models")["data"]
+
+    def _dim(self) -> int:
+        models = {m["id"]: m for m in self.models()}
+        return int(
+            models[self.model]["embedding_dim"]
+            if self.model
+            else next(iter(models.values()))["embedding_dim"]
+        )
+
+
+def _is_vectors(queries: Any) -> bool:
+    """Float arrays/tensors of 1 or 2 dimensions and lists of numbers are query vectors; the rest images."""
+    if isinstance(queries, np.ndarray):
+        return queries.dtype.kind == "f" and queries.ndim in (1, 2)
+    if type(queries).__module__.startswith("torch") and hasattr(queries, "is_floating_point"):
+        return bool(queries.is_floating_point()) and queries.ndim in (1, 2)
+    return isinstance(queries, list) and bool(queries) and isinstance(queries[0], (float, list))
+
+
+def _payload(source) -> str:
+    """An ImageSource -> base64 of bytes the server decodes to the same RGB pixels as a local decode."""
+    from pathlib import Path
+
+    from visreg_hub.inference.images import decode_image
+
+    if source.error is None and isinstance(source.payload, Path):
+        try:
+            return base64.b64encode(source.payload.read_bytes()).decode("ascii")
+        except OSError as exc:
+            raise ImageDecodeError(f"{source.label}: file cannot be read ({exc})") from None
+    if source.error is None and isinstance(source.payload, bytes):
+        return base64.b64encode(source.payload).decode("ascii")
+    image = decode_image(source, max_pixels=None)  # the caller's own memory: no bomb to guard against
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _server_error(exc: urllib.error.HTTPError) -> ServerError:
+    try:
+        message = json.loads(exc.read())["error"]["message"]
+    except Exception:  # why: a proxy or a non-JSON answer; keep the status
+        message = exc.reason or "error"
+    retry = exc.headers.get("Retry-After") if exc.headers else None
+    return ServerError(exc.code, str(message), float(retry) if retry and retry.isdigit() else None)

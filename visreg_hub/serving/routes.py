@@ -1,0 +1,419 @@
+"""HTTP routes, error handlers and middleware of the inference API (see :mod:`visreg_hub.serving.app`)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
+
+from visreg_hub.serving import schemas
+from visreg_hub.serving.app import ApiError, Service
+from visreg_hub.serving.inputs import InputError, image_bytes
+from visreg_hub.serving.security import BodyLimitMiddleware, key_matches
+from visreg_hub.serving.store import MAX_ID, IdConflictError
+
+logger = logging.getLogger(__name__)
+
+_ERRORS = {status: {"model": schemas.ErrorResponse} for status in (400, 401, 404, 408, 413, 415, 422, 429)}
+_JSON_CONTENT = "application/json"
+_MULTIPART = "multipart/form-data"
+
+
+def _error_body(message: str, kind: str, limit: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "limit": limit}}
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:5]:  # the input itself is never echoed (it can be megabytes of base64)
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def _install_errors(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError):
+        return JSONResponse(_error_body(exc.message, exc.kind, exc.limit), exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError):
+        return JSONResponse(_error_body(_validation_message(exc), "invalid_request_error"), 422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException):
+        limit = "max_body_bytes" if exc.status_code == 413 else None
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(_error_body(str(exc.detail), kind, limit), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception):  # pragma: no cover - a bug, logged
+        logger.exception("unexpected error")
+        return JSONResponse(_error_body("internal error; it was logged on the server", "server_error"), 500)
+
+
+def _install_middleware(app: FastAPI, service: Service) -> None:
+    metrics = service.metrics
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            metrics.requests.labels(path, request.method, str(status)).inc()
+            metrics.latency.labels(path).observe(time.perf_counter() - started)
+
+    # outermost: the body limit applies before anything reads the body
+    app.add_middleware(BodyLimitMiddleware, limit=service.limits.max_body_bytes)
+    if service.config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(service.config.cors_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+
+
+def _auth_dependency(service: Service):
+    bearer = HTTPBearer(auto_error=False, description="API key (only when the server has --api-keys)")
+
+    async def require_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        digests = service.config.api_key_hashes
+        if not digests:
+            return
+        if credentials is None or not key_matches(credentials.credentials, digests):
+            raise ApiError(
+                401,
+                "missing or invalid API key; send 'Authorization: Bearer <key>'",
+                kind="authentication_error",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return require_key
+
+
+def _check_count(service: Service, count: int, what: str) -> None:
+    if count > service.limits.max_items:
+        service.metrics.rejected.labels("max_items").inc()
+        raise ApiError(
+            413,
+            f"{count} {what} in one request, above max_items={service.limits.max_items}; split the request",
+            limit="max_items",
+        )
+    if count == 0:
+        raise ApiError(400, f"no {what} in the request; send at least one")
+
+
+def _decode_strings(strings: list[Any]) -> tuple[list[bytes | None], dict[int, str]]:
+    payloads: list[bytes | None] = []
+    errors: dict[int, str] = {}
+    for i, text in enumerate(strings):
+        try:
+            payloads.append(image_bytes(text))
+        except InputError as exc:
+            payloads.append(None)
+            errors[i] = f"input {i}: {exc}"
+    return payloads, errors
+
+
+async def _embed(service: Service, model: str, payloads: list[bytes | None], errors: dict[int, str]):
+    labels = [f"input {i}" for i in range(len(payloads))]
+    return await service.embed_payloads(model, payloads, labels, errors)
+
+
+def _vector_array(service: Service, rows: list[list[float]], dim: int) -> np.ndarray:
+    try:
+        array = np.asarray(rows, dtype=np.float32)
+    except (ValueError, OverflowError, TypeError):
+        raise ApiError(422, f"vectors must be lists of {dim} numbers each") from None
+    if array.ndim != 2 or array.shape[1] != dim:
+        raise ApiError(
+            422, f"vectors must have {dim} numbers each (the index's dim), got shape {array.shape}"
+        )
+    if not np.isfinite(array).all():
+        raise ApiError(422, "vectors contain NaN or infinite values (or numbers beyond float32)")
+    return array
+
+
+async def _parse_embeddings_request(request: Request, service: Service) -> schemas.EmbeddingsRequest | tuple:
+    """JSON body -> EmbeddingsRequest; multipart -> (model, encoding_format, [bytes])."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == _JSON_CONTENT:
+        body = await request.body()
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise ApiError(400, f"request body is not valid JSON ({type(exc).__name__})") from None
+        try:
+            return schemas.EmbeddingsRequest.model_validate(data)
+        except Exception as exc:  # pydantic.ValidationError; RecursionError on absurd nesting
+            errors = getattr(exc, "errors", None)
+            if errors is not None:
+                raise RequestValidationError(exc.errors()) from None
+            raise ApiError(400, "request body is nested too deeply") from None
+    if content_type == _MULTIPART:
+        limits = service.limits
+        form = await request.form(
+            max_files=limits.max_items + 1, max_fields=16, max_part_size=limits.max_body_bytes
+        )
+        files = [
+            value
+            for key, value in form.multi_items()
+            if key in ("input", "file", "image") and hasattr(value, "read")
+        ]
+        unknown = sorted(
+            {key for key in form if key not in ("input", "file", "image", "model", "encoding_format")}
+        )
+        if unknown:
+            raise ApiError(422, f"unknown form fields {unknown}; send images as 'input' file fields")
+        model = form.get("model")
+        encoding = form.get("encoding_format") or "float"
+        if encoding not in ("float", "base64") or (model is not None and not isinstance(model, str)):
+            raise ApiError(422, "encoding_format must be 'float' or 'base64' and model a name")
+        _check_count(service, len(files), "images")
+        return model, encoding, [await f.read() for f in files]
+    raise ApiError(
+        415,
+        f"Content-Type {content_type or '(none)'!r} is not accepted; send application/json or "
+        "multipart/form-data",
+        kind="invalid_request_error",
+    )
+
+
+def install(app: FastAPI, service: Service) -> None:
+    """Add every route, handler and middleware of the API to ``app``."""
+    _install_errors(app)
+    _install_middleware(app, service)
+    auth = [Depends(_auth_dependency(service))]
+    limits = service.limits
+
+    @app.get("/health", tags=["service"], summary="liveness: the process answers")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/ready",
+        tags=["service"],
+        summary="readiness: models loaded, indexes open, not stopping",
+        responses={503: {"model": schemas.ErrorResponse}},
+    )
+    async def ready():
+        if not service.ready:
+            return JSONResponse(_error_body("not ready (starting or shutting down)", "unavailable"), 503)
+        return {"status": "ready", "models": sorted(service.runtimes), "indexes": sorted(service.indexes)}
+
+    @app.get(
+        "/metrics", tags=["service"], summary="Prometheus metrics", dependencies=auth, response_class=Response
+    )
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
+    @app.get(
+        "/v1/models", tags=["models"], response_model=schemas.ModelList, dependencies=auth, responses=_ERRORS
+    )
+    async def list_models() -> schemas.ModelList:
+        data = [
+            schemas.ModelInfo(
+                id=r.name,
+                source=r.spec.source,
+                embedding_dim=r.embedding_dim,
+                input_size=list(r.preprocessor.output_shape),
+            )
+            for r in service.runtimes.values()
+        ]
+        return schemas.ModelList(data=data)
+
+    embeddings_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                _JSON_CONTENT: {"schema": {"$ref": "#/components/schemas/EmbeddingsRequest"}},
+                _MULTIPART: {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "input": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                            "model": {"type": "string"},
+                            "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+                        },
+                        "required": ["input"],
+                    }
+                },
+            },
+        }
+    }
+
+    @app.post(
+        "/v1/embeddings",
+        tags=["embeddings"],
+        response_model=schemas.EmbeddingsResponse,
+        dependencies=auth,
+        responses=_ERRORS,
+        openapi_extra=embeddings_body,
+        summary="embed images (OpenAI-embeddings shaped; JSON base64 or multipart uploads)",
+    )
+    async def embeddings(request: Request) -> schemas.EmbeddingsResponse:
+        parsed = await _parse_embeddings_request(request, service)
+        if isinstance(parsed, tuple):
+            model_name, encoding, payloads = parsed
+            errors: dict[int, str] = {}
+        else:
+            inputs = [parsed.input] if isinstance(parsed.input, str) else parsed.input
+            _check_count(service, len(inputs), "inputs")
+            model_name, encoding = parsed.model, parsed.encoding_format
+            payloads, errors = _decode_strings(inputs)
+        runtime = service.runtime(model_name)
+        vectors = await service.with_timeout(_embed(service, runtime.name, payloads, errors))
+        if not vectors:
+            first = errors[min(errors)] if errors else "no input"
+            raise ApiError(422, f"no input could be embedded ({len(errors)} failed; first: {first})")
+        data = []
+        for i in sorted(vectors):
+            values = vectors[i].astype("<f4")
+            embedding = (
+                base64.b64encode(values.tobytes()).decode() if encoding == "base64" else values.tolist()
+            )
+            data.append(schemas.Embedding(index=i, embedding=embedding))
+        return schemas.EmbeddingsResponse(
+            model=runtime.name,
+            data=data,
+            errors=[schemas.ItemError(index=i, message=m) for i, m in sorted(errors.items())],
+            usage=schemas.Usage(images=len(data)),
+        )
+
+    @app.post(
+        "/v1/search",
+        tags=["indexes"],
+        response_model=schemas.SearchResponse,
+        dependencies=auth,
+        responses=_ERRORS,
+        summary="nearest items of an index to an image or a vector",
+    )
+    async def search(body: schemas.SearchRequest) -> schemas.SearchResponse:
+        store = service.index(body.index)
+        if not 1 <= body.k <= limits.max_k:
+            service.metrics.rejected.labels("max_k").inc()
+            raise ApiError(422, f"k must be between 1 and max_k={limits.max_k}, got {body.k}", limit="max_k")
+        if (body.image is None) == (body.vector is None):
+            raise ApiError(422, "send exactly one of 'image' (base64) or 'vector'")
+        model = service.index_models[body.index]
+        if body.vector is not None:
+            query = _vector_array(service, [body.vector], store.index.dim)
+        else:
+            if model is None:
+                raise ApiError(422, f"index {body.index!r} matches no served model; query it with 'vector'")
+            payloads, errors = _decode_strings([body.image])
+            vectors = await service.with_timeout(_embed(service, model, payloads, errors))
+            if not vectors:
+                raise ApiError(
+                    422, f"the query image could not be embedded: {errors.get(0, 'unknown error')}"
+                )
+            query = vectors[0][None, :]
+        if len(store) == 0:
+            return schemas.SearchResponse(index=body.index, model=model, hits=[])
+        result = await asyncio.to_thread(store.search, query, min(body.k, len(store)))
+        hits = [
+            schemas.Hit(id=int(i), score=float(s), metadata=m)
+            for i, s, m in zip(result.ids[0].tolist(), result.scores[0].tolist(), result.metadata[0])
+            if i >= 0
+        ]
+        return schemas.SearchResponse(index=body.index, model=model, hits=hits)
+
+    @app.post(
+        "/v1/indexes/{name}/items",
+        tags=["indexes"],
+        response_model=schemas.AddItemsResponse,
+        dependencies=auth,
+        responses={**_ERRORS, 409: {"model": schemas.ErrorResponse}},
+        summary="add images or vectors (with metadata); acknowledged once durable",
+    )
+    async def add_items(name: str, body: schemas.AddItemsRequest) -> schemas.AddItemsResponse:
+        store = service.index(name)
+        if (body.images is None) == (body.vectors is None):
+            raise ApiError(422, "send exactly one of 'images' (base64 list) or 'vectors'")
+        count = len(body.images if body.images is not None else body.vectors)
+        _check_count(service, count, "items")
+        for what, values in (("metadata", body.metadata), ("ids", body.ids)):
+            if values is not None and len(values) != count:
+                raise ApiError(422, f"{what} has {len(values)} entries for {count} items; send one per item")
+        for i, meta in enumerate(body.metadata or []):
+            if meta is not None and len(json.dumps(meta)) > limits.max_metadata_bytes:
+                raise ApiError(
+                    413,
+                    f"metadata[{i}] is larger than max_metadata_bytes={limits.max_metadata_bytes}",
+                    limit="max_metadata_bytes",
+                )
+        if body.vectors is not None:
+            vectors = _vector_array(service, body.vectors, store.index.dim)
+        else:
+            model = service.index_models[name]
+            if model is None:
+                raise ApiError(422, f"index {name!r} matches no served model; add 'vectors' instead")
+            payloads, errors = _decode_strings(body.images)
+            embedded = await service.with_timeout(_embed(service, model, payloads, errors))
+            if errors:
+                listed = "; ".join(errors[i] for i in sorted(errors)[:3])
+                raise ApiError(
+                    422, f"{len(errors)} of {count} images could not be embedded, nothing was added: {listed}"
+                )
+            vectors = np.stack([embedded[i] for i in range(count)])
+        try:
+            ids = await asyncio.to_thread(store.add, vectors, body.metadata, body.ids)
+        except IdConflictError as exc:
+            raise ApiError(409, str(exc), kind="conflict") from None
+        except ValueError as exc:
+            raise ApiError(422, str(exc)) from None
+        return schemas.AddItemsResponse(index=name, ids=[int(i) for i in ids], count=len(store))
+
+    @app.delete(
+        "/v1/indexes/{name}/items/{item_id}",
+        tags=["indexes"],
+        dependencies=auth,
+        response_model=schemas.DeleteItemResponse,
+        responses=_ERRORS,
+        summary="remove one item; acknowledged once durable",
+    )
+    async def delete_item(name: str, item_id: int = Path(ge=0, le=MAX_ID)) -> schemas.DeleteItemResponse:
+        store = service.index(name)
+        removed = await asyncio.to_thread(store.remove, [item_id])
+        if not removed:
+            raise ApiError(404, f"index {name!r} has no item {item_id}", kind="not_found")
+        return schemas.DeleteItemResponse(index=name, id=item_id, deleted=True, count=len(store))
+
+    @app.get(
+        "/v1/indexes/{name}",
+        tags=["indexes"],
+        response_model=schemas.IndexInfo,
+        dependencies=auth,
+        responses=_ERRORS,
+        summary="count, dim and model of an index",
+    )
+    async def index_info(name: str) -> schemas.IndexInfo:
+        store = service.index(name)
+        index = store.index
+        return schemas.IndexInfo(
+            name=name,
+            count=len(store),
+            dim=index.dim,
+            model=service.index_models[name],
+            metric=index.metric,
+            kind=index.kind,
+        )

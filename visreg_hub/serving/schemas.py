@@ -1,0 +1,126 @@
+"""Request and response bodies of the HTTP API (pydantic models; they also make /openapi.json)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EmbeddingsRequest(_Strict):
+    """OpenAI-embeddings shaped. ``input``: base64 images or ``data:image/...;base64,`` URLs.
+
+    URLs and file paths are refused: the server never fetches or opens anything a client names.
+    """
+
+    input: str | list[str] = Field(description="one image or a list; base64 or data: URL")
+    model: str | None = Field(None, description="a name from GET /v1/models; default: the first")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="'base64': each embedding as base64 of little-endian float32"
+    )
+    user: str | None = Field(None, description="accepted for OpenAI compatibility, ignored")
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class ItemError(BaseModel):
+    index: int
+    message: str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+    images: int = 0
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[Embedding]
+    errors: list[ItemError] = []
+    usage: Usage
+
+
+class SearchRequest(_Strict):
+    """Exactly one of ``image`` (base64 / data: URL, embedded with the index's model) or ``vector``."""
+
+    index: str
+    image: str | None = None
+    vector: list[float] | None = None
+    k: int = Field(10, description="neighbours to return (at most max_k)")
+
+
+class Hit(BaseModel):
+    id: int
+    score: float
+    metadata: dict[str, Any] | None = None
+
+
+class SearchResponse(BaseModel):
+    index: str
+    model: str | None
+    hits: list[Hit]
+
+
+class AddItemsRequest(_Strict):
+    """Items as ``images`` (base64 / data: URLs) or ``vectors``; optional per-item metadata and ids."""
+
+    images: list[str] | None = None
+    vectors: list[list[float]] | None = None
+    metadata: list[dict[str, Any] | None] | None = None
+    ids: list[int] | None = Field(None, description="default: assigned by the server")
+
+
+class AddItemsResponse(BaseModel):
+    index: str
+    ids: list[int]
+    count: int
+
+
+class DeleteItemResponse(BaseModel):
+    index: str
+    id: int
+    deleted: bool
+    count: int
+
+
+class IndexInfo(BaseModel):
+    name: str
+    count: int
+    dim: int
+    model: str | None
+    metric: str
+    kind: str
+
+
+class ModelInfo(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "visreg_hub"
+    source: str
+    embedding_dim: int
+    input_size: list[int]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    limit: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

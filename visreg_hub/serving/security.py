@@ -1,0 +1,96 @@
+"""API keys (stored as sha256 digests, compared in constant time) and the request-body size limit."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable
+from pathlib import Path
+
+from starlette.exceptions import HTTPException
+
+from visreg_hub.errors import ConfigError
+
+
+def hash_key(key: str) -> str:
+    """sha256 hex digest of an API key (what the server keeps; never the key itself)."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def load_api_keys(path: str | Path) -> frozenset[str]:
+    """Read an API-key file: one entry per line, ``sha256:<64 hex>`` (preferred) or the raw key.
+
+    Blank lines and ``#`` comments are skipped. Raw keys are hashed at once and not kept.
+
+    Raises:
+        ConfigError: the file is missing, unreadable or has no key.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read --api-keys file {path}: {exc}") from exc
+    digests = set()
+    for number, line in enumerate(lines, 1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if entry.startswith("sha256:"):
+            digest = entry[len("sha256:") :].lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ConfigError(f"{path}:{number}: 'sha256:' must be followed by 64 hex digits")
+            digests.add(digest)
+        else:
+            digests.add(hash_key(entry))
+    if not digests:
+        raise ConfigError(f"--api-keys file {path} has no key; one key (or sha256:<hex>) per line")
+    return frozenset(digests)
+
+
+def key_matches(token: str, digests: Iterable[str]) -> bool:
+    """True when ``token``'s digest is one of ``digests``; every digest is compared, in constant time."""
+    candidate = hash_key(token).encode("ascii")
+    found = False
+    for digest in digests:
+        found |= hmac.compare_digest(candidate, digest.encode("ascii"))
+    return found
+
+
+class BodyTooLargeError(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            413, f"request body is larger than max_body_bytes={limit:,}; send fewer or smaller images"
+        )
+        self.limit = limit
+
+
+class BodyLimitMiddleware:
+    """ASGI middleware: refuse a body above ``limit`` bytes from Content-Length, or while it streams in.
+
+    A body is never buffered past the limit, whatever the client claims in its headers.
+    """
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = int(limit)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            scope.setdefault("state", {})["body_too_large"] = True
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            if scope.get("state", {}).get("body_too_large"):
+                raise BodyTooLargeError(self.limit)
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLargeError(self.limit)
+            return message
+
+        return await self.app(scope, limited_receive, send)

@@ -1,0 +1,64 @@
+"""Run the inference API with uvicorn: allocator bounds, graceful SIGTERM (drain, then snapshot)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from visreg_hub.errors import require_extra
+from visreg_hub.serving.config import ServeConfig
+from visreg_hub.serving.memory import bound_allocator, trim
+
+logger = logging.getLogger(__name__)
+
+IDLE_TRIM_S = 2.0
+
+
+async def trim_when_idle(service, interval: float = IDLE_TRIM_S) -> None:
+    """Every ``interval`` s, return freed heap to the OS if no image waited since the last look."""
+    busy_before = True
+    while True:
+        await asyncio.sleep(interval)
+        busy = any(service.admitted.values())
+        if not busy and busy_before:
+            await asyncio.to_thread(trim)
+        busy_before = busy
+
+
+def run_app(app: Any, host: str, port: int, *, log_level: str = "info", graceful_s: float = 30.0) -> None:
+    """Serve ``app`` until SIGINT/SIGTERM; in-flight requests get ``graceful_s`` to finish, then the
+    app's shutdown drains the batchers and snapshots every index."""
+    uvicorn = require_extra("uvicorn", "serve")
+    service = app.state.service
+
+    @contextlib.asynccontextmanager
+    async def trimming(_app):
+        task = asyncio.create_task(trim_when_idle(service))
+        try:
+            async with original(_app) as state:
+                yield state
+        finally:
+            task.cancel()
+
+    original = app.router.lifespan_context
+    app.router.lifespan_context = trimming
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=graceful_s,
+        server_header=False,
+    )
+    uvicorn.Server(config).run()
+
+
+def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:
+    """Load the models of ``config``, open its indexes and serve the API on ``host:port`` (blocks)."""
+    from visreg_hub.serving.app import create_app
+
+    bound_allocator()
+    run_app(create_app(config), host, port, log_level=log_level)

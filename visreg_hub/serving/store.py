@@ -1,0 +1,255 @@
+"""Durable index store: an EmbeddingIndex whose changes survive ``kill -9``.
+
+Folder layout (``--index NAME=FOLDER``)::
+
+    FOLDER/CURRENT              {"generation": G, "snapshot": "snapshot-G", "next_id": N}, replaced atomically
+    FOLDER/snapshot-G/          EmbeddingIndex.save() output (manifest with checksums, no pickle)
+    FOLDER/log-G.wal            records appended since snapshot G (see :mod:`visreg_hub.serving.wal`)
+    FOLDER/manifest.json, ...   optional: an index written by ``visreg-hub index build`` or ``save()``;
+                                it is the starting state until the first snapshot, and never modified
+
+Write path: validate, append the record to the log and fsync it, then apply it to the in-memory
+index, then return (the HTTP handler acknowledges only now). Start-up: load the snapshot CURRENT names
+(or the folder's own index, or a new empty one), replay the log's intact records, cut a torn tail off.
+
+Snapshot (every ``snapshot_every`` records and on shutdown): save to a temporary folder, fsync it,
+rename it to ``snapshot-G+1``, create an empty ``log-G+1.wal``, then atomically replace CURRENT
+(write, fsync, rename, fsync the folder): that rename is the commit point. A crash before it leaves
+the old snapshot and log in charge; a crash after it leaves only garbage that the next start removes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visreg_hub.errors import CheckpointError, VisregHubError
+from visreg_hub.serving.wal import LogRecord, LogWriter, fsync_dir, read_log
+
+logger = logging.getLogger(__name__)
+
+CURRENT = "CURRENT"
+MAX_ID = 2**63 - 1
+_GENERATED = re.compile(r"^(snapshot-\d{6}|log-\d{6}\.wal|\.snapshot-\d{6}\.tmp|CURRENT\.tmp)$")
+
+
+class IdConflictError(VisregHubError, ValueError):
+    """An item id given by the client is already in the index."""
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(folder)
+
+
+class DurableIndex:
+    """An EmbeddingIndex with an fsynced write-ahead log, atomic snapshots and replay on open.
+
+    Thread-safe: every method takes one lock, so FAISS never sees a search during an add. Methods
+    block (disk I/O); call them from a worker thread in async code.
+
+    Args:
+        folder: the store's folder (created if missing).
+        new_index: builds the empty index when the folder holds no index yet.
+        snapshot_every: log records after which :meth:`add`/:meth:`remove` take a snapshot.
+    """
+
+    def __init__(self, folder: str | Path, new_index: Callable[[], Any], *, snapshot_every: int = 10_000):
+        from visreg_hub.retrieval import EmbeddingIndex
+
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.snapshot_every = int(snapshot_every)
+        self._lock = threading.Lock()
+        state = self._read_current()
+        self.generation = int(state.get("generation", 0))
+        snapshot = state.get("snapshot")
+        self._remove_garbage(snapshot)
+        if snapshot is not None:
+            self.index = EmbeddingIndex.load(self.folder / snapshot)
+        elif (self.folder / "manifest.json").is_file():
+            self.index = EmbeddingIndex.load(self.folder)
+        else:
+            self.index = new_index()
+        self._ids: set[int] = {int(i) for i in self.index.ids.tolist()}
+        self.next_id = max(int(state.get("next_id", 0)), max(self._ids, default=-1) + 1)
+        log_path = self._log_path(self.generation)
+        records, valid = read_log(log_path)
+        if log_path.exists() and valid != log_path.stat().st_size:
+            logger.warning(
+                "%s: cutting a torn tail of %d bytes (a write interrupted by a crash, never acknowledged)",
+                log_path,
+                log_path.stat().st_size - valid,
+            )
+        for record in records:
+            self._apply(record, replay=True)
+        self._log = LogWriter(log_path, valid)
+        self._log.records = len(records)
+        logger.info(
+            "index %s: %d items (generation %d, %d log records replayed)",
+            self.folder,
+            len(self._ids),
+            self.generation,
+            len(records),
+        )
+
+    # ------------------------------------------------------------------ files
+    def _log_path(self, generation: int) -> Path:
+        return self.folder / f"log-{generation:06d}.wal"
+
+    def _read_current(self) -> dict[str, Any]:
+        path = self.folder / CURRENT
+        if not path.exists():
+            return {}
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise CheckpointError(f"{path} is not valid JSON ({exc}); restore it from a backup") from exc
+        ok = isinstance(state, dict) and isinstance(state.get("generation"), int)
+        if not ok or state.get("snapshot") != f"snapshot-{state['generation']:06d}":
+            raise CheckpointError(f"{path} is malformed: {str(state)[:100]}; restore it from a backup")
+        return state
+
+    def _remove_garbage(self, snapshot: str | None) -> None:
+        """Delete generated files that CURRENT does not name (left by a crash during a snapshot)."""
+        keep = {snapshot, self._log_path(self.generation).name}
+        for path in self.folder.iterdir():
+            if _GENERATED.match(path.name) and path.name not in keep and path.name != CURRENT:
+                logger.info("removing %s (left over from an interrupted snapshot)", path)
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+
+    # ------------------------------------------------------------------ changes
+    def _apply(self, record: LogRecord, *, replay: bool = False) -> None:
+        ids = record.ids
+        if record.op == "add":
+            if replay:  # defensive: a record can never repeat a live id, but do not let it break start-up
+                fresh = np.asarray([i not in self._ids for i in ids.tolist()], dtype=bool)
+                if not fresh.all():
+                    logger.warning("log replay: skipping %d ids already present", int((~fresh).sum()))
+                ids, vectors = ids[fresh], record.vectors[fresh]
+                metadata = [m for m, keep in zip(record.metadata or [None] * len(fresh), fresh) if keep]
+            else:
+                vectors, metadata = record.vectors, record.metadata
+            if len(ids):
+                self.index.add(vectors, ids=ids, metadata=metadata)
+                self._ids.update(ids.tolist())
+                self.next_id = max(self.next_id, int(ids.max()) + 1)
+        else:
+            present = [i for i in ids.tolist() if i in self._ids]
+            if present:
+                self.index.remove(np.asarray(present, dtype=np.int64))
+                self._ids.difference_update(present)
+
+    def add(self, vectors: np.ndarray, metadata: list | None = None, ids: Any = None) -> np.ndarray:
+        """Durably add (n, D) vectors; returns their int64 ids once the log record is fsynced.
+
+        Raises:
+            IdConflictError: a given id is already in the index.
+            ValueError: bad vectors, ids or metadata (nothing is logged then).
+        """
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.index.dim:
+            raise ValueError(f"vectors must be (n, {self.index.dim}), got shape {vectors.shape}")
+        if not np.isfinite(vectors).all():
+            raise ValueError("vectors contain NaN or infinite values")
+        n = vectors.shape[0]
+        metadata = list(metadata) if metadata is not None else [None] * n
+        if len(metadata) != n:
+            raise ValueError(f"got {len(metadata)} metadata entries for {n} items; send one per item")
+        with self._lock:
+            if ids is None:
+                new_ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
+            else:
+                new_ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+                if new_ids.size != n or len(set(new_ids.tolist())) != n or (new_ids < 0).any():
+                    raise ValueError(f"ids must be {n} distinct integers >= 0, one per item")
+                clash = [i for i in new_ids.tolist() if i in self._ids]
+                if clash:
+                    raise IdConflictError(f"ids already in the index: {clash[:5]}; use new ids")
+            record = LogRecord("add", new_ids, vectors, metadata)
+            self._log.append(record)  # durable from here on
+            self._apply(record)
+            self._maybe_snapshot()
+        return new_ids
+
+    def remove(self, ids: Any) -> list[int]:
+        """Durably remove ids; returns those that were present (nothing is logged if none was)."""
+        wanted = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)]
+        with self._lock:
+            present = [i for i in dict.fromkeys(wanted) if i in self._ids]
+            if present:
+                record = LogRecord("remove", np.asarray(present, dtype=np.int64))
+                self._log.append(record)
+                self._apply(record)
+                self._maybe_snapshot()
+        return present
+
+    def __contains__(self, item_id: object) -> bool:
+        return isinstance(item_id, int) and item_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def search(self, queries: np.ndarray, k: int):
+        """``EmbeddingIndex.search`` under the lock (FAISS must not search during an add)."""
+        with self._lock:
+            return self.index.search(queries, k=k)
+
+    # ------------------------------------------------------------------ snapshots
+    def _maybe_snapshot(self) -> None:
+        if self._log.records >= self.snapshot_every:
+            self._snapshot_locked()
+
+    def snapshot(self) -> None:
+        """Write a snapshot and start an empty log (no-op when the log is empty)."""
+        with self._lock:
+            if self._log.records:
+                self._snapshot_locked()
+
+    def _snapshot_locked(self) -> None:
+        old_generation, generation = self.generation, self.generation + 1
+        name = f"snapshot-{generation:06d}"
+        staging = self.folder / f".{name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.index.save(staging)
+        _fsync_tree(staging)
+        os.replace(staging, self.folder / name)
+        new_log = LogWriter(self._log_path(generation))
+        state = {"generation": generation, "snapshot": name, "next_id": self.next_id}
+        temporary = self.folder / f"{CURRENT}.tmp"
+        with temporary.open("w", encoding="utf-8") as handle:
+            json.dump(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.folder / CURRENT)
+        fsync_dir(self.folder)  # commit point: the new snapshot and empty log are in charge
+        self._log.close()
+        self._log = new_log
+        self.generation = generation
+        self._log_path(old_generation).unlink(missing_ok=True)
+        shutil.rmtree(self.folder / f"snapshot-{old_generation:06d}", ignore_errors=True)
+        logger.info("index %s: snapshot %s of %d items", self.folder, name, len(self._ids))
+
+    def close(self) -> None:
+        """Snapshot (so the next start replays nothing) and close the log."""
+        self.snapshot()
+        with self._lock:
+            self._log.close()
