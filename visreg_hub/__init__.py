@@ -27,6 +27,7 @@ _PUBLIC = {
     "EmbeddingIndex": "visreg_hub.retrieval",
     "SearchResult": "visreg_hub.retrieval",
     "export_onnx": "visreg_hub.inference.onnx",
+    "Client": "visreg_hub.serving.client",
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -62,24 +62,36 @@ def _install_errors(app: FastAPI) -> None:
         return JSONResponse(_error_body("internal error; it was logged on the server", "server_error"), 500)
 
 
-def _install_middleware(app: FastAPI, service: Service) -> None:
-    metrics = service.metrics
+class MetricsMiddleware:
+    """ASGI middleware: count requests by route template, method and status; observe their latency."""
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
+    def __init__(self, app, metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
         started = time.perf_counter()
         status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
-            metrics.requests.labels(path, request.method, str(status)).inc()
-            metrics.latency.labels(path).observe(time.perf_counter() - started)
 
-    # outermost: the body limit applies before anything reads the body
+        async def observed_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            path = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.requests.labels(path, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - started)
+
+
+def _install_middleware(app: FastAPI, service: Service) -> None:
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics)
+    # added last = outermost: the body limit holds before anything reads the body
     app.add_middleware(BodyLimitMiddleware, limit=service.limits.max_body_bytes)
     if service.config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

@@ -96,3 +96,10 @@ def load_runtime(spec: ModelSpec, device: str | None) -> ModelRuntime:
     seconds = time.perf_counter() - start
     logger.info("loaded model %s (%s) in %.1f s", spec.name, spec.source, seconds)
     return ModelRuntime(spec, model, Preprocessor(model.data_config), torch.device(device), seconds)
+
+
+def runtime_from_model(name: str, model: torch.nn.Module, source: str | None = None) -> ModelRuntime:
+    """Wrap an already loaded model (the demo and tests share one model object with the server)."""
+    device = next(model.parameters()).device
+    spec = ModelSpec(name, source or name)
+    return ModelRuntime(spec, model.eval(), Preprocessor(model.data_config), device, 0.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -77,20 +78,36 @@ class BodyLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            scope.setdefault("state", {})["body_too_large"] = True
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
         received = 0
 
         async def limited_receive():
             nonlocal received
-            if scope.get("state", {}).get("body_too_large"):
-                raise BodyTooLargeError(self.limit)
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise BodyTooLargeError(self.limit)
+                    raise BodyTooLargeError(self.limit)  # the app's handler answers 413
             return message
 
         return await self.app(scope, limited_receive, send)
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps(
+            {
+                "error": {
+                    "message": BodyTooLargeError(self.limit).detail,
+                    "type": "invalid_request_error",
+                    "limit": "max_body_bytes",
+                }
+            }
+        ).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

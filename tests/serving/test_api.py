@@ -1,0 +1,316 @@
+"""The HTTP API on a real uvicorn server (in a thread of this process, sharing the model object with the
+reference ``encode()`` calls, so embeddings must be exactly equal), driven with httpx."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.inference.malformed import png_header_only
+from tests.serving.helpers import ThreadServer, b64, metric_value, png_bytes
+from visreg_hub.serving.config import IndexSpec, Limits, ModelSpec, ServeConfig
+
+LIMITS = Limits(
+    max_body_bytes=256 * 1024, max_pixels=256 * 256, max_items=16, max_k=50, max_queue=64,
+    request_timeout_s=30.0, max_metadata_bytes=1024,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    from visreg_hub import from_pretrained
+
+    return from_pretrained(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def server(model, tiny_model_dir, tmp_path_factory):
+    from visreg_hub.serving.app import create_app
+    from visreg_hub.serving.runtime import runtime_from_model
+
+    folder = tmp_path_factory.mktemp("api_index")
+    config = ServeConfig(
+        models=(ModelSpec("tiny", str(tiny_model_dir)),),
+        indexes=(IndexSpec("items", folder / "items"),),
+        max_batch_size=8, max_wait_ms=2.0, limits=LIMITS,
+    )  # fmt: skip
+    app = create_app(config, runtimes={"tiny": runtime_from_model("tiny", model, str(tiny_model_dir))})
+    with ThreadServer(app) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+def embed(http, inputs, **extra) -> httpx.Response:
+    return http.post("/v1/embeddings", json={"input": inputs, **extra})
+
+
+def as_matrix(response: httpx.Response) -> np.ndarray:
+    return np.asarray([item["embedding"] for item in response.json()["data"]], dtype=np.float32)
+
+
+def test_embeddings_equal_encode_exactly(http, model, fmnist_images, photo_bytes):
+    payloads = [png_bytes(a) for a in fmnist_images[:10]] + photo_bytes
+    response = embed(http, [b64(p) for p in payloads])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "list" and body["model"] == "tiny" and body["errors"] == []
+    assert [item["index"] for item in body["data"]] == list(range(len(payloads)))
+    assert body["usage"]["images"] == len(payloads)
+    reference = model.encode(payloads, convert_to_numpy=True)
+    np.testing.assert_array_equal(as_matrix(response), reference)
+
+
+def test_base64_encoding_format_and_data_urls(http, model, fmnist_images):
+    payload = png_bytes(fmnist_images[0])
+    response = embed(http, [f"data:image/png;base64,{b64(payload)}"], encoding_format="base64")
+    assert response.status_code == 200, response.text
+    vector = np.frombuffer(base64.b64decode(response.json()["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_array_equal(vector, model.encode(payload, convert_to_numpy=True)[0])
+    single = embed(http, b64(payload))  # OpenAI also takes one string
+    np.testing.assert_array_equal(as_matrix(single)[0], vector)
+
+
+def test_multipart_upload_equals_json(http, fmnist_images, photo_bytes):
+    payloads = [png_bytes(fmnist_images[3]), photo_bytes[0]]
+    files = [("input", (f"{i}.img", p, "application/octet-stream")) for i, p in enumerate(payloads)]
+    response = http.post("/v1/embeddings", files=files, data={"model": "tiny"})
+    assert response.status_code == 200, response.text
+    np.testing.assert_array_equal(as_matrix(response), as_matrix(embed(http, [b64(p) for p in payloads])))
+
+
+def test_mixed_good_and_bad_inputs(http, model, fmnist_images):
+    good = [png_bytes(fmnist_images[1]), png_bytes(fmnist_images[2])]
+    inputs = [
+        b64(good[0]),
+        "not base64 at all!",
+        b64(b"plain text, not an image"),
+        b64(good[1][: len(good[1]) // 2]),  # truncated PNG
+        b64(good[1]),
+        "http://169.254.169.254/latest/meta-data",
+        "file:///etc/passwd",
+    ]
+    response = embed(http, inputs)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [item["index"] for item in body["data"]] == [0, 4]
+    errors = {e["index"]: e["message"] for e in body["errors"]}
+    assert sorted(errors) == [1, 2, 3, 5, 6]
+    assert "base64" in errors[1] and "not an image" in errors[2] and "truncated" in errors[3]
+    assert "URLs and file paths are not accepted" in errors[5] and "not accepted" in errors[6]
+    np.testing.assert_array_equal(as_matrix(response), model.encode(good, convert_to_numpy=True))
+
+
+def test_all_inputs_bad_is_a_4xx(http):
+    response = embed(http, ["@@@", b64(b"GIF89a broken")])
+    assert response.status_code == 422
+    assert "no input could be embedded" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"input": []}, 400),
+        ({"input": [1, 2]}, 422),
+        ({"input": ["x"], "encoding_format": "hex"}, 422),
+        ({"input": ["x"], "unknown": 1}, 422),
+        ({"input": ["x"], "model": "nope"}, 404),
+        ([1, 2, 3], 422),
+    ],
+)
+def test_malformed_requests_are_4xx(http, body, expected):
+    response = http.post("/v1/embeddings", json=body)
+    assert response.status_code == expected, response.text
+    assert response.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------------------- limits
+def test_limit_max_body_bytes(http, server):
+    big = "A" * (LIMITS.max_body_bytes + 10)
+    response = http.post("/v1/embeddings", json={"input": [big]})
+    assert response.status_code == 413 and "max_body_bytes" in response.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the limit must hold while the body streams in
+        for _ in range(LIMITS.max_body_bytes // 65536 + 2):
+            yield b"A" * 65536
+
+    response = http.post("/v1/embeddings", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "max_body_bytes" in response.text
+
+
+def test_limit_max_pixels(http, fmnist_images):
+    too_big = png_bytes(np.zeros((300, 300), dtype=np.uint8))  # 90,000 > 65,536 pixels
+    response = embed(http, [b64(too_big), b64(png_bytes(fmnist_images[0]))])
+    assert response.status_code == 200
+    assert "max_pixels=65,536" in response.json()["errors"][0]["message"]
+    alone = embed(http, [b64(too_big)])
+    assert alone.status_code == 422 and "max_pixels" in alone.json()["error"]["message"]
+
+
+def test_limit_max_items(http, fmnist_images):
+    inputs = [b64(png_bytes(fmnist_images[0]))] * (LIMITS.max_items + 1)
+    response = embed(http, inputs)
+    assert response.status_code == 413 and "max_items=16" in response.json()["error"]["message"]
+    response = http.post("/v1/indexes/items/items", json={"vectors": [[0.0] * 32] * (LIMITS.max_items + 1)})
+    assert response.status_code == 413 and "max_items" in response.text
+
+
+@pytest.mark.parametrize("k", [0, -1, LIMITS.max_k + 1, 10**30])
+def test_limit_max_k(http, k):
+    response = http.post("/v1/search", json={"index": "items", "vector": [1.0] * 32, "k": k})
+    assert response.status_code == 422, response.text
+    assert "max_k" in response.json()["error"]["message"] or "k" in response.json()["error"]["message"]
+
+
+def test_limit_max_metadata_bytes(http):
+    meta = {"text": "x" * (LIMITS.max_metadata_bytes + 1)}
+    response = http.post("/v1/indexes/items/items", json={"vectors": [[1.0] * 32], "metadata": [meta]})
+    assert response.status_code == 413 and "max_metadata_bytes" in response.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------------------- hostile
+def _nested(depth: int) -> bytes:
+    return b'{"input": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+def _bomb_png() -> bytes:
+    image = Image.new("L", (3000, 3000))  # 9 Mpx of zeros: ~9 KB compressed
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
+JSON = "application/json"
+BOMB_HEADER = b64(png_header_only(100_000, 100_000))
+DEEP_VECTOR = b'{"index": "items", "vector": ' + b"[" * 50_000 + b"}"
+DEEP_METADATA = b'{"vectors": [[1]], "metadata": [' + b'{"a":' * 5000 + b"}"
+NAN_VECTOR = b'{"index": "items", "vector": [NaN' + b", 1" * 31 + b"]}"
+
+HOSTILE = {
+    "invalid-base64": ("/v1/embeddings", {"input": ["%%%notbase64%%%"]}, None),
+    "non-image": ("/v1/embeddings", {"input": [b64(b"#!/bin/sh\necho hi\n")]}, None),
+    "decompression-bomb-header": ("/v1/embeddings", {"input": [BOMB_HEADER]}, None),
+    "decompression-bomb-zeros": ("/v1/embeddings", {"input": [b64(_bomb_png())]}, None),
+    "nested-json-embeddings": ("/v1/embeddings", _nested(100_000), "application/json"),
+    "nested-json-search": ("/v1/search", DEEP_VECTOR, JSON),
+    "nested-metadata": ("/v1/indexes/items/items", DEEP_METADATA, None),
+    "wrong-content-type": ("/v1/embeddings", b'{"input": []}', "text/plain"),
+    "xml": ("/v1/search", b"<search/>", "application/xml"),
+    "huge-k": ("/v1/search", {"index": "items", "vector": [1.0] * 32, "k": 10**40}, None),
+    "negative-k": ("/v1/search", {"index": "items", "vector": [1.0] * 32, "k": -5}, None),
+    "file-url": ("/v1/embeddings", {"input": ["file:///etc/passwd"]}, None),
+    "http-url": ("/v1/embeddings", {"input": ["http://127.0.0.1:1/x.png"]}, None),
+    "file-url-search": ("/v1/search", {"index": "items", "image": "file:///etc/passwd"}, None),
+    "http-url-add": ("/v1/indexes/items/items", {"images": ["https://example.com/a.png"]}, None),
+    "path": ("/v1/embeddings", {"input": ["/etc/passwd"]}, None),
+    "nan-vector": ("/v1/search", NAN_VECTOR, JSON),
+    "wrong-dim": ("/v1/search", {"index": "items", "vector": [1.0] * 7}, None),
+    "unknown-index": ("/v1/search", {"index": "../../etc", "vector": [1.0] * 32}, None),
+    "huge-id": ("/v1/indexes/items/items/99999999999999999999999", None, "DELETE"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_inputs_are_4xx_and_server_stays_healthy(http, fmnist_images, case):
+    path, body, content_type = HOSTILE[case]
+    if content_type == "DELETE":
+        response = http.delete(path)
+    elif isinstance(body, bytes):
+        response = http.post(path, content=body, headers={"content-type": content_type or "application/json"})
+    else:
+        response = http.post(path, json=body)
+    assert 400 <= response.status_code < 500, (case, response.status_code, response.text[:300])
+    assert response.json()["error"]["message"]
+    assert http.get("/health").json() == {"status": "ok"}
+    assert embed(http, [b64(png_bytes(fmnist_images[0]))]).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- indexes
+def test_index_add_search_delete(http, model, fmnist_images):
+    images = [png_bytes(a) for a in fmnist_images[10:16]]
+    meta = [{"n": i} for i in range(len(images))]
+    added = http.post("/v1/indexes/items/items", json={"images": [b64(p) for p in images], "metadata": meta})
+    assert added.status_code == 200, added.text
+    ids = added.json()["ids"]
+    assert len(set(ids)) == len(images)
+    reference = model.encode(images, convert_to_numpy=True)
+    # search by image: the image's own item first, scores = cosine similarities of encode() embeddings
+    hits = http.post("/v1/search", json={"index": "items", "image": b64(images[2]), "k": 3}).json()["hits"]
+    assert hits[0]["id"] == ids[2] and hits[0]["metadata"] == {"n": 2}
+    expected = sorted(
+        ((float(reference[2] @ reference[j]), ids[j]) for j in range(len(images))), reverse=True
+    )
+    assert [h["id"] for h in hits] == [i for _, i in expected[:3]]
+    np.testing.assert_allclose([h["score"] for h in hits], [s for s, _ in expected[:3]], rtol=1e-5, atol=1e-6)
+    by_vector = http.post("/v1/search", json={"index": "items", "vector": reference[4].tolist(), "k": 1})
+    assert by_vector.json()["hits"][0]["id"] == ids[4]
+    info = http.get("/v1/indexes/items").json()
+    assert info["dim"] == 32 and info["model"] == "tiny" and info["count"] >= len(images)
+    assert http.delete(f"/v1/indexes/items/items/{ids[4]}").status_code == 200
+    assert http.delete(f"/v1/indexes/items/items/{ids[4]}").status_code == 404
+    after = http.post("/v1/search", json={"index": "items", "vector": reference[4].tolist(), "k": 50})
+    assert ids[4] not in [h["id"] for h in after.json()["hits"]]
+    assert http.get("/v1/indexes/items").json()["count"] == info["count"] - 1
+
+
+def test_add_refuses_bad_images_and_duplicate_ids(http, fmnist_images):
+    good = b64(png_bytes(fmnist_images[20]))
+    response = http.post("/v1/indexes/items/items", json={"images": [good, "@@"]})
+    assert response.status_code == 422 and "nothing was added" in response.json()["error"]["message"]
+    first = http.post("/v1/indexes/items/items", json={"vectors": [[0.5] * 32], "ids": [10_000]})
+    assert first.status_code == 200 and first.json()["ids"] == [10_000]
+    again = http.post("/v1/indexes/items/items", json={"vectors": [[0.5] * 32], "ids": [10_000]})
+    assert again.status_code == 409
+
+
+# ---------------------------------------------------------------------------------------------- service
+def test_models_health_ready_metrics(http):
+    models = http.get("/v1/models").json()
+    assert models["data"][0]["id"] == "tiny" and models["data"][0]["embedding_dim"] == 32
+    assert http.get("/ready").json()["models"] == ["tiny"]
+    text = http.get("/metrics").text
+    assert metric_value(text, "visreg_requests_total", route="/v1/models", method="GET", status="200") >= 1
+    for family in ("visreg_request_seconds_bucket", "visreg_batch_size_bucket", "visreg_queue_depth",
+                   "visreg_items_embedded_total", "visreg_decode_failures_total"):  # fmt: skip
+        assert family in text
+
+
+def test_openapi_schema_is_valid(http):
+    from openapi_spec_validator import validate
+
+    spec = http.get("/openapi.json").json()
+    validate(spec)
+    paths = ["/v1/embeddings", "/v1/search", "/v1/indexes/{name}/items", "/v1/indexes/{name}/items/{item_id}"]
+    paths += ["/v1/indexes/{name}", "/v1/models", "/health", "/ready", "/metrics"]
+    for path in paths:
+        assert path in spec["paths"], path
+    content = spec["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]
+    assert set(content) == {"application/json", "multipart/form-data"}
+
+
+def test_cors_is_off_by_default(http):
+    response = http.options(
+        "/v1/models", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"}
+    )
+    assert "access-control-allow-origin" not in response.headers
+    assert (
+        "access-control-allow-origin" not in http.get("/v1/models", headers={"Origin": "https://x"}).headers
+    )
+
+
+def test_errors_do_not_echo_inputs(http):
+    secret = "QUJD" * 200  # valid base64, not an image
+    response = http.post("/v1/search", json={"index": "items", "image": 12345, "k": 1})
+    assert response.status_code == 422
+    response = embed(http, [secret])
+    assert secret not in response.text and json.loads(response.text)["error"]

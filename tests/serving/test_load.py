@@ -1,0 +1,148 @@
+"""Concurrency, overload, timeouts and auth on real uvicorn servers (in-process threads, httpx clients)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.serving.helpers import ThreadServer, b64, metric_value, png_bytes
+from visreg_hub.serving.config import Limits, ModelSpec, ServeConfig
+from visreg_hub.serving.security import hash_key, load_api_keys
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    from visreg_hub import from_pretrained
+
+    return from_pretrained(str(tiny_model_dir))
+
+
+def start(model, *, delay: float = 0.0, **config) -> ThreadServer:
+    """A server on ``model``; ``delay`` seconds are added to every forward pass (a slow model)."""
+    from visreg_hub.serving.app import create_app
+    from visreg_hub.serving.runtime import runtime_from_model
+
+    runtime = runtime_from_model("tiny", model)
+    if delay:
+        fast = runtime.forward
+
+        def slow(pixels):
+            time.sleep(delay)
+            return fast(pixels)
+
+        runtime.forward = slow
+    return ThreadServer(
+        create_app(ServeConfig(models=(ModelSpec("tiny", "tiny"),), **config), runtimes={"tiny": runtime})
+    )
+
+
+def test_64_concurrent_clients_are_batched_and_correct(model, fmnist_images):
+    payloads = [
+        png_bytes(fmnist_images[i % len(fmnist_images)][::-1] if i >= 40 else fmnist_images[i])
+        for i in range(64)
+    ]
+    reference = model.encode(payloads, convert_to_numpy=True)
+    with start(model, max_batch_size=64, max_wait_ms=50.0) as server:
+        barrier = threading.Barrier(64)
+
+        def one(i: int):
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                barrier.wait()
+                return i, client.post("/v1/embeddings", json={"input": [b64(payloads[i])]})
+
+        with ThreadPoolExecutor(64) as pool:
+            results = list(pool.map(one, range(64)))
+        metrics = httpx.get(server.url + "/metrics").text
+    for i, response in results:
+        assert response.status_code == 200, response.text
+        np.testing.assert_array_equal(
+            np.asarray(response.json()["data"][0]["embedding"], np.float32), reference[i]
+        )
+    batches = metric_value(metrics, "visreg_batch_size_count", model="tiny")
+    images = metric_value(metrics, "visreg_batch_size_sum", model="tiny")
+    assert images == 64 and 1 <= batches < 64, (batches, images)  # coalesced: mean batch size > 1
+    assert (
+        metric_value(metrics, "visreg_requests_total", route="/v1/embeddings", method="POST", status="200")
+        == 64
+    )
+
+
+def test_overload_gets_429_never_5xx_and_recovers(model, fmnist_images):
+    payload = b64(png_bytes(fmnist_images[0]))
+    reference = model.encode(png_bytes(fmnist_images[0]), convert_to_numpy=True)[0]
+    limits = Limits(max_queue=8)
+    with start(model, delay=0.05, max_batch_size=4, max_wait_ms=1.0, limits=limits) as server:
+
+        def flood(_):
+            statuses = []
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                for _ in range(3):
+                    response = client.post("/v1/embeddings", json={"input": [payload, payload]})
+                    if response.status_code == 429:
+                        assert int(response.headers["Retry-After"]) >= 1
+                        assert "max_queue=8" in response.json()["error"]["message"]
+                    elif response.status_code == 200:
+                        np.testing.assert_array_equal(
+                            np.asarray(response.json()["data"][1]["embedding"], np.float32), reference
+                        )
+                    statuses.append(response.status_code)
+            return statuses
+
+        with ThreadPoolExecutor(48) as pool:
+            statuses = [s for batch in pool.map(flood, range(48)) for s in batch]
+        assert set(statuses) <= {200, 429} and statuses.count(429) > 0 and statuses.count(200) > 0
+        after = httpx.post(server.url + "/v1/embeddings", json={"input": [payload]}, timeout=60)
+        assert after.status_code == 200
+        metrics = httpx.get(server.url + "/metrics").text
+        assert metric_value(metrics, "visreg_queue_depth", model="tiny") == 0
+        assert metric_value(metrics, "visreg_rejected_total", limit="max_queue") == statuses.count(429)
+
+
+def test_limit_request_timeout(model, fmnist_images):
+    payload = b64(png_bytes(fmnist_images[0]))
+    with start(model, delay=1.0, limits=Limits(request_timeout_s=0.3)) as server:
+        response = httpx.post(server.url + "/v1/embeddings", json={"input": [payload]}, timeout=30)
+        assert response.status_code == 408
+        assert "request_timeout_s=0.3" in response.json()["error"]["message"]
+        time.sleep(1.2)  # the slow batch in flight finishes; the server is fine afterwards
+        assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_api_keys_on(model, fmnist_images, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"# operators\nsha256:{hash_key('s3cret-one')}\n\nplain-key-two\n")
+    digests = load_api_keys(keys)
+    assert digests == {hash_key("s3cret-one"), hash_key("plain-key-two")}
+    payload = {"input": [b64(png_bytes(fmnist_images[0]))]}
+    with start(model, api_key_hashes=digests, cors_origins=("https://app.example",)) as server:
+        url = server.url + "/v1/embeddings"
+        assert httpx.post(url, json=payload).status_code == 401
+        wrong = httpx.post(url, json=payload, headers={"Authorization": "Bearer s3cret-on"})
+        assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"] == "Bearer"
+        assert httpx.post(url, json=payload, headers={"Authorization": "Basic s3cret-one"}).status_code == 401
+        for key in ("s3cret-one", "plain-key-two"):
+            ok = httpx.post(url, json=payload, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+            assert ok.status_code == 200
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        assert httpx.get(server.url + "/metrics").status_code == 401
+        assert httpx.get(server.url + "/health").status_code == 200  # probes stay open
+        assert httpx.get(server.url + "/ready").status_code == 200
+        allowed = httpx.get(server.url + "/health", headers={"Origin": "https://app.example"})
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+        other = httpx.get(server.url + "/health", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+@pytest.mark.parametrize("content", ["", "# only a comment\n", "sha256:xyz\n"])
+def test_bad_api_key_files_are_refused(tmp_path, content):
+    from visreg_hub.errors import ConfigError
+
+    path = tmp_path / "keys"
+    path.write_text(content)
+    with pytest.raises(ConfigError):
+        load_api_keys(path)
