@@ -133,3 +133,73 @@ def launch(args: list[str], log_path: Path) -> ProcessServer:
     with log_path.open("a") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     return ProcessServer(f"http://127.0.0.1:{port}", process, log_path)
+
+
+class Zygote:
+    """``tests/serving/zygote.py`` in a subprocess: forks ready-imported ``visreg-hub serve`` processes."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.serving.zygote"], cwd=REPO, env=env, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert self._read() == {"ready": True}
+
+    def _read(self) -> dict:
+        import json
+
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"zygote exited with {self.process.wait()}")
+        return json.loads(line)
+
+    def _send(self, command: list) -> dict:
+        import json
+
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def start(self, args: list[str], log_path: Path) -> ForkedServer:
+        port = free_port()
+        command = ["serve", "--port", str(port), "--device", "cpu", *args]
+        pid = self._send(["start", command, str(log_path)])["pid"]
+        return ForkedServer(f"http://127.0.0.1:{port}", pid, log_path, self)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(30)
+
+
+@dataclass
+class ForkedServer:
+    """A server forked by a :class:`Zygote` (our own process, addressed by its pid)."""
+
+    url: str
+    pid: int
+    log_path: Path
+    zygote: Zygote
+    status: int | None = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait_ready(self, timeout: float = 60.0) -> ForkedServer:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.signal(signal.SIGKILL)
+        raise RuntimeError(f"forked server not ready within {timeout} s:\n{self.log()}")
+
+    def signal(self, number: int) -> int:
+        """Send ``number`` to the server and reap it; returns its exit status."""
+        if self.status is None:
+            os.kill(self.pid, number)
+            self.status = self.zygote._send(["wait", self.pid])["status"]
+        return self.status

@@ -1,0 +1,196 @@
+"""The durable index store: log framing, torn tails, replay, atomic snapshots and crashes inside them.
+
+The reference for every check is a plain dict of id -> vector kept by the test and a numpy brute-force
+search over it (independent of FAISS, the log and the snapshot code).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from visreg_hub.errors import CheckpointError
+from visreg_hub.serving.store import DurableIndex, IdConflictError
+from visreg_hub.serving.wal import LogRecord, read_log
+
+DIM = 8
+
+
+def new_index():
+    from visreg_hub.retrieval import EmbeddingIndex
+
+    return EmbeddingIndex(DIM, metric="ip", normalize=True, model_name="m")
+
+
+def unit(rng, n):
+    v = rng.standard_normal((n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def check_matches(store: DurableIndex, expected: dict[int, np.ndarray], meta: dict[int, dict]) -> None:
+    """Same ids as ``expected``; every vector finds itself first, with its metadata."""
+    assert sorted(int(i) for i in store.index.ids) == sorted(expected)
+    assert len(store) == len(expected)
+    if not expected:
+        return
+    ids = np.asarray(sorted(expected))
+    queries = np.stack([expected[i] for i in ids])
+    result = store.search(queries, k=1)
+    np.testing.assert_array_equal(result.ids[:, 0], ids)
+    assert [row[0] for row in result.metadata] == [meta.get(int(i)) for i in ids]
+
+
+def test_log_record_round_trip_and_torn_tail(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "log.wal"
+    records = [
+        LogRecord("add", np.arange(3, dtype=np.int64), unit(rng, 3), [{"a": 1}, None, {"b": [1, 2]}]),
+        LogRecord("remove", np.asarray([1], dtype=np.int64)),
+        LogRecord("add", np.asarray([7], dtype=np.int64), unit(rng, 1), None),
+    ]
+    blobs = [r.encode() for r in records]
+    data = b"".join(blobs)
+    path.write_bytes(data)
+    read, good = read_log(path)
+    assert good == len(data) and [r.op for r in read] == ["add", "remove", "add"]
+    np.testing.assert_array_equal(read[0].vectors, records[0].vectors)
+    assert read[0].metadata == records[0].metadata and read[2].metadata is None
+    # every cut inside the last record loses exactly that record
+    start = len(blobs[0]) + len(blobs[1])
+    for cut in range(start, len(data)):
+        path.write_bytes(data[:cut])
+        read, good = read_log(path)
+        assert len(read) == 2 and good == start, cut
+    # a flipped byte in the last record's payload fails its checksum
+    flipped = bytearray(data)
+    flipped[-3] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    assert len(read_log(path)[0]) == 2
+
+
+def test_replay_after_reopen_and_torn_tail_is_cut(tmp_path):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "idx"
+    store = DurableIndex(folder, new_index, snapshot_every=1000)
+    expected, meta = {}, {}
+    for step in range(5):
+        vectors = unit(rng, 4)
+        metadata = [{"step": step, "j": j} for j in range(4)]
+        ids = store.add(vectors, metadata)
+        expected.update(zip(ids.tolist(), vectors))
+        meta.update(zip(ids.tolist(), metadata))
+    for victim in (1, 6, 13):
+        assert store.remove([victim]) == [victim]
+        del expected[victim], meta[victim]
+    assert store.remove([1]) == []  # already gone: nothing logged
+    log = folder / "log-000000.wal"
+    size = log.stat().st_size
+    # no close(): as after kill -9, only the log holds the state; add a torn half record
+    with log.open("ab") as handle:
+        handle.write(LogRecord("add", np.asarray([99], np.int64), unit(rng, 1), None).encode()[:30])
+    reopened = DurableIndex(folder, new_index)
+    assert log.stat().st_size == size  # the torn tail was cut off
+    check_matches(reopened, expected, meta)
+    assert reopened.next_id == 20  # ids are never reused, even after removing the highest
+    more = unit(rng, 2)
+    ids = reopened.add(more, None)
+    assert ids.tolist() == [20, 21]
+    expected.update(zip(ids.tolist(), more))
+    check_matches(DurableIndex(folder, new_index), expected, meta)
+
+
+def test_snapshot_compacts_the_log_atomically(tmp_path):
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "idx"
+    store = DurableIndex(folder, new_index, snapshot_every=3)
+    expected = {}
+    for _ in range(7):
+        vectors = unit(rng, 2)
+        expected.update(zip(store.add(vectors).tolist(), vectors))
+    # 7 records: snapshots after records 3 and 6, one record in the current log
+    assert store.generation == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["CURRENT", "log-000002.wal", "snapshot-000002"]
+    assert len(read_log(folder / "log-000002.wal")[0]) == 1
+    store.close()  # graceful shutdown: a final snapshot, an empty log
+    assert sorted(p.name for p in folder.iterdir()) == ["CURRENT", "log-000003.wal", "snapshot-000003"]
+    assert read_log(folder / "log-000003.wal") == ([], 0)
+    check_matches(DurableIndex(folder, new_index), expected, {})
+
+
+@pytest.mark.parametrize("crash_at", ["staging-rename", "current-rename"])
+def test_crash_inside_a_snapshot_keeps_the_old_state(tmp_path, monkeypatch, crash_at):
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "idx"
+    store = DurableIndex(folder, new_index, snapshot_every=10**6)
+    expected = {}
+    for _ in range(3):
+        vectors = unit(rng, 3)
+        expected.update(zip(store.add(vectors).tolist(), vectors))
+    real_replace = os.replace
+
+    def crashing_replace(src, dst):
+        name = Path(dst).name
+        if (crash_at == "staging-rename" and name.startswith("snapshot-")) or (
+            crash_at == "current-rename" and name == "CURRENT"
+        ):
+            raise OSError("simulated crash")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crashing_replace)
+    with pytest.raises(OSError, match="simulated crash"):
+        store.snapshot()
+    monkeypatch.setattr(os, "replace", real_replace)
+    reopened = DurableIndex(folder, new_index)  # the old log is still in charge
+    check_matches(reopened, expected, {})
+    assert reopened.generation == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["log-000000.wal"]  # leftovers removed
+
+
+def test_existing_index_folder_is_the_base_and_never_modified(tmp_path):
+    from visreg_hub.retrieval import EmbeddingIndex
+
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "built"
+    base = EmbeddingIndex(DIM, metric="ip", normalize=True, model_name="m")
+    base_vectors = unit(rng, 5)
+    base.add(base_vectors, ids=np.arange(100, 105), metadata=[{"k": i} for i in range(5)])
+    base.save(folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    store = DurableIndex(folder, new_index, snapshot_every=2)
+    assert store.next_id == 105
+    extra = unit(rng, 4)
+    for pair in (extra[:2], extra[2:]):
+        store.add(pair)
+    store.close()
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name in before} == before
+    expected = dict(zip(range(100, 105), base_vectors)) | dict(zip(range(105, 109), extra))
+    check_matches(DurableIndex(folder, new_index), expected, {100 + i: {"k": i} for i in range(5)})
+
+
+def test_bad_writes_log_nothing(tmp_path):
+    folder = tmp_path / "idx"
+    store = DurableIndex(folder, new_index)
+    ids = store.add(unit(np.random.default_rng(5), 1), ids=[7])
+    assert ids.tolist() == [7]
+    for bad in (
+        lambda: store.add(np.ones((1, DIM), np.float32), ids=[7]),
+        lambda: store.add(np.ones((2, DIM), np.float32), ids=[8, 8]),
+        lambda: store.add(np.ones((1, DIM + 1), np.float32)),
+        lambda: store.add(np.full((1, DIM), np.nan, np.float32)),
+        lambda: store.add(np.ones((1, DIM), np.float32), metadata=[{}, {}]),
+    ):
+        with pytest.raises((IdConflictError, ValueError)):
+            bad()
+    assert len(read_log(folder / "log-000000.wal")[0]) == 1
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"generation": 1, "snapshot": "../etc"}', "[]"])
+def test_malformed_current_is_a_clear_error(tmp_path, content):
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    (folder / "CURRENT").write_text(content)
+    with pytest.raises(CheckpointError, match="CURRENT"):
+        DurableIndex(folder, new_index)
