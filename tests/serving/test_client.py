@@ -1,0 +1,94 @@
+"""``visreg_hub.Client`` against a real server: the same results as the local API it mirrors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import visreg_hub
+from tests.serving.helpers import ThreadServer, png_bytes
+from visreg_hub.errors import ImageDecodeError
+from visreg_hub.serving.config import IndexSpec, ModelSpec, ServeConfig
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    from visreg_hub.serving.app import create_app
+    from visreg_hub.serving.runtime import runtime_from_model
+
+    model = visreg_hub.from_pretrained(str(tiny_model_dir))
+    config = ServeConfig(
+        models=(ModelSpec("tiny", str(tiny_model_dir)),),
+        indexes=(IndexSpec("gallery", tmp_path_factory.mktemp("client") / "gallery"),),
+    )
+    app = create_app(config, runtimes={"tiny": runtime_from_model("tiny", model)})
+    with ThreadServer(app) as server:
+        yield model, server
+
+
+def test_encode_is_a_one_line_switch(setup, fmnist_images, photo_bytes, tmp_path):
+    model, server = setup
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(photo_bytes[1])
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(fmnist_images[i]).save(folder / f"{i}.png")
+    inputs = [
+        str(path), folder, photo_bytes[0], Image.fromarray(fmnist_images[5]), fmnist_images[6],
+        torch.from_numpy(fmnist_images[7]).float() / 255, np.stack([fmnist_images[8], fmnist_images[9]])[..., None],
+    ]  # fmt: skip
+    local = model.encode(inputs)
+    remote = visreg_hub.Client(server.url).encode(inputs, batch_size=4)
+    assert isinstance(remote, torch.Tensor) and remote.dtype == torch.float32
+    torch.testing.assert_close(remote, local, rtol=0, atol=0)
+    as_numpy = visreg_hub.Client(server.url, model="tiny").encode(inputs[:2], convert_to_numpy=True)
+    np.testing.assert_array_equal(as_numpy, local[:4].numpy())  # the folder holds 3 images
+
+
+def test_encode_errors_mirror_encode(setup, fmnist_images, tmp_path):
+    model, server = setup
+    good = png_bytes(fmnist_images[0])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    client = visreg_hub.Client(server.url)
+    with pytest.raises(ImageDecodeError, match="input index 1"):
+        client.encode([good, str(bad)])
+    result = client.encode([good, str(bad), good], on_error="skip")
+    local = model.encode([good, str(bad), good], on_error="skip")
+    assert [f.index for f in result.failures] == [f.index for f in local.failures] == [1]
+    torch.testing.assert_close(result.embeddings, local.embeddings, rtol=0, atol=0)
+
+
+def test_search_add_remove_mirror_the_index(setup, fmnist_images):
+    model, server = setup
+    client = visreg_hub.Client(server.url)
+    images = [png_bytes(a) for a in fmnist_images[20:30]]
+    ids = client.add("gallery", images, metadata=[{"n": i} for i in range(10)])
+    assert ids.dtype == np.int64 and len(set(ids.tolist())) == 10
+    local = visreg_hub.EmbeddingIndex(32, metric="ip", normalize=True)
+    local.add(model.encode(images, convert_to_numpy=True), ids=ids, metadata=[{"n": i} for i in range(10)])
+    queries = model.encode(images[:3], convert_to_numpy=True)
+    expected = local.search(queries, k=4)
+    by_vector = client.search(queries, k=4, index="gallery")
+    by_image = client.search(images[:3], k=4, index="gallery")
+    for got in (by_vector, by_image):
+        np.testing.assert_array_equal(got.ids, expected.ids)
+        np.testing.assert_allclose(got.scores, expected.scores, rtol=1e-5, atol=1e-6)
+        assert got.metadata == expected.metadata
+    assert client.remove("gallery", int(ids[0])) is True
+    assert client.remove("gallery", int(ids[0])) is False
+    assert client.index_info("gallery")["count"] == 9
+    assert client.models()[0]["id"] == "tiny"
+
+
+def test_client_errors(setup):
+    _, server = setup
+    with pytest.raises(ValueError, match="http"):
+        visreg_hub.Client("ftp://x")
+    with pytest.raises(visreg_hub.serving.client.ServerError, match="404"):
+        visreg_hub.Client(server.url).search(np.ones(32, np.float32), index="missing")
+    with pytest.raises(ConnectionError):
+        visreg_hub.Client("http://127.0.0.1:9", timeout=2).models()
