@@ -11,10 +11,16 @@ the default in the UI menus and the bundled assets are always offered too. Users
 operator named, never a path of their own. The UI logic lives in :mod:`demo.service`; this module only
 lays out the page and wires events.
 
+One process serves both the UI (at ``/``) and the HTTP inference API of ``visreg-hub serve``
+(``/v1/embeddings``, ``/v1/models``, ``/health``, ``/metrics``, ``/openapi.json``; see
+:mod:`demo.server`): each model is loaded once and the UI's embeddings go through the API's batcher.
+
 Serving safety: uploads are limited in bytes (``--max-file-size``, enforced by Gradio's upload route) and
 pixels (``--max-pixels``), must have an image extension and decode as PNG/JPEG/GIF/BMP/TIFF/WebP/PPM;
 errors reach the user as a message (no traceback); the queue is bounded; Gradio may serve only its
-own cache, the galleries and the bundled examples; the per-run temporary folder (uploads, Gradio's
+own cache, the galleries and the bundled examples; only the ``search`` and ``extract`` events are
+callable by name (``/gradio_api/call/...``); JPEGs much larger than the model's input are decoded at a
+reduced size, freed memory goes back to the OS when idle; the per-run temporary folder (uploads, Gradio's
 cache, ``.npy`` downloads) is removed when the server stops (Ctrl-C or SIGTERM).
 """
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import functools
 import html
 import logging
@@ -30,17 +37,19 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no phoning home
 
+from demo.server import combined_app, mount_ui
 from demo.service import DEMO_MAX_PIXELS, MAX_K, DemoService, UserInputError
 from visreg_hub.errors import MissingExtraError, VisregHubError
 from visreg_hub.inference import IMAGE_EXTENSIONS
 from visreg_hub.models.config import POOLINGS
+from visreg_hub.serving.memory import bound_allocator
+from visreg_hub.serving.server import run_app
 
 try:
     import gradio as gr
@@ -306,30 +315,32 @@ def main(argv: list[str] | None = None) -> int:
             args.model, args.gallery, cache_dir=args.cache_dir, download_dir=workspace / "downloads",
             device=args.device, max_pixels=args.max_pixels,
         )  # fmt: skip
-        logger.info("%s", service.describe())  # loads the default model and builds/loads its index now
+        app = combined_app(service)  # loads every model once; the UI uses them and the API's batcher
+        logger.info("%s", service.describe())  # builds/loads the default gallery's index now
     except (VisregHubError, OSError, ValueError) as exc:
         shutil.rmtree(workspace, ignore_errors=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     demo = build_app(service, top_k=args.top_k)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
+    app = mount_ui(app, demo, service, max_file_size=args.max_file_size, css=CSS)
     logger.info("temporary files in %s (removed at exit); index cache in %s", workspace, args.cache_dir)
+    logger.info("UI at http://%s:%d/ , HTTP API under /v1 (schema: /openapi.json)", args.host, args.port)
+    bound_allocator()
     try:
-        demo.launch(
-            server_name=args.host, server_port=args.port, share=False, max_file_size=args.max_file_size,
-            allowed_paths=service.allowed_paths(), show_error=False, ssr_mode=False, mcp_server=False,
-            pwa=False, enable_monitoring=False, footer_links=["api"], css=CSS, prevent_thread_lock=True,
-        )  # fmt: skip
-    except OSError as exc:  # e.g. the port is taken
-        print(f"error: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 2
-    try:
-        while demo.is_running:
-            time.sleep(0.5)
+        # uvicorn handles SIGTERM/SIGINT (closing Gradio first ends the event streams browser tabs hold
+        # open), then re-raises it: _stop_on_sigterm turns that into KeyboardInterrupt, caught below
+        run_app(app, args.host, args.port, log_level="warning", graceful_s=15.0,
+                before_shutdown=functools.partial(demo.close, verbose=False))  # fmt: skip
     except KeyboardInterrupt:
-        logger.info("stopping the server")
+        logger.info("stopped")
+    except SystemExit as exc:  # uvicorn exits when it cannot bind (e.g. the port is taken)
+        if exc.code not in (0, None):
+            print(f"error: cannot serve on {args.host}:{args.port} (see the log above)", file=sys.stderr)
+            return 2
     finally:
-        demo.close(verbose=False)  # also ends the heartbeat streams open browser tabs hold
+        with contextlib.suppress(Exception):
+            demo.close(verbose=False)
     return 0
 
 

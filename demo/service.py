@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import shutil
 import threading
 import time
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,14 +32,13 @@ from visreg_hub.errors import ImageDecodeError, ModelNotFoundError, UserInputErr
 from visreg_hub.hub import from_pretrained, registry
 from visreg_hub.inference import (
     IMAGE_EXTENSIONS,
-    ImageSource,
     Preprocessor,
-    decode_image,
     encode,
     extract_patch_features,
     patch_pca_rgb,
 )
 from visreg_hub.models.config import POOLINGS
+from visreg_hub.serving.runtime import decode_reduced
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,9 @@ BUNDLED_MODEL = Path(visreg_hub.__file__).resolve().parent / "assets" / BUNDLED_
 BUNDLED_GALLERY = ASSETS / "gallery"
 EXAMPLES = ASSETS / "examples"
 BUNDLED = "bundled"
-# 4096 x 4096: ample for a demo, and a decoded RGB image stays under 50 MB.
-DEMO_MAX_PIXELS = 4096 * 4096
+# 2048 x 2048 decoded pixels: an RGBA upload then needs ~16 MB per copy while it is decoded. Large JPEGs
+# (camera photos) are decoded at a reduced size first (serving.runtime.decode_reduced), so they pass.
+DEMO_MAX_PIXELS = 2048 * 2048
 MAX_K = 50
 DISPLAY_SIZE = 224
 DOWNLOAD_MAX_AGE_S = 3600  # .npy downloads older than this are removed (Gradio has its own copy by then)
@@ -146,8 +147,14 @@ class DemoService:
         cache_dir: where gallery indexes are cached (see :mod:`demo.cache`).
         download_dir: where ``.npy`` downloads are written (the app removes it at exit).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
-        max_pixels: pixel cap for uploads (width * height).
+        max_pixels: pixel cap for uploads (width * height, of the decoded image: large JPEGs are
+            decoded at a reduced size first when the model needs far fewer pixels).
         batch_size: images per forward pass when embedding a gallery.
+        model_loader: loads a model from its source (default: ``from_pretrained``); the combined
+            server passes the serving app's models so each is in memory once.
+        embedder: ``(model key, decoded RGB image) -> (E,)`` default-pooling, normalised embedding;
+            the combined server passes one that goes through the serving app's batcher. Default:
+            ``encode()`` in the calling thread.
 
     Raises:
         BundledAssetMissingError: no model (or gallery) was named and the bundled one is missing.
@@ -163,12 +170,16 @@ class DemoService:
         device: str | None = "auto",
         max_pixels: int = DEMO_MAX_PIXELS,
         batch_size: int = 64,
+        model_loader: Callable[[str], torch.nn.Module] | None = None,
+        embedder: Callable[[str, Image.Image], np.ndarray] | None = None,
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.download_dir = Path(download_dir)
         self.device = pick_device(device)
         self.max_pixels = int(max_pixels)
         self.batch_size = int(batch_size)
+        self.model_loader = model_loader
+        self.embedder = embedder
         self.model_choices = self._model_choices(models)
         self.gallery_choices = self._gallery_choices(galleries)
         self._models: dict[str, LoadedModel] = {}
@@ -241,7 +252,10 @@ class DemoService:
         with self._lock:
             if choice.key not in self._models:
                 start = time.perf_counter()
-                model = from_pretrained(choice.source, device=self.device)
+                if self.model_loader is not None:
+                    model = self.model_loader(choice.source)
+                else:
+                    model = from_pretrained(choice.source, device=self.device)
                 entry = None if Path(choice.source).is_dir() else registry.find_entry(choice.source)
                 identity = model_identity(choice.source, model, getattr(entry, "revision", None))
                 seconds = time.perf_counter() - start
@@ -280,11 +294,12 @@ class DemoService:
         return text
 
     # ------------------------------------------------------------------ uploads
-    def check_query(self, path: str | Path | None) -> Image.Image:
+    def check_query(self, path: str | Path | None, needed: int = DISPLAY_SIZE) -> Image.Image:
         """Validate an uploaded or picked image and decode it (RGB).
 
         Checks the extension, that the content is one of :data:`ALLOWED_FORMATS`, and decodes it with
-        the library's rules (pixel cap, truncated data, EXIF, alpha, 16-bit).
+        the library's rules (pixel cap, truncated data, EXIF, alpha, 16-bit). A JPEG far larger than
+        ``needed`` pixels (the model's resize target) is decoded at a reduced size (memory bound).
 
         Raises:
             UserInputError: the message names the file (not its server path) and what is wrong.
@@ -316,7 +331,7 @@ class DemoService:
         except OSError as exc:
             raise UserInputError(f"{name}: truncated or corrupt image ({exc})") from None
         try:
-            return decode_image(ImageSource(path, name), max_pixels=self.max_pixels)
+            return decode_reduced(path, name, max_pixels=self.max_pixels, needed=needed)
         except ImageDecodeError as exc:
             raise UserInputError(self._clean(str(exc), path)) from None
 
@@ -327,11 +342,21 @@ class DemoService:
         message = re.sub(r";? ?pass a larger max_pixels only for files you trust", "", message)
         return re.sub(r" \(input index \d+; pass on_error='skip' to embed the others\)", "", message)
 
-    def _encode_query(self, loaded: LoadedModel, path: Path, **kwargs) -> np.ndarray:
-        try:
-            return encode(loaded.model, [path], max_pixels=self.max_pixels, convert_to_numpy=True, **kwargs)
-        except ImageDecodeError as exc:
-            raise UserInputError(self._clean(str(exc), path)) from None
+    def _decode_for(self, loaded: LoadedModel, path: str | Path | None) -> Image.Image:
+        """check_query at the model's resize target."""
+        preprocessor = Preprocessor(loaded.model.data_config)
+        needed = math.ceil(max(preprocessor.height, preprocessor.width) / preprocessor.crop_pct)
+        return self.check_query(path, needed=needed)
+
+    def _embed(
+        self, model_key: str | None, loaded: LoadedModel, image: Image.Image, *, pooling=None, normalize=True
+    ) -> np.ndarray:
+        """(E,) embedding of a decoded image: through ``embedder`` (the server's batcher) for the default
+        pooling, normalised; with ``encode()`` otherwise."""
+        default = pooling in (None, loaded.model.config.pooling) and normalize
+        if self.embedder is not None and default:
+            return self.embedder(model_key or self.default_model, image)
+        return encode(loaded.model, [image], pooling=pooling, normalize=normalize, convert_to_numpy=True)[0]
 
     # ------------------------------------------------------------------ operations
     def extract(
@@ -344,12 +369,15 @@ class DemoService:
     ) -> Extraction:
         """Embed one image and picture its patch tokens.
 
-        The embedding is exactly ``model.encode(path, pooling=pooling, normalize=normalize)``; it is also
-        written to a ``.npy`` file under ``download_dir``.
+        The embedding is exactly ``model.encode(path, pooling=pooling, normalize=normalize)`` (for a JPEG
+        more than 8x larger than the model's input, of its reduced-size decode); it is also written to
+        a ``.npy`` file under ``download_dir``. The image is decoded once for all outputs.
         """
-        image = self.check_query(path)
-        path = Path(path)
+        if path is None or str(path) == "":
+            raise UserInputError("No image yet: upload one or pick an example first.")
         loaded = self.get_model(model_key)
+        image = self._decode_for(loaded, path)
+        path = Path(path)
         model = loaded.model
         pooling = pooling or model.config.pooling
         if pooling not in POOLINGS:
@@ -358,8 +386,8 @@ class DemoService:
             model.embedding_dim(pooling)
         except ValueError as exc:
             raise UserInputError(str(exc)) from None
-        embedding = self._encode_query(loaded, path, pooling=pooling, normalize=normalize)[0]
-        grid = extract_patch_features(model, [path], max_pixels=self.max_pixels, convert_to_numpy=True)[0]
+        embedding = self._embed(model_key, loaded, image, pooling=pooling, normalize=normalize)
+        grid = extract_patch_features(model, [image], max_pixels=None, convert_to_numpy=True)[0]
         view, pca, overlay = self._pca_pictures(model, image, grid)
         npy_path = self._write_npy(embedding, path.stem)
         return Extraction(embedding, pooling, normalize, npy_path, view, pca, overlay, tuple(grid.shape[:2]))
@@ -396,10 +424,12 @@ class DemoService:
         """Top-k gallery images for a query image, by cosine similarity of the model's embeddings."""
         if isinstance(k, bool) or not isinstance(k, int | float) or int(k) != k or not 1 <= k <= MAX_K:
             raise UserInputError(f"k must be a whole number from 1 to {MAX_K}, got {k!r}")
-        image = self.check_query(path)
+        if path is None or str(path) == "":
+            raise UserInputError("No image yet: upload one or pick an example first.")
         loaded = self.get_model(model_key)
+        image = self._decode_for(loaded, path)
         cached = self.get_index(model_key, gallery_key)
-        query = self._encode_query(loaded, Path(path))
+        query = self._embed(model_key, loaded, image)[None, :]
         result = cached.index.search(query, int(k))
         hits = []
         for rank, (score, item_id, meta) in enumerate(

@@ -58,6 +58,7 @@ class Service:
         self.metrics = Metrics()
         self.started = time.time()
         self.ready = False
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, set when it starts
         self.runtimes: dict[str, ModelRuntime] = dict(runtimes or {})
         for spec in config.models:
             if spec.name not in self.runtimes:
@@ -204,6 +205,33 @@ class Service:
         finally:
             self.release(model, len(wanted))
 
+    async def embed_pixels(self, model: str, pixels) -> np.ndarray:
+        """Embed (n, C, H, W) uint8 pixels already preprocessed for ``model`` (admission + batcher)."""
+        count = int(pixels.shape[0])
+        self.admit(model, count)
+        try:
+            return await self.runtimes[model].batcher.submit(pixels)
+        finally:
+            self.release(model, count)
+
+    def embed_images_blocking(self, model: str, images: list) -> np.ndarray:
+        """From a thread other than the server's event loop (the demo's UI handlers): preprocess decoded
+        RGB PIL ``images`` here, embed them through the model's batcher, wait. Returns (n, E) float32.
+
+        Raises:
+            ApiError: 429 when the queue is full, 408 after ``request_timeout_s``.
+        """
+        import torch
+
+        if self.loop is None:
+            raise RuntimeError("the server is not running; embed_images_blocking needs its event loop")
+        runtime = self.runtimes[model]
+        pixels = torch.stack([runtime.preprocessor(image) for image in images])
+        future = asyncio.run_coroutine_threadsafe(
+            self.with_timeout(self.embed_pixels(model, pixels)), self.loop
+        )
+        return future.result()
+
     def _decode(self, runtime: ModelRuntime, payload: bytes, label: str, draft: bool):
         try:
             return runtime.decode(payload, label, max_pixels=self.limits.max_pixels, draft=draft), None
@@ -258,6 +286,7 @@ def create_app(config: ServeConfig, *, runtimes: dict[str, ModelRuntime] | None 
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
+        service.loop = asyncio.get_running_loop()
         try:
             yield
         finally:

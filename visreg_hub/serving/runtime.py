@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +24,10 @@ from visreg_hub.inference.preprocess import Preprocessor
 from visreg_hub.serving.config import ModelSpec
 
 logger = logging.getLogger(__name__)
+
+# A JPEG is draft-decoded only to a size at least this many times what the preprocessing resizes to, so
+# the resize filter still sees several source pixels per output pixel.
+DRAFT_MARGIN = 4
 
 
 @dataclass
@@ -46,35 +52,21 @@ class ModelRuntime:
     def decode(self, payload: bytes, label: str, *, max_pixels: int, draft: bool = False) -> torch.Tensor:
         """Encoded image bytes -> (C, H, W) uint8 model input (resized, cropped, not normalised).
 
-        With ``draft``, JPEGs are decoded by libjpeg at 1/2, 1/4 or 1/8 scale when the model needs that
-        few pixels (a 12 Mpx photo for a 224 px model costs ~0.2 Mpx instead of 12), and ``max_pixels``
-        applies to the reduced size. Results then differ slightly from ``encode()``; the demo uses it.
+        With ``draft``, large JPEGs are decoded at a reduced size (see :func:`decode_reduced`).
 
         Raises:
             ImageDecodeError: the message starts with ``label``.
         """
         if draft:
-            image = self._draft_decode(payload, label, max_pixels)
-            if image is not None:
-                return self.preprocessor(image)
-        return self.preprocessor(decode_image(ImageSource(payload, label), max_pixels=max_pixels))
+            image = decode_reduced(payload, label, max_pixels=max_pixels, needed=self.needed_pixels)
+        else:
+            image = decode_image(ImageSource(payload, label), max_pixels=max_pixels)
+        return self.preprocessor(image)
 
-    def _draft_decode(self, payload: bytes, label: str, max_pixels: int) -> Image.Image | None:
-        """Reduced-size JPEG decode, or None to use the normal path (not a JPEG, nothing to gain)."""
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(payload), formats=DEFAULT_FORMATS)
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError):
-            return None  # the normal path reports it with the library's message
-        if image.format != "JPEG":
-            image.close()
-            return None
-        needed = max(self.preprocessor.height, self.preprocessor.width)
-        # twice the resize target keeps the downsampling filter's input well above the output
-        request = (2 * needed / self.preprocessor.crop_pct,) * 2
-        image.draft("RGB", tuple(int(v) for v in request))
-        return decode_image(ImageSource(image, label), max_pixels=max_pixels)
+    @property
+    def needed_pixels(self) -> int:
+        """The longest side the preprocessing resizes to (before its centre crop)."""
+        return math.ceil(max(self.preprocessor.height, self.preprocessor.width) / self.preprocessor.crop_pct)
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> np.ndarray:
@@ -96,6 +88,37 @@ def load_runtime(spec: ModelSpec, device: str | None) -> ModelRuntime:
     seconds = time.perf_counter() - start
     logger.info("loaded model %s (%s) in %.1f s", spec.name, spec.source, seconds)
     return ModelRuntime(spec, model, Preprocessor(model.data_config), torch.device(device), seconds)
+
+
+def decode_reduced(payload: bytes | Path, label: str, *, max_pixels: int, needed: int) -> Image.Image:
+    """Like :func:`decode_image`, but a JPEG whose shorter side is over ``2 * DRAFT_MARGIN * needed``
+    px is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (Pillow's ``draft``), keeping both sides at
+    least ``DRAFT_MARGIN * needed``.
+
+    A 12 Mpx photo for a 224 px model then costs under 1 Mpx of memory instead of 12; smaller images
+    and every other format decode exactly as in ``encode()``. ``max_pixels`` bounds the decoded size, so
+    a large JPEG may pass where a PNG of the same size would not.
+
+    Raises:
+        ImageDecodeError: the message starts with ``label``.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            stream = payload if isinstance(payload, Path) else io.BytesIO(payload)
+            image = Image.open(stream, formats=DEFAULT_FORMATS)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError):
+        image = None  # the normal path reports it with the library's message
+    if image is None or image.format != "JPEG" or min(image.size) < 2 * DRAFT_MARGIN * needed:
+        if image is not None:
+            image.close()
+        return decode_image(ImageSource(payload, label), max_pixels=max_pixels)
+    try:
+        target = DRAFT_MARGIN * needed
+        image.draft("RGB", (target, target))  # the largest reduction that keeps both sides >= target
+        return decode_image(ImageSource(image, label), max_pixels=max_pixels)
+    finally:
+        image.close()
 
 
 def runtime_from_model(name: str, model: torch.nn.Module, source: str | None = None) -> ModelRuntime:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from visreg_hub.errors import require_extra
@@ -27,10 +28,25 @@ async def trim_when_idle(service, interval: float = IDLE_TRIM_S) -> None:
         busy_before = busy
 
 
-def run_app(app: Any, host: str, port: int, *, log_level: str = "info", graceful_s: float = 30.0) -> None:
+def run_app(
+    app: Any, host: str, port: int, *, log_level: str = "info", graceful_s: float = 30.0,
+    before_shutdown: Callable[[], None] | None = None,
+) -> None:  # fmt: skip
     """Serve ``app`` until SIGINT/SIGTERM; in-flight requests get ``graceful_s`` to finish, then the
-    app's shutdown drains the batchers and snapshots every index."""
+    app's shutdown drains the batchers and snapshots every index.
+
+    Args:
+        before_shutdown: called when shutdown starts, before waiting for open connections (the demo
+            ends the event streams that browser tabs keep open).
+    """
     uvicorn = require_extra("uvicorn", "serve")
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            if before_shutdown is not None:
+                before_shutdown()
+            await super().shutdown(sockets)
+
     service = app.state.service
 
     @contextlib.asynccontextmanager
@@ -53,7 +69,7 @@ def run_app(app: Any, host: str, port: int, *, log_level: str = "info", graceful
         timeout_graceful_shutdown=graceful_s,
         server_header=False,
     )
-    uvicorn.Server(config).run()
+    Server(config).run()
 
 
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:

@@ -1,0 +1,106 @@
+"""One process for the demo and the API: the serving app with the Gradio UI mounted at ``/``.
+
+:func:`combined_app` builds :func:`visreg_hub.serving.create_app` on the demo's models (each loaded
+once), points the :class:`~demo.service.DemoService` at those models and at the serving batcher (the UI's
+embeddings are batched with the API's requests), mounts the Gradio Blocks at ``/`` and puts
+:class:`PublicEventsOnly` in front: Gradio answers ``/gradio_api/call|run|api/<name>`` for every event
+of the page, but only ``search`` and ``extract`` are meant for clients; the page itself uses the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+from demo.service import DemoService, UserInputError
+from visreg_hub.serving.app import ApiError, create_app
+from visreg_hub.serving.config import Limits, ModelSpec, ServeConfig, model_spec
+
+logger = logging.getLogger("demo")
+
+PUBLIC_EVENTS = frozenset({"search", "extract"})
+_NAMED_EVENT = re.compile(r"^/gradio_api/(?:call|run|api)/(?P<name>[^/]+)")
+
+
+class PublicEventsOnly:
+    """ASGI guard: 404 for Gradio's named-event routes other than :data:`PUBLIC_EVENTS`."""
+
+    def __init__(self, app, public: frozenset[str] = PUBLIC_EVENTS) -> None:
+        self.app = app
+        self.public = public
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            match = _NAMED_EVENT.match(scope.get("path", ""))
+            if match and match.group("name") not in self.public:
+                body = json.dumps({"error": {"message": "not found", "type": "not_found"}}).encode()
+                headers = [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ]
+                await send({"type": "http.response.start", "status": 404, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def model_specs(service: DemoService) -> tuple[tuple[ModelSpec, ...], dict[str, str]]:
+    """API model specs for the demo's menu, and menu key -> API model name (names made unique)."""
+    specs, names = [], {}
+    for choice in service.model_choices:
+        name = model_spec(choice.source).name
+        while name in names.values():
+            name += "-2"
+        names[choice.key] = name
+        specs.append(ModelSpec(name, choice.source))
+    return tuple(specs), names
+
+
+def combined_app(service: DemoService, *, limits: Limits | None = None, max_batch_size: int = 32) -> Any:
+    """The serving app on ``service``'s models, wired into ``service`` (mount the UI with :func:`mount_ui`).
+
+    JPEG uploads far larger than a model's input are decoded at a reduced size (``draft_decode``) to
+    bound memory per request, in the API as in the UI.
+    """
+    specs, names = model_specs(service)
+    limits = limits or Limits(max_pixels=service.max_pixels)
+    config = ServeConfig(
+        models=specs,
+        device=str(service.device),
+        max_batch_size=max_batch_size,
+        limits=limits,
+        draft_decode=True,
+    )
+    app = create_app(config)
+    api = app.state.service
+    by_source = {spec.source: spec.name for spec in specs}
+
+    def load(source: str):
+        return api.runtimes[by_source[source]].model
+
+    def embed(model_key: str, image) -> Any:
+        try:
+            return api.embed_images_blocking(names[model_key], [image])[0]
+        except ApiError as exc:
+            raise UserInputError(
+                f"The server is busy ({exc.message.split(';')[0]}); try again shortly."
+            ) from None
+
+    service.model_loader = load
+    service.embedder = embed
+    return app
+
+
+def mount_ui(app, blocks, service: DemoService, *, max_file_size: str, css: str) -> Any:
+    """Mount the Gradio Blocks at ``/`` of ``app`` (after the API routes, which keep precedence)."""
+    import gradio as gr
+
+    app = gr.mount_gradio_app(
+        app, blocks, path="/", allowed_paths=service.allowed_paths(), max_file_size=max_file_size,
+        show_error=False, ssr_mode=False, mcp_server=False, pwa=False, enable_monitoring=False,
+        footer_links=["api"], css=css, server_name="127.0.0.1",
+    )  # fmt: skip
+    app.add_middleware(PublicEventsOnly)
+    return app
