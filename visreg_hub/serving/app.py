@@ -70,6 +70,7 @@ class Service:
             config.limits.decode_workers, thread_name_prefix="decode"
         )
         self.admitted: dict[str, int] = dict.fromkeys(self.runtimes, 0)  # images in decode or queue
+        self.activity = 0  # requests admitted so far (the idle memory trim watches it)
         self.indexes: dict[str, DurableIndex] = {}
         self.index_models: dict[str, str | None] = {}
         for spec in config.indexes:
@@ -167,6 +168,7 @@ class Service:
                 headers={"Retry-After": str(runtime.batcher.retry_after())},
             )
         self.admitted[model] += count
+        self.activity += 1
 
     def release(self, model: str, count: int) -> None:
         self.admitted[model] -= count

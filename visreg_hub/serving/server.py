@@ -18,14 +18,14 @@ IDLE_TRIM_S = 2.0
 
 
 async def trim_when_idle(service, interval: float = IDLE_TRIM_S) -> None:
-    """Every ``interval`` s, return freed heap to the OS if no image waited since the last look."""
-    busy_before = True
+    """Every ``interval`` s: if images were embedded since the last look and none is in flight now,
+    return freed heap memory to the OS (:func:`~visreg_hub.serving.memory.trim`)."""
+    seen = -1
     while True:
         await asyncio.sleep(interval)
-        busy = any(service.admitted.values())
-        if not busy and busy_before:
+        if service.activity != seen and not any(service.admitted.values()):
+            seen = service.activity
             await asyncio.to_thread(trim)
-        busy_before = busy
 
 
 def run_app(

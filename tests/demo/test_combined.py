@@ -1,0 +1,82 @@
+"""The demo process also serves the HTTP API (one app, the UI mounted at ``/``), exposes only the
+public Gradio events by name, and gives memory back after a burst of large uploads."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from tests.demo.conftest import EXAMPLES, SERVER_MAX_PIXELS
+
+
+def test_the_demo_serves_the_api(demo_server, demo_model, demo_model_dir):
+    base = demo_server.url.rstrip("/")
+    assert httpx.get(base + "/health", timeout=10).json() == {"status": "ok"}
+    models = httpx.get(base + "/v1/models", timeout=10).json()["data"]
+    assert [m["id"] for m in models] == [demo_model_dir.name, "vit-mini-p7-fmnist"]
+    payload = (EXAMPLES / "Bag_320.png").read_bytes()
+    body = {"input": [base64.b64encode(payload).decode()], "model": demo_model_dir.name}
+    response = httpx.post(base + "/v1/embeddings", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    expected = demo_model.encode(payload, convert_to_numpy=True)[0]
+    np.testing.assert_allclose(response.json()["data"][0]["embedding"], expected, atol=1e-6)
+    assert "openapi" in httpx.get(base + "/openapi.json", timeout=10).json()
+    metrics = httpx.get(base + "/metrics", timeout=10).text
+    assert 'visreg_requests_total{method="POST",route="/v1/embeddings",status="200"}' in metrics
+
+
+@pytest.mark.parametrize(
+    "path", ["/gradio_api/call/status", "/gradio_api/call/preview", "/gradio_api/run/predict",
+             "/gradio_api/api/status", "/gradio_api/call/pick", "/gradio_api/run/status/"],
+)  # fmt: skip
+def test_private_events_are_not_callable_by_name(demo_server, path):
+    response = httpx.post(demo_server.url.rstrip("/") + path, json={"data": []}, timeout=10)
+    assert response.status_code == 404
+
+
+def _rgba_png(seed: int, side: int) -> str:
+    """A compressible RGBA PNG (a few KB) that decodes to side x side x 4 bytes."""
+    pixels = np.zeros((side, side, 4), np.uint8)
+    pixels[..., 0] = seed
+    pixels[..., 3] = np.arange(side)[None, :] % 256
+    pixels[:: 7 + seed, ::5, 1] = 200
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGBA").save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_memory_returns_near_baseline_after_a_burst_of_large_images(demo_server, demo_model_dir):
+    """Measured on this machine: without the allocator bound the process keeps ~60 MB after this burst
+    (1 Mpx RGBA images); with it, within a few MB of its baseline."""
+    side = int(SERVER_MAX_PIXELS**0.5)  # the shared server's pixel cap
+    url = demo_server.url.rstrip("/") + "/v1/embeddings"
+    payloads = [_rgba_png(seed, side) for seed in range(6)]
+    process = psutil.Process(demo_server.process.pid)
+    with httpx.Client(timeout=120) as client:
+        assert client.post(url, json={"input": payloads[:2], "model": demo_model_dir.name}).status_code == 200
+    time.sleep(3)  # idle trim
+    baseline = process.memory_info().rss
+
+    def burst(j: int) -> list[int]:
+        with httpx.Client(timeout=120) as client:
+            return [
+                client.post(
+                    url, json={"input": payloads[k % 6 : k % 6 + 2], "model": demo_model_dir.name}
+                ).status_code
+                for k in range(j, j + 6)
+            ]
+
+    with ThreadPoolExecutor(4) as pool:
+        statuses = [s for batch in pool.map(burst, range(4)) for s in batch]
+    assert set(statuses) == {200}
+    time.sleep(4)  # the server trims freed memory once idle (every 2 s)
+    grown = (process.memory_info().rss - baseline) / 2**20
+    assert grown < 25, f"RSS grew by {grown:.0f} MB after the burst"
