@@ -26,7 +26,7 @@ def test_the_demo_serves_the_api(demo_server, demo_model, demo_model_dir):
     body = {"input": [base64.b64encode(payload).decode()], "model": demo_model_dir.name}
     response = httpx.post(base + "/v1/embeddings", json=body, timeout=60)
     assert response.status_code == 200, response.text
-    expected = demo_model.encode(payload, convert_to_numpy=True)[0]
+    expected = demo_model.encode([payload], convert_to_numpy=True)[0]
     np.testing.assert_allclose(response.json()["data"][0]["embedding"], expected, atol=1e-6)
     assert "openapi" in httpx.get(base + "/openapi.json", timeout=10).json()
     metrics = httpx.get(base + "/metrics", timeout=10).text

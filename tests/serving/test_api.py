@@ -76,7 +76,7 @@ def test_base64_encoding_format_and_data_urls(http, model, fmnist_images):
     response = embed(http, [f"data:image/png;base64,{b64(payload)}"], encoding_format="base64")
     assert response.status_code == 200, response.text
     vector = np.frombuffer(base64.b64decode(response.json()["data"][0]["embedding"]), dtype="<f4")
-    np.testing.assert_array_equal(vector, model.encode(payload, convert_to_numpy=True)[0])
+    np.testing.assert_array_equal(vector, model.encode([payload], convert_to_numpy=True)[0])
     single = embed(http, b64(payload))  # OpenAI also takes one string
     np.testing.assert_array_equal(as_matrix(single)[0], vector)
 

@@ -36,9 +36,10 @@ def test_encode_is_a_one_line_switch(setup, fmnist_images, photo_bytes, tmp_path
     folder.mkdir()
     for i in range(3):
         Image.fromarray(fmnist_images[i]).save(folder / f"{i}.png")
+    batch = np.stack([fmnist_images[8], fmnist_images[9]])[..., None]  # (N, H, W, C)
     inputs = [
         str(path), folder, photo_bytes[0], Image.fromarray(fmnist_images[5]), fmnist_images[6],
-        torch.from_numpy(fmnist_images[7]).float() / 255, np.stack([fmnist_images[8], fmnist_images[9]])[..., None],
+        torch.from_numpy(fmnist_images[7]).float() / 255, batch,
     ]  # fmt: skip
     local = model.encode(inputs)
     remote = visreg_hub.Client(server.url).encode(inputs, batch_size=4)

@@ -62,7 +62,7 @@ class Service:
         self.runtimes: dict[str, ModelRuntime] = dict(runtimes or {})
         for spec in config.models:
             if spec.name not in self.runtimes:
-                self.runtimes[spec.name] = load_runtime(spec, config.device)
+                self.runtimes[spec.name] = load_runtime(spec, config.device, config.backend)
         for runtime in self.runtimes.values():
             runtime.batcher = self._batcher(runtime)
         # bounded decode pool: at most decode_workers images are being decoded at any moment
@@ -228,7 +228,7 @@ class Service:
         if self.loop is None:
             raise RuntimeError("the server is not running; embed_images_blocking needs its event loop")
         runtime = self.runtimes[model]
-        pixels = torch.stack([runtime.preprocessor(image) for image in images])
+        pixels = torch.stack([runtime.transform(image) for image in images])
         future = asyncio.run_coroutine_threadsafe(
             self.with_timeout(self.embed_pixels(model, pixels)), self.loop
         )

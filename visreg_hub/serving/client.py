@@ -116,7 +116,7 @@ class Client:
         import torch
 
         from visreg_hub.inference import EncodeFailure, EncodeResult
-        from visreg_hub.inference.images import expand_inputs
+        from visreg_hub.inference.images import expand_inputs, is_single_image
 
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -162,6 +162,8 @@ class Client:
         ordered = [rows[i] for i in sorted(rows)]
         dim = ordered[0].shape[0] if ordered else self._dim()
         array = np.stack(ordered).astype(np.float32) if ordered else np.zeros((0, dim), np.float32)
+        if on_error == "raise" and is_single_image(images):
+            array = array[0]  # as encode(): a single image gives a 1-D vector
         embeddings = array if convert_to_numpy else torch.from_numpy(array)
         return EncodeResult(embeddings, failures) if on_error == "skip" else embeddings
 

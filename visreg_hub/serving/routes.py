@@ -247,7 +247,7 @@ def install(app: FastAPI, service: Service) -> None:
                 id=r.name,
                 source=r.spec.source,
                 embedding_dim=r.embedding_dim,
-                input_size=list(r.preprocessor.output_shape),
+                input_size=list(r.input_shape),
             )
             for r in service.runtimes.values()
         ]

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from visreg_hub.inference.images import DEFAULT_FORMATS, ImageSource, decode_image
+from visreg_hub.inference.pipeline import EmbeddingPipeline
 from visreg_hub.inference.preprocess import Preprocessor
 from visreg_hub.serving.config import ModelSpec
 
@@ -32,12 +33,16 @@ DRAFT_MARGIN = 4
 
 @dataclass
 class ModelRuntime:
-    """A loaded model with what the server needs around it (the batcher is attached by the app)."""
+    """A loaded model and its embedding pipeline (the batcher is attached by the app).
+
+    ``pipeline`` is the library's :class:`~visreg_hub.inference.pipeline.EmbeddingPipeline` on the
+    backend the model was loaded with (torch or ONNX Runtime); the server decodes and transforms each
+    image in its decode pool and calls the pipeline's batch entry point, ``embed_pixels``, per batch.
+    """
 
     spec: ModelSpec
     model: torch.nn.Module
-    preprocessor: Preprocessor
-    device: torch.device
+    pipeline: EmbeddingPipeline
     load_seconds: float
     batcher: object = None
 
@@ -46,8 +51,27 @@ class ModelRuntime:
         return self.spec.name
 
     @property
+    def backend(self):
+        return self.pipeline.backend
+
+    @property
+    def transform(self):
+        """Decoded RGB PIL image -> (C, H, W) uint8 tensor (resize and crop of the model's data config)."""
+        return self.pipeline.backend.transform
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.pipeline.backend.input_shape)
+
+    @property
     def embedding_dim(self) -> int:
-        return int(self.model.embedding_dim())
+        return int(self.pipeline.output_shape[-1])
+
+    @property
+    def needed_pixels(self) -> int:
+        """The longest side the preprocessing resizes to (before its centre crop)."""
+        crop_pct = Preprocessor(self.model.data_config).crop_pct
+        return math.ceil(max(self.input_shape[1:]) / crop_pct)
 
     def decode(self, payload: bytes, label: str, *, max_pixels: int, draft: bool = False) -> torch.Tensor:
         """Encoded image bytes -> (C, H, W) uint8 model input (resized, cropped, not normalised).
@@ -61,33 +85,33 @@ class ModelRuntime:
             image = decode_reduced(payload, label, max_pixels=max_pixels, needed=self.needed_pixels)
         else:
             image = decode_image(ImageSource(payload, label), max_pixels=max_pixels)
-        return self.preprocessor(image)
+        return self.transform(image)
 
-    @property
-    def needed_pixels(self) -> int:
-        """The longest side the preprocessing resizes to (before its centre crop)."""
-        return math.ceil(max(self.preprocessor.height, self.preprocessor.width) / self.preprocessor.crop_pct)
-
-    @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> np.ndarray:
         """(B, C, H, W) uint8 -> (B, E) float32 L2-normalised embeddings, as ``encode()`` computes them."""
-        dtype = next(self.model.parameters()).dtype
-        inputs = self.preprocessor.normalize(pixels.to(self.device), dtype=dtype)
-        embeddings = self.model(inputs).float()
-        return torch.nn.functional.normalize(embeddings, dim=-1).cpu().numpy()
+        return self.pipeline.embed_pixels(pixels).numpy()
 
 
-def load_runtime(spec: ModelSpec, device: str | None) -> ModelRuntime:
-    """Load ``spec`` with ``from_pretrained`` (strict, safetensors only) onto ``device``, in eval mode."""
+def _pipeline(model: torch.nn.Module) -> EmbeddingPipeline:
+    from visreg_hub.inference.backends import backend_for
+
+    return EmbeddingPipeline(backend_for(model), normalize=True, max_pixels=None)
+
+
+def load_runtime(spec: ModelSpec, device: str | None, backend: str = "torch") -> ModelRuntime:
+    """Load ``spec`` with ``from_pretrained`` (strict, safetensors only) onto ``device`` for ``backend``."""
     from visreg_hub.hub import from_pretrained
 
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
-    model = from_pretrained(spec.source, device=device).eval()
+    model = from_pretrained(spec.source, device=device, backend=backend)
+    pipeline = _pipeline(model)
     seconds = time.perf_counter() - start
-    logger.info("loaded model %s (%s) in %.1f s", spec.name, spec.source, seconds)
-    return ModelRuntime(spec, model, Preprocessor(model.data_config), torch.device(device), seconds)
+    logger.info(
+        "loaded model %s (%s) in %.1f s: %s", spec.name, spec.source, seconds, pipeline.backend.describe()
+    )
+    return ModelRuntime(spec, model, pipeline, seconds)
 
 
 def decode_reduced(payload: bytes | Path, label: str, *, max_pixels: int, needed: int) -> Image.Image:
@@ -122,7 +146,5 @@ def decode_reduced(payload: bytes | Path, label: str, *, max_pixels: int, needed
 
 
 def runtime_from_model(name: str, model: torch.nn.Module, source: str | None = None) -> ModelRuntime:
-    """Wrap an already loaded model (the demo and tests share one model object with the server)."""
-    device = next(model.parameters()).device
-    spec = ModelSpec(name, source or name)
-    return ModelRuntime(spec, model.eval(), Preprocessor(model.data_config), device, 0.0)
+    """Wrap an already loaded model (tests share one model object with the server)."""
+    return ModelRuntime(ModelSpec(name, source or name), model.eval(), _pipeline(model), 0.0)
