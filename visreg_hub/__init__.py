@@ -26,6 +26,7 @@ _PUBLIC = {
     "VISRegLoss": "visreg_hub.losses",
     "EmbeddingIndex": "visreg_hub.retrieval",
     "SearchResult": "visreg_hub.retrieval",
+    "embed_dataset": "visreg_hub.bulk",
     "export_onnx": "visreg_hub.inference.onnx",
     "Client": "visreg_hub.serving.client",
 }

@@ -147,12 +147,16 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     recall = info[f"recall_at_{RECALL_K}"]
     print(
         f"built {info['factory']} index ({args.metric}) of {len(index)} x {index.dim} vectors in "
-        f"{args.output}: about {info['estimated_bytes'] / 2**20:.1f} MiB, recall@{RECALL_K} {recall:.3f} "
+        f"{args.output}: about {_size(info['estimated_bytes'])} in memory, recall@{RECALL_K} {recall:.3f} "
         f"on {len(info['query_ids'])} held-out queries"
     )
     if index.model_name is None:
         print("no model recorded in the index; `search` will need --model", file=sys.stderr)
     return 0
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
 
 
 def cmd_index_inspect(args: argparse.Namespace) -> int:

@@ -51,6 +51,8 @@ class Item:
         payload: the member's bytes, read in the embedding pass only (None for files).
         cls: text of ``key.cls``; json: text of ``key.json`` (tar members only).
         error: set when the listing already knows the item cannot be embedded.
+        refs: where the image and side members' bytes are in the tar, so another process can read
+            them without scanning the tar (the Ray engine).
     """
 
     path: str
@@ -60,6 +62,7 @@ class Item:
     cls: str | None = None
     json: str | None = None
     error: str | None = None
+    refs: dict[str, tuple[int, int]] | None = None  # tar members: "image"/"cls"/"json" -> (offset, size)
 
     def identity(self) -> bytes:
         """What the listing digest hashes for this item."""
@@ -140,6 +143,9 @@ def _tar(path: str, read: Callable[[], bool]) -> Iterator[Item]:
                     group = Item(path=path, key=key)
                     wanted = read()
                 last = ext.rsplit(".", 1)[-1]
+                role = "image" if last in _IMAGE_EXTS else last if last in ("cls", "json") else None
+                if role is not None and (group.refs is None or role not in group.refs):
+                    group.refs = {**(group.refs or {}), role: (member.offset_data, member.size)}
                 try:
                     if last in _IMAGE_EXTS and group.member is None:
                         group.member = member.name
@@ -161,6 +167,22 @@ def _tar(path: str, read: Callable[[], bool]) -> Iterator[Item]:
         yield Item(path=path, key="<unreadable rest>", error=f"{path}: tar shard is damaged: {exc}")
     if group is not None:
         yield _finish(group)
+
+
+def read_refs(item: Item, handle) -> Item:
+    """Fill ``payload``/``cls``/``json`` of a tar item from its ``refs`` (``handle``: the open tar file)."""
+    for role, (offset, size) in (item.refs or {}).items():
+        if role != "image" and size > MAX_SIDE_BYTES:
+            continue
+        handle.seek(offset)
+        data = handle.read(size)
+        if len(data) != size:
+            item.error = f"{item.path}#{item.key}: the tar shard ends inside the {role} member"
+        elif role == "image":
+            item.payload = data
+        else:
+            setattr(item, role, data.decode("utf-8", "replace").strip())
+    return item
 
 
 def _finish(group: Item) -> Item:

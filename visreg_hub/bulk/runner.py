@@ -196,7 +196,8 @@ def run_embedding(
         from visreg_hub.bulk.ray_engine import run_ray
 
         return run_ray(sources, folder, manifest, net, runner, listing, num_shards, start=start,
-                       batch_size=batch_size, normalize=normalize, max_pixels=max_pixels)  # fmt: skip
+                       batch_size=batch_size, normalize=normalize, max_pixels=max_pixels, device=device,
+                       dtype=dtype, pooling=pooling)  # fmt: skip
     from visreg_hub.inference.pipeline import EmbeddingPipeline
 
     embedder = ShardEmbedder(

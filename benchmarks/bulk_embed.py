@@ -1,0 +1,138 @@
+"""Bulk embedding (`embed_dataset`, resumable shards) against in-process `encode()` on the same files.
+
+One run, same files, same model, same thread count, each measurement in a fresh process (so peak RSS is
+that job's own):
+
+* throughput: images/s of ``encode(model, paths)`` vs ``embed_dataset(folder, out)`` (goal >= 0.95x);
+* memory: peak RSS of both at N and 4N images (bulk should stay flat, encode holds every embedding);
+* resume cost: the bulk job SIGKILLed at a random moment and re-run; seconds lost per kill = (time of the
+  killed attempt + the re-run) - an uninterrupted run.
+
+    python benchmarks/bulk_embed.py --n 2000 --append-doc
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+MODEL = "vit-mini-p7-fmnist"
+
+CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+kind, folder, out, model = sys.argv[1:5]
+from visreg_hub.hub import from_pretrained
+net = from_pretrained(model)
+paths = sorted(Path(folder).rglob("*.png"))
+start = time.perf_counter()
+if kind == "encode":
+    from visreg_hub.inference import encode
+    encode(net, paths, batch_size=64)
+else:
+    from visreg_hub.bulk import embed_dataset
+    embed_dataset(folder, out, model=net, shard_size=500, batch_size=64)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "images": len(paths),
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def child(kind: str, folder: Path, out: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", CHILD, kind, str(folder), str(out), MODEL], env=env,
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-3000:])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def resume_cost(folder: Path, tmp: Path, full: float, kills: int, seed: int = 0) -> list[float]:
+    """Seconds lost per kill: (killed attempt + re-run) - uninterrupted, one kill per job."""
+    rng = random.Random(seed)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    lost = []
+    for attempt in range(kills):
+        out = tmp / f"resume-{attempt}"
+        start = time.perf_counter()
+        command = [sys.executable, "-c", CHILD, "bulk", str(folder), str(out), MODEL]
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 0.8) * full)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        killed = time.perf_counter() - start
+        again = timed_child("bulk", folder, out)  # wall time with start-up, like the uninterrupted run's
+        lost.append(killed + again["wall"] - full)
+    return lost
+
+
+def timed_child(kind: str, folder: Path, out: Path) -> dict:
+    start = time.perf_counter()
+    row = child(kind, folder, out)
+    row["wall"] = time.perf_counter() - start
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n", type=int, default=2000, help="images (the memory check also runs 4N)")
+    parser.add_argument("--kills", type=int, default=3)
+    parser.add_argument("--append-doc", action="store_true")
+    args = parser.parse_args()
+    from tests.bulk.helpers import write_tile_folder
+
+    with tempfile.TemporaryDirectory(prefix="bulk-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        write_tile_folder(tmp / "small", args.n)
+        write_tile_folder(tmp / "large", 4 * args.n)
+        rows = {}
+        for size in ("small", "large"):
+            rows[("encode", size)] = timed_child("encode", tmp / size, tmp / "unused")
+            rows[("bulk", size)] = timed_child("bulk", tmp / size, tmp / f"out-{size}")
+        full = rows[("bulk", "small")]["wall"]
+        lost = resume_cost(tmp / "small", tmp, full, args.kills)
+    import torch
+
+    ratio = [rows[("encode", s)]["seconds"] / rows[("bulk", s)]["seconds"] for s in ("small", "large")]
+    lines = ["| job | images | seconds | images/s | peak RSS MiB | throughput vs encode() |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for (kind, size), row in rows.items():
+        speed = row["images"] / row["seconds"]
+        vs = "1.00x" if kind == "encode" else f"{ratio[0 if size == 'small' else 1]:.2f}x"
+        name = "embed_dataset" if kind == "bulk" else "encode()"
+        lines.append(f"| {name} | {row['images']} | {row['seconds']:.1f} | {speed:.1f} | "
+                     f"{row['peak_rss'] / 2**20:.0f} | {vs} |")  # fmt: skip
+    text = (
+        f"\n## Bulk embedding vs in-process encode() ({dt.date.today().isoformat()})\n\n"
+        f"Device: {platform.machine()} CPU, {os.cpu_count()} cores (shared, busy); "
+        f"torch {torch.__version__}; "
+        f"model {MODEL} (bundled); PNG tiles cut from tests/fixtures/photos; shard size 500, batch 64, "
+        f"every job in a fresh process. Command: `{shlex.join(['python', *sys.argv])}`\n\n"
+        + "\n".join(lines)
+        + f"\n\nResume cost ({args.kills} jobs, each SIGKILLed once at 30-80 % of an uninterrupted run, then "
+        f"re-run): seconds lost per kill {', '.join(f'{x:.1f}' for x in lost)} "
+        f"(uninterrupted run {full:.1f} s wall, including process start-up and model loading).\n"
+    )
+    print(text)
+    if args.append_doc:
+        with (ROOT / "docs" / "benchmarks.md").open("a", encoding="utf-8") as handle:
+            handle.write(text)
+
+
+if __name__ == "__main__":
+    main()
