@@ -114,6 +114,7 @@ def test_embed_skips_broken_images_and_records_them(tmp_path, capsys, model_dir,
     out_file = tmp_path / "emb.npy"
     code, _, err = run(capsys, "embed", folder, "-o", out_file, "--model", model_dir, "--on-error", "raise")
     assert code == 1 and "broken.png" in err and "Traceback" not in err
+    assert "pass --on-error skip" in err and "on_error=" not in err  # the CLI's own flag, not the API's
     code, _, err = run(capsys, "embed", folder, "-o", out_file, "--model", model_dir, "--on-error", "skip")
     assert code == 0, err
     sidecar = json.loads((tmp_path / "emb.npy.json").read_text())

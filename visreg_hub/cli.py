@@ -141,7 +141,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"query: {printable(entry['query'])}")
         print(f"  {'rank':>4}  {score_name:>8}  {'id':>8}  path")
         for hit in entry["results"]:
-            path = (hit["metadata"] or {}).get("path", "")
+            meta = hit["metadata"] or {}
+            path = meta.get("path", "") + (f"#{meta['key']}" if meta.get("key") else "")  # tar members
             print(f"  {hit['rank']:>4}  {hit['score']:>8.4f}  {hit['id']:>8}  {printable(str(path))}")
     return 0
 

@@ -56,3 +56,18 @@ def test_paths_files(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"files": ["x"]}))
     with pytest.raises(ValueError, match="JSON list of file paths"):
         read_paths_file(tmp_path / "bad.json")
+
+
+def test_npy_and_parquet_of_one_name_keep_their_own_sidecars(tmp_path):
+    pytest.importorskip("pyarrow")
+    a = np.ones((2, 3), np.float32)
+    b = np.zeros((3, 3), np.float32)
+    write_embeddings(tmp_path / "emb.npy", a, paths=["a1", "a2"], model="first")
+    write_embeddings(tmp_path / "emb.parquet", b, paths=["b1", "b2", "b3"], model="second")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "emb.npy.json", "emb.parquet",
+                                                          "emb.parquet.json"]  # fmt: skip
+    assert read_embeddings(tmp_path / "emb.npy").paths == ["a1", "a2"]
+    assert read_embeddings(tmp_path / "emb.parquet").info["model"] == "second"
+    # a folder written by an earlier version (emb.json) still reads
+    (tmp_path / "emb.npy.json").rename(tmp_path / "emb.json")
+    assert read_embeddings(tmp_path / "emb.npy").info["model"] == "first"
