@@ -25,6 +25,7 @@ from visreg_hub.errors import (
     DeviceError,
     UserInputError,
     VisregHubError,
+    is_expected,
     one_line,
     printable,
 )
@@ -77,6 +78,11 @@ def test_one_line_and_printable():
     assert one_line(CheckpointError("bad file\nsecond line")) == "bad file"
     assert one_line(RecursionError("maximum recursion depth exceeded")).startswith("the input is nested")
     assert one_line(MemoryError()).startswith("out of memory")
+    try:  # a real allocator failure (1 PiB), not a hand-made message
+        torch.empty(1 << 50, dtype=torch.uint8)
+    except RuntimeError as exc:
+        assert one_line(exc).startswith("out of memory (") and is_expected(exc)
+    assert not is_expected(TypeError("x")) and is_expected(KeyError(1))
     assert printable("a\x1b[2Jb\nc\x07\u202e") == "a\\x1b[2Jb\\nc\\x07\\u202e"
     assert printable("chat_été.jpg") == "chat_été.jpg"
 

@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 
 from visreg_hub import __version__
-from visreg_hub.errors import UserInputError, VisregHubError, one_line, printable
+from visreg_hub.errors import UserInputError, is_expected, one_line, printable
 
 logger = logging.getLogger("visreg_hub.cli")
 
@@ -249,11 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one line for everything; --verbose shows where it came from
         if verbose:
             traceback.print_exc()
-        hint = (
-            ""
-            if isinstance(exc, VisregHubError | OSError | ValueError | LookupError)
-            else (" (unexpected: rerun with -v and report the traceback)")
-        )
+        hint = "" if is_expected(exc) else " (unexpected: rerun with -v and report the traceback)"
         print(f"visreg-hub: error: {one_line(exc)}{hint}", file=sys.stderr)
         return 1
 

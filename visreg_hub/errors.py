@@ -69,6 +69,22 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or "can't allocate memory" in text
+        or "out of memory" in text.lower()
+    )
+
+
+def is_expected(exc: BaseException) -> bool:
+    """True for failures that describe the input or the machine (project errors, I/O, bad values, out
+    of memory); False for what can only be a bug, which a command line asks the user to report."""
+    return isinstance(exc, VisregHubError | OSError | ValueError | LookupError) or _out_of_memory(exc)
+
+
 def one_line(exc: BaseException) -> str:
     """The one-line message a command line prints for ``exc``.
 
@@ -78,7 +94,7 @@ def one_line(exc: BaseException) -> str:
     """
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     message = lines[0] if lines else ""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+    if _out_of_memory(exc):
         message = f"out of memory ({message or type(exc).__name__}); use a smaller batch, model or image size"
     elif isinstance(exc, RecursionError):
         message = "the input is nested too deeply to process"

@@ -15,10 +15,14 @@ import pickle
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import strategies as st
 
+from tests.fuzzing import dumps, fuzz_tests, json_values
 from tests.training.helpers import REPO, run_script, single_thread, tiny_config, train  # noqa: F401
 from training import checkpoint as ckpt
 from training.manifest import MANIFEST_FILE, write_manifest
@@ -235,3 +239,108 @@ def test_pretrain_refuses_a_hostile_checkpoint_in_one_line(run_folder, tmp_path)
     assert "Traceback" not in result.stderr
     assert "training_state.safetensors is not a valid safetensors file" in result.stderr.splitlines()[-1]
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------ fuzzing
+@st.composite
+def _manifests(draw) -> bytes:
+    """A valid manifest with 0-2 hostile edits (path-like or dot names, wrong sizes/digests/types, other
+    versions), or random JSON."""
+    if draw(st.integers(0, 4)) == 0:
+        return dumps(draw(json_values))
+    record = {"format": "visreg-checkpoint-manifest", "version": 1,
+              "files": {"a.bin": {"size": 4, "sha256": _SHA_A}}}  # fmt: skip
+    hostile = ["../a.bin", "/etc/passwd", "sub/a.bin", ".a.bin", "x" * 200, "", MANIFEST_FILE, "b.json"]
+    for _ in range(draw(st.integers(0, 2))):
+        edit = draw(st.sampled_from(("name", "size", "sha", "version", "entry")))
+        if edit == "name":
+            record["files"][draw(st.sampled_from(hostile) | st.text(max_size=10))] = {
+                "size": 4,
+                "sha256": _SHA_A,
+            }
+        elif edit == "size":
+            record["files"]["a.bin"]["size"] = draw(st.sampled_from([0, 3, 5, -1, 2**70, True, "4", None]))
+        elif edit == "sha":
+            record["files"]["a.bin"]["sha256"] = draw(st.sampled_from([_SHA_A.upper(), "0" * 64, "", 7]))
+        elif edit == "version":
+            record["version"] = draw(st.sampled_from([2, "1", True, None]))
+        else:
+            record["files"]["a.bin"] = {"size": 4, "sha256": _SHA_A, "extra": draw(json_values)}
+    return dumps(record)
+
+
+_SHA_A = "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589"  # sha256(b"abcd")
+
+
+def _manifest_property(raw: bytes) -> None:
+    import hashlib
+
+    from training.manifest import verify_manifest
+
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        (folder / "a.bin").write_bytes(b"abcd")
+        (folder / "b.json").write_text("{}")
+        (folder / MANIFEST_FILE).write_bytes(raw)
+        try:
+            names = verify_manifest(folder)
+        except CheckpointError as exc:
+            assert "\n" not in str(exc)
+            return
+        for name in names:  # accepted: every listed file is a plain sibling with the recorded digest
+            assert "/" not in name and not name.startswith(".")
+            digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+            assert json.loads(raw)["files"][name]["sha256"] == digest
+
+
+test_manifest_fuzz, test_manifest_fuzz_long = fuzz_tests(_manifests(), _manifest_property)
+
+
+@pytest.fixture(scope="module")
+def fuzz_target(run_folder, tmp_path_factory):
+    """A trainer to restore into and a private copy of step 4 whose JSON files the fuzzer rewrites."""
+    from training.engine import Trainer
+
+    folder = tmp_path_factory.mktemp("fuzz") / "step-00000004"
+    shutil.copytree(run_folder / "checkpoints" / "step-00000004", folder)
+    trainer = Trainer(tiny_config(tmp_path_factory.mktemp("fresh"), *COMMON))
+    return trainer, folder
+
+
+def _mutate(value, draw, depth=0):
+    """Replace one random leaf or key of a parsed JSON document by a random JSON value."""
+    if isinstance(value, dict) and value and depth < 6:
+        key = draw(st.sampled_from(sorted(value)))
+        if draw(st.integers(0, 5)) == 0:
+            return {k: v for k, v in value.items() if k != key}
+        return {**value, key: _mutate(value[key], draw, depth + 1)}
+    if isinstance(value, list) and value and depth < 6:
+        index = draw(st.integers(0, len(value) - 1))
+        return [*value[:index], _mutate(value[index], draw, depth + 1), *value[index + 1 :]]
+    return draw(json_values)
+
+
+@pytest.mark.parametrize("name", ["training_state.json", "rng_state_0.json"])
+def test_training_state_json_fuzz(fuzz_target, name):
+    """Mutated training_state.json / rng_state_0.json: restored or refused with a CheckpointError."""
+    from hypothesis import given
+
+    from tests.fuzzing import FAST
+    from training.state_io import load_training_state
+
+    trainer, folder = fuzz_target
+    original = json.loads((folder / name).read_text())
+
+    @FAST
+    @given(st.data())
+    def check(data):
+        (folder / name).write_bytes(dumps(_mutate(original, data.draw)))
+        try:
+            load_training_state(folder, trainer.parts, 0, {p.name for p in folder.iterdir()})
+        except CheckpointError as exc:
+            assert "\n" not in str(exc)
+
+    try:
+        check()
+    finally:
+        (folder / name).write_text(json.dumps(original))
