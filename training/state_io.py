@@ -1,18 +1,19 @@
 """Training state as safetensors + JSON: nothing on the resume path is ever unpickled.
 
-A checkpoint folder holds (names in :data:`MAIN_FILES` and :func:`rng_files`)::
+A checkpoint folder holds (names: the constants below and :func:`rng_files`)::
 
     model.safetensors             backbone + projector (the unwrapped module's state dict)
     probe.safetensors             the online probe, when there is one
-    training_state.safetensors    optimiser moments (``optimizer.<param index>.<name>``)
+    training_state.safetensors    optimiser moments (``optimizer.<param index>.<name>``), loss buffers
     training_state.json           optimiser param groups and scalars, LR schedule, GradScaler, loss slice
                                   state, monitor counters, position (:class:`~training.engine.TrainState`)
     rng_state_<rank>.safetensors  torch CPU (``cpu``) and CUDA (``cuda.<device>``) generator states
     rng_state_<rank>.json         Python ``random`` and NumPy global generator states
 
-Everything read back is checked against the live objects it goes into (same keys, same types, same
-shapes) before anything is changed, so a hostile folder gives a :class:`CheckpointError`, never code
-execution or a half-restored run. Integrity (sha256 of every file) is :mod:`training.manifest`'s job.
+Everything read back is checked (:mod:`training.state_checks`) against the live objects it goes into
+(same keys, types, shapes) before anything is changed, so a hostile folder gives a
+:class:`CheckpointError`, never code execution or a half-restored run. Integrity (sha256 of every
+file) is :mod:`training.manifest`'s job.
 This writer replaces accelerate's ``save_state``, whose optimiser, scheduler, RNG and custom-object files
 are pickles that ``load_state`` unpickles with ``weights_only=False``. The state dicts are those of a
 single-replica module (DDP); sharded FSDP/DeepSpeed states are not supported by this trainer.
@@ -31,9 +32,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from training.state_checks import (
+    check_module_tensors,
+    check_trainer_state,
+    like,
+    read_json,
+    read_tensors,
+    retuple,
+)
 from visreg_hub.errors import CheckpointError
 
 MODEL_FILE = "model.safetensors"
@@ -42,7 +50,6 @@ TENSORS_FILE = "training_state.safetensors"
 STATE_JSON = "training_state.json"
 FORMAT = "visreg-training-state"
 VERSION = 1
-MAX_JSON_BYTES = 64 * 1024 * 1024  # optimiser param groups of very large models stay far below this
 
 
 _KNOWN = re.compile(
@@ -168,84 +175,11 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
-    """Parse a JSON file of a checkpoint; every failure is a :class:`CheckpointError` naming the file."""
-    try:
-        if path.stat().st_size > max_bytes:
-            raise CheckpointError(f"{path} is larger than {max_bytes} bytes; it is not a training-state file")
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(f"{path} is not readable JSON ({type(exc).__name__}: {exc})") from None
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file onto the CPU (no pickle); every failure is a :class:`CheckpointError`."""
-    try:
-        return load_file(str(path), device="cpu")
-    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is not a valid safetensors file ({exc})") from None
-
-
-def _like(saved: Any, reference: Any, where: str) -> None:
-    """Check that ``saved`` (from JSON) has the structure and types of ``reference`` (the live state)."""
-    if isinstance(reference, dict):
-        if not isinstance(saved, dict) or set(saved) != {str(k) for k in reference}:
-            got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
-            raise CheckpointError(
-                f"training state {where} has keys {got}, expected {sorted(map(str, reference))}"
-            )
-        for key, value in reference.items():
-            _like(saved[str(key)], value, f"{where}.{key}")
-    elif isinstance(reference, (list, tuple)):
-        if not isinstance(saved, list) or len(saved) != len(reference):
-            raise CheckpointError(f"training state {where} should be a list of {len(reference)} items")
-        for i, (item, ref) in enumerate(zip(saved, reference, strict=True)):
-            _like(item, ref, f"{where}[{i}]")
-    elif isinstance(reference, bool) or reference is None or isinstance(reference, str):
-        if type(saved) is not type(reference):
-            raise CheckpointError(f"training state {where} should be {reference!r}-like, got {saved!r}")
-    elif isinstance(reference, (int, float)):
-        if isinstance(saved, bool) or not isinstance(saved, (int, float)):
-            raise CheckpointError(f"training state {where} should be a number, got {saved!r}")
-        if isinstance(reference, int) and not isinstance(saved, int):
-            raise CheckpointError(f"training state {where} should be an integer, got {saved!r}")
-    else:
-        raise CheckpointError(f"training state {where}: unsupported live value {type(reference).__name__}")
-
-
-def _retuple(saved: Any, reference: Any) -> Any:
-    """JSON turns tuples into lists; give back the live state's container types (e.g. AdamW ``betas``)."""
-    if isinstance(reference, dict):
-        return {key: _retuple(saved[str(key)], value) for key, value in reference.items()}
-    if isinstance(reference, (list, tuple)):
-        items = [_retuple(s, r) for s, r in zip(saved, reference, strict=True)]
-        return tuple(items) if isinstance(reference, tuple) else items
-    return saved
-
-
-def _check_module_tensors(tensors: dict, module: torch.nn.Module, where: str) -> None:
-    expected = {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{where} does not match the model being trained (missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}); resume with the configuration that wrote it"
-        )
-    for name, value in expected.items():
-        if tensors[name].shape != value.shape or tensors[name].dtype != value.dtype:
-            raise CheckpointError(
-                f"{where}: {name} is {tuple(tensors[name].shape)} {tensors[name].dtype}, the model has "
-                f"{tuple(value.shape)} {value.dtype}; resume with the configuration that wrote it"
-            )
-
-
 def _optimizer_state(parts: TrainingParts, record: dict, tensors: dict) -> dict:
     live = parts.optimizer.state_dict()
     saved_groups = record["param_groups"]
-    _like(saved_groups, live["param_groups"], "optimizer.param_groups")
-    groups = _retuple(saved_groups, live["param_groups"])
+    like(saved_groups, live["param_groups"], "optimizer.param_groups")
+    groups = retuple(saved_groups, live["param_groups"])
     params = [p for group in parts.optimizer.param_groups for p in group["params"]]
     state: dict[int, dict] = {}
     for name, value in tensors.items():
@@ -281,22 +215,22 @@ def _read_rng(folder: Path, rank: int, names: set[str]):
         return None
     tensors, record = read_tensors(folder / tensor_name), read_json(folder / json_name)
     _, reference = _rng_state()
-    _like(record, reference, "rng")
+    like(record, reference, "rng")
     python, numpy_state, cpu = record["python"], record["numpy"], tensors.get("cpu")
     python_state = (python["version"], tuple(python["state"]), python["gauss_next"])
-    numpy_tuple = (
-        numpy_state["kind"], np.asarray(numpy_state["keys"]), numpy_state["position"],
-        numpy_state["has_gauss"], numpy_state["cached_gaussian"],
-    )  # fmt: skip
     if cpu is None or cpu.dtype != torch.uint8:
         raise CheckpointError(
             f"{folder / tensor_name}: the torch CPU generator state is missing or malformed"
         )
     cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
     try:  # trial runs on throwaway generators: the setters are the authority on what is valid
-        if np.asarray(numpy_state["keys"]).dtype.kind not in "iu" or min(numpy_state["keys"]) < 0:
-            raise ValueError("NumPy keys must be non-negative integers")
-        numpy_tuple = (numpy_tuple[0], numpy_tuple[1].astype(np.uint32), *numpy_tuple[2:])
+        keys = numpy_state["keys"]
+        if not all(0 <= key < 2**32 for key in keys):
+            raise ValueError("NumPy keys must be integers in [0, 2**32)")
+        numpy_tuple = (
+            numpy_state["kind"], np.asarray(keys, dtype=np.uint32), numpy_state["position"],
+            numpy_state["has_gauss"], numpy_state["cached_gaussian"],
+        )  # fmt: skip
         random.Random().setstate(python_state)
         np.random.RandomState().set_state(numpy_tuple)
         torch.Generator().set_state(cpu)
@@ -333,14 +267,14 @@ def load_training_state(folder: Path, parts: TrainingParts, rank: int, names: se
     if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != VERSION:
         raise CheckpointError(f"{folder / STATE_JSON} is not a {FORMAT} version {VERSION} file")
     model_tensors = read_tensors(folder / MODEL_FILE)
-    _check_module_tensors(model_tensors, parts.model, MODEL_FILE)
+    check_module_tensors(model_tensors, parts.model, MODEL_FILE)
     probe_tensors = None
     if parts.probe is not None:
         probe_tensors = read_tensors(folder / PROBE_FILE)
-        _check_module_tensors(probe_tensors, parts.probe, PROBE_FILE)
+        check_module_tensors(probe_tensors, parts.probe, PROBE_FILE)
     tensors = read_tensors(folder / TENSORS_FILE)
     loss_tensors = {k.removeprefix("loss."): v for k, v in tensors.items() if k.startswith("loss.")}
-    _check_module_tensors(loss_tensors, parts.loss_fn, f"{TENSORS_FILE} (loss)")
+    check_module_tensors(loss_tensors, parts.loss_fn, f"{TENSORS_FILE} (loss)")
     optimizer_tensors = {k: v for k, v in tensors.items() if not k.startswith("loss.")}
     if not isinstance(record.get("optimizer"), dict) or set(record["optimizer"]) != {
         "param_groups",
@@ -350,11 +284,11 @@ def load_training_state(folder: Path, parts: TrainingParts, rank: int, names: se
     optimizer_state = _optimizer_state(parts, record["optimizer"], optimizer_tensors)
     for key, live in (("scheduler", parts.scheduler), ("scaler", parts.scaler), ("monitor", parts.monitor)):
         reference = None if live is None else live.state_dict()
-        _like(record.get(key), reference, key)
+        like(record.get(key), reference, key)
     _, loss_extra = _loss_split(parts.loss_fn)
-    _like(record.get("loss"), loss_extra, "loss")
+    like(record.get("loss"), loss_extra, "loss")
     trainer = record.get("trainer")
-    _check_trainer_state(trainer)
+    check_trainer_state(trainer)
     apply_rng = _read_rng(folder, rank, names)
     for name, value in (record["scheduler"] or {}).items():
         if isinstance(value, float) and not math.isfinite(value):
@@ -365,7 +299,7 @@ def load_training_state(folder: Path, parts: TrainingParts, rank: int, names: se
     if parts.probe is not None:
         parts.probe.load_state_dict(probe_tensors, strict=True)
     parts.optimizer.load_state_dict(optimizer_state)
-    parts.scheduler.load_state_dict(_retuple(record["scheduler"], parts.scheduler.state_dict()))
+    parts.scheduler.load_state_dict(retuple(record["scheduler"], parts.scheduler.state_dict()))
     if parts.scaler is not None:
         parts.scaler.load_state_dict(record["scaler"])
     loss_state = {**loss_tensors}
@@ -386,20 +320,3 @@ def load_training_state(folder: Path, parts: TrainingParts, rank: int, names: se
             "random streams restart from the seed, so the run is not bit-exact with an uninterrupted one"
         )
     return notes
-
-
-def _check_trainer_state(trainer: Any) -> None:
-    ints = ("global_step", "epoch", "step_in_epoch")
-    optional_floats = ("best_metric", "last_knn")
-    if not isinstance(trainer, dict) or set(trainer) != set(ints + optional_floats):
-        raise CheckpointError(f"training state 'trainer' should hold exactly {list(ints + optional_floats)}")
-    for key in ints:
-        value = trainer[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise CheckpointError(
-                f"training state trainer.{key} should be a non-negative integer, got {value!r}"
-            )
-    for key in optional_floats:
-        value = trainer[key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise CheckpointError(f"training state trainer.{key} should be a number or null, got {value!r}")

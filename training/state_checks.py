@@ -1,0 +1,109 @@
+"""Reading untrusted training-state files and checking them against the live objects they restore.
+
+Every function raises :class:`~visreg_hub.errors.CheckpointError` naming the file or the state key, never
+a raw JSON, safetensors or type error; :mod:`training.state_io` calls them before it changes anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from visreg_hub.errors import CheckpointError
+
+MAX_JSON_BYTES = 64 * 1024 * 1024  # optimiser param groups of very large models stay far below this
+
+
+def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Parse a JSON file of a checkpoint; every failure is a :class:`CheckpointError` naming the file."""
+    try:
+        if path.stat().st_size > max_bytes:
+            raise CheckpointError(f"{path} is larger than {max_bytes} bytes; it is not a training-state file")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} is not readable JSON ({type(exc).__name__}: {exc})") from None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file onto the CPU (no pickle); every failure is a :class:`CheckpointError`."""
+    try:
+        return load_file(str(path), device="cpu")
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({exc})") from None
+
+
+def like(saved: Any, reference: Any, where: str) -> None:
+    """Check that ``saved`` (from JSON) has the structure and types of ``reference`` (the live state)."""
+    if isinstance(reference, dict):
+        if not isinstance(saved, dict) or set(saved) != {str(k) for k in reference}:
+            got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+            raise CheckpointError(
+                f"training state {where} has keys {got}, expected {sorted(map(str, reference))}"
+            )
+        for key, value in reference.items():
+            like(saved[str(key)], value, f"{where}.{key}")
+    elif isinstance(reference, (list, tuple)):
+        if not isinstance(saved, list) or len(saved) != len(reference):
+            raise CheckpointError(f"training state {where} should be a list of {len(reference)} items")
+        for i, (item, ref) in enumerate(zip(saved, reference, strict=True)):
+            like(item, ref, f"{where}[{i}]")
+    elif isinstance(reference, bool) or reference is None or isinstance(reference, str):
+        if type(saved) is not type(reference):
+            raise CheckpointError(f"training state {where} should be {reference!r}-like, got {saved!r}")
+    elif isinstance(reference, (int, float)):
+        if isinstance(saved, bool) or not isinstance(saved, (int, float)):
+            raise CheckpointError(f"training state {where} should be a number, got {saved!r}")
+        if isinstance(reference, int) and not isinstance(saved, int):
+            raise CheckpointError(f"training state {where} should be an integer, got {saved!r}")
+    else:
+        raise CheckpointError(f"training state {where}: unsupported live value {type(reference).__name__}")
+
+
+def retuple(saved: Any, reference: Any) -> Any:
+    """JSON turns tuples into lists; give back the live state's container types (e.g. AdamW ``betas``)."""
+    if isinstance(reference, dict):
+        return {key: retuple(saved[str(key)], value) for key, value in reference.items()}
+    if isinstance(reference, (list, tuple)):
+        items = [retuple(s, r) for s, r in zip(saved, reference, strict=True)]
+        return tuple(items) if isinstance(reference, tuple) else items
+    return saved
+
+
+def check_module_tensors(tensors: dict, module: torch.nn.Module, where: str) -> None:
+    expected = {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where} does not match the model being trained (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}); resume with the configuration that wrote it"
+        )
+    for name, value in expected.items():
+        if tensors[name].shape != value.shape or tensors[name].dtype != value.dtype:
+            raise CheckpointError(
+                f"{where}: {name} is {tuple(tensors[name].shape)} {tensors[name].dtype}, the model has "
+                f"{tuple(value.shape)} {value.dtype}; resume with the configuration that wrote it"
+            )
+
+
+def check_trainer_state(trainer: Any) -> None:
+    ints = ("global_step", "epoch", "step_in_epoch")
+    optional_floats = ("best_metric", "last_knn")
+    if not isinstance(trainer, dict) or set(trainer) != set(ints + optional_floats):
+        raise CheckpointError(f"training state 'trainer' should hold exactly {list(ints + optional_floats)}")
+    for key in ints:
+        value = trainer[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(
+                f"training state trainer.{key} should be a non-negative integer, got {value!r}"
+            )
+    for key in optional_floats:
+        value = trainer[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise CheckpointError(f"training state trainer.{key} should be a number or null, got {value!r}")
