@@ -9,6 +9,11 @@ Rows (same model, same JPEG files, same batch size, one run):
 * ``decode + preprocess only``: our loading half alone (``ImageDataset`` + ``Collate`` through a DataLoader,
   then normalisation), no model, to show where the time goes.
 * ``encode(num_workers=W)``: ours, end to end (decode JPEG from disk, preprocess, forward, L2-normalise).
+  With ``num_workers=0`` the next batch is decoded in a thread while this one runs; the row
+  ``pipeline without the decode thread`` is the same loop without it.
+
+``--backend onnx`` runs ``encode()`` on the ONNX Runtime backend (``from_pretrained``'s default on a CPU):
+then ``model only`` is the exported graph's session on pre-made tensors, the ceiling ``encode()`` is held to.
 
 The ratio column is images/s divided by ``model only``: 1.00 means loading costs nothing extra.
 
@@ -19,6 +24,8 @@ Usage::
 
     .venv/bin/python benchmarks/encode.py                  # CPU, ViT-T/16 at 224: print the table
     .venv/bin/python benchmarks/encode.py --append-doc     # also write its section of docs/benchmarks.md
+    .venv/bin/python benchmarks/encode.py --backend onnx --size vit-s16 --batch-size 1 --num-workers 0 \\
+        --append-doc                                         # the ONNX Runtime backend, batch 1
     # the GPU goal, end to end within 10% of model only:
     python benchmarks/encode.py --device cuda --size vit-b16 --batch-size 256 --num-images 4096 \\
         --num-workers 0,8,16 --dtype bf16 --append-doc
@@ -43,9 +50,11 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+# why: Python puts this script's folder first on sys.path, where benchmarks/onnx.py would shadow `onnx`
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
-from visreg_hub.inference import encode  # noqa: E402
+from visreg_hub.inference import EmbeddingPipeline, backend_for, encode, set_backend  # noqa: E402
 from visreg_hub.inference.images import expand_inputs  # noqa: E402
 from visreg_hub.inference.preprocess import Collate, ImageDataset, Preprocessor  # noqa: E402
 from visreg_hub.models import ModelConfig, VISRegEncoder  # noqa: E402
@@ -124,8 +133,13 @@ def best_rates(
 def measure(args: argparse.Namespace) -> tuple[list[tuple[str, float]], str]:
     device = torch.device(args.device)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    torch.manual_seed(0)
     model = VISRegEncoder(ModelConfig.from_name(args.size)).to(device).eval()
     config = model.data_config
+    if args.backend == "onnx":
+        set_backend(model, "onnx")
+        runner = backend_for(model)  # exports (or reads the on-disk cache) before any timing
+        session_run = runner.embedder.run
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_images(Path(tmp), args.num_images)
@@ -136,6 +150,11 @@ def measure(args: argparse.Namespace) -> tuple[list[tuple[str, float]], str]:
             return [subset[i : i + args.batch_size] for i in range(0, len(subset), args.batch_size)]
 
         def model_only(subset: list[Path]):
+            if args.backend == "onnx":
+                feed = premade.numpy()
+                for batch in batches(subset):
+                    session_run(feed[: len(batch)])
+                return
             with torch.inference_mode(), autocast:
                 for batch in batches(subset):
                     model(premade[: len(batch)])
@@ -181,6 +200,13 @@ def measure(args: argparse.Namespace) -> tuple[list[tuple[str, float]], str]:
             )
         for workers in args.num_workers:
             runs.append((f"encode(), num_workers={workers}", lambda subset, w=workers: encode_run(subset, w)))
+        if 0 in args.num_workers:
+
+            def serial(subset: list[Path]):
+                pipeline = EmbeddingPipeline(backend_for(model, dtype=dtype))
+                pipeline.run(subset, batch_size=args.batch_size, prefetch=False, show_progress_bar=False)
+
+            runs.append(("pipeline without the decode thread, num_workers=0", serial))
         rates = best_rates(runs, paths, paths[: args.batch_size], device, args.repeats)
     return [(name, rate) for (name, _), rate in zip(runs, rates)], device_description(device)
 
@@ -191,7 +217,8 @@ def render(args: argparse.Namespace, rows: list[tuple[str, float]], device: str,
     table = ["| pipeline | images/s | ratio to model only | ratio to timm by hand |", "|---|---|---|---|"]
     table += [f"| {name} | {rate:.1f} | {rate / ceiling:.2f} | {rate / peer:.2f} |" for name, rate in rows]
     lines = [
-        f"## encode(): end to end vs model only ({args.device})",
+        f"## encode(): end to end vs model only ({args.device}"
+        + (f", {args.backend} backend, batch {args.batch_size})" if args.backend != "torch" else ")"),
         "",
         f"- Date: {dt.date.today().isoformat()}",
         f"- Device: {device}",
@@ -248,6 +275,7 @@ def main() -> None:
     parser.add_argument("--num-workers", default="0,2", help="comma-separated worker counts to measure")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--backend", default="torch", choices=("torch", "onnx"), help="encode()'s backend")
     parser.add_argument("--append-doc", action="store_true", help=f"write the section into {DOC}")
     args = parser.parse_args()
     args.num_workers = [int(w) for w in args.num_workers.split(",")]
@@ -257,7 +285,10 @@ def main() -> None:
     text = render(args, rows, device, command.strip())
     sys.stdout.write(text + "\n")
     if args.append_doc:
-        write_section(DOC, args.device.split(":")[0], text)
+        key = args.device.split(":")[0]
+        if args.backend != "torch":
+            key = f"{key}-{args.backend}-batch{args.batch_size}"
+        write_section(DOC, key, text)
 
 
 if __name__ == "__main__":
