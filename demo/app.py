@@ -5,8 +5,10 @@ Launch::
     python -m demo.app [--model PATH_OR_NAME] [--gallery DIR] [--host 127.0.0.1] [--port 7860]
                        [--cache-dir DIR] [--device auto] [--max-file-size 10mb] [--max-pixels N]
 
-Without ``--model``/``--gallery`` it serves the bundled model (``vit-mini-p7-fmnist``, shipped in
-visreg_hub/assets) and gallery (``demo/assets/gallery``). Both flags can be repeated; the first one is
+Without ``--model``/``--gallery`` it serves the bundled sets of ``demo.service.BUNDLED_SETS``: the
+colour-photo model ``vit-tiny-p8-colour`` with the photo gallery (``demo/assets/photo-gallery``) by default,
+then ``vit-mini-p7-fmnist`` with the Fashion-MNIST gallery (models shipped in visreg_hub/assets).
+Both flags can be repeated; the first one is
 the default in the UI menus and the bundled assets are always offered too. Users pick among what the
 operator named, never a path of their own. The UI logic lives in :mod:`demo.service`; this module only
 lays out the page and wires events.
@@ -266,7 +268,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m demo.app", description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[], metavar="PATH_OR_NAME",
                         help="model folder, registry name or org/repo (repeatable; the first is the default; "
-                             "the bundled vit-mini-p7-fmnist is always offered)")  # fmt: skip
+                             "the bundled models are always offered)")  # fmt: skip
     parser.add_argument(
         "--gallery",
         action="append",

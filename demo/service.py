@@ -43,12 +43,36 @@ from visreg_hub.serving.runtime import decode_reduced
 logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-# The bundled model ships inside the library (registry name below), so it also works after a pip install.
-BUNDLED_MODEL_NAME = "vit-mini-p7-fmnist"
-BUNDLED_MODEL = Path(visreg_hub.__file__).resolve().parent / "assets" / BUNDLED_MODEL_NAME
-BUNDLED_GALLERY = ASSETS / "gallery"
-EXAMPLES = ASSETS / "examples"
+# Bundled models ship inside the library (visreg_hub/assets/<registry name>), so they also work after a
+# pip install; their galleries and example queries are in demo/assets.
+MODEL_ASSETS = Path(visreg_hub.__file__).resolve().parent / "assets"
 BUNDLED = "bundled"
+
+
+@dataclass(frozen=True)
+class BundledSet:
+    """A bundled model with its gallery and example queries; ``key`` is their key in both menus."""
+
+    key: str
+    model_name: str
+    gallery: Path
+    gallery_label: str
+    examples: Path
+
+    @property
+    def model_folder(self) -> Path:
+        return MODEL_ASSETS / self.model_name
+
+
+# Data, not code: menu order, the first set is the demo's default (no --model / --gallery given).
+BUNDLED_SETS = (
+    BundledSet("bundled-photos", "vit-tiny-p8-colour", ASSETS / "photo-gallery",
+               "photos, clipart, satellite tiles (demo/assets/photo-gallery)", ASSETS / "photo-examples"),
+    BundledSet(BUNDLED, "vit-mini-p7-fmnist", ASSETS / "gallery",
+               "Fashion-MNIST test images (demo/assets/gallery)", ASSETS / "examples"),
+)  # fmt: skip
+BUNDLED_GALLERY = ASSETS / "gallery"  # the Fashion-MNIST gallery (kept for callers of the single-set demo)
+EXAMPLES = ASSETS / "examples"
 # 2048 x 2048 decoded pixels: an RGBA upload then needs ~16 MB per copy while it is decoded. Large JPEGs
 # (camera photos) are decoded at a reduced size first (serving.runtime.decode_reduced), so they pass.
 DEMO_MAX_PIXELS = 2048 * 2048
@@ -190,15 +214,16 @@ class DemoService:
     @staticmethod
     def _model_choices(models: Sequence[str]) -> list[Choice]:
         choices = [Choice(str(spec), f"{spec}", str(spec)) for spec in dict.fromkeys(models)]
-        if (BUNDLED_MODEL / "config.json").is_file():
-            choices.append(Choice(BUNDLED, f"bundled ({BUNDLED_MODEL_NAME})", str(BUNDLED_MODEL)))
-        elif not choices:
+        bundled = [b for b in BUNDLED_SETS if (b.model_folder / "config.json").is_file()]
+        choices += [Choice(b.key, f"bundled ({b.model_name})", str(b.model_folder)) for b in bundled]
+        missing = [str(b.model_folder) for b in BUNDLED_SETS if b not in bundled]
+        if not choices:
             raise BundledAssetMissingError(
-                f"the bundled model is missing: {BUNDLED_MODEL} has no config.json. Pass --model with a "
+                f"the bundled model is missing: {', '.join(missing)} has no config.json. Pass --model with a "
                 "model folder or name, or re-create it with the commands in scripts/bundle_model.py"
             )
-        else:
-            logger.warning("bundled model %s is missing; offering only --model choices", BUNDLED_MODEL)
+        if missing:
+            logger.warning("bundled model(s) %s missing; offering the others", missing)
         return choices
 
     @staticmethod
@@ -208,16 +233,15 @@ class DemoService:
             if not folder.is_dir():
                 raise NotADirectoryError(f"gallery {folder} is not a folder; pass --gallery DIR of images")
             choices.append(Choice(str(folder), str(folder), str(folder)))
-        if BUNDLED_GALLERY.is_dir():
-            choices.append(
-                Choice(
-                    BUNDLED, "bundled: Fashion-MNIST test images (demo/assets/gallery)", str(BUNDLED_GALLERY)
-                )
-            )
-        elif not choices:
+        choices += [
+            Choice(b.key, f"bundled: {b.gallery_label}", str(b.gallery))
+            for b in BUNDLED_SETS
+            if b.gallery.is_dir()
+        ]
+        if not choices:
             raise BundledAssetMissingError(
-                f"the bundled gallery {BUNDLED_GALLERY} is missing; run `python -m demo.make_gallery` "
-                "or pass --gallery DIR"
+                f"the bundled galleries {[str(b.gallery) for b in BUNDLED_SETS]} are missing; run "
+                "`python -m demo.make_photo_gallery` / `python -m demo.make_gallery` or pass --gallery DIR"
             )
         return choices
 
@@ -231,12 +255,17 @@ class DemoService:
 
     def allowed_paths(self) -> list[str]:
         """Folders the web server may serve files from: the galleries and the bundled examples."""
-        return [choice.source for choice in self.gallery_choices] + [str(EXAMPLES)]
+        return [choice.source for choice in self.gallery_choices] + [str(b.examples) for b in BUNDLED_SETS]
 
     @staticmethod
     def examples() -> list[Path]:
-        """The bundled example queries (not in the bundled gallery)."""
-        return sorted(p for p in EXAMPLES.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        """The bundled example queries (none is in a bundled gallery), the default set's first."""
+        return [
+            path
+            for bundled in BUNDLED_SETS
+            for path in sorted(bundled.examples.glob("*"))
+            if path.suffix.lower() in IMAGE_EXTENSIONS
+        ]
 
     def _find(self, choices: list[Choice], key: str, what: str) -> Choice:
         for choice in choices:

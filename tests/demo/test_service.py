@@ -189,7 +189,7 @@ def test_check_query_accepts_real_images(demo_model_dir, gallery, tmp_path):
 
 # ------------------------------------------------------------------------------------ missing assets
 def test_missing_bundled_model_gives_a_clear_message(monkeypatch, tmp_path):
-    monkeypatch.setattr(service, "BUNDLED_MODEL", tmp_path / "no-model")
+    monkeypatch.setattr(service, "MODEL_ASSETS", tmp_path / "no-models")
     with pytest.raises(BundledAssetMissingError, match=r"bundled model is missing.*Pass --model"):
         DemoService(cache_dir=tmp_path / "c", download_dir=tmp_path / "d")
 
@@ -199,7 +199,7 @@ def test_app_exits_with_a_message_when_the_bundled_model_is_missing(monkeypatch,
 
     from demo import app
 
-    monkeypatch.setattr(service, "BUNDLED_MODEL", tmp_path / "no-model")
+    monkeypatch.setattr(service, "MODEL_ASSETS", tmp_path / "no-models")
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     handler = signal.getsignal(signal.SIGTERM)
@@ -221,7 +221,7 @@ def test_bundled_gallery_and_examples_are_small_real_and_disjoint():
     assert "MIT License" in (BUNDLED_GALLERY / "LICENSE.md").read_text()
     assert "MIT License" in (EXAMPLES / "LICENSE.md").read_text()
     gallery_pixels = {np.asarray(Image.open(p)).tobytes() for p in images}
-    examples = DemoService.examples()
+    examples = [p for p in DemoService.examples() if p.parent == EXAMPLES]
     assert len(examples) == 6
     for example in examples:
         with Image.open(example) as image:

@@ -1,0 +1,51 @@
+"""The demo's bundled (model, gallery, examples) sets: the colour-photo set first, Fashion-MNIST second."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from demo import service
+from demo.service import BUNDLED_SETS, DemoService
+from visreg_hub import from_pretrained
+from visreg_hub.inference import list_image_files
+
+
+def test_menus_open_on_the_colour_photo_set_then_fashion_mnist(tmp_path):
+    demo = DemoService(cache_dir=tmp_path / "c", download_dir=tmp_path / "d", device="cpu")
+    assert [c.key for c in demo.model_choices] == ["bundled-photos", "bundled"]
+    assert [c.key for c in demo.gallery_choices] == ["bundled-photos", "bundled"]
+    assert demo.default_model == demo.default_gallery == "bundled-photos"
+    assert "vit-tiny-p8-colour" in demo.model_choices[0].label
+    model = from_pretrained(demo.model_choices[0].source)
+    assert model.config.in_chans == 3 and model.config.name == "vit-tiny-p8-colour"
+    assert DemoService.examples()[0].parent == BUNDLED_SETS[0].examples
+
+
+def test_photo_gallery_is_small_credited_and_disjoint_from_its_examples():
+    photos = BUNDLED_SETS[0]
+    images = list_image_files(photos.gallery)
+    assert len(images) > 300
+    total = sum(p.stat().st_size for p in photos.gallery.rglob("*") if p.is_file())
+    assert total < 20_000_000
+    credits = (photos.gallery / "CREDITS.md").read_text()
+    for path in images:  # every file is traced to its public-domain source file
+        if path.parent.name != "satellite":
+            assert path.stem in credits, path
+    assert "public domain" in credits
+    for path in images[::25]:
+        with Image.open(path) as image:
+            assert image.mode == "RGB" and max(image.size) <= 256
+    gallery_pixels = {np.asarray(Image.open(p)).tobytes() for p in images}
+    examples = [p for p in DemoService.examples() if p.parent == photos.examples]
+    assert len(examples) >= 4
+    assert all(np.asarray(Image.open(p)).tobytes() not in gallery_pixels for p in examples)
+
+
+def test_a_missing_bundled_model_leaves_the_other_offered(monkeypatch, tmp_path):
+    real = service.MODEL_ASSETS
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "assets" / "vit-mini-p7-fmnist").symlink_to(real / "vit-mini-p7-fmnist")
+    monkeypatch.setattr(service, "MODEL_ASSETS", tmp_path / "assets")
+    demo = DemoService(cache_dir=tmp_path / "c", download_dir=tmp_path / "d", device="cpu")
+    assert [c.key for c in demo.model_choices] == ["bundled"]
