@@ -129,13 +129,29 @@ _ENTRIES: tuple[RegistryEntry, ...] = (
     # The project's own small models, shipped inside the package as save_pretrained folders.
     # Re-create with the commands in scripts/bundle_model.py's docstring; update sha256 with the weights.
     RegistryEntry(
+        name="vit-tiny-p8-colour",
+        size="vit-s8-64",
+        status="bundled",
+        format="visreg_hub",
+        source="trained by visreg_hub: training/pretrain.py --config training/configs/colour-tiny-cpu.yaml",
+        license="apache-2.0",
+        description=(
+            "Small colour VISReg ViT (width 96, 4 blocks, 8 px patches, 64 px RGB) trained on the offline "
+            "apt/PyPI photo, clipart and texture sources (training/sources.py); the demo's default"
+        ),
+        local_path="assets/vit-tiny-p8-colour",
+        sha256="5cf75ad57d277a0a28decb4c21cdb989294027033defcef1c8ed17697af2909c",
+        dataset="visreg-hub-offline-colour-sources",
+        config_overrides=dict(embed_dim=96, depth=4, num_heads=4, mlp_ratio=2.0),
+    ),
+    RegistryEntry(
         name="vit-mini-p7-fmnist",
         size="vit-t4-28",
         status="bundled",
         format="visreg_hub",
         source="trained by visreg_hub: training/pretrain.py --config training/configs/fmnist-bundle-cpu.yaml",
         license="apache-2.0",
-        description="Small VISReg ViT (width 64, 4 blocks, 7 px patches), Fashion-MNIST; the demo's default",
+        description="Small VISReg ViT (width 64, 4 blocks, 7 px patches), Fashion-MNIST; the demo's second set",
         local_path="assets/vit-mini-p7-fmnist",
         sha256="f73e7ff3e05fcd09755225c0eed0e33eb6788003bd646dbc29f9395246f7105d",
         dataset="fashion-mnist",
