@@ -116,8 +116,10 @@ def eval_results(name: str, table: dict) -> tuple[list[dict], str]:
     return [], ""
 
 
-def write(model, name: str, folder: Path, table: dict) -> str:
+def write(model, name: str, folder: Path, table: dict, pooling: str | None = None) -> str:
     info = MODELS[name]
+    if pooling is not None:  # chosen on training data by scripts/select_pooling.py
+        model.config = model.config.replace(pooling=pooling)
     results, baselines = eval_results(name, table)
     extra = {**model.config.extra, "eval_results": results,
              "train_command": f"python training/pretrain.py --config {info['config']}"}  # fmt: skip
@@ -135,6 +137,7 @@ def main() -> None:
     parser.add_argument("run_folder", type=Path, nargs="?", help="final/ folder written by pretrain.py")
     parser.add_argument("--name", choices=sorted(MODELS))
     parser.add_argument("--cards", action="store_true", help="rewrite every bundled card from the table")
+    parser.add_argument("--pooling", help="default feature tap (scripts/select_pooling.py's choice)")
     args = parser.parse_args()
     table = json.loads(TABLE.read_text()) if TABLE.is_file() else {}
     if args.cards:
@@ -150,7 +153,7 @@ def main() -> None:
         return
     if args.run_folder is None or args.name is None:
         parser.error("give RUN_FOLDER and --name, or --cards")
-    digest = write(from_pretrained(args.run_folder), args.name, ASSETS / args.name, table)
+    digest = write(from_pretrained(args.run_folder), args.name, ASSETS / args.name, table, args.pooling)
     print(f"wrote {ASSETS / args.name}; model.safetensors sha256 {digest}")
 
 

@@ -3,10 +3,14 @@
 Usage::
 
     python scripts/select_pooling.py vit-mini-p7-fmnist --data fmnist
+    python scripts/select_pooling.py runs/colour-tiny-cpu/final --data colour
 
-Splits the 60,000 Fashion-MNIST training images into a seeded 5,000-image validation set and a 55,000-image
-kNN bank, and prints weighted kNN@20 (cosine, T 0.07) for every pooling of ``visreg_hub.models.POOLINGS``.
-Writes nothing: set the winner with ``model.config.replace(pooling=...)`` and re-bundle.
+``fmnist``: the 60,000 Fashion-MNIST training images are split into a seeded 5,000-image validation set and
+a 55,000-image kNN bank; weighted kNN@20 (cosine, T 0.07). ``colour``: per labelled source, the labelled
+*training* images (the evaluation bank of ``training.source_eval``; the held-out test split is never read)
+are halved (seeded, per class): one half is the bank, the other the queries; weighted kNN@10, averaged
+over sources. Prints the score of every pooling of ``visreg_hub.models.POOLINGS``. Writes nothing: the
+winner goes into the bundled config with ``scripts/bundle_model.py --pooling``.
 """
 
 from __future__ import annotations
@@ -25,21 +29,44 @@ from visreg_hub.models.config import POOLINGS
 from visreg_hub.retrieval.metrics import knn_accuracy
 
 
+def colour_score(model, pooling: str, seed: int) -> float:
+    """Mean over labelled sources of kNN@10 between two seeded halves of the training bank (in %)."""
+    from training import source_eval, sources
+
+    rng = np.random.default_rng(seed)
+    scores = []
+    for bank, _test in source_eval.eval_sets(sources.load_split()).values():
+        labels = np.array([item.label for item in bank])
+        half = np.zeros(len(bank), bool)
+        for label in np.unique(labels):
+            members = np.flatnonzero(labels == label)
+            half[rng.permutation(members)[: len(members) // 2]] = True
+        features = model.encode([str(i.path) for i in bank], pooling=pooling, batch_size=128,
+                                convert_to_numpy=True, show_progress_bar=False)  # fmt: skip
+        _, codes = np.unique(labels, return_inverse=True)
+        scores.append(100 * knn_accuracy(features[half], codes[half], features[~half], codes[~half], k=10))
+    return float(np.mean(scores))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
-    parser.add_argument("--data", choices=("fmnist",), default="fmnist")
+    parser.add_argument("--data", choices=("fmnist", "colour"), default="fmnist")
     parser.add_argument("--fmnist-dir", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--val-size", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    model = from_pretrained(args.model)
+    poolings = [p for p in POOLINGS if not (p.startswith("cls_last") and model.config.depth < int(p[-1]))]
+    if args.data == "colour":
+        for pooling in poolings:
+            score = colour_score(model, pooling, args.seed)
+            print(f"{pooling:12s} train-half kNN@10 {score:.2f}", flush=True)
+        return
     images, labels = read_fmnist(args.fmnist_dir, "train")
     order = np.random.default_rng(args.seed).permutation(len(labels))
     val, bank = order[: args.val_size], order[args.val_size :]
-    model = from_pretrained(args.model)
-    for pooling in POOLINGS:
-        if pooling in ("cls_last2", "cls_last4") and model.config.depth < int(pooling[-1]):
-            continue
+    for pooling in poolings:
         features = model.encode(list(images), pooling=pooling, batch_size=512, convert_to_numpy=True,
                                 show_progress_bar=False)  # fmt: skip
         accuracy = knn_accuracy(features[bank], labels[bank], features[val], labels[val], k=20)
