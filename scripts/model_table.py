@@ -81,7 +81,7 @@ def colour_methods(which: str) -> dict:
 def run_colour(which: str, previous: dict) -> dict:
     sets = source_eval.eval_sets(sources.load_split())
     table = dict(previous.get("table", {}))
-    for name in [k for k in table if (k.startswith("`") or k.startswith("same ViT")) == (which == "models")]:
+    for name in [k for k in table if _is_model_row(k) == (which == "models")]:
         del table[name]
     for name, features in colour_methods(which).items():
         table[name] = {
@@ -165,17 +165,41 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _read() -> dict:
+    return json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else {}
+
+
+def _is_model_row(name: str) -> bool:
+    return name.startswith("`") or name.startswith("same ViT")
+
+
+def _row_order(name: str) -> tuple:
+    return (not name.startswith("`"), not name.startswith("same ViT"), "Efficient" in name, name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     args = parser.parse_args()
-    results = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else {}
     for part in args.parts:
         if part.startswith("colour-"):
-            results["colour"] = run_colour(part.split("-")[1], results.get("colour", {}))
+            key, value = "colour", run_colour(part.split("-")[1], _read().get("colour", {}))
         else:
-            results[part] = {"fixture": run_fixture, "fmnist": run_fmnist}[part]()
+            key, value = part, {"fixture": run_fixture, "fmnist": run_fmnist}[part]()
+        results = _read()  # re-read: another part may have finished meanwhile (parts can run in parallel)
+        if key == "colour":  # merge the rows of the other colour part that finished meanwhile
+            ours = part == "colour-models"
+            others = {
+                k: v
+                for k, v in results.get("colour", {}).get("table", {}).items()
+                if _is_model_row(k) != ours
+            }
+            merged = {**others, **{k: v for k, v in value["table"].items() if _is_model_row(k) == ours}}
+            value["table"] = {k: merged[k] for k in sorted(merged, key=_row_order)}
+            value["measured"] = {**results.get("colour", {}).get("measured", {}), **value["measured"]}
+        results[key] = value
         JSON_PATH.write_text(json.dumps(results, indent=1, default=float) + "\n")  # keep finished parts
+    results = _read()
     results["meta"] = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
                        "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
                        "command": COMMAND}  # fmt: skip
