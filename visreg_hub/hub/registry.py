@@ -140,7 +140,7 @@ _ENTRIES: tuple[RegistryEntry, ...] = (
             "apt/PyPI photo, clipart and texture sources (training/sources.py); the demo's default"
         ),
         local_path="assets/vit-tiny-p8-colour",
-        sha256="5cf75ad57d277a0a28decb4c21cdb989294027033defcef1c8ed17697af2909c",
+        sha256="b44ee1b8ccbadd547a5def34e3b1e61c9a30e449dc37b8ecc3e874b431a98bea",
         dataset="visreg-hub-offline-colour-sources",
         config_overrides=dict(embed_dim=96, depth=4, num_heads=4, mlp_ratio=2.0),
     ),
