@@ -120,6 +120,20 @@ def render_colour(table: dict, metric: str) -> list[str]:
     return lines
 
 
+def colour_verdict(table: dict, metric: str = "knn") -> str:
+    """One plain sentence: on how many sources the first row (ours) beats each other row, the mean gap."""
+    names = list(table)
+    ours = table[names[0]]
+    sources = list(ours)
+    parts = []
+    for name in names[1:]:
+        wins = [s for s in sources if ours[s][metric] > table[name][s][metric]]
+        gap = float(np.mean([ours[s][metric] - table[name][s][metric] for s in sources]))
+        parts.append(f"{name}: better on {len(wins)} of {len(sources)} sources "
+                     f"({', '.join(wins) or 'none'}), mean difference {gap:+.1f} points")  # fmt: skip
+    return f"Held-out {metric} of {names[0]} against each other method: " + "; ".join(parts) + "."
+
+
 def replace_section(document: str, marker: str, body: str) -> str:
     """Replace the text between ``<!-- marker:begin -->`` and ``<!-- marker:end -->`` (append if absent)."""
     begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
