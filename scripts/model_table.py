@@ -129,6 +129,8 @@ def render(results: dict) -> str:
             + ", ".join(f"{part} {when}" for part, when in results["colour"].get("measured", {}).items())
             + ".",
             "",
+            mt.colour_verdict(results["colour"]["table"]),
+            "",
             "**kNN accuracy (%)**",
             "",
             *mt.render_colour(results["colour"]["table"], "knn"),
