@@ -182,8 +182,9 @@ def _row_order(name: str) -> tuple:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--render-only", action="store_true", help="rewrite docs/results.md from the JSON")
     args = parser.parse_args()
-    for part in args.parts:
+    for part in [] if args.render_only else args.parts:
         if part.startswith("colour-"):
             key, value = "colour", run_colour(part.split("-")[1], _read().get("colour", {}))
         else:
@@ -202,6 +203,9 @@ def main() -> None:
         results[key] = value
         JSON_PATH.write_text(json.dumps(results, indent=1, default=float) + "\n")  # keep finished parts
     results = _read()
+    if args.render_only:
+        DOC_PATH.write_text(mt.replace_section(DOC_PATH.read_text(), "model-table", render(results)))
+        return
     results["meta"] = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
                        "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
                        "command": COMMAND}  # fmt: skip
