@@ -38,7 +38,11 @@ def add_serve_parser(commands, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; 0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnx"),
+        help="what runs the models (default: $VISREG_HUB_BACKEND or auto, as from_pretrained)",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--max-batch-size", type=int, default=32, help="images per forward pass (32)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="batching wait for the first image (5)")

@@ -80,3 +80,45 @@ def test_memory_returns_near_baseline_after_a_burst_of_large_images(demo_server,
     time.sleep(4)  # the server trims freed memory once idle (every 2 s)
     grown = (process.memory_info().rss - baseline) / 2**20
     assert grown < 25, f"RSS grew by {grown:.0f} MB after the burst"
+
+
+def test_no_outbound_fetch_and_no_files_outside_the_gallery(demo_server, demo_model_dir):
+    """Re-checked on the combined server: URLs given to Gradio's file/proxy routes or to the API are never
+    fetched (a local listener sees no connection), and files outside the gallery/examples are refused."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    port = listener.getsockname()[1]
+    connections = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                connections.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    base = demo_server.url.rstrip("/")
+    target = f"http://127.0.0.1:{port}/secret.png"
+    try:
+        config = demo_model_dir / "config.json"
+        paths = [f"/gradio_api/file={target}", f"/gradio_api/proxy={target}", f"/file={target}"]
+        for path in [*paths, "/gradio_api/file=/etc/passwd", f"/gradio_api/file={config}"]:
+            response = httpx.get(base + path, timeout=10)
+            assert response.status_code in (400, 403, 404), (path, response.status_code)
+            assert "root:" not in response.text and "architecture" not in response.text
+        api = httpx.post(base + "/v1/embeddings", json={"input": [target]}, timeout=10)
+        assert api.status_code == 422
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+    assert connections == []

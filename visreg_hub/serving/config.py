@@ -75,7 +75,8 @@ class ServeConfig:
     Attributes:
         models: models to serve; the first is the default for requests that name none.
         indexes: durable indexes (see :mod:`visreg_hub.serving.store`).
-        backend: ``"torch"`` or ``"onnx"`` (ONNX Runtime, ``pip install 'visreg_hub[onnx]'``).
+        backend: ``"torch"``, ``"onnx"`` (ONNX Runtime, ``pip install 'visreg_hub[onnx-cpu]'``) or
+            ``"auto"``; None: ``from_pretrained``'s default (``$VISREG_HUB_BACKEND`` or ``"auto"``).
         device: ``"cpu"``, ``"cuda"``, ... (None: CUDA when available).
         max_batch_size: images per model forward pass; concurrent requests are coalesced up to it.
         max_wait_ms: how long the first image of a batch waits for others to join it.
@@ -89,7 +90,7 @@ class ServeConfig:
 
     models: tuple[ModelSpec, ...]
     indexes: tuple[IndexSpec, ...] = ()
-    backend: str = "torch"
+    backend: str | None = None
     device: str | None = None
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
@@ -108,8 +109,8 @@ class ServeConfig:
         index_names = [i.name for i in self.indexes]
         if len(set(index_names)) != len(index_names):
             raise ConfigError(f"index names must be unique, got {index_names}")
-        if self.backend not in ("torch", "onnx"):
-            raise ConfigError(f"backend must be 'torch' or 'onnx', got {self.backend!r}")
+        if self.backend not in (None, "auto", "torch", "onnx"):
+            raise ConfigError(f"backend must be 'auto', 'torch' or 'onnx', got {self.backend!r}")
         if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int):
             raise ConfigError(f"max_batch_size must be a positive integer, got {self.max_batch_size!r}")
         if self.max_batch_size < 1:

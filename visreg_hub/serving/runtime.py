@@ -98,14 +98,15 @@ def _pipeline(model: torch.nn.Module) -> EmbeddingPipeline:
     return EmbeddingPipeline(backend_for(model), normalize=True, max_pixels=None)
 
 
-def load_runtime(spec: ModelSpec, device: str | None, backend: str = "torch") -> ModelRuntime:
+def load_runtime(spec: ModelSpec, device: str | None, backend: str | None = None) -> ModelRuntime:
     """Load ``spec`` with ``from_pretrained`` (strict, safetensors only) onto ``device`` for ``backend``."""
     from visreg_hub.hub import from_pretrained
 
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
-    model = from_pretrained(spec.source, device=device, backend=backend)
+    options = {} if backend is None else {"backend": backend}  # None: from_pretrained's default
+    model = from_pretrained(spec.source, device=device, **options)
     pipeline = _pipeline(model)
     seconds = time.perf_counter() - start
     logger.info(

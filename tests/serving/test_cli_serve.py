@@ -1,0 +1,48 @@
+"""``visreg-hub serve`` flags: parsed into a ServeConfig, bad values refused with one line (no server)."""
+
+from __future__ import annotations
+
+import pytest
+
+from visreg_hub.cli import build_parser, main
+from visreg_hub.cli_serve import config_from_args
+from visreg_hub.serving.security import hash_key
+
+
+def test_flags_become_a_config(tmp_path, tiny_model_dir):
+    keys = tmp_path / "keys"
+    keys.write_text("k1\n")
+    args = build_parser().parse_args([
+        "serve", "--model", str(tiny_model_dir), "--model", "other=vit-mini-p7-fmnist",
+        "--index", f"a={tmp_path / 'a'}", "--max-batch-size", "8", "--max-wait-ms", "2",
+        "--api-keys", str(keys), "--max-pixels", "1000", "--max-items", "3", "--max-k", "7",
+        "--request-timeout-s", "1.5", "--max-queue", "9", "--backend", "torch", "--cors-origin", "https://a.example",
+    ])  # fmt: skip
+    config = config_from_args(args)
+    assert [(m.name, m.source) for m in config.models] == [
+        ("tiny", str(tiny_model_dir)), ("other", "vit-mini-p7-fmnist")
+    ]  # fmt: skip
+    assert config.indexes[0].name == "a" and config.indexes[0].folder == tmp_path / "a"
+    assert (config.max_batch_size, config.max_wait_ms, config.backend) == (8, 2.0, "torch")
+    assert config.api_key_hashes == {hash_key("k1")} and config.cors_origins == ("https://a.example",)
+    limits = config.limits
+    assert (limits.max_pixels, limits.max_items, limits.max_k, limits.max_queue) == (1000, 3, 7, 9)
+    assert limits.request_timeout_s == 1.5
+    assert config_from_args(build_parser().parse_args(["serve"])).models[0].name == "vit-mini-p7-fmnist"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["serve", "--index", "noequals"], "NAME=FOLDER"),
+        (["serve", "--index", "bad/name=x"], "letters, digits"),
+        (["serve", "--max-batch-size", "0"], "max_batch_size"),
+        (["serve", "--max-items", "-1"], "max_items"),
+        (["serve", "--api-keys", "/nonexistent/keys"], "cannot read --api-keys"),
+        (["serve", "--model", "a=x", "--model", "a=y"], "unique"),
+    ],
+)
+def test_bad_flags_give_one_line(argv, message, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
