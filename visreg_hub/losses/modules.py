@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from ._common import all_views, check_views, check_weight, report
+from ._numerics import all_views, check_views, check_weight, report
 from .distributed import gather_batch, reduce_values, world_info
 from .pairwise import BarlowTwinsLoss, BarlowTwinsOutput, VICRegLoss, VICRegOutput
 from .partition import partitioned_quantile_distance

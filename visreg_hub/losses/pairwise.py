@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from ._common import all_views, check_views, check_weight
+from ._numerics import all_views, check_views, check_weight
 from .distributed import gather_batch
 
 __all__ = ["BarlowTwinsLoss", "BarlowTwinsOutput", "VICRegLoss", "VICRegOutput"]

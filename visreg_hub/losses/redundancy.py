@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from . import _numerics as num
-from ._common import all_views
+from ._numerics import all_views
 
 __all__ = [
     "barlow_twins_terms",
