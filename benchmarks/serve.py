@@ -77,18 +77,26 @@ def images_for(model_name: str) -> list[bytes]:
 class Server:
     """``python -m visreg_hub.cli serve`` in a subprocess."""
 
-    def __init__(self, model_arg: str, device: str, max_batch_size: int, max_wait_ms: float, max_queue: int):
+    def __init__(
+        self,
+        model_arg: str,
+        device: str,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+        backend: str,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [
             sys.executable, "-m", "visreg_hub.cli", "serve", "--model", model_arg, "--port", str(self.port),
             "--device", device, "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms),
-            "--max-queue", str(max_queue), "--max-items", "256",
+            "--max-queue", str(max_queue), "--max-items", "256", "--backend", backend,
         ]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed with the process in stop()
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self.log.seek(0)
@@ -99,7 +107,7 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError("server not ready in 300 s")
+        raise RuntimeError("server not ready in 900 s")
 
     @property
     def rss_mb(self) -> float:
@@ -119,9 +127,9 @@ class Server:
 
 
 async def _load(
-    url: str, payloads: list[str], total: int, concurrency: int
+    url: str, payloads: list[str], total: int, concurrency: int, per_request: int = 1
 ) -> tuple[float, list[float], dict]:
-    """``total`` one-image requests from ``concurrency`` clients.
+    """``total`` requests of ``per_request`` images each from ``concurrency`` clients.
 
     Returns:
         (wall seconds, latencies of the 200 answers, count per status; -1 = connection error).
@@ -134,7 +142,8 @@ async def _load(
 
         async def worker() -> None:
             for i in counter:
-                body = {"input": [payloads[i % len(payloads)]], "encoding_format": "base64"}
+                batch = [payloads[(i * per_request + j) % len(payloads)] for j in range(per_request)]
+                body = {"input": batch, "encoding_format": "base64"}
                 started = time.perf_counter()
                 try:
                     response = await client.post("/v1/embeddings", json=body)
@@ -157,19 +166,29 @@ def percentile_ms(values: list[float], q: float) -> float:
 def measure_model(label: str, source: str, args, rows: list[str]) -> None:
     images = images_for("bundled" if label == "bundled" else "photos")
     payloads = [base64.b64encode(b).decode() for b in images]
-    model = visreg_hub.from_pretrained(source, device=args.device)
-    server = Server(f"{label}={source}", args.device, args.max_batch_size, args.max_wait_ms, max_queue=4096)
+    model = visreg_hub.from_pretrained(source, device=args.device, backend=args.backend)
+    server = Server(
+        f"{label}={source}",
+        args.device,
+        args.max_batch_size,
+        args.max_wait_ms,
+        max_queue=4096,
+        backend=args.backend,
+    )
     try:
         total = args.requests if label == "bundled" else args.requests_large
+        per = args.images_per_request
         asyncio.run(_load(server.url, payloads, min(total, 16), 4))  # warm-up
         model.encode(images[:4], batch_size=4)
         for concurrency in args.concurrency:
-            batch = min(concurrency, args.max_batch_size)
+            batch = min(concurrency * per, args.max_batch_size)
             batches_before, images_before = (
                 server.metric("visreg_batch_size_count"),
                 server.metric("visreg_batch_size_sum"),
             )
-            wall, latencies, statuses = asyncio.run(_load(server.url, payloads, total, concurrency))
+            wall, latencies, statuses = asyncio.run(
+                _load(server.url, payloads, total // per, concurrency, per)
+            )
             mean_batch = (server.metric("visreg_batch_size_sum") - images_before) / max(
                 1.0, server.metric("visreg_batch_size_count") - batches_before
             )
@@ -177,10 +196,10 @@ def measure_model(label: str, source: str, args, rows: list[str]) -> None:
             started = time.perf_counter()
             model.encode(inputs, batch_size=batch)
             direct = time.perf_counter() - started
-            served, local = total / wall, total / direct
+            served, local = (total // per) * per / wall, total / direct
             bad = sum(n for s, n in statuses.items() if s != 200)
             rows.append(
-                f"| {label} | {concurrency} | {served:.1f} | {percentile_ms(latencies, 50):.0f} | "
+                f"| {label} | {concurrency} x {per} | {served:.1f} | {percentile_ms(latencies, 50):.0f} | "
                 f"{percentile_ms(latencies, 99):.0f} | {mean_batch:.1f} | {local:.1f} (B={batch}) | "
                 f"**{served / local:.2f}x** | {bad} |"
             )
@@ -239,10 +258,14 @@ def measure_overload(args) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--backend", default="torch", choices=("torch", "onnx", "auto"), help="server and encode()"
+    )
     parser.add_argument("--models", default="bundled,vit-s16", help="comma list of bundled, vit-s16")
     parser.add_argument("--concurrency", default="1,8,32,64")
     parser.add_argument("--requests", type=int, default=512, help="requests per level, bundled model")
     parser.add_argument("--requests-large", type=int, default=64, help="requests per level, ViT-S/16")
+    parser.add_argument("--images-per-request", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--overload-queue", type=int, default=64)
@@ -256,7 +279,15 @@ def main(argv: list[str] | None = None) -> int:
         models, args.concurrency, args.requests = ["bundled"], [1, 8], 16
         args.overload_requests, args.overload_concurrency = 64, 32
     load_start = _measure.load_average()
-    columns = ["model", "clients", "served img/s", "p50 ms", "p99 ms", "mean batch", "direct encode() img/s"]
+    columns = [
+        "model",
+        "clients x images/request",
+        "served img/s",
+        "p50 ms",
+        "p99 ms",
+        "mean batch",
+        "direct encode() img/s",
+    ]
     columns += ["served / direct", "non-200"]
     rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     print("\n".join(rows), flush=True)
@@ -280,9 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         f"- Versions: {versions}",
         f"- Command: `{command}`",
         f"- Server: `visreg-hub serve --max-batch-size {args.max_batch_size} "
-        f"--max-wait-ms {args.max_wait_ms:g}` in its own process, the default backend (as "
-        "`from_pretrained`); clients: httpx (asyncio) in the benchmark process, one image per request, "
-        "base64 JSON. The load generator shares the CPU with the "
+        f"--max-wait-ms {args.max_wait_ms:g}` in its own process; server and direct encode() on the "
+        f"`{args.backend}` backend; clients: httpx (asyncio) in the benchmark process, "
+        "base64 JSON (--images-per-request per request). The load generator shares the CPU with the "
         "server; direct encode() has it alone",
         "- Images: bundled model: 64 Fashion-MNIST PNGs of demo/assets/gallery; ViT-S/16 (random weights, "
         "224 px): the 4 JPEG photos of tests/fixtures/photos, cycled",
