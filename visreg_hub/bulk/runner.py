@@ -277,7 +277,7 @@ class ShardEmbedder:
         self.num_workers = num_workers
         # why: with worker processes each pipeline call pays their start-up, so a whole shard goes in
         # one call; in-process decoding has no such cost and smaller calls update the progress bar
-        self.chunk_items = None if num_workers > 0 else max(8 * batch_size, 512)
+        self.chunk_items = None if num_workers > 0 else max(16 * batch_size, 1024)
 
     def _chunks(self, items: list[Item]):
         chunk: list[Item] = []
