@@ -93,8 +93,16 @@ def test_cli_kill_9_at_random_moments_over_3000_images(tmp_path):
     kills, lost = 0, []
     while kills < 6:
         before = len(done_shards(tmp_path / "out"))
+        # a random moment: once a random number of further shards is done (0: during start-up), plus a
+        # random fraction of a shard's time, so kills land mid-shard, between shards and before the first
+        target = min(before + rng.randint(0, 6), 29)
         process = cli(*args, "-o", tmp_path / "out")
-        time.sleep(rng.uniform(0.2, 0.9) * full)
+        deadline = time.perf_counter() + full
+        while len(done_shards(tmp_path / "out")) < target and process.poll() is None:
+            if time.perf_counter() > deadline:
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 1.5 * full / 30))
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             kills += 1
