@@ -6,7 +6,7 @@ Layout::
                                 listing digest and count, shard size) and which shards are done
     OUTDIR/part-00000.parquet   columns path, key, embedding (fixed-size list of float32), cls, json
     OUTDIR/failures.jsonl       one {"path", "key", "reason"} per unreadable input (complete runs)
-    OUTDIR/.failures/part-00000.jsonl   the failures of each shard, written before the shard
+    OUTDIR/.failures/part-00000.jsonl   the failures of each shard that has any, written before the shard
 
 A shard is the commit unit: its failures file, then its parquet file, are each written to a temporary
 name, fsynced and renamed, and the folder fsynced. A shard whose parquet file exists is complete;
@@ -107,9 +107,12 @@ def write_shard(
         failures: one ``{"path", "key", "reason"}`` per input that failed.
     """
     pa, pq = pyarrow()
-    (folder / FAILURES_DIR).mkdir(exist_ok=True)
-    text = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures)
-    write_atomic(folder / FAILURES_DIR / f"part-{number:05d}.jsonl", lambda p: p.write_text(text, "utf-8"))
+    if failures:  # no file for a shard without failures: two fsyncs fewer per shard
+        (folder / FAILURES_DIR).mkdir(exist_ok=True)
+        text = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures)
+        write_atomic(
+            folder / FAILURES_DIR / f"part-{number:05d}.jsonl", lambda p: p.write_text(text, "utf-8")
+        )
     dim = embeddings.shape[1]
     flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1), pa.float32())
     table = pa.table(

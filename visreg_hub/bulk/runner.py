@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 ENGINES = ("local", "ray")
 _CHUNK_BYTES = 256 * 2**20  # encoded tar bytes held per pipeline call
+_MANIFEST_EVERY = 16  # shards between manifest updates while a job runs
 
 
 @dataclass
@@ -228,7 +229,8 @@ def run_embedding(
             rows, vectors, failures = embedder.embed(items, progress=bar.update)
             output.write_shard(folder, number, rows=rows, embeddings=vectors, failures=failures)
             embedded, failed, written = embedded + len(rows), failed + len(failures), written + 1
-            output.finalize(folder, manifest, num_shards)
+            if written % _MANIFEST_EVERY == 0:  # the shard files are the truth; the manifest summarises
+                output.finalize(folder, manifest, num_shards)
     complete = output.finalize(folder, manifest, num_shards)
     summary = EmbedSummary(folder, embedded, failed, time.perf_counter() - start, written,
                            len(mine) - len(todo), complete)  # fmt: skip
