@@ -93,7 +93,7 @@ class Server:
             "--device", device, "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms),
             "--max-queue", str(max_queue), "--max-items", "256", "--backend", backend,
         ]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed with the process in stop()
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 900
@@ -107,6 +107,7 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+        self.stop()
         raise RuntimeError("server not ready in 900 s")
 
     @property
@@ -271,8 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overload-queue", type=int, default=64)
     parser.add_argument("--overload-requests", type=int, default=1024)
     parser.add_argument("--overload-concurrency", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the server and of encode()")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes, print only (seconds)")
     args = parser.parse_args(argv)
+    # the same intra-op threads on both sides; 1 by default: OpenMP teams crawl on an oversubscribed machine
+    torch.set_num_threads(args.threads)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     models = args.models.split(",")
     if args.dry_run:
@@ -312,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- Command: `{command}`",
         f"- Server: `visreg-hub serve --max-batch-size {args.max_batch_size} "
         f"--max-wait-ms {args.max_wait_ms:g}` in its own process; server and direct encode() on the "
-        f"`{args.backend}` backend; clients: httpx (asyncio) in the benchmark process, "
+        f"`{args.backend}` backend with {args.threads} torch thread(s) each; clients: httpx (asyncio) in "
+        "the benchmark process, "
         "base64 JSON (--images-per-request per request). The load generator shares the CPU with the "
         "server; direct encode() has it alone",
         "- Images: bundled model: 64 Fashion-MNIST PNGs of demo/assets/gallery; ViT-S/16 (random weights, "

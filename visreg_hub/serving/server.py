@@ -43,6 +43,7 @@ def run_app(
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None) -> None:
+            service.ready = False  # /ready answers 503 from now on: load balancers stop sending
             if before_shutdown is not None:
                 before_shutdown()
             await super().shutdown(sockets)
