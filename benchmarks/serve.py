@@ -214,7 +214,12 @@ def measure_overload(args) -> list[str]:
     images = images_for("bundled")
     payloads = [base64.b64encode(b).decode() for b in images]
     server = Server(
-        "bundled=vit-mini-p7-fmnist", args.device, args.max_batch_size, args.max_wait_ms, args.overload_queue
+        "bundled=vit-mini-p7-fmnist",
+        args.device,
+        args.max_batch_size,
+        args.max_wait_ms,
+        args.overload_queue,
+        backend=args.backend,
     )
     try:
         asyncio.run(_load(server.url, payloads, 64, 8))
