@@ -39,7 +39,7 @@ import json, resource, sys, time
 from pathlib import Path
 kind, folder, out, model = sys.argv[1:5]
 from visreg_hub.hub import from_pretrained
-net = from_pretrained(model)
+net = from_pretrained(model, backend="torch")
 paths = sorted(Path(folder).rglob("*.png"))
 start = time.perf_counter()
 if kind == "encode":
@@ -98,7 +98,7 @@ def throughput(folder: Path, tmp: Path, repeats: int = 3) -> tuple[float, float]
     from visreg_hub.hub import from_pretrained
     from visreg_hub.inference import encode
 
-    net = from_pretrained(MODEL)
+    net = from_pretrained(MODEL, backend="torch")
     paths = sorted(folder.rglob("*.png"))
     encode(net, paths[:256], batch_size=64)  # warm-up: backend set-up, caches
     times: dict[str, list[float]] = {"encode": [], "bulk": []}
@@ -151,7 +151,8 @@ def main() -> None:
         f"\n## Bulk embedding vs in-process encode() ({dt.date.today().isoformat()})\n\n"
         f"Device: {platform.machine()} CPU, {os.cpu_count()} cores (shared, busy); "
         f"torch {torch.__version__}; "
-        f"model {MODEL} (bundled); PNG tiles cut from tests/fixtures/photos; shard size 500, batch 64, "
+        f"model {MODEL} (bundled), torch backend on both sides; PNG tiles cut from tests/fixtures/photos; "
+        f"shard size 500, batch 64, "
         f"every job in a fresh process. Command: `{shlex.join(['python', *sys.argv])}`\n\n"
         + "\n".join(lines)
         + f"\n\nResume cost ({args.kills} jobs of {args.n} images, each SIGKILLed once at 30-80 % of an "

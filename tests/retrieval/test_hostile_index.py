@@ -58,7 +58,10 @@ def copy_with(folder, tmp_path, *, manifest=None, files: dict | None = None):
         (target / name).write_bytes(data)
     document = json.loads((folder / "manifest.json").read_text()) if manifest is None else manifest
     if isinstance(document, dict) and isinstance(document.get("files"), dict):
-        document["files"] = {name: sha256_file(target / name) for name in document["files"]}
+        document["files"] = {  # fuzzed names that are no file keep their value
+            name: sha256_file(target / name) if (target / name).is_file() else value
+            for name, value in document["files"].items()
+        }
     (target / "manifest.json").write_text(json.dumps(document) if not isinstance(document, str) else document)
     return target
 
