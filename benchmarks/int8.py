@@ -128,7 +128,7 @@ def measure(args) -> tuple[list, list]:
                 sessions[name] = OnnxEmbedder(path, providers="cpu", intra_op_num_threads=threads)
                 embeddings[name] = unit(
                     np.concatenate(
-                        [sessions[name].run(inputs[i : i + 64])[0] for i in range(0, len(inputs), 64)]
+                        [sessions[name].run(inputs[i : i + 8])[0] for i in range(0, len(inputs), 8)]
                     )
                 )
                 notes.append(f"{size} {name}: file {path.stat().st_size / 2**20:.1f} MiB")
