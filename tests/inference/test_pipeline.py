@@ -80,3 +80,16 @@ def test_prefetch_keeps_order_raises_producer_errors_and_stops_when_left():
         if item == 1:
             break
     assert len(produced) <= 5  # two consumed, at most depth queued and one in the producer's hand
+
+
+UNUSABLE_DEVICES = ["bogus", "cuda:x", "cuda:99" if torch.cuda.is_available() else "cuda"]
+
+
+@pytest.mark.parametrize("device", UNUSABLE_DEVICES)
+def test_encode_with_an_unusable_device_is_one_device_error(model, photo_paths, device):
+    from visreg_hub.errors import DeviceError, VisregHubError
+
+    with pytest.raises(DeviceError, match=r"device") as info:
+        encode(model, photo_paths[:1], device=device)
+    assert isinstance(info.value, VisregHubError)
+    assert "\n" not in str(info.value)

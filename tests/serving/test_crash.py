@@ -97,8 +97,8 @@ def _run(tmp_path, tiny_model_dir, kills: int) -> None:
                 stop.set()
                 for thread in threads:
                     thread.join(30)
-                # uvicorn re-raises SIGTERM after its graceful shutdown, so -15 is a clean exit too
-                assert server.signal(signal.SIGTERM) in (0, -signal.SIGTERM), server.log()
+                # a graceful SIGTERM stop (drained, snapshotted) is a successful exit
+                assert server.signal(signal.SIGTERM) == 0, server.log()
                 assert (
                     server.log().rstrip().endswith("Finished server process")
                     or "Application shutdown complete" in server.log()

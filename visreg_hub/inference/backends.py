@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from visreg_hub.devices import resolve_device
 from visreg_hub.inference.preprocess import Preprocessor
 
 logger = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ class TorchBackend(Backend):
         self.output = output
         amp_dtype = resolve_dtype(dtype)
         self.param_dtype = next(model.parameters()).dtype
-        target = torch.device(device) if device is not None else next(model.parameters()).device
+        target = resolve_device(device) if device is not None else next(model.parameters()).device
         if target.type == "cuda" and target.index is None:  # "cuda" means the current device, as in .to()
             target = torch.device("cuda", torch.cuda.current_device())
         if amp_dtype == torch.float32 and self.param_dtype != torch.float32:
@@ -238,7 +239,7 @@ def resolve_backend(model: nn.Module, spec: BackendSpec, device: str | torch.dev
     if spec.backend != "auto":
         return spec.backend
     parameter = next(model.parameters())
-    target = torch.device(device) if device is not None else parameter.device
+    target = resolve_device(device) if device is not None else parameter.device
     if parameter.dtype != torch.float32:  # the exporter needs float32 weights; bf16/fp16 models stay on torch
         return "torch"
     # why: on the CPU ONNX Runtime is 1.7x (batch 32) to 2.6x (batch 1) torch eager for ViT-S/16; on GPUs

@@ -48,6 +48,14 @@ def run_app(
                 before_shutdown()
             await super().shutdown(sockets)
 
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                # why: uvicorn re-raises SIGTERM/SIGINT once it has shut down, so a clean stop would end the
+                # process with -15; by now requests are drained and indexes snapshotted, so it exits 0
+                getattr(self, "_captured_signals", []).clear()
+
     service = app.state.service
 
     @contextlib.asynccontextmanager
