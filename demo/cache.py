@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from visreg_hub.errors import CheckpointError
-from visreg_hub.hub.format import CONFIG_NAME, WEIGHTS_NAME, sha256_file
+from visreg_hub.hub.format import CONFIG_NAME, WEIGHTS_NAME, sha256_file, weights_digest
 from visreg_hub.inference import encode, list_image_files
 from visreg_hub.retrieval import EmbeddingIndex
 
@@ -98,16 +97,6 @@ def label_of(relpath: str) -> str:
     """A gallery item's label: its top-level folder (``Sneaker/309.png`` -> ``Sneaker``), else its stem."""
     parts = relpath.split("/")
     return parts[0] if len(parts) > 1 else Path(relpath).stem
-
-
-def weights_digest(model) -> str:
-    """sha256 over the backbone's tensors (names, dtypes, shapes, bytes), in key order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.backbone.state_dict().items()):
-        value = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(value.view(-1).view(dtype=torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def model_identity(spec: str, model, revision: str | None = None) -> dict[str, Any]:

@@ -91,3 +91,17 @@ def test_resolve_names_without_touching_the_network(tmp_path):
         resolve("vit-l14-in22k")
     with pytest.raises(ModelNotFoundError, match="Did you mean: 'vit-mini-p7-fmnist'"):
         resolve("vit-mini-p7-fmnst")
+
+
+def test_weights_digest_is_the_sha256_of_names_dtypes_shapes_and_bytes_and_sees_one_changed_weight():
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2))
+    expected = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        expected.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        expected.update(tensor.detach().numpy().tobytes())
+    assert ckpt.weights_digest(model) == expected.hexdigest()
+    with torch.no_grad():
+        model[0].weight[0, 0] += 1e-6
+    assert ckpt.weights_digest(model) != expected.hexdigest()

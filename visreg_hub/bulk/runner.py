@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from visreg_hub.bulk import output
 from visreg_hub.bulk.listing import Item, check_inputs, iter_items, summarize
 from visreg_hub.errors import ConfigError
+from visreg_hub.hub.format import weights_digest
 from visreg_hub.inference.images import DEFAULT_MAX_PIXELS
 
 logger = logging.getLogger(__name__)
@@ -60,16 +61,6 @@ class EmbedSummary:
             f"{self.images_per_second:.1f} images/s; {self.shards_written} shard(s) written, "
             f"{self.shards_skipped} already done; {self.output_dir} {state}"
         )
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 of every parameter and buffer (name, dtype, shape, bytes): the model's identity."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        data = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{data.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def distributed_rank() -> tuple[int, int, int]:

@@ -81,6 +81,20 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's tensors (state dict names, dtypes, shapes, bytes, in key order): its identity.
+
+    Used wherever embeddings are cached or resumed (exported ONNX graphs, bulk shards, the demo's indexes)
+    so that different weights never reuse another model's results.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
 def verify_sha256(path: str | Path, expected: str, name: str) -> str:
     """Compare a file's SHA-256 with a pinned digest; return the digest.
 

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from visreg_hub.hub.format import weights_digest
+
 logger = logging.getLogger(__name__)
 
 ENTRY_VERSION = 1
@@ -42,16 +44,6 @@ def cache_dir() -> Path:
         return Path(os.environ["VISREG_HUB_CACHE"]).expanduser() / "onnx"
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
     return base / "visreg_hub" / "onnx"
-
-
-def weights_digest(model: nn.Module) -> str:
-    """SHA-256 of every tensor of the state dict (name, dtype, shape, bytes), in key order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        value = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-    return digest.hexdigest()
 
 
 def _versions() -> dict[str, str]:
