@@ -115,13 +115,16 @@ def throughput(folder: Path, tmp: Path, repeats: int = 3) -> tuple[float, float]
 
 
 def main() -> None:
+    global MODEL  # why: every child process and the throughput loop read the module's model name
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--n", type=int, default=2000, help="images (the memory check also runs 4N)")
     parser.add_argument("--kills", type=int, default=3)
+    parser.add_argument("--model", default=MODEL, help=f"registry name or folder (default {MODEL})")
     parser.add_argument("--append-doc", action="store_true")
     args = parser.parse_args()
+    MODEL = args.model
     from tests.bulk.helpers import write_tile_folder
 
     with tempfile.TemporaryDirectory(prefix="bulk-bench-") as tmp_name:
@@ -151,7 +154,7 @@ def main() -> None:
         f"\n## Bulk embedding vs in-process encode() ({dt.date.today().isoformat()})\n\n"
         f"Device: {platform.machine()} CPU, {os.cpu_count()} cores (shared, busy); "
         f"torch {torch.__version__}; "
-        f"model {MODEL} (bundled), torch backend on both sides; PNG tiles cut from tests/fixtures/photos; "
+        f"model {MODEL}, torch backend on both sides; PNG tiles cut from tests/fixtures/photos; "
         f"shard size 500, batch 64, "
         f"every job in a fresh process. Command: `{shlex.join(['python', *sys.argv])}`\n\n"
         + "\n".join(lines)
