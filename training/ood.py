@@ -5,6 +5,7 @@
     python training/evaluate.py --suite ood timm:local-dir:/path/to/timm_folder --out runs/ood/x.json
     python training/evaluate.py --suite ood pixels | efficientnet-lite0 | untrained:vit-tiny-p8-colour
     python -m training.ood table runs/ood/*.json                        # one markdown table of many runs
+    python -m training.ood seen                 # test images the colour model saw (unlabelled) in training
 
 Models: any ``from_pretrained`` name or folder (its own preprocessing and pooling); ``timm:NAME`` for a
 timm model (``NAME`` a timm model name, weights fetched by timm, or ``local-dir:PATH``; timm's own eval
@@ -193,14 +194,52 @@ def combined_table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seen_in_training(manifest: dict, seen_keys: set[str]) -> dict[str, dict[str, int]]:
+    """Per OOD dataset, how many of its *test* images are in ``seen_keys`` (paths relative to the sources
+    root, e.g. :func:`training.sources.training_keys`): ``{name: {"seen": s, "test": n}}``.
+
+    A model that pre-trained on those images (without labels) is not out of distribution there; the
+    results say so next to its probe accuracy.
+    """
+    out = {}
+    for name, entry in manifest["datasets"].items():
+        test = [row[0] for row in entry["items"] if row[2] == "test"]
+        out[name] = {"seen": sum(key in seen_keys for key in test), "test": len(test)}
+    return out
+
+
+def seen_table(label: str, seen: dict[str, dict[str, int]]) -> str:
+    """One markdown row pair: the share of each dataset's test images ``label`` saw in pre-training."""
+    names = list(seen)
+    cells = [f"{100.0 * seen[n]['seen'] / max(seen[n]['test'], 1):.0f} % ({seen[n]['seen']}/{seen[n]['test']})"
+             for n in names]  # fmt: skip
+    return "\n".join([
+        "| test images seen in pre-training | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+        f"| {label} | " + " | ".join(cells) + " |",
+    ]) + "\n"  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m training.ood", description="one table of many OOD runs")
-    parser.add_argument("command", choices=["table"])
-    parser.add_argument("runs", nargs="+", type=Path, help="JSON files of evaluate.py --suite ood")
+    parser.add_argument("command", choices=["table", "seen"])
+    parser.add_argument("runs", nargs="*", type=Path, help="table: JSON files of evaluate.py --suite ood")
     parser.add_argument("--update", type=Path, help="markdown file: replace its ood:begin/ood:end block")
+    parser.add_argument("--manifest", default="training/splits/ood-v1.json", help="seen: the OOD manifest")
+    parser.add_argument("--split", help="seen: the sources split a model trained on (default: sources-v1)")
+    parser.add_argument("--label", default="models trained on the sources split (e.g. vit-tiny-p8-colour)")
     args = parser.parse_args(argv)
+    if args.command == "seen":
+        from training import sources
+
+        split = sources.load_split(args.split or sources.DEFAULT_SPLIT)
+        seen = seen_in_training(load_manifest(args.manifest), sources.training_keys(split))
+        print(seen_table(args.label, seen))
+        return 0
+    if not args.runs:
+        parser.error("table needs the JSON files of evaluate.py --suite ood runs")
     runs = [json.loads(p.read_text(encoding="utf-8")) for p in args.runs]
     table = combined_table(sorted(runs, key=lambda r: -r["average"]))
     if args.update:

@@ -506,6 +506,20 @@ def load_split(path: str | os.PathLike = DEFAULT_SPLIT) -> dict:
     return json.loads(path.read_text())
 
 
+def training_keys(split: dict, root=None, names: Iterable[str] | None = None) -> set[str]:
+    """``relative_key`` of every image a model trained on ``split`` reads: the train portions of the
+    sources ``names`` (default: all of ``LISTINGS``).
+
+    What ``scripts/build_colour_data.py`` turns into the colour model's training set; used to say which
+    evaluation images a model has seen (unlabelled) during pre-training.
+    """
+    keys: set[str] = set()
+    for name in LISTINGS if names is None else names:
+        train, _ = partition(list_source(name, root), split, root)
+        keys.update(relative_key(item, root) for item in train)
+    return keys
+
+
 def partition(items: list[Item], split: dict, root=None) -> tuple[list[Item], list[Item]]:
     """(train, test) for one source's items under ``split``: test items carry their labels, train items
     are everything else (labels of dropped classes removed)."""

@@ -157,3 +157,27 @@ def test_committed_manifest_is_a_clean_split():
             assert per_class[(label, "test")] >= 2 and per_class[(label, "train")] >= 5, (name, label)
     medical = manifest["datasets"]["medical"]["items"]
     assert {row[0].rsplit("/", 1)[1][0] + row[2] for row in medical} == {"Ltrain", "Rtest"}
+
+
+def test_seen_in_training_counts_the_test_images_a_split_trains_on(monkeypatch):
+    root = REPO / "tests" / "fixtures" / "sources"
+    monkeypatch.setenv(sources.SOURCES_ENV, str(root))
+    names = ["endless_sky", "tuxpaint", "openclipart"]
+    items = {name: sources.list_source(name) for name in names}
+    split = sources.make_split(items, 0.5, min_class_size=1, max_test_per_class=None, seed=3)
+    keys = sources.training_keys(split, names=names)
+    # independently: every listed file that the split does not hold out (the resolved path, as a key)
+    held_out = {k for entry in split["sources"].values() for k in entry["test"]}
+    listed = {p.resolve().relative_to(root.resolve()).as_posix() for its in items.values() for p in
+              (i.path for i in its)}  # fmt: skip
+    assert keys == listed - held_out and held_out and keys
+    trained, unseen = sorted(keys)[:2], sorted(held_out)[:1]
+    manifest = {"datasets": {
+        "a": {"items": [[trained[0], "x", "test"], [trained[1], "y", "test"], [unseen[0], "x", "test"],
+                        ["derived/other.png", "y", "test"], [trained[0], "x", "train"]]},
+        "b": {"items": [[unseen[0], "x", "test"]]},
+    }}  # fmt: skip
+    seen = ood.seen_in_training(manifest, keys)
+    assert seen == {"a": {"seen": 2, "test": 4}, "b": {"seen": 0, "test": 1}}
+    table = ood.seen_table("m", seen)
+    assert "| m | 50 % (2/4) | 0 % (0/1) |" in table
