@@ -211,8 +211,10 @@ def seen_in_training(manifest: dict, seen_keys: set[str]) -> dict[str, dict[str,
 def seen_table(label: str, seen: dict[str, dict[str, int]]) -> str:
     """One markdown row pair: the share of each dataset's test images ``label`` saw in pre-training."""
     names = list(seen)
-    cells = [f"{100.0 * seen[n]['seen'] / max(seen[n]['test'], 1):.0f} % ({seen[n]['seen']}/{seen[n]['test']})"
-             for n in names]  # fmt: skip
+    cells = []
+    for name in names:
+        count, total = seen[name]["seen"], seen[name]["test"]
+        cells.append(f"{100.0 * count / max(total, 1):.0f} % ({count}/{total})")
     return "\n".join([
         "| test images seen in pre-training | " + " | ".join(names) + " |",
         "|---|" + "---:|" * len(names),
