@@ -1,8 +1,8 @@
-"""Markdown rendering of a losses benchmark run and its section in docs/benchmarks.md.
+"""Markdown rendering of a losses benchmark run, and the one writer of docs/benchmarks.md sections.
 
-Each run writes one section delimited by HTML comments keyed by device type, so a CPU run and a GPU run
-live side by side and re-running replaces only the matching section; sections written by other benchmark
-scripts are left alone.
+Each run writes one section delimited by HTML comments keyed by script and device type, so a CPU run and
+a GPU run live side by side and re-running replaces only the matching section; sections written by other
+benchmark scripts are left alone. Every benchmark script writes its section with :func:`write_section`.
 """
 
 from __future__ import annotations
@@ -215,9 +215,10 @@ def versions(peers: dict, tf32: bool) -> list[str]:
     return lines
 
 
-def write_section(path: Path, device_type: str, text: str, script: str = "benchmarks/losses.py") -> None:
-    """Insert or replace ``script``'s section for ``device_type`` in the markdown file at ``path``."""
-    marker = f"{script}:{device_type}"
+def write_section(path: Path, key: str, text: str, script: str = "benchmarks/losses.py") -> None:
+    """Insert or replace ``script``'s section ``key`` (the device type, optionally with a variant such as
+    ``cpu-onnx-batch1``) in the markdown file at ``path``; every other section is left as it is."""
+    marker = f"{script}:{key}"
     start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     block = f"{start}\n{text.rstrip()}\n{end}\n"
     current = path.read_text() if path.exists() else DOC_HEADER

@@ -194,10 +194,10 @@ def load_average() -> str:
         return "n/a"
 
 
-def device_description(device: torch.device) -> str:
-    """Human description of where the numbers were taken."""
+def device_description(device: torch.device, threads: str = "torch threads") -> str:
+    """Human description of where the numbers were taken; ``threads`` names what uses torch's thread count."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"CPU: {cpu_model()}, {usable} usable cores, torch threads {torch.get_num_threads()}"
+    return f"CPU: {cpu_model()}, {usable} usable cores, {threads} {torch.get_num_threads()}"

@@ -29,8 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# why: `python benchmarks/x.py` puts benchmarks/ first on sys.path; its onnx.py would shadow onnx
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 MODEL = "vit-mini-p7-fmnist"
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -50,9 +49,10 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-# why: Python puts this script's folder first on sys.path, where benchmarks/onnx.py would shadow `onnx`
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
+
+import _doc  # noqa: E402
+import _measure  # noqa: E402
 
 from visreg_hub.inference import EmbeddingPipeline, backend_for, encode, set_backend  # noqa: E402
 from visreg_hub.inference.images import expand_inputs  # noqa: E402
@@ -60,31 +60,8 @@ from visreg_hub.inference.preprocess import Collate, ImageDataset, Preprocessor 
 from visreg_hub.models import ModelConfig, VISRegEncoder  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
-DOC_HEADER = (
-    "# Benchmarks\n\nEvery number here was measured by a script in `benchmarks/` with its named peer in "
-    "the same run, on the device stated in its section. A number without its peer in the same run is not "
-    "a claim.\n"
-)
 SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
            "colorwheel", "camera", "coins", "retina")  # fmt: skip
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"CPU: {cpu_name()}, {cores} usable cores, torch threads {torch.get_num_threads()}"
 
 
 def write_images(folder: Path, count: int) -> list[Path]:
@@ -208,7 +185,7 @@ def measure(args: argparse.Namespace) -> tuple[list[tuple[str, float]], str]:
 
             runs.append(("pipeline without the decode thread, num_workers=0", serial))
         rates = best_rates(runs, paths, paths[: args.batch_size], device, args.repeats)
-    return [(name, rate) for (name, _), rate in zip(runs, rates)], device_description(device)
+    return [(name, rate) for (name, _), rate in zip(runs, rates)], _measure.device_description(device)
 
 
 def render(args: argparse.Namespace, rows: list[tuple[str, float]], device: str, command: str) -> str:
@@ -252,20 +229,6 @@ def render(args: argparse.Namespace, rows: list[tuple[str, float]], device: str,
     return "\n".join(lines)
 
 
-def write_section(path: Path, key: str, text: str) -> None:
-    """Insert or replace this script's section (keyed by device type); other sections are left alone."""
-    start, end = f"<!-- benchmarks/encode.py:{key}:start -->", f"<!-- benchmarks/encode.py:{key}:end -->"
-    block = f"{start}\n{text.rstrip()}\n{end}\n"
-    current = path.read_text() if path.exists() else DOC_HEADER
-    if start in current and end in current:
-        head, rest = current.split(start, 1)
-        current = head + block + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        current = current.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(current)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -288,7 +251,7 @@ def main() -> None:
         key = args.device.split(":")[0]
         if args.backend != "torch":
             key = f"{key}-{args.backend}-batch{args.batch_size}"
-        write_section(DOC, key, text)
+        _doc.write_section(DOC, key, text, script="benchmarks/encode.py")
 
 
 if __name__ == "__main__":

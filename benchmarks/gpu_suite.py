@@ -44,9 +44,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = Path(__file__).resolve().parent
-# Run as a script, Python puts benchmarks/ first on sys.path, where benchmarks/onnx.py would shadow the
-# onnx package: move it to the end (the sibling scripts are loaded by path, see _bench).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCHMARKS] + [str(BENCHMARKS)]
+# Loaded by path (the tests do), benchmarks/ is not on sys.path yet; its helpers are imported by name below
+# and the sibling scripts load their own (see _bench).
+if str(BENCHMARKS) not in sys.path:
+    sys.path.append(str(BENCHMARKS))
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -393,7 +394,7 @@ def onnx_rows(plan: Plan) -> list[Row]:
         export_onnx(model, path, fp16=gpu, validation_batch_sizes=(1,), validation_providers=providers[0])
         baseline = model.half() if gpu else model
         input_size = model.data_config["input_size"]
-        ort_runner = _bench("onnx").ort_runner  # IOBinding on the GPU, as benchmarks/onnx.py times ORT
+        ort_runner = _bench("onnx_runtime").ort_runner  # IOBinding on the GPU, as onnx_runtime.py times ORT
         for provider in providers:
             embedder = OnnxEmbedder(path, providers=provider)
             if embedder.fell_back:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import shlex
 import sys
 import time
@@ -30,17 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import _measure  # noqa: E402
+
 from visreg_hub.retrieval import EmbeddingIndex, recall_at_k  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def torch_topk(database: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 256) -> np.ndarray:
@@ -156,7 +147,7 @@ def main() -> int:
     lines = [
         f"## Retrieval: EmbeddingIndex search vs torch matmul + topk ({dt.date.today().isoformat()})",
         "",
-        f"- device: {cpu_name()}, {args.threads} threads (CPU only); 1-min load average at start "
+        f"- device: {_measure.cpu_model()}, {args.threads} threads (CPU only); 1-min load average at start "
         f"{load_at_start} on {os.cpu_count()} cores",
         f"- versions: faiss {faiss.__version__}, torch {torch.__version__}, numpy {np.__version__}",
         f"- data: {args.n:,} x {args.dim} float32 unit vectors ({args.data}), {q:,} queries, k={k}, "

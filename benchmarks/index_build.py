@@ -31,8 +31,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-# why: `python benchmarks/x.py` puts benchmarks/ first on sys.path; its onnx.py would shadow onnx
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 DIM = 256
 

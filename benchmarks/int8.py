@@ -43,10 +43,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.onnx import device_description, versions  # noqa: E402
+import _doc  # noqa: E402
+import _measure  # noqa: E402
+from onnx_runtime import versions  # noqa: E402
+
 from visreg_hub.hub import from_pretrained  # noqa: E402
 from visreg_hub.inference.images import list_image_files  # noqa: E402
 from visreg_hub.inference.onnx import OnnxEmbedder, export_onnx, validate_onnx  # noqa: E402
@@ -167,11 +169,12 @@ def render(args, rows, notes, load_start: float, command: str) -> str:
             f"{peer[(size, batch)] / seconds:.2f}x | {recall:.3f} | {cosine:.4f} |"
         )
     images = sorted({(r[0], r[1]) for r in rows})
+    device = _measure.device_description(torch.device("cpu"), threads="torch and ORT threads")
     lines = [
         "## int8 ONNX Runtime vs ORT fp32 (cpu)",
         "",
         f"- Date: {dt.date.today().isoformat()}",
-        f"- Device: {device_description(torch.device('cpu'))}",
+        f"- Device: {device}",
         f"- Versions: {versions()}",
         f"- Command: `{command}`",
         f"- Load average (1 min) at start / end: {load_start:.1f} / {os.getloadavg()[0]:.1f} "
@@ -214,20 +217,7 @@ def main() -> None:
     text = render(args, rows, notes, load_start, command.strip())
     print(text)
     if args.append_doc:
-        write_section(DOC, text)
-
-
-def write_section(path: Path, text: str) -> None:
-    """Insert or replace this script's section; other sections are left alone."""
-    start, end = "<!-- benchmarks/int8.py:cpu:start -->", "<!-- benchmarks/int8.py:cpu:end -->"
-    block = f"{start}\n{text.rstrip()}\n{end}\n"
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start in current and end in current:
-        head, rest = current.split(start, 1)
-        current = head + block + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        current = current.rstrip("\n") + "\n\n" + block
-    path.write_text(current)
+        _doc.write_section(DOC, "cpu", text, script="benchmarks/int8.py")
 
 
 if __name__ == "__main__":

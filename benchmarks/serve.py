@@ -41,9 +41,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import _doc  # noqa: E402
 import _measure  # noqa: E402
 
-# benchmarks/onnx.py would shadow the onnx package that ONNX Runtime backends import
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
-
 import visreg_hub  # noqa: E402
 from visreg_hub.models import ModelConfig, VISRegEncoder  # noqa: E402
 

@@ -3,7 +3,7 @@
 Times :meth:`visreg_hub.inference.onnx.OnnxEmbedder.run` on random inputs of the graph's kind (normalised
 float32, or uint8 images for graphs with baked preprocessing), after warm-up runs; reports the provider
 that actually ran. For ONNX Runtime against torch eager and torch.compile in the same run, use
-``benchmarks/onnx.py``.
+``benchmarks/onnx_runtime.py``.
 
     python -m export.benchmark vit-b16.onnx --batch-sizes 1,32,256 --provider cuda
 """

@@ -8,7 +8,7 @@
   (QDQ format, min-max calibration), so nothing is measured at run time.
 
 On CPUs with VNNI (AVX-512 or AVX-VNNI) int8 products run at up to 4x the fp32 multiply rate; what the
-whole model gains is measured in ``benchmarks/onnx.py`` against ORT fp32 with retrieval recall against the
+whole model gains is measured in ``benchmarks/int8.py`` against ORT fp32 with retrieval recall against the
 fp32 embeddings (docs/benchmarks.md). The quantised graph keeps the fp32 graph's metadata with
 ``precision="int8"`` and the method in ``quantization``.
 """

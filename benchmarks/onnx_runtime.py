@@ -17,18 +17,16 @@ use the same thread count for torch and ONNX Runtime.
 
 Usage::
 
-    .venv/bin/python benchmarks/onnx.py                      # CPU: ViT-T/16, ViT-S/16 at 224, batch 1, 8, 32
-    .venv/bin/python benchmarks/onnx.py --append-doc         # also write the section in docs/benchmarks.md
-    python benchmarks/onnx.py --device cuda --append-doc     # H100: ViT-S/16, ViT-B/16, batch 1, 32, 256
+    .venv/bin/python benchmarks/onnx_runtime.py               # CPU: ViT-T/16, ViT-S/16 at 224, batch 1, 8, 32
+    .venv/bin/python benchmarks/onnx_runtime.py --append-doc  # also write the section in docs/benchmarks.md
+    python benchmarks/onnx_runtime.py --device cuda --append-doc  # H100: ViT-S/16, ViT-B/16, batch 1, 32, 256
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -40,30 +38,16 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# why: Python puts this script's folder first on sys.path, where this file would shadow the `onnx` package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
+
+import _doc  # noqa: E402
+import _measure  # noqa: E402
 
 from visreg_hub.inference.onnx import OnnxEmbedder, export_onnx  # noqa: E402
 from visreg_hub.models import ModelConfig, VISRegEncoder  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 PEER = "torch eager fp32"
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
-    name = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError, StopIteration):
-        name = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"CPU: {name}, {cores} usable cores, torch and ORT threads {torch.get_num_threads()}"
 
 
 def versions() -> str:
@@ -191,7 +175,7 @@ def render(args, rows, notes, device: torch.device, load_start: float, command: 
     goal = gpu_goal(rows) if device.type == "cuda" else (
         "**pending**: not measurable in this run (no GPU). Goal from the issue: on an H100, ORT fp16 at "
         "least as fast as torch eager (fp16) at batch 256 and faster at batch 1, for ViT-S/16 and ViT-B/16. "
-        "Command: `python benchmarks/onnx.py --device cuda --append-doc`. For scale, docs' anchor "
+        "Command: `python benchmarks/onnx_runtime.py --device cuda --append-doc`. For scale, docs' anchor "
         "(REFERENCE.md, H100, ORT 1.31 CUDA EP, plain export, IOBinding, ViT-B/16 batch 256): ORT fp32 3.4k, "
         "fp16 5.4k img/s vs torch fp16 eager 8.4k, so the goal needs the fused fp16 graph or TensorRT."
     )  # fmt: skip
@@ -199,7 +183,7 @@ def render(args, rows, notes, device: torch.device, load_start: float, command: 
         f"## ONNX Runtime vs torch eager vs torch.compile ({device.type})",
         "",
         f"- Date: {dt.date.today().isoformat()}",
-        f"- Device: {device_description(device)}",
+        f"- Device: {_measure.device_description(device, threads='torch and ORT threads')}",
         f"- Versions: {versions()}",
         f"- Command: `{command}`",
         f"- Load average (1 min) at start / end: {load_start:.1f} / {os.getloadavg()[0]:.1f}",
@@ -243,18 +227,6 @@ def gpu_goal(rows) -> str:
     return "; ".join(verdicts)
 
 
-def write_section(path: Path, key: str, text: str) -> None:
-    start, end = f"<!-- benchmarks/onnx.py:{key}:start -->", f"<!-- benchmarks/onnx.py:{key}:end -->"
-    block = f"{start}\n{text.rstrip()}\n{end}\n"
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start in current and end in current:
-        head, rest = current.split(start, 1)
-        current = head + block + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        current = current.rstrip("\n") + "\n\n" + block
-    path.write_text(current)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -281,12 +253,12 @@ def main() -> None:
             len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         )
     load_start = os.getloadavg()[0]
-    command = "python benchmarks/onnx.py " + shlex.join(sys.argv[1:])
+    command = "python benchmarks/onnx_runtime.py " + shlex.join(sys.argv[1:])
     rows, notes = measure(args, device)
     text = render(args, rows, notes, device, load_start, command.strip())
     print(text)
     if args.append_doc:
-        write_section(DOC, device.type, text)
+        _doc.write_section(DOC, device.type, text, script="benchmarks/onnx_runtime.py")
         print(f"wrote the {device.type} section of {DOC}", file=sys.stderr)
 
 
