@@ -8,9 +8,10 @@ tensors, and return a NamedTuple whose ``total`` is the loss to back-propagate::
     out = loss_fn(global_proj, local_proj)      # VISRegOutput(total, invariance, regularizer, center, ...)
     out.total.backward()
 
-See :mod:`visreg_hub.losses.modules` for defaults, steps and distributed semantics,
-:mod:`visreg_hub.losses.slices` for the slice modes and :mod:`visreg_hub.losses.sort_shape` for the
-fast sort-based shape term and its mixed-precision choices.
+See :mod:`visreg_hub.losses.modules` for defaults, steps and distributed semantics of every module (one
+file per family: :mod:`.visreg`, :mod:`.swd`, :mod:`.lejepa` on the shared :mod:`._sliced` base, and
+:mod:`.pairwise` for VICReg and Barlow Twins), :mod:`visreg_hub.losses.slices` for the slice modes and
+:mod:`visreg_hub.losses.sort_shape` for the fast sort-based shape term and its mixed-precision choices.
 """
 
 from .distributed import all_reduce_sum, gather_batch, world_info
@@ -34,19 +35,11 @@ from .functional import (
     view_pairs,
     visreg_regularizer,
 )
-from .modules import (
-    BarlowTwinsLoss,
-    BarlowTwinsOutput,
-    SIGRegLoss,
-    SIGRegOutput,
-    SWDLoss,
-    SWDOutput,
-    VICRegLoss,
-    VICRegOutput,
-    VISRegLoss,
-    VISRegOutput,
-)
+from .lejepa import SIGRegLoss, SIGRegOutput
+from .pairwise import BarlowTwinsLoss, BarlowTwinsOutput, VICRegLoss, VICRegOutput
 from .slices import SLICE_MODES, SlicePlan, SliceSampler, derive_seed, partition_slices
+from .swd import SWDLoss, SWDOutput
+from .visreg import VISRegLoss, VISRegOutput
 
 __all__ = [
     "SLICE_MODES",
