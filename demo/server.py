@@ -102,5 +102,10 @@ def mount_ui(app, blocks, service: DemoService, *, max_file_size: str, css: str)
         show_error=False, ssr_mode=False, mcp_server=False, pwa=False, enable_monitoring=False,
         footer_links=["api"], css=css, server_name="127.0.0.1",
     )  # fmt: skip
+    # why: Gradio refuses a request's file paths that were not uploaded (and returned files outside
+    # allowed_paths, the working directory and the temp folder) only once launch() has set has_launched;
+    # mount_gradio_app never sets it, so a client could make the server read any image file by naming it
+    # in a {"path": ...} payload. tests/demo/test_queue.py checks that this keeps holding.
+    blocks.has_launched = True
     app.add_middleware(PublicEventsOnly)
     return app
