@@ -39,7 +39,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,13 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def chosen(items: Sequence[Any], index: Any, what: str) -> Any:
+    """``items[index]`` for a click event's index, which a script (not the page) may send as anything."""
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(items):
+        raise UserInputError(f"there is no {what} number {index!r}; pick one of the {len(items)} shown")
+    return items[index]
+
+
 def display(image, size: int = 224):
     """Upscale small images by an integer factor (crisp pixels) and shrink large ones, for display."""
     from PIL import Image
@@ -160,11 +167,13 @@ def build_app(service: DemoService, *, top_k: int = 8) -> gr.Blocks:
         frame = pd.DataFrame({"dimension": range(values.shape[0]), "value": values.astype(float)})
         return stats, frame, str(result.npy_path), result.model_view, result.pca, result.overlay
 
-    def pick(paths: list[str], evt: gr.SelectData) -> str:
-        return paths[evt.index]
+    @user_errors
+    def pick(paths: list[str] | None, evt: gr.SelectData) -> str:
+        return chosen(paths or [], evt.index, "result")
 
+    @user_errors
     def pick_example(evt: gr.SelectData) -> str:
-        return examples[evt.index][0]
+        return chosen(examples, evt.index, "example")[0]
 
     with gr.Blocks(title="visreg_hub demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(INTRO)

@@ -91,6 +91,22 @@ def test_the_pages_own_events_run_through_the_queue(page):
     assert again["output"]["data"][1][0]["score"] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_a_click_index_the_page_never_sends_is_refused_with_a_message(page):
+    model, gallery = page.props["model-choice"]["value"], page.props["gallery-choice"]["value"]
+    found = page.fire("search", [model, gallery, page.upload(PHOTO), 2, None])
+    assert found["success"]
+    for index in (2, -1, "0", None, [0]):  # 2 results were shown: valid indices are 0 and 1
+        refused = page.fire("pick", [None], event_data={"index": index, "value": None})
+        assert refused["success"] is False and "no result number" in str(refused["output"]), refused
+    refused = page.fire("pick_example", [], event_data={"index": 10_000, "value": None})
+    assert refused["success"] is False and "no example number" in str(refused["output"]), refused
+    # the session is unharmed: a valid click still picks the second result
+    picked = page.fire("pick", [None], event_data={"index": 1, "value": None})
+    assert picked["success"] and file_names(picked["output"]["data"]) == [
+        Path(found["output"]["data"][1][1]["file"]).name
+    ]
+
+
 def test_a_file_the_client_did_not_upload_is_refused(page):
     model, gallery = page.props["model-choice"]["value"], page.props["gallery-choice"]["value"]
     forged = {"path": str(PHOTO), "orig_name": "chelsea.jpg", "meta": {"_type": "gradio.FileData"}}
