@@ -25,25 +25,89 @@ _NAMED_EVENT = re.compile(r"^/gradio_api/(?:call|run|api)/(?P<name>[^/]+)")
 
 
 class PublicEventsOnly:
-    """ASGI guard: 404 for Gradio's named-event routes other than :data:`PUBLIC_EVENTS`."""
+    """ASGI guard in front of the mounted page.
 
-    def __init__(self, app, public: frozenset[str] = PUBLIC_EVENTS) -> None:
+    * 404 for Gradio's named-event routes other than :data:`PUBLIC_EVENTS`;
+    * 422 for a queue join (``POST /gradio_api/queue/join``) naming an event the page does not have
+      (Gradio itself answers those with a 500 and a ``KeyError`` traceback in the log), 413 for a join
+      body over :data:`MAX_JOIN_BYTES` (the page's own are a few kB: files are uploaded separately).
+    """
+
+    def __init__(self, app, public: frozenset[str] = PUBLIC_EVENTS, events: frozenset[int] | None = None):
         self.app = app
         self.public = public
+        self.events = events
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            match = _NAMED_EVENT.match(scope.get("path", ""))
+            path = scope.get("path", "")
+            match = _NAMED_EVENT.match(path)
             if match and match.group("name") not in self.public:
-                body = json.dumps({"error": {"message": "not found", "type": "not_found"}}).encode()
-                headers = [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ]
-                await send({"type": "http.response.start", "status": 404, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
+                await _json_error(send, 404, "not found", "not_found")
                 return
+            if self.events is not None and scope.get("method") == "POST" and path == QUEUE_JOIN:
+                body = await _read_body(receive, MAX_JOIN_BYTES)
+                if body is None:
+                    await _json_error(send, 413, f"queue join body over {MAX_JOIN_BYTES} bytes", "too_large")
+                    return
+                problem = self._join_problem(body)
+                if problem:
+                    await _json_error(send, 422, problem, "invalid_request")
+                    return
+                receive = _replay(body)
         await self.app(scope, receive, send)
+
+    def _join_problem(self, body: bytes) -> str | None:
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return None  # Gradio's own validation answers malformed JSON with a 422
+        index = payload.get("fn_index") if isinstance(payload, dict) else None
+        if isinstance(index, bool) or not isinstance(index, int) or index not in self.events:
+            return f"unknown event fn_index={index!r}; this page has events {sorted(self.events)}"
+        return None
+
+
+QUEUE_JOIN = "/gradio_api/queue/join"
+MAX_JOIN_BYTES = 1 << 20
+
+
+async def _read_body(receive, limit: int) -> bytes | None:
+    """The whole request body, or None as soon as it exceeds ``limit`` bytes."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes):
+    """A ``receive`` that hands the already-read ``body`` to the app once, then waits like the server."""
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def _json_error(send, status: int, message: str, kind: str) -> None:
+    body = json.dumps({"error": {"message": message, "type": kind}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def model_specs(service: DemoService) -> tuple[tuple[ModelSpec, ...], dict[str, str]]:
@@ -107,5 +171,5 @@ def mount_ui(app, blocks, service: DemoService, *, max_file_size: str, css: str)
     # mount_gradio_app never sets it, so a client could make the server read any image file by naming it
     # in a {"path": ...} payload. tests/demo/test_queue.py checks that this keeps holding.
     blocks.has_launched = True
-    app.add_middleware(PublicEventsOnly)
+    app.add_middleware(PublicEventsOnly, events=frozenset(blocks.fns))
     return app

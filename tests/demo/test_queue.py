@@ -132,3 +132,18 @@ def test_a_forged_path_is_refused_on_the_public_named_route(demo_server):
     with httpx.stream("GET", f"{call}/{response.json()['event_id']}", timeout=30) as stream:
         body = "".join(stream.iter_text())
     assert "event: error" in body and "event: complete" not in body
+
+
+def test_a_queue_join_for_an_event_the_page_lacks_is_a_4xx_and_the_page_keeps_working(page):
+    join = page.base + "/gradio_api/queue/join"
+    known = sorted(page.fn.values())
+    for fn_index in (max(known) + 1, -1, "0", None, 1.5, True):
+        body = {"data": [], "fn_index": fn_index, "session_hash": page.session}
+        response = httpx.post(join, json=body, timeout=10)
+        assert response.status_code == 422, (fn_index, response.text)
+        assert "unknown event" in response.json()["error"]["message"]
+    huge = httpx.post(join, content=b"{" + b" " * (2 << 20) + b"}", timeout=30,
+                      headers={"content-type": "application/json"})  # fmt: skip
+    assert huge.status_code == 413
+    model, gallery = page.props["model-choice"]["value"], page.props["gallery-choice"]["value"]
+    assert "Gallery" in page.fire("status", [model, gallery])["output"]["data"][0]
