@@ -331,6 +331,25 @@ def test_encode_backend_onnx_fp16_fused(model, photo_paths):
         encode_onnx(model, photo_paths, dtype="bf16")
 
 
+def test_weights_fingerprint_covers_every_tensor_and_sees_each_kind_of_change():
+    model = tiny_encoder(seed=5)
+    model.register_buffer("scale", torch.ones(3))
+    before = weights_fingerprint(model)
+    assert weights_fingerprint(model) == before  # nothing changed: the cached export is reused
+    state = {(t.data_ptr(), t._version) for t in model.state_dict().values()}
+    assert state <= set(before)  # every tensor of the state dict takes part
+    with torch.no_grad():
+        model.scale.mul_(2.0)  # in-place buffer update
+    after_buffer = weights_fingerprint(model)
+    assert after_buffer != before
+    block = model.backbone.blocks[0].attn.qkv
+    block.weight = torch.nn.Parameter(block.weight.detach().clone())  # a new tensor in the same place
+    assert weights_fingerprint(model) != after_buffer
+    replaced = weights_fingerprint(model)
+    model.load_state_dict(tiny_encoder(seed=6).state_dict(), strict=False)  # copies in place
+    assert weights_fingerprint(model) != replaced
+
+
 # ------------------------------------------------------------------------------------- bad inputs
 def test_bad_files_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"ONNX model not found: .*missing.onnx"):

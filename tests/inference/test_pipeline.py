@@ -82,6 +82,55 @@ def test_prefetch_keeps_order_raises_producer_errors_and_stops_when_left():
     assert len(produced) <= 5  # two consumed, at most depth queued and one in the producer's hand
 
 
+def test_prefetch_returns_without_waiting_on_a_producer_that_is_exiting(monkeypatch):
+    """After the producer hands over its end marker the consumer joins it; it never polls the queue."""
+    import queue
+    import threading
+    import time
+
+    from visreg_hub.inference import pipeline
+
+    polls = []
+
+    class SlowToExit(queue.Queue):
+        def put(self, item, *args, **kwargs):
+            super().put(item, *args, **kwargs)
+            if not isinstance(item[0], int):  # the end marker: stay alive a while, as a busy CPU makes it
+                time.sleep(0.2)
+
+        def get(self, block=True, timeout=None):
+            if timeout is not None:
+                polls.append(timeout)
+            return super().get(block, timeout)
+
+    monkeypatch.setattr(pipeline.queue, "Queue", SlowToExit)
+    assert list(pipeline.prefetched(iter(range(5)))) == list(range(5))
+    assert polls == []  # the old loop polled get(timeout=0.05) until the thread ended
+    assert not [t for t in threading.enumerate() if t.name == "visreg-decode"]  # joined, not left running
+
+
+def test_one_batch_is_decoded_without_a_thread_and_several_with_one(model, photo_paths, monkeypatch):
+    from visreg_hub.inference import pipeline
+
+    calls = []
+    real = pipeline.prefetched
+
+    def counting(batches, *args, **kwargs):
+        calls.append(1)
+        return real(batches, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "prefetched", counting)
+    photos = [malformed.photo_rgb(p) for p in photo_paths]
+    one = encode(model, photo_paths[0])
+    assert calls == []  # one batch: nothing to overlap, no thread
+    torch.testing.assert_close(one, timm_reference(model, photos[:1])[0], atol=1e-5, rtol=0)
+    several = encode(model, photo_paths, batch_size=1)
+    assert calls == [1]
+    unthreaded, _ = EmbeddingPipeline(TorchBackend(model)).run(photo_paths, batch_size=1, prefetch=False)
+    torch.testing.assert_close(several, unthreaded, atol=0, rtol=0)
+    torch.testing.assert_close(several, timm_reference(model, photos), atol=1e-5, rtol=0)
+
+
 UNUSABLE_DEVICES = ["bogus", "cuda:x", "cuda:99" if torch.cuda.is_available() else "cuda"]
 
 

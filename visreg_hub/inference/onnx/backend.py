@@ -9,6 +9,7 @@ the model's lifetime (and on disk across processes, :mod:`.cache`), redoing it w
 
 from __future__ import annotations
 
+import itertools
 import logging
 import weakref
 from pathlib import Path
@@ -56,8 +57,15 @@ class OnnxBackend(Backend):
 def weights_fingerprint(model: nn.Module) -> tuple:
     """Identity of the weights' current values: changes on in-place updates and on moves."""
     # why: in-place updates bump a tensor's version counter and moves change its storage, so a stale
-    # export is never reused without hashing hundreds of MB of weights on every call
-    return tuple((t.data_ptr(), t._version) for t in model.state_dict().values())
+    # export is never reused without hashing hundreds of MB of weights on every call. Each module's own
+    # parameters and buffers rather than state_dict(): the same tensors without state_dict's hooks,
+    # prefixes and detached copies, about 3x cheaper (it runs on every encode() call)
+    return tuple(
+        (t.data_ptr(), t._version)
+        for module in model.modules()
+        for t in itertools.chain(module._parameters.values(), module._buffers.values())
+        if t is not None
+    )
 
 
 def _providers_for(spec: BackendSpec, device: str | torch.device | None) -> tuple[str | None, int]:
