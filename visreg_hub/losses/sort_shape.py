@@ -24,9 +24,14 @@ been checked only in Triton's CPU interpreter, never compiled or timed on a GPU,
 uses ``torch.sort`` everywhere until a GPU benchmark shows the kernel is correct and faster; both give the
 same residuals.
 
-Work is done in chunks of leading rows, so the int64 sort indices and float32 temporaries exist for one
-chunk at a time; optional standardisation ``(x - mean) * inv_std`` is applied per chunk, so the
-standardised embeddings are never materialised in full either.
+Work is done in chunks of leading rows (and of slices, when one row's ``K x N`` projections are more than
+a chunk), so the int64 sort indices and float32 temporaries exist for one chunk at a time; optional
+standardisation ``(x - mean) * inv_std`` is applied per chunk, so the standardised embeddings are never
+materialised in full either. Chunks are small on purpose (16 MiB of float32, sorts of 16 MiB of int64
+indices): glibc's malloc serves blocks up to 32 MiB from its heap and reuses them, while every larger one
+is a fresh ``mmap`` whose pages fault on first touch; measured on the CPU, a fresh 64 MiB tensor cost 10x
+the time of filling a reused one, and at V8 N2048 D2048 K2048 the big chunks spent about a second of a
+~5.6 s step on it.
 
 Mixed precision. Under autocast (or with bf16/fp16 inputs) the projection matmul runs in that low
 precision dtype, as every other matmul of the step does. Its output is therefore rounded to bf16; sorting
@@ -48,8 +53,11 @@ __all__ = ["gaussian_quantiles", "resolve_projection_dtype", "sliced_quantile_di
 
 SORT_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 
-# Elements of one (rows, K, N) projection chunk (read at call time, so tests can shrink it).
-_CHUNK_ELEMENTS = num.CHUNK_ELEMENTS
+# Elements of one (rows, K, N) projection chunk (read at call time, so tests can shrink it): 16 MiB of
+# float32, reused from malloc's heap (see the module docstring).
+_CHUNK_ELEMENTS = num.TEMPORARY_ELEMENTS
+# Elements of one torch.sort call: its int64 indices stay at 16 MiB, under glibc's 32 MiB mmap threshold.
+_SORT_BLOCK_ELEMENTS = num.TEMPORARY_ELEMENTS // 2
 
 
 def _standardised(x, mean, inv_std, start, stop, compute):
@@ -74,15 +82,26 @@ def _resolve_backend(sort_backend: str, device: torch.device) -> bool:
 
 def _residual_into(projections: torch.Tensor, quantiles: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Sort ``projections`` ``(..., N)`` along N, write ``sort(p) - t`` back in unsorted order into ``out``
-    (same shape, projection dtype) and return the sum of squared residuals in the quantiles' dtype."""
-    values, order = torch.sort(projections, dim=-1, stable=True)  # ties by index, as Triton
-    sorted_residual = torch.sub(values, quantiles)  # promoted to float32 in the same pass
-    del values
-    out.scatter_(-1, order, sorted_residual.to(out.dtype))
-    del order
-    # torch.sum reduces pairwise (relative error ~1e-8 in float32 over 16M terms); a float32 torch.dot
-    # over the same chunk drifted by ~2e-4 on the CPU (benchmarks/losses.py agreement).
-    return sorted_residual.square().sum()
+    (same shape, contiguous, projection dtype) and return the sum of squared residuals in the quantiles'
+    dtype. Sorts ``_SORT_BLOCK_ELEMENTS`` at a time, so the int64 indices stay small (module docstring)."""
+    n = projections.shape[-1]
+    rows, targets = projections.reshape(-1, n), out.view(-1, n)
+    step = max(1, _SORT_BLOCK_ELEMENTS // max(1, n))
+    total = None
+    for start in range(0, rows.shape[0], step):
+        values, order = torch.sort(
+            rows[start : start + step], dim=-1, stable=True
+        )  # ties by index, as Triton
+        # in place when the values already have the quantiles' dtype; else promoted to it in the same pass
+        residual = values.sub_(quantiles) if values.dtype == quantiles.dtype else torch.sub(values, quantiles)
+        del values
+        targets[start : start + step].scatter_(-1, order, residual.to(out.dtype))
+        del order
+        # torch.sum reduces pairwise (relative error ~1e-8 in float32 over 16M terms); a float32 torch.dot
+        # over the same chunk drifted by ~2e-4 on the CPU (benchmarks/losses.py agreement).
+        part = residual.square_().sum()
+        total = part if total is None else total + part
+    return total
 
 
 class _ProjectedQuantileDistance(torch.autograd.Function):
@@ -135,23 +154,28 @@ class _SlicedQuantileDistance(torch.autograd.Function):
             w_t = directions.t().to(compute_dtype)  # (K, D)
             residual = torch.empty((rows, num_slices, n), dtype=compute_dtype, device=x.device)
             squared = torch.zeros((), dtype=accumulate, device=x.device)
-            step = max(1, _CHUNK_ELEMENTS // max(1, num_slices * n))
+            step = max(1, _CHUNK_ELEMENTS // max(1, n * max(num_slices, x.shape[-1])))
+            # one row's K x N projections in blocks of slices when they alone exceed a chunk (step is then 1)
+            slices = num_slices if step > 1 else max(1, min(num_slices, _CHUNK_ELEMENTS // max(1, n)))
             for start in range(0, rows, step):
                 stop = min(rows, start + step)
-                hat = _standardised(x, mean, inv_std, start, stop, compute_dtype)
-                projections = torch.matmul(w_t, hat.transpose(-1, -2))  # (b, K, N): sort on the last axis
+                hat = _standardised(x, mean, inv_std, start, stop, compute_dtype).transpose(-1, -2)
+                for first in range(0, num_slices, slices):
+                    last = min(num_slices, first + slices)
+                    # (b, k, N): sort on the last axis
+                    projections = torch.matmul(w_t[first:last], hat)
+                    block = residual[start:stop, first:last]  # contiguous: whole rows, or one row's slices
+                    row_squares = None
+                    if use_triton and _triton_sort.usable(projections):
+                        row_squares = _triton_sort.try_launch(
+                            projections.view(-1, n), quantiles, block.view(-1, n)
+                        )
+                    if row_squares is not None:
+                        squared = squared + row_squares.sum(dtype=accumulate)
+                    else:
+                        squared = squared + _residual_into(projections, quantiles, block)
+                    del projections
                 del hat
-                block = residual[start:stop]
-                row_squares = None
-                if use_triton and _triton_sort.usable(projections):
-                    row_squares = _triton_sort.try_launch(
-                        projections.view(-1, n), quantiles, block.view(-1, n)
-                    )
-                if row_squares is not None:
-                    squared = squared + row_squares.sum(dtype=accumulate)
-                    continue
-                squared = squared + _residual_into(projections, quantiles, block)
-                del projections
         ctx.compute_dtype = compute_dtype
         ctx.x_dtype = x.dtype
         ctx.numel = rows * num_slices * n
