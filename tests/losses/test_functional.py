@@ -146,9 +146,11 @@ def test_swd_and_invariance_match_float64_transcription():
     assert invariance_loss(z).item() == pytest.approx(np_invariance(z.numpy()), rel=1e-12)
 
 
-@pytest.mark.parametrize("chunk_elements", [1 << 24, 50])  # one chunk, and one (v, K, N) row per chunk
-def test_fast_shape_equals_plain_autograd_in_value_and_gradient(monkeypatch, chunk_elements):
+# one chunk; one row per chunk and its slices in blocks of one (K N > 50); and each sort over one slice
+@pytest.mark.parametrize("chunk_elements, sort_elements", [(1 << 24, 1 << 21), (50, 1 << 21), (1 << 24, 7)])
+def test_fast_shape_equals_plain_autograd_in_value_and_gradient(monkeypatch, chunk_elements, sort_elements):
     monkeypatch.setattr(sort_shape, "_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(sort_shape, "_SORT_BLOCK_ELEMENTS", sort_elements)
     z, w = data(), directions()
     for fast, reference in (
         (shape_loss, shape_loss_reference),
@@ -162,6 +164,26 @@ def test_fast_shape_equals_plain_autograd_in_value_and_gradient(monkeypatch, chu
         assert value.item() == pytest.approx(expected.item(), rel=1e-13)
         torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-11, atol=1e-14)
         torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-11, atol=1e-14)
+
+
+@pytest.mark.parametrize("temporary_elements", [1 << 22, 1])  # all views in one block; one view per block
+def test_bf16_moments_and_invariance_in_blocks_of_views_match_float64(monkeypatch, temporary_elements):
+    from visreg_hub.losses import _numerics
+
+    monkeypatch.setattr(_numerics, "TEMPORARY_ELEMENTS", temporary_elements)
+    views, local = data(v=5).to(torch.bfloat16), data(v=3, seed=5).to(torch.bfloat16)
+    exact, exact_local = views.double(), local.double()  # the bf16 values, in float64
+    mean, std = batch_moments(views)
+    assert mean.dtype == std.dtype == torch.float32 and mean.shape == std.shape == (5, 6)
+    torch.testing.assert_close(mean.double(), exact.mean(dim=1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(std.double(), exact.std(dim=1, correction=0), rtol=1e-6, atol=1e-6)
+    expected = np_invariance(exact.numpy(), exact_local.numpy())
+    assert invariance_loss(views, local).item() == pytest.approx(expected, rel=1e-6)
+    # float64: the blocks change nothing against the transcription either
+    z, z_local = data(v=5), data(v=3, seed=5)
+    assert invariance_loss(z, z_local).item() == pytest.approx(
+        np_invariance(z.numpy(), z_local.numpy()), rel=1e-13
+    )
 
 
 def test_shape_accepts_any_leading_axes():

@@ -77,13 +77,30 @@ class RegularizerOutput(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------- moments
+def _leading_blocks(z: torch.Tensor) -> list[torch.Tensor]:
+    """``z`` ``(..., N, D)`` as ``(b, N, D)`` blocks of leading rows with at most ``num.TEMPORARY_ELEMENTS``
+    elements each (one row when a row alone is more), so float32 temporaries of a bf16 input, or of a
+    difference, never hold the whole batch (see :mod:`.sort_shape` on why small temporaries are cheaper)."""
+    flat = z.reshape(-1, *z.shape[-2:])
+    step = max(1, num.TEMPORARY_ELEMENTS // max(1, flat[0].numel()))
+    return [flat[start : start + step] for start in range(0, flat.shape[0], step)]
+
+
 class _BatchMoments(torch.autograd.Function):
     """Mean and biased std over the batch axis in float32, saving only the input for the backward."""
 
     @staticmethod
     def forward(ctx, z):
         accumulate = num.accumulation_dtype(z.dtype)
-        var, mean = torch.var_mean(z.to(accumulate), dim=-2, correction=0)
+        if z.dtype == accumulate:
+            var, mean = torch.var_mean(z, dim=-2, correction=0)
+        else:  # upcast a block of views at a time: the same float32 statistics per view
+            parts = [
+                torch.var_mean(block.to(accumulate), dim=-2, correction=0) for block in _leading_blocks(z)
+            ]
+            shape = z.shape[:-2] + z.shape[-1:]
+            var = torch.cat([part[0] for part in parts]).view(shape)
+            mean = torch.cat([part[1] for part in parts]).view(shape)
         std = var.clamp_min(torch.finfo(accumulate).tiny).sqrt()
         ctx.save_for_backward(z, mean, std)
         return mean, std
@@ -264,9 +281,12 @@ class _SquaredDeviation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, views, target):
-        deviation = torch.sub(views, target)  # promoted to float32 without a copy of the views
         ctx.save_for_backward(views, target)
-        return deviation.square_().sum()
+        total = None
+        for block in _leading_blocks(views):  # a block of views at a time: small float32 temporaries
+            part = torch.sub(block, target).square_().sum()  # promoted to float32 without a copy of the views
+            total = part if total is None else total + part
+        return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
