@@ -30,8 +30,8 @@ standardisation ``(x - mean) * inv_std`` is applied per chunk, so the standardis
 materialised in full either. Chunks are small on purpose (16 MiB of float32, sorts of 16 MiB of int64
 indices): glibc's malloc serves blocks up to 32 MiB from its heap and reuses them, while every larger one
 is a fresh ``mmap`` whose pages fault on first touch; measured on the CPU, a fresh 64 MiB tensor cost 10x
-the time of filling a reused one, and at V8 N2048 D2048 K2048 the big chunks spent about a second of a
-~5.6 s step on it.
+the time of filling a reused one, and at V8 N2048 D2048 K2048 (fp32, one thread) the step took 5.65 s
+of CPU time with 64 MiB chunks and 5.23 s with these (docs/benchmarks.md).
 
 Mixed precision. Under autocast (or with bf16/fp16 inputs) the projection matmul runs in that low
 precision dtype, as every other matmul of the step does. Its output is therefore rounded to bf16; sorting
