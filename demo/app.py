@@ -7,7 +7,7 @@ Launch::
 
 Without ``--model``/``--gallery`` it serves the bundled sets of ``demo.service.BUNDLED_SETS``: the
 colour-photo model ``vit-tiny-p8-colour`` with the photo gallery (``demo/assets/photo-gallery``) by default,
-then ``vit-mini-p7-fmnist`` with the Fashion-MNIST gallery (models shipped in visreg_hub/assets).
+then ``vit-tiny-p4-fmnist`` with the Fashion-MNIST gallery (models shipped in visreg_hub/assets).
 Both flags can be repeated; the first one is
 the default in the UI menus and the bundled assets are always offered too. Users pick among what the
 operator named, never a path of their own. The UI logic lives in :mod:`demo.service`; this module only

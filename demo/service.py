@@ -68,7 +68,7 @@ class BundledSet:
 BUNDLED_SETS = (
     BundledSet("bundled-photos", "vit-tiny-p8-colour", ASSETS / "photo-gallery",
                "photos, clipart, satellite tiles (demo/assets/photo-gallery)", ASSETS / "photo-examples"),
-    BundledSet(BUNDLED, "vit-mini-p7-fmnist", ASSETS / "gallery",
+    BundledSet(BUNDLED, "vit-tiny-p4-fmnist", ASSETS / "gallery",
                "Fashion-MNIST test images (demo/assets/gallery)", ASSETS / "examples"),
 )  # fmt: skip
 BUNDLED_GALLERY = ASSETS / "gallery"  # the Fashion-MNIST gallery (kept for callers of the single-set demo)

@@ -45,7 +45,7 @@ def test_photo_gallery_is_small_credited_and_disjoint_from_its_examples():
 def test_a_missing_bundled_model_leaves_the_other_offered(monkeypatch, tmp_path):
     real = service.MODEL_ASSETS
     (tmp_path / "assets").mkdir()
-    (tmp_path / "assets" / "vit-mini-p7-fmnist").symlink_to(real / "vit-mini-p7-fmnist")
+    (tmp_path / "assets" / "vit-tiny-p4-fmnist").symlink_to(real / "vit-tiny-p4-fmnist")
     monkeypatch.setattr(service, "MODEL_ASSETS", tmp_path / "assets")
     demo = DemoService(cache_dir=tmp_path / "c", download_dir=tmp_path / "d", device="cpu")
     assert [c.key for c in demo.model_choices] == ["bundled"]

@@ -21,7 +21,7 @@ def test_the_demo_serves_the_api(demo_server, demo_model, demo_model_dir):
     base = demo_server.url.rstrip("/")
     assert httpx.get(base + "/health", timeout=10).json() == {"status": "ok"}
     models = httpx.get(base + "/v1/models", timeout=10).json()["data"]
-    assert [m["id"] for m in models] == [demo_model_dir.name, "vit-tiny-p8-colour", "vit-mini-p7-fmnist"]
+    assert [m["id"] for m in models] == [demo_model_dir.name, "vit-tiny-p8-colour", "vit-tiny-p4-fmnist"]
     payload = (EXAMPLES / "Bag_320.png").read_bytes()
     body = {"input": [base64.b64encode(payload).decode()], "model": demo_model_dir.name}
     response = httpx.post(base + "/v1/embeddings", json=body, timeout=60)

@@ -133,16 +133,29 @@ _ENTRIES: tuple[RegistryEntry, ...] = (
         size="vit-s8-64",
         status="bundled",
         format="visreg_hub",
-        source="trained by visreg_hub: training/pretrain.py --config training/configs/colour-tiny-cpu.yaml",
+        source="trained by visreg_hub: training/pretrain.py --config training/configs/colour-small-cpu.yaml",
         license="apache-2.0",
         description=(
-            "Small colour VISReg ViT (width 96, 4 blocks, 8 px patches, 64 px RGB) trained on the offline "
+            "Small colour VISReg ViT (width 128, 6 blocks, 8 px patches, 64 px RGB) trained on the offline "
             "apt/PyPI photo, clipart and texture sources (training/sources.py); the demo's default"
         ),
         local_path="assets/vit-tiny-p8-colour",
-        sha256="b44ee1b8ccbadd547a5def34e3b1e61c9a30e449dc37b8ecc3e874b431a98bea",
+        sha256="be18347d104b7e78c505716f75722295f55cec80f4cd6bc239e6a76121199238",
         dataset="visreg-hub-offline-colour-sources",
-        config_overrides=dict(embed_dim=96, depth=4, num_heads=4, mlp_ratio=2.0),
+        config_overrides=dict(embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0),
+    ),
+    RegistryEntry(
+        name="vit-tiny-p4-fmnist",
+        size="vit-t4-28",
+        status="bundled",
+        format="visreg_hub",
+        source="trained by visreg_hub: training/pretrain.py --config training/configs/fmnist-p4-cpu.yaml",
+        license="apache-2.0",
+        description="VISReg ViT (width 128, 6 blocks, 4 px patches), Fashion-MNIST; the demo's 2nd set",
+        local_path="assets/vit-tiny-p4-fmnist",
+        sha256="6e9d6ada7e36097ff178d7e6b49937310b8366ab793dc2759e35d3d84111d235",
+        dataset="fashion-mnist",
+        config_overrides=dict(embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0),
     ),
     RegistryEntry(
         name="vit-mini-p7-fmnist",
@@ -151,7 +164,7 @@ _ENTRIES: tuple[RegistryEntry, ...] = (
         format="visreg_hub",
         source="trained by visreg_hub: training/pretrain.py --config training/configs/fmnist-bundle-cpu.yaml",
         license="apache-2.0",
-        description="Small VISReg ViT (width 64, 4 blocks, 7 px patches), Fashion-MNIST; the demo's 2nd set",
+        description="Small VISReg ViT (width 64, 4 blocks, 7 px patches), Fashion-MNIST; small and fast",
         local_path="assets/vit-mini-p7-fmnist",
         sha256="f73e7ff3e05fcd09755225c0eed0e33eb6788003bd646dbc29f9395246f7105d",
         dataset="fashion-mnist",
