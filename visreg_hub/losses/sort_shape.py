@@ -71,9 +71,15 @@ def _standardised(x, mean, inv_std, start, stop, compute):
     return torch.addcmul(shift, rows, scale, out=out)  # computed in float32, stored in `compute`
 
 
-def _resolve_backend(sort_backend: str, device: torch.device) -> bool:
+def check_sort_backend(sort_backend: str) -> str:
+    """``sort_backend`` if it is one of :data:`SORT_BACKENDS`, else a ValueError naming them."""
     if sort_backend not in SORT_BACKENDS:
         raise ValueError(f"sort_backend must be one of {SORT_BACKENDS}, got {sort_backend!r}")
+    return sort_backend
+
+
+def _resolve_backend(sort_backend: str, device: torch.device) -> bool:
+    check_sort_backend(sort_backend)
     if sort_backend == "triton" and (_triton_sort.triton is None or device.type != "cuda"):
         raise ValueError("sort_backend='triton' needs the triton package and CUDA tensors; use 'auto'")
     # "auto" means torch.sort until the Triton kernel has been verified and timed on a real GPU.

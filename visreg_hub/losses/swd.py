@@ -14,7 +14,7 @@ from ._numerics import all_views, check_views
 from ._sliced import SlicedLoss
 from .distributed import gather_batch
 from .partition import partitioned_quantile_distance
-from .sort_shape import SORT_BACKENDS
+from .sort_shape import check_sort_backend
 
 __all__ = ["SWDLoss", "SWDOutput"]
 
@@ -46,9 +46,7 @@ class SWDLoss(SlicedLoss):
         group=None,
     ) -> None:
         super().__init__(num_slices, seed, slice_mode, reg_weight, projection_dtype, auto_step, group)
-        if sort_backend not in SORT_BACKENDS:
-            raise ValueError(f"sort_backend must be one of {SORT_BACKENDS}, got {sort_backend!r}")
-        self.sort_backend = sort_backend
+        self.sort_backend = check_sort_backend(sort_backend)
         self.detach_target = bool(detach_target)
 
     def forward(self, global_proj, local_proj=None, *, directions=None) -> SWDOutput:

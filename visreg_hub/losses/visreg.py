@@ -15,7 +15,7 @@ from ._numerics import all_views, check_views, check_weight, report
 from ._sliced import SlicedLoss
 from .distributed import gather_batch, reduce_values, world_info
 from .partition import partitioned_quantile_distance
-from .sort_shape import SORT_BACKENDS
+from .sort_shape import check_sort_backend
 
 __all__ = ["VISRegLoss", "VISRegOutput"]
 
@@ -74,9 +74,7 @@ class VISRegLoss(SlicedLoss):
         group=None,
     ) -> None:
         super().__init__(num_slices, seed, slice_mode, reg_weight, projection_dtype, auto_step, group)
-        if sort_backend not in SORT_BACKENDS:
-            raise ValueError(f"sort_backend must be one of {SORT_BACKENDS}, got {sort_backend!r}")
-        self.sort_backend = sort_backend
+        self.sort_backend = check_sort_backend(sort_backend)
         self.scale_weight = check_weight("scale_weight", scale_weight)
         self.shape_weight = check_weight("shape_weight", shape_weight)
         self.center_weight = check_weight("center_weight", center_weight)
