@@ -13,6 +13,7 @@ from scipy.stats import norm
 
 from tests.losses.reference import shape_loss_reference, sliced_wasserstein_loss_reference
 from visreg_hub.losses import (
+    barlow_route,
     barlow_twins_terms,
     batch_moments,
     center_loss,
@@ -365,6 +366,73 @@ def test_vicreg_and_barlow_gradients_match_plain_autograd():
         assert mine.item() == pytest.approx(expected.item(), rel=1e-12)
     torch.testing.assert_close(g1.grad, g2.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(l1.grad, l2.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("route", ["pairs", "gram"])
+@pytest.mark.parametrize(("num_global", "num_local", "n", "d"), [(2, 3, 30, 5), (2, 0, 6, 40), (3, 4, 9, 12)])
+def test_barlow_routes_match_float64_transcription_and_autograd(route, num_global, num_local, n, d):
+    """Both routes (per-pair D x D matrices, per-view N x N Gram matrices) give the textbook sums and
+    gradients at N > D and N < D, with and without local views."""
+    g, local = data(v=num_global, n=n, d=d), data(v=num_local, n=n, d=d, seed=4) if num_local else None
+    on, off = np_barlow(g.numpy(), None if local is None else local.numpy())
+    g1 = g.clone().requires_grad_()
+    l1 = None if local is None else local.clone().requires_grad_()
+    on_t, off_t = barlow_twins_terms(g1, l1, route=route)
+    assert (on_t.item(), off_t.item()) == pytest.approx((on, off), rel=1e-11)
+    (3.0 * on_t + 7.0 * off_t).backward()  # distinct weights: a wrong term's gradient cannot hide
+    views = g if local is None else torch.cat([g, local])
+    plain = views.clone().requires_grad_()
+    normalised = (plain - plain.mean(1, keepdim=True)) / torch.sqrt(
+        plain.var(1, correction=0, keepdim=True) + 1e-5
+    )
+    expected = 0
+    for a, b in view_pairs(num_global, views.shape[0]):
+        c = normalised[a].T @ normalised[b] / n
+        expected = expected + 3.0 * (1 - c.diagonal()).square().sum()
+        expected = expected + 7.0 * (c.square().sum() - c.diagonal().square().sum())
+    (expected / len(view_pairs(num_global, views.shape[0]))).backward()
+    grads = g1.grad if local is None else torch.cat([g1.grad, l1.grad])
+    torch.testing.assert_close(grads, plain.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_barlow_route_picks_the_cheaper_route():
+    """auto = gram when its matmul multiply-adds (2 V N^2 D) are under 2/3 of the pair route's (3 P N D^2)."""
+    shapes = [
+        (2, 2, 2048, 8192),
+        (2, 2, 4096, 256),
+        (4, 10, 1024, 256),
+        (2, 8, 2048, 2048),
+        (2, 2, 512, 2048),
+    ]
+    for num_global, num_views, n, d in shapes:
+        pairs = len(view_pairs(num_global, num_views))
+        cheaper = "gram" if 2 * num_views * n * n * d < (2 / 3) * 3 * pairs * n * d * d else "pairs"
+        assert barlow_route(num_global, num_views, n, d) == cheaper
+    assert barlow_route(2, 2, 2048, 8192) == "gram"  # the Barlow Twins paper's head
+    assert barlow_route(4, 10, 1024, 256) == "pairs"  # the light benchmark setting (measured 1.1-1.5x)
+    assert barlow_route(2, 8, 2048, 2048) == "gram"  # the heavy one (measured 0.5x)
+    with pytest.raises(ValueError, match="route must be"):
+        barlow_twins_terms(data(v=2), route="fast")
+
+
+@pytest.mark.parametrize("route", ["pairs", "gram"])
+def test_barlow_routes_bf16_close_to_float32(route):
+    """bf16 matmuls (D x D or N x N), float32 statistics and diagonals: values and gradients stay close."""
+    generator = torch.Generator().manual_seed(11)
+    content = torch.randn(1, 128, 96, generator=generator)
+    z = content + 0.3 * torch.randn(4, 128, 96, generator=generator) + 0.2
+    z32 = z.clone().requires_grad_()
+    ref = barlow_twins_terms(z32[:2], z32[2:], route=route)
+    sum(ref).backward()
+    zb = z.bfloat16().requires_grad_()
+    out = barlow_twins_terms(zb[:2], zb[2:], route=route)
+    sum(out).backward()
+    for mine, expected in zip(out, ref):
+        assert mine.dtype == torch.float32
+        assert mine.item() == pytest.approx(expected.item(), rel=2e-2)
+    assert zb.grad.dtype == torch.bfloat16
+    cosine = torch.nn.functional.cosine_similarity(zb.grad.float().flatten(), z32.grad.flatten(), dim=0)
+    assert cosine > 0.99
 
 
 def test_vicreg_and_barlow_bf16_close_to_float32():

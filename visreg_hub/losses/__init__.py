@@ -17,6 +17,7 @@ file per family: :mod:`.visreg`, :mod:`.swd`, :mod:`.lejepa` on the shared :mod:
 from .distributed import all_reduce_sum, gather_batch, world_info
 from .functional import (
     RegularizerOutput,
+    barlow_route,
     barlow_twins_terms,
     batch_moments,
     center_loss,
@@ -57,6 +58,7 @@ __all__ = [
     "VISRegLoss",
     "VISRegOutput",
     "all_reduce_sum",
+    "barlow_route",
     "barlow_twins_terms",
     "batch_moments",
     "center_loss",

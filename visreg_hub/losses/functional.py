@@ -20,7 +20,8 @@ al. 2022; Barlow Twins, Zbontar et al. 2021):
 * :func:`sliced_wasserstein_loss`: the shape term without centring or scaling (plain SWD).
 * :func:`sigreg_loss`: LeJEPA's SIGReg, the Epps-Pulley statistic of every slice of the raw embeddings.
 * :func:`vicreg_variance_loss`, :func:`vicreg_covariance_loss`, :func:`vicreg_invariance_loss`.
-* :func:`barlow_twins_terms`: on- and off-diagonal parts of the cross-correlation-to-identity loss.
+* :func:`barlow_twins_terms`: on- and off-diagonal parts of the cross-correlation-to-identity loss
+  (:func:`barlow_route`: which of its two exact routes is cheaper at a shape).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from . import _numerics as num
 from ._numerics import gaussian_quantiles
 from .distributed import all_reduce_sum, world_info
 from .redundancy import (
+    barlow_route,
     barlow_twins_terms,
     vicreg_covariance_loss,
     vicreg_invariance_loss,
@@ -45,6 +47,7 @@ from .sort_shape import sliced_quantile_distance
 
 __all__ = [
     "RegularizerOutput",
+    "barlow_route",
     "barlow_twins_terms",
     "batch_moments",
     "center_loss",

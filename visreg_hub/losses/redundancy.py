@@ -11,8 +11,14 @@ gradients. Here:
 * covariance: one ``Xc^T Xc`` per view forward and one ``Xc (C - diag C)`` backward;
 * invariance: the pair sums forward, and the closed-form gradient ``2 (deg_v x_v - sum of neighbours)``
   backward, without a graph of per-pair differences;
-* Barlow Twins: one ``D x (k D)`` matmul per global view against all its partners forward, two backward,
-  with the batch-norm backward written out.
+* Barlow Twins, two exact routes to the same sums, chosen by their matmul work (:func:`barlow_route`):
+  ``"pairs"`` forms each pair's ``D x D`` cross-correlation (one ``D x (k D)`` matmul per global view
+  against all its k partners forward, two backward; ``3 P N D^2`` multiply-adds for P pairs);
+  ``"gram"`` never forms it: ``||C_ab||_F^2 = <G_a, G_b> / N^2`` with the per-view ``N x N`` Gram matrix
+  ``G_v = zn_v zn_v^T``, so V Gram matmuls forward and V backward (``2 V N^2 D``) serve all P pairs, and
+  the diagonals ``C_ab,ii`` come elementwise. With many pairs or wide projectors (D >= N, the Barlow
+  Twins paper's 8192-d head) the Gram route does a fraction of the work; with N >> D the pair route wins.
+  Both write the batch-norm backward out.
 
 Precision. Statistics, centring, normalisation, diagonals and every reduction are float32 (float64 for
 float64 inputs). The D x D matmuls run in the projection dtype (bf16 under bf16 autocast or for bf16
@@ -24,12 +30,15 @@ the rounding of the diagonal cancels exactly, and Barlow's on-diagonal term uses
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from . import _numerics as num
 from ._numerics import all_views
 
 __all__ = [
+    "barlow_route",
     "barlow_twins_terms",
     "vicreg_covariance_loss",
     "vicreg_invariance_loss",
@@ -230,12 +239,107 @@ class _BarlowTerms(torch.autograd.Function):
         return grad_views.to(ctx.views_dtype), None, None, None
 
 
+class _BarlowTermsGram(torch.autograd.Function):
+    """The same two sums as :class:`_BarlowTerms` without any ``D x D`` matrix.
+
+    With ``G_v = zn_v zn_v^T`` (N x N), ``S = sum_v G_v`` and ``S_g`` its sum over the global views:
+
+    * ``sum_pairs ||C_ab||_F^2 = (sum_{a global} <G_a, S - G_a> + <S - S_g, S_g>) / (2 N^2)`` (each
+      global-global pair appears twice in the first sum, each global-local pair once in each);
+    * ``C_ab,ii = sum_n zn_a[n, i] zn_b[n, i] / N`` elementwise, exact in float32;
+    * off = the first minus ``sum C_ab,ii^2``; on = ``sum (1 - C_ab,ii)^2``.
+
+    Backward: ``d <G_a, H> / d zn_a = 2 H zn_a`` for symmetric H, where the partners' Gram sum is
+    ``H_a = S - G_a`` for a global view and ``S_g`` for a local one (one ``N x N @ N x (k D)`` matmul for
+    all local views); the diagonal terms are elementwise.
+    """
+
+    @staticmethod
+    def forward(ctx, views, num_global, eps, compute):
+        v, n = views.shape[:2]
+        with num.autocast_off(views.device.type):
+            upcast = num.to_accumulation(views)
+            var, mean = torch.var_mean(upcast, dim=-2, correction=0, keepdim=True)
+            inv_std = torch.rsqrt(var + eps)
+            normalised = (upcast - mean) * inv_std  # (V, N, D), the affine-free batch norm
+            operand = normalised.to(compute)
+            global_grams = []  # kept for the backward's H_a = S - G_a
+            global_total = total = None  # S_g, S (N, N), summed in place
+            for a in range(v):
+                gram = torch.matmul(operand[a], operand[a].t()).to(upcast.dtype)
+                if a < num_global:
+                    global_grams.append(gram)
+                    global_total = gram.clone() if global_total is None else global_total.add_(gram)
+                total = gram.clone() if total is None else total.add_(gram)
+            frobenius = torch.sum((total - global_total) * global_total)  # <S_l, S_g>
+            for gram in global_grams:
+                frobenius = frobenius + torch.sum(gram * (total - gram))
+            frobenius = frobenius / (2.0 * n * n)
+            diagonals = torch.cat(  # (P, D) in view_pairs order
+                [(normalised[a] * normalised[a + 1 :]).sum(dim=1) / n for a in range(num_global)]
+            )
+            on = (1.0 - diagonals).square().sum()
+            off = frobenius - diagonals.square().sum()
+        ctx.save_for_backward(normalised, operand, inv_std, total, global_total, diagonals, *global_grams)
+        ctx.num_global, ctx.views_dtype = num_global, views.dtype
+        return on, off
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_on, grad_off):
+        normalised, operand, inv_std, total, global_total, diagonals, *global_grams = ctx.saved_tensors
+        g = ctx.num_global
+        v, n, d = normalised.shape
+        with num.autocast_off(normalised.device.type):
+            grad_norm = torch.empty_like(normalised)
+            scale = 2.0 * grad_off / (n * n)
+            for a in range(g):  # H_a = S - G_a
+                partners = ((total - global_grams[a]) * scale).to(operand.dtype)
+                grad_norm[a] = torch.matmul(partners, operand[a]).to(grad_norm.dtype)
+            if v > g:  # H_b = S_g for every local view: one matmul for all of them
+                local = operand[g:].transpose(0, 1).reshape(n, (v - g) * d)
+                grad_local = torch.matmul((global_total * scale).to(operand.dtype), local)
+                grad_norm[g:] = grad_local.view(n, v - g, d).transpose(0, 1).to(grad_norm.dtype)
+            # diagonal terms: d/dzn_a[n, i] of (on, -C_ii^2) is coef_i zn_b[n, i], and symmetrically for b
+            coefs = (2.0 / n) * ((diagonals - 1.0) * grad_on - diagonals * grad_off)  # (P, D)
+            start = 0
+            for a in range(g):
+                k = v - a - 1
+                coef = coefs[start : start + k].unsqueeze(1)  # (k, 1, D)
+                grad_norm[a] += (coef * normalised[a + 1 :]).sum(dim=0)
+                grad_norm[a + 1 :] += coef * normalised[a]
+                start += k
+            # batch-norm backward (biased variance): inv_std * (g - mean g - zn * mean(g * zn))
+            grad_views = grad_norm - grad_norm.mean(dim=-2, keepdim=True)
+            grad_views -= normalised * (grad_norm * normalised).mean(dim=-2, keepdim=True)
+            grad_views *= inv_std
+        return grad_views.to(ctx.views_dtype), None, None, None
+
+
+BarlowRoute = Literal["auto", "pairs", "gram"]
+
+
+def barlow_route(num_global: int, num_views: int, n: int, d: int) -> Literal["pairs", "gram"]:
+    """The cheaper exact route for Barlow Twins' cross-correlation sums at this shape.
+
+    Multiply-adds of the matmuls, forward and backward: ``"pairs"`` ``3 P N D^2`` for the P
+    :func:`view_pairs`, ``"gram"`` ``2 V N^2 D``. The Gram route also makes float32 passes over
+    ``N x N`` buffers and its matmuls are narrower, measured on the CPU at 1.2x (fp32) to 1.5x (bf16) its
+    multiply-add share, so it is chosen only below two thirds of the pair route's count: ``V N < P D``.
+    E.g. two views at N 2048, D 8192 (the Barlow Twins paper's head): gram; two global + six local views
+    at N 2048, D 2048: gram (V N = 16k < P D = 26k); four global + six local at N 1024, D 256: pairs.
+    """
+    pairs = len(view_pairs(num_global, num_views))
+    return "gram" if num_views * n < pairs * d else "pairs"
+
+
 def barlow_twins_terms(
     global_proj: torch.Tensor,
     local_proj: torch.Tensor | None = None,
     *,
     eps: float = 1e-5,
     projection_dtype: torch.dtype | None = None,
+    route: BarlowRoute = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Barlow Twins L_BT (Zbontar et al. 2021, eq. 1): ``(sum_i (1 - C_ii)^2, sum_{i != j} C_ij^2)``
     averaged over :func:`view_pairs`.
@@ -247,6 +351,9 @@ def barlow_twins_terms(
         global_proj, local_proj: projections of the global and (optional) local views.
         eps: added to the variance.
         projection_dtype: dtype of the cross-correlation matmuls (default: autocast dtype, else input).
+        route: ``"pairs"`` (per-pair ``D x D`` matrices), ``"gram"`` (per-view ``N x N`` Gram matrices) or
+            ``"auto"`` (the one with fewer multiply-adds, :func:`barlow_route`). Both compute the same
+            sums; they differ in rounding only.
 
     Shape:
         ``global_proj``: ``(Vg, N, D)``; ``local_proj``: ``(Vl, N, D)`` or None. Returns two 0-d float32
@@ -257,6 +364,12 @@ def barlow_twins_terms(
     num_pairs = len(view_pairs(global_proj.shape[0], views.shape[0]))
     if not num_pairs:
         raise ValueError(f"Barlow Twins needs at least two views, got global {tuple(global_proj.shape)}")
+    num_global, v, n, d = global_proj.shape[0], *views.shape
+    if route == "auto":
+        route = barlow_route(num_global, v, n, d)
+    elif route not in ("pairs", "gram"):
+        raise ValueError(f"route must be 'auto', 'pairs' or 'gram', got {route!r}")
     compute = num.resolve_projection_dtype(views, projection_dtype)
-    on, off = _BarlowTerms.apply(views, global_proj.shape[0], float(eps), compute)
+    terms = _BarlowTermsGram if route == "gram" else _BarlowTerms
+    on, off = terms.apply(views, num_global, float(eps), compute)
     return on / num_pairs, off / num_pairs
