@@ -30,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import _doc  # noqa: E402  (benchmarks/, the script's own folder)
+
 MODEL = "vit-mini-p7-fmnist"
 
 CHILD = """
@@ -120,7 +123,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000, help="images (the memory check also runs 4N)")
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--model", default=MODEL, help=f"registry name or folder (default {MODEL})")
-    parser.add_argument("--append-doc", action="store_true")
+    parser.add_argument(
+        "--append-doc",
+        action="store_true",
+        help="write (or replace) this model's section of docs/benchmarks.md",
+    )
     args = parser.parse_args()
     MODEL = args.model
     from tests.bulk.helpers import write_tile_folder
@@ -149,7 +156,7 @@ def main() -> None:
         name = "embed_dataset" if kind == "bulk" else "encode()"
         lines.append(f"| {name} | {row['images']} | {row['peak_rss'] / 2**20:.0f} |")
     text = (
-        f"\n## Bulk embedding vs in-process encode() ({dt.date.today().isoformat()})\n\n"
+        f"## Bulk embedding vs in-process encode() ({dt.date.today().isoformat()})\n\n"
         f"Device: {platform.machine()} CPU, {os.cpu_count()} cores (shared, busy); "
         f"torch {torch.__version__}; "
         f"model {MODEL}, torch backend on both sides; PNG tiles cut from tests/fixtures/photos; "
@@ -162,9 +169,9 @@ def main() -> None:
         f"and model loading; at most one shard of work plus one start-up can be lost).\n"
     )
     print(text)
-    if args.append_doc:
-        with (ROOT / "docs" / "benchmarks.md").open("a", encoding="utf-8") as handle:
-            handle.write(text)
+    if args.append_doc:  # one section per model: a re-run replaces it, other sections stay
+        key = f"cpu-{Path(MODEL).name}"
+        _doc.write_section(ROOT / "docs" / "benchmarks.md", key, text, script="benchmarks/bulk_embed.py")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import _doc  # noqa: E402  (benchmarks/, the script's own folder)
+
 DIM = 256
 
 
@@ -91,7 +94,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--scale", type=float, default=1.0, help="N and budgets times this (default 1)")
-    parser.add_argument("--append-doc", action="store_true")
+    parser.add_argument(
+        "--append-doc",
+        action="store_true",
+        help="write (or replace) this scale's section of docs/benchmarks.md",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -126,7 +133,7 @@ def main() -> None:
     import faiss
 
     header = (
-        f"\n## index build --kind auto vs plain FAISS flat ({dt.date.today().isoformat()})\n\n"
+        f"## index build --kind auto vs plain FAISS flat ({dt.date.today().isoformat()})\n\n"
         f"Device: {platform.machine()} CPU, {os.cpu_count()} cores (shared, busy), "
         f"faiss {faiss.__version__}, "
         f"numpy {np.__version__}. N = {n:,} clustered unit vectors, {DIM}-d; budgets "
@@ -136,9 +143,9 @@ def main() -> None:
     )
     text = header + "\n" + "\n".join(lines) + "\n"
     print(text)
-    if args.append_doc:
-        with (ROOT / "docs" / "benchmarks.md").open("a", encoding="utf-8") as handle:
-            handle.write(text)
+    if args.append_doc:  # one section per scale: a re-run replaces it, other sections stay
+        key = "cpu" if args.scale == 1 else f"cpu-scale-{args.scale:g}"
+        _doc.write_section(ROOT / "docs" / "benchmarks.md", key, text, script="benchmarks/index_build.py")
 
 
 if __name__ == "__main__":
