@@ -253,7 +253,11 @@ def test_epps_pulley_grid():
     torch.testing.assert_close(phi, torch.exp(-(t**2) / 2))
 
 
-def test_sigreg_matches_float64_transcription_and_autograd():
+@pytest.mark.parametrize("temporary_elements", [1 << 22, 60])  # one block; two rows of 30 per block
+def test_sigreg_matches_float64_transcription_and_autograd(monkeypatch, temporary_elements):
+    from visreg_hub.losses import _numerics
+
+    monkeypatch.setattr(_numerics, "TEMPORARY_ELEMENTS", temporary_elements)
     x, w = data(n=30), directions()
     assert sigreg_loss(x, w).item() == pytest.approx(np_sigreg(x.numpy(), w.numpy()), rel=1e-12)
     assert sigreg_loss(x, w, t_max=5.0, num_knots=9).item() == pytest.approx(

@@ -75,7 +75,7 @@ class _CharacteristicSums(torch.autograd.Function):
     def forward(ctx, projections, knots, accumulate):
         rows, n = projections.shape
         sums = torch.empty((rows, 2, len(knots)), dtype=accumulate, device=projections.device)
-        step = max(1, num.CHUNK_ELEMENTS // max(1, n))
+        step = max(1, num.TEMPORARY_ELEMENTS // max(1, n))
         for start in range(0, rows, step):
             chunk = projections[start : start + step].to(accumulate)
             for j, t in enumerate(knots):
@@ -92,7 +92,7 @@ class _CharacteristicSums(torch.autograd.Function):
         (projections,) = ctx.saved_tensors
         rows, n = projections.shape
         grad = torch.empty((rows, n), dtype=projections.dtype, device=projections.device)
-        step = max(1, num.CHUNK_ELEMENTS // max(1, n))
+        step = max(1, num.TEMPORARY_ELEMENTS // max(1, n))
         for start in range(0, rows, step):
             chunk = projections[start : start + step].to(ctx.accumulate)
             acc = torch.zeros_like(chunk)
