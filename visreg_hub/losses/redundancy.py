@@ -178,6 +178,25 @@ def vicreg_invariance_loss(global_proj: torch.Tensor, local_proj: torch.Tensor |
 
 
 # ------------------------------------------------------------------------------------- Barlow Twins
+def _batch_norm(upcast: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Barlow Twins' affine-free batch norm over N (biased variance): ``(zn, 1 / sqrt(var + eps))``.
+
+    Shape: ``upcast`` ``(V, N, D)`` -> ``zn`` ``(V, N, D)``, ``inv_std`` ``(V, 1, D)``.
+    """
+    var, mean = torch.var_mean(upcast, dim=-2, correction=0, keepdim=True)
+    inv_std = torch.rsqrt(var + eps)
+    return (upcast - mean) * inv_std, inv_std
+
+
+def _batch_norm_backward(
+    grad_norm: torch.Tensor, normalised: torch.Tensor, inv_std: torch.Tensor
+) -> torch.Tensor:
+    """Gradient through :func:`_batch_norm`: ``inv_std * (g - mean_N g - zn * mean_N(g * zn))``."""
+    grad_views = grad_norm - grad_norm.mean(dim=-2, keepdim=True)
+    grad_views -= normalised * (grad_norm * normalised).mean(dim=-2, keepdim=True)
+    return grad_views.mul_(inv_std)
+
+
 class _BarlowTerms(torch.autograd.Function):
     """Sums over view pairs of ``sum_i (1 - C_ii)^2`` and ``sum_{i != j} C_ij^2``, ``C = zn_a^T zn_b / N``."""
 
@@ -186,9 +205,7 @@ class _BarlowTerms(torch.autograd.Function):
         v, n, d = views.shape
         with num.autocast_off(views.device.type):
             upcast = num.to_accumulation(views)
-            var, mean = torch.var_mean(upcast, dim=-2, correction=0, keepdim=True)
-            inv_std = torch.rsqrt(var + eps)
-            normalised = (upcast - mean) * inv_std  # (V, N, D), the affine-free batch norm
+            normalised, inv_std = _batch_norm(upcast, eps)
             operand = normalised.to(compute)
             on = upcast.new_zeros(())
             off = upcast.new_zeros(())
@@ -232,10 +249,7 @@ class _BarlowTerms(torch.autograd.Function):
                 grad_norm[a] += torch.matmul(stacked, grad_corr.t()).to(grad_norm.dtype)
                 grad_partners = torch.matmul(operand[a], grad_corr).view(n, partners, d)
                 grad_norm[a + 1 :] += grad_partners.transpose(0, 1).to(grad_norm.dtype)
-            # batch-norm backward (biased variance): inv_std * (g - mean g - zn * mean(g * zn))
-            grad_views = grad_norm - grad_norm.mean(dim=-2, keepdim=True)
-            grad_views -= normalised * (grad_norm * normalised).mean(dim=-2, keepdim=True)
-            grad_views *= inv_std
+            grad_views = _batch_norm_backward(grad_norm, normalised, inv_std)
         return grad_views.to(ctx.views_dtype), None, None, None
 
 
@@ -259,9 +273,7 @@ class _BarlowTermsGram(torch.autograd.Function):
         v, n = views.shape[:2]
         with num.autocast_off(views.device.type):
             upcast = num.to_accumulation(views)
-            var, mean = torch.var_mean(upcast, dim=-2, correction=0, keepdim=True)
-            inv_std = torch.rsqrt(var + eps)
-            normalised = (upcast - mean) * inv_std  # (V, N, D), the affine-free batch norm
+            normalised, inv_std = _batch_norm(upcast, eps)
             operand = normalised.to(compute)
             global_grams = []  # kept for the backward's H_a = S - G_a
             global_total = total = None  # S_g, S (N, N), summed in place
@@ -309,10 +321,7 @@ class _BarlowTermsGram(torch.autograd.Function):
                 grad_norm[a] += (coef * normalised[a + 1 :]).sum(dim=0)
                 grad_norm[a + 1 :] += coef * normalised[a]
                 start += k
-            # batch-norm backward (biased variance): inv_std * (g - mean g - zn * mean(g * zn))
-            grad_views = grad_norm - grad_norm.mean(dim=-2, keepdim=True)
-            grad_views -= normalised * (grad_norm * normalised).mean(dim=-2, keepdim=True)
-            grad_views *= inv_std
+            grad_views = _batch_norm_backward(grad_norm, normalised, inv_std)
         return grad_views.to(ctx.views_dtype), None, None, None
 
 
