@@ -92,6 +92,11 @@ def test_vicreg_and_barlow_modules():
     bt = BarlowTwinsLoss(off_diagonal_weight=0.01)(g, local)
     on, off = barlow_twins_terms(g, local)
     assert bt.total.item() == pytest.approx(on.item() + 0.01 * off.item())
+    for route in ("pairs", "gram"):  # both routes reach the functional: same total up to rounding
+        forced = BarlowTwinsLoss(off_diagonal_weight=0.01, route=route)(g, local)
+        assert forced.total.item() == pytest.approx(bt.total.item(), rel=1e-10)
+    with pytest.raises(ValueError, match="route must be"):
+        BarlowTwinsLoss(route="gramm")
     with pytest.raises(ValueError, match="two views"):
         VICRegLoss()(g[:1])
 

@@ -100,20 +100,35 @@ class BarlowTwinsLoss(_GatheringLoss):
 
     For more than two views the two terms are averaged over global-global and global-local pairs. With
     ``gather=True`` (default) and a process group, C is computed on the gathered global batch.
+
+    ``route`` picks how the cross-correlation sums are computed (same values, different cost and memory;
+    see :func:`~visreg_hub.losses.functional.barlow_route`): ``"auto"`` (default, fewer multiply-adds),
+    ``"pairs"`` (``D x D`` per pair) or ``"gram"`` (``N x N`` per view, for wide heads and many pairs).
     """
 
     def __init__(
-        self, off_diagonal_weight: float = 0.0051, *, eps: float = 1e-5, gather: bool = True, group=None
+        self,
+        off_diagonal_weight: float = 0.0051,
+        *,
+        eps: float = 1e-5,
+        route: str = "auto",
+        gather: bool = True,
+        group=None,
     ) -> None:
         super().__init__(gather, group)
         self.off_diagonal_weight = check_weight("off_diagonal_weight", off_diagonal_weight)
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps!r}")
+        if route not in ("auto", "pairs", "gram"):
+            raise ValueError(f"route must be 'auto', 'pairs' or 'gram', got {route!r}")
         self.eps = float(eps)
+        self.route = route
 
     def forward(self, global_proj, local_proj=None) -> BarlowTwinsOutput:
         """Args: ``global_proj`` ``(Vg, N, D)``, ``local_proj`` ``(Vl, N, D)`` or None; Vg + Vl >= 2."""
         global_proj, local_proj = self._views(global_proj, local_proj)
-        on_diagonal, off_diagonal = F.barlow_twins_terms(global_proj, local_proj, eps=self.eps)
+        on_diagonal, off_diagonal = F.barlow_twins_terms(
+            global_proj, local_proj, eps=self.eps, route=self.route
+        )
         total = on_diagonal + self.off_diagonal_weight * off_diagonal
         return BarlowTwinsOutput(total, on_diagonal, off_diagonal)
