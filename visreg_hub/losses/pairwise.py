@@ -18,6 +18,7 @@ from torch import nn
 from . import functional as F
 from ._numerics import all_views, check_views, check_weight
 from .distributed import gather_batch
+from .redundancy import check_barlow_route
 
 __all__ = ["BarlowTwinsLoss", "BarlowTwinsOutput", "VICRegLoss", "VICRegOutput"]
 
@@ -102,8 +103,9 @@ class BarlowTwinsLoss(_GatheringLoss):
     ``gather=True`` (default) and a process group, C is computed on the gathered global batch.
 
     ``route`` picks how the cross-correlation sums are computed (same values, different cost and memory;
-    see :func:`~visreg_hub.losses.functional.barlow_route`): ``"auto"`` (default, fewer multiply-adds),
-    ``"pairs"`` (``D x D`` per pair) or ``"gram"`` (``N x N`` per view, for wide heads and many pairs).
+    see :func:`~visreg_hub.losses.functional.barlow_route`): ``"auto"`` (default, the cheaper route for
+    the shape), ``"pairs"`` (``D x D`` per pair) or ``"gram"`` (``N x N`` per view, for wide heads and many
+    pairs).
     """
 
     def __init__(
@@ -119,10 +121,8 @@ class BarlowTwinsLoss(_GatheringLoss):
         self.off_diagonal_weight = check_weight("off_diagonal_weight", off_diagonal_weight)
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps!r}")
-        if route not in ("auto", "pairs", "gram"):
-            raise ValueError(f"route must be 'auto', 'pairs' or 'gram', got {route!r}")
         self.eps = float(eps)
-        self.route = route
+        self.route = check_barlow_route(route)
 
     def forward(self, global_proj, local_proj=None) -> BarlowTwinsOutput:
         """Args: ``global_proj`` ``(Vg, N, D)``, ``local_proj`` ``(Vl, N, D)`` or None; Vg + Vl >= 2."""

@@ -328,6 +328,13 @@ class _BarlowTermsGram(torch.autograd.Function):
 BarlowRoute = Literal["auto", "pairs", "gram"]
 
 
+def check_barlow_route(route: str) -> str:
+    """``route`` if it names a Barlow route, else a ValueError listing the choices."""
+    if route not in ("auto", "pairs", "gram"):
+        raise ValueError(f"route must be 'auto', 'pairs' or 'gram', got {route!r}")
+    return route
+
+
 def barlow_route(num_global: int, num_views: int, n: int, d: int) -> Literal["pairs", "gram"]:
     """The cheaper exact route for Barlow Twins' cross-correlation sums at this shape.
 
@@ -361,8 +368,8 @@ def barlow_twins_terms(
         eps: added to the variance.
         projection_dtype: dtype of the cross-correlation matmuls (default: autocast dtype, else input).
         route: ``"pairs"`` (per-pair ``D x D`` matrices), ``"gram"`` (per-view ``N x N`` Gram matrices) or
-            ``"auto"`` (the one with fewer multiply-adds, :func:`barlow_route`). Both compute the same
-            sums; they differ in rounding only.
+            ``"auto"`` (the cheaper one by :func:`barlow_route`'s calibrated multiply-add count). Both
+            compute the same sums; they differ in rounding only.
 
     Shape:
         ``global_proj``: ``(Vg, N, D)``; ``local_proj``: ``(Vl, N, D)`` or None. Returns two 0-d float32
@@ -374,10 +381,8 @@ def barlow_twins_terms(
     if not num_pairs:
         raise ValueError(f"Barlow Twins needs at least two views, got global {tuple(global_proj.shape)}")
     num_global, v, n, d = global_proj.shape[0], *views.shape
-    if route == "auto":
+    if check_barlow_route(route) == "auto":
         route = barlow_route(num_global, v, n, d)
-    elif route not in ("pairs", "gram"):
-        raise ValueError(f"route must be 'auto', 'pairs' or 'gram', got {route!r}")
     compute = num.resolve_projection_dtype(views, projection_dtype)
     terms = _BarlowTermsGram if route == "gram" else _BarlowTerms
     on, off = terms.apply(views, num_global, float(eps), compute)
