@@ -111,7 +111,8 @@ def eval_results(name: str, table: dict) -> tuple[list[dict], str]:
              "metric": "accuracy", "value": round(ours[f"knn@{k}"], 2), "split": split, "command": command}
             for k in (20, 200)
         ]  # fmt: skip
-        task = "image-classification (linear probe, C chosen on a validation split of train)"
+        tap = f" ({ours['linear_tap']})" if ours.get("linear_tap") else ""
+        task = f"image-classification (linear probe; feature tap{tap} and C chosen on a validation split)"
         results.append({"task": task, "dataset": "fashion-mnist", "metric": "accuracy",
                         "value": round(ours["linear"], 2), "split": split, "command": command})  # fmt: skip
         return results, "\n".join(["Baselines measured in the same run:", "", *mt.render_fmnist(rows)])

@@ -149,8 +149,9 @@ def render(results: dict) -> str:
         lines += [
             "### Fashion-MNIST models: test set",
             "",
-            f"{results['fmnist']['data']}. Weighted kNN (cosine, T 0.07) over all training images; linear "
-            f"probe with C in {list(mt.PROBE_CS)} chosen on a 10 % validation split of train.",
+            f"{results['fmnist']['data']}. Weighted kNN (cosine, T 0.07) over all training images, on each "
+            f"model's default pooling (its `dim`); linear probe with the feature tap (in brackets) and C in "
+            f"{list(mt.PROBE_CS)} chosen together on a 10 % validation split of train, refit, tested once.",
             "",
             *mt.render_fmnist(results["fmnist"]["rows"]),
             "",

@@ -41,6 +41,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from training.config import FMNIST_DIR, LongTailSection
 from visreg_hub.errors import ConfigError, VisregHubError
+from visreg_hub.retrieval.metrics import linear_probe as retrieval_linear_probe
+from visreg_hub.retrieval.metrics import probe_classifier, select_c
 
 logger = logging.getLogger("training.evaluate")
 
@@ -86,39 +88,24 @@ def extract_features(model, items, batch_size: int, workers: int, pooling: str |
 
 
 # ------------------------------------------------------------------------------------------ probes
-def _classifier(c: float):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    return make_pipeline(StandardScaler(), LogisticRegression(C=float(c), max_iter=1000))
-
-
-def select_c(x_fit, y_fit, x_val, y_val, cs=DEFAULT_CS) -> tuple[float, dict[float, float]]:
-    """The C with the best validation accuracy (the smaller C, i.e. stronger regularisation, on ties)."""
-    scores = {float(c): float(_classifier(c).fit(x_fit, y_fit).score(x_val, y_val)) for c in sorted(cs)}
-    best = max(scores, key=lambda c: (scores[c], -c))
-    return best, scores
-
-
 def linear_probe(train_x, train_y, test_x, test_y, val_fraction: float, seed: int, cs=DEFAULT_CS) -> dict:
-    """Full-data probe: C chosen on a validation split of train, refit on all of train, tested once."""
-    from sklearn.model_selection import train_test_split
-
-    _, counts = np.unique(train_y, return_counts=True)
-    stratify = train_y if counts.min() >= 2 else None
-    x_fit, x_val, y_fit, y_val = train_test_split(
-        train_x, train_y, test_size=val_fraction, random_state=seed, stratify=stratify
+    """Full-data probe (``visreg_hub.retrieval.linear_probe``: C, and the tap when ``train_x`` / ``test_x``
+    are ``{tap: features}`` dicts, chosen on a validation split of train, refit, tested once) as the
+    percentages of the result records; ``predictions`` is (Q,) for the per-group accuracies."""
+    result = retrieval_linear_probe(
+        train_x, train_y, test_x, test_y, cs=cs, val_fraction=val_fraction, seed=seed
     )
-    best_c, scores = select_c(x_fit, y_fit, x_val, y_val, cs)
-    predictions = _classifier(best_c).fit(train_x, train_y).predict(test_x)
-    return {
-        "accuracy": 100.0 * float((predictions == test_y).mean()),
-        "best_c": best_c,
-        "val_accuracy": 100.0 * scores[best_c],
-        "val_accuracies": {str(c): 100.0 * s for c, s in scores.items()},
-        "predictions": predictions,
+    record = {
+        "accuracy": 100.0 * result.test_accuracy,
+        "best_c": result.best_c,
+        "val_accuracy": 100.0 * result.val_accuracy,
+        "val_accuracies": {str(c): 100.0 * s for c, s in result.val_accuracies.items()},
+        "predictions": result.predictions,
     }
+    if result.tap is not None:
+        record["tap"] = result.tap
+        record["tap_val_accuracies"] = {tap: 100.0 * s for tap, s in result.tap_accuracies.items()}
+    return record
 
 
 def few_shot(train_x, train_y, test_x, test_y, shots: list[int], seeds: int, cs=DEFAULT_CS) -> dict:
@@ -140,7 +127,7 @@ def few_shot(train_x, train_y, test_x, test_y, shots: list[int], seeds: int, cs=
                 held.append(members[shot : shot + max(shot, 5)])
             chosen, held = np.concatenate(chosen), np.concatenate(held)
             best_c, _ = select_c(train_x[chosen], train_y[chosen], train_x[held], train_y[held], cs)
-            model = _classifier(best_c).fit(train_x[chosen], train_y[chosen])
+            model = probe_classifier(best_c).fit(train_x[chosen], train_y[chosen])
             runs.append(100.0 * float(model.score(test_x, test_y)))
         results[str(shot)] = {"mean": float(np.mean(runs)), "std": float(np.std(runs)), "runs": runs}
     return results

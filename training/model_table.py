@@ -5,10 +5,11 @@
 fixtures and compares it with docs/results.md.
 
 Fashion-MNIST protocol (:func:`fmnist_rows`): frozen features of the 60,000 training and 10,000 test images
-(model's own preprocessing and default pooling via ``encode``); weighted kNN (cosine, T 0.07) at k = 20 and
-200 over the whole training set; a linear probe (standardised features, logistic regression, C chosen on a
-10 % validation split of train, refit, tested once; ``training.evaluate.linear_probe``). Raw pixels (784
-values in [0, 1]) go through exactly the same kNN and probe.
+(model's own preprocessing via ``encode``); weighted kNN (cosine, T 0.07) at k = 20 and 200 over the whole
+training set, on the default pooling; a linear probe (standardised features, logistic regression; the
+feature tap and C chosen together on a 10 % validation split of train, refit, tested once;
+``training.evaluate.linear_probe``). Raw pixels (784 values in [0, 1]) go through exactly the same kNN and
+probe.
 
 Colour protocol: ``training.source_eval`` (held-out split of ``training/sources.py``).
 """
@@ -22,7 +23,7 @@ import numpy as np
 
 from visreg_hub.retrieval.metrics import knn_accuracy
 
-PROBE_CS = (1e-2, 1e-1, 1.0)
+PROBE_CS = (1e-2, 1e-1, 1.0, 10.0)
 FIXTURE_ROW = re.compile(
     r"^\| fixture check \| `(?P<model>[^`]+)` \| (?P<n_train>\d+) / (?P<n_test>\d+) \| "
     r"(?P<model_knn>[\d.]+) \| (?P<raw_knn>[\d.]+) \|$",
@@ -30,10 +31,19 @@ FIXTURE_ROW = re.compile(
 )
 
 
-def encode_array(model, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+def encode_array(model, images: np.ndarray, batch_size: int = 512, pooling: str | None = None) -> np.ndarray:
     """(N, H, W[, C]) uint8 -> (N, E) float32 features through ``model.encode`` (not normalised)."""
-    return model.encode(list(images), batch_size=batch_size, normalize=False, convert_to_numpy=True,
-                        show_progress_bar=False)  # fmt: skip
+    return model.encode(list(images), batch_size=batch_size, pooling=pooling, normalize=False,
+                        convert_to_numpy=True, show_progress_bar=False)  # fmt: skip
+
+
+def feature_taps(model) -> tuple[str, ...]:
+    """The model's default pooling first, then every other tap of ``POOLINGS`` its depth allows."""
+    from visreg_hub.models.config import POOLINGS
+
+    default = model.config.pooling
+    deep_enough = [p for p in POOLINGS if not (p.startswith("cls_last") and model.config.depth < int(p[-1]))]
+    return (default, *[p for p in deep_enough if p != default])
 
 
 def raw_pixel_features(images: np.ndarray) -> np.ndarray:
@@ -45,8 +55,15 @@ def knn_row(train_x, train_y, test_x, test_y, ks=(20, 200)) -> dict[str, float]:
     return {f"knn@{k}": 100.0 * knn_accuracy(train_x, train_y, test_x, test_y, k=k) for k in ks}
 
 
-def fmnist_rows(models: dict, train, test, probe: bool = True, ks=(20, 200), seed: int = 0) -> dict:
-    """``{method: {"knn@20", "knn@200", "linear"}}`` for each model in ``models`` and for raw pixels.
+def fmnist_rows(
+    models: dict, train, test, probe: bool = True, ks=(20, 200), seed: int = 0, cs=PROBE_CS
+) -> dict:
+    """``{method: {"knn@20", "knn@200", "linear", "linear_c", "linear_tap", "dim"}}`` for each model in
+    ``models`` and for raw pixels.
+
+    kNN uses each model's default pooling (what ``encode()`` returns). The linear probe chooses the
+    feature tap (:func:`feature_taps`) together with C on its validation split, as DINO's linear evaluation
+    chooses how many blocks' CLS tokens to concatenate; raw pixels have one tap.
 
     Args:
         models: display name -> loaded encoder.
@@ -55,17 +72,32 @@ def fmnist_rows(models: dict, train, test, probe: bool = True, ks=(20, 200), see
     from training.evaluate import linear_probe
 
     (train_images, train_y), (test_images, test_y) = train, test
-    features = {
-        name: (encode_array(m, train_images), encode_array(m, test_images)) for name, m in models.items()
+    taps = {}  # method -> {tap: (train features, test features)}, the default tap first
+    for name, model in models.items():
+        taps[name] = {
+            tap: (
+                encode_array(model, train_images, pooling=tap),
+                encode_array(model, test_images, pooling=tap),
+            )
+            for tap in (feature_taps(model) if probe else (model.config.pooling,))
+        }
+    taps["raw pixels (784-d)"] = {
+        "pixels": (raw_pixel_features(train_images), raw_pixel_features(test_images))
     }
-    features["raw pixels (784-d)"] = (raw_pixel_features(train_images), raw_pixel_features(test_images))
     rows = {}
-    for name, (train_x, test_x) in features.items():
+    for name, method_taps in taps.items():
+        default_tap = next(iter(method_taps))
+        train_x, test_x = method_taps[default_tap]
         row = knn_row(train_x, train_y, test_x, test_y, ks)
-        if probe:
-            result = linear_probe(train_x, train_y, test_x, test_y, val_fraction=0.1, seed=seed, cs=PROBE_CS)
-            row["linear"], row["linear_c"] = result["accuracy"], result["best_c"]
         row["dim"] = int(train_x.shape[1])
+        if probe:
+            train_taps = {tap: x for tap, (x, _) in method_taps.items()}
+            test_taps = {tap: x for tap, (_, x) in method_taps.items()}
+            result = linear_probe(
+                train_taps, train_y, test_taps, test_y, val_fraction=0.1, seed=seed, cs=cs
+            )
+            row["linear"], row["linear_c"] = result["accuracy"], result["best_c"]
+            row["linear_tap"], row["linear_dim"] = result["tap"], int(train_taps[result["tap"]].shape[1])
         rows[name] = row
     return rows
 
@@ -101,6 +133,8 @@ def render_fmnist(rows: dict) -> list[str]:
     lines = ["| method | dim | kNN k=20 | kNN k=200 | linear probe |", "|---|---:|---:|---:|---:|"]
     for name, row in rows.items():
         linear = f"{row['linear']:.2f}" if "linear" in row else "-"
+        if row.get("linear_tap") not in (None, "pixels"):
+            linear += f" ({row['linear_tap']}, {row['linear_dim']}-d)"
         lines.append(f"| {name} | {row['dim']} | {row['knn@20']:.2f} | {row['knn@200']:.2f} | {linear} |")
     return lines
 

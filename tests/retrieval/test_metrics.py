@@ -158,3 +158,60 @@ def test_linear_probe_validates_arguments(toy):
         linear_probe(train, train_labels, test, test_labels, val_fraction=1.5)
     with pytest.raises(ValueError, match="cs must be"):
         linear_probe(train, train_labels, test, test_labels, cs=(0.0,))
+
+
+def test_linear_probe_chooses_the_tap_on_validation_with_one_split(toy):
+    """Two taps of the same samples: the class signal, and the signal drowned in noise dimensions.
+
+    The independent re-run scores every (tap, C) on the one documented split, takes the best tap, refits
+    it on all of train and predicts the test set once."""
+    pytest.importorskip("sklearn")
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train, train_labels, test, test_labels = toy
+    rng = np.random.default_rng(1)
+    noisy_train = np.concatenate([0.3 * train, 3 * rng.standard_normal((len(train), 24))], axis=1)
+    noisy_test = np.concatenate([0.3 * test, 3 * rng.standard_normal((len(test), 24))], axis=1)
+    taps_train = {"noisy": noisy_train, "clean": train}  # the worse tap first: order must not decide
+    taps_test = {"noisy": noisy_test, "clean": test}
+    cs = (1e-2, 1.0)
+    result = linear_probe(taps_train, train_labels, taps_test, test_labels, cs=cs, seed=5)
+
+    fit, val = train_test_split(
+        np.arange(len(train_labels)), test_size=0.2, random_state=5, stratify=train_labels
+    )
+
+    def model(c):
+        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000))
+
+    scores = {
+        tap: {c: model(c).fit(x[fit], train_labels[fit]).score(x[val], train_labels[val]) for c in cs}
+        for tap, x in taps_train.items()
+    }
+    best = {tap: max(sorted(s), key=lambda c: (s[c], -c)) for tap, s in scores.items()}
+    tap = max(scores, key=lambda t: scores[t][best[t]])
+    assert tap == "clean" and result.tap == "clean"
+    assert result.tap_accuracies == pytest.approx({t: scores[t][best[t]] for t in scores})
+    assert result.best_c == best[tap] and result.val_accuracies == pytest.approx(scores[tap])
+    final = model(best[tap]).fit(taps_train[tap], train_labels)
+    np.testing.assert_array_equal(result.predictions, final.predict(taps_test[tap]))
+    assert result.test_accuracy == pytest.approx(final.score(taps_test[tap], test_labels))
+
+    # one matrix: no tap is reported, and the result equals the dict form restricted to that tap
+    single = linear_probe(train, train_labels, test, test_labels, cs=cs, seed=5)
+    assert single.tap is None and single.tap_accuracies == {}
+    assert single.test_accuracy == result.test_accuracy and single.best_c == result.best_c
+
+
+def test_linear_probe_rejects_mismatched_taps(toy):
+    pytest.importorskip("sklearn")
+    train, train_labels, test, test_labels = toy
+    with pytest.raises(ValueError, match="both as arrays or both as"):
+        linear_probe({"a": train}, train_labels, test, test_labels)
+    with pytest.raises(ValueError, match="same taps in the same order"):
+        linear_probe({"a": train, "b": train}, train_labels, {"b": test, "a": test}, test_labels)
+    with pytest.raises(ValueError, match="same images"):
+        linear_probe({"a": train, "b": train[:-1]}, train_labels, {"a": test, "b": test}, test_labels)

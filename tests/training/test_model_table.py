@@ -49,3 +49,36 @@ def test_section_replacement_keeps_the_rest_of_the_document():
     assert "B" in twice and "A" not in twice.split("intro")[1] and twice.endswith("## later section\n")
     with pytest.raises(ValueError, match=r"model_table\.py"):
         mt.parse_fixture_row(doc)
+
+
+def test_fmnist_rows_knn_on_the_default_pooling_and_probe_over_every_tap():
+    """On the committed fixtures: kNN equals the float64 reference on ``encode()``'s default output; the
+    linear probe offers every tap the depth allows and reports the one it chose, whose own probe (same
+    split, same C grid) reproduces the row."""
+    pytest.importorskip("sklearn")
+    from visreg_hub.retrieval import linear_probe
+
+    model = from_pretrained("vit-mini-p7-fmnist", backend="torch")  # no ONNX export per tap: faster here
+    train, test = np.load(FIXTURES / "fmnist_train_500.npz"), np.load(FIXTURES / "fmnist_test_200.npz")
+    pair = ((train["images"], train["labels"]), (test["images"], test["labels"]))
+    cs = (0.1, 1.0)  # the table's grid minus its slow ends: the plumbing is under test here
+    rows = mt.fmnist_rows({"ours": model}, *pair, ks=(20,), cs=cs)
+    assert mt.feature_taps(model)[0] == model.config.pooling
+    assert sorted(mt.feature_taps(model)) == sorted(["cls", "cls_last2", "cls_last4", "mean_patch"])
+
+    ours, pixels = rows["ours"], rows["raw pixels (784-d)"]
+    default = model.encode(list(train["images"]), normalize=False, convert_to_numpy=True)
+    queries = model.encode(list(test["images"]), normalize=False, convert_to_numpy=True)
+    assert ours["dim"] == default.shape[1]
+    reference = _weighted_knn_float64(default, train["labels"], queries, test["labels"])
+    assert ours["knn@20"] == pytest.approx(reference, abs=0.51)
+
+    assert ours["linear_tap"] in mt.feature_taps(model) and pixels["linear_tap"] == "pixels"
+    tap_train = model.encode(list(train["images"]), pooling=ours["linear_tap"], normalize=False,
+                             convert_to_numpy=True)  # fmt: skip
+    tap_test = model.encode(list(test["images"]), pooling=ours["linear_tap"], normalize=False,
+                            convert_to_numpy=True)  # fmt: skip
+    alone = linear_probe(tap_train, train["labels"], tap_test, test["labels"], cs=cs,
+                         val_fraction=0.1, seed=0)  # fmt: skip
+    assert ours["linear_dim"] == tap_train.shape[1] and ours["linear_c"] == alone.best_c
+    assert ours["linear"] == pytest.approx(100 * alone.test_accuracy)

@@ -5,16 +5,18 @@
   ``exp(similarity / T)``, T = 0.07. ``weighting="majority"`` gives every neighbour one vote.
 * :func:`recall_at_k` measures an approximate index against exact neighbours ("10-recall@10");
   :func:`label_recall_at_k` is the Recall@K of metric-learning papers (a same-label item in the top k).
-* :func:`linear_probe` fits a logistic regression on frozen features, choosing the regularisation on a
-  validation split carved out of the training set. The test set is used once, for the final number.
+* :func:`linear_probe` fits a logistic regression on frozen features, choosing the regularisation (and,
+  given several, the feature tap) on a validation split carved out of the training set. The test set is
+  used once, for the final number. :func:`select_c` and :func:`probe_classifier` are its parts, shared
+  with the few-shot probes of ``training/evaluate.py``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -170,15 +172,51 @@ class LinearProbeResult:
 
     Attributes:
         test_accuracy: accuracy on the test set of the model refit on all training data with ``best_c``.
-        val_accuracy: validation accuracy of ``best_c``.
+        val_accuracy: validation accuracy of ``best_c`` (and of ``tap``).
         best_c: inverse regularisation strength chosen on the validation split.
-        val_accuracies: validation accuracy of every candidate C.
+        val_accuracies: validation accuracy of every candidate C (of the chosen ``tap``).
+        predictions: (Q,) the refit model's label for each test sample.
+        tap: the feature tap chosen on the validation split when ``linear_probe`` was given several
+            (``None`` for a single feature matrix).
+        tap_accuracies: best validation accuracy of every candidate tap (empty for a single matrix).
     """
 
     test_accuracy: float
     val_accuracy: float
     best_c: float
     val_accuracies: dict[float, float]
+    predictions: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, dtype=np.int64))
+    tap: str | None = None
+    tap_accuracies: dict[str, float] = field(default_factory=dict)
+
+
+def probe_classifier(c: float, *, standardize: bool = True, max_iter: int = 1000):
+    """The probe's model: z-scored features (statistics of the data it is fit on) + logistic regression."""
+    require_extra("sklearn", "train")
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    classifier = LogisticRegression(C=float(c), max_iter=max_iter)
+    return make_pipeline(StandardScaler(), classifier) if standardize else classifier
+
+
+def select_c(
+    x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, cs: Sequence[float], **model
+) -> tuple[float, dict[float, float]]:
+    """Fit each C on the fit part, score it on the validation part: ``(best C, {C: accuracy})``.
+
+    The best C is the smallest (strongest regularisation) among those tied for the top accuracy.
+    ``model``: ``standardize`` / ``max_iter`` of :func:`probe_classifier`.
+    """
+    if not cs or any(not (isinstance(c, int | float) and c > 0) for c in cs):
+        raise ValueError(f"cs must be a non-empty sequence of positive numbers, got {cs!r}")
+    scores = {}
+    for c in sorted(float(c) for c in cs):
+        scores[c] = float(probe_classifier(c, **model).fit(x_fit, y_fit).score(x_val, y_val))
+        logger.info("linear probe C=%g: validation accuracy %.4f", c, scores[c])
+    best = max(scores, key=lambda c: (scores[c], -c))
+    return best, scores
 
 
 def linear_probe(
@@ -200,8 +238,15 @@ def linear_probe(
     the strongest regularisation) is refit on the whole training set and scored once on the test set.
     Needs scikit-learn (the ``train`` extra).
 
+    Several feature taps of the same images (e.g. ``{"cls": ..., "cls_last4": ...}`` from
+    ``encode(pooling=...)``) may be passed as two dicts with the same keys: the tap is then chosen
+    together with C, on the same validation split (ties go to the tap listed first), as DINO's linear
+    evaluation chooses how many blocks' CLS tokens to concatenate. The test set is still used once.
+
     Args:
-        train_features: (N, D). train_labels: (N,). test_features: (Q, D). test_labels: (Q,).
+        train_features: (N, D) array, or ``{tap: (N, D_tap)}``. train_labels: (N,).
+        test_features: (Q, D) array, or ``{tap: (Q, D_tap)}`` with the keys of ``train_features``.
+        test_labels: (Q,).
         cs: candidate inverse regularisation strengths.
         val_fraction: share of the training set held out for choosing C, in (0, 1).
         standardize: z-score features with statistics of the data each model is fit on.
@@ -209,38 +254,62 @@ def linear_probe(
         seed: seed of the split.
     """
     require_extra("sklearn", "train")
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     if not cs or any(not (isinstance(c, int | float) and c > 0) for c in cs):
         raise ValueError(f"cs must be a non-empty sequence of positive numbers, got {cs!r}")
-    x_train = as_float32_matrix(train_features, name="train_features")
-    x_test = as_float32_matrix(test_features, name="test_features", dim=x_train.shape[1])
-    y_train = _as_labels(train_labels, x_train.shape[0], "train_labels")
-    y_test = _as_labels(test_labels, x_test.shape[0], "test_labels")
+    several = isinstance(train_features, Mapping)
+    train_taps, test_taps = _feature_taps(train_features, test_features)
+    first = next(iter(train_taps.values()))
+    y_train = _as_labels(train_labels, first.shape[0], "train_labels")
+    y_test = _as_labels(test_labels, next(iter(test_taps.values())).shape[0], "test_labels")
     _, counts = np.unique(y_train, return_counts=True)
     stratify = y_train if counts.min() >= 2 else None
-    x_fit, x_val, y_fit, y_val = train_test_split(
-        x_train, y_train, test_size=val_fraction, random_state=seed, stratify=stratify
-    )
+    fit_rows, val_rows = train_test_split(
+        np.arange(len(y_train)), test_size=val_fraction, random_state=seed, stratify=stratify
+    )  # one split for every tap, so their validation accuracies compare like with like
 
-    def make_model(c: float):
-        classifier = LogisticRegression(C=float(c), max_iter=max_iter)
-        return make_pipeline(StandardScaler(), classifier) if standardize else classifier
-
-    val_accuracies = {}
-    for c in sorted(float(c) for c in cs):
-        val_accuracies[c] = float(make_model(c).fit(x_fit, y_fit).score(x_val, y_val))
-        logger.info("linear probe C=%g: validation accuracy %.4f", c, val_accuracies[c])
-    best_c = max(val_accuracies, key=lambda c: (val_accuracies[c], -c))
-    final = make_model(best_c).fit(x_train, y_train)
+    model = {"standardize": standardize, "max_iter": max_iter}
+    choices = {}  # tap -> (best C, {C: validation accuracy})
+    for tap, x in train_taps.items():
+        choices[tap] = select_c(x[fit_rows], y_train[fit_rows], x[val_rows], y_train[val_rows], cs, **model)
+    tap_accuracies = {tap: scores[best] for tap, (best, scores) in choices.items()}
+    tap = max(tap_accuracies, key=tap_accuracies.get)  # first listed on ties (dicts keep order)
+    best_c, val_accuracies = choices[tap]
+    final = probe_classifier(best_c, **model).fit(train_taps[tap], y_train)
+    predictions = final.predict(test_taps[tap])
     return LinearProbeResult(
-        test_accuracy=float(final.score(x_test, y_test)),
+        test_accuracy=float((predictions == y_test).mean()),
         val_accuracy=val_accuracies[best_c],
         best_c=best_c,
         val_accuracies=val_accuracies,
+        predictions=predictions,
+        tap=tap if several else None,
+        tap_accuracies=tap_accuracies if several else {},
     )
+
+
+def _feature_taps(train: Any, test: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Both sides as ``{tap: float32 (N, D)}``; one unnamed matrix becomes ``{"features": ...}``."""
+    if isinstance(train, Mapping) != isinstance(test, Mapping):
+        raise ValueError("pass train_features and test_features both as arrays or both as {tap: array} dicts")
+    if not isinstance(train, Mapping):
+        train, test = {"features": train}, {"features": test}
+    if not train or list(train) != list(test):
+        raise ValueError(
+            f"train_features and test_features must name the same taps in the same order, got "
+            f"{list(train)} and {list(test)}"
+        )
+    rows = None
+    train_taps, test_taps = {}, {}
+    for tap in train:
+        train_taps[tap] = as_float32_matrix(train[tap], name=f"train_features[{tap!r}]")
+        test_taps[tap] = as_float32_matrix(
+            test[tap], name=f"test_features[{tap!r}]", dim=train_taps[tap].shape[1]
+        )
+        if rows is not None and (train_taps[tap].shape[0], test_taps[tap].shape[0]) != rows:
+            raise ValueError(f"every tap must hold the same images; {tap!r} has a different number of rows")
+        rows = (train_taps[tap].shape[0], test_taps[tap].shape[0])
+    return train_taps, test_taps
