@@ -14,7 +14,9 @@ Protocol:
 * Linear probe: standardised features, multinomial logistic regression; the inverse regularisation C is
   chosen on a stratified validation split carved from the training split (``--val-fraction``), then the
   probe is refit on the whole training split and scored once on the test split. The test split is never
-  used for any choice.
+  used for any choice. ``--probe-pooling TAP ...`` offers the probe several feature taps (e.g. ``cls
+  cls_last4``, as DINO chooses how many blocks' CLS tokens to concatenate): tap and C are chosen together on
+  the same validation split.
 * Few-shot (``--few-shot N ...``): N training images per class, ``--seeds`` draws; C is chosen on a
   disjoint sample of max(N, 5) images per class from the rest of the training split. Mean and std over
   draws are reported.
@@ -155,7 +157,8 @@ def to_markdown(results: dict) -> str:
     for k, acc in results["knn"].items():
         lines.append(f"| kNN k={k} T={results['knn_temperature']} | {acc:.2f} |")
     linear = results["linear"]
-    lines.append(f"| linear probe (C={linear['best_c']:g} chosen on validation) | {linear['accuracy']:.2f} |")
+    chosen = f"{linear['tap']}, C={linear['best_c']:g}" if "tap" in linear else f"C={linear['best_c']:g}"
+    lines.append(f"| linear probe ({chosen} chosen on validation) | {linear['accuracy']:.2f} |")
     for shot, row in results.get("few_shot", {}).items():
         lines.append(
             f"| {shot}-shot linear ({len(row['runs'])} seeds) | {row['mean']:.2f} ± {row['std']:.2f} |"
@@ -193,6 +196,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train", help="training split (folder, file list or .npz); fmnist: the idx folder")
     parser.add_argument("--test", help="test split (folder, file list or .npz)")
     parser.add_argument("--pooling", help="feature tap (default: the model's), e.g. cls_last4")
+    parser.add_argument(
+        "--probe-pooling", nargs="+", metavar="TAP",
+        help="feature taps the linear probe chooses from on validation (default: --pooling only)",
+    )  # fmt: skip
     parser.add_argument("--knn-k", type=int, nargs="+", default=[10, 20, 200])
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--val-fraction", type=float, default=0.1)
@@ -256,7 +263,18 @@ def evaluate(args: argparse.Namespace) -> dict:
         str(k): 100.0 * knn_accuracy(train_x, train_y, test_x, test_y, k=k, temperature=args.temperature)
         for k in args.knn_k
     }
-    linear = linear_probe(train_x, train_y, test_x, test_y, args.val_fraction, seed=0)
+    if args.probe_pooling:
+        knn_tap = args.pooling or model.config.pooling
+        probe_train, probe_test = {}, {}
+        for tap in dict.fromkeys(args.probe_pooling):  # each tap once, in the order given
+            reuse = tap == knn_tap
+            probe_train[tap] = train_x if reuse else extract_features(model, train_items, args.batch_size,
+                                                                      args.workers, tap)  # fmt: skip
+            probe_test[tap] = test_x if reuse else extract_features(model, test_items, args.batch_size,
+                                                                    args.workers, tap)  # fmt: skip
+        linear = linear_probe(probe_train, train_y, probe_test, test_y, args.val_fraction, seed=0)
+    else:
+        linear = linear_probe(train_x, train_y, test_x, test_y, args.val_fraction, seed=0)
     predictions = linear.pop("predictions")
     results["linear"] = linear
     if args.few_shot:

@@ -127,3 +127,18 @@ def test_long_tail_groups_partition_the_test_accuracy(model_folder, tmp_path):
 def test_missing_split_is_a_clear_error(model_folder, capsys):
     code = evaluate.main([str(model_folder), "--data", "folder", "--train", "/nonexistent", "--test", TEST])
     assert code == 2 and "--train '/nonexistent' does not exist" in capsys.readouterr().err
+
+
+def test_probe_pooling_chooses_the_tap_on_validation(model_folder, tmp_path):
+    """``--probe-pooling``: both taps are scored on the validation split; the reported probe equals a
+    plain single-tap run on the chosen tap, and kNN stays on ``--pooling``."""
+    results = _run(model_folder, tmp_path, "--probe-pooling", "mean_patch", "cls")
+    linear = results["linear"]
+    assert set(linear["tap_val_accuracies"]) == {"mean_patch", "cls"}
+    assert linear["tap"] == max(linear["tap_val_accuracies"], key=linear["tap_val_accuracies"].get)
+    assert linear["val_accuracy"] == pytest.approx(linear["tap_val_accuracies"][linear["tap"]])
+    alone = _run(model_folder, tmp_path / "alone", "--pooling", linear["tap"])
+    assert alone["linear"]["accuracy"] == pytest.approx(linear["accuracy"])
+    assert alone["linear"]["best_c"] == linear["best_c"]
+    assert results["knn"] == _run(model_folder, tmp_path / "plain")["knn"]  # the default tap
+    assert f"| linear probe ({linear['tap']}, C=" in (tmp_path / "eval.md").read_text()
