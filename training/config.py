@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
+from training.augment import ColorSpec
 from training.checks import FMNIST_DIR, validate  # noqa: F401  (FMNIST_DIR re-exported)
 from visreg_hub.errors import ConfigError
 from visreg_hub.suggest import did_you_mean
@@ -104,14 +105,15 @@ class AugmentSection:
     local_count: int = 6
     local_size: int = 96
     local_scale: tuple[float, float] = (0.05, 0.3)
-    flip_prob: float = 0.5
-    jitter_prob: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    grayscale_prob: float = 0.2
-    blur_prob: float = 0.5
-    solarize_prob: float = 0.2
+    # flip and photometric: training.augment.ColorSpec holds the defaults (the official repository's)
+    flip_prob: float = ColorSpec.flip_prob
+    jitter_prob: float = ColorSpec.jitter_prob
+    brightness: float = ColorSpec.brightness
+    contrast: float = ColorSpec.contrast
+    saturation: float = ColorSpec.saturation
+    grayscale_prob: float = ColorSpec.grayscale_prob
+    blur_prob: float = ColorSpec.blur_prob
+    solarize_prob: float = ColorSpec.solarize_prob
     augment_on: Literal["workers", "device"] = "workers"
 
 
