@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -426,3 +430,48 @@ def test_model_encode_backend_switch(model, photo_paths):
     wrong = pytest.raises(ValueError, match="backend must be 'torch' or 'onnx'")
     with wrong, pytest.warns(DeprecationWarning):
         model.encode(photo_paths, backend="tensorrt")
+
+
+_PINNED_CHILD = r"""
+import json, os, sys
+cpu = int(sys.argv[2])
+os.sched_setaffinity(0, {cpu})  # as `taskset -c CPU` would, before ONNX Runtime starts any thread
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from visreg_hub.inference.onnx.runtime import create_session
+
+weight = numpy_helper.from_array(np.eye(512, dtype=np.float32), "w")
+x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 512])
+y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 512])
+graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [weight])
+onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), sys.argv[1])
+session = create_session(sys.argv[1], providers="cpu").session
+for _ in range(20):
+    session.run(None, {"x": np.ones((64, 512), np.float32)})
+masks = {open(f"/proc/self/task/{t}/status").read().split("Cpus_allowed_list:")[1].split()[0]
+         for t in os.listdir("/proc/self/task")}
+print(json.dumps(sorted(masks)))
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity")
+    or len(os.sched_getaffinity(0)) < 2
+    or not Path("/proc/self/task").is_dir(),
+    reason="needs Linux and at least two usable CPUs",
+)
+def test_session_threads_stay_on_the_cpus_the_process_may_use(tmp_path):
+    """Under a CPU mask (taskset), no ONNX Runtime thread may be pinned outside it: ORT's default pins
+    one thread per physical core of the machine, so without the explicit thread count a second thread
+    lands on another core (observed: `taskset -c 0` + a session -> a thread on core 1)."""
+    cpu = min(os.sched_getaffinity(0))
+    script = tmp_path / "child.py"
+    script.write_text(_PINNED_CHILD)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "m.onnx"), str(cpu)],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [str(cpu)]

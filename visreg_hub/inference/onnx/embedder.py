@@ -60,7 +60,8 @@ class OnnxEmbedder:
         providers: None for the best available in order TensorRT > CUDA > CPU, or names such as
             ``"cuda"``, ``["tensorrt", "cuda"]``, ``"CPUExecutionProvider"``.
         device_id: GPU index for the CUDA and TensorRT providers.
-        intra_op_num_threads: CPU threads of the session (None: ONNX Runtime's default).
+        intra_op_num_threads: CPU threads of the session (None: ``default_intra_op_threads()``: the CPUs
+            this process may run on, or ONNX Runtime's default when that is all of them).
         allow_fallback: False raises when ONNX Runtime does not run on the first requested provider;
             True (default) logs a warning and records it in :attr:`fell_back`.
 

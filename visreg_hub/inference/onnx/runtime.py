@@ -7,12 +7,14 @@
   onnxruntime build), and the provider actually used read back with ``session.get_providers()``: ONNX
   Runtime falls back to the CPU with at most a log line when, for example, the CUDA libraries fail to
   load. Here that fallback is a ``logging`` warning and is visible as ``SessionInfo.fell_back``.
+  Without a thread count it respects the CPUs this process may run on (:func:`default_intra_op_threads`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -217,6 +219,23 @@ class SessionInfo(NamedTuple):
     fell_back: bool
 
 
+def default_intra_op_threads() -> int | None:
+    """Intra-op threads for a session created without a count: the number of CPUs this process may run
+    on when that is fewer than the machine has (``taskset``, ``docker --cpuset-cpus``, ``numactl``), else
+    None (ONNX Runtime's default).
+
+    Why: by default ONNX Runtime starts one thread per physical core of the *machine* and pins each to its
+    core, ignoring the process's CPU mask; under ``taskset -c 0`` its second thread then runs on core 1,
+    beside whatever the mask kept away from it (and under some cpusets ``pthread_setaffinity_np`` fails).
+    A thread count given explicitly makes it start that many threads without pinning them.
+    """
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity API (macOS, Windows): ONNX Runtime's default
+        return None
+    return allowed if allowed < (os.cpu_count() or allowed) else None
+
+
 def create_session(
     path: str | Path,
     *,
@@ -232,7 +251,7 @@ def create_session(
         path: the ``.onnx`` file.
         providers: see :func:`resolve_providers`.
         device_id: GPU index for the CUDA and TensorRT providers.
-        intra_op_num_threads: CPU threads of the session (None: ONNX Runtime's default, all cores).
+        intra_op_num_threads: CPU threads of the session (None: :func:`default_intra_op_threads`).
         fp16: let TensorRT build fp16 engines (for fp16 exports).
         allow_fallback: when False, running on another provider than the first requested one raises
             instead of logging a warning.
@@ -264,8 +283,9 @@ def create_session(
             options.append({})
     session_options = ort.SessionOptions()
     session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if intra_op_num_threads is not None:
-        session_options.intra_op_num_threads = int(intra_op_num_threads)
+    threads = default_intra_op_threads() if intra_op_num_threads is None else intra_op_num_threads
+    if threads is not None:
+        session_options.intra_op_num_threads = int(threads)
     try:
         session = ort.InferenceSession(str(path), session_options, providers=usable, provider_options=options)
     except Exception as exc:  # onnxruntime raises its own pybind exception types
