@@ -92,3 +92,12 @@ def test_bundled_card_is_current_and_its_snippet_loads_by_registry_name(tmp_path
     namespace: dict = {}
     exec(first, namespace)
     assert namespace["embeddings"].shape == (2, 64)
+
+
+def test_card_names_the_models_own_default_pooling(tmp_path):
+    """The feature-tap paragraph and the details table both name the config's pooling and its width."""
+    for pooling in ("cls", "cls_last2"):
+        model = tiny_encoder(pooling=pooling)
+        text = (model.save_pretrained(tmp_path / pooling) / "README.md").read_text()
+        assert f"this model's default is `{pooling}`" in text
+        assert f"| default pooling | `{pooling}` ({model.embedding_dim(pooling)}-d) |" in text
