@@ -154,7 +154,7 @@ _ENTRIES: tuple[RegistryEntry, ...] = (
         license="apache-2.0",
         description="VISReg ViT (width 128, 6 blocks, 4 px patches), Fashion-MNIST; the demo's 2nd set",
         local_path="assets/vit-tiny-p4-fmnist",
-        sha256="160a99fab62e7a01839a9ef363e70109e77b436096545763de84ef8ecc7e4e31",
+        sha256="f0ec712b345fb5fa6152d704265f4e57239b846c0aa505f58814231f302213af",
         dataset="fashion-mnist",
         config_overrides=dict(embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0),
     ),
