@@ -175,7 +175,7 @@ class LinearProbeResult:
         val_accuracy: validation accuracy of ``best_c`` (and of ``tap``).
         best_c: inverse regularisation strength chosen on the validation split.
         val_accuracies: validation accuracy of every candidate C (of the chosen ``tap``).
-        predictions: (Q,) the refit model's label for each test sample.
+        predictions: (Q,) the refit model's label for each test sample (not part of ``==``).
         tap: the feature tap chosen on the validation split when ``linear_probe`` was given several
             (``None`` for a single feature matrix).
         tap_accuracies: best validation accuracy of every candidate tap (empty for a single matrix).
@@ -185,7 +185,9 @@ class LinearProbeResult:
     val_accuracy: float
     best_c: float
     val_accuracies: dict[float, float]
-    predictions: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, dtype=np.int64))
+    predictions: np.ndarray = field(
+        repr=False, compare=False, default_factory=lambda: np.empty(0, dtype=np.int64)
+    )
     tap: str | None = None
     tap_accuracies: dict[str, float] = field(default_factory=dict)
 
