@@ -9,8 +9,9 @@ Usage::
 a 55,000-image kNN bank; weighted kNN@20 (cosine, T 0.07). ``colour``: per labelled source, the labelled
 *training* images (the evaluation bank of ``training.source_eval``; the held-out test split is never read)
 are halved (seeded, per class): one half is the bank, the other the queries; weighted kNN@10, averaged
-over sources. Prints the score of every pooling of ``visreg_hub.models.POOLINGS``. Writes nothing: the
-winner goes into the bundled config with ``scripts/bundle_model.py --pooling``.
+over sources. Prints the score of every pooling the model's depth allows
+(``visreg_hub.models.poolings_for_depth``). Writes nothing: the winner goes into the bundled config with
+``scripts/bundle_model.py --pooling``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.datasets import read_fmnist
 from visreg_hub import from_pretrained
-from visreg_hub.models.config import POOLINGS
+from visreg_hub.models.config import poolings_for_depth
 from visreg_hub.retrieval.metrics import knn_accuracy
 
 
@@ -57,7 +58,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     model = from_pretrained(args.model)
-    poolings = [p for p in POOLINGS if not (p.startswith("cls_last") and model.config.depth < int(p[-1]))]
+    poolings = poolings_for_depth(model.config.depth)
     if args.data == "colour":
         for pooling in poolings:
             score = colour_score(model, pooling, args.seed)

@@ -38,12 +38,11 @@ def encode_array(model, images: np.ndarray, batch_size: int = 512, pooling: str 
 
 
 def feature_taps(model) -> tuple[str, ...]:
-    """The model's default pooling first, then every other tap of ``POOLINGS`` its depth allows."""
-    from visreg_hub.models.config import POOLINGS
+    """The model's default pooling first, then every other tap its depth allows."""
+    from visreg_hub.models import poolings_for_depth
 
     default = model.config.pooling
-    deep_enough = [p for p in POOLINGS if not (p.startswith("cls_last") and model.config.depth < int(p[-1]))]
-    return (default, *[p for p in deep_enough if p != default])
+    return (default, *[p for p in poolings_for_depth(model.config.depth) if p != default])
 
 
 def raw_pixel_features(images: np.ndarray) -> np.ndarray:
@@ -93,9 +92,7 @@ def fmnist_rows(
         if probe:
             train_taps = {tap: x for tap, (x, _) in method_taps.items()}
             test_taps = {tap: x for tap, (_, x) in method_taps.items()}
-            result = linear_probe(
-                train_taps, train_y, test_taps, test_y, val_fraction=0.1, seed=seed, cs=cs
-            )
+            result = linear_probe(train_taps, train_y, test_taps, test_y, val_fraction=0.1, seed=seed, cs=cs)
             row["linear"], row["linear_c"] = result["accuracy"], result["best_c"]
             row["linear_tap"], row["linear_dim"] = result["tap"], int(train_taps[result["tap"]].shape[1])
         rows[name] = row

@@ -185,3 +185,20 @@ def test_projector_is_not_part_of_the_encoder():
     backbone_keys = {f"backbone.{key}" for key in model.backbone.state_dict()}
     assert set(model.state_dict()) == backbone_keys
     assert not any(isinstance(module, Projector) for module in model.modules())
+
+
+def test_poolings_for_depth_lists_exactly_the_taps_an_encoder_of_that_depth_computes():
+    from visreg_hub.models import poolings_for_depth
+
+    assert poolings_for_depth(1) == ("cls", "mean_patch")
+    assert poolings_for_depth(3) == ("cls", "cls_last2", "mean_patch")
+    assert poolings_for_depth(4) == POOLINGS
+    for depth in (1, 2, 4):
+        model = tiny_encoder(depth=depth)
+        images = torch.zeros(1, 3, 28, 28)
+        for pooling in POOLINGS:
+            if pooling in poolings_for_depth(depth):
+                assert model(images, pooling=pooling).shape == (1, model.embedding_dim(pooling))
+            else:
+                with pytest.raises(ValueError, match="needs at least"):
+                    model(images, pooling=pooling)

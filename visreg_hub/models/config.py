@@ -24,7 +24,17 @@ from visreg_hub.suggest import did_you_mean
 
 # Feature taps returning one vector per image; "patch" (a token grid) is served by ``patch_tokens``.
 POOLINGS = ("cls", "cls_last2", "cls_last4", "mean_patch")
+# How many blocks' CLS tokens a tap concatenates (the others read one block): its width is embed_dim times
+# this, and the encoder needs at least this depth.
+POOLING_BLOCKS = {"cls_last2": 2, "cls_last4": 4}
 PATCH_POOLING = "patch"
+
+
+def poolings_for_depth(depth: int) -> tuple[str, ...]:
+    """The taps of :data:`POOLINGS` an encoder with ``depth`` blocks can compute, in that order."""
+    return tuple(p for p in POOLINGS if POOLING_BLOCKS.get(p, 1) <= depth)
+
+
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -207,7 +217,7 @@ class ModelConfig:
                 f"pooling={self.pooling!r} is not a vector feature tap; use one of {POOLINGS} "
                 f"(token grids come from VISRegEncoder.patch_tokens)"
             )
-        min_depth = {"cls_last2": 2, "cls_last4": 4}.get(self.pooling, 1)
+        min_depth = POOLING_BLOCKS.get(self.pooling, 1)
         if self.depth < min_depth:
             raise ConfigError(f"pooling={self.pooling!r} needs depth >= {min_depth}, got depth={self.depth}")
         for stat_name in ("mean", "std"):

@@ -22,11 +22,9 @@ import timm
 import torch
 from torch import nn
 
-from visreg_hub.models.config import PATCH_POOLING, POOLINGS, ModelConfig
+from visreg_hub.models.config import PATCH_POOLING, POOLING_BLOCKS, POOLINGS, ModelConfig
 
 logger = logging.getLogger(__name__)
-
-_CLS_LAST_BLOCKS = {"cls_last2": 2, "cls_last4": 4}
 
 
 class VISRegEncoder(nn.Module):
@@ -69,7 +67,7 @@ class VISRegEncoder(nn.Module):
     def embedding_dim(self, pooling: str | None = None) -> int:
         """Length of the vector :meth:`forward` returns for ``pooling`` (None: ``config.pooling``)."""
         pooling = self._resolve_pooling(pooling)
-        return self.embed_dim * _CLS_LAST_BLOCKS.get(pooling, 1)
+        return self.embed_dim * POOLING_BLOCKS.get(pooling, 1)
 
     @property
     def data_config(self) -> dict[str, Any]:
@@ -102,7 +100,7 @@ class VISRegEncoder(nn.Module):
             )
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; use one of {POOLINGS} or patch_tokens()")
-        needed = _CLS_LAST_BLOCKS.get(pooling, 1)
+        needed = POOLING_BLOCKS.get(pooling, 1)
         if needed > self.config.depth:
             raise ValueError(
                 f"pooling={pooling!r} needs at least {needed} blocks, the model has {self.config.depth}"
@@ -178,12 +176,12 @@ class VISRegEncoder(nn.Module):
             (B, E) with E = :meth:`embedding_dim` (D, or K*D for ``cls_lastK``).
         """
         pooling = self._resolve_pooling(pooling)
-        if pooling in _CLS_LAST_BLOCKS:
+        if pooling in POOLING_BLOCKS:
             self._check_images(images)
             # One pass; timm normalises each tapped block output with the final norm (norm=True).
             per_block = self.backbone.forward_intermediates(
                 images,
-                indices=_CLS_LAST_BLOCKS[pooling],
+                indices=POOLING_BLOCKS[pooling],
                 norm=True,
                 output_fmt="NLC",
                 intermediates_only=True,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from visreg_hub.models.encoder import _CLS_LAST_BLOCKS
+from visreg_hub.models.config import POOLING_BLOCKS
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class ExportWrapper(nn.Module):
         """(B, C, H, W) float -> (B, E) or ((B, E), (B, h, w, D))."""
         if not self.with_patch_tokens:
             return self.encoder(pixel_values, pooling=self.pooling)
-        blocks = _CLS_LAST_BLOCKS.get(self.pooling)
+        blocks = POOLING_BLOCKS.get(self.pooling)
         prefix = self.encoder.num_prefix_tokens
         if blocks:
             tokens, per_block = self.encoder.forward_intermediates(
