@@ -192,6 +192,11 @@ class LinearProbeResult:
     tap_accuracies: dict[str, float] = field(default_factory=dict)
 
 
+def _check_cs(cs: Sequence[float]) -> None:
+    if not cs or any(not (isinstance(c, int | float) and c > 0) for c in cs):
+        raise ValueError(f"cs must be a non-empty sequence of positive numbers, got {cs!r}")
+
+
 def probe_classifier(c: float, *, standardize: bool = True, max_iter: int = 1000):
     """The probe's model: z-scored features (statistics of the data it is fit on) + logistic regression."""
     require_extra("sklearn", "train")
@@ -211,8 +216,7 @@ def select_c(
     The best C is the smallest (strongest regularisation) among those tied for the top accuracy.
     ``model``: ``standardize`` / ``max_iter`` of :func:`probe_classifier`.
     """
-    if not cs or any(not (isinstance(c, int | float) and c > 0) for c in cs):
-        raise ValueError(f"cs must be a non-empty sequence of positive numbers, got {cs!r}")
+    _check_cs(cs)
     scores = {}
     for c in sorted(float(c) for c in cs):
         scores[c] = float(probe_classifier(c, **model).fit(x_fit, y_fit).score(x_val, y_val))
@@ -260,8 +264,7 @@ def linear_probe(
 
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-    if not cs or any(not (isinstance(c, int | float) and c > 0) for c in cs):
-        raise ValueError(f"cs must be a non-empty sequence of positive numbers, got {cs!r}")
+    _check_cs(cs)
     several = isinstance(train_features, Mapping)
     train_taps, test_taps = _feature_taps(train_features, test_features)
     first = next(iter(train_taps.values()))
