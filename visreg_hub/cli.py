@@ -25,7 +25,6 @@ from visreg_hub.errors import UserInputError, is_expected, one_line, printable
 
 logger = logging.getLogger("visreg_hub.cli")
 
-DEFAULT_MODEL = "vit-b16-in1k"
 # The one user-error type of the CLI and the demo lives in visreg_hub.errors; this name is an alias.
 UserError = UserInputError
 

@@ -28,7 +28,16 @@ def test_flags_become_a_config(tmp_path, tiny_model_dir):
     limits = config.limits
     assert (limits.max_pixels, limits.max_items, limits.max_k, limits.max_queue) == (1000, 3, 7, 9)
     assert limits.request_timeout_s == 1.5
-    assert config_from_args(build_parser().parse_args(["serve"])).models[0].name == "vit-mini-p7-fmnist"
+
+
+def test_default_model_is_bundled_and_the_demos_photo_model():
+    """A bare ``visreg-hub serve`` must work offline (a bundled model) and suit photos (the demo's default)."""
+    from demo.service import BUNDLED_SETS
+    from visreg_hub.hub.registry import find_entry
+
+    default = config_from_args(build_parser().parse_args(["serve"])).models[0]
+    assert default.name == BUNDLED_SETS[0].model_name
+    assert find_entry(default.source).local_path is not None
 
 
 @pytest.mark.parametrize(
