@@ -268,3 +268,17 @@ def test_module_entry_point_runs_as_a_process(tmp_path):
     )  # fmt: skip
     assert done.returncode == 1
     assert done.stderr.strip() == f"visreg-hub: error: embeddings file not found: '{missing}'"
+
+
+def test_hub_library_warnings_print_once():
+    """huggingface_hub logs through its own stderr handler: the CLI must not print its warnings twice."""
+    script = (
+        "import sys\n"
+        "from visreg_hub.cli import main\n"
+        "main(['list'])\n"
+        "from huggingface_hub.utils import logging as hf_logging\n"
+        "hf_logging.get_logger('huggingface_hub.utils._http').warning('retry-marker')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("retry-marker") == 1, done.stderr

@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # huggingface_hub logs through its own stderr handler; propagating too would print each of its
+    # retry warnings twice (once bare, once through ours).
+    logging.getLogger("huggingface_hub").propagate = False
     func = getattr(args, "func", None)
     if func is None:
         (getattr(args, "subparser", None) or parser).print_help(sys.stderr)

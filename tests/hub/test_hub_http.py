@@ -268,8 +268,11 @@ def test_hub_download_round_trip_revision_pinning_and_cache_only(fake_hub, tmp_p
         torch.testing.assert_close(cached(images), first(images), rtol=0, atol=0)
         assert len(fake_hub.requests) == requests_before
     assert (cache / "models--org--tiny" / "snapshots" / first_sha / "model.safetensors").exists()
-    with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache"):
+    with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache") as missing:
         from_pretrained("org/never-downloaded", cache_dir=cache, local_files_only=True)
+    # the offline way out is named: every bundled model, each of which loads without the network
+    bundled = [entry.name for entry in registry.list_models() if entry.status == "bundled"]
+    assert bundled and all(name in str(missing.value) for name in bundled)
     with pytest.raises(ModelNotFoundError, match="not found or is private"):
         from_pretrained("org/missing", cache_dir=cache)
     with pytest.raises(ModelNotFoundError, match="revision"):

@@ -31,7 +31,7 @@ def test_flags_become_a_config(tmp_path, tiny_model_dir):
 
 
 def test_default_model_is_bundled_and_the_demos_photo_model():
-    """A bare ``visreg-hub serve`` must work offline (a bundled model) and suit photos (the demo's default)."""
+    """A bare ``visreg-hub serve`` works offline (a bundled model) and suits photos (the demo's default)."""
     from demo.service import BUNDLED_SETS
     from visreg_hub.hub.registry import find_entry
 

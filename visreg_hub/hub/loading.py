@@ -138,6 +138,12 @@ def resolve(name_or_path: str | Path, *, revision: str | None = None) -> Source:
 
 
 # ---------------------------------------------------------------------- Hub downloads
+def _bundled_names() -> str:
+    from visreg_hub.hub.registry import list_models
+
+    return ", ".join(entry.name for entry in list_models() if entry.status == "bundled")
+
+
 def hub_download(repo_id: str, filename: str, **download_kwargs: Any) -> Path:
     """``hf_hub_download`` with library identification and visreg_hub errors."""
     from huggingface_hub import hf_hub_download
@@ -165,7 +171,7 @@ def hub_download(repo_id: str, filename: str, **download_kwargs: Any) -> Path:
         raise ModelNotFoundError(
             f"{filename} of {repo_id!r} is not in the local Hugging Face cache and downloading is disabled "
             "(HF_HUB_OFFLINE=1 or local_files_only=True) or the Hub is unreachable. Download it once online, "
-            "or pass a local folder."
+            f"pass a local folder, or use a bundled model, which needs no network ({_bundled_names()})."
         ) from exc
     except RevisionNotFoundError as exc:
         raise ModelNotFoundError(
