@@ -30,6 +30,7 @@ from pathlib import Path
 
 from training.manifest import verify_manifest, write_manifest
 from training.state_io import TrainingParts, save_training_state
+from visreg_hub.durable import fsync_dir, fsync_tree
 from visreg_hub.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -43,22 +44,6 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_pointer(root: Path, name: str, target: str) -> None:
     """Atomically make ``root/name`` contain ``target`` (write a temporary file, then ``os.replace``)."""
     temporary = root / f".{name}.tmp"
@@ -66,7 +51,7 @@ def write_pointer(root: Path, name: str, target: str) -> None:
     with open(temporary, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(temporary, root / name)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def read_pointer(root: Path, name: str) -> Path | None:
@@ -206,14 +191,14 @@ def save_checkpoint(
             json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
         write_manifest(temporary)  # last: every file is complete when it is hashed
-        _fsync_tree(temporary)
+        fsync_tree(temporary)
         _sleep_hook(temporary, step)
         retired = root / f".tmp-old-{name}"
         if final.exists():  # the same step saved again: move the old copy aside, never delete first
             os.rename(final, retired)
         os.rename(temporary, final)
         shutil.rmtree(retired, ignore_errors=True)
-        _fsync_dir(root)
+        fsync_dir(root)
         write_pointer(root, "latest", name)
         if is_best:
             write_pointer(root, "best", name)

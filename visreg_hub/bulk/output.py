@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from visreg_hub.durable import write_atomic
 from visreg_hub.errors import MissingExtraError, VisregHubError
 
 FORMAT_NAME = "visreg_hub.embedding_shards"
@@ -52,27 +52,6 @@ def pyarrow():
 
 def shard_name(number: int) -> str:
     return f"part-{number:05d}.parquet"
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)``, fsync, rename over ``path``, fsync the folder: all or nothing after a crash."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with tmp.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def done_shards(folder: Path) -> set[int]:

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from visreg_hub.durable import write_atomic
 from visreg_hub.errors import CheckpointError, require_extra
 from visreg_hub.retrieval.factory import KINDS
 from visreg_hub.retrieval.faiss_file import check_faiss_file
@@ -57,18 +57,6 @@ __all__ = [
 ]
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write via ``write(tmp_path)``, fsync, then rename over ``path`` (readers never see half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with tmp.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_index(index: EmbeddingIndex, folder: str | Path) -> Path:
     """Write ``index`` to ``folder`` (created if needed; existing index files are replaced)."""
     faiss = require_extra("faiss", "index")
@@ -78,15 +66,15 @@ def save_index(index: EmbeddingIndex, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     # removing the old manifest first means a crash mid-save leaves a folder that refuses to load
     (folder / MANIFEST_NAME).unlink(missing_ok=True)
-    _write_atomic(folder / INDEX_NAME, lambda p: faiss.write_index(index._faiss_index, str(p)))
-    _write_atomic(folder / IDS_NAME, lambda p: p.write_bytes(_npy_bytes(index.ids)))
+    write_atomic(folder / INDEX_NAME, lambda p: faiss.write_index(index._faiss_index, str(p)))
+    write_atomic(folder / IDS_NAME, lambda p: p.write_bytes(_npy_bytes(index.ids)))
 
     def write_metadata(path: Path) -> None:
         with path.open("w", encoding="utf-8") as handle:
             for text in index._meta.values():
                 handle.write(("null" if text is None else text) + "\n")
 
-    _write_atomic(folder / METADATA_NAME, write_metadata)
+    write_atomic(folder / METADATA_NAME, write_metadata)
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -113,7 +101,7 @@ def save_index(index: EmbeddingIndex, folder: str | Path) -> Path:
         "files": {name: sha256_file(folder / name) for name in DATA_FILES},
     }
     text = json.dumps(manifest, indent=2) + "\n"
-    _write_atomic(folder / MANIFEST_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+    write_atomic(folder / MANIFEST_NAME, lambda p: p.write_text(text, encoding="utf-8"))
     logger.info("saved %s index of %d vectors to %s", index.kind, len(index), folder)
     return folder
 

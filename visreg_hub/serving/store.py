@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from visreg_hub.durable import fsync_dir, fsync_tree
 from visreg_hub.errors import CheckpointError, VisregHubError
-from visreg_hub.serving.wal import LogRecord, LogWriter, fsync_dir, read_log
+from visreg_hub.serving.wal import LogRecord, LogWriter, read_log
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +45,6 @@ _GENERATED = re.compile(r"^(snapshot-\d{6}|log-\d{6}\.wal|\.snapshot-\d{6}\.tmp|
 
 class IdConflictError(VisregHubError, ValueError):
     """An item id given by the client is already in the index."""
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fsync_dir(folder)
 
 
 class DurableIndex:
@@ -230,7 +220,7 @@ class DurableIndex:
         staging = self.folder / f".{name}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         self.index.save(staging)
-        _fsync_tree(staging)
+        fsync_tree(staging)
         os.replace(staging, self.folder / name)
         new_log = LogWriter(self._log_path(generation))
         state = {"generation": generation, "snapshot": name, "next_id": self.next_id}

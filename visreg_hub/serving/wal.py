@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from visreg_hub.durable import fsync_dir
 from visreg_hub.errors import CheckpointError
 
 MAGIC = b"VL"
@@ -103,15 +104,6 @@ def read_log(path: Path) -> tuple[list[LogRecord], int]:
                 break  # a checksummed record we cannot parse: stop, as for a torn one
             good = handle.tell()
     return records, good
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or file creation in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LogWriter:
