@@ -1,4 +1,4 @@
-"""visreg_hub.durable: the one home of fsync-and-rename, used by bulk shards, indexes, the WAL and checkpoints."""
+"""visreg_hub.durable: the one home of fsync-and-rename (bulk shards, indexes, the WAL, checkpoints)."""
 
 from __future__ import annotations
 

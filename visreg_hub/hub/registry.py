@@ -150,11 +150,11 @@ _ENTRIES: tuple[RegistryEntry, ...] = (
         status="bundled",
         format="visreg_hub",
         source="trained by visreg_hub: training/pretrain.py --config training/configs/fmnist-p4-cpu.yaml, "
-        "then the same with train.epochs=16 --resume auto",
+        "continued with train.epochs=16, 26 and 36 --resume auto",
         license="apache-2.0",
         description="VISReg ViT (width 128, 6 blocks, 4 px patches), Fashion-MNIST; the demo's 2nd set",
         local_path="assets/vit-tiny-p4-fmnist",
-        sha256="f0ec712b345fb5fa6152d704265f4e57239b846c0aa505f58814231f302213af",
+        sha256="8533934d1aab08175360cb830c97ce5febc6c3b83c3b3ecb2b3fdfd543b98a13",
         dataset="fashion-mnist",
         config_overrides=dict(embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0),
     ),
