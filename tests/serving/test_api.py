@@ -314,3 +314,33 @@ def test_errors_do_not_echo_inputs(http):
     assert response.status_code == 422
     response = embed(http, [secret])
     assert secret not in response.text and json.loads(response.text)["error"]
+
+
+def test_dimensions_truncate_and_renormalise_like_encode(http, model, fmnist_images, photo_bytes):
+    """OpenAI's ``dimensions`` = ``encode(truncate_dim=N)``: the first N values, L2-normalised again."""
+    payloads = [png_bytes(a) for a in fmnist_images[:3]] + photo_bytes[:1]
+    width = model.embedding_dim()
+    dims = width // 4
+    response = embed(http, [b64(p) for p in payloads], dimensions=dims)
+    assert response.status_code == 200, response.text
+    got = as_matrix(response)
+    assert got.shape == (len(payloads), dims)
+    # reference: float64 truncation of the raw (unnormalised) outputs, then normalisation
+    raw = model.encode(payloads, normalize=False, convert_to_numpy=True).astype(np.float64)[:, :dims]
+    expected = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
+    library = model.encode(payloads, truncate_dim=dims, convert_to_numpy=True)
+    np.testing.assert_allclose(got, library, rtol=0, atol=2e-6)
+    full = embed(http, [b64(p) for p in payloads], dimensions=width)
+    np.testing.assert_array_equal(as_matrix(full), as_matrix(embed(http, [b64(p) for p in payloads])))
+    files = [("input", (f"{i}.img", p, "application/octet-stream")) for i, p in enumerate(payloads)]
+    multipart = http.post("/v1/embeddings", files=files, data={"dimensions": str(dims)})
+    assert multipart.status_code == 200, multipart.text
+    np.testing.assert_array_equal(as_matrix(multipart), got)
+
+
+@pytest.mark.parametrize("dimensions", [0, -3, 1.5, True, "8", 10**6])
+def test_bad_dimensions_are_422_naming_the_range(http, fmnist_images, dimensions):
+    response = embed(http, [b64(png_bytes(fmnist_images[0]))], dimensions=dimensions)
+    assert response.status_code == 422, response.text
+    assert "dimensions" in response.json()["error"]["message"]

@@ -47,6 +47,10 @@ def test_encode_is_a_one_line_switch(setup, fmnist_images, photo_bytes, tmp_path
     torch.testing.assert_close(remote, local, rtol=0, atol=0)
     as_numpy = visreg_hub.Client(server.url, model="tiny").encode(inputs[:2], convert_to_numpy=True)
     np.testing.assert_array_equal(as_numpy, local[:4].numpy())  # the folder holds 3 images
+    dims = model.embedding_dim() // 2
+    truncated = visreg_hub.Client(server.url).encode(inputs[:2], truncate_dim=dims)
+    assert truncated.shape == (4, dims)
+    torch.testing.assert_close(truncated, model.encode(inputs[:2], truncate_dim=dims), rtol=0, atol=2e-6)
 
 
 def test_encode_errors_mirror_encode(setup, fmnist_images, tmp_path):

@@ -103,6 +103,7 @@ class Client:
         batch_size: int = 64,
         convert_to_numpy: bool = False,
         on_error: str = "raise",
+        truncate_dim: int | None = None,
     ):
         """Embed images on the server, like ``model.encode(images)`` (default pooling, L2-normalised).
 
@@ -112,6 +113,8 @@ class Client:
             convert_to_numpy: return a numpy array instead of a torch tensor.
             on_error: ``"raise"`` (first bad image raises :class:`ImageDecodeError`) or ``"skip"``
                 (returns ``EncodeResult(embeddings, failures)`` as ``encode`` does).
+            truncate_dim: keep the first ``truncate_dim`` dimensions, re-normalised, as ``encode`` does
+                (sent as the API's ``dimensions``).
         """
         import torch
 
@@ -138,6 +141,8 @@ class Client:
                 body = {"input": [p for _, p in sent], "encoding_format": "base64"}
                 if self.model:
                     body["model"] = self.model
+                if truncate_dim is not None:
+                    body["dimensions"] = truncate_dim
                 try:
                     answer = self.request("POST", "/v1/embeddings", body)
                 except ServerError as exc:
@@ -160,7 +165,7 @@ class Client:
                     )
                 failures.append(EncodeFailure(index, reason))
         ordered = [rows[i] for i in sorted(rows)]
-        dim = ordered[0].shape[0] if ordered else self._dim()
+        dim = ordered[0].shape[0] if ordered else (truncate_dim or self._dim())
         array = np.stack(ordered).astype(np.float32) if ordered else np.zeros((0, dim), np.float32)
         if on_error == "raise" and is_single_image(images):
             array = array[0]  # as encode(): a single image gives a 1-D vector

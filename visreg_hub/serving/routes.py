@@ -122,6 +122,18 @@ def _auth_dependency(service: Service):
     return require_key
 
 
+def _truncated(vector: np.ndarray, dimensions: int | None) -> np.ndarray:
+    """The first ``dimensions`` values of an L2-normalised embedding, L2-normalised again.
+
+    Equals ``encode(truncate_dim=dimensions)``, which truncates the raw output and then normalises:
+    normalising is scale-invariant, so truncating the normalised vector gives the same direction.
+    """
+    if dimensions is None or dimensions >= vector.shape[0]:
+        return vector  # already normalised: normalising again would only move the last bits
+    head = vector[:dimensions].astype(np.float32)
+    return head / max(float(np.linalg.norm(head)), 1e-12)  # F.normalize's eps, as encode()
+
+
 def _check_count(service: Service, count: int, what: str) -> None:
     if count > service.limits.max_items:
         service.metrics.rejected.labels("max_items").inc()
@@ -166,7 +178,7 @@ def _vector_array(service: Service, rows: list[list[float]], dim: int) -> np.nda
 
 
 async def _parse_embeddings_request(request: Request, service: Service) -> schemas.EmbeddingsRequest | tuple:
-    """JSON body -> EmbeddingsRequest; multipart -> (model, encoding_format, [bytes])."""
+    """JSON body -> EmbeddingsRequest; multipart -> (model, encoding_format, dimensions, [bytes])."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == _JSON_CONTENT:
         body = await request.body()
@@ -191,17 +203,21 @@ async def _parse_embeddings_request(request: Request, service: Service) -> schem
             for key, value in form.multi_items()
             if key in ("input", "file", "image") and hasattr(value, "read")
         ]
-        unknown = sorted(
-            {key for key in form if key not in ("input", "file", "image", "model", "encoding_format")}
-        )
+        fields = ("input", "file", "image", "model", "encoding_format", "dimensions")
+        unknown = sorted({key for key in form if key not in fields})
         if unknown:
             raise ApiError(422, f"unknown form fields {unknown}; send images as 'input' file fields")
         model = form.get("model")
         encoding = form.get("encoding_format") or "float"
         if encoding not in ("float", "base64") or (model is not None and not isinstance(model, str)):
             raise ApiError(422, "encoding_format must be 'float' or 'base64' and model a name")
+        dimensions = form.get("dimensions")
+        if dimensions is not None:
+            if not (isinstance(dimensions, str) and dimensions.isdigit() and int(dimensions) >= 1):
+                raise ApiError(422, f"dimensions must be a positive integer, got {dimensions!r}")
+            dimensions = int(dimensions)
         _check_count(service, len(files), "images")
-        return model, encoding, [await f.read() for f in files]
+        return model, encoding, dimensions, [await f.read() for f in files]
     raise ApiError(
         415,
         f"Content-Type {content_type or '(none)'!r} is not accepted; send application/json or "
@@ -265,6 +281,7 @@ def install(app: FastAPI, service: Service) -> None:
                             "input": {"type": "array", "items": {"type": "string", "format": "binary"}},
                             "model": {"type": "string"},
                             "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+                            "dimensions": {"type": "integer", "minimum": 1},
                         },
                         "required": ["input"],
                     }
@@ -285,21 +302,27 @@ def install(app: FastAPI, service: Service) -> None:
     async def embeddings(request: Request) -> schemas.EmbeddingsResponse:
         parsed = await _parse_embeddings_request(request, service)
         if isinstance(parsed, tuple):
-            model_name, encoding, payloads = parsed
+            model_name, encoding, dimensions, payloads = parsed
             errors: dict[int, str] = {}
         else:
             inputs = [parsed.input] if isinstance(parsed.input, str) else parsed.input
             _check_count(service, len(inputs), "inputs")
-            model_name, encoding = parsed.model, parsed.encoding_format
+            model_name, encoding, dimensions = parsed.model, parsed.encoding_format, parsed.dimensions
             payloads, errors = _decode_strings(inputs)
         runtime = service.runtime(model_name)
+        if dimensions is not None and dimensions > runtime.embedding_dim:
+            raise ApiError(
+                422,
+                f"dimensions {dimensions} exceeds the {runtime.embedding_dim} of model {runtime.name!r}; "
+                f"send 1..{runtime.embedding_dim} or leave it out",
+            )
         vectors = await service.with_timeout(_embed(service, runtime.name, payloads, errors))
         if not vectors:
             first = errors[min(errors)] if errors else "no input"
             raise ApiError(422, f"no input could be embedded ({len(errors)} failed; first: {first})")
         data = []
         for i in sorted(vectors):
-            values = vectors[i].astype("<f4")
+            values = _truncated(vectors[i], dimensions).astype("<f4")
             embedding = (
                 base64.b64encode(values.tobytes()).decode() if encoding == "base64" else values.tolist()
             )

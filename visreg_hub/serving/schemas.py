@@ -22,6 +22,13 @@ class EmbeddingsRequest(_Strict):
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="'base64': each embedding as base64 of little-endian float32"
     )
+    dimensions: int | None = Field(
+        None,
+        ge=1,
+        strict=True,
+        description="keep the first N dimensions, then L2-normalise (OpenAI's `dimensions`; "
+        "model.encode(truncate_dim=N)); at most the model's embedding_dim",
+    )
     user: str | None = Field(None, description="accepted for OpenAI compatibility, ignored")
 
 
