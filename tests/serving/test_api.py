@@ -337,6 +337,9 @@ def test_dimensions_truncate_and_renormalise_like_encode(http, model, fmnist_ima
     multipart = http.post("/v1/embeddings", files=files, data={"dimensions": str(dims)})
     assert multipart.status_code == 200, multipart.text
     np.testing.assert_array_equal(as_matrix(multipart), got)
+    for bad in ("0", "-1", "1.5", "²", "9" * 5000, str(width + 1)):
+        refused = http.post("/v1/embeddings", files=files[:1], data={"dimensions": bad})
+        assert refused.status_code == 422 and "dimensions" in refused.json()["error"]["message"], bad
 
 
 @pytest.mark.parametrize("dimensions", [0, -3, 1.5, True, "8", 10**6])

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -213,7 +214,9 @@ async def _parse_embeddings_request(request: Request, service: Service) -> schem
             raise ApiError(422, "encoding_format must be 'float' or 'base64' and model a name")
         dimensions = form.get("dimensions")
         if dimensions is not None:
-            if not (isinstance(dimensions, str) and dimensions.isdigit() and int(dimensions) >= 1):
+            # ASCII digits only and a bounded length: str.isdigit() admits "²", which int() refuses
+            digits = isinstance(dimensions, str) and re.fullmatch(r"[0-9]{1,9}", dimensions)
+            if not (digits and int(dimensions) >= 1):
                 raise ApiError(422, f"dimensions must be a positive integer, got {dimensions!r}")
             dimensions = int(dimensions)
         _check_count(service, len(files), "images")
