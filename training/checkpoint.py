@@ -30,7 +30,7 @@ from pathlib import Path
 
 from training.manifest import verify_manifest, write_manifest
 from training.state_io import TrainingParts, save_training_state
-from visreg_hub.durable import fsync_dir, fsync_tree
+from visreg_hub.durable import fsync_dir, fsync_tree, write_atomic
 from visreg_hub.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -46,12 +46,7 @@ def step_dir_name(step: int) -> str:
 
 def write_pointer(root: Path, name: str, target: str) -> None:
     """Atomically make ``root/name`` contain ``target`` (write a temporary file, then ``os.replace``)."""
-    temporary = root / f".{name}.tmp"
-    temporary.write_text(target + "\n", encoding="utf-8")
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, root / name)
-    fsync_dir(root)
+    write_atomic(root / name, lambda path: path.write_text(target + "\n", encoding="utf-8"))
 
 
 def read_pointer(root: Path, name: str) -> Path | None:

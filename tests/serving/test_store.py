@@ -143,6 +143,7 @@ def test_crash_inside_a_snapshot_keeps_the_old_state(tmp_path, monkeypatch, cras
     with pytest.raises(OSError, match="simulated crash"):
         store.snapshot()
     monkeypatch.setattr(os, "replace", real_replace)
+    (folder / ".CURRENT.tmp-4242").write_text("{}")  # what a SIGKILL mid-write would leave
     reopened = DurableIndex(folder, new_index)  # the old log is still in charge
     check_matches(reopened, expected, {})
     assert reopened.generation == 0

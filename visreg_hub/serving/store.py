@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from visreg_hub.durable import fsync_dir, fsync_tree
+from visreg_hub.durable import fsync_tree, write_atomic
 from visreg_hub.errors import CheckpointError, VisregHubError
 from visreg_hub.serving.wal import LogRecord, LogWriter, read_log
 
@@ -40,7 +40,10 @@ logger = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
 MAX_ID = 2**63 - 1
-_GENERATED = re.compile(r"^(snapshot-\d{6}|log-\d{6}\.wal|\.snapshot-\d{6}\.tmp|CURRENT\.tmp)$")
+# what snapshots leave behind when interrupted (CURRENT.tmp: the temporary name before visreg_hub.durable)
+_GENERATED = re.compile(
+    r"^(snapshot-\d{6}|log-\d{6}\.wal|\.snapshot-\d{6}\.tmp|CURRENT\.tmp|\.CURRENT\.tmp-\d+)$"
+)
 
 
 class IdConflictError(VisregHubError, ValueError):
@@ -224,13 +227,8 @@ class DurableIndex:
         os.replace(staging, self.folder / name)
         new_log = LogWriter(self._log_path(generation))
         state = {"generation": generation, "snapshot": name, "next_id": self.next_id}
-        temporary = self.folder / f"{CURRENT}.tmp"
-        with temporary.open("w", encoding="utf-8") as handle:
-            json.dump(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.folder / CURRENT)
-        fsync_dir(self.folder)  # commit point: the new snapshot and empty log are in charge
+        # commit point: once CURRENT is replaced (and its folder synced) the new snapshot and empty log rule
+        write_atomic(self.folder / CURRENT, lambda path: path.write_text(json.dumps(state), encoding="utf-8"))
         self._log.close()
         self._log = new_log
         self.generation = generation
