@@ -6,6 +6,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
+import socket
+import time
 
 import httpx
 import numpy as np
@@ -347,3 +350,179 @@ def test_bad_dimensions_are_422_naming_the_range(http, fmnist_images, dimensions
     response = embed(http, [b64(png_bytes(fmnist_images[0]))], dimensions=dimensions)
     assert response.status_code == 422, response.text
     assert "dimensions" in response.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------------------- probe fixes
+def test_zero_query_vector_is_a_422_not_a_500(http):
+    added = http.post("/v1/indexes/items/items", json={"vectors": [[0.5] * 32]})
+    assert added.status_code == 200, added.text
+    response = http.post("/v1/search", json={"index": "items", "vector": [0.0] * 32, "k": 3})
+    assert response.status_code == 422 and "zero vector" in response.json()["error"]["message"]
+    refused = http.post("/v1/indexes/items/items", json={"vectors": [[0.0] * 32]})
+    assert refused.status_code == 422 and "zero vector" in refused.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"vectors": [[1.0] * 32], "ids": [True]},
+        {"vectors": [[1.0] * 32], "ids": ["6"]},
+        {"vectors": [[1.0] * 32], "ids": [5.0]},
+        {"vectors": [[1.0] * 32], "ids": [2**63 - 1]},  # next_id would leave int64
+        {"vectors": [[1.0] * 32], "ids": [2**64]},
+        {"vectors": [["0.3"] * 32]},
+    ],
+)
+def test_add_items_types_are_strict(http, body):
+    response = http.post("/v1/indexes/items/items", json=body)
+    assert response.status_code == 422, response.text
+
+
+def test_search_k_must_be_an_integer(http):
+    response = http.post("/v1/search", json={"index": "items", "vector": [1.0] * 32, "k": "3"})
+    assert response.status_code == 422 and "k" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/search", "/v1/indexes/items/items", "/v1/embeddings"])
+def test_every_json_route_answers_the_same_to_a_wrong_body(http, path):
+    """415 for another Content-Type (or none), 400 for malformed JSON, 415 for a compressed body."""
+    for headers in ({"content-type": "text/plain"}, {}):
+        response = http.post(path, content=b'{"index": "items"}', headers=headers)
+        assert response.status_code == 415, (headers, response.text)
+    response = http.post(path, content=b'{"index": ', headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    gz = http.post(
+        path, content=b"\x1f\x8b\x08\x00", headers={"content-type": JSON, "content-encoding": "gzip"}
+    )
+    assert gz.status_code == 415 and "Content-Encoding" in gz.json()["error"]["message"]
+
+
+def test_metadata_limit_counts_utf8_bytes(http):
+    """max_metadata_bytes is the UTF-8 size of the compact JSON, not of its \\uXXXX-escaped form."""
+    fits = {"t": "é" * 400}  # 800 bytes of UTF-8 (2,400 characters when ASCII-escaped)
+    too_big = {"t": "é" * 600}
+    size = len(json.dumps(too_big, ensure_ascii=False, separators=(",", ":")).encode())
+    ok = http.post("/v1/indexes/items/items", json={"vectors": [[0.3] * 32], "metadata": [fits]})
+    assert ok.status_code == 200, ok.text
+    refused = http.post("/v1/indexes/items/items", json={"vectors": [[0.3] * 32], "metadata": [too_big]})
+    assert refused.status_code == 413 and f"is {size:,} bytes" in refused.json()["error"]["message"]
+
+
+def test_data_url_scheme_is_case_insensitive_and_paths_are_named(http, model, fmnist_images):
+    png = png_bytes(fmnist_images[3])
+    upper = embed(http, ["DATA:IMAGE/PNG;BASE64," + b64(png)])
+    assert upper.status_code == 200, upper.text
+    np.testing.assert_array_equal(as_matrix(upper), model.encode([png], convert_to_numpy=True))
+    path = embed(http, ["/etc/passwd", b64(png)]).json()["errors"][0]["message"]
+    assert "file paths and URLs are never opened" in path
+
+
+def test_all_failed_answer_lists_each_input(http):
+    response = embed(http, ["@@@", b64(b"GIF89a broken")])
+    body = response.json()
+    assert response.status_code == 422 and body["error"]["code"] == "no_input_embedded"
+    assert [e["index"] for e in body["errors"]] == [0, 1]
+    assert "base64" in body["errors"][0]["message"] and "base64" not in body["errors"][1]["message"]
+
+
+def test_models_retrieve(http):
+    """OpenAI's models.retrieve: GET /v1/models/{id} is the list's entry; an unknown id is a 404."""
+    listed = http.get("/v1/models").json()["data"][0]
+    assert http.get(f"/v1/models/{listed['id']}").json() == listed
+    missing = http.get("/v1/models/nope")
+    assert missing.status_code == 404 and "unknown model 'nope'" in missing.json()["error"]["message"]
+
+
+def test_multipart_user_field_and_too_many_files(http, model, fmnist_images):
+    png = png_bytes(fmnist_images[4])
+    response = http.post("/v1/embeddings", files=[("input", ("a.png", png))], data={"user": "bob"})
+    assert response.status_code == 200, response.text
+    np.testing.assert_array_equal(as_matrix(response), model.encode([png], convert_to_numpy=True))
+    for extra in (1, 2):  # one over max_items is counted by us, two over by Starlette's parser
+        files = [("input", (f"{i}.png", png)) for i in range(LIMITS.max_items + extra)]
+        response = http.post("/v1/embeddings", files=files)
+        assert response.status_code == 413, response.text
+        assert "max_items=16" in response.json()["error"]["message"]
+
+
+def test_openapi_refs_all_resolve_and_bodies_are_described(http):
+    spec = http.get("/openapi.json").json()
+    text = json.dumps(spec)
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', text))
+    assert refs and refs <= set(spec["components"]["schemas"]), refs - set(spec["components"]["schemas"])
+    for path, fields in (
+        ("/v1/embeddings", {"input", "dimensions"}),
+        ("/v1/search", {"index", "vector", "k"}),
+        ("/v1/indexes/{name}/items", {"vectors", "ids", "metadata"}),
+    ):
+        schema = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert fields <= set(schema["properties"]), path
+
+
+def test_body_limit_refusals_are_counted(http):
+    before = http.get("/metrics").text
+    big = "A" * (LIMITS.max_body_bytes + 10)
+    assert http.post("/v1/embeddings", json={"input": [big]}).status_code == 413
+    after = http.get("/metrics").text
+    for name, labels in (
+        ("visreg_rejected_total", {"limit": "max_body_bytes"}),
+        ("visreg_requests_total", {"route": "unmatched", "method": "POST", "status": "413"}),
+    ):
+        assert metric_value(after, name, **labels) == metric_value(before, name, **labels) + 1, name
+
+
+@pytest.fixture(scope="module")
+def strict_server(model, tiny_model_dir):
+    """A second server: a queue smaller than max_items and a 1 s request timeout."""
+    from visreg_hub.serving.app import create_app
+    from visreg_hub.serving.runtime import runtime_from_model
+
+    limits = Limits(max_items=16, max_queue=4, request_timeout_s=1.0)
+    config = ServeConfig(models=(ModelSpec("tiny", str(tiny_model_dir)),), limits=limits)
+    app = create_app(config, runtimes={"tiny": runtime_from_model("tiny", model, str(tiny_model_dir))})
+    with ThreadServer(app) as running:
+        yield running
+
+
+def test_a_request_larger_than_the_queue_is_413_not_a_retry_forever(strict_server, fmnist_images):
+    with httpx.Client(base_url=strict_server.url, timeout=30) as client:
+        inputs = [b64(png_bytes(fmnist_images[0]))] * 5
+        response = client.post("/v1/embeddings", json={"input": inputs})
+        assert response.status_code == 413 and "max_queue=4" in response.json()["error"]["message"]
+        assert "Retry-After" not in response.headers
+        assert client.post("/v1/embeddings", json={"input": inputs[:4]}).status_code == 200
+
+
+def _partial_request(url: str, sent: bytes, declared: int) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    head = (
+        f"POST /v1/embeddings HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {declared}\r\n\r\n"
+    ).encode()
+    sock.sendall(head + sent)
+    return sock
+
+
+def test_a_stalled_body_times_out_and_a_vanished_client_is_no_server_error(strict_server):
+    """A body that stops arriving gets a 408 after request_timeout_s (no coroutine held forever); a
+    client that disconnects mid-body is not counted or logged as a 500."""
+    sock = _partial_request(strict_server.url, b'{"input": ["', 100)
+    start = time.monotonic()
+    answer = b""
+    while chunk := sock.recv(4096):  # until the server closes or the whole answer is in
+        answer += chunk
+        if b"\r\n\r\n" in answer and b"}" in answer.split(b"\r\n\r\n", 1)[1]:
+            break
+    answer = answer.decode()
+    sock.close()
+    assert answer.startswith("HTTP/1.1 408") and "request_timeout_s" in answer
+    assert time.monotonic() - start < 10
+    sock = _partial_request(strict_server.url, b'{"input": ["', 100)
+    time.sleep(0.2)
+    sock.close()
+    time.sleep(0.5)
+    with httpx.Client(base_url=strict_server.url, timeout=30) as client:
+        text = client.get("/metrics").text
+    labels = {"route": "/v1/embeddings", "method": "POST", "status": "500"}
+    assert metric_value(text, "visreg_requests_total", **labels) == 0

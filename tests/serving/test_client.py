@@ -97,3 +97,27 @@ def test_client_errors(setup):
         visreg_hub.Client(server.url).search(np.ones(32, np.float32), index="missing")
     with pytest.raises(ConnectionError):
         visreg_hub.Client("http://127.0.0.1:9", timeout=2).models()
+
+
+def test_request_errors_are_not_blamed_on_the_images(setup, fmnist_images, tmp_path):
+    """A 422 about the request (here a too-wide truncate_dim) raises ServerError, even with
+    on_error='skip'; only "no input could be embedded" becomes per-image failures, with each image's
+    own message from the server."""
+    model, server = setup
+    client = visreg_hub.Client(server.url)
+    good = png_bytes(fmnist_images[0])
+    too_wide = model.embedding_dim() + 1
+    for on_error in ("raise", "skip"):
+        with pytest.raises(visreg_hub.serving.client.ServerError, match=f"dimensions {too_wide}"):
+            client.encode([good], truncate_dim=too_wide, on_error=on_error)
+    bad_png, bad_gif = tmp_path / "a.png", tmp_path / "b.gif"
+    bad_png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 30)
+    bad_gif.write_bytes(b"GIF89a broken")
+    result = client.encode([str(bad_png), str(bad_gif)], on_error="skip")
+    local = model.encode([str(bad_png), str(bad_gif)], on_error="skip")
+    assert [f.index for f in result.failures] == [0, 1] and result.embeddings.shape == (0, 32)
+    for remote, here in zip(result.failures, local.failures, strict=True):
+        label = str(bad_png) if remote.index == 0 else str(bad_gif)
+        assert remote.index == here.index and remote.reason.startswith(label)
+        # the server's reason for this very image (decoded with the same rules), not one shared message
+        assert remote.reason.split(": ", 1)[1].endswith(here.reason.split(": ", 1)[1]), (remote, here)

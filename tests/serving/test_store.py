@@ -195,3 +195,71 @@ def test_malformed_current_is_a_clear_error(tmp_path, content):
     (folder / "CURRENT").write_text(content)
     with pytest.raises(CheckpointError, match="CURRENT"):
         DurableIndex(folder, new_index)
+
+
+def test_refused_adds_are_never_logged_and_take_no_id(tmp_path):
+    """Everything the in-memory index refuses is refused before the log: an all-zero vector of a
+    normalising index, ids past the largest, booleans, metadata JSON cannot hold. After a crash (no
+    close) the store reopens, and the next automatic id is the one after the last accepted add."""
+    folder = tmp_path / "idx"
+    store = DurableIndex(folder, new_index)
+    rng = np.random.default_rng(9)
+    assert store.add(unit(rng, 1)).tolist() == [0]
+    ones = np.ones((1, DIM), np.float32)
+    for vectors, kwargs in (
+        (np.zeros((1, DIM), np.float32), {}),
+        (ones, {"ids": [2**63 - 1]}),  # next_id would leave int64
+        (ones, {"ids": [2**64]}),
+        (ones, {"ids": np.array([True])}),
+        (ones, {"metadata": [{"x": object()}]}),
+    ):
+        with pytest.raises(ValueError):
+            store.add(vectors, **kwargs)
+    tiny = np.full((1, DIM), 1e-30, np.float32)  # its float32 squares underflow, but it has a direction
+    assert store.add(tiny).tolist() == [1]
+    assert len(read_log(folder / "log-000000.wal")[0]) == 2
+    del store  # a crash: no snapshot, the log is all there is
+    reopened = DurableIndex(folder, new_index)
+    assert sorted(reopened.index.ids.tolist()) == [0, 1]
+    hit = reopened.search(np.ones((1, DIM), np.float32), k=1)
+    assert hit.ids[0, 0] == 1 and abs(hit.scores[0, 0] - 1.0) < 1e-5  # normalised in float64
+    assert reopened.add(unit(rng, 1)).tolist() == [2]
+
+
+def test_the_largest_id_keeps_the_store_usable(tmp_path):
+    """ids reach MAX_ID = 2**63 - 2, so next_id (MAX_ID + 1) is still an int64: the counter then
+    reports exhaustion as a ValueError (a 4xx), and snapshot + reopen work."""
+    from visreg_hub.retrieval.records import MAX_ID
+
+    assert np.iinfo(np.int64).max - 1 == MAX_ID
+    folder = tmp_path / "idx"
+    store = DurableIndex(folder, new_index)
+    rng = np.random.default_rng(10)
+    assert store.add(unit(rng, 1), ids=[MAX_ID]).tolist() == [MAX_ID]
+    assert store.next_id == MAX_ID + 1
+    with pytest.raises(ValueError, match="exhausted"):
+        store.add(unit(rng, 1))
+    assert store.add(unit(rng, 1), ids=[5]).tolist() == [5]
+    store.close()
+    reopened = DurableIndex(folder, new_index)
+    assert sorted(reopened.index.ids.tolist()) == [5, MAX_ID] and reopened.next_id == MAX_ID + 1
+
+
+def test_replay_skips_a_record_the_index_refuses(tmp_path, caplog):
+    """Logs written by older versions could hold an add that was refused (and never acknowledged)
+    after it was logged; start-up skips that record, says so, and keeps the others."""
+    from visreg_hub.serving.wal import LogWriter
+
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    rng = np.random.default_rng(11)
+    good = unit(rng, 2)
+    writer = LogWriter(folder / "log-000000.wal")
+    writer.append(LogRecord("add", np.array([0]), good[:1], None))
+    writer.append(LogRecord("add", np.array([1]), np.zeros((1, DIM), np.float32), None))
+    writer.append(LogRecord("add", np.array([2]), good[1:], None))
+    writer.close()
+    with caplog.at_level("ERROR"):
+        store = DurableIndex(folder, new_index)
+    assert "skipping log record 1" in caplog.text
+    check_matches(store, {0: good[0], 2: good[1]}, {})

@@ -266,6 +266,12 @@ def _decode_encoded(
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
+        if max_pixels is not None and max_pixels < 2 * (Image.MAX_IMAGE_PIXELS or 0):
+            # Pillow's own guard fired first, but max_pixels is the cap the caller set: name it
+            raise ImageDecodeError(
+                f"{label}: image is above the cap max_pixels={max_pixels:,} (decompression-bomb guard; "
+                f"{exc}); pass a larger max_pixels only for files you trust"
+            ) from exc
         raise ImageDecodeError(
             f"{label}: {exc} Raise PIL.Image.MAX_IMAGE_PIXELS and max_pixels only for trusted files"
         ) from exc

@@ -8,6 +8,8 @@ import numpy as np
 
 from visreg_hub.errors import ConfigError
 
+_NORMALIZE_BLOCK = 8192  # rows per float64 block of l2_normalize
+
 
 def as_float32_matrix(array: Any, *, name: str, dim: int | None = None) -> np.ndarray:
     """Validate user vectors and return a C-contiguous float32 (N, D) array.
@@ -57,8 +59,23 @@ def check_positive_int(label: str, value: Any) -> None:
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norms == 0).any():
-        row = int(np.flatnonzero(norms[:, 0] == 0)[0])
-        raise ValueError(f"cannot L2-normalise a zero vector (row {row}); remove it or use normalize=False")
-    return x / norms
+    """float32 (N, D) rows scaled to unit L2 norm.
+
+    Rows are normalised in float64, a block at a time (memory stays at about one float32 copy): in
+    float32 the squares of a row like ``[1e-30] * D`` underflow to a norm of 0, or to a wrong tiny one,
+    although the row has a direction. Only an all-zero row has none.
+
+    Raises:
+        ValueError: a row is all zeros (the message names the first).
+    """
+    out = np.empty(x.shape, dtype=np.float32)
+    for start in range(0, x.shape[0], _NORMALIZE_BLOCK):
+        block = x[start : start + _NORMALIZE_BLOCK].astype(np.float64)
+        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        if (norms == 0).any():
+            row = start + int(np.flatnonzero(norms[:, 0] == 0)[0])
+            raise ValueError(
+                f"cannot L2-normalise a zero vector (row {row}); remove it or use normalize=False"
+            )
+        out[start : start + _NORMALIZE_BLOCK] = block / norms
+    return out

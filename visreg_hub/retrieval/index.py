@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -54,6 +54,20 @@ class SearchResult:
         return int(self.ids.shape[0])
 
 
+class PendingAdd(NamedTuple):
+    """An add that passed every check (:meth:`EmbeddingIndex.validate_add`), not yet applied.
+
+    Attributes:
+        vectors: float32 (N, D), normalised when the index normalises.
+        ids: int64 (N,).
+        metadata: N compact JSON texts (None where no metadata was given).
+    """
+
+    vectors: np.ndarray
+    ids: np.ndarray
+    metadata: list[str | None]
+
+
 class EmbeddingIndex:
     """A FAISS index over (N, D) embeddings with stable int64 ids, JSON metadata by id, and remove.
 
@@ -61,6 +75,8 @@ class EmbeddingIndex:
         * ``add(vectors, metadata=None, ids=None) -> ids``: (N, D) vectors; optional N metadata dicts;
           optional N unique int64 ids >= 0. Without ids, ids are assigned from a counter that only
           grows (``next_id``): an id is never handed out twice, not even after ``remove``.
+        * ``validate_add(vectors, metadata=None, ids=None) -> PendingAdd``: every check of ``add``,
+          without changing the index (for callers that log an add before applying it).
         * ``remove(ids) -> int``: drops vectors and their metadata; returns how many were present.
           Removed ids never appear in ``search`` again (flat/IVF kinds delete from FAISS; HNSW, whose
           graph cannot delete, hides them with a FAISS id selector until the index is rebuilt).
@@ -228,6 +244,16 @@ class EmbeddingIndex:
         array = as_float32_matrix(vectors, name=name, dim=self.dim)
         return l2_normalize(array) if self.normalize else array
 
+    def _check_training_size(self, n: int) -> None:
+        """Raise ValueError when n vectors are too few to train this IVF index."""
+        nlist = self._nlist if self._nlist is not None else default_nlist(n)
+        needed = max(nlist, 256 if self.kind == "ivfpq" else 1)
+        if n < needed:
+            raise ValueError(
+                f"{self.kind} training needs at least {needed} vectors (nlist={nlist}), got {n}; "
+                f"pass a smaller nlist, more training vectors, or use kind='flat'"
+            )
+
     def train(self, embeddings: Any) -> None:
         """Train the IVF coarse quantizer (k-means) and codebooks on representative vectors.
 
@@ -245,20 +271,38 @@ class EmbeddingIndex:
             raise ValueError("this IVF index is already trained; create a new EmbeddingIndex to retrain")
         data = self._prepare(embeddings, "embeddings")
         n = data.shape[0]
+        self._check_training_size(n)
         if self._nlist is None:
             self._nlist = default_nlist(n)
-        needed = max(self._nlist, 256 if self.kind == "ivfpq" else 1)
-        if n < needed:
-            raise ValueError(
-                f"{self.kind} training needs at least {needed} vectors (nlist={self._nlist}), got {n}; "
-                f"pass a smaller nlist, more training vectors, or use kind='flat'"
-            )
         if n < 39 * self._nlist:
             logger.warning("training %d IVF cells on only %d vectors; recall may suffer", self._nlist, n)
         index = self._build(self._nlist)
         index.train(data)
         self._nprobe = min(self._nprobe if self._nprobe is not None else 16, self._nlist)
         self._faiss_index = index
+
+    def validate_add(
+        self, vectors: Any, metadata: list[dict[str, Any] | None] | None = None, ids: Any = None
+    ) -> PendingAdd:
+        """Every check :meth:`add` makes, without changing the index.
+
+        Callers that must record an add before applying it (the server's write-ahead log) call this
+        first, so a record that :meth:`add` would refuse is never written.
+
+        Returns:
+            the add as it would be stored: prepared float32 (N, D) vectors, int64 (N,) ids (given, or
+            ``next_id ..``) and the metadata's JSON texts.
+
+        Raises:
+            ValueError: as :meth:`add`.
+        """
+        data = self._prepare(vectors, "vectors")
+        n = data.shape[0]
+        new_ids = check_new_ids(ids, n, next_id=self._next_id, live=self._meta, tombstones=self._tombstones)
+        texts = encode_metadata(metadata, n)
+        if not self.is_trained:
+            self._check_training_size(n)
+        return PendingAdd(data, new_ids, texts)
 
     def add(
         self, vectors: Any, metadata: list[dict[str, Any] | None] | None = None, ids: Any = None
@@ -268,20 +312,19 @@ class EmbeddingIndex:
         Args:
             vectors: (N, D) floating array (numpy or torch); cast to float32.
             metadata: list of N JSON-serialisable dicts (or None), e.g. ``{"path": ..., "label": ...}``.
-            ids: (N,) integer ids >= 0, unique and not live in the index; None assigns
+            ids: (N,) integer ids in ``[0, 2**63 - 2]``, unique and not live in the index; None assigns
                 ``next_id .. next_id + N - 1``.
 
         Returns:
             int64 (N,) the ids of the added vectors.
 
         Raises:
-            ValueError: dimension/dtype/NaN problems, wrong ids or metadata length, duplicate ids,
-                metadata that is not JSON-serialisable. A failed add leaves the index unchanged.
+            ValueError: dimension/dtype/NaN problems, an all-zero vector when normalising, wrong ids or
+                metadata length, duplicate ids, metadata that is not JSON-serialisable, too few vectors
+                to train an IVF index. A failed add leaves the index unchanged.
         """
-        data = self._prepare(vectors, "vectors")
+        data, new_ids, texts = self.validate_add(vectors, metadata, ids)
         n = data.shape[0]
-        new_ids = check_new_ids(ids, n, next_id=self._next_id, live=self._meta, tombstones=self._tombstones)
-        texts = encode_metadata(metadata, n)
         if not self.is_trained:
             logger.info("training IVF index on the %d vectors of the first add()", n)
             self.train(data)

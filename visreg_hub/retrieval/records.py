@@ -1,6 +1,8 @@
 """Validation of the ids and metadata handed to :meth:`EmbeddingIndex.add`.
 
-Ids are int64 >= 0 (``-1`` is FAISS's "no result" marker, never a user id). Metadata is stored as
+Ids are int64 in ``[0, MAX_ID]`` (``-1`` is FAISS's "no result" marker, never a user id). ``MAX_ID``
+is one below int64's largest value so that ``next_id`` (one above every id ever added) is itself an
+int64: an index holding the largest id can still be saved, loaded and grown. Metadata is stored as
 compact JSON text per id: a plain copy (later edits to the caller's dicts don't leak in) that costs
 one string per vector instead of a tree of Python objects.
 """
@@ -13,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-MAX_ID = int(np.iinfo(np.int64).max)
+MAX_ID = int(np.iinfo(np.int64).max) - 1
 
 
 def check_new_ids(
@@ -26,16 +28,19 @@ def check_new_ids(
             graph that still holds them (``tombstones``).
     """
     if ids is None:
-        if next_id > MAX_ID - n:
-            raise ValueError("the id counter is exhausted; pass explicit ids")
+        if next_id + n - 1 > MAX_ID:
+            raise ValueError(f"the id counter is exhausted (next id {next_id}); pass explicit ids")
         return np.arange(next_id, next_id + n, dtype=np.int64)
-    ids = np.asarray(ids)
+    try:
+        ids = np.asarray(ids)
+    except (OverflowError, ValueError, TypeError):
+        raise ValueError(f"ids must be integers in [0, {MAX_ID}]") from None
     if ids.ndim != 1 or ids.shape[0] != n:
         raise ValueError(f"ids must have shape ({n},) to match the vectors, got {tuple(ids.shape)}")
-    if n and not np.issubdtype(ids.dtype, np.integer):
+    if n and (ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer)):
         raise ValueError(f"ids must be integers, got dtype {ids.dtype}; use np.int64 ids")
     if n and (int(ids.min()) < 0 or int(ids.max()) > MAX_ID):
-        raise ValueError(f"ids must be in [0, 2**63), got {int(ids.min())}..{int(ids.max())}")
+        raise ValueError(f"ids must be in [0, {MAX_ID}], got {int(ids.min())}..{int(ids.max())}")
     ids = ids.astype(np.int64)
     if np.unique(ids).size != n:
         raise ValueError("ids contain duplicates; every vector needs its own id")

@@ -38,9 +38,13 @@ class ApiError(Exception):
         kind: str = "invalid_request_error",
         limit: str | None = None,
         headers: dict[str, str] | None = None,
+        code: str | None = None,
+        items: dict[int, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.limit, self.headers = status, message, kind, limit, headers
+        self.code = code  # OpenAI's error code, for clients that branch on it
+        self.items = items  # per-input messages (index -> message), answered as "errors"
 
 
 class Service:
@@ -155,8 +159,18 @@ class Service:
 
     # ------------------------------------------------------------------ embedding
     def admit(self, model: str, count: int) -> None:
-        """Reserve room for ``count`` images of ``model`` (decoding + queued) or raise 429."""
+        """Reserve room for ``count`` images of ``model`` (decoding + queued), or raise 429 (busy now) or
+        413 (more than ``max_queue`` on its own)."""
         runtime = self.runtimes[model]
+        if count > self.limits.max_queue:  # would never fit, however long the client waits: not a 429
+            self.metrics.rejected.labels("max_queue").inc()
+            raise ApiError(
+                413,
+                f"{count} images in one request, more than this server ever queues for a model "
+                f"(max_queue={self.limits.max_queue}); split the request into parts of at most "
+                f"{self.limits.max_queue} images",
+                limit="max_queue",
+            )
         if self.admitted[model] + count > self.limits.max_queue:
             self.metrics.rejected.labels("max_queue").inc()
             raise ApiError(

@@ -27,12 +27,26 @@ from visreg_hub.errors import ImageDecodeError, VisregHubError
 
 
 class ServerError(VisregHubError, RuntimeError):
-    """The server answered with an error; ``status`` is the HTTP status, the message is the server's."""
+    """The server answered with an error; ``status`` is the HTTP status, the message is the server's.
 
-    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
+    ``code`` is the error's code (``"no_input_embedded"`` when no image of a request could be decoded)
+    and ``item_errors`` the per-input messages that come with it (input index -> message).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        retry_after: float | None = None,
+        *,
+        code: str | None = None,
+        item_errors: dict[int, str] | None = None,
+    ) -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.retry_after = retry_after
+        self.code = code
+        self.item_errors = item_errors or {}
 
 
 class Client:
@@ -146,12 +160,10 @@ class Client:
                 try:
                     answer = self.request("POST", "/v1/embeddings", body)
                 except ServerError as exc:
-                    if exc.status != 422:
+                    if exc.code != "no_input_embedded":  # a request-level error, not the images'
                         raise
-                    answer = {
-                        "data": [],
-                        "errors": [{"index": j, "message": str(exc)} for j in range(len(sent))],
-                    }
+                    errors = exc.item_errors or dict.fromkeys(range(len(sent)), str(exc))
+                    answer = {"data": [], "errors": [{"index": j, "message": m} for j, m in errors.items()]}
                 for item in answer["data"]:
                     rows[sent[item["index"]][0]] = np.frombuffer(base64.b64decode(item["embedding"]), "<f4")
                 for item in answer.get("errors", []):
@@ -280,9 +292,18 @@ def _payload(source) -> str:
 
 
 def _server_error(exc: urllib.error.HTTPError) -> ServerError:
+    code, items = None, {}
     try:
-        message = json.loads(exc.read())["error"]["message"]
+        body = json.loads(exc.read())
+        message, code = body["error"]["message"], body["error"].get("code")
+        items = {int(e["index"]): str(e["message"]) for e in body.get("errors") or []}
     except Exception:  # why: a proxy or a non-JSON answer; keep the status
         message = exc.reason or "error"
     retry = exc.headers.get("Retry-After") if exc.headers else None
-    return ServerError(exc.code, str(message), float(retry) if retry and retry.isdigit() else None)
+    return ServerError(
+        exc.code,
+        str(message),
+        float(retry) if retry and retry.isdigit() else None,
+        code=code,
+        item_errors=items,
+    )

@@ -10,7 +10,10 @@ import base64
 import binascii
 import re
 
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[\w.+-]+)*;base64,", re.ASCII)
+# scheme and the base64 token are case-insensitive (RFC 2397, RFC 3986): DATA:...;BASE64, is valid
+_DATA_URL = re.compile(
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[\w.+-]+)*;base64,", re.ASCII | re.IGNORECASE
+)
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:", re.ASCII)
 _WHITESPACE = re.compile(rb"\s+")
 
@@ -32,7 +35,7 @@ def image_bytes(text: object) -> bytes:
     match = _DATA_URL.match(text)
     if match:
         text = text[match.end() :]
-    elif text.startswith("data:"):
+    elif text[:5].lower() == "data:":
         raise InputError("data: URLs must be base64 (data:image/png;base64,...)")
     elif _SCHEME.match(text) or text.startswith(("~", "./", "../")):
         raise InputError(
@@ -46,7 +49,12 @@ def image_bytes(text: object) -> bytes:
     try:
         payload = base64.b64decode(_WHITESPACE.sub(b"", raw), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InputError(f"invalid base64 ({exc}); send the image's bytes base64-encoded") from None
+        # a bare absolute path ("/home/...") is also valid-looking base64 up to here ("/" is a base64
+        # character), so the hint covers paths too
+        raise InputError(
+            f"invalid base64 ({exc}); send the image's bytes base64-encoded (file paths and URLs are "
+            "never opened)"
+        ) from None
     if not payload:
         raise InputError("empty image after base64 decoding")
     return payload

@@ -15,23 +15,34 @@ from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
+from visreg_hub.retrieval.records import MAX_ID
 from visreg_hub.serving import schemas
 from visreg_hub.serving.app import ApiError, Service
 from visreg_hub.serving.inputs import InputError, image_bytes
 from visreg_hub.serving.security import BodyLimitMiddleware, key_matches
-from visreg_hub.serving.store import MAX_ID, IdConflictError
+from visreg_hub.serving.store import IdConflictError
 
 logger = logging.getLogger(__name__)
 
 _ERRORS = {status: {"model": schemas.ErrorResponse} for status in (400, 401, 404, 408, 413, 415, 422, 429)}
 _JSON_CONTENT = "application/json"
 _MULTIPART = "multipart/form-data"
+_FORM_FILE_FIELDS = ("input", "file", "image")
+_FORM_FIELDS = (*_FORM_FILE_FIELDS, "model", "encoding_format", "dimensions", "user")
+_MAX_FORM_FIELDS = 16
 
 
-def _error_body(message: str, kind: str, limit: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "limit": limit}}
+def _error_body(
+    message: str, kind: str, limit: str | None = None, code: str | None = None, items: dict | None = None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"error": {"message": message, "type": kind, "limit": limit, "code": code}}
+    if items is not None:
+        body["errors"] = [{"index": i, "message": m} for i, m in sorted(items.items())]
+    return body
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -45,7 +56,8 @@ def _validation_message(exc: RequestValidationError) -> str:
 def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError):
-        return JSONResponse(_error_body(exc.message, exc.kind, exc.limit), exc.status, headers=exc.headers)
+        body = _error_body(exc.message, exc.kind, exc.limit, exc.code, exc.items)
+        return JSONResponse(body, exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError):
@@ -91,9 +103,13 @@ class MetricsMiddleware:
 
 
 def _install_middleware(app: FastAPI, service: Service) -> None:
+    # the body limit holds before anything reads the body; metrics (outermost) count its refusals too
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=service.limits.max_body_bytes,
+        on_refuse=service.metrics.rejected.labels("max_body_bytes").inc,
+    )
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
-    # added last = outermost: the body limit holds before anything reads the body
-    app.add_middleware(BodyLimitMiddleware, limit=service.limits.max_body_bytes)
     if service.config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -133,6 +149,15 @@ def _truncated(vector: np.ndarray, dimensions: int | None) -> np.ndarray:
         return vector  # already normalised: normalising again would only move the last bits
     head = vector[:dimensions].astype(np.float32)
     return head / max(float(np.linalg.norm(head)), 1e-12)  # F.normalize's eps, as encode()
+
+
+def _model_info(runtime) -> schemas.ModelInfo:
+    return schemas.ModelInfo(
+        id=runtime.name,
+        source=runtime.spec.source,
+        embedding_dim=runtime.embedding_dim,
+        input_size=list(runtime.input_shape),
+    )
 
 
 def _check_count(service: Service, count: int, what: str) -> None:
@@ -178,55 +203,110 @@ def _vector_array(service: Service, rows: list[list[float]], dim: int) -> np.nda
     return array
 
 
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _refuse_content_type(content_type: str, accepted: str) -> ApiError:
+    return ApiError(415, f"Content-Type {content_type or '(none)'!r} is not accepted; send {accepted}")
+
+
+async def _receive(request: Request, service: Service, read):
+    """``await read()`` (the body or the form) within ``request_timeout_s``.
+
+    A client that stops sending mid-body gets a 408 instead of holding a connection and a coroutine
+    forever; one that disconnects gets a 400 that nobody reads (counted, not logged as a server error).
+    """
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
+    timeout = service.limits.request_timeout_s
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except TimeoutError:
+        service.metrics.rejected.labels("request_timeout_s").inc()
+        raise ApiError(
+            408,
+            f"the request body did not arrive within request_timeout_s={timeout:g}",
+            limit="request_timeout_s",
+        ) from None
+    except ClientDisconnect:
+        raise ApiError(400, "the client disconnected before the request body arrived") from None
+
+
+def _validated(model: type[BaseModel], body: bytes):
+    """JSON bytes -> a ``model`` instance: 400 for bad JSON, 422 (field by field) for a wrong shape."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"request body is not valid JSON ({type(exc).__name__})") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
+
+
+async def _json_request(request: Request, service: Service, model: type[BaseModel]):
+    """The JSON body of a request as ``model`` (415 for any other Content-Type)."""
+    content_type = _content_type(request)
+    if content_type != _JSON_CONTENT:
+        raise _refuse_content_type(content_type, "application/json")
+    return _validated(model, await _receive(request, service, request.body))
+
+
 async def _parse_embeddings_request(request: Request, service: Service) -> schemas.EmbeddingsRequest | tuple:
     """JSON body -> EmbeddingsRequest; multipart -> (model, encoding_format, dimensions, [bytes])."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = _content_type(request)
     if content_type == _JSON_CONTENT:
-        body = await request.body()
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            raise ApiError(400, f"request body is not valid JSON ({type(exc).__name__})") from None
-        try:
-            return schemas.EmbeddingsRequest.model_validate(data)
-        except Exception as exc:  # pydantic.ValidationError; RecursionError on absurd nesting
-            errors = getattr(exc, "errors", None)
-            if errors is not None:
-                raise RequestValidationError(exc.errors()) from None
-            raise ApiError(400, "request body is nested too deeply") from None
-    if content_type == _MULTIPART:
-        limits = service.limits
-        form = await request.form(
-            max_files=limits.max_items + 1, max_fields=16, max_part_size=limits.max_body_bytes
+        return _validated(schemas.EmbeddingsRequest, await _receive(request, service, request.body))
+    if content_type != _MULTIPART:
+        raise _refuse_content_type(content_type, "application/json or multipart/form-data")
+    limits = service.limits
+
+    async def read_form():
+        # one file over max_items lets the count below answer with max_items' own 413
+        return await request.form(
+            max_files=limits.max_items + 1, max_fields=_MAX_FORM_FIELDS, max_part_size=limits.max_body_bytes
         )
-        files = [
-            value
-            for key, value in form.multi_items()
-            if key in ("input", "file", "image") and hasattr(value, "read")
-        ]
-        fields = ("input", "file", "image", "model", "encoding_format", "dimensions")
-        unknown = sorted({key for key in form if key not in fields})
-        if unknown:
-            raise ApiError(422, f"unknown form fields {unknown}; send images as 'input' file fields")
-        model = form.get("model")
-        encoding = form.get("encoding_format") or "float"
-        if encoding not in ("float", "base64") or (model is not None and not isinstance(model, str)):
-            raise ApiError(422, "encoding_format must be 'float' or 'base64' and model a name")
-        dimensions = form.get("dimensions")
-        if dimensions is not None:
-            # ASCII digits only and a bounded length: str.isdigit() admits "²", which int() refuses
-            digits = isinstance(dimensions, str) and re.fullmatch(r"[0-9]{1,9}", dimensions)
-            if not (digits and int(dimensions) >= 1):
-                raise ApiError(422, f"dimensions must be a positive integer, got {dimensions!r}")
-            dimensions = int(dimensions)
-        _check_count(service, len(files), "images")
-        return model, encoding, dimensions, [await f.read() for f in files]
-    raise ApiError(
-        415,
-        f"Content-Type {content_type or '(none)'!r} is not accepted; send application/json or "
-        "multipart/form-data",
-        kind="invalid_request_error",
-    )
+
+    try:
+        form = await _receive(request, service, read_form)
+    except HTTPException as exc:  # Starlette's 400 for a form over max_files / max_fields
+        if "Too many files" in str(exc.detail):
+            _check_count(service, limits.max_items + 1, "images")
+        if "Too many fields" in str(exc.detail):
+            raise ApiError(
+                422, f"more than {_MAX_FORM_FIELDS} form fields; send {list(_FORM_FIELDS)}"
+            ) from None
+        raise
+    files = [
+        value for key, value in form.multi_items() if key in _FORM_FILE_FIELDS and hasattr(value, "read")
+    ]
+    unknown = sorted({key for key in form if key not in _FORM_FIELDS})
+    if unknown:
+        raise ApiError(422, f"unknown form fields {unknown}; send images as 'input' file fields")
+    model = form.get("model")
+    encoding = form.get("encoding_format") or "float"
+    if encoding not in ("float", "base64") or (model is not None and not isinstance(model, str)):
+        raise ApiError(422, "encoding_format must be 'float' or 'base64' and model a name")
+    dimensions = form.get("dimensions")
+    if dimensions is not None:
+        # ASCII digits only and a bounded length: str.isdigit() admits "²", which int() refuses
+        digits = isinstance(dimensions, str) and re.fullmatch(r"[0-9]{1,9}", dimensions)
+        if not (digits and int(dimensions) >= 1):
+            raise ApiError(422, f"dimensions must be a positive integer, got {dimensions!r}")
+        dimensions = int(dimensions)
+    _check_count(service, len(files), "images")
+    return model, encoding, dimensions, [await f.read() for f in files]
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` of a route that reads ``model`` from the raw request itself."""
+    return {
+        "requestBody": {"required": True, "content": {_JSON_CONTENT: {"schema": model.model_json_schema()}}}
+    }
 
 
 def install(app: FastAPI, service: Service) -> None:
@@ -261,22 +341,24 @@ def install(app: FastAPI, service: Service) -> None:
         "/v1/models", tags=["models"], response_model=schemas.ModelList, dependencies=auth, responses=_ERRORS
     )
     async def list_models() -> schemas.ModelList:
-        data = [
-            schemas.ModelInfo(
-                id=r.name,
-                source=r.spec.source,
-                embedding_dim=r.embedding_dim,
-                input_size=list(r.input_shape),
-            )
-            for r in service.runtimes.values()
-        ]
-        return schemas.ModelList(data=data)
+        return schemas.ModelList(data=[_model_info(r) for r in service.runtimes.values()])
+
+    @app.get(
+        "/v1/models/{model_id:path}",
+        tags=["models"],
+        response_model=schemas.ModelInfo,
+        dependencies=auth,
+        responses=_ERRORS,
+        summary="one served model (OpenAI's models.retrieve)",
+    )
+    async def retrieve_model(model_id: str) -> schemas.ModelInfo:
+        return _model_info(service.runtime(model_id))
 
     embeddings_body = {
         "requestBody": {
             "required": True,
             "content": {
-                _JSON_CONTENT: {"schema": {"$ref": "#/components/schemas/EmbeddingsRequest"}},
+                _JSON_CONTENT: {"schema": schemas.EmbeddingsRequest.model_json_schema()},
                 _MULTIPART: {
                     "schema": {
                         "type": "object",
@@ -285,6 +367,7 @@ def install(app: FastAPI, service: Service) -> None:
                             "model": {"type": "string"},
                             "encoding_format": {"type": "string", "enum": ["float", "base64"]},
                             "dimensions": {"type": "integer", "minimum": 1},
+                            "user": {"type": "string"},
                         },
                         "required": ["input"],
                     }
@@ -322,7 +405,12 @@ def install(app: FastAPI, service: Service) -> None:
         vectors = await service.with_timeout(_embed(service, runtime.name, payloads, errors))
         if not vectors:
             first = errors[min(errors)] if errors else "no input"
-            raise ApiError(422, f"no input could be embedded ({len(errors)} failed; first: {first})")
+            raise ApiError(
+                422,
+                f"no input could be embedded ({len(errors)} failed; first: {first})",
+                code="no_input_embedded",
+                items=errors,
+            )
         data = []
         for i in sorted(vectors):
             values = _truncated(vectors[i], dimensions).astype("<f4")
@@ -344,8 +432,10 @@ def install(app: FastAPI, service: Service) -> None:
         dependencies=auth,
         responses=_ERRORS,
         summary="nearest items of an index to an image or a vector",
+        openapi_extra=_json_body(schemas.SearchRequest),
     )
-    async def search(body: schemas.SearchRequest) -> schemas.SearchResponse:
+    async def search(request: Request) -> schemas.SearchResponse:
+        body = await _json_request(request, service, schemas.SearchRequest)
         store = service.index(body.index)
         if not 1 <= body.k <= limits.max_k:
             service.metrics.rejected.labels("max_k").inc()
@@ -367,7 +457,10 @@ def install(app: FastAPI, service: Service) -> None:
             query = vectors[0][None, :]
         if len(store) == 0:
             return schemas.SearchResponse(index=body.index, model=model, hits=[])
-        result = await asyncio.to_thread(store.search, query, min(body.k, len(store)))
+        try:
+            result = await asyncio.to_thread(store.search, query, min(body.k, len(store)))
+        except ValueError as exc:  # e.g. an all-zero query vector for a normalising index
+            raise ApiError(422, f"query vector: {exc}") from None
         hits = [
             schemas.Hit(id=int(i), score=float(s), metadata=m)
             for i, s, m in zip(result.ids[0].tolist(), result.scores[0].tolist(), result.metadata[0])
@@ -382,8 +475,10 @@ def install(app: FastAPI, service: Service) -> None:
         dependencies=auth,
         responses={**_ERRORS, 409: {"model": schemas.ErrorResponse}},
         summary="add images or vectors (with metadata); acknowledged once durable",
+        openapi_extra=_json_body(schemas.AddItemsRequest),
     )
-    async def add_items(name: str, body: schemas.AddItemsRequest) -> schemas.AddItemsResponse:
+    async def add_items(name: str, request: Request) -> schemas.AddItemsResponse:
+        body = await _json_request(request, service, schemas.AddItemsRequest)
         store = service.index(name)
         if (body.images is None) == (body.vectors is None):
             raise ApiError(422, "send exactly one of 'images' (base64 list) or 'vectors'")
@@ -393,10 +488,12 @@ def install(app: FastAPI, service: Service) -> None:
             if values is not None and len(values) != count:
                 raise ApiError(422, f"{what} has {len(values)} entries for {count} items; send one per item")
         for i, meta in enumerate(body.metadata or []):
-            if meta is not None and len(json.dumps(meta)) > limits.max_metadata_bytes:
+            size = len(json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+            if meta is not None and size > limits.max_metadata_bytes:
                 raise ApiError(
                     413,
-                    f"metadata[{i}] is larger than max_metadata_bytes={limits.max_metadata_bytes}",
+                    f"metadata[{i}] is {size:,} bytes of JSON, above max_metadata_bytes="
+                    f"{limits.max_metadata_bytes:,}; store large data elsewhere and keep a key here",
                     limit="max_metadata_bytes",
                 )
         if body.vectors is not None:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from visreg_hub.retrieval.records import MAX_ID
+
+# The largest id a client may give: one below int64's maximum, so the index's next id still fits.
+ItemId = Annotated[int, Field(ge=0, le=MAX_ID)]
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request bodies: unknown fields and loose types are refused (``"3"`` is not a k, ``true`` not an id;
+    integers are accepted where floats are expected, as JSON does not tell 1 from 1.0)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class EmbeddingsRequest(_Strict):
@@ -25,7 +33,6 @@ class EmbeddingsRequest(_Strict):
     dimensions: int | None = Field(
         None,
         ge=1,
-        strict=True,
         description="keep the first N dimensions, then L2-normalise (OpenAI's `dimensions`; "
         "model.encode(truncate_dim=N)); at most the model's embedding_dim",
     )
@@ -84,7 +91,7 @@ class AddItemsRequest(_Strict):
     images: list[str] | None = None
     vectors: list[list[float]] | None = None
     metadata: list[dict[str, Any] | None] | None = None
-    ids: list[int] | None = Field(None, description="default: assigned by the server")
+    ids: list[ItemId] | None = Field(None, description=f"0..{MAX_ID}; default: assigned by the server")
 
 
 class AddItemsResponse(BaseModel):
@@ -124,10 +131,14 @@ class ModelList(BaseModel):
 
 
 class ErrorDetail(BaseModel):
+    """OpenAI's error object; ``limit`` names the server limit (and flag) a request broke."""
+
     message: str
     type: str
     limit: str | None = None
+    code: str | None = Field(None, description="'no_input_embedded' when every input failed to decode")
 
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+    errors: list[ItemError] | None = Field(None, description="per-input messages when no input was embedded")

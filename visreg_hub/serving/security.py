@@ -71,9 +71,10 @@ class BodyLimitMiddleware:
     A body is never buffered past the limit, whatever the client claims in its headers.
     """
 
-    def __init__(self, app, limit: int) -> None:
+    def __init__(self, app, limit: int, on_refuse=None) -> None:
         self.app = app
         self.limit = int(limit)
+        self.on_refuse = on_refuse or (lambda: None)  # called once per refused request (metrics)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -89,12 +90,14 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
+                    self.on_refuse()
                     raise BodyTooLargeError(self.limit)  # the app's handler answers 413
             return message
 
         return await self.app(scope, limited_receive, send)
 
     async def _refuse(self, send) -> None:
+        self.on_refuse()
         body = json.dumps(
             {
                 "error": {

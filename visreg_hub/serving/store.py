@@ -8,8 +8,9 @@ Folder layout (``--index NAME=FOLDER``)::
     FOLDER/manifest.json, ...   optional: an index written by ``visreg-hub index build`` or ``save()``;
                                 it is the starting state until the first snapshot, and never modified
 
-Write path: validate, append the record to the log and fsync it, then apply it to the in-memory
-index, then return (the HTTP handler acknowledges only now). Start-up: load the snapshot CURRENT names
+Write path: validate (every check the in-memory index makes, so a record that would be refused is
+never logged), append the record to the log and fsync it, then apply it to the in-memory index, then
+return (the HTTP handler acknowledges only now). Start-up: load the snapshot CURRENT names
 (or the folder's own index, or a new empty one), replay the log's intact records, cut a torn tail off.
 
 Snapshot (every ``snapshot_every`` records and on shutdown): save to a temporary folder, fsync it,
@@ -39,7 +40,6 @@ from visreg_hub.serving.wal import LogRecord, LogWriter, read_log
 logger = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
-MAX_ID = 2**63 - 1
 # what snapshots leave behind when interrupted (CURRENT.tmp: the temporary name before visreg_hub.durable)
 _GENERATED = re.compile(
     r"^(snapshot-\d{6}|log-\d{6}\.wal|\.snapshot-\d{6}\.tmp|CURRENT\.tmp|\.CURRENT\.tmp-\d+)$"
@@ -80,7 +80,6 @@ class DurableIndex:
         else:
             self.index = new_index()
         self._ids: set[int] = {int(i) for i in self.index.ids.tolist()}
-        self.next_id = max(int(state.get("next_id", 0)), max(self._ids, default=-1) + 1)
         log_path = self._log_path(self.generation)
         records, valid = read_log(log_path)
         if log_path.exists() and valid != log_path.stat().st_size:
@@ -89,8 +88,13 @@ class DurableIndex:
                 log_path,
                 log_path.stat().st_size - valid,
             )
-        for record in records:
-            self._apply(record, replay=True)
+        for number, record in enumerate(records):
+            try:
+                self._apply(record, replay=True)
+            except ValueError as exc:
+                # an add the index refuses was never acknowledged (it is applied before the answer);
+                # such a record can only come from an older version that logged before validating
+                logger.error("%s: skipping log record %d, which the index refuses: %s", log_path, number, exc)
         self._log = LogWriter(log_path, valid)
         self._log.records = len(records)
         logger.info(
@@ -144,7 +148,6 @@ class DurableIndex:
             if len(ids):
                 self.index.add(vectors, ids=ids, metadata=metadata)
                 self._ids.update(ids.tolist())
-                self.next_id = max(self.next_id, int(ids.max()) + 1)
         else:
             present = [i for i in ids.tolist() if i in self._ids]
             if present:
@@ -156,32 +159,21 @@ class DurableIndex:
 
         Raises:
             IdConflictError: a given id is already in the index.
-            ValueError: bad vectors, ids or metadata (nothing is logged then).
+            ValueError: anything :meth:`EmbeddingIndex.add` refuses (shape, NaN, all-zero vectors of a
+                normalising index, ids, metadata); nothing is logged then.
         """
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != self.index.dim:
-            raise ValueError(f"vectors must be (n, {self.index.dim}), got shape {vectors.shape}")
-        if not np.isfinite(vectors).all():
-            raise ValueError("vectors contain NaN or infinite values")
-        n = vectors.shape[0]
-        metadata = list(metadata) if metadata is not None else [None] * n
-        if len(metadata) != n:
-            raise ValueError(f"got {len(metadata)} metadata entries for {n} items; send one per item")
         with self._lock:
-            if ids is None:
-                new_ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
-            else:
-                new_ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-                if new_ids.size != n or len(set(new_ids.tolist())) != n or (new_ids < 0).any():
-                    raise ValueError(f"ids must be {n} distinct integers >= 0, one per item")
-                clash = [i for i in new_ids.tolist() if i in self._ids]
+            if ids is not None:
+                clash = [i for i in _int_list(ids) if i in self._ids]
                 if clash:
                     raise IdConflictError(f"ids already in the index: {clash[:5]}; use new ids")
-            record = LogRecord("add", new_ids, vectors, metadata)
+            pending = self.index.validate_add(vectors, metadata, ids)
+            record = LogRecord("add", pending.ids, vectors, list(metadata) if metadata is not None else None)
             self._log.append(record)  # durable from here on
             self._apply(record)
             self._maybe_snapshot()
-        return new_ids
+        return pending.ids
 
     def remove(self, ids: Any) -> list[int]:
         """Durably remove ids; returns those that were present (nothing is logged if none was)."""
@@ -194,6 +186,11 @@ class DurableIndex:
                 self._apply(record)
                 self._maybe_snapshot()
         return present
+
+    @property
+    def next_id(self) -> int:
+        """The next id handed out when an add names none (the index's counter; it only grows)."""
+        return self.index.next_id
 
     def __contains__(self, item_id: object) -> bool:
         return isinstance(item_id, int) and item_id in self._ids
@@ -226,7 +223,7 @@ class DurableIndex:
         fsync_tree(staging)
         os.replace(staging, self.folder / name)
         new_log = LogWriter(self._log_path(generation))
-        state = {"generation": generation, "snapshot": name, "next_id": self.next_id}
+        state = {"generation": generation, "snapshot": name, "next_id": self.index.next_id}
         # commit point: once CURRENT is replaced (and its folder synced) the new snapshot and empty log rule
         write_atomic(self.folder / CURRENT, lambda path: path.write_text(json.dumps(state), encoding="utf-8"))
         self._log.close()
@@ -241,3 +238,15 @@ class DurableIndex:
         self.snapshot()
         with self._lock:
             self._log.close()
+
+
+def _int_list(ids: Any) -> list[int]:
+    """Python ints of an id list, for the conflict check (invalid ids are left to the index's checks)."""
+    try:
+        return [
+            int(i)
+            for i in np.asarray(ids).reshape(-1).tolist()
+            if isinstance(i, int) and not isinstance(i, bool)
+        ]
+    except (OverflowError, ValueError, TypeError):
+        return []
