@@ -56,3 +56,7 @@ def test_dimensions_and_errors_through_the_client(client, model, fmnist_images):
     with pytest.raises(openai.UnprocessableEntityError, match="URLs and file paths are not accepted"):
         client.embeddings.create(model="tiny", input=["https://example.com/cat.jpg"])
     assert [m.id for m in client.models.list()] == ["tiny"]
+    retrieved = client.models.retrieve("tiny")
+    assert retrieved.id == "tiny" and retrieved.model_extra["embedding_dim"] == model.embedding_dim()
+    with pytest.raises(openai.NotFoundError, match="unknown model"):
+        client.models.retrieve("nope")
