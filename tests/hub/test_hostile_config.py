@@ -159,6 +159,8 @@ def test_malformed_config_json_is_a_checkpoint_error(folder, name, no_network):
         lambda c: c["pretrained_cfg"].update({"mean": {"r": 1}}),
         lambda c: c["pretrained_cfg"].update({"std": [0.0, 0.1, 0.1]}),
         lambda c: c["pretrained_cfg"].update({"crop_pct": "full"}),
+        lambda c: c["pretrained_cfg"].update({"crop_pct": 0.0001}),  # would resize to 280,000 px a side
+        lambda c: c["pretrained_cfg"].update({"crop_pct": 1e-300}),
         lambda c: c["pretrained_cfg"].update({"interpolation": ["bicubic"]}),
         lambda c: c["visreg"].update({"format_version": "1"}),
         lambda c: c["visreg"].update({"format_version": 99}),
@@ -175,3 +177,36 @@ def test_wrong_types_and_values_are_checkpoint_errors(folder, change):
         from_pretrained(folder)
     assert isinstance(caught.value, CheckpointError | ConfigError), type(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_a_header_with_too_many_tensors_is_refused_before_it_is_parsed_in_full(folder):
+    """A million-entry header (58 MB) used to take ~30 s and ~900 MB before the key check refused it."""
+    from visreg_hub.hub.header import MAX_HEADER_BYTES, MAX_TENSORS
+
+    weights = folder / "model.safetensors"
+    entries = {
+        f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(MAX_TENSORS + 1)
+    }
+    header = json.dumps(entries).encode()
+    assert len(header) < MAX_HEADER_BYTES
+    weights.write_bytes(len(header).to_bytes(8, "little") + header)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=f"more than the {MAX_TENSORS:,}"):
+        from_pretrained(folder)
+    assert time.perf_counter() - start < 10
+    big = b" " * (MAX_HEADER_BYTES + 1)
+    weights.write_bytes(len(big).to_bytes(8, "little") + big)
+    with pytest.raises(CheckpointError, match="header is declared"):
+        from_pretrained(folder)
+
+
+def test_names_the_os_cannot_look_up_and_string_dtypes():
+    from visreg_hub.errors import ModelNotFoundError
+
+    for name in ("", "a" * 500, "x\0y"):
+        with pytest.raises(ModelNotFoundError):
+            from_pretrained(name)
+    model = from_pretrained("vit-mini-p7-fmnist", dtype="bf16", backend="torch")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be"):
+        from_pretrained("vit-mini-p7-fmnist", dtype="int8")

@@ -281,3 +281,21 @@ def test_paths_given_directly_are_decoded_and_named_in_errors(tmp_path, photo_pa
     assert as_text.size == decode_image(photo_paths[0]).size and as_text.mode == "RGB"
     with pytest.raises(ImageDecodeError, match=r"missing\.png: file not found"):
         decode_image(str(tmp_path / "missing.png"))
+
+
+def test_an_empty_string_is_an_error_not_the_current_folder(tmp_path, monkeypatch):
+    """Path("") is "."; encode("") used to embed every image under the working directory."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "here.png")
+    monkeypatch.chdir(tmp_path)
+    for value in ("", "   "):
+        sources = expand_inputs([value, "here.png"])
+        assert len(sources) == 2 and sources[0].error and "empty path" in sources[0].error
+        assert sources[1].error is None
+
+
+def test_premultiplied_la_decodes_like_la():
+    """Pillow converts "La" only to "LA"; the alpha path must go through it (it raised before)."""
+    la = Image.new("LA", (6, 4), (180, 128))
+    got = np.asarray(decode_image(ImageSource(la.convert("La"), "x"), max_pixels=None))
+    expected = np.asarray(decode_image(ImageSource(la, "x"), max_pixels=None))
+    np.testing.assert_allclose(got.astype(int), expected.astype(int), atol=1)

@@ -384,6 +384,9 @@ def test_export_argument_errors_before_exporting(model, tmp_path):
         export_onnx(model, tmp_path / "m.onnx", pooling="cls_last4")
     with pytest.raises(ValueError, match="image_size only applies with with_preprocessing"):
         export_onnx(model, tmp_path / "m.onnx", image_size=64)
+    for size in (100_000, (64, 5000), 0):  # validation would build images of this size (OOM-killed)
+        with pytest.raises(ValueError, match=r"image_size must be an int or \(H, W\) in 1\.\.4096"):
+            export_onnx(model, tmp_path / "m.onnx", with_preprocessing=True, image_size=size)
     with pytest.raises(ValueError, match="dynamic_image_size=True needs a model built with"):
         export_onnx(tiny_encoder(dynamic_img_size=False), tmp_path / "m.onnx", dynamic_image_size=True)
     assert not list(tmp_path.iterdir())

@@ -73,8 +73,10 @@ def test_batched_normalize_equals_per_image_transform(images):
         ({"mean": (0.5, 0.5)}, "need one value per channel"),
         ({"std": (1.0, 0.0, 1.0)}, "std values must be > 0"),
         ({"input_size": (3, 224)}, r"input_size must be \(C, H, W\)"),
-        ({"input_size": (4, 8, 8), "mean": (0,) * 4, "std": (1,) * 4}, "only 1 .* or 3"),
-        ({"crop_pct": -1.0}, "crop_pct must be > 0"),
+        ({"input_size": (4, 8, 8), "mean": (0,) * 4, "std": (1,) * 4}, "only 1 .* or 3 .* your own"),
+        ({"crop_pct": -1.0}, "crop_pct must be >= 0.05"),
+        ({"crop_pct": 1e-4}, "crop_pct must be >= 0.05"),
+        ({"crop_pct": float("nan")}, "crop_pct must be >= 0.05"),
     ],
 )
 def test_invalid_data_config_is_named(change, message):
@@ -99,3 +101,25 @@ def test_dataset_catches_errors_per_item_and_collate_separates_them(tmp_path, ph
     empty = Collate(preprocessor.output_shape)([DecodedItem(4, None, "x: broken")])
     assert empty.pixels.shape == (0, 3, 28, 28) and empty.pixels.dtype == torch.uint8
     assert empty.indices.tolist() == [] and empty.failures == [(4, "x: broken")]
+
+
+def test_an_extreme_aspect_ratio_is_refused_before_the_resize(tmp_path):
+    """max_pixels bounds the decoded image, not the resize: a 1 x 1,000,000 strip (a 3 KB PNG) would
+    become 64 x 64,000,000 px. It is one item's error naming the cap; a 300:1 panorama still embeds, as
+    timm's transform makes it."""
+    from visreg_hub.inference.preprocess import MAX_RESIZED_PIXELS
+
+    config = dict(
+        input_size=(3, 224, 224), crop_pct=0.875, interpolation="bicubic", mean=(0, 0, 0), std=(1, 1, 1)
+    )
+    preprocessor = Preprocessor(config)
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (1_000_000, 1)).save(strip)
+    assert strip.stat().st_size < 10_000
+    panorama = Image.new("RGB", (3000, 10), (200, 30, 90))
+    dataset = ImageDataset(expand_inputs([str(strip), panorama]), preprocessor, max_pixels=None)
+    refused, kept = dataset[0], dataset[1]
+    assert refused.pixels is None and refused.error.startswith(str(strip))
+    assert f"above {MAX_RESIZED_PIXELS:,} pixels" in refused.error
+    reference = timm.data.create_transform(**config)
+    assert torch.equal(kept.pixels.float() / 255, reference(panorama))

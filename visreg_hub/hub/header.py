@@ -18,7 +18,10 @@ from pathlib import Path
 from visreg_hub.errors import CheckpointError
 from visreg_hub.jsonio import parse_json
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+# A ViT-G/14's header is about 100 KB (some 600 tensors); these bounds are far above any real encoder and
+# keep parsing a hostile header at a fraction of a second (the safetensors library allows 100 MB).
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_TENSORS = 65_536
 MAX_DIMS = 8
 ITEM_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
@@ -72,6 +75,9 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
         raise _invalid(path, str(exc)) from None
     if not isinstance(header, dict):
         raise _invalid(path, "the header is not a JSON object")
+    count = len(header) - ("__metadata__" in header)
+    if count > MAX_TENSORS:
+        raise _invalid(path, f"{count:,} tensors, more than the {MAX_TENSORS:,} any encoder has")
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()

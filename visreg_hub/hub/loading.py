@@ -104,6 +104,21 @@ def _registry_source(entry: registry.RegistryEntry, revision: str | None) -> Sou
     )
 
 
+def _local_kind(name_or_path: object) -> str | None:
+    """``"folder"`` or ``"file"`` when a string names one on this machine, else None.
+
+    A name the OS cannot even look up (too long, a NUL byte) is no local path: it falls through to the
+    registry and Hub checks, which explain what is accepted.
+    """
+    if not isinstance(name_or_path, str):
+        return None
+    try:
+        path = Path(name_or_path).expanduser()
+        return "folder" if path.is_dir() else "file" if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 def resolve(name_or_path: str | Path, *, revision: str | None = None) -> Source:
     """Turn a folder, registry name, ``hf-hub:org/repo`` or ``org/repo`` into a :class:`Source`.
 
@@ -114,16 +129,17 @@ def resolve(name_or_path: str | Path, *, revision: str | None = None) -> Source:
         ModelNotFoundError: nothing matches (close registry names are suggested), or a file was given.
         ModelNotPublishedError: a registry entry without public weights.
     """
-    if isinstance(name_or_path, Path) or (
-        isinstance(name_or_path, str) and Path(name_or_path).expanduser().is_dir()
-    ):
+    if isinstance(name_or_path, str) and not name_or_path.strip():  # Path("") would be the current folder
+        raise ModelNotFoundError(f"from_pretrained needs a name, repo id or folder, got {name_or_path!r}")
+    kind = _local_kind(name_or_path)
+    if isinstance(name_or_path, Path) or kind == "folder":
         return Source("folder", str(Path(name_or_path).expanduser()))
-    if isinstance(name_or_path, str) and Path(name_or_path).expanduser().is_file():
+    if kind == "file":
         raise ModelNotFoundError(
             f"{name_or_path!r} is a file; pass the folder that holds config.json and model.safetensors "
             "(for an official .pth, run `visreg-hub convert` first)"
         )
-    if not isinstance(name_or_path, str) or not name_or_path.strip():
+    if not isinstance(name_or_path, str):
         raise ModelNotFoundError(f"from_pretrained needs a name, repo id or folder, got {name_or_path!r}")
     name = name_or_path.strip()
     if name.startswith("hf-hub:"):
@@ -294,7 +310,7 @@ def from_pretrained(
     local_files_only: bool = False,
     token: str | bool | None = None,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
     backend: str | None = None,
     provider: str | None = None,
     precision: str = "fp32",
@@ -309,7 +325,7 @@ def from_pretrained(
         local_files_only: never touch the network; use the cache only (``HF_HUB_OFFLINE=1`` does the same).
         token: Hub token (default: ``HF_TOKEN`` or the stored login).
         device: where to put the model.
-        dtype: floating dtype of the parameters (e.g. ``torch.bfloat16``).
+        dtype: floating dtype of the parameters (``torch.bfloat16`` or ``"bf16"``, as ``encode`` takes).
         backend: what ``model.encode()`` runs on: ``"auto"`` (ONNX Runtime on the CPU when
             ``visreg_hub[onnx-cpu]`` is installed, else torch; torch on GPUs), ``"torch"`` (the model itself)
             or ``"onnx"`` (the model exported once, cached on disk, run by ONNX Runtime). None:
@@ -331,7 +347,7 @@ def from_pretrained(
         ConfigError: unknown (non-ViT) architecture, or a model over ``limits``.
         DeviceError: ``device`` is malformed or absent on this machine (e.g. ``cuda`` without a GPU).
     """
-    from visreg_hub.inference.backends import default_backend, make_spec, set_backend
+    from visreg_hub.inference.backends import default_backend, make_spec, resolve_dtype, set_backend
 
     if backend is None:  # a provider or a precision only means something to ONNX Runtime
         backend = (
@@ -339,6 +355,10 @@ def from_pretrained(
         )
     make_spec(backend, provider, precision)  # a bad backend argument fails before any download
     resolve_device(device)  # a bad device is one clear error before any download or build
+    if isinstance(dtype, str):  # "bf16" as encode() takes it; a bad one fails before any download
+        dtype = resolve_dtype(dtype)
+    elif dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch dtype or 'fp32', 'fp16', 'bf16', got {dtype!r}")
     source = resolve(name_or_path, revision=revision)
     model = load(source, limits=limits, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
     if device is not None or dtype is not None:

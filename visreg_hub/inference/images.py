@@ -139,7 +139,9 @@ def expand_inputs(images: Any) -> list[ImageSource]:
         if isinstance(obj, torch.Tensor):
             # why: decoding runs on the CPU, possibly in forked DataLoader workers, which cannot touch CUDA
             obj = obj.detach().cpu()
-        if isinstance(obj, (str, os.PathLike)):
+        if isinstance(obj, str) and not obj.strip():  # Path("") is ".": never embed a folder by accident
+            sources.append(ImageSource(None, f"{label} (empty string)", "empty path; pass a file or folder"))
+        elif isinstance(obj, (str, os.PathLike)):
             path = Path(obj).expanduser()
             if path.is_dir():
                 files = list_image_files(path)
@@ -298,7 +300,8 @@ def _to_rgb(image: Image.Image, label: str) -> Image.Image:
     if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
         return Image.fromarray(_high_depth_to_uint8(np.asarray(image), mode, label)).convert("RGB")
     if mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
+        # Pillow converts premultiplied "La" only to "LA" (un-premultiplying); from there to RGBA
+        rgba = (image.convert("LA") if mode == "La" else image).convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
     try:
         return image if mode == "RGB" else image.convert("RGB")

@@ -29,8 +29,12 @@ from torchvision.transforms import functional as TF
 
 from visreg_hub.errors import ConfigError, ImageDecodeError
 from visreg_hub.inference.images import DEFAULT_MAX_PIXELS, ImageSource, decode_image
+from visreg_hub.models.limits import MIN_CROP_PCT
 
 DEFAULT_CROP_PCT = 0.875  # timm's default when a data config has no crop_pct
+# Largest intermediate image of resize_crop (64 Mpx, 192 MB of RGB): max_pixels bounds the decoded image,
+# but a 1 x 1,000,000 px strip (a 3 KB PNG) resized to a 64 px shorter side would be 64 x 64,000,000.
+MAX_RESIZED_PIXELS = 2**26
 CROP_MODES = ("center", "squash", "border")
 _INTERPOLATIONS = {
     "nearest": InterpolationMode.NEAREST,
@@ -65,7 +69,8 @@ class Preprocessor:
         self.channels, self.height, self.width = input_size
         if self.channels not in (1, 3):
             raise ConfigError(
-                f"input_size has {self.channels} channels; only 1 (grayscale) or 3 (RGB) are supported"
+                f"input_size has {self.channels} channels; encode() prepares only 1 (grayscale) or 3 (RGB) "
+                f"channel images: call the model on your own (N, {self.channels}, H, W) tensors instead"
             )
         self.mean = tuple(float(v) for v in data_config["mean"])
         self.std = tuple(float(v) for v in data_config["std"])
@@ -77,8 +82,8 @@ class Preprocessor:
             raise ConfigError(f"std values must be > 0, got {self.std}")
         crop_pct = data_config.get("crop_pct")
         self.crop_pct = DEFAULT_CROP_PCT if crop_pct is None else float(crop_pct)
-        if not self.crop_pct > 0:
-            raise ConfigError(f"crop_pct must be > 0, got {crop_pct!r}")
+        if not self.crop_pct >= MIN_CROP_PCT:  # also refuses NaN
+            raise ConfigError(f"crop_pct must be >= {MIN_CROP_PCT}, got {crop_pct!r}")
         self.interpolation = data_config["interpolation"]
         if self.interpolation not in _INTERPOLATIONS:
             raise ConfigError(f"interpolation={self.interpolation!r} is not one of {sorted(_INTERPOLATIONS)}")
@@ -106,6 +111,10 @@ class Preprocessor:
 
         Returns:
             A PIL image of size (W, H).
+
+        Raises:
+            ImageDecodeError: the resized image would exceed ``MAX_RESIZED_PIXELS`` (an extreme aspect
+                ratio); the message does not name the image, callers prefix its label.
         """
         mode = _INTERPOLATIONS[self.interpolation]
         target = (self.height, self.width)
@@ -117,10 +126,18 @@ class Preprocessor:
             fill = [round(255 * v) for v in self.mean]
             resized = TF.resize(image, _keep_ratio_size(image, scale, longest=True), interpolation=mode)
             return _center_crop_or_pad(resized, target, fill)
+        size = _keep_ratio_size(image, scale, longest=False)
+        if size[0] * size[1] > MAX_RESIZED_PIXELS:
+            width, height = image.size
+            raise ImageDecodeError(
+                f"image is {width}x{height}: resizing its shorter side for this model would make a "
+                f"{size[1]:,}x{size[0]:,} intermediate image, above {MAX_RESIZED_PIXELS:,} pixels; crop "
+                "it to a less extreme aspect ratio first"
+            )
         if scale[0] == scale[1]:
             resized = TF.resize(image, scale[0], interpolation=mode)  # shortest edge -> scale
         else:
-            resized = TF.resize(image, _keep_ratio_size(image, scale, longest=False), interpolation=mode)
+            resized = TF.resize(image, size, interpolation=mode)
         return TF.center_crop(resized, list(target))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
@@ -149,6 +166,12 @@ class Preprocessor:
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """One decoded image -> normalised (C, H, W) float32 tensor (what timm's transform returns)."""
         return self.normalize(self(image))
+
+
+def labelled(label: str, exc: Exception) -> str:
+    """An error message that starts with the item's label (decode errors do; preprocessing's don't)."""
+    message = str(exc)
+    return message if message.startswith(label) else f"{label}: {message}"
 
 
 def _keep_ratio_size(image: Image.Image, target: tuple[int, int], longest: bool) -> list[int]:
@@ -210,7 +233,7 @@ class ImageDataset(torch.utils.data.Dataset):
             image = decode_image(source, max_pixels=self.max_pixels)
             return DecodedItem(index, self.preprocessor(image), None)
         except ImageDecodeError as exc:
-            return DecodedItem(index, None, str(exc))
+            return DecodedItem(index, None, labelled(source.label, exc))
         except Exception as exc:  # why: an unexpected library error on one item must not kill the batch
             return DecodedItem(index, None, f"{source.label}: {type(exc).__name__}: {exc}")
 

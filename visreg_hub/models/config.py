@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from visreg_hub.errors import ConfigError
-from visreg_hub.models.limits import check_architecture_name, check_field_bounds
+from visreg_hub.models.limits import MIN_CROP_PCT, check_architecture_name, check_field_bounds
 from visreg_hub.suggest import did_you_mean
 
 # Feature taps returning one vector per image; "patch" (a token grid) is served by ``patch_tokens``.
@@ -228,8 +228,8 @@ class ModelConfig:
                 )
         if any(not s > 0 for s in self.std):
             raise ConfigError(f"std values must be > 0, got {self.std}")
-        if not 0.0 < self.crop_pct <= 1.0:
-            raise ConfigError(f"crop_pct must be in (0, 1], got {self.crop_pct!r}")
+        if not MIN_CROP_PCT <= self.crop_pct <= 1.0:
+            raise ConfigError(f"crop_pct must be in [{MIN_CROP_PCT}, 1], got {self.crop_pct!r}")
         if self.interpolation not in INTERPOLATIONS:
             raise ConfigError(f"interpolation={self.interpolation!r} is not one of {INTERPOLATIONS}")
         try:

@@ -35,6 +35,9 @@ FIELD_BOUNDS = {
     "num_reg_tokens": 1024,
     "mlp_ratio": 64.0,
 }
+# Smallest crop_pct: preprocessing resizes to img_size / crop_pct before the centre crop, so a tiny value
+# from an untrusted config would resize every image to an enormous intermediate (timm's models use 0.875-1).
+MIN_CROP_PCT = 0.05
 _NAME = re.compile(r"^vit_[a-z0-9_]{1,120}$")
 
 

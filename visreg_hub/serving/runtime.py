@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from visreg_hub.errors import ImageDecodeError
 from visreg_hub.inference.images import DEFAULT_FORMATS, ImageSource, decode_image
 from visreg_hub.inference.pipeline import EmbeddingPipeline
-from visreg_hub.inference.preprocess import Preprocessor
+from visreg_hub.inference.preprocess import Preprocessor, labelled
 from visreg_hub.serving.config import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,10 @@ class ModelRuntime:
             image = decode_reduced(payload, label, max_pixels=max_pixels, needed=self.needed_pixels)
         else:
             image = decode_image(ImageSource(payload, label), max_pixels=max_pixels)
-        return self.transform(image)
+        try:
+            return self.transform(image)
+        except ImageDecodeError as exc:  # e.g. an aspect ratio preprocessing cannot resize
+            raise ImageDecodeError(labelled(label, exc)) from exc
 
     def forward(self, pixels: torch.Tensor) -> np.ndarray:
         """(B, C, H, W) uint8 -> (B, E) float32 L2-normalised embeddings, as ``encode()`` computes them."""

@@ -77,6 +77,8 @@ from visreg_hub.inference.onnx.validate import (
 )
 
 logger = logging.getLogger(__name__)
+# Largest side of a baked-preprocessing graph's uint8 input: the server's default max_pixels is 4096^2.
+MAX_IMAGE_SIDE = 4096
 
 # why: int8 linear layers move a random-input ViT embedding by a few degrees at most; below this the
 # quantisation went wrong (measured on ViT-S/16 and the tiny test model: docs/benchmarks.md)
@@ -171,8 +173,13 @@ def export_onnx(
     if with_preprocessing:
         size = config.data_config["input_size"][1:] if image_size is None else image_size
         size = (size, size) if isinstance(size, int) else tuple(size)
-        if len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size):
-            raise ValueError(f"image_size must be a positive int or (H, W), got {image_size!r}")
+        if len(size) != 2 or any(
+            isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_IMAGE_SIDE for v in size
+        ):
+            raise ValueError(
+                f"image_size must be an int or (H, W) in 1..{MAX_IMAGE_SIDE} (the fixed uint8 input size; "
+                f"validation runs the graph on images of it), got {image_size!r}"
+            )
         spec = PreprocessingSpec.from_data_config(config.data_config, size, image_layout)
     elif image_size is not None:
         raise ValueError("image_size only applies with with_preprocessing=True (the fixed uint8 input size)")
