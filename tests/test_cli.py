@@ -282,3 +282,25 @@ def test_hub_library_warnings_print_once():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr.count("retry-marker") == 1, done.stderr
+
+
+def test_search_warns_about_ignored_options_and_another_model(tmp_path, capsys, model_dir, gallery):
+    code, _, err = run(capsys, "embed", gallery / "fmnist", "-o", tmp_path / "e.npy", "--model", model_dir,
+                       "--shard-size", 3, "--engine", "ray")  # fmt: skip
+    assert code == 0 and "--shard-size and --engine apply to shard-folder outputs only; ignored" in err
+    assert run(capsys, "index", "build", tmp_path / "e.npy", "-o", tmp_path / "idx")[0] == 0
+    query = gallery / "fmnist" / "item_03.png"
+    code, out, err = run(capsys, "search", tmp_path / "idx", query, "--nprobe", 4, "--ef-search", 9, "--json")
+    assert code == 0 and json.loads(out)[0]["results"][0]["metadata"]["path"] == os.path.abspath(query)
+    assert "--nprobe applies to IVF indexes; this index is 'flat'" in err
+    assert "--ef-search applies to HNSW indexes; this index is 'flat'" in err
+    code, _, err = run(capsys, "search", tmp_path / "idx", query, "--model", model_dir, "--json")
+    assert code == 0 and "warning" not in err  # the recorded model, named the same way
+    other = tmp_path / "other-model"
+    tiny_encoder(seed=1).save_pretrained(other)
+    code, _, err = run(capsys, "search", tmp_path / "idx", query, "--model", other, "--json")
+    assert code == 0 and "is not the model the index was built with" in err
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    code, _, err = run(capsys, "search", tmp_path / "idx", tmp_path / "broken.png")
+    assert code == 1 and "broken.png" in err and "fix or remove that query image" in err
+    assert "on_error" not in err and "Traceback" not in err

@@ -16,12 +16,13 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
 
 from visreg_hub import __version__
-from visreg_hub.errors import UserInputError, is_expected, one_line, printable
+from visreg_hub.errors import ImageDecodeError, UserInputError, is_expected, one_line, printable
 
 logger = logging.getLogger("visreg_hub.cli")
 
@@ -97,13 +98,15 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UserInputError(f"-k must be a positive integer, got {args.k}")
     queries = _expand_image_inputs(args.images)
     index = EmbeddingIndex.load(args.index)
-    if args.nprobe is not None:
-        index.nprobe = args.nprobe
-    if args.ef_search is not None:
-        index.ef_search = args.ef_search
+    _apply_search_options(args, index)
     model_name = args.model or index.model_name
     if model_name is None:
         raise UserInputError(f"the index {args.index!r} records no model; pass --model NAME")
+    if args.model and index.model_name and _model_reference(args.model) != index.model_name:
+        _warn(
+            f"--model {args.model!r} is not the model the index was built with ({index.model_name!r}); "
+            f"scores compare embeddings of two models and mean little unless they share weights"
+        )
     model = _load_model(model_name, args.device)
     dim = model.embedding_dim(index.pooling)
     if dim != index.dim:
@@ -111,15 +114,19 @@ def cmd_search(args: argparse.Namespace) -> int:
             f"model {model_name!r} gives {dim}-dimensional embeddings (pooling {index.pooling!r}) but the "
             f"index holds {index.dim}-dimensional ones; pass the --model the index was built with"
         )
-    embeddings = encode(
-        model,
-        queries,
-        pooling=index.pooling,
-        normalize=index.normalized,
-        device=args.device,
-        show_progress_bar=_progress(args),
-        convert_to_numpy=True,
-    )
+    try:
+        embeddings = encode(
+            model,
+            queries,
+            pooling=index.pooling,
+            normalize=index.normalized,
+            device=args.device,
+            show_progress_bar=_progress(args),
+            convert_to_numpy=True,
+        )
+    except ImageDecodeError as exc:  # its hint names encode()'s on_error, which search does not have
+        message = re.sub(r"pass on_error=.skip.[^)]*", "fix or remove that query image", str(exc))
+        raise UserInputError(message) from exc
     result = index.search(embeddings, k=args.k)
     report = [
         {
@@ -144,6 +151,26 @@ def cmd_search(args: argparse.Namespace) -> int:
             path = meta.get("path", "") + (f"#{meta['key']}" if meta.get("key") else "")  # tar members
             print(f"  {hit['rank']:>4}  {hit['score']:>8.4f}  {hit['id']:>8}  {printable(str(path))}")
     return 0
+
+
+def _warn(message: str) -> None:
+    print(f"visreg-hub: warning: {printable(message)}", file=sys.stderr)
+
+
+def _apply_search_options(args: argparse.Namespace, index) -> None:
+    """Set --nprobe / --ef-search on the index, saying so when the index kind has no such setting."""
+    from visreg_hub.retrieval.factory import IVF_KINDS
+
+    if args.nprobe is not None:
+        if index.kind in IVF_KINDS:
+            index.nprobe = args.nprobe
+        else:
+            _warn(f"--nprobe applies to IVF indexes; this index is {index.kind!r}, so it is ignored")
+    if args.ef_search is not None:
+        if index.kind == "hnsw":
+            index.ef_search = args.ef_search
+        else:
+            _warn(f"--ef-search applies to HNSW indexes; this index is {index.kind!r}, so it is ignored")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

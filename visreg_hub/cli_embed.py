@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_MODEL = "vit-b16-in1k"
+DEFAULT_SHARD_SIZE = 5000
 SINGLE_FILE_SUFFIXES = (".npy", ".parquet")
 # an output named like one of these is a mistyped single file, not a shard folder
 _FILE_LIKE = (
@@ -44,6 +45,7 @@ def _cli():
 def cmd_embed(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        _warn_ignored(args)
         return _embed_single_file(args)
     if out.suffix.lower() in _FILE_LIKE or out.is_file():
         raise _cli().UserError(
@@ -62,18 +64,30 @@ def cmd_embed(args: argparse.Namespace) -> int:
         args.inputs,
         args.output,
         model=model,
-        shard_size=args.shard_size,
+        shard_size=DEFAULT_SHARD_SIZE if args.shard_size is None else args.shard_size,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         pooling=args.pooling,
         normalize=not args.no_normalize,
         device=args.device,
         dtype=args.dtype,
-        engine=args.engine,
+        engine=args.engine or "local",
         show_progress_bar=_cli()._progress(args),
     )
     print(summary.line())
     return 0
+
+
+def _warn_ignored(args: argparse.Namespace) -> None:
+    """Say which shard-folder options a single-file output ignores (silently ignoring them would let a
+    user believe the run is resumable or runs on Ray)."""
+    ignored = [flag for flag, value in (("--shard-size", args.shard_size), ("--engine", args.engine))
+               if value is not None]  # fmt: skip
+    if ignored:
+        _cli()._warn(
+            f"{' and '.join(ignored)} apply to shard-folder outputs only; ignored for the single file "
+            f"{args.output} (pass a folder as -o for resumable shards)"
+        )
 
 
 def _embed_single_file(args: argparse.Namespace) -> int:
@@ -186,7 +200,7 @@ def add_embed_parsers(commands, common: argparse.ArgumentParser) -> None:
         "--model", default=DEFAULT_MODEL, help=f"registry name, Hub repo or folder ({DEFAULT_MODEL})"
     )
     p.add_argument(
-        "--shard-size", type=int, default=5000, help="inputs per parquet shard (the unit of resume)"
+        "--shard-size", type=int, help=f"inputs per parquet shard (the unit of resume; {DEFAULT_SHARD_SIZE})"
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--pooling", help="cls | cls_last2 | cls_last4 | mean_patch (default: the model's)")
@@ -197,8 +211,7 @@ def add_embed_parsers(commands, common: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="bf16 or fp16 autocast on a GPU (default: the model's dtype)")
     p.add_argument("--num-workers", type=int, default=0, help="decoding worker processes")
     p.add_argument("--no-normalize", action="store_true", help="keep raw (not L2-normalised) embeddings")
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="local (this process; one per rank under accelerate launch) or ray")  # fmt: skip
+    p.add_argument("--engine", choices=("local", "ray"), help="local (default; one process per rank) or ray")
     p.set_defaults(func=cmd_embed)
 
     p = commands.add_parser("index", parents=[common], help="build or inspect an embedding index")
@@ -211,7 +224,9 @@ def add_embed_parsers(commands, common: argparse.ArgumentParser) -> None:
     b.add_argument("--max-memory", help="FAISS memory budget, e.g. 256MB or 2GB (default: none)")
     b.add_argument("--target-recall", type=float, default=0.95,
                    help="recall@10 the search effort is tuned to reach (default 0.95)")  # fmt: skip
-    b.add_argument("--queries", type=int, default=1000, help="held-out queries for measuring recall")
+    b.add_argument(
+        "--queries", type=int, default=1000, help="held-out queries for measuring recall (>= 1; 1000)"
+    )
     b.add_argument("--metric", choices=("ip", "l2"), default="ip", help="inner product (cosine) or L2")
     b.add_argument("--paths", help="file naming the rows of one .npy file (default: its sidecar)")
     b.add_argument("--model", help="model to record for `search` (default: the embed job's)")

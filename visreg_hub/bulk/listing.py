@@ -10,6 +10,10 @@ Inputs, in the order given:
   its file name), ``key.jpg`` (or another image extension) plus optional ``key.json`` / ``key.cls``;
 * an image file.
 
+An entry that cannot be embedded is still an item, with ``error`` set (one failure record, nothing
+else lost): an unlistable folder, a symlink loop, a dangling link or FIFO with an image name, a folder
+or non-regular file named in a ``.txt`` list, a tar image member over :data:`MAX_IMAGE_BYTES`.
+
 The listing is read twice (a cheap first pass for its digest and count, then the embedding pass),
 never held in memory. Its digest names every item in order, so a resumed job can tell whether it is
 looking at the same inputs.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +39,9 @@ TAR_SUFFIXES = (".tar",)
 LIST_SUFFIXES = (".txt",)
 _IMAGE_EXTS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 MAX_SIDE_BYTES = 1 << 20  # a name.json / name.cls side file larger than this is not metadata
+# why: a tar member is read whole into memory before the decoder's pixel cap can refuse it, so one
+# crafted multi-GB member would be one multi-GB allocation; larger image members are failures
+MAX_IMAGE_BYTES = 256 * 2**20
 
 
 class InputError(VisregHubError, FileNotFoundError):
@@ -79,6 +87,11 @@ def check_inputs(inputs: list[str | os.PathLike]) -> list[str]:
         if not path.exists():
             raise InputError(f"input not found: {str(item)!r} (expected a folder, .txt list, .tar or image)")
         suffix = path.suffix.lower()
+        if not path.is_dir() and not path.is_file():
+            raise InputError(
+                f"input {str(item)!r} is not a regular file or a folder (a FIFO, socket or device?); "
+                f"pass image files, folders, .txt lists or .tar shards"
+            )
         if path.is_file() and suffix not in TAR_SUFFIXES + LIST_SUFFIXES + tuple(IMAGE_EXTENSIONS):
             raise InputError(
                 f"input {str(item)!r} is not a folder, .txt file list, .tar shard or image file "
@@ -88,28 +101,84 @@ def check_inputs(inputs: list[str | os.PathLike]) -> list[str]:
     return resolved
 
 
-def _walk(root: str) -> Iterator[str]:
+def _walk(root: str) -> Iterator[Item]:
+    """The image files under ``root``, depth first, names sorted; what cannot be read is a failed item.
+
+    why: one unreadable folder, symlink loop or dangling link must not abort or silently shrink the
+    listing; it becomes a failure record and everything else is still embedded.
+    """
     try:
-        entries = sorted(os.scandir(root), key=lambda e: e.name)
+        with os.scandir(root) as scan:
+            entries = sorted(scan, key=lambda e: e.name)
     except OSError as exc:
-        logger.warning("cannot list %s: %s", root, exc)
+        reason = f"{root}: cannot list this folder ({exc.strerror or exc}); its images are left out"
+        yield Item(path=root, error=reason + ": fix its permissions, or leave it out of the inputs")
         return
     for entry in entries:
         if entry.name.startswith("."):
             continue
-        if entry.is_dir(follow_symlinks=False):
+        kind = _entry_kind(entry)
+        if kind == "dir":
             yield from _walk(entry.path)
-        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
-            yield entry.path
+        elif kind == "file":
+            yield Item(path=entry.path)
+        elif kind is not None:
+            yield Item(path=entry.path, error=kind)
 
 
-def _list_file(path: str) -> Iterator[str]:
+def _entry_kind(entry: os.DirEntry) -> str | None:
+    """``"dir"`` (walk into), ``"file"`` (an image to embed), None (not an image: skip) or a failure reason.
+
+    Symlinked folders are not followed (no cycles); an image-named entry that is not a readable regular
+    file is reported, never skipped silently.
+    """
+    path = entry.path
+    try:
+        if entry.is_dir(follow_symlinks=False):
+            return "dir"
+        if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS or entry.is_dir():
+            return None
+        if entry.is_file():
+            return "file"
+        if entry.is_symlink() and not os.path.exists(path):
+            return f"{path}: a symlink whose target does not exist; fix or remove the link"
+        return f"{path}: not a regular file (a FIFO, socket or device); only image files are embedded"
+    except OSError as exc:  # ELOOP (a symlink loop), EACCES, ...
+        return f"{path}: cannot read this entry ({exc.strerror or exc}); fix or remove it"
+
+
+def _list_file(path: str) -> Iterator[Item]:
+    """The items of a ``.txt`` list; a line naming a folder or a non-regular file is a failed item.
+
+    why: the pipeline expands a folder into its images, which would shift every later row of the shard
+    onto the wrong vector; a FIFO would block the decoder forever.
+    """
     base = os.path.dirname(path)
     with open(path, encoding="utf-8", errors="surrogateescape") as handle:
         for line in handle:
             line = line.strip()
             if line and not line.startswith("#"):
-                yield os.path.normpath(os.path.join(base, os.path.expanduser(line)))
+                listed = os.path.normpath(os.path.join(base, os.path.expanduser(line)))
+                yield Item(path=listed, error=_not_a_file(listed, path))
+
+
+def _not_a_file(listed: str, source: str) -> str | None:
+    """Why the listed path cannot be embedded as one image file, or None (a missing file is left for the
+    decoder to report, as for any other unreadable file)."""
+    try:
+        mode = os.stat(listed).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # ELOOP, EACCES on a parent, ...
+        return f"{listed}: cannot read this entry of {source} ({exc.strerror or exc}); fix or remove it"
+    if stat.S_ISDIR(mode):
+        return (
+            f"{listed} (listed in {source}) is a directory; list its image files in the .txt, or pass "
+            f"the folder itself as an input"
+        )
+    if not stat.S_ISREG(mode):
+        return f"{listed} (listed in {source}) is not a regular file (a FIFO, socket or device)"
+    return None
 
 
 def _split_member(name: str) -> tuple[str, str]:
@@ -149,7 +218,9 @@ def _tar(path: str, read: Callable[[], bool]) -> Iterator[Item]:
                 try:
                     if last in _IMAGE_EXTS and group.member is None:
                         group.member = member.name
-                        if wanted:
+                        if member.size > MAX_IMAGE_BYTES:
+                            group.error = _too_large(path, key, member.name, member.size)
+                        elif wanted:
                             handle = tar.extractfile(member)
                             group.payload = b"" if handle is None else handle.read()
                     elif wanted and last == "cls":
@@ -170,9 +241,15 @@ def _tar(path: str, read: Callable[[], bool]) -> Iterator[Item]:
 
 
 def read_refs(item: Item, handle) -> Item:
-    """Fill ``payload``/``cls``/``json`` of a tar item from its ``refs`` (``handle``: the open tar file)."""
+    """Fill ``payload``/``cls``/``json`` of a tar item from its ``refs`` (``handle``: the open tar file).
+
+    The refs come from a plan file on shared storage, so sizes are capped before anything is read.
+    """
     for role, (offset, size) in (item.refs or {}).items():
         if role != "image" and size > MAX_SIDE_BYTES:
+            continue
+        if role == "image" and size > MAX_IMAGE_BYTES:
+            item.error = _too_large(item.path, item.key, "the image member", size)
             continue
         handle.seek(offset)
         data = handle.read(size)
@@ -185,9 +262,19 @@ def read_refs(item: Item, handle) -> Item:
     return item
 
 
+def _too_large(path: str, key: str | None, member: str, size: int) -> str:
+    return (
+        f"{path}#{key}: {member} is {size} bytes, over the cap of {MAX_IMAGE_BYTES} bytes per image "
+        f"(visreg_hub.bulk.listing.MAX_IMAGE_BYTES); shrink or re-encode the image"
+    )
+
+
 def _finish(group: Item) -> Item:
     if group.member is None and group.error is None:
-        group.error = f"{group.path}#{group.key}: no image member ({', '.join(_IMAGE_EXTS)}) for this key"
+        group.error = (
+            f"{group.path}#{group.key}: no image member ({', '.join(_IMAGE_EXTS)}) among this key's "
+            f"consecutive members; webdataset needs all files of a key next to each other in the tar"
+        )
     return group
 
 
@@ -207,9 +294,9 @@ def iter_items(inputs: list[str], *, read: Callable[[int], bool] | None = None) 
     for source in inputs:
         suffix = os.path.splitext(source)[1].lower()
         if os.path.isdir(source):
-            items = (Item(path=p) for p in _walk(source))
+            items = _walk(source)
         elif suffix in LIST_SUFFIXES:
-            items = (Item(path=p) for p in _list_file(source))
+            items = _list_file(source)
         elif suffix in TAR_SUFFIXES:
             items = _tar(source, wanted)
         else:

@@ -4,13 +4,20 @@ Layout::
 
     OUTDIR/manifest.json        what was embedded how (model, pooling, dim, normalisation, input
                                 listing digest and count, shard size) and which shards are done
-    OUTDIR/part-00000.parquet   columns path, key, embedding (fixed-size list of float32), cls, json
+    OUTDIR/part-00000.parquet   columns path, key, embedding (fixed-size list of float32), cls, json,
+                                path_bytes, key_bytes
     OUTDIR/failures.jsonl       one {"path", "key", "reason"} per unreadable input (complete runs)
     OUTDIR/.failures/part-00000.jsonl   the failures of each shard that has any, written before the shard
 
 A shard is the commit unit: its failures file, then its parquet file, are each written to a temporary
 name, fsynced and renamed, and the folder fsynced. A shard whose parquet file exists is complete;
 anything else is redone. Rows are the shard's readable inputs in listing order.
+
+File names that are not valid UTF-8 (Python holds their odd bytes as surrogate escapes) cannot go into
+a parquet string or a UTF-8 JSON line as they are: ``path``/``key`` then hold a readable form with each
+such byte written ``\\xNN``, and ``path_bytes``/``key_bytes`` (parquet binary; ``path_bytes_hex``/
+``key_bytes_hex`` in the failures JSON) the exact bytes, null/absent for every UTF-8 name. The exact
+name is ``os.fsdecode(path_bytes)`` when set, else ``path``.
 """
 
 from __future__ import annotations
@@ -54,11 +61,22 @@ def shard_name(number: int) -> str:
     return f"part-{number:05d}.parquet"
 
 
-def done_shards(folder: Path) -> set[int]:
-    """Numbers of the shards whose parquet file exists."""
+def done_shards(folder: Path, num_shards: int | None = None) -> set[int]:
+    """Numbers of the shards whose parquet file exists (below ``num_shards`` when given).
+
+    why: a part file of another job copied in (``part-00099``) or a second spelling of a number
+    (``part-000003``) is not one of this job's shards, so it must never count as done.
+    """
     if not folder.is_dir():
         return set()
-    return {int(m.group(1)) for entry in os.scandir(folder) if (m := _SHARD.fullmatch(entry.name))}
+    done = set()
+    for entry in os.scandir(folder):
+        match = _SHARD.fullmatch(entry.name)
+        if match and entry.name == shard_name(int(match.group(1))):
+            number = int(match.group(1))
+            if num_shards is None or number < num_shards:
+                done.add(number)
+    return done
 
 
 def clean_temporaries(folder: Path) -> None:
@@ -88,24 +106,60 @@ def write_shard(
     pa, pq = pyarrow()
     if failures:  # no file for a shard without failures: two fsyncs fewer per shard
         (folder / FAILURES_DIR).mkdir(exist_ok=True)
-        text = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures)
+        text = "".join(json.dumps(_failure_record(f), ensure_ascii=False) + "\n" for f in failures)
         write_atomic(
             folder / FAILURES_DIR / f"part-{number:05d}.jsonl", lambda p: p.write_text(text, "utf-8")
         )
     dim = embeddings.shape[1]
     flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1), pa.float32())
+    paths = [split_name(r["path"]) for r in rows]
+    keys = [split_name(r["key"]) for r in rows]
     table = pa.table(
         {
-            "path": pa.array([r["path"] for r in rows], pa.string()),
-            "key": pa.array([r["key"] for r in rows], pa.string()),
+            "path": pa.array([text for text, _ in paths], pa.string()),
+            "key": pa.array([text for text, _ in keys], pa.string()),
             "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
             "cls": pa.array([r["cls"] for r in rows], pa.string()),
             "json": pa.array([r["json"] for r in rows], pa.string()),
+            "path_bytes": pa.array([raw for _, raw in paths], pa.binary()),
+            "key_bytes": pa.array([raw for _, raw in keys], pa.binary()),
         }
     )
     path = folder / shard_name(number)
     write_atomic(path, lambda p: pq.write_table(table, p))
     return path
+
+
+def split_name(name: str | None) -> tuple[str | None, bytes | None]:
+    """(UTF-8-safe text, exact bytes or None) of a file or member name from the file system.
+
+    A name that is valid UTF-8 is returned as is, with no bytes. One holding surrogate escapes (bytes
+    that are not UTF-8) is returned with each such byte written ``\\xNN`` (readable, not unique) and
+    its exact bytes, so ``os.fsdecode(raw)`` gives back the name that opens the file.
+    """
+    if name is None:
+        return None, None
+    try:
+        name.encode("utf-8")
+        return name, None
+    except UnicodeEncodeError:
+        try:
+            raw = name.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a surrogate no file system decode makes; keep it reversible anyway
+            raw = name.encode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", "backslashreplace"), raw
+
+
+def _failure_record(failure: dict[str, Any]) -> dict[str, Any]:
+    """A failure as UTF-8-safe JSON: names split as in :func:`split_name` (exact bytes as hex)."""
+    record: dict[str, Any] = {}
+    for field in ("path", "key"):
+        text, raw = split_name(failure.get(field))
+        record[field] = text
+        if raw is not None:
+            record[f"{field}_bytes_hex"] = raw.hex()
+    record["reason"] = split_name(failure.get("reason"))[0]
+    return record
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -177,7 +231,7 @@ def finalize(folder: Path, manifest: dict[str, Any], num_shards: int) -> bool:
     Returns:
         True if the job is complete.
     """
-    done = done_shards(folder)
+    done = done_shards(folder, num_shards)
     manifest = {**manifest, "shards_done": sorted(done), "num_shards": num_shards}
     complete = done >= set(range(num_shards))
     if complete:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from visreg_hub.bulk import output
 from visreg_hub.bulk.listing import Item, check_inputs, iter_items, summarize
-from visreg_hub.errors import ConfigError
+from visreg_hub.errors import ConfigError, VisregHubError
 from visreg_hub.hub.format import weights_digest
 from visreg_hub.inference.images import DEFAULT_MAX_PIXELS
 
@@ -198,7 +198,7 @@ def run_embedding(
         num_workers=num_workers,
     )
     mine = [s for s in range(num_shards) if s % world_size == rank]
-    done = output.done_shards(folder)
+    done = output.done_shards(folder, num_shards)
     todo = {s for s in mine if s not in done}
 
     def shard_len(s: int) -> int:
@@ -256,6 +256,11 @@ def _shards(sources: list[str], listing, shard_size: int, todo: set[int]):
         )
 
 
+class ShardMismatchError(VisregHubError, RuntimeError):
+    """The pipeline returned another number of results than the shard has inputs (a bug, or an input
+    that turned into a folder while the job ran); nothing of the shard is written."""
+
+
 class ShardEmbedder:
     """Embeds the items of one shard through the pipeline in fixed chunks.
 
@@ -292,17 +297,13 @@ class ShardEmbedder:
         vectors: list[np.ndarray] = []
         failures: list[dict[str, Any]] = []
         for chunk in self._chunks(items):
-            slot: dict[int, int] = {}  # chunk position -> position among the decodable payloads
-            payloads: list[Any] = []
-            for position, item in enumerate(chunk):
-                if item.error is None:
-                    slot[position] = len(payloads)
-                    payloads.append(Path(item.path) if item.key is None else item.payload)
+            slot, payloads = _payloads(chunk)
             result, failed = self.pipeline.run(
                 payloads, batch_size=self.batch_size, num_workers=self.num_workers, on_error="skip",
                 show_progress_bar=False,
             )  # fmt: skip
             bad = dict(failed)
+            _check_counts(chunk, payloads, len(result), bad)
             for position, item in enumerate(chunk):
                 reason = item.error if position not in slot else bad.get(slot[position])
                 if reason is None:
@@ -316,3 +317,32 @@ class ShardEmbedder:
         dim = self.pipeline.output_shape[0]
         matrix = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
         return rows, matrix.astype(np.float32, copy=False), failures
+
+
+def _payloads(chunk: list[Item]) -> tuple[dict[int, int], list[Any]]:
+    """(chunk position -> payload position, payloads) of the items the listing did not already fail.
+
+    A file that became a folder since it was listed fails here: the pipeline would expand it into
+    several images and every later row of the chunk would get another input's vector.
+    """
+    slot: dict[int, int] = {}
+    payloads: list[Any] = []
+    for position, item in enumerate(chunk):
+        if item.error is None and item.key is None and os.path.isdir(item.path):
+            item.error = f"{item.path} is a directory, not an image file; list its files, or pass the folder"
+        if item.error is None:
+            slot[position] = len(payloads)
+            payloads.append(Path(item.path) if item.key is None else item.payload)
+    return slot, payloads
+
+
+def _check_counts(chunk: list[Item], payloads: list[Any], vectors: int, failed: dict[int, str]) -> None:
+    """Every payload must give exactly one vector or one failure, or rows would shift onto the wrong
+    vectors; raise rather than write such a shard."""
+    if vectors + len(failed) != len(payloads) or any(not 0 <= i < len(payloads) for i in failed):
+        first = chunk[0].path if chunk else "?"
+        raise ShardMismatchError(
+            f"{len(payloads)} inputs (from {first!r} on) gave {vectors} embeddings and {len(failed)} "
+            f"failures; an input changed (a file replaced by a folder?) while the job ran: re-run the same "
+            f"command (the finished shards are kept)"
+        )

@@ -29,6 +29,7 @@ from visreg_hub.retrieval.arrays import l2_normalize
 from visreg_hub.retrieval.factory import IVF_KINDS, KINDS, default_nlist, default_pq_m, estimate_bytes
 from visreg_hub.retrieval.index import EmbeddingIndex
 from visreg_hub.retrieval.sources import EmbeddingSources, iter_batches, open_sources
+from visreg_hub.retrieval.storage import check_index_output
 
 logger = logging.getLogger(__name__)
 
@@ -118,16 +119,20 @@ def recall_without_self(
         truth, truth_scores: (Q, depth) exact ids and scores, best first, depth >= k + 1.
         query_ids: (Q,) the queries' own row ids.
     """
-    total = 0
+    total, possible = 0, 0
     rows = zip(found.tolist(), truth.tolist(), truth_scores.tolist(), query_ids.tolist(), strict=True)
     for row_found, row_truth, row_scores, own in rows:
         got = [i for i in row_found if i != own and i >= 0][:k]
         want = [(i, s) for i, s in zip(row_truth, row_scores, strict=True) if i != own and i >= 0]
+        if not want:  # a one-vector index: nothing to find
+            continue
+        # with fewer than k other vectors, finding all of them is full recall (not len(want) / k)
         kth = want[min(k, len(want)) - 1][1]
         slack = 1e-5 * max(1.0, abs(kth))
         accepted = {i for i, s in want if (s >= kth - slack if larger_is_better else s <= kth + slack)}
-        total += len(set(got) & accepted)
-    return total / (k * len(query_ids))
+        total += min(len(set(got) & accepted), k)
+        possible += min(k, len(want))
+    return total / possible if possible else 1.0
 
 
 def build_index(
@@ -149,7 +154,7 @@ def build_index(
 
     Args:
         paths: ``visreg-hub embed`` output folders and/or .parquet/.npy files.
-        output: the index folder to write.
+        output: the index folder to write (new, empty, or holding an earlier index, which is replaced).
         kind: ``"auto"`` or one of ``flat``, ``ivf``, ``ivfsq8``, ``ivfpq``, ``hnsw``.
         max_memory: FAISS memory budget (``"2GB"``, bytes); None: unlimited (auto then picks flat).
         target_recall: recall@10 the search effort is raised to reach (approximate kinds).
@@ -167,6 +172,9 @@ def build_index(
     budget = None if max_memory is None else parse_bytes(max_memory)
     if not 0 < target_recall <= 1:
         raise ConfigError(f"target_recall must be in (0, 1], got {target_recall!r}")
+    if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
+        raise ConfigError(f"num_queries (--queries) must be an integer >= 1, got {num_queries!r}")
+    check_index_output(output)  # before the slow part: never over an embed folder or unrelated files
     sources = open_sources(list(paths), paths_file=paths_file)
     n, dim = sources.count, sources.dim
     unknown = set(index_args) - {"nlist", "nprobe", "pq_m", "m", "ef_search"}

@@ -2,8 +2,10 @@
 
 Sources, each yielding (vectors, metadata) batches in row order without loading everything:
 
-* a folder written by ``visreg-hub embed`` (``manifest.json`` + ``part-*.parquet``): metadata
-  ``{"path": ...}`` for files, ``{"path": <tar>, "key": ...}`` for tar members (plus ``cls``);
+* a finished folder written by ``visreg-hub embed``: exactly the shards ``part-00000.parquet`` ..
+  its ``manifest.json`` lists (a missing shard, an unfinished job or a stray part file is refused);
+  metadata ``{"path": ...}`` for files, ``{"path": <tar>, "key": ...}`` for tar members (plus ``cls``,
+  and ``path_bytes_hex``/``key_bytes_hex`` for names that are not UTF-8);
 * a ``.parquet`` file with an ``embedding`` column (and optionally ``path``/``key``/``cls``);
 * a ``.npy`` file (memory-mapped, no pickle) with its JSON sidecar naming the rows.
 """
@@ -11,6 +13,8 @@ Sources, each yielding (vectors, metadata) batches in row order without loading 
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +22,21 @@ from typing import Any
 
 import numpy as np
 
-from visreg_hub.errors import VisregHubError
+from visreg_hub.errors import ConfigError, VisregHubError
 from visreg_hub.retrieval.arrays import as_float32_matrix
 from visreg_hub.retrieval.files import _pyarrow, read_paths_file, sidecar_path
 
 BATCH_ROWS = 65536
+# the embed folder's format (visreg_hub.bulk.output; not imported: that package loads torch)
+EMBED_FORMAT = "visreg_hub.embedding_shards"
+EMBED_MANIFEST = "manifest.json"
+MAX_EMBED_MANIFEST_BYTES = 64 * 2**20
+INFO_FIELDS = ("weights_sha256", "model", "pooling", "normalized")
+_SHARD = re.compile(r"part-(\d{5,})\.parquet")
+
+
+def _shard_name(number: int) -> str:
+    return f"part-{number:05d}.parquet"  # as visreg_hub.bulk.output.shard_name
 
 
 class EmbeddingSourceError(VisregHubError, ValueError):
@@ -36,7 +50,8 @@ class EmbeddingSources:
     Attributes:
         files: parquet or npy files in row order.
         count: total rows; dim: embedding width.
-        info: model, pooling, normalize from the embed manifest or sidecar ({} if unknown).
+        info: model, weights_sha256, pooling, normalized from the embed manifests or sidecars (a field
+            is absent if no source records it).
     """
 
     files: list[Path]
@@ -65,36 +80,22 @@ def open_sources(paths: list[str | Path], *, paths_file: str | Path | None = Non
         paths: embed output folders and/or .parquet/.npy files.
         paths_file: names the rows of a single .npy file (a JSON list, a sidecar or a text list)
             instead of its sidecar.
+
+    Raises:
+        EmbeddingSourceError: a missing, unfinished or inconsistent source.
+        ConfigError: the sources were embedded with different models, pooling or normalisation.
     """
     files: list[Path] = []
-    info: dict[str, Any] = {}
+    infos: list[tuple[str, dict[str, Any]]] = []
     for item in paths:
         path = Path(item).expanduser()
         if path.is_dir():
-            manifest = path / "manifest.json"
-            parts = sorted(path.glob("part-*.parquet"))
-            if not parts:
-                raise EmbeddingSourceError(
-                    f"{path} holds no part-*.parquet shards; run `visreg-hub embed` first"
-                )
-            if manifest.is_file():
-                try:
-                    data = json.loads(manifest.read_text(encoding="utf-8"))
-                except (ValueError, RecursionError) as exc:
-                    raise EmbeddingSourceError(f"{manifest} is not valid JSON") from exc
-                model = data.get("model") if isinstance(data, dict) else None
-                if isinstance(model, dict):
-                    info = {"model": model.get("name"), "pooling": model.get("pooling"),
-                            "normalized": model.get("normalize")}  # fmt: skip
-                if isinstance(data, dict) and data.get("complete") is False:
-                    raise EmbeddingSourceError(
-                        f"{path} is an unfinished embed job ({len(parts)} shards so far); re-run the "
-                        f"same `visreg-hub embed` command to finish it first"
-                    )
+            parts, info = _embed_folder(path)
             files.extend(parts)
         elif path.is_file() and path.suffix.lower() in (".parquet", ".npy"):
             files.append(path)
             sidecar = find_sidecar(path)
+            info = {}
             if sidecar is not None:
                 _, extra = read_paths_file(sidecar)
                 info = {key: extra.get(key) for key in ("model", "pooling", "normalized")}
@@ -104,6 +105,8 @@ def open_sources(paths: list[str | Path], *, paths_file: str | Path | None = Non
             raise EmbeddingSourceError(
                 f"{str(item)!r} must end with .npy or .parquet, or be a `visreg-hub embed` output folder"
             )
+        infos.append((str(path), info))
+    info = merge_infos(infos)
     count, dim = 0, None
     for path in files:
         if path.suffix.lower() == ".npy":
@@ -129,6 +132,108 @@ def open_sources(paths: list[str | Path], *, paths_file: str | Path | None = Non
                 f"pass the paths file written together with these embeddings"
             )
     return EmbeddingSources(files, count, int(dim), info, names)
+
+
+def _read_embed_manifest(folder: Path) -> dict[str, Any]:
+    """The embed job's ``manifest.json``, checked to be one (size-capped: the folder is not trusted)."""
+    manifest = folder / EMBED_MANIFEST
+    if not manifest.is_file():
+        raise EmbeddingSourceError(
+            f"{folder} has no {EMBED_MANIFEST}, so which part files belong to the job is unknown; pass "
+            f"the .parquet files themselves, or embed into a new folder with `visreg-hub embed`"
+        )
+    if manifest.stat().st_size > MAX_EMBED_MANIFEST_BYTES:
+        raise EmbeddingSourceError(f"{manifest} is larger than {MAX_EMBED_MANIFEST_BYTES} bytes")
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise EmbeddingSourceError(f"{manifest} is not valid UTF-8 JSON") from exc
+    if not isinstance(data, dict) or data.get("format") != EMBED_FORMAT:
+        raise EmbeddingSourceError(f"{manifest} is not a `visreg-hub embed` manifest")
+    return data
+
+
+def _embed_folder(folder: Path) -> tuple[list[Path], dict[str, Any]]:
+    """(the job's part files, in shard order, and its model info) of a finished `embed` folder.
+
+    why: the manifest, not a glob, says which shards make the job: a missing shard would silently
+    shift every later row id, and a part file copied in from another job would mix its rows in.
+    """
+    data = _read_embed_manifest(folder)
+    if data.get("complete") is not True:
+        raise EmbeddingSourceError(
+            f"{folder} is an unfinished embed job; re-run the same `visreg-hub embed` command to finish it"
+        )
+    num_shards = data.get("num_shards")
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+        raise EmbeddingSourceError(f"{folder}/{EMBED_MANIFEST}: num_shards must be a positive integer")
+    present, strays = _part_files(folder, num_shards)
+    missing = []
+    for number in range(num_shards):  # stops after a few: at most len(present) + 3 steps
+        if number not in present:
+            missing.append(_shard_name(number))
+            if len(missing) == 3:
+                break
+    if missing:
+        raise EmbeddingSourceError(
+            f"{folder} is missing shard(s) {', '.join(missing)} of the {num_shards} its manifest lists; "
+            f"re-run the same `visreg-hub embed` command to write them again"
+        )
+    if strays:
+        raise EmbeddingSourceError(
+            f"{folder} holds part files that are not shards of its job ({', '.join(strays[:3])}); move them "
+            f"out of the folder"
+        )
+    model = data.get("model")
+    info = {}
+    if isinstance(model, dict):
+        info = {"model": model.get("name"), "weights_sha256": model.get("weights_sha256"),
+                "pooling": model.get("pooling"), "normalized": model.get("normalize")}  # fmt: skip
+    return [folder / _shard_name(number) for number in range(num_shards)], info
+
+
+def _part_files(folder: Path, num_shards: int) -> tuple[set[int], list[str]]:
+    """(shard numbers below ``num_shards`` present, sorted names of other ``part-*.parquet`` files)."""
+    present: set[int] = set()
+    strays: list[str] = []
+    with os.scandir(folder) as scan:
+        for entry in scan:
+            if not (entry.name.startswith("part-") and entry.name.endswith(".parquet")):
+                continue
+            match = _SHARD.fullmatch(entry.name)
+            number = int(match.group(1)) if match else -1
+            if match and entry.name == _shard_name(number) and number < num_shards:
+                present.add(number)
+            else:
+                strays.append(entry.name)
+    return present, sorted(strays)
+
+
+def merge_infos(infos: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One model info for all sources; refuse sources embedded by different model setups.
+
+    why: an index compares every row with a query embedded by the one recorded model; rows from
+    another model, pooling or normalisation give meaningless scores without any error. A field one
+    source does not record is not compared. Weights digests, when both record one, decide over names
+    (one model can be named by registry name or by folder).
+    """
+    merged: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    for source, info in infos:
+        for name in INFO_FIELDS:
+            value = info.get(name)
+            if value is None:
+                continue
+            named_by_weights = name == "model" and merged.get("weights_sha256") and info.get("weights_sha256")
+            if name in merged and merged[name] != value and not named_by_weights:
+                raise ConfigError(
+                    f"cannot build one index from {owner[name]} and {source}: they were embedded with a "
+                    f"different {name} ({_short(merged[name])} vs {_short(value)}); build one index per "
+                    f"model setup, or re-embed one source with the other's settings"
+                )
+            merged.setdefault(name, value)
+            owner.setdefault(name, source)
+    return merged
 
 
 def find_sidecar(path: Path) -> Path | None:
@@ -162,7 +267,8 @@ def iter_batches(sources: EmbeddingSources) -> Iterator[tuple[np.ndarray, list[d
             continue
         _, pq = _pyarrow("reading .parquet")
         handle = pq.ParquetFile(path)
-        wanted = [name for name in ("embedding", "path", "key", "cls") if name in handle.schema_arrow.names]
+        columns = ("embedding", "path", "key", "cls", "path_bytes", "key_bytes")
+        wanted = [name for name in columns if name in handle.schema_arrow.names]
         row = 0
         for batch in handle.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
             column = batch.column("embedding")
@@ -173,7 +279,22 @@ def iter_batches(sources: EmbeddingSources) -> Iterator[tuple[np.ndarray, list[d
                 fields["path"] = sources.names[row : row + len(column)]
             row += len(column)
             metadata = [
-                {name: values[i] for name, values in fields.items() if values[i] is not None} or None
+                {_meta_name(name): _meta_value(values[i]) for name, values in fields.items()
+                 if values[i] is not None} or None
                 for i in range(len(column))
-            ]
+            ]  # fmt: skip
             yield block, metadata
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _meta_name(column: str) -> str:
+    return f"{column}_hex" if column.endswith("_bytes") else column
+
+
+def _meta_value(value: Any) -> Any:
+    """JSON-safe metadata: the exact bytes of a non-UTF-8 name as hex (see visreg_hub.bulk.output)."""
+    return value.hex() if isinstance(value, bytes) else value

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from visreg_hub.durable import write_atomic
-from visreg_hub.errors import CheckpointError, require_extra
+from visreg_hub.errors import CheckpointError, ConfigError, require_extra
 from visreg_hub.retrieval.factory import KINDS
 from visreg_hub.retrieval.faiss_file import check_faiss_file
 from visreg_hub.retrieval.manifest import (
@@ -36,6 +37,7 @@ from visreg_hub.retrieval.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     read_manifest,
     sha256_file,
 )
@@ -58,11 +60,13 @@ __all__ = [
 
 
 def save_index(index: EmbeddingIndex, folder: str | Path) -> Path:
-    """Write ``index`` to ``folder`` (created if needed; existing index files are replaced)."""
+    """Write ``index`` to ``folder`` (created if needed; an earlier index there is replaced, a folder
+    holding anything else is refused: see :func:`check_index_output`)."""
     faiss = require_extra("faiss", "index")
     if not index.is_trained:
         raise ValueError("cannot save an untrained IVF index; add() or train() first")
     folder = Path(folder)
+    check_index_output(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # removing the old manifest first means a crash mid-save leaves a folder that refuses to load
     (folder / MANIFEST_NAME).unlink(missing_ok=True)
@@ -106,6 +110,53 @@ def save_index(index: EmbeddingIndex, folder: str | Path) -> Path:
     return folder
 
 
+def check_index_output(folder: str | Path) -> None:
+    """Refuse to write an index into ``folder`` unless it is new, empty or holds an earlier index.
+
+    why: saving replaces ``manifest.json``; into an ``embed`` output folder (the same file name) it
+    would destroy the embed job, and into any other folder it would mix the index with unrelated files.
+    Hidden names (``.name.tmp-PID`` left by a killed save) are ignored.
+
+    Raises:
+        ConfigError: ``folder`` is a file, holds other files, or has a manifest that is not an index's.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ConfigError(f"index output {folder} exists and is not a folder; pass a new folder name")
+    allowed = {MANIFEST_NAME, *DATA_FILES}
+    others: list[str] = []
+    with os.scandir(folder) as scan:
+        for entry in scan:
+            if not entry.name.startswith(".") and entry.name not in allowed:
+                others.append(entry.name)
+                if len(others) == 3:
+                    break
+    if others:
+        raise ConfigError(
+            f"index output folder {folder} holds files that are not an index ({', '.join(sorted(others))}"
+            f"{', ...' if len(others) == 3 else ''}); pass a new or empty folder"
+        )
+    manifest = folder / MANIFEST_NAME
+    if manifest.exists() and not _is_index_manifest(manifest):
+        raise ConfigError(
+            f"{manifest} is not an index manifest (is {folder} a `visreg-hub embed` output folder?); "
+            f"writing an index there would destroy it: pass a new or empty folder"
+        )
+
+
+def _is_index_manifest(path: Path) -> bool:
+    """Whether ``path`` names this format (only the format field; size-capped, the folder is not trusted)."""
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_MANIFEST_BYTES:
+            return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT_NAME
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     import io
 
@@ -138,12 +189,17 @@ def _read_ids(path: Path, count: int) -> np.ndarray:
 def _read_metadata(path: Path, count: int) -> list[str | None]:
     """metadata.jsonl as compact JSON texts; each line a JSON object or null."""
     texts: list[str | None] = []
-    with path.open("r", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
             if number > count:
                 raise CheckpointError(f"{path} has more than the manifest's {count} lines; rebuild the index")
             try:
-                value = json.loads(line)
+                value = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise CheckpointError(
+                    f"{path} line {number} is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                    f"rebuild the index"
+                ) from exc
             except (ValueError, RecursionError) as exc:
                 raise CheckpointError(
                     f"{path} line {number} is not valid (or too deeply nested) JSON"

@@ -1,0 +1,199 @@
+"""Bad entries in a bulk job's inputs: each is one failure record, every other input keeps its own vector.
+
+Covers folders and non-regular files named in a .txt list, non-UTF-8 names, symlink loops, dangling links,
+unreadable folders, oversized tar members, split webdataset keys, and foreign part files in the output.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.bulk.helpers import PHOTOS, failures, read_output, tiles, write_tar, write_tile_folder
+from tests.fixtures_models import tiny_encoder
+from visreg_hub.bulk import listing, output, run_embedding
+from visreg_hub.bulk.listing import InputError, Item
+from visreg_hub.bulk.runner import ShardEmbedder, ShardMismatchError
+from visreg_hub.inference import encode
+
+pytest.importorskip("pyarrow")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_encoder()
+
+
+def _pipeline(model):
+    from visreg_hub.inference.backends import backend_for
+    from visreg_hub.inference.pipeline import EmbeddingPipeline
+
+    return EmbeddingPipeline(backend_for(model), normalize=True)
+
+
+def _by_reason(folder: Path) -> dict[str, str]:
+    return {Path(f["path"]).name: f["reason"] for f in failures(folder)}
+
+
+def test_folder_named_in_a_txt_list_is_a_failure_and_rows_keep_their_vectors(tmp_path, model):
+    write_tile_folder(tmp_path / "twodir", 2, nested=False)
+    write_tile_folder(tmp_path / "elevendir", 11, nested=False)  # a count that used to crash the shard
+    files = write_tile_folder(tmp_path / "files", 3, nested=False)
+    (tmp_path / "text.png").write_text("hello\n")
+    lines = ["twodir", f"files/{files[0].name}", "text.png", "elevendir", f"files/{files[1].name}",
+             f"files/{files[2].name}"]  # fmt: skip
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    summary = run_embedding(tmp_path / "list.txt", tmp_path / "out", model=model, shard_size=16)
+    assert summary.complete and (summary.embedded, summary.failed) == (3, 3)
+    rows, vectors, _ = read_output(tmp_path / "out")
+    assert rows == [(str(p), None) for p in files]
+    np.testing.assert_allclose(vectors, encode(model, files, convert_to_numpy=True), atol=1e-6)
+    reasons = _by_reason(tmp_path / "out")
+    assert set(reasons) == {"twodir", "elevendir", "text.png"}
+    assert "is a directory; list its image files in the .txt, or pass the folder" in reasons["twodir"]
+
+
+def test_a_file_that_became_a_folder_fails_alone_and_a_wrong_count_is_refused(tmp_path, model):
+    files = write_tile_folder(tmp_path / "imgs", 2, nested=False)
+    write_tile_folder(tmp_path / "grown", 3, nested=False)  # listed as a file, a folder by embedding time
+    embedder = ShardEmbedder(_pipeline(model), batch_size=4, num_workers=0)
+    items = [Item(path=str(files[0])), Item(path=str(tmp_path / "grown")), Item(path=str(files[1]))]
+    rows, vectors, failed = embedder.embed(items)
+    assert [r["path"] for r in rows] == [str(p) for p in files]
+    np.testing.assert_allclose(vectors, encode(model, files, convert_to_numpy=True), atol=1e-6)
+    assert [f["path"] for f in failed] == [str(tmp_path / "grown")]
+    assert "is a directory" in failed[0]["reason"]
+
+    class OneTooMany:  # a pipeline that returns more vectors than inputs: rows would shift
+        output_shape = (32,)
+
+        def run(self, payloads, **_):
+            return torch.zeros(len(payloads) + 1, 32), []
+
+    with pytest.raises(ShardMismatchError, match=r"2 inputs .* gave 3 embeddings and 0 failures"):
+        ShardEmbedder(OneTooMany(), batch_size=4, num_workers=0).embed(items[::2])
+
+
+def test_non_utf8_names_are_embedded_and_their_bytes_round_trip(tmp_path, model):
+    folder = tmp_path / "imgs"
+    files = write_tile_folder(folder, 3, nested=False)
+    odd = folder / os.fsdecode(b"latin\xe9.png")  # not UTF-8: Python holds \xe9 as a surrogate escape
+    files[1].rename(odd)
+    (folder / os.fsdecode(b"bad\xe9.png")).write_bytes(b"junk, not a png")
+    (tmp_path / "list.txt").write_bytes(b"imgs/" + os.fsencode(files[0].name) + b"\nimgs/latin\xe9.png\n")
+    summary = run_embedding([folder, tmp_path / "list.txt"], tmp_path / "out", model=model, shard_size=2)
+    assert summary.complete and (summary.embedded, summary.failed) == (5, 1)
+    _, vectors, records = read_output(tmp_path / "out")
+    exact = [os.fsdecode(r["path_bytes"]) if r["path_bytes"] is not None else r["path"] for r in records]
+    assert exact == [str(odd), str(files[0]), str(files[2]), str(files[0]), str(odd)]  # listing order
+    assert records[0]["path"] == str(folder) + "/latin\\xe9.png" and records[1]["path_bytes"] is None
+    np.testing.assert_allclose(vectors, encode(model, exact, convert_to_numpy=True), atol=1e-6)
+    (record,) = failures(tmp_path / "out")
+    assert os.fsdecode(bytes.fromhex(record["path_bytes_hex"])) == str(folder / os.fsdecode(b"bad\xe9.png"))
+    assert record["path"].endswith("bad\\xe9.png") and "\\xe9" in record["reason"]
+
+    faiss = pytest.importorskip("faiss")  # noqa: F841  (the index carries the exact bytes too)
+    from visreg_hub.retrieval import EmbeddingIndex
+    from visreg_hub.retrieval.build import build_index
+
+    build_index([tmp_path / "out"], tmp_path / "idx", num_queries=1)
+    hit = EmbeddingIndex.load(tmp_path / "idx").search(vectors[0], k=1).metadata[0][0]
+    assert os.fsdecode(bytes.fromhex(hit["path_bytes_hex"])) == str(odd)
+
+
+def test_symlink_loops_dangling_links_fifos_and_unreadable_folders_are_failures(tmp_path, model, monkeypatch):
+    files = write_tile_folder(tmp_path / "imgs", 4, nested=False)
+    root = tmp_path / "imgs"
+    (root / "loop1.jpg").symlink_to("loop2.jpg")
+    (root / "loop2.jpg").symlink_to("loop1.jpg")
+    (root / "dangling.png").symlink_to("gone.png")
+    os.mkfifo(root / "pipe.png")
+    write_tile_folder(root / "locked", 2, nested=False)
+    real_scandir = os.scandir
+
+    def scandir(path):  # as root, chmod 000 does not stop listing: refuse this folder instead
+        if os.fspath(path) == str(root / "locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(listing.os, "scandir", scandir)
+    summary = run_embedding(root, tmp_path / "out", model=model, shard_size=3)
+    assert summary.complete and (summary.embedded, summary.failed) == (4, 5)
+    rows, vectors, _ = read_output(tmp_path / "out")
+    assert rows == [(str(p), None) for p in files]
+    np.testing.assert_allclose(vectors, encode(model, files, convert_to_numpy=True), atol=1e-6)
+    reasons = _by_reason(tmp_path / "out")
+    assert set(reasons) == {"loop1.jpg", "loop2.jpg", "dangling.png", "pipe.png", "locked"}
+    assert "Too many levels of symbolic links" in reasons["loop1.jpg"]
+    assert "target does not exist" in reasons["dangling.png"]
+    assert "not a regular file" in reasons["pipe.png"]
+    assert "cannot list this folder (Permission denied)" in reasons["locked"]
+    with pytest.raises(InputError, match=r"not a regular file or a folder"):
+        run_embedding(root / "pipe.png", tmp_path / "out2", model=model)  # would block on open
+
+
+def _tar_sizes(path: Path) -> dict[str, int]:
+    with tarfile.open(path) as tar:
+        return {m.name: m.size for m in tar.getmembers()}
+
+
+def test_tar_image_member_over_the_byte_cap_is_a_failure(tmp_path, model, monkeypatch):
+    from PIL import Image
+
+    images = list(tiles(4))
+    images.insert(2, Image.open(PHOTOS[0]).convert("RGB"))  # a much larger member than the 20 px tiles
+    keys = write_tar(tmp_path / "s.tar", images, side=False)
+    sizes = _tar_sizes(tmp_path / "s.tar")
+    cap = max(size for name, size in sizes.items() if name != f"{keys[2]}.jpg")
+    assert sizes[f"{keys[2]}.jpg"] > cap
+    monkeypatch.setattr(listing, "MAX_IMAGE_BYTES", cap)
+    summary = run_embedding(tmp_path / "s.tar", tmp_path / "out", model=model, shard_size=8)
+    assert (summary.embedded, summary.failed) == (4, 1)
+    rows, vectors, _ = read_output(tmp_path / "out")
+    assert [key for _, key in rows] == [k for i, k in enumerate(keys) if i != 2]
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        raw = [tar.extractfile(f"{key}.jpg").read() for _, key in rows]
+    np.testing.assert_allclose(vectors, encode(model, raw, convert_to_numpy=True), atol=1e-6)
+    (record,) = failures(tmp_path / "out")
+    assert record["key"] == keys[2] and f"over the cap of {cap} bytes per image" in record["reason"]
+
+    class NoRead(io.BytesIO):  # the Ray engine's reader must refuse before reading
+        def read(self, size=-1):
+            raise AssertionError("read past the cap")
+
+    item = listing.read_refs(Item(path="s.tar", key="k", refs={"image": (0, cap + 1)}), NoRead())
+    assert item.payload is None and "MAX_IMAGE_BYTES" in item.error
+
+
+def test_split_webdataset_key_names_the_consecutive_rule(tmp_path, model):
+    members = []
+    for name, image in (("a.jpg", 0), ("b.jpg", 1)):
+        buffer = io.BytesIO()
+        list(tiles(2))[image].save(buffer, format="JPEG")
+        members.append((name, buffer.getvalue()))
+    members.append(("a.cls", b"3"))
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    run_embedding(tmp_path / "s.tar", tmp_path / "out", model=model)
+    (record,) = failures(tmp_path / "out")
+    assert record["key"] == "a" and "all files of a key next to each other" in record["reason"]
+
+
+def test_foreign_part_files_never_count_as_done_shards(tmp_path):
+    for name in ("part-00000.parquet", "part-00001.parquet", "part-00099.parquet", "part-000001.parquet"):
+        (tmp_path / name).write_bytes(b"")
+    assert output.done_shards(tmp_path, 2) == {0, 1}
+    assert output.done_shards(tmp_path) == {0, 1, 99}  # the canonical spelling only
+    assert output.finalize(tmp_path, {"complete": False}, 3) is False
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["shards_done"] == [0, 1] and manifest["complete"] is False

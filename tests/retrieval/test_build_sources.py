@@ -1,0 +1,147 @@
+"""index build reads exactly one embed job's shards, from one model setup, and never writes over non-index
+files; a non-UTF-8 metadata.jsonl is a CheckpointError."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.bulk.helpers import read_output, write_tile_folder
+from tests.fixtures_models import tiny_encoder
+from visreg_hub.cli import main
+from visreg_hub.errors import CheckpointError, ConfigError
+from visreg_hub.retrieval import EmbeddingIndex
+from visreg_hub.retrieval.build import build_index
+from visreg_hub.retrieval.sources import EmbeddingSourceError, open_sources
+
+pytest.importorskip("faiss")
+pytest.importorskip("pyarrow")
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """Embed jobs of one 10-image folder (3 shards): the tiny model, other weights, unnormalised."""
+    from visreg_hub.bulk import embed_dataset
+
+    root = tmp_path_factory.mktemp("jobs")
+    write_tile_folder(root / "imgs", 10, nested=False)
+    made = {}
+    for name, model, options in (("base", tiny_encoder(), {}), ("other", tiny_encoder(seed=1), {}),
+                                 ("raw", tiny_encoder(), {"normalize": False})):  # fmt: skip
+        made[name] = embed_dataset(root / "imgs", root / name, model=model, shard_size=4, **options)
+    return made
+
+
+def _copy(job, tmp_path, name="copy"):
+    return shutil.copytree(job, tmp_path / name)
+
+
+def _edit_manifest(folder, **changes):
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for key, value in changes.items():
+        if key.startswith("model_"):
+            manifest["model"][key[len("model_") :]] = value
+        else:
+            manifest[key] = value
+    path.write_text(json.dumps(manifest))
+
+
+def test_every_listed_row_maps_to_its_own_vector(jobs, tmp_path):
+    rows, vectors, _ = read_output(jobs["base"])
+    sources = open_sources([jobs["base"]])
+    assert [p.name for p in sources.files] == [f"part-0000{n}.parquet" for n in range(3)]
+    index = build_index([jobs["base"]], tmp_path / "idx", num_queries=1)
+    result = index.search(vectors, k=1)
+    assert result.ids[:, 0].tolist() == list(range(len(rows)))
+    assert [m[0]["path"] for m in result.metadata] == [path for path, _ in rows]
+
+
+@pytest.mark.parametrize(("other", "field"), [("other", "weights_sha256"), ("raw", "normalized")])
+def test_sources_of_different_model_setups_are_refused(jobs, tmp_path, other, field):
+    with pytest.raises(ConfigError, match=rf"cannot build one index from .*base and .*{other}.*{field}"):
+        build_index([jobs["base"], jobs[other]], tmp_path / "idx")
+    assert not (tmp_path / "idx").exists()
+
+
+def test_pooling_and_model_name_differences_are_refused_and_the_same_setup_is_merged(jobs, tmp_path):
+    pooled = _copy(jobs["base"], tmp_path, "pooled")
+    _edit_manifest(pooled, model_pooling="mean_patch")
+    with pytest.raises(ConfigError, match=r"different pooling \('cls' vs 'mean_patch'\)"):
+        open_sources([jobs["base"], pooled])
+    np.save(tmp_path / "e.npy", np.eye(32, dtype=np.float32)[:12])
+    (tmp_path / "e.npy.json").write_text(json.dumps({"paths": [f"{i}.png" for i in range(12)],
+                                                    "model": "another-model"}))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"different model \('tiny-test' vs 'another-model'\)"):
+        open_sources([jobs["base"], tmp_path / "e.npy"])
+    renamed = _copy(jobs["base"], tmp_path, "renamed")  # same weights under another name: one model
+    _edit_manifest(renamed, model_name="/models/tiny-test")
+    merged = open_sources([jobs["base"], renamed])
+    assert merged.count == 20 and merged.info["model"] == "tiny-test" and merged.info["pooling"] == "cls"
+
+
+def test_missing_stray_and_unfinished_shards_are_refused(jobs, tmp_path):
+    hole = _copy(jobs["base"], tmp_path, "hole")
+    (hole / "part-00001.parquet").unlink()
+    with pytest.raises(EmbeddingSourceError, match=r"missing shard\(s\) part-00001.parquet of the 3"):
+        open_sources([hole])
+    stray = _copy(jobs["base"], tmp_path, "stray")
+    shutil.copy(jobs["other"] / "part-00000.parquet", stray / "part-00099.parquet")
+    shutil.copy(jobs["other"] / "part-00000.parquet", stray / "part-000001.parquet")
+    with pytest.raises(EmbeddingSourceError, match=r"not shards of its job \(part-000001.parquet, part-0009"):
+        open_sources([stray])
+    unfinished = _copy(jobs["base"], tmp_path, "unfinished")
+    _edit_manifest(unfinished, complete=False)
+    with pytest.raises(EmbeddingSourceError, match=r"unfinished embed job"):
+        open_sources([unfinished])
+    for bad in (0, "3", True, None):
+        broken = _copy(jobs["base"], tmp_path, f"n{bad}")
+        _edit_manifest(broken, num_shards=bad)
+        with pytest.raises(EmbeddingSourceError, match=r"num_shards must be a positive integer"):
+            open_sources([broken])
+    bare = _copy(jobs["base"], tmp_path, "bare")
+    (bare / "manifest.json").unlink()
+    with pytest.raises(EmbeddingSourceError, match=r"has no manifest.json.*pass the .parquet files"):
+        open_sources([bare])
+
+
+def test_index_output_over_an_embed_job_or_other_files_is_refused(jobs, tmp_path):
+    job = _copy(jobs["base"], tmp_path, "job")
+    before = {p.name: p.read_bytes() for p in job.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match=r"holds files that are not an index \(.*part-0000\d.parquet"):
+        build_index([job], job)
+    (tmp_path / "only").mkdir()
+    shutil.copy(job / "manifest.json", tmp_path / "only" / "manifest.json")
+    with pytest.raises(ConfigError, match=r"is not an index manifest .*embed. output folder"):
+        build_index([job], tmp_path / "only")
+    assert {p.name: p.read_bytes() for p in job.iterdir() if p.is_file()} == before
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"notes.txt"):
+        EmbeddingIndex(4).save(tmp_path / "notes")
+    first = build_index([job], tmp_path / "idx", num_queries=1)  # an earlier index is replaced
+    again = build_index([job, jobs["base"]], tmp_path / "idx", num_queries=1)
+    assert (len(first), len(EmbeddingIndex.load(tmp_path / "idx"))) == (10, len(again)) == (10, 20)
+
+
+def test_non_utf8_metadata_is_a_checkpoint_error_naming_the_file(tmp_path):
+    index = EmbeddingIndex(4)
+    index.add(np.eye(4, dtype=np.float32)[:2], metadata=[{"path": "a"}, {"path": "b"}])
+    folder = index.save(tmp_path / "idx")
+    metadata = folder / "metadata.jsonl"
+    metadata.write_bytes(b'{"path": "a"}\n{"path": "b\xe9"}\n')
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["metadata.jsonl"] = hashlib.sha256(metadata.read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"metadata.jsonl line 2 is not valid UTF-8"):
+        EmbeddingIndex.load(folder)
+
+
+@pytest.mark.parametrize("queries", ["0", "-3"])
+def test_queries_below_one_are_refused(jobs, tmp_path, capsys, queries):
+    code = main(["index", "build", str(jobs["base"]), "-o", str(tmp_path / "idx"), "--queries", queries])
+    assert code == 1 and f"--queries) must be an integer >= 1, got {queries}" in capsys.readouterr().err
