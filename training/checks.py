@@ -99,6 +99,10 @@ def validate(config: TrainingConfig) -> None:
         raise ConfigError(f"loss.reg_weight (lambda) must be in [0, 1], got {loss.reg_weight!r}")
     _positive("loss.num_slices", loss.num_slices)
     _positive("optim.lr", optim.lr)
+    if not all(0.0 <= beta < 1.0 for beta in optim.betas):  # else AdamW refuses it after the run started
+        raise ConfigError(
+            f"optim.betas must both be in [0, 1), got {list(optim.betas)} (default: [0.9, 0.999])"
+        )
     _positive("optim.weight_decay", optim.weight_decay, allow_zero=True)
     _positive("optim.warmup_epochs", optim.warmup_epochs, allow_zero=True)
     _positive("optim.warmup_steps", optim.warmup_steps, allow_zero=True)

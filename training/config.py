@@ -256,6 +256,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0])
     if origin is Literal:
+        if isinstance(value, bool) and ("no" if value is False else "yes") in args:
+            value = "no" if value is False else "yes"  # YAML 1.1 reads an unquoted no / yes as a boolean
         if value not in args:
             raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(args)}.")
         return value

@@ -38,6 +38,7 @@ from training.monitor import HealthMonitor, nonfinite_flag, raise_if_flagged
 from training.plan import build_run_plan
 from training.publish import export_encoder, model_extra, push_encoder
 from training.state_io import TrainingParts, load_training_state
+from visreg_hub.durable import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -163,11 +164,15 @@ class Trainer:
         if accelerator.trackers == [] and train.log_with != "none":
             accelerator.init_trackers("tensorboard", config=flat_dict(config.to_dict()))
         if resolved is not None:
-            for note in load_training_state(folder, self.parts, self.rank, resolved[1]):
+            notes = load_training_state(folder, self.parts, self.rank, resolved[1], self.plan.steps_by_epoch)
+            for note in notes:
                 logger.warning(note)
             logger.info(
                 "resumed from %s at step %d (epoch %d)", folder, self.state.global_step, self.state.epoch
             )
+        if accelerator.is_main_process and resume is not None:
+            # the steps after the checkpoint are run again: drop their old lines (or a fresh start's)
+            trim_metrics(self.output_dir / "metrics.jsonl", self.state.global_step)
         self.start_step = self.state.global_step
         self._loss_sum = torch.zeros((), device=accelerator.device)
         self._loss_count = 0
@@ -425,3 +430,23 @@ class Trainer:
             summary["push"] = str(push_encoder(self.encoder, self.push_to_hub, self._model_extra()))
         self.accelerator.wait_for_everyone()
         return summary
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the lines of ``metrics.jsonl`` logged at or before ``step`` (atomically).
+
+    A resumed run logs the steps after its checkpoint again; without this, the file would hold them
+    twice, out of order. A line that is not a JSON object with an integer step (a torn last write) goes.
+    """
+    if not path.is_file():
+        return
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    write_atomic(path, lambda target: target.write_text("".join(kept), encoding="utf-8"))

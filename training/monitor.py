@@ -85,8 +85,8 @@ def raise_if_flagged(
         bad = [name for name, flag in zip(flags, values.tolist()) if flag > 0]
         raise TrainingDivergedError(
             f"training diverged at step {step}: non-finite {', '.join(bad)} (NaN or inf on at least one "
-            "rank); no optimiser step was taken. Resume from the last checkpoint with a lower optim.lr, "
-            "a smaller optim.clip_grad_norm, or train.mixed_precision=bf16 instead of fp16."
+            "rank); no optimiser step was taken. Resume from the last checkpoint (--resume auto) with a "
+            "lower optim.lr, a smaller optim.clip_grad_norm, or train.mixed_precision=bf16 instead of fp16."
         )
 
 

@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="replace a previous run in train.output_dir (default: refuse)",
     )
-    return parser.parse_args(argv)
+    # intermixed: overrides may stand on both sides of an option ("a=1 --overwrite b=2")
+    return parser.parse_intermixed_args(argv)
 
 
 def preflight(config: TrainingConfig, num_processes: int) -> None:

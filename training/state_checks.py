@@ -92,18 +92,30 @@ def check_module_tensors(tensors: dict, module: torch.nn.Module, where: str) -> 
             )
 
 
-def check_trainer_state(trainer: Any) -> None:
+def check_trainer_state(trainer: Any, steps_by_epoch: tuple[int, ...]) -> None:
+    """The trainer's position: non-negative integers within the run's epochs (``steps_by_epoch``: a step
+    inside an epoch past its end would crash the data loader mid-run)."""
     ints = ("global_step", "epoch", "step_in_epoch")
     optional_floats = ("best_metric", "last_knn")
     if not isinstance(trainer, dict) or set(trainer) != set(ints + optional_floats):
         raise CheckpointError(f"training state 'trainer' should hold exactly {list(ints + optional_floats)}")
     for key in ints:
         value = trainer[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
             raise CheckpointError(
-                f"training state trainer.{key} should be a non-negative integer, got {value!r}"
+                f"training state trainer.{key} should be a non-negative integer, got {value!r}"[:200]
             )
     for key in optional_floats:
         value = trainer[key]
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise CheckpointError(f"training state trainer.{key} should be a number or null, got {value!r}")
+    epoch, inside = trainer["epoch"], trainer["step_in_epoch"]
+    if epoch < len(steps_by_epoch) and inside > steps_by_epoch[epoch]:
+        raise CheckpointError(
+            f"training state trainer.step_in_epoch is {inside}, but epoch {epoch} has "
+            f"{steps_by_epoch[epoch]} steps; the file is inconsistent with this run's data"
+        )
+    if epoch > len(steps_by_epoch):
+        raise CheckpointError(
+            f"training state trainer.epoch is {epoch}, beyond this run's {len(steps_by_epoch)} epochs"[:200]
+        )

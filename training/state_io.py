@@ -175,26 +175,38 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
 
 # ---------------------------------------------------------------------------------------------- loading
+# AdamW's per-parameter state; ``max_exp_avg_sq`` only with amsgrad (a flag of the live param group)
+_ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
 def _optimizer_state(parts: TrainingParts, record: dict, tensors: dict) -> dict:
+    """The optimiser state to load: the checkpoint's moments and step counts, this run's param groups.
+
+    Hyperparameters and flags (lr, betas, eps, weight decay, amsgrad, maximize, ...) are the live
+    optimiser's, built from the configuration: a resume with a new ``optim.lr`` or weight decay uses
+    it (the saved groups only have to name the same parameters), and a hostile file cannot switch on
+    gradient ascent or a state layout the step would crash on. Each parameter's state must be
+    exactly AdamW's: a scalar step >= 0 and finite moments of the parameter's shape.
+    """
     live = parts.optimizer.state_dict()
     saved_groups = record["param_groups"]
     like(saved_groups, live["param_groups"], "optimizer.param_groups")
-    groups = retuple(saved_groups, live["param_groups"])
+    for number, (saved, current) in enumerate(zip(saved_groups, live["param_groups"], strict=True)):
+        if saved["params"] != current["params"]:
+            raise CheckpointError(
+                f"training state optimizer.param_groups[{number}] holds other parameters than this "
+                "model's; resume with the configuration that wrote it"
+            )
     params = [p for group in parts.optimizer.param_groups for p in group["params"]]
+    amsgrad = {i: bool(group.get("amsgrad")) for group in live["param_groups"] for i in group["params"]}
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         index_text, _, key = name.removeprefix("optimizer.").partition(".")
         if not index_text.isdigit() or int(index_text) >= len(params) or not key:
             raise CheckpointError(f"{TENSORS_FILE}: {name!r} names no parameter of this optimiser")
-        index = int(index_text)
-        if value.dim() > 0 and value.shape != params[index].shape:
-            raise CheckpointError(
-                f"{TENSORS_FILE}: {name} has shape {tuple(value.shape)}, parameter {index} has "
-                f"{tuple(params[index].shape)}; resume with the configuration that wrote it"
-            )
         if not value.is_floating_point():
             raise CheckpointError(f"{TENSORS_FILE}: {name} is {value.dtype}, expected a float tensor")
-        state.setdefault(index, {})[key] = value
+        state.setdefault(int(index_text), {})[key] = value
     scalars = record["scalars"]
     if not isinstance(scalars, dict):
         raise CheckpointError("training state optimizer.scalars should be a mapping")
@@ -205,7 +217,56 @@ def _optimizer_state(parts: TrainingParts, record: dict, tensors: dict) -> dict:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise CheckpointError(f"training state optimizer.scalars.{index_text}.{key} is not a number")
             state.setdefault(int(index_text), {})[key] = value
-    return {"state": state, "param_groups": groups}
+    for index, values in state.items():
+        _check_adam_state(index, values, params[index].shape, amsgrad[index])
+    return {"state": state, "param_groups": live["param_groups"]}
+
+
+def _check_adam_state(index: int, values: dict, shape: torch.Size, amsgrad: bool) -> None:
+    where = f"training state of optimiser parameter {index}"
+    expected = {"step", *_ADAM_MOMENTS, *(("max_exp_avg_sq",) if amsgrad else ())}
+    if set(values) != expected:
+        raise CheckpointError(f"{where} holds {sorted(values)}, expected exactly {sorted(expected)}")
+    step = values["step"]
+    step_value = float(step) if not isinstance(step, torch.Tensor) or step.dim() == 0 else math.nan
+    if not (math.isfinite(step_value) and step_value >= 0 and step_value == int(step_value)):
+        raise CheckpointError(f"{where}: step must be a whole number >= 0 (a scalar), got {step!r}"[:300])
+    for key in expected - {"step"}:
+        tensor = values[key]
+        if tensor.shape != shape:
+            raise CheckpointError(
+                f"{where}: {key} has shape {tuple(tensor.shape)}, the parameter has {tuple(shape)}; "
+                "resume with the configuration that wrote it"
+            )
+        if not torch.isfinite(tensor).all() or (key != "exp_avg" and (tensor < 0).any()):
+            raise CheckpointError(f"{where}: {key} holds non-finite or (for a second moment) negative values")
+
+
+def _scheduler_state(parts: TrainingParts, saved: Any, global_step: int) -> dict:
+    """The saved LR-scheduler position with this run's base learning rates.
+
+    The position must be the trainer's (one scheduler step per optimiser step): a hostile
+    ``last_epoch`` of 10**30 would otherwise silently move the schedule.
+    """
+    live = parts.scheduler.state_dict()
+    like(saved, live, "scheduler")
+    state = retuple(saved, live)
+    if state.get("last_epoch") != global_step:
+        raise CheckpointError(
+            f"training state scheduler.last_epoch is {state.get('last_epoch')!r}, but the trainer is at step "
+            f"{global_step}; the file is inconsistent: resume from another checkpoint"
+        )
+    return {**state, "base_lrs": live["base_lrs"], "_last_lr": live["_last_lr"]}
+
+
+def _apply_schedule(parts: TrainingParts) -> None:
+    """Set each group's lr to this run's schedule at the restored step (what ``scheduler.step`` does)."""
+    scheduler = parts.scheduler
+    step = scheduler.last_epoch
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(parts.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def _read_rng(folder: Path, rank: int, names: set[str]):
@@ -247,10 +308,18 @@ def _read_rng(folder: Path, rank: int, names: set[str]):
     return apply
 
 
-def load_training_state(folder: Path, parts: TrainingParts, rank: int, names: set[str]) -> list[str]:
+def load_training_state(
+    folder: Path, parts: TrainingParts, rank: int, names: set[str], steps_by_epoch: tuple[int, ...]
+) -> list[str]:
     """Restore ``parts`` from ``folder``, reading only the verified files ``names`` (see the manifest).
 
-    Everything is parsed and checked before the first live object changes.
+    Everything is parsed and checked before the first live object changes. The optimiser's moments and
+    the run's position come from the checkpoint; its hyperparameters and the LR schedule from this
+    run's configuration (so a resume with a lower ``optim.lr`` takes effect at once).
+
+    Args:
+        steps_by_epoch: optimiser steps of each epoch of this run (:class:`training.plan.RunPlan`),
+            to check the saved position against.
 
     Returns:
         Notes for the log (e.g. a rank without saved generator states after a change of world size).
@@ -286,20 +355,25 @@ def load_training_state(folder: Path, parts: TrainingParts, rank: int, names: se
         reference = None if live is None else live.state_dict()
         like(record.get(key), reference, key)
     _, loss_extra = _loss_split(parts.loss_fn)
+    if (record.get("loss") is None) != (loss_extra is None):
+        wrote = "a sliced loss (visreg, sigreg or swd)" if loss_extra is None else "a loss without slices"
+        raise CheckpointError(
+            f"{folder} was written with {wrote}, unlike this run's {type(parts.loss_fn).__name__}; resume "
+            "with the loss.name that wrote it"
+        )
     like(record.get("loss"), loss_extra, "loss")
     trainer = record.get("trainer")
-    check_trainer_state(trainer)
+    check_trainer_state(trainer, steps_by_epoch)
+    scheduler_state = _scheduler_state(parts, record["scheduler"], trainer["global_step"])
     apply_rng = _read_rng(folder, rank, names)
-    for name, value in (record["scheduler"] or {}).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise CheckpointError(f"training state scheduler.{name} is {value}")
 
     # Everything parsed and checked: now change the live objects.
     parts.model.load_state_dict(model_tensors, strict=True)
     if parts.probe is not None:
         parts.probe.load_state_dict(probe_tensors, strict=True)
     parts.optimizer.load_state_dict(optimizer_state)
-    parts.scheduler.load_state_dict(retuple(record["scheduler"], parts.scheduler.state_dict()))
+    parts.scheduler.load_state_dict(scheduler_state)
+    _apply_schedule(parts)
     if parts.scaler is not None:
         parts.scaler.load_state_dict(record["scaler"])
     loss_state = {**loss_tensors}

@@ -90,7 +90,7 @@ def _resume(trainer, resume):
     from training.state_io import load_training_state
 
     folder, names = ckpt.resolve_resume(trainer.checkpoint_root, resume)
-    return folder, load_training_state(folder, trainer.parts, 0, names)
+    return folder, load_training_state(folder, trainer.parts, 0, names, trainer.plan.steps_by_epoch)
 
 
 def test_the_planted_pickle_is_live(tmp_path):
@@ -336,7 +336,9 @@ def test_training_state_json_fuzz(fuzz_target, name):
     def check(data):
         (folder / name).write_bytes(dumps(_mutate(original, data.draw)))
         try:
-            load_training_state(folder, trainer.parts, 0, {p.name for p in folder.iterdir()})
+            load_training_state(
+                folder, trainer.parts, 0, {p.name for p in folder.iterdir()}, trainer.plan.steps_by_epoch
+            )
         except CheckpointError as exc:
             assert "\n" not in str(exc)
 
@@ -344,3 +346,98 @@ def test_training_state_json_fuzz(fuzz_target, name):
         check()
     finally:
         (folder / name).write_text(json.dumps(original))
+
+
+# ------------------------------------------------------------------ values that pass a type check
+def _edit_state(step4, change_json=None, change_tensors=None) -> None:
+    from safetensors.torch import load_file, save_file
+
+    if change_json is not None:
+        path = step4 / "training_state.json"
+        record = json.loads(path.read_text())
+        change_json(record)
+        path.write_text(json.dumps(record))
+    if change_tensors is not None:
+        tensors = load_file(step4 / "training_state.safetensors")
+        change_tensors(tensors)
+        save_file(tensors, str(step4 / "training_state.safetensors"))
+    write_manifest(step4)  # as an attacker can: the manifest is integrity, not authenticity
+
+
+def _hyperparameters(optimizer) -> list[dict]:
+    return [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
+
+
+def _group(record, **change):
+    record["optimizer"]["param_groups"][0].update(change)
+
+
+HOSTILE_VALUES = {
+    # silently changed training before (exit 0): gradient ascent, a schedule moved to step 10**30, ...
+    "maximize": (lambda r: _group(r, maximize=True), None, None),
+    "negative-eps": (lambda r: _group(r, eps=-1.0), None, None),
+    "other-params": (lambda r: _group(r, params=list(reversed(r["optimizer"]["param_groups"][0]["params"]))),
+                     None, "other parameters"),
+    "last-epoch": (lambda r: r["scheduler"].update(last_epoch=10**30), None, "last_epoch"),
+    # crashed mid-run with a raw error before
+    "amsgrad": (lambda r: _group(r, amsgrad=True), None, None),
+    "step-in-epoch": (lambda r: r["trainer"].update(step_in_epoch=10**6), None, "step_in_epoch"),
+    "epoch": (lambda r: r["trainer"].update(epoch=2**70), None, "trainer.epoch"),
+    "0-d-moment": (None, lambda t: t.update({"optimizer.1.exp_avg": torch.zeros(())}), "exp_avg has shape"),
+    "missing-moment": (None, lambda t: t.pop("optimizer.1.exp_avg_sq"), "expected exactly"),
+    "negative-second-moment": (None, lambda t: t["optimizer.1.exp_avg_sq"].fill_(-1.0), "negative"),
+    "matrix-step": (None, lambda t: t.update({"optimizer.1.step": t["optimizer.1.exp_avg"].clone()}),
+                    "step must be"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_VALUES))
+def test_well_typed_but_hostile_values_are_refused_or_overridden(run_folder, tmp_path, trainer, case):
+    """Each edit keeps every type and key a shallow check looks at. Either it is refused before any
+    live object changes, or (for hyperparameters) this run's configuration wins: the restored
+    optimiser groups are exactly the fresh trainer's, whatever the file says."""
+    change_json, change_tensors, message = HOSTILE_VALUES[case]
+    output, step4 = _copy(run_folder, tmp_path)
+    shutil.rmtree(output / "checkpoints" / "step-00000002")
+    _edit_state(step4, change_json, change_tensors)
+    fresh = [
+        {k: v for k, v in g.items() if k not in ("params", "lr")} for g in trainer.optimizer.param_groups
+    ]
+    if message is not None:
+        with pytest.raises(CheckpointError, match=message):
+            _resume(trainer, step4)
+        assert trainer.state.global_step == 0  # nothing restored
+        return
+    _resume(trainer, step4)
+    restored = [
+        {k: v for k, v in g.items() if k not in ("params", "lr")} for g in trainer.optimizer.param_groups
+    ]
+    assert restored == fresh and trainer.state.global_step == 4
+
+
+def test_a_new_learning_rate_on_resume_takes_effect(run_folder, tmp_path):
+    """The checkpoint holds moments and position; the lr is this run's: each group's lr after the
+    resume is the new base lr times the schedule factor at step 4 (recomputed independently)."""
+    from training.build import lr_factor
+    from training.engine import Trainer
+
+    output, _ = _copy(run_folder, tmp_path)
+    new = Trainer(tiny_config(output, *COMMON, "optim.lr=1e-5"))
+    _resume(new, "auto")
+    plan = new.plan
+    factor = lr_factor(4, plan.warmup_steps, plan.total_steps, new.config.optim.min_lr_ratio)
+    backbone = [g for g in new.optimizer.param_groups if g["initial_lr"] == 1e-5]
+    assert len(backbone) >= 1  # the probe's group keeps its own optim.probe_lr
+    for group in new.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(group["initial_lr"] * factor, rel=1e-12)
+    assert new.scheduler.get_last_lr() == [g["lr"] for g in new.optimizer.param_groups]
+    assert new.state.global_step == 4
+
+
+def test_resuming_with_another_loss_names_the_key(run_folder, tmp_path):
+    from training.engine import Trainer
+
+    output, _ = _copy(run_folder, tmp_path)
+    other = Trainer(tiny_config(output, *COMMON, "loss.name=vicreg"))
+    with pytest.raises(CheckpointError, match=r"sliced loss .*resume with the loss.name that wrote it"):
+        _resume(other, "auto")

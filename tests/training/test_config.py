@@ -96,6 +96,19 @@ def test_overrides_parse_yaml_values_and_reach_nested_sections():
     assert parse_overrides(["train.stop_after=3"]) == {"train.stop_after": 3}
 
 
+def test_unquoted_no_is_the_string_no_and_overrides_may_surround_options():
+    """YAML 1.1 reads an unquoted ``no`` as false; a Literal that holds "no" takes it back. Overrides
+    before and after an option all reach the config (argparse used to refuse the second group)."""
+    from training.pretrain import parse_args
+
+    config = load_config(PRESETS / "fmnist-fixture-cpu.yaml", ["train.mixed_precision=no"])
+    assert config.train.mixed_precision == "no"
+    args = parse_args(["--config", "x.yaml", "optim.lr=1e-3", "--overwrite", "train.stop_after=1",
+                       "--resume", "auto", "loss.name=sigreg"])  # fmt: skip
+    assert args.overrides == ["optim.lr=1e-3", "train.stop_after=1", "loss.name=sigreg"]
+    assert args.overwrite and args.resume == "auto"
+
+
 def test_loss_choice_passes_shared_settings_only_where_accepted():
     config = load_config(PRESETS / "fmnist-fixture-cpu.yaml", ["loss.name=vicreg"])
     name, kwargs = loss_settings(config)
@@ -116,6 +129,8 @@ def test_loss_choice_passes_shared_settings_only_where_accepted():
         ("augment.global_size=64", "exceeds data.base_size=28"),
         ("train.per_device_batch_size=48", "not a multiple of train.per_device_batch_size=48"),
         ("data.mean=[0.5, 0.5]", "need one value per channel"),
+        ("optim.betas=[0.9, 1.5]", "optim.betas must both be in [0, 1)"),  # AdamW's error came mid-start
+        ("train.mixed_precision=fp8", "train.mixed_precision='fp8' is not allowed"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(override, fragment):

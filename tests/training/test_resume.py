@@ -9,6 +9,7 @@ the per-batch crop seeds, the accumulation and the restored RNG streams all have
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -29,6 +30,11 @@ EXACT = [
 ]
 
 
+def _metrics(path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(tmp_path):
     reference = train(tiny_config(tmp_path / "straight", *EXACT))
     assert reference.state.global_step == 9 and reference.state.epoch == 1
@@ -39,8 +45,18 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(tmp_path):
     assert ckpt.read_pointer(root, "latest").name == "step-00000004"
     assert not (tmp_path / "stopped" / "final").exists()
 
+    with open(tmp_path / "stopped" / "metrics.jsonl", "a") as handle:  # a line from a lost future, torn
+        handle.write('{"step": 6, "loss/total": 1}\n{"ste')
     resumed = train(tiny_config(tmp_path / "stopped", *EXACT), resume="auto")
     assert resumed.start_step == 4 and resumed.state.global_step == 9  # trained 5 steps, not 9 afresh
+    # the log reads like the uninterrupted run's: training lines at the same steps, nothing twice or out
+    # of order, no torn line left (the stopped run also evaluated when it stopped, at step 4)
+    logs = {name: _metrics(tmp_path / name / "metrics.jsonl") for name in ("straight", "stopped")}
+    assert [r["step"] for r in logs["stopped"] if "loss/total" in r] == [
+        r["step"] for r in logs["straight"] if "loss/total" in r
+    ]
+    steps = [r["step"] for r in logs["stopped"]]
+    assert steps == sorted(steps) and len({(r["step"], *sorted(r)) for r in logs["stopped"]}) == len(steps)
     expected, got = trained_tensors(reference), trained_tensors(resumed)
     assert expected.keys() == got.keys()
     different = [name for name in expected if not torch.equal(expected[name], got[name])]
