@@ -133,6 +133,16 @@ def test_invalid_inputs_raise_value_error_naming_the_shape():
         loss_fn.set_step(-1)
 
 
+@pytest.mark.parametrize("loss_class", [VISRegLoss, VICRegLoss, BarlowTwinsLoss])
+def test_empty_embeddings_and_non_tensor_views_are_refused(loss_class):
+    """D = 0 gave NaN (VICReg) or 0.0 (Barlow) instead of an error; a list as local_proj a raw error."""
+    loss_fn = loss_class(num_slices=4) if loss_class is VISRegLoss else loss_class()
+    with pytest.raises(ValueError, match="D >= 1"):
+        loss_fn(torch.randn(2, 8, 0))
+    with pytest.raises(ValueError, match="local_proj must be a .* tensor or None, got list"):
+        loss_fn(torch.randn(2, 8, 4), [1, 2])
+
+
 def test_step_auto_increments_in_training_only_and_set_step_overrides():
     g = views()
     loss_fn = VISRegLoss(num_slices=8, seed=4)

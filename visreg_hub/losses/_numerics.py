@@ -106,9 +106,18 @@ def check_views(global_proj: torch.Tensor, local_proj: torch.Tensor | None) -> N
     if not isinstance(global_proj, torch.Tensor) or global_proj.dim() != 3:
         shape = tuple(global_proj.shape) if isinstance(global_proj, torch.Tensor) else type(global_proj)
         raise ValueError(f"global_proj must be a (V, N, D) tensor, got {shape}")
-    if global_proj.shape[0] < 1 or global_proj.shape[1] < 2:
-        raise ValueError(f"global_proj needs V >= 1 views and N >= 2 samples, got {tuple(global_proj.shape)}")
-    if local_proj is not None and (local_proj.dim() != 3 or local_proj.shape[1:] != global_proj.shape[1:]):
+    if global_proj.shape[0] < 1 or global_proj.shape[1] < 2 or global_proj.shape[2] < 1:
+        raise ValueError(
+            "global_proj needs V >= 1 views, N >= 2 samples and D >= 1 dimensions, "
+            f"got {tuple(global_proj.shape)}"
+        )
+    if local_proj is None:
+        return
+    if not isinstance(local_proj, torch.Tensor):
+        raise ValueError(
+            f"local_proj must be a (V_local, N, D) tensor or None, got {type(local_proj).__name__}"
+        )
+    if local_proj.dim() != 3 or local_proj.shape[1:] != global_proj.shape[1:]:
         raise ValueError(
             f"local_proj must be (V_local, N, D) = (V_local, {global_proj.shape[1]}, {global_proj.shape[2]}) "
             f"to match global_proj, got {tuple(local_proj.shape)}"

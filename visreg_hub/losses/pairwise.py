@@ -60,6 +60,11 @@ class VICRegLoss(_GatheringLoss):
     invariance is the MSE averaged over global-global and global-local view pairs, variance and covariance
     are averaged over views (see :mod:`visreg_hub.losses.functional`). With ``gather=True`` (default) and a
     process group, every term is computed on the gathered global batch, as the original implementation.
+
+    Averaging over views makes the default covariance weight half the VICReg paper's at two views: its
+    eq. 6 (and the official code) *sums* ``c(Z) + c(Z')`` while it averages the variance hinge. Pass
+    ``covariance_weight=2.0`` for the paper's weighting at V = 2 (``loss.vicreg.covariance_weight=2`` in
+    a training config); this project's method comparisons use the default and say so.
     """
 
     def __init__(
