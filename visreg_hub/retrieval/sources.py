@@ -12,7 +12,6 @@ Sources, each yielding (vectors, metadata) batches in row order without loading 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from visreg_hub.errors import ConfigError, VisregHubError
+from visreg_hub.jsonio import read_json_file
 from visreg_hub.retrieval.arrays import as_float32_matrix
 from visreg_hub.retrieval.files import _pyarrow, read_paths_file, sidecar_path
 
@@ -142,12 +142,7 @@ def _read_embed_manifest(folder: Path) -> dict[str, Any]:
             f"{folder} has no {EMBED_MANIFEST}, so which part files belong to the job is unknown; pass "
             f"the .parquet files themselves, or embed into a new folder with `visreg-hub embed`"
         )
-    if manifest.stat().st_size > MAX_EMBED_MANIFEST_BYTES:
-        raise EmbeddingSourceError(f"{manifest} is larger than {MAX_EMBED_MANIFEST_BYTES} bytes")
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise EmbeddingSourceError(f"{manifest} is not valid UTF-8 JSON") from exc
+    data = read_json_file(manifest, error=EmbeddingSourceError, max_bytes=MAX_EMBED_MANIFEST_BYTES)
     if not isinstance(data, dict) or data.get("format") != EMBED_FORMAT:
         raise EmbeddingSourceError(f"{manifest} is not a `visreg-hub embed` manifest")
     return data
