@@ -47,6 +47,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 from demo.server import combined_app, mount_ui
 from demo.service import DEMO_MAX_PIXELS, MAX_K, DemoService, UserInputError
+from visreg_hub.argtypes import file_size, int_range, port_number
 from visreg_hub.errors import MissingExtraError, VisregHubError
 from visreg_hub.inference import IMAGE_EXTENSIONS
 from visreg_hub.models.config import POOLINGS
@@ -287,17 +288,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
     parser.add_argument(  # GRADIO_SERVER_PORT: gradio's own variable for the default port
-        "--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+        "--port", type=port_number, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
     )
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                         help="where gallery indexes are cached (default: %(default)s)")  # fmt: skip
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--max-file-size", default="10mb", help="upload size limit (e.g. 5mb, 500kb)")
-    parser.add_argument("--max-pixels", type=int, default=DEMO_MAX_PIXELS,
+    parser.add_argument("--max-file-size", type=file_size, default="10mb",
+                        help="upload size limit (e.g. 5mb, 500kb)")  # fmt: skip
+    parser.add_argument("--max-pixels", type=int_range(1), default=DEMO_MAX_PIXELS,
                         help="upload pixel limit, width*height (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--queue-size", type=int, default=16, help="requests waiting at most")
-    parser.add_argument("--concurrency", type=int, default=2, help="requests running at once per event")
-    parser.add_argument("--top-k", type=int, default=8, help="default number of results")
+    parser.add_argument("--queue-size", type=int_range(1), default=16, help="requests waiting at most")
+    parser.add_argument("--concurrency", type=int_range(1), default=2,
+                        help="requests running at once per event")  # fmt: skip
+    parser.add_argument("--top-k", type=int_range(1, MAX_K), default=8,
+                        help=f"default number of results (1-{MAX_K}, the slider's range)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
 

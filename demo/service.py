@@ -37,6 +37,7 @@ from visreg_hub.inference import (
     extract_patch_features,
     patch_pca_rgb,
 )
+from visreg_hub.inference.images import PIXEL_CAP_HINT
 from visreg_hub.models.config import POOLINGS
 from visreg_hub.serving.runtime import decode_reduced
 
@@ -368,7 +369,7 @@ class DemoService:
     def _clean(message: str, path: Path) -> str:
         """Replace server paths in a library message by the file's name; drop library-user hints."""
         message = message.replace(str(path), path.name)
-        message = re.sub(r";? ?pass a larger max_pixels only for files you trust", "", message)
+        message = message.replace(f"; {PIXEL_CAP_HINT}", "")
         return re.sub(r" \(input index \d+; pass on_error='skip' to embed the others\)", "", message)
 
     def _decode_for(self, loaded: LoadedModel, path: str | Path | None) -> Image.Image:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from visreg_hub.argtypes import int_range, port_number
 from visreg_hub.serving.config import Limits, ServeConfig, index_spec, model_spec
 
 # Bundled (so a bare `visreg-hub serve` works offline) and trained on colour photos, like the demo's default
@@ -40,7 +41,7 @@ def add_serve_parser(commands, common: argparse.ArgumentParser) -> None:
         help="durable index (created if missing), repeatable",
     )
     p.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; 0.0.0.0: all)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument(
         "--backend",
         choices=("auto", "torch", "onnx"),
@@ -66,7 +67,9 @@ def add_serve_parser(commands, common: argparse.ArgumentParser) -> None:
         ("decode_workers", "threads decoding images"),
     ):
         flag = "--" + name.replace("_", "-")
-        p.add_argument(flag, type=int, default=getattr(defaults, name), help=f"{help_text} (%(default)s)")
+        p.add_argument(
+            flag, type=int_range(1), default=getattr(defaults, name), help=f"{help_text} (%(default)s)"
+        )
     p.add_argument(
         "--request-timeout-s",
         type=float,

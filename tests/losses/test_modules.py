@@ -139,7 +139,7 @@ def test_empty_embeddings_and_non_tensor_views_are_refused(loss_class):
     loss_fn = loss_class(num_slices=4) if loss_class is VISRegLoss else loss_class()
     with pytest.raises(ValueError, match="D >= 1"):
         loss_fn(torch.randn(2, 8, 0))
-    with pytest.raises(ValueError, match="local_proj must be a .* tensor or None, got list"):
+    with pytest.raises(ValueError, match=r"local_proj must be a .* tensor or None, got list"):
         loss_fn(torch.randn(2, 8, 4), [1, 2])
 
 

@@ -46,7 +46,6 @@ def test_default_model_is_bundled_and_the_demos_photo_model():
         (["serve", "--index", "noequals"], "NAME=FOLDER"),
         (["serve", "--index", "bad/name=x"], "letters, digits"),
         (["serve", "--max-batch-size", "0"], "max_batch_size"),
-        (["serve", "--max-items", "-1"], "max_items"),
         (["serve", "--api-keys", "/nonexistent/keys"], "cannot read --api-keys"),
         (["serve", "--model", "a=x", "--model", "a=y"], "unique"),
     ],

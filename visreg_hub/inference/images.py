@@ -50,6 +50,11 @@ from visreg_hub.errors import ImageDecodeError
 
 # Pillow's own default warning threshold; a per-call cap keeps the global untouched.
 DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+# The fix a pixel-cap message offers: where the cap is raised (a library caller, the CLI, the servers).
+PIXEL_CAP_HINT = (
+    "raise the cap only for files you trust (encode(max_pixels=...), --max-pixels of visreg-hub serve "
+    "and of the demo)"
+)
 # Pillow format identifiers accepted by default (see the module docstring for why there is a list).
 # Multi-picture JPEGs (MPO, from phones) open through the JPEG plugin.
 DEFAULT_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "ICO")
@@ -233,8 +238,7 @@ def _check_pixels(size: tuple[int, int], label: str, max_pixels: int | None) -> 
     if max_pixels is not None and width * height > max_pixels:
         raise ImageDecodeError(
             f"{label}: image is {width}x{height} = {width * height:,} pixels, above the cap "
-            f"max_pixels={max_pixels:,} (decompression-bomb guard); pass a larger max_pixels "
-            "only for files you trust"
+            f"max_pixels={max_pixels:,} (decompression-bomb guard); {PIXEL_CAP_HINT}"
         )
 
 
@@ -272,7 +276,7 @@ def _decode_encoded(
             # Pillow's own guard fired first, but max_pixels is the cap the caller set: name it
             raise ImageDecodeError(
                 f"{label}: image is above the cap max_pixels={max_pixels:,} (decompression-bomb guard; "
-                f"{exc}); pass a larger max_pixels only for files you trust"
+                f"{exc}); {PIXEL_CAP_HINT}"
             ) from exc
         raise ImageDecodeError(
             f"{label}: {exc} Raise PIL.Image.MAX_IMAGE_PIXELS and max_pixels only for trusted files"

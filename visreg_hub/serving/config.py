@@ -144,4 +144,10 @@ def index_spec(text: str) -> IndexSpec:
         raise ConfigError(f"--index {text!r}: expected NAME=FOLDER")
     if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise ConfigError(f"--index name {name!r} may only use letters, digits, '-', '_' and '.'")
-    return IndexSpec(name, Path(folder).expanduser())
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(
+            f"--index {text!r}: {folder} exists and is not a folder; name a folder for the index's snapshots "
+            "and log (it is created if missing)"
+        )
+    return IndexSpec(name, path)

@@ -1,0 +1,43 @@
+"""argparse value types shared by the command lines (``visreg-hub``, ``python -m demo.app``).
+
+A bad value is an ``argparse`` error (usage line, exit 2) naming the flag, before anything starts: a
+server that would start and then refuse or hang on every request is worse than one that does not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb)?\s*$", re.IGNORECASE)
+_UNITS = {None: 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
+
+
+def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An integer in ``[low, high]`` (``high`` None: no upper bound)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {text!r}")
+        return value
+
+    parse.__name__ = "integer"  # what argparse calls the type in its messages
+    return parse
+
+
+port_number = int_range(0, 65535)  # 0: the OS picks a free port
+
+
+def file_size(text: str) -> int:
+    """``"10mb"``, ``"500kb"``, ``"2048"`` (bytes) -> bytes, at least 1."""
+    match = _SIZE.match(text)
+    size = 0 if match is None else int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower() or None])
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"expected a size like 10mb, 500kb or 2048 (bytes), got {text!r}")
+    return size
