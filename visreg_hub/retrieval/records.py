@@ -15,7 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from visreg_hub.errors import VisregHubError
+
 MAX_ID = int(np.iinfo(np.int64).max) - 1
+
+
+class IdConflictError(VisregHubError, ValueError):
+    """An id given for a new vector is already live in the index (the server answers 409)."""
 
 
 def check_new_ids(
@@ -24,8 +30,9 @@ def check_new_ids(
     """The int64 (n,) ids of n new vectors: ``ids`` validated, or ``next_id .. next_id + n - 1``.
 
     Raises:
-        ValueError: wrong shape or dtype, negative, duplicate, already live, or removed from an HNSW
-            graph that still holds them (``tombstones``).
+        IdConflictError: an id is already live (a ValueError).
+        ValueError: wrong shape or dtype, out of range, duplicate, or removed from an HNSW graph that
+            still holds them (``tombstones``).
     """
     if ids is None:
         if next_id + n - 1 > MAX_ID:
@@ -46,7 +53,7 @@ def check_new_ids(
         raise ValueError("ids contain duplicates; every vector needs its own id")
     clash = [i for i in ids.tolist() if i in live]
     if clash:
-        raise ValueError(f"ids already in the index: {clash[:5]}; ids must be unique")
+        raise IdConflictError(f"ids already in the index: {clash[:5]}; use new ids")
     reused = [i for i in ids.tolist() if i in tombstones]
     if reused:
         raise ValueError(

@@ -19,12 +19,11 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from visreg_hub.retrieval.records import MAX_ID
+from visreg_hub.retrieval.records import MAX_ID, IdConflictError
 from visreg_hub.serving import schemas
 from visreg_hub.serving.app import ApiError, Service
 from visreg_hub.serving.inputs import InputError, image_bytes
 from visreg_hub.serving.security import BodyLimitMiddleware, key_matches
-from visreg_hub.serving.store import IdConflictError
 
 logger = logging.getLogger(__name__)
 

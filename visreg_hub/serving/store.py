@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from visreg_hub.durable import fsync_tree, write_atomic
-from visreg_hub.errors import CheckpointError, VisregHubError
+from visreg_hub.errors import CheckpointError
+from visreg_hub.retrieval.records import IdConflictError  # noqa: F401  (re-exported: the 409 of add)
 from visreg_hub.serving.wal import LogRecord, LogWriter, read_log
 
 logger = logging.getLogger(__name__)
@@ -44,10 +45,6 @@ CURRENT = "CURRENT"
 _GENERATED = re.compile(
     r"^(snapshot-\d{6}|log-\d{6}\.wal|\.snapshot-\d{6}\.tmp|CURRENT\.tmp|\.CURRENT\.tmp-\d+)$"
 )
-
-
-class IdConflictError(VisregHubError, ValueError):
-    """An item id given by the client is already in the index."""
 
 
 class DurableIndex:
@@ -164,10 +161,6 @@ class DurableIndex:
         """
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         with self._lock:
-            if ids is not None:
-                clash = [i for i in _int_list(ids) if i in self._ids]
-                if clash:
-                    raise IdConflictError(f"ids already in the index: {clash[:5]}; use new ids")
             pending = self.index.validate_add(vectors, metadata, ids)
             record = LogRecord("add", pending.ids, vectors, list(metadata) if metadata is not None else None)
             self._log.append(record)  # durable from here on
@@ -238,15 +231,3 @@ class DurableIndex:
         self.snapshot()
         with self._lock:
             self._log.close()
-
-
-def _int_list(ids: Any) -> list[int]:
-    """Python ints of an id list, for the conflict check (invalid ids are left to the index's checks)."""
-    try:
-        return [
-            int(i)
-            for i in np.asarray(ids).reshape(-1).tolist()
-            if isinstance(i, int) and not isinstance(i, bool)
-        ]
-    except (OverflowError, ValueError, TypeError):
-        return []
