@@ -90,7 +90,9 @@ class Server:
             "--device", device, "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms),
             "--max-queue", str(max_queue), "--max-items", "256", "--backend", backend,
         ]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+        # ROOT first, the caller's PYTHONPATH kept (packages installed with --target live there)
+        python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": python_path, "OMP_NUM_THREADS": str(torch.get_num_threads())}
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed with the process in stop()
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 900

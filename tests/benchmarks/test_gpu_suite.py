@@ -7,11 +7,15 @@ JSON outputs agree.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 ALLOWED_NOT_MEASURED = ("official code not found", "no official checkout", "no serve benchmark", "dry run")
@@ -51,3 +55,51 @@ def test_dry_run_measures_every_section(tmp_path):
     markdown = (tmp_path / "out" / "gpu_suite.md").read_text()
     assert markdown.startswith("## GPU suite (dry run")
     assert markdown.count("\n| ") == len(saved["rows"]) + 1  # header + one table row per JSON row
+
+
+def test_sections_runs_only_the_named_sections(tmp_path, capsys):
+    suite = _suite()
+    result = suite.main(["--dry-run", "--out", str(tmp_path / "out"), "--sections", "onnx"])
+    assert {row["section"] for row in result["rows"]} == {"onnx"}
+    assert set(result["seconds"]) == {"onnx", "total"}
+    with pytest.raises(SystemExit):
+        suite.main(["--dry-run", "--out", str(tmp_path / "bad"), "--sections", "onnx,speed"])
+    assert "--sections: unknown ['speed']" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before anything ran
+
+
+def test_larger_loss_blocks_change_speed_only(tmp_path):
+    """The GPU-only row times ours with 16x blocks: same loss and gradients, sizes restored afterwards."""
+    from visreg_hub.losses import VISRegLoss, _numerics, sort_shape
+
+    suite = _suite()
+    before = (_numerics.TEMPORARY_ELEMENTS, sort_shape._CHUNK_ELEMENTS, sort_shape._SORT_BLOCK_ELEMENTS)
+    torch.manual_seed(0)
+    views = torch.randn(2, 96, 48, dtype=torch.float64, requires_grad=True)
+
+    def loss_and_grad(tiny: bool):
+        # blocks of a few rows, so that the 16x scale changes how the work is split
+        with contextlib.ExitStack() as stack:
+            if tiny:
+                for module, name in [(_numerics, "TEMPORARY_ELEMENTS"), (sort_shape, "_CHUNK_ELEMENTS")]:
+                    stack.enter_context(pytest.MonkeyPatch.context()).setattr(module, name, 96 * 48)
+                stack.enter_context(pytest.MonkeyPatch.context()).setattr(
+                    sort_shape, "_SORT_BLOCK_ELEMENTS", 96 * 4
+                )
+            torch.manual_seed(1)  # a fresh loss per call: the same random directions for both
+            loss = VISRegLoss(num_slices=64, reg_weight=0.9)(views).total
+            (grad,) = torch.autograd.grad(loss, views)
+        return loss.detach(), grad
+
+    small_loss, small_grad = loss_and_grad(tiny=True)
+    with suite._loss_chunks(16):
+        scaled = (_numerics.TEMPORARY_ELEMENTS, sort_shape._CHUNK_ELEMENTS, sort_shape._SORT_BLOCK_ELEMENTS)
+        large_loss, large_grad = loss_and_grad(tiny=False)
+    assert scaled == tuple(16 * value for value in before)
+    assert before == (
+        _numerics.TEMPORARY_ELEMENTS,
+        sort_shape._CHUNK_ELEMENTS,
+        sort_shape._SORT_BLOCK_ELEMENTS,
+    )
+    torch.testing.assert_close(large_loss, small_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(large_grad, small_grad, rtol=1e-10, atol=1e-12)
