@@ -304,3 +304,36 @@ def test_search_warns_about_ignored_options_and_another_model(tmp_path, capsys, 
     code, _, err = run(capsys, "search", tmp_path / "idx", tmp_path / "broken.png")
     assert code == 1 and "broken.png" in err and "fix or remove that query image" in err
     assert "on_error" not in err and "Traceback" not in err
+
+
+def test_existing_outputs_are_kept_unless_overwrite(tmp_path, capsys, model_dir, gallery):
+    """A second `embed -o FILE` or `index build -o FOLDER` onto an earlier result refuses (exit 1, the
+    file untouched) and names --overwrite; with --overwrite the new result replaces it."""
+    emb = tmp_path / "emb.npy"
+    assert run(capsys, "embed", gallery / "fmnist", "-o", emb, "--model", model_dir, "--no-progress")[0] == 0
+    before = emb.read_bytes()
+    sidecar_before = (tmp_path / "emb.npy.json").read_text()
+
+    code, _, err = run(capsys, "embed", gallery, "-o", emb, "--model", model_dir, "--no-progress")
+    assert code == 1 and f"{emb} already exists" in err and "--overwrite" in err
+    assert emb.read_bytes() == before and (tmp_path / "emb.npy.json").read_text() == sidecar_before
+
+    # a sidecar left alone (its .npy deleted) is protected too: it names the rows of the file
+    other = tmp_path / "other.npy"
+    (tmp_path / "other.npy.json").write_text("{}")
+    code, _, err = run(capsys, "embed", gallery, "-o", other, "--model", model_dir, "--no-progress")
+    assert code == 1 and "other.npy.json already exists" in err and not other.exists()
+
+    index_dir = tmp_path / "index"
+    assert run(capsys, "index", "build", emb, "-o", index_dir)[0] == 0
+    manifest = (index_dir / "manifest.json").read_text()
+    code, _, _ = run(
+        capsys, "embed", gallery, "-o", emb, "--model", model_dir, "--overwrite", "--no-progress"
+    )
+    assert code == 0 and np.load(emb).shape == (16, 32)  # all 16 images now, not the 12 of before
+
+    code, _, err = run(capsys, "index", "build", emb, "-o", index_dir)
+    assert code == 1 and "manifest.json already exists" in err and "--overwrite" in err
+    assert (index_dir / "manifest.json").read_text() == manifest  # the 12-vector index is untouched
+    assert run(capsys, "index", "build", emb, "-o", index_dir, "--overwrite")[0] == 0
+    assert json.loads((index_dir / "manifest.json").read_text())["count"] == 16

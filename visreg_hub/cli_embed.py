@@ -57,6 +57,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
             "--on-error raise needs a single .npy/.parquet output; shard folders always record unreadable "
             "inputs in failures.jsonl"
         )
+    if args.overwrite:
+        _cli()._warn(
+            f"--overwrite applies to single-file outputs only; the shard folder {args.output} resumes "
+            f"(remove it to start over)"
+        )
     from visreg_hub.bulk import run_embedding
 
     model = args.model if not Path(args.model).expanduser().is_dir() else str(Path(args.model).resolve())
@@ -94,10 +99,11 @@ def _embed_single_file(args: argparse.Namespace) -> int:
     """All embeddings in memory, one .npy/.parquet file + its sidecar (for small sets)."""
     from visreg_hub.errors import ImageDecodeError
     from visreg_hub.inference import encode
-    from visreg_hub.retrieval.files import check_suffix, write_embeddings
+    from visreg_hub.retrieval.files import check_suffix, sidecar_path, write_embeddings
 
     cli = _cli()
     out = check_suffix(args.output, "output")  # fail before the slow part
+    _refuse_existing(out, sidecar_path(out), overwrite=args.overwrite)
     paths = cli._expand_image_inputs(args.inputs)
     model = cli._load_model(args.model, args.device)
     pooling = args.pooling if args.pooling is not None else model.config.pooling
@@ -136,14 +142,29 @@ def _embed_single_file(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_existing(*outputs: Path, overwrite: bool) -> None:
+    """A UserError naming the first of ``outputs`` that exists, unless ``overwrite``.
+
+    why: embedding a large set or building an index can take hours; a mistyped -o must not replace one.
+    """
+    existing = next((path for path in outputs if path.exists() or path.is_symlink()), None)
+    if existing is not None and not overwrite:
+        raise _cli().UserError(
+            f"{existing} already exists; pass --overwrite to replace it, or choose another -o/--output"
+        )
+
+
 def cmd_index_build(args: argparse.Namespace) -> int:
     from visreg_hub.retrieval.build import RECALL_K, build_index
+    from visreg_hub.retrieval.manifest import MANIFEST_NAME
 
     fixed = {name: getattr(args, name) for name in ("nlist", "nprobe", "pq_m", "m", "ef_search")}
     fixed = {name: value for name, value in fixed.items() if value is not None}
     kind = args.kind
     if fixed and kind == "auto":
         raise _cli().UserError(f"--{next(iter(fixed)).replace('_', '-')} needs an explicit --kind (not auto)")
+    # an earlier index in the folder (the library replaces it; the command asks first)
+    _refuse_existing(Path(args.output) / MANIFEST_NAME, overwrite=args.overwrite)
     index = build_index(
         args.embeddings,
         args.output,
@@ -212,6 +233,9 @@ def add_embed_parsers(commands, common: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=0, help="decoding worker processes")
     p.add_argument("--no-normalize", action="store_true", help="keep raw (not L2-normalised) embeddings")
     p.add_argument("--engine", choices=("local", "ray"), help="local (default; one process per rank) or ray")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing .npy/.parquet output (default: refuse)"
+    )
     p.set_defaults(func=cmd_embed)
 
     p = commands.add_parser("index", parents=[common], help="build or inspect an embedding index")
@@ -236,6 +260,7 @@ def add_embed_parsers(commands, common: argparse.ArgumentParser) -> None:
     b.add_argument("--m", type=int, help="HNSW neighbours per node (default 32)")
     b.add_argument("--ef-search", type=int, help="HNSW search beam width (default: tuned to the target)")
     b.add_argument("--normalize", action="store_true", help="L2-normalise vectors (cosine with --metric ip)")
+    b.add_argument("--overwrite", action="store_true", help="replace an index in -o (default: refuse)")
     b.set_defaults(func=cmd_index_build)
     i = actions.add_parser("inspect", parents=[common], help="print an index folder's manifest summary")
     i.add_argument("index", help="index folder")
