@@ -195,3 +195,27 @@ def test_broken_upload_shows_a_message_and_the_page_keeps_working(page, tmp_path
     wait(page, lambda b: css(b, "#query-preview img"))
     css(page, "#search-button")[0].click()
     wait_for_results(page, 8)
+
+
+def test_api_docs_render_offline(browser, demo_server, tmp_path):
+    """/docs on the demo's port shows the API's operations with no request leaving the server (Swagger
+    UI ships in the package; FastAPI's default page loads it from a CDN and stays blank offline)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base = demo_server.url.rstrip("/")
+    browser.get_log("performance")
+    browser.get(base + "/docs")
+    WebDriverWait(browser, WAIT_S).until(
+        EC.presence_of_element_located((By.CSS_SELECTOR, ".opblock-summary-path"))
+    )
+    browser.save_screenshot(str(tmp_path / "docs.png"))
+    paths = {
+        element.text.replace("\u200b", "")
+        for element in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")
+    }
+    spec = httpx.get(base + "/openapi.json", timeout=WAIT_S).json()
+    assert paths == set(spec["paths"])  # every route of the schema is on the page, nothing else
+    assert "visreg_hub inference API" in browser.find_element(By.CSS_SELECTOR, ".info .title").text
+    assert_only_local_requests(browser, demo_server.url)

@@ -526,3 +526,26 @@ def test_a_stalled_body_times_out_and_a_vanished_client_is_no_server_error(stric
         text = client.get("/metrics").text
     labels = {"route": "/v1/embeddings", "method": "POST", "status": "500"}
     assert metric_value(text, "visreg_requests_total", **labels) == 0
+
+
+def test_docs_page_loads_only_shipped_files(http):
+    """/docs names no other host; each file it loads is the package's own copy of Swagger UI."""
+    from visreg_hub.serving.docs_ui import ASSETS
+
+    page = http.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    urls = re.findall(r"""(?:src|href|url)\s*[:=]\s*['"]([^'"]+)['"]""", page.text)
+    assert "/openapi.json" in urls and not [u for u in urls if "//" in u], urls
+    assets = [u for u in urls if u.startswith("/docs/assets/")]
+    assert {u.rsplit("/", 1)[1] for u in assets} == {
+        "swagger-ui-bundle.js",
+        "swagger-ui.css",
+        "favicon-32x32.png",
+    }
+    for url in assets:
+        response = http.get(url)
+        assert (
+            response.status_code == 200 and response.content == (ASSETS / url.rsplit("/", 1)[1]).read_bytes()
+        )
+    assert http.get("/docs/assets/../app.py").status_code == 404  # no reach outside the shipped folder
+    assert http.get("/redoc").status_code == 404  # its page would load from a CDN

@@ -296,6 +296,7 @@ def create_app(config: ServeConfig, *, runtimes: dict[str, ModelRuntime] | None 
         a ``fastapi.FastAPI``; run it with uvicorn. ``app.state.service`` is the :class:`Service`.
     """
     fastapi = require_extra("fastapi", "serve")
+    from visreg_hub.serving.docs_ui import install_docs
     from visreg_hub.serving.routes import install
 
     service = Service(config, runtimes)
@@ -314,7 +315,10 @@ def create_app(config: ServeConfig, *, runtimes: dict[str, ModelRuntime] | None 
         version=__import__("visreg_hub").__version__,
         description="Image embeddings and similarity search with VISReg encoders.",
         lifespan=lifespan,
+        docs_url=None,  # served by install_docs from shipped files (the default loads them from a CDN)
+        redoc_url=None,  # ReDoc's page would load its script from a CDN too
     )
     app.state.service = service
     install(app, service)
+    install_docs(app)
     return app
