@@ -299,3 +299,27 @@ def test_premultiplied_la_decodes_like_la():
     got = np.asarray(decode_image(ImageSource(la.convert("La"), "x"), max_pixels=None))
     expected = np.asarray(decode_image(ImageSource(la, "x"), max_pixels=None))
     np.testing.assert_allclose(got.astype(int), expected.astype(int), atol=1)
+
+
+def test_listed_extensions_and_decoded_formats_agree(tmp_path, photo):
+    """Every listed extension opens with an accepted format, every accepted format has a listed extension,
+    and a folder's .ico/.dib files are found and decode like the same image as PNG (the demo refused ICO
+    uploads and folders skipped them while bytes of the same file embedded)."""
+    from visreg_hub.inference.images import DEFAULT_FORMATS, IMAGE_EXTENSIONS
+
+    registered = Image.registered_extensions()
+    assert {
+        ext: registered.get(ext) for ext in IMAGE_EXTENSIONS if registered.get(ext) not in DEFAULT_FORMATS
+    } == {}
+    assert {registered[ext] for ext in IMAGE_EXTENSIONS} == set(DEFAULT_FORMATS)
+
+    small = photo.resize((48, 32))
+    for name, fmt in (("icon.ico", "ICO"), ("bitmap.dib", "DIB"), ("photo.jfif", "JPEG")):
+        small.save(tmp_path / name, fmt, **({"sizes": [(48, 32)]} if fmt == "ICO" else {}))
+    small.save(tmp_path / "reference.png", "PNG")
+    found = {path.name for path in list_image_files(tmp_path)}
+    assert found == {"icon.ico", "bitmap.dib", "photo.jfif", "reference.png"}
+    reference = pixels(decode_image(ImageSource(tmp_path / "reference.png", "reference.png")))
+    for name in ("icon.ico", "bitmap.dib"):  # lossless formats: the same pixels
+        decoded = pixels(decode_image(ImageSource(tmp_path / name, name)))
+        np.testing.assert_array_equal(decoded, reference)

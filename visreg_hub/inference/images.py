@@ -59,8 +59,11 @@ PIXEL_CAP_HINT = (
 # Multi-picture JPEGs (MPO, from phones) open through the JPEG plugin.
 DEFAULT_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "ICO")
 
+# File extensions listed from folders (and offered by the demo's upload): one or more for every format in
+# DEFAULT_FORMATS, so a file type that decodes as bytes is also found in a folder and accepted as an upload.
 IMAGE_EXTENSIONS = (
-    ".bmp", ".gif", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp",
+    ".bmp", ".dib", ".gif", ".ico", ".jfif", ".jpe", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", ".pnm", ".ppm",
+    ".tif", ".tiff", ".webp",
 )  # fmt: skip
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
