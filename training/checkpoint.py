@@ -62,7 +62,7 @@ def read_pointer(root: Path, name: str) -> Path | None:
     if not _STEP_DIR.match(target):  # only a sibling step folder, never a path elsewhere
         return None
     folder = root / target
-    return folder if is_complete(folder) else None
+    return folder if is_complete(folder) and not folder.is_symlink() else None
 
 
 def is_complete(folder: Path) -> bool:
@@ -70,10 +70,23 @@ def is_complete(folder: Path) -> bool:
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete ``step-*`` folders, oldest first."""
+    """Complete ``step-*`` folders, oldest first.
+
+    A ``step-*`` symlink is skipped (with a warning): a run's checkpoints are folders it wrote, and a link
+    planted there would make ``--resume auto`` load another run's state (the checkpoint folder is not
+    trusted). A step folder named explicitly with ``--resume PATH`` may still be a link: the user named it.
+    """
     if not root.is_dir():
         return []
-    return sorted(path for path in root.iterdir() if is_complete(path))
+    found = []
+    for path in root.iterdir():
+        if not is_complete(path):
+            continue
+        if path.is_symlink():
+            logger.warning("ignoring %s: a symlink, not a checkpoint this run wrote", path)
+            continue
+        found.append(path)
+    return sorted(found)
 
 
 def remove_stale_temporaries(root: Path) -> None:

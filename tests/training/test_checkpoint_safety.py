@@ -441,3 +441,26 @@ def test_resuming_with_another_loss_names_the_key(run_folder, tmp_path):
     other = Trainer(tiny_config(output, *COMMON, "loss.name=vicreg"))
     with pytest.raises(CheckpointError, match=r"sliced loss .*resume with the loss.name that wrote it"):
         _resume(other, "auto")
+
+
+def test_a_planted_step_symlink_is_never_resumed(run_folder, tmp_path, trainer, caplog):
+    """A step-* link in a run's checkpoints folder (to another run's newer checkpoint), also named by the
+    `latest` pointer, is skipped with a warning: resume auto takes the run's own newest folder. The same
+    folder named explicitly with --resume PATH is what the user asked for and still loads."""
+    output, _ = _copy(run_folder, tmp_path)
+    other, _ = _copy(run_folder, tmp_path / "other")
+    checkpoints = output / "checkpoints"
+    shutil.rmtree(checkpoints / "step-00000004")
+    planted = checkpoints / "step-00000009"
+    planted.symlink_to(other / "checkpoints" / "step-00000004", target_is_directory=True)
+    ckpt.write_pointer(checkpoints, "latest", planted.name)
+    trainer.checkpoint_root = checkpoints
+    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
+        folder, _ = _resume(trainer, "auto")
+    assert folder == checkpoints / "step-00000002" and trainer.state.global_step == 2
+    assert any("step-00000009: a symlink" in r.getMessage() for r in caplog.records)
+    assert [p.name for p in ckpt.complete_checkpoints(checkpoints)] == ["step-00000002"]
+    assert ckpt.read_pointer(checkpoints, "latest") is None
+    ckpt.prune(checkpoints, keep_last=1)  # pruning neither follows nor deletes the link's target
+    assert (other / "checkpoints" / "step-00000004" / "trainer_state.json").is_file()
+    assert _resume(trainer, str(planted))[0] == planted and trainer.state.global_step == 4
