@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``export onnx`` (shared with ``python -m export.export``)."""
     parser.add_argument("model", help="registry name, Hub repo (org/name) or model folder")
     parser.add_argument("output", help="the .onnx file to write")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18; default 18)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset, 18-25 (default 18)")
     parser.add_argument("--pooling", help="cls | cls_last2 | cls_last4 | mean_patch (default: the model's)")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch size to 1")
     parser.add_argument(
@@ -71,14 +72,21 @@ def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", help="provider of the check: cpu, cuda, tensorrt (default: best)")
     parser.add_argument("--device", help="where PyTorch runs the model for export and check (default: cpu)")
     parser.add_argument("--report-json", help="also write the validation report as JSON to this file")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output file (default: refuse)"
+    )
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     from visreg_hub.hub import from_pretrained
     from visreg_hub.inference.onnx import OnnxValidationError, export_onnx
 
-    if Path(args.output).suffix.lower() != ".onnx":  # fail before loading the model
+    output = Path(args.output)
+    if output.suffix.lower() != ".onnx":  # fail before loading the model
         raise ValueError(f"output must end with .onnx, got {args.output!r}")
+    if (output.exists() or output.is_symlink()) and not args.overwrite:
+        raise ValueError(f"{output} already exists; pass --overwrite to replace it, or choose another output")
+    _check_report_path(args.report_json, output)
     image_size = None
     if args.image_size:
         if len(args.image_size) > 2:
@@ -108,10 +116,41 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
         print(exc.report.format_table(), file=sys.stderr)
         _write_report(args.report_json, exc.report)
         raise
+    except ValueError as exc:  # the library names its keyword arguments; a CLI user knows the flags
+        raise ValueError(as_flags(str(exc))) from None
     print(report.format_table())
     _write_report(args.report_json, report)
     print(f"wrote {args.output} ({Path(args.output).stat().st_size / 2**20:.1f} MiB), validated: passed")
     return 0
+
+
+# export_onnx keyword -> the flag that sets it (dynamic_image_size is set by --static-image-size)
+_FLAGS = {
+    "with_preprocessing": "--with-preprocessing", "image_size": "--image-size",
+    "image_layout": "--image-layout", "int8": "--int8", "fp16": "--fp16", "optimize": "--optimize",
+    "patch_tokens": "--patch-tokens",
+    "calibration_images": "--calibration-images", "validation_batch_sizes": "--validation-batch-sizes",
+    "opset": "--opset", "pooling": "--pooling",
+}  # fmt: skip
+
+
+def as_flags(message: str) -> str:
+    """``message`` with export_onnx's keyword names (``int8=True``, ``with_preprocessing``) as CLI flags."""
+    pattern = r"\b(" + "|".join(_FLAGS) + r")(=True)?\b"
+    return re.sub(pattern, lambda match: _FLAGS[match.group(1)], message)
+
+
+def _check_report_path(report: str | None, output: Path) -> None:
+    """Refuse a --report-json that would overwrite the graph or cannot be written, before the export."""
+    if not report:
+        return
+    path = Path(report)
+    if path.resolve() == output.resolve():
+        raise ValueError(f"--report-json {report} is the output file; name another file for the report")
+    if path.is_dir():
+        raise ValueError(f"--report-json {report} is a folder; name a file, e.g. {path / 'report.json'}")
+    if not path.parent.resolve().is_dir():
+        raise ValueError(f"--report-json {report}: the folder {path.parent} does not exist")
 
 
 def _write_report(path: str | None, report) -> None:

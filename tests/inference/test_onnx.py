@@ -478,3 +478,102 @@ def test_session_threads_stay_on_the_cpus_the_process_may_use(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [str(cpu)]
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_failed_export_leaves_the_existing_file_and_nothing_else(model, plain, tmp_path, monkeypatch):
+    """The graph is written and checked beside the output and renamed over it only when every step passed:
+    a crash in the check, in int8 quantisation, or a failed check leave a good file there untouched."""
+    from visreg_hub.inference.onnx import export as export_module
+
+    good, _ = plain
+    out = tmp_path / "model.onnx"
+    out.write_bytes(good.read_bytes())
+    before = _tree(tmp_path)
+
+    def crash(*args, **kwargs):
+        raise MemoryError("out of memory in the check")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export_module, "validate_onnx", crash)
+        with pytest.raises(MemoryError):
+            export_onnx(model, out, validation_batch_sizes=(1,))
+    assert _tree(tmp_path) == before and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export_module, "quantize_int8", crash)
+        with pytest.raises(MemoryError):
+            export_onnx(model, out, int8=True, validation_batch_sizes=(1,))
+    assert _tree(tmp_path) == before and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+    def fail_the_check(model, path, **kwargs):  # the real check, then declared failed
+        report = validate_onnx(model, path, **kwargs)
+        raise OnnxValidationError("ONNX Runtime disagrees with PyTorch", report)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export_module, "validate_onnx", fail_the_check)
+        with pytest.raises(
+            OnnxValidationError, match=r"kept as .*model\.failed\.onnx; .*model\.onnx was not written"
+        ) as info:
+            export_onnx(model, out, validation_batch_sizes=(1,), patch_tokens=False)
+    failed = tmp_path / "model.failed.onnx"
+    assert info.value.report.path == str(failed)
+    assert (tmp_path / "model.onnx").read_bytes() == before["model.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.failed.onnx", "model.onnx"]
+    assert read_onnx_metadata(failed).outputs == ("embedding",)  # the failed graph, kept for inspection
+
+    report = export_onnx(model, out, validation_batch_sizes=(1,))  # a passing export replaces the file
+    assert report.path == str(out) and read_onnx_metadata(out).outputs == ("embedding",)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_opsets_the_exporter_cannot_write_are_refused_up_front(model, tmp_path):
+    # 26-28 are known to onnx but onnxscript's converter leaves an invalid graph (opset-18 header)
+    with pytest.raises(ValueError, match=r"opset must be an integer in \[18, 25\], got 26"):
+        export_onnx(model, tmp_path / "m.onnx", opset=26)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_guards_and_flag_names(model, tmp_path, capsys):
+    """An existing output needs --overwrite; --report-json onto the output, or into a missing folder, is
+    refused before the model loads; library keyword names in messages come out as the CLI's flags."""
+    from visreg_hub.cli import main
+
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"an earlier export")
+    assert main(["export", "onnx", str(folder), str(out)]) == 1
+    assert f"{out} already exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"an earlier export"
+    for report, words in ((out, "is the output file"), (tmp_path / "no" / "r.json", "does not exist"),
+                          (tmp_path, "is a folder")):  # fmt: skip
+        assert (
+            main(["export", "onnx", str(folder), str(out), "--overwrite", "--report-json", str(report)]) == 1
+        )
+        assert words in capsys.readouterr().err
+    assert out.read_bytes() == b"an earlier export"
+    assert main(["export", "onnx", str(folder), str(out), "--overwrite", "--image-size", "64"]) == 1
+    err = capsys.readouterr().err
+    assert "--image-size only applies with --with-preprocessing" in err and "=True" not in err
+    assert main(["export", "onnx", str(folder), str(out), "--overwrite", "--int8", "--fp16"]) == 1
+    assert "--int8 quantises the plain fp32 graph; drop --fp16, --optimize" in capsys.readouterr().err
+
+
+def test_from_pretrained_refuses_onnx_arguments_it_cannot_honour(model, tmp_path):
+    """A torch dtype with the ONNX backend, a misspelt provider or float64 fail at load, not at the first
+    encode() after a whole export."""
+    import visreg_hub
+
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    with pytest.raises(ValueError, match="the ONNX graph's is precision="):
+        visreg_hub.from_pretrained(str(folder), backend="onnx", dtype="bf16")
+    with pytest.raises(ValueError, match="unknown ONNX Runtime provider 'bogus'"):
+        visreg_hub.from_pretrained(str(folder), backend="onnx", provider="bogus")
+    with pytest.raises(ValueError, match=r"dtype must be torch\.float32, float16 or bfloat16"):
+        visreg_hub.from_pretrained(str(folder), dtype=torch.float64)
+    assert visreg_hub.from_pretrained(str(folder), backend="auto", dtype="bf16").dtype == torch.bfloat16

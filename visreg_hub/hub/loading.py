@@ -353,12 +353,19 @@ def from_pretrained(
         backend = (
             "onnx" if provider is not None or precision not in ("fp32", "float32") else default_backend()
         )
-    make_spec(backend, provider, precision)  # a bad backend argument fails before any download
+    spec = make_spec(backend, provider, precision)  # a bad backend argument fails before any download
     resolve_device(device)  # a bad device is one clear error before any download or build
     if isinstance(dtype, str):  # "bf16" as encode() takes it; a bad one fails before any download
         dtype = resolve_dtype(dtype)
-    elif dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch dtype or 'fp32', 'fp16', 'bf16', got {dtype!r}")
+    elif dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"dtype must be torch.float32, float16 or bfloat16 ('fp32', 'fp16', 'bf16'), got {dtype!r}"
+        )
+    if spec.backend == "onnx" and dtype not in (None, torch.float32):
+        raise ValueError(
+            f"dtype={dtype} sets the PyTorch model's precision; the ONNX graph's is precision= "
+            "('fp16' for GPU providers, 'int8' for CPUs), or pass backend='torch' to run in that dtype"
+        )
     source = resolve(name_or_path, revision=revision)
     model = load(source, limits=limits, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
     if device is not None or dtype is not None:

@@ -218,6 +218,10 @@ def make_spec(backend: str = "auto", provider: str | None = None, precision: str
         )
     if backend == "auto" and (provider is not None or precision != "fp32"):
         backend = "onnx"
+    if provider is not None:  # a misspelt provider fails here, not after the first encode()'s export
+        from visreg_hub.inference.onnx.runtime import provider_names
+
+        provider_names(provider)
     return BackendSpec(backend, provider, precision)
 
 

@@ -45,8 +45,11 @@ at some exact ties), crop_mode ``border``, 1-channel models. Decoding (EXIF rota
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from visreg_hub.durable import fsync_dir, fsync_file
 from visreg_hub.errors import require_extra
 from visreg_hub.inference.backends import inference_state
 from visreg_hub.inference.onnx.graph import (
@@ -72,6 +76,7 @@ from visreg_hub.inference.onnx.quantize import calibration_inputs, quantize_int8
 from visreg_hub.inference.onnx.runtime import OnnxMetadata, onnx_extra
 from visreg_hub.inference.onnx.validate import (
     DEFAULT_BATCH_SIZES,
+    OnnxValidationError,
     ValidationReport,
     validate_onnx,
 )
@@ -79,6 +84,10 @@ from visreg_hub.inference.onnx.validate import (
 logger = logging.getLogger(__name__)
 # Largest side of a baked-preprocessing graph's uint8 input: the server's default max_pixels is 4096^2.
 MAX_IMAGE_SIDE = 4096
+# Opsets the exporter writes valid graphs for: 26-28 (onnx 1.23 knows them) fail in onnxscript's version
+# converter (no adapter for Gelu beyond 25) and leave an opset-18 header over opset-23 Attention nodes,
+# which ONNX Runtime refuses. Raise MAX_OPSET when a test exports and runs a higher one.
+MIN_OPSET, MAX_OPSET = 18, 25
 
 # why: int8 linear layers move a random-input ViT embedding by a few degrees at most; below this the
 # quantisation went wrong (measured on ViT-S/16 and the tiny test model: docs/benchmarks.md)
@@ -110,7 +119,7 @@ def export_onnx(
         model: a float32 :class:`~visreg_hub.models.VISRegEncoder` (any device; exported in eval mode,
             its training flags are restored afterwards).
         path: the ``.onnx`` file to write (weights above ~1.8 GB go to ``<path>.data`` beside it).
-        opset: ONNX opset, at least 18 (ONNX Runtime >= 1.14).
+        opset: ONNX opset in [``MIN_OPSET``, ``MAX_OPSET``] = [18, 25] (ONNX Runtime >= 1.14).
         pooling: feature tap of the ``embedding`` output; None: the checkpoint's default.
         dynamic_batch: symbolic batch dimension; False fixes the batch to 1.
         dynamic_image_size: symbolic H and W (multiples of the patch size); None: when the model was built
@@ -141,7 +150,11 @@ def export_onnx(
     Raises:
         ValueError: an argument is invalid (the message says how to fix it).
         OnnxValidationError: ONNX Runtime disagrees with PyTorch (fp32: max abs error > 1e-4; fp16:
-            cosine < 0.999); the file is kept for inspection.
+            cosine < 0.999); the graph is kept for inspection as ``<name>.failed.onnx``.
+
+    Nothing is written to ``path`` unless every step passes: the graph is written and checked in a
+    temporary folder beside it, then renamed over ``path``, so a failed export (a bad option, a failed
+    check, a crash) leaves an existing file there as it was.
     """
     onnx = require_extra("onnx", onnx_extra())
     require_extra("onnxscript", onnx_extra())
@@ -151,12 +164,9 @@ def export_onnx(
     path = Path(path).expanduser()
     if path.suffix.lower() != ".onnx":
         raise ValueError(f"path must end with .onnx, got {str(path)!r}")
-    if (
-        isinstance(opset, bool)
-        or not isinstance(opset, int)
-        or not 18 <= opset <= onnx.defs.onnx_opset_version()
-    ):
-        raise ValueError(f"opset must be an integer in [18, {onnx.defs.onnx_opset_version()}], got {opset!r}")
+    max_opset = min(MAX_OPSET, onnx.defs.onnx_opset_version())
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset:
+        raise ValueError(f"opset must be an integer in [{MIN_OPSET}, {max_opset}], got {opset!r}")
     if model.dtype != torch.float32:
         raise ValueError(
             f"export needs a float32 model, got {model.dtype}; call model.float() first "
@@ -222,31 +232,72 @@ def export_onnx(
     for key, value in meta.to_props().items():
         proto.metadata_props.add(key=key, value=value)
     proto.doc_string = f"visreg_hub {config.name or config.architecture} image encoder ({pooling} pooling)"
-    save_model(proto, path)
-    logger.info("exported %s in %.1f s; validating against PyTorch", path, time.perf_counter() - started)
-    report = validate_onnx(
-        model, path, batch_sizes=tuple(validation_batch_sizes), providers=validation_providers
-    )
-    if not int8:
-        return report
-    scratch = path.with_name(path.stem + ".int8-tmp.onnx")
+    with _staged(path) as staged:
+        save_model(proto, staged)
+        logger.info("exported %s in %.1f s; validating against PyTorch", path, time.perf_counter() - started)
+        report = validate_onnx(
+            model, staged, batch_sizes=tuple(validation_batch_sizes), providers=validation_providers
+        )
+        if int8:
+            scratch = staged.with_name("int8-scratch.onnx")
+            calibration = None
+            if calibration_images is not None:
+                calibration = calibration_inputs(config.data_config, calibration_images)
+            method = quantize_int8(staged, scratch, input_name=meta.input_name, calibration=calibration)
+            quantized = onnx.load(str(scratch))
+            meta = dataclasses.replace(meta, precision="int8", quantization=method)
+            kept = [prop for prop in quantized.metadata_props if not prop.key.startswith("visreg_hub.")]
+            del quantized.metadata_props[:]
+            quantized.metadata_props.extend(kept)
+            for key, value in meta.to_props().items():
+                quantized.metadata_props.add(key=key, value=value)
+            save_model(quantized, staged)
+            logger.info("quantised %s to int8 (%s); checking it against PyTorch", path, method)
+            report = validate_onnx(
+                model, staged, batch_sizes=tuple(validation_batch_sizes), providers=validation_providers,
+                min_cosine=INT8_MIN_COSINE,
+            )  # fmt: skip
+    return dataclasses.replace(report, path=str(path))
+
+
+def _failed_name(path: Path) -> Path:
+    return path.with_name(path.stem + ".failed.onnx")
+
+
+@contextlib.contextmanager
+def _staged(path: Path):
+    """Yield ``<folder>/.<name>.tmp-<pid>/<name>`` to write and check; on success rename it over ``path``.
+
+    A folder rather than a file name: a graph with external weights names its ``<name>.data`` file inside
+    itself, so the staged graph must already carry the final name. On an OnnxValidationError the staged
+    graph moves to ``<name>.failed.onnx`` for inspection (its report then names that file); on any failure
+    ``path`` is left as it was.
+    """
+    stage = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    staged = stage / path.name
     try:
-        calibration = None
-        if calibration_images is not None:
-            calibration = calibration_inputs(config.data_config, calibration_images)
-        method = quantize_int8(path, scratch, input_name=meta.input_name, calibration=calibration)
-        quantized = onnx.load(str(scratch))
+        try:
+            yield staged
+        except OnnxValidationError as exc:
+            failed = _failed_name(path)
+            if not (staged.with_name(staged.name + ".data")).exists():  # a self-contained graph: keep it
+                os.replace(staged, failed)
+                report = dataclasses.replace(exc.report, path=str(failed))
+                raise OnnxValidationError(
+                    f"{exc} (the graph is kept as {failed}; {path} was not written)", report
+                ) from None
+            raise
+        data = staged.with_name(staged.name + ".data")
+        final_data = path.with_name(path.name + ".data")
+        if data.exists():
+            fsync_file(data)
+            os.replace(data, final_data)
+        else:  # a smaller re-export: the old external weights would be stale beside the new graph
+            final_data.unlink(missing_ok=True)
+        fsync_file(staged)
+        os.replace(staged, path)
+        fsync_dir(path.parent)
     finally:
-        scratch.unlink(missing_ok=True)
-    meta = dataclasses.replace(meta, precision="int8", quantization=method)
-    kept = [prop for prop in quantized.metadata_props if not prop.key.startswith("visreg_hub.")]
-    del quantized.metadata_props[:]
-    quantized.metadata_props.extend(kept)
-    for key, value in meta.to_props().items():
-        quantized.metadata_props.add(key=key, value=value)
-    save_model(quantized, path)
-    logger.info("quantised %s to int8 (%s); checking it against PyTorch", path, method)
-    return validate_onnx(
-        model, path, batch_sizes=tuple(validation_batch_sizes), providers=validation_providers,
-        min_cosine=INT8_MIN_COSINE,
-    )  # fmt: skip
+        shutil.rmtree(stage, ignore_errors=True)

@@ -185,6 +185,22 @@ def resolve_providers(providers: str | list[str] | tuple[str, ...] | None, avail
     """
     if providers is None:
         return [name for name in PROVIDER_PRIORITY if name in available or name == CPU]
+    resolved = provider_names(providers, available)
+    if CPU not in resolved:
+        resolved.append(CPU)
+    return resolved
+
+
+def provider_names(
+    providers: str | list[str] | tuple[str, ...], available: list[str] | None = None
+) -> list[str]:
+    """Full provider names of ``providers`` (a name or names, short or full), in order, without repeats.
+
+    Needs no onnxruntime, so ``from_pretrained`` checks the names before it loads or exports anything.
+
+    Raises:
+        ValueError: an empty list, or a name that is neither a known alias nor an ``...ExecutionProvider``.
+    """
     names = [providers] if isinstance(providers, str) else list(providers)
     if not names:
         raise ValueError("providers is empty; pass None for the best available, or e.g. ['cuda', 'cpu']")
@@ -192,14 +208,13 @@ def resolve_providers(providers: str | list[str] | tuple[str, ...] | None, avail
     for name in names:
         full = PROVIDER_ALIASES.get(str(name).lower(), name)
         if not str(full).endswith("ExecutionProvider"):
+            here = "" if available is None else f" (available here: {available})"
             raise ValueError(
                 f"unknown ONNX Runtime provider {name!r}; use one of {sorted(PROVIDER_ALIASES)} or a full "
-                f"name such as {CUDA!r} (available here: {available})"
+                f"name such as {CUDA!r}{here}"
             )
         if full not in resolved:
             resolved.append(full)
-    if CPU not in resolved:
-        resolved.append(CPU)
     return resolved
 
 
