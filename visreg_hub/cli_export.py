@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 logger = logging.getLogger("visreg_hub.cli")
+MAX_VALIDATION_BATCH = 1024
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -27,6 +28,10 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
         sizes = ()
     if not sizes or any(size < 1 for size in sizes):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    if max(sizes) > MAX_VALIDATION_BATCH:  # each batch is built in memory (1e8 images: ~300 GB)
+        raise argparse.ArgumentTypeError(
+            f"batch sizes up to {MAX_VALIDATION_BATCH} (the check builds each batch in memory), got {text!r}"
+        )
     return sizes
 
 

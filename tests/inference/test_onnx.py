@@ -577,3 +577,34 @@ def test_from_pretrained_refuses_onnx_arguments_it_cannot_honour(model, tmp_path
     with pytest.raises(ValueError, match=r"dtype must be torch\.float32, float16 or bfloat16"):
         visreg_hub.from_pretrained(str(folder), dtype=torch.float64)
     assert visreg_hub.from_pretrained(str(folder), backend="auto", dtype="bf16").dtype == torch.bfloat16
+
+
+def test_validation_batch_sizes_are_bounded():
+    import argparse
+
+    from visreg_hub.cli_export import MAX_VALIDATION_BATCH, parse_batch_sizes
+
+    assert parse_batch_sizes(f"1,3,{MAX_VALIDATION_BATCH}") == (1, 3, MAX_VALIDATION_BATCH)
+    for text in ("100000000", "1,0", "", "a"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_batch_sizes(text)
+
+
+@pytest.mark.parametrize(
+    "crop_pct,size", [(1.0, (28, 28)), (0.875, (28, 28)), (1.0, (40, 28)), (0.9, (48, 40))]
+)
+def test_preprocessing_graph_has_no_unused_initialisers(crop_pct, size):
+    """ONNX Runtime warns at every load about initialisers no node reads (the rounding constants of a
+    graph with no resize pass were one), so each one must feed a node."""
+    data_config = {"input_size": (1, 28, 28), "interpolation": "bicubic", "crop_pct": crop_pct,
+                   "crop_mode": "center", "mean": (0.286,), "std": (0.353,)}  # fmt: skip
+    proto = preprocessing_model(PreprocessingSpec.from_data_config(data_config, size, "NHWC"))
+    read = {name for node in proto.graph.node for name in node.input}
+    assert {init.name for init in proto.graph.initializer} <= read
+
+
+def test_int8_export_keeps_onnx_runtime_advice_out_of_the_root_logger(model, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        export_onnx(model, tmp_path / "m.onnx", int8=True, validation_batch_sizes=(1,))
+    assert not [r for r in caplog.records if "pre-processing before quantization" in r.getMessage()]
+    assert not logging.getLogger().filters  # the filter is gone afterwards

@@ -291,11 +291,6 @@ def preprocessing_nodes(spec: PreprocessingSpec, source: str, target: str):
     if spec.layout == "NHWC":
         current = node("Transpose", [current], "nchw", perm=[0, 3, 1, 2])
     current = node("Cast", [current], "float", to=TensorProto.FLOAT)
-    half, low, high = (
-        const("half", 0.5, np.float32),
-        const("zero", 0.0, np.float32),
-        const("max", 255.0, np.float32),
-    )
     if spec.channels == 1:
         # PIL's convert("L"): (19595 R + 38470 G + 7471 B + 0x8000) >> 16. Every intermediate is an
         # integer below 2**24 and 65536 a power of two, so float32 reproduces it exactly.
@@ -309,6 +304,7 @@ def preprocessing_nodes(spec: PreprocessingSpec, source: str, target: str):
             "Floor", [node("Div", [rounded, const("luma_scale", 65536.0, np.float32)], "luma_div")], "luma"
         )
     # PIL resamples width then height, storing each pass as 8-bit: replicate both roundings
+    rounding = None
     for axis, new, old in (
         (3, spec.resize_size[1], spec.image_size[1]),
         (2, spec.resize_size[0], spec.image_size[0]),
@@ -316,6 +312,13 @@ def preprocessing_nodes(spec: PreprocessingSpec, source: str, target: str):
         if new == old:
             continue  # PIL skips a pass whose size does not change
         tag = "w" if axis == 3 else "h"
+        if rounding is None:  # made by the first pass that runs: unused ones make ONNX Runtime warn
+            rounding = (
+                const("half", 0.5, np.float32),
+                const("zero", 0.0, np.float32),
+                const("max", 255.0, np.float32),
+            )
+        half, low, high = rounding
         current = node(
             "Resize", [current, "", "", const(f"size_{tag}", [new], np.int64)], f"resize_{tag}",
             mode=_ONNX_MODES[spec.interpolation], cubic_coeff_a=-0.5, antialias=1, exclude_outside=1,
