@@ -186,5 +186,5 @@ def test_bad_inputs_give_clear_errors(data):
         EmbeddingIndex(32, metric="cosine")
     with pytest.raises(ConfigError, match="kind"):
         EmbeddingIndex(32, kind="pq")
-    with pytest.raises(ConfigError, match="dim must be a positive integer"):
+    with pytest.raises(ConfigError, match=r"dim must be an integer in \[1, 65536\]"):
         EmbeddingIndex(0)

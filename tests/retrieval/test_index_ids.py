@@ -144,3 +144,31 @@ def test_format_1_folder_is_refused_with_a_rebuild_hint(tmp_path):
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"format 1 index.*rebuild it with `visreg-hub index build`"):
         EmbeddingIndex.load(folder)
+
+
+def test_lookups_refuse_what_is_not_an_integer_id():
+    """get_metadata([1.7]) answered id 1's metadata (numpy truncated it); remove refused floats but with
+    another check. Both now share one parser: integers only, bools and beyond-int64 values refused."""
+    index = EmbeddingIndex(4)
+    index.add(np.eye(4, dtype=np.float32), metadata=[{"n": i} for i in range(4)])
+    assert index.get_metadata([1, np.int32(2)]) == [{"n": 1}, {"n": 2}]
+    assert index.get_metadata(3) == [{"n": 3}]
+    for bad in ([1.7], [True], [2**70], ["1"]):
+        with pytest.raises(ValueError, match="ids must be integers"):
+            index.get_metadata(bad)
+        with pytest.raises(ValueError, match="ids must be integers"):
+            index.remove(bad)
+    assert len(index) == 4
+    assert index.remove([1, 1, 99]) == 1 and len(index) == 3
+
+
+def test_metadata_errors_are_not_hidden_by_an_exhausted_id_counter():
+    from visreg_hub.retrieval.records import MAX_ID
+
+    index = EmbeddingIndex(4)
+    index.add(np.eye(4, dtype=np.float32)[:1], ids=[MAX_ID])
+    with pytest.raises(ValueError, match="metadata must be a list of 2"):
+        index.add(np.eye(4, dtype=np.float32)[:2], metadata=[{}])
+    with pytest.raises(ValueError, match=r"counter is exhausted .*continue after the largest id"):
+        index.add(np.eye(4, dtype=np.float32)[:2])
+    assert index.add(np.eye(4, dtype=np.float32)[1:2], ids=[5]).tolist() == [5]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,3 +120,83 @@ def test_loaded_index_keeps_growing(tmp_path):
     assert loaded.search(queries[:2], k=1).ids[:, 0].tolist() == new_ids.tolist()
     with pytest.raises(ValueError, match="already in the index"):
         loaded.add(queries[:1], ids=[5])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"m": 5000, "kind": "hnsw"},
+        {"ef_search": 2**21},
+        {"ef_construction": 2**21},
+        {"nprobe": 2**25},
+        {"nlist": 2**25, "kind": "ivf"},
+        {"pq_m": 2**17},
+    ],
+)
+def test_an_index_that_saves_is_an_index_that_loads(tmp_path, kwargs):
+    """Every build/search parameter the loader would refuse is refused by the constructor (and by the
+    setters), with the same bound, so nothing that saves cannot be loaded again."""
+    from visreg_hub.errors import ConfigError
+    from visreg_hub.retrieval.limits import PARAM_LIMITS
+
+    (name,) = [key for key in kwargs if key != "kind"]
+    with pytest.raises(ConfigError, match=rf"{name} must be an integer in \[1, {PARAM_LIMITS[name]}\]"):
+        EmbeddingIndex(16, **kwargs)
+    with pytest.raises(ConfigError, match=r"dim must be an integer in \[1, 65536\]"):
+        EmbeddingIndex(70_000)
+    index, _ = make_index("hnsw")
+    for setter in ("ef_search", "nprobe"):
+        with pytest.raises(
+            ConfigError, match=rf"{setter} must be an integer in \[1, {PARAM_LIMITS[setter]}\]"
+        ):
+            setattr(index, setter, PARAM_LIMITS[setter] + 1)
+    index.ef_search = PARAM_LIMITS["ef_search"]  # the largest allowed value saves and loads
+    loaded = EmbeddingIndex.load(index.save(tmp_path / "idx"))
+    assert loaded.ef_search == PARAM_LIMITS["ef_search"]
+
+
+def test_an_interrupted_save_keeps_the_earlier_index(tmp_path, monkeypatch):
+    """Saving over an index writes the new one aside and swaps it in: a crash while writing leaves the
+    earlier index loadable, a crash between the two renames is named by load(), a finished save
+    replaces the index and leaves no hidden folders."""
+    import os
+
+    from visreg_hub.retrieval import storage
+
+    index, queries = make_index("flat")
+    folder = index.save(tmp_path / "idx")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    bigger, _ = make_index("flat")
+    bigger.add(queries)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage, "fsync_tree", crash)  # after every file is written, before the swap
+        with pytest.raises(OSError, match="disk full"):
+            bigger.save(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+    assert len(EmbeddingIndex.load(folder)) == 800
+
+    real_replace = os.replace
+
+    def crash_on_second_rename(src, dst):  # the staged folder's rename, after the old one moved aside
+        if Path(src).name.startswith(".idx.saving-"):
+            raise OSError("power cut")
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage.os, "replace", crash_on_second_rename)
+        with pytest.raises(OSError, match="power cut"):
+            bigger.save(folder)
+    leftover = tmp_path / f".idx.replaced-{os.getpid()}"
+    with pytest.raises(FileNotFoundError, match=rf"interrupted: the earlier index is in .*{leftover.name}"):
+        EmbeddingIndex.load(folder)
+    os.rename(leftover, folder)  # what the message says to do
+    assert len(EmbeddingIndex.load(folder)) == 800
+
+    bigger.save(folder)
+    assert len(EmbeddingIndex.load(folder)) == 820
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]

@@ -6,8 +6,6 @@ from typing import Any
 
 import numpy as np
 
-from visreg_hub.errors import ConfigError
-
 _NORMALIZE_BLOCK = 8192  # rows per float64 block of l2_normalize
 
 
@@ -51,11 +49,6 @@ def as_float32_matrix(array: Any, *, name: str, dim: int | None = None) -> np.nd
             f"drop or re-encode those rows"
         )
     return array
-
-
-def check_positive_int(label: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ConfigError(f"{label} must be a positive integer, got {value!r}")
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -22,9 +22,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from visreg_hub.errors import ConfigError, require_extra
-from visreg_hub.retrieval.arrays import as_float32_matrix, check_positive_int, l2_normalize
+from visreg_hub.retrieval.arrays import as_float32_matrix, l2_normalize
 from visreg_hub.retrieval.factory import IVF_KINDS, KINDS, default_nlist, factory_string
-from visreg_hub.retrieval.records import check_new_ids, encode_metadata
+from visreg_hub.retrieval.limits import MAX_DIM, check_bounded_int, check_param
+from visreg_hub.retrieval.records import check_new_ids, encode_metadata, lookup_ids
 from visreg_hub.retrieval.storage import load_index, save_index
 
 logger = logging.getLogger(__name__)
@@ -126,16 +127,16 @@ class EmbeddingIndex:
         model_name: str | None = None,
         pooling: str | None = None,
     ) -> None:
-        check_positive_int("dim", dim)
+        check_bounded_int("dim", dim, MAX_DIM)
         if metric not in METRICS:
             raise ConfigError(f"metric must be one of {METRICS}, got {metric!r}")
         if kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
         for label, value in (("nlist", nlist), ("nprobe", nprobe), ("pq_m", pq_m)):
             if value is not None:
-                check_positive_int(label, value)
+                check_param(label, value)
         for label, value in (("m", m), ("ef_construction", ef_construction), ("ef_search", ef_search)):
-            check_positive_int(label, value)
+            check_param(label, value)
         if kind == "ivfpq" and pq_m is not None and dim % pq_m:
             raise ConfigError(f"pq_m={pq_m} must divide dim={dim}")
         self.dim = int(dim)
@@ -202,8 +203,7 @@ class EmbeddingIndex:
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
-        check_positive_int("nprobe", value)
-        self._nprobe = int(value)
+        self._nprobe = check_param("nprobe", value)
         if self.kind in IVF_KINDS and self._faiss_index is not None:
             self._nprobe = min(self._nprobe, self._nlist)
 
@@ -213,8 +213,7 @@ class EmbeddingIndex:
 
     @ef_search.setter
     def ef_search(self, value: int) -> None:
-        check_positive_int("ef_search", value)
-        self._ef_search = int(value)
+        self._ef_search = check_param("ef_search", value)
 
     @property
     def ids(self) -> np.ndarray:
@@ -298,8 +297,8 @@ class EmbeddingIndex:
         """
         data = self._prepare(vectors, "vectors")
         n = data.shape[0]
+        texts = encode_metadata(metadata, n)  # before the ids: an exhausted counter must not hide this
         new_ids = check_new_ids(ids, n, next_id=self._next_id, live=self._meta, tombstones=self._tombstones)
-        texts = encode_metadata(metadata, n)
         if not self.is_trained:
             self._check_training_size(n)
         return PendingAdd(data, new_ids, texts)
@@ -345,10 +344,8 @@ class EmbeddingIndex:
         Returns:
             the number of vectors removed.
         """
-        wanted = np.unique(np.asarray(ids).reshape(-1))
-        if wanted.size and not np.issubdtype(wanted.dtype, np.integer):
-            raise ValueError(f"ids must be integers, got dtype {wanted.dtype}")
-        present = np.asarray([i for i in wanted.tolist() if i in self._meta], dtype=np.int64)
+        wanted = sorted(set(lookup_ids(ids)))
+        present = np.asarray([i for i in wanted if i in self._meta], dtype=np.int64)
         if not present.size:
             return 0
         if self.kind == "hnsw":
@@ -427,7 +424,7 @@ class EmbeddingIndex:
             KeyError: an id that is not in the index (never added, or removed).
         """
         out = []
-        for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
+        for i in lookup_ids(ids):
             if i not in self._meta:
                 raise KeyError(f"id {i} is not in the index")
             out.append(self._decode(i))

@@ -14,6 +14,7 @@ from typing import Any
 
 from visreg_hub.errors import CheckpointError
 from visreg_hub.hub.format import sha256_file
+from visreg_hub.retrieval.limits import MAX_DIM, PARAM_LIMITS
 
 FORMAT_NAME = "visreg_hub.EmbeddingIndex"
 FORMAT_VERSION = 2
@@ -21,18 +22,11 @@ MANIFEST_NAME = "manifest.json"
 DATA_FILES = ("index.faiss", "ids.npy", "metadata.jsonl")
 __all__ = ["read_manifest", "sha256_file"]
 MAX_MANIFEST_BYTES = 1 << 20
-MAX_DIM = 1 << 16
 MAX_COUNT = 1 << 40
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # (name, allowed None, upper bound) of the positive integer search/build parameters
-_PARAMS = (
-    ("nlist", True, 1 << 24),
-    ("nprobe", True, 1 << 24),
-    ("pq_m", True, MAX_DIM),
-    ("m", False, 1 << 12),
-    ("ef_construction", False, 1 << 20),
-    ("ef_search", False, 1 << 20),
-)
+_NULLABLE = ("nlist", "nprobe", "pq_m")
+_PARAMS = tuple((name, name in _NULLABLE, high) for name, high in PARAM_LIMITS.items())
 
 
 def _int(value: Any, name: str, low: int, high: int, path: Path) -> int:

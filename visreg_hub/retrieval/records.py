@@ -36,7 +36,10 @@ def check_new_ids(
     """
     if ids is None:
         if next_id + n - 1 > MAX_ID:
-            raise ValueError(f"the id counter is exhausted (next id {next_id}); pass explicit ids")
+            raise ValueError(
+                f"the id counter is exhausted (next id {next_id}: automatic ids continue after the largest "
+                f"id added); pass explicit ids in [0, {MAX_ID}]"
+            )
         return np.arange(next_id, next_id + n, dtype=np.int64)
     try:
         ids = np.asarray(ids)
@@ -61,6 +64,22 @@ def check_new_ids(
             f"use new ids or rebuild the index"
         )
     return ids
+
+
+def lookup_ids(ids: Any) -> list[int]:
+    """``ids`` (an int or integers, any shape) as Python ints, for lookups (``get_metadata``, ``remove``).
+
+    Raises:
+        ValueError: a non-integer (``1.7`` would otherwise be truncated to id 1), a bool, or an integer
+            beyond int64.
+    """
+    try:
+        array = np.asarray(ids)
+    except (OverflowError, ValueError, TypeError):
+        raise ValueError(f"ids must be integers in [0, {MAX_ID}]") from None
+    if array.size and (array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"ids must be integers, got {array.dtype} (e.g. {array.reshape(-1)[0]!r})")
+    return [int(i) for i in array.reshape(-1).tolist()]
 
 
 def encode_metadata(metadata: Any, n: int) -> list[str | None]:

@@ -23,12 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from visreg_hub.durable import write_atomic
+from visreg_hub.durable import fsync_dir, fsync_tree, write_atomic
 from visreg_hub.errors import CheckpointError, ConfigError, require_extra
 from visreg_hub.retrieval.factory import KINDS
 from visreg_hub.retrieval.faiss_file import check_faiss_file
@@ -61,15 +62,43 @@ __all__ = [
 
 def save_index(index: EmbeddingIndex, folder: str | Path) -> Path:
     """Write ``index`` to ``folder`` (created if needed; an earlier index there is replaced, a folder
-    holding anything else is refused: see :func:`check_index_output`)."""
-    faiss = require_extra("faiss", "index")
+    holding anything else is refused: see :func:`check_index_output`).
+
+    The whole index is written and synced in a hidden sibling folder first, then swapped in by two
+    renames, so a crash leaves either the earlier index or the new one in ``folder``. Between the two
+    renames (microseconds) ``folder`` is missing and the earlier index sits in ``.<name>.replaced-<pid>``;
+    :func:`load_index` names it if that ever happens.
+    """
     if not index.is_trained:
         raise ValueError("cannot save an untrained IVF index; add() or train() first")
     folder = Path(folder)
     check_index_output(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    # removing the old manifest first means a crash mid-save leaves a folder that refuses to load
-    (folder / MANIFEST_NAME).unlink(missing_ok=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staged = folder.parent / f".{folder.name}.saving-{os.getpid()}"
+    replaced = folder.parent / f".{folder.name}.replaced-{os.getpid()}"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir()
+    try:
+        _write_index_files(index, staged)
+        fsync_tree(staged)
+        if folder.exists() or folder.is_symlink():
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(folder, replaced)
+            os.replace(staged, folder)
+            fsync_dir(folder.parent)
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            os.replace(staged, folder)
+            fsync_dir(folder.parent)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    logger.info("saved %s index of %d vectors to %s", index.kind, len(index), folder)
+    return folder
+
+
+def _write_index_files(index: EmbeddingIndex, folder: Path) -> None:
+    """The data files, then the manifest naming their checksums, into the (new, empty) ``folder``."""
+    faiss = require_extra("faiss", "index")
     write_atomic(folder / INDEX_NAME, lambda p: faiss.write_index(index._faiss_index, str(p)))
     write_atomic(folder / IDS_NAME, lambda p: p.write_bytes(_npy_bytes(index.ids)))
 
@@ -106,8 +135,6 @@ def save_index(index: EmbeddingIndex, folder: str | Path) -> Path:
     }
     text = json.dumps(manifest, indent=2) + "\n"
     write_atomic(folder / MANIFEST_NAME, lambda p: p.write_text(text, encoding="utf-8"))
-    logger.info("saved %s index of %d vectors to %s", index.kind, len(index), folder)
-    return folder
 
 
 def check_index_output(folder: str | Path) -> None:
@@ -218,6 +245,13 @@ def load_index(cls: type[EmbeddingIndex], folder: str | Path) -> EmbeddingIndex:
     """Load a folder written by :func:`save_index`; everything is verified before it is parsed."""
     faiss = require_extra("faiss", "index")
     folder = Path(folder)
+    if not folder.exists():
+        leftovers = sorted(folder.parent.glob(f".{folder.name}.replaced-*")) if folder.parent.is_dir() else []
+        if leftovers:
+            raise FileNotFoundError(
+                f"{folder} does not exist, but a save into it was interrupted: the earlier index is in "
+                f"{leftovers[-1]}; rename that folder to {folder.name} to use it"
+            )
     manifest = read_manifest(folder)
     for name, expected in manifest["files"].items():
         path = folder / name
