@@ -357,10 +357,8 @@ def from_pretrained(
     resolve_device(device)  # a bad device is one clear error before any download or build
     if isinstance(dtype, str):  # "bf16" as encode() takes it; a bad one fails before any download
         dtype = resolve_dtype(dtype)
-    elif dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(
-            f"dtype must be torch.float32, float16 or bfloat16 ('fp32', 'fp16', 'bf16'), got {dtype!r}"
-        )
+    elif dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch dtype or 'fp32', 'fp16', 'bf16', got {dtype!r}")
     if spec.backend == "onnx" and dtype not in (None, torch.float32):
         raise ValueError(
             f"dtype={dtype} sets the PyTorch model's precision; the ONNX graph's is precision= "
