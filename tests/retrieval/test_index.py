@@ -188,3 +188,20 @@ def test_bad_inputs_give_clear_errors(data):
         EmbeddingIndex(32, kind="pq")
     with pytest.raises(ConfigError, match=r"dim must be an integer in \[1, 65536\]"):
         EmbeddingIndex(0)
+
+
+def test_input_problems_are_named_in_the_index_terms():
+    """Ragged rows, float64 values that overflow float32, and too few vectors for IVF-PQ each get a
+    message saying what is wrong in the index's terms (not numpy's, and not a fix that cannot help)."""
+    index = EmbeddingIndex(3)
+    with pytest.raises(ValueError, match=r"vectors must be .* its rows have different lengths"):
+        index.add([[1.0, 2.0, 3.0], [1.0, 2.0]])
+    big = np.ones((2, 3))
+    big[1, 2] = 1e300
+    with pytest.raises(ValueError, match=r"beyond float32's range .* first at row 1"):
+        index.add(big)
+    assert len(index) == 0
+    pq = EmbeddingIndex(8, kind="ivfpq", nlist=4, pq_m=2)
+    with pytest.raises(ValueError, match="256 for the product quantiser's codebooks") as info:
+        pq.add(np.random.default_rng(0).standard_normal((100, 8)).astype(np.float32))
+    assert "smaller nlist" not in str(info.value)

@@ -25,7 +25,10 @@ def as_float32_matrix(array: Any, *, name: str, dim: int | None = None) -> np.nd
         if str(array.dtype) == "torch.bfloat16":  # numpy has no bfloat16
             array = array.float()
         array = array.numpy()
-    array = np.asarray(array)
+    try:
+        array = np.asarray(array)
+    except ValueError:  # rows of different lengths ("inhomogeneous shape")
+        raise ValueError(f"{name} must be (N, D) or (D,) numbers: its rows have different lengths") from None
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(
             f"{name} must be a floating-point array, got dtype {array.dtype}; "
@@ -40,6 +43,15 @@ def as_float32_matrix(array: Any, *, name: str, dim: int | None = None) -> np.nd
             f"{name} has dimension {array.shape[1]} but the index holds {dim}-dimensional vectors; "
             f"use embeddings from the same model (and pooling) the index was built with"
         )
+    if array.dtype.itemsize > 4:  # float64: a finite value beyond float32's range would become inf
+        with np.errstate(invalid="ignore"):
+            too_big = np.isfinite(array) & (np.abs(array) > np.finfo(np.float32).max)
+        if too_big.any():
+            row = int(np.flatnonzero(too_big.any(axis=1))[0])
+            raise ValueError(
+                f"{name} has values beyond float32's range (|x| > 3.4e38), first at row {row}; "
+                f"the index stores float32: rescale those rows (e.g. normalise them)"
+            )
     array = np.ascontiguousarray(array, dtype=np.float32)
     finite = np.isfinite(array).all(axis=1)
     if not finite.all():

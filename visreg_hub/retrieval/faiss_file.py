@@ -21,6 +21,7 @@ import numpy as np
 from visreg_hub.errors import CheckpointError
 
 _METRIC = {"ip": 0, "l2": 1}
+_METRIC_NAMES = {code: name for name, code in _METRIC.items()}
 _CHUNK = 1 << 22  # elements per chunk when range-checking large int arrays
 
 
@@ -91,7 +92,7 @@ def _header(r: _Reader, dim: int, ntotal: int, metric: str, what: str) -> None:
         raise r.fail(f"{what} is not marked trained")
     if (d, n, metric_type) != (dim, ntotal, _METRIC[metric]):
         raise r.fail(
-            f"{what} has dim {d}, {n} vectors, metric {metric_type}; "
+            f"{what} has dim {d}, {n} vectors, metric {_METRIC_NAMES.get(metric_type, metric_type)!r}; "
             f"the manifest says {dim}, {ntotal}, {metric!r}"
         )
 

@@ -248,9 +248,14 @@ class EmbeddingIndex:
         nlist = self._nlist if self._nlist is not None else default_nlist(n)
         needed = max(nlist, 256 if self.kind == "ivfpq" else 1)
         if n < needed:
+            why = (  # PQ trains 256 centroids per sub-vector: a smaller nlist cannot lower that
+                "256 for the product quantiser's codebooks"
+                if needed == 256 and nlist < 256
+                else f"nlist={nlist}; pass a smaller nlist"
+            )
             raise ValueError(
-                f"{self.kind} training needs at least {needed} vectors (nlist={nlist}), got {n}; "
-                f"pass a smaller nlist, more training vectors, or use kind='flat'"
+                f"{self.kind} training needs at least {needed} vectors ({why}), got {n}; "
+                f"add more training vectors, or use kind='flat' or 'ivf'"
             )
 
     def train(self, embeddings: Any) -> None:
