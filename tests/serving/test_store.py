@@ -144,6 +144,7 @@ def test_crash_inside_a_snapshot_keeps_the_old_state(tmp_path, monkeypatch, cras
         store.snapshot()
     monkeypatch.setattr(os, "replace", real_replace)
     (folder / ".CURRENT.tmp-4242").write_text("{}")  # what a SIGKILL mid-write would leave
+    (folder / "..snapshot-000001.tmp.saving-4242").mkdir()  # ... or in the middle of EmbeddingIndex.save
     reopened = DurableIndex(folder, new_index)  # the old log is still in charge
     check_matches(reopened, expected, {})
     assert reopened.generation == 0

@@ -41,9 +41,11 @@ from visreg_hub.serving.wal import LogRecord, LogWriter, read_log
 logger = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
-# what snapshots leave behind when interrupted (CURRENT.tmp: the temporary name before visreg_hub.durable)
+# what snapshots leave behind when interrupted (CURRENT.tmp: the temporary name before visreg_hub.durable;
+# ..snapshot-G.tmp.saving-PID: EmbeddingIndex.save's staging folder beside the snapshot's)
 _GENERATED = re.compile(
-    r"^(snapshot-\d{6}|log-\d{6}\.wal|\.snapshot-\d{6}\.tmp|CURRENT\.tmp|\.CURRENT\.tmp-\d+)$"
+    r"^(snapshot-\d{6}|log-\d{6}\.wal|\.snapshot-\d{6}\.tmp|\.\.snapshot-\d{6}\.tmp\.saving-\d+|CURRENT\.tmp"
+    r"|\.CURRENT\.tmp-\d+)$"
 )
 
 
