@@ -121,3 +121,16 @@ def test_cli_build_from_embed_shards_returns_path_and_key(tmp_path, capsys):
     assert main(["index", "inspect", str(tmp_path / "idx"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert (summary["kind"], summary["count"], summary["build"]["recall_at_10"]) == ("flat", 40, 1.0)
+
+
+def test_parameters_are_checked_before_any_work_even_where_ignored(tmp_path):
+    """`index build --kind flat --nprobe 0` only warned that flat ignores nprobe; `--kind hnsw --m 5000`
+    built and saved an index the loader refuses. Both are refused before the embeddings are read."""
+    from visreg_hub.errors import ConfigError
+    from visreg_hub.retrieval.build import build_index
+
+    missing = tmp_path / "not-read.npy"  # never opened: the parameters fail first
+    for kind, args in (("flat", {"nprobe": 0}), ("hnsw", {"m": 5000}), ("ivf", {"nlist": 2**25})):
+        with pytest.raises(ConfigError, match=f"{next(iter(args))} must be an integer in"):
+            build_index([missing], tmp_path / "idx", kind=kind, **args)
+    assert not (tmp_path / "idx").exists()

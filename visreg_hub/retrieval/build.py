@@ -28,6 +28,7 @@ from visreg_hub.errors import ConfigError
 from visreg_hub.retrieval.arrays import l2_normalize
 from visreg_hub.retrieval.factory import IVF_KINDS, KINDS, default_nlist, default_pq_m, estimate_bytes
 from visreg_hub.retrieval.index import EmbeddingIndex
+from visreg_hub.retrieval.limits import check_param
 from visreg_hub.retrieval.sources import EmbeddingSources, iter_batches, open_sources
 from visreg_hub.retrieval.storage import check_index_output
 
@@ -175,11 +176,13 @@ def build_index(
     if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
         raise ConfigError(f"num_queries (--queries) must be an integer >= 1, got {num_queries!r}")
     check_index_output(output)  # before the slow part: never over an embed folder or unrelated files
-    sources = open_sources(list(paths), paths_file=paths_file)
-    n, dim = sources.count, sources.dim
     unknown = set(index_args) - {"nlist", "nprobe", "pq_m", "m", "ef_search"}
     if unknown or (index_args and kind == "auto"):
         raise ConfigError(f"index parameters {sorted(index_args)} need an explicit kind (not auto)")
+    for name, value in index_args.items():  # in range even where the kind ignores it (--nprobe 0 on flat)
+        check_param(name, value)
+    sources = open_sources(list(paths), paths_file=paths_file)
+    n, dim = sources.count, sources.dim
     plan = choose_plan(
         n, dim, metric, kind, budget, **{k: v for k, v in index_args.items() if k in ("nlist", "pq_m")}
     )
