@@ -95,6 +95,10 @@ def test_manifest_that_disagrees_with_files_is_rejected(tmp_path):
 def test_bad_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no manifest\.json"):
         EmbeddingIndex.load(tmp_path)
+    (tmp_path / "emb.npy").write_bytes(b"not an index")
+    with pytest.raises(FileNotFoundError, match=r"emb\.npy is a file, not an index folder"):
+        EmbeddingIndex.load(tmp_path / "emb.npy")
+    (tmp_path / "emb.npy").unlink()
     index, _ = make_index("flat")
     folder = index.save(tmp_path / "idx")
     manifest = json.loads((folder / "manifest.json").read_text())

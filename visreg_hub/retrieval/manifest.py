@@ -51,6 +51,11 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     from visreg_hub.retrieval.factory import KINDS
 
     path = Path(folder) / MANIFEST_NAME
+    if Path(folder).is_file():
+        raise FileNotFoundError(
+            f"{folder} is a file, not an index folder; pass the folder written by EmbeddingIndex.save or "
+            f"`visreg-hub index build` (embeddings files are indexed with `visreg-hub index build`)"
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"no {MANIFEST_NAME} in {folder}; pass a folder written by EmbeddingIndex.save "

@@ -61,7 +61,8 @@ def check_new_ids(
     if reused:
         raise ValueError(
             f"ids {reused[:5]} were removed from this HNSW index, whose graph still holds them; "
-            f"use new ids or rebuild the index"
+            f"use new ids, or build a new index from the embeddings (a new EmbeddingIndex and add(), or "
+            f"`visreg-hub index build`) to reuse them"
         )
     return ids
 
