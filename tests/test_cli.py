@@ -135,6 +135,7 @@ def test_parquet_output_and_index_from_parquet(tmp_path, capsys, model_dir, gall
     code, out, err = run(capsys, "search", tmp_path / "idx", query, "-k", 2, "--json")
     assert code == 0, err
     assert json.loads(out)[0]["results"][0]["metadata"]["path"] == os.path.abspath(query)
+    assert json.loads(out)[0]["metric"] == "ip"  # says how to read "score" (l2: a squared distance)
 
 
 def test_parquet_without_pyarrow_names_the_fix(tmp_path, capsys, monkeypatch, gallery):

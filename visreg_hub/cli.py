@@ -131,6 +131,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     report = [
         {
             "query": query,
+            "metric": index.metric,  # "ip": higher score is closer; "l2": score is a squared distance
             "results": [
                 {"rank": rank + 1, "score": float(score), "id": int(hit), "metadata": meta}
                 for rank, (score, hit, meta) in enumerate(zip(scores, ids, metas, strict=True))

@@ -195,14 +195,16 @@ def _size(nbytes: int) -> str:
 
 
 def cmd_index_inspect(args: argparse.Namespace) -> int:
-    from visreg_hub.retrieval import read_manifest
+    from visreg_hub.retrieval.manifest import read_manifest, verify_files
 
     manifest = read_manifest(args.index)
+    verify_files(args.index, manifest)  # what load() and search would refuse, inspect reports too
     build = {key: value for key, value in manifest["build"].items() if key != "query_ids"}
     fields = ("kind", "factory", "metric", "dim", "count", "next_id", "model_name", "pooling", "normalized",
               "params")  # fmt: skip
     summary = {key: manifest[key] for key in fields}
     summary["build"] = build
+    summary["files"] = {name: "sha256 verified" for name in manifest["files"]}
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -262,7 +264,9 @@ def add_embed_parsers(commands, common: argparse.ArgumentParser) -> None:
     b.add_argument("--normalize", action="store_true", help="L2-normalise vectors (cosine with --metric ip)")
     b.add_argument("--overwrite", action="store_true", help="replace an index in -o (default: refuse)")
     b.set_defaults(func=cmd_index_build)
-    i = actions.add_parser("inspect", parents=[common], help="print an index folder's manifest summary")
+    i = actions.add_parser(
+        "inspect", parents=[common], help="verify an index folder's checksums and print its manifest summary"
+    )
     i.add_argument("index", help="index folder")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_index_inspect)

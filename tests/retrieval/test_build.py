@@ -121,6 +121,13 @@ def test_cli_build_from_embed_shards_returns_path_and_key(tmp_path, capsys):
     assert main(["index", "inspect", str(tmp_path / "idx"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert (summary["kind"], summary["count"], summary["build"]["recall_at_10"]) == ("flat", 40, 1.0)
+    assert set(summary["files"]) == {"index.faiss", "ids.npy", "metadata.jsonl"}
+    # inspect verifies the checksums as load() does: a changed metadata line is reported, not hidden
+    lines = (tmp_path / "idx" / "metadata.jsonl").read_text().splitlines()
+    lines[0] = '{"path":"elsewhere.png"}'
+    (tmp_path / "idx" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["index", "inspect", str(tmp_path / "idx")]) != 0
+    assert "checksum mismatch for" in capsys.readouterr().err
 
 
 def test_parameters_are_checked_before_any_work_even_where_ignored(tmp_path):

@@ -124,6 +124,7 @@ def test_index_of_another_kind_or_dim_is_refused(folders, tmp_path):
         ("params", {"nlist": "4"}, r"params\.nlist must be an integer"),
         ("normalized", "yes", "normalized must be true or false"),
         ("model_name", {"a": 1}, "model_name must be a string"),
+        ("pooling", "zzz", "pooling must be one of"),  # refused at load, not at the first search
         ("build", 3, "build must be an object"),
         ("files", {"index.faiss": "00"}, "must list the sha256"),
         ("next_id", 0, "next_id"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -123,6 +124,45 @@ def test_metadata_is_copied_and_round_trips(tmp_path):
         '{"path":"a.jpg","tags":["x"]}',
         "null",
     ]
+
+
+@pytest.mark.parametrize("meta", [{1: "a"}, {"nested": [{"ok": 1, None: 2}]}, {(1, 2): "t"}])
+def test_metadata_keys_json_would_change_are_refused(meta):
+    """JSON turns {1: "a"} into {"1": "a"}: what get_metadata returned differed from what was added."""
+    index = EmbeddingIndex(4)
+    with pytest.raises(ValueError, match="use string keys"):
+        index.add(np.eye(4, dtype=np.float32)[:1], metadata=[meta])
+    assert len(index) == 0 and index.next_id == 0  # nothing half-added
+
+
+def test_tuples_in_metadata_come_back_as_lists(tmp_path):
+    index = EmbeddingIndex(4)
+    index.add(np.eye(4, dtype=np.float32)[:1], metadata=[{"box": (1, 2)}])
+    assert EmbeddingIndex.load(index.save(tmp_path / "i")).get_metadata([0]) == [{"box": [1, 2]}]
+
+
+def test_index_folders_may_be_bytes_or_pathlike(tmp_path):
+    index = EmbeddingIndex(4)
+    index.add(np.eye(4, dtype=np.float32), metadata=[{"i": i} for i in range(4)])
+    index.save(os.fsencode(tmp_path / "b"))
+    assert EmbeddingIndex.load(os.fsencode(tmp_path / "b")).get_metadata([3]) == [{"i": 3}]
+    with pytest.raises(TypeError, match=r"must be a str, bytes or os\.PathLike path, got int"):
+        EmbeddingIndex.load(3)
+
+
+def test_ivfpq_on_few_vectors_logs_one_warning_instead_of_faiss_lines(capfd, caplog):
+    """FAISS printed one raw C++ "please provide at least N training points" line per sub-quantizer
+    (dozens per add) straight to stderr, out of reach of logging."""
+    vectors = np.random.default_rng(0).standard_normal((309, 64)).astype(np.float32)
+    with caplog.at_level("WARNING", logger="visreg_hub.retrieval.index"):
+        index = EmbeddingIndex(64, kind="ivfpq", pq_m=16)
+        index.add(vectors)
+    assert "please provide at least" not in capfd.readouterr().err
+    assert [r.getMessage() for r in caplog.records] == [
+        "training IVF-PQ codebooks (256 codes each) on only 309 vectors; recall may suffer"
+    ]
+    exact = exact_ids(vectors, np.arange(309), vectors[:20], 1)[:, 0]
+    assert (index.search(vectors[:20], k=1).ids[:, 0] == exact).mean() >= 0.5  # still trained
 
 
 def test_sparse_inverted_lists_round_trip(tmp_path, data):

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from visreg_hub.errors import ConfigError, require_extra
+from visreg_hub.models.config import POOLINGS
 from visreg_hub.retrieval.arrays import as_float32_matrix, l2_normalize
 from visreg_hub.retrieval.factory import IVF_KINDS, KINDS, default_nlist, factory_string
 from visreg_hub.retrieval.limits import MAX_DIM, check_bounded_int, check_param
@@ -137,6 +138,8 @@ class EmbeddingIndex:
                 check_param(label, value)
         for label, value in (("m", m), ("ef_construction", ef_construction), ("ef_search", ef_search)):
             check_param(label, value)
+        if pooling is not None and pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {POOLINGS} or None, got {pooling!r}")
         if kind == "ivfpq" and pq_m is not None and dim % pq_m:
             raise ConfigError(f"pq_m={pq_m} must divide dim={dim}")
         self.dim = int(dim)
@@ -280,7 +283,12 @@ class EmbeddingIndex:
             self._nlist = default_nlist(n)
         if n < 39 * self._nlist:
             logger.warning("training %d IVF cells on only %d vectors; recall may suffer", self._nlist, n)
+        if self.kind == "ivfpq" and n < 39 * 256:
+            logger.warning(
+                "training IVF-PQ codebooks (256 codes each) on only %d vectors; recall may suffer", n
+            )
         index = self._build(self._nlist)
+        _quiet_faiss_clustering(require_extra("faiss", "index"), index)
         index.train(data)
         self._nprobe = min(self._nprobe if self._nprobe is not None else 16, self._nlist)
         self._faiss_index = index
@@ -463,3 +471,16 @@ class EmbeddingIndex:
             f"EmbeddingIndex(dim={self.dim}, metric={self.metric!r}, kind={self.kind!r}, count={len(self)}, "
             f"model_name={self.model_name!r})"
         )
+
+
+def _quiet_faiss_clustering(faiss, index) -> None:
+    """Silence FAISS's per-k-means "please provide at least N training points" lines on stderr.
+
+    FAISS prints one per clustering (IVF-PQ: one per sub-quantizer, dozens of raw C++ lines that logging
+    cannot catch). ``min_points_per_centroid`` only gates that message, not the training, and
+    :meth:`EmbeddingIndex.train` already logs one warning in its place.
+    """
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    ivf.cp.min_points_per_centroid = 1
+    if hasattr(ivf, "pq"):
+        ivf.pq.cp.min_points_per_centroid = 1

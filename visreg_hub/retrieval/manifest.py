@@ -8,19 +8,21 @@ a ``TypeError``/``RecursionError`` later on.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 from visreg_hub.errors import CheckpointError
 from visreg_hub.hub.format import sha256_file
+from visreg_hub.models.config import POOLINGS
 from visreg_hub.retrieval.limits import MAX_DIM, PARAM_LIMITS
 
 FORMAT_NAME = "visreg_hub.EmbeddingIndex"
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 DATA_FILES = ("index.faiss", "ids.npy", "metadata.jsonl")
-__all__ = ["read_manifest", "sha256_file"]
+__all__ = ["folder_path", "read_manifest", "sha256_file", "verify_files"]
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_COUNT = 1 << 40
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -40,7 +42,37 @@ def _optional_str(value: Any, name: str, path: Path) -> None:
         raise CheckpointError(f"{path}: {name} must be a string or null, got {type(value).__name__}")
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
+def folder_path(folder: str | bytes | os.PathLike) -> Path:
+    """An index folder given as str, bytes (named as ``os.fsdecode`` names them) or os.PathLike."""
+    try:
+        return Path(os.fsdecode(folder))
+    except TypeError:
+        raise TypeError(
+            f"an index folder must be a str, bytes or os.PathLike path, got {type(folder).__name__}"
+        ) from None
+
+
+def verify_files(folder: str | bytes | os.PathLike, manifest: dict[str, Any]) -> None:
+    """Check every data file the manifest lists against its recorded sha256.
+
+    Raises:
+        FileNotFoundError: a listed file is missing.
+        CheckpointError: a file's content differs from what was saved.
+    """
+    folder = folder_path(folder)
+    for name, expected in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is listed in the manifest but missing; rebuild the index")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise CheckpointError(
+                f"checksum mismatch for {path}: the manifest records sha256 {str(expected)[:12]}..., "
+                f"the file has {actual[:12]}...; the file was modified or corrupted, rebuild the index"
+            )
+
+
+def read_manifest(folder: str | bytes | os.PathLike) -> dict[str, Any]:
     """Read and validate ``folder/manifest.json`` without loading the index (cheap).
 
     Raises:
@@ -50,8 +82,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     """
     from visreg_hub.retrieval.factory import KINDS
 
-    path = Path(folder) / MANIFEST_NAME
-    if Path(folder).is_file():
+    folder = folder_path(folder)
+    path = folder / MANIFEST_NAME
+    if folder.is_file():
         raise FileNotFoundError(
             f"{folder} is a file, not an index folder; pass the folder written by EmbeddingIndex.save or "
             f"`visreg-hub index build` (embeddings files are indexed with `visreg-hub index build`)"
@@ -100,6 +133,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: {key} must be true or false, got {manifest[key]!r}")
     for key in ("model_name", "pooling"):
         _optional_str(manifest[key], key, path)
+    if manifest["pooling"] is not None and manifest["pooling"] not in POOLINGS:
+        got = manifest["pooling"]
+        raise CheckpointError(f"{path}: pooling must be one of {POOLINGS} or null, got {got!r}")
     if not isinstance(manifest["build"], dict):
         raise CheckpointError(f"{path}: build must be an object, got {type(manifest['build']).__name__}")
     params = manifest["params"]

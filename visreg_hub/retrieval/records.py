@@ -87,7 +87,8 @@ def encode_metadata(metadata: Any, n: int) -> list[str | None]:
     """n metadata dicts (or None) as compact JSON texts.
 
     Raises:
-        ValueError: not a list of n dicts/None, or a value JSON cannot represent (NaN, objects, cycles).
+        ValueError: not a list of n dicts/None, a key that is not a string (JSON would change it), or a
+            value JSON cannot represent (NaN, objects, cycles). Tuples are stored, and come back, as lists.
     """
     if metadata is None:
         return [None] * n
@@ -101,6 +102,13 @@ def encode_metadata(metadata: Any, n: int) -> list[str | None]:
             continue
         if not isinstance(item, dict):
             raise ValueError(f"metadata[{i}] must be a dict or None, got {type(item).__name__}")
+        bad_keys = _non_str_keys(item)
+        if bad_keys:
+            key = bad_keys[0]
+            raise ValueError(
+                f"metadata[{i}] has the key {key!r} ({type(key).__name__}); metadata is stored as JSON, "
+                "whose keys are strings, so it would come back changed: use string keys"
+            )
         try:
             texts.append(json.dumps(item, allow_nan=False, separators=(",", ":")))
         except (TypeError, ValueError, RecursionError) as exc:
@@ -108,3 +116,27 @@ def encode_metadata(metadata: Any, n: int) -> list[str | None]:
                 f"metadata[{i}] must be JSON-serialisable (str, numbers, lists, dicts): {exc}"
             ) from exc
     return texts
+
+
+def _non_str_keys(value: Any, depth: int = 0) -> list[Any]:
+    """The dict keys in ``value`` (nested dicts and lists included) that are not str: [] or [first one].
+
+    JSON would silently turn ``{1: "a"}`` into ``{"1": "a"}`` (and merge it with a "1" key). Lists and
+    tuples both come back as lists, as from any JSON store. Nesting deeper than JSON allows is left to
+    ``json.dumps``, which reports it.
+    """
+    if depth > 1000:
+        return []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return [key]
+            found = _non_str_keys(item, depth + 1)
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for item in value:
+            found = _non_str_keys(item, depth + 1)
+            if found:
+                return found
+    return []

@@ -39,8 +39,10 @@ from visreg_hub.retrieval.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
+    folder_path,
     read_manifest,
     sha256_file,
+    verify_files,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,7 +73,7 @@ def save_index(index: EmbeddingIndex, folder: str | Path) -> Path:
     """
     if not index.is_trained:
         raise ValueError("cannot save an untrained IVF index; add() or train() first")
-    folder = Path(folder)
+    folder = folder_path(folder)
     check_index_output(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staged = folder.parent / f".{folder.name}.saving-{os.getpid()}"
@@ -147,7 +149,7 @@ def check_index_output(folder: str | Path) -> None:
     Raises:
         ConfigError: ``folder`` is a file, holds other files, or has a manifest that is not an index's.
     """
-    folder = Path(folder)
+    folder = folder_path(folder)
     if not folder.exists():
         return
     if not folder.is_dir():
@@ -244,7 +246,7 @@ def _read_metadata(path: Path, count: int) -> list[str | None]:
 def load_index(cls: type[EmbeddingIndex], folder: str | Path) -> EmbeddingIndex:
     """Load a folder written by :func:`save_index`; everything is verified before it is parsed."""
     faiss = require_extra("faiss", "index")
-    folder = Path(folder)
+    folder = folder_path(folder)
     if not folder.exists():
         leftovers = sorted(folder.parent.glob(f".{folder.name}.replaced-*")) if folder.parent.is_dir() else []
         if leftovers:
@@ -253,16 +255,7 @@ def load_index(cls: type[EmbeddingIndex], folder: str | Path) -> EmbeddingIndex:
                 f"{leftovers[-1]}; rename that folder to {folder.name} to use it"
             )
     manifest = read_manifest(folder)
-    for name, expected in manifest["files"].items():
-        path = folder / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is listed in the manifest but missing; rebuild the index")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise CheckpointError(
-                f"checksum mismatch for {path}: the manifest records sha256 {str(expected)[:12]}..., "
-                f"the file has {actual[:12]}...; the file was modified or corrupted, rebuild the index"
-            )
+    verify_files(folder, manifest)
     count, ntotal = manifest["count"], manifest["ntotal"]
     ids = _read_ids(folder / IDS_NAME, count)
     texts = _read_metadata(folder / METADATA_NAME, count)
