@@ -262,6 +262,8 @@ def test_hub_download_round_trip_revision_pinning_and_cache_only(fake_hub, tmp_p
         torch.testing.assert_close(latest(images), second(images), rtol=0, atol=0)
         pinned = from_pretrained("hf-hub:org/tiny", revision=first_sha, cache_dir=cache)
         torch.testing.assert_close(pinned(images), first(images), rtol=0, atol=0)
+        for spelled in (f"hf-hub:org/tiny@{first_sha}", f"org/tiny@{first_sha}"):  # timm's pin spelling
+            torch.testing.assert_close(from_pretrained(spelled, cache_dir=cache)(images), first(images))
         # both revisions now in the cache: loadable without any request
         requests_before = len(fake_hub.requests)
         cached = from_pretrained("org/tiny", revision=first_sha, cache_dir=cache, local_files_only=True)
@@ -277,6 +279,10 @@ def test_hub_download_round_trip_revision_pinning_and_cache_only(fake_hub, tmp_p
         from_pretrained("org/missing", cache_dir=cache)
     with pytest.raises(ModelNotFoundError, match="revision"):
         from_pretrained("org/tiny", revision="no-such-branch", cache_dir=cache)
+    with pytest.raises(ModelNotFoundError, match="but revision='main' was also given"):
+        from_pretrained(f"hf-hub:org/tiny@{first_sha}", revision="main", cache_dir=cache)
+    with pytest.raises(ModelNotFoundError, match="without a revision"):
+        from_pretrained("hf-hub:org/tiny@", cache_dir=cache)
 
 
 def test_hub_repo_without_safetensors_is_refused(fake_hub, tmp_path):

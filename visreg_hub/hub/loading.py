@@ -123,7 +123,8 @@ def resolve(name_or_path: str | Path, *, revision: str | None = None) -> Source:
     """Turn a folder, registry name, ``hf-hub:org/repo`` or ``org/repo`` into a :class:`Source`.
 
     Resolution order: an existing local folder; ``hf-hub:org/repo``; a registry name
-    (:func:`visreg_hub.list_models`); ``org/repo`` on the Hugging Face Hub.
+    (:func:`visreg_hub.list_models`); ``org/repo`` on the Hugging Face Hub. Hub names may pin a revision
+    as timm does, ``hf-hub:org/repo@REVISION`` (the same as ``revision=REVISION``).
 
     Raises:
         ModelNotFoundError: nothing matches (close registry names are suggested), or a file was given.
@@ -143,14 +144,34 @@ def resolve(name_or_path: str | Path, *, revision: str | None = None) -> Source:
         raise ModelNotFoundError(f"from_pretrained needs a name, repo id or folder, got {name_or_path!r}")
     name = name_or_path.strip()
     if name.startswith("hf-hub:"):
-        return Source("hub", name[len("hf-hub:") :], revision=revision)
+        repo_id, revision = _split_revision(name[len("hf-hub:") :], revision)
+        return Source("hub", repo_id, revision=revision)
     entry = registry.find_entry(name)
     if entry is not None:
         return _registry_source(entry, revision)
     if _looks_like_path(name) or name.count("/") != 1:
         where = "no such folder" if _looks_like_path(name) else "not a registry name or 'org/repo'"
         raise ModelNotFoundError(f"cannot load {name!r}: {where}.{registry.suggest_names(name)}")
-    return Source("hub", name, revision=revision)
+    repo_id, revision = _split_revision(name, revision)
+    return Source("hub", repo_id, revision=revision)
+
+
+def _split_revision(repo: str, revision: str | None) -> tuple[str, str | None]:
+    """``org/repo@rev`` -> (``org/repo``, ``rev``), timm's ``hf-hub:`` spelling of a pinned revision.
+
+    Raises:
+        ModelNotFoundError: an empty ``@`` suffix, or one that disagrees with ``revision=``.
+    """
+    repo_id, at, pinned = repo.partition("@")
+    if not at:
+        return repo, revision
+    if not pinned:
+        raise ModelNotFoundError(f"{repo!r} ends in '@' without a revision; write org/repo@REVISION")
+    if revision is not None and revision != pinned:
+        raise ModelNotFoundError(
+            f"{repo!r} pins revision {pinned!r} but revision={revision!r} was also given; pass one of them"
+        )
+    return repo_id, pinned
 
 
 # ---------------------------------------------------------------------- Hub downloads
