@@ -27,7 +27,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     """``device`` as a ``torch.device`` that exists on this machine (None stays None: the caller's default).
 
     Raises:
-        DeviceError: malformed (``bogus``, ``cuda:x``), or hardware this machine does not have.
+        DeviceError: malformed (``bogus``, ``cuda:x``), hardware this machine does not have, or ``meta``
+            (it holds shapes without data: moving a model there would empty its weights).
     """
     if device is None:
         return None
@@ -58,6 +59,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
         getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     ):
         raise DeviceError(f"device 'mps' asked for, but Apple MPS is not available here ({_available()})")
-    elif parsed.type not in ("cpu", "cuda", "mps", "meta"):
+    elif parsed.type == "meta":
+        raise DeviceError(
+            "device 'meta' holds no data: a model moved there loses its weights and cannot embed; use "
+            f"{USUAL} (available here: {_available()})"
+        )
+    elif parsed.type not in ("cpu", "cuda", "mps"):
         raise DeviceError(f"device {str(parsed)!r} is not supported by visreg_hub; use {USUAL}")
     return parsed

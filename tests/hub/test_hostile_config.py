@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,3 +212,44 @@ def test_names_the_os_cannot_look_up_and_string_dtypes():
     assert next(model.parameters()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="dtype must be"):
         from_pretrained("vit-mini-p7-fmnist", dtype="int8")
+
+
+def test_checkpoint_files_linking_outside_the_folder_are_refused_and_never_echoed(folder, tmp_path):
+    """A model.safetensors symlinked to a secret: the old message printed its first 8 bytes as a number."""
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"hunter2!SECRETKEY=abcdefghijklmnop")
+    link = tmp_path / "linked"
+    shutil.copytree(folder, link)
+    (link / "model.safetensors").unlink()
+    (link / "model.safetensors").symlink_to(secret)
+    with pytest.raises(CheckpointError, match="symlink to a file outside the folder") as info:
+        from_pretrained(link)
+    assert str(int.from_bytes(b"hunter2!", "little")) not in str(info.value)
+    # the same bytes as a plain file inside the folder: refused without echoing them either
+    (link / "model.safetensors").unlink()
+    (link / "model.safetensors").write_bytes(secret.read_bytes())
+    with pytest.raises(CheckpointError, match="header length field exceeds") as info:
+        from_pretrained(link)
+    assert str(int.from_bytes(b"hunter2!", "little")) not in str(info.value)
+
+
+def test_a_hugging_face_snapshot_folder_with_blob_links_loads(folder, tmp_path):
+    """The HF cache layout (snapshots/<rev>/file -> ../../blobs/<sha>) stays loadable as a local folder."""
+    repo = tmp_path / "models--org--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        blob = repo / "blobs" / f"blob-{name}"
+        shutil.copy(folder / name, blob)
+        (snapshot / name).symlink_to(Path("../../blobs") / blob.name)
+    images = torch.rand(1, *from_pretrained(folder).config.data_config["input_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(from_pretrained(snapshot)(images), from_pretrained(folder)(images))
+
+
+def test_a_missing_folder_path_says_it_does_not_exist(tmp_path):
+    from visreg_hub.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        from_pretrained(tmp_path / "nope" / "dir")

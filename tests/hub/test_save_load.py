@@ -221,3 +221,25 @@ def test_missing_folder_or_bad_name(tmp_path):
     (tmp_path / "weights.pth").write_bytes(b"x")
     with pytest.raises(ModelNotFoundError, match="is a file"):
         from_pretrained(str(tmp_path / "weights.pth"))
+
+
+def test_a_failed_save_leaves_the_earlier_folder_loadable_and_unchanged(tmp_path, monkeypatch):
+    """config.json used to be written before the weights: a save that failed on the weights (disk full)
+    left the new config beside the old weights, a folder that no longer loaded."""
+    from visreg_hub.hub import format as ckpt
+
+    folder = save_pretrained(tiny_encoder(seed=1), tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def disk_full(target, model):
+        (target / ckpt.WEIGHTS_NAME).write_bytes(b"\0" * 100)  # a partial file, then the failure
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "write_weights", disk_full)
+    with pytest.raises(OSError, match=r"could not save the model to .*earlier files are unchanged"):
+        save_pretrained(tiny_encoder(seed=2, depth=3), folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no staging folder left either
+    monkeypatch.undo()
+    images = torch.rand(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(from_pretrained(folder)(images), tiny_encoder(seed=1)(images))

@@ -9,6 +9,8 @@ i.e. our ``pooling="cls"``. The reference here is our own ``encode()`` on the sa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -67,3 +69,26 @@ def test_bundled_grayscale_model_loads_in_transformers(fmnist_test):
     with torch.no_grad():
         pooled = hf_model(**processor(images, return_tensors="pt")).pooler_output
     torch.testing.assert_close(_unit(pooled), ours.encode(images), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vit-tiny-p8-colour", "vit-tiny-p4-fmnist"])
+def test_card_states_the_pooler_output_width_transformers_gives(name, fmnist_test, photo_paths):
+    """Cards said `pooler_output` was the default embedding's width (256 / 512 for these cls_lastK models);
+    transformers gives the cls tap: the card must say what AutoModel returns."""
+    import re
+
+    ours = from_pretrained(name)
+    folder = resolve(name).location
+    hf_model = transformers.AutoModel.from_pretrained(folder).eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    if ours.config.in_chans == 1:
+        images = [Image.fromarray(fmnist_test[0][0], mode="L")]
+    else:
+        images = [Image.open(photo_paths[0]).convert("RGB")]
+    with torch.no_grad():
+        pooled = hf_model(**processor(images, return_tensors="pt")).pooler_output
+    card = (Path(folder) / "README.md").read_text()
+    stated = re.search(r"pooler_output\s+# \(1, (\d+)\)", card)
+    assert stated and int(stated.group(1)) == pooled.shape[-1] == ours.embedding_dim("cls")
+    assert ours.embedding_dim() != pooled.shape[-1]  # the case the old card got wrong
+    torch.testing.assert_close(pooled, ours.encode(images, pooling="cls", normalize=False), rtol=0, atol=1e-5)

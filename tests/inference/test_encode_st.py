@@ -115,3 +115,23 @@ def test_sentence_transformers_argument_names(model, photo_paths, floats):
         encode(model, photo_paths, precision="int4")
     with pytest.raises(ValueError, match=r"calibration_embeddings must be a non-empty \(M, 32\)"):
         encode(model, photo_paths, precision="int8", calibration_embeddings=floats[:, :5])
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("int8", np.int8), ("uint8", np.uint8)])
+def test_int_precisions_of_no_embeddings_keep_the_failures(model, photo_paths, precision, dtype):
+    """An empty call, or one where every image failed, used to raise about calibration_embeddings (never
+    passed) and lose the failure list."""
+    empty = encode(model, [], precision=precision, convert_to_numpy=True)
+    assert empty.shape == (0, model.embedding_dim()) and empty.dtype == dtype
+    result = encode(model, [b"xx", b"yy"], precision=precision, on_error="skip", convert_to_numpy=True)
+    assert result.embeddings.shape == (0, model.embedding_dim()) and result.embeddings.dtype == dtype
+    assert [failure.index for failure in result.failures] == [0, 1]
+
+
+def test_calibration_embeddings_must_be_finite_floats(floats):
+    bad = floats.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="calibration_embeddings contain NaN"):
+        quantize_embeddings(floats, "int8", calibration_embeddings=bad)
+    with pytest.raises(ValueError, match="calibration_embeddings must be floating point"):
+        quantize_embeddings(floats, "int8", calibration_embeddings=floats.astype(np.int64))

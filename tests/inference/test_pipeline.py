@@ -131,7 +131,7 @@ def test_one_batch_is_decoded_without_a_thread_and_several_with_one(model, photo
     torch.testing.assert_close(several, timm_reference(model, photos), atol=1e-5, rtol=0)
 
 
-UNUSABLE_DEVICES = ["bogus", "cuda:x", "cuda:99" if torch.cuda.is_available() else "cuda"]
+UNUSABLE_DEVICES = ["bogus", "cuda:x", "cuda:99" if torch.cuda.is_available() else "cuda", "meta"]
 
 
 @pytest.mark.parametrize("device", UNUSABLE_DEVICES)
@@ -142,3 +142,14 @@ def test_encode_with_an_unusable_device_is_one_device_error(model, photo_paths, 
         encode(model, photo_paths[:1], device=device)
     assert isinstance(info.value, VisregHubError)
     assert "\n" not in str(info.value)
+    # the caller's model is untouched: "meta" used to empty its weights for good
+    assert next(model.parameters()).device.type == "cpu"
+    assert encode(model, photo_paths[:1]).shape == (1, model.embedding_dim())
+
+
+def test_from_pretrained_refuses_the_meta_device(model, tmp_path):
+    from visreg_hub import from_pretrained
+    from visreg_hub.errors import DeviceError
+
+    with pytest.raises(DeviceError, match="holds no data"):
+        from_pretrained(model.save_pretrained(tmp_path / "m"), device="meta")

@@ -243,6 +243,7 @@ def render_model_card(
         transformers_name=folder,
         mode="RGB" if config.in_chans == 3 else "L",
         embedding_dim=embedding_dim,
+        embed_dim=config.embed_dim,
         pooling=config.pooling,
         pipeline_note=(
             ""

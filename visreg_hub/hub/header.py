@@ -64,8 +64,12 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
                     "with `visreg-hub convert` instead."
                 )
             (length,) = struct.unpack("<Q", prefix)
-            if length > MAX_HEADER_BYTES or length > size - 8:
-                raise _invalid(path, f"a {length}-byte header is declared but the file holds {size} bytes")
+            if length > size - 8:
+                # why not print the length: from a file that is no safetensors (a symlink to a secret, a
+                # text file) these 8 bytes are its content, and an error message is no place for that
+                raise _invalid(path, f"its header length field exceeds the file's {size} bytes")
+            if length > MAX_HEADER_BYTES:
+                raise _invalid(path, f"a {length}-byte header is declared (cap {MAX_HEADER_BYTES})")
             raw = handle.read(length)
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None

@@ -249,6 +249,27 @@ def _build(config, weights_path: Path, limits: ModelLimits | None = None):
     return model
 
 
+def _check_inside(folder: Path, path: Path) -> None:
+    """Refuse a checkpoint file that resolves outside ``folder`` (a symlink to elsewhere on the machine).
+
+    why: a folder from someone else must not make the loader read other files; their bytes could end up
+    in an error message or a log. A Hugging Face cache snapshot (``.../snapshots/<rev>/``) links its files
+    to ``../../blobs/``, which is allowed.
+    """
+    if not path.is_symlink():
+        return
+    base = folder.resolve()
+    target = path.resolve()
+    allowed = [base]
+    if base.parent.name == "snapshots":
+        allowed.append(base.parent.parent / "blobs")
+    if not any(target.is_relative_to(root) for root in allowed):
+        raise CheckpointError(
+            f"{path} is a symlink to a file outside the folder; copy the file into {folder} instead "
+            "(visreg_hub reads only the folder it is given)"
+        )
+
+
 def load_folder(
     folder: str | Path,
     *,
@@ -259,6 +280,12 @@ def load_folder(
     """Build a :class:`VISRegEncoder` from a checkpoint folder (config.json + model.safetensors)."""
     folder = Path(folder)
     config_path, weights_path = folder / ckpt.CONFIG_NAME, folder / ckpt.WEIGHTS_NAME
+    if not folder.exists():
+        raise ModelNotFoundError(
+            f"{folder} does not exist; pass a checkpoint folder, a registry name or org/repo"
+        )
+    for path in (config_path, weights_path):
+        _check_inside(folder, path)
     if not config_path.is_file():
         raise ModelNotFoundError(
             f"{folder} has no {ckpt.CONFIG_NAME}; it is not a visreg_hub/timm checkpoint folder"

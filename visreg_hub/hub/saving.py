@@ -8,10 +8,13 @@ The folder format (file names, config.json layout, safetensors) is defined in :m
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from visreg_hub.durable import fsync_dir, fsync_file
 from visreg_hub.hub import format as ckpt
 from visreg_hub.hub.card import render_model_card
 
@@ -36,7 +39,8 @@ def save_pretrained(
 
     Args:
         model: a :class:`~visreg_hub.models.VISRegEncoder`.
-        folder: output directory (created; existing files of the same names are overwritten).
+        folder: output directory (created; existing files of the same names are replaced, all three only
+            once all three are written, so a failed save leaves the earlier files as they were).
         card: README.md text to write verbatim instead of the generated card.
         eval_results: evaluation numbers for the card (default: ``config.extra["eval_results"]``).
         eval_command: command that produced them.
@@ -60,8 +64,6 @@ def save_pretrained(
     config = model.config
     if license is not None:
         config = config.replace(extra={**config.extra, "license": license})
-    ckpt.write_config(folder, config, model.embedding_dim())
-    ckpt.write_weights(folder, model)
     if card is None:
         card = render_model_card(
             config,
@@ -75,9 +77,38 @@ def save_pretrained(
             description=description,
             tags=tags,
         )
-    (folder / ckpt.CARD_NAME).write_text(card, encoding="utf-8")
+    _write_files(folder, config, model, card)
     logger.info("saved %s to %s", config.name or config.architecture, folder)
     return folder
+
+
+def _write_files(folder: Path, config, model, card: str) -> None:
+    """Write the three files into a hidden staging folder inside ``folder``, then rename them in.
+
+    why: a save that fails half way (disk full, an interrupted process) must not leave the new config.json
+    beside the old weights: such a folder fails to load, or with the same architecture loads the old
+    weights silently. Until the renames, ``folder`` keeps its earlier files untouched; the weights go in
+    first, the card last.
+    """
+    staging = folder / f".saving-{os.getpid()}"
+    staging.mkdir(exist_ok=True)
+    try:
+        try:
+            ckpt.write_weights(staging, model)
+            ckpt.write_config(staging, config, model.embedding_dim())
+            (staging / ckpt.CARD_NAME).write_text(card, encoding="utf-8")
+            for name in (ckpt.WEIGHTS_NAME, ckpt.CONFIG_NAME, ckpt.CARD_NAME):
+                fsync_file(staging / name)
+        except Exception as exc:  # safetensors raises its own SafetensorError on a failed write
+            raise OSError(
+                f"could not save the model to {folder} ({type(exc).__name__}: {exc}); the folder's earlier "
+                "files are unchanged"
+            ) from exc
+        for name in (ckpt.WEIGHTS_NAME, ckpt.CONFIG_NAME, ckpt.CARD_NAME):
+            os.replace(staging / name, folder / name)
+        fsync_dir(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def push_to_hub(

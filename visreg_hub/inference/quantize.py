@@ -41,7 +41,14 @@ def quantization_ranges(
         embeddings: (N, E) float embeddings being quantised (used when there is no calibration set).
         calibration_embeddings: (M, E) float embeddings representative of the corpus, or None.
     """
-    source = embeddings if calibration_embeddings is None else _as_float_array(calibration_embeddings)
+    source = (
+        embeddings
+        if calibration_embeddings is None
+        else _as_float_array(calibration_embeddings, "calibration_embeddings")
+    )
+    if not np.isfinite(source).all():
+        what = "the embeddings" if calibration_embeddings is None else "calibration_embeddings"
+        raise ValueError(f"{what} contain NaN or infinite values; int8/uint8 ranges need finite ones")
     if source.ndim != 2 or source.shape[1] != embeddings.shape[1] or len(source) == 0:
         raise ValueError(
             f"calibration_embeddings must be a non-empty (M, {embeddings.shape[1]}) array, got shape "
@@ -77,7 +84,7 @@ def quantize_embeddings(
     """
     if precision not in EMBEDDING_PRECISIONS:
         raise ValueError(f"precision must be one of {EMBEDDING_PRECISIONS}, got {precision!r}")
-    values = _as_float_array(embeddings)
+    values = _as_float_array(embeddings, "embeddings")
     if values.ndim != 2:
         raise ValueError(f"embeddings must be (N, E), got shape {tuple(values.shape)}")
     if precision == "float32":
@@ -85,6 +92,9 @@ def quantize_embeddings(
     if precision in ("binary", "ubinary"):
         bits = np.packbits(values > 0, axis=-1)
         return bits if precision == "ubinary" else (bits.astype(np.int16) - 128).astype(np.int8)
+    if ranges is None and calibration_embeddings is None and len(values) == 0:
+        # nothing to quantise and nothing to take ranges from (an empty call, or every image failed)
+        return np.empty(values.shape, dtype=np.uint8 if precision == "uint8" else np.int8)
     if ranges is None:
         ranges = quantization_ranges(values, calibration_embeddings)
     ranges = np.asarray(ranges, dtype=np.float64)
@@ -99,8 +109,8 @@ def quantize_embeddings(
     return np.trunc(levels - 128).astype(np.int8)
 
 
-def _as_float_array(values: np.ndarray | torch.Tensor) -> np.ndarray:
+def _as_float_array(values: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
     if not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"embeddings to quantise must be floating point, got {array.dtype}")
+        raise ValueError(f"{name} must be floating point, got {array.dtype}")
     return array
