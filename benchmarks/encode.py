@@ -25,7 +25,14 @@ row does, not the queue for a core. It cannot show decoding overlapping with com
 wall time), so it measures the CPU-time bound ``model / (model + decode + overhead)``.
 
 Images: the colour and grayscale sample photos bundled with scikit-image (300x451 to 1411x1411 px),
-saved as JPEG (quality 90) and replicated to ``--num-images`` files in a temporary folder.
+saved as JPEG (quality 90) and replicated to ``--num-images`` files in a temporary folder; or, with
+``--images-from DIR``, the image files under DIR copied byte for byte (e.g. camera-size photos).
+
+``--draft`` adds ``encode(draft_decode=True)`` rows (large JPEGs decoded at 1/2-1/8 scale by libjpeg) and
+reports how far its embeddings are from a full decode's: the cosine similarity per distinct image and
+whether each image's nearest neighbour among the others stays the same. ``--model NAME`` measures a
+pretrained model (``from_pretrained``) instead of random weights of ``--size``; agreement is only
+meaningful for a trained model.
 
 Usage::
 
@@ -77,8 +84,21 @@ SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "imm
            "colorwheel", "camera", "coins", "retina")  # fmt: skip
 
 
-def write_images(folder: Path, count: int) -> list[Path]:
-    """``count`` JPEG files made from scikit-image's sample photos (falls back to the test fixtures)."""
+def write_images(folder: Path, count: int, source_dir: Path | None = None) -> list[Path]:
+    """``count`` JPEG files made from scikit-image's sample photos (falls back to the test fixtures), or
+    the image files under ``source_dir`` copied unchanged, cycled to ``count``."""
+    if source_dir is not None:
+        from visreg_hub.inference.images import list_image_files
+
+        originals = list_image_files(source_dir)
+        if not originals:
+            raise SystemExit(f"--images-from {source_dir}: no image files there")
+        copies = []
+        for index in range(count):
+            original = originals[index % len(originals)]
+            copies.append(folder / f"img_{index:05d}{original.suffix.lower()}")
+            copies[-1].write_bytes(original.read_bytes())
+        return copies
     try:
         import skimage.data
 
@@ -129,7 +149,12 @@ def measure(args: argparse.Namespace) -> tuple[list[tuple[str, float]], str]:
     device = torch.device(args.device)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     torch.manual_seed(0)
-    model = VISRegEncoder(ModelConfig.from_name(args.size)).to(device).eval()
+    if args.model:
+        from visreg_hub import from_pretrained
+
+        model = from_pretrained(args.model, backend="torch", device=device).eval()
+    else:
+        model = VISRegEncoder(ModelConfig.from_name(args.size)).to(device).eval()
     config = model.data_config
     if args.backend == "onnx":
         set_backend(model, "onnx")
@@ -143,7 +168,7 @@ def measure(args: argparse.Namespace) -> tuple[list[tuple[str, float]], str]:
         session_run = runner.embedder.run
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_images(Path(tmp), args.num_images)
+        paths = write_images(Path(tmp), args.num_images, args.images_from)
         premade = torch.randn(args.batch_size, *config["input_size"], device=device)
         transform = timm.data.create_transform(**config)
 
@@ -171,9 +196,9 @@ def measure(args: argparse.Namespace) -> tuple[list[tuple[str, float]], str]:
             for batch in batches(subset):
                 torch.stack([transform(Image.open(p).convert("RGB")) for p in batch])
 
-        def loading_only(subset: list[Path], workers: int):
+        def loading_only(subset: list[Path], workers: int, draft: bool = False):
             preprocessor = Preprocessor(config)
-            dataset = ImageDataset(expand_inputs(subset), preprocessor)
+            dataset = ImageDataset(expand_inputs(subset), preprocessor, draft_decode=draft)
             collate = Collate(preprocessor.output_shape)
             loader = torch.utils.data.DataLoader(
                 dataset, batch_size=args.batch_size, num_workers=workers, collate_fn=collate
@@ -181,10 +206,10 @@ def measure(args: argparse.Namespace) -> tuple[list[tuple[str, float]], str]:
             for batch in loader:
                 preprocessor.normalize(batch.pixels.to(device))
 
-        def encode_run(subset: list[Path], workers: int):
-            encode(
+        def encode_run(subset: list[Path], workers: int, draft: bool = False):
+            return encode(
                 model, subset, batch_size=args.batch_size, num_workers=workers, dtype=dtype,
-                show_progress_bar=False,
+                show_progress_bar=False, draft_decode=draft, convert_to_numpy=True,
             )  # fmt: skip
 
         runs = [
@@ -201,6 +226,20 @@ def measure(args: argparse.Namespace) -> tuple[list[tuple[str, float]], str]:
             )
         for workers in args.num_workers:
             runs.append((f"encode(), num_workers={workers}", lambda subset, w=workers: encode_run(subset, w)))
+        if args.draft:
+            for workers in args.num_workers:
+                runs.append(
+                    (
+                        f"decode + preprocess only, draft_decode=True, num_workers={workers}",
+                        lambda subset, w=workers: loading_only(subset, w, draft=True),
+                    )
+                )
+                runs.append(
+                    (
+                        f"encode(draft_decode=True), num_workers={workers}",
+                        lambda subset, w=workers: encode_run(subset, w, draft=True),
+                    )
+                )
         if args.batch_size == 1:
 
             def per_call(subset: list[Path]):
@@ -217,7 +256,23 @@ def measure(args: argparse.Namespace) -> tuple[list[tuple[str, float]], str]:
             runs.append(("pipeline without the decode thread, num_workers=0", serial))
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
         rates = best_rates(runs, paths, paths[: args.batch_size], device, args.repeats, clock)
+        if args.draft:
+            distinct = paths[: len(set(p.read_bytes() for p in paths))] if args.images_from else paths
+            args.agreement = draft_agreement(encode_run(distinct, 0), encode_run(distinct, 0, draft=True))
     return [(name, rate) for (name, _), rate in zip(runs, rates)], _measure.device_description(device)
+
+
+def draft_agreement(full: np.ndarray, draft: np.ndarray) -> str:
+    """How close draft-decoded embeddings are to full-decode ones: (N, E) L2-normalised each."""
+    cosine = (full * draft).sum(axis=1)
+    full_sim, draft_sim = full @ full.T, draft @ draft.T
+    np.fill_diagonal(full_sim, -np.inf)
+    np.fill_diagonal(draft_sim, -np.inf)
+    same = (full_sim.argmax(axis=1) == draft_sim.argmax(axis=1)).mean() if len(full) > 2 else float("nan")
+    return (
+        f"{len(full)} distinct images: cosine(full decode, draft decode) min {cosine.min():.4f}, median "
+        f"{np.median(cosine):.4f}; nearest neighbour among the others unchanged for {100 * same:.0f} %"
+    )
 
 
 def render(args: argparse.Namespace, rows: list[tuple[str, float]], device: str, command: str) -> str:
@@ -244,10 +299,20 @@ def render(args: argparse.Namespace, rows: list[tuple[str, float]], device: str,
         ),
         f"- Load average (1 min) at start / end: {args.load_start:.1f} / {os.getloadavg()[0]:.1f} "
         f"(other jobs on the machine)",
-        f"- Model: {args.size} (random weights; speed does not depend on them), batch {args.batch_size}, "
-        f"dtype {args.dtype}; {args.num_images} JPEG files (quality 90, scikit-image samples 300x451 to "
-        f"1411x1411 px) in a temporary folder; best of {args.repeats} interleaved rounds after a warm-up "
-        "round on one batch.",
+        (
+            f"- Model: `{args.model}` (pretrained), batch {args.batch_size}, dtype {args.dtype}; "
+            if args.model
+            else f"- Model: {args.size} (random weights; speed does not depend on them), batch "
+            f"{args.batch_size}, dtype {args.dtype}; "
+        )
+        + (
+            f"{args.num_images} files copied from `{args.images_from}` (cycled) "
+            if args.images_from
+            else f"{args.num_images} JPEG files (quality 90, scikit-image samples 300x451 to 1411x1411 px) "
+        )
+        + f"in a temporary folder; best of {args.repeats} interleaved rounds after a warm-up round on one "
+        "batch.",
+        *([f"- Draft decoding against a full decode: {args.agreement}"] if args.draft else []),
         "",
         *table,
         "",
@@ -283,6 +348,9 @@ def main() -> None:
         "--threads", type=int, help="intra-op threads of torch and ONNX Runtime (default: theirs)"
     )
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="what a timing measures")
+    parser.add_argument("--images-from", type=Path, help="copy the image files under this folder instead")
+    parser.add_argument("--draft", action="store_true", help="add encode(draft_decode=True) rows")
+    parser.add_argument("--model", help="a pretrained model (from_pretrained) instead of random --size")
     parser.add_argument("--append-doc", action="store_true", help=f"write the section into {DOC}")
     args = parser.parse_args()
     args.num_workers = [int(w) for w in args.num_workers.split(",")]
@@ -301,6 +369,8 @@ def main() -> None:
             key = f"{key}-{args.backend}-batch{args.batch_size}"
         if args.clock == "cpu":
             key += "-clock"
+        if args.draft:
+            key += "-draft"
         _doc.write_section(DOC, key, text, script="benchmarks/encode.py")
 
 

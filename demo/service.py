@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import re
 import shutil
 import threading
@@ -37,9 +36,9 @@ from visreg_hub.inference import (
     extract_patch_features,
     patch_pca_rgb,
 )
-from visreg_hub.inference.images import PIXEL_CAP_HINT
+from visreg_hub.inference.images import PIXEL_CAP_HINT, ImageSource, decode_image
+from visreg_hub.inference.preprocess import DRAFT_MARGIN, draft_size
 from visreg_hub.models.config import POOLINGS
-from visreg_hub.serving.runtime import decode_reduced
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ BUNDLED_SETS = (
 BUNDLED_GALLERY = ASSETS / "gallery"  # the Fashion-MNIST gallery (kept for callers of the single-set demo)
 EXAMPLES = ASSETS / "examples"
 # 2048 x 2048 decoded pixels: an RGBA upload then needs ~16 MB per copy while it is decoded. Large JPEGs
-# (camera photos) are decoded at a reduced size first (serving.runtime.decode_reduced), so they pass.
+# (camera photos) are decoded at a reduced scale first (decode_image's draft_to), so they pass.
 DEMO_MAX_PIXELS = 2048 * 2048
 MAX_K = 50
 DISPLAY_SIZE = 224
@@ -324,12 +323,15 @@ class DemoService:
         return text
 
     # ------------------------------------------------------------------ uploads
-    def check_query(self, path: str | Path | None, needed: int = DISPLAY_SIZE) -> Image.Image:
+    def check_query(
+        self, path: str | Path | None, draft_to: int = DRAFT_MARGIN * DISPLAY_SIZE
+    ) -> Image.Image:
         """Validate an uploaded or picked image and decode it (RGB).
 
         Checks the extension, that the content is one of :data:`ALLOWED_FORMATS`, and decodes it with
-        the library's rules (pixel cap, truncated data, EXIF, alpha, 16-bit). A JPEG far larger than
-        ``needed`` pixels (the model's resize target) is decoded at a reduced size (memory bound).
+        the library's rules (pixel cap, truncated data, EXIF, alpha, 16-bit). A JPEG over twice
+        ``draft_to`` pixels on its shorter side is decoded at a reduced scale (a memory bound; see
+        ``decode_image``'s ``draft_to``).
 
         Raises:
             UserInputError: the message names the file (not its server path) and what is wrong.
@@ -361,7 +363,7 @@ class DemoService:
         except OSError as exc:
             raise UserInputError(f"{name}: truncated or corrupt image ({exc})") from None
         try:
-            return decode_reduced(path, name, max_pixels=self.max_pixels, needed=needed)
+            return decode_image(ImageSource(path, name), max_pixels=self.max_pixels, draft_to=draft_to)
         except ImageDecodeError as exc:
             raise UserInputError(self._clean(str(exc), path)) from None
 
@@ -373,10 +375,8 @@ class DemoService:
         return re.sub(r" \(input index \d+; pass on_error='skip' to embed the others\)", "", message)
 
     def _decode_for(self, loaded: LoadedModel, path: str | Path | None) -> Image.Image:
-        """check_query at the model's resize target."""
-        preprocessor = Preprocessor(loaded.model.data_config)
-        needed = math.ceil(max(preprocessor.height, preprocessor.width) / preprocessor.crop_pct)
-        return self.check_query(path, needed=needed)
+        """check_query with draft decoding at the model's resize target."""
+        return self.check_query(path, draft_to=draft_size(Preprocessor(loaded.model.data_config)))
 
     def _embed(
         self, model_key: str | None, loaded: LoadedModel, image: Image.Image, *, pooling=None, normalize=True

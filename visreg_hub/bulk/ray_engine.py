@@ -60,7 +60,10 @@ class _ShardActor:
         runner = backend_for(
             net, pooling=options["pooling"], device=options["device"], dtype=options["dtype"]
         )
-        pipeline = EmbeddingPipeline(runner, normalize=options["normalize"], max_pixels=options["max_pixels"])
+        pipeline = EmbeddingPipeline(
+            runner, normalize=options["normalize"], max_pixels=options["max_pixels"],
+            draft_decode=options["draft_decode"],
+        )  # fmt: skip
         self.embedder = ShardEmbedder(pipeline, batch_size=options["batch_size"], num_workers=0)
         self.folder = Path(folder)
 
@@ -90,7 +93,8 @@ class _ShardActor:
 
 
 def run_ray(sources, folder: Path, manifest, net, runner, listing, num_shards: int, *, start: float,
-            batch_size: int, normalize: bool, max_pixels, device=None, dtype=None, pooling=None):  # fmt: skip
+            batch_size: int, normalize: bool, max_pixels, device=None, dtype=None, pooling=None,
+            draft_decode: bool = False):  # fmt: skip
     """Embed the unfinished shards with Ray Data; returns an :class:`~visreg_hub.bulk.runner.EmbedSummary`."""
     from visreg_hub.bulk.runner import EmbedSummary
 
@@ -109,7 +113,8 @@ def run_ray(sources, folder: Path, manifest, net, runner, listing, num_shards: i
         cpus = int(ray.cluster_resources().get("CPU", 1))
         gpus = int(ray.cluster_resources().get("GPU", 0))
         options = {"device": device, "dtype": dtype, "pooling": pooling, "normalize": normalize,
-                   "max_pixels": max_pixels, "batch_size": batch_size}  # fmt: skip
+                   "max_pixels": max_pixels, "batch_size": batch_size,
+                   "draft_decode": draft_decode}  # fmt: skip
         actors = max(1, gpus) if gpus else max(1, cpus // 2)
         dataset = ray.data.from_items([{"shard": s} for s in todo]).map_batches(
             _ShardActor,

@@ -135,6 +135,7 @@ def run_embedding(
     world_size: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     show_progress_bar: bool | None = None,
+    draft_decode: bool = False,
 ) -> EmbedSummary:
     """:func:`embed_dataset` with every option, returning an :class:`EmbedSummary`.
 
@@ -149,6 +150,8 @@ def run_embedding(
         rank, world_size: override the launcher's ``RANK``/``WORLD_SIZE``.
         max_pixels: decompression-bomb cap per image.
         show_progress_bar: None shows it when stderr is a terminal.
+        draft_decode: decode large JPEGs at a reduced scale, as in ``encode()`` (faster on camera
+            photos, close to but not equal to a full decode); recorded in the manifest.
     """
     start = time.perf_counter()
     _check_int("shard_size", shard_size, 1)
@@ -180,6 +183,8 @@ def run_embedding(
         "inputs": {"args": sources, "digest": listing.digest, "count": listing.count},
         "shard_size": shard_size,
     }  # fmt: skip
+    if draft_decode:  # only when on: folders written before the option existed still resume
+        job["model"]["draft_decode"] = True
     manifest = output.check_or_start(folder, job)
     if world_size == 1:
         output.clean_temporaries(folder)
@@ -189,11 +194,11 @@ def run_embedding(
 
         return run_ray(sources, folder, manifest, net, runner, listing, num_shards, start=start,
                        batch_size=batch_size, normalize=normalize, max_pixels=max_pixels, device=device,
-                       dtype=dtype, pooling=pooling)  # fmt: skip
+                       dtype=dtype, pooling=pooling, draft_decode=draft_decode)  # fmt: skip
     from visreg_hub.inference.pipeline import EmbeddingPipeline
 
     embedder = ShardEmbedder(
-        EmbeddingPipeline(runner, normalize=normalize, max_pixels=max_pixels),
+        EmbeddingPipeline(runner, normalize=normalize, max_pixels=max_pixels, draft_decode=draft_decode),
         batch_size=batch_size,
         num_workers=num_workers,
     )

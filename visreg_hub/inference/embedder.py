@@ -50,6 +50,7 @@ def encode(
     on_error: str = "raise",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     backend: str | None = None,
+    draft_decode: bool = False,
 ) -> torch.Tensor | np.ndarray | EncodeResult:
     """Embed images with a VISReg encoder (``model.encode`` calls this); sentence-transformers' arguments.
 
@@ -93,6 +94,11 @@ def encode(
             ``from_pretrained(name, backend="onnx")`` (or ``visreg_hub.inference.backends.set_backend``).
             ``"torch"`` / ``"onnx"`` still override the model's backend for this call, with a
             DeprecationWarning. None: the model's backend (torch for a model built in code).
+        draft_decode: decode JPEGs much larger than the model's input at 1/2, 1/4 or 1/8 scale (libjpeg's
+            DCT scaling, as Pillow's ``thumbnail``), keeping at least twice the resized side: faster on
+            camera photos, embeddings within a small distance of a full decode (docs/benchmarks.md
+            measures both), not bit-identical to timm's transform. Other images decode exactly as without
+            it. Default False.
 
     Returns:
         With ``on_error="raise"``: (N, E) embeddings on the CPU in input order (N after expanding
@@ -122,7 +128,11 @@ def encode(
         spec = make_spec(backend)
     runner = backend_for(model, pooling=pooling, device=device, dtype=dtype, spec=spec)
     pipeline = EmbeddingPipeline(
-        runner, normalize=normalize, max_pixels=max_pixels, truncate_dim=truncate_dim
+        runner,
+        normalize=normalize,
+        max_pixels=max_pixels,
+        truncate_dim=truncate_dim,
+        draft_decode=draft_decode,
     )
     result, failures = pipeline.run(
         images, batch_size=batch_size, num_workers=num_workers, on_error=on_error,
@@ -151,6 +161,7 @@ def extract_patch_features(
     convert_to_numpy: bool = False,
     on_error: str = "raise",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft_decode: bool = False,
 ) -> torch.Tensor | np.ndarray | EncodeResult:
     """Patch-token grids (after the final LayerNorm) for dense tasks and PCA visualisation.
 
@@ -164,14 +175,16 @@ def extract_patch_features(
         images: see :func:`encode`.
         normalize: L2-normalise each patch token.
         batch_size, device, dtype, num_workers, show_progress_bar, convert_to_numpy, on_error,
-            max_pixels: see :func:`encode`.
+            max_pixels, draft_decode: see :func:`encode`.
 
     Returns:
         (N, h, w, D) float32 grids with h = H / patch_size, w = W / patch_size, or an
         :class:`EncodeResult` with ``on_error="skip"``.
     """
     runner = TorchBackend(model, device=device, dtype=dtype, output="patch_tokens")
-    pipeline = EmbeddingPipeline(runner, normalize=normalize, max_pixels=max_pixels)
+    pipeline = EmbeddingPipeline(
+        runner, normalize=normalize, max_pixels=max_pixels, draft_decode=draft_decode
+    )
     result, failures = pipeline.run(
         images, batch_size=batch_size, num_workers=num_workers, on_error=on_error,
         show_progress_bar=show_progress_bar, desc="patch features",

@@ -13,6 +13,10 @@ listed, 4-D batches split) and then :func:`decode_image`, which applies these ru
   caller passes ``formats=None`` to :func:`decode_image`.
 * A pixel cap (``max_pixels``, default Pillow's 89,478,485) rejects decompression bombs from the header
   alone, before any pixel data is decoded.
+* Opt-in draft decoding (``draft_to``): a JPEG at least twice ``draft_to`` on its shorter side is decoded
+  by libjpeg at 1/2, 1/4 or 1/8 scale (Pillow's ``draft``), the largest reduction that keeps both sides
+  >= ``draft_to``. A 12 Mpx photo then costs a fraction of its full decode in time and memory; every
+  other image decodes exactly as without it. The pixel cap then applies to the reduced size.
 * EXIF orientation is applied (``ImageOps.exif_transpose``).
 * Animated GIF / APNG / WebP / multi-page TIFF: the first frame is used.
 * Transparency (RGBA, LA, PA, palette or colour-key transparency) is composited on a white background.
@@ -185,6 +189,7 @@ def decode_image(
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     formats: tuple[str, ...] | None = DEFAULT_FORMATS,
+    draft_to: int | None = None,
 ) -> Image.Image:
     """Decode one image to an 8-bit RGB ``PIL.Image`` (rules in the module docstring).
 
@@ -196,6 +201,8 @@ def decode_image(
             (``2 * PIL.Image.MAX_IMAGE_PIXELS``) still applies.
         formats: Pillow format identifiers that encoded files and bytes may be parsed as; None lets
             every installed Pillow plugin try (only for trusted files).
+        draft_to: decode large JPEG files and bytes at a reduced scale keeping both sides >= this many
+            pixels (see the module docstring); None (default) decodes every image at full size.
 
     Returns:
         A fully loaded RGB image that holds no open file.
@@ -211,7 +218,7 @@ def decode_image(
         raise ImageDecodeError(f"{source.label}: {source.error}")
     payload = source.payload
     if isinstance(payload, (Path, bytes)):
-        return _decode_encoded(payload, source.label, max_pixels, formats)
+        return _decode_encoded(payload, source.label, max_pixels, formats, draft_to)
     if isinstance(payload, Image.Image):
         _check_pixels(payload.size, source.label, max_pixels)
         try:
@@ -246,7 +253,11 @@ def _check_pixels(size: tuple[int, int], label: str, max_pixels: int | None) -> 
 
 
 def _decode_encoded(
-    payload: Path | bytes, label: str, max_pixels: int | None, formats: tuple[str, ...] | None
+    payload: Path | bytes,
+    label: str,
+    max_pixels: int | None,
+    formats: tuple[str, ...] | None,
+    draft_to: int | None = None,
 ) -> Image.Image:
     if isinstance(payload, Path):
         if not payload.exists():
@@ -264,6 +275,8 @@ def _decode_encoded(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(fp, formats=formats) as image:
+                if draft_to is not None and _draftable(image, draft_to):
+                    image.draft(image.mode, (draft_to, draft_to))  # scale only; the mode stays
                 _check_pixels(image.size, label, max_pixels)
                 image.seek(0)  # first frame of animated GIF / APNG / WebP / multi-page TIFF
                 image.load()  # forces full decode: truncated / corrupt data fails here
@@ -299,6 +312,12 @@ def _decode_encoded(
         raise ImageDecodeError(f"{label}: corrupt image data ({type(exc).__name__}: {exc})") from exc
     finally:
         fp.close()
+
+
+def _draftable(image: Image.Image, draft_to: int) -> bool:
+    """A JPEG (or MPO, phones' multi-picture JPEG: the same decoder) that libjpeg can scale by at least
+    1/2 while keeping both sides >= ``draft_to``."""
+    return image.format in ("JPEG", "MPO") and min(image.size) >= 2 * draft_to
 
 
 def _to_rgb(image: Image.Image, label: str) -> Image.Image:

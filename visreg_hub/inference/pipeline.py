@@ -153,6 +153,8 @@ class EmbeddingPipeline:
         normalize: L2-normalise each output along its last axis.
         max_pixels: decompression-bomb cap per image (width * height); None disables it.
         truncate_dim: keep the first ``truncate_dim`` features of each output (before normalising).
+        draft_decode: decode JPEGs far larger than the model's input at a reduced scale (faster, close
+            to but not bit-identical with a full decode; see :mod:`visreg_hub.inference.images`).
     """
 
     def __init__(
@@ -162,6 +164,7 @@ class EmbeddingPipeline:
         normalize: bool = True,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         truncate_dim: int | None = None,
+        draft_decode: bool = False,
     ) -> None:
         width = backend.output_shape[-1]
         if truncate_dim is not None and (
@@ -174,6 +177,7 @@ class EmbeddingPipeline:
         self.normalize = normalize
         self.max_pixels = max_pixels
         self.truncate_dim = truncate_dim
+        self.draft_decode = bool(draft_decode)
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -187,6 +191,9 @@ class EmbeddingPipeline:
         if self.truncate_dim is not None:
             outputs = outputs[..., : self.truncate_dim]
         return nn.functional.normalize(outputs, dim=-1) if self.normalize else outputs
+
+    def _dataset(self, sources: list[ImageSource]) -> ImageDataset:
+        return ImageDataset(sources, self.backend.transform, self.max_pixels, self.draft_decode)
 
     # -------------------------------------------------------------------------- batch entry points
     def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -230,7 +237,7 @@ class EmbeddingPipeline:
             if label.startswith("item 0"):
                 label = f"item {position}{label[len('item 0') :]}"
             sources.append(dataclasses.replace(expanded[0], label=label))
-        dataset = ImageDataset(sources, self.backend.transform, self.max_pixels)
+        dataset = self._dataset(sources)
         pixels, indices, failures = [], [], []
         for position in range(len(sources)):
             decoded = dataset[position]
@@ -274,7 +281,7 @@ class EmbeddingPipeline:
         backend = self.backend
         sources = expand_inputs(images)
         loader = torch.utils.data.DataLoader(
-            ImageDataset(sources, backend.transform, self.max_pixels),
+            self._dataset(sources),
             batch_size=batch_size,
             shuffle=False,
             num_workers=num_workers,

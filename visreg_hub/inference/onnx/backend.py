@@ -165,13 +165,14 @@ def encode_onnx(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     convert_to_numpy: bool = False,
     on_error: str = "raise",
+    draft_decode: bool = False,
     **run_kwargs: Any,
 ) -> torch.Tensor | np.ndarray | EncodeResult:
     """``encode()`` of ``model`` through its ONNX Runtime backend, with export options (``optimize``).
 
     Args:
         model: a float32 :class:`~visreg_hub.models.VISRegEncoder`.
-        images, pooling, normalize, max_pixels, convert_to_numpy, on_error: as ``encode()``.
+        images, pooling, normalize, max_pixels, convert_to_numpy, on_error, draft_decode: as ``encode()``.
         device: None: the best available provider; ``"cpu"``; ``"cuda"`` / ``"cuda:1"``: the CUDA
             provider (TensorRT is used only when asked for through :class:`OnnxEmbedder`).
         dtype: None or float32: an fp32 graph; float16: an fp16 graph. bfloat16 is refused.
@@ -184,7 +185,9 @@ def encode_onnx(
         model, BackendSpec("onnx"), pooling=pooling, device=device, dtype=dtype, optimize=optimize,
         cache=_ONNX_BACKENDS,
     )  # fmt: skip
-    pipeline = EmbeddingPipeline(backend, normalize=normalize, max_pixels=max_pixels)
+    pipeline = EmbeddingPipeline(
+        backend, normalize=normalize, max_pixels=max_pixels, draft_decode=draft_decode
+    )
     result, failures = pipeline.run(images, on_error=on_error, desc="encode (onnx)", **run_kwargs)
     embeddings = result.numpy() if convert_to_numpy else result
     return EncodeResult(embeddings, failures) if on_error == "skip" else embeddings

@@ -41,6 +41,11 @@ class _ResizeTo:
         self.size = size
         self.resample = Image.BILINEAR if interpolation == "bilinear" else Image.BICUBIC
 
+    @property
+    def resize_side(self) -> int:
+        """The longest side images are resized to (for draft decoding, as ``Preprocessor.resize_side``)."""
+        return max(self.size)
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB")
         if image.size != (self.size[1], self.size[0]):
@@ -239,6 +244,7 @@ class OnnxEmbedder:
         convert_to_numpy: bool = False,
         on_error: str = "raise",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        draft_decode: bool = False,
     ) -> torch.Tensor | np.ndarray | EncodeResult:
         """Embed images; arguments, return value and errors as :func:`visreg_hub.inference.encode`.
 
@@ -252,7 +258,9 @@ class OnnxEmbedder:
         from visreg_hub.inference.onnx.backend import OnnxBackend
 
         self._check_call(pooling, device, dtype)
-        pipeline = EmbeddingPipeline(OnnxBackend(self), normalize=normalize, max_pixels=max_pixels)
+        pipeline = EmbeddingPipeline(
+            OnnxBackend(self), normalize=normalize, max_pixels=max_pixels, draft_decode=draft_decode
+        )
         result, failures = pipeline.run(
             images, batch_size=batch_size, num_workers=num_workers, on_error=on_error,
             show_progress_bar=show_progress_bar, desc="encode (onnx)",
