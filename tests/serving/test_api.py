@@ -549,3 +549,52 @@ def test_docs_page_loads_only_shipped_files(http):
         )
     assert http.get("/docs/assets/../app.py").status_code == 404  # no reach outside the shipped folder
     assert http.get("/redoc").status_code == 404  # its page would load from a CDN
+
+
+def test_metadata_json_cannot_give_back_is_a_422_and_search_keeps_working(http):
+    """Metadata 300 levels deep was acknowledged, then every search returning it failed with a 500
+    (pydantic's serialiser stops at depth 255), across restarts; an unpaired surrogate gave a 500."""
+    vector = [0.25] * 32
+    deep: dict = {"leaf": 1}
+    for _ in range(300):
+        deep = {"a": deep}
+    for meta, needle in ((deep, "nested deeper than 64 levels"), ({"s": "\ud800"}, "unpaired surrogate"),
+                         ({"\udc80": 1}, "unpaired surrogate")):  # fmt: skip
+        body = json.dumps({"vectors": [vector], "metadata": [meta]})  # ensure_ascii: valid JSON text
+        response = http.post(
+            "/v1/indexes/items/items", content=body, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 422 and needle in response.json()["error"]["message"], response.text
+    ok: dict = {"leaf": 1}
+    for _ in range(63):
+        ok = {"a": ok}
+    added = http.post("/v1/indexes/items/items", json={"vectors": [vector], "metadata": [ok]})
+    assert added.status_code == 200, added.text
+    hits = http.post("/v1/search", json={"index": "items", "vector": vector, "k": 1}).json()["hits"]
+    assert hits[0]["id"] == added.json()["ids"][0] and hits[0]["metadata"] == ok
+
+
+def test_vectors_added_to_a_built_index_of_unit_vectors_are_normalised(model, tmp_path, photo_bytes):
+    """An index from `visreg-hub index build` holds unit vectors but records normalize=False: a raw vector
+    added through the API (here 3x an embedding) outranked everything with a "cosine" of 3."""
+    from visreg_hub.retrieval import EmbeddingIndex
+    from visreg_hub.serving.app import create_app
+    from visreg_hub.serving.runtime import runtime_from_model
+
+    embeddings = model.encode(photo_bytes, convert_to_numpy=True)  # L2-normalised
+    built = EmbeddingIndex(embeddings.shape[1], metric="ip", model_name="tiny")
+    built.add(embeddings)
+    built.save(tmp_path / "built")
+    assert built.normalized and not built.normalize
+    config = ServeConfig(
+        models=(ModelSpec("tiny", "tiny"),), indexes=(IndexSpec("built", tmp_path / "built"),)
+    )
+    with ThreadServer(create_app(config, runtimes={"tiny": runtime_from_model("tiny", model)})) as server:
+        client = httpx.Client(base_url=server.url, timeout=60)
+        assert client.get("/v1/indexes/built").json()["normalize"] is True
+        added = client.post("/v1/indexes/built/items", json={"vectors": [(3 * embeddings[1]).tolist()]})
+        assert added.status_code == 200
+        hits = client.post("/v1/search", json={"index": "built", "vector": embeddings[0].tolist(), "k": 5})
+        scores = {h["id"]: h["score"] for h in hits.json()["hits"]}
+        assert max(scores.values()) == pytest.approx(1.0, abs=1e-5)  # the query's own item, a cosine
+        assert scores[added.json()["ids"][0]] == pytest.approx(scores[1], abs=1e-5)  # 3x = the same direction

@@ -164,3 +164,34 @@ def test_onnx_backend_serves_the_same_embeddings(tiny_model_dir, fmnist_images):
         )
     got = np.asarray([d["embedding"] for d in response.json()["data"]], np.float32)
     np.testing.assert_allclose(got, reference, atol=1e-5)
+
+
+def test_cors_admits_sdk_headers_exposes_retry_after_and_decorates_500s(model, fmnist_images):
+    """The OpenAI JS SDK's x-stainless-* headers failed the preflight; a 500 came without CORS headers
+    (answered outside the CORS middleware), so a browser saw an opaque failure instead of the JSON."""
+    origin = {"Origin": "https://app.example"}
+    with start(model, cors_origins=("https://app.example",)) as server:
+        preflight = httpx.options(
+            server.url + "/v1/embeddings",
+            headers={**origin, "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os"},
+        )  # fmt: skip
+        assert preflight.status_code == 200, preflight.text
+        assert "x-stainless-os" in preflight.headers["access-control-allow-headers"].lower()
+        ok = httpx.get(server.url + "/health", headers=origin)
+        assert "retry-after" in ok.headers["access-control-expose-headers"].lower()
+
+        def broken(name):
+            raise RuntimeError("boom")
+
+        server.service.runtime = broken  # a bug inside a route
+        failed = httpx.post(
+            server.url + "/v1/embeddings", json={"input": [b64(png_bytes(fmnist_images[0]))]}, headers=origin,
+            timeout=30,
+        )  # fmt: skip
+        assert failed.status_code == 500
+        assert failed.json()["error"]["type"] == "server_error" and "boom" not in failed.text
+        assert failed.headers["access-control-allow-origin"] == "https://app.example"
+        metrics = httpx.get(server.url + "/metrics").text
+        assert metric_value(metrics, "visreg_requests_total", route="/v1/embeddings", method="POST",
+                            status="500") == 1  # fmt: skip

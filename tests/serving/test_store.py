@@ -7,6 +7,8 @@ search over it (independent of FAISS, the log and the snapshot code).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from visreg_hub.serving.store import DurableIndex, IdConflictError
 from visreg_hub.serving.wal import LogRecord, read_log
 
 DIM = 8
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def new_index():
@@ -71,6 +74,26 @@ def test_log_record_round_trip_and_torn_tail(tmp_path):
     assert len(read_log(path)[0]) == 2
 
 
+def crash(store: DurableIndex) -> None:
+    """What kill -9 does to a store's folder: its lock is released, nothing is snapshotted or closed."""
+    os.close(store._folder_lock)
+
+
+def test_a_folder_is_served_by_one_store_only(tmp_path):
+    """Two stores on one folder (two --index entries, or two servers) each compacted away the other's
+    log: acknowledged adds were lost. The second one is refused; the folder is free again once closed."""
+    folder = tmp_path / "idx"
+    store = DurableIndex(folder, new_index)
+    store.add(unit(np.random.default_rng(0), 1))
+    with pytest.raises(CheckpointError, match=rf"already served \(by pid {os.getpid()}\)"):
+        DurableIndex(tmp_path / "." / "idx", new_index)
+    script = f"from tests.serving.test_store import *; DurableIndex({str(folder)!r}, new_index)"
+    other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert other.returncode != 0 and "already served" in other.stderr  # another process
+    store.close()
+    assert DurableIndex(folder, new_index).index.count == 1
+
+
 def test_replay_after_reopen_and_torn_tail_is_cut(tmp_path):
     rng = np.random.default_rng(1)
     folder = tmp_path / "idx"
@@ -91,6 +114,7 @@ def test_replay_after_reopen_and_torn_tail_is_cut(tmp_path):
     # no close(): as after kill -9, only the log holds the state; add a torn half record
     with log.open("ab") as handle:
         handle.write(LogRecord("add", np.asarray([99], np.int64), unit(rng, 1), None).encode()[:30])
+    crash(store)
     reopened = DurableIndex(folder, new_index)
     assert log.stat().st_size == size  # the torn tail was cut off
     check_matches(reopened, expected, meta)
@@ -99,6 +123,7 @@ def test_replay_after_reopen_and_torn_tail_is_cut(tmp_path):
     ids = reopened.add(more, None)
     assert ids.tolist() == [20, 21]
     expected.update(zip(ids.tolist(), more))
+    crash(reopened)
     check_matches(DurableIndex(folder, new_index), expected, meta)
 
 
@@ -112,10 +137,12 @@ def test_snapshot_compacts_the_log_atomically(tmp_path):
         expected.update(zip(store.add(vectors).tolist(), vectors))
     # 7 records: snapshots after records 3 and 6, one record in the current log
     assert store.generation == 2
-    assert sorted(p.name for p in folder.iterdir()) == ["CURRENT", "log-000002.wal", "snapshot-000002"]
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["CURRENT", "LOCK", "log-000002.wal", "snapshot-000002"]
     assert len(read_log(folder / "log-000002.wal")[0]) == 1
     store.close()  # graceful shutdown: a final snapshot, an empty log
-    assert sorted(p.name for p in folder.iterdir()) == ["CURRENT", "log-000003.wal", "snapshot-000003"]
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["CURRENT", "LOCK", "log-000003.wal", "snapshot-000003"]
     assert read_log(folder / "log-000003.wal") == ([], 0)
     check_matches(DurableIndex(folder, new_index), expected, {})
 
@@ -145,10 +172,11 @@ def test_crash_inside_a_snapshot_keeps_the_old_state(tmp_path, monkeypatch, cras
     monkeypatch.setattr(os, "replace", real_replace)
     (folder / ".CURRENT.tmp-4242").write_text("{}")  # what a SIGKILL mid-write would leave
     (folder / "..snapshot-000001.tmp.saving-4242").mkdir()  # ... or in the middle of EmbeddingIndex.save
+    crash(store)
     reopened = DurableIndex(folder, new_index)  # the old log is still in charge
     check_matches(reopened, expected, {})
     assert reopened.generation == 0
-    assert sorted(p.name for p in folder.iterdir()) == ["log-000000.wal"]  # leftovers removed
+    assert sorted(p.name for p in folder.iterdir()) == ["LOCK", "log-000000.wal"]  # leftovers removed
 
 
 def test_existing_index_folder_is_the_base_and_never_modified(tmp_path):
@@ -219,7 +247,7 @@ def test_refused_adds_are_never_logged_and_take_no_id(tmp_path):
     tiny = np.full((1, DIM), 1e-30, np.float32)  # its float32 squares underflow, but it has a direction
     assert store.add(tiny).tolist() == [1]
     assert len(read_log(folder / "log-000000.wal")[0]) == 2
-    del store  # a crash: no snapshot, the log is all there is
+    crash(store)  # no snapshot: the log is all there is
     reopened = DurableIndex(folder, new_index)
     assert sorted(reopened.index.ids.tolist()) == [0, 1]
     hit = reopened.search(np.ones((1, DIM), np.float32), k=1)

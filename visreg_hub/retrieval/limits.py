@@ -1,4 +1,5 @@
-"""Bounds of an index's dimension and FAISS parameters: one home for what may be built and what may load.
+"""Bounds of an index's dimension, FAISS parameters and metadata: one home for what may be built and what
+may load.
 
 The manifest check (:mod:`.manifest`) refuses values outside these bounds in a saved index (the folder is
 not trusted); the constructor and setters of :class:`~visreg_hub.retrieval.index.EmbeddingIndex` refuse
@@ -14,6 +15,8 @@ import numpy as np
 from visreg_hub.errors import ConfigError
 
 MAX_DIM = 1 << 16
+# nesting levels of one item's metadata (dicts and lists); pydantic's JSON serialiser stops at 255
+MAX_METADATA_DEPTH = 64
 # upper bound of each positive integer build/search parameter
 PARAM_LIMITS = {
     "nlist": 1 << 24,

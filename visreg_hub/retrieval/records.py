@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from visreg_hub.errors import VisregHubError
+from visreg_hub.retrieval.limits import MAX_METADATA_DEPTH
 
 MAX_ID = int(np.iinfo(np.int64).max) - 1
 
@@ -87,8 +88,9 @@ def encode_metadata(metadata: Any, n: int) -> list[str | None]:
     """n metadata dicts (or None) as compact JSON texts.
 
     Raises:
-        ValueError: not a list of n dicts/None, a key that is not a string (JSON would change it), or a
-            value JSON cannot represent (NaN, objects, cycles). Tuples are stored, and come back, as lists.
+        ValueError: not a list of n dicts/None, an item :func:`metadata_problem` names (a key that is not a
+            string, an unpaired surrogate, nesting deeper than ``MAX_METADATA_DEPTH``), or a value JSON
+            cannot represent (NaN, objects, cycles). Tuples are stored, and come back, as lists.
     """
     if metadata is None:
         return [None] * n
@@ -102,13 +104,9 @@ def encode_metadata(metadata: Any, n: int) -> list[str | None]:
             continue
         if not isinstance(item, dict):
             raise ValueError(f"metadata[{i}] must be a dict or None, got {type(item).__name__}")
-        bad_keys = _non_str_keys(item)
-        if bad_keys:
-            key = bad_keys[0]
-            raise ValueError(
-                f"metadata[{i}] has the key {key!r} ({type(key).__name__}); metadata is stored as JSON, "
-                "whose keys are strings, so it would come back changed: use string keys"
-            )
+        problem = metadata_problem(item)
+        if problem is not None:
+            raise ValueError(f"metadata[{i}] {problem}")
         try:
             texts.append(json.dumps(item, allow_nan=False, separators=(",", ":")))
         except (TypeError, ValueError, RecursionError) as exc:
@@ -118,25 +116,39 @@ def encode_metadata(metadata: Any, n: int) -> list[str | None]:
     return texts
 
 
-def _non_str_keys(value: Any, depth: int = 0) -> list[Any]:
-    """The dict keys in ``value`` (nested dicts and lists included) that are not str: [] or [first one].
+def metadata_problem(value: Any) -> str | None:
+    """Why ``value`` (one item's metadata) would not come back from JSON as given, or None if it would.
 
-    JSON would silently turn ``{1: "a"}`` into ``{"1": "a"}`` (and merge it with a "1" key). Lists and
-    tuples both come back as lists, as from any JSON store. Nesting deeper than JSON allows is left to
-    ``json.dumps``, which reports it.
+    Checked in one walk: dict keys that are not strings (JSON would turn ``{1: "a"}`` into
+    ``{"1": "a"}``), strings holding an unpaired UTF-16 surrogate (not valid UTF-8, so no JSON reader,
+    the server's included, can send them back), and nesting deeper than ``MAX_METADATA_DEPTH`` (JSON
+    serialisers such as pydantic's refuse deep documents, so such an item would break every search that
+    returns it). Lists and tuples both come back as lists, as from any JSON store.
     """
-    if depth > 1000:
-        return []
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                return [key]
-            found = _non_str_keys(item, depth + 1)
-            if found:
-                return found
-    elif isinstance(value, list | tuple):
-        for item in value:
-            found = _non_str_keys(item, depth + 1)
-            if found:
-                return found
-    return []
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list | tuple) and depth > MAX_METADATA_DEPTH:
+            return f"is nested deeper than {MAX_METADATA_DEPTH} levels; flatten it"
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    return (
+                        f"has the key {key!r} ({type(key).__name__}); metadata is stored as JSON, whose keys "
+                        "are strings, so it would come back changed: use string keys"
+                    )
+                stack.append((key, depth))
+                stack.append((child, depth + 1))
+        elif isinstance(item, list | tuple):
+            stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, str) and not _is_utf8(item):
+            return f"holds the text {item[:40]!r} with an unpaired surrogate; send valid UTF-8 text"
+    return None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -44,6 +44,7 @@ from visreg_hub.retrieval.manifest import (
     sha256_file,
     verify_files,
 )
+from visreg_hub.retrieval.records import metadata_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     from visreg_hub.retrieval.index import EmbeddingIndex
@@ -237,6 +238,9 @@ def _read_metadata(path: Path, count: int) -> list[str | None]:
                 raise CheckpointError(
                     f"{path} line {number} must be a JSON object or null, got {type(value).__name__}"
                 )
+            problem = None if value is None else metadata_problem(value)
+            if problem is not None:
+                raise CheckpointError(f"{path} line {number} {problem}; rebuild the index")
             texts.append(None if value is None else json.dumps(value, separators=(",", ":")))
     if len(texts) != count:
         raise CheckpointError(f"{path} has {len(texts)} lines but the manifest says count={count}")

@@ -113,6 +113,12 @@ class Service:
             return EmbeddingIndex(model.embedding_dim, metric="ip", normalize=True, model_name=model.name)
 
         store = DurableIndex(spec.folder, new_index, snapshot_every=self.config.snapshot_every)
+        index = store.index
+        if index.metric == "ip" and index.normalized and not index.normalize:
+            # why: an index of unit vectors (e.g. from `visreg-hub index build`) ranks by cosine; a raw
+            # vector added through the API would otherwise outrank everything by its length alone
+            index.normalize = True
+            logger.info("index %s holds unit vectors: added and query vectors are normalised", spec.name)
         self.indexes[spec.name] = store
         self.index_models[spec.name] = self._model_for_index(spec, store)
 

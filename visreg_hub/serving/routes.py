@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from visreg_hub.retrieval.records import MAX_ID, IdConflictError
+from visreg_hub.retrieval.records import MAX_ID, IdConflictError, metadata_problem
 from visreg_hub.serving import schemas
 from visreg_hub.serving.app import ApiError, Service
 from visreg_hub.serving.inputs import InputError, image_bytes
@@ -33,6 +33,8 @@ _MULTIPART = "multipart/form-data"
 _FORM_FILE_FIELDS = ("input", "file", "image")
 _FORM_FIELDS = (*_FORM_FILE_FIELDS, "model", "encoding_format", "dimensions", "user")
 _MAX_FORM_FIELDS = 16
+# JSON bodies from this size on are parsed in a worker thread, off the event loop (about 1 ms of parsing)
+_INLINE_PARSE_BYTES = 256 * 1024
 
 
 def _error_body(
@@ -68,10 +70,37 @@ def _install_errors(app: FastAPI) -> None:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return JSONResponse(_error_body(str(exc.detail), kind, limit), exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def unexpected(_request: Request, exc: Exception):  # pragma: no cover - a bug, logged
-        logger.exception("unexpected error")
-        return JSONResponse(_error_body("internal error; it was logged on the server", "server_error"), 500)
+
+
+class InternalErrorMiddleware:
+    """ASGI middleware: an unexpected exception becomes the JSON 500 here, inside the other middlewares.
+
+    why not ``app.exception_handler(Exception)``: Starlette answers those from its outermost middleware, so
+    the 500 carried no CORS headers (a browser saw an opaque CORS failure, not the error) and bypassed the
+    request metrics. The traceback is logged; the client gets no detail.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception:
+            logger.exception("unexpected error")
+            if started:  # too late for a clean answer: let the server close the connection
+                raise
+            body = _error_body("internal error; it was logged on the server", "server_error")
+            await JSONResponse(body, 500)(scope, receive, send)
 
 
 class MetricsMiddleware:
@@ -102,7 +131,9 @@ class MetricsMiddleware:
 
 
 def _install_middleware(app: FastAPI, service: Service) -> None:
-    # the body limit holds before anything reads the body; metrics (outermost) count its refusals too
+    # innermost: unexpected errors become a JSON 500 that metrics count and CORS decorates
+    app.add_middleware(InternalErrorMiddleware)
+    # the body limit holds before anything reads the body; metrics count its refusals too
     app.add_middleware(
         BodyLimitMiddleware,
         limit=service.limits.max_body_bytes,
@@ -116,7 +147,10 @@ def _install_middleware(app: FastAPI, service: Service) -> None:
             CORSMiddleware,
             allow_origins=list(service.config.cors_origins),
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type"],
+            # any request header: the OpenAI JS SDK sends x-stainless-* on every call, and the origin list
+            # (never "*" with credentials) is what guards the API
+            allow_headers=["*"],
+            expose_headers=["Retry-After"],  # so browser code can honour a 429's back-off
         )
 
 
@@ -233,6 +267,17 @@ async def _receive(request: Request, service: Service, read):
         raise ApiError(400, "the client disconnected before the request body arrived") from None
 
 
+async def _validated_off_loop(model: type[BaseModel], body: bytes):
+    """:func:`_validated`, in a worker thread when the body is large.
+
+    why: parsing tens of MB of JSON numbers takes seconds; on the event loop it stalls every other request,
+    ``/health`` included (a liveness probe would restart the server).
+    """
+    if len(body) < _INLINE_PARSE_BYTES:
+        return _validated(model, body)
+    return await asyncio.to_thread(_validated, model, body)
+
+
 def _validated(model: type[BaseModel], body: bytes):
     """JSON bytes -> a ``model`` instance: 400 for bad JSON, 422 (field by field) for a wrong shape."""
     try:
@@ -252,14 +297,15 @@ async def _json_request(request: Request, service: Service, model: type[BaseMode
     content_type = _content_type(request)
     if content_type != _JSON_CONTENT:
         raise _refuse_content_type(content_type, "application/json")
-    return _validated(model, await _receive(request, service, request.body))
+    return await _validated_off_loop(model, await _receive(request, service, request.body))
 
 
 async def _parse_embeddings_request(request: Request, service: Service) -> schemas.EmbeddingsRequest | tuple:
     """JSON body -> EmbeddingsRequest; multipart -> (model, encoding_format, dimensions, [bytes])."""
     content_type = _content_type(request)
     if content_type == _JSON_CONTENT:
-        return _validated(schemas.EmbeddingsRequest, await _receive(request, service, request.body))
+        body = await _receive(request, service, request.body)
+        return await _validated_off_loop(schemas.EmbeddingsRequest, body)
     if content_type != _MULTIPART:
         raise _refuse_content_type(content_type, "application/json or multipart/form-data")
     limits = service.limits
@@ -443,7 +489,7 @@ def install(app: FastAPI, service: Service) -> None:
             raise ApiError(422, "send exactly one of 'image' (base64) or 'vector'")
         model = service.index_models[body.index]
         if body.vector is not None:
-            query = _vector_array(service, [body.vector], store.index.dim)
+            query = await asyncio.to_thread(_vector_array, service, [body.vector], store.index.dim)
         else:
             if model is None:
                 raise ApiError(422, f"index {body.index!r} matches no served model; query it with 'vector'")
@@ -487,6 +533,11 @@ def install(app: FastAPI, service: Service) -> None:
             if values is not None and len(values) != count:
                 raise ApiError(422, f"{what} has {len(values)} entries for {count} items; send one per item")
         for i, meta in enumerate(body.metadata or []):
+            # first what JSON cannot give back (deep nesting broke every later search with a 500; an unpaired
+            # surrogate cannot even be measured in UTF-8), then the size
+            problem = None if meta is None else metadata_problem(meta)
+            if problem is not None:
+                raise ApiError(422, f"metadata[{i}] {problem}")
             size = len(json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
             if meta is not None and size > limits.max_metadata_bytes:
                 raise ApiError(
@@ -496,7 +547,7 @@ def install(app: FastAPI, service: Service) -> None:
                     limit="max_metadata_bytes",
                 )
         if body.vectors is not None:
-            vectors = _vector_array(service, body.vectors, store.index.dim)
+            vectors = await asyncio.to_thread(_vector_array, service, body.vectors, store.index.dim)
         else:
             model = service.index_models[name]
             if model is None:
@@ -550,4 +601,5 @@ def install(app: FastAPI, service: Service) -> None:
             model=service.index_models[name],
             metric=index.metric,
             kind=index.kind,
+            normalize=index.normalize,
         )

@@ -114,6 +114,9 @@ class IndexInfo(BaseModel):
     model: str | None
     metric: str
     kind: str
+    normalize: bool = Field(
+        description="added vectors and vector queries are L2-normalised (ip scores are then cosines)"
+    )
 
 
 class ModelInfo(BaseModel):

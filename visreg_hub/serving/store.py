@@ -7,6 +7,10 @@ Folder layout (``--index NAME=FOLDER``)::
     FOLDER/log-G.wal            records appended since snapshot G (see :mod:`visreg_hub.serving.wal`)
     FOLDER/manifest.json, ...   optional: an index written by ``visreg-hub index build`` or ``save()``;
                                 it is the starting state until the first snapshot, and never modified
+    FOLDER/LOCK                 held (``flock``) by the one process that serves the folder; holds its pid
+
+One store per folder: a second ``--index`` entry or a second server on the same folder is refused at
+start-up, since two writers would each compact away the other's acknowledged log records.
 
 Write path: validate (every check the in-memory index makes, so a record that would be refused is
 never logged), append the record to the log and fsync it, then apply it to the in-memory index, then
@@ -41,6 +45,7 @@ from visreg_hub.serving.wal import LogRecord, LogWriter, read_log
 logger = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
+LOCK = "LOCK"
 # what snapshots leave behind when interrupted (CURRENT.tmp: the temporary name before visreg_hub.durable;
 # ..snapshot-G.tmp.saving-PID: EmbeddingIndex.save's staging folder beside the snapshot's)
 _GENERATED = re.compile(
@@ -66,6 +71,7 @@ class DurableIndex:
 
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._folder_lock = _lock_folder(self.folder)
         self.snapshot_every = int(snapshot_every)
         self._lock = threading.Lock()
         state = self._read_current()
@@ -229,7 +235,34 @@ class DurableIndex:
         logger.info("index %s: snapshot %s of %d items", self.folder, name, len(self._ids))
 
     def close(self) -> None:
-        """Snapshot (so the next start replays nothing) and close the log."""
-        self.snapshot()
-        with self._lock:
-            self._log.close()
+        """Snapshot (so the next start replays nothing), close the log and release the folder."""
+        try:
+            self.snapshot()
+            with self._lock:
+                self._log.close()
+        finally:
+            os.close(self._folder_lock)  # closing the descriptor releases the flock
+
+
+def _lock_folder(folder: Path) -> int:
+    """Take the folder's exclusive ``flock`` (released when the returned descriptor closes).
+
+    Raises:
+        CheckpointError: another process, or another store in this one, serves the folder.
+    """
+    import fcntl
+
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise CheckpointError(
+            f"index folder {folder} is already served (by pid {holder}); two writers would lose each "
+            "other's acknowledged changes: stop the other server, or give each --index its own folder"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    return fd
+
