@@ -41,7 +41,7 @@ def add_serve_parser(commands, common: argparse.ArgumentParser) -> None:
         help="durable index (created if missing), repeatable",
     )
     p.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; 0.0.0.0: all)")
-    p.add_argument("--port", type=port_number, default=8000)
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port (%(default)s)")
     p.add_argument(
         "--backend",
         choices=("auto", "torch", "onnx"),
@@ -65,6 +65,7 @@ def add_serve_parser(commands, common: argparse.ArgumentParser) -> None:
         ("max_k", "neighbours per search"),
         ("max_queue", "images waiting per model before 429"),
         ("decode_workers", "threads decoding images"),
+        ("max_metadata_bytes", "JSON size of one index item's metadata"),
     ):
         flag = "--" + name.replace("_", "-")
         p.add_argument(
@@ -76,7 +77,9 @@ def add_serve_parser(commands, common: argparse.ArgumentParser) -> None:
         default=defaults.request_timeout_s,
         help="seconds per request before 408 (%(default)s)",
     )
-    p.add_argument("--snapshot-every", type=int, default=10_000, help="log records per index snapshot")
+    p.add_argument(
+        "--snapshot-every", type=int, default=10_000, help="log records per index snapshot (%(default)s)"
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -91,6 +94,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         request_timeout_s=args.request_timeout_s,
         max_queue=args.max_queue,
         decode_workers=args.decode_workers,
+        max_metadata_bytes=args.max_metadata_bytes,
     )
     return ServeConfig(
         models=tuple(model_spec(m) for m in (args.model or [DEFAULT_MODEL])),

@@ -280,6 +280,8 @@ def test_add_refuses_bad_images_and_duplicate_ids(http, fmnist_images):
 def test_models_health_ready_metrics(http):
     models = http.get("/v1/models").json()
     assert models["data"][0]["id"] == "tiny" and models["data"][0]["embedding_dim"] == 32
+    # OpenAI's model object has an integer "created"; a server folder is named, never its path
+    assert abs(models["data"][0]["created"] - time.time()) < 3600 and models["data"][0]["source"] == "tiny"
     assert http.get("/ready").json()["models"] == ["tiny"]
     text = http.get("/metrics").text
     assert metric_value(text, "visreg_requests_total", route="/v1/models", method="GET", status="200") >= 1
@@ -431,6 +433,15 @@ def test_models_retrieve(http):
     assert http.get(f"/v1/models/{listed['id']}").json() == listed
     missing = http.get("/v1/models/nope")
     assert missing.status_code == 404 and "unknown model 'nope'" in missing.json()["error"]["message"]
+    # OpenAI's shape: invalid_request_error with code model_not_found, and a "param" key (null)
+    assert missing.json()["error"] | {"message": ""} == {
+        "message": "", "type": "invalid_request_error", "param": None, "code": "model_not_found",
+        "limit": None,
+    }  # fmt: skip
+    # an empty model name is not "the default": it names no served model
+    image = b64(png_bytes(np.zeros((8, 8), np.uint8)))
+    empty = http.post("/v1/embeddings", json={"model": "", "input": [image]})
+    assert empty.status_code == 404 and empty.json()["error"]["code"] == "model_not_found"
 
 
 def test_multipart_user_field_and_too_many_files(http, model, fmnist_images):
@@ -554,7 +565,7 @@ def test_docs_page_loads_only_shipped_files(http):
 def test_metadata_json_cannot_give_back_is_a_422_and_search_keeps_working(http):
     """Metadata 300 levels deep was acknowledged, then every search returning it failed with a 500
     (pydantic's serialiser stops at depth 255), across restarts; an unpaired surrogate gave a 500."""
-    vector = [0.25] * 32
+    vector = np.random.default_rng(77).standard_normal(32).tolist()  # no other test's direction
     deep: dict = {"leaf": 1}
     for _ in range(300):
         deep = {"a": deep}

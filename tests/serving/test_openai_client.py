@@ -51,8 +51,9 @@ def test_dimensions_and_errors_through_the_client(client, model, fmnist_images):
     got = np.asarray(response.data[0].embedding, np.float32)
     expected = model.encode([payload], truncate_dim=dims, convert_to_numpy=True)[0]
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
-    with pytest.raises(openai.NotFoundError, match="unknown model"):
+    with pytest.raises(openai.NotFoundError, match="unknown model") as info:
         client.embeddings.create(model="nope", input=[encoded])
+    assert info.value.code == "model_not_found" and info.value.param is None
     with pytest.raises(openai.UnprocessableEntityError, match="URLs and file paths are not accepted"):
         client.embeddings.create(model="tiny", input=["https://example.com/cat.jpg"])
     assert [m.id for m in client.models.list()] == ["tiny"]

@@ -147,19 +147,23 @@ class Service:
 
     # ------------------------------------------------------------------ lookups
     def runtime(self, name: str | None) -> ModelRuntime:
-        name = name or self.config.default_model
+        name = self.config.default_model if name is None else name  # "" is a name, and not a served one
         if name not in self.runtimes:
             known = ", ".join(sorted(self.runtimes))
             raise ApiError(
                 404,
                 f"unknown model {name!r}; GET /v1/models lists the served ones ({known})",
-                kind="not_found",
+                kind="invalid_request_error",
+                code="model_not_found",
             )
         return self.runtimes[name]
 
     def index(self, name: str) -> DurableIndex:
         if name not in self.indexes:
-            known = ", ".join(sorted(self.indexes)) or "none: start the server with --index NAME=FOLDER"
+            known = ", ".join(sorted(self.indexes)) or (
+                "none (this server was started without indexes; `visreg-hub serve --index NAME=FOLDER` "
+                "serves one)"
+            )
             raise ApiError(404, f"unknown index {name!r}; served indexes: {known}", kind="not_found")
         return self.indexes[name]
 

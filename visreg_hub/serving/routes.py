@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import time
+from pathlib import Path as FilePath
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,10 @@ _INLINE_PARSE_BYTES = 256 * 1024
 def _error_body(
     message: str, kind: str, limit: str | None = None, code: str | None = None, items: dict | None = None
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {"error": {"message": message, "type": kind, "limit": limit, "code": code}}
+    # OpenAI's error object: message, type, param (always present, here always null), code; plus our limit
+    body: dict[str, Any] = {
+        "error": {"message": message, "type": kind, "param": None, "code": code, "limit": limit}
+    }
     if items is not None:
         body["errors"] = [{"index": i, "message": m} for i, m in sorted(items.items())]
     return body
@@ -184,10 +188,17 @@ def _truncated(vector: np.ndarray, dimensions: int | None) -> np.ndarray:
     return head / max(float(np.linalg.norm(head)), 1e-12)  # F.normalize's eps, as encode()
 
 
+def _public_source(source: str) -> str:
+    """What clients see of a model's source: a registry name or ``org/repo`` as is, a server folder by its
+    name only (clients never learn server paths)."""
+    return FilePath(source).name if FilePath(source).expanduser().exists() else source
+
+
 def _model_info(runtime) -> schemas.ModelInfo:
     return schemas.ModelInfo(
         id=runtime.name,
-        source=runtime.spec.source,
+        created=int(runtime.loaded_at),
+        source=_public_source(runtime.spec.source),
         embedding_dim=runtime.embedding_dim,
         input_size=list(runtime.input_shape),
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ class ModelRuntime:
     pipeline: EmbeddingPipeline
     load_seconds: float
     batcher: object = None
+    loaded_at: float = field(default_factory=time.time)  # Unix time: /v1/models' "created"
 
     @property
     def name(self) -> str:

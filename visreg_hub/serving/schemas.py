@@ -122,6 +122,7 @@ class IndexInfo(BaseModel):
 class ModelInfo(BaseModel):
     id: str
     object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the server loaded the model (OpenAI's model field)")
     owned_by: str = "visreg_hub"
     source: str
     embedding_dim: int
@@ -138,8 +139,11 @@ class ErrorDetail(BaseModel):
 
     message: str
     type: str
+    param: str | None = Field(None, description="always null (present as in OpenAI's error object)")
+    code: str | None = Field(
+        None, description="'no_input_embedded' when every input failed to decode; 'model_not_found'"
+    )
     limit: str | None = None
-    code: str | None = Field(None, description="'no_input_embedded' when every input failed to decode")
 
 
 class ErrorResponse(BaseModel):

@@ -103,6 +103,8 @@ class BodyLimitMiddleware:
                 "error": {
                     "message": BodyTooLargeError(self.limit).detail,
                     "type": "invalid_request_error",
+                    "param": None,
+                    "code": None,
                     "limit": "max_body_bytes",
                 }
             }
