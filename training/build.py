@@ -106,6 +106,9 @@ def loss_settings(config: TrainingConfig) -> tuple[str, dict]:
     return cls.__name__, kwargs
 
 
+_PROJECTION_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
 def build_loss(config: TrainingConfig) -> nn.Module:
     """The configured loss module, seeded with ``train.seed`` (its slice state is checkpointed)."""
     import visreg_hub.losses as losses
@@ -114,6 +117,14 @@ def build_loss(config: TrainingConfig) -> nn.Module:
     cls = getattr(losses, class_name)
     if "seed" in inspect.signature(cls.__init__).parameters:
         kwargs["seed"] = config.train.seed
+    dtype = kwargs.get("projection_dtype")
+    if isinstance(dtype, str):  # YAML has no torch dtypes: the name stands for one
+        if dtype not in _PROJECTION_DTYPES:
+            raise ConfigError(
+                f"loss.{config.loss.name}.projection_dtype must be one of {_PROJECTION_DTYPES} or null, "
+                f"got {dtype!r}"
+            )
+        kwargs["projection_dtype"] = getattr(torch, dtype)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:

@@ -116,6 +116,13 @@ def validate(config: TrainingConfig) -> None:
     for key in ("checkpoint_every", "export_every"):
         _positive(f"train.{key}", getattr(train, key), allow_zero=True)
     _positive("train.keep_last", train.keep_last)
+    if not 0 <= train.seed < 2**32:  # what numpy's and accelerate's seeding take
+        raise ConfigError(f"train.seed must be an integer in [0, 2**32), got {train.seed!r}")
+    if train.per_device_batch_size < 2:
+        raise ConfigError(
+            f"train.per_device_batch_size must be >= 2, got {train.per_device_batch_size}: every loss takes "
+            "batch statistics (means, spreads, sorted projections) over each device's micro-batch"
+        )
     if train.global_batch_size % train.per_device_batch_size:
         raise ConfigError(
             f"train.global_batch_size={train.global_batch_size} is not a multiple of "
@@ -126,6 +133,8 @@ def validate(config: TrainingConfig) -> None:
     _positive("eval.knn_temperature", config.eval.knn_temperature)
     _positive("eval.knn_bank_size", config.eval.knn_bank_size, allow_zero=True)
     _positive("eval.batch_size", config.eval.batch_size)
+    _positive("monitor.min_std", config.monitor.min_std, allow_zero=True)
+    _positive("monitor.min_rank", config.monitor.min_rank, allow_zero=True)
     _positive("monitor.collapse_patience", config.monitor.collapse_patience)
     _positive("monitor.gaussianity_slices", config.monitor.gaussianity_slices)
 

@@ -357,13 +357,37 @@ def parse_overrides(items: typing.Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+
+    why: YAML's last-one-wins would silently drop the first value, and a repeated section
+    (a second ``optim:``) every key of the first one.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _value_node in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"{key_node.start_mark.name}: key {key!r} appears twice in one section (lines "
+                    f"{seen[key]} and {line}); keep one"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config {str(path)!r} is a folder; pass a YAML file (presets: training/configs/)")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; presets are in training/configs/")
     if path in seen:
         raise ConfigError(f"config {path} extends itself through {[str(p) for p in seen]}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        with path.open(encoding="utf-8") as stream:  # a stream: error marks name the file
+            data = yaml.load(stream, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -194,6 +194,17 @@ class Trainer:
             self.plan.total_steps, self.world, train.per_device_batch_size, self.plan.accumulation,
             train.global_batch_size, f"{epochs_covered(self.plan.steps_by_epoch, self.plan.total_steps):g}",
         )  # fmt: skip
+        if self.plan.accumulation > 1:
+            # why: the loss runs once per micro-batch, so its batch statistics (VISReg's centre, scale and
+            # sorted shape term; VICReg's and Barlow's covariances) see fewer samples than the global batch
+            logger.warning(
+                "the loss's batch statistics cover %d samples per micro-step (%d process(es) x %d), not the "
+                "global batch of %d: a run with accumulation optimises a different objective than one that "
+                "fits the global batch in one micro-step (more processes or a larger "
+                "train.per_device_batch_size close the gap)",
+                self.world * train.per_device_batch_size, self.world, train.per_device_batch_size,
+                train.global_batch_size,
+            )  # fmt: skip
         stopped_early = train.stop_after is not None and state.global_step >= train.stop_after
         if stopped_early:
             logger.info("already at step %d >= train.stop_after; nothing to do", state.global_step)

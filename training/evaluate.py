@@ -42,7 +42,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.config import FMNIST_DIR, LongTailSection
+from visreg_hub.argtypes import float_range, int_range
 from visreg_hub.errors import ConfigError, VisregHubError
+from visreg_hub.models.config import POOLINGS
 from visreg_hub.retrieval.metrics import linear_probe as retrieval_linear_probe
 from visreg_hub.retrieval.metrics import probe_classifier, select_c
 
@@ -195,28 +197,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", choices=("fmnist", "npz", "folder", "filelist"), default="fmnist")
     parser.add_argument("--train", help="training split (folder, file list or .npz); fmnist: the idx folder")
     parser.add_argument("--test", help="test split (folder, file list or .npz)")
-    parser.add_argument("--pooling", help="feature tap (default: the model's), e.g. cls_last4")
+    parser.add_argument("--pooling", choices=POOLINGS, help="feature tap (default: the model's)")
     parser.add_argument(
-        "--probe-pooling", nargs="+", metavar="TAP",
+        "--probe-pooling", nargs="+", metavar="TAP", choices=POOLINGS,
         help="feature taps the linear probe chooses from on validation (default: --pooling only)",
     )  # fmt: skip
-    parser.add_argument("--knn-k", type=int, nargs="+", default=[10, 20, 200])
-    parser.add_argument("--temperature", type=float, default=0.07)
-    parser.add_argument("--val-fraction", type=float, default=0.1)
-    parser.add_argument("--few-shot", type=int, nargs="*", default=[])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--long-tail-ratio", type=float, help="subsample train long-tailed (n_max / n_min)")
+    parser.add_argument("--knn-k", type=int_range(1), nargs="+", default=[10, 20, 200])
+    parser.add_argument("--temperature", type=float_range(0, low_open=True), default=0.07)
+    parser.add_argument(
+        "--val-fraction", type=float_range(0, 1, low_open=True, high_open=True), default=0.1
+    )
+    parser.add_argument("--few-shot", type=int_range(1), nargs="*", default=[])
+    parser.add_argument("--seeds", type=int_range(1), default=3)
+    parser.add_argument(
+        "--long-tail-ratio", type=float_range(1), help="subsample train long-tailed (n_max / n_min >= 1)"
+    )
     parser.add_argument("--long-tail-profile", choices=("pareto", "exponential"), default="pareto")
     parser.add_argument(
         "--long-tail-max", type=int, help="images of the head class (default: smallest class)"
     )
     parser.add_argument("--long-tail-seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--batch-size", type=int_range(1), default=256)
+    parser.add_argument("--workers", type=int_range(0), default=0)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--out", type=Path, help="JSON results file")
     parser.add_argument("--markdown", type=Path, help="markdown table (default: --out with .md)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    table = args.markdown or (args.out.with_suffix(".md") if args.out is not None else None)
+    if args.out is not None and table.resolve() == args.out.resolve():
+        parser.error("--markdown must differ from --out (the table would overwrite the JSON results)")
+    return args
 
 
 def evaluate(args: argparse.Namespace) -> dict:

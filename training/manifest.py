@@ -42,6 +42,8 @@ def write_manifest(folder: Path) -> dict:
 
 def _read_manifest(folder: Path) -> dict[str, dict]:
     path = folder / MANIFEST_FILE
+    if path.is_symlink():  # as for the files it lists: the checkpoint is read from its own folder only
+        raise CheckpointError(f"{path} is a symlink; a checkpoint's manifest must be a regular file")
     if not path.is_file():
         raise CheckpointError(
             f"{path} is missing: the checkpoint is incomplete or was written by an older visreg_hub (whose "

@@ -73,10 +73,18 @@ def preflight(config: TrainingConfig, num_processes: int) -> None:
     stop_after, max_steps = config.train.stop_after, config.train.max_steps
     if stop_after is not None and max_steps is not None and stop_after > max_steps:
         raise ConfigError(f"train.stop_after={stop_after} is beyond train.max_steps={max_steps}")
-    from training.build import loss_settings  # imports torch and timm
+    from training.build import build_loss  # imports torch and timm
 
-    loss_settings(config)
+    check_loss_device(build_loss(config))  # every loss value, not only the key names (allocates nothing)
     model_config(config)
+
+
+def check_loss_device(loss) -> None:
+    """A loss option this machine cannot run is refused before training (and before --overwrite)."""
+    import torch
+
+    if getattr(loss, "sort_backend", None) == "triton" and not torch.cuda.is_available():
+        raise ConfigError("sort_backend='triton' needs a CUDA GPU (and the triton package); use 'auto' here")
 
 
 def _fail(exc: BaseException, code: int, verbose: bool) -> int:

@@ -7,6 +7,7 @@ a raw JSON, safetensors or type error; :mod:`training.state_io` calls them befor
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,11 @@ def like(saved: Any, reference: Any, where: str) -> None:
             raise CheckpointError(f"training state {where} should be a number, got {saved!r}")
         if isinstance(reference, int) and not isinstance(saved, int):
             raise CheckpointError(f"training state {where} should be an integer, got {saved!r}")
+        # counters and rates of a real run are finite and far below 2**53 (a float's exact integers)
+        if abs(saved) >= 2**53 or not math.isfinite(saved):  # ints first: math.isfinite(10**400) overflows
+            raise CheckpointError(
+                f"training state {where} should be a finite number below 2**53, got {saved!r}"[:200]
+            )
     else:
         raise CheckpointError(f"training state {where}: unsupported live value {type(reference).__name__}")
 
@@ -90,6 +96,11 @@ def check_module_tensors(tensors: dict, module: torch.nn.Module, where: str) -> 
                 f"{where}: {name} is {tuple(tensors[name].shape)} {tensors[name].dtype}, the model has "
                 f"{tuple(value.shape)} {value.dtype}; resume with the configuration that wrote it"
             )
+        if tensors[name].is_floating_point() and not torch.isfinite(tensors[name]).all():
+            # a run saves only finite weights (it stops at the first non-finite loss): this file was altered
+            raise CheckpointError(
+                f"{where}: {name} holds NaN or infinite values; resume from another checkpoint"
+            )
 
 
 def check_trainer_state(trainer: Any, steps_by_epoch: tuple[int, ...]) -> None:
@@ -107,8 +118,12 @@ def check_trainer_state(trainer: Any, steps_by_epoch: tuple[int, ...]) -> None:
             )
     for key in optional_floats:
         value = trainer[key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise CheckpointError(f"training state trainer.{key} should be a number or null, got {value!r}")
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        ):
+            raise CheckpointError(
+                f"training state trainer.{key} should be a finite number or null, got {value!r}"[:200]
+            )
     epoch, inside = trainer["epoch"], trainer["step_in_epoch"]
     if epoch < len(steps_by_epoch) and inside > steps_by_epoch[epoch]:
         raise CheckpointError(
@@ -118,4 +133,11 @@ def check_trainer_state(trainer: Any, steps_by_epoch: tuple[int, ...]) -> None:
     if epoch > len(steps_by_epoch):
         raise CheckpointError(
             f"training state trainer.epoch is {epoch}, beyond this run's {len(steps_by_epoch)} epochs"[:200]
+        )
+    position = sum(steps_by_epoch[:epoch]) + inside
+    if trainer["global_step"] != position:
+        raise CheckpointError(
+            f"training state trainer.global_step is {trainer['global_step']}, but epoch {epoch} step "
+            f"{inside} of this run's plan is step {position}; the file is inconsistent with this run's data "
+            "and batch"
         )

@@ -354,6 +354,8 @@ def load_training_state(
     for key, live in (("scheduler", parts.scheduler), ("scaler", parts.scaler), ("monitor", parts.monitor)):
         reference = None if live is None else live.state_dict()
         like(record.get(key), reference, key)
+    if parts.monitor is not None and any(count < 0 for count in record["monitor"].values()):
+        raise CheckpointError(f"{folder / STATE_JSON}: the monitor's alarm counters must be >= 0")
     _, loss_extra = _loss_split(parts.loss_fn)
     if (record.get("loss") is None) != (loss_extra is None):
         wrote = "a sliced loss (visreg, sigreg or swd)" if loss_extra is None else "a loss without slices"

@@ -34,6 +34,26 @@ def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
 port_number = int_range(0, 65535)  # 0: the OS picks a free port
 
 
+def float_range(low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = False):
+    """A finite float in the interval from ``low`` to ``high`` (``*_open``: that end excluded)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        below = value <= low if low_open else value < low
+        above = high is not None and (value >= high if high_open else value > high)
+        if value != value or value in (float("inf"), float("-inf")) or below or above:  # NaN != NaN
+            left, right = "(" if low_open else "[", ")" if high_open or high is None else "]"
+            bounds = f"{left}{low:g}, {'inf' if high is None else f'{high:g}'}{right}"
+            raise argparse.ArgumentTypeError(f"expected a number in {bounds}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
 def file_size(text: str) -> int:
     """``"10mb"``, ``"500kb"``, ``"2048"`` (bytes) -> bytes, at least 1."""
     match = _SIZE.match(text)

@@ -13,6 +13,7 @@ from scipy.stats import norm
 
 from tests.losses.reference import shape_loss_reference, sliced_wasserstein_loss_reference
 from visreg_hub.losses import (
+    VISRegLoss,
     barlow_route,
     barlow_twins_terms,
     batch_moments,
@@ -459,3 +460,40 @@ def test_vicreg_and_barlow_bf16_close_to_float32():
         )
 
     _assert_bf16_close_to_float32(terms, z)
+
+
+def test_public_cached_tables_are_copies():
+    """gaussian_quantiles / epps_pulley_grid returned the cache itself: an in-place edit by a user changed
+    every later shape loss (0.088 -> 2.54 in the probe)."""
+    z = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    directions = torch.nn.functional.normalize(torch.randn(4, 8, dtype=torch.float64), dim=0)
+    before = shape_loss(z, directions)
+    gaussian_quantiles(16, dtype=torch.float64).mul_(3)
+    gaussian_quantiles(16).mul_(3)
+    for table in epps_pulley_grid():
+        table.mul_(3)
+    grid = epps_pulley_grid()
+    assert shape_loss(z, directions) == before
+    fresh = gaussian_quantiles(16, dtype=torch.float64).numpy()
+    np.testing.assert_allclose(fresh, np_quantiles(16), atol=1e-12)
+    assert grid[0][-1] == 3.0 and grid[1][0] == 1.0  # t_max and exp(0) unchanged
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda z: vicreg_variance_loss(z, eps=-1.0), "eps must be a finite number > 0"),
+        (lambda z: barlow_twins_terms(z, eps=0.0), "eps must be a finite number > 0"),
+        (lambda z: vicreg_invariance_loss(z[0]), r"must be a \(V, N, D\) tensor"),  # 2-D: no views
+        (lambda z: barlow_twins_terms(z[0]), r"must be a \(V, N, D\) tensor"),
+        (lambda z: vicreg_invariance_loss(z.long()), "floating-point"),
+        (lambda z: sigreg_loss(z, torch.randn(8, 3), t_max=float("inf")), "t_max must be a finite"),
+        (lambda z: sigreg_loss(z, torch.randn(8, 3), num_knots=2.5), "num_knots must be an integer"),
+        (lambda z: shape_loss(z, torch.zeros(8, 0)), "K >= 1"),
+        (lambda z: VISRegLoss(4)(z[:1], z[1:].long()), "local_proj must be a floating-point tensor"),
+    ],
+)
+def test_functional_edge_inputs_are_clear_errors_not_nan(call, message):
+    z = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=message):
+        call(z)

@@ -388,7 +388,40 @@ HOSTILE_VALUES = {
     "negative-second-moment": (None, lambda t: t["optimizer.1.exp_avg_sq"].fill_(-1.0), "negative"),
     "matrix-step": (None, lambda t: t.update({"optimizer.1.step": t["optimizer.1.exp_avg"].clone()}),
                     "step must be"),
+    # accepted silently before (probe 2): a position the plan does not have, NaN "best", counters out of range
+    "global-step": (lambda r: (r["trainer"].update(global_step=11), r["scheduler"].update(last_epoch=11)),
+                    None, "inconsistent with this run's data and batch"),
+    "global-step-0": (lambda r: (r["trainer"].update(global_step=0), r["scheduler"].update(last_epoch=0)),
+                      None, "global_step is 0"),
+    "nan-best": (lambda r: r["trainer"].update(best_metric=float("nan")), None,
+                 "best_metric should be a finite"),
+    "negative-alarms": (lambda r: r["monitor"].update(collapse_alarms=-5), None,
+                        "alarm counters must be >= 0"),
+    "huge-counter": (lambda r: r["monitor"].update(consecutive_alarms=10**400), None, "below 2\\*\\*53"),
+    "huge-step-count": (lambda r: r["scheduler"].update(_step_count=10**30), None, "below 2\\*\\*53"),
 }  # fmt: skip
+
+
+def test_nan_weights_and_a_symlinked_manifest_are_refused(run_folder, tmp_path, trainer):
+    """NaN weights used to load and then read as "training diverged ... lower optim.lr"; a manifest.json
+    symlinked elsewhere was followed (the files it lists are lstat-checked, it was not)."""
+    from safetensors.torch import load_file, save_file
+
+    output, step4 = _copy(run_folder, tmp_path)
+    shutil.rmtree(output / "checkpoints" / "step-00000002")
+    weights = load_file(step4 / "model.safetensors")
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, str(step4 / "model.safetensors"))
+    write_manifest(step4)
+    with pytest.raises(CheckpointError, match="holds NaN or infinite values"):
+        _resume(trainer, step4)
+    outside = tmp_path / "elsewhere.json"
+    (step4 / "manifest.json").rename(outside)
+    (step4 / "manifest.json").symlink_to(outside)
+    with pytest.raises(CheckpointError, match="is a symlink"):
+        _resume(trainer, step4)
+    assert trainer.state.global_step == 0
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_VALUES))

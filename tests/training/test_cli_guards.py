@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -161,3 +162,46 @@ def test_missing_onnx_extra_suggests_the_cpu_build_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(MissingExtraError, match=r"visreg_hub\[onnx\]'"):
         runtime.create_session("model.onnx")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("loss.visreg.shape_weight=abc", "shape_weight must be a finite number"),  # a loss value, not a key
+        ("train.seed=-1", r"train.seed must be an integer in \[0, 2\*\*32\)"),
+        ("train.seed=4294967296", r"train.seed must be an integer in \[0, 2\*\*32\)"),
+        ("train.per_device_batch_size=1", "per_device_batch_size must be >= 2"),
+        ("loss.num_slices=99999999999999999999999", "num_slices must be an integer in"),
+        ("loss.visreg.projection_dtype=float8", "projection_dtype must be one of"),
+        ("monitor.min_std=-1", "monitor.min_std must be >= 0"),
+        pytest.param(
+            "loss.visreg.sort_backend=triton", "needs a CUDA GPU",
+            marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU-only check"),
+        ),
+    ],
+)
+def test_overwrite_keeps_the_old_run_when_a_value_is_bad(tmp_path, capsys, override, message):
+    """--overwrite removed the previous run, then a bad loss value, seed or batch plan stopped the new one:
+    both were lost. Every value is now checked first (exit 2), and the old run stays."""
+    from training import pretrain
+
+    output = tmp_path / "run"
+    (output / "final").mkdir(parents=True)
+    marker = output / "final" / "config.json"
+    marker.write_text("previous run")
+    assert pretrain.main([*FIXTURE_ARGS, f"train.output_dir={output}", "--overwrite", override]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert marker.read_text() == "previous run"
+
+
+def test_duplicate_yaml_keys_and_folder_configs_are_refused(tmp_path):
+    from training.config import ConfigError, load_config
+
+    doubled = tmp_path / "dup.yaml"
+    doubled.write_text("optim:\n  lr: 2.0e-3\n  warmup_steps: 2\ntrain:\n  epochs: 1\noptim:\n  lr: 7.0\n")
+    with pytest.raises(ConfigError, match=r"key 'optim' appears twice in one section \(lines 1 and 6\)"):
+        load_config(doubled)
+    with pytest.raises(ConfigError, match="is a folder; pass a YAML file"):
+        load_config(tmp_path)
+    assert load_config(REPO / "training" / "configs" / "fmnist-fixture-cpu.yaml").optim.lr > 0

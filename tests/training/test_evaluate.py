@@ -142,3 +142,22 @@ def test_probe_pooling_chooses_the_tap_on_validation(model_folder, tmp_path):
     assert alone["linear"]["best_c"] == linear["best_c"]
     assert results["knn"] == _run(model_folder, tmp_path / "plain")["knn"]  # the default tap
     assert f"| linear probe ({linear['tap']}, C=" in (tmp_path / "eval.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--few-shot", "0"], ["--few-shot", "-3"], ["--knn-k", "0"], ["--temperature", "0"],
+        ["--temperature", "nan"], ["--val-fraction", "1.5"], ["--val-fraction", "0"], ["--batch-size", "0"],
+        ["--workers", "-1"], ["--pooling", "foo"], ["--probe-pooling", "cls", "foo"], ["--seeds", "0"],
+        ["--long-tail-ratio", "0.5"], ["--out", "r.json", "--markdown", "r.json"],
+    ],
+)  # fmt: skip
+def test_bad_arguments_stop_before_any_feature_is_computed(flags, capsys, monkeypatch):
+    """These ended in tracebacks after all features were extracted (or, for --seeds 0, in nan +- nan)."""
+    import training.evaluate as evaluation
+
+    monkeypatch.setattr(evaluation, "evaluate", lambda args: pytest.fail("evaluation started"))
+    with pytest.raises(SystemExit) as info:
+        evaluation.main(["some-model", "--data", "npz", *flags])
+    assert info.value.code == 2 and "error:" in capsys.readouterr().err

@@ -57,17 +57,25 @@ def check_samples(z: torch.Tensor, minimum: int = 1) -> None:
 
 
 def check_directions(x: torch.Tensor, directions: torch.Tensor) -> None:
-    """``directions`` must be ``(D, K)`` for embeddings ``(..., N, D)``."""
-    if directions.dim() != 2 or directions.shape[0] != x.shape[-1]:
+    """``directions`` must be ``(D, K)`` with K >= 1 for embeddings ``(..., N, D)``."""
+    if directions.dim() != 2 or directions.shape[0] != x.shape[-1] or directions.shape[1] < 1:
         raise ValueError(
-            f"directions must have shape (D, K) = ({x.shape[-1]}, K) for embeddings of shape "
+            f"directions must have shape (D, K) = ({x.shape[-1]}, K) with K >= 1 for embeddings of shape "
             f"{tuple(x.shape)}, got {tuple(directions.shape)}"
         )
 
 
-def _cached_quantiles(n: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+def check_eps(eps: float) -> None:
+    """A stabiliser added under a square root must be a finite number > 0 (else NaN or a division by 0)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+
+
+def cached_quantiles(n: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`gaussian_quantiles` without the copy: the shared cached tensor, for the losses' hot path
+    (never modified there). ``n`` is trusted (a batch dimension)."""
     # a plain dict rather than functools.lru_cache, which torch.compile warns about
-    key = (n, device, dtype)
+    key = (n, str(device), dtype)
     cached = _QUANTILE_CACHE.get(key)
     if cached is None:
         if len(_QUANTILE_CACHE) >= 64:
@@ -83,13 +91,13 @@ def gaussian_quantiles(
     """``t_i = Phi^-1(i / (n + 1))`` for ``i = 1..n``: the N(0, 1) quantiles a sorted slice is matched to.
 
     Shape:
-        ``(n,)``. Computed in float64 and cast to ``dtype``; cached per ``(n, device, dtype)``, so treat
-        the result as read-only.
+        ``(n,)``. Computed in float64 and cast to ``dtype``; a copy of the cached values, so editing it
+        in place changes nothing else.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     device = torch.device("cpu") if device is None else torch.device(device)
-    return _cached_quantiles(n, str(device), dtype)
+    return cached_quantiles(n, device, dtype).clone()
 
 
 # ------------------------------------------------------------------------------- module arguments
@@ -122,6 +130,8 @@ def check_views(global_proj: torch.Tensor, local_proj: torch.Tensor | None) -> N
             f"local_proj must be (V_local, N, D) = (V_local, {global_proj.shape[1]}, {global_proj.shape[2]}) "
             f"to match global_proj, got {tuple(local_proj.shape)}"
         )
+    if not local_proj.is_floating_point():  # as global_proj: an integer tensor is a mistake, not a cast
+        raise ValueError(f"local_proj must be a floating-point tensor, got dtype {local_proj.dtype}")
 
 
 def all_views(global_proj: torch.Tensor, local_proj: torch.Tensor | None) -> torch.Tensor:

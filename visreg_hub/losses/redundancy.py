@@ -64,6 +64,7 @@ def vicreg_variance_loss(z: torch.Tensor, *, gamma: float = 1.0, eps: float = 1e
         ``z``: ``(..., N, D)``, N >= 2. Returns a 0-d float32 tensor (float64 for float64 ``z``).
     """
     num.check_samples(z, minimum=2)
+    num.check_eps(eps)
     std = torch.sqrt(num.to_accumulation(z).var(dim=-2, correction=1) + eps)
     return torch.relu(gamma - std).mean()
 
@@ -112,6 +113,7 @@ def vicreg_variance_covariance(
         ``z``: ``(..., N, D)``, N >= 2. Returns two 0-d float32 tensors (float64 for float64 ``z``).
     """
     num.check_samples(z, minimum=2)
+    num.check_eps(eps)
     compute = num.resolve_projection_dtype(z, projection_dtype)
     variance, off = _CentredStatistics.apply(z, compute)
     return torch.relu(gamma - torch.sqrt(variance + eps)).mean(), (off / z.shape[-1]).mean()
@@ -169,6 +171,9 @@ def vicreg_invariance_loss(global_proj: torch.Tensor, local_proj: torch.Tensor |
         ``global_proj``: ``(Vg, N, D)``; ``local_proj``: ``(Vl, N, D)`` or None. Returns a 0-d float32
         tensor (float64 for float64 inputs).
     """
+    num.check_views(global_proj, local_proj)  # (V, N, D) floats: a 2-D batch is not a stack of views
+    if not global_proj.is_floating_point():
+        raise ValueError(f"global_proj must be a floating-point tensor, got dtype {global_proj.dtype}")
     views = all_views(global_proj, local_proj)
     num_pairs = len(view_pairs(global_proj.shape[0], views.shape[0]))
     if not num_pairs:
@@ -375,6 +380,8 @@ def barlow_twins_terms(
         ``global_proj``: ``(Vg, N, D)``; ``local_proj``: ``(Vl, N, D)`` or None. Returns two 0-d float32
         tensors (float64 for float64 inputs).
     """
+    num.check_views(global_proj, local_proj)
+    num.check_eps(eps)
     views = all_views(global_proj, local_proj)
     num.check_samples(views, minimum=2)
     num_pairs = len(view_pairs(global_proj.shape[0], views.shape[0]))

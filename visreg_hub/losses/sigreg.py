@@ -17,6 +17,8 @@ computed in float32. The backward recomputes ``cos`` and ``sin`` knot by knot in
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _numerics as num
@@ -53,14 +55,18 @@ def epps_pulley_grid(
 
     Trapezoid rule on ``[0, t_max]`` doubled for the symmetric half ``[-t_max, 0]`` (interior weights
     ``2 dt``, end weights ``dt``), times the ``exp(-t^2 / 2)`` window. Returns ``(t, phi, weights)``
-    (cached; treat as read-only).
+    (copies of cached values: editing them changes nothing else).
     """
-    if num_knots < 2:
-        raise ValueError(f"num_knots must be >= 2, got {num_knots}")
-    if not t_max > 0:
-        raise ValueError(f"t_max must be positive, got {t_max}")
+    _check_grid(t_max, num_knots)
     device = torch.device("cpu") if device is None else torch.device(device)
-    return _cached_grid(float(t_max), int(num_knots), str(device), dtype)
+    return tuple(v.clone() for v in _cached_grid(float(t_max), int(num_knots), str(device), dtype))
+
+
+def _check_grid(t_max: float, num_knots: int) -> None:
+    if isinstance(num_knots, bool) or not isinstance(num_knots, int) or num_knots < 2:
+        raise ValueError(f"num_knots must be an integer >= 2, got {num_knots!r}")
+    if isinstance(t_max, bool) or not isinstance(t_max, (int, float)) or not 0 < t_max < math.inf:
+        raise ValueError(f"t_max must be a finite positive number, got {t_max!r}")
 
 
 class _CharacteristicSums(torch.autograd.Function):
@@ -140,13 +146,14 @@ def sigreg_loss(
             f"x must be a floating (..., N, D) tensor with N >= 1, got {tuple(x.shape)} {x.dtype}"
         )
     num.check_directions(x, directions)
+    _check_grid(t_max, num_knots)
     accumulate = num.accumulation_dtype(x.dtype)
     compute = num.resolve_projection_dtype(x, projection_dtype)
     n = x.shape[-2]
     with num.autocast_off(x.device.type):
         projections = torch.matmul(directions.t().to(compute), x.to(compute).transpose(-1, -2))
     leading = projections.shape[:-1]  # (..., K)
-    _, phi, weights = epps_pulley_grid(t_max, num_knots, x.device, accumulate)
+    _, phi, weights = _cached_grid(float(t_max), num_knots, str(x.device), accumulate)  # read-only here
     knot_values = tuple(torch.linspace(0.0, t_max, num_knots, dtype=torch.float64).tolist())
     sums = _CharacteristicSums.apply(projections.reshape(-1, n), knot_values, accumulate)
     sums = sums.reshape(*leading, 2, num_knots)

@@ -29,6 +29,10 @@ from typing import Literal, NamedTuple
 
 import torch
 
+# directions per draw: the paper uses 4,096; a bound far above any useful K keeps a typo (an extra digit
+# or twenty) from reaching torch.randn as a multi-terabyte request
+MAX_SLICES = 1 << 20
+
 SliceMode = Literal["partition", "replicate", "local"]
 SLICE_MODES: tuple[str, ...] = ("partition", "replicate", "local")
 
@@ -78,8 +82,9 @@ class SliceSampler:
     """
 
     def __init__(self, num_slices: int, seed: int = 0) -> None:
-        if isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1:
-            raise ValueError(f"num_slices must be a positive integer, got {num_slices!r}")
+        valid_int = isinstance(num_slices, int) and not isinstance(num_slices, bool)
+        if not valid_int or not 1 <= num_slices <= MAX_SLICES:
+            raise ValueError(f"num_slices must be an integer in [1, {MAX_SLICES:,}], got {num_slices!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.num_slices = num_slices

@@ -47,9 +47,9 @@ import torch
 
 from . import _numerics as num
 from . import _triton_sort
-from ._numerics import gaussian_quantiles, resolve_projection_dtype
+from ._numerics import cached_quantiles, resolve_projection_dtype
 
-__all__ = ["gaussian_quantiles", "resolve_projection_dtype", "sliced_quantile_distance"]
+__all__ = ["resolve_projection_dtype", "sliced_quantile_distance"]
 
 SORT_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 
@@ -121,7 +121,7 @@ class _ProjectedQuantileDistance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, projections, accumulate):
         rows, n = projections.shape
-        quantiles = gaussian_quantiles(n, projections.device, accumulate)
+        quantiles = cached_quantiles(n, projections.device, accumulate)
         residual = torch.empty_like(projections)
         squared = projections.new_zeros((), dtype=accumulate)
         step = max(1, _CHUNK_ELEMENTS // max(1, n))
@@ -156,7 +156,7 @@ class _SlicedQuantileDistance(torch.autograd.Function):
         num_slices = directions.shape[1]
         accumulate = num.accumulation_dtype(x.dtype)
         with num.autocast_off(x.device.type):
-            quantiles = gaussian_quantiles(n, x.device, accumulate)
+            quantiles = cached_quantiles(n, x.device, accumulate)
             w_t = directions.t().to(compute_dtype)  # (K, D)
             residual = torch.empty((rows, num_slices, n), dtype=compute_dtype, device=x.device)
             squared = torch.zeros((), dtype=accumulate, device=x.device)
