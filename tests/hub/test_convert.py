@@ -130,3 +130,55 @@ def test_arch_accepts_named_sizes_and_timm_names():
     assert resolve_size_name("vit_large_patch14_224") == "vit-l14"
     with pytest.raises(ValueError, match="unknown architecture"):
         resolve_size_name("resnet50")
+
+
+def test_a_compressed_archive_is_refused_before_torch_inflates_it(tmp_path):
+    """A 1 MB .pth of deflated zeros made torch allocate ~1 GB before any check (probe 2): torch.save
+    writes stored entries only, so a compressed entry is refused from the zip directory alone."""
+    import resource
+    import zipfile
+
+    plain = tmp_path / "plain.pth"
+    torch.save({"pos_embed": torch.zeros(1, 2**24)}, plain)  # 64 MiB of zeros, stored
+    packed = tmp_path / "packed.pth"
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info.filename))
+    assert packed.stat().st_size < plain.stat().st_size // 100
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match="compressed entries"):
+        load_pth_weights_only(packed)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 32 * 1024  # KiB: nothing inflated
+    assert load_pth_weights_only(plain)["pos_embed"].shape == (1, 2**24)  # torch's own archives load
+
+
+def test_legacy_serialisation_is_refused(tmp_path):
+    legacy = tmp_path / "old.pth"
+    torch.save({"w": torch.zeros(3)}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="legacy"):
+        load_pth_weights_only(legacy)
+
+
+def test_refused_pickle_names_the_object_without_torchs_advice_to_disable_the_check(source_vit, tmp_path):
+    pth = tmp_path / "malicious.pth"
+    torch.save({"model": source_vit.state_dict(), "payload": _ExecutesOnLoad(tmp_path / "ran")}, pth)
+    with pytest.raises(CheckpointError) as info:
+        load_pth_weights_only(pth)
+    assert "io.open" in str(info.value) or "builtins.open" in str(info.value)
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_nan_weights_and_integer_keys_are_refused_at_conversion(source_vit, tmp_path):
+    state = {k: v.clone() for k, v in source_vit.state_dict().items()}
+    state["cls_token"][..., 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.raises(CheckpointError, match="NaN or Inf"):
+        convert_official_checkpoint(tmp_path / "nan.pth", tmp_path / "out", arch="vit-t4-28", **TINY)
+    assert not (tmp_path / "out").exists()  # no folder that from_pretrained would refuse
+    torch.save({0: torch.zeros(2), 1: torch.zeros(2)}, tmp_path / "ints.pth")
+    with pytest.raises(CheckpointError, match="int key 0"):
+        convert_official_checkpoint(tmp_path / "ints.pth", tmp_path / "out2", arch="vit-t4-28", **TINY)
+    wrong = {k: v for k, v in source_vit.state_dict().items() if k != "pos_embed"}
+    torch.save(wrong, tmp_path / "wrong.pth")
+    with pytest.raises(CheckpointError, match=r"1 missing keys \['pos_embed'\]\. Pass the architecture"):
+        convert_official_checkpoint(tmp_path / "wrong.pth", tmp_path / "out3", arch="vit-t4-28", **TINY)

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from visreg_hub.errors import CheckpointError, ConfigError, VisregHubError
+from visreg_hub.hub import preflight
 from visreg_hub.hub.format import load_backbone_weights, sha256_file
 from visreg_hub.models.config import NAMED_SIZES, ModelConfig
 
@@ -58,23 +61,57 @@ def load_pth_weights_only(path: str | Path) -> Any:
         raise FileNotFoundError(f"no checkpoint file at {path}")
     with open(path, "rb") as handle:
         head = handle.read(2)
-    if not (head == b"PK" or head[:1] == b"\x80"):  # torch zip archive, or a legacy pickle (protocol 2+)
+    if head[:1] == b"\x80":
+        # why: the pre-1.6 format declares each storage's size in the file and torch allocates it before
+        # reading, so a few bytes can ask for any amount of memory
         raise CheckpointError(
-            f"{path} is not a PyTorch checkpoint (it starts with {head!r}, not a zip archive or a pickle); "
+            f"{path} uses PyTorch's legacy (pre-1.6) serialisation, which is not read from untrusted files; "
+            "load it where you trust it and re-save it with a current torch.save"
+        )
+    if head != b"PK":
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (it starts with {head!r}, not torch.save's zip archive); "
             "pass the official .pth file"
         )
+    _check_archive(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path} was refused by the weights-only loader: it contains Python objects other than tensors "
-            f"and plain containers, and visreg_hub never executes pickled code. Details: {exc}"
+            f"and plain containers, and visreg_hub never executes pickled code ({_refusal_detail(exc)})"
         ) from exc
     except Exception as exc:  # a damaged file makes the unpickler raise KeyError, IndexError, ...
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}); it is damaged or "
             "not the official .pth file"
         ) from None
+
+
+def _check_archive(path: Path) -> None:
+    """torch.save writes its zip uncompressed: refuse compressed entries before torch inflates them.
+
+    why: a 1 MB archive of deflated zeros inflates to about 1 GB, which torch allocates before anything
+    can be checked. With stored entries only, what torch reads is bounded by the file's own size.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+        packed = [info.filename for info in entries if info.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable zip archive ({exc}); it is damaged") from None
+    if packed:
+        raise CheckpointError(
+            f"{path} holds compressed entries ({packed[:3]}), which torch.save never writes; the file was "
+            "re-packed by another tool: re-save the weights with torch.save"
+        )
+
+
+def _refusal_detail(exc: pickle.UnpicklingError) -> str:
+    """The line of torch's refusal that names the offending object, without its advice to turn the
+    weights-only loader off (the one thing never to do with an untrusted file)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return f"it asks for {found.group(1)}" if found else "an object the loader does not allow"
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -134,6 +171,11 @@ def extract_backbone_state_dict(checkpoint: Any) -> tuple[dict[str, torch.Tensor
     backbone: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
     for original_key, tensor in raw.items():
+        if not isinstance(original_key, str):
+            raise CheckpointError(
+                f"the state dict has a {type(original_key).__name__} key {original_key!r}; parameter names "
+                "are strings: this is not a model's state_dict"
+            )
         key = strip_prefixes(original_key)
         if key.startswith(NON_BACKBONE_PREFIXES):
             dropped.append(key)
@@ -174,7 +216,14 @@ def official_encoder(pth_path: str | Path, arch: str = "vit-b16", **config_overr
     config = ModelConfig.from_name(resolve_size_name(arch), **config_overrides)
     state_dict, _dropped = extract_backbone_state_dict(load_pth_weights_only(pth_path))
     model = VISRegEncoder(config)
-    load_backbone_weights(model, state_dict, source=str(pth_path))
+    hint = (
+        "Pass the architecture the weights were trained with (--arch, a named size: "
+        f"{', '.join(NAMED_SIZES)}), and its img_size / register tokens through "
+        "convert_official_checkpoint(..., img_size=...)."
+    )
+    load_backbone_weights(model, state_dict, source=str(pth_path), hint=hint)
+    # as from_pretrained does: a folder written from NaN weights would be refused at every load
+    preflight.check_finite(state_dict, str(pth_path))
     return model.eval()
 
 

@@ -308,11 +308,20 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a valid safetensors file ({exc}).{hint}") from exc
 
 
-def load_backbone_weights(model, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_backbone_weights(
+    model,
+    state_dict: dict[str, torch.Tensor],
+    source: str = "checkpoint",
+    hint: str = "Make sure config.json and model.safetensors come from the same save_pretrained call.",
+) -> None:
     """Load timm-keyed weights into ``model.backbone`` strictly.
 
+    Args:
+        hint: the fix the error names (a converter's differs from a checkpoint folder's).
+
     Raises:
-        CheckpointError: lists missing keys, unexpected keys and shape mismatches (never a warning).
+        CheckpointError: names the first missing keys, unexpected keys and shape mismatches (never a
+            warning).
     """
     expected = model.backbone.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -324,14 +333,13 @@ def load_backbone_weights(model, state_dict: dict[str, torch.Tensor], source: st
     )
     if missing or unexpected or mismatched:
         problems = []
-        if missing:
-            problems.append(f"missing keys {missing}")
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected}")
-        if mismatched:
-            problems.append(f"shape mismatches {mismatched}")
+        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                           ("shape mismatches", mismatched)):  # fmt: skip
+            if keys:
+                more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+                problems.append(f"{len(keys)} {what} {keys[:5]}{more}")
         raise CheckpointError(
             f"weights in {source} do not match the model described by its config: {'; '.join(problems)}. "
-            "Make sure config.json and model.safetensors come from the same save_pretrained call."
+            f"{hint}"
         )
     model.backbone.load_state_dict(state_dict, strict=True)
