@@ -17,6 +17,9 @@ from visreg_hub.hub import from_pretrained, save_pretrained
 from visreg_hub.hub.loading import load_folder
 from visreg_hub.models import POOLINGS
 
+EVAL_RESULTS = [{"task": "knn", "dataset": "fashion_mnist", "metric": "accuracy", "value": 80.25}]
+EVAL_COMMAND = "visreg-hub eval --model ckpt --dataset fashion_mnist"
+
 
 @pytest.fixture
 def saved(tmp_path):
@@ -32,8 +35,8 @@ def saved(tmp_path):
     folder = save_pretrained(
         model,
         tmp_path / "ckpt",
-        eval_results=[{"task": "knn", "dataset": "fashion_mnist", "metric": "accuracy", "value": 80.25}],
-        eval_command="visreg-hub eval --model ckpt --dataset fashion_mnist",
+        eval_results=EVAL_RESULTS,
+        eval_command=EVAL_COMMAND,
     )
     return model, folder
 
@@ -74,7 +77,9 @@ def test_folder_layout_and_config_json_is_timm_compatible(saved):
 def test_round_trip_gives_identical_embeddings_and_config(saved):
     model, folder = saved
     loaded = from_pretrained(str(folder))
-    assert loaded.config == model.config
+    # what save_pretrained was given for the card is kept in config.json too
+    kept = {"eval_results": EVAL_RESULTS, "eval_command": EVAL_COMMAND}
+    assert loaded.config == model.config.replace(extra={**model.config.extra, **kept})
     assert not loaded.training
     images = _images(28, 36)
     with torch.no_grad():
@@ -243,3 +248,44 @@ def test_a_failed_save_leaves_the_earlier_folder_loadable_and_unchanged(tmp_path
     images = torch.rand(2, 3, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(from_pretrained(folder)(images), tiny_encoder(seed=1)(images))
+
+
+def test_card_metadata_survives_loading_and_saving_again(tmp_path):
+    """datasets / eval_results / description given to save_pretrained changed only README.md: the next
+    save of the loaded model lost them, and config.json disagreed with the card (probe 2)."""
+    first = save_pretrained(
+        tiny_encoder(), tmp_path / "a", datasets=["fashion_mnist", "imagenet-1k"], eval_results=EVAL_RESULTS,
+        description="A tiny test encoder.", license="mit",
+    )  # fmt: skip
+    again = save_pretrained(from_pretrained(first), tmp_path / "b")
+    card = (again / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    first_front = yaml.safe_load((first / "README.md").read_text().split("---")[1])
+    assert front["license"] == "mit" and front["datasets"] == first_front["datasets"]
+    assert len(front["datasets"]) == 2  # Hub ids, as the card writes them
+    assert "A tiny test encoder." in card and "80.25" in card
+    assert (again / "config.json").read_text() == (first / "config.json").read_text()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [("license", ["mit"], "visreg.license must be a string"),
+     ("datasets", "fmnist", "visreg.datasets must be a list"),
+     ("eval_results", "oops", "visreg.eval_results must be a list"), ("datasets", [1], "list of strings")],
+)  # fmt: skip
+def test_card_fields_of_the_wrong_type_are_refused_at_load(tmp_path, key, value, message):
+    folder = save_pretrained(tiny_encoder(), tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["visreg"][key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        from_pretrained(folder)
+
+
+def test_a_non_square_patch_size_is_refused(tmp_path):
+    folder = save_pretrained(tiny_encoder(), tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["model_args"]["patch_size"] = [4, 8]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="not a square size"):
+        from_pretrained(folder)

@@ -231,8 +231,12 @@ def config_from_json(data: dict[str, Any], source: str = CONFIG_NAME) -> ModelCo
         if height != width:
             raise CheckpointError(f"{source}: non-square img_size {fields['img_size']} is not supported")
         fields["img_size"] = height
-    if isinstance(fields.get("patch_size"), list | tuple) and fields["patch_size"]:
-        fields["patch_size"] = fields["patch_size"][0]
+    if isinstance(fields.get("patch_size"), list | tuple):
+        patch = fields["patch_size"]
+        if len(patch) != 2 or patch[0] != patch[1]:
+            # timm and transformers would build a non-square patch embedding from this file
+            raise CheckpointError(f"{source}: patch_size {patch} is not a square size [p, p]")
+        fields["patch_size"] = patch[0]
     try:  # types and bounds before timm sees any of it (the meta build below still makes modules)
         limits.check_field_bounds(fields)
     except ConfigError as exc:
@@ -252,6 +256,7 @@ def config_from_json(data: dict[str, Any], source: str = CONFIG_NAME) -> ModelCo
         raise CheckpointError(f"{source}: visreg.extra must be a JSON object")
     extra = dict(visreg.get("extra") or {})
     extra.update({key: visreg[key] for key in PROMOTED_EXTRA_KEYS if key in visreg})
+    _check_promoted(extra, source)
     if "license" not in extra and pretrained_cfg.get("license"):
         extra["license"] = pretrained_cfg["license"]
     fields["extra"] = extra
@@ -259,6 +264,35 @@ def config_from_json(data: dict[str, Any], source: str = CONFIG_NAME) -> ModelCo
         return ModelConfig(**fields)
     except (ConfigError, TypeError, ValueError) as exc:  # e.g. mean: "abc" -> float() ValueError
         raise CheckpointError(f"{source} describes an invalid model: {exc}") from None
+
+
+_PROMOTED_TYPES = {
+    "license": (str, "a string such as 'apache-2.0'"),
+    "recipe": (dict, "an object"),
+    "loss": (dict, "an object"),
+    "datasets": (list, "a list of dataset names"),
+    "eval_results": (list, "a list of objects (task, dataset, metric, value)"),
+    "eval_command": (str, "a string"),
+    "source": (str, "a string"),
+}
+
+
+def _check_promoted(extra: dict[str, Any], source: str) -> None:
+    """The conventional ``visreg`` keys have the types the model card and ``save_pretrained`` use.
+
+    why: a loaded model is saved again (fine-tuning, re-publishing); a list-valued license or a string of
+    datasets loaded fine and then broke the next save, or was split into characters.
+    """
+    for key, (kind, what) in _PROMOTED_TYPES.items():
+        value = extra.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, kind):
+            raise CheckpointError(f"{source}: visreg.{key} must be {what}, got {type(value).__name__}")
+    if any(not isinstance(name, str) for name in extra.get("datasets") or []):
+        raise CheckpointError(f"{source}: visreg.datasets must be a list of strings")
+    if any(not isinstance(result, dict) for result in extra.get("eval_results") or []):
+        raise CheckpointError(f"{source}: visreg.eval_results must be a list of objects")
 
 
 def read_config(path: str | Path) -> ModelConfig:

@@ -62,8 +62,12 @@ def save_pretrained(
     folder.mkdir(parents=True, exist_ok=True)
 
     config = model.config
-    if license is not None:
-        config = config.replace(extra={**config.extra, "license": license})
+    # what the card shows is kept in config.json too, so loading and saving again keeps it
+    given = {"license": license, "datasets": datasets, "eval_results": eval_results,
+             "eval_command": eval_command, "description": description}  # fmt: skip
+    kept = {key: value for key, value in given.items() if value is not None}
+    if kept:
+        config = config.replace(extra={**config.extra, **kept})
     if card is None:
         card = render_model_card(
             config,
