@@ -383,3 +383,17 @@ def test_hf_token_private_download_then_offline_reload_from_hf_home(fake_hub, tm
     assert offline.returncode == 0, offline.stderr[-3000:]
     assert "OTHER-FAILED ModelNotFoundError" in offline.stdout
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "offline.npy")), expected, rtol=0, atol=0)
+
+
+def test_push_refuses_malformed_repo_ids_before_any_request(monkeypatch):
+    from huggingface_hub import HfApi
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda *a, **k: pytest.fail("a request was made"))
+    for repo in ("me/ x", " me/x", "me/x?"):
+        with pytest.raises(ValueError, match="not a valid Hub repository id"):
+            tiny_encoder().push_to_hub(repo)
+
+
+def test_a_hub_url_names_the_repo_id_to_pass():
+    with pytest.raises(ModelNotFoundError, match="pass 'me/mini'"):
+        from_pretrained("https://huggingface.co/me/mini")

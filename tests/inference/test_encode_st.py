@@ -135,3 +135,23 @@ def test_calibration_embeddings_must_be_finite_floats(floats):
         quantize_embeddings(floats, "int8", calibration_embeddings=bad)
     with pytest.raises(ValueError, match="calibration_embeddings must be floating point"):
         quantize_embeddings(floats, "int8", calibration_embeddings=floats.astype(np.int64))
+
+
+def test_numpy_integers_are_integers_and_bad_caps_are_named(model, photo_paths):
+    """sentence-transformers accepts numpy integers for batch_size / truncate_dim; a max_pixels of the
+    wrong type failed every image as 'corrupt image data' (probe 2)."""
+    plain = encode(model, photo_paths, batch_size=2, truncate_dim=8, convert_to_numpy=True)
+    numpy_ints = encode(
+        model, photo_paths, batch_size=np.int64(2), truncate_dim=np.int32(8), convert_to_numpy=True
+    )
+    np.testing.assert_array_equal(numpy_ints, plain)
+    for bad in ("1e6", 0, -1, 2.5):
+        with pytest.raises(ValueError, match="max_pixels must be a positive integer"):
+            encode(model, photo_paths, max_pixels=bad)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        encode(model, photo_paths, batch_size=True)
+
+
+def test_a_dict_is_not_a_list_of_images(model, photo_paths):
+    result = encode(model, {"a": str(photo_paths[0])}, on_error="skip")
+    assert result.embeddings.shape[0] == 0 and "a dict is not a list of images" in result.failures[0].reason

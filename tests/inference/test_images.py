@@ -103,7 +103,8 @@ def test_directory_without_images_becomes_a_failing_item(tmp_path):
     [
         (np.zeros(3, np.uint8), r"array of shape \(3,\) must be \(H, W\) or \(H, W, C\)"),
         (np.zeros((4, 4, 5), np.uint8), r"array of shape \(4, 4, 5\)"),
-        (np.zeros((3, 8, 9), np.uint8), r"looks channels-first, use array.transpose\(1, 2, 0\)"),
+        (np.zeros((3, 8, 9), np.uint8), r"channels-first\? use array.transpose\(1, 2, 0\)"),
+        (np.zeros((7, 28, 28), np.uint8), r"7 stacked grayscale images\? pass array\[\.\.\., None\]"),
         (np.zeros((0, 5, 3), np.uint8), "has no pixels"),
         (np.zeros((4, 4, 3), np.int64), "array dtype int64 is not supported"),
         (np.full((4, 4, 3), 2.0, np.float32), r"values span \[2, 2\] but raw pixels must be in \[0, 1\]"),

@@ -12,6 +12,7 @@ or mis-shaped keys are a :class:`CheckpointError` listing them. The file format 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -143,6 +144,9 @@ def resolve(name_or_path: str | Path, *, revision: str | None = None) -> Source:
     if not isinstance(name_or_path, str):
         raise ModelNotFoundError(f"from_pretrained needs a name, repo id or folder, got {name_or_path!r}")
     name = name_or_path.strip()
+    url = re.match(r"^https?://(?:www\.)?huggingface\.co/([^/?#]+/[^/?#]+)", name)
+    if url:
+        raise ModelNotFoundError(f"{name!r} is a web address; pass {url.group(1)!r}, the repository id")
     if name.startswith("hf-hub:"):
         repo_id, revision = _split_revision(name[len("hf-hub:") :], revision)
         return Source("hub", repo_id, revision=revision)

@@ -149,6 +149,12 @@ def push_to_hub(
 
     if not isinstance(repo_id, str) or repo_id.count("/") != 1 or repo_id.startswith("hf-hub:"):
         raise ValueError(f"repo_id must look like 'org/name', got {repo_id!r}")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:  # spaces, '?' and the like: refused here, before any request
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise ValueError(f"repo_id {repo_id!r} is not a valid Hub repository id: {exc}") from None
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision is not None and revision != "main":

@@ -41,7 +41,7 @@ import contextlib
 import io
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +144,9 @@ def expand_inputs(images: Any) -> list[ImageSource]:
     Returns:
         The expanded sources, in input order.
     """
+    if isinstance(images, Mapping):  # iterating would embed its keys
+        reason = "a dict is not a list of images; pass a list (e.g. list(the_dict.values()))"
+        return [ImageSource(None, "item 0 (dict)", reason)]
     items = [images] if _is_single(images) else list(images) if isinstance(images, Iterable) else [images]
     sources: list[ImageSource] = []
     for k, obj in enumerate(items):
@@ -396,8 +399,10 @@ def _array_to_uint8(array: np.ndarray, label: str) -> np.ndarray:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and not 2 <= array.shape[-1] <= 4):
         hint = ""
-        if array.ndim == 3 and 1 <= array.shape[0] <= 4:
-            hint = "; it looks channels-first, use array.transpose(1, 2, 0)"
+        if array.ndim == 3:
+            stack = f"; {array.shape[0]} stacked grayscale images? pass array[..., None] ((N, H, W, 1))"
+            first = "; channels-first? use array.transpose(1, 2, 0)" if array.shape[0] <= 4 else ""
+            hint = first + stack
         raise ImageDecodeError(
             f"{label}: array of shape {tuple(array.shape)} must be (H, W) or (H, W, C) with C in 1..4, "
             f"or an (N, H, W, C) batch{hint}"

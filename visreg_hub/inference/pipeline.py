@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import operator
 import queue
 import sys
 import threading
@@ -82,14 +83,27 @@ class BatchEmbeddings(NamedTuple):
     failures: list[EncodeFailure]
 
 
-def check_run_args(batch_size: Any, num_workers: Any, on_error: Any) -> None:
-    """ValueError naming the bad argument of ``encode()``-style calls."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+def as_int(value: Any) -> int | None:
+    """``value`` as a Python int if it is an integer (numpy integers included, as sentence-transformers
+    accepts them), else None; booleans are not integers here."""
+    if isinstance(value, bool | np.bool_):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_run_args(batch_size: Any, num_workers: Any, on_error: Any) -> tuple[int, int]:
+    """``(batch_size, num_workers)`` as ints, or a ValueError naming the bad argument of ``encode()``."""
+    size, workers = as_int(batch_size), as_int(num_workers)
+    if size is None or size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+    if workers is None or workers < 0:
         raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    return size, workers
 
 
 def prefetched(batches: Iterable[Any], depth: int = 2) -> Iterator[Any]:
@@ -167,15 +181,18 @@ class EmbeddingPipeline:
         draft_decode: bool = False,
     ) -> None:
         width = backend.output_shape[-1]
-        if truncate_dim is not None and (
-            isinstance(truncate_dim, bool)
-            or not isinstance(truncate_dim, int)
-            or not 1 <= truncate_dim <= width
-        ):
-            raise ValueError(f"truncate_dim must be an integer in [1, {width}] or None, got {truncate_dim!r}")
+        if truncate_dim is not None:
+            dims = as_int(truncate_dim)
+            if dims is None or not 1 <= dims <= width:
+                raise ValueError(
+                    f"truncate_dim must be an integer in [1, {width}] or None, got {truncate_dim!r}"
+                )
+            truncate_dim = dims
+        if max_pixels is not None and (as_int(max_pixels) is None or as_int(max_pixels) < 1):
+            raise ValueError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
         self.backend = backend
         self.normalize = normalize
-        self.max_pixels = max_pixels
+        self.max_pixels = None if max_pixels is None else as_int(max_pixels)
         self.truncate_dim = truncate_dim
         self.draft_decode = bool(draft_decode)
 
@@ -277,7 +294,7 @@ class EmbeddingPipeline:
         Returns:
             ((N_good, *output_shape) float32 CPU tensor, failures in input order).
         """
-        check_run_args(batch_size, num_workers, on_error)
+        batch_size, num_workers = check_run_args(batch_size, num_workers, on_error)
         backend = self.backend
         sources = expand_inputs(images)
         loader = torch.utils.data.DataLoader(
