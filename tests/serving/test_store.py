@@ -6,7 +6,9 @@ search over it (independent of FAISS, the log and the snapshot code).
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -292,3 +294,18 @@ def test_replay_skips_a_record_the_index_refuses(tmp_path, caplog):
         store = DurableIndex(folder, new_index)
     assert "skipping log record 1" in caplog.text
     check_matches(store, {0: good[0], 2: good[1]}, {})
+
+
+def test_loading_a_serve_store_as_an_index_names_its_snapshot(tmp_path):
+    """`visreg-hub search` / EmbeddingIndex.load on a serve store said only 'no manifest.json'."""
+    from visreg_hub.retrieval import EmbeddingIndex
+
+    folder = tmp_path / "idx"
+    store = DurableIndex(folder, new_index, snapshot_every=1)
+    store.add(unit(np.random.default_rng(0), 2))  # one record: a snapshot follows
+    store.close()
+    current = json.loads((folder / "CURRENT").read_text())["snapshot"]
+    expected = rf"serve` index store .* pass {re.escape(str(folder / current))}"
+    with pytest.raises(FileNotFoundError, match=expected):
+        EmbeddingIndex.load(folder)
+    assert EmbeddingIndex.load(folder / current).count == 2  # the named folder is the index

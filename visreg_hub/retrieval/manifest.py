@@ -52,6 +52,16 @@ def folder_path(folder: str | bytes | os.PathLike) -> Path:
         ) from None
 
 
+def _served_snapshot(folder: Path) -> str:
+    """The snapshot a serve store's CURRENT names (``snapshot-NNNNNN``), for the message only."""
+    try:
+        with (folder / "CURRENT").open("rb") as handle:
+            name = json.loads(handle.read(4096)).get("snapshot")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return name if isinstance(name, str) and re.fullmatch(r"snapshot-\d{6}", name) else "snapshot-NNNNNN"
+
+
 def verify_files(folder: str | bytes | os.PathLike, manifest: dict[str, Any]) -> None:
     """Check every data file the manifest lists against its recorded sha256.
 
@@ -90,6 +100,12 @@ def read_manifest(folder: str | bytes | os.PathLike) -> dict[str, Any]:
             f"`visreg-hub index build` (embeddings files are indexed with `visreg-hub index build`)"
         )
     if not path.is_file():
+        if (folder / "CURRENT").is_file():
+            raise FileNotFoundError(
+                f"{folder} is a `visreg-hub serve` index store (a snapshot plus a write-ahead log), not an "
+                f"index folder: stop the server (SIGTERM takes a final snapshot), then pass "
+                f"{folder / _served_snapshot(folder)}"
+            )
         raise FileNotFoundError(
             f"no {MANIFEST_NAME} in {folder}; pass a folder written by EmbeddingIndex.save "
             f"or `visreg-hub index build`"
