@@ -497,3 +497,18 @@ def test_functional_edge_inputs_are_clear_errors_not_nan(call, message):
     z = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match=message):
         call(z)
+
+
+@pytest.mark.parametrize(
+    "loss", [invariance_loss, vicreg_covariance_loss, center_loss, lambda z: VISRegLoss(8)(z).total],
+)
+def test_double_backward_is_refused_by_name(loss):
+    """create_graph=True used to return a gradient without a graph and no error for some terms, so a
+    gradient penalty built on it silently contributed nothing (probe 2)."""
+    layer = torch.nn.Linear(8, 8)
+    z = layer(torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(2)))
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(loss(z), layer.weight, create_graph=True)
+    layer.zero_grad()
+    loss(layer(torch.randn(2, 16, 8))).backward()  # first order is untouched
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()

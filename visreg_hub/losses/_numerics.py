@@ -7,6 +7,7 @@ other's private names. Nothing here is public API.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -143,3 +144,26 @@ def all_views(global_proj: torch.Tensor, local_proj: torch.Tensor | None) -> tor
 def report(local: torch.Tensor, reported: torch.Tensor) -> torch.Tensor:
     """Value ``reported``, gradient of ``local`` (the per-rank share of a cross-rank quantity)."""
     return local + (reported.to(local.dtype) - local).detach()
+
+
+def first_order_only(backward):
+    """``once_differentiable`` for a custom Function's backward, plus a clear refusal of double backward.
+
+    why: ``once_differentiable`` raises on a second differentiation only when the incoming gradient
+    itself requires grad; for a loss's root gradient (a constant) it silently returns a gradient that
+    does not depend on the inputs, so a gradient penalty built from it contributes nothing. Grad mode is
+    on during a backward only under ``create_graph=True``, which is refused here by name.
+    """
+    once = torch.autograd.function.once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "visreg_hub's losses support first-order gradients only: backward with create_graph=True "
+                "(double backward, e.g. a gradient penalty) is not implemented for them"
+            )
+        return once(ctx, *grads)
+
+    return checked
+

@@ -109,7 +109,7 @@ class _BatchMoments(torch.autograd.Function):
         return mean, std
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @num.first_order_only
     def backward(ctx, grad_mean, grad_std):
         z, mean, std = ctx.saved_tensors
         n = z.shape[-2]
@@ -292,7 +292,7 @@ class _SquaredDeviation(torch.autograd.Function):
         return total
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @num.first_order_only
     def backward(ctx, grad):
         views, target = ctx.saved_tensors
         factor = 2.0 * grad

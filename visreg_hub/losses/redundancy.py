@@ -88,7 +88,7 @@ class _CentredStatistics(torch.autograd.Function):
         return variance, cov.square().sum(dim=(-2, -1))
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @num.first_order_only
     def backward(ctx, grad_variance, grad_off):
         centred, operand, off_cov = ctx.saved_tensors
         n = operand.shape[-2]
@@ -149,7 +149,7 @@ class _PairInvariance(torch.autograd.Function):
         return total
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @num.first_order_only
     def backward(ctx, grad):
         (views,) = ctx.saved_tensors
         g, v = ctx.num_global, views.shape[0]
@@ -236,7 +236,7 @@ class _BarlowTerms(torch.autograd.Function):
         return on, off
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @num.first_order_only
     def backward(ctx, grad_on, grad_off):
         normalised, operand, inv_std, *saved = ctx.saved_tensors
         half = len(saved) // 2
@@ -302,7 +302,7 @@ class _BarlowTermsGram(torch.autograd.Function):
         return on, off
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @num.first_order_only
     def backward(ctx, grad_on, grad_off):
         normalised, operand, inv_std, total, global_total, diagonals, *global_grams = ctx.saved_tensors
         g = ctx.num_global

@@ -93,7 +93,7 @@ class _CharacteristicSums(torch.autograd.Function):
         return sums
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @num.first_order_only
     def backward(ctx, grad_sums):
         (projections,) = ctx.saved_tensors
         rows, n = projections.shape

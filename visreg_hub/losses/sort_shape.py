@@ -132,7 +132,7 @@ class _ProjectedQuantileDistance(torch.autograd.Function):
         return squared
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @num.first_order_only
     def backward(ctx, grad):
         (residual,) = ctx.saved_tensors
         return residual * (2.0 * grad).to(residual.dtype), None
@@ -197,7 +197,7 @@ class _SlicedQuantileDistance(torch.autograd.Function):
         return squared / ctx.numel
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @num.first_order_only
     def backward(ctx, grad_output):
         residual, directions, inv_std, x_saved, mean_saved = ctx.saved_tensors
         rows, _, n = residual.shape
