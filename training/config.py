@@ -357,25 +357,32 @@ def parse_overrides(items: typing.Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+def _check_unique_keys(root: yaml.Node | None, path: Path) -> None:
+    """Refuse a key given twice in one mapping of a composed YAML document.
 
-    why: YAML's last-one-wins would silently drop the first value, and a repeated section
-    (a second ``optim:``) every key of the first one.
+    why: YAML's last-one-wins would silently drop the first value, and a repeated section (a second
+    ``optim:``) every key of the first one.
     """
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _value_node in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise ConfigError(
-                    f"{key_node.start_mark.name}: key {key!r} appears twice in one section (lines "
-                    f"{seen[key]} and {line}); keep one"
-                )
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
+    stack, seen_nodes = ([root] if root is not None else []), set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen_nodes:  # anchors make shared (even cyclic) nodes
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+                line = key_node.start_mark.line + 1
+                if key in lines:
+                    raise ConfigError(
+                        f"{path}: key {key!r} appears twice in one section (lines {lines[key]} and {line}); "
+                        "keep one"
+                    )
+                lines[key] = line
+                stack.append(value_node)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -386,8 +393,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in seen:
         raise ConfigError(f"config {path} extends itself through {[str(p) for p in seen]}")
     try:
-        with path.open(encoding="utf-8") as stream:  # a stream: error marks name the file
-            data = yaml.load(stream, Loader=_UniqueKeyLoader) or {}
+        text = path.read_text(encoding="utf-8")
+        _check_unique_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
