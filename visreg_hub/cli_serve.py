@@ -80,6 +80,11 @@ def add_serve_parser(commands, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--snapshot-every", type=int, default=10_000, help="log records per index snapshot (%(default)s)"
     )
+    p.add_argument(
+        "--draft-decode", action="store_true",
+        help="decode JPEGs far larger than the model's input at 1/2-1/8 scale (faster on camera photos; "
+             "embeddings close to, not equal to, encode()'s)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
 
@@ -107,6 +112,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         cors_origins=tuple(args.cors_origin),
         limits=limits,
         snapshot_every=args.snapshot_every,
+        draft_decode=args.draft_decode,
     )
 
 

@@ -609,3 +609,21 @@ def test_vectors_added_to_a_built_index_of_unit_vectors_are_normalised(model, tm
         scores = {h["id"]: h["score"] for h in hits.json()["hits"]}
         assert max(scores.values()) == pytest.approx(1.0, abs=1e-5)  # the query's own item, a cosine
         assert scores[added.json()["ids"][0]] == pytest.approx(scores[1], abs=1e-5)  # 3x = the same direction
+
+
+def test_draft_decoding_server_equals_encode_with_draft_decode(model, photo_bytes):
+    """`serve --draft-decode` and `encode(draft_decode=True)` share one decode path: equal embeddings."""
+    from visreg_hub.serving.app import create_app
+    from visreg_hub.serving.runtime import runtime_from_model
+
+    with Image.open(io.BytesIO(photo_bytes[0])) as photo:
+        buffer = io.BytesIO()
+        photo.convert("RGB").resize((1280, 960), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=92)
+    big = buffer.getvalue()
+    config = ServeConfig(models=(ModelSpec("tiny", "tiny"),), draft_decode=True)
+    with ThreadServer(create_app(config, runtimes={"tiny": runtime_from_model("tiny", model)})) as server:
+        response = httpx.post(server.url + "/v1/embeddings", json={"input": [b64(big)]}, timeout=60)
+    got = np.asarray(response.json()["data"][0]["embedding"], np.float32)
+    drafted = model.encode([big], draft_decode=True, convert_to_numpy=True)[0]
+    np.testing.assert_allclose(got, drafted, rtol=0, atol=1e-6)
+    assert not np.allclose(got, model.encode([big], convert_to_numpy=True)[0], rtol=0, atol=1e-6)

@@ -85,7 +85,8 @@ class ServeConfig:
         limits: see :class:`Limits`.
         snapshot_every: log records after which an index is snapshotted and its log compacted.
         draft_decode: decode JPEGs at a reduced size when the model needs far fewer pixels (the
-            demo's memory guard). Off by default: embeddings then equal ``encode()`` exactly.
+            demo's memory guard; ``visreg-hub serve --draft-decode``), as ``encode(draft_decode=True)``.
+            Off by default: embeddings then equal ``encode()`` exactly.
     """
 
     models: tuple[ModelSpec, ...]
