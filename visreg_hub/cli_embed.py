@@ -91,7 +91,8 @@ def _warn_ignored(args: argparse.Namespace) -> None:
                if value is not None]  # fmt: skip
     if ignored:
         _cli()._warn(
-            f"{' and '.join(ignored)} apply to shard-folder outputs only; ignored for the single file "
+            f"{' and '.join(ignored)} {'apply' if len(ignored) > 1 else 'applies'} to shard-folder outputs "
+            f"only; ignored for the single file "
             f"{args.output} (pass a folder as -o for resumable shards)"
         )
 
@@ -159,14 +160,17 @@ def _refuse_existing(*outputs: Path, overwrite: bool) -> None:
 def cmd_index_build(args: argparse.Namespace) -> int:
     from visreg_hub.retrieval.build import RECALL_K, build_index
     from visreg_hub.retrieval.manifest import MANIFEST_NAME
+    from visreg_hub.retrieval.storage import check_index_output, output_folder
 
     fixed = {name: getattr(args, name) for name in ("nlist", "nprobe", "pq_m", "m", "ef_search")}
     fixed = {name: value for name, value in fixed.items() if value is not None}
     kind = args.kind
     if fixed and kind == "auto":
         raise _cli().UserError(f"--{next(iter(fixed)).replace('_', '-')} needs an explicit --kind (not auto)")
+    # a folder that is not an index's (an embed output, other files) first: --overwrite would not help there
+    check_index_output(args.output)
     # an earlier index in the folder (the library replaces it; the command asks first)
-    _refuse_existing(Path(args.output) / MANIFEST_NAME, overwrite=args.overwrite)
+    _refuse_existing(output_folder(args.output) / MANIFEST_NAME, overwrite=args.overwrite)
     index = build_index(
         args.embeddings,
         args.output,

@@ -197,3 +197,71 @@ def test_foreign_part_files_never_count_as_done_shards(tmp_path):
     assert output.finalize(tmp_path, {"complete": False}, 3) is False
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["shards_done"] == [0, 1] and manifest["complete"] is False
+
+
+def test_a_failure_record_of_a_killed_attempt_goes_when_the_retry_embeds_the_file(tmp_path, model):
+    """A kill between a shard's failures file and its parquet file left the failure record; when the retry
+    embedded the file (fixed meanwhile), it was both a row and a failure (probe 2)."""
+    files = write_tile_folder(tmp_path / "in", 4, nested=False)
+    broken = files[1].read_bytes()
+    files[1].write_bytes(b"not an image yet")
+    out = tmp_path / "out"
+    # the killed attempt: shard 0's failures file is on disk, its parquet file is not
+    run_embedding(tmp_path / "in", out, model=model, shard_size=2)
+    (out / "part-00000.parquet").unlink()
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.update(shards_done=[1], complete=False)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "failures.jsonl").unlink()
+    assert (out / ".failures" / "part-00000.jsonl").exists()
+    files[1].write_bytes(broken)  # the user fixes the file, then resumes
+    run_embedding(tmp_path / "in", out, model=model, shard_size=2)
+    rows, _, _ = read_output(out)
+    assert [path for path, _ in rows] == [str(f) for f in files]  # every input exactly once ...
+    assert failures(out) == []  # ... and no stale failure record
+    assert not (out / ".failures" / "part-00000.jsonl").exists()
+
+
+def test_hard_linked_tar_members_are_read_and_symlinks_are_failures(tmp_path, model):
+    """GNU tar stores a hard-linked file's second name as a link member; it was dropped without a trace."""
+    images = list(tiles(3))
+    folder = tmp_path / "src"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        image.save(folder / f"k{i}.jpg", quality=90)
+    os.link(folder / "k0.jpg", folder / "k3.jpg")  # a second name of k0
+    (folder / "k3.cls").write_text("3")
+    os.symlink("k1.jpg", folder / "k4.jpg")
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name in ("k0.jpg", "k1.jpg", "k2.jpg", "k3.jpg", "k3.cls", "k4.jpg"):
+            tar.add(folder / name, arcname=name)
+    with tarfile.open(shard) as tar:
+        assert tar.getmember("k3.jpg").islnk()
+    out = run_embedding(shard, tmp_path / "out", model=model, shard_size=10).output_dir
+    rows, vectors, records = read_output(out)
+    assert [key for _, key in rows] == ["k0", "k1", "k2", "k3"] and records[3]["cls"] == "3"
+    np.testing.assert_array_equal(vectors[3], vectors[0])  # the same bytes, read through the link
+    [failure] = failures(out)
+    assert failure["key"] == "k4" and "symbolic link inside the tar" in failure["reason"]
+
+
+def test_a_txt_list_saved_with_a_byte_order_mark_keeps_its_first_entry(tmp_path, model):
+    files = write_tile_folder(tmp_path / "in", 2, nested=False)
+    listing_file = tmp_path / "list.txt"
+    listing_file.write_text("\n".join(f.name for f in files) + "\n", encoding="utf-8-sig")  # Notepad's BOM
+    (tmp_path / "list.txt").rename(tmp_path / "in" / "list.txt")
+    out = run_embedding(tmp_path / "in" / "list.txt", tmp_path / "out", model=model).output_dir
+    assert len(read_output(out)[0]) == 2 and failures(out) == []
+
+
+@pytest.mark.parametrize(("env", "name"), [({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK"),
+                                           ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE")])  # fmt: skip
+def test_environment_ranks_are_checked(tmp_path, model, monkeypatch, env, name):
+    from visreg_hub.errors import ConfigError
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    write_tile_folder(tmp_path / "in", 2, nested=False)
+    with pytest.raises(ConfigError, match=f"environment variable {name} must be >="):
+        run_embedding(tmp_path / "in", tmp_path / "out", model=model)

@@ -141,3 +141,54 @@ def test_parameters_are_checked_before_any_work_even_where_ignored(tmp_path):
         with pytest.raises(ConfigError, match=f"{next(iter(args))} must be an integer in"):
             build_index([missing], tmp_path / "idx", kind=kind, **args)
     assert not (tmp_path / "idx").exists()
+
+
+def _embeddings(tmp_path, n=40, dim=8):
+    vectors = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    np.save(tmp_path / "emb.npy", vectors)
+    return tmp_path / "emb.npy"
+
+
+def test_hidden_content_of_the_output_folder_is_never_deleted(tmp_path, capsys):
+    """A folder holding only dotfiles (.git, notes) counted as empty and was replaced as a whole."""
+    emb = _embeddings(tmp_path)
+    out = tmp_path / "idx"
+    (out / ".git").mkdir(parents=True)
+    (out / ".notes").write_text("precious")
+    assert main(["index", "build", str(emb), "-o", str(out)]) != 0
+    assert "holds files that are not an index" in capsys.readouterr().err
+    assert (out / ".notes").read_text() == "precious" and (out / ".git").is_dir()
+    (out / ".index.faiss.tmp-123").write_bytes(b"x")  # what a killed save leaves: still replaced
+    (out / ".notes").unlink()
+    (out / ".git").rmdir()
+    assert main(["index", "build", str(emb), "-o", str(out)]) == 0
+
+
+def test_a_symlinked_output_writes_into_its_target(tmp_path):
+    """The link was replaced by a real folder (the index on the wrong disk) and a .replaced- link left."""
+    emb = _embeddings(tmp_path)
+    target = tmp_path / "other-disk" / "idx"
+    target.mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert main(["index", "build", str(emb), "-o", str(link)]) == 0
+    assert link.is_symlink() and (target / "manifest.json").is_file()
+    assert EmbeddingIndex.load(link).count == 40
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert main(["index", "build", str(emb), "-o", str(link), "--overwrite"]) == 0  # an index there: replaced
+    assert link.is_symlink() and EmbeddingIndex.load(target).count == 40
+
+
+def test_an_embed_folder_as_output_or_index_names_the_right_step(tmp_path, capsys):
+    from tests.bulk.helpers import write_tile_folder
+    from tests.fixtures_models import tiny_encoder
+    from visreg_hub.bulk import embed_dataset
+    from visreg_hub.errors import CheckpointError
+
+    write_tile_folder(tmp_path / "imgs", 6, nested=False)
+    out = embed_dataset([tmp_path / "imgs"], tmp_path / "emb", model=tiny_encoder(), shard_size=4)
+    assert main(["index", "build", str(out), "-o", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "not an index" in err and "--overwrite" not in err  # --overwrite cannot help there
+    with pytest.raises(CheckpointError, match=r"`visreg-hub index build .* -o INDEX`"):
+        EmbeddingIndex.load(out)

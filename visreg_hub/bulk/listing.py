@@ -154,7 +154,7 @@ def _list_file(path: str) -> Iterator[Item]:
     onto the wrong vector; a FIFO would block the decoder forever.
     """
     base = os.path.dirname(path)
-    with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as handle:
         for line in handle:
             line = line.strip()
             if line and not line.startswith("#"):
@@ -195,6 +195,27 @@ def _read_side(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str | None:
     return None if handle is None else handle.read().decode("utf-8", "replace").strip()
 
 
+def _member_data(tar: tarfile.TarFile, member: tarfile.TarInfo) -> tuple[tarfile.TarInfo, str | None]:
+    """The member holding ``member``'s bytes, or why it has none.
+
+    A regular file holds its own. A hard link (GNU tar writes one for every further name of a hard-linked
+    file, e.g. a dataset folder made with ``cp -al``) points at an earlier member of the same archive,
+    whose data it shares. Symbolic links and special files have no data in the archive.
+    """
+    if member.isfile():
+        return member, None
+    if member.islnk():
+        try:
+            target = tar.getmember(member.linkname)
+        except KeyError:
+            return member, f"is a hard link to {member.linkname!r}, which the archive does not hold"
+        if target.isfile() and target.offset_data < member.offset_data:
+            return target, None
+        return member, f"is a hard link to {member.linkname!r}, which is not an earlier file of the archive"
+    kind = "a symbolic link" if member.issym() else "not a regular file"
+    return member, f"is {kind} inside the tar; webdataset shards must hold the file itself"
+
+
 def _tar(path: str, read: Callable[[], bool]) -> Iterator[Item]:
     """Items of one webdataset shard; when ``read()`` is true for the item being built, its payload,
     cls and json are read (the embedding pass reads only the shards it embeds)."""
@@ -202,8 +223,9 @@ def _tar(path: str, read: Callable[[], bool]) -> Iterator[Item]:
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
-                if not member.isfile():
+                if member.isdir():
                     continue
+                data, unreadable = _member_data(tar, member)
                 key, ext = _split_member(member.name)
                 if group is not None and key != group.key:
                     yield _finish(group)
@@ -213,20 +235,25 @@ def _tar(path: str, read: Callable[[], bool]) -> Iterator[Item]:
                     wanted = read()
                 last = ext.rsplit(".", 1)[-1]
                 role = "image" if last in _IMAGE_EXTS else last if last in ("cls", "json") else None
+                if unreadable is not None:
+                    if role == "image" and group.member is None:
+                        group.member = member.name
+                        group.error = f"{path}#{key}: {member.name} {unreadable}"
+                    continue
                 if role is not None and (group.refs is None or role not in group.refs):
-                    group.refs = {**(group.refs or {}), role: (member.offset_data, member.size)}
+                    group.refs = {**(group.refs or {}), role: (data.offset_data, data.size)}
                 try:
                     if last in _IMAGE_EXTS and group.member is None:
                         group.member = member.name
-                        if member.size > MAX_IMAGE_BYTES:
-                            group.error = _too_large(path, key, member.name, member.size)
+                        if data.size > MAX_IMAGE_BYTES:
+                            group.error = _too_large(path, key, member.name, data.size)
                         elif wanted:
-                            handle = tar.extractfile(member)
+                            handle = tar.extractfile(data)
                             group.payload = b"" if handle is None else handle.read()
                     elif wanted and last == "cls":
-                        group.cls = _read_side(tar, member)
+                        group.cls = _read_side(tar, data)
                     elif wanted and last == "json":
-                        group.json = _read_side(tar, member)
+                        group.json = _read_side(tar, data)
                 except (tarfile.TarError, OSError, EOFError) as exc:
                     # a member whose data cannot be read fails alone (the listing stays the same)
                     group.error = f"{path}#{key}: cannot read {member.name}: {exc}"

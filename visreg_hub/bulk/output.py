@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from visreg_hub.durable import write_atomic
+from visreg_hub.durable import fsync_dir, write_atomic
 from visreg_hub.errors import MissingExtraError, VisregHubError
 
 FORMAT_NAME = "visreg_hub.embedding_shards"
@@ -104,12 +104,17 @@ def write_shard(
         failures: one ``{"path", "key", "reason"}`` per input that failed.
     """
     pa, pq = pyarrow()
+    failures_path = folder / FAILURES_DIR / f"part-{number:05d}.jsonl"
     if failures:  # no file for a shard without failures: two fsyncs fewer per shard
         (folder / FAILURES_DIR).mkdir(exist_ok=True)
         text = "".join(json.dumps(_failure_record(f), ensure_ascii=False) + "\n" for f in failures)
-        write_atomic(
-            folder / FAILURES_DIR / f"part-{number:05d}.jsonl", lambda p: p.write_text(text, "utf-8")
-        )
+        write_atomic(failures_path, lambda p: p.write_text(text, "utf-8"))
+    elif failures_path.exists():
+        # an earlier attempt was killed between its failures file and its parquet file, and the inputs that
+        # failed then (a file still being copied, one the user has since fixed) now embed: the old record
+        # must not outlive them, before the parquet commit makes the shard count as done
+        failures_path.unlink()
+        fsync_dir(failures_path.parent)
     dim = embeddings.shape[1]
     flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1), pa.float32())
     paths = [split_name(r["path"]) for r in rows]

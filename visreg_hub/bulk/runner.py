@@ -71,6 +71,9 @@ def distributed_rank() -> tuple[int, int, int]:
         local = int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError as exc:
         raise ConfigError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers: {exc}") from exc
+    for name, value, low in (("WORLD_SIZE", world, 1), ("RANK", rank, 0), ("LOCAL_RANK", local, 0)):
+        if value < low:  # a negative RANK would own no shard and exit 0 having done nothing
+            raise ConfigError(f"environment variable {name} must be >= {low}, got {value}")
     return rank, world, local
 
 

@@ -256,9 +256,10 @@ class EmbeddingIndex:
                 if needed == 256 and nlist < 256
                 else f"nlist={nlist}; pass a smaller nlist"
             )
+            instead = "'flat' or 'ivf'" if self.kind == "ivfpq" else "'flat' or 'hnsw' (no training)"
             raise ValueError(
                 f"{self.kind} training needs at least {needed} vectors ({why}), got {n}; "
-                f"add more training vectors, or use kind='flat' or 'ivf'"
+                f"add more training vectors, or use kind {instead}"
             )
 
     def train(self, embeddings: Any) -> None:

@@ -117,6 +117,11 @@ def read_manifest(folder: str | bytes | os.PathLike) -> dict[str, Any]:
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"{path} is not valid (or is too deeply nested) UTF-8 JSON") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        if isinstance(manifest, dict) and manifest.get("format") == "visreg_hub.embedding_shards":
+            raise CheckpointError(
+                f"{folder} holds embeddings (`visreg-hub embed` output), not an index: build one first with "
+                f"`visreg-hub index build {folder} -o INDEX`"
+            )
         raise CheckpointError(f"{path} is not an EmbeddingIndex manifest")
     version = manifest.get("format_version")
     if version == 1:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,7 +75,7 @@ def save_index(index: EmbeddingIndex, folder: str | Path) -> Path:
     """
     if not index.is_trained:
         raise ValueError("cannot save an untrained IVF index; add() or train() first")
-    folder = folder_path(folder)
+    folder = output_folder(folder)
     check_index_output(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staged = folder.parent / f".{folder.name}.saving-{os.getpid()}"
@@ -140,6 +141,17 @@ def _write_index_files(index: EmbeddingIndex, folder: Path) -> None:
     write_atomic(folder / MANIFEST_NAME, lambda p: p.write_text(text, encoding="utf-8"))
 
 
+# what an interrupted write of the index files leaves in the folder (visreg_hub.durable.write_atomic)
+_LEFTOVER = re.compile(r"\.(manifest\.json|index\.faiss|ids\.npy|metadata\.jsonl)\.tmp-\d+")
+
+
+def output_folder(folder: str | bytes | os.PathLike) -> Path:
+    """The folder an index is written to: a symlink given as the output means its target (the usual
+    reason for the link is to put a large index on another disk), so the swap replaces the target."""
+    folder = folder_path(folder)
+    return folder.resolve() if folder.is_symlink() else folder
+
+
 def check_index_output(folder: str | Path) -> None:
     """Refuse to write an index into ``folder`` unless it is new, empty or holds an earlier index.
 
@@ -150,7 +162,11 @@ def check_index_output(folder: str | Path) -> None:
     Raises:
         ConfigError: ``folder`` is a file, holds other files, or has a manifest that is not an index's.
     """
-    folder = folder_path(folder)
+    folder = output_folder(folder)
+    if folder.resolve() == Path.cwd().resolve():
+        raise ConfigError(
+            "the index output cannot be the current folder (it is replaced as a whole); pass a new folder"
+        )
     if not folder.exists():
         return
     if not folder.is_dir():
@@ -159,7 +175,9 @@ def check_index_output(folder: str | Path) -> None:
     others: list[str] = []
     with os.scandir(folder) as scan:
         for entry in scan:
-            if not entry.name.startswith(".") and entry.name not in allowed:
+            # hidden entries count too (.git, notes): the folder is replaced as a whole; only a killed
+            # save's own temporary files may be left behind
+            if entry.name not in allowed and not _LEFTOVER.fullmatch(entry.name):
                 others.append(entry.name)
                 if len(others) == 3:
                     break
