@@ -111,7 +111,7 @@ def test_embed_records_draft_decode_and_refuses_to_mix_it_on_resume(tmp_path, ph
     out = embed_dataset(photo_paths, tmp_path / "emb", model=model, shard_size=2, draft_decode=True)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["draft_decode"] is True
-    with pytest.raises(OutputMismatchError, match="draft_decode: True -> None"):  # not mixed into one job
+    with pytest.raises(OutputMismatchError, match="draft_decode: True -> False"):  # not mixed into one job
         embed_dataset(photo_paths, tmp_path / "emb", model=model, shard_size=2)
     plain = embed_dataset(photo_paths, tmp_path / "plain", model=model, shard_size=2)
     assert "draft_decode" not in json.loads((plain / "manifest.json").read_text())["model"]

@@ -145,3 +145,25 @@ def test_non_utf8_metadata_is_a_checkpoint_error_naming_the_file(tmp_path):
 def test_queries_below_one_are_refused(jobs, tmp_path, capsys, queries):
     code = main(["index", "build", str(jobs["base"]), "-o", str(tmp_path / "idx"), "--queries", queries])
     assert code == 1 and f"--queries) must be an integer >= 1, got {queries}" in capsys.readouterr().err
+
+
+def test_a_shard_swapped_for_another_jobs_file_or_emptied_is_refused(jobs, tmp_path):
+    """The same name and width, other rows (a part file copied from a job on other inputs, a truncated
+    copy): indexed silently before, with every later row id shifted (probe 2)."""
+    from visreg_hub.bulk import embed_dataset
+    from visreg_hub.bulk.output import FAILURES_DIR
+    from visreg_hub.retrieval import sources
+
+    assert sources.FAILURES_DIR == FAILURES_DIR  # the two packages name the same folder
+    write_tile_folder(tmp_path / "few", 2, nested=False)
+    small = embed_dataset(tmp_path / "few", tmp_path / "small", model=tiny_encoder(), shard_size=4)
+    swapped = _copy(jobs["base"], tmp_path, "swapped")
+    shutil.copy(small / "part-00000.parquet", swapped / "part-00001.parquet")  # 2 rows where 4 belong
+    expected = r"part-00001.parquet holds 2 rows, but this shard of the job had 4 inputs and 0 failures"
+    with pytest.raises(EmbeddingSourceError, match=expected):
+        open_sources([swapped])
+    emptied = _copy(jobs["base"], tmp_path, "emptied")
+    (emptied / "part-00002.parquet").write_bytes(b"")
+    with pytest.raises(EmbeddingSourceError, match=r"not a readable parquet file .*delete it and re-run"):
+        open_sources([emptied])
+    assert open_sources([jobs["base"]]).count == 10  # the intact job: 4 + 4 + 2 rows as its manifest says

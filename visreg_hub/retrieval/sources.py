@@ -30,6 +30,7 @@ BATCH_ROWS = 65536
 # the embed folder's format (visreg_hub.bulk.output; not imported: that package loads torch)
 EMBED_FORMAT = "visreg_hub.embedding_shards"
 EMBED_MANIFEST = "manifest.json"
+FAILURES_DIR = ".failures"  # each shard's failure records (visreg_hub.bulk.output.FAILURES_DIR)
 MAX_EMBED_MANIFEST_BYTES = 64 * 2**20
 INFO_FIELDS = ("weights_sha256", "model", "pooling", "normalized")
 _SHARD = re.compile(r"part-(\d{5,})\.parquet")
@@ -66,7 +67,10 @@ def _parquet_shape(path: Path) -> tuple[int, int]:
     try:
         handle = pq.ParquetFile(path)
     except (OSError, ValueError, pa.ArrowException) as exc:
-        raise EmbeddingSourceError(f"{path} is not a readable parquet file: {exc}") from exc
+        raise EmbeddingSourceError(
+            f"{path} is not a readable parquet file ({exc}); if it is a shard of an embed folder, delete it "
+            "and re-run the same `visreg-hub embed` command to write it again"
+        ) from exc
     column = handle.schema_arrow.field("embedding") if "embedding" in handle.schema_arrow.names else None
     if column is None or not pa.types.is_fixed_size_list(column.type):
         raise EmbeddingSourceError(f"{path} has no fixed-size-list 'embedding' column; write it with embed")
@@ -87,11 +91,13 @@ def open_sources(paths: list[str | Path], *, paths_file: str | Path | None = Non
     """
     files: list[Path] = []
     infos: list[tuple[str, dict[str, Any]]] = []
+    shard_rows: dict[Path, tuple[int, int, int]] = {}  # shard file -> (inputs, failures, rows expected)
     for item in paths:
         path = Path(item).expanduser()
         if path.is_dir():
-            parts, info = _embed_folder(path)
+            parts, info, expected = _embed_folder(path)
             files.extend(parts)
+            shard_rows.update(expected)
         elif path.is_file() and path.suffix.lower() in (".parquet", ".npy"):
             files.append(path)
             sidecar = find_sidecar(path)
@@ -116,6 +122,13 @@ def open_sources(paths: list[str | Path], *, paths_file: str | Path | None = Non
             rows, width = array.shape
         else:
             rows, width = _parquet_shape(path)
+        if path in shard_rows and rows != shard_rows[path][2]:
+            inputs, failed, _ = shard_rows[path]
+            raise EmbeddingSourceError(
+                f"{path} holds {rows} rows, but this shard of the job had {inputs} inputs and {failed} "
+                "failures: the file is not this job's (copied in or damaged); delete it and re-run the same "
+                "`visreg-hub embed` command to write it again"
+            )
         if dim is not None and width != dim:
             raise EmbeddingSourceError(f"{path} has {width}-dimensional embeddings, the others {dim}")
         count, dim = count + rows, width
@@ -148,8 +161,9 @@ def _read_embed_manifest(folder: Path) -> dict[str, Any]:
     return data
 
 
-def _embed_folder(folder: Path) -> tuple[list[Path], dict[str, Any]]:
-    """(the job's part files, in shard order, and its model info) of a finished `embed` folder.
+def _embed_folder(folder: Path) -> tuple[list[Path], dict[str, Any], dict[Path, tuple[int, int, int]]]:
+    """(the job's part files in shard order, its model info, and per part file its inputs, failures and
+    expected rows) of a finished `embed` folder.
 
     why: the manifest, not a glob, says which shards make the job: a missing shard would silently
     shift every later row id, and a part file copied in from another job would mix its rows in.
@@ -184,7 +198,29 @@ def _embed_folder(folder: Path) -> tuple[list[Path], dict[str, Any]]:
     if isinstance(model, dict):
         info = {"model": model.get("name"), "weights_sha256": model.get("weights_sha256"),
                 "pooling": model.get("pooling"), "normalized": model.get("normalize")}  # fmt: skip
-    return [folder / _shard_name(number) for number in range(num_shards)], info
+    parts = [folder / _shard_name(number) for number in range(num_shards)]
+    return parts, info, _expected_rows(folder, data, parts)
+
+
+def _expected_rows(folder: Path, data: dict[str, Any], parts: list[Path]) -> dict[Path, tuple[int, int, int]]:
+    """Per shard: (inputs, failures, rows = inputs - failures), from the manifest and ``.failures/``.
+
+    why: a part file copied from another job with the same model, or a truncated copy, has the right
+    name and width; only its row count gives it away, and a wrong count shifts every later row id.
+    """
+    shard_size, inputs = data.get("shard_size"), (data.get("inputs") or {}).get("count")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (shard_size, inputs)):
+        return {}  # an older or hand-made manifest: nothing to check against
+    expected = {}
+    for number, part in enumerate(parts):
+        size = max(0, min(shard_size, inputs - number * shard_size))
+        record = folder / FAILURES_DIR / f"part-{number:05d}.jsonl"
+        failed = 0
+        if record.is_file():
+            with record.open("rb") as handle:
+                failed = sum(1 for line in handle if line.strip())
+        expected[part] = (size, failed, size - failed)
+    return expected
 
 
 def _part_files(folder: Path, num_shards: int) -> tuple[set[int], list[str]]:
