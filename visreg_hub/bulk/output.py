@@ -213,7 +213,9 @@ def _mismatch(folder: Path, field: str, old: Any, new: Any) -> str:
     if field == "model" and isinstance(old, dict) and isinstance(new, dict):
         diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         unset = {"draft_decode": False}  # recorded only when on (older folders lack the key)
-        changes = ", ".join(f"{k}: {old.get(k, unset.get(k))!r} -> {new.get(k, unset.get(k))!r}" for k in diff)
+        changes = ", ".join(
+            f"{k}: {old.get(k, unset.get(k))!r} -> {new.get(k, unset.get(k))!r}" for k in diff
+        )
         what = f"a different model setup ({changes})"
     elif field == "inputs":
         what = f"a different input set ({(old or {}).get('count')} -> {new.get('count')} items, other names)"
