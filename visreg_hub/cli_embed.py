@@ -157,6 +157,11 @@ def _refuse_existing(*outputs: Path, overwrite: bool) -> None:
         )
 
 
+# which index kinds read each build parameter
+_PARAM_KINDS = {"nlist": ("ivf", "ivfsq8", "ivfpq"), "nprobe": ("ivf", "ivfsq8", "ivfpq"), "pq_m": ("ivfpq",),
+                "m": ("hnsw",), "ef_search": ("hnsw",)}  # fmt: skip
+
+
 def cmd_index_build(args: argparse.Namespace) -> int:
     from visreg_hub.retrieval.build import RECALL_K, build_index
     from visreg_hub.retrieval.manifest import MANIFEST_NAME
@@ -167,6 +172,11 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     kind = args.kind
     if fixed and kind == "auto":
         raise _cli().UserError(f"--{next(iter(fixed)).replace('_', '-')} needs an explicit --kind (not auto)")
+    for name in fixed:  # as `search` warns: a value the chosen kind never reads is a likely mistake
+        kinds = _PARAM_KINDS[name]
+        if kind not in kinds:
+            flag, wanted = name.replace("_", "-"), " / ".join(kinds)
+            _cli()._warn(f"--{flag} applies to --kind {wanted} only; ignored for --kind {kind}")
     # a folder that is not an index's (an embed output, other files) first: --overwrite would not help there
     check_index_output(args.output)
     # an earlier index in the folder (the library replaces it; the command asks first)

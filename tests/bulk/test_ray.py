@@ -37,3 +37,4 @@ def test_ray_engine_equals_local_engine_and_resumes(tmp_path):
     np.testing.assert_array_equal(vectors, want_vectors)
     assert failures(tmp_path / "ray") == failures(tmp_path / "local")
     assert local.embedded == len(rows) == 149
+    assert not (tmp_path / "ray" / ".ray").exists()  # plans and the model copy go once complete

@@ -192,3 +192,12 @@ def test_an_embed_folder_as_output_or_index_names_the_right_step(tmp_path, capsy
     assert "not an index" in err and "--overwrite" not in err  # --overwrite cannot help there
     with pytest.raises(CheckpointError, match=r"`visreg-hub index build .* -o INDEX`"):
         EmbeddingIndex.load(out)
+
+
+def test_build_parameters_the_kind_ignores_are_warned_about(tmp_path, capsys):
+    emb = str(_embeddings(tmp_path))
+    assert main(["index", "build", emb, "-o", str(tmp_path / "i"), "--kind", "flat", "--nprobe", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "--nprobe applies to --kind ivf / ivfsq8 / ivfpq only; ignored for --kind flat" in err
+    assert main(["index", "build", emb, "-o", str(tmp_path / "h"), "--kind", "hnsw", "--m", "8"]) == 0
+    assert "ignored" not in capsys.readouterr().err

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,8 @@ def run_ray(sources, folder: Path, manifest, net, runner, listing, num_shards: i
         for row in dataset.iter_rows():
             embedded, failed = embedded + int(row["embedded"]), failed + int(row["failed"])
     complete = output.finalize(folder, manifest, num_shards)
+    if complete:  # the plans and the model copy for the actors are only needed to resume
+        shutil.rmtree(folder / PLAN_DIR, ignore_errors=True)
     summary = EmbedSummary(folder, embedded, failed, time.perf_counter() - start, len(todo),
                            num_shards - len(todo), complete)  # fmt: skip
     logger.info("%s", summary.line())
