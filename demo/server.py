@@ -17,6 +17,7 @@ from typing import Any
 from demo.service import DemoService, UserInputError
 from visreg_hub.serving.app import ApiError, create_app
 from visreg_hub.serving.config import Limits, ModelSpec, ServeConfig, model_spec
+from visreg_hub.serving.schemas import error_body
 
 logger = logging.getLogger("demo")
 
@@ -104,7 +105,7 @@ def _replay(body: bytes):
 
 
 async def _json_error(send, status: int, message: str, kind: str) -> None:
-    body = json.dumps({"error": {"message": message, "type": kind}}).encode()
+    body = json.dumps(error_body(message, kind)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

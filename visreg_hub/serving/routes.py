@@ -38,18 +38,6 @@ _MAX_FORM_FIELDS = 16
 _INLINE_PARSE_BYTES = 256 * 1024
 
 
-def _error_body(
-    message: str, kind: str, limit: str | None = None, code: str | None = None, items: dict | None = None
-) -> dict[str, Any]:
-    # OpenAI's error object: message, type, param (always present, here always null), code; plus our limit
-    body: dict[str, Any] = {
-        "error": {"message": message, "type": kind, "param": None, "code": code, "limit": limit}
-    }
-    if items is not None:
-        body["errors"] = [{"index": i, "message": m} for i, m in sorted(items.items())]
-    return body
-
-
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for error in exc.errors()[:5]:  # the input itself is never echoed (it can be megabytes of base64)
@@ -61,18 +49,19 @@ def _validation_message(exc: RequestValidationError) -> str:
 def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError):
-        body = _error_body(exc.message, exc.kind, exc.limit, exc.code, exc.items)
+        body = schemas.error_body(exc.message, exc.kind, exc.limit, exc.code, exc.items)
         return JSONResponse(body, exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError):
-        return JSONResponse(_error_body(_validation_message(exc), "invalid_request_error"), 422)
+        return JSONResponse(schemas.error_body(_validation_message(exc), "invalid_request_error"), 422)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException):
         limit = "max_body_bytes" if exc.status_code == 413 else None
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(_error_body(str(exc.detail), kind, limit), exc.status_code, headers=exc.headers)
+        body = schemas.error_body(str(exc.detail), kind, limit)
+        return JSONResponse(body, exc.status_code, headers=exc.headers)
 
 
 
@@ -103,7 +92,7 @@ class InternalErrorMiddleware:
             logger.exception("unexpected error")
             if started:  # too late for a clean answer: let the server close the connection
                 raise
-            body = _error_body("internal error; it was logged on the server", "server_error")
+            body = schemas.error_body("internal error; it was logged on the server", "server_error")
             await JSONResponse(body, 500)(scope, receive, send)
 
 
@@ -384,7 +373,8 @@ def install(app: FastAPI, service: Service) -> None:
     )
     async def ready():
         if not service.ready:
-            return JSONResponse(_error_body("not ready (starting or shutting down)", "unavailable"), 503)
+            body = schemas.error_body("not ready (starting or shutting down)", "unavailable")
+            return JSONResponse(body, 503)
         return {"status": "ready", "models": sorted(service.runtimes), "indexes": sorted(service.indexes)}
 
     @app.get(

@@ -11,6 +11,7 @@ from pathlib import Path
 from starlette.exceptions import HTTPException
 
 from visreg_hub.errors import ConfigError
+from visreg_hub.serving.schemas import error_body
 
 
 def hash_key(key: str) -> str:
@@ -99,15 +100,7 @@ class BodyLimitMiddleware:
     async def _refuse(self, send) -> None:
         self.on_refuse()
         body = json.dumps(
-            {
-                "error": {
-                    "message": BodyTooLargeError(self.limit).detail,
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": None,
-                    "limit": "max_body_bytes",
-                }
-            }
+            error_body(BodyTooLargeError(self.limit).detail, "invalid_request_error", "max_body_bytes")
         ).encode()
         headers = [
             (b"content-type", b"application/json"),
