@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from visreg_hub.errors import CheckpointError
+from visreg_hub.native_io import load_safetensors
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # optimiser param groups of very large models stay far below this
 
@@ -35,7 +35,7 @@ def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file onto the CPU (no pickle); every failure is a :class:`CheckpointError`."""
     try:
-        return load_file(str(path), device="cpu")
+        return load_safetensors(path)
     except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is not a valid safetensors file ({exc})") from None
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from visreg_hub.durable import fsync_dir, write_atomic
 from visreg_hub.errors import MissingExtraError, VisregHubError
+from visreg_hub.native_io import write_parquet
 
 FORMAT_NAME = "visreg_hub.embedding_shards"
 FORMAT_VERSION = 1
@@ -103,7 +104,7 @@ def write_shard(
         embeddings: float32 (len(rows), E).
         failures: one ``{"path", "key", "reason"}`` per input that failed.
     """
-    pa, pq = pyarrow()
+    pa, _ = pyarrow()
     failures_path = folder / FAILURES_DIR / f"part-{number:05d}.jsonl"
     if failures:  # no file for a shard without failures: two fsyncs fewer per shard
         (folder / FAILURES_DIR).mkdir(exist_ok=True)
@@ -131,7 +132,7 @@ def write_shard(
         }
     )
     path = folder / shard_name(number)
-    write_atomic(path, lambda p: pq.write_table(table, p))
+    write_atomic(path, lambda p: write_parquet(table, p))
     return path
 
 

@@ -33,6 +33,7 @@ from visreg_hub.errors import CheckpointError, ConfigError
 from visreg_hub.jsonio import read_json_file
 from visreg_hub.models import limits
 from visreg_hub.models.config import ModelConfig
+from visreg_hub.native_io import load_safetensors
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -325,11 +326,9 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     Raises:
         CheckpointError: the file is not valid safetensors; the message says if it looks like a pickle.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     try:
-        return load_file(str(path), device="cpu")
+        return load_safetensors(path)
     except Exception as exc:  # safetensors raises SafetensorError / OSError subclasses on malformed files
         with open(path, "rb") as handle:
             head = handle.read(4)

@@ -223,10 +223,10 @@ class _BarlowTerms(torch.autograd.Function):
                 stacked = operand[a + 1 :].transpose(0, 1).reshape(n, partners * d)
                 corr = torch.matmul(operand[a].t(), stacked).view(d, partners, d).to(upcast.dtype) / n
                 rounded_diagonal = corr.diagonal(dim1=0, dim2=2)  # (k, D), the same rounding as corr
-                if operand.dtype == upcast.dtype:  # full-precision matmul: its diagonal is exact already
-                    exact_diagonal = rounded_diagonal.clone()
-                else:
-                    exact_diagonal = (normalised[a] * normalised[a + 1 :]).sum(dim=1) / n  # (k, D)
+                # why: inductor miscompiled this function's backward when the diagonal saved for it was a
+                # clone of a view of corr (torch 2.14, wrong on-diagonal gradients under torch.compile;
+                # tests/losses/test_compile_gradients.py); the elementwise sum is exact and cheap (k N D)
+                exact_diagonal = (normalised[a] * normalised[a + 1 :]).sum(dim=1) / n  # (k, D)
                 on = on + (1.0 - exact_diagonal).square().sum()
                 off = off + corr.square().sum() - rounded_diagonal.square().sum()
                 corrs.append(corr)

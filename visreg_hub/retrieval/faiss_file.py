@@ -7,14 +7,16 @@ writes (``IDMap2`` over Flat or HNSW-Flat; IVF-Flat, IVF-SQ8 or IVF-PQ with thei
 ``index_write.cpp``),
 and checks that every length fits in the file and matches what the manifest declares (kind, dim,
 count, metric, nlist, pq_m), that list ids and graph links point inside the index, and that the file
-ends where the structure does. Only then is it handed to ``faiss.read_index``.
+ends where the structure does. Only then does FAISS read it, from the same open file
+(``storage.load_index``), so the bytes checked are the bytes loaded.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -28,10 +30,10 @@ _CHUNK = 1 << 22  # elements per chunk when range-checking large int arrays
 class _Reader:
     """Bounds-checked little-endian reads; every failure names the file and the field."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, handle: BinaryIO, path: Path) -> None:
         self.path = path
-        self.handle = path.open("rb")
-        self.size = path.stat().st_size
+        self.handle = handle
+        self.size = os.fstat(handle.fileno()).st_size
         self.pos = 0
 
     def fail(self, message: str) -> CheckpointError:
@@ -194,32 +196,33 @@ def _hnsw(r: _Reader, dim: int, ntotal: int, metric: str) -> None:
 
 
 def check_faiss_file(
-    path: Path, *, kind: str, dim: int, ntotal: int, metric: str, params: dict[str, Any]
+    handle: BinaryIO, path: Path, *, kind: str, dim: int, ntotal: int, metric: str, params: dict[str, Any]
 ) -> np.ndarray:
-    """Validate ``path`` against the manifest and return its int64 (ntotal,) ids (id map or list ids).
+    """Validate the open index file against the manifest; return its int64 (ntotal,) ids (id map or list ids).
+
+    Reads ``handle`` from its start; ``path`` only names the file in messages. The caller rewinds the
+    handle to hand the same bytes to FAISS.
 
     Raises:
         CheckpointError: any structural problem or disagreement with the manifest.
     """
-    r = _Reader(Path(path))
-    try:
-        tag = r.fourcc("index type")
-        expected = {"flat": "IxM2", "hnsw": "IxM2", "ivf": "IwFl", "ivfsq8": "IwSq", "ivfpq": "IwPQ"}[kind]
-        if tag != expected:
-            raise r.fail(f"the index is {tag!r}, the manifest's kind {kind!r} needs {expected!r}")
-        if kind in ("flat", "hnsw"):
-            _header(r, dim, ntotal, metric, "id map")
-            if kind == "flat":
-                _flat(r, dim, ntotal, metric, "flat index")
-            elif (inner := r.fourcc("inner index type")) != "IHNf":
-                raise r.fail(f"the inner index is {inner!r}, kind 'hnsw' needs 'IHNf'")
-            else:
-                _hnsw(r, dim, ntotal, metric)
-            ids = r.array("<i8", r.length(8, "id map", ntotal), "id map")
+    handle.seek(0)
+    r = _Reader(handle, Path(path))
+    tag = r.fourcc("index type")
+    expected = {"flat": "IxM2", "hnsw": "IxM2", "ivf": "IwFl", "ivfsq8": "IwSq", "ivfpq": "IwPQ"}[kind]
+    if tag != expected:
+        raise r.fail(f"the index is {tag!r}, the manifest's kind {kind!r} needs {expected!r}")
+    if kind in ("flat", "hnsw"):
+        _header(r, dim, ntotal, metric, "id map")
+        if kind == "flat":
+            _flat(r, dim, ntotal, metric, "flat index")
+        elif (inner := r.fourcc("inner index type")) != "IHNf":
+            raise r.fail(f"the inner index is {inner!r}, kind 'hnsw' needs 'IHNf'")
         else:
-            ids = _ivf(r, tag, dim, ntotal, metric, params)
-        if r.pos != r.size:
-            raise r.fail(f"{r.size - r.pos} unexpected bytes after the index")
-        return ids.astype(np.int64)
-    finally:
-        r.handle.close()
+            _hnsw(r, dim, ntotal, metric)
+        ids = r.array("<i8", r.length(8, "id map", ntotal), "id map")
+    else:
+        ids = _ivf(r, tag, dim, ntotal, metric, params)
+    if r.pos != r.size:
+        raise r.fail(f"{r.size - r.pos} unexpected bytes after the index")
+    return ids.astype(np.int64)

@@ -21,6 +21,7 @@ import numpy as np
 
 from visreg_hub.errors import MissingExtraError, UserInputError
 from visreg_hub.jsonio import parse_json
+from visreg_hub.native_io import library_source, write_parquet
 from visreg_hub.retrieval.arrays import as_float32_matrix
 
 SUFFIXES = (".npy", ".parquet")
@@ -102,9 +103,9 @@ def write_embeddings(
     if path.suffix.lower() == ".npy":
         np.save(path, array, allow_pickle=False)
     else:
-        pa, pq = _pyarrow("writing .parquet")
+        pa, _ = _pyarrow("writing .parquet")
         column = pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
-        pq.write_table(pa.table({"path": pa.array(list(paths), pa.string()), "embedding": column}), path)
+        write_parquet(pa.table({"path": pa.array(list(paths), pa.string()), "embedding": column}), path)
     sidecar = {
         "format": SIDECAR_FORMAT,
         "format_version": 1,
@@ -163,7 +164,8 @@ def read_embeddings(path: str | Path, *, paths_file: str | Path | None = None) -
             raise ValueError(f"{path} is not a plain numeric .npy array: {exc}") from exc
     else:
         _, pq = _pyarrow("reading .parquet")
-        table = pq.read_table(path)
+        with library_source(path) as source:
+            table = pq.read_table(source)
         if "embedding" not in table.column_names:
             raise ValueError(f"{path} has no 'embedding' column (columns: {table.column_names})")
         column = table.column("embedding").combine_chunks()

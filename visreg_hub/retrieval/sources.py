@@ -23,6 +23,7 @@ import numpy as np
 
 from visreg_hub.errors import ConfigError, VisregHubError
 from visreg_hub.jsonio import read_json_file
+from visreg_hub.native_io import library_source
 from visreg_hub.retrieval.arrays import as_float32_matrix
 from visreg_hub.retrieval.files import _pyarrow, read_paths_file, sidecar_path
 
@@ -65,16 +66,18 @@ class EmbeddingSources:
 def _parquet_shape(path: Path) -> tuple[int, int]:
     pa, pq = _pyarrow("reading .parquet")
     try:
-        handle = pq.ParquetFile(path)
+        with library_source(path) as source:
+            handle = pq.ParquetFile(source)
+            schema, rows = handle.schema_arrow, handle.metadata.num_rows
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise EmbeddingSourceError(
             f"{path} is not a readable parquet file ({exc}); if it is a shard of an embed folder, delete it "
             "and re-run the same `visreg-hub embed` command to write it again"
         ) from exc
-    column = handle.schema_arrow.field("embedding") if "embedding" in handle.schema_arrow.names else None
+    column = schema.field("embedding") if "embedding" in schema.names else None
     if column is None or not pa.types.is_fixed_size_list(column.type):
         raise EmbeddingSourceError(f"{path} has no fixed-size-list 'embedding' column; write it with embed")
-    return handle.metadata.num_rows, column.type.list_size
+    return rows, column.type.list_size
 
 
 def open_sources(paths: list[str | Path], *, paths_file: str | Path | None = None) -> EmbeddingSources:
@@ -297,24 +300,31 @@ def iter_batches(sources: EmbeddingSources) -> Iterator[tuple[np.ndarray, list[d
                 yield block, metadata[start : start + BATCH_ROWS]
             continue
         _, pq = _pyarrow("reading .parquet")
-        handle = pq.ParquetFile(path)
-        columns = ("embedding", "path", "key", "cls", "path_bytes", "key_bytes")
-        wanted = [name for name in columns if name in handle.schema_arrow.names]
-        row = 0
-        for batch in handle.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
-            column = batch.column("embedding")
-            values = column.flatten().to_numpy(zero_copy_only=False)
-            block = as_float32_matrix(values.reshape(len(column), sources.dim), name=str(path))
-            fields = {name: batch.column(name).to_pylist() for name in wanted if name != "embedding"}
-            if sources.names is not None:
-                fields["path"] = sources.names[row : row + len(column)]
-            row += len(column)
-            metadata = [
-                {_meta_name(name): _meta_value(values[i]) for name, values in fields.items()
-                 if values[i] is not None} or None
-                for i in range(len(column))
-            ]  # fmt: skip
-            yield block, metadata
+        with library_source(path) as source:
+            yield from _parquet_batches(pq.ParquetFile(source), path, sources)
+
+
+def _parquet_batches(
+    handle: Any, path: Path, sources: EmbeddingSources
+) -> Iterator[tuple[np.ndarray, list[dict[str, Any] | None]]]:
+    """Yield the (B, D) vectors and B metadata dicts of one open parquet embeddings file."""
+    columns = ("embedding", "path", "key", "cls", "path_bytes", "key_bytes")
+    wanted = [name for name in columns if name in handle.schema_arrow.names]
+    row = 0
+    for batch in handle.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
+        column = batch.column("embedding")
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        block = as_float32_matrix(values.reshape(len(column), sources.dim), name=str(path))
+        fields = {name: batch.column(name).to_pylist() for name in wanted if name != "embedding"}
+        if sources.names is not None:
+            fields["path"] = sources.names[row : row + len(column)]
+        row += len(column)
+        metadata = [
+            {_meta_name(name): _meta_value(values[i]) for name, values in fields.items()
+             if values[i] is not None} or None
+            for i in range(len(column))
+        ]  # fmt: skip
+        yield block, metadata
 
 
 def _short(value: Any) -> str:

@@ -32,6 +32,7 @@ import numpy as np
 
 from visreg_hub.durable import fsync_dir, fsync_tree, write_atomic
 from visreg_hub.errors import CheckpointError, ConfigError, require_extra
+from visreg_hub.native_io import read_faiss, write_faiss
 from visreg_hub.retrieval.factory import KINDS
 from visreg_hub.retrieval.faiss_file import check_faiss_file
 from visreg_hub.retrieval.manifest import (
@@ -102,8 +103,8 @@ def save_index(index: EmbeddingIndex, folder: str | Path) -> Path:
 
 def _write_index_files(index: EmbeddingIndex, folder: Path) -> None:
     """The data files, then the manifest naming their checksums, into the (new, empty) ``folder``."""
-    faiss = require_extra("faiss", "index")
-    write_atomic(folder / INDEX_NAME, lambda p: faiss.write_index(index._faiss_index, str(p)))
+    require_extra("faiss", "index")  # the missing-extra error before any file is touched
+    write_atomic(folder / INDEX_NAME, lambda p: write_faiss(index._faiss_index, p))
     write_atomic(folder / IDS_NAME, lambda p: p.write_bytes(_npy_bytes(index.ids)))
 
     def write_metadata(path: Path) -> None:
@@ -267,7 +268,7 @@ def _read_metadata(path: Path, count: int) -> list[str | None]:
 
 def load_index(cls: type[EmbeddingIndex], folder: str | Path) -> EmbeddingIndex:
     """Load a folder written by :func:`save_index`; everything is verified before it is parsed."""
-    faiss = require_extra("faiss", "index")
+    require_extra("faiss", "index")  # the missing-extra error before any file is touched
     folder = folder_path(folder)
     if not folder.exists():
         leftovers = sorted(folder.parent.glob(f".{folder.name}.replaced-*")) if folder.parent.is_dir() else []
@@ -281,15 +282,22 @@ def load_index(cls: type[EmbeddingIndex], folder: str | Path) -> EmbeddingIndex:
     count, ntotal = manifest["count"], manifest["ntotal"]
     ids = _read_ids(folder / IDS_NAME, count)
     texts = _read_metadata(folder / METADATA_NAME, count)
-    faiss_ids = check_faiss_file(
-        folder / INDEX_NAME,
-        kind=manifest["kind"],
-        dim=manifest["dim"],
-        ntotal=ntotal,
-        metric=manifest["metric"],
-        params=manifest["params"],
-    )
-    _check_ids(ids, faiss_ids, manifest, folder)
+    with open(folder / INDEX_NAME, "rb") as handle:
+        faiss_ids = check_faiss_file(
+            handle,
+            folder / INDEX_NAME,
+            kind=manifest["kind"],
+            dim=manifest["dim"],
+            ntotal=ntotal,
+            metric=manifest["metric"],
+            params=manifest["params"],
+        )
+        _check_ids(ids, faiss_ids, manifest, folder)
+        handle.seek(0)
+        try:
+            raw = read_faiss(handle)
+        except RuntimeError as exc:  # the structure check should make this unreachable
+            raise CheckpointError(f"FAISS cannot read {folder / INDEX_NAME}: rebuild the index") from exc
     params = manifest["params"]
     index = cls(
         manifest["dim"],
@@ -305,10 +313,6 @@ def load_index(cls: type[EmbeddingIndex], folder: str | Path) -> EmbeddingIndex:
         model_name=manifest["model_name"],
         pooling=manifest["pooling"],
     )
-    try:
-        raw = faiss.read_index(str(folder / INDEX_NAME))
-    except RuntimeError as exc:  # the structure check should make this unreachable
-        raise CheckpointError(f"FAISS cannot read {folder / INDEX_NAME}: rebuild the index") from exc
     index._faiss_index = raw
     index._meta = dict(zip(ids.tolist(), texts, strict=True))
     index._tombstones = set(faiss_ids.tolist()) - set(index._meta)

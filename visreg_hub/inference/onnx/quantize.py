@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import torch
 from visreg_hub.errors import require_extra
 from visreg_hub.inference.images import expand_inputs
 from visreg_hub.inference.preprocess import ImageDataset, Preprocessor
+from visreg_hub.native_io import utf8_path
 
 logger = logging.getLogger(__name__)
 
@@ -100,25 +102,34 @@ def quantize_int8(
         ``"dynamic"`` or ``"static, N calibration images"`` (stored in the metadata).
     """
     quantization = require_extra("onnxruntime.quantization", "onnx-cpu")
-    source, target = Path(source), Path(target)
-    if calibration is None:
-        with _without_preprocess_advice():
-            quantization.quantize_dynamic(
-                source, target, weight_type=quantization.QuantType.QInt8, per_channel=True,
-                op_types_to_quantize=QUANTIZED_OPS,
-            )  # fmt: skip
-        return "dynamic"
-    if len(calibration) == 0:
+    if calibration is not None and len(calibration) == 0:
         raise ValueError("calibration needs at least one image; pass None for dynamic quantisation")
+    # why a scratch folder: ORT's tools pass paths to onnx's C++ shape inference, which takes only UTF-8
+    # names; the scratch copy and result have plain names, and Python moves the result to ``target``
     with tempfile.TemporaryDirectory(prefix="visreg-quant-") as scratch:
-        prepared = Path(scratch) / "prepared.onnx"
-        # why: ORT's static quantiser wants shapes inferred and its own graph clean-ups done first
-        quantization.quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        quantization.quantize_static(
-            prepared, target, _Calibration(input_name, calibration),
-            quant_format=quantization.QuantFormat.QDQ,
-            activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
-            per_channel=True, op_types_to_quantize=QUANTIZED_OPS,
-            calibrate_method=quantization.CalibrationMethod.MinMax,
-        )  # fmt: skip
-    return f"static, {len(calibration)} calibration images"
+        scratch = Path(scratch)
+        local_source = Path(source)
+        if utf8_path(source) is None:
+            local_source = Path(shutil.copyfile(source, scratch / "fp32.onnx"))
+        result = scratch / "int8.onnx"
+        if calibration is None:
+            with _without_preprocess_advice():
+                quantization.quantize_dynamic(
+                    local_source, result, weight_type=quantization.QuantType.QInt8, per_channel=True,
+                    op_types_to_quantize=QUANTIZED_OPS,
+                )  # fmt: skip
+            method = "dynamic"
+        else:
+            prepared = scratch / "prepared.onnx"
+            # why: ORT's static quantiser wants shapes inferred and its own graph clean-ups done first
+            quantization.quant_pre_process(str(local_source), str(prepared), skip_symbolic_shape=True)
+            quantization.quantize_static(
+                prepared, result, _Calibration(input_name, calibration),
+                quant_format=quantization.QuantFormat.QDQ,
+                activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
+                per_channel=True, op_types_to_quantize=QUANTIZED_OPS,
+                calibrate_method=quantization.CalibrationMethod.MinMax,
+            )  # fmt: skip
+            method = f"static, {len(calibration)} calibration images"
+        shutil.move(result, target)
+    return method

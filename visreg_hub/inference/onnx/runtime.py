@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from visreg_hub.errors import CheckpointError, require_extra
+from visreg_hub.native_io import onnx_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -302,7 +303,8 @@ def create_session(
     if threads is not None:
         session_options.intra_op_num_threads = int(threads)
     try:
-        session = ort.InferenceSession(str(path), session_options, providers=usable, provider_options=options)
+        session = ort.InferenceSession(
+            onnx_model_source(path), session_options, providers=usable, provider_options=options)
     except Exception as exc:  # onnxruntime raises its own pybind exception types
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"ONNX Runtime cannot load {str(path)!r} on {usable}: {text}") from exc
