@@ -31,7 +31,11 @@ class PublicEventsOnly:
     * 404 for Gradio's named-event routes other than :data:`PUBLIC_EVENTS`;
     * 422 for a queue join (``POST /gradio_api/queue/join``) naming an event the page does not have
       (Gradio itself answers those with a 500 and a ``KeyError`` traceback in the log), 413 for a join
-      body over :data:`MAX_JOIN_BYTES` (the page's own are a few kB: files are uploaded separately).
+      or event body over :data:`MAX_JOIN_BYTES` (the page's own are a few kB: files are uploaded
+      separately);
+    * 422 for a join or event call whose file input is a URL: Gradio would download it into its cache,
+      with no size limit (``--max-file-size`` applies to uploads only) and for any visitor, so inputs
+      must be files uploaded through ``/gradio_api/upload``.
     """
 
     def __init__(self, app, public: frozenset[str] = PUBLIC_EVENTS, events: frozenset[int] | None = None):
@@ -46,27 +50,53 @@ class PublicEventsOnly:
             if match and match.group("name") not in self.public:
                 await _json_error(send, 404, "not found", "not_found")
                 return
-            if self.events is not None and scope.get("method") == "POST" and path == QUEUE_JOIN:
+            if scope.get("method") == "POST" and (match or path == QUEUE_JOIN):
                 body = await _read_body(receive, MAX_JOIN_BYTES)
                 if body is None:
-                    await _json_error(send, 413, f"queue join body over {MAX_JOIN_BYTES} bytes", "too_large")
+                    await _json_error(send, 413, f"event body over {MAX_JOIN_BYTES} bytes", "too_large")
                     return
-                problem = self._join_problem(body)
+                problem = self._body_problem(body, join=path == QUEUE_JOIN)
                 if problem:
                     await _json_error(send, 422, problem, "invalid_request")
                     return
                 receive = _replay(body)
         await self.app(scope, receive, send)
 
-    def _join_problem(self, body: bytes) -> str | None:
+    def _body_problem(self, body: bytes, *, join: bool) -> str | None:
         try:
             payload = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None  # Gradio's own validation answers malformed JSON with a 422
-        index = payload.get("fn_index") if isinstance(payload, dict) else None
-        if isinstance(index, bool) or not isinstance(index, int) or index not in self.events:
-            return f"unknown event fn_index={index!r}; this page has events {sorted(self.events)}"
+        if join and self.events is not None:
+            index = payload.get("fn_index") if isinstance(payload, dict) else None
+            if isinstance(index, bool) or not isinstance(index, int) or index not in self.events:
+                return f"unknown event fn_index={index!r}; this page has events {sorted(self.events)}"
+        url = _file_url(payload)
+        if url is not None:
+            shown = url if len(url) <= 80 else url[:77] + "..."
+            return (
+                f"file inputs must be uploaded through /gradio_api/upload and passed by the path it returns; "
+                f"this server does not fetch URLs (got {shown!r})"
+            )
         return None
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _file_url(payload: Any) -> str | None:
+    """The first file object's ``path`` in ``payload`` that is a URL (Gradio would fetch it), else None."""
+    stack = [payload]
+    while stack:  # iterative: a hostile body may nest deeply
+        item = stack.pop()
+        if isinstance(item, dict):
+            path = item.get("path")
+            if isinstance(path, str) and _URL.match(path.strip()):
+                return path
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
 
 
 QUEUE_JOIN = "/gradio_api/queue/join"

@@ -147,3 +147,24 @@ def test_a_queue_join_for_an_event_the_page_lacks_is_a_4xx_and_the_page_keeps_wo
     assert huge.status_code == 413
     model, gallery = page.props["model-choice"]["value"], page.props["gallery-choice"]["value"]
     assert "Gallery" in page.fire("status", [model, gallery])["output"]["data"][0]
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/big.jpg", "https://example.com/x.jpg", " HTTPS://h/x"])
+def test_a_url_as_file_input_is_refused_before_gradio_fetches_it(page, url):
+    """Gradio downloads a file input given as a URL into its cache, with no size limit (``--max-file-size``
+    covers uploads only) and for any visitor; the guard refuses it on the queue and the named routes."""
+    model, gallery = page.props["model-choice"]["value"], page.props["gallery-choice"]["value"]
+    remote = {"path": url, "orig_name": "x.jpg", "meta": {"_type": "gradio.FileData"}}
+    join = {"data": [model, gallery, remote, 3, None], "fn_index": page.fn["search"]}
+    calls = [
+        (page.base + "/gradio_api/queue/join", {**join, "session_hash": page.session}),
+        (page.base + "/gradio_api/call/search", {"data": [model, gallery, [remote], 3]}),
+        (page.base + "/gradio_api/call/extract", {"data": [model, {"in": remote}, "model default", True]}),
+    ]
+    for target, body in calls:
+        response = httpx.post(target, json=body, timeout=10)
+        assert response.status_code == 422, (target, response.text)
+        message = response.json()["error"]["message"]
+        assert "does not fetch URLs" in message and "/gradio_api/upload" in message
+    # an uploaded file still goes through the same routes
+    assert page.fire("search", [model, gallery, page.upload(PHOTO), 3, None])["success"]
