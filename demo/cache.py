@@ -33,6 +33,7 @@ import numpy as np
 from visreg_hub.errors import CheckpointError
 from visreg_hub.hub.format import CONFIG_NAME, WEIGHTS_NAME, sha256_file, weights_digest
 from visreg_hub.inference import encode, list_image_files
+from visreg_hub.native_io import name_fields, split_name
 from visreg_hub.retrieval import EmbeddingIndex
 
 logger = logging.getLogger(__name__)
@@ -155,7 +156,9 @@ def build_index(
     index = EmbeddingIndex(
         model.embedding_dim(), metric="ip", model_name=model_name, pooling=model.config.pooling
     )
-    metadata = [{"path": files[i].relpath, "label": label_of(files[i].relpath)} for i in good]
+    # names that are not UTF-8 are stored readable, with their bytes (ids still map to files[i])
+    metadata = [{**name_fields(files[i].relpath), "label": split_name(label_of(files[i].relpath))[0]}
+                for i in good]  # fmt: skip
     index.add(result.embeddings, ids=np.asarray(good, dtype=np.int64), metadata=metadata)
     return index, [(files[i].relpath, reason.replace(str(root) + os.sep, "")) for i, reason in failed.items()]
 

@@ -39,6 +39,7 @@ from visreg_hub.inference import (
 from visreg_hub.inference.images import PIXEL_CAP_HINT, ImageSource, decode_image
 from visreg_hub.inference.preprocess import DRAFT_MARGIN, draft_size
 from visreg_hub.models.config import POOLINGS
+from visreg_hub.native_io import utf8_path
 
 logger = logging.getLogger(__name__)
 
@@ -434,19 +435,30 @@ class DemoService:
         return view, pca, Image.blend(view, pca, 0.55)
 
     def _write_npy(self, embedding: np.ndarray, stem: str) -> Path:
-        """Write the embedding to a fresh folder under ``download_dir``; prune folders older than an hour."""
+        """Write the embedding to a fresh folder under ``download_dir``."""
+        target = self._fresh_download_folder() / f"{_safe_stem(stem)}_embedding.npy"
+        np.save(target, embedding.astype(np.float32), allow_pickle=False)
+        return target
+
+    def _servable(self, path: Path) -> Path:
+        """``path``, or for a name that is not valid UTF-8 a copy with a UTF-8 name under ``download_dir``
+        (Gradio's file cache takes UTF-8 paths only; the gallery file itself is never renamed)."""
+        if utf8_path(path) is not None:
+            return path
+        copy = self._fresh_download_folder() / f"{_safe_stem(path.stem)}{path.suffix}"
+        return Path(shutil.copyfile(path, copy))
+
+    def _fresh_download_folder(self) -> Path:
+        """A new folder under ``download_dir``, after pruning the folders older than an hour."""
         if self.download_dir.is_dir():
             cutoff = time.time() - DOWNLOAD_MAX_AGE_S
             for old in self.download_dir.iterdir():
                 with contextlib.suppress(OSError):
                     if old.stat().st_mtime < cutoff:
                         shutil.rmtree(old)
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:60] or "image"
         folder = self.download_dir / uuid.uuid4().hex
         folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"{safe}_embedding.npy"
-        np.save(target, embedding.astype(np.float32), allow_pickle=False)
-        return target
+        return folder
 
     def search(
         self, model_key: str | None, gallery_key: str | None, path: str | Path | None, k: int = 8
@@ -467,7 +479,11 @@ class DemoService:
         ):
             if item_id < 0:
                 continue
-            hits.append(
-                Hit(rank, item_id, cached.root / meta["path"], meta["path"], meta["label"], float(score))
-            )
+            file = self._servable(cached.root / cached.files[item_id].relpath)  # the exact file, by id
+            hits.append(Hit(rank, item_id, file, meta["path"], meta["label"], float(score)))
         return SearchOutcome(hits, image, cached)
+
+
+def _safe_stem(stem: str) -> str:
+    """A file name stem of ASCII letters, digits, ``_.-`` only (at most 60 characters)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:60] or "image"

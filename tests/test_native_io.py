@@ -122,3 +122,20 @@ def test_training_state_tensors_read_from_a_non_utf8_folder(tmp_path):
     assert torch.equal(read_tensors(folder / "t.safetensors")["w"], tensors["w"])
     save_file(tensors, str(tmp_path / "plain.safetensors"))
     assert torch.equal(read_tensors(tmp_path / "plain.safetensors")["w"], tensors["w"])
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".parquet"])
+def test_index_built_from_an_embeddings_file_keeps_latin1_names_exactly(tmp_path, suffix):
+    from visreg_hub.retrieval.build import build_index
+    from visreg_hub.retrieval.files import write_embeddings
+    from visreg_hub.retrieval.records import metadata_problem
+
+    names = [os.fsdecode(b"/photos/caf\xe9.jpg"), "/photos/plain.jpg"]
+    vectors = np.eye(2, 8, dtype=np.float32)
+    write_embeddings(tmp_path / f"e{suffix}", vectors, paths=names, model="m", pooling="cls", normalized=True)
+    index = build_index([tmp_path / f"e{suffix}"], tmp_path / "index", num_queries=1)
+    first, second = index.get_metadata(index.search(vectors, k=1).ids[:, 0])
+    assert os.fsdecode(bytes.fromhex(first["path_bytes_hex"])) == names[0]
+    assert first["path"] == "/photos/caf\\xe9.jpg" and second == {"path": names[1]}
+    # the Python API refuses the raw name, and its message names the helper that stores it
+    assert "name_fields" in metadata_problem({"path": names[0]})

@@ -1,4 +1,5 @@
-"""File paths handed to libraries with their own (C++/Rust) file I/O, in one place.
+"""File names that are not valid UTF-8, in one place: paths handed to libraries with their own (C++/Rust)
+file I/O, and names stored in JSON metadata.
 
 A file name that is not valid UTF-8 (a Linux file system allows any bytes but ``/`` and NUL) reaches Python
 as a ``str`` holding surrogate escapes (PEP 383). Python's own ``open`` round-trips those to the exact bytes,
@@ -22,12 +23,45 @@ from typing import IO, Any
 __all__ = [
     "library_source",
     "load_safetensors",
+    "name_fields",
     "onnx_model_source",
     "read_faiss",
+    "split_name",
     "utf8_path",
     "write_faiss",
     "write_parquet",
 ]
+
+
+def split_name(name: str | None) -> tuple[str | None, bytes | None]:
+    """(UTF-8-safe text, exact bytes or None) of a file or member name from the file system.
+
+    A name that is valid UTF-8 is returned as is, with no bytes. One holding surrogate escapes (bytes
+    that are not UTF-8) is returned with each such byte written ``\\xNN`` (readable, not unique) and
+    its exact bytes, so ``os.fsdecode(raw)`` gives back the name that opens the file.
+    """
+    if name is None:
+        return None, None
+    try:
+        name.encode("utf-8")
+        return name, None
+    except UnicodeEncodeError:
+        try:
+            raw = name.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a surrogate no file system decode makes; keep it reversible anyway
+            raw = name.encode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", "backslashreplace"), raw
+
+
+def name_fields(name: str, field: str = "path") -> dict[str, str]:
+    """JSON-safe metadata for a file name: ``{field: text}``, plus ``{field}_bytes_hex`` (its exact bytes)
+    when the name is not valid UTF-8, as :func:`split_name` splits it (the layout embed folders use).
+
+    Index metadata must be valid UTF-8 JSON; ``os.fsdecode(bytes.fromhex(m["path_bytes_hex"]))`` gives back
+    the name that opens the file.
+    """
+    text, raw = split_name(name)
+    return {field: text} if raw is None else {field: text, f"{field}_bytes_hex": raw.hex()}
 
 
 def utf8_path(path: str | os.PathLike[str] | bytes) -> str | None:

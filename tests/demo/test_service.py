@@ -238,3 +238,21 @@ def test_make_gallery_builds_from_real_images(tmp_path):
         index = int(path.stem)
         assert make_gallery.CLASS_NAMES[labels[index]] == path.parent.name
         np.testing.assert_array_equal(np.asarray(Image.open(path)), source_images[index])
+
+
+def test_a_gallery_file_named_in_latin1_is_indexed_found_and_servable(demo_model_dir, gallery, tmp_path):
+    source = next(gallery.glob("Bag/*.png"))
+    odd = os.fsdecode(os.fsencode(gallery / "Bag") + b"/caf\xe9.png")  # a Latin-1 name
+    try:
+        shutil.copy(source, odd)
+    except OSError as exc:  # e.g. macOS file systems insist on UTF-8 names
+        pytest.skip(f"this file system refuses non-UTF-8 names: {exc}")
+    demo = make_service(demo_model_dir, gallery, tmp_path)
+    outcome = demo.search(None, None, odd, 2)
+    assert [hit.score for hit in outcome.hits] == pytest.approx([1.0, 1.0], abs=1e-5)  # the file, its twin
+    by_name = {hit.relpath: hit for hit in outcome.hits}
+    hit = by_name["Bag/caf\\xe9.png"]  # shown readable; the stored bytes name the file exactly
+    meta = outcome.index.index.get_metadata([hit.id])[0]
+    assert bytes.fromhex(meta["path_bytes_hex"]) == b"Bag/caf\xe9.png"
+    # Gradio serves UTF-8 paths only: the result is a same-content copy with a UTF-8 name
+    assert str(hit.path).encode("utf-8") and hit.path.read_bytes() == source.read_bytes()

@@ -32,7 +32,7 @@ import numpy as np
 
 from visreg_hub.durable import fsync_dir, write_atomic
 from visreg_hub.errors import MissingExtraError, VisregHubError
-from visreg_hub.native_io import write_parquet
+from visreg_hub.native_io import split_name, write_parquet
 
 FORMAT_NAME = "visreg_hub.embedding_shards"
 FORMAT_VERSION = 1
@@ -134,26 +134,6 @@ def write_shard(
     path = folder / shard_name(number)
     write_atomic(path, lambda p: write_parquet(table, p))
     return path
-
-
-def split_name(name: str | None) -> tuple[str | None, bytes | None]:
-    """(UTF-8-safe text, exact bytes or None) of a file or member name from the file system.
-
-    A name that is valid UTF-8 is returned as is, with no bytes. One holding surrogate escapes (bytes
-    that are not UTF-8) is returned with each such byte written ``\\xNN`` (readable, not unique) and
-    its exact bytes, so ``os.fsdecode(raw)`` gives back the name that opens the file.
-    """
-    if name is None:
-        return None, None
-    try:
-        name.encode("utf-8")
-        return name, None
-    except UnicodeEncodeError:
-        try:
-            raw = name.encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:  # a surrogate no file system decode makes; keep it reversible anyway
-            raw = name.encode("utf-8", "surrogatepass")
-        return raw.decode("utf-8", "backslashreplace"), raw
 
 
 def _failure_record(failure: dict[str, Any]) -> dict[str, Any]:

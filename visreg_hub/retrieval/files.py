@@ -12,6 +12,7 @@ it needs pyarrow, which is optional. ``visreg-hub embed`` writes these files and
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 
 from visreg_hub.errors import MissingExtraError, UserInputError
 from visreg_hub.jsonio import parse_json
-from visreg_hub.native_io import library_source, write_parquet
+from visreg_hub.native_io import library_source, split_name, write_parquet
 from visreg_hub.retrieval.arrays import as_float32_matrix
 
 SUFFIXES = (".npy", ".parquet")
@@ -105,7 +106,11 @@ def write_embeddings(
     else:
         pa, _ = _pyarrow("writing .parquet")
         column = pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
-        write_parquet(pa.table({"path": pa.array(list(paths), pa.string()), "embedding": column}), path)
+        split = [split_name(name) for name in paths]
+        columns = {"path": pa.array([text for text, _ in split], pa.string()), "embedding": column}
+        if any(raw is not None for _, raw in split):  # names that are not UTF-8: exact bytes, as embed writes
+            columns["path_bytes"] = pa.array([raw for _, raw in split], pa.binary())
+        write_parquet(pa.table(columns), path)
     sidecar = {
         "format": SIDECAR_FORMAT,
         "format_version": 1,
@@ -174,6 +179,9 @@ def read_embeddings(path: str | Path, *, paths_file: str | Path | None = None) -
             raise ValueError(f"{path}: the 'embedding' column must hold equal-length vectors")
         raw = values.reshape(len(column), -1)
         paths = table.column("path").to_pylist() if "path" in table.column_names else None
+        if paths is not None and "path_bytes" in table.column_names:
+            exact = table.column("path_bytes").to_pylist()
+            paths = [os.fsdecode(raw) if raw else text for text, raw in zip(paths, exact, strict=True)]
     embeddings = as_float32_matrix(raw, name=f"embeddings in {path}")
     info: dict[str, Any] = {}
     legacy = path.with_suffix(".json")

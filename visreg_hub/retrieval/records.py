@@ -142,7 +142,11 @@ def metadata_problem(value: Any) -> str | None:
         elif isinstance(item, list | tuple):
             stack.extend((child, depth + 1) for child in item)
         elif isinstance(item, str) and not _is_utf8(item):
-            return f"holds the text {item[:40]!r} with an unpaired surrogate; send valid UTF-8 text"
+            return (
+                f"holds the text {item[:40]!r} with an unpaired surrogate; send valid UTF-8 text (for a file "
+                "name that is not UTF-8, store visreg_hub.native_io.name_fields(name): readable text plus "
+                "its exact bytes as hex)"
+            )
     return None
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from visreg_hub.errors import ConfigError, VisregHubError
 from visreg_hub.jsonio import read_json_file
-from visreg_hub.native_io import library_source
+from visreg_hub.native_io import library_source, name_fields
 from visreg_hub.retrieval.arrays import as_float32_matrix
 from visreg_hub.retrieval.files import _pyarrow, read_paths_file, sidecar_path
 
@@ -286,7 +286,7 @@ def _npy_metadata(path: Path, rows: int, names: list[str] | None) -> list[dict[s
         names, _ = read_paths_file(sidecar)
     if len(names) != rows:
         raise EmbeddingSourceError(f"{sidecar} names {len(names)} rows but {path} has {rows}")
-    return [{"path": name} for name in names]
+    return [name_fields(name) for name in names]
 
 
 def iter_batches(sources: EmbeddingSources) -> Iterator[tuple[np.ndarray, list[dict[str, Any] | None]]]:
@@ -316,12 +316,14 @@ def _parquet_batches(
         values = column.flatten().to_numpy(zero_copy_only=False)
         block = as_float32_matrix(values.reshape(len(column), sources.dim), name=str(path))
         fields = {name: batch.column(name).to_pylist() for name in wanted if name != "embedding"}
-        if sources.names is not None:
-            fields["path"] = sources.names[row : row + len(column)]
+        names = None
+        if sources.names is not None:  # names from --paths replace the shards' own
+            names = sources.names[row : row + len(column)]
+            fields.pop("path", None), fields.pop("path_bytes", None)
         row += len(column)
         metadata = [
             {_meta_name(name): _meta_value(values[i]) for name, values in fields.items()
-             if values[i] is not None} or None
+             if values[i] is not None} | (name_fields(names[i]) if names else {}) or None
             for i in range(len(column))
         ]  # fmt: skip
         yield block, metadata
