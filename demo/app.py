@@ -45,6 +45,7 @@ from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no phoning home
 
+from demo.cache import scan_gallery
 from demo.server import combined_app, mount_ui
 from demo.service import DEMO_MAX_PIXELS, MAX_K, DemoService, UserInputError
 from visreg_hub.argtypes import file_size, int_range, port_number
@@ -149,7 +150,7 @@ def build_app(service: DemoService, *, top_k: int = 8) -> gr.Blocks:
 
     @user_errors
     def search(model_key: str, gallery_key: str, path: str | None, k: float):
-        outcome = service.search(model_key, gallery_key, path, int(k))
+        outcome = service.search(model_key, gallery_key, path, k)  # the service refuses a k like 2.5
         items = [(str(hit.path), f"{hit.label} · {hit.score:.3f}") for hit in outcome.hits]
         return items, [hit.as_dict() for hit in outcome.hits], [str(hit.path) for hit in outcome.hits]
 
@@ -332,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         app = combined_app(service)  # loads every model once; the UI uses them and the API's batcher
         logger.info("%s", service.describe())  # builds/loads the default gallery's index now
+        for choice in service.gallery_choices[1:]:  # the others are indexed when picked; listed now
+            scan_gallery(choice.source)
     except (VisregHubError, OSError, ValueError) as exc:
         shutil.rmtree(workspace, ignore_errors=True)
         print(f"error: {exc}", file=sys.stderr)

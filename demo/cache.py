@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from visreg_hub.errors import CheckpointError
+from visreg_hub.errors import CheckpointError, UserInputError
 from visreg_hub.hub.format import CONFIG_NAME, WEIGHTS_NAME, sha256_file, weights_digest
 from visreg_hub.inference import encode, list_image_files
 from visreg_hub.native_io import name_fields, split_name
@@ -40,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 INFO_NAME = "demo.json"
+
+
+class GalleryError(UserInputError):
+    """A gallery folder that holds no usable image (shown to the user, who picked that gallery)."""
 
 
 @dataclass(frozen=True)
@@ -81,12 +85,12 @@ def scan_gallery(root: str | Path) -> list[GalleryFile]:
 
     Raises:
         NotADirectoryError: ``root`` is not a folder.
-        ValueError: the folder holds no image files.
+        GalleryError: the folder holds no image files.
     """
     root = Path(root).resolve()
     paths = list_image_files(root)
     if not paths:
-        raise ValueError(f"gallery folder {root} contains no image files (png, jpg, webp, ...)")
+        raise GalleryError(f"gallery folder {root} contains no image files (png, jpg, webp, ...)")
     files = []
     for path in paths:
         stat = path.stat()
@@ -152,7 +156,7 @@ def build_index(
     good = [i for i in range(len(files)) if i not in failed]
     if not good:
         first = next(iter(failed.values()))
-        raise ValueError(f"no gallery image in {root} could be decoded; first error: {first}")
+        raise GalleryError(f"no gallery image in {root} could be decoded; first error: {first}")
     index = EmbeddingIndex(
         model.embedding_dim(), metric="ip", model_name=model_name, pooling=model.config.pooling
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import shutil
 import threading
@@ -26,7 +27,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import visreg_hub
-from demo.cache import CachedIndex, load_or_build, model_identity
+from demo.cache import CachedIndex, load_or_build, model_identity, scan_gallery
 from visreg_hub.errors import ImageDecodeError, ModelNotFoundError, UserInputError
 from visreg_hub.hub import from_pretrained, registry
 from visreg_hub.inference import (
@@ -79,6 +80,7 @@ EXAMPLES = ASSETS / "examples"
 DEMO_MAX_PIXELS = 2048 * 2048
 MAX_K = 50
 DISPLAY_SIZE = 224
+RESCAN_S = 10.0  # a gallery's files are listed again when its index was checked longer ago
 DOWNLOAD_MAX_AGE_S = 3600  # .npy downloads older than this are removed (Gradio has its own copy by then)
 # Pillow decoders an upload may use (by content, whatever its name); the rest (EPS, PSD, ...) are refused.
 # JPEG covers camera MPO files too (Pillow opens them through its JPEG plugin).
@@ -208,8 +210,9 @@ class DemoService:
         self.model_choices = self._model_choices(models)
         self.gallery_choices = self._gallery_choices(galleries)
         self._models: dict[str, LoadedModel] = {}
-        self._indexes: dict[tuple[str, str], CachedIndex] = {}
-        self._lock = threading.RLock()
+        self._indexes: dict[tuple[str, str], tuple[CachedIndex, float]] = {}  # pair -> (index, scanned at)
+        self._pair_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._lock = threading.RLock()  # models, and the two dicts above (never held while embedding)
 
     # ------------------------------------------------------------------ choices
     @staticmethod
@@ -294,18 +297,40 @@ class DemoService:
             return self._models[choice.key]
 
     def get_index(self, model_key: str | None = None, gallery_key: str | None = None) -> CachedIndex:
-        """The gallery index for a (model, gallery) pair: from memory, the disk cache, or built."""
+        """The gallery index for a (model, gallery) pair: from memory, the disk cache, or built.
+
+        The gallery folder is listed again when its index was last checked over :data:`RESCAN_S` seconds
+        ago; a changed, added or removed file then rebuilds it (what the cache key covers), so a running
+        demo follows its folders. Building one pair holds only that pair's lock: searches on other
+        pairs go on meanwhile.
+        """
         model_key = self._find(self.model_choices, model_key or self.default_model, "model").key
         gallery = self._find(self.gallery_choices, gallery_key or self.default_gallery, "gallery")
+        pair = (model_key, gallery.key)
         with self._lock:
-            pair = (model_key, gallery.key)
-            if pair not in self._indexes:
+            known = self._indexes.get(pair)
+            pair_lock = self._pair_locks.setdefault(pair, threading.Lock())
+        if known is not None and time.monotonic() - known[1] < RESCAN_S:
+            return known[0]
+        with pair_lock:
+            with self._lock:
+                known = self._indexes.get(pair)
+            now = time.monotonic()
+            if known is not None and now - known[1] < RESCAN_S:
+                return known[0]  # another request checked it while this one waited
+            if known is not None and scan_gallery(known[0].root) == known[0].files:
+                cached = known[0]
+            else:
+                if known is not None:
+                    logger.info("gallery %s changed since its index was built; rebuilding", gallery.source)
                 loaded = self.get_model(model_key)
-                self._indexes[pair] = load_or_build(
+                cached = load_or_build(
                     self.cache_dir, loaded.model, loaded.identity, gallery.source,
                     model_name=loaded.spec, batch_size=self.batch_size,
                 )  # fmt: skip
-            return self._indexes[pair]
+            with self._lock:
+                self._indexes[pair] = (cached, now)
+            return cached
 
     def describe(self, model_key: str | None = None, gallery_key: str | None = None) -> str:
         """Markdown status line for a (model, gallery) pair (loads or builds it if needed)."""
@@ -464,7 +489,8 @@ class DemoService:
         self, model_key: str | None, gallery_key: str | None, path: str | Path | None, k: int = 8
     ) -> SearchOutcome:
         """Top-k gallery images for a query image, by cosine similarity of the model's embeddings."""
-        if isinstance(k, bool) or not isinstance(k, int | float) or int(k) != k or not 1 <= k <= MAX_K:
+        whole = isinstance(k, int | float) and not isinstance(k, bool) and math.isfinite(k) and int(k) == k
+        if not whole or not 1 <= k <= MAX_K:
             raise UserInputError(f"k must be a whole number from 1 to {MAX_K}, got {k!r}")
         if path is None or str(path) == "":
             raise UserInputError("No image yet: upload one or pick an example first.")

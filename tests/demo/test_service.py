@@ -81,6 +81,63 @@ def test_changed_gallery_or_model_rebuilds(demo_model_dir, gallery, tmp_path):
     assert not make_service(model_dir, gallery, tmp_path).get_index().built  # and now it is cached
 
 
+def test_a_running_service_follows_its_gallery_folder(demo_model_dir, gallery, tmp_path, monkeypatch):
+    monkeypatch.setattr(service, "RESCAN_S", 0.0)  # list the folder on every request
+    demo = make_service(demo_model_dir, gallery, tmp_path)
+    query = EXAMPLES / "Bag_320.png"
+    before = demo.search(None, None, query, 3)
+    assert before.hits[0].score < 0.9999  # the example is not in the gallery
+    added = gallery / "Bag" / "example.png"
+    shutil.copy(query, added)
+    after = demo.search(None, None, query, 3)
+    assert after.hits[0].path == added and after.hits[0].score == pytest.approx(1.0, abs=1e-5)
+    added.unlink()
+    removed = demo.search(None, None, query, 3)
+    assert [h.path for h in removed.hits] == [h.path for h in before.hits]
+    assert demo.get_index() is demo.get_index()  # an unchanged folder keeps the index in memory
+
+
+def test_building_one_gallery_does_not_hold_up_another(demo_model_dir, gallery, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    other = copy_gallery(tmp_path / "other", per_class=1)
+    demo = DemoService([str(demo_model_dir)], [gallery, other], cache_dir=tmp_path / "cache",
+                       download_dir=tmp_path / "downloads")  # fmt: skip
+    demo.get_index()  # the first gallery, in memory
+    started, release = threading.Event(), threading.Event()
+    real = service.load_or_build
+
+    def slow(*args, **kwargs):
+        started.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service, "load_or_build", slow)
+    builder = threading.Thread(target=demo.get_index, args=(None, demo.gallery_choices[1].key))
+    builder.start()
+    assert started.wait(30)
+    begin = time.perf_counter()
+    hits = demo.search(None, None, EXAMPLES / "Bag_320.png", 3).hits  # the first gallery, meanwhile
+    assert len(hits) == 3 and time.perf_counter() - begin < 10
+    release.set()
+    builder.join(30)
+    assert not builder.is_alive()
+
+
+def test_an_empty_or_unreadable_gallery_is_a_message_for_the_user(demo_model_dir, gallery, tmp_path):
+    empty, broken = tmp_path / "empty", tmp_path / "broken"
+    empty.mkdir()
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    demo = DemoService([str(demo_model_dir)], [gallery, empty, broken], cache_dir=tmp_path / "cache",
+                       download_dir=tmp_path / "downloads")  # fmt: skip
+    with pytest.raises(UserInputError, match="contains no image files"):
+        demo.get_index(None, demo.gallery_choices[1].key)
+    with pytest.raises(UserInputError, match=r"no gallery image in .* could be decoded"):
+        demo.get_index(None, demo.gallery_choices[2].key)
+
+
 def test_corrupt_cache_entry_is_rebuilt(demo_model_dir, gallery, tmp_path, caplog):
     built = make_service(demo_model_dir, gallery, tmp_path).get_index()
     (built.folder / "ids.npy").write_bytes(b"tampered")
@@ -131,8 +188,10 @@ def test_bad_choices_and_k_are_refused(demo_model_dir, gallery, tmp_path):
         demo.search("/etc", None, EXAMPLES / "Bag_320.png", 3)
     with pytest.raises(UserInputError, match="unknown gallery"):
         demo.search(None, "/", EXAMPLES / "Bag_320.png", 3)
-    with pytest.raises(UserInputError, match="k must be a whole number from 1 to 50"):
-        demo.search(None, None, EXAMPLES / "Bag_320.png", 0)
+    for k in (0, 2.5, float("nan"), float("inf"), True, "3"):
+        with pytest.raises(UserInputError, match="k must be a whole number from 1 to 50"):
+            demo.search(None, None, EXAMPLES / "Bag_320.png", k)
+    assert len(demo.search(None, None, EXAMPLES / "Bag_320.png", 3.0).hits) == 3  # a slider's float
     with pytest.raises(UserInputError, match="needs at least 4 blocks"):
         demo.extract(None, EXAMPLES / "Bag_320.png", pooling="cls_last4")
     with pytest.raises(UserInputError, match="upload one or pick an example"):
