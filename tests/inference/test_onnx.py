@@ -354,6 +354,29 @@ def test_weights_fingerprint_covers_every_tensor_and_sees_each_kind_of_change():
     assert weights_fingerprint(model) != replaced
 
 
+def test_weights_changed_through_param_data_are_not_served_stale(photo_paths, tmp_path, monkeypatch):
+    """An EMA written as ``p.data.mul_().add_()`` changes no version counter the parameter sees; the ONNX
+    backend must still export again, so its embeddings equal the torch path's on the new weights."""
+    monkeypatch.setenv("VISREG_HUB_CACHE", str(tmp_path / "cache"))
+    model = tiny_encoder(seed=5, img_size=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
+    first = model.encode(photo_paths, backend="onnx")
+    target = tiny_encoder(seed=6, img_size=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
+    for mine, theirs in zip(model.parameters(), target.parameters(), strict=True):
+        mine.data.mul_(0.5).add_(0.5 * theirs.data)  # one EMA step, through .data
+    assert weights_fingerprint(model) == weights_fingerprint(model)  # the version counters did not move
+    after = model.encode(photo_paths, backend="onnx")
+    expected = model.encode(photo_paths, backend="torch")
+    cosine = torch.nn.functional.cosine_similarity(after, expected, dim=1)
+    assert cosine.min().item() > 0.9999
+    assert torch.nn.functional.cosine_similarity(first, expected, dim=1).min().item() < 0.999
+    nan_model = tiny_encoder(seed=7, img_size=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
+    with torch.no_grad():
+        nan_model.backbone.pos_embed.data[0, -1, 0] = float("nan")  # NaN weights compare equal to themselves
+    from visreg_hub.inference.onnx.backend import WeightsWatch
+
+    assert WeightsWatch(nan_model).unchanged(nan_model)
+
+
 # ------------------------------------------------------------------------------------- bad inputs
 def test_bad_files_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"ONNX model not found: .*missing.onnx"):
