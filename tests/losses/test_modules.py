@@ -243,3 +243,19 @@ def test_non_contiguous_view_layouts_give_identical_results(loss_class):
         results.append((out.total.detach(), *grads))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_reprs_show_every_setting_that_changes_the_loss():
+    """Logs and notebooks print the module: two losses that compute differently must not print alike."""
+    from visreg_hub.losses import BarlowTwinsLoss, SIGRegLoss, SWDLoss, VICRegLoss, VISRegLoss
+
+    variants = [VISRegLoss(), VISRegLoss(shape_weight=2.0), VISRegLoss(scale_weight=0.5),
+                VISRegLoss(center_weight=0), VISRegLoss(detach_target=True),
+                VISRegLoss(projection_dtype=torch.float32),
+                SWDLoss(), SWDLoss(detach_target=True), VICRegLoss(), VICRegLoss(covariance_weight=2.0),
+                VICRegLoss(gather=False), BarlowTwinsLoss(), BarlowTwinsLoss(off_diagonal_weight=0.01),
+                BarlowTwinsLoss(route="gram"), SIGRegLoss(), SIGRegLoss(reg_weight=0.6)]  # fmt: skip
+    shown = [repr(loss) for loss in variants]
+    assert len(set(shown)) == len(shown), shown
+    assert "shape_weight=2.0" in repr(VISRegLoss(shape_weight=2.0))
+    assert "route='gram'" in repr(BarlowTwinsLoss(route="gram"))

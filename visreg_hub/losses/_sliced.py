@@ -77,10 +77,15 @@ class SlicedLoss(nn.Module):
         self.set_step(int(state["step"]))
 
     def extra_repr(self) -> str:
+        settings = ", ".join(f"{name}={value!r}" for name, value in self._repr_settings())
         return (
             f"num_slices={self.num_slices}, slice_mode={self.slice_mode!r}, reg_weight={self.reg_weight}, "
-            f"seed={self.seed}, step={self.step}"
+            f"{settings + ', ' if settings else ''}seed={self.seed}, step={self.step}"
         )
+
+    def _repr_settings(self) -> list[tuple[str, Any]]:
+        """The subclass's own settings for ``repr`` (term weights, ...), beyond the shared ones."""
+        return []
 
     def _check_explicit(self, directions: torch.Tensor, dim: int) -> torch.Tensor:
         if not isinstance(directions, torch.Tensor) or directions.dim() != 2 or directions.shape[0] != dim:

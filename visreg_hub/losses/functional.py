@@ -132,8 +132,9 @@ def batch_moments(z: torch.Tensor, *, sync: bool = False, group=None) -> tuple[t
 
     Shape:
         ``z``: ``(..., N, D)``. Returns ``(mean, std)``, each ``(..., D)`` in float32 (float64 for float64
-        ``z``). ``std`` is floored at the dtype's smallest normal number so that an exactly collapsed
-        batch gives finite values.
+        ``z``). The variance is floored at the dtype's smallest normal number (so ``std`` at its square
+        root, about 1e-19 in float32) so that an exactly collapsed batch gives finite values; terms that
+        divide by ``std`` (the shape term) then have gradients of order ``1 / std``: clip gradients.
     """
     num.check_samples(z)
     if not sync or world_info(group)[0] == 1:

@@ -87,6 +87,13 @@ class VICRegLoss(_GatheringLoss):
             raise ValueError(f"eps must be positive, got {eps!r}")
         self.eps = float(eps)
 
+    def extra_repr(self) -> str:
+        return (
+            f"invariance_weight={self.invariance_weight}, variance_weight={self.variance_weight}, "
+            f"covariance_weight={self.covariance_weight}, gamma={self.gamma}, eps={self.eps}, "
+            f"gather={self.gather}"
+        )
+
     def forward(self, global_proj, local_proj=None) -> VICRegOutput:
         """Args: ``global_proj`` ``(Vg, N, D)``, ``local_proj`` ``(Vl, N, D)`` or None; Vg + Vl >= 2."""
         global_proj, local_proj = self._views(global_proj, local_proj)
@@ -128,6 +135,12 @@ class BarlowTwinsLoss(_GatheringLoss):
             raise ValueError(f"eps must be positive, got {eps!r}")
         self.eps = float(eps)
         self.route = check_barlow_route(route)
+
+    def extra_repr(self) -> str:
+        return (
+            f"off_diagonal_weight={self.off_diagonal_weight}, eps={self.eps}, route={self.route!r}, "
+            f"gather={self.gather}"
+        )
 
     def forward(self, global_proj, local_proj=None) -> BarlowTwinsOutput:
         """Args: ``global_proj`` ``(Vg, N, D)``, ``local_proj`` ``(Vl, N, D)`` or None; Vg + Vl >= 2."""

@@ -13,9 +13,11 @@ type they are drawn on, so
 Slice modes on M ranks (see :data:`SLICE_MODES`):
 
 ``"partition"`` (default)
-    Rank r gathers the whole batch and evaluates its contiguous block of the K directions; block sizes
-    differ by at most one when M does not divide K (:func:`partition_slices`). M ranks together compute
-    exactly what one process with K directions computes on the concatenated batch.
+    Rank r evaluates its contiguous block of the K directions on the whole batch without gathering it:
+    the moments are all-reduced and one all-to-all hands it every sample's projections on its block
+    (:mod:`visreg_hub.losses.partition`); block sizes differ by at most one when M does not divide K
+    (:func:`partition_slices`). M ranks together compute exactly what one process with K directions
+    computes on the concatenated batch.
 ``"replicate"``
     Rank r gathers the whole batch and evaluates K directions of its own (stream r): M*K slices in all,
     the work repeated M times. The reported value is the mean of the M K-slice losses.

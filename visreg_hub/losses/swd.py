@@ -49,6 +49,10 @@ class SWDLoss(SlicedLoss):
         self.sort_backend = check_sort_backend(sort_backend)
         self.detach_target = bool(detach_target)
 
+    def _repr_settings(self):
+        return [("detach_target", self.detach_target), ("projection_dtype", self.projection_dtype),
+                ("sort_backend", self.sort_backend)]  # fmt: skip
+
     def forward(self, global_proj, local_proj=None, *, directions=None) -> SWDOutput:
         """Args: ``global_proj`` ``(Vg, N, D)``, ``local_proj`` ``(Vl, N, D)`` or None, ``directions``."""
         check_views(global_proj, local_proj)

@@ -80,6 +80,13 @@ class VISRegLoss(SlicedLoss):
         self.center_weight = check_weight("center_weight", center_weight)
         self.detach_target = bool(detach_target)
 
+    def _repr_settings(self):
+        return [
+            ("scale_weight", self.scale_weight), ("shape_weight", self.shape_weight),
+            ("center_weight", self.center_weight), ("detach_target", self.detach_target),
+            ("projection_dtype", self.projection_dtype), ("sort_backend", self.sort_backend),
+        ]  # fmt: skip
+
     def _regularizer(self, z, directions, step):
         """(center, scale, shape, communicates) of this rank, composed from the functional terms."""
         plan = self._plan(z, directions, step)
