@@ -93,7 +93,10 @@ def scan_gallery(root: str | Path) -> list[GalleryFile]:
         raise GalleryError(f"gallery folder {root} contains no image files (png, jpg, webp, ...)")
     files = []
     for path in paths:
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError:  # a dangling symlink: listed, so that building the index reports it
+            stat = path.lstat()
         files.append(GalleryFile(path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
     return files
 

@@ -263,6 +263,19 @@ def test_folders_are_listed_recursively_sorted_and_filtered(tmp_path, photo_path
         list_image_files(photo_paths[0])
 
 
+def test_a_dangling_image_link_in_a_folder_is_reported_not_dropped(tmp_path, photo_paths):
+    from tests.fixtures_models import tiny_encoder
+
+    (tmp_path / "photo.jpg").write_bytes(photo_paths[0].read_bytes())
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    (tmp_path / "gone.txt").symlink_to(tmp_path / "missing.txt")  # not an image name: not listed
+    assert [p.name for p in list_image_files(tmp_path)] == ["gone.jpg", "photo.jpg"]
+    model = tiny_encoder(img_size=32, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    result = model.encode(tmp_path, on_error="skip")
+    assert result.embeddings.shape[0] == 1
+    assert [(f.index, "gone.jpg: file not found" in f.reason) for f in result.failures] == [(0, True)]
+
+
 def test_formats_outside_the_allow_list_are_refused_before_parsing(tmp_path):
     """EPS would run Ghostscript: it must not reach Pillow's EPS plugin unless the caller opts in."""
     eps = tmp_path / "drawing.eps"

@@ -95,7 +95,9 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
     """Image files under ``folder``, recursively, sorted by relative path.
 
     Files are matched by extension (case-insensitive, see ``IMAGE_EXTENSIONS``). Hidden files and
-    folders (name starting with ``.``, e.g. macOS ``._photo.jpg`` resource forks) are skipped.
+    folders (name starting with ``.``, e.g. macOS ``._photo.jpg`` resource forks) are skipped. A symlink
+    named like an image whose target is missing is listed, so that decoding reports it instead of the
+    folder silently shrinking.
 
     Raises:
         NotADirectoryError: ``folder`` is not a directory.
@@ -108,9 +110,13 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
         relative = path.relative_to(root)
         if any(part.startswith(".") for part in relative.parts):
             continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+        if path.suffix.lower() in IMAGE_EXTENSIONS and (path.is_file() or _dangling(path)):
             found.append(path)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _dangling(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
 
 
 _SINGLE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, torch.Tensor)
