@@ -303,8 +303,15 @@ def test_search_warns_about_ignored_options_and_another_model(tmp_path, capsys, 
     assert code == 0 and "is not the model the index was built with" in err
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     code, _, err = run(capsys, "search", tmp_path / "idx", tmp_path / "broken.png")
-    assert code == 1 and "broken.png" in err and "fix or remove that query image" in err
+    assert code == 1 and "broken.png" in err
+    assert "fix or remove that query image, or pass --on-error skip" in err
     assert "on_error" not in err and "Traceback" not in err
+    broken = tmp_path / "broken.png"
+    code, out, err = run(capsys, "search", tmp_path / "idx", broken, query, "--on-error", "skip", "--json")
+    assert code == 0 and "query skipped" in err and "broken.png" in err
+    assert [entry["query"] for entry in json.loads(out)] == [str(query)]
+    code, _, err = run(capsys, "search", tmp_path / "idx", tmp_path / "broken.png", "--on-error", "skip")
+    assert code == 1 and "no query image could be decoded" in err
 
 
 def test_existing_outputs_are_kept_unless_overwrite(tmp_path, capsys, model_dir, gallery):

@@ -102,12 +102,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     model_name = args.model or index.model_name
     if model_name is None:
         raise UserInputError(f"the index {args.index!r} records no model; pass --model NAME")
-    if args.model and index.model_name and _model_reference(args.model) != index.model_name:
+    model = _load_model(model_name, args.device)
+    same = {_model_reference(args.model), model.config.name} if args.model else set()
+    if args.model and index.model_name and index.model_name not in same:  # the bundled folder is its name
         _warn(
             f"--model {args.model!r} is not the model the index was built with ({index.model_name!r}); "
             f"scores compare embeddings of two models and mean little unless they share weights"
         )
-    model = _load_model(model_name, args.device)
     dim = model.embedding_dim(index.pooling)
     if dim != index.dim:
         raise UserInputError(
@@ -115,7 +116,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             f"index holds {index.dim}-dimensional ones; pass the --model the index was built with"
         )
     try:
-        embeddings = encode(
+        encoded = encode(
             model,
             queries,
             pooling=index.pooling,
@@ -123,10 +124,21 @@ def cmd_search(args: argparse.Namespace) -> int:
             device=args.device,
             show_progress_bar=_progress(args),
             convert_to_numpy=True,
+            on_error=args.on_error,
         )
-    except ImageDecodeError as exc:  # its hint names encode()'s on_error, which search does not have
-        message = re.sub(r"pass on_error=.skip.[^)]*", "fix or remove that query image", str(exc))
+    except ImageDecodeError as exc:  # its hint names encode()'s on_error; the flag is --on-error here
+        instead = "fix or remove that query image, or pass --on-error skip"
+        message = re.sub(r"pass on_error=.skip.[^)]*", instead, str(exc))
         raise UserInputError(message) from exc
+    embeddings = encoded
+    if args.on_error == "skip":
+        for failure in encoded.failures:
+            _warn(f"query skipped: {failure.reason}")
+        failed = {failure.index for failure in encoded.failures}
+        queries = [query for i, query in enumerate(queries) if i not in failed]
+        embeddings = encoded.embeddings
+        if not queries:
+            raise UserInputError("no query image could be decoded (each is listed above)")
     result = index.search(embeddings, k=args.k)
     report = [
         {
@@ -233,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, help="override the IVF nprobe")
     p.add_argument("--ef-search", type=int, help="override the HNSW ef_search")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--on-error", choices=("raise", "skip"), default="raise",
+        help="stop at an unreadable query (raise, default) or warn and search the others",
+    )  # fmt: skip
     p.set_defaults(func=cmd_search)
 
     p = commands.add_parser(

@@ -167,3 +167,23 @@ def test_a_shard_swapped_for_another_jobs_file_or_emptied_is_refused(jobs, tmp_p
     with pytest.raises(EmbeddingSourceError, match=r"not a readable parquet file .*delete it and re-run"):
         open_sources([emptied])
     assert open_sources([jobs["base"]]).count == 10  # the intact job: 4 + 4 + 2 rows as its manifest says
+
+
+def test_a_source_named_twice_is_refused_not_indexed_twice(jobs, tmp_path):
+    shard = jobs["base"] / "part-00000.parquet"
+    for paths in ([jobs["base"], jobs["base"]], [jobs["base"], shard], [shard, shard]):
+        with pytest.raises(EmbeddingSourceError, match="is given twice"):
+            open_sources(paths)
+    np.save(tmp_path / "e.npy", np.eye(4, dtype=np.float32))
+    with pytest.raises(EmbeddingSourceError, match=r"e\.npy.* is given twice"):
+        build_index([tmp_path / "e.npy", tmp_path / "." / "e.npy"], tmp_path / "idx")
+    assert not (tmp_path / "idx").exists()
+
+
+def test_unnormalised_embeddings_in_an_ip_index_get_a_warning(jobs, tmp_path, caplog):
+    build_index([jobs["raw"]], tmp_path / "raw-ip", num_queries=1)
+    assert "raw inner product, not cosine; pass --normalize" in caplog.text
+    caplog.clear()
+    build_index([jobs["raw"]], tmp_path / "raw-normalised", num_queries=1, normalize=True)
+    build_index([jobs["base"]], tmp_path / "base", num_queries=1)
+    assert "raw inner product" not in caplog.text

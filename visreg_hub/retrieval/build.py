@@ -182,6 +182,11 @@ def build_index(
     for name, value in index_args.items():  # in range even where the kind ignores it (--nprobe 0 on flat)
         check_param(name, value)
     sources = open_sources(list(paths), paths_file=paths_file)
+    if metric == "ip" and not normalize and sources.info.get("normalized") is False:
+        logger.warning(
+            "these embeddings were written unnormalised (embed --no-normalize) and metric 'ip' ranks them by "
+            "raw inner product, not cosine; pass --normalize for cosine scores"
+        )
     n, dim = sources.count, sources.dim
     plan = choose_plan(
         n, dim, metric, kind, budget, **{k: v for k, v in index_args.items() if k in ("nlist", "pq_m")}

@@ -115,6 +115,15 @@ def open_sources(paths: list[str | Path], *, paths_file: str | Path | None = Non
                 f"{str(item)!r} must end with .npy or .parquet, or be a `visreg-hub embed` output folder"
             )
         infos.append((str(path), info))
+    seen: dict[Path, Path] = {}
+    for path in files:  # the same file given twice (or a folder and one of its shards) would index it twice
+        real = path.resolve()
+        if real in seen:
+            raise EmbeddingSourceError(
+                f"{str(path)!r} is given twice (also as {str(seen[real])!r}); each source may be named once, "
+                "or every one of its vectors would be indexed twice"
+            )
+        seen[real] = path
     info = merge_infos(infos)
     count, dim = 0, None
     for path in files:
