@@ -121,7 +121,7 @@ def run_ray(sources, folder: Path, manifest, net, runner, listing, num_shards: i
             _ShardActor,
             fn_constructor_kwargs={"model": model, "folder": str(folder), "options": options},
             batch_size=1,
-            concurrency=actors,
+            compute=ray.data.ActorPoolStrategy(size=actors),  # Ray 2.60 deprecates concurrency= for this
             num_gpus=1 if gpus else 0,
             num_cpus=1,
         )
