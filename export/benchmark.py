@@ -34,8 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     embedder = OnnxEmbedder(args.onnx, providers=args.provider, intra_op_num_threads=args.threads)
     meta, rng = embedder.metadata, np.random.default_rng(0)
     print(f"{args.onnx}: {meta.model_name} {meta.precision}, provider {embedder.active_provider}")
+    batch_sizes = args.batch_sizes
+    if not meta.dynamic_batch:  # ONNX Runtime refuses any other batch size for a fixed-batch graph
+        skipped = [batch for batch in batch_sizes if batch != 1]
+        batch_sizes = (1,)
+        if skipped:
+            print(f"note: the graph was exported with a fixed batch of 1 (--static-batch); skipping batch "
+                  f"sizes {','.join(map(str, skipped))}")  # fmt: skip
     print("| batch | median ms | images/s |\n|---:|---:|---:|")
-    for batch in args.batch_sizes:
+    for batch in batch_sizes:
         height, width = meta.image_size
         if meta.has_preprocessing:
             shape = (batch, height, width, 3) if meta.input_layout == "NHWC" else (batch, 3, height, width)

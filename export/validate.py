@@ -28,7 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--provider", help="cpu, cuda or tensorrt (default: the best available)")
     parser.add_argument("--atol", type=float, default=1e-4, help="fp32 max abs error (default 1e-4)")
-    parser.add_argument("--min-cosine", type=float, default=0.999, help="fp16 min cosine (default 0.999)")
+    parser.add_argument(
+        "--min-cosine",
+        type=float,
+        help="min cosine for fp16 and int8 graphs (default from the graph's precision, as its export: "
+        "0.999 for fp16, 0.98 for int8)",
+    )
     parser.add_argument("--device", default="cpu", help="where PyTorch runs the reference (default cpu)")
     parser.add_argument("--report-json", help="also write the report as JSON to this file")
     parser.add_argument("-v", "--verbose", action="store_true", help="info logging")

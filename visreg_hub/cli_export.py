@@ -85,13 +85,16 @@ def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     from visreg_hub.hub import from_pretrained
     from visreg_hub.inference.onnx import OnnxValidationError, export_onnx
+    from visreg_hub.inference.onnx.export import check_output_path
 
     output = Path(args.output)
     if output.suffix.lower() != ".onnx":  # fail before loading the model
         raise ValueError(f"output must end with .onnx, got {args.output!r}")
+    check_output_path(output)  # a folder: --overwrite cannot help, the final rename onto it would fail
     if (output.exists() or output.is_symlink()) and not args.overwrite:
         raise ValueError(f"{output} already exists; pass --overwrite to replace it, or choose another output")
     _check_report_path(args.report_json, output)
+    _check_inputs(args)
     image_size = None
     if args.image_size:
         if len(args.image_size) > 2:
@@ -140,9 +143,32 @@ _FLAGS = {
 
 
 def as_flags(message: str) -> str:
-    """``message`` with export_onnx's keyword names (``int8=True``, ``with_preprocessing``) as CLI flags."""
-    pattern = r"\b(" + "|".join(_FLAGS) + r")(=True)?\b"
+    """``message`` with export_onnx's keyword names (``int8=True``, ``with_preprocessing``) as CLI flags.
+
+    A name followed by ``(`` is a method (``patch_tokens()``), not a keyword, and stays as it is.
+    """
+    pattern = r"\b(" + "|".join(_FLAGS) + r")(=True)?\b(?!\()"
     return re.sub(pattern, lambda match: _FLAGS[match.group(1)], message)
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Refuse a misspelt --provider and missing or empty --calibration-images before the model loads
+    (export_onnx checks them again before exporting; this spares the download and the load)."""
+    from visreg_hub.inference.onnx.quantize import calibration_sources
+    from visreg_hub.inference.onnx.runtime import provider_names
+
+    if args.provider is not None:
+        try:
+            provider_names(args.provider)
+        except ValueError as exc:
+            raise ValueError(f"--provider: {exc}") from None
+    if args.calibration_images and not args.int8:
+        raise ValueError("--calibration-images only applies with --int8 (static quantisation); add --int8")
+    if args.calibration_images:
+        try:
+            calibration_sources(args.calibration_images)
+        except ValueError as exc:
+            raise ValueError(as_flags(str(exc))) from None
 
 
 def _check_report_path(report: str | None, output: Path) -> None:

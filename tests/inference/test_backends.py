@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
+import time
 
 import numpy as np
 import pytest
@@ -101,14 +104,11 @@ def test_environment_and_arguments_choose_the_backend(folder, monkeypatch):
     assert tiny_encoder().backend == "torch"  # a model built in code runs on torch
 
 
-def test_a_corrupt_or_incomplete_cache_entry_is_exported_again(tmp_path, caplog):
-    """The cache's own rules on a small real ONNX file (the exports above show the integration)."""
+def small_export(calls: list):
+    """An ``export`` callback for ``cached_export`` that writes a real, small ONNX file (y = x + 1)."""
     from onnx import TensorProto, helper
 
-    model = tiny_encoder(seed=8)
-    calls = []
-
-    def export(path):  # a real, small ONNX file: y = x + 1
+    def export(path):
         calls.append(path)
         value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
         one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
@@ -118,7 +118,18 @@ def test_a_corrupt_or_incomplete_cache_entry_is_exported_again(tmp_path, caplog)
         )  # fmt: skip
         onnx.save(helper.make_model(graph), str(path))
 
-    options = {"pooling": "cls", "precision": "fp32", "optimize": False}
+    return export
+
+
+OPTIONS = {"pooling": "cls", "precision": "fp32", "optimize": False}
+
+
+def test_a_corrupt_or_incomplete_cache_entry_is_exported_again(tmp_path, caplog):
+    """The cache's own rules on a small real ONNX file (the exports above show the integration)."""
+    model = tiny_encoder(seed=8)
+    calls = []
+    export = small_export(calls)
+    options = OPTIONS
     first = cache.cached_export(model, options, export, root=tmp_path)
     assert cache.cached_export(model, options, export, root=tmp_path) == first and len(calls) == 1
     record = json.loads((first.parent / "entry.json").read_text())
@@ -140,6 +151,76 @@ def test_a_corrupt_or_incomplete_cache_entry_is_exported_again(tmp_path, caplog)
     cache.cached_export(model, options, export, root=tmp_path)
     assert len(calls) == 5
     assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 3
+
+
+def test_a_cache_entry_that_is_a_file_or_a_dangling_symlink_is_exported_again(tmp_path, caplog):
+    """rmtree leaves a file or a symlink in place, and the rename of the new entry onto it then failed on
+    every call; such an entry must be removed and exported again like any other broken entry."""
+    model, calls = tiny_encoder(seed=8), []
+    entry = tmp_path / cache.cache_key(model, OPTIONS)[0]
+    entry.write_text("x")
+    with caplog.at_level(logging.WARNING, logger="visreg_hub.inference.onnx.cache"):
+        found = cache.cached_export(model, OPTIONS, small_export(calls), root=tmp_path)
+    assert found == entry / "model.onnx" and found.is_file() and len(calls) == 1
+    assert "is not a folder; exporting again" in caplog.text
+    shutil.rmtree(entry)
+    entry.symlink_to(tmp_path / "gone")  # dangling: entry.exists() is False, the rename still fails
+    assert cache.cached_export(model, OPTIONS, small_export(calls), root=tmp_path) == found
+    assert found.is_file() and not entry.is_symlink() and len(calls) == 2
+
+
+def test_staging_folders_of_killed_exports_are_swept_when_exporting(tmp_path):
+    """A killed export leaves ``.<key>-*`` with a whole graph in it; the next export deletes the ones
+    untouched for hours, and nothing younger (a concurrent export) or not named like a staging folder."""
+    stale, young, other = tmp_path / f".{'a' * 40}-old", tmp_path / f".{'b' * 40}-new", tmp_path / ".keep"
+    for folder in (stale, young, other):
+        (folder / ".model.onnx.tmp-1").mkdir(parents=True)
+        (folder / ".model.onnx.tmp-1" / "model.onnx").write_bytes(b"half a graph")
+    hours_ago = time.time() - cache.STALE_STAGING_SECONDS - 60
+    for folder in (stale, other):
+        for path in (folder / ".model.onnx.tmp-1" / "model.onnx", folder / ".model.onnx.tmp-1", folder):
+            os.utime(path, (hours_ago, hours_ago))
+    calls = []
+    cache.cached_export(tiny_encoder(seed=8), OPTIONS, small_export(calls), root=tmp_path)
+    assert len(calls) == 1 and not stale.exists() and young.is_dir() and other.is_dir()
+    assert cache.cached_export(tiny_encoder(seed=8), OPTIONS, small_export(calls), root=tmp_path)
+    assert young.is_dir() and len(calls) == 1  # a cache hit sweeps nothing
+
+
+def test_an_unwritable_cache_falls_back_to_torch_for_auto_and_is_an_error_for_onnx(
+    folder, photo_paths, tmp_path, monkeypatch, caplog
+):
+    """HOME=/nonexistent, a read-only home or VISREG_HUB_CACHE naming a file must not cost "auto" (the
+    default, which the user never chose) its encode(): torch runs instead, with one warning that names the
+    folder and both fixes. backend="onnx" was asked for by name, so there it is an error with the fixes."""
+    not_a_folder = tmp_path / "cachefile"
+    not_a_folder.write_text("a file, not a folder")
+    monkeypatch.setenv("VISREG_HUB_CACHE", str(not_a_folder))
+    model = from_pretrained(folder, backend="auto")
+    with caplog.at_level(logging.WARNING, logger="visreg_hub.inference.backends"):
+        first = model.encode(photo_paths)
+        second = model.encode(photo_paths[:2])
+    warnings = [r.getMessage() for r in caplog.records if r.name == "visreg_hub.inference.backends"]
+    assert len(warnings) == 1, warnings
+    assert str(not_a_folder / "onnx") in warnings[0] and "VISREG_HUB_CACHE" in warnings[0]
+    assert "backend='torch'" in warnings[0] and "falls back to the torch backend" in warnings[0]
+    assert model.backend == "torch"
+    torch.testing.assert_close(first, reference(photo_paths, folder), atol=1e-5, rtol=0)
+    torch.testing.assert_close(second, first[:2], atol=1e-6, rtol=0)
+    explicit = from_pretrained(folder, backend="onnx")
+    fixes = r".*set VISREG_HUB_CACHE to a writable folder, or load the model with backend=.torch."
+    with pytest.raises(cache.OnnxCacheError, match=r"cannot write the ONNX export cache .*cachefile" + fixes):
+        explicit.encode(photo_paths)
+    monkeypatch.delenv("VISREG_HUB_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "no" / "such" / "home"))
+    monkeypatch.setattr(cache.Path, "mkdir", _refuse_mkdir)  # as a read-only file system would
+    with pytest.raises(cache.OnnxCacheError, match=r"no/such/home/\.cache/visreg_hub/onnx"):
+        explicit.encode(photo_paths)
+
+
+def _refuse_mkdir(self, *args, **kwargs):
+    raise PermissionError(13, "Permission denied", str(self))
 
 
 def test_int8_backend_quantises_the_linear_layers(folder, cache_root, photo_paths, exports):

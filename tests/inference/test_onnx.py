@@ -78,6 +78,18 @@ def baked(model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def static_int8(model, photo_paths, tmp_path_factory):
+    """A fixed-batch (1) graph with static int8 quantisation from the test photos: calibration must feed
+    it one image at a time, and every tool must keep to batch 1."""
+    path = tmp_path_factory.mktemp("static") / "tiny-sb-int8.onnx"
+    export_onnx(
+        model, path, dynamic_batch=False, int8=True, calibration_images=photo_paths[0].parent,
+        validation_batch_sizes=(1,),
+    )  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
 def photos(photo_paths):
     return [malformed.photo_rgb(p) for p in photo_paths]
 
@@ -398,6 +410,91 @@ def test_bad_files_give_clear_errors(tmp_path):
         OnnxEmbedder(foreign)
 
 
+def test_from_pretrained_on_an_onnx_file_names_the_onnx_embedder(tmp_path):
+    import visreg_hub
+    from visreg_hub.errors import ModelNotFoundError
+
+    graph = tmp_path / "mini-int8.onnx"
+    graph.write_bytes(b"graph")
+    with pytest.raises(ModelNotFoundError, match=r"is a file; .*OnnxEmbedder\(path\)"):
+        visreg_hub.from_pretrained(str(graph))
+
+
+def test_bad_calibration_images_and_providers_are_refused_before_the_export(
+    model, photo_paths, tmp_path, monkeypatch, caplog
+):
+    """A missing path is "not found" (not "could not be decoded"), even beside good ones; an empty folder
+    and a misspelt provider are refused too, all before a graph is traced; an undecodable file among good
+    ones is skipped with a warning that names it."""
+    from visreg_hub.inference.onnx import export as export_module
+    from visreg_hub.inference.onnx.quantize import calibration_inputs
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the export started")
+
+    monkeypatch.setattr(export_module, "export_core", no_export)
+    missing, empty = tmp_path / "nope.jpg", tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "m.onnx"
+    for images, words in (
+        (missing, r"calibration_images not found: .*nope\.jpg; pass existing image files or folders"),
+        ([*photo_paths, missing], r"not found: .*nope\.jpg"),
+        (empty, r"calibration_images .*empty: directory contains no image files"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            export_onnx(model, out, int8=True, calibration_images=images)
+    with pytest.raises(ValueError, match="unknown ONNX Runtime provider 'bogus'"):
+        export_onnx(model, out, validation_providers="bogus")
+    assert not out.exists()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    with caplog.at_level(logging.WARNING, logger="visreg_hub.inference.onnx.quantize"):
+        inputs = calibration_inputs(model.data_config, [*photo_paths, broken])
+    assert len(inputs) == len(photo_paths)
+    assert "calibrating on 4 of 5 images: 1 could not be decoded" in caplog.text
+    assert "broken.jpg" in caplog.text
+
+
+def test_an_output_folder_is_refused_before_any_export(model, tmp_path, capsys):
+    from visreg_hub.cli import main
+
+    folder = tmp_path / "dir.onnx"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"dir\.onnx is a folder; name a \.onnx file inside it"):
+        export_onnx(model, folder)
+    model.save_pretrained(tmp_path / "tiny")
+    for extra in ([], ["--overwrite"]):
+        assert main(["export", "onnx", str(tmp_path / "tiny"), str(folder), *extra]) == 1
+        err = capsys.readouterr().err
+        assert "is a folder; name a .onnx file inside it" in err and "pass --overwrite" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.onnx", "tiny"]
+
+
+def test_cli_refuses_bad_provider_and_calibration_images_before_loading_the_model(
+    model, photo_paths, tmp_path, monkeypatch, capsys
+):
+    import visreg_hub.hub
+    from visreg_hub.cli import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(visreg_hub.hub, "from_pretrained", no_load)
+    (tmp_path / "empty").mkdir()
+    base = ["export", "onnx", "some-model", str(tmp_path / "m.onnx")]
+    cases = (
+        (["--provider", "bogus"], "--provider: unknown ONNX Runtime provider 'bogus'"),
+        (["--int8", "--calibration-images", str(tmp_path / "nope")], "--calibration-images not found"),
+        (["--int8", "--calibration-images", str(photo_paths[0]), str(tmp_path / "nope")], "not found"),
+        (["--int8", "--calibration-images", str(tmp_path / "empty")], "contains no image files"),
+        (["--calibration-images", str(photo_paths[0])], "--calibration-images only applies with --int8"),
+    )
+    for flags, words in cases:
+        assert main([*base, *flags]) == 1
+        err = capsys.readouterr().err
+        assert words in err and "could not be decoded" not in err, (flags, err)
+
+
 def test_export_argument_errors_before_exporting(model, tmp_path):
     with pytest.raises(ValueError, match=r"must end with .onnx"):
         export_onnx(model, tmp_path / "model.pt")
@@ -413,6 +510,40 @@ def test_export_argument_errors_before_exporting(model, tmp_path):
     with pytest.raises(ValueError, match="dynamic_image_size=True needs a model built with"):
         export_onnx(tiny_encoder(dynamic_img_size=False), tmp_path / "m.onnx", dynamic_image_size=True)
     assert not list(tmp_path.iterdir())
+
+
+def test_static_batch_int8_export_calibrates_with_batches_the_graph_takes(static_int8):
+    meta = read_onnx_metadata(static_int8)
+    assert meta.precision == "int8" and meta.quantization == "static, 4 calibration images"
+    assert not meta.dynamic_batch
+    (value,) = onnx.load(str(static_int8)).graph.input
+    assert value.type.tensor_type.shape.dim[0].dim_value == 1
+
+
+def test_validate_judges_int8_graphs_by_the_threshold_their_export_used(model, plain, static_int8, tmp_path,
+                                                                       capsys):  # fmt: skip
+    from export.validate import build_parser, main
+    from visreg_hub.inference.onnx.export import INT8_MIN_COSINE
+
+    assert validate_onnx(model, static_int8).min_cosine_required == INT8_MIN_COSINE
+    assert validate_onnx(model, plain[0], batch_sizes=(1,)).min_cosine_required == 0.999
+    assert validate_onnx(model, static_int8, min_cosine=0.5).min_cosine_required == 0.5
+    model.save_pretrained(tmp_path / "tiny")
+    assert main([str(tmp_path / "tiny"), str(static_int8)]) == 0
+    out = capsys.readouterr().out
+    assert f"cosine >= {INT8_MIN_COSINE}" in out and "validation passed" in out
+    help_text = build_parser().format_help()
+    assert "fp16 and int8" in help_text and "fp16 min cosine" not in help_text
+
+
+def test_benchmark_skips_batch_sizes_a_static_batch_graph_cannot_take(static_int8, capsys):
+    from export.benchmark import main
+
+    argv = [str(static_int8), "--batch-sizes", "1,8,32", "--warmup", "0", "--repeats", "1", "--threads", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "fixed batch of 1 (--static-batch); skipping batch sizes 8,32" in out
+    assert "| 1 |" in out and "| 8 |" not in out
 
 
 def test_validate_cli(model, plain, tmp_path, capsys):
@@ -584,6 +715,9 @@ def test_cli_export_guards_and_flag_names(model, tmp_path, capsys):
     assert "--image-size only applies with --with-preprocessing" in err and "=True" not in err
     assert main(["export", "onnx", str(folder), str(out), "--overwrite", "--int8", "--fp16"]) == 1
     assert "--int8 quantises the plain fp32 graph; drop --fp16, --optimize" in capsys.readouterr().err
+    assert main(["export", "onnx", str(folder), str(out), "--overwrite", "--pooling", "bogus"]) == 1
+    err = capsys.readouterr().err
+    assert "bogus" in err and "--patch-tokens()" not in err  # a method name is not a flag
 
 
 def test_from_pretrained_refuses_onnx_arguments_it_cannot_honour(model, tmp_path):
@@ -625,7 +759,13 @@ def test_preprocessing_graph_has_no_unused_initialisers(crop_pct, size):
 
 
 def test_int8_export_keeps_onnx_runtime_advice_out_of_the_root_logger(model, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING):
+    """ORT's quantiser logs INFO lines ("Ignore MatMul due to non constant B", ...) on the root logger,
+    about 24 per export of a 4-block ViT; with logging at INFO they reached the user's log."""
+    with caplog.at_level(logging.INFO):
         export_onnx(model, tmp_path / "m.onnx", int8=True, validation_batch_sizes=(1,))
-    assert not [r for r in caplog.records if "pre-processing before quantization" in r.getMessage()]
+        assert not [r for r in caplog.records if "pre-processing before quantization" in r.getMessage()]
+        assert not [r for r in caplog.records if r.name == "root" or r.name.startswith("onnxruntime")]
+        logging.info("a user's own INFO line, after the export")  # only the quantiser was silenced
+        assert caplog.records[-1].getMessage() == "a user's own INFO line, after the export"
     assert not logging.getLogger().filters  # the filter is gone afterwards
+    assert logging.getLogger("onnxruntime.quantization").level == logging.NOTSET

@@ -139,7 +139,8 @@ def resolve(name_or_path: str | Path, *, revision: str | None = None) -> Source:
     if kind == "file":
         raise ModelNotFoundError(
             f"{name_or_path!r} is a file; pass the folder that holds config.json and model.safetensors "
-            "(for an official .pth, run `visreg-hub convert` first)"
+            "(for an official .pth, run `visreg-hub convert` first; an exported .onnx graph is run with "
+            "visreg_hub.inference.onnx.OnnxEmbedder(path))"
         )
     if not isinstance(name_or_path, str):
         raise ModelNotFoundError(f"from_pretrained needs a name, repo id or folder, got {name_or_path!r}")

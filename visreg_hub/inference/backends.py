@@ -238,10 +238,16 @@ def onnx_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx", "onnxscript"))
 
 
+# models whose "auto" backend fell back to torch because the ONNX export cache dir cannot be written
+_CACHE_FALLBACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def resolve_backend(model: nn.Module, spec: BackendSpec, device: str | torch.device | None = None) -> str:
     """``"torch"`` or ``"onnx"``: what ``spec`` means for ``model`` on ``device`` (None: its parameters')."""
     if spec.backend != "auto":
         return spec.backend
+    if model in _CACHE_FALLBACKS:
+        return "torch"
     parameter = next(model.parameters())
     target = resolve_device(device) if device is not None else parameter.device
     if parameter.dtype != torch.float32:  # the exporter needs float32 weights; bf16/fp16 models stay on torch
@@ -298,7 +304,11 @@ def backend_for(
     Returns:
         A :class:`TorchBackend`, or an ONNX Runtime backend (exported once per model, pooling, precision
         and provider, kept in memory for the model's lifetime and on disk across processes; redone when
-        the weights change).
+        the weights change). With ``backend="auto"``, a cache dir that cannot be written means torch,
+        with one warning per model.
+
+    Raises:
+        OnnxCacheError: ``backend="onnx"`` and the ONNX export cache dir cannot be written.
     """
     spec = spec or spec_of(model)
     resolved_dtype = resolve_dtype(dtype)
@@ -307,5 +317,17 @@ def backend_for(
     if resolve_backend(model, spec, device) == "torch":
         return TorchBackend(model, pooling=pooling, device=device, dtype=dtype)
     from visreg_hub.inference.onnx.backend import onnx_backend_for
+    from visreg_hub.inference.onnx.cache import OnnxCacheError
 
-    return onnx_backend_for(model, spec, pooling=pooling, device=device, dtype=dtype, cache=_ONNX_BACKENDS)
+    try:
+        return onnx_backend_for(
+            model, spec, pooling=pooling, device=device, dtype=dtype, cache=_ONNX_BACKENDS
+        )
+    except OnnxCacheError as exc:
+        if spec.backend != "auto":  # ONNX was asked for by name: its error names the folder and the fix
+            raise
+        # why: "auto" is the default, so a user who never asked for ONNX must not lose encode() to an
+        # unusable cache folder (a container's arbitrary UID, HOME=/nonexistent, a read-only home)
+        _CACHE_FALLBACKS[model] = True  # one warning per model, not one per call
+        logger.warning("%s; backend='auto' falls back to the torch backend for this model", exc)
+        return TorchBackend(model, pooling=pooling, device=device, dtype=dtype)

@@ -12,17 +12,25 @@ exported and with which versions). The cache dir is ``$VISREG_HUB_CACHE/onnx``, 
   last, and the folder is renamed into place (a concurrent writer of the same key loses the race
   harmlessly). A half-written entry therefore never has the final name.
 * Reading verifies: an entry whose ``entry.json`` is missing or unreadable, or whose ``model.onnx`` size or
-  SHA-256 differs from the recorded one, is logged, deleted and exported again; it is never trusted.
+  SHA-256 differs from the recorded one, is logged, deleted and exported again; it is never trusted. So is
+  an entry that is a file or a (dangling) symlink rather than a folder.
+* A staging folder left by an export that was killed (``kill -9``, the OOM killer) holds a whole graph;
+  staging folders older than :data:`STALE_STAGING_SECONDS` are deleted whenever a graph is exported.
+* A cache dir that cannot be created or written raises :class:`OnnxCacheError` naming the folder and the
+  fix, before any export work; ``backend="auto"`` then falls back to torch (``backends.backend_for``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,18 +38,28 @@ from typing import Any
 import torch
 from torch import nn
 
+from visreg_hub.errors import VisregHubError
 from visreg_hub.hub.format import weights_digest
 
 logger = logging.getLogger(__name__)
 
 ENTRY_VERSION = 1
 MODEL_FILE, ENTRY_FILE = "model.onnx", "entry.json"
+ENV_CACHE = "VISREG_HUB_CACHE"
+# why hours: an export of ViT-L with int8 and validation takes minutes on a slow CPU, so a staging folder
+# this old belongs to a process that died; a younger one may be a concurrent export still writing
+STALE_STAGING_SECONDS = 6 * 3600
+_STAGING = re.compile(r"^\.[0-9a-f]{40}-")  # ".<key>-<random>", as cached_export's mkdtemp names them
+
+
+class OnnxCacheError(VisregHubError, OSError):
+    """The ONNX export cache dir cannot be created or written; the message names the folder and the fix."""
 
 
 def cache_dir() -> Path:
     """Where exported graphs are kept (see the module docstring for the environment variables)."""
-    if os.environ.get("VISREG_HUB_CACHE"):
-        return Path(os.environ["VISREG_HUB_CACHE"]).expanduser() / "onnx"
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE]).expanduser() / "onnx"
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
     return base / "visreg_hub" / "onnx"
 
@@ -96,6 +114,54 @@ def _verified(entry: Path) -> Path | None:
     return model_file
 
 
+def _remove(entry: Path) -> None:
+    """Delete a cache entry whatever it is: folder, file or (dangling) symlink."""
+    if entry.is_symlink() or (entry.exists() and not entry.is_dir()):
+        entry.unlink(missing_ok=True)  # rmtree refuses both, and the rename into place would then fail
+    else:
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _newest_mtime(folder: Path) -> float:
+    """Latest modification time of ``folder`` and everything in it (a live export keeps touching it)."""
+    newest = folder.lstat().st_mtime
+    for parent, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            with contextlib.suppress(OSError):  # removed meanwhile by its owner
+                newest = max(newest, os.lstat(os.path.join(parent, name)).st_mtime)
+    return newest
+
+
+def sweep_stale_staging(root: Path, max_age: float = STALE_STAGING_SECONDS) -> list[Path]:
+    """Delete the staging folders in ``root`` untouched for ``max_age`` seconds; return what was deleted."""
+    removed = []
+    cutoff = time.time() - max_age
+    for path in root.iterdir():
+        try:
+            if not _STAGING.match(path.name) or not path.is_dir() or path.is_symlink():
+                continue
+            if _newest_mtime(path) < cutoff:
+                shutil.rmtree(path)
+                removed.append(path)
+        except OSError as exc:  # another process swept it first, or no permission: not this export's problem
+            logger.debug("could not sweep %s: %s", path, exc)
+    if removed:
+        logger.info("removed %d stale staging folder(s) of killed ONNX exports in %s", len(removed), root)
+    return removed
+
+
+def _writable_root(root: Path, key: str) -> Path:
+    """Create ``root`` and a staging folder in it; an OSError becomes an :class:`OnnxCacheError`."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    except OSError as exc:
+        raise OnnxCacheError(
+            f"cannot write the ONNX export cache {root} ({exc.strerror or exc}); set {ENV_CACHE} to a "
+            "writable folder, or load the model with backend='torch'"
+        ) from exc
+
+
 def cached_export(
     model: nn.Module, options: dict[str, Any], export: Callable[[Path], None], root: Path | None = None
 ) -> Path:
@@ -109,18 +175,23 @@ def cached_export(
 
     Returns:
         ``<root>/<key>/model.onnx``.
+
+    Raises:
+        OnnxCacheError: ``root`` cannot be created or written (checked before ``export`` runs).
     """
     root = cache_dir() if root is None else Path(root)
     key, description = cache_key(model, options)
     entry = root / key
-    if entry.exists():
-        found = _verified(entry)
+    if entry.is_symlink() or entry.exists():  # exists() alone is False for a dangling symlink
+        found = _verified(entry) if entry.is_dir() else None
         if found is not None:
             logger.info("using the cached ONNX export %s", found)
             return found
-        shutil.rmtree(entry, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+        if not entry.is_dir():
+            logger.warning("ONNX cache entry %s is not a folder; exporting again", entry)
+        _remove(entry)
+    staging = _writable_root(root, key)
+    sweep_stale_staging(root)
     try:
         export(staging / MODEL_FILE)
         model_file = staging / MODEL_FILE
@@ -129,7 +200,7 @@ def cached_export(
         try:
             staging.rename(entry)
         except OSError:  # another process finished the same key first: use its entry if it is sound
-            if _verified(entry) is None:
+            if not entry.is_dir() or _verified(entry) is None:
                 raise
             shutil.rmtree(staging, ignore_errors=True)
     except BaseException:

@@ -21,7 +21,8 @@ The model name, config, data config, pooling and input description are stored in
 
 What the baked preprocessing does (``with_preprocessing=True``), step by step, for inputs of (H, W):
 
-1. NHWC -> NCHW if needed; uint8 -> float32 (values 0..255, no scaling yet).
+1. NHWC -> NCHW if needed; uint8 -> float32 (values 0..255, no scaling yet). For a 1-channel
+   (grayscale) model, RGB -> luma as PIL's ``convert("L")`` does (integer ITU-R 601-2 weights, rounded).
 2. Resize to the size timm's eval transform gives an (H, W) image: shortest side to
    ``floor(img_size / crop_pct)``, the other side ``int(...)``-truncated keeping the aspect ratio (crop_mode
    ``center``), or both sides to that size (``squash``). The sizes are computed at export: constants.
@@ -39,8 +40,8 @@ level (2 at most). Measured on the test photos over 72 settings (bicubic and bil
 0.27 % of values differ, at most 0.25 % for bicubic and 5.6 % for bilinear. Effect on embeddings:
 ViT-S/16 (random init) on the 4 test photos at 320x240 -> 224: max abs error 1.2e-4, cosine 0.9999999;
 the tiny test encoder: 4e-5. Not reproduced, hence refused: ``nearest`` (PIL picks the other neighbour
-at some exact ties), crop_mode ``border``, 1-channel models. Decoding (EXIF rotation, alpha, CMYK,
-16-bit) is the client's job: the graph only sees decoded RGB pixels.
+at some exact ties), crop_mode ``border``, models with other than 1 or 3 channels. Decoding (EXIF
+rotation, alpha, CMYK, 16-bit) is the client's job: the graph only sees decoded RGB pixels.
 """
 
 from __future__ import annotations
@@ -73,9 +74,10 @@ from visreg_hub.inference.onnx.graph import (
     save_model,
 )
 from visreg_hub.inference.onnx.quantize import calibration_inputs, quantize_int8
-from visreg_hub.inference.onnx.runtime import OnnxMetadata, onnx_extra
+from visreg_hub.inference.onnx.runtime import OnnxMetadata, onnx_extra, provider_names
 from visreg_hub.inference.onnx.validate import (
     DEFAULT_BATCH_SIZES,
+    INT8_MIN_COSINE,
     OnnxValidationError,
     ValidationReport,
     validate_onnx,
@@ -88,10 +90,6 @@ MAX_IMAGE_SIDE = 4096
 # converter (no adapter for Gelu beyond 25) and leave an opset-18 header over opset-23 Attention nodes,
 # which ONNX Runtime refuses. Raise MAX_OPSET when a test exports and runs a higher one.
 MIN_OPSET, MAX_OPSET = 18, 25
-
-# why: int8 linear layers move a random-input ViT embedding by a few degrees at most; below this the
-# quantisation went wrong (measured on ViT-S/16 and the tiny test model: docs/benchmarks.md)
-INT8_MIN_COSINE = 0.98
 
 
 def export_onnx(
@@ -148,7 +146,8 @@ def export_onnx(
         The :class:`~visreg_hub.inference.onnx.validate.ValidationReport` (``.path`` is the file).
 
     Raises:
-        ValueError: an argument is invalid (the message says how to fix it).
+        ValueError: an argument is invalid (the message says how to fix it); checked before the export,
+            including the provider names and the calibration images (missing, empty or undecodable).
         OnnxValidationError: ONNX Runtime disagrees with PyTorch (fp32: max abs error > 1e-4; fp16:
             cosine < 0.999); the graph is kept for inspection as ``<name>.failed.onnx``.
 
@@ -164,6 +163,7 @@ def export_onnx(
     path = Path(path).expanduser()
     if path.suffix.lower() != ".onnx":
         raise ValueError(f"path must end with .onnx, got {str(path)!r}")
+    check_output_path(path)
     max_opset = min(MAX_OPSET, onnx.defs.onnx_opset_version())
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset:
         raise ValueError(f"opset must be an integer in [{MIN_OPSET}, {max_opset}], got {opset!r}")
@@ -200,6 +200,11 @@ def export_onnx(
         )
     if calibration_images is not None and not int8:
         raise ValueError("calibration_images only applies with int8=True (static quantisation)")
+    if validation_providers is not None:
+        provider_names(validation_providers)  # a misspelt provider fails now, not after the export
+    calibration = None
+    if calibration_images is not None:  # decoded now: a missing or empty folder fails before the export
+        calibration = calibration_inputs(config.data_config, calibration_images)
 
     started = time.perf_counter()
     with inference_state(model, model.device):
@@ -240,9 +245,6 @@ def export_onnx(
         )
         if int8:
             scratch = staged.with_name("int8-scratch.onnx")
-            calibration = None
-            if calibration_images is not None:
-                calibration = calibration_inputs(config.data_config, calibration_images)
             method = quantize_int8(staged, scratch, input_name=meta.input_name, calibration=calibration)
             quantized = onnx.load(str(scratch))
             meta = dataclasses.replace(meta, precision="int8", quantization=method)
@@ -258,6 +260,14 @@ def export_onnx(
                 min_cosine=INT8_MIN_COSINE,
             )  # fmt: skip
     return dataclasses.replace(report, path=str(path))
+
+
+def check_output_path(path: Path) -> None:
+    """Refuse an output path that is a folder (``os.replace`` would fail only after the whole export)."""
+    if path.is_dir():
+        raise ValueError(
+            f"{path} is a folder; name a .onnx file inside it, e.g. {path / 'model.onnx'}, or another path"
+        )
 
 
 def _failed_name(path: Path) -> Path:
