@@ -35,11 +35,20 @@ logger = logging.getLogger(__name__)
 
 
 class _ResizeTo:
-    """Decoded image -> (3, H, W) uint8 at the fixed input size of a graph with baked preprocessing."""
+    """Decoded image -> (3, H, W) uint8 at the fixed input size of a graph with baked preprocessing.
 
-    def __init__(self, size: tuple[int, int], interpolation: str) -> None:
+    For a model that centre-crops (timm's ``crop_mode`` "center"), the graph resizes its input's shorter
+    side and crops the centre, so the image first goes to the centred box of the graph's aspect ratio
+    whose shorter side is the image's shorter side: the graph's crop then covers the same part of the
+    photo as the PyTorch path (the box may reach past a non-square photo's edges where the graph's input
+    is not square; that margin is black and lies outside the graph's crop). Squashing the whole photo
+    instead gave cosine 0.992 on 2:1 photos. A "squash" model squashes, as timm does.
+    """
+
+    def __init__(self, size: tuple[int, int], interpolation: str, crop_mode: str = "center") -> None:
         self.size = size
         self.resample = Image.BILINEAR if interpolation == "bilinear" else Image.BICUBIC
+        self.squash = crop_mode == "squash"
 
     @property
     def resize_side(self) -> int:
@@ -48,9 +57,20 @@ class _ResizeTo:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB")
-        if image.size != (self.size[1], self.size[0]):
-            image = image.resize((self.size[1], self.size[0]), self.resample)
+        height, width = self.size
+        if image.size != (width, height):
+            if not self.squash:
+                image = image.crop(self._box(image))  # outside the photo, crop() fills with black
+            image = image.resize((width, height), self.resample)
         return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+    def _box(self, image: Image.Image) -> tuple[int, int, int, int]:
+        """The centred (left, upper, right, lower) box of the graph's aspect, shorter side the image's."""
+        (w, h), (height, width) = image.size, self.size
+        side = min(w, h)
+        box_w, box_h = (side, side * height / width) if width <= height else (side * width / height, side)
+        left, upper = round((w - box_w) / 2), round((h - box_h) / 2)
+        return left, upper, left + round(box_w), upper + round(box_h)
 
 
 class OnnxEmbedder:
@@ -106,7 +126,9 @@ class OnnxEmbedder:
         self._normalizer = Preprocessor(self.metadata.data_config)
         if self.metadata.has_preprocessing:
             height, width = self.metadata.image_size
-            self.transform = _ResizeTo((height, width), self.metadata.data_config["interpolation"])
+            config = self.metadata.data_config
+            crop_mode = config.get("crop_mode", "center")
+            self.transform = _ResizeTo((height, width), config["interpolation"], crop_mode)
             self.input_shape = (3, height, width)
         else:
             self.transform = self._normalizer
