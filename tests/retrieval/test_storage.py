@@ -204,3 +204,17 @@ def test_an_interrupted_save_keeps_the_earlier_index(tmp_path, monkeypatch):
     bigger.save(folder)
     assert len(EmbeddingIndex.load(folder)) == 820
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+def test_an_ivfpq_index_with_the_default_pq_m_saves_and_loads(tmp_path):
+    """``pq_m=None`` (pick one) reached the manifest as null while the file held PQ64: load refused it."""
+    from visreg_hub.retrieval.factory import default_pq_m
+
+    vectors = np.random.default_rng(0).standard_normal((300, 256)).astype(np.float32)
+    index = EmbeddingIndex(256, kind="ivfpq", nlist=4)
+    assert index.pq_m == default_pq_m(256) == 64
+    index.add(vectors)
+    index.save(tmp_path / "pq")
+    loaded = EmbeddingIndex.load(tmp_path / "pq")
+    assert loaded.pq_m == 64 and loaded.factory == index.factory
+    np.testing.assert_array_equal(loaded.search(vectors[:5], k=3).ids, index.search(vectors[:5], k=3).ids)

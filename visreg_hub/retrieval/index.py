@@ -24,7 +24,7 @@ import numpy as np
 from visreg_hub.errors import ConfigError, require_extra
 from visreg_hub.models.config import POOLINGS
 from visreg_hub.retrieval.arrays import as_float32_matrix, l2_normalize
-from visreg_hub.retrieval.factory import IVF_KINDS, KINDS, default_nlist, factory_string
+from visreg_hub.retrieval.factory import IVF_KINDS, KINDS, default_nlist, default_pq_m, factory_string
 from visreg_hub.retrieval.limits import MAX_DIM, check_bounded_int, check_param
 from visreg_hub.retrieval.records import check_new_ids, encode_metadata, lookup_ids
 from visreg_hub.retrieval.storage import load_index, save_index
@@ -150,6 +150,8 @@ class EmbeddingIndex:
         self._ef_search = int(ef_search)
         self._nlist = None if nlist is None else int(nlist)
         self._nprobe = None if nprobe is None else int(nprobe)
+        if kind == "ivfpq" and pq_m is None:
+            pq_m = default_pq_m(dim)  # chosen now, so the saved manifest records what the file holds
         self.pq_m = None if pq_m is None else int(pq_m)
         self.normalize = bool(normalize)
         self.model_name = model_name
