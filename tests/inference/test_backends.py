@@ -254,3 +254,43 @@ def test_cli_int8_export_with_calibration_on_real_photos(folder, tmp_path, photo
     expected = reference(photo_paths, folder).numpy().astype(np.float64)
     cosine = (embedder.encode(photo_paths).numpy().astype(np.float64) * expected).sum(-1)
     assert cosine.min() >= 0.98
+
+
+def test_concurrent_calls_on_a_training_model_all_run_in_eval_and_restore_train(photo_paths):
+    """A server's threads, or validation in a thread beside training: the first call saves the training
+    flags and the last restores them, so no forward runs in training mode and train() is kept."""
+    import threading
+
+    model = tiny_encoder(seed=2, img_size=32, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2), drop_path_rate=0.5)
+    reference = model.encode(photo_paths, backend="torch", batch_size=1)  # eval: dropout off
+    model.train()
+    modes: list[bool] = []
+    model.register_forward_hook(lambda module, inputs, output: modes.append(module.training))
+    results: list[torch.Tensor] = []
+    barrier = threading.Barrier(4)
+
+    def call() -> None:
+        barrier.wait()
+        results.append(model.encode(photo_paths * 3, backend="torch", batch_size=1))
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(modes) == 4 * 3 * len(photo_paths) and not any(modes)
+    assert model.training and all(module.training for module in model.modules())
+    for result in results:  # drop-path 0.5 in training mode would change them
+        torch.testing.assert_close(result, reference.repeat(3, 1))
+
+
+def test_the_backend_deprecation_is_attributed_to_the_users_line(photo_paths):
+    """Python shows a DeprecationWarning only when it points at the user's code, not at model.encode()."""
+    import warnings
+
+    model = tiny_encoder(seed=2, img_size=32, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.encode(photo_paths[0], backend="torch")
+    deprecations = [w for w in caught if w.category is DeprecationWarning and "backend" in str(w.message)]
+    assert len(deprecations) == 1 and deprecations[0].filename == __file__

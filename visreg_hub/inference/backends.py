@@ -20,6 +20,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,23 +53,56 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     )
 
 
+class _SharedState:
+    """What the calls running on one model share: the saved training flags and device, and a count."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.users = 0
+        self.device: torch.device | None = None
+        self.original_device: torch.device | None = None
+        self.flags: list[tuple[nn.Module, bool]] = []
+
+
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _SharedState
+_STATES_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def inference_state(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """Eval mode and ``device`` for the duration; every module's training flag and the device restored."""
-    flags = [(module, module.training) for module in model.modules()]
-    original_device = next(model.parameters()).device
-    moved = original_device != device
-    if moved:
-        logger.info("moving the model from %s to %s for this call", original_device, device)
-        model.to(device)
-    model.eval()
+    """Eval mode and ``device`` for the duration; every module's training flag and the device restored.
+
+    Safe for concurrent calls on one model (threads of a server, a validation thread beside training):
+    the first call saves the flags and moves the model, the last one restores them, so no call runs a
+    forward in training mode and the caller's ``train()`` is not lost. A call that needs another device
+    waits until the calls on the current one have finished.
+    """
+    with _STATES_LOCK:
+        state = _STATES.setdefault(model, _SharedState())
+    with state.changed:
+        while state.users and state.device != device:
+            state.changed.wait()
+        if state.users == 0:
+            state.flags = [(module, module.training) for module in model.modules()]
+            state.original_device = next(model.parameters()).device
+            state.device = device
+            if state.original_device != device:
+                logger.info("moving the model from %s to %s for this call", state.original_device, device)
+                model.to(device)
+            model.eval()
+        state.users += 1
     try:
         yield
     finally:
-        for module, training in flags:
-            module.training = training
-        if moved:
-            model.to(original_device)
+        with state.changed:
+            state.users -= 1
+            if state.users == 0:
+                for module, training in state.flags:
+                    module.training = training
+                if state.original_device != device:
+                    model.to(state.original_device)
+                state.flags, state.device = [], None
+                state.changed.notify_all()
 
 
 class Backend:

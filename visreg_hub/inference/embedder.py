@@ -13,6 +13,8 @@ the call; both are restored afterwards.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 from typing import Any
 
@@ -121,7 +123,7 @@ def encode(
             "from_pretrained(name, backend='onnx'), or "
             "visreg_hub.inference.backends.set_backend(model, 'onnx')",
             DeprecationWarning,
-            stacklevel=2,
+            stacklevel=_user_stacklevel(),  # model.encode() wraps this: point at the user's line
         )
         if backend not in BACKENDS:
             raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
@@ -231,3 +233,16 @@ def patch_pca_rgb(patch_grid: torch.Tensor | np.ndarray) -> np.ndarray:
     live = span > 1e-12 * max(float(singular[0]) if singular.numel() else 0.0, 1e-300)
     rgb[:, :num] = torch.where(live, (scores - low) / torch.where(live, span, 1.0) * 255.0, 0.0)
     return rgb.round().clamp(0, 255).to(torch.uint8).reshape(height, width, 3).numpy()
+
+
+def _user_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel of the first caller outside visreg_hub, as seen from the caller of this.
+
+    Python shows a DeprecationWarning only when it is attributed to ``__main__`` (or the user's code under
+    pytest); one attributed to visreg_hub's own wrapper is never seen.
+    """
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
