@@ -44,4 +44,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_PUBLIC))
+    return sorted({name for name in globals() if name.startswith("__")} | set(__all__))

@@ -48,7 +48,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
         if not torch.cuda.is_available():
             raise DeviceError(
                 f"device {str(parsed)!r} asked for, but no CUDA GPU is usable here "
-                f"(torch.cuda.is_available() is False); use --device cpu (available: {_available()})"
+                f"(torch.cuda.is_available() is False); use device='cpu' (--device cpu on the command line; "
+                f"available: {_available()})"
             )
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise DeviceError(

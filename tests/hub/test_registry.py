@@ -89,3 +89,18 @@ def test_entry_validation():
         RegistryEntry(
             name="x", size="vit-s16", status="released", format="visreg_hub", source="s", license="l"
         )
+
+
+def test_an_item_of_list_models_loads_like_its_name():
+    """timm users write from_pretrained(list_models()[0]); the items are entries, their .name the name."""
+    entry = next(e for e in visreg_hub.list_models() if e.name == "vit-mini-p7-fmnist")
+    by_entry = visreg_hub.from_pretrained(entry, backend="torch")
+    by_name = visreg_hub.from_pretrained("vit-mini-p7-fmnist", backend="torch")
+    assert by_entry.config == by_name.config
+    for a, b in zip(by_entry.state_dict().values(), by_name.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_dir_of_the_package_lists_the_public_names_only():
+    names = {name for name in dir(visreg_hub) if not name.startswith("__")}
+    assert names == set(visreg_hub.__all__) - {"__version__"}  # no _PUBLIC, annotations or importlib

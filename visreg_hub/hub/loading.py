@@ -131,6 +131,8 @@ def resolve(name_or_path: str | Path, *, revision: str | None = None) -> Source:
         ModelNotFoundError: nothing matches (close registry names are suggested), or a file was given.
         ModelNotPublishedError: a registry entry without public weights.
     """
+    if isinstance(name_or_path, registry.RegistryEntry):  # an item of list_models()
+        name_or_path = name_or_path.name
     if isinstance(name_or_path, str) and not name_or_path.strip():  # Path("") would be the current folder
         raise ModelNotFoundError(f"from_pretrained needs a name, repo id or folder, got {name_or_path!r}")
     kind = _local_kind(name_or_path)
