@@ -337,3 +337,9 @@ def test_listed_extensions_and_decoded_formats_agree(tmp_path, photo):
     for name in ("icon.ico", "bitmap.dib"):  # lossless formats: the same pixels
         decoded = pixels(decode_image(ImageSource(tmp_path / name, name)))
         np.testing.assert_array_equal(decoded, reference)
+
+
+def test_a_url_is_refused_with_its_own_message_not_as_a_missing_file():
+    (source,) = expand_inputs(["https://example.com/a.jpg"])
+    assert source.label == "https://example.com/a.jpg"  # not Path()'s "https:/example.com/a.jpg"
+    assert "does not fetch URLs" in source.error and "file not found" not in source.error

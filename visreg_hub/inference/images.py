@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -115,6 +116,9 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def _dangling(path: Path) -> bool:
     return path.is_symlink() and not path.exists()
 
@@ -162,6 +166,9 @@ def expand_inputs(images: Any) -> list[ImageSource]:
             obj = obj.detach().cpu()
         if isinstance(obj, str) and not obj.strip():  # Path("") is ".": never embed a folder by accident
             sources.append(ImageSource(None, f"{label} (empty string)", "empty path; pass a file or folder"))
+        elif isinstance(obj, str) and _URL.match(obj.strip()) and not Path(obj).exists():
+            reason = "encode() does not fetch URLs; download the file and pass its path (or its bytes)"
+            sources.append(ImageSource(None, obj.strip()[:200], reason))
         elif isinstance(obj, (str, os.PathLike)):
             path = Path(obj).expanduser()
             if path.is_dir():
