@@ -104,6 +104,8 @@ def validate(config: TrainingConfig) -> None:
             f"optim.betas must both be in [0, 1), got {list(optim.betas)} (default: [0.9, 0.999])"
         )
     _positive("optim.weight_decay", optim.weight_decay, allow_zero=True)
+    _positive("optim.probe_lr", optim.probe_lr)  # a negative one makes the online probe ascend its loss
+    _positive("optim.probe_weight_decay", optim.probe_weight_decay, allow_zero=True)
     _positive("optim.warmup_epochs", optim.warmup_epochs, allow_zero=True)
     _positive("optim.warmup_steps", optim.warmup_steps, allow_zero=True)
     if not 0.0 < optim.min_lr_ratio <= 1.0:
@@ -278,16 +280,31 @@ RUN_OUTPUTS = ("checkpoints", "final", "exports", "tensorboard", "metrics.jsonl"
 def check_previous_run(config: TrainingConfig, resume: str | None, overwrite: bool) -> list[Path]:
     """Refuse to start a fresh run over a previous one unless asked; return what ``overwrite`` replaces.
 
+    ``--resume auto`` over a folder with no checkpoint to resume starts a fresh run, so a run that got as
+    far as ``final/`` or ``exports/`` (say, a finished run whose checkpoints were pruned) is not replaced
+    without ``--overwrite`` either; a run stopped before its first checkpoint just starts again.
+
     Raises:
-        ConfigError: ``train.output_dir`` holds a previous run's outputs and neither ``--resume`` nor
-            ``--overwrite`` was given.
+        ConfigError: ``train.output_dir`` holds a previous run's outputs, nothing is resumed, and
+            ``--overwrite`` was not given.
     """
+    from training.checkpoint import complete_checkpoints
+
     output_dir = Path(config.train.output_dir).expanduser()
-    if resume is not None:
+    nothing_to_resume = resume == "auto" and not complete_checkpoints(output_dir / "checkpoints")
+    if resume is not None and not nothing_to_resume:
         return []
     previous = [output_dir / name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    if nothing_to_resume and not any(path.name in ("final", "exports") for path in previous):
+        return []
     if previous and not overwrite:
         found = ", ".join(path.name for path in previous)
+        if nothing_to_resume:
+            raise ConfigError(
+                f"--resume auto: train.output_dir={str(output_dir)!r} has no checkpoint to resume but holds "
+                f"a run ({found}), which a fresh start would replace; pass --overwrite to replace it, or "
+                "choose another train.output_dir"
+            )
         raise ConfigError(
             f"train.output_dir={str(output_dir)!r} already holds a run ({found}); "
             "continue it with --resume auto, replace it with --overwrite, or choose another train.output_dir"

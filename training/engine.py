@@ -41,6 +41,7 @@ from training.state_io import TrainingParts, load_training_state
 from visreg_hub.durable import write_atomic
 
 logger = logging.getLogger(__name__)
+_BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 
 
 class TrainState:
@@ -113,6 +114,13 @@ class Trainer:
         probe = build_probe(model.probe_dim, self.data.num_classes) if self.use_probe else None
         if self.world > 1 and accelerator.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif self.world > 1 and any(isinstance(m, _BATCH_NORMS) for m in model.modules()):
+            logger.warning(
+                "%d CPU processes: BatchNorm layers (the projector's) normalise each process's own samples "
+                "(torch's SyncBatchNorm is CUDA-only), not the global batch; the loss sees the global batch, "
+                "but the objective differs slightly from one process with the same global batch",
+                self.world,
+            )
         self.loss_fn = build_loss(config).to(accelerator.device)
         optimizer = torch.optim.AdamW(param_groups(model, probe, config), betas=tuple(config.optim.betas))
         self.scheduler = build_scheduler(
@@ -330,7 +338,7 @@ class Trainer:
         grad_norm = None
         if self.config.optim.clip_grad_norm:
             grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad_norm)
-            if self.config.train.mixed_precision != "fp16":  # fp16: the GradScaler skips inf steps itself
+            if accelerator.scaler is None:  # with fp16's GradScaler, inf steps are skipped by the scaler
                 nonfinite["gradient norm"] = nonfinite_flag(grad_norm)
         raise_if_flagged(nonfinite, step, reduce=accelerator.reduce if self.world > 1 else None)
         self.optimizer.step()

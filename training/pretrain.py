@@ -76,7 +76,20 @@ def preflight(config: TrainingConfig, num_processes: int) -> None:
     from training.build import build_loss  # imports torch and timm
 
     check_loss_device(build_loss(config))  # every loss value, not only the key names (allocates nothing)
+    check_precision_device(config.train.mixed_precision)
     model_config(config)
+
+
+def check_precision_device(mixed_precision: str) -> None:
+    """fp16 without CUDA is refused: accelerate would run it as fp32, with no gradient scaler, while the
+    recipe recorded fp16."""
+    import torch
+
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.mixed_precision=fp16 needs a CUDA GPU (on a CPU it would silently run in float32); "
+            "use train.mixed_precision=bf16 or no here"
+        )
 
 
 def check_loss_device(loss) -> None:

@@ -46,6 +46,29 @@ def test_rerun_into_an_existing_output_dir_is_refused(tmp_path, capsys):
     assert "must be a Hub repository id" in capsys.readouterr().err and marker.is_file()
 
 
+def test_resume_auto_with_nothing_to_resume_does_not_replace_a_finished_run(tmp_path, capsys):
+    """A finished run whose checkpoints were pruned (compare.py does so): --resume auto would start afresh
+    and replace its final/ and metrics, so it is refused like a fresh run over it."""
+    from training import pretrain
+
+    output = tmp_path / "run"
+    (output / "final").mkdir(parents=True)
+    (output / "final" / "config.json").write_text("{}")
+    (output / "metrics.jsonl").write_text('{"step": 60}\n')
+    (output / "checkpoints").mkdir()  # pruned: no step folder left
+    args = [*FIXTURE_ARGS, f"train.output_dir={output}", "train.max_steps=2", "--resume", "auto"]
+    assert pretrain.main(args) == 2
+    err = capsys.readouterr().err
+    assert "--resume auto" in err and "no checkpoint to resume" in err and "--overwrite" in err
+    assert (output / "final" / "config.json").read_text() == "{}"
+    assert (output / "metrics.jsonl").read_text() == '{"step": 60}\n'
+    stopped_early = tmp_path / "early"  # a run stopped before its first checkpoint just starts again
+    (stopped_early / "tensorboard").mkdir(parents=True)
+    args = [*FIXTURE_ARGS, f"train.output_dir={stopped_early}", "train.max_steps=2", "--resume", "auto"]
+    assert pretrain.main([*args, "train.checkpoint_every=0"]) == 0
+    assert (stopped_early / "final" / "config.json").is_file()
+
+
 def _push(tmp_path, repo_id: str, env: dict) -> subprocess.CompletedProcess:
     output = tmp_path / "run"
     args = [*FIXTURE_ARGS, f"train.output_dir={output}", "--push_to_hub", repo_id]
@@ -205,3 +228,18 @@ def test_duplicate_yaml_keys_and_folder_configs_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="is a folder; pass a YAML file"):
         load_config(tmp_path)
     assert load_config(REPO / "training" / "configs" / "fmnist-fixture-cpu.yaml").optim.lr > 0
+
+
+def test_fp16_on_a_machine_without_cuda_is_refused_not_run_as_fp32(tmp_path, capsys):
+    import torch
+
+    from training import pretrain
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU, where fp16 is real")
+    args = [*FIXTURE_ARGS, f"train.output_dir={tmp_path / 'run'}", "train.mixed_precision=fp16"]
+    assert pretrain.main(args) == 2
+    err = capsys.readouterr().err
+    assert "mixed_precision=fp16 needs a CUDA GPU" in err and "bf16" in err
+    assert not (tmp_path / "run").exists()
+

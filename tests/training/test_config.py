@@ -125,6 +125,8 @@ def test_loss_choice_passes_shared_settings_only_where_accepted():
         ("train.max_steps=abc", "train.max_steps must be an integer"),
         ("loss.name=dino", "loss.name='dino' is not allowed"),
         ("loss.reg_weight=1.5", "loss.reg_weight (lambda) must be in [0, 1]"),
+        ("optim.probe_lr=-0.02", "optim.probe_lr"),
+        ("optim.probe_weight_decay=-1e-6", "optim.probe_weight_decay"),
         ("augment.global_scale=[0.5, 0.2]", "augment.global_scale=[0.5, 0.2] must satisfy"),
         ("augment.global_size=64", "exceeds data.base_size=28"),
         ("train.per_device_batch_size=48", "not a multiple of train.per_device_batch_size=48"),
