@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -100,6 +101,14 @@ def check_loss_device(loss) -> None:
         raise ConfigError("sort_backend='triton' needs a CUDA GPU (and the triton package); use 'auto' here")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, SLURM preemption): unwinds like Ctrl-C; checkpoints are written atomically."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def _fail(exc: BaseException, code: int, verbose: bool) -> int:
     """One line on stderr (the traceback too with ``-v``) and the exit status."""
     if verbose:
@@ -141,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from training.engine import Trainer  # heavy imports only after the config is known to be good
 
+    signal.signal(signal.SIGTERM, _terminate)  # a scheduler's preemption ends like Ctrl-C, with a message
     try:
         trainer = Trainer(
             config, resume=args.resume, push_to_hub=args.push_to_hub, export_every=args.export_every
@@ -148,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = trainer.fit()
     except ConfigError as exc:  # found while opening the data (e.g. fewer images than one batch)
         return _fail(exc, 2, args.verbose)
-    except KeyboardInterrupt:
-        print("error: interrupted; continue with --resume auto", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"error: {how}; continue from the last checkpoint with --resume auto", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except Exception as exc:  # diverged, collapsed, bad checkpoint, I/O, out of memory
         return _fail(exc, 1, args.verbose)
     if trainer.accelerator.is_main_process:

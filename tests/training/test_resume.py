@@ -68,6 +68,38 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(tmp_path):
     )
 
 
+def test_sigterm_ends_a_run_like_ctrl_c_with_a_message_and_a_loadable_checkpoint(tmp_path):
+    """A scheduler's preemption (SIGTERM), here inside a checkpoint write: exit 143 with one line naming
+    --resume auto, and the previous checkpoint is still the latest."""
+    output = tmp_path / "run"
+    config_args = [
+        "--config", str(REPO / "training" / "configs" / "fmnist-fixture-cpu.yaml"),
+        f"data.path={REPO / 'tests' / 'fixtures' / 'fmnist_train_500.npz'}",
+        f"train.output_dir={output}", "train.max_steps=6", "train.checkpoint_every=2",
+        "train.progress_bar=false", "train.log_with=none", "train.per_device_batch_size=32",
+        "train.global_batch_size=32",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", ckpt.SLEEP_HOOK_ENV: "4:120"}
+    command = [sys.executable, str(REPO / "training" / "pretrain.py"), *config_args]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    marker = output / "checkpoints" / ".tmp-step-00000004" / "HOOK_SLEEPING"
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "the checkpoint writer never reached the hook"
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=60) == 143
+    err = process.stderr.read().decode()
+    process.stderr.close()
+    assert "terminated (SIGTERM); continue from the last checkpoint with --resume auto" in err
+    assert "Traceback" not in err
+    latest = ckpt.read_pointer(output / "checkpoints", "latest")
+    assert latest is not None and ckpt.read_state(latest)["global_step"] == 2
+
+
 def test_kill_during_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_path):
     output = tmp_path / "run"
     config_args = [
