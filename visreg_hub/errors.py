@@ -1,4 +1,4 @@
-"""Exception family of visreg_hub.
+"""Exception family of visreg_hub (and where its warnings point).
 
 Every error raised on user input names the bad value and the fix. Subclasses also derive from the
 built-in exception a caller would naturally catch (``ValueError``, ``FileNotFoundError``), so both
@@ -6,6 +6,9 @@ built-in exception a caller would naturally catch (``ValueError``, ``FileNotFoun
 """
 
 from __future__ import annotations
+
+import os
+import sys
 
 
 class VisregHubError(Exception):
@@ -101,3 +104,16 @@ def one_line(exc: BaseException) -> str:
     elif not isinstance(exc, VisregHubError | OSError | ValueError) or not message:
         message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     return printable(message)
+
+
+def user_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel of the first caller outside visreg_hub, as seen from the caller of this.
+
+    Python shows a DeprecationWarning only when it is attributed to ``__main__`` (or the user's code under
+    pytest); one attributed to visreg_hub's own wrapper is never seen.
+    """
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep  # visreg_hub/
+    frame, level = sys._getframe(1), 1  # the function that warns: stacklevel 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

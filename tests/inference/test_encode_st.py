@@ -155,3 +155,17 @@ def test_numpy_integers_are_integers_and_bad_caps_are_named(model, photo_paths):
 def test_a_dict_is_not_a_list_of_images(model, photo_paths):
     result = encode(model, {"a": str(photo_paths[0])}, on_error="skip")
     assert result.embeddings.shape[0] == 0 and "a dict is not a list of images" in result.failures[0].reason
+
+
+def test_int8_codes_of_one_embedding_without_calibration_warn_at_the_callers_line():
+    """One vector has an empty range, so every code is the lowest: documented, and now also said."""
+    import warnings
+
+    one = np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        codes = quantize_embeddings(one, "int8")
+        quantize_embeddings(np.vstack([one, -one]), "int8")  # two vectors: a range, no warning
+    assert (codes == -128).all()
+    assert [(w.category, w.filename) for w in caught] == [(UserWarning, __file__)]
+    assert "calibration_embeddings" in str(caught[0].message)

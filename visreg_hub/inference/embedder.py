@@ -13,8 +13,6 @@ the call; both are restored afterwards.
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import warnings
 from typing import Any
 
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from visreg_hub.errors import user_stacklevel
 from visreg_hub.inference.backends import BACKENDS, TorchBackend, backend_for, make_spec
 from visreg_hub.inference.images import DEFAULT_MAX_PIXELS, is_single_image
 from visreg_hub.inference.pipeline import EmbeddingPipeline, EncodeFailure, EncodeResult
@@ -123,7 +122,7 @@ def encode(
             "from_pretrained(name, backend='onnx'), or "
             "visreg_hub.inference.backends.set_backend(model, 'onnx')",
             DeprecationWarning,
-            stacklevel=_user_stacklevel(),  # model.encode() wraps this: point at the user's line
+            stacklevel=user_stacklevel(),  # model.encode() wraps this: point at the user's line
         )
         if backend not in BACKENDS:
             raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
@@ -234,15 +233,3 @@ def patch_pca_rgb(patch_grid: torch.Tensor | np.ndarray) -> np.ndarray:
     rgb[:, :num] = torch.where(live, (scores - low) / torch.where(live, span, 1.0) * 255.0, 0.0)
     return rgb.round().clamp(0, 255).to(torch.uint8).reshape(height, width, 3).numpy()
 
-
-def _user_stacklevel() -> int:
-    """``warnings.warn``'s stacklevel of the first caller outside visreg_hub, as seen from the caller of this.
-
-    Python shows a DeprecationWarning only when it is attributed to ``__main__`` (or the user's code under
-    pytest); one attributed to visreg_hub's own wrapper is never seen.
-    """
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level

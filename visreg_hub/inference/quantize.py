@@ -23,9 +23,12 @@ quantises to the lowest code instead of dividing by zero.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import torch
+
+from visreg_hub.errors import user_stacklevel
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +99,14 @@ def quantize_embeddings(
         # nothing to quantise and nothing to take ranges from (an empty call, or every image failed)
         return np.empty(values.shape, dtype=np.uint8 if precision == "uint8" else np.int8)
     if ranges is None:
+        if calibration_embeddings is None and len(values) < 2:
+            warnings.warn(
+                f"{precision} codes of {len(values)} embedding without calibration_embeddings: a range taken "
+                "from one vector is empty, so every code is the lowest; pass calibration_embeddings (or "
+                "ranges) from a representative set",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
         ranges = quantization_ranges(values, calibration_embeddings)
     ranges = np.asarray(ranges, dtype=np.float64)
     if ranges.shape != (2, values.shape[1]):
