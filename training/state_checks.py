@@ -103,6 +103,13 @@ def check_module_tensors(tensors: dict, module: torch.nn.Module, where: str) -> 
             )
 
 
+_PLAN_HINT = (
+    "if train.global_batch_size, train.per_device_batch_size, the number of processes, the data or "
+    "data.val_size changed since the checkpoint was written, resume with the values it was written with "
+    "(the warning 'resuming with changed settings' lists them); otherwise the checkpoint is damaged"
+)
+
+
 def check_trainer_state(trainer: Any, steps_by_epoch: tuple[int, ...]) -> None:
     """The trainer's position: non-negative integers within the run's epochs (``steps_by_epoch``: a step
     inside an epoch past its end would crash the data loader mid-run)."""
@@ -128,7 +135,7 @@ def check_trainer_state(trainer: Any, steps_by_epoch: tuple[int, ...]) -> None:
     if epoch < len(steps_by_epoch) and inside > steps_by_epoch[epoch]:
         raise CheckpointError(
             f"training state trainer.step_in_epoch is {inside}, but epoch {epoch} has "
-            f"{steps_by_epoch[epoch]} steps; the file is inconsistent with this run's data"
+            f"{steps_by_epoch[epoch]} steps; the file is inconsistent with this run's data: {_PLAN_HINT}"
         )
     if epoch > len(steps_by_epoch):
         raise CheckpointError(
@@ -139,5 +146,5 @@ def check_trainer_state(trainer: Any, steps_by_epoch: tuple[int, ...]) -> None:
         raise CheckpointError(
             f"training state trainer.global_step is {trainer['global_step']}, but epoch {epoch} step "
             f"{inside} of this run's plan is step {position}; the file is inconsistent with this run's data "
-            "and batch"
+            f"and batch: {_PLAN_HINT}"
         )

@@ -190,6 +190,12 @@ def _optimizer_state(parts: TrainingParts, record: dict, tensors: dict) -> dict:
     """
     live = parts.optimizer.state_dict()
     saved_groups = record["param_groups"]
+    if isinstance(saved_groups, list) and len(saved_groups) != len(live["param_groups"]):
+        raise CheckpointError(
+            f"the checkpoint's optimiser has {len(saved_groups)} parameter group(s), this run's "
+            f"{len(live['param_groups'])}: the online probe adds one; resume with the train.online_probe "
+            "setting it was written with"
+        )
     like(saved_groups, live["param_groups"], "optimizer.param_groups")
     for number, (saved, current) in enumerate(zip(saved_groups, live["param_groups"], strict=True)):
         if saved["params"] != current["params"]:

@@ -390,7 +390,7 @@ HOSTILE_VALUES = {
                     "step must be"),
     # accepted silently before (probe 2): a position the plan does not have, NaN "best", counters out of range
     "global-step": (lambda r: (r["trainer"].update(global_step=11), r["scheduler"].update(last_epoch=11)),
-                    None, "inconsistent with this run's data and batch"),
+                    None, "inconsistent with this run's data and batch: if train.global_batch_size"),
     "global-step-0": (lambda r: (r["trainer"].update(global_step=0), r["scheduler"].update(last_epoch=0)),
                       None, "global_step is 0"),
     "nan-best": (lambda r: r["trainer"].update(best_metric=float("nan")), None,
@@ -399,6 +399,9 @@ HOSTILE_VALUES = {
                         "alarm counters must be >= 0"),
     "huge-counter": (lambda r: r["monitor"].update(consecutive_alarms=10**400), None, "below 2\\*\\*53"),
     "huge-step-count": (lambda r: r["scheduler"].update(_step_count=10**30), None, "below 2\\*\\*53"),
+    # a changed setting, not a damaged file: the messages name the setting (probe 4)
+    "probe-group": (lambda r: r["optimizer"]["param_groups"].append(dict(r["optimizer"]["param_groups"][1])),
+                    None, "resume with the train.online_probe setting"),
 }  # fmt: skip
 
 
