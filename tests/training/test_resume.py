@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -68,9 +69,9 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(tmp_path):
     )
 
 
-def test_sigterm_ends_a_run_like_ctrl_c_with_a_message_and_a_loadable_checkpoint(tmp_path):
-    """A scheduler's preemption (SIGTERM), here inside a checkpoint write: exit 143 with one line naming
-    --resume auto, and the previous checkpoint is still the latest."""
+def _run_until_inside_the_step_4_checkpoint_write(tmp_path) -> tuple[Path, subprocess.Popen]:
+    """A 6-step fixture run in a subprocess, returned while it sleeps inside writing checkpoint 4
+    (step 2 is complete; step 4's files exist, not yet renamed)."""
     output = tmp_path / "run"
     config_args = [
         "--config", str(REPO / "training" / "configs" / "fmnist-fixture-cpu.yaml"),
@@ -90,6 +91,13 @@ def test_sigterm_ends_a_run_like_ctrl_c_with_a_message_and_a_loadable_checkpoint
         assert process.poll() is None, process.stderr.read().decode()
         assert time.monotonic() < deadline, "the checkpoint writer never reached the hook"
         time.sleep(0.2)
+    return output, process
+
+
+def test_sigterm_ends_a_run_like_ctrl_c_with_a_message_and_a_loadable_checkpoint(tmp_path):
+    """A scheduler's preemption (SIGTERM), here inside a checkpoint write: exit 143 with one line naming
+    --resume auto, and the previous checkpoint is still the latest."""
+    output, process = _run_until_inside_the_step_4_checkpoint_write(tmp_path)
     os.kill(process.pid, signal.SIGTERM)
     assert process.wait(timeout=60) == 143
     err = process.stderr.read().decode()
@@ -101,25 +109,7 @@ def test_sigterm_ends_a_run_like_ctrl_c_with_a_message_and_a_loadable_checkpoint
 
 
 def test_kill_during_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_path):
-    output = tmp_path / "run"
-    config_args = [
-        "--config", str(REPO / "training" / "configs" / "fmnist-fixture-cpu.yaml"),
-        f"data.path={REPO / 'tests' / 'fixtures' / 'fmnist_train_500.npz'}",
-        f"train.output_dir={output}", "train.max_steps=6", "train.checkpoint_every=2",
-        "train.progress_bar=false", "train.log_with=none", "train.per_device_batch_size=32",
-        "train.global_batch_size=32",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", ckpt.SLEEP_HOOK_ENV: "4:120"}
-    command = [sys.executable, str(REPO / "training" / "pretrain.py"), *config_args]
-    process = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    marker = output / "checkpoints" / ".tmp-step-00000004" / "HOOK_SLEEPING"
-    deadline = time.monotonic() + 240
-    while not marker.exists():
-        assert process.poll() is None, process.stderr.read().decode()
-        assert time.monotonic() < deadline, "the checkpoint writer never reached the hook"
-        time.sleep(0.2)
+    output, process = _run_until_inside_the_step_4_checkpoint_write(tmp_path)
     os.kill(process.pid, signal.SIGKILL)  # inside the write: files of step 4 exist, not yet renamed
     process.wait(timeout=30)
     process.stderr.close()
