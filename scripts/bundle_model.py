@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from training import model_table as mt  # noqa: E402
+from visreg_hub.errors import ConfigError  # noqa: E402
 from visreg_hub.hub import from_pretrained  # noqa: E402
 
 ASSETS = REPO / "visreg_hub" / "assets"
@@ -141,10 +142,42 @@ def eval_results(name: str, table: dict) -> tuple[list[dict], str]:
     return [], ""
 
 
+# what makes a run the registry entry's model: the card's description and numbers are about these
+ARCHITECTURE = ("depth", "embed_dim", "patch_size", "img_size", "in_chans")
+
+
+def expected_architecture(name: str) -> dict:
+    """Backbone of registry entry ``name``, as built by its training config ``MODELS[name]["config"]``."""
+    from training.checks import model_config
+    from training.config import load_config
+
+    config = model_config(load_config(REPO / MODELS[name]["config"]))
+    return {key: getattr(config, key) for key in ARCHITECTURE}
+
+
+def check_architecture(model, name: str) -> None:
+    """Refuse a run whose backbone is not the one ``name`` describes (the card would stamp another
+    model's description and numbers onto it)."""
+    expected = expected_architecture(name)
+    found = {key: getattr(model.config, key) for key in ARCHITECTURE}
+    differing = [key for key in ARCHITECTURE if found[key] != expected[key]]
+    if differing:
+        wanted = ", ".join(f"{key}={expected[key]}" for key in differing)
+        got = ", ".join(f"{key}={found[key]}" for key in differing)
+        config = MODELS[name]["config"]
+        raise SystemExit(
+            f"error: {name} is {wanted} ({config}), but this run has {got}; "
+            f"bundle a run trained with --config {config}"
+        )
+
+
 def write(model, name: str, folder: Path, table: dict, pooling: str | None = None) -> str:
     info = MODELS[name]
     if pooling is not None:  # chosen on training data by scripts/select_pooling.py
-        model.config = model.config.replace(pooling=pooling)
+        try:
+            model.config = model.config.replace(pooling=pooling)
+        except ConfigError as exc:  # e.g. cls_last4 on a 2-block model: one line, not a traceback
+            raise SystemExit(f"error: --pooling {pooling}: {exc}") from None
     results, baselines = eval_results(name, table)
     command = info.get("train_command", f"python training/pretrain.py --config {info['config']}")
     extra = {**model.config.extra, "eval_results": results, "train_command": command}
@@ -157,13 +190,17 @@ def write(model, name: str, folder: Path, table: dict, pooling: str | None = Non
     return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    from visreg_hub.models.config import POOLINGS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_folder", type=Path, nargs="?", help="final/ folder written by pretrain.py")
     parser.add_argument("--name", choices=sorted(MODELS))
     parser.add_argument("--cards", action="store_true", help="rewrite every bundled card from the table")
-    parser.add_argument("--pooling", help="default feature tap (scripts/select_pooling.py's choice)")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--pooling", choices=POOLINGS, help="default feature tap (scripts/select_pooling.py's choice)"
+    )
+    args = parser.parse_args(argv)
     table = json.loads(TABLE.read_text()) if TABLE.is_file() else {}
     if args.cards:
         for name in MODELS:
@@ -181,7 +218,9 @@ def main() -> None:
         return
     if args.run_folder is None or args.name is None:
         parser.error("give RUN_FOLDER and --name, or --cards")
-    digest = write(from_pretrained(args.run_folder), args.name, ASSETS / args.name, table, args.pooling)
+    model = from_pretrained(args.run_folder)
+    check_architecture(model, args.name)  # before anything is written into the assets
+    digest = write(model, args.name, ASSETS / args.name, table, args.pooling)
     print(f"wrote {ASSETS / args.name}; model.safetensors sha256 {digest}")
 
 

@@ -107,12 +107,44 @@ def run_fixture() -> dict:
     }
 
 
+def device_name() -> str:
+    threads = torch.get_num_threads()
+    return f"CPU ({platform.machine()}, {threads} thread{'' if threads == 1 else 's'})"
+
+
+def part_key(part: str) -> str:
+    """The results key a part writes (both colour parts share ``colour``)."""
+    return "colour" if part.startswith("colour-") else part
+
+
+def part_stamps(results: dict, recomputed: list[str] = ()) -> dict[str, dict]:
+    """``{part: {date, device, torch}}`` of every part with results: ``recomputed`` parts are stamped
+    now, the others keep their own stamp (a JSON from before per-part stamps: its single stamp), so
+    ``--parts fixture`` does not re-date numbers it did not measure."""
+    meta = results.get("meta", {})
+    single = {key: meta[key] for key in ("date", "device", "torch") if key in meta}
+    now = {"date": datetime.date.today().isoformat(), "device": device_name(), "torch": torch.__version__}
+    stamps = {}
+    for part in PARTS:
+        if part in recomputed:
+            stamps[part] = now
+        elif part in meta.get("parts", {}):
+            stamps[part] = meta["parts"][part]
+        elif part_key(part) in results and single:
+            stamps[part] = single
+    return stamps
+
+
 def render(results: dict) -> str:
-    meta = results["meta"]
+    stamps = part_stamps(results)
+    measured = "; ".join(
+        f"{part} {s.get('date', '?')} on {s.get('device', '?')}, torch {s.get('torch', '?')}"
+        for part, s in stamps.items()
+    )
     lines = [
         "## Bundled models against baselines (generated)",
         "",
-        f"Written by `{COMMAND}` ({meta['date']}, {meta['device']}, torch {meta['torch']}); the model cards",
+        f"Written by `{COMMAND}` (parts measured: {measured}); the model cards",
         "carry the same numbers (docs/model_table.json). Every row of a table comes from the same code on",
         "the same split (the colour baselines and models are separate parts; each part's time is listed).",
         "",
@@ -181,11 +213,11 @@ def _row_order(name: str) -> tuple:
     return (not name.startswith("`"), not name.startswith("same ViT"), "Efficient" in name, name)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--render-only", action="store_true", help="rewrite docs/results.md from the JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for part in [] if args.render_only else args.parts:
         if part.startswith("colour-"):
             key, value = "colour", run_colour(part.split("-")[1], _read().get("colour", {}))
@@ -208,9 +240,8 @@ def main() -> None:
     if args.render_only:
         DOC_PATH.write_text(mt.replace_section(DOC_PATH.read_text(), "model-table", render(results)))
         return
-    results["meta"] = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
-                       "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-                       "command": COMMAND}  # fmt: skip
+    # each part keeps the date it was measured (parts run in parallel stamp their own in the JSON)
+    results["meta"] = {"command": COMMAND, "parts": part_stamps(results, args.parts)}
     JSON_PATH.write_text(json.dumps(results, indent=1, default=float) + "\n")
     DOC_PATH.write_text(mt.replace_section(DOC_PATH.read_text(), "model-table", render(results)))
     print(f"wrote {JSON_PATH} and {DOC_PATH}")

@@ -214,9 +214,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--long-tail-profile", choices=("pareto", "exponential"), default="pareto")
     parser.add_argument(
-        "--long-tail-max", type=int, help="images of the head class (default: smallest class)"
+        "--long-tail-max", type=int_range(1), help="images of the head class (default: smallest class)"
     )
-    parser.add_argument("--long-tail-seed", type=int, default=0)
+    parser.add_argument("--long-tail-seed", type=int_range(0), default=0)
     parser.add_argument("--batch-size", type=int_range(1), default=256)
     parser.add_argument("--workers", type=int_range(0), default=0)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -227,6 +227,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.out is not None and table.resolve() == args.out.resolve():
         parser.error("--markdown must differ from --out (the table would overwrite the JSON results)")
     return args
+
+
+def knn_ks_used(requested: list[int], bank_size: int) -> list[int]:
+    """The kNN k values to run and report: each requested k clipped to the ``bank_size`` training
+    images, once each. The results are labelled with the k actually used, never with a requested k
+    that the bank cannot hold (a "k=200" column holding k=10 numbers would be read as k=200)."""
+    used = list(dict.fromkeys(min(k, bank_size) for k in requested))
+    clipped = [k for k in requested if k > bank_size]
+    if clipped:
+        logger.warning("kNN k=%s exceed the %d training images; reporting k=%d instead (pass --knn-k "
+                       "at most %d to silence this)", ",".join(map(str, clipped)), bank_size, bank_size,
+                       bank_size)  # fmt: skip
+    return used
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -269,10 +282,13 @@ def evaluate(args: argparse.Namespace) -> dict:
         "knn_temperature": args.temperature,
         "command": " ".join(["training/evaluate.py", *sys.argv[1:]]),
     }
+    knn_ks = knn_ks_used(args.knn_k, len(train_y))
     results["knn"] = {
         str(k): 100.0 * knn_accuracy(train_x, train_y, test_x, test_y, k=k, temperature=args.temperature)
-        for k in args.knn_k
+        for k in knn_ks
     }
+    if knn_ks != list(dict.fromkeys(args.knn_k)):
+        results["knn_k_requested"] = list(args.knn_k)  # provenance: the command asked for these
     if args.probe_pooling:
         knn_tap = args.pooling or model.config.pooling
         probe_train, probe_test = {}, {}
@@ -292,7 +308,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if groups is not None:
         from visreg_hub.retrieval.metrics import knn_predict
 
-        knn_k = 20 if 20 in args.knn_k else args.knn_k[0]
+        knn_k = 20 if 20 in knn_ks else knn_ks[0]
         knn_predictions = knn_predict(train_x, train_y, test_x, k=knn_k, temperature=args.temperature)
         results["train_class_counts"] = {str(c): int((train_y == c).sum()) for c in np.unique(train_y)}
         results["groups"] = {

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -28,13 +33,17 @@ def single_blas_thread():
         yield
 
 
-def tiny_args(out, *extra):
-    return compare.parse_args([
+def tiny_argv(out, *extra):
+    return [
         "--out", str(out), "--config", str(FIXTURE_CONFIG),
         "--set", f"data.path={TRAIN}", "data.val_size=0", "train.checkpoint_every=1", "train.log_with=none",
         "train.progress_bar=false", "--steps", "2", "--test-split", str(TEST), "--lt-max", "40",
         "--lt-ratio", "8", "--methods", "visreg", "--seeds", "0", *extra,
-    ])  # fmt: skip
+    ]  # fmt: skip
+
+
+def tiny_args(out, *extra):
+    return compare.parse_args(tiny_argv(out, *extra))
 
 
 class InterruptingRunner(compare.InProcessRunner):
@@ -179,3 +188,122 @@ def test_summary_numbers_verdicts_and_cell_status(tmp_path):
     text = doc.read_text()
     assert text.startswith("# Results\nkeep me\n") and text.endswith(f"{summarize.END}\ntail stays\n")
     assert "old" not in text and table in text
+
+
+# ------------------------------------------------------------------------------------------ interruptions
+def bare_grid() -> dict:
+    """The parts of grid.json that run_cell reads (no training happens with the fake runners below)."""
+    return {
+        "config": str(FIXTURE_CONFIG), "extra_overrides": [], "steps": 2, "eval_data": [],
+        "methods": {"visreg": {"overrides": []}}, "settings": {"balanced": {"train": [], "eval_args": []}},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("code", [130, -2, 143, -15])
+def test_a_trainer_stopped_by_a_signal_leaves_its_cell_resumable_not_failed(tmp_path, code):
+    cell = compare.Cell("balanced", "visreg", 0)
+    assert compare.run_cell(tmp_path, bare_grid(), cell, lambda script, argv, log: code) == "interrupted"
+    folder = compare.cell_dir(tmp_path, cell)
+    assert not (folder / "failed.json").exists() and not (folder / "train.done").exists()
+    # a real error still marks the cell failed
+    assert compare.run_cell(tmp_path, bare_grid(), cell, lambda script, argv, log: 1) == "failed"
+    assert json.loads((folder / "failed.json").read_text())["exit_code"] == 1
+
+
+class FailingRunner(compare.InProcessRunner):
+    """Every training exits 1 (a divergence) without training anything."""
+
+    def __call__(self, script, argv, log):
+        self.calls.append((script, argv))
+        return 1
+
+
+def test_main_exits_nonzero_while_cells_stay_failed_and_names_retry_failed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare, "InProcessRunner", FailingRunner)
+    argv = [*tiny_argv(tmp_path / "grid"), "--settings", "balanced", "--in-process"]
+    assert compare.main(argv) == 1
+    capsys.readouterr()
+    assert compare.main(argv) == 1  # the restart skips the failed cell: still not a success
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"cells": 1, "skipped-failed": 1}
+    assert "1 cell(s) failed" in err and "--retry-failed" in err
+
+
+DRIVER = """
+import sys
+from training.experiments import compare
+
+class SleepingRunner(compare.SubprocessRunner):  # every 'training' is a sleeper that reports its pid
+    def __call__(self, script, argv, log):
+        return super().__call__(sys.argv[1], [str(log.parent / "child.pid")], log)
+
+compare.SubprocessRunner = SleepingRunner
+sys.exit(compare.main(sys.argv[2:]))
+"""
+SLEEPER = """
+import os, sys, time
+from pathlib import Path
+try:
+    Path(sys.argv[1]).write_text(str(os.getpid()))
+    time.sleep(120)
+except KeyboardInterrupt:
+    sys.exit(130)  # as pretrain.py does
+"""
+
+
+@pytest.mark.parametrize(("signum", "jobs"), [(signal.SIGTERM, 1), (signal.SIGINT, 2)])
+def test_a_stopped_grid_stops_its_trainers_before_unlocking(tmp_path, signum, jobs):
+    import fcntl
+
+    (tmp_path / "driver.py").write_text(DRIVER)
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    out = tmp_path / "grid"
+    methods = ["visreg", "vicreg"][:jobs]
+    argv = [*tiny_argv(out), "--settings", "balanced", "--methods", *methods, "--jobs", str(jobs)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "sleeper.py"), *argv]
+    grid = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    pid_files = [out / "balanced" / m / "seed-0" / "child.pid" for m in methods]
+    deadline = time.monotonic() + 120
+    while not all(p.is_file() and p.read_text() for p in pid_files) and grid.poll() is None:
+        assert time.monotonic() < deadline, "the fake trainers never started"
+        time.sleep(0.1)
+    grid.send_signal(signum)  # to compare.py only, as `kill PID` does (Ctrl-C's group signal is forwarded)
+    _, err = grid.communicate(timeout=90)
+
+    assert grid.returncode == 128 + signum
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        f"error: interrupted by {signal.Signals(signum).name}"
+    )
+    for pid_file in pid_files:
+        with pytest.raises(ProcessLookupError):  # stopped and reaped: no orphan writes into the cell
+            os.kill(int(pid_file.read_text()), 0)
+        assert not (pid_file.parent / "failed.json").exists()  # the rerun resumes the cell
+    with open(out / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released
+
+
+# ------------------------------------------------------------------------------------------ grid.json
+def test_grid_sees_an_edit_to_an_extended_parent_config(tmp_path, caplog):
+    parent, child = tmp_path / "parent.yaml", tmp_path / "child.yaml"
+    parent.write_text(FIXTURE_CONFIG.read_text())
+    child.write_text("extends: parent.yaml\ntrain:\n  max_steps: 4\n")
+    out = tmp_path / "grid"
+    args = tiny_args(out)
+    args.config = str(child)
+    spec = compare.grid_spec(args)
+    compare.open_grid(out, spec, compare.plan(args))
+
+    parent.write_text(FIXTURE_CONFIG.read_text().replace("lr: 2.0e-3", "lr: 1.0e-3"))
+    with pytest.raises(compare.ConfigError, match="different merged_config_sha256"):
+        compare.open_grid(out, compare.grid_spec(args), compare.plan(args))
+
+    # a grid.json written before the merged hash existed stays usable, and records it
+    saved = json.loads((out / "grid.json").read_text())
+    old = {k: v for k, v in saved.items() if k != "merged_config_sha256"}
+    (out / "grid.json").write_text(json.dumps({**old, "config_sha256": "bytes of child.yaml"}))
+    new_spec = compare.grid_spec(args)
+    compare.open_grid(out, new_spec, compare.plan(args))
+    assert "predates merged_config_sha256" in caplog.text
+    saved = json.loads((out / "grid.json").read_text())
+    assert saved["merged_config_sha256"] == new_spec["merged_config_sha256"]

@@ -151,6 +151,7 @@ def test_probe_pooling_chooses_the_tap_on_validation(model_folder, tmp_path):
         ["--temperature", "nan"], ["--val-fraction", "1.5"], ["--val-fraction", "0"], ["--batch-size", "0"],
         ["--workers", "-1"], ["--pooling", "foo"], ["--probe-pooling", "cls", "foo"], ["--seeds", "0"],
         ["--long-tail-ratio", "0.5"], ["--out", "r.json", "--markdown", "r.json"],
+        ["--long-tail-max", "-5"], ["--long-tail-max", "0"], ["--long-tail-seed", "-1"],
     ],
 )  # fmt: skip
 def test_bad_arguments_stop_before_any_feature_is_computed(flags, capsys, monkeypatch):
@@ -161,3 +162,15 @@ def test_bad_arguments_stop_before_any_feature_is_computed(flags, capsys, monkey
     with pytest.raises(SystemExit) as info:
         evaluation.main(["some-model", "--data", "npz", *flags])
     assert info.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_knn_results_are_labelled_with_the_k_actually_used(model_folder, features, tmp_path):
+    """A k larger than the training bank is clipped: the JSON key and the table say the clipped k
+    (they said "k=1000" over k=500 numbers), and the JSON keeps the requested values."""
+    results = _run(model_folder, tmp_path, "--knn-k", "10", "1000", "2000")
+    (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
+    assert set(results["knn"]) == {"10", "500"} and results["knn_k_requested"] == [10, 1000, 2000]
+    expected = 100 * knn_accuracy(train_x, train_y, test_x, test_y, k=500, temperature=0.07)
+    assert results["knn"]["500"] == pytest.approx(expected, abs=1e-9)
+    table = (tmp_path / "eval.md").read_text()
+    assert "| kNN k=500 T=0.07 |" in table and "k=1000" not in table.split("Command:")[0]

@@ -82,3 +82,39 @@ def test_fmnist_rows_knn_on_the_default_pooling_and_probe_over_every_tap():
                          val_fraction=0.1, seed=0)  # fmt: skip
     assert ours["linear_dim"] == tap_train.shape[1] and ours["linear_c"] == alone.best_c
     assert ours["linear"] == pytest.approx(100 * alone.test_accuracy)
+
+
+def test_recomputing_one_part_keeps_the_other_parts_dates(tmp_path, monkeypatch):
+    """``--parts fixture`` stamped the whole table (fmnist numbers from another day and machine) with
+    today's date and this machine; each part now keeps its own date, device and torch."""
+    import datetime
+    import importlib.util
+    import json
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("model_table_script", REPO / "scripts" / "model_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    table, doc = tmp_path / "model_table.json", tmp_path / "results.md"
+    old_meta = {"date": "2020-01-02", "torch": "0.1", "device": "CPU (x86_64, 2 threads)", "command": "x"}
+    table.write_text(json.dumps({"meta": old_meta, "fmnist": {"rows": {}, "data": "Fashion-MNIST"},
+                                 "fixture": {"model": "old"}}))  # fmt: skip
+    doc.write_text("# Results\n")
+    fixture = {"model": "vit-mini-p7-fmnist", "n_train": 500, "n_test": 200, "model_knn": 1.0, "raw_knn": 2.0}
+    monkeypatch.setattr(script, "JSON_PATH", table)
+    monkeypatch.setattr(script, "DOC_PATH", doc)
+    monkeypatch.setattr(script, "run_fixture", lambda: fixture)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+
+    script.main(["--parts", "fixture"])
+    stamps = json.loads(table.read_text())["meta"]["parts"]
+    assert stamps["fmnist"] == {k: old_meta[k] for k in ("date", "torch", "device")}  # not re-dated
+    today = datetime.date.today().isoformat()
+    assert stamps["fixture"]["date"] == today and stamps["fixture"]["device"].endswith(", 1 thread)")
+    text = doc.read_text()
+    assert "fmnist 2020-01-02 on CPU (x86_64, 2 threads), torch 0.1" in text
+    assert f"fixture {today} on CPU (" in text and "1 threads" not in text
+
+    script.main(["--parts", "fixture"])  # a second run keeps the per-part stamps it wrote
+    assert json.loads(table.read_text())["meta"]["parts"]["fmnist"]["date"] == "2020-01-02"

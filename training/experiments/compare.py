@@ -14,8 +14,11 @@ when ``cell.json`` exists.
 Restarting the command continues the grid: finished cells are skipped, an interrupted training resumes
 from its latest checkpoint (``--resume auto``), a finished training whose evaluation was interrupted is
 only evaluated. A cell whose training exits with an error (divergence, collapse stop) gets ``failed.json``
-and is skipped on later runs unless ``--retry-failed``. ``<out>/grid.json`` pins the budget and the
-config; a later run with a different budget or config refuses to mix into the same folder.
+and is skipped on later runs unless ``--retry-failed``; the command exits 1 while any cell is failed.
+A child stopped by SIGINT or SIGTERM is *interrupted*, not failed. Ctrl-C or SIGTERM of this command is
+forwarded to its child processes, which are waited for before the grid is unlocked (exit 130 / 143).
+``<out>/grid.json`` pins the budget and the config (the merged config of every method, ``extends:``
+parents included); a later run with a different budget or config refuses to mix into the same folder.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -43,6 +48,31 @@ from visreg_hub.errors import ConfigError
 logger = logging.getLogger("training.experiments.compare")
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = "training/configs/fmnist-compare-cpu.yaml"
+# exit statuses of a child stopped by SIGINT / SIGTERM: 128 + n from a handler (pretrain.py's Ctrl-C
+# path returns 130), -n from subprocess when the signal killed it. Such a cell is resumable, not failed.
+INTERRUPTED_CODES = frozenset({128 + signal.SIGINT, -signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGTERM})
+STOP_GRACE_S = 60.0  # how long a stopped child may take to exit before it is killed
+
+
+class Interrupted(KeyboardInterrupt):
+    """This process got SIGINT or SIGTERM (``signum``); a KeyboardInterrupt, so every cleanup path runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_interrupted(signum: int, frame) -> None:
+    """Signal handler: turn SIGTERM (and SIGINT) into :class:`Interrupted` in the main thread."""
+    for other in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the children's wait short
+        signal.signal(other, already_stopping)
+    raise Interrupted(signum)
+
+
+def already_stopping(signum: int, frame) -> None:
+    """Signal handler while the children are being stopped: say so, and keep waiting for them."""
+    print(f"{signal.Signals(signum).name} again: still waiting for the trainers to stop "
+          f"(at most {STOP_GRACE_S:.0f} s)", file=sys.stderr)  # fmt: skip
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -53,10 +83,17 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 # ------------------------------------------------------------------------------------------ runners
 class SubprocessRunner:
-    """Runs pretrain.py / evaluate.py as child processes (one crash or leak cannot take the grid down)."""
+    """Runs pretrain.py / evaluate.py as child processes (one crash or leak cannot take the grid down).
+
+    Children run in their own session, so a terminal's Ctrl-C reaches only this process; :meth:`stop`
+    forwards it (or SIGTERM) exactly once and waits, so no trainer outlives the grid lock.
+    """
 
     def __init__(self, python: str = sys.executable) -> None:
         self.python = python
+        self._lock = threading.Lock()
+        self._children: set[subprocess.Popen] = set()
+        self._stopped: int | None = None  # the signal stop() forwarded; no child starts after it
 
     def __call__(self, script: str, argv: list[str], log: Path) -> int:
         env = {
@@ -69,13 +106,42 @@ class SubprocessRunner:
         with open(log, "a", encoding="utf-8") as out:
             out.write(f"\n$ {script} {' '.join(argv)}\n")
             out.flush()
-            return subprocess.call(
-                [self.python, str(REPO / script), *argv],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=REPO,
-            )
+            child = None
+            try:
+                with self._lock:
+                    if self._stopped is not None:  # a worker thread reaching its next cell after a stop
+                        return -self._stopped
+                    child = subprocess.Popen(
+                        [self.python, str(REPO / script), *argv], stdout=out, stderr=subprocess.STDOUT,
+                        env=env, cwd=REPO, start_new_session=True,
+                    )  # fmt: skip
+                    self._children.add(child)
+                return child.wait()
+            except KeyboardInterrupt as exc:  # --jobs 1: the signal arrives in this very wait
+                self.stop(getattr(exc, "signum", signal.SIGINT))
+                raise
+            finally:
+                with self._lock:
+                    self._children.discard(child)
+
+    def stop(self, signum: int = signal.SIGINT, grace_s: float = STOP_GRACE_S) -> None:
+        """Forward ``signum`` to every running child, start no new one, and wait for them to exit
+        (SIGKILL after ``grace_s``): their cells stay resumable, and nothing writes after the unlock."""
+        with self._lock:
+            self._stopped = signum
+            children = list(self._children)
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+        deadline = time.monotonic() + grace_s
+        for child in children:
+            try:
+                child.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("child %d ignored %s for %.0f s; killing it",
+                               child.pid, signal.Signals(signum).name, grace_s)  # fmt: skip
+                child.kill()
+                child.wait()
 
 
 class InProcessRunner:
@@ -126,9 +192,10 @@ def grid_spec(args: argparse.Namespace) -> dict:
     # at least --epochs full passes over the balanced set (the last step may run into a further epoch)
     steps = args.steps or math.ceil(args.epochs * train_size(base) / base.train.global_batch_size)
     long_tail = LongTail(args.lt_max, args.lt_ratio, args.lt_seed)
-    methods = {}
+    methods, merged = {}, {}
     for method in METHODS:
         config = load_config(str(config_path), [*args.set, *method.overrides])
+        merged[method.key] = config.to_dict()
         loss_class, kwargs = loss_settings(config)
         kwargs = {**weight_defaults(loss_class), **kwargs}
         methods[method.key] = {"label": method.label, "overrides": list(method.overrides),
@@ -140,7 +207,7 @@ def grid_spec(args: argparse.Namespace) -> dict:
         eval_data += ["--train", str(base.data.path), "--test", args.test_split]
     return {
         "config": str(args.config),
-        "config_sha256": hashlib.sha256(config_path.read_bytes()).hexdigest(),
+        "merged_config_sha256": merged_config_sha256(merged),
         "extra_overrides": list(args.set),
         "steps": steps,
         "global_batch_size": base.train.global_batch_size,
@@ -151,6 +218,18 @@ def grid_spec(args: argparse.Namespace) -> dict:
         "settings": {k: asdict(s) for k, s in settings(long_tail).items()},
         "methods": methods,
     }
+
+
+def merged_config_sha256(configs: dict[str, dict]) -> str:
+    """Hash of each method's fully merged config (``extends:`` parents and overrides applied): an edit
+    to a parent file changes it, while the bytes of the ``--config`` file alone would not."""
+    text = json.dumps(configs, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# keys a grid.json written before they existed lacks; such a grid stays usable and records them
+# (``config_sha256``, the bytes of the --config file only, was replaced by ``merged_config_sha256``)
+ADDED_KEYS = ("merged_config_sha256",)
 
 
 def open_grid(out: Path, spec: dict, plan: dict, create: bool = True) -> dict:
@@ -164,13 +243,21 @@ def open_grid(out: Path, spec: dict, plan: dict, create: bool = True) -> dict:
     saved = None
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
-        differing = sorted(k for k in spec if saved.get(k) != spec[k])
+        missing = [k for k in ADDED_KEYS if k not in saved]
+        if missing:
+            logger.warning(
+                "%s predates %s; recording it now (config edits made before this run cannot be detected)",
+                path,
+                ", ".join(missing),
+            )
+        differing = sorted(k for k in spec if k not in missing and saved.get(k) != spec[k])
         if differing:
             raise ConfigError(
                 f"{out} holds a grid with different {', '.join(differing)}; use a new --out folder "
                 "or the settings of the existing grid"
             )
     grid = saved or {**spec, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    grid = {**grid, **{k: spec[k] for k in ADDED_KEYS if k not in grid}}
     before = grid.get("planned", {})
     grid["planned"] = {k: sorted(set(before.get(k, [])) | set(v)) for k, v in plan.items()}
     if create and grid != saved:
@@ -184,7 +271,8 @@ def cell_dir(out: Path, cell: Cell) -> Path:
 
 
 def run_cell(out: Path, grid: dict, cell: Cell, runner, retry_failed: bool = False) -> str:
-    """Bring one cell to 'done' (or 'failed'); returns what happened: skipped/done/failed/skipped-failed."""
+    """Bring one cell to 'done' (or 'failed'); returns what happened: skipped / done / failed /
+    skipped-failed / interrupted (a child stopped by a signal: the next run resumes the cell)."""
     folder = cell_dir(out, cell)
     if (folder / "cell.json").is_file():
         return "skipped"
@@ -204,24 +292,30 @@ def run_cell(out: Path, grid: dict, cell: Cell, runner, retry_failed: bool = Fal
         argv = ["--config", str(REPO / grid["config"]), *overrides, "--resume", "auto"]
         code = runner("training/pretrain.py", argv, folder / "train.log")
         if code != 0:
-            write_json_atomic(failed, {"cell": asdict(cell), "stage": "train", "exit_code": code,
-                                       "log": str(folder / "train.log")})  # fmt: skip
-            return "failed"
+            return stopped(failed, cell, "train", code, folder / "train.log")
         (folder / "train.done").write_text("ok\n", encoding="utf-8")
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # final/ holds the backbone
     argv = [str(folder / "final"), *grid["eval_data"], *setting["eval_args"], "--workers", "0",
             "--batch-size", "512", "--device", "cpu", "--out", str(folder / "eval.json")]  # fmt: skip
     code = runner("training/evaluate.py", argv, folder / "eval.log")
     if code != 0:
-        write_json_atomic(failed, {"cell": asdict(cell), "stage": "eval", "exit_code": code,
-                                   "log": str(folder / "eval.log")})  # fmt: skip
-        return "failed"
+        return stopped(failed, cell, "eval", code, folder / "eval.log")
     write_json_atomic(folder / "cell.json", {
         "cell": asdict(cell), "overrides": overrides, "steps": grid["steps"], "code": code_version(),
         "eval": "eval.json", "seconds_this_run": round(time.time() - started, 1),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })  # fmt: skip
     return "done"
+
+
+def stopped(failed: Path, cell: Cell, stage: str, code: int, log: Path) -> str:
+    """Outcome of a child that exited with ``code`` != 0: 'interrupted' for SIGINT / SIGTERM (no
+    ``failed.json``: a restart must resume the cell, not skip it), else 'failed' with ``failed.json``."""
+    if code in INTERRUPTED_CODES:
+        logger.warning("%s: %s stopped by a signal (exit %d); a rerun resumes it", cell.name, stage, code)
+        return "interrupted"
+    write_json_atomic(failed, {"cell": asdict(cell), "stage": stage, "exit_code": code, "log": str(log)})
+    return "failed"
 
 
 def code_version() -> str:
@@ -278,13 +372,20 @@ def run_grid(args: argparse.Namespace, runner) -> dict[str, str]:
             return cell.name, outcome
 
         if args.jobs == 1:
-            outcomes = dict(map(one, enumerate(todo, 1)))
-        else:  # cells are child processes; threads only wait on them, in grid order
-            from concurrent.futures import ThreadPoolExecutor
+            return dict(map(one, enumerate(todo, 1)))
+        # cells are child processes; threads only wait on them, in grid order
+        from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(args.jobs) as pool:
-                outcomes = dict(pool.map(one, enumerate(todo, 1)))
-    return outcomes
+        pool = ThreadPoolExecutor(args.jobs)
+        try:
+            return dict(pool.map(one, enumerate(todo, 1)))
+        except KeyboardInterrupt as exc:  # stop the children first: the pool waits for their threads
+            stop = getattr(runner, "stop", None)
+            if stop is not None:
+                stop(getattr(exc, "signum", signal.SIGINT))
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -321,14 +422,43 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     runner = InProcessRunner() if args.in_process else SubprocessRunner()
+    previous = install_stop_handlers()
     try:
         outcomes = run_grid(args, runner)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the children are stopped, the lock released
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"error: interrupted by {signal.Signals(signum).name}; the running cells were stopped; "
+              "rerun the same command to resume them", file=sys.stderr)  # fmt: skip
+        return 128 + signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     counts = {k: sum(v == k for v in outcomes.values()) for k in sorted(set(outcomes.values()))}
     print(json.dumps({"cells": len(outcomes), **counts}))
-    return 0 if "failed" not in counts else 1
+    return exit_status(counts)
+
+
+def install_stop_handlers() -> dict:
+    """SIGINT and SIGTERM raise :class:`Interrupted` (SIGTERM would otherwise kill this process and
+    orphan its trainers); returns the previous handlers. A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, raise_interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+
+def exit_status(counts: dict[str, int]) -> int:
+    """0 only when no cell is left failed or interrupted; says on stderr what to do about the rest."""
+    failed = counts.get("failed", 0) + counts.get("skipped-failed", 0)
+    if failed:
+        print(f"error: {failed} cell(s) failed (see failed.json in each cell folder); fix the cause and "
+              "rerun with --retry-failed to train them again", file=sys.stderr)  # fmt: skip
+    if counts.get("interrupted"):
+        print(f"error: {counts['interrupted']} cell(s) were stopped by a signal; rerun the same command "
+              "to resume them", file=sys.stderr)  # fmt: skip
+    return 1 if failed or counts.get("interrupted") else 0
 
 
 if __name__ == "__main__":
