@@ -178,6 +178,9 @@ class Trainer:
             logger.info(
                 "resumed from %s at step %d (epoch %d)", folder, self.state.global_step, self.state.epoch
             )
+            # a finished run resumed again: its last checkpoint is this one, not to be saved (and evaluated,
+            # logging the final metrics line a second time) again
+            self._last_saved_step, self._last_saved_path = self.state.global_step, folder
         if accelerator.is_main_process and resume is not None:
             # the steps after the checkpoint are run again: drop their old lines (or a fresh start's)
             trim_metrics(self.output_dir / "metrics.jsonl", self.state.global_step)
@@ -409,7 +412,7 @@ class Trainer:
             state.best_metric = metric
         record = {**state.state_dict(), "metric": metric, "total_steps": self.plan.total_steps}
         record["metric_name"] = "knn_accuracy" if self.evaluator.enabled else "negative_mean_loss"
-        self._last_saved_step = state.global_step
+        self._last_saved_step, self._last_saved_path = state.global_step, None
         return ckpt.save_checkpoint(
             self.accelerator,
             self.checkpoint_root,
@@ -440,7 +443,8 @@ class Trainer:
     def _finish(self) -> dict:
         """Final checkpoint, evaluation, export (and push)."""
         if getattr(self, "_last_saved_step", None) == self.state.global_step:
-            path = ckpt.read_pointer(self.checkpoint_root, "latest")
+            path = getattr(self, "_last_saved_path", None)
+            path = path or ckpt.read_pointer(self.checkpoint_root, "latest")
         else:
             path = self.save()
         final = self._export(self.output_dir / "final")

@@ -67,6 +67,11 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(tmp_path):
         expected["model.encoder.backbone.cls_token"],
         trained_tensors(stopped)["model.encoder.backbone.cls_token"],
     )
+    # resuming the finished run again changes nothing: no step, no checkpoint, no metrics line twice
+    before = (tmp_path / "stopped" / "metrics.jsonl").read_text()
+    again = train(tiny_config(tmp_path / "stopped", *EXACT), resume="auto")
+    assert again.state.global_step == 9 and (tmp_path / "stopped" / "metrics.jsonl").read_text() == before
+    assert again.summary["checkpoint"].endswith("step-00000009")
 
 
 def _run_until_inside_the_step_4_checkpoint_write(tmp_path) -> tuple[Path, subprocess.Popen]:
