@@ -90,20 +90,26 @@ def loss_settings(config: TrainingConfig) -> tuple[str, dict]:
     """
     import visreg_hub.losses as losses
 
+    for other in LOSS_CLASSES:  # every loss.<name> mapping, the inactive ones too: a typo is never silent
+        _check_keys(other, getattr(config.loss, other), _loss_params(getattr(losses, LOSS_CLASSES[other])))
     name = config.loss.name
     cls = getattr(losses, LOSS_CLASSES[name])
-    params = set(inspect.signature(cls.__init__).parameters) - _RESERVED
+    params = _loss_params(cls)
     kwargs = {
         key: getattr(config.loss, key) for key in ("reg_weight", "num_slices", "slice_mode") if key in params
     }
-    extra = getattr(config.loss, name)
-    unknown = sorted(set(extra) - params)
-    if unknown:
-        raise ConfigError(
-            f"loss.{name} has unknown setting(s) {unknown}; {cls.__name__} accepts {sorted(params)}"
-        )
-    kwargs.update(extra)
+    kwargs.update(getattr(config.loss, name))
     return cls.__name__, kwargs
+
+
+def _loss_params(cls) -> set[str]:
+    return set(inspect.signature(cls.__init__).parameters) - _RESERVED
+
+
+def _check_keys(name: str, settings: dict, params: set[str]) -> None:
+    unknown = sorted(set(settings) - params)
+    if unknown:
+        raise ConfigError(f"loss.{name} has unknown setting(s) {unknown}; it accepts {sorted(params)}")
 
 
 _PROJECTION_DTYPES = ("float32", "bfloat16", "float16", "float64")

@@ -145,6 +145,13 @@ def test_unknown_per_loss_setting_is_rejected_with_the_accepted_ones():
     config = load_config(PRESETS / "fmnist-fixture-cpu.yaml", ["loss.visreg.shape_wieght=2"])
     with pytest.raises(ConfigError, match=r"shape_wieght.*accepts.*shape_weight"):
         loss_settings(config)
+    # an inactive loss's mapping too: the typo would surface only when a grid switches to that loss
+    inactive = load_config(PRESETS / "fmnist-fixture-cpu.yaml", ["loss.sigreg.num_knot=9"])
+    assert inactive.loss.name == "visreg"
+    with pytest.raises(ConfigError, match=r"loss\.sigreg has unknown setting\(s\) \['num_knot'\].*num_knots"):
+        loss_settings(inactive)
+    settings = load_config(PRESETS / "fmnist-fixture-cpu.yaml", ["loss.sigreg.num_knots=9"])
+    assert "num_knots" not in loss_settings(settings)[1]  # valid settings of another loss are kept aside
 
 
 def test_batch_plan_gives_accumulation_or_a_clear_error():
