@@ -459,6 +459,11 @@ def test_bad_calibration_images_and_providers_are_refused_before_the_export(
     assert len(inputs) == len(photo_paths)
     assert "calibrating on 4 of 5 images: 1 could not be decoded" in caplog.text
     assert "broken.jpg" in caplog.text
+    assert "static int8 calibrated on only 4 image(s)" in caplog.text  # too few to trust its ranges
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="visreg_hub.inference.onnx.quantize"):
+        calibration_inputs(model.data_config, photo_paths * 16)  # 64: enough, no warning
+    assert "calibrated on only" not in caplog.text
 
 
 def test_an_output_folder_is_refused_before_any_export(model, tmp_path, capsys):

@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 QUANTIZED_OPS = ["MatMul", "Gemm"]
 MAX_CALIBRATION_IMAGES = 256
+# why: the static ranges are the min/max over the calibration images; a probe calibrating ViT-tiny on 4
+# photos kept 92.5 % of the fp32 nearest neighbours on 333 others, dynamic quantisation 98.5 %
+FEW_CALIBRATION_IMAGES = 64
 
 
 def calibration_sources(images: Any, limit: int = MAX_CALIBRATION_IMAGES) -> list[ImageSource]:
@@ -86,6 +89,13 @@ def calibration_inputs(data_config: dict, images: Any, limit: int = MAX_CALIBRAT
         logger.warning(
             "calibrating on %d of %d images: %d could not be decoded (%s)",
             len(pixels), len(items), len(failed), "; ".join(failed[:3]),
+        )  # fmt: skip
+    if len(pixels) < FEW_CALIBRATION_IMAGES:
+        logger.warning(
+            "static int8 calibrated on only %d image(s): activation ranges from so few images can cost "
+            "retrieval quality on others (the export's check uses synthetic images); pass %d or more "
+            "representative images, or use dynamic quantisation (no --calibration-images)",
+            len(pixels), FEW_CALIBRATION_IMAGES,
         )  # fmt: skip
     return preprocessor.normalize(torch.stack(pixels)).numpy()
 
