@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import re
+import shutil
 import socket
 import time
 
@@ -609,6 +610,16 @@ def test_vectors_added_to_a_built_index_of_unit_vectors_are_normalised(model, tm
         scores = {h["id"]: h["score"] for h in hits.json()["hits"]}
         assert max(scores.values()) == pytest.approx(1.0, abs=1e-5)  # the query's own item, a cosine
         assert scores[added.json()["ids"][0]] == pytest.approx(scores[1], abs=1e-5)  # 3x = the same direction
+        shutil.copytree(tmp_path / "built", tmp_path / "crashed")  # a kill -9 now: the add is only in the log
+    # after the crash, the add comes back from the log replay: normalised as when it was acknowledged
+    config = ServeConfig(
+        models=(ModelSpec("tiny", "tiny"),), indexes=(IndexSpec("built", tmp_path / "crashed"),)
+    )
+    with ThreadServer(create_app(config, runtimes={"tiny": runtime_from_model("tiny", model)})) as server:
+        hits = httpx.post(server.url + "/v1/search", json={"index": "built", "vector": embeddings[0].tolist(),
+                                                           "k": 5}, timeout=60)  # fmt: skip
+        replayed = {h["id"]: h["score"] for h in hits.json()["hits"]}
+        assert replayed == pytest.approx(scores, abs=1e-5)
 
 
 def test_draft_decoding_server_equals_encode_with_draft_decode(model, photo_bytes):
@@ -627,3 +638,30 @@ def test_draft_decoding_server_equals_encode_with_draft_decode(model, photo_byte
     drafted = model.encode([big], draft_decode=True, convert_to_numpy=True)[0]
     np.testing.assert_allclose(got, drafted, rtol=0, atol=1e-6)
     assert not np.allclose(got, model.encode([big], convert_to_numpy=True)[0], rtol=0, atol=1e-6)
+
+
+def test_an_index_of_another_pooling_takes_vector_queries_only(model, tmp_path, photo_bytes):
+    """Same width, another space: images embedded with the served model's pooling found their own stored
+    item first 0 times in 20 in a probe. Image queries and adds are refused with the reason instead."""
+    from visreg_hub.retrieval import EmbeddingIndex
+    from visreg_hub.serving.app import create_app
+    from visreg_hub.serving.runtime import runtime_from_model
+
+    assert model.config.pooling == "cls" and model.embedding_dim("mean_patch") == model.embedding_dim("cls")
+    stored = model.encode(photo_bytes, pooling="mean_patch", convert_to_numpy=True)
+    built = EmbeddingIndex(stored.shape[1], metric="ip", model_name="tiny", pooling="mean_patch")
+    built.add(stored)
+    built.save(tmp_path / "patches")
+    config = ServeConfig(
+        models=(ModelSpec("tiny", "tiny"),), indexes=(IndexSpec("patches", tmp_path / "patches"),)
+    )
+    with ThreadServer(create_app(config, runtimes={"tiny": runtime_from_model("tiny", model)})) as server:
+        client = httpx.Client(base_url=server.url, timeout=60)
+        assert client.get("/v1/indexes/patches").json()["model"] is None
+        by_image = client.post("/v1/search", json={"index": "patches", "image": b64(photo_bytes[0]), "k": 1})
+        assert by_image.status_code == 422
+        assert "pooling 'mean_patch'" in by_image.json()["error"]["message"]
+        added = client.post("/v1/indexes/patches/items", json={"images": [b64(photo_bytes[0])]})
+        assert added.status_code == 422 and "embeds with 'cls'" in added.json()["error"]["message"]
+        by_vector = client.post("/v1/search", json={"index": "patches", "vector": stored[2].tolist(), "k": 1})
+        assert by_vector.json()["hits"][0]["id"] == 2

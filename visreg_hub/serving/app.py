@@ -77,6 +77,7 @@ class Service:
         self.activity = 0  # requests admitted so far (the idle memory trim watches it)
         self.indexes: dict[str, DurableIndex] = {}
         self.index_models: dict[str, str | None] = {}
+        self.index_problems: dict[str, str] = {}  # why an index has no model for images, where known
         for spec in config.indexes:
             self._open_index(spec)
         self.ready = True
@@ -112,18 +113,40 @@ class Service:
         def new_index() -> EmbeddingIndex:
             return EmbeddingIndex(model.embedding_dim, metric="ip", normalize=True, model_name=model.name)
 
-        store = DurableIndex(spec.folder, new_index, snapshot_every=self.config.snapshot_every)
-        index = store.index
-        if index.metric == "ip" and index.normalized and not index.normalize:
-            # why: an index of unit vectors (e.g. from `visreg-hub index build`) ranks by cosine; a raw
-            # vector added through the API would otherwise outrank everything by its length alone
-            index.normalize = True
-            logger.info("index %s holds unit vectors: added and query vectors are normalised", spec.name)
+        def prepare(index) -> None:
+            if index.metric == "ip" and index.normalized and not index.normalize:
+                # why: an index of unit vectors (e.g. from `visreg-hub index build`) ranks by cosine; a raw
+                # vector added through the API would otherwise outrank everything by its length alone.
+                # Before the log replay, so adds acknowledged since the snapshot come back normalised too.
+                index.normalize = True
+                logger.info("index %s holds unit vectors: added and query vectors are normalised", spec.name)
+
+        store = DurableIndex(
+            spec.folder, new_index, snapshot_every=self.config.snapshot_every, prepare=prepare
+        )
         self.indexes[spec.name] = store
         self.index_models[spec.name] = self._model_for_index(spec, store)
 
     def _model_for_index(self, spec: IndexSpec, store: DurableIndex) -> str | None:
-        """The served model that embeds this index's image queries (None: vectors only)."""
+        """The served model that embeds this index's image queries (None: vectors only).
+
+        A served model whose pooling differs from the one the index records would embed images into
+        another space of the same width (cosine 0.6 to the stored vectors in a probe): vectors only then.
+        """
+        chosen = self._served_model_for(spec, store)
+        pooling = store.index.pooling
+        if chosen is not None and pooling and pooling != self.runtimes[chosen].model.config.pooling:
+            served = self.runtimes[chosen].model.config.pooling
+            self.index_problems[spec.name] = (
+                f"index {spec.name!r} was built with pooling {pooling!r} and the served model {chosen!r} "
+                f"embeds with {served!r}; query it with 'vector', or serve a model whose default pooling is "
+                f"{pooling!r}"
+            )
+            logger.warning("%s", self.index_problems[spec.name])
+            return None
+        return chosen
+
+    def _served_model_for(self, spec: IndexSpec, store: DurableIndex) -> str | None:
         if spec.model:
             return spec.model
         recorded = store.index.model_name

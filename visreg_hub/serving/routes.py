@@ -493,7 +493,9 @@ def install(app: FastAPI, service: Service) -> None:
             query = await asyncio.to_thread(_vector_array, service, [body.vector], store.index.dim)
         else:
             if model is None:
-                raise ApiError(422, f"index {body.index!r} matches no served model; query it with 'vector'")
+                raise ApiError(422, service.index_problems.get(
+                    body.index, f"index {body.index!r} matches no served model; query it with 'vector'"
+                ))  # fmt: skip
             payloads, errors = _decode_strings([body.image])
             vectors = await service.with_timeout(_embed(service, model, payloads, errors))
             if not vectors:
@@ -552,7 +554,9 @@ def install(app: FastAPI, service: Service) -> None:
         else:
             model = service.index_models[name]
             if model is None:
-                raise ApiError(422, f"index {name!r} matches no served model; add 'vectors' instead")
+                raise ApiError(422, service.index_problems.get(
+                    name, f"index {name!r} matches no served model; add 'vectors' instead"
+                ))  # fmt: skip
             payloads, errors = _decode_strings(body.images)
             embedded = await service.with_timeout(_embed(service, model, payloads, errors))
             if errors:

@@ -64,9 +64,18 @@ class DurableIndex:
         folder: the store's folder (created if missing).
         new_index: builds the empty index when the folder holds no index yet.
         snapshot_every: log records after which :meth:`add`/:meth:`remove` take a snapshot.
+        prepare: called with the loaded index before the log is replayed (settings such as ``normalize``
+            must hold for the replayed adds exactly as they did when those adds were acknowledged).
     """
 
-    def __init__(self, folder: str | Path, new_index: Callable[[], Any], *, snapshot_every: int = 10_000):
+    def __init__(
+        self,
+        folder: str | Path,
+        new_index: Callable[[], Any],
+        *,
+        snapshot_every: int = 10_000,
+        prepare: Callable[[Any], None] | None = None,
+    ):
         from visreg_hub.retrieval import EmbeddingIndex
 
         self.folder = Path(folder)
@@ -84,6 +93,8 @@ class DurableIndex:
             self.index = EmbeddingIndex.load(self.folder)
         else:
             self.index = new_index()
+        if prepare is not None:
+            prepare(self.index)
         self._ids: set[int] = {int(i) for i in self.index.ids.tolist()}
         log_path = self._log_path(self.generation)
         records, valid = read_log(log_path)
