@@ -121,3 +121,31 @@ def test_request_errors_are_not_blamed_on_the_images(setup, fmnist_images, tmp_p
         assert remote.index == here.index and remote.reason.startswith(label)
         # the server's reason for this very image (decoded with the same rules), not one shared message
         assert remote.reason.split(": ", 1)[1].endswith(here.reason.split(": ", 1)[1]), (remote, here)
+
+
+def test_numpy_ids_and_sizes_go_through_like_the_local_api(setup, fmnist_images):
+    """Ids from an array and np.int64 sizes are what the local API takes; json.dumps refused them."""
+    model, server = setup
+    client = visreg_hub.Client(server.url)
+    images = [png_bytes(a) for a in fmnist_images[:2]]
+    ids = client.add("gallery", images, ids=np.array([9001, 9002]))
+    assert ids.tolist() == [9001, 9002]
+    assert client.add("gallery", images[:1], ids=[np.int64(9003)]).tolist() == [9003]
+    truncated = client.encode(images, truncate_dim=np.int64(8), convert_to_numpy=True)
+    expected = model.encode(images, truncate_dim=8, convert_to_numpy=True)
+    np.testing.assert_allclose(truncated, expected, atol=1e-6)
+
+
+def test_a_server_that_stops_answering_is_a_connection_error_naming_it():
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    with pytest.raises(ConnectionError, match=r"127\.0\.0\.1.*/v1/models: the server timed out"):
+        visreg_hub.Client(url, timeout=1).models()  # accepts, never answers
+    listener.close()

@@ -14,6 +14,7 @@ PNG, so the server computes the same embeddings as a local ``encode()`` of the s
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import time
@@ -88,7 +89,7 @@ class Client:
             ServerError: an HTTP error status (after ``retries`` retries of 429).
             ConnectionError: the server cannot be reached.
         """
-        data = None if body is None else json.dumps(body).encode("utf-8")
+        data = None if body is None else json.dumps(body, default=_json_default).encode("utf-8")
         headers = {"Accept": "application/json"}
         if data is not None:
             headers["Content-Type"] = "application/json"
@@ -107,6 +108,9 @@ class Client:
                 raise error from None
             except urllib.error.URLError as exc:
                 raise ConnectionError(f"cannot reach {self.url}: {exc.reason}") from None
+            except (TimeoutError, http.client.HTTPException, ConnectionResetError) as exc:  # after connecting
+                what = "timed out" if isinstance(exc, TimeoutError) else f"dropped the connection ({exc!r})"
+                raise ConnectionError(f"{self.url}{path}: the server {what}") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     # ------------------------------------------------------------------ local-API mirror
@@ -307,3 +311,12 @@ def _server_error(exc: urllib.error.HTTPError) -> ServerError:
         code=code,
         item_errors=items,
     )
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars and arrays (ids from an array, np.int64 dims) as the JSON the local API accepts."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable; send numbers, strings or lists")
