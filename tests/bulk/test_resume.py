@@ -156,3 +156,40 @@ def test_two_ranks_under_accelerate_launch_killed_and_resumed(tmp_path):
     text = out.decode()
     assert text.count("embedded") == 2  # one summary line per rank
     assert_same_output(tmp_path / "out", tmp_path / "reference")
+
+
+@pytest.mark.parametrize("change", ["vanishes", "appears"])
+def test_a_file_that_changes_mid_run_never_shifts_a_written_shard(tmp_path, monkeypatch, change):
+    """The listing is streamed twice (count and digest, then embedding). A file that vanished (or appeared)
+    in between shifted every later shard's items by one, and those shards were kept: a rerun then had one
+    input missing and another twice. Each shard is now checked against its first-pass digest."""
+    from visreg_hub.bulk import runner
+
+    model = tiny_encoder(seed=1)
+    paths = write_tile_folder(tmp_path / "in", 23, nested=False)  # listing order: t00000 ... t00022
+    moved = tmp_path / "aside.png"
+    real_summarize = runner.summarize
+
+    def summarize_then_change(sources, shard_size=None):
+        summary = real_summarize(sources, shard_size)
+        if change == "vanishes":
+            paths[12].rename(moved)  # in shard 2 of 5-item shards
+        else:
+            paths[12].with_name("t00012b.png").write_bytes(paths[12].read_bytes())
+        return summary
+
+    monkeypatch.setattr(runner, "summarize", summarize_then_change)
+    with pytest.raises(runner.output.OutputMismatchError, match="changed while they were being embedded"):
+        run_embedding(tmp_path / "in", tmp_path / "out", model=model, shard_size=5, show_progress_bar=False)
+    rows, _, _ = read_output(tmp_path / "out")
+    assert [path for path, _ in rows] == [str(p) for p in paths[:10]]  # shards 0 and 1 only, unshifted
+    monkeypatch.setattr(runner, "summarize", real_summarize)
+    if change == "vanishes":  # back as it was listed: the rerun finishes the same job
+        moved.rename(paths[12])
+    else:
+        paths[12].with_name("t00012b.png").unlink()
+    summary = run_embedding(tmp_path / "in", tmp_path / "out", model=model, shard_size=5,
+                            show_progress_bar=False)  # fmt: skip
+    rows, vectors, _ = read_output(tmp_path / "out")
+    assert summary.complete and [path for path, _ in rows] == [str(p) for p in paths]  # each exactly once
+    np.testing.assert_allclose(vectors, model.encode(paths, convert_to_numpy=True), atol=1e-5)

@@ -335,17 +335,32 @@ def iter_items(inputs: list[str], *, read: Callable[[int], bool] | None = None) 
 
 @dataclass(frozen=True)
 class ListingSummary:
-    """Digest (sha256 over every item's identity, in order) and number of items of a listing."""
+    """Digest (sha256 over every item's identity, in order) and number of items of a listing.
+
+    ``shard_digests[s]`` is the digest of shard ``s``'s items alone (when summarised with a shard size):
+    the embedding pass checks each shard against it before writing it, so a file that disappears or
+    appears mid-run can never shift the items of the shards written after it.
+    """
 
     digest: str
     count: int
+    shard_digests: tuple[str, ...] = ()
 
 
-def summarize(inputs: list[str]) -> ListingSummary:
-    """One streaming pass over the listing: its digest and count."""
+def summarize(inputs: list[str], shard_size: int | None = None) -> ListingSummary:
+    """One streaming pass over the listing: its digest, count and (with ``shard_size``) shard digests."""
     digest = hashlib.sha256()
+    shard_digests: list[str] = []
+    shard = hashlib.sha256()
     count = 0
     for item in iter_items(inputs):
-        digest.update(item.identity())
+        identity = item.identity()
+        digest.update(identity)
+        shard.update(identity)
         count += 1
-    return ListingSummary(digest.hexdigest(), count)
+        if shard_size and count % shard_size == 0:
+            shard_digests.append(shard.hexdigest())
+            shard = hashlib.sha256()
+    if shard_size and count % shard_size:
+        shard_digests.append(shard.hexdigest())
+    return ListingSummary(digest.hexdigest(), count, tuple(shard_digests))

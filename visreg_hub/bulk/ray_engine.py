@@ -12,6 +12,7 @@ Ray node sees. Connects to ``RAY_ADDRESS`` if set, else starts a local Ray insta
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -28,12 +29,17 @@ logger = logging.getLogger(__name__)
 PLAN_DIR = ".ray"
 
 
-def _write_plans(sources: list[str], folder: Path, shard_size: int, todo: set[int]) -> None:
+def _write_plans(sources: list[str], folder: Path, shard_size: int, todo: set[int], listing) -> None:
+    """One plan file per shard in ``todo``; refused if the listing changed since ``listing`` was taken
+    (before any shard is embedded, so no shard is written from a shifted plan)."""
     plans = folder / PLAN_DIR
     plans.mkdir(exist_ok=True)
     handle, current = None, -1
+    digest, count = hashlib.sha256(), 0
     try:
         for position, item in enumerate(iter_items(sources)):
+            digest.update(item.identity())
+            count += 1
             shard = position // shard_size
             if shard not in todo:
                 continue
@@ -46,6 +52,12 @@ def _write_plans(sources: list[str], folder: Path, shard_size: int, todo: set[in
     finally:
         if handle is not None:
             handle.close()
+    if digest.hexdigest() != listing.digest or count != listing.count:
+        shutil.rmtree(plans, ignore_errors=True)
+        raise output.OutputMismatchError(
+            f"the inputs changed while the job was being planned ({listing.count} items listed before, "
+            f"{count} now); nothing was embedded; re-run once the inputs are settled"
+        )
 
 
 class _ShardActor:
@@ -106,7 +118,7 @@ def run_ray(sources, folder: Path, manifest, net, runner, listing, num_shards: i
     if model is None or not Path(model).is_dir():
         model = str(folder / PLAN_DIR / "model")  # actors load a saved copy of an in-memory model
         net.save_pretrained(model)
-    _write_plans(sources, folder, shard_size, set(todo))
+    _write_plans(sources, folder, shard_size, set(todo), listing)
     embedded = failed = 0
     if todo:
         if not ray.is_initialized():

@@ -176,7 +176,7 @@ def run_embedding(
     from visreg_hub.inference.backends import backend_for
 
     runner = backend_for(net, pooling=pooling, device=device, dtype=dtype)
-    listing = summarize(sources)
+    listing = summarize(sources, shard_size)
     if listing.count == 0:
         raise ConfigError(f"the inputs {sources} list no images; check the paths and extensions")
     job = {
@@ -240,27 +240,35 @@ def run_embedding(
 def _shards(sources: list[str], listing, shard_size: int, todo: set[int]):
     """Yield (shard number, its items) for the shards in ``todo``, streaming the listing once.
 
+    Each shard's items are checked against the first pass's digest of that shard before it is yielded
+    (written): a file that vanished or appeared since would shift every later shard's items by one.
+
     Raises:
         OutputMismatchError: the listing changed since its digest was taken.
     """
-    digest = hashlib.sha256()
+    digest, shard_digest = hashlib.sha256(), hashlib.sha256()
     count = 0
     current: list[Item] = []
-    number = -1
     for count, item in enumerate(iter_items(sources, read=lambda i: i // shard_size in todo), 1):
-        digest.update(item.identity())
+        identity = item.identity()
+        digest.update(identity)
+        shard_digest.update(identity)
         shard = (count - 1) // shard_size
-        if shard not in todo:
-            continue
-        number = shard
-        current.append(item)
+        if shard in todo:
+            current.append(item)
         if count % shard_size == 0 or count == listing.count:
-            yield number, current
-            current = []
+            listed = listing.shard_digests[shard] if shard < len(listing.shard_digests) else None
+            if shard_digest.hexdigest() != listed:
+                break  # this shard no longer holds what was listed: write nothing more
+            if current:
+                yield shard, current
+            current, shard_digest = [], hashlib.sha256()
     if digest.hexdigest() != listing.digest or count != listing.count or current:
         raise output.OutputMismatchError(
             f"the inputs changed while they were being embedded ({listing.count} items listed before, "
-            f"{count} now); shards written so far are kept, re-run to finish against the current listing"
+            f"{count} or more now); the shards written before the change are kept and none after it; "
+            "re-run once the inputs are settled (a changed listing is refused for this folder: use another "
+            "-o folder or --overwrite)"
         )
 
 
