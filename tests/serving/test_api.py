@@ -260,8 +260,11 @@ def test_index_add_search_delete(http, model, fmnist_images):
     assert by_vector.json()["hits"][0]["id"] == ids[4]
     info = http.get("/v1/indexes/items").json()
     assert info["dim"] == 32 and info["model"] == "tiny" and info["count"] >= len(images)
+    for loose in (f"+{ids[4]}", f"0{ids[4]}", f"{ids[4]}.0", f"%20{ids[4]}"):  # not the id, spelt otherwise
+        assert http.delete(f"/v1/indexes/items/items/{loose}").status_code == 422, loose
     assert http.delete(f"/v1/indexes/items/items/{ids[4]}").status_code == 200
     assert http.delete(f"/v1/indexes/items/items/{ids[4]}").status_code == 404
+    assert http.head("/health").status_code == 200 and http.head("/ready").status_code == 200
     after = http.post("/v1/search", json={"index": "items", "vector": reference[4].tolist(), "k": 50})
     assert ids[4] not in [h["id"] for h in after.json()["hits"]]
     assert http.get("/v1/indexes/items").json()["count"] == info["count"] - 1

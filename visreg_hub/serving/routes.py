@@ -365,6 +365,15 @@ def install(app: FastAPI, service: Service) -> None:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    # load balancers probe with HEAD; separate routes keep one OpenAPI operation per path
+    @app.head("/health", include_in_schema=False)
+    async def health_head() -> Response:
+        return Response(status_code=200)
+
+    @app.head("/ready", include_in_schema=False)
+    async def ready_head() -> Response:
+        return Response(status_code=200 if service.ready else 503)
+
     @app.get(
         "/ready",
         tags=["service"],
@@ -581,7 +590,13 @@ def install(app: FastAPI, service: Service) -> None:
         responses=_ERRORS,
         summary="remove one item; acknowledged once durable",
     )
-    async def delete_item(name: str, item_id: int = Path(ge=0, le=MAX_ID)) -> schemas.DeleteItemResponse:
+    async def delete_item(
+        name: str, item_id: str = Path(pattern=r"^(0|[1-9][0-9]{0,18})$", description="a decimal id")
+    ) -> schemas.DeleteItemResponse:
+        # why a string: an int path parameter also took "+1", "01", "1.0" and " 1" as item 1
+        if int(item_id) > MAX_ID:
+            raise ApiError(422, f"item id {item_id} is above the largest id {MAX_ID}")
+        item_id = int(item_id)
         store = service.index(name)
         removed = await asyncio.to_thread(store.remove, [item_id])
         if not removed:
