@@ -397,6 +397,9 @@ def test_every_json_route_answers_the_same_to_a_wrong_body(http, path):
         assert response.status_code == 415, (headers, response.text)
     response = http.post(path, content=b'{"index": ', headers={"content-type": "application/json"})
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    latin1 = '{"index": "caf\u00e9"}'.encode("latin-1")
+    response = http.post(path, content=latin1, headers={"content-type": "application/json; charset=latin-1"})
+    assert response.status_code == 400 and "not UTF-8" in response.json()["error"]["message"]
     gz = http.post(
         path, content=b"\x1f\x8b\x08\x00", headers={"content-type": JSON, "content-encoding": "gzip"}
     )

@@ -282,6 +282,8 @@ def _validated(model: type[BaseModel], body: bytes):
     """JSON bytes -> a ``model`` instance: 400 for bad JSON, 422 (field by field) for a wrong shape."""
     try:
         data = json.loads(body)
+    except UnicodeDecodeError:
+        raise ApiError(400, "request body is not UTF-8; JSON is sent as UTF-8 (RFC 8259)") from None
     except (ValueError, RecursionError) as exc:
         raise ApiError(400, f"request body is not valid JSON ({type(exc).__name__})") from None
     try:
