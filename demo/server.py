@@ -53,11 +53,12 @@ class PublicEventsOnly:
             if scope.get("method") == "POST" and (match or path == QUEUE_JOIN):
                 body = await _read_body(receive, MAX_JOIN_BYTES)
                 if body is None:
-                    await _json_error(send, 413, f"event body over {MAX_JOIN_BYTES} bytes", "too_large")
+                    too_large = f"event body over {MAX_JOIN_BYTES} bytes"
+                    await _json_error(send, 413, too_large, "invalid_request_error")
                     return
                 problem = self._body_problem(body, join=path == QUEUE_JOIN)
                 if problem:
-                    await _json_error(send, 422, problem, "invalid_request")
+                    await _json_error(send, 422, problem, "invalid_request_error")
                     return
                 receive = _replay(body)
         await self.app(scope, receive, send)

@@ -164,7 +164,8 @@ def test_a_url_as_file_input_is_refused_before_gradio_fetches_it(page, url):
     for target, body in calls:
         response = httpx.post(target, json=body, timeout=10)
         assert response.status_code == 422, (target, response.text)
-        message = response.json()["error"]["message"]
-        assert "does not fetch URLs" in message and "/gradio_api/upload" in message
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error"  # the API's error object, as from /v1 routes
+        assert "does not fetch URLs" in error["message"] and "/gradio_api/upload" in error["message"]
     # an uploaded file still goes through the same routes
     assert page.fire("search", [model, gallery, page.upload(PHOTO), 3, None])["success"]
