@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tarfile
 from pathlib import Path
@@ -265,3 +266,26 @@ def test_environment_ranks_are_checked(tmp_path, model, monkeypatch, env, name):
     write_tile_folder(tmp_path / "in", 2, nested=False)
     with pytest.raises(ConfigError, match=f"environment variable {name} must be >="):
         run_embedding(tmp_path / "in", tmp_path / "out", model=model)
+
+
+def test_a_tar_key_stored_twice_embeds_the_first_copy_and_says_so(tmp_path, caplog):
+    """``tar`` keeps the later of two members with one name; the listing takes the first, for the image and
+    its side files alike (the Ray plans do too), and warns about the second image."""
+    from tests.bulk.helpers import tiles
+
+    first, second = tiles(2)
+    members = []
+    for image, cls in ((first, b"1"), (second, b"2")):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        members += [("k.png", buffer.getvalue()), ("k.cls", cls)]
+    shard = tmp_path / "dup.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with caplog.at_level(logging.WARNING, logger="visreg_hub.bulk.listing"):
+        (item,) = list(listing.iter_items([str(shard)], read=lambda position: True))
+    assert item.payload == members[0][1] and item.cls == "1"
+    assert "k.png is a second image member of this key" in caplog.text

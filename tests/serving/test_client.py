@@ -131,6 +131,9 @@ def test_numpy_ids_and_sizes_go_through_like_the_local_api(setup, fmnist_images)
     ids = client.add("gallery", images, ids=np.array([9001, 9002]))
     assert ids.tolist() == [9001, 9002]
     assert client.add("gallery", images[:1], ids=[np.int64(9003)]).tolist() == [9003]
+    by_ints = client.search([1] + [0] * 31, k=2, index="gallery")  # a vector of ints, not 32 images
+    by_floats = client.search([1.0] + [0.0] * 31, k=2, index="gallery")
+    np.testing.assert_array_equal(by_ints.ids, by_floats.ids)
     truncated = client.encode(images, truncate_dim=np.int64(8), convert_to_numpy=True)
     expected = model.encode(images, truncate_dim=8, convert_to_numpy=True)
     np.testing.assert_allclose(truncated, expected, atol=1e-6)

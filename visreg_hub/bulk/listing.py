@@ -250,9 +250,15 @@ def _tar(path: str, read: Callable[[], bool]) -> Iterator[Item]:
                         elif wanted:
                             handle = tar.extractfile(data)
                             group.payload = b"" if handle is None else handle.read()
-                    elif wanted and last == "cls":
+                    elif last in _IMAGE_EXTS:  # a second image of one key (or the same name stored twice)
+                        logger.warning(
+                            "%s#%s: %s is a second image member of this key; the first, %s, is embedded",
+                            path, key, member.name, group.member,
+                        )  # fmt: skip
+                    # side files: the first of each kind, as for the image (and as the Ray plans record)
+                    elif wanted and last == "cls" and group.cls is None:
                         group.cls = _read_side(tar, data)
-                    elif wanted and last == "json":
+                    elif wanted and last == "json" and group.json is None:
                         group.json = _read_side(tar, data)
                 except (tarfile.TarError, OSError, EOFError) as exc:
                     # a member whose data cannot be read fails alone (the listing stays the same)

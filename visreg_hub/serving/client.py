@@ -273,7 +273,10 @@ def _is_vectors(queries: Any) -> bool:
         return queries.dtype.kind == "f" and queries.ndim in (1, 2)
     if type(queries).__module__.startswith("torch") and hasattr(queries, "is_floating_point"):
         return bool(queries.is_floating_point()) and queries.ndim in (1, 2)
-    return isinstance(queries, list) and bool(queries) and isinstance(queries[0], (float, list))
+    if not isinstance(queries, list) or not queries or isinstance(queries[0], bool):
+        return False
+    # a list of numbers (ints too: [1, 0, ...]) or of number lists; images never come as bare numbers
+    return isinstance(queries[0], (int, float, np.number, list, tuple))
 
 
 def _payload(source) -> str:
