@@ -65,6 +65,20 @@ def views(image, count: int, size: int, rng: np.random.Generator) -> list[np.nda
     return out
 
 
+def parse_crops(items: list[str]) -> dict[str, int]:
+    """``["ufoai=4", ...]`` -> ``{"ufoai": 4}``, refusing unknown sources and negative counts."""
+    out = {}
+    for item in items:
+        name, sep, count = item.partition("=")
+        if not sep or not count.isdigit():
+            raise SystemExit(f"--crops {item!r}: expected SOURCE=N with N a whole number, e.g. ufoai=4")
+        if name not in sources.LISTINGS:
+            known = ", ".join(sorted(sources.LISTINGS))
+            raise SystemExit(f"--crops {item!r}: unknown source; choose from {known}")
+        out[name] = int(count)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", type=Path)
@@ -72,7 +86,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default=str(sources.DEFAULT_SPLIT))
     parser.add_argument("--root")
+    parser.add_argument(
+        "--crops", nargs="+", default=[], metavar="SOURCE=N",
+        help="override the random crops per file of a source, e.g. --crops ufoai=4 (default: CROPS)",
+    )  # fmt: skip
     args = parser.parse_args()
+    crops = {**CROPS, **parse_crops(args.crops)}
     split = sources.load_split(args.split)
     rng = np.random.default_rng(args.seed)
     arrays, counts = [], {}
@@ -85,14 +104,17 @@ def main() -> None:
             except Exception as exc:
                 print(f"skip {item.path}: {exc}", file=sys.stderr)
                 continue
-            arrays += views(image, CROPS.get(name, 0), args.size, rng)
+            arrays += views(image, crops.get(name, 0), args.size, rng)
         counts[name] = {"files": len(train), "views": len(arrays) - before}
         print(name, counts[name], flush=True)
     images = np.stack(arrays)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     np.savez(args.output, images=images)
     args.output.with_suffix(".json").write_text(
-        json.dumps({"size": args.size, "seed": args.seed, "total": len(images), "sources": counts}, indent=1)
+        json.dumps(
+            {"size": args.size, "seed": args.seed, "crops": crops, "total": len(images), "sources": counts},
+            indent=1,
+        )
     )
     print(f"wrote {args.output}: {images.shape}")
 
