@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 from training.manifest import verify_manifest, write_manifest
@@ -36,6 +37,9 @@ from visreg_hub.errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+RUN_ID_KEY = "run_id"  # in STATE_FILE: the identity of the run (output folder) that wrote the checkpoint
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_MAX_STATE_BYTES = 1024 * 1024
 SLEEP_HOOK_ENV = "VISREG_TEST_CHECKPOINT_SLEEP"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -89,16 +93,69 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found)
 
 
+def linked_checkpoints(root: Path) -> list[Path]:
+    """The ``step-*`` symlinks under ``root`` that :func:`complete_checkpoints` skips, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(path for path in root.iterdir() if path.is_symlink() and _STEP_DIR.match(path.name))
+
+
+def remove_entry(path: Path) -> None:
+    """Delete a file, a folder tree, or a symlink itself (never the link's target)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def remove_stale_temporaries(root: Path) -> None:
-    """Delete ``.tmp-*`` folders left by a process killed while writing."""
+    """Delete ``.tmp-*`` entries left by a process killed while writing (a symlink: the link only)."""
     if not root.is_dir():
         return
     for path in root.iterdir():
-        if path.name.startswith(".tmp-") and path.is_dir():
-            logger.warning(
-                "removing the incomplete checkpoint %s (a previous run stopped while writing)", path
-            )
-            shutil.rmtree(path, ignore_errors=True)
+        if not path.name.startswith(".tmp-") or not (path.is_dir() or path.is_symlink()):
+            continue
+        what = "the leftover link" if path.is_symlink() else "the incomplete checkpoint"
+        logger.warning("removing %s %s (a previous run stopped while writing)", what, path)
+        remove_entry(path)
+        if os.path.lexists(path):  # why: the log line above must not claim a removal that failed
+            logger.warning("could not remove %s; delete it by hand", path)
+
+
+def new_run_id() -> str:
+    """A fresh run identity (recorded in every checkpoint's trainer_state.json)."""
+    return uuid.uuid4().hex
+
+
+def run_id_of(folder: Path) -> str | None:
+    """The run identity a checkpoint records, or None (written before run ids, or unreadable).
+
+    Read before the manifest is verified (to refuse early), so the file is treated as untrusted: size
+    capped, and anything but a well-formed id counts as unknown.
+    """
+    path = folder / STATE_FILE
+    try:
+        if path.stat().st_size > _MAX_STATE_BYTES:
+            return None
+        value = json.loads(path.read_bytes().decode("utf-8")).get(RUN_ID_KEY)
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return None
+    return value if isinstance(value, str) and _RUN_ID.match(value) else None
+
+
+def run_ids(root: Path) -> set[str | None]:
+    """The run identities of the complete checkpoints under a ``checkpoints`` folder (None: unknown)."""
+    return {run_id_of(folder) for folder in complete_checkpoints(root)}
+
+
+def resume_candidates(resume: str) -> list[Path]:
+    """The checkpoint folders ``--resume PATH`` may load: one step folder, or all of a run (unverified)."""
+    folder = Path(resume).expanduser()
+    if (folder / "checkpoints" / "latest").is_file():
+        folder = folder / "checkpoints"
+    if folder.is_dir() and (folder / "latest").is_file():
+        return complete_checkpoints(folder)
+    return [folder]
 
 
 def _newest_first(root: Path) -> list[Path]:
@@ -118,7 +175,8 @@ def _newest_intact(root: Path, resume: str) -> tuple[Path, set[str]]:
             logger.warning("skipping checkpoint %s: %s; trying the previous one", folder.name, exc)
     raise CheckpointError(
         f"--resume {resume!r}: no intact checkpoint under {root} ({'; '.join(problems)}); "
-        "resume from another copy or start afresh without --resume"
+        "resume from another copy, or start afresh with --overwrite (replaces the run) or another "
+        "train.output_dir"
     )
 
 
@@ -135,6 +193,14 @@ def resolve_resume(root: Path, resume: str | None) -> tuple[Path, set[str]] | No
     if resume is None:
         return None
     if resume == "auto":
+        links = linked_checkpoints(root)
+        if not _newest_first(root) and links:  # like a corrupt checkpoint: an error, never a fresh start
+            raise CheckpointError(
+                f"--resume 'auto': no intact checkpoint under {root} ({', '.join(p.name for p in links)}: "
+                "symlinks, never followed, since a run's checkpoints are folders it wrote); resume from "
+                "the linked folder with --resume PATH, or start afresh with --overwrite (replaces the run) "
+                "or another train.output_dir"
+            )
         if not _newest_first(root):
             logger.info("--resume auto: no checkpoint under %s, starting from scratch", root)
             return None
@@ -189,7 +255,7 @@ def save_checkpoint(
     temporary, final = root / f".tmp-{name}", root / name
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(temporary, ignore_errors=True)
+        remove_entry(temporary)
         temporary.mkdir()
     accelerator.wait_for_everyone()
     save_training_state(temporary, parts, accelerator.process_index, accelerator.is_main_process)
@@ -202,10 +268,11 @@ def save_checkpoint(
         fsync_tree(temporary)
         _sleep_hook(temporary, step)
         retired = root / f".tmp-old-{name}"
-        if final.exists():  # the same step saved again: move the old copy aside, never delete first
+        remove_entry(retired)
+        if os.path.lexists(final):  # the same step saved again: move the old copy aside, never delete first
             os.rename(final, retired)
         os.rename(temporary, final)
-        shutil.rmtree(retired, ignore_errors=True)
+        remove_entry(retired)  # a symlink (planted, never followed): the link only
         fsync_dir(root)
         write_pointer(root, "latest", name)
         if is_best:

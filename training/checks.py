@@ -288,13 +288,20 @@ def check_previous_run(config: TrainingConfig, resume: str | None, overwrite: bo
         ConfigError: ``train.output_dir`` holds a previous run's outputs, nothing is resumed, and
             ``--overwrite`` was not given.
     """
-    from training.checkpoint import complete_checkpoints
+    from training.checkpoint import complete_checkpoints, linked_checkpoints
 
     output_dir = Path(config.train.output_dir).expanduser()
-    nothing_to_resume = resume == "auto" and not complete_checkpoints(output_dir / "checkpoints")
+    if resume not in (None, "auto"):
+        return check_resume_target(output_dir, resume, overwrite)
+    checkpoints = output_dir / "checkpoints"
+    # a step-* symlink is no checkpoint, but not "nothing" either: the Trainer refuses it as it does a
+    # corrupt one, rather than a fresh start replacing the run
+    nothing_to_resume = (
+        resume == "auto" and not complete_checkpoints(checkpoints) and not linked_checkpoints(checkpoints)
+    )
     if resume is not None and not nothing_to_resume:
         return []
-    previous = [output_dir / name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    previous = _previous_outputs(output_dir)
     if nothing_to_resume and not any(path.name in ("final", "exports") for path in previous):
         return []
     if previous and not overwrite:
@@ -310,6 +317,45 @@ def check_previous_run(config: TrainingConfig, resume: str | None, overwrite: bo
             "continue it with --resume auto, replace it with --overwrite, or choose another train.output_dir"
         )
     return previous
+
+
+def _previous_outputs(output_dir: Path) -> list[Path]:
+    return [output_dir / name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+
+
+def check_resume_target(output_dir: Path, resume: str, overwrite: bool) -> list[Path]:
+    """``--resume PATH``: refuse to continue a checkpoint of one run in a folder holding a different run.
+
+    Resuming writes new checkpoints, ``latest``, ``best``, ``final/`` and metrics next to the folder's old
+    ones, which would leave a mix of two runs. Allowed: a checkpoint inside ``output_dir`` itself, an
+    output folder with no run in it, and a folder whose checkpoints all record the checkpoint's run id
+    (a copy of the same run). Returns what ``overwrite`` replaces.
+
+    Raises:
+        ConfigError: ``output_dir`` holds a different run and ``--overwrite`` was not given.
+    """
+    from training.checkpoint import is_complete, resume_candidates, run_id_of, run_ids
+
+    source = Path(resume).expanduser().resolve()
+    if source.is_relative_to(output_dir.resolve()):
+        return []
+    candidates = resume_candidates(resume)
+    previous = _previous_outputs(output_dir)
+    if not previous or not any(is_complete(folder) for folder in candidates):
+        return []  # an empty folder, or a bad PATH (the Trainer names what is wrong with it)
+    theirs = {run_id_of(folder) for folder in candidates}
+    ours = run_ids(output_dir / "checkpoints")
+    if len(theirs) == 1 and theirs == ours and None not in ours:
+        return []  # the same run
+    if overwrite:
+        return previous
+    found = ", ".join(path.name for path in previous)
+    raise ConfigError(
+        f"--resume {resume!r} continues a checkpoint of the run in {str(source)!r}, but "
+        f"train.output_dir={str(output_dir)!r} already holds a different run ({found}), whose checkpoints, "
+        "best, final/ and metrics would be mixed with the resumed run's; pass a fresh train.output_dir, "
+        "or --overwrite to replace the run in that folder"
+    )
 
 
 def check_extras(config: TrainingConfig) -> None:

@@ -160,6 +160,7 @@ class Trainer:
         # Resolved before anything is written, so a bad --resume path creates nothing.
         resolved = ckpt.resolve_resume(self.checkpoint_root, resume)
         self.resumed_from = folder = None if resolved is None else resolved[0]
+        self.run_id = self._run_identity(folder)
 
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -188,6 +189,19 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=accelerator.device)
         self._loss_count = 0
         self._evaluated_at: int | None = None
+
+    def _run_identity(self, resumed_from: Path | None) -> str:
+        """The run id this run's checkpoints record: the output folder's run keeps its id across resumes.
+
+        A checkpoint from this output folder (or from a copy of its run: same id) passes its id on;
+        a fresh start, or a branch resumed into a new folder from another run's checkpoint, is a new run
+        (so ``--resume`` of the old run into this folder later is refused, see ``check_previous_run``).
+        """
+        saved = None if resumed_from is None else ckpt.run_id_of(resumed_from)
+        if saved is None:
+            return ckpt.new_run_id()
+        inside = resumed_from.resolve().is_relative_to(self.output_dir)
+        return saved if inside or ckpt.run_ids(self.checkpoint_root) == {saved} else ckpt.new_run_id()
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict:
@@ -412,6 +426,7 @@ class Trainer:
             state.best_metric = metric
         record = {**state.state_dict(), "metric": metric, "total_steps": self.plan.total_steps}
         record["metric_name"] = "knn_accuracy" if self.evaluator.enabled else "negative_mean_loss"
+        record[ckpt.RUN_ID_KEY] = self.run_id
         self._last_saved_step, self._last_saved_path = state.global_step, None
         return ckpt.save_checkpoint(
             self.accelerator,

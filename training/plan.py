@@ -7,11 +7,14 @@ checkpoint records and the exported recipe in agreement.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from training.checks import batch_plan
 from training.config import TrainingConfig
 from training.data import TrainData, epoch_steps
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,4 +55,18 @@ def build_run_plan(config: TrainingConfig, data: TrainData, world: int) -> RunPl
     warmup = config.optim.warmup_steps
     if warmup is None:
         warmup = round(config.optim.warmup_epochs * steps_by_epoch[0])
+    warn_long_warmup(config, warmup, total_steps)
     return RunPlan(world, accumulation, steps_by_epoch, total_steps, min(warmup, max(total_steps - 1, 0)))
+
+
+def warn_long_warmup(config: TrainingConfig, warmup: int, total_steps: int) -> None:
+    """Warn when the warm-up is at least the whole run: the LR would never reach ``optim.lr`` in time
+    (the plan cuts it to ``total_steps - 1``, so the peak comes only at the last step)."""
+    if warmup < total_steps or total_steps <= 1:
+        return
+    key = "optim.warmup_steps" if config.optim.warmup_steps is not None else "optim.warmup_epochs"
+    logger.warning(
+        "the warm-up (%s: %d steps) is not shorter than the whole run (%d steps): the learning rate "
+        "reaches optim.lr only at the last step; shorten %s or train longer",
+        key, warmup, total_steps, key,
+    )  # fmt: skip

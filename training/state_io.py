@@ -21,6 +21,7 @@ single-replica module (DDP); sharded FSDP/DeepSpeed states are not supported by 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -265,6 +266,29 @@ def _scheduler_state(parts: TrainingParts, saved: Any, global_step: int) -> dict
     return {**state, "base_lrs": live["base_lrs"], "_last_lr": live["_last_lr"]}
 
 
+# the sliced losses' extra state: the slice seed (from train.seed, in [0, 2**32)) and the slice step
+_LOSS_LIMITS = {"seed": 2**32, "step": 2**53}
+
+
+def _check_loss_extra(path: Path, extra: Any, loss_fn: torch.nn.Module) -> None:
+    """Check the loss's extra state (slice seed and step) before any live object changes.
+
+    ``like`` has matched its keys and types to the live loss's; the ranges are checked here, naming the
+    file and key, and a trial load into a copy of the loss catches whatever else its setter refuses.
+    """
+    if extra is None:
+        return
+    for key, limit in _LOSS_LIMITS.items():
+        value = extra.get(key)
+        if isinstance(value, int) and not 0 <= value < limit:
+            message = f"{path}: loss.{key} must be an integer in [0, {limit}), got {value!r}"
+            raise CheckpointError(message[:300])
+    try:
+        copy.deepcopy(loss_fn).set_extra_state(extra)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise CheckpointError(f"{path}: the loss entry is malformed ({exc})"[:300]) from None
+
+
 def _apply_schedule(parts: TrainingParts) -> None:
     """Set each group's lr to this run's schedule at the restored step (what ``scheduler.step`` does)."""
     scheduler = parts.scheduler
@@ -300,9 +324,14 @@ def _read_rng(folder: Path, rank: int, names: set[str]):
         )  # fmt: skip
         random.Random().setstate(python_state)
         np.random.RandomState().set_state(numpy_tuple)
-        torch.Generator().set_state(cpu)
     except (ValueError, TypeError, OverflowError, RuntimeError) as exc:
         raise CheckpointError(f"{folder / json_name}: a generator state is malformed ({exc})") from None
+    try:  # the torch state lives in the safetensors file: blame that one
+        torch.Generator().set_state(cpu)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{folder / tensor_name}: the torch CPU generator state is malformed ({exc})"
+        ) from None
 
     def apply() -> None:
         random.setstate(python_state)
@@ -370,6 +399,7 @@ def load_training_state(
             "with the loss.name that wrote it"
         )
     like(record.get("loss"), loss_extra, "loss")
+    _check_loss_extra(folder / STATE_JSON, record["loss"], parts.loss_fn)
     trainer = record.get("trainer")
     check_trainer_state(trainer, steps_by_epoch)
     scheduler_state = _scheduler_state(parts, record["scheduler"], trainer["global_step"])
@@ -398,7 +428,14 @@ def load_training_state(
         notes.append(f"{folder}: ignoring {ignored} (not part of a training checkpoint; never read)")
     if apply_rng is None:
         notes.append(
-            f"{folder} holds no generator state for rank {rank} (saved with another number of processes); "
-            "random streams restart from the seed, so the run is not bit-exact with an uninterrupted one"
+            f"{folder} holds no generator state for rank {rank} ({_why_no_rng(names)}); random "
+            "streams restart from the seed, so the run is not bit-exact with an uninterrupted one"
         )
     return notes
+
+
+def _why_no_rng(names: set[str]) -> str:
+    """Why a rank finds no generator state: other ranks' files, or none at all in the manifest."""
+    if any(name.startswith("rng_state_") for name in names):
+        return "saved with another number of processes"
+    return "its manifest lists no rng_state_* files"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import pickle
 import shutil
 import subprocess
@@ -399,6 +400,9 @@ HOSTILE_VALUES = {
                         "alarm counters must be >= 0"),
     "huge-counter": (lambda r: r["monitor"].update(consecutive_alarms=10**400), None, "below 2\\*\\*53"),
     "huge-step-count": (lambda r: r["scheduler"].update(_step_count=10**30), None, "below 2\\*\\*53"),
+    # probe 6 (F3): raised a bare "step must be a non-negative integer" after the optimiser had loaded
+    "loss-step": (lambda r: r["loss"].update(step=-100), None, "training_state.json: loss.step must be"),
+    "loss-seed": (lambda r: r["loss"].update(seed=-5), None, "training_state.json: loss.seed must be"),
     # a changed setting, not a damaged file: the messages name the setting (probe 4)
     "probe-group": (lambda r: r["optimizer"]["param_groups"].append(dict(r["optimizer"]["param_groups"][1])),
                     None, "resume with the train.online_probe setting"),
@@ -443,6 +447,7 @@ def test_well_typed_but_hostile_values_are_refused_or_overridden(run_folder, tmp
         with pytest.raises(CheckpointError, match=message):
             _resume(trainer, step4)
         assert trainer.state.global_step == 0  # nothing restored
+        assert not trainer.optimizer.state_dict()["state"]  # not even the optimiser
         return
     _resume(trainer, step4)
     restored = [
@@ -500,3 +505,42 @@ def test_a_planted_step_symlink_is_never_resumed(run_folder, tmp_path, trainer, 
     ckpt.prune(checkpoints, keep_last=1)  # pruning neither follows nor deletes the link's target
     assert (other / "checkpoints" / "step-00000004" / "trainer_state.json").is_file()
     assert _resume(trainer, str(planted))[0] == planted and trainer.state.global_step == 4
+
+
+def test_a_malformed_torch_generator_state_names_the_safetensors_file(run_folder, tmp_path, trainer):
+    """Probe 6 (F5): a 10-byte torch CPU state was blamed on rng_state_0.json."""
+    from safetensors.torch import save_file
+
+    output, step4 = _copy(run_folder, tmp_path)
+    shutil.rmtree(output / "checkpoints" / "step-00000002")
+    save_file({"cpu": torch.zeros(10, dtype=torch.uint8)}, str(step4 / "rng_state_0.safetensors"))
+    write_manifest(step4)
+    with pytest.raises(CheckpointError, match=r"rng_state_0\.safetensors: the torch CPU generator state"):
+        _resume(trainer, step4)
+
+
+def test_only_symlinked_step_folders_are_an_error_not_a_fresh_start(run_folder, tmp_path, trainer):
+    """Probe 6 (F2): with every step folder a link, --resume auto started from scratch (exit 0) and a
+    leftover .tmp-old-* link was logged as removed but kept. Now: refused like a corrupt checkpoint (and
+    not taken for "nothing to resume" by the pre-flight check); stale links are unlinked, targets kept."""
+    from training.checks import check_previous_run
+
+    output, _ = _copy(run_folder, tmp_path)
+    other, _ = _copy(run_folder, tmp_path / "other")
+    checkpoints = output / "checkpoints"
+    for name in ("step-00000002", "step-00000004"):
+        shutil.rmtree(checkpoints / name)
+        (checkpoints / name).symlink_to(other / "checkpoints" / name, target_is_directory=True)
+    trainer.checkpoint_root = checkpoints
+    message = r"no intact checkpoint .*step-00000002, step-00000004: symlinks"
+    with pytest.raises(CheckpointError, match=message):
+        _resume(trainer, "auto")
+    assert check_previous_run(tiny_config(output, *COMMON), "auto", overwrite=False) == []
+    assert trainer.state.global_step == 0
+    stale = checkpoints / ".tmp-old-step-00000004"
+    (checkpoints / "step-00000004").rename(stale)
+    dangling = checkpoints / ".tmp-step-00000006"
+    dangling.symlink_to(tmp_path / "nowhere")
+    ckpt.remove_stale_temporaries(checkpoints)
+    assert not os.path.lexists(stale) and not os.path.lexists(dangling)
+    assert (other / "checkpoints" / "step-00000004" / "trainer_state.json").is_file()  # target untouched

@@ -69,6 +69,40 @@ def test_resume_auto_with_nothing_to_resume_does_not_replace_a_finished_run(tmp_
     assert (stopped_early / "final" / "config.json").is_file()
 
 
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_of_another_run_into_a_folder_holding_a_different_run_is_refused(tmp_path, capsys):
+    """Probe 6 (F1): --resume <run A's checkpoint> into run B's folder was accepted with a "changed
+    settings" warning and mixed both runs' checkpoints, best and final/. Refused now, before anything is
+    written, unless the checkpoint is B's own or the folder is new; a branch is a new run of its own."""
+    from training import pretrain
+
+    short = [*FIXTURE_ARGS, "train.max_steps=2", "train.checkpoint_every=2", "eval.knn_every=0"]
+    run_a, run_b, branch = tmp_path / "a", tmp_path / "b", tmp_path / "branch"
+    for output in (run_a, run_b):
+        assert pretrain.main([*short, f"train.output_dir={output}"]) == 0
+    step_a = run_a / "checkpoints" / "step-00000002"
+    before = _tree(run_b)
+    capsys.readouterr()
+    assert pretrain.main([*short, f"train.output_dir={run_b}", "--resume", str(step_a)]) == 2
+    err = capsys.readouterr().err
+    assert str(step_a) in err and str(run_b) in err and "different run" in err
+    assert "fresh train.output_dir" in err and "--overwrite" in err
+    assert _tree(run_b) == before  # nothing written
+    # its own checkpoint (or its own folder) is fine
+    assert pretrain.main([*short, f"train.output_dir={run_b}", "--resume", str(run_b)]) == 0
+    # into a new folder: a branch, which then counts as a run of its own
+    branch_args = [*FIXTURE_ARGS, "train.max_steps=3", "eval.knn_every=0", f"train.output_dir={branch}"]
+    assert pretrain.main([*branch_args, "--resume", str(step_a)]) == 0
+    assert pretrain.main([*branch_args, "--resume", str(step_a)]) == 2
+    assert "different run" in capsys.readouterr().err
+    # --overwrite replaces the folder's run
+    assert pretrain.main([*short, f"train.output_dir={run_b}", "--resume", str(step_a), "--overwrite"]) == 0
+    assert not (run_b / "checkpoints").exists() or not list((run_b / "checkpoints").glob("step-*"))
+
+
 def _push(tmp_path, repo_id: str, env: dict) -> subprocess.CompletedProcess:
     output = tmp_path / "run"
     args = [*FIXTURE_ARGS, f"train.output_dir={output}", "--push_to_hub", repo_id]
@@ -198,7 +232,8 @@ def test_missing_onnx_extra_suggests_the_cpu_build_without_cuda(monkeypatch):
         ("loss.visreg.projection_dtype=float8", "projection_dtype must be one of"),
         ("monitor.min_std=-1", "monitor.min_std must be >= 0"),
         pytest.param(
-            "loss.visreg.sort_backend=triton", "needs a CUDA GPU",
+            "loss.visreg.sort_backend=triton",
+            "needs a CUDA GPU",
             marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU-only check"),
         ),
     ],
@@ -242,4 +277,3 @@ def test_fp16_on_a_machine_without_cuda_is_refused_not_run_as_fp32(tmp_path, cap
     err = capsys.readouterr().err
     assert "mixed_precision=fp16 needs a CUDA GPU" in err and "bf16" in err
     assert not (tmp_path / "run").exists()
-

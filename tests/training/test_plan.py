@@ -64,3 +64,19 @@ def test_online_knn_preprocessing_is_the_librarys():
     expected = torch.stack([preprocessor(Image.fromarray(image.transpose(1, 2, 0))) for image in images])
     assert torch.equal(batch, expected) and labels.tolist() == [0, 1]
     assert batch.shape == (2, 3, 24, 24) and batch.dtype == torch.uint8
+
+
+def test_a_warm_up_longer_than_the_run_is_warned_about(tmp_path, caplog):
+    """Probe 6 (F7): optim.warmup_steps=100 with max_steps=12 was accepted silently; the whole run is
+    warm-up and the learning rate reaches optim.lr only at the end."""
+    import logging
+
+    data = build_data(tiny_config(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="training.plan"):
+        plan = build_run_plan(tiny_config(tmp_path, "train.max_steps=12", "optim.warmup_steps=100"), data, 1)
+    assert plan.warmup_steps == 11
+    assert any("optim.warmup_steps: 100 steps" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="training.plan"):
+        build_run_plan(tiny_config(tmp_path, "train.max_steps=12", "optim.warmup_steps=3"), data, 1)
+    assert not caplog.records
