@@ -4,20 +4,24 @@ without the network, and never another exception type."""
 from __future__ import annotations
 
 import json
+import re
 import resource
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file, save_file
 
 from tests.fixtures_models import tiny_encoder
 from visreg_hub.errors import CheckpointError, ConfigError, VisregHubError
 from visreg_hub.hub import from_pretrained
-from visreg_hub.models import ModelLimits
+from visreg_hub.models import ModelConfig, ModelLimits, VISRegEncoder
 
 
 @pytest.fixture()
@@ -64,6 +68,31 @@ def test_config_architecture_cannot_redirect_timm(folder, no_network, architectu
     with pytest.raises(CheckpointError, match="not a timm Vision Transformer"):
         from_pretrained(folder)
     assert no_network == []
+
+
+@pytest.mark.parametrize("architecture", ["vit_medium_patch16_gap_256", "vit_base_patch16_siglip_224"])
+def test_an_architecture_without_a_cls_token_is_a_checkpoint_error_even_under_python_O(folder, architecture):
+    """timm refuses token pooling without a class token with a bare assert (AssertionError, or nothing
+    under -O); the loader must name the file and the fix in its own error type instead."""
+    with torch.device("meta"):  # independent reference: timm itself builds it without a CLS token
+        assert timm.create_model(architecture, num_classes=0, global_pool="avg", depth=1).cls_token is None
+    _edit_config(folder, lambda c: c.__setitem__("architecture", architecture))
+    expected = rf"{re.escape(str(folder / 'config.json'))}: architecture '{architecture}' has no CLS token"
+    with pytest.raises(CheckpointError, match=rf"{expected}.*class_token=True"):
+        from_pretrained(folder, backend="torch")
+    small = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    with pytest.raises(ConfigError, match="has no CLS token"):  # the same refusal when built directly
+        VISRegEncoder(ModelConfig(architecture=architecture, **small))
+    script = (
+        "import sys\n"
+        "from visreg_hub.errors import CheckpointError\n"
+        "from visreg_hub.hub import from_pretrained\n"
+        f"try: from_pretrained({str(folder)!r}, backend='torch')\n"
+        "except CheckpointError as exc: print('refused:', exc); sys.exit(0)\n"
+        "sys.exit(1)\n"
+    )
+    ran = subprocess.run([sys.executable, "-O", "-c", script], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0 and "has no CLS token" in ran.stdout, ran.stderr[-2000:]
 
 
 def _peak_rss_bytes() -> int:

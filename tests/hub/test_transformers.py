@@ -55,6 +55,29 @@ def test_pipeline_image_feature_extraction_matches_encode(rgb_folder, photo_path
     torch.testing.assert_close(_unit(pooled), model.encode(photo_paths), rtol=0, atol=1e-5)
 
 
+def test_transparent_images_match_transformers_only_after_compositing_on_white(rgb_folder, photo_paths):
+    """docs/interop.md's alpha caveat: encode() composites on white, the pipeline drops alpha; compositing on
+    white before transformers (the documented recipe) gives encode()'s vector."""
+    model, folder = rgb_folder
+    rgba = [Image.open(path).convert("RGBA") for path in photo_paths]
+    for image in rgba:
+        image.putalpha(128)
+    white = [
+        Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB") for image in rgba
+    ]
+    extractor = transformers.pipeline("image-feature-extraction", model=str(folder), device="cpu")
+
+    def pipeline_vectors(images):
+        return _unit(torch.tensor(np.asarray(extractor(images, pool=True))).reshape(len(images), -1))
+
+    ours = model.encode(rgba)
+    torch.testing.assert_close(pipeline_vectors(white), ours, rtol=0, atol=1e-5)
+    dropped = pipeline_vectors(rgba)  # the pipeline's own handling: alpha dropped, not composited
+    assert (dropped - ours).norm(dim=-1).min() > 0.05
+    docs = " ".join((Path(__file__).parents[2] / "docs/interop.md").read_text().split())
+    assert "composites it on a **white** background" in docs and "def on_white(" in docs
+
+
 def test_bundled_grayscale_model_loads_in_transformers(fmnist_test):
     """The bundled 1-channel model: AutoModel + AutoImageProcessor on grayscale ("L") images.
 

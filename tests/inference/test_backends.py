@@ -8,6 +8,7 @@ cache folder of this module, and every test below reuses them.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -88,6 +89,22 @@ def test_auto_is_onnx_on_the_cpu_and_says_so(folder, cache_root, photo_paths, ex
     assert len(exports) == 1
     # bfloat16 parameters cannot be exported: auto keeps them on torch
     assert from_pretrained(folder, backend="auto", dtype=torch.bfloat16).backend == "torch"
+
+
+def test_file_objects_are_one_image_on_both_backends(folder, cache_root, photo_paths):
+    """File objects are expanded before the backend runs: ONNX and torch treat them alike."""
+    expected = reference(photo_paths[:2], folder)
+    for backend in ("torch", "onnx"):
+        model = from_pretrained(folder, backend=backend)
+        assert model.backend == backend
+        with open(photo_paths[0], "rb") as handle:
+            single = model.encode(handle)
+        assert single.shape == expected[0].shape
+        torch.testing.assert_close(single, expected[0], atol=1e-4, rtol=0)
+        with open(photo_paths[1], "rb") as handle:
+            result = model.encode([io.BytesIO(photo_paths[0].read_bytes()), handle], on_error="skip")
+        assert result.failures == []
+        torch.testing.assert_close(result.embeddings, expected, atol=1e-4, rtol=0)
 
 
 def test_environment_and_arguments_choose_the_backend(folder, monkeypatch):
@@ -294,3 +311,23 @@ def test_the_backend_deprecation_is_attributed_to_the_users_line(photo_paths):
         model.encode(photo_paths[0], backend="torch")
     deprecations = [w for w in caught if w.category is DeprecationWarning and "backend" in str(w.message)]
     assert len(deprecations) == 1 and deprecations[0].filename == __file__
+
+
+def test_a_device_the_onnx_build_cannot_use_is_a_device_error_as_on_torch(folder, cache_root, photo_paths):
+    """device='cuda' on an onnxruntime build without a GPU provider raises like the torch backend does
+    (a script asking for the GPU must never run on the CPU unnoticed); malformed names are DeviceErrors."""
+    import onnxruntime
+
+    from visreg_hub.errors import DeviceError
+
+    model = from_pretrained(str(folder), backend="onnx")
+    gpu_providers = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+    if gpu_providers & set(onnxruntime.get_available_providers()):
+        pytest.skip("this onnxruntime build has a GPU provider")
+    with pytest.raises(DeviceError, match=r"no GPU provider.*backend='torch'"):
+        model.encode(photo_paths[:1], device="cuda")
+    for bad in ("bogus", "mps"):
+        with pytest.raises(DeviceError, match="cpu"):
+            model.encode(photo_paths[:1], device=bad)
+    cpu = model.encode(photo_paths[:1], device="cpu", convert_to_numpy=True)
+    np.testing.assert_allclose(cpu, reference(photo_paths[:1], folder), atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 
 import numpy as np
@@ -107,6 +108,36 @@ def test_every_input_kind_gives_the_same_embedding(model, photo_paths, photos, t
     embeddings = encode(model, inputs, batch_size=4)
     assert embeddings.shape == (len(inputs), 32)
     torch.testing.assert_close(embeddings, expected.expand(len(inputs), -1), atol=1e-5, rtol=0)
+
+
+def test_file_objects_are_one_image_each(model, photo_paths, photos, tmp_path):
+    """A binary handle or BytesIO is one image (1-D result when given alone), not one item per line."""
+    expected = reference(model, photos[:2])
+    with open(photo_paths[0], "rb") as handle:
+        single = encode(model, handle)
+    assert single.shape == (32,)
+    torch.testing.assert_close(single, expected[0], atol=1e-5, rtol=0)
+    with open(photo_paths[1], "rb") as handle:
+        both = encode(model, [io.BytesIO(photo_paths[0].read_bytes()), handle])
+    torch.testing.assert_close(both, expected, atol=1e-5, rtol=0)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{photo_paths[0]}\n{photo_paths[1]}\n")
+    with open(listing) as text_handle:
+        result = encode(model, [text_handle, photo_paths[1]], on_error="skip")
+        with pytest.raises(ImageDecodeError, match=r"item 0 \(file .*list\.txt\): a text-mode file object"):
+            encode(model, text_handle)
+    assert [f.index for f in result.failures] == [0] and "open(path, 'rb')" in result.failures[0].reason
+    torch.testing.assert_close(result.embeddings, expected[1:], atol=1e-5, rtol=0)
+
+
+def test_a_meta_tensor_is_a_per_item_failure_that_skip_can_skip(model, photo_paths, photos):
+    """A meta tensor has no data: .cpu() raised NotImplementedError out of encode(), skip or not."""
+    meta = torch.empty(3, 8, 8, device="meta")
+    result = encode(model, [photo_paths[0], meta, photo_paths[1]], on_error="skip")
+    assert [f.index for f in result.failures] == [1] and "meta device" in result.failures[0].reason
+    torch.testing.assert_close(result.embeddings, reference(model, photos[:2]), atol=1e-5, rtol=0)
+    with pytest.raises(ImageDecodeError, match="item 0: tensor is on the meta device"):
+        encode(model, meta)
 
 
 def test_gray_and_alpha_inputs_go_through_decoding_rules(model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from visreg_hub.inference.images import (
     ImageSource,
     decode_image,
     expand_inputs,
+    is_single_image,
     list_image_files,
 )
 
@@ -141,6 +143,24 @@ def test_normalised_or_channels_last_tensor_is_refused():
         decode_image(ImageSource(torch.randn(3, 8, 8), "item 0"))
     with pytest.raises(ImageDecodeError, match=r"channels-last, use tensor.permute\(2, 0, 1\)"):
         decode_image(ImageSource(torch.rand(8, 8, 3), "item 0"))
+
+
+@pytest.mark.parametrize(("low", "high"), [(0.0, 1.0000001), (-1e-7, 0.5), (0.25, 1.005)])
+@pytest.mark.parametrize("kind", ["tensor", "array"])
+def test_values_a_hair_outside_the_unit_range_print_exactly_and_say_clamp(kind, low, high):
+    """1.0000001 used to print as 1, giving "values span [0, 1] but raw pixels must be in [0, 1]"."""
+    values = np.full((3, 6, 5), 0.5, np.float32)
+    values.flat[0], values.flat[-1] = low, high
+    payload = torch.from_numpy(values) if kind == "tensor" else values.transpose(1, 2, 0)
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(ImageSource(payload, "item 4"))
+    message = str(caught.value)
+    span = re.search(r"values span \[(\S+), (\S+)\] but raw pixels must be in \[0, 1\]", message)
+    assert span, message
+    # the printed bounds read back as the exact float32 extremes (the independent reference)
+    assert (np.float32(span[1]), np.float32(span[2])) == (values.min(), values.max())
+    clamp = "tensor.clamp(0, 1)" if kind == "tensor" else "np.clip(array, 0, 1)"
+    assert clamp in message and "divide 0-255 data by 255" not in message
 
 
 def test_unsupported_input_type_is_a_failing_item():
@@ -343,3 +363,33 @@ def test_a_url_is_refused_with_its_own_message_not_as_a_missing_file():
     (source,) = expand_inputs(["https://example.com/a.jpg"])
     assert source.label == "https://example.com/a.jpg"  # not Path()'s "https:/example.com/a.jpg"
     assert "does not fetch URLs" in source.error and "file not found" not in source.error
+
+
+def test_a_binary_file_object_is_one_image_not_one_per_line(tmp_path, photo):
+    """BytesIO and open(..., "rb") are iterable line by line; each must be read as ONE encoded image
+    (a PNG split on b"\\n" became dozens of "corrupt" items)."""
+    png = malformed.png_bytes(photo)
+    assert png.count(b"\n") > 1  # iterating it would have made several items
+    path = malformed.write(tmp_path / "photo.png", png)
+    expected = pixels(photo)  # PNG is lossless: Pillow's own decode of the source image
+    assert is_single_image(io.BytesIO(png))
+    with open(path, "rb") as handle:
+        sources = expand_inputs([io.BytesIO(png), handle])
+    assert [s.error for s in sources] == [None, None]
+    assert sources[1].label == f"item 1 (file {path})"
+    for source in sources:
+        np.testing.assert_array_equal(pixels(decode_image(source)), expected)
+    np.testing.assert_array_equal(pixels(decode_image(io.BytesIO(png))), expected)
+
+
+def test_a_text_file_object_is_refused_saying_what_to_pass(tmp_path, photo_paths):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{photo_paths[0]}\n{photo_paths[1]}\n")
+    with open(listing) as handle:
+        (source,) = expand_inputs(handle)
+        assert handle.tell() == 0  # refused without reading (sys.stdin must not block)
+    assert source.label == f"item 0 (file {listing})"
+    assert "text-mode file object" in source.error and "open(path, 'rb')" in source.error
+    assert "[line.strip() for line in f]" in source.error
+    with pytest.raises(ImageDecodeError, match="text-mode file object"):
+        decode_image(io.StringIO("a.png\n"))

@@ -59,7 +59,8 @@ def encode(
         model: a :class:`~visreg_hub.models.VISRegEncoder` (anything with ``data_config``,
             ``embedding_dim(pooling)`` and ``forward(images, pooling=...)``).
         images: one input or a list of them, mixed freely: file paths (``str``/``Path``), folders
-            (searched recursively, sorted), encoded ``bytes``, PIL images, numpy arrays (H, W[, C]) ``uint8``
+            (searched recursively, sorted), encoded ``bytes``, binary file objects (``open(path, "rb")``,
+            ``io.BytesIO``: one image each), PIL images, numpy arrays (H, W[, C]) ``uint8``
             or float in [0, 1], tensors (C, H, W) ``uint8`` or float in [0, 1], and 4-D batches of
             either. Every input is decoded to RGB and preprocessed with the checkpoint's data config
             (float arrays/tensors are quantised to 8 bit first, like a saved file); already normalised
@@ -232,4 +233,3 @@ def patch_pca_rgb(patch_grid: torch.Tensor | np.ndarray) -> np.ndarray:
     live = span > 1e-12 * max(float(singular[0]) if singular.numel() else 0.0, 1e-300)
     rgb[:, :num] = torch.where(live, (scores - low) / torch.where(live, span, 1.0) * 255.0, 0.0)
     return rgb.round().clamp(0, 255).to(torch.uint8).reshape(height, width, 3).numpy()
-

@@ -25,6 +25,10 @@ listed, 4-D batches split) and then :func:`decode_image`, which applies these ru
   outside those ranges are min-max stretched to [0, 255], since such scientific data has no white point.
 * CMYK, grayscale, 1-bit, YCbCr and the rest are converted to RGB with Pillow's conversions (ICC
   profiles are not applied).
+* A binary file object (``open(path, "rb")``, ``io.BytesIO``, a web framework's upload handle: anything
+  with ``.read()`` returning bytes) is ONE encoded image: its bytes are read at once and decoded like
+  ``bytes``. Iterating it would split it into lines, one bogus image per line. A text-mode file object is
+  refused, with what to pass instead.
 * numpy arrays are HWC (or HW): ``uint8`` (0-255), ``uint16`` (scaled by 1/257), or float in [0, 1];
   1, 2, 3 or 4 channels (L, LA, RGB, RGBA). A 4-D array is a batch of HWC images.
 * torch tensors are CHW (or HW, or a 4-D BCHW batch): ``uint8`` or float in [0, 1]. A float tensor is
@@ -127,7 +131,43 @@ _SINGLE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np
 
 
 def _is_single(obj: Any) -> bool:
-    return isinstance(obj, _SINGLE_TYPES)
+    return isinstance(obj, _SINGLE_TYPES) or _is_file_like(obj)
+
+
+def _is_file_like(obj: Any) -> bool:
+    """``obj`` is an open file or file-like stream (``BytesIO``, an upload handle): it has ``.read()``.
+
+    Such objects are also iterable (line by line), so this check must come before any iteration.
+    """
+    return not isinstance(obj, _SINGLE_TYPES) and callable(getattr(obj, "read", None))
+
+
+_TEXT_FILE_REASON = (
+    "a text-mode file object is not an image; open the image in binary mode (open(path, 'rb')) or pass "
+    "its path; for a text file that lists image paths pass [line.strip() for line in f]"
+)
+
+
+def _file_source(handle: Any, label: str) -> ImageSource:
+    """One file object -> one :class:`ImageSource` holding its encoded bytes, or a failing item.
+
+    The bytes are read here, not at decode time: an open handle cannot be sent to DataLoader worker
+    processes, and the caller may close it as soon as ``encode()`` has expanded its inputs.
+    """
+    name = getattr(handle, "name", None)
+    label = f"{label} (file {name})" if isinstance(name, str) else f"{label} (file object)"
+    if isinstance(handle, io.TextIOBase):  # refused without reading: sys.stdin must not block
+        return ImageSource(None, label, _TEXT_FILE_REASON)
+    try:
+        data = handle.read()
+    except Exception as exc:  # why: closed (ValueError), write-only (UnsupportedOperation), I/O errors...
+        return ImageSource(None, label, f"file object cannot be read ({type(exc).__name__}: {exc})")
+    if isinstance(data, str):  # a text stream that is not an io.TextIOBase (e.g. a wrapper)
+        return ImageSource(None, label, _TEXT_FILE_REASON)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        reason = f"file object's read() returned {type(data).__name__}, not bytes; pass the image's bytes"
+        return ImageSource(None, label, reason)
+    return ImageSource(bytes(data), label)
 
 
 def is_single_image(obj: Any) -> bool:
@@ -149,7 +189,8 @@ def expand_inputs(images: Any) -> list[ImageSource]:
     unsupported type) become items that fail on decode, so one bad input never loses the others.
 
     Args:
-        images: a path, folder, encoded bytes, PIL image, array or tensor, or an iterable of them.
+        images: a path, folder, encoded bytes, binary file object, PIL image, array or tensor, or an
+            iterable of them. A file object is one image (never iterated as lines).
 
     Returns:
         The expanded sources, in input order.
@@ -161,6 +202,9 @@ def expand_inputs(images: Any) -> list[ImageSource]:
     sources: list[ImageSource] = []
     for k, obj in enumerate(items):
         label = f"item {k}"
+        if isinstance(obj, torch.Tensor) and obj.is_meta:  # .cpu() would raise NotImplementedError
+            sources.append(ImageSource(None, label, _META_TENSOR_REASON))
+            continue
         if isinstance(obj, torch.Tensor):
             # why: decoding runs on the CPU, possibly in forked DataLoader workers, which cannot touch CUDA
             obj = obj.detach().cpu()
@@ -181,6 +225,8 @@ def expand_inputs(images: Any) -> list[ImageSource]:
                 sources.append(ImageSource(path, str(path)))
         elif isinstance(obj, (bytes, bytearray, memoryview)):
             sources.append(ImageSource(bytes(obj), f"{label} (bytes)"))
+        elif _is_file_like(obj):
+            sources.append(_file_source(obj, label))
         elif isinstance(obj, (np.ndarray, torch.Tensor)) and obj.ndim == 4:
             channel_axis = -1 if isinstance(obj, np.ndarray) else 1
             if not 1 <= obj.shape[channel_axis] <= 4:
@@ -211,7 +257,7 @@ def decode_image(
 
     Args:
         source: an :class:`ImageSource`, or any single input accepted by :func:`expand_inputs`
-            (path, bytes, PIL image, HWC array, CHW tensor).
+            (path, bytes, binary file object, PIL image, HWC array, CHW tensor).
         max_pixels: refuse images with more pixels than this (width * height, read from the header
             before decoding); None disables this cap. Pillow's own hard limit
             (``2 * PIL.Image.MAX_IMAGE_PIXELS``) still applies.
@@ -228,6 +274,8 @@ def decode_image(
     """
     if isinstance(source, (str, os.PathLike)):
         source = ImageSource(Path(source), str(source))  # errors name the file, as in encode()
+    elif _is_file_like(source):
+        source = _file_source(source, f"{type(source).__name__} input")
     elif not isinstance(source, ImageSource):
         source = ImageSource(source, f"{type(source).__name__} input")
     if source.error is not None:
@@ -367,7 +415,14 @@ def _high_depth_to_uint8(values: np.ndarray, mode: str, label: str) -> np.ndarra
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
+_META_TENSOR_REASON = (
+    "tensor is on the meta device and holds no pixel values; pass a tensor with data (e.g. on 'cpu')"
+)
+
+
 def _tensor_to_hwc(tensor: torch.Tensor, label: str) -> np.ndarray:
+    if tensor.is_meta:
+        raise ImageDecodeError(f"{label}: {_META_TENSOR_REASON}")
     if not (tensor.dtype in (torch.uint8, torch.uint16) or tensor.is_floating_point()):
         raise ImageDecodeError(
             f"{label}: tensor dtype {tensor.dtype} is not supported; pass uint8 (0-255) or float in [0, 1]"
@@ -399,11 +454,27 @@ def _check_unit_range(array: np.ndarray, label: str, what: str) -> None:
     if not np.isfinite(array).all():
         raise ImageDecodeError(f"{label}: float {what} contains NaN or infinite values")
     if array.size and (array.min() < 0.0 or array.max() > 1.0):
+        low, high = array.min(), array.max()
         raise ImageDecodeError(
-            f"{label}: float {what} values span [{array.min():.4g}, {array.max():.4g}] but raw pixels "
-            "must be in [0, 1]: divide 0-255 data by 255; an already normalised (B, C, H, W) batch goes "
-            "to model(batch) directly"
+            f"{label}: float {what} values span [{_exact(low)}, {_exact(high)}] but raw pixels must be in "
+            f"[0, 1]: {_unit_range_hint(float(low), float(high), what)}"
         )
+
+
+def _exact(value: np.floating) -> str:
+    """``value`` in the shortest form that reads back as the same number of its dtype: 1.0000001 must not
+    print as 1, or the message would say [0, 1] is outside [0, 1]."""
+    if value == 0 or 1e-4 <= abs(value) < 1e6:
+        return np.format_float_positional(value, trim="-")
+    return np.format_float_scientific(value, trim="-")
+
+
+def _unit_range_hint(low: float, high: float, what: str) -> str:
+    """The likely cause of a float image outside [0, 1], and its fix."""
+    if low >= -0.01 and high <= 1.01:  # a hair outside: resampling overshoot (bicubic) or rounding
+        clamp = "tensor.clamp(0, 1)" if what == "tensor" else "np.clip(array, 0, 1)"
+        return f"values just outside the range (e.g. from bicubic resizing) need clamping: pass {clamp}"
+    return "divide 0-255 data by 255; an already normalised (B, C, H, W) batch goes to model(batch) directly"
 
 
 def _array_to_uint8(array: np.ndarray, label: str) -> np.ndarray:

@@ -22,7 +22,9 @@ import timm
 import torch
 from torch import nn
 
+from visreg_hub.errors import ConfigError
 from visreg_hub.models.config import PATCH_POOLING, POOLING_BLOCKS, POOLINGS, ModelConfig
+from visreg_hub.models.limits import check_class_token
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class VISRegEncoder(nn.Module):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"VISRegEncoder expects a ModelConfig, got {type(config).__name__}")
         self.config = config
+        check_class_token(config.architecture)  # before timm, whose own check is a bare assert
         self.backbone = timm.create_model(
             config.architecture,
             pretrained=False,
@@ -53,7 +56,7 @@ class VISRegEncoder(nn.Module):
             **config.timm_kwargs(),
         )
         if getattr(self.backbone, "cls_token", None) is None:
-            raise ValueError(
+            raise ConfigError(
                 f"architecture {config.architecture!r} built a model without a CLS token; "
                 "VISRegEncoder needs a ViT with class_token=True"
             )

@@ -95,10 +95,11 @@ def check_architecture_name(architecture: object) -> None:
 
 
 def check_architecture(architecture: object) -> None:
-    """:func:`check_architecture_name` plus membership in timm's ViT registry.
+    """:func:`check_architecture_name` plus membership in timm's ViT registry and a CLS token.
 
     Raises:
-        ConfigError: not a known timm ViT architecture (close names are suggested).
+        ConfigError: not a known timm ViT architecture (close names are suggested), or one that timm builds
+            without a CLS token (``*_gap_*``, ``*_siglip_*``, ...).
     """
     check_architecture_name(architecture)
     known = known_architectures()
@@ -109,6 +110,40 @@ def check_architecture(architecture: object) -> None:
             f"architecture {architecture!r} is not a timm Vision Transformer this version of timm knows; "
             f"use one of timm.list_models('vit_*').{did_you_mean(architecture, known)}"
         )
+    check_class_token(architecture)
+
+
+def check_class_token(architecture: str) -> None:
+    """Refuse a timm ViT built without a CLS token: every visreg_hub pooling reads that token.
+
+    Raises:
+        ConfigError: naming the architecture and the fix. Without this check timm's own refusal is an
+            ``assert`` (an AssertionError, or nothing at all under ``python -O``).
+    """
+    if has_class_token(architecture) is False:
+        raise ConfigError(
+            f"architecture {architecture!r} has no CLS token (timm builds it with class_token=False, e.g. "
+            "a *_gap_* or *_siglip_* variant); visreg_hub loads ViTs with class_token=True: name a ViT "
+            "with a class token, such as vit_small_patch16_224"
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def has_class_token(architecture: str) -> bool | None:
+    """Whether timm builds ``architecture`` with a CLS token; None when timm cannot build it at all.
+
+    Read from a one-block build on the meta device (no memory, a few milliseconds) without a pooling head:
+    ``global_pool=""`` keeps timm's "token pooling needs the class token" assert out of the way.
+    """
+    import timm
+    import torch
+
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(architecture, pretrained=False, num_classes=0, global_pool="", depth=1)
+    except Exception:  # why: not ours to judge; the real build reports it with the config's arguments
+        return None
+    return getattr(probe, "cls_token", None) is not None
 
 
 def check_field_bounds(values: dict) -> None:

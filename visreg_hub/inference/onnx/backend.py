@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from visreg_hub.errors import DeviceError
 from visreg_hub.inference.backends import Backend, BackendSpec, resolve_dtype
 from visreg_hub.inference.images import DEFAULT_MAX_PIXELS
 from visreg_hub.inference.onnx.cache import cached_export
 from visreg_hub.inference.onnx.embedder import OnnxEmbedder
 from visreg_hub.inference.onnx.export import export_onnx
-from visreg_hub.inference.onnx.runtime import CPU
+from visreg_hub.inference.onnx.runtime import CPU, PROVIDER_PRIORITY
 from visreg_hub.inference.pipeline import EmbeddingPipeline, EncodeResult
 
 logger = logging.getLogger(__name__)
@@ -113,11 +114,30 @@ class WeightsWatch:
 
 
 def _providers_for(spec: BackendSpec, device: str | torch.device | None) -> tuple[str | None, int]:
+    """(provider, device id) for an ``encode(device=...)`` call on the ONNX backend.
+
+    Raises:
+        DeviceError: a malformed device, or ``cuda`` where this onnxruntime build has no GPU provider:
+            as on the torch backend, a device asked for by name is never silently replaced by the CPU.
+    """
     if device is None:
         return spec.provider, 0
-    target = torch.device(device)
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceError(f"device {device!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N'") from None
     if target.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' for the ONNX backend, got {device!r}")
+        raise DeviceError(f"device must be 'cpu', 'cuda' or 'cuda:N' for the ONNX backend, got {device!r}")
+    if target.type == "cuda":
+        import onnxruntime
+
+        available = onnxruntime.get_available_providers()
+        if not any(name in available for name in PROVIDER_PRIORITY if name != CPU):
+            raise DeviceError(
+                f"device {str(target)!r} asked for, but this onnxruntime build has no GPU provider "
+                f"(available: {available}); use device='cpu', install onnxruntime-gpu with matching "
+                "CUDA/cuDNN, or load with backend='torch'"
+            )
     return ("cuda" if target.type == "cuda" else CPU), target.index or 0
 
 
