@@ -345,3 +345,27 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path, capsys, model_dir,
     assert (index_dir / "manifest.json").read_text() == manifest  # the 12-vector index is untouched
     assert run(capsys, "index", "build", emb, "-o", index_dir, "--overwrite")[0] == 0
     assert json.loads((index_dir / "manifest.json").read_text())["count"] == 16
+
+
+def test_search_warns_when_the_model_folder_now_holds_other_weights(tmp_path, capsys, model_dir, gallery):
+    """The index records the embed job's weights digest: a folder retrained in place keeps its name (the
+    name check passes) but not its weights, and search says so."""
+    from visreg_hub.hub.format import weights_digest
+    from visreg_hub.hub.loading import from_pretrained
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    assert run(capsys, "embed", gallery / "fmnist", "-o", tmp_path / "e.npy", "--model", folder)[0] == 0
+    assert run(capsys, "index", "build", tmp_path / "e.npy", "-o", tmp_path / "idx")[0] == 0
+    built = json.loads((tmp_path / "idx" / "manifest.json").read_text())["build"]["weights_sha256"]
+    assert built == weights_digest(from_pretrained(str(folder)))
+    query = gallery / "fmnist" / "item_03.png"
+    code, _, err = run(capsys, "search", tmp_path / "idx", query, "--json")
+    assert code == 0 and "warning" not in err
+
+    retrained = tiny_encoder(seed=1)  # same architecture and config name, other weights
+    retrained.save_pretrained(folder)  # retrained in place: same folder, same name
+    assert weights_digest(from_pretrained(str(folder))) != built
+    code, out, err = run(capsys, "search", tmp_path / "idx", query, "--json")
+    assert code == 0 and "does not have the weights the index was built with" in err
+    assert built[:12] in err and json.loads(out)[0]["results"]  # a warning: results still come back

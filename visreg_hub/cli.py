@@ -90,6 +90,23 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_weights(index, model, model_name: str) -> None:
+    """Warn when the index records the weights that embedded it and ``model`` has other weights.
+
+    why: a retrained folder keeps its config's name, so the name check passes while every score compares
+    embeddings of two different models (cosines near 0.4 for the same image).
+    """
+    from visreg_hub.hub.format import weights_digest
+
+    built = index.build_info.get("weights_sha256") if isinstance(index.build_info, dict) else None
+    if isinstance(built, str) and built != weights_digest(model):
+        _warn(
+            f"model {model_name!r} does not have the weights the index was built with (weights sha256 "
+            f"{built[:12]}...): scores compare embeddings of two models; search with the model folder that "
+            f"embedded the index, or rebuild the index with this model"
+        )
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from visreg_hub.inference import encode
     from visreg_hub.retrieval import EmbeddingIndex
@@ -109,6 +126,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             f"--model {args.model!r} is not the model the index was built with ({index.model_name!r}); "
             f"scores compare embeddings of two models and mean little unless they share weights"
         )
+    _check_weights(index, model, model_name)
     dim = model.embedding_dim(index.pooling)
     if dim != index.dim:
         raise UserInputError(

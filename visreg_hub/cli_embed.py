@@ -100,6 +100,7 @@ def _warn_ignored(args: argparse.Namespace) -> None:
 def _embed_single_file(args: argparse.Namespace) -> int:
     """All embeddings in memory, one .npy/.parquet file + its sidecar (for small sets)."""
     from visreg_hub.errors import ImageDecodeError
+    from visreg_hub.hub.format import weights_digest
     from visreg_hub.inference import encode
     from visreg_hub.retrieval.files import check_suffix, sidecar_path, write_embeddings
 
@@ -135,6 +136,7 @@ def _embed_single_file(args: argparse.Namespace) -> int:
         model=cli._model_reference(args.model),
         pooling=pooling,
         normalized=not args.no_normalize,
+        weights_sha256=weights_digest(model),
     )
     rows, dim = len(paths) - len(failed), model.embedding_dim(pooling)
     print(f"wrote {rows} x {dim} embeddings to {out} (paths: {sidecar})")
@@ -192,6 +194,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         model_name=_cli()._model_reference(args.model) if args.model else None,
         num_queries=args.queries,
         paths_file=args.paths,
+        overwrite=args.overwrite,
         **fixed,
     )
     info = index.build_info
@@ -211,16 +214,16 @@ def _size(nbytes: int) -> str:
 
 
 def cmd_index_inspect(args: argparse.Namespace) -> int:
-    from visreg_hub.retrieval.manifest import read_manifest, verify_files
+    from visreg_hub.retrieval.storage import verify_index
 
-    manifest = read_manifest(args.index)
-    verify_files(args.index, manifest)  # what load() and search would refuse, inspect reports too
+    # every check load() and search make (one home): an index that inspects clean also loads
+    manifest = verify_index(args.index).manifest
     build = {key: value for key, value in manifest["build"].items() if key != "query_ids"}
     fields = ("kind", "factory", "metric", "dim", "count", "next_id", "model_name", "pooling", "normalized",
               "params")  # fmt: skip
     summary = {key: manifest[key] for key in fields}
     summary["build"] = build
-    summary["files"] = {name: "sha256 verified" for name in manifest["files"]}
+    summary["files"] = {name: "sha256 and contents verified" for name in manifest["files"]}
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -284,7 +287,7 @@ def add_embed_parsers(commands, common: argparse.ArgumentParser) -> None:
     b.add_argument("--overwrite", action="store_true", help="replace an index in -o (default: refuse)")
     b.set_defaults(func=cmd_index_build)
     i = actions.add_parser(
-        "inspect", parents=[common], help="verify an index folder's checksums and print its manifest summary"
+        "inspect", parents=[common], help="verify an index folder as loading does; print its manifest summary"
     )
     i.add_argument("index", help="index folder")
     i.add_argument("--json", action="store_true", help="print JSON")

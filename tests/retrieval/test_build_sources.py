@@ -169,6 +169,52 @@ def test_a_shard_swapped_for_another_jobs_file_or_emptied_is_refused(jobs, tmp_p
     assert open_sources([jobs["base"]]).count == 10  # the intact job: 4 + 4 + 2 rows as its manifest says
 
 
+def test_a_shard_of_another_job_with_the_same_rows_is_refused_naming_the_file(jobs, tmp_path, capsys):
+    """A part file of a job on the same images with other weights has the right name, width and row
+    count: it was indexed, mixing two models in one index (probe 6, F4). Each shard now carries its job's
+    id (and its shard number), which index build checks against the job's manifest."""
+    base_rows, base_vectors, _ = read_output(jobs["base"])
+    other_rows, other_vectors, _ = read_output(jobs["other"])
+    assert base_rows == other_rows and not np.allclose(base_vectors, other_vectors)  # same rows, other model
+    mixed = _copy(jobs["base"], tmp_path, "mixed")
+    shutil.copy(jobs["other"] / "part-00001.parquet", mixed / "part-00001.parquet")
+    with pytest.raises(EmbeddingSourceError, match=r"part-00001.parquet is not shard 1 of the embed job"):
+        open_sources([mixed])
+    code = main(["index", "build", str(mixed), "-o", str(tmp_path / "idx")])
+    assert code == 1 and "part-00001.parquet is not shard 1" in capsys.readouterr().err
+    assert not (tmp_path / "idx").exists()
+    renamed = _copy(jobs["base"], tmp_path, "renamed")  # this job's own shards 0 and 1, swapped (4 rows each)
+    (renamed / "part-00000.parquet").rename(renamed / "tmp.parquet")
+    (renamed / "part-00001.parquet").rename(renamed / "part-00000.parquet")
+    (renamed / "tmp.parquet").rename(renamed / "part-00001.parquet")
+    swapped_name = r"part-00000.parquet is not shard 0 .*written as shard '1'"
+    with pytest.raises(EmbeddingSourceError, match=swapped_name):
+        open_sources([renamed])
+    base_id, other_id = (
+        json.loads((jobs[n] / "manifest.json").read_text())["job_id"] for n in ("base", "other")
+    )
+    assert len(base_id) == 64 and base_id != other_id
+
+
+def test_an_older_job_without_job_ids_still_builds_and_refuses_a_newer_jobs_shard(jobs, tmp_path):
+    """Folders embedded before job ids existed record none: they still build, from their own shards."""
+    import pyarrow.parquet as pq
+
+    older = _copy(jobs["base"], tmp_path, "older")
+    manifest = json.loads((older / "manifest.json").read_text())
+    del manifest["job_id"]
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    for part in sorted(older.glob("part-*.parquet")):  # as an older embed wrote them: no schema metadata
+        pq.write_table(pq.read_table(part).replace_schema_metadata(None), part)
+    _, vectors, _ = read_output(jobs["base"])
+    index = build_index([older], tmp_path / "idx", kind="flat", num_queries=1)
+    brute = np.argmax(vectors @ vectors.T, axis=1)  # each row's own vector, by numpy
+    assert (index.search(vectors, k=1).ids[:, 0] == brute).all()
+    shutil.copy(jobs["other"] / "part-00002.parquet", older / "part-00002.parquet")
+    with pytest.raises(EmbeddingSourceError, match=r"part-00002.parquet is not shard 2"):
+        open_sources([older])
+
+
 def test_a_source_named_twice_is_refused_not_indexed_twice(jobs, tmp_path):
     shard = jobs["base"] / "part-00000.parquet"
     for paths in ([jobs["base"], jobs["base"]], [jobs["base"], shard], [shard, shard]):

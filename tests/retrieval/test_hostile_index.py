@@ -292,3 +292,52 @@ def test_fuzz_manifest_fields_long(folders, tmp_path, kind, field, value):
 @given(kind=kinds, edits=byte_edits, cut=st.none() | st.integers(0, 10**6))
 def test_fuzz_index_file_bytes_long(folders, tmp_path, kind, edits, cut):
     _fuzz_bytes(folders, tmp_path, kind, edits, cut)
+
+
+def _tampered(folder, tmp_path, case):
+    """A copy of a good index folder, changed as in probe 6 (F2), with every checksum fixed up."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    files = {}
+    if case == "truncated_faiss":
+        data = (folder / "index.faiss").read_bytes()
+        files["index.faiss"] = data[: len(data) // 2]
+    elif case == "dim":
+        manifest["dim"] = 4
+    elif case == "kind":
+        manifest["kind"] = "hnsw"
+    elif case == "ids_zeros":
+        files["ids.npy"] = _npy(np.zeros(manifest["count"], np.int64))
+    elif case == "metadata_line_dropped":
+        lines = (folder / "metadata.jsonl").read_bytes().splitlines(keepends=True)
+        files["metadata.jsonl"] = b"".join(lines[:-1])
+    elif case == "next_id":
+        manifest["next_id"] = 5
+    return copy_with(folder, tmp_path, manifest=manifest, files=files)
+
+
+@pytest.mark.parametrize(
+    "case", ["truncated_faiss", "dim", "kind", "ids_zeros", "metadata_line_dropped", "next_id"]
+)
+def test_inspect_refuses_what_load_refuses_with_the_same_message(folders, tmp_path, capsys, case):
+    """`index inspect` checked only the sha256s, so with them fixed up it printed "sha256 verified" and
+    exited 0 for folders load() refuses (probe 6, F2); it now runs load's checks and fails the same way."""
+    from visreg_hub.cli import main
+    from visreg_hub.errors import one_line
+
+    folder = _tampered(folders["flat"], tmp_path, case)
+    with pytest.raises(CheckpointError) as refused:
+        EmbeddingIndex.load(folder)
+    capsys.readouterr()
+    assert main(["index", "inspect", str(folder)]) == 1
+    out, err = capsys.readouterr()
+    assert "verified" not in out
+    assert err.strip() == f"visreg-hub: error: {one_line(refused.value)}"
+
+
+def test_inspect_passes_a_good_folder_of_every_kind(folders, capsys):
+    from visreg_hub.cli import main
+
+    for folder in folders.values():
+        assert main(["index", "inspect", str(folder), "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert set(summary["files"].values()) == {"sha256 and contents verified"}

@@ -22,6 +22,7 @@ name is ``os.fsdecode(path_bytes)`` when set, else ``path``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -40,6 +41,10 @@ MANIFEST_NAME = "manifest.json"
 FAILURES_NAME = "failures.jsonl"
 FAILURES_DIR = ".failures"
 _SHARD = re.compile(r"part-(\d{5,})\.parquet")
+# parquet schema metadata of every shard: which job wrote it and as which shard (read by index build,
+# visreg_hub.retrieval.sources, which keeps a copy of these names: it must not import this torch package)
+SHARD_JOB_KEY = b"visreg_hub.job_id"
+SHARD_NUMBER_KEY = b"visreg_hub.shard"
 
 
 class OutputMismatchError(VisregHubError, ValueError):
@@ -96,6 +101,7 @@ def write_shard(
     rows: list[dict[str, Any]],
     embeddings: np.ndarray,
     failures: list[dict[str, Any]],
+    job_id: str | None = None,
 ) -> Path:
     """Write shard ``number``: its failures, then its parquet file (the commit point).
 
@@ -103,6 +109,8 @@ def write_shard(
         rows: one dict per embedded input with ``path``, ``key``, ``cls``, ``json`` (None where absent).
         embeddings: float32 (len(rows), E).
         failures: one ``{"path", "key", "reason"}`` per input that failed.
+        job_id: the manifest's ``job_id``; stored with ``number`` in the parquet schema metadata so that
+            ``index build`` refuses a part file of another job copied in under a valid name.
     """
     pa, _ = pyarrow()
     failures_path = folder / FAILURES_DIR / f"part-{number:05d}.jsonl"
@@ -131,6 +139,8 @@ def write_shard(
             "key_bytes": pa.array([raw for _, raw in keys], pa.binary()),
         }
     )
+    if job_id is not None:  # None: a job started before job ids existed resumes without them
+        table = table.replace_schema_metadata({SHARD_JOB_KEY: job_id.encode(), SHARD_NUMBER_KEY: str(number)})
     path = folder / shard_name(number)
     write_atomic(path, lambda p: write_parquet(table, p))
     return path
@@ -180,14 +190,25 @@ def check_or_start(folder: Path, job: dict[str, Any]) -> dict[str, Any]:
                 f"output folder {folder} is not empty and has no {MANIFEST_NAME} (found {stray[:3]}); "
                 f"pass a new or empty folder"
             )
-        manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **job, "shards_done": [],
-                    "complete": False}  # fmt: skip
+        manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **job, "job_id": job_id(job),
+                    "shards_done": [], "complete": False}  # fmt: skip
         write_manifest(folder, manifest)
         return manifest
     for field in ("model", "inputs", "shard_size"):
         if manifest.get(field) != job[field]:
             raise OutputMismatchError(_mismatch(folder, field, manifest.get(field), job[field]))
     return manifest
+
+
+def job_id(job: dict[str, Any]) -> str:
+    """SHA-256 of the job's identity (model setup, input listing, shard size) as canonical JSON.
+
+    why: recorded in the manifest and in every shard's parquet metadata, it tells this job's part files
+    from another job's with the same file name (the name alone says nothing about where a file came from).
+    """
+    identity = {field: job[field] for field in ("model", "inputs", "shard_size")}
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _mismatch(folder: Path, field: str, old: Any, new: Any) -> str:

@@ -79,6 +79,7 @@ class _ShardActor:
         )  # fmt: skip
         self.embedder = ShardEmbedder(pipeline, batch_size=options["batch_size"], num_workers=0)
         self.folder = Path(folder)
+        self.job_id = options.get("job_id")
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         embedded, failed = [], []
@@ -99,7 +100,8 @@ class _ShardActor:
                 for handle in tars.values():
                     handle.close()
             rows, vectors, failures = self.embedder.embed(items)
-            output.write_shard(self.folder, shard, rows=rows, embeddings=vectors, failures=failures)
+            output.write_shard(self.folder, shard, rows=rows, embeddings=vectors, failures=failures,
+                               job_id=self.job_id)  # fmt: skip
             embedded.append(len(rows))
             failed.append(len(failures))
         return {"shard": batch["shard"], "embedded": embedded, "failed": failed}
@@ -127,7 +129,7 @@ def run_ray(sources, folder: Path, manifest, net, runner, listing, num_shards: i
         gpus = int(ray.cluster_resources().get("GPU", 0))
         options = {"device": device, "dtype": dtype, "pooling": pooling, "normalize": normalize,
                    "max_pixels": max_pixels, "batch_size": batch_size,
-                   "draft_decode": draft_decode}  # fmt: skip
+                   "draft_decode": draft_decode, "job_id": manifest.get("job_id")}  # fmt: skip
         actors = max(1, gpus) if gpus else max(1, cpus // 2)
         dataset = ray.data.from_items([{"shard": s} for s in todo]).map_batches(
             _ShardActor,

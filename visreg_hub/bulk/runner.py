@@ -226,7 +226,8 @@ def run_embedding(
     with bar:
         for number, items in _shards(sources, listing, shard_size, todo):
             rows, vectors, failures = embedder.embed(items, progress=bar.update)
-            output.write_shard(folder, number, rows=rows, embeddings=vectors, failures=failures)
+            output.write_shard(folder, number, rows=rows, embeddings=vectors, failures=failures,
+                               job_id=manifest.get("job_id"))  # fmt: skip
             embedded, failed, written = embedded + len(rows), failed + len(failures), written + 1
             if written % _MANIFEST_EVERY == 0:  # the shard files are the truth; the manifest summarises
                 output.finalize(folder, manifest, num_shards)

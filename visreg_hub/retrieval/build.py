@@ -108,32 +108,60 @@ def _top_k_merge(scores: np.ndarray, ids: np.ndarray, new_scores: np.ndarray, ne
 
 def recall_without_self(
     found: np.ndarray, truth: np.ndarray, truth_scores: np.ndarray, query_ids: np.ndarray, k: int,
-    larger_is_better: bool = True,
+    larger_is_better: bool = True, found_scores: np.ndarray | None = None,
 ) -> float:  # fmt: skip
     """recall@k: the mean fraction of the first k hits (the query's own id dropped) that are true top-k.
 
-    A hit counts when it is among the exact neighbours scoring at least as well as the k-th one (the
-    query's own row excluded), up to float32 round-off: near-duplicates tie, and any of them is right.
+    A hit counts when its exact score is at least as good as the k-th exact neighbour's (the query's
+    own row excluded), up to float32 round-off: near-duplicates tie, and any of them is right. Tied
+    rows beyond the depth of ``truth`` are judged by ``found_scores`` (see :func:`truth_overflows`).
 
     Args:
         found: (Q, >= k + 1) ids from the index, best first.
         truth, truth_scores: (Q, depth) exact ids and scores, best first, depth >= k + 1.
         query_ids: (Q,) the queries' own row ids.
+        found_scores: (Q, found width) exact scores of the ``found`` ids, NaN where not computed; needed
+            only for the rows where :func:`truth_overflows`.
     """
     total, possible = 0, 0
-    rows = zip(found.tolist(), truth.tolist(), truth_scores.tolist(), query_ids.tolist(), strict=True)
-    for row_found, row_truth, row_scores, own in rows:
-        got = [i for i in row_found if i != own and i >= 0][:k]
+    exact = np.full(found.shape, np.nan) if found_scores is None else found_scores
+    rows = zip(found.tolist(), exact.tolist(), truth.tolist(), truth_scores.tolist(), query_ids.tolist(),
+               strict=True)  # fmt: skip
+    for row_found, row_exact, row_truth, row_scores, own in rows:
         want = [(i, s) for i, s in zip(row_truth, row_scores, strict=True) if i != own and i >= 0]
         if not want:  # a one-vector index: nothing to find
             continue
         # with fewer than k other vectors, finding all of them is full recall (not len(want) / k)
         kth = want[min(k, len(want)) - 1][1]
-        slack = 1e-5 * max(1.0, abs(kth))
-        accepted = {i for i, s in want if (s >= kth - slack if larger_is_better else s <= kth + slack)}
-        total += min(len(set(got) & accepted), k)
+        accepted = {i for i, s in want if _ties_or_beats(s, kth, larger_is_better)}
+        got = [(i, s) for i, s in zip(row_found, row_exact, strict=True) if i != own and i >= 0][:k]
+        hits = {i for i, s in got if i in accepted or (s == s and _ties_or_beats(s, kth, larger_is_better))}
+        total += min(len(hits), k)
         possible += min(k, len(want))
     return total / possible if possible else 1.0
+
+
+def _ties_or_beats(score: float, kth: float, larger_is_better: bool) -> bool:
+    """Whether an exact ``score`` is as good as the k-th neighbour's, up to float32 round-off."""
+    slack = 1e-5 * max(1.0, abs(kth))
+    return score >= kth - slack if larger_is_better else score <= kth + slack
+
+
+def truth_overflows(truth_scores: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, k: int,
+                    larger_is_better: bool = True) -> np.ndarray:  # fmt: skip
+    """(Q,) bool: the rows whose kept truth ends in a tie with the k-th neighbour.
+
+    why: ``truth`` keeps a fixed number of exact neighbours; when more rows than that tie with the k-th
+    (many exact duplicates), the index's correct tied hits can lie beyond it and must be judged by
+    their exact scores instead, or an exact index measures a recall below 1.
+    """
+    rows = zip(truth.tolist(), truth_scores.tolist(), query_ids.tolist(), strict=True)
+    flags = []
+    for row_truth, row_scores, own in rows:
+        want = [s for i, s in zip(row_truth, row_scores, strict=True) if i != own and i >= 0]
+        full = len(want) >= truth.shape[1] - 1  # every kept slot but the own row's holds a neighbour
+        flags.append(full and _ties_or_beats(want[-1], want[min(k, len(want)) - 1], larger_is_better))
+    return np.array(flags, dtype=bool)
 
 
 def build_index(
@@ -149,6 +177,7 @@ def build_index(
     num_queries: int = 1000,
     seed: int = 0,
     paths_file: str | Path | None = None,
+    overwrite: bool = True,
     **index_args: Any,
 ) -> EmbeddingIndex:
     """Build, measure and save an index over embedding shards/files; see the module docstring.
@@ -163,6 +192,8 @@ def build_index(
         num_queries: held-out queries for the recall measurement (at most a tenth of the rows).
         seed: chooses the queries and the training sample.
         paths_file: names the rows of a single .npy file (instead of its sidecar).
+        overwrite: replace an earlier index in ``output`` (False: refuse, also one that another build
+            finished there while this one ran).
         index_args: fixed parameters of an explicit kind (``nlist``, ``nprobe``, ``pq_m``, ``m``,
             ``ef_search``); a given ``nprobe``/``ef_search`` is measured, not tuned.
 
@@ -223,20 +254,18 @@ def build_index(
         data = l2_normalize(vectors) if normalize else vectors
         for lo in range(0, len(data), _TRUTH_BLOCK):  # (Q, block) scores: bounded temporary memory
             block = data[lo : lo + _TRUTH_BLOCK]
-            if metric == "ip":
-                scores = queries @ block.T
-            else:
-                scores = (
-                    (queries**2).sum(1, keepdims=True) - 2 * queries @ block.T + (block**2).sum(1)[None, :]
-                )
+            scores = _exact_scores(queries, block, metric)
             truth_scores, truth = _top_k_merge(
                 truth_scores, truth, scores, ids[None, lo : lo + len(block)], depth, metric == "ip"
             )
         row += len(vectors)
     tune = not ({"nprobe", "ef_search"} & set(index_args))
-    recall = _tune(index, queries, truth, truth_scores, query_ids, target_recall if tune else 0.0)
+    judge = _Judge(sources, queries, truth, truth_scores, query_ids, normalize)
+    recall = _tune(index, judge, target_recall if tune else 0.0)
     index.build_info = {
         "factory": index.factory,
+        # the embed job's weights (None for sidecar-less arrays): search warns when its model's differ
+        "weights_sha256": sources.info.get("weights_sha256"),
         "kind": plan["kind"],
         "requested_kind": kind,
         "estimated_bytes": plan["estimated_bytes"],
@@ -255,34 +284,84 @@ def build_index(
             "recall@%d is %.3f, below the target %.3f, even with exhaustive search: the %s index is too "
             "compressed; raise --max-memory", RECALL_K, recall, target_recall, plan["kind"],
         )  # fmt: skip
-    index.save(output)
+    index.save(output, overwrite=overwrite)
     return index
 
 
 def _sample(sources: EmbeddingSources, query_ids: np.ndarray, train_ids: np.ndarray | None, normalize: bool):
     """One streaming pass collecting the query rows and the training rows (float32, normalised if asked)."""
-    queries = np.zeros((len(query_ids), sources.dim), np.float32)
-    train = None if train_ids is None else np.zeros((len(train_ids), sources.dim), np.float32)
-    row = 0
-    for vectors, _ in iter_batches(sources):
-        end = row + len(vectors)
-        for wanted, target in ((query_ids, queries), (train_ids, train)):
-            if wanted is None:
-                continue
-            lo, hi = np.searchsorted(wanted, [row, end])
-            target[lo:hi] = vectors[wanted[lo:hi] - row]
-        row = end
+    queries, train = _gather(sources, query_ids, train_ids)
     if normalize:
         queries = l2_normalize(queries)
     return queries, train
 
 
-def _tune(index: EmbeddingIndex, queries, truth, truth_scores, query_ids, target: float) -> float:
+def _gather(sources: EmbeddingSources, *wanted: np.ndarray | None) -> list[np.ndarray | None]:
+    """The rows of each sorted id array in ``wanted`` (None stays None), from one streaming pass."""
+    out = [None if ids is None else np.zeros((len(ids), sources.dim), np.float32) for ids in wanted]
+    row = 0
+    for vectors, _ in iter_batches(sources):
+        end = row + len(vectors)
+        for ids, target in zip(wanted, out, strict=True):
+            if ids is None:
+                continue
+            lo, hi = np.searchsorted(ids, [row, end])
+            target[lo:hi] = vectors[ids[lo:hi] - row]
+        row = end
+    return out
+
+
+def _exact_scores(queries: np.ndarray, block: np.ndarray, metric: str) -> np.ndarray:
+    """(Q, B) exact inner products or squared L2 distances (one formula for the truth and the judging)."""
+    if metric == "ip":
+        return queries @ block.T
+    return (queries**2).sum(1, keepdims=True) - 2 * queries @ block.T + (block**2).sum(1)[None, :]
+
+
+class _Judge:
+    """Measures recall@10 of an index's answers against the exact truth gathered during the build."""
+
+    def __init__(self, sources, queries, truth, truth_scores, query_ids, normalize: bool):
+        self.sources, self.queries, self.normalize = sources, queries, normalize
+        self.truth, self.truth_scores, self.query_ids = truth, truth_scores, query_ids
+        self.overflows: np.ndarray | None = None
+
+    def recall(self, found: np.ndarray, metric: str) -> float:
+        """recall@10 of ``found`` (Q, >= 11) ids; exact scores of the hits only where ties overflow."""
+        larger = metric == "ip"
+        if self.overflows is None:
+            self.overflows = truth_overflows(self.truth_scores, self.query_ids, self.truth, RECALL_K, larger)
+        scores = self._found_scores(found, metric) if self.overflows.any() else None
+        return recall_without_self(found, self.truth, self.truth_scores, self.query_ids, RECALL_K, larger,
+                                   found_scores=scores)  # fmt: skip
+
+    def _found_scores(self, found: np.ndarray, metric: str) -> np.ndarray:
+        """Exact scores of the found ids of the overflowing queries (NaN elsewhere): one pass over the data.
+
+        why: only these queries need it, and the pass happens only when some query has more tied
+        neighbours than the truth keeps (many exact duplicates), so ordinary builds read the data as before.
+        """
+        rows = np.flatnonzero(self.overflows)
+        ids = np.unique(found[rows])
+        ids = ids[ids >= 0]
+        (vectors,) = _gather(self.sources, ids)
+        if self.normalize:
+            vectors = l2_normalize(vectors)
+        exact = _exact_scores(self.queries[rows], vectors, metric)  # (R, U)
+        scores = np.full(found.shape, np.nan, np.float64)
+        picked = found[rows]
+        where = np.searchsorted(ids, np.maximum(picked, 0)).clip(max=max(len(ids) - 1, 0))
+        values = np.take_along_axis(exact, where, axis=1) if len(ids) else np.full(picked.shape, np.nan)
+        scores[rows] = np.where(picked >= 0, values, np.nan)
+        return scores
+
+
+def _tune(index: EmbeddingIndex, judge: _Judge, target: float) -> float:
     """Raise nprobe / ef_search until recall@10 >= target or the search is exhaustive; final recall."""
     k = min(RECALL_K + 1, len(index))
     while True:
-        found = index.search(queries, k=k).ids
-        recall = recall_without_self(found, truth, truth_scores, query_ids, RECALL_K, index.metric == "ip")
+        found = index.search(judge.queries, k=k).ids
+        recall = judge.recall(found, index.metric)
         logger.info(
             "recall@%d = %.4f (nprobe=%s, ef_search=%s)", RECALL_K, recall, index.nprobe, index.ef_search
         )

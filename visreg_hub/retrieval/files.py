@@ -83,6 +83,7 @@ def write_embeddings(
     model: str | None = None,
     pooling: str | None = None,
     normalized: bool | None = None,
+    weights_sha256: str | None = None,
 ) -> Path:
     """Write (N, E) embeddings to ``.npy``/``.parquet`` and the JSON sidecar.
 
@@ -92,6 +93,8 @@ def write_embeddings(
         paths: N file paths, one per row.
         failures: (path, reason) of inputs that could not be embedded.
         model, pooling, normalized: how the embeddings were made (recorded for ``index build``/``search``).
+        weights_sha256: the model's :func:`~visreg_hub.hub.format.weights_digest`; the index records it
+            so that ``search`` can tell when a model folder of the same name now holds other weights.
 
     Returns:
         the sidecar path.
@@ -115,6 +118,7 @@ def write_embeddings(
         "format": SIDECAR_FORMAT,
         "format_version": 1,
         "model": model,
+        "weights_sha256": weights_sha256,
         "pooling": pooling,
         "normalized": normalized,
         "dim": int(array.shape[1]),

@@ -447,15 +447,16 @@ class EmbeddingIndex:
         return out
 
     # --------------------------------------------------------------------------- persistence
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, *, overwrite: bool = True) -> Path:
         """Write the index to ``folder``: FAISS index, ids.npy, metadata.jsonl and a checksummed manifest.
 
-        See :mod:`visreg_hub.retrieval.storage` for the layout. Existing index files are replaced.
+        See :mod:`visreg_hub.retrieval.storage` for the layout. An earlier index there is replaced, unless
+        ``overwrite=False``, which raises :class:`~visreg_hub.errors.UserInputError` instead.
 
         Returns:
             the folder path.
         """
-        return save_index(self, folder)
+        return save_index(self, folder, overwrite=overwrite)
 
     @classmethod
     def load(cls, folder: str | Path) -> EmbeddingIndex:

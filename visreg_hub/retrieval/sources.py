@@ -35,6 +35,9 @@ FAILURES_DIR = ".failures"  # each shard's failure records (visreg_hub.bulk.outp
 MAX_EMBED_MANIFEST_BYTES = 64 * 2**20
 INFO_FIELDS = ("weights_sha256", "model", "pooling", "normalized")
 _SHARD = re.compile(r"part-(\d{5,})\.parquet")
+# each shard's parquet schema metadata (visreg_hub.bulk.output.SHARD_JOB_KEY / SHARD_NUMBER_KEY)
+SHARD_JOB_KEY = b"visreg_hub.job_id"
+SHARD_NUMBER_KEY = b"visreg_hub.shard"
 
 
 def _shard_name(number: int) -> str:
@@ -95,12 +98,14 @@ def open_sources(paths: list[str | Path], *, paths_file: str | Path | None = Non
     files: list[Path] = []
     infos: list[tuple[str, dict[str, Any]]] = []
     shard_rows: dict[Path, tuple[int, int, int]] = {}  # shard file -> (inputs, failures, rows expected)
+    shard_jobs: dict[Path, tuple[int, Any]] = {}  # shard file -> (shard number, the job's id)
     for item in paths:
         path = Path(item).expanduser()
         if path.is_dir():
-            parts, info, expected = _embed_folder(path)
+            parts, info, expected, jobs = _embed_folder(path)
             files.extend(parts)
             shard_rows.update(expected)
+            shard_jobs.update(jobs)
         elif path.is_file() and path.suffix.lower() in (".parquet", ".npy"):
             files.append(path)
             sidecar = find_sidecar(path)
@@ -108,6 +113,7 @@ def open_sources(paths: list[str | Path], *, paths_file: str | Path | None = Non
             if sidecar is not None:
                 _, extra = read_paths_file(sidecar)
                 info = {key: extra.get(key) for key in ("model", "pooling", "normalized")}
+                info["weights_sha256"] = _digest_or_none(extra.get("weights_sha256"))
         elif not path.exists():
             raise EmbeddingSourceError(f"embeddings file not found: {str(item)!r}")
         else:
@@ -141,6 +147,8 @@ def open_sources(paths: list[str | Path], *, paths_file: str | Path | None = Non
                 "failures: the file is not this job's (copied in or damaged); delete it and re-run the same "
                 "`visreg-hub embed` command to write it again"
             )
+        if path in shard_jobs:
+            _check_shard_job(path, *shard_jobs[path])
         if dim is not None and width != dim:
             raise EmbeddingSourceError(f"{path} has {width}-dimensional embeddings, the others {dim}")
         count, dim = count + rows, width
@@ -173,9 +181,11 @@ def _read_embed_manifest(folder: Path) -> dict[str, Any]:
     return data
 
 
-def _embed_folder(folder: Path) -> tuple[list[Path], dict[str, Any], dict[Path, tuple[int, int, int]]]:
-    """(the job's part files in shard order, its model info, and per part file its inputs, failures and
-    expected rows) of a finished `embed` folder.
+def _embed_folder(
+    folder: Path,
+) -> tuple[list[Path], dict[str, Any], dict[Path, tuple[int, int, int]], dict[Path, tuple[int, Any]]]:
+    """(the job's part files in shard order, its model info, per part file its inputs, failures and
+    expected rows, and per part file its shard number and the job's id) of a finished `embed` folder.
 
     why: the manifest, not a glob, says which shards make the job: a missing shard would silently
     shift every later row id, and a part file copied in from another job would mix its rows in.
@@ -211,7 +221,52 @@ def _embed_folder(folder: Path) -> tuple[list[Path], dict[str, Any], dict[Path, 
         info = {"model": model.get("name"), "weights_sha256": model.get("weights_sha256"),
                 "pooling": model.get("pooling"), "normalized": model.get("normalize")}  # fmt: skip
     parts = [folder / _shard_name(number) for number in range(num_shards)]
-    return parts, info, _expected_rows(folder, data, parts)
+    jobs = {part: (number, data.get("job_id")) for number, part in enumerate(parts)}
+    return parts, info, _expected_rows(folder, data, parts), jobs
+
+
+def _check_shard_job(part: Path, number: int, job_id: Any) -> None:
+    """Refuse a part file that another embed job wrote (or that was renamed from another shard number).
+
+    why: a shard copied in from another job under a valid name (same images, other weights) has the
+    right width and often the right row count, so only the job id the embed job writes into each
+    shard's parquet metadata tells it apart. A job whose manifest has no ``job_id`` predates them: its
+    own shards carry none, so a shard that carries one comes from another job.
+    """
+    metadata = _parquet_schema(part).metadata or {}
+    found, shard = metadata.get(SHARD_JOB_KEY), metadata.get(SHARD_NUMBER_KEY)
+    expected = job_id.encode() if isinstance(job_id, str) else None
+    if found == expected and (expected is None or shard == str(number).encode()):
+        return
+    if found == expected:
+        why = f"it was written as shard {_text(shard)}"
+    elif found is None:
+        why = "it carries no job id, unlike this job's shards"
+    else:
+        why = f"it was written by embed job {_text(found)}, this job is {_text(expected)}"
+    raise EmbeddingSourceError(
+        f"{part} is not shard {number} of the embed job in {part.parent} ({why}): a part file copied from "
+        f"another job would mix its embeddings in; delete it and re-run the same `visreg-hub embed` "
+        f"command to write it again"
+    )
+
+
+def _text(value: bytes | None) -> str:
+    """A short printable form of a job id or shard number from an untrusted file."""
+    return "none (an older job)" if value is None else repr(value.decode("utf-8", "replace")[:16])
+
+
+def _parquet_schema(path: Path):
+    """The arrow schema (with its metadata) of a parquet file, as a clear error when it is unreadable."""
+    pa, pq = _pyarrow("reading .parquet")
+    try:
+        with library_source(path) as source:
+            return pq.read_schema(source)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise EmbeddingSourceError(
+            f"{path} is not a readable parquet file ({exc}); if it is a shard of an embed folder, delete it "
+            "and re-run the same `visreg-hub embed` command to write it again"
+        ) from exc
 
 
 def _expected_rows(folder: Path, data: dict[str, Any], parts: list[Path]) -> dict[Path, tuple[int, int, int]]:
@@ -277,6 +332,12 @@ def merge_infos(infos: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
             merged.setdefault(name, value)
             owner.setdefault(name, source)
     return merged
+
+
+def _digest_or_none(value: Any) -> str | None:
+    """A sidecar's ``weights_sha256`` if it is one (64 lowercase hex digits), else None: the sidecar is
+    untrusted, and the digest only ever feeds a warning in ``search``."""
+    return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else None
 
 
 def find_sidecar(path: Path) -> Path | None:

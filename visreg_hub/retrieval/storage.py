@@ -20,18 +20,20 @@ refused with a message saying to rebuild them.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from visreg_hub.durable import fsync_dir, fsync_tree, write_atomic
-from visreg_hub.errors import CheckpointError, ConfigError, require_extra
+from visreg_hub.errors import CheckpointError, ConfigError, UserInputError, require_extra
 from visreg_hub.native_io import read_faiss, write_faiss
 from visreg_hub.retrieval.factory import KINDS
 from visreg_hub.retrieval.faiss_file import check_faiss_file
@@ -62,12 +64,16 @@ __all__ = [
     "read_manifest",
     "save_index",
     "sha256_file",
+    "verify_index",
 ]
 
 
-def save_index(index: EmbeddingIndex, folder: str | Path) -> Path:
-    """Write ``index`` to ``folder`` (created if needed; an earlier index there is replaced, a folder
-    holding anything else is refused: see :func:`check_index_output`).
+def save_index(index: EmbeddingIndex, folder: str | Path, *, overwrite: bool = True) -> Path:
+    """Write ``index`` to ``folder`` (created if needed; an earlier index there is replaced unless
+    ``overwrite=False``, a folder holding anything else is refused: see :func:`check_index_output`).
+
+    With ``overwrite=False`` the check happens at the swap itself (a rename fails onto a non-empty folder),
+    so of two builds racing into one new folder the second refuses instead of replacing the first's index.
 
     The whole index is written and synced in a hidden sibling folder first, then swapped in by two
     renames, so a crash leaves either the earlier index or the new one in ``folder``. Between the two
@@ -86,7 +92,11 @@ def save_index(index: EmbeddingIndex, folder: str | Path) -> Path:
     try:
         _write_index_files(index, staged)
         fsync_tree(staged)
-        if folder.exists() or folder.is_symlink():
+        if not overwrite and _holds_index(folder):
+            raise _already_holds_an_index(folder)
+        if not overwrite and _is_new(folder):
+            _rename_into_new(staged, folder)
+        elif folder.exists() or folder.is_symlink():
             shutil.rmtree(replaced, ignore_errors=True)
             os.replace(folder, replaced)
             os.replace(staged, folder)
@@ -99,6 +109,43 @@ def save_index(index: EmbeddingIndex, folder: str | Path) -> Path:
         shutil.rmtree(staged, ignore_errors=True)
     logger.info("saved %s index of %d vectors to %s", index.kind, len(index), folder)
     return folder
+
+
+def _holds_index(folder: Path) -> bool:
+    return (folder / MANIFEST_NAME).exists()
+
+
+def _is_new(folder: Path) -> bool:
+    """Nothing or an empty folder at ``folder`` (a symlink counts as something: its target is written)."""
+    if folder.is_symlink():
+        return False
+    return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
+
+
+def _already_holds_an_index(folder: Path) -> UserInputError:
+    return UserInputError(
+        f"{folder} already holds an index (written while this build ran, e.g. by another build into the "
+        "same folder); nothing was replaced: pass overwrite=True (--overwrite) to replace it, or choose "
+        "another output folder"
+    )
+
+
+def _rename_into_new(staged: Path, folder: Path) -> None:
+    """Move ``staged`` to the new (absent or empty) ``folder`` atomically, refusing if it filled meanwhile.
+
+    why: rename(2) onto a non-empty directory fails (ENOTEMPTY / EEXIST), so of two builds racing into one
+    new folder exactly one wins and the other refuses, instead of the last replacing the first's index.
+
+    Raises:
+        UserInputError: ``folder`` was filled (by another build) since this one checked it.
+    """
+    try:
+        os.rename(staged, folder)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        raise _already_holds_an_index(folder) from None
+    fsync_dir(folder.parent)
 
 
 def _write_index_files(index: EmbeddingIndex, folder: Path) -> None:
@@ -266,9 +313,28 @@ def _read_metadata(path: Path, count: int) -> list[str | None]:
     return texts
 
 
-def load_index(cls: type[EmbeddingIndex], folder: str | Path) -> EmbeddingIndex:
-    """Load a folder written by :func:`save_index`; everything is verified before it is parsed."""
-    require_extra("faiss", "index")  # the missing-extra error before any file is touched
+@dataclass
+class VerifiedFolder:
+    """An index folder that passed every check of :func:`verify_index` (nothing of FAISS loaded yet)."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    ids: np.ndarray
+    texts: list[str | None]
+    faiss_ids: np.ndarray
+
+
+def verify_index(folder: str | bytes | os.PathLike) -> VerifiedFolder:
+    """Every check :func:`load_index` makes, without handing the FAISS file to FAISS.
+
+    why: the one home of index-folder verification: ``load`` and ``visreg-hub index inspect`` both call
+    it, so an inspect that passes means a load that works (checksums alone said "verified" for folders
+    whose files were consistent with a fixed-up manifest but not with each other).
+
+    Raises:
+        FileNotFoundError: no such folder (naming an interrupted save's leftover) or a missing file.
+        CheckpointError: a manifest field, checksum, ids.npy, metadata.jsonl or index.faiss is wrong.
+    """
     folder = folder_path(folder)
     if not folder.exists():
         leftovers = sorted(folder.parent.glob(f".{folder.name}.replaced-*")) if folder.parent.is_dir() else []
@@ -279,7 +345,7 @@ def load_index(cls: type[EmbeddingIndex], folder: str | Path) -> EmbeddingIndex:
             )
     manifest = read_manifest(folder)
     verify_files(folder, manifest)
-    count, ntotal = manifest["count"], manifest["ntotal"]
+    count = manifest["count"]
     ids = _read_ids(folder / IDS_NAME, count)
     texts = _read_metadata(folder / METADATA_NAME, count)
     with open(folder / INDEX_NAME, "rb") as handle:
@@ -288,12 +354,21 @@ def load_index(cls: type[EmbeddingIndex], folder: str | Path) -> EmbeddingIndex:
             folder / INDEX_NAME,
             kind=manifest["kind"],
             dim=manifest["dim"],
-            ntotal=ntotal,
+            ntotal=manifest["ntotal"],
             metric=manifest["metric"],
             params=manifest["params"],
         )
-        _check_ids(ids, faiss_ids, manifest, folder)
-        handle.seek(0)
+    _check_ids(ids, faiss_ids, manifest, folder)
+    return VerifiedFolder(folder, manifest, ids, texts, faiss_ids)
+
+
+def load_index(cls: type[EmbeddingIndex], folder: str | Path) -> EmbeddingIndex:
+    """Load a folder written by :func:`save_index`; everything is verified (:func:`verify_index`) before
+    FAISS parses it."""
+    require_extra("faiss", "index")  # the missing-extra error before any file is touched
+    checked = verify_index(folder)
+    folder, manifest = checked.folder, checked.manifest
+    with open(folder / INDEX_NAME, "rb") as handle:
         try:
             raw = read_faiss(handle)
         except RuntimeError as exc:  # the structure check should make this unreachable
@@ -314,8 +389,8 @@ def load_index(cls: type[EmbeddingIndex], folder: str | Path) -> EmbeddingIndex:
         pooling=manifest["pooling"],
     )
     index._faiss_index = raw
-    index._meta = dict(zip(ids.tolist(), texts, strict=True))
-    index._tombstones = set(faiss_ids.tolist()) - set(index._meta)
+    index._meta = dict(zip(checked.ids.tolist(), checked.texts, strict=True))
+    index._tombstones = set(checked.faiss_ids.tolist()) - set(index._meta)
     index._next_id = manifest["next_id"]
     index._all_unit_norm = manifest["normalized"]
     index.build_info = manifest["build"]
