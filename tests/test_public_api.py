@@ -41,3 +41,31 @@ def test_package_docstring_names_a_registry_model():
     assert names, "the package docstring should show from_pretrained"
     for name in names:
         assert registry.find_entry(name) is not None, f"{name!r} is not a registry model"
+
+
+def test_model_encode_shows_and_forwards_every_argument_of_encode(monkeypatch):
+    """model.encode spells out encode()'s arguments (help() and notebooks showed **kwargs): the same names,
+    kinds and defaults, and each one reaches encode() unchanged."""
+    import inspect
+
+    from visreg_hub.inference import embedder
+    from visreg_hub.models import VISRegEncoder
+
+    method = list(inspect.signature(VISRegEncoder.encode).parameters.values())[1:]  # without self
+    function = list(inspect.signature(embedder.encode).parameters.values())[1:]  # without model
+    assert [(p.name, p.kind, p.default) for p in method] == [(p.name, p.kind, p.default) for p in function]
+
+    seen = {}
+
+    def spy(model, images, **kwargs):
+        seen.update(kwargs, model=model, images=images)
+
+    from tests.fixtures_models import tiny_encoder
+
+    model = tiny_encoder()
+    # a distinct marker per argument: a forwarding mix-up (two names swapped, one dropped) changes the dict
+    markers = {p.name: object() for p in method if p.name != "images"}
+    monkeypatch.setattr(embedder, "encode", spy)
+    model.encode("x.jpg", **markers)
+    assert seen.pop("model") is model and seen.pop("images") == "x.jpg"
+    assert seen.keys() == markers.keys() and all(seen[name] is markers[name] for name in markers)

@@ -56,9 +56,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from visreg_hub.errors import ImageDecodeError
+from visreg_hub.models.limits import DEFAULT_MAX_PIXELS
 
-# Pillow's own default warning threshold; a per-call cap keeps the global untouched.
-DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+# DEFAULT_MAX_PIXELS (Pillow's warning threshold) is a per-call cap: the global stays untouched.
 # The fix a pixel-cap message offers: where the cap is raised (a library caller, the CLI, the servers).
 PIXEL_CAP_HINT = (
     "raise the cap only for files you trust (encode(max_pixels=...), --max-pixels of visreg-hub serve "

@@ -16,7 +16,7 @@ Feature taps (all computed from the backbone without a head):
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
@@ -24,7 +24,12 @@ from torch import nn
 
 from visreg_hub.errors import ConfigError
 from visreg_hub.models.config import PATCH_POOLING, POOLING_BLOCKS, POOLINGS, ModelConfig
-from visreg_hub.models.limits import check_class_token
+from visreg_hub.models.limits import DEFAULT_MAX_PIXELS, check_class_token
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from visreg_hub.inference.pipeline import EncodeResult
 
 logger = logging.getLogger(__name__)
 
@@ -246,16 +251,51 @@ class VISRegEncoder(nn.Module):
 
         return resolve_backend(self, spec_of(self))
 
-    def encode(self, images, **kwargs):
-        """Embed paths, PIL images, arrays or tensors; see :func:`visreg_hub.inference.embedder.encode`.
+    def encode(
+        self,
+        images: Any,
+        *,
+        batch_size: int = 64,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        num_workers: int = 0,
+        show_progress_bar: bool | None = None,
+        convert_to_numpy: bool = False,
+        convert_to_tensor: bool = False,
+        normalize_embeddings: bool | None = None,
+        precision: str = "float32",
+        calibration_embeddings: np.ndarray | torch.Tensor | None = None,
+        truncate_dim: int | None = None,
+        on_error: str = "raise",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        backend: str | None = None,
+        draft_decode: bool = False,
+    ) -> torch.Tensor | np.ndarray | EncodeResult:
+        """Embed paths, PIL images, arrays or tensors; see :func:`visreg_hub.inference.embedder.encode`
+        for every argument (sentence-transformers' names: ``batch_size``, ``convert_to_numpy``, ...).
 
         Runs on the backend chosen at load time (``from_pretrained(..., backend=...)``): its default
         ``"auto"`` is ONNX Runtime on a CPU when onnxruntime is installed, else torch; ``model.backend``
         says which. The two agree to about 1e-7, not bit for bit.
+
+        Shape:
+            a list of N images gives (N, E) with E = ``self.embedding_dim(pooling)`` (``truncate_dim`` if
+            given); a single image gives (E,).
         """
         from visreg_hub.inference.embedder import encode
 
-        return encode(self, images, **kwargs)
+        # Spelled out (not **kwargs) so that help(), IDEs and notebooks show the arguments; a test keeps
+        # this list equal to encode()'s.
+        return encode(
+            self, images, batch_size=batch_size, pooling=pooling, normalize=normalize, device=device,
+            dtype=dtype, num_workers=num_workers, show_progress_bar=show_progress_bar,
+            convert_to_numpy=convert_to_numpy, convert_to_tensor=convert_to_tensor,
+            normalize_embeddings=normalize_embeddings, precision=precision,
+            calibration_embeddings=calibration_embeddings, truncate_dim=truncate_dim, on_error=on_error,
+            max_pixels=max_pixels, backend=backend, draft_decode=draft_decode,
+        )  # fmt: skip
 
     def save_pretrained(self, folder, **kwargs):
         """Write config.json, model.safetensors, README.md (:func:`visreg_hub.hub.saving.save_pretrained`)."""

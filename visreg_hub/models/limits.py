@@ -21,6 +21,11 @@ from dataclasses import dataclass
 
 from visreg_hub.errors import ConfigError
 
+# Images: decoded pixels per image (width * height) above which decoding is refused, read from the header
+# before any pixel is decoded. Pillow's own default warning threshold (about 89 Mpx: a 1 GiB RGBA buffer / 3).
+# Here, not in visreg_hub.inference.images, so that the model's ``encode`` signature can show the default.
+DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+
 # Largest released ViTs: ViT-G/14 1.8 B, ViT-7B (DINOv3) 6.7 B parameters; the default admits the former.
 DEFAULT_MAX_PARAMS = 3_000_000_000
 DEFAULT_MAX_ACTIVATION_BYTES = 8 * 1024**3  # float32 peak of one image's forward pass
