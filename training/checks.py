@@ -247,9 +247,12 @@ def check_output_dir(config: TrainingConfig) -> None:
 
 
 def warn_config_changes(before: dict, after: dict) -> None:
-    """Log the settings a resumed run changes (run-length keys are expected to change)."""
+    """Log the settings a resumed run changes (run-length keys are expected to change, and where the run
+    lives is not part of its recipe: a moved or copied run folder resumes without a warning)."""
     old, new = flat_dict(before), flat_dict(after)
-    expected = {"train.stop_after", "train.max_steps", "train.epochs", "train.progress_bar"}
+    expected = {
+        "train.stop_after", "train.max_steps", "train.epochs", "train.progress_bar", "train.output_dir",
+    }  # fmt: skip
     changed = sorted(
         key for key in old.keys() | new.keys() if old.get(key) != new.get(key) and key not in expected
     )

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 
 from visreg_hub.errors import CheckpointError
+from visreg_hub.hub.header import looks_like_pickle
 from visreg_hub.native_io import load_safetensors
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # optimiser param groups of very large models stay far below this
@@ -37,7 +38,13 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_safetensors(path)
     except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is not a valid safetensors file ({exc})") from None
+        hint = (
+            "; it looks like a pickle renamed to .safetensors, which is never unpickled: resume from "
+            "another checkpoint"
+            if looks_like_pickle(path)
+            else ""
+        )
+        raise CheckpointError(f"{path} is not a valid safetensors file ({exc}){hint}") from None
 
 
 def like(saved: Any, reference: Any, where: str) -> None:

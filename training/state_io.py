@@ -249,6 +249,18 @@ def _check_adam_state(index: int, values: dict, shape: torch.Size, amsgrad: bool
             raise CheckpointError(f"{where}: {key} holds non-finite or (for a second moment) negative values")
 
 
+def _check_optimizer_steps(state: dict, global_step: int, where: Path) -> None:
+    """AdamW's per-parameter step can trail the trainer's (a skipped fp16 step, a parameter without a
+    gradient yet) but never lead it: a step of 1e20 would silently switch off bias correction."""
+    for index, values in state["state"].items():
+        step = float(values["step"])
+        if step > global_step:
+            raise CheckpointError(
+                f"{where}: optimiser parameter {index} has taken {step:.0f} steps but the run only "
+                f"{global_step}; the checkpoint is damaged: resume from another one"
+            )
+
+
 def _scheduler_state(parts: TrainingParts, saved: Any, global_step: int) -> dict:
     """The saved LR-scheduler position with this run's base learning rates.
 
@@ -402,6 +414,7 @@ def load_training_state(
     _check_loss_extra(folder / STATE_JSON, record["loss"], parts.loss_fn)
     trainer = record.get("trainer")
     check_trainer_state(trainer, steps_by_epoch)
+    _check_optimizer_steps(optimizer_state, trainer["global_step"], folder / STATE_JSON)
     scheduler_state = _scheduler_state(parts, record["scheduler"], trainer["global_step"])
     apply_rng = _read_rng(folder, rank, names)
 

@@ -403,6 +403,9 @@ HOSTILE_VALUES = {
     # probe 6 (F3): raised a bare "step must be a non-negative integer" after the optimiser had loaded
     "loss-step": (lambda r: r["loss"].update(step=-100), None, "training_state.json: loss.step must be"),
     "loss-seed": (lambda r: r["loss"].update(seed=-5), None, "training_state.json: loss.seed must be"),
+    # probe 6 (F4): a step count ahead of the run switched off AdamW's bias correction, silently
+    "adam-step-ahead": (None, lambda t: t.update({"optimizer.1.step": torch.tensor(1e20)}),
+                        "steps but the run only 4"),
     # a changed setting, not a damaged file: the messages name the setting (probe 4)
     "probe-group": (lambda r: r["optimizer"]["param_groups"].append(dict(r["optimizer"]["param_groups"][1])),
                     None, "resume with the train.online_probe setting"),
@@ -544,3 +547,19 @@ def test_only_symlinked_step_folders_are_an_error_not_a_fresh_start(run_folder, 
     ckpt.remove_stale_temporaries(checkpoints)
     assert not os.path.lexists(stale) and not os.path.lexists(dangling)
     assert (other / "checkpoints" / "step-00000004" / "trainer_state.json").is_file()  # target untouched
+
+
+def test_a_pickle_renamed_to_safetensors_in_a_checkpoint_is_named_as_one(tmp_path):
+    """The training reader said only 'header too large'; the library's reader already named pickles."""
+    from training.state_checks import read_tensors
+    from visreg_hub.errors import CheckpointError
+
+    planted = tmp_path / "model.safetensors"
+    torch.save({"w": torch.zeros(2)}, planted)  # written only: nothing here is ever loaded with torch.load
+    with pytest.raises(CheckpointError, match=r"looks like a pickle renamed to \.safetensors"):
+        read_tensors(planted)
+    garbage = tmp_path / "other.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    with pytest.raises(CheckpointError) as caught:
+        read_tensors(garbage)
+    assert "looks like a pickle" not in str(caught.value)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from visreg_hub.errors import CheckpointError, ConfigError
+from visreg_hub.hub.header import looks_like_pickle
 from visreg_hub.jsonio import read_json_file
 from visreg_hub.models import limits
 from visreg_hub.models.config import ModelConfig
@@ -69,7 +70,6 @@ _MODEL_ARG_TO_FIELD = {
     "init_values": "init_values",
     "drop_path_rate": "drop_path_rate",
 }
-_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
 # ---------------------------------------------------------------------- checksums
@@ -330,12 +330,10 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_safetensors(path)
     except Exception as exc:  # safetensors raises SafetensorError / OSError subclasses on malformed files
-        with open(path, "rb") as handle:
-            head = handle.read(4)
         hint = (
             " It looks like a pickled PyTorch file (.pt/.pth/.bin) renamed to .safetensors; visreg_hub never "
             "unpickles weights. Convert it with `visreg-hub convert` (weights-only loader) instead."
-            if head.startswith(_PICKLE_MAGIC)
+            if looks_like_pickle(path)
             else " The file is corrupt or truncated; delete it (or the cache entry) and download it again."
         )
         raise CheckpointError(f"{path} is not a valid safetensors file ({exc}).{hint}") from exc

@@ -31,6 +31,16 @@ FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # torch zip, pickle 2-5
 
 
+def looks_like_pickle(path: str | Path) -> bool:
+    """Whether ``path`` starts like a pickled PyTorch file (torch's zip, or pickle protocol 2-5); never
+    unpickles. Error messages use it to say why a ``.safetensors`` file does not load."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4).startswith(_PICKLE_MAGIC)
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor's declaration: dtype (safetensors code), shape and byte range in the data buffer."""
