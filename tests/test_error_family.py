@@ -251,3 +251,45 @@ def test_library_errors_are_visreg_hub_errors(model_dir):
         from training.checks import model_config
 
         model_config(load_config(FIXTURE_CONFIG, ["model.depth=100000"]))
+
+
+def test_bad_arguments_to_the_python_api_are_visreg_hub_errors_and_value_errors(model_dir):
+    """``except VisregHubError`` catches bad arguments too (they were bare ValueErrors: probe 6, F5), and
+    ``except ValueError`` still does."""
+    from visreg_hub.hub import from_pretrained
+    from visreg_hub.losses import VISRegLoss
+    from visreg_hub.retrieval import EmbeddingIndex
+    from visreg_hub.retrieval.metrics import knn_accuracy
+
+    model = from_pretrained(model_dir, backend="torch")
+    image = np.zeros((16, 16, 3), np.uint8)
+    zeros = np.zeros((4, 8), np.float32)
+    calls = {
+        "encode batch_size=0": lambda: model.encode([image], batch_size=0),
+        "encode on_error": lambda: model.encode([image], on_error="ignore"),
+        "encode precision": lambda: model.encode([image], precision="int4"),
+        "from_pretrained dtype": lambda: from_pretrained(model_dir, dtype="fp8"),
+        "from_pretrained backend": lambda: from_pretrained(model_dir, backend="tensorflow"),
+        "index search k=0": lambda: EmbeddingIndex(8).search(zeros, k=0),
+        "loss on a 1-D input": lambda: VISRegLoss(num_slices=8)(torch.zeros(8)),
+        "knn with mismatched labels": lambda: knn_accuracy(zeros, np.zeros(3), zeros, np.zeros(4), k=2),
+    }
+    for name, call in calls.items():
+        with pytest.raises(VisregHubError) as caught:
+            call()
+        assert isinstance(caught.value, ValueError), name
+
+
+def test_the_package_raises_no_bare_value_error():
+    """The class, not the examples: no ``raise ValueError(...)`` is left in visreg_hub (a new one would
+    escape ``except VisregHubError``); raise UserInputError, ConfigError, CheckpointError, ... instead."""
+    import ast
+
+    bare = []
+    for path in sorted((ROOT / "visreg_hub").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            call = node.exc if isinstance(node, ast.Raise) else None
+            func = call.func if isinstance(call, ast.Call) else None
+            if isinstance(func, ast.Name) and func.id == "ValueError":
+                bare.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert bare == []

@@ -17,6 +17,8 @@ import re
 import sys
 from pathlib import Path
 
+from visreg_hub.errors import UserInputError
+
 logger = logging.getLogger("visreg_hub.cli")
 MAX_VALIDATION_BATCH = 1024
 
@@ -89,16 +91,18 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
     output = Path(args.output)
     if output.suffix.lower() != ".onnx":  # fail before loading the model
-        raise ValueError(f"output must end with .onnx, got {args.output!r}")
+        raise UserInputError(f"output must end with .onnx, got {args.output!r}")
     check_output_path(output)  # a folder: --overwrite cannot help, the final rename onto it would fail
     if (output.exists() or output.is_symlink()) and not args.overwrite:
-        raise ValueError(f"{output} already exists; pass --overwrite to replace it, or choose another output")
+        raise UserInputError(
+            f"{output} already exists; pass --overwrite to replace it, or choose another output"
+        )
     _check_report_path(args.report_json, output)
     _check_inputs(args)
     image_size = None
     if args.image_size:
         if len(args.image_size) > 2:
-            raise ValueError(f"--image-size takes H or H W, got {args.image_size}")
+            raise UserInputError(f"--image-size takes H or H W, got {args.image_size}")
         image_size = tuple(args.image_size) if len(args.image_size) == 2 else args.image_size[0]
     model = from_pretrained(args.model, device=args.device or "cpu")
     try:
@@ -125,7 +129,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
         _write_report(args.report_json, exc.report)
         raise
     except ValueError as exc:  # the library names its keyword arguments; a CLI user knows the flags
-        raise ValueError(as_flags(str(exc))) from None
+        raise UserInputError(as_flags(str(exc))) from None
     print(report.format_table())
     _write_report(args.report_json, report)
     print(f"wrote {args.output} ({Path(args.output).stat().st_size / 2**20:.1f} MiB), validated: passed")
@@ -161,14 +165,16 @@ def _check_inputs(args: argparse.Namespace) -> None:
         try:
             provider_names(args.provider)
         except ValueError as exc:
-            raise ValueError(f"--provider: {exc}") from None
+            raise UserInputError(f"--provider: {exc}") from None
     if args.calibration_images and not args.int8:
-        raise ValueError("--calibration-images only applies with --int8 (static quantisation); add --int8")
+        raise UserInputError(
+            "--calibration-images only applies with --int8 (static quantisation); add --int8"
+        )
     if args.calibration_images:
         try:
             calibration_sources(args.calibration_images)
         except ValueError as exc:
-            raise ValueError(as_flags(str(exc))) from None
+            raise UserInputError(as_flags(str(exc))) from None
 
 
 def _check_report_path(report: str | None, output: Path) -> None:
@@ -177,11 +183,11 @@ def _check_report_path(report: str | None, output: Path) -> None:
         return
     path = Path(report)
     if path.resolve() == output.resolve():
-        raise ValueError(f"--report-json {report} is the output file; name another file for the report")
+        raise UserInputError(f"--report-json {report} is the output file; name another file for the report")
     if path.is_dir():
-        raise ValueError(f"--report-json {report} is a folder; name a file, e.g. {path / 'report.json'}")
+        raise UserInputError(f"--report-json {report} is a folder; name a file, e.g. {path / 'report.json'}")
     if not path.parent.resolve().is_dir():
-        raise ValueError(f"--report-json {report}: the folder {path.parent} does not exist")
+        raise UserInputError(f"--report-json {report}: the folder {path.parent} does not exist")
 
 
 def _write_report(path: str | None, report) -> None:

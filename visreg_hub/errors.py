@@ -36,8 +36,9 @@ class ImageDecodeError(VisregHubError, ValueError):
 
 
 class UserInputError(VisregHubError, ValueError):
-    """A problem the user can fix in what they typed or uploaded (CLI arguments, demo inputs); the message
-    is shown as is, on one line."""
+    """A problem the user can fix in what they passed, typed or uploaded (function arguments, arrays of the
+    wrong shape, CLI arguments, demo inputs); the message is shown as is, on one line. visreg_hub raises
+    no bare ``ValueError``: this is its ``ValueError`` for everything without a more specific type."""
 
 
 class DeviceError(VisregHubError, ValueError):

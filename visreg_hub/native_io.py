@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from visreg_hub.errors import UserInputError
+
 __all__ = [
     "library_source",
     "load_safetensors",
@@ -139,7 +141,7 @@ def onnx_model_source(path: str | os.PathLike[str]) -> str | bytes:
         return text
     data = Path(path).read_bytes()
     if b"location" in data and _has_external_data(data):
-        raise ValueError(
+        raise UserInputError(
             f"{os.fsdecode(path)!r}: ONNX Runtime cannot open a model with external weight files from a "
             "folder whose name is not valid UTF-8; rename the folder (or move the model) and load it again"
         )

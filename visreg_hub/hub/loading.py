@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from visreg_hub.devices import resolve_device
-from visreg_hub.errors import CheckpointError, ModelNotFoundError, ModelNotPublishedError
+from visreg_hub.errors import CheckpointError, ModelNotFoundError, ModelNotPublishedError, UserInputError
 from visreg_hub.hub import format as ckpt
 from visreg_hub.hub import preflight, registry
 from visreg_hub.models.limits import ModelLimits
@@ -413,9 +413,9 @@ def from_pretrained(
     if isinstance(dtype, str):  # "bf16" as encode() takes it; a bad one fails before any download
         dtype = resolve_dtype(dtype)
     elif dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch dtype or 'fp32', 'fp16', 'bf16', got {dtype!r}")
+        raise UserInputError(f"dtype must be a floating torch dtype or 'fp32', 'fp16', 'bf16', got {dtype!r}")
     if spec.backend == "onnx" and dtype not in (None, torch.float32):
-        raise ValueError(
+        raise UserInputError(
             f"dtype={dtype} sets the PyTorch model's precision; the ONNX graph's is precision= "
             "('fp16' for GPU providers, 'int8' for CPUs), or pass backend='torch' to run in that dtype"
         )

@@ -19,6 +19,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
+from visreg_hub.errors import UserInputError
 from visreg_hub.suggest import did_you_mean
 
 STATUSES = ("published", "bundled", "not yet published")
@@ -76,9 +77,9 @@ class RegistryEntry:
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
-            raise ValueError(f"registry entry {self.name!r}: status {self.status!r} not in {STATUSES}")
+            raise UserInputError(f"registry entry {self.name!r}: status {self.status!r} not in {STATUSES}")
         if self.format not in FORMATS:
-            raise ValueError(f"registry entry {self.name!r}: format {self.format!r} not in {FORMATS}")
+            raise UserInputError(f"registry entry {self.name!r}: format {self.format!r} not in {FORMATS}")
 
 
 _ENTRIES: tuple[RegistryEntry, ...] = (

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from visreg_hub.durable import fsync_dir, fsync_file
+from visreg_hub.errors import UserInputError
 from visreg_hub.hub import format as ckpt
 from visreg_hub.hub.card import render_model_card
 
@@ -148,13 +149,13 @@ def push_to_hub(
     from huggingface_hub import HfApi
 
     if not isinstance(repo_id, str) or repo_id.count("/") != 1 or repo_id.startswith("hf-hub:"):
-        raise ValueError(f"repo_id must look like 'org/name', got {repo_id!r}")
+        raise UserInputError(f"repo_id must look like 'org/name', got {repo_id!r}")
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:  # spaces, '?' and the like: refused here, before any request
         validate_repo_id(repo_id)
     except HFValidationError as exc:
-        raise ValueError(f"repo_id {repo_id!r} is not a valid Hub repository id: {exc}") from None
+        raise UserInputError(f"repo_id {repo_id!r} is not a valid Hub repository id: {exc}") from None
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision is not None and revision != "main":

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from visreg_hub.devices import resolve_device
+from visreg_hub.errors import UserInputError
 from visreg_hub.inference.preprocess import Preprocessor
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return dtype
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
-    raise ValueError(
+    raise UserInputError(
         f"dtype must be None, float32, float16 or bfloat16 (or 'fp32', 'fp16', 'bf16'), got {dtype!r}"
     )
 
@@ -169,7 +170,7 @@ class TorchBackend(Backend):
         if target.type == "cuda" and target.index is None:  # "cuda" means the current device, as in .to()
             target = torch.device("cuda", torch.cuda.current_device())
         if amp_dtype == torch.float32 and self.param_dtype != torch.float32:
-            raise ValueError(
+            raise UserInputError(
                 f"dtype=float32 was asked but the model's parameters are {self.param_dtype}; "
                 "call model.float() first"
             )
@@ -189,7 +190,7 @@ class TorchBackend(Backend):
             patch = model.config.patch_size
             self.output_shape = (height // patch, width // patch, model.config.embed_dim)
         else:
-            raise ValueError(f"output must be 'embedding' or 'patch_tokens', got {output!r}")
+            raise UserInputError(f"output must be 'embedding' or 'patch_tokens', got {output!r}")
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
@@ -240,13 +241,13 @@ def make_spec(backend: str = "auto", provider: str | None = None, precision: str
     ``"auto"`` with a ``provider`` or a non-fp32 ``precision`` means ``"onnx"`` (only ONNX takes them).
     """
     if backend not in REQUESTS:
-        raise ValueError(f"backend must be one of {REQUESTS}, got {backend!r}")
+        raise UserInputError(f"backend must be one of {REQUESTS}, got {backend!r}")
     aliases = {"float32": "fp32", "float16": "fp16"}
     precision = aliases.get(precision, precision)
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise UserInputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if backend == "torch" and (provider is not None or precision != "fp32"):
-        raise ValueError(
+        raise UserInputError(
             "provider= and precision= choose the ONNX Runtime graph; pass backend='onnx' with them "
             "(for torch use device= and dtype=)"
         )
@@ -263,7 +264,7 @@ def default_backend() -> str:
     """``$VISREG_HUB_BACKEND`` (``auto``, ``torch`` or ``onnx``) when set, else ``"auto"``."""
     value = os.environ.get(ENV_BACKEND, "").strip().lower() or "auto"
     if value not in REQUESTS:
-        raise ValueError(f"{ENV_BACKEND}={value!r} is not one of {REQUESTS}; unset it or fix it")
+        raise UserInputError(f"{ENV_BACKEND}={value!r} is not one of {REQUESTS}; unset it or fix it")
     return value
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from visreg_hub.errors import user_stacklevel
+from visreg_hub.errors import UserInputError, user_stacklevel
 from visreg_hub.inference.backends import BACKENDS, TorchBackend, backend_for, make_spec
 from visreg_hub.inference.images import DEFAULT_MAX_PIXELS, is_single_image
 from visreg_hub.inference.pipeline import EmbeddingPipeline, EncodeFailure, EncodeResult
@@ -112,10 +112,10 @@ def encode(
         ValueError: an argument is invalid (the message says which and how to fix it).
     """
     if normalize is not None and normalize_embeddings is not None and normalize != normalize_embeddings:
-        raise ValueError("normalize and normalize_embeddings disagree; pass only one of them")
+        raise UserInputError("normalize and normalize_embeddings disagree; pass only one of them")
     normalize = next((v for v in (normalize, normalize_embeddings) if v is not None), True)
     if precision not in EMBEDDING_PRECISIONS:
-        raise ValueError(f"precision must be one of {EMBEDDING_PRECISIONS}, got {precision!r}")
+        raise UserInputError(f"precision must be one of {EMBEDDING_PRECISIONS}, got {precision!r}")
     spec = None
     if backend is not None:
         warnings.warn(
@@ -126,7 +126,7 @@ def encode(
             stacklevel=user_stacklevel(),  # model.encode() wraps this: point at the user's line
         )
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+            raise UserInputError(f"backend must be 'torch' or 'onnx', got {backend!r}")
         spec = make_spec(backend)
     runner = backend_for(model, pooling=pooling, device=device, dtype=dtype, spec=spec)
     pipeline = EmbeddingPipeline(
@@ -215,11 +215,11 @@ def patch_pca_rgb(patch_grid: torch.Tensor | np.ndarray) -> np.ndarray:
     """
     grid = torch.as_tensor(np.asarray(patch_grid) if not isinstance(patch_grid, torch.Tensor) else patch_grid)
     if grid.ndim != 3 or 0 in grid.shape:
-        raise ValueError(f"patch_grid must be a non-empty (h, w, D) grid, got shape {tuple(grid.shape)}")
+        raise UserInputError(f"patch_grid must be a non-empty (h, w, D) grid, got shape {tuple(grid.shape)}")
     height, width, dim = grid.shape
     tokens = grid.detach().cpu().to(torch.float64).reshape(height * width, dim)
     if not torch.isfinite(tokens).all():
-        raise ValueError("patch_grid contains NaN or infinite values")
+        raise UserInputError("patch_grid contains NaN or infinite values")
     centred = tokens - tokens.mean(dim=0, keepdim=True)
     left, singular, _ = torch.linalg.svd(centred, full_matrices=False)
     num = min(3, singular.numel())

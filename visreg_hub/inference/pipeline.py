@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from visreg_hub.errors import ImageDecodeError
+from visreg_hub.errors import ImageDecodeError, UserInputError
 from visreg_hub.inference.backends import Backend
 from visreg_hub.inference.images import DEFAULT_MAX_PIXELS, ImageSource, expand_inputs
 from visreg_hub.inference.preprocess import Collate, ImageDataset
@@ -98,11 +98,11 @@ def check_run_args(batch_size: Any, num_workers: Any, on_error: Any) -> tuple[in
     """``(batch_size, num_workers)`` as ints, or a ValueError naming the bad argument of ``encode()``."""
     size, workers = as_int(batch_size), as_int(num_workers)
     if size is None or size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}")
     if workers is None or workers < 0:
-        raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        raise UserInputError(f"num_workers must be an integer >= 0, got {num_workers!r}")
     if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        raise UserInputError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     return size, workers
 
 
@@ -184,12 +184,12 @@ class EmbeddingPipeline:
         if truncate_dim is not None:
             dims = as_int(truncate_dim)
             if dims is None or not 1 <= dims <= width:
-                raise ValueError(
+                raise UserInputError(
                     f"truncate_dim must be an integer in [1, {width}] or None, got {truncate_dim!r}"
                 )
             truncate_dim = dims
         if max_pixels is not None and (as_int(max_pixels) is None or as_int(max_pixels) < 1):
-            raise ValueError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
+            raise UserInputError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
         self.backend = backend
         self.normalize = normalize
         self.max_pixels = None if max_pixels is None else as_int(max_pixels)
@@ -223,7 +223,7 @@ class EmbeddingPipeline:
             (B, *output_shape) float32 on the CPU.
         """
         if pixels.dtype != torch.uint8 or tuple(pixels.shape[1:]) != tuple(self.backend.input_shape):
-            raise ValueError(
+            raise UserInputError(
                 f"pixels must be uint8 (B, {', '.join(map(str, self.backend.input_shape))}), got "
                 f"{pixels.dtype} {tuple(pixels.shape)}; use embed_batch for images of any size"
             )

@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 import torch
 
-from visreg_hub.errors import user_stacklevel
+from visreg_hub.errors import UserInputError, user_stacklevel
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +51,9 @@ def quantization_ranges(
     )
     if not np.isfinite(source).all():
         what = "the embeddings" if calibration_embeddings is None else "calibration_embeddings"
-        raise ValueError(f"{what} contain NaN or infinite values; int8/uint8 ranges need finite ones")
+        raise UserInputError(f"{what} contain NaN or infinite values; int8/uint8 ranges need finite ones")
     if source.ndim != 2 or source.shape[1] != embeddings.shape[1] or len(source) == 0:
-        raise ValueError(
+        raise UserInputError(
             f"calibration_embeddings must be a non-empty (M, {embeddings.shape[1]}) array, got shape "
             f"{tuple(source.shape)}"
         )
@@ -86,10 +86,10 @@ def quantize_embeddings(
         float32 (N, E), int8 / uint8 (N, E), or int8 / uint8 (N, ceil(E / 8)) for binary / ubinary.
     """
     if precision not in EMBEDDING_PRECISIONS:
-        raise ValueError(f"precision must be one of {EMBEDDING_PRECISIONS}, got {precision!r}")
+        raise UserInputError(f"precision must be one of {EMBEDDING_PRECISIONS}, got {precision!r}")
     values = _as_float_array(embeddings, "embeddings")
     if values.ndim != 2:
-        raise ValueError(f"embeddings must be (N, E), got shape {tuple(values.shape)}")
+        raise UserInputError(f"embeddings must be (N, E), got shape {tuple(values.shape)}")
     if precision == "float32":
         return values.astype(np.float32)
     if precision in ("binary", "ubinary"):
@@ -110,7 +110,7 @@ def quantize_embeddings(
         ranges = quantization_ranges(values, calibration_embeddings)
     ranges = np.asarray(ranges, dtype=np.float64)
     if ranges.shape != (2, values.shape[1]):
-        raise ValueError(f"ranges must have shape (2, {values.shape[1]}), got {ranges.shape}")
+        raise UserInputError(f"ranges must have shape (2, {values.shape[1]}), got {ranges.shape}")
     starts, steps = ranges[0], (ranges[1] - ranges[0]) / 255
     safe = np.where(steps > 0, steps, 1.0)  # an empty range maps to the lowest code
     levels = np.clip((values.astype(np.float64) - starts) / safe, 0.0, 255.0)
@@ -123,5 +123,5 @@ def quantize_embeddings(
 def _as_float_array(values: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
     if not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"{name} must be floating point, got {array.dtype}")
+        raise UserInputError(f"{name} must be floating point, got {array.dtype}")
     return array

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from visreg_hub.errors import UserInputError
+
 #: Elements of one block of float32 temporaries in every loss term (16 MiB; int64 sort indices get half
 #: that many elements). glibc's malloc serves blocks under 32 MiB from its heap and reuses them; a larger
 #: one is a fresh ``mmap`` whose pages fault on first touch, measured on the CPU at 10x the cost of filling
@@ -52,15 +54,17 @@ def autocast_off(device_type: str):
 def check_samples(z: torch.Tensor, minimum: int = 1) -> None:
     """``z`` must be a floating ``(..., N, D)`` tensor with ``N >= minimum``."""
     if z.dim() < 2 or z.shape[-2] < minimum:
-        raise ValueError(f"embeddings must have shape (..., N, D) with N >= {minimum}, got {tuple(z.shape)}")
+        raise UserInputError(
+            f"embeddings must have shape (..., N, D) with N >= {minimum}, got {tuple(z.shape)}"
+        )
     if not z.is_floating_point():
-        raise ValueError(f"embeddings must be a floating-point tensor, got dtype {z.dtype}")
+        raise UserInputError(f"embeddings must be a floating-point tensor, got dtype {z.dtype}")
 
 
 def check_directions(x: torch.Tensor, directions: torch.Tensor) -> None:
     """``directions`` must be ``(D, K)`` with K >= 1 for embeddings ``(..., N, D)``."""
     if directions.dim() != 2 or directions.shape[0] != x.shape[-1] or directions.shape[1] < 1:
-        raise ValueError(
+        raise UserInputError(
             f"directions must have shape (D, K) = ({x.shape[-1]}, K) with K >= 1 for embeddings of shape "
             f"{tuple(x.shape)}, got {tuple(directions.shape)}"
         )
@@ -69,7 +73,7 @@ def check_directions(x: torch.Tensor, directions: torch.Tensor) -> None:
 def check_eps(eps: float) -> None:
     """A stabiliser added under a square root must be a finite number > 0 (else NaN or a division by 0)."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        raise UserInputError(f"eps must be a finite number > 0, got {eps!r}")
 
 
 def cached_quantiles(n: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
@@ -96,7 +100,7 @@ def gaussian_quantiles(
         in place changes nothing else.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+        raise UserInputError(f"n must be a positive integer, got {n!r}")
     device = torch.device("cpu") if device is None else torch.device(device)
     return cached_quantiles(n, device, dtype).clone()
 
@@ -104,35 +108,35 @@ def gaussian_quantiles(
 # ------------------------------------------------------------------------------- module arguments
 def check_weight(name: str, value: float, *, upper: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise UserInputError(f"{name} must be a finite number, got {value!r}")
     if value < 0 or (upper is not None and value > upper):
         bound = f"in [0, {upper}]" if upper is not None else ">= 0"
-        raise ValueError(f"{name} must be {bound}, got {value!r}")
+        raise UserInputError(f"{name} must be {bound}, got {value!r}")
     return float(value)
 
 
 def check_views(global_proj: torch.Tensor, local_proj: torch.Tensor | None) -> None:
     if not isinstance(global_proj, torch.Tensor) or global_proj.dim() != 3:
         shape = tuple(global_proj.shape) if isinstance(global_proj, torch.Tensor) else type(global_proj)
-        raise ValueError(f"global_proj must be a (V, N, D) tensor, got {shape}")
+        raise UserInputError(f"global_proj must be a (V, N, D) tensor, got {shape}")
     if global_proj.shape[0] < 1 or global_proj.shape[1] < 2 or global_proj.shape[2] < 1:
-        raise ValueError(
+        raise UserInputError(
             "global_proj needs V >= 1 views, N >= 2 samples and D >= 1 dimensions, "
             f"got {tuple(global_proj.shape)}"
         )
     if local_proj is None:
         return
     if not isinstance(local_proj, torch.Tensor):
-        raise ValueError(
+        raise UserInputError(
             f"local_proj must be a (V_local, N, D) tensor or None, got {type(local_proj).__name__}"
         )
     if local_proj.dim() != 3 or local_proj.shape[1:] != global_proj.shape[1:]:
-        raise ValueError(
+        raise UserInputError(
             f"local_proj must be (V_local, N, D) = (V_local, {global_proj.shape[1]}, {global_proj.shape[2]}) "
             f"to match global_proj, got {tuple(local_proj.shape)}"
         )
     if not local_proj.is_floating_point():  # as global_proj: an integer tensor is a mistake, not a cast
-        raise ValueError(f"local_proj must be a floating-point tensor, got dtype {local_proj.dtype}")
+        raise UserInputError(f"local_proj must be a floating-point tensor, got dtype {local_proj.dtype}")
 
 
 def all_views(global_proj: torch.Tensor, local_proj: torch.Tensor | None) -> torch.Tensor:
@@ -166,4 +170,3 @@ def first_order_only(backward):
         return once(ctx, *grads)
 
     return checked
-

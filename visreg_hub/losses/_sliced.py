@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from visreg_hub.errors import UserInputError
+
 from ._numerics import check_weight, report
 from .distributed import reduce_values, world_info
 from .slices import SLICE_MODES, SlicePlan, SliceSampler, plan_slices
@@ -35,11 +37,11 @@ class SlicedLoss(nn.Module):
     ) -> None:
         super().__init__()
         if slice_mode not in SLICE_MODES:
-            raise ValueError(f"slice_mode must be one of {SLICE_MODES}, got {slice_mode!r}")
+            raise UserInputError(f"slice_mode must be one of {SLICE_MODES}, got {slice_mode!r}")
         if projection_dtype is not None and not (
             isinstance(projection_dtype, torch.dtype) and projection_dtype.is_floating_point
         ):
-            raise ValueError(
+            raise UserInputError(
                 f"projection_dtype must be a floating torch.dtype or None, got {projection_dtype!r}"
             )
         self.sampler = SliceSampler(num_slices, seed)
@@ -58,7 +60,7 @@ class SlicedLoss(nn.Module):
     def set_step(self, step: int) -> None:
         """Use directions of ``step`` on the next call (e.g. the optimiser's global step)."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+            raise UserInputError(f"step must be a non-negative integer, got {step!r}")
         self.step = step
 
     def _take_step(self) -> int:
@@ -72,7 +74,7 @@ class SlicedLoss(nn.Module):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or not {"seed", "step"} <= set(state):
-            raise ValueError(f"loss extra state must be a dict with 'seed' and 'step', got {state!r}")
+            raise UserInputError(f"loss extra state must be a dict with 'seed' and 'step', got {state!r}")
         self.sampler = SliceSampler(self.num_slices, int(state["seed"]))
         self.set_step(int(state["step"]))
 
@@ -90,7 +92,7 @@ class SlicedLoss(nn.Module):
     def _check_explicit(self, directions: torch.Tensor, dim: int) -> torch.Tensor:
         if not isinstance(directions, torch.Tensor) or directions.dim() != 2 or directions.shape[0] != dim:
             shape = tuple(directions.shape) if isinstance(directions, torch.Tensor) else type(directions)
-            raise ValueError(f"directions must be a (D, K) = ({dim}, K) tensor, got {shape}")
+            raise UserInputError(f"directions must be a (D, K) = ({dim}, K) tensor, got {shape}")
         return directions
 
     def _plan(self, z: torch.Tensor, directions: torch.Tensor | None, step: int) -> SlicePlan:

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from visreg_hub.errors import UserInputError
+
 __all__ = ["all_reduce_sum", "batch_sizes", "exchange_slices", "gather_batch", "world_info"]
 
 
@@ -170,7 +172,7 @@ def exchange_slices(
     if world_size == 1:
         return local
     if len(slice_counts) != world_size or sum(slice_counts) != local.shape[0]:
-        raise ValueError(
+        raise UserInputError(
             f"slice_counts {slice_counts} must give one count per rank summing to {local.shape[0]}"
         )
     sizes = batch_sizes(local.shape[-1], local.device, world_size, group)

@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from visreg_hub.errors import UserInputError
+
 from . import functional as F
 from ._numerics import all_views, check_views, check_weight
 from .distributed import gather_batch
@@ -84,7 +86,7 @@ class VICRegLoss(_GatheringLoss):
         self.covariance_weight = check_weight("covariance_weight", covariance_weight)
         self.gamma = check_weight("gamma", gamma)
         if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps!r}")
+            raise UserInputError(f"eps must be positive, got {eps!r}")
         self.eps = float(eps)
 
     def extra_repr(self) -> str:
@@ -132,7 +134,7 @@ class BarlowTwinsLoss(_GatheringLoss):
         super().__init__(gather, group)
         self.off_diagonal_weight = check_weight("off_diagonal_weight", off_diagonal_weight)
         if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps!r}")
+            raise UserInputError(f"eps must be positive, got {eps!r}")
         self.eps = float(eps)
         self.route = check_barlow_route(route)
 

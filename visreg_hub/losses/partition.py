@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from visreg_hub.errors import UserInputError
+
 from . import _numerics as num
 from .distributed import exchange_slices, world_info
 from .slices import partition_slices
@@ -63,7 +65,7 @@ def partitioned_quantile_distance(
     num.check_samples(z)
     num.check_directions(z, directions)
     if (mean is None) != (inv_std is None):
-        raise ValueError("mean and inv_std must be given together")
+        raise UserInputError("mean and inv_std must be given together")
     world_size, _ = world_info(group)
     views, samples, dim = z.shape
     num_slices = directions.shape[1]

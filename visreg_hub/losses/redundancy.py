@@ -34,6 +34,8 @@ from typing import Literal
 
 import torch
 
+from visreg_hub.errors import UserInputError
+
 from . import _numerics as num
 from ._numerics import all_views
 
@@ -173,11 +175,11 @@ def vicreg_invariance_loss(global_proj: torch.Tensor, local_proj: torch.Tensor |
     """
     num.check_views(global_proj, local_proj)  # (V, N, D) floats: a 2-D batch is not a stack of views
     if not global_proj.is_floating_point():
-        raise ValueError(f"global_proj must be a floating-point tensor, got dtype {global_proj.dtype}")
+        raise UserInputError(f"global_proj must be a floating-point tensor, got dtype {global_proj.dtype}")
     views = all_views(global_proj, local_proj)
     num_pairs = len(view_pairs(global_proj.shape[0], views.shape[0]))
     if not num_pairs:
-        raise ValueError(f"VICReg needs at least two views, got global {tuple(global_proj.shape)}")
+        raise UserInputError(f"VICReg needs at least two views, got global {tuple(global_proj.shape)}")
     total = _PairInvariance.apply(views, global_proj.shape[0])
     return total / (num_pairs * views[0].numel())
 
@@ -336,7 +338,7 @@ BarlowRoute = Literal["auto", "pairs", "gram"]
 def check_barlow_route(route: str) -> str:
     """``route`` if it names a Barlow route, else a ValueError listing the choices."""
     if route not in ("auto", "pairs", "gram"):
-        raise ValueError(f"route must be 'auto', 'pairs' or 'gram', got {route!r}")
+        raise UserInputError(f"route must be 'auto', 'pairs' or 'gram', got {route!r}")
     return route
 
 
@@ -386,7 +388,7 @@ def barlow_twins_terms(
     num.check_samples(views, minimum=2)
     num_pairs = len(view_pairs(global_proj.shape[0], views.shape[0]))
     if not num_pairs:
-        raise ValueError(f"Barlow Twins needs at least two views, got global {tuple(global_proj.shape)}")
+        raise UserInputError(f"Barlow Twins needs at least two views, got global {tuple(global_proj.shape)}")
     num_global, v, n, d = global_proj.shape[0], *views.shape
     if check_barlow_route(route) == "auto":
         route = barlow_route(num_global, v, n, d)

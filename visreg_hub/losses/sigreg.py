@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from visreg_hub.errors import UserInputError
+
 from . import _numerics as num
 from .distributed import all_reduce_sum
 
@@ -64,9 +66,9 @@ def epps_pulley_grid(
 
 def _check_grid(t_max: float, num_knots: int) -> None:
     if isinstance(num_knots, bool) or not isinstance(num_knots, int) or num_knots < 2:
-        raise ValueError(f"num_knots must be an integer >= 2, got {num_knots!r}")
+        raise UserInputError(f"num_knots must be an integer >= 2, got {num_knots!r}")
     if isinstance(t_max, bool) or not isinstance(t_max, (int, float)) or not 0 < t_max < math.inf:
-        raise ValueError(f"t_max must be a finite positive number, got {t_max!r}")
+        raise UserInputError(f"t_max must be a finite positive number, got {t_max!r}")
 
 
 class _CharacteristicSums(torch.autograd.Function):
@@ -142,7 +144,7 @@ def sigreg_loss(
         float64 ``x``).
     """
     if x.dim() < 2 or x.shape[-2] < 1 or not x.is_floating_point():
-        raise ValueError(
+        raise UserInputError(
             f"x must be a floating (..., N, D) tensor with N >= 1, got {tuple(x.shape)} {x.dtype}"
         )
     num.check_directions(x, directions)

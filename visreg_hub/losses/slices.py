@@ -31,6 +31,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from visreg_hub.errors import UserInputError
+
 # directions per draw: the paper uses 4,096; a bound far above any useful K keeps a typo (an extra digit
 # or twenty) from reaching torch.randn as a multi-terabyte request
 MAX_SLICES = 1 << 20
@@ -64,7 +66,7 @@ def partition_slices(num_slices: int, world_size: int, rank: int) -> tuple[int, 
     tile ``range(num_slices)`` exactly; with fewer slices than ranks some blocks are empty.
     """
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+        raise UserInputError(f"rank {rank} is not in a world of size {world_size}")
     base, extra = divmod(num_slices, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
@@ -86,9 +88,9 @@ class SliceSampler:
     def __init__(self, num_slices: int, seed: int = 0) -> None:
         valid_int = isinstance(num_slices, int) and not isinstance(num_slices, bool)
         if not valid_int or not 1 <= num_slices <= MAX_SLICES:
-            raise ValueError(f"num_slices must be an integer in [1, {MAX_SLICES:,}], got {num_slices!r}")
+            raise UserInputError(f"num_slices must be an integer in [1, {MAX_SLICES:,}], got {num_slices!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+            raise UserInputError(f"seed must be an integer, got {seed!r}")
         self.num_slices = num_slices
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
@@ -121,7 +123,7 @@ class SliceSampler:
         generator call is a graph break, by design: directions are data, not traced computation.)
         """
         if dim < 1:
-            raise ValueError(f"dim must be positive, got {dim}")
+            raise UserInputError(f"dim must be positive, got {dim}")
         device = torch.device("cpu") if device is None else torch.device(device)
         generator = self._generator(device)
         generator.manual_seed(derive_seed(self.seed, step, stream))

@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import torch
 
+from visreg_hub.errors import UserInputError
+
 from . import _numerics as num
 from . import _triton_sort
 from ._numerics import cached_quantiles, resolve_projection_dtype
@@ -74,14 +76,14 @@ def _standardised(x, mean, inv_std, start, stop, compute):
 def check_sort_backend(sort_backend: str) -> str:
     """``sort_backend`` if it is one of :data:`SORT_BACKENDS`, else a ValueError naming them."""
     if sort_backend not in SORT_BACKENDS:
-        raise ValueError(f"sort_backend must be one of {SORT_BACKENDS}, got {sort_backend!r}")
+        raise UserInputError(f"sort_backend must be one of {SORT_BACKENDS}, got {sort_backend!r}")
     return sort_backend
 
 
 def _resolve_backend(sort_backend: str, device: torch.device) -> bool:
     check_sort_backend(sort_backend)
     if sort_backend == "triton" and (_triton_sort.triton is None or device.type != "cuda"):
-        raise ValueError("sort_backend='triton' needs the triton package and CUDA tensors; use 'auto'")
+        raise UserInputError("sort_backend='triton' needs the triton package and CUDA tensors; use 'auto'")
     # "auto" means torch.sort until the Triton kernel has been verified and timed on a real GPU.
     return sort_backend == "triton"
 
@@ -259,10 +261,10 @@ def sliced_quantile_distance(
         0-d tensor in float32 (float64 for float64 ``x``).
     """
     if x.dim() < 2:
-        raise ValueError(f"x must have shape (..., N, D), got {tuple(x.shape)}")
+        raise UserInputError(f"x must have shape (..., N, D), got {tuple(x.shape)}")
     num.check_directions(x, directions)
     if (mean is None) != (inv_std is None):
-        raise ValueError("mean and inv_std must be given together")
+        raise UserInputError("mean and inv_std must be given together")
     compute = resolve_projection_dtype(x, projection_dtype)
     n, dim = x.shape[-2:]
     flat = x.reshape(-1, n, dim)

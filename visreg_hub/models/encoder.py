@@ -22,7 +22,7 @@ import timm
 import torch
 from torch import nn
 
-from visreg_hub.errors import ConfigError
+from visreg_hub.errors import ConfigError, UserInputError
 from visreg_hub.models.config import PATCH_POOLING, POOLING_BLOCKS, POOLINGS, ModelConfig
 from visreg_hub.models.limits import DEFAULT_MAX_PIXELS, check_class_token
 
@@ -103,16 +103,16 @@ class VISRegEncoder(nn.Module):
     def _resolve_pooling(self, pooling: str | None) -> str:
         pooling = self.config.pooling if pooling is None else pooling
         if pooling == PATCH_POOLING:
-            raise ValueError(
+            raise UserInputError(
                 "pooling='patch' returns a token grid, not a vector; for images use "
                 "visreg_hub.inference.extract_patch_features(model, images) (encoder.patch_tokens(pixels) "
                 "takes normalised pixel tensors)"
             )
         if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; use one of {POOLINGS} or patch_tokens()")
+            raise UserInputError(f"unknown pooling {pooling!r}; use one of {POOLINGS} or patch_tokens()")
         needed = POOLING_BLOCKS.get(pooling, 1)
         if needed > self.config.depth:
-            raise ValueError(
+            raise UserInputError(
                 f"pooling={pooling!r} needs at least {needed} blocks, the model has {self.config.depth}"
             )
         return pooling
@@ -125,9 +125,9 @@ class VISRegEncoder(nn.Module):
                 "use encoder.encode(...) for paths, PIL images or arrays"
             )
         if images.ndim != 4:
-            raise ValueError(f"images must have shape (B, C, H, W), got shape {tuple(images.shape)}")
+            raise UserInputError(f"images must have shape (B, C, H, W), got shape {tuple(images.shape)}")
         if images.shape[1] != self.config.in_chans:
-            raise ValueError(
+            raise UserInputError(
                 f"images have {images.shape[1]} channels but the model expects "
                 f"in_chans={self.config.in_chans}"
             )
@@ -137,12 +137,12 @@ class VISRegEncoder(nn.Module):
         patch = self.config.patch_size
         if self.config.dynamic_img_size:
             if height % patch or width % patch:
-                raise ValueError(
+                raise UserInputError(
                     f"image size {height}x{width} is not a multiple of patch_size={patch}; "
                     f"resize or crop to a multiple of {patch}"
                 )
         elif (height, width) != (self.config.img_size, self.config.img_size):
-            raise ValueError(
+            raise UserInputError(
                 f"image size {height}x{width} differs from img_size={self.config.img_size} and the model "
                 "was built with dynamic_img_size=False; resize the images or rebuild with "
                 "dynamic_img_size=True"
@@ -230,7 +230,7 @@ class VISRegEncoder(nn.Module):
             The list of intermediates, or ``(final_tokens (B, T, D), intermediates)``.
         """
         if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+            raise UserInputError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         self._check_images(images)
         return self.backbone.forward_intermediates(
             images,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from visreg_hub.errors import UserInputError
+
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
@@ -39,11 +41,13 @@ class Projector(nn.Module):
         super().__init__()
         for arg_name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg_name} must be a positive integer, got {value!r}")
+                raise UserInputError(f"{arg_name} must be a positive integer, got {value!r}")
         if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
+            raise UserInputError(
+                f"activation={activation!r} is not supported; use one of {sorted(_ACTIVATIONS)}"
+            )
         if num_hidden_layers < 1:
-            raise ValueError(f"num_hidden_layers must be >= 1, got {num_hidden_layers}")
+            raise UserInputError(f"num_hidden_layers must be >= 1, got {num_hidden_layers}")
         self.in_dim = in_dim
         self.hidden_dim = hidden_dim
         self.out_dim = out_dim
@@ -66,7 +70,7 @@ class Projector(nn.Module):
             (N, out_dim) or (V, N, out_dim), matching the input's leading axes.
         """
         if features.ndim not in (2, 3) or features.shape[-1] != self.in_dim:
-            raise ValueError(
+            raise UserInputError(
                 f"Projector expects (N, {self.in_dim}) or (V, N, {self.in_dim}), got {tuple(features.shape)}"
             )
         leading = features.shape[:-1]

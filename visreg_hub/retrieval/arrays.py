@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from visreg_hub.errors import UserInputError
+
 _NORMALIZE_BLOCK = 8192  # rows per float64 block of l2_normalize
 
 
@@ -28,18 +30,20 @@ def as_float32_matrix(array: Any, *, name: str, dim: int | None = None) -> np.nd
     try:
         array = np.asarray(array)
     except ValueError:  # rows of different lengths ("inhomogeneous shape")
-        raise ValueError(f"{name} must be (N, D) or (D,) numbers: its rows have different lengths") from None
+        raise UserInputError(
+            f"{name} must be (N, D) or (D,) numbers: its rows have different lengths"
+        ) from None
     if not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(
+        raise UserInputError(
             f"{name} must be a floating-point array, got dtype {array.dtype}; "
             f"convert it with .astype(np.float32) if the values really are embeddings"
         )
     if array.ndim == 1:
         array = array[None, :]
     if array.ndim != 2:
-        raise ValueError(f"{name} must have shape (N, D) or (D,), got shape {tuple(array.shape)}")
+        raise UserInputError(f"{name} must have shape (N, D) or (D,), got shape {tuple(array.shape)}")
     if dim is not None and array.shape[1] != dim:
-        raise ValueError(
+        raise UserInputError(
             f"{name} has dimension {array.shape[1]} but the index holds {dim}-dimensional vectors; "
             f"use embeddings from the same model (and pooling) the index was built with"
         )
@@ -48,7 +52,7 @@ def as_float32_matrix(array: Any, *, name: str, dim: int | None = None) -> np.nd
             too_big = np.isfinite(array) & (np.abs(array) > np.finfo(np.float32).max)
         if too_big.any():
             row = int(np.flatnonzero(too_big.any(axis=1))[0])
-            raise ValueError(
+            raise UserInputError(
                 f"{name} has values beyond float32's range (|x| > 3.4e38), first at row {row}; "
                 f"the index stores float32: rescale those rows (e.g. normalise them)"
             )
@@ -56,7 +60,7 @@ def as_float32_matrix(array: Any, *, name: str, dim: int | None = None) -> np.nd
     finite = np.isfinite(array).all(axis=1)
     if not finite.all():
         bad = np.flatnonzero(~finite)
-        raise ValueError(
+        raise UserInputError(
             f"{name} contains NaN or infinite values in {bad.size} row(s), first at row {int(bad[0])}; "
             f"drop or re-encode those rows"
         )
@@ -79,7 +83,7 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
         norms = np.linalg.norm(block, axis=1, keepdims=True)
         if (norms == 0).any():
             row = start + int(np.flatnonzero(norms[:, 0] == 0)[0])
-            raise ValueError(
+            raise UserInputError(
                 f"cannot L2-normalise a zero vector (row {row}); remove it or use normalize=False"
             )
         out[start : start + _NORMALIZE_BLOCK] = block / norms

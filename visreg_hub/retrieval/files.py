@@ -59,7 +59,7 @@ def check_suffix(path: str | Path, what: str = "embeddings file", *, need_pyarro
     """Reject paths that are neither ``.npy`` nor ``.parquet`` (and ``.parquet`` without pyarrow)."""
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
-        raise ValueError(
+        raise UserInputError(
             f"{what} {str(path)!r} must end with .npy or .parquet (got {path.suffix or 'no suffix'!r})"
         )
     if need_pyarrow and path.suffix.lower() == ".parquet":
@@ -102,7 +102,7 @@ def write_embeddings(
     path = check_suffix(path, "output")
     array = as_float32_matrix(embeddings, name="embeddings")
     if len(paths) != array.shape[0]:
-        raise ValueError(f"got {len(paths)} paths for {array.shape[0]} embeddings; pass one path per row")
+        raise UserInputError(f"got {len(paths)} paths for {array.shape[0]} embeddings; pass one path per row")
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".npy":
         np.save(path, array, allow_pickle=False)
@@ -145,7 +145,7 @@ def read_paths_file(path: str | Path) -> tuple[list[str], dict[str, Any]]:
     data = parse_json(text, str(path), error=UserInputError)  # deep nesting, bad JSON: one clear error
     paths = data.get("paths") if isinstance(data, dict) else data
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-        raise ValueError(f"{path} must hold a JSON list of file paths or an object with a 'paths' list")
+        raise UserInputError(f"{path} must hold a JSON list of file paths or an object with a 'paths' list")
     info = {key: value for key, value in data.items() if key != "paths"} if isinstance(data, dict) else {}
     return paths, info
 
@@ -170,17 +170,17 @@ def read_embeddings(path: str | Path, *, paths_file: str | Path | None = None) -
         try:
             raw = np.load(path, allow_pickle=False)
         except ValueError as exc:  # object arrays need pickle, which is never allowed
-            raise ValueError(f"{path} is not a plain numeric .npy array: {exc}") from exc
+            raise UserInputError(f"{path} is not a plain numeric .npy array: {exc}") from exc
     else:
         _, pq = _pyarrow("reading .parquet")
         with library_source(path) as source:
             table = pq.read_table(source)
         if "embedding" not in table.column_names:
-            raise ValueError(f"{path} has no 'embedding' column (columns: {table.column_names})")
+            raise UserInputError(f"{path} has no 'embedding' column (columns: {table.column_names})")
         column = table.column("embedding").combine_chunks()
         values = column.flatten().to_numpy(zero_copy_only=False)
         if len(column) == 0 or values.size % len(column):
-            raise ValueError(f"{path}: the 'embedding' column must hold equal-length vectors")
+            raise UserInputError(f"{path}: the 'embedding' column must hold equal-length vectors")
         raw = values.reshape(len(column), -1)
         paths = table.column("path").to_pylist() if "path" in table.column_names else None
         if paths is not None and "path_bytes" in table.column_names:
@@ -199,7 +199,7 @@ def read_embeddings(path: str | Path, *, paths_file: str | Path | None = None) -
     if paths_file is not None or source.is_file():
         paths, info = read_paths_file(source)
     if paths is not None and len(paths) != embeddings.shape[0]:
-        raise ValueError(
+        raise UserInputError(
             f"{source} lists {len(paths)} paths but {path} holds {embeddings.shape[0]} embeddings; "
             f"pass the paths file written together with these embeddings"
         )

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from visreg_hub.errors import ConfigError, require_extra
+from visreg_hub.errors import ConfigError, UserInputError, require_extra
 from visreg_hub.models.config import POOLINGS
 from visreg_hub.retrieval.arrays import as_float32_matrix, l2_normalize
 from visreg_hub.retrieval.factory import IVF_KINDS, KINDS, default_nlist, default_pq_m, factory_string
@@ -259,7 +259,7 @@ class EmbeddingIndex:
                 else f"nlist={nlist}; pass a smaller nlist"
             )
             instead = "'flat' or 'ivf'" if self.kind == "ivfpq" else "'flat' or 'hnsw' (no training)"
-            raise ValueError(
+            raise UserInputError(
                 f"{self.kind} training needs at least {needed} vectors ({why}), got {n}; "
                 f"add more training vectors, or use kind {instead}"
             )
@@ -278,7 +278,7 @@ class EmbeddingIndex:
             logger.info("kind=%r needs no training; train() ignored", self.kind)
             return
         if self.is_trained:
-            raise ValueError("this IVF index is already trained; create a new EmbeddingIndex to retrain")
+            raise UserInputError("this IVF index is already trained; create a new EmbeddingIndex to retrain")
         data = self._prepare(embeddings, "embeddings")
         n = data.shape[0]
         self._check_training_size(n)
@@ -403,9 +403,9 @@ class EmbeddingIndex:
             ValueError: empty index, bad k, or bad queries (dimension, dtype, NaN).
         """
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+            raise UserInputError(f"k must be a positive integer, got {k!r}")
         if len(self) == 0:
-            raise ValueError("the index is empty; add() embeddings before searching")
+            raise UserInputError("the index is empty; add() embeddings before searching")
         faiss = require_extra("faiss", "index")
         data = self._prepare(queries, "queries")
         k_eff = min(int(k), len(self))

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from visreg_hub.errors import require_extra
+from visreg_hub.errors import UserInputError, require_extra
 from visreg_hub.retrieval.arrays import as_float32_matrix
 
 logger = logging.getLogger(__name__)
@@ -34,9 +34,11 @@ def _as_labels(labels: Any, n: int, name: str) -> np.ndarray:
         labels = labels.detach().cpu().numpy()
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n},) to match the features, got {tuple(labels.shape)}")
+        raise UserInputError(
+            f"{name} must have shape ({n},) to match the features, got {tuple(labels.shape)}"
+        )
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{name} must be integer class ids, got dtype {labels.dtype}")
+        raise UserInputError(f"{name} must be integer class ids, got dtype {labels.dtype}")
     return labels.astype(np.int64)
 
 
@@ -66,11 +68,11 @@ def knn_predict(
         int64 (Q,) predicted labels.
     """
     if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        raise UserInputError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+        raise UserInputError(f"k must be a positive integer, got {k!r}")
     if not (isinstance(temperature, int | float) and temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        raise UserInputError(f"temperature must be a positive number, got {temperature!r}")
     train = as_float32_matrix(train_features, name="train_features")
     queries = as_float32_matrix(query_features, name="query_features", dim=train.shape[1])
     labels = _as_labels(train_labels, train.shape[0], "train_labels")
@@ -132,20 +134,20 @@ def recall_at_k(retrieved_ids: Any, true_ids: Any, k: int | None = None) -> floa
     retrieved = np.asarray(retrieved_ids)
     truth = np.asarray(true_ids)
     if retrieved.ndim != 2 or truth.ndim != 2 or retrieved.shape[0] != truth.shape[0]:
-        raise ValueError(
+        raise UserInputError(
             f"retrieved_ids and true_ids must be (Q, K) arrays with the same Q, got "
             f"{retrieved.shape} and {truth.shape}"
         )
     k = truth.shape[1] if k is None else k
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise UserInputError(f"k must be >= 1, got {k}")
     recalls = []
     for got, want in zip(retrieved[:, :k].tolist(), truth[:, :k].tolist(), strict=True):
         wanted = {i for i in want if i != -1}
         if wanted:
             recalls.append(len(wanted.intersection(got)) / len(wanted))
     if not recalls:
-        raise ValueError("true_ids holds no valid ids (all -1)")
+        raise UserInputError("true_ids holds no valid ids (all -1)")
     return float(np.mean(recalls))
 
 
@@ -159,10 +161,10 @@ def label_recall_at_k(query_labels: Any, neighbor_labels: Any, k: int) -> float:
     """
     neighbours = np.asarray(neighbor_labels)
     if neighbours.ndim != 2:
-        raise ValueError(f"neighbor_labels must be (Q, K), got shape {neighbours.shape}")
+        raise UserInputError(f"neighbor_labels must be (Q, K), got shape {neighbours.shape}")
     queries = _as_labels(query_labels, neighbours.shape[0], "query_labels")
     if not 1 <= k <= neighbours.shape[1]:
-        raise ValueError(f"k must be in [1, {neighbours.shape[1]}] (columns of neighbor_labels), got {k}")
+        raise UserInputError(f"k must be in [1, {neighbours.shape[1]}] (columns of neighbor_labels), got {k}")
     return float((neighbours[:, :k] == queries[:, None]).any(axis=1).mean())
 
 
@@ -194,7 +196,7 @@ class LinearProbeResult:
 
 def _check_cs(cs: Sequence[float]) -> None:
     if not cs or any(not (isinstance(c, int | float) and c > 0) for c in cs):
-        raise ValueError(f"cs must be a non-empty sequence of positive numbers, got {cs!r}")
+        raise UserInputError(f"cs must be a non-empty sequence of positive numbers, got {cs!r}")
 
 
 def probe_classifier(c: float, *, standardize: bool = True, max_iter: int = 1000):
@@ -263,7 +265,7 @@ def linear_probe(
     from sklearn.model_selection import train_test_split
 
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        raise UserInputError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     _check_cs(cs)
     several = isinstance(train_features, Mapping)
     train_taps, test_taps = _feature_taps(train_features, test_features)
@@ -299,11 +301,13 @@ def linear_probe(
 def _feature_taps(train: Any, test: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Both sides as ``{tap: float32 (N, D)}``; one unnamed matrix becomes ``{"features": ...}``."""
     if isinstance(train, Mapping) != isinstance(test, Mapping):
-        raise ValueError("pass train_features and test_features both as arrays or both as {tap: array} dicts")
+        raise UserInputError(
+            "pass train_features and test_features both as arrays or both as {tap: array} dicts"
+        )
     if not isinstance(train, Mapping):
         train, test = {"features": train}, {"features": test}
     if not train or list(train) != list(test):
-        raise ValueError(
+        raise UserInputError(
             f"train_features and test_features must name the same taps in the same order, got "
             f"{list(train)} and {list(test)}"
         )
@@ -315,6 +319,8 @@ def _feature_taps(train: Any, test: Any) -> tuple[dict[str, np.ndarray], dict[st
             test[tap], name=f"test_features[{tap!r}]", dim=train_taps[tap].shape[1]
         )
         if rows is not None and (train_taps[tap].shape[0], test_taps[tap].shape[0]) != rows:
-            raise ValueError(f"every tap must hold the same images; {tap!r} has a different number of rows")
+            raise UserInputError(
+                f"every tap must hold the same images; {tap!r} has a different number of rows"
+            )
         rows = (train_taps[tap].shape[0], test_taps[tap].shape[0])
     return train_taps, test_taps

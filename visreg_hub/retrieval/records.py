@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from visreg_hub.errors import VisregHubError
+from visreg_hub.errors import UserInputError, VisregHubError
 from visreg_hub.retrieval.limits import MAX_METADATA_DEPTH
 
 MAX_ID = int(np.iinfo(np.int64).max) - 1
@@ -37,7 +37,7 @@ def check_new_ids(
     """
     if ids is None:
         if next_id + n - 1 > MAX_ID:
-            raise ValueError(
+            raise UserInputError(
                 f"the id counter is exhausted (next id {next_id}: automatic ids continue after the largest "
                 f"id added); pass explicit ids in [0, {MAX_ID}]"
             )
@@ -45,22 +45,22 @@ def check_new_ids(
     try:
         ids = np.asarray(ids)
     except (OverflowError, ValueError, TypeError):
-        raise ValueError(f"ids must be integers in [0, {MAX_ID}]") from None
+        raise UserInputError(f"ids must be integers in [0, {MAX_ID}]") from None
     if ids.ndim != 1 or ids.shape[0] != n:
-        raise ValueError(f"ids must have shape ({n},) to match the vectors, got {tuple(ids.shape)}")
+        raise UserInputError(f"ids must have shape ({n},) to match the vectors, got {tuple(ids.shape)}")
     if n and (ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer)):
-        raise ValueError(f"ids must be integers, got dtype {ids.dtype}; use np.int64 ids")
+        raise UserInputError(f"ids must be integers, got dtype {ids.dtype}; use np.int64 ids")
     if n and (int(ids.min()) < 0 or int(ids.max()) > MAX_ID):
-        raise ValueError(f"ids must be in [0, {MAX_ID}], got {int(ids.min())}..{int(ids.max())}")
+        raise UserInputError(f"ids must be in [0, {MAX_ID}], got {int(ids.min())}..{int(ids.max())}")
     ids = ids.astype(np.int64)
     if np.unique(ids).size != n:
-        raise ValueError("ids contain duplicates; every vector needs its own id")
+        raise UserInputError("ids contain duplicates; every vector needs its own id")
     clash = [i for i in ids.tolist() if i in live]
     if clash:
         raise IdConflictError(f"ids already in the index: {clash[:5]}; use new ids")
     reused = [i for i in ids.tolist() if i in tombstones]
     if reused:
-        raise ValueError(
+        raise UserInputError(
             f"ids {reused[:5]} were removed from this HNSW index, whose graph still holds them; "
             f"use new ids, or build a new index from the embeddings (a new EmbeddingIndex and add(), or "
             f"`visreg-hub index build`) to reuse them"
@@ -78,9 +78,9 @@ def lookup_ids(ids: Any) -> list[int]:
     try:
         array = np.asarray(ids)
     except (OverflowError, ValueError, TypeError):
-        raise ValueError(f"ids must be integers in [0, {MAX_ID}]") from None
+        raise UserInputError(f"ids must be integers in [0, {MAX_ID}]") from None
     if array.size and (array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer)):
-        raise ValueError(f"ids must be integers, got {array.dtype} (e.g. {array.reshape(-1)[0]!r})")
+        raise UserInputError(f"ids must be integers, got {array.dtype} (e.g. {array.reshape(-1)[0]!r})")
     return [int(i) for i in array.reshape(-1).tolist()]
 
 
@@ -96,21 +96,21 @@ def encode_metadata(metadata: Any, n: int) -> list[str | None]:
         return [None] * n
     if not isinstance(metadata, list | tuple) or len(metadata) != n:
         got = len(metadata) if isinstance(metadata, list | tuple) else type(metadata).__name__
-        raise ValueError(f"metadata must be a list of {n} dicts (one per vector), got {got}")
+        raise UserInputError(f"metadata must be a list of {n} dicts (one per vector), got {got}")
     texts: list[str | None] = []
     for i, item in enumerate(metadata):
         if item is None:
             texts.append(None)
             continue
         if not isinstance(item, dict):
-            raise ValueError(f"metadata[{i}] must be a dict or None, got {type(item).__name__}")
+            raise UserInputError(f"metadata[{i}] must be a dict or None, got {type(item).__name__}")
         problem = metadata_problem(item)
         if problem is not None:
-            raise ValueError(f"metadata[{i}] {problem}")
+            raise UserInputError(f"metadata[{i}] {problem}")
         try:
             texts.append(json.dumps(item, allow_nan=False, separators=(",", ":")))
         except (TypeError, ValueError, RecursionError) as exc:
-            raise ValueError(
+            raise UserInputError(
                 f"metadata[{i}] must be JSON-serialisable (str, numbers, lists, dicts): {exc}"
             ) from exc
     return texts

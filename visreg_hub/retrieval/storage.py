@@ -81,7 +81,7 @@ def save_index(index: EmbeddingIndex, folder: str | Path, *, overwrite: bool = T
     :func:`load_index` names it if that ever happens.
     """
     if not index.is_trained:
-        raise ValueError("cannot save an untrained IVF index; add() or train() first")
+        raise UserInputError("cannot save an untrained IVF index; add() or train() first")
     folder = output_folder(folder)
     check_index_output(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -267,7 +267,7 @@ def _read_ids(path: Path, count: int) -> np.ndarray:
         try:
             version = np.lib.format.read_magic(handle)
             if version != (1, 0):
-                raise ValueError(f"npy version {version}")
+                raise UserInputError(f"npy version {version}")
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle, max_header_size=1024)
         except (ValueError, OSError, SyntaxError) as exc:
             raise CheckpointError(f"{path} is not a plain .npy array: {exc}; rebuild the index") from exc

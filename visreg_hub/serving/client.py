@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from visreg_hub.errors import ImageDecodeError, VisregHubError
+from visreg_hub.errors import ImageDecodeError, UserInputError, VisregHubError
 
 
 class ServerError(VisregHubError, RuntimeError):
@@ -71,7 +71,7 @@ class Client:
         retries: int = 3,
     ) -> None:
         if not url.startswith(("http://", "https://")):
-            raise ValueError(f"url must start with http:// or https://, got {url!r}")
+            raise UserInputError(f"url must start with http:// or https://, got {url!r}")
         self.url = url.rstrip("/")
         self.api_key = api_key
         self.model = model
@@ -140,7 +140,7 @@ class Client:
         from visreg_hub.inference.images import expand_inputs, is_single_image
 
         if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+            raise UserInputError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         sources = expand_inputs(images)
         rows: dict[int, np.ndarray] = {}
         failures: list[EncodeFailure] = []

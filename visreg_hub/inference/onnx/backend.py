@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from visreg_hub.errors import DeviceError
+from visreg_hub.errors import DeviceError, UserInputError
 from visreg_hub.inference.backends import Backend, BackendSpec, resolve_dtype
 from visreg_hub.inference.images import DEFAULT_MAX_PIXELS
 from visreg_hub.inference.onnx.cache import cached_export
@@ -198,7 +198,7 @@ def onnx_backend_for(
     model.embedding_dim(pooling)  # validates before any export
     resolved = resolve_dtype(dtype)
     if resolved == torch.bfloat16:
-        raise ValueError(
+        raise UserInputError(
             "dtype=bfloat16 is not supported by the ONNX backend; use dtype='fp16' or backend='torch'"
         )
     precision = spec.precision if resolved is None else "fp16" if resolved == torch.float16 else "fp32"

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from visreg_hub.errors import UserInputError
 from visreg_hub.inference.backends import resolve_dtype
 from visreg_hub.inference.images import DEFAULT_MAX_PIXELS
 from visreg_hub.inference.onnx.graph import EMBEDDING
@@ -231,7 +232,7 @@ class OnnxEmbedder:
 
     def _check_call(self, pooling: str | None, device: Any, dtype: Any) -> None:
         if pooling is not None and pooling != self.pooling:
-            raise ValueError(
+            raise UserInputError(
                 f"{self.path.name} was exported with pooling={self.pooling!r}, got pooling={pooling!r}; "
                 f"re-export with export_onnx(model, path, pooling={pooling!r})"
             )
@@ -239,7 +240,7 @@ class OnnxEmbedder:
             wanted = torch.device(device)
             on_gpu = self.active_provider in GPU_PROVIDERS
             if (wanted.type == "cuda") != on_gpu or (on_gpu and wanted.index not in (None, self.device_id)):
-                raise ValueError(
+                raise UserInputError(
                     f"device={str(device)!r} but this session runs on {self.active_provider} (device_id "
                     f"{self.device_id}); open OnnxEmbedder(path, providers=..., device_id=...) for it"
                 )
@@ -247,7 +248,7 @@ class OnnxEmbedder:
         if resolved is not None:
             expected = torch.float16 if self.metadata.precision == "fp16" else torch.float32
             if resolved != expected:
-                raise ValueError(
+                raise UserInputError(
                     f"dtype={dtype!r} but {self.path.name} is a {self.metadata.precision} graph; export with "
                     f"fp16={resolved == torch.float16} for that precision (bfloat16 graphs are not supported)"
                 )

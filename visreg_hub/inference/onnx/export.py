@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from visreg_hub.durable import fsync_dir, fsync_file
-from visreg_hub.errors import require_extra
+from visreg_hub.errors import UserInputError, require_extra
 from visreg_hub.inference.backends import inference_state
 from visreg_hub.inference.onnx.graph import (
     CORE_INPUT,
@@ -162,13 +162,13 @@ def export_onnx(
 
     path = Path(path).expanduser()
     if path.suffix.lower() != ".onnx":
-        raise ValueError(f"path must end with .onnx, got {str(path)!r}")
+        raise UserInputError(f"path must end with .onnx, got {str(path)!r}")
     check_output_path(path)
     max_opset = min(MAX_OPSET, onnx.defs.onnx_opset_version())
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset:
-        raise ValueError(f"opset must be an integer in [{MIN_OPSET}, {max_opset}], got {opset!r}")
+        raise UserInputError(f"opset must be an integer in [{MIN_OPSET}, {max_opset}], got {opset!r}")
     if model.dtype != torch.float32:
-        raise ValueError(
+        raise UserInputError(
             f"export needs a float32 model, got {model.dtype}; call model.float() first "
             "(fp16=True makes a half-precision graph)"
         )
@@ -178,7 +178,7 @@ def export_onnx(
     if dynamic_image_size is None:
         dynamic_image_size = config.dynamic_img_size and not with_preprocessing
     if dynamic_image_size and not config.dynamic_img_size:
-        raise ValueError("dynamic_image_size=True needs a model built with dynamic_img_size=True")
+        raise UserInputError("dynamic_image_size=True needs a model built with dynamic_img_size=True")
     spec = None
     if with_preprocessing:
         size = config.data_config["input_size"][1:] if image_size is None else image_size
@@ -186,20 +186,22 @@ def export_onnx(
         if len(size) != 2 or any(
             isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_IMAGE_SIDE for v in size
         ):
-            raise ValueError(
+            raise UserInputError(
                 f"image_size must be an int or (H, W) in 1..{MAX_IMAGE_SIDE} (the fixed uint8 input size; "
                 f"validation runs the graph on images of it), got {image_size!r}"
             )
         spec = PreprocessingSpec.from_data_config(config.data_config, size, image_layout)
     elif image_size is not None:
-        raise ValueError("image_size only applies with with_preprocessing=True (the fixed uint8 input size)")
+        raise UserInputError(
+            "image_size only applies with with_preprocessing=True (the fixed uint8 input size)"
+        )
     if int8 and (fp16 or optimize or with_preprocessing or patch_tokens):
-        raise ValueError(
+        raise UserInputError(
             "int8=True quantises the plain fp32 graph; "
             "drop fp16, optimize, with_preprocessing and patch_tokens"
         )
     if calibration_images is not None and not int8:
-        raise ValueError("calibration_images only applies with int8=True (static quantisation)")
+        raise UserInputError("calibration_images only applies with int8=True (static quantisation)")
     if validation_providers is not None:
         provider_names(validation_providers)  # a misspelt provider fails now, not after the export
     calibration = None
@@ -265,7 +267,7 @@ def export_onnx(
 def check_output_path(path: Path) -> None:
     """Refuse an output path that is a folder (``os.replace`` would fail only after the whole export)."""
     if path.is_dir():
-        raise ValueError(
+        raise UserInputError(
             f"{path} is a folder; name a .onnx file inside it, e.g. {path / 'model.onnx'}, or another path"
         )
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from visreg_hub.errors import UserInputError
 from visreg_hub.models.config import POOLING_BLOCKS
 
 logger = logging.getLogger(__name__)
@@ -212,16 +213,16 @@ class PreprocessingSpec:
             ValueError: a layout, channel count, crop mode or interpolation the graph cannot reproduce.
         """
         if layout not in LAYOUTS:
-            raise ValueError(f"image_layout must be one of {LAYOUTS}, got {layout!r}")
+            raise UserInputError(f"image_layout must be one of {LAYOUTS}, got {layout!r}")
         channels, out_h, out_w = tuple(data_config["input_size"])
         if channels not in (1, 3):
-            raise ValueError(
+            raise UserInputError(
                 f"with_preprocessing supports RGB (3-channel) and grayscale (1-channel) models, this one "
                 f"has {channels} channels; export without with_preprocessing"
             )
         interpolation = data_config["interpolation"]
         if interpolation not in _ONNX_MODES:
-            raise ValueError(
+            raise UserInputError(
                 f"with_preprocessing supports interpolation {list(_ONNX_MODES)}, not {interpolation!r} (PIL "
                 "nearest differs from ONNX Resize at ties); export without it and preprocess with PIL"
             )
@@ -239,12 +240,12 @@ class PreprocessingSpec:
             ratio = min(height / scale[0], width / scale[1])
             resized = (round(height / ratio), round(width / ratio))
         else:
-            raise ValueError(
+            raise UserInputError(
                 f"crop_mode={mode!r} is not supported with with_preprocessing (center and squash are); "
                 "export without it and preprocess with visreg_hub.inference.Preprocessor"
             )
         if resized[0] < out_h or resized[1] < out_w:
-            raise ValueError(
+            raise UserInputError(
                 f"images of {height}x{width} resize to {resized}, smaller than the crop {out_h}x{out_w}"
             )
         # torchvision center_crop: Python round (half to even) of the centred offset

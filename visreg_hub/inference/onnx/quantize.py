@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from visreg_hub.errors import require_extra
+from visreg_hub.errors import UserInputError, require_extra
 from visreg_hub.inference.images import ImageSource, expand_inputs
 from visreg_hub.inference.preprocess import ImageDataset, Preprocessor
 from visreg_hub.native_io import utf8_path
@@ -55,14 +55,16 @@ def calibration_sources(images: Any, limit: int = MAX_CALIBRATION_IMAGES) -> lis
         missing = [str(path) for path in paths if not os.path.exists(os.path.expanduser(path))]
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-            raise ValueError(f"calibration_images not found: {shown}; pass existing image files or folders")
+            raise UserInputError(
+                f"calibration_images not found: {shown}; pass existing image files or folders"
+            )
     sources = expand_inputs(images)
     empty = [source for source in sources if source.error is not None]
     if empty:
         first = empty[0]
-        raise ValueError(f"calibration_images {first.label}: {first.error}; pass image files or a folder")
+        raise UserInputError(f"calibration_images {first.label}: {first.error}; pass image files or a folder")
     if not sources:
-        raise ValueError("calibration_images holds no images; pass image files or a folder")
+        raise UserInputError("calibration_images holds no images; pass image files or a folder")
     return sources[:limit]
 
 
@@ -80,7 +82,7 @@ def calibration_inputs(data_config: dict, images: Any, limit: int = MAX_CALIBRAT
     items = [dataset[i] for i in range(len(dataset))]
     pixels = [item.pixels for item in items if item.error is None]
     if not pixels:
-        raise ValueError(
+        raise UserInputError(
             f"none of the {len(items)} calibration images could be decoded (first: {items[0].error}); "
             "pass JPEG, PNG or other image files"
         )
@@ -191,7 +193,7 @@ def quantize_int8(
     """
     quantization = require_extra("onnxruntime.quantization", "onnx-cpu")
     if calibration is not None and len(calibration) == 0:
-        raise ValueError("calibration needs at least one image; pass None for dynamic quantisation")
+        raise UserInputError("calibration needs at least one image; pass None for dynamic quantisation")
     # why a scratch folder: ORT's tools pass paths to onnx's C++ shape inference, which takes only UTF-8
     # names; the scratch copy and result have plain names, and Python moves the result to ``target``
     with tempfile.TemporaryDirectory(prefix="visreg-quant-") as scratch:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from visreg_hub.errors import CheckpointError, require_extra
+from visreg_hub.errors import CheckpointError, UserInputError, require_extra
 from visreg_hub.native_io import onnx_model_source
 
 logger = logging.getLogger(__name__)
@@ -204,13 +204,13 @@ def provider_names(
     """
     names = [providers] if isinstance(providers, str) else list(providers)
     if not names:
-        raise ValueError("providers is empty; pass None for the best available, or e.g. ['cuda', 'cpu']")
+        raise UserInputError("providers is empty; pass None for the best available, or e.g. ['cuda', 'cpu']")
     resolved = []
     for name in names:
         full = PROVIDER_ALIASES.get(str(name).lower(), name)
         if not str(full).endswith("ExecutionProvider"):
             here = "" if available is None else f" (available here: {available})"
-            raise ValueError(
+            raise UserInputError(
                 f"unknown ONNX Runtime provider {name!r}; use one of {sorted(PROVIDER_ALIASES)} or a full "
                 f"name such as {CUDA!r}{here}"
             )
@@ -304,7 +304,8 @@ def create_session(
         session_options.intra_op_num_threads = int(threads)
     try:
         session = ort.InferenceSession(
-            onnx_model_source(path), session_options, providers=usable, provider_options=options)
+            onnx_model_source(path), session_options, providers=usable, provider_options=options
+        )
     except Exception as exc:  # onnxruntime raises its own pybind exception types
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"ONNX Runtime cannot load {str(path)!r} on {usable}: {text}") from exc
