@@ -30,6 +30,7 @@ import uuid
 from pathlib import Path
 
 from training.manifest import verify_manifest, write_manifest
+from training.state_checks import read_json
 from training.state_io import TrainingParts, save_training_state
 from visreg_hub.durable import fsync_dir, fsync_tree, write_atomic
 from visreg_hub.errors import CheckpointError
@@ -133,13 +134,11 @@ def run_id_of(folder: Path) -> str | None:
     Read before the manifest is verified (to refuse early), so the file is treated as untrusted: size
     capped, and anything but a well-formed id counts as unknown.
     """
-    path = folder / STATE_FILE
     try:
-        if path.stat().st_size > _MAX_STATE_BYTES:
-            return None
-        value = json.loads(path.read_bytes().decode("utf-8")).get(RUN_ID_KEY)
-    except (OSError, ValueError, RecursionError, AttributeError):
+        state = read_state(folder)
+    except CheckpointError:
         return None
+    value = state.get(RUN_ID_KEY) if isinstance(state, dict) else None
     return value if isinstance(value, str) and _RUN_ID.match(value) else None
 
 
@@ -296,8 +295,6 @@ def prune(root: Path, keep_last: int) -> None:
 
 
 def read_state(folder: Path) -> dict:
-    """The ``trainer_state.json`` of a complete checkpoint folder."""
-    try:
-        return json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
-        raise CheckpointError(f"{folder / STATE_FILE} is unreadable: {exc}") from None
+    """The ``trainer_state.json`` of a checkpoint folder (size-capped: it may be read before the manifest
+    is verified); any failure is a :class:`CheckpointError` naming the file."""
+    return read_json(folder / STATE_FILE, max_bytes=_MAX_STATE_BYTES)
