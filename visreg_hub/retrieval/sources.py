@@ -66,7 +66,8 @@ class EmbeddingSources:
     names: list[str] | None = None
 
 
-def _parquet_shape(path: Path) -> tuple[int, int]:
+def _parquet_shape(path: Path) -> tuple[int, int, dict[bytes, bytes]]:
+    """(rows, embedding width, schema metadata) of a parquet file, from its footer only."""
     pa, pq = _pyarrow("reading .parquet")
     try:
         with library_source(path) as source:
@@ -80,7 +81,7 @@ def _parquet_shape(path: Path) -> tuple[int, int]:
     column = schema.field("embedding") if "embedding" in schema.names else None
     if column is None or not pa.types.is_fixed_size_list(column.type):
         raise EmbeddingSourceError(f"{path} has no fixed-size-list 'embedding' column; write it with embed")
-    return rows, column.type.list_size
+    return rows, column.type.list_size, schema.metadata or {}
 
 
 def open_sources(paths: list[str | Path], *, paths_file: str | Path | None = None) -> EmbeddingSources:
@@ -138,8 +139,9 @@ def open_sources(paths: list[str | Path], *, paths_file: str | Path | None = Non
             if array.ndim != 2:
                 raise EmbeddingSourceError(f"{path} must hold an (N, D) array, got shape {array.shape}")
             rows, width = array.shape
+            metadata = {}
         else:
-            rows, width = _parquet_shape(path)
+            rows, width, metadata = _parquet_shape(path)
         if path in shard_rows and rows != shard_rows[path][2]:
             inputs, failed, _ = shard_rows[path]
             raise EmbeddingSourceError(
@@ -148,7 +150,7 @@ def open_sources(paths: list[str | Path], *, paths_file: str | Path | None = Non
                 "`visreg-hub embed` command to write it again"
             )
         if path in shard_jobs:
-            _check_shard_job(path, *shard_jobs[path])
+            _check_shard_job(path, *shard_jobs[path], metadata)
         if dim is not None and width != dim:
             raise EmbeddingSourceError(f"{path} has {width}-dimensional embeddings, the others {dim}")
         count, dim = count + rows, width
@@ -225,7 +227,7 @@ def _embed_folder(
     return parts, info, _expected_rows(folder, data, parts), jobs
 
 
-def _check_shard_job(part: Path, number: int, job_id: Any) -> None:
+def _check_shard_job(part: Path, number: int, job_id: Any, metadata: dict[bytes, bytes]) -> None:
     """Refuse a part file that another embed job wrote (or that was renamed from another shard number).
 
     why: a shard copied in from another job under a valid name (same images, other weights) has the
@@ -233,7 +235,6 @@ def _check_shard_job(part: Path, number: int, job_id: Any) -> None:
     shard's parquet metadata tells it apart. A job whose manifest has no ``job_id`` predates them: its
     own shards carry none, so a shard that carries one comes from another job.
     """
-    metadata = _parquet_schema(part).metadata or {}
     found, shard = metadata.get(SHARD_JOB_KEY), metadata.get(SHARD_NUMBER_KEY)
     expected = job_id.encode() if isinstance(job_id, str) else None
     if found == expected and (expected is None or shard == str(number).encode()):
@@ -254,19 +255,6 @@ def _check_shard_job(part: Path, number: int, job_id: Any) -> None:
 def _text(value: bytes | None) -> str:
     """A short printable form of a job id or shard number from an untrusted file."""
     return "none (an older job)" if value is None else repr(value.decode("utf-8", "replace")[:16])
-
-
-def _parquet_schema(path: Path):
-    """The arrow schema (with its metadata) of a parquet file, as a clear error when it is unreadable."""
-    pa, pq = _pyarrow("reading .parquet")
-    try:
-        with library_source(path) as source:
-            return pq.read_schema(source)
-    except (OSError, ValueError, pa.ArrowException) as exc:
-        raise EmbeddingSourceError(
-            f"{path} is not a readable parquet file ({exc}); if it is a shard of an embed folder, delete it "
-            "and re-run the same `visreg-hub embed` command to write it again"
-        ) from exc
 
 
 def _expected_rows(folder: Path, data: dict[str, Any], parts: list[Path]) -> dict[Path, tuple[int, int, int]]:

@@ -266,11 +266,14 @@ def _read_ids(path: Path, count: int) -> np.ndarray:
     with path.open("rb") as handle:
         try:
             version = np.lib.format.read_magic(handle)
-            if version != (1, 0):
-                raise UserInputError(f"npy version {version}")
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle, max_header_size=1024)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle, max_header_size=1024)
         except (ValueError, OSError, SyntaxError) as exc:
             raise CheckpointError(f"{path} is not a plain .npy array: {exc}; rebuild the index") from exc
+        if version != (1, 0):
+            raise CheckpointError(
+                f"{path} is not a plain .npy array: npy version {version}; rebuild the index"
+            )
         header_end = handle.tell()
     if dtype != np.dtype("<i8") or fortran or shape != (count,):
         raise CheckpointError(
