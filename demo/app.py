@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             args.model, args.gallery, cache_dir=args.cache_dir, download_dir=workspace / "downloads",
             device=args.device, max_pixels=args.max_pixels,
         )  # fmt: skip
-        app = combined_app(service)  # loads every model once; the UI uses them and the API's batcher
+        # loads every model once; the UI uses them and the API's batcher, within the UI's limits
+        app = combined_app(service, max_image_bytes=args.max_file_size)
         logger.info("%s", service.describe())  # builds/loads the default gallery's index now
         for choice in service.gallery_choices[1:]:  # the others are indexed when picked; listed now
             scan_gallery(choice.source)

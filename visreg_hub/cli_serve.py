@@ -61,6 +61,7 @@ def add_serve_parser(commands, common: argparse.ArgumentParser) -> None:
     for name, help_text in (
         ("max_body_bytes", "request body size"),
         ("max_pixels", "pixels per image (width*height)"),
+        ("max_image_bytes", "encoded bytes per image"),
         ("max_items", "images or vectors per request"),
         ("max_k", "neighbours per search"),
         ("max_queue", "images waiting per model before 429"),
@@ -94,6 +95,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     limits = Limits(
         max_body_bytes=args.max_body_bytes,
         max_pixels=args.max_pixels,
+        max_image_bytes=args.max_image_bytes,
         max_items=args.max_items,
         max_k=args.max_k,
         request_timeout_s=args.request_timeout_s,

@@ -14,7 +14,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from tests.demo.conftest import EXAMPLES, SERVER_MAX_PIXELS
+from tests.demo.conftest import EXAMPLES, SERVER_MAX_FILE_SIZE, SERVER_MAX_PIXELS
 
 
 def test_the_demo_serves_the_api(demo_server, demo_model, demo_model_dir):
@@ -31,6 +31,25 @@ def test_the_demo_serves_the_api(demo_server, demo_model, demo_model_dir):
     assert "openapi" in httpx.get(base + "/openapi.json", timeout=10).json()
     metrics = httpx.get(base + "/metrics", timeout=10).text
     assert 'visreg_requests_total{method="POST",route="/v1/embeddings",status="200"}' in metrics
+
+
+def test_the_api_keeps_the_demos_file_size_limit(demo_server, demo_model, demo_model_dir):
+    """``--max-file-size`` caps an image sent to /v1 as it caps an upload: that item is refused by name,
+    the request's other image is embedded."""
+    noise = np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)  # 160k pixels
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "PNG")
+    large, small = buffer.getvalue(), (EXAMPLES / "Bag_320.png").read_bytes()
+    assert len(large) > SERVER_MAX_FILE_SIZE > len(small)
+    body = {"input": [base64.b64encode(p).decode() for p in (large, small)], "model": demo_model_dir.name}
+    response = httpx.post(demo_server.url.rstrip("/") + "/v1/embeddings", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert [row["index"] for row in answer["data"]] == [1]
+    expected = demo_model.encode([small], convert_to_numpy=True)[0]
+    np.testing.assert_allclose(answer["data"][0]["embedding"], expected, atol=1e-6)
+    [error] = answer["errors"]
+    assert error["index"] == 0 and f"max_image_bytes={SERVER_MAX_FILE_SIZE}" in error["message"], error
 
 
 @pytest.mark.parametrize(

@@ -21,8 +21,8 @@ from tests.serving.helpers import ThreadServer, b64, metric_value, png_bytes
 from visreg_hub.serving.config import IndexSpec, Limits, ModelSpec, ServeConfig
 
 LIMITS = Limits(
-    max_body_bytes=256 * 1024, max_pixels=256 * 256, max_items=16, max_k=50, max_queue=64,
-    request_timeout_s=30.0, max_metadata_bytes=1024,
+    max_body_bytes=256 * 1024, max_pixels=256 * 256, max_image_bytes=40 * 1024, max_items=16, max_k=50,
+    max_queue=64, request_timeout_s=30.0, max_metadata_bytes=1024,
 )  # fmt: skip
 
 
@@ -159,6 +159,18 @@ def test_limit_max_pixels(http, fmnist_images):
     assert "max_pixels=65,536" in response.json()["errors"][0]["message"]
     alone = embed(http, [b64(too_big)])
     assert alone.status_code == 422 and "max_pixels" in alone.json()["error"]["message"]
+
+
+def test_limit_max_image_bytes(http, fmnist_images):
+    noise = np.random.default_rng(1).integers(0, 256, (250, 250), dtype=np.uint8)  # 62,500 pixels
+    too_long = png_bytes(noise)
+    assert len(too_long) > LIMITS.max_image_bytes
+    response = embed(http, [b64(too_long), b64(png_bytes(fmnist_images[0]))])
+    assert response.status_code == 200 and [row["index"] for row in response.json()["data"]] == [1]
+    [error] = response.json()["errors"]
+    assert error["index"] == 0 and f"{len(too_long)} bytes, over max_image_bytes=40960" in error["message"]
+    alone = embed(http, [b64(too_long)])
+    assert alone.status_code == 422 and "max_image_bytes" in alone.json()["error"]["message"]
 
 
 def test_limit_max_items(http, fmnist_images):
@@ -449,6 +461,31 @@ def test_models_retrieve(http):
     image = b64(png_bytes(np.zeros((8, 8), np.uint8)))
     empty = http.post("/v1/embeddings", json={"model": "", "input": [image]})
     assert empty.status_code == 404 and empty.json()["error"]["code"] == "model_not_found"
+
+
+def test_errors_never_echo_what_a_client_sent_at_length(http):
+    """A 100 kB model name or Content-Type, a 500-character form field name come back cut short."""
+    image = b64(png_bytes(np.zeros((8, 8), np.uint8)))
+    long = "m" * 100_000
+    answers = [
+        http.post("/v1/embeddings", json={"model": long, "input": [image]}),
+        http.get(f"/v1/models/{'n' * 4000}"),
+        http.post("/v1/embeddings", content=b"{}", headers={"content-type": "text/" + long}),
+        http.post("/v1/embeddings", files=[("input", ("a.png", b"x"))], data={long[:500]: "1"}),
+        http.post("/v1/embeddings", files=[("input", ("a.png", b"x"))], data={"dimensions": "9" * 50_000}),
+    ]
+    for response in answers:
+        assert 400 <= response.status_code < 500, response.text[:200]
+        message = response.json()["error"]["message"]
+        assert len(message) < 400 and "characters)" in message, message
+
+
+def test_text_and_deeply_nested_json_get_their_own_messages(http):
+    text = embed(http, ["a photo of a cat."])  # "." is not base64 (without it the words decode as bytes)
+    assert text.status_code == 422 and "embeds images, not text" in text.json()["errors"][0]["message"]
+    deep = http.post("/v1/embeddings", content=b"[" * 100_000 + b"]" * 100_000,
+                     headers={"content-type": "application/json"})  # fmt: skip
+    assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"]["message"]
 
 
 def test_multipart_user_field_and_too_many_files(http, model, fmnist_images):

@@ -17,7 +17,7 @@ def test_flags_become_a_config(tmp_path, tiny_model_dir):
         "--index", f"a={tmp_path / 'a'}", "--max-batch-size", "8", "--max-wait-ms", "2",
         "--api-keys", str(keys), "--max-pixels", "1000", "--max-items", "3", "--max-k", "7",
         "--request-timeout-s", "1.5", "--max-queue", "9", "--backend", "torch", "--cors-origin", "https://a.example",
-        "--max-metadata-bytes", "99", "--draft-decode",
+        "--max-metadata-bytes", "99", "--draft-decode", "--max-image-bytes", "5000",
     ])  # fmt: skip
     config = config_from_args(args)
     assert [(m.name, m.source) for m in config.models] == [
@@ -29,6 +29,7 @@ def test_flags_become_a_config(tmp_path, tiny_model_dir):
     limits = config.limits
     assert (limits.max_pixels, limits.max_items, limits.max_k, limits.max_queue) == (1000, 3, 7, 9)
     assert limits.request_timeout_s == 1.5 and limits.max_metadata_bytes == 99
+    assert limits.max_image_bytes == 5000
     assert config.draft_decode and not config_from_args(build_parser().parse_args(["serve"])).draft_decode
 
 

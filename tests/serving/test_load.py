@@ -22,12 +22,21 @@ def model(tiny_model_dir):
     return from_pretrained(str(tiny_model_dir))
 
 
-def start(model, *, delay: float = 0.0, **config) -> ThreadServer:
-    """A server on ``model``; ``delay`` seconds are added to every forward pass (a slow model)."""
+def start(model, *, delay: float = 0.0, decode_delay: float = 0.0, **config) -> ThreadServer:
+    """A server on ``model``; ``delay`` seconds are added to every forward pass (a slow model),
+    ``decode_delay`` to every image decode (large images)."""
     from visreg_hub.serving.app import create_app
     from visreg_hub.serving.runtime import runtime_from_model
 
     runtime = runtime_from_model("tiny", model)
+    if decode_delay:
+        decode = runtime.decode
+
+        def slow_decode(*args, **kwargs):
+            time.sleep(decode_delay)
+            return decode(*args, **kwargs)
+
+        runtime.decode = slow_decode
     if delay:
         fast = runtime.forward
 
@@ -101,6 +110,33 @@ def test_overload_gets_429_never_5xx_and_recovers(model, fmnist_images):
         metrics = httpx.get(server.url + "/metrics").text
         assert metric_value(metrics, "visreg_queue_depth", model="tiny") == 0
         assert metric_value(metrics, "visreg_rejected_total", limit="max_queue") == statuses.count(429)
+
+
+def test_one_large_request_does_not_hold_back_a_small_one(model, fmnist_images):
+    """A 40-image request whose images take 50 ms each to decode (2 s on the 2 decode threads) and a
+    1-image request sent while it decodes: the small one is answered first and both are correct. With
+    one first-come-first-served queue for decoding and for batches it waited for all 40."""
+    payloads = [png_bytes(fmnist_images[i]) for i in range(40)]
+    reference = model.encode(payloads, convert_to_numpy=True)
+    finished: dict[str, float] = {}
+    with start(model, decode_delay=0.05, max_batch_size=8, max_wait_ms=1.0) as server:
+
+        def post(name: str, items: list[bytes]):
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                response = client.post("/v1/embeddings", json={"input": [b64(p) for p in items]})
+            finished[name] = time.monotonic()
+            return response
+
+        with ThreadPoolExecutor(2) as pool:
+            large = pool.submit(post, "large", payloads)
+            time.sleep(0.3)  # the large request is decoding
+            small = pool.submit(post, "small", payloads[7:8])
+            large, small = large.result(), small.result()
+    assert large.status_code == small.status_code == 200, (large.text, small.text)
+    assert finished["small"] < finished["large"], finished
+    rows = np.asarray([row["embedding"] for row in large.json()["data"]], np.float32)
+    np.testing.assert_array_equal(rows, reference)
+    np.testing.assert_array_equal(np.asarray(small.json()["data"][0]["embedding"], np.float32), reference[7])
 
 
 def test_limit_request_timeout(model, fmnist_images):

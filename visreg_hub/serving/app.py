@@ -47,6 +47,15 @@ class ApiError(Exception):
         self.items = items  # per-input messages (index -> message), answered as "errors"
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters: an answer never echoes back the
+    megabytes a client put in a model name, header or field name."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters)"
+
+
 class Service:
     """Models, batchers, indexes and limits of one server process.
 
@@ -175,7 +184,7 @@ class Service:
             known = ", ".join(sorted(self.runtimes))
             raise ApiError(
                 404,
-                f"unknown model {name!r}; GET /v1/models lists the served ones ({known})",
+                f"unknown model {shown(name)}; GET /v1/models lists the served ones ({known})",
                 kind="invalid_request_error",
                 code="model_not_found",
             )
@@ -187,7 +196,7 @@ class Service:
                 "none (this server was started without indexes; `visreg-hub serve --index NAME=FOLDER` "
                 "serves one)"
             )
-            raise ApiError(404, f"unknown index {name!r}; served indexes: {known}", kind="not_found")
+            raise ApiError(404, f"unknown index {shown(name)}; served indexes: {known}", kind="not_found")
         return self.indexes[name]
 
     # ------------------------------------------------------------------ embedding
@@ -228,18 +237,20 @@ class Service:
         Items that fail to decode get a message in ``errors``; returns index -> (E,) float32 embedding.
         """
         runtime = self.runtimes[model]
-        wanted = [i for i, payload in enumerate(payloads) if payload is not None]
+        cap = self.limits.max_image_bytes
+        for i, payload in enumerate(payloads):
+            if payload is not None and len(payload) > cap:
+                errors[i] = (
+                    f"{labels[i]}: {len(payload)} bytes, over max_image_bytes={cap}; "
+                    "send a smaller file (downscale or re-encode it)"
+                )
+                self.metrics.rejected.labels("max_image_bytes").inc()
+        wanted = [i for i, payload in enumerate(payloads) if payload is not None and i not in errors]
         if not wanted:
             return {}
         self.admit(model, len(wanted))
         try:
-            loop = asyncio.get_running_loop()
-            draft = self.config.draft_decode
-            jobs = [
-                loop.run_in_executor(self.decode_pool, self._decode, runtime, payloads[i], labels[i], draft)
-                for i in wanted
-            ]
-            decoded = await asyncio.gather(*jobs)
+            decoded = await self._decode_fairly(runtime, [(payloads[i], labels[i]) for i in wanted])
             good = [(i, pixels) for i, (pixels, _) in zip(wanted, decoded) if pixels is not None]
             for i, (_, message) in zip(wanted, decoded):
                 if message is not None:
@@ -280,6 +291,29 @@ class Service:
             self.with_timeout(self.embed_pixels(model, pixels)), self.loop
         )
         return future.result()
+
+    async def _decode_fairly(self, runtime: ModelRuntime, items: list[tuple[bytes, str]]) -> list[tuple]:
+        """Decode ``items`` (payload, label) on the shared pool; returns (pixels | None, message | None) each.
+
+        Why lanes: the pool's queue is first come, first served, so handing it all of a 1,000-image request
+        at once would put every other request's images behind those 1,000 decodes (seconds, up to the
+        timeout). Each request keeps at most ``decode_workers`` images queued and takes its next one when
+        one finishes, so concurrent requests interleave image by image.
+        """
+        loop = asyncio.get_running_loop()
+        draft = self.config.draft_decode
+        results: list[tuple] = [(None, None)] * len(items)
+        pending = iter(range(len(items)))
+
+        async def lane() -> None:
+            for position in pending:  # shared iterator: each lane takes the next undecoded item
+                payload, label = items[position]
+                results[position] = await loop.run_in_executor(
+                    self.decode_pool, self._decode, runtime, payload, label, draft
+                )
+
+        await asyncio.gather(*(lane() for _ in range(min(self.limits.decode_workers, len(items)))))
+        return results
 
     def _decode(self, runtime: ModelRuntime, payload: bytes, label: str, draft: bool):
         try:

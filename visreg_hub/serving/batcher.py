@@ -4,7 +4,8 @@ Requests hand :meth:`DynamicBatcher.submit` a (n, C, H, W) uint8 tensor of prepr
 a future. One worker thread per model collects queued images into batches of at most ``max_batch_size``:
 it waits up to ``max_wait_ms`` after the first queued image for others to join, then runs the model once
 for the batch and resolves each request's future from the event loop's thread. A request larger than
-the batch size is split across batches; a batch can hold parts of several requests.
+the batch size is split across batches; a batch can hold parts of several requests, and concurrent
+requests share each batch in equal parts, so a small request never waits behind all of a large one.
 
 Back-pressure: at most ``max_queue`` images wait per model. A request that would exceed it is refused
 at once with :class:`QueueFullError` (HTTP 429 with ``Retry-After``), so memory stays bounded however
@@ -166,23 +167,40 @@ class DynamicBatcher:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            parts: list[tuple[_Job, int, int]] = []
-            count = 0
-            while self._jobs and count < self.max_batch_size:
-                job = self._jobs[0]
-                if job.cancelled:
-                    self._jobs.popleft()
+            for job in self._jobs:
+                if job.cancelled:  # dropped below with the jobs fully taken
                     self._queued -= job.size - job.taken
-                    continue
-                take = min(job.size - job.taken, self.max_batch_size - count)
-                parts.append((job, job.taken, job.taken + take))
+                    job.taken = job.size
+            parts = self._fair_shares()
+            self._on_queue(self._queued)
+            return parts
+
+    def _fair_shares(self) -> list[tuple[_Job, int, int]]:
+        """Fill one batch from the queued jobs in equal shares (caller holds the lock).
+
+        Why not first come, first served: a request of thousands of images would hold every batch until
+        it is done while a one-image request behind it waits, for seconds or until its timeout. Each pass
+        gives every job with images left an equal share of the room left (at least one image, in arrival
+        order), so a small request rides in the next batch whatever is queued ahead of it.
+        """
+        parts: dict[int, list] = {}  # id(job) -> [job, start, stop]
+        count = 0
+        while count < self.max_batch_size:
+            waiting = [job for job in self._jobs if job.taken < job.size]
+            if not waiting:
+                break
+            share = max(1, (self.max_batch_size - count) // len(waiting))
+            for job in waiting:
+                take = min(job.size - job.taken, share, self.max_batch_size - count)
+                if take == 0:
+                    break
+                part = parts.setdefault(id(job), [job, job.taken, job.taken])
+                part[2] += take
                 job.taken += take
                 count += take
                 self._queued -= take
-                if job.taken == job.size:
-                    self._jobs.popleft()
-            self._on_queue(self._queued)
-            return parts
+        self._jobs = deque(job for job in self._jobs if job.taken < job.size)
+        return [(job, start, stop) for job, start, stop in parts.values()]
 
     def _loop(self) -> None:
         while True:

@@ -41,6 +41,8 @@ class Limits:
     Attributes:
         max_body_bytes: request body size (JSON or multipart), checked while it streams in.
         max_pixels: width * height of one image, read from its header before any pixel is decoded.
+        max_image_bytes: encoded size of one image (after base64 decoding); a larger one is that item's
+            error, the request's other images are embedded.
         max_items: images or vectors in one request.
         max_k: neighbours per search.
         request_timeout_s: wall time for one request; a request still queued after it is dropped (408).
@@ -52,6 +54,7 @@ class Limits:
 
     max_body_bytes: int = 32 * 2**20
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_bytes: int = 32 * 2**20
     max_items: int = 256
     max_k: int = 1000
     request_timeout_s: float = 30.0
@@ -60,7 +63,8 @@ class Limits:
     max_metadata_bytes: int = 16 * 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_pixels", "max_items", "max_k", "max_queue", "decode_workers"):
+        positive = ("max_body_bytes", "max_pixels", "max_image_bytes", "max_items", "max_k", "max_queue")
+        for name in (*positive, "decode_workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -45,15 +45,18 @@ def image_bytes(text: object) -> bytes:
     try:
         raw = text.encode("ascii")
     except UnicodeEncodeError:
-        raise InputError("invalid base64: non-ASCII characters") from None
+        raise InputError(
+            "invalid base64: non-ASCII characters; this API embeds images, not text: send an image's "
+            "bytes base64-encoded"
+        ) from None
     try:
         payload = base64.b64decode(_WHITESPACE.sub(b"", raw), validate=True)
     except (binascii.Error, ValueError) as exc:
         # a bare absolute path ("/home/...") is also valid-looking base64 up to here ("/" is a base64
         # character), so the hint covers paths too
         raise InputError(
-            f"invalid base64 ({exc}); send the image's bytes base64-encoded (file paths and URLs are "
-            "never opened)"
+            f"invalid base64 ({exc}); this API embeds images, not text: send an image's bytes "
+            "base64-encoded or as data:image/...;base64,... (file paths and URLs are never opened)"
         ) from None
     if not payload:
         raise InputError("empty image after base64 decoding")

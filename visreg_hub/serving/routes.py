@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 
 from visreg_hub.retrieval.records import MAX_ID, IdConflictError, metadata_problem
 from visreg_hub.serving import schemas
-from visreg_hub.serving.app import ApiError, Service
+from visreg_hub.serving.app import ApiError, Service, shown
 from visreg_hub.serving.inputs import InputError, image_bytes
 from visreg_hub.serving.security import BodyLimitMiddleware, key_matches
 
@@ -241,7 +241,7 @@ def _content_type(request: Request) -> str:
 
 
 def _refuse_content_type(content_type: str, accepted: str) -> ApiError:
-    return ApiError(415, f"Content-Type {content_type or '(none)'!r} is not accepted; send {accepted}")
+    return ApiError(415, f"Content-Type {shown(content_type or '(none)')} is not accepted; send {accepted}")
 
 
 async def _receive(request: Request, service: Service, read):
@@ -252,7 +252,9 @@ async def _receive(request: Request, service: Service, read):
     """
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
-        raise ApiError(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
+        raise ApiError(
+            415, f"Content-Encoding {shown(encoding)} is not supported; send the body uncompressed"
+        )
     timeout = service.limits.request_timeout_s
     try:
         return await asyncio.wait_for(read(), timeout)
@@ -284,7 +286,9 @@ def _validated(model: type[BaseModel], body: bytes):
         data = json.loads(body)
     except UnicodeDecodeError:
         raise ApiError(400, "request body is not UTF-8; JSON is sent as UTF-8 (RFC 8259)") from None
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply to parse as JSON; flatten it") from None
+    except ValueError as exc:
         raise ApiError(400, f"request body is not valid JSON ({type(exc).__name__})") from None
     try:
         return model.model_validate(data)
@@ -333,7 +337,7 @@ async def _parse_embeddings_request(request: Request, service: Service) -> schem
     ]
     unknown = sorted({key for key in form if key not in _FORM_FIELDS})
     if unknown:
-        raise ApiError(422, f"unknown form fields {unknown}; send images as 'input' file fields")
+        raise ApiError(422, f"unknown form fields {shown(unknown)}; send images as 'input' file fields")
     model = form.get("model")
     encoding = form.get("encoding_format") or "float"
     if encoding not in ("float", "base64") or (model is not None and not isinstance(model, str)):
@@ -343,7 +347,7 @@ async def _parse_embeddings_request(request: Request, service: Service) -> schem
         # ASCII digits only and a bounded length: str.isdigit() admits "²", which int() refuses
         digits = isinstance(dimensions, str) and re.fullmatch(r"[0-9]{1,9}", dimensions)
         if not (digits and int(dimensions) >= 1):
-            raise ApiError(422, f"dimensions must be a positive integer, got {dimensions!r}")
+            raise ApiError(422, f"dimensions must be a positive integer, got {shown(dimensions)}")
         dimensions = int(dimensions)
     _check_count(service, len(files), "images")
     return model, encoding, dimensions, [await f.read() for f in files]
