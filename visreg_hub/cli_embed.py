@@ -16,7 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = "vit-b16-in1k"
+from visreg_hub.hub.registry import DEFAULT_MODEL
+
 DEFAULT_SHARD_SIZE = 5000
 SINGLE_FILE_SUFFIXES = (".npy", ".parquet")
 # an output named like one of these is a mistyped single file, not a shard folder
@@ -79,6 +80,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         engine=args.engine or "local",
         show_progress_bar=_cli()._progress(args),
         draft_decode=args.draft_decode,
+        max_pixels=args.max_pixels,
     )
     print(summary.line())
     return 0
@@ -107,6 +109,15 @@ def _embed_single_file(args: argparse.Namespace) -> int:
     cli = _cli()
     out = check_suffix(args.output, "output")  # fail before the slow part
     _refuse_existing(out, sidecar_path(out), overwrite=args.overwrite)
+    listings = [i for i in args.inputs if Path(i).suffix.lower() in (".txt", ".tar") and Path(i).is_file()]
+    if listings:
+        # why: a one-file output names its rows by image path; tar members and list lines are embedded
+        # (with their keys, .cls/.json sides and per-line failures) by the shard-folder job
+        raise cli.UserError(
+            f"{listings[0]}: .txt lists and .tar shards are read into a shard folder, not a single "
+            f"{out.suffix} file; pass a folder as -o (e.g. -o {out.with_suffix('')}/), then "
+            f"`visreg-hub index build` reads it"
+        )
     paths = cli._expand_image_inputs(args.inputs)
     model = cli._load_model(args.model, args.device)
     pooling = args.pooling if args.pooling is not None else model.config.pooling
@@ -116,7 +127,7 @@ def _embed_single_file(args: argparse.Namespace) -> int:
             model, paths, batch_size=args.batch_size, pooling=pooling, normalize=not args.no_normalize,
             device=args.device, dtype=args.dtype, num_workers=args.num_workers,
             show_progress_bar=cli._progress(args), convert_to_numpy=True, on_error=on_error,
-            draft_decode=args.draft_decode,
+            draft_decode=args.draft_decode, max_pixels=args.max_pixels,
         )  # fmt: skip
     except ImageDecodeError as exc:
         message = str(exc).replace("pass on_error='skip'", "pass --on-error skip")
@@ -234,8 +245,14 @@ def cmd_index_inspect(args: argparse.Namespace) -> int:
 
 def add_embed_parsers(commands, common: argparse.ArgumentParser) -> None:
     """Register ``embed`` and ``index build|inspect`` on the ``visreg-hub`` sub-command parser."""
+    from visreg_hub.argtypes import int_range
+    from visreg_hub.models.limits import DEFAULT_MAX_PIXELS
+
     p = commands.add_parser("embed", parents=[common], help="embed images, file lists or tar shards")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="folders, .txt lists, .tar shards, images")
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT",
+        help="folders and image files; .txt lists and .tar shards too with a shard folder as -o",
+    )  # fmt: skip
     p.add_argument("-o", "--output", required=True,
                    help="output folder of resumable parquet shards, or one .npy/.parquet file")  # fmt: skip
     p.add_argument(
@@ -250,7 +267,11 @@ def add_embed_parsers(commands, common: argparse.ArgumentParser) -> None:
                    help="single-file output: stop at an unreadable image (raise, default) or skip it; "
                         "shard folders always skip and record it in failures.jsonl")  # fmt: skip
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", help="bf16 or fp16 autocast on a GPU (default: the model's dtype)")
+    p.add_argument("--dtype", help="bf16 or fp16 autocast (for GPUs; on a CPU slower and less exact; "
+                                   "default: the model's dtype)")  # fmt: skip
+    p.add_argument("--max-pixels", type=int_range(1), default=DEFAULT_MAX_PIXELS,
+                   help="decompression-bomb cap per image, width*height (%(default)s); raise it only for "
+                        "files you trust")  # fmt: skip
     p.add_argument("--num-workers", type=int, default=0, help="decoding worker processes")
     p.add_argument("--no-normalize", action="store_true", help="keep raw (not L2-normalised) embeddings")
     p.add_argument("--draft-decode", action="store_true",

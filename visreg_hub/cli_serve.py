@@ -14,11 +14,8 @@ import argparse
 import logging
 
 from visreg_hub.argtypes import int_range, port_number
+from visreg_hub.hub.registry import DEFAULT_MODEL
 from visreg_hub.serving.config import Limits, ServeConfig, index_spec, model_spec
-
-# Bundled (so a bare `visreg-hub serve` works offline) and trained on colour photos, like the demo's default
-# set: a Fashion-MNIST model would answer a photo with clothing-space vectors.
-DEFAULT_MODEL = "vit-tiny-p8-colour"
 
 
 def add_serve_parser(commands, common: argparse.ArgumentParser) -> None:

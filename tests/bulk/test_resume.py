@@ -179,7 +179,8 @@ def test_a_file_that_changes_mid_run_never_shifts_a_written_shard(tmp_path, monk
         return summary
 
     monkeypatch.setattr(runner, "summarize", summarize_then_change)
-    with pytest.raises(runner.output.OutputMismatchError, match="changed while they were being embedded"):
+    changed = "changed while they were being embedded: the listing differs from shard 2 on from the 23 items"
+    with pytest.raises(runner.output.OutputMismatchError, match=changed):
         run_embedding(tmp_path / "in", tmp_path / "out", model=model, shard_size=5, show_progress_bar=False)
     rows, _, _ = read_output(tmp_path / "out")
     assert [path for path, _ in rows] == [str(p) for p in paths[:10]]  # shards 0 and 1 only, unshifted
@@ -193,3 +194,33 @@ def test_a_file_that_changes_mid_run_never_shifts_a_written_shard(tmp_path, monk
     rows, vectors, _ = read_output(tmp_path / "out")
     assert summary.complete and [path for path, _ in rows] == [str(p) for p in paths]  # each exactly once
     np.testing.assert_allclose(vectors, model.encode(paths, convert_to_numpy=True), atol=1e-5)
+
+
+def test_a_damaged_shard_is_embedded_again_not_counted_done(tmp_path, caplog):
+    """A truncated, an emptied, another job's and a wrong-length part file under valid names: resuming
+    embeds those four shards again (and only those) and the folder equals an uninterrupted run."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    write_tile_folder(tmp_path / "imgs", 100)
+    (tmp_path / "imgs" / "bad.png").write_bytes(b"not an image")
+    model = tiny_encoder()
+    run_embedding(tmp_path / "imgs", tmp_path / "reference", model=model, shard_size=10, batch_size=16)
+    other = tmp_path / "other-imgs"
+    write_tile_folder(other, 100, nested=False)
+    run_embedding(other, tmp_path / "other", model=model, shard_size=10, batch_size=16)
+    out = tmp_path / "out"
+    shutil.copytree(tmp_path / "reference", out)
+    part = out / "part-00002.parquet"
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])  # truncated copy
+    (out / "part-00004.parquet").write_bytes(b"")  # emptied
+    shutil.copy(tmp_path / "other" / "part-00006.parquet", out / "part-00006.parquet")  # another job's
+    table = pq.read_table(out / "part-00008.parquet")  # a row lost, job metadata kept
+    pq.write_table(table.slice(0, 9).replace_schema_metadata(table.schema.metadata), out / "part-00008.parquet")
+    with caplog.at_level("WARNING", logger="visreg_hub.bulk.output"):
+        summary = run_embedding(tmp_path / "imgs", out, model=model, shard_size=10, batch_size=16)
+    assert summary.shards_written == 4 and summary.complete, summary
+    warned = sorted(int(r.getMessage().split()[1]) for r in caplog.records if "embedded again" in r.getMessage())
+    assert warned == [2, 4, 6, 8], caplog.text
+    assert_same_output(out, tmp_path / "reference")

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ _SHARD = re.compile(r"part-(\d{5,})\.parquet")
 # visreg_hub.retrieval.sources, which keeps a copy of these names: it must not import this torch package)
 SHARD_JOB_KEY = b"visreg_hub.job_id"
 SHARD_NUMBER_KEY = b"visreg_hub.shard"
+logger = logging.getLogger(__name__)
 
 
 class OutputMismatchError(VisregHubError, ValueError):
@@ -83,6 +86,63 @@ def done_shards(folder: Path, num_shards: int | None = None) -> set[int]:
             if num_shards is None or number < num_shards:
                 done.add(number)
     return done
+
+
+def finished_shards(
+    folder: Path, manifest: dict[str, Any], num_shards: int, numbers: set[int] | None = None
+) -> set[int]:
+    """The shards (of ``numbers``, default all) that a resumed job may skip: their parquet file exists
+    and holds what this job wrote. A damaged one is logged and left to be embedded again.
+
+    why: a shard is written atomically, so a damaged one was damaged afterwards (a truncated copy, a
+    full disk while syncing a backup, a part file of another job copied in); counting it as done would
+    report the job complete and leave ``index build`` to fail on it later.
+    """
+    done = done_shards(folder, num_shards)
+    if numbers is not None:
+        done &= numbers
+    shard_size, count = manifest["shard_size"], manifest["inputs"]["count"]
+    damaged = unusable_shards(folder, done, job_id=manifest.get("job_id"), dim=manifest["model"]["dim"],
+                              inputs_of=lambda s: min(shard_size, count - s * shard_size))  # fmt: skip
+    for number, why in damaged.items():
+        logger.warning("shard %d is embedded again: %s", number, why)
+    return done - set(damaged)
+
+
+def unusable_shards(
+    folder: Path, numbers: set[int], *, job_id: str | None, inputs_of: Callable[[int], int], dim: int
+) -> dict[int, str]:
+    """Of the shards ``numbers`` whose parquet file exists, those that do not hold what this job wrote:
+    shard number -> why. Reads each footer only (row count, width, job id), as ``index build`` does.
+
+    Args:
+        job_id: the manifest's (None for jobs that predate job ids).
+        inputs_of: shard number -> its number of inputs; rows + recorded failures must add up to it.
+        dim: the job's embedding width.
+    """
+    from visreg_hub.retrieval.sources import (
+        EmbeddingSourceError,
+        check_shard_job,
+        parquet_shape,
+        shard_failures,
+    )
+
+    problems = {}
+    for number in sorted(numbers):
+        part = folder / shard_name(number)
+        try:
+            rows, width, metadata = parquet_shape(part)
+            check_shard_job(part, number, job_id, metadata)
+        except EmbeddingSourceError as exc:
+            problems[number] = str(exc).split("; ")[0]
+            continue
+        failed, inputs = shard_failures(folder, number), inputs_of(number)
+        if width != dim or rows + failed != inputs:
+            problems[number] = (
+                f"{part} holds {rows} rows of width {width} and {failed} failure records, where shard "
+                f"{number} has {inputs} inputs embedded at width {dim}"
+            )
+    return problems
 
 
 def clean_temporaries(folder: Path) -> None:

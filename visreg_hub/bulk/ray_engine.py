@@ -115,7 +115,7 @@ def run_ray(sources, folder: Path, manifest, net, runner, listing, num_shards: i
 
     ray = require_extra("ray", "ray")
     shard_size = manifest["shard_size"]
-    todo = sorted(set(range(num_shards)) - output.done_shards(folder, num_shards))
+    todo = sorted(set(range(num_shards)) - output.finished_shards(folder, manifest, num_shards))
     model = manifest["model"]["name"]
     if model is None or not Path(model).is_dir():
         model = str(folder / PLAN_DIR / "model")  # actors load a saved copy of an in-memory model

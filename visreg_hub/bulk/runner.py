@@ -29,6 +29,7 @@ from visreg_hub.bulk import output
 from visreg_hub.bulk.listing import Item, check_inputs, iter_items, summarize
 from visreg_hub.errors import ConfigError, VisregHubError
 from visreg_hub.hub.format import weights_digest
+from visreg_hub.inference.backends import backend_for, resolve_dtype
 from visreg_hub.inference.images import DEFAULT_MAX_PIXELS
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,12 @@ def run_embedding(
             photos, close to but not equal to a full decode); recorded in the manifest.
     """
     start = time.perf_counter()
+    # every argument is checked before the output folder and its manifest are created
     _check_int("shard_size", shard_size, 1)
+    if not isinstance(normalize, bool):
+        raise ConfigError(f"normalize must be True or False, got {normalize!r}")
+    if max_pixels is not None:
+        _check_int("max_pixels", max_pixels, 1)
     _check_int("batch_size", batch_size, 1)
     _check_int("num_workers", num_workers, 0)
     if engine not in ENGINES:
@@ -169,12 +175,17 @@ def run_embedding(
         raise ConfigError(f"rank {rank} must be below world_size {world_size}")
     if device is None and world_size > 1 and torch.cuda.is_available():
         device = f"cuda:{local_rank % torch.cuda.device_count()}"
-    sources = check_inputs([inputs] if isinstance(inputs, str | os.PathLike) else list(inputs))
+    listed = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
+    for given in listed:
+        if not isinstance(given, str | os.PathLike):
+            raise ConfigError(
+                f"inputs must be paths (folders, .txt lists, .tar shards, image files), got a "
+                f"{type(given).__name__}; embed in-memory images with encode()"
+            )
+    sources = check_inputs(listed)
     folder = Path(output_dir).expanduser().absolute()
     output.pyarrow()  # fail before the slow part when pyarrow is missing
     net, reference = prepare_model(model, device)
-    from visreg_hub.inference.backends import backend_for
-
     runner = backend_for(net, pooling=pooling, device=device, dtype=dtype)
     listing = summarize(sources, shard_size)
     if listing.count == 0:
@@ -188,6 +199,7 @@ def run_embedding(
     }  # fmt: skip
     if draft_decode:  # only when on: folders written before the option existed still resume
         job["model"]["draft_decode"] = True
+    _keep_recorded_dtype(folder, job, net)
     manifest = output.check_or_start(folder, job)
     if world_size == 1:
         output.clean_temporaries(folder)
@@ -206,11 +218,12 @@ def run_embedding(
         num_workers=num_workers,
     )
     mine = [s for s in range(num_shards) if s % world_size == rank]
-    done = output.done_shards(folder, num_shards)
-    todo = {s for s in mine if s not in done}
 
     def shard_len(s: int) -> int:
         return min(shard_size, listing.count - s * shard_size)
+
+    done = output.finished_shards(folder, manifest, num_shards, set(mine))
+    todo = {s for s in mine if s not in done}
 
     if show_progress_bar is None:
         show_progress_bar = sys.stderr.isatty()
@@ -238,6 +251,22 @@ def run_embedding(
     return summary
 
 
+def _keep_recorded_dtype(folder: Path, job: dict[str, Any], net: torch.nn.Module) -> None:
+    """Use the folder's spelling of ``dtype`` when it means the same as this run's, so that ``fp16`` after
+    ``float16``, or ``fp32`` after the default on a float32 model, resumes instead of being refused."""
+    recorded = output.read_manifest(folder) if folder.is_dir() else None
+    if recorded is None or not isinstance(recorded.get("model"), dict):
+        return
+    before, now = recorded["model"].get("dtype"), job["model"]["dtype"]
+    default = next(net.parameters()).dtype
+    try:
+        same = (resolve_dtype(before) or default) == (resolve_dtype(now) or default)
+    except VisregHubError:  # a hand-edited manifest: the identity check reports the difference
+        return
+    if same:
+        job["model"]["dtype"] = before
+
+
 def _shards(sources: list[str], listing, shard_size: int, todo: set[int]):
     """Yield (shard number, its items) for the shards in ``todo``, streaming the listing once.
 
@@ -248,7 +277,7 @@ def _shards(sources: list[str], listing, shard_size: int, todo: set[int]):
         OutputMismatchError: the listing changed since its digest was taken.
     """
     digest, shard_digest = hashlib.sha256(), hashlib.sha256()
-    count = 0
+    count, changed = 0, None
     current: list[Item] = []
     for count, item in enumerate(iter_items(sources, read=lambda i: i // shard_size in todo), 1):
         identity = item.identity()
@@ -260,16 +289,20 @@ def _shards(sources: list[str], listing, shard_size: int, todo: set[int]):
         if count % shard_size == 0 or count == listing.count:
             listed = listing.shard_digests[shard] if shard < len(listing.shard_digests) else None
             if shard_digest.hexdigest() != listed:
+                changed = shard
                 break  # this shard no longer holds what was listed: write nothing more
             if current:
                 yield shard, current
             current, shard_digest = [], hashlib.sha256()
-    if digest.hexdigest() != listing.digest or count != listing.count or current:
+    if changed is None and count != listing.count:
+        changed = min(count, listing.count) // shard_size  # the listing ended early or ran on
+    if changed is not None or digest.hexdigest() != listing.digest or current:
+        where = f"from shard {changed} on" if changed is not None else "at the end"
         raise output.OutputMismatchError(
-            f"the inputs changed while they were being embedded ({listing.count} items listed before, "
-            f"{count} or more now); the shards written before the change are kept and none after it; "
-            "re-run once the inputs are settled (a changed listing is refused for this folder: use another "
-            "-o folder or --overwrite)"
+            f"the inputs changed while they were being embedded: the listing differs {where} from the "
+            f"{listing.count} items listed at the start (files added, removed or renamed); the shards "
+            "written before the change are kept and none after it. This folder belongs to the inputs as "
+            "they were: restore them and re-run, or embed the settled inputs into a new -o folder"
         )
 
 

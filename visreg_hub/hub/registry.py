@@ -25,6 +25,10 @@ from visreg_hub.suggest import did_you_mean
 STATUSES = ("published", "bundled", "not yet published")
 FORMATS = ("official-pth", "visreg_hub")
 
+# The model `visreg-hub serve` and `visreg-hub embed` use when none is named: bundled (so they work
+# offline) and trained on colour photos, like the demo's default set (a Fashion-MNIST model would answer a
+# photo with clothing-space vectors).
+DEFAULT_MODEL = "vit-tiny-p8-colour"
 OFFICIAL_REPO = "BooBooWu/visreg"
 OFFICIAL_LICENSE = "cc-by-nc-4.0"  # per the official repository's README
 OFFICIAL_SOURCE = "Official VISReg release (github.com/HaiyuWu/visreg), Hugging Face Hub BooBooWu/visreg"

@@ -111,6 +111,8 @@ def encode(
         ImageDecodeError: an item could not be decoded and ``on_error="raise"``.
         ValueError: an argument is invalid (the message says which and how to fix it).
     """
+    if normalize_embeddings is not None and not isinstance(normalize_embeddings, bool | np.bool_):
+        raise UserInputError(f"normalize_embeddings must be True or False, got {normalize_embeddings!r}")
     if normalize is not None and normalize_embeddings is not None and normalize != normalize_embeddings:
         raise UserInputError("normalize and normalize_embeddings disagree; pass only one of them")
     normalize = next((v for v in (normalize, normalize_embeddings) if v is not None), True)

@@ -190,6 +190,8 @@ class EmbeddingPipeline:
             truncate_dim = dims
         if max_pixels is not None and (as_int(max_pixels) is None or as_int(max_pixels) < 1):
             raise UserInputError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
+        if not isinstance(normalize, bool | np.bool_):  # why: "no" or 0.0 would be read as a truth value
+            raise UserInputError(f"normalize must be True or False, got {normalize!r}")
         self.backend = backend
         self.normalize = normalize
         self.max_pixels = None if max_pixels is None else as_int(max_pixels)

@@ -66,7 +66,7 @@ class EmbeddingSources:
     names: list[str] | None = None
 
 
-def _parquet_shape(path: Path) -> tuple[int, int, dict[bytes, bytes]]:
+def parquet_shape(path: Path) -> tuple[int, int, dict[bytes, bytes]]:
     """(rows, embedding width, schema metadata) of a parquet file, from its footer only."""
     pa, pq = _pyarrow("reading .parquet")
     try:
@@ -141,7 +141,7 @@ def open_sources(paths: list[str | Path], *, paths_file: str | Path | None = Non
             rows, width = array.shape
             metadata = {}
         else:
-            rows, width, metadata = _parquet_shape(path)
+            rows, width, metadata = parquet_shape(path)
         if path in shard_rows and rows != shard_rows[path][2]:
             inputs, failed, _ = shard_rows[path]
             raise EmbeddingSourceError(
@@ -150,7 +150,7 @@ def open_sources(paths: list[str | Path], *, paths_file: str | Path | None = Non
                 "`visreg-hub embed` command to write it again"
             )
         if path in shard_jobs:
-            _check_shard_job(path, *shard_jobs[path], metadata)
+            check_shard_job(path, *shard_jobs[path], metadata)
         if dim is not None and width != dim:
             raise EmbeddingSourceError(f"{path} has {width}-dimensional embeddings, the others {dim}")
         count, dim = count + rows, width
@@ -227,7 +227,7 @@ def _embed_folder(
     return parts, info, _expected_rows(folder, data, parts), jobs
 
 
-def _check_shard_job(part: Path, number: int, job_id: Any, metadata: dict[bytes, bytes]) -> None:
+def check_shard_job(part: Path, number: int, job_id: Any, metadata: dict[bytes, bytes]) -> None:
     """Refuse a part file that another embed job wrote (or that was renamed from another shard number).
 
     why: a shard copied in from another job under a valid name (same images, other weights) has the
@@ -269,13 +269,18 @@ def _expected_rows(folder: Path, data: dict[str, Any], parts: list[Path]) -> dic
     expected = {}
     for number, part in enumerate(parts):
         size = max(0, min(shard_size, inputs - number * shard_size))
-        record = folder / FAILURES_DIR / f"part-{number:05d}.jsonl"
-        failed = 0
-        if record.is_file():
-            with record.open("rb") as handle:
-                failed = sum(1 for line in handle if line.strip())
+        failed = shard_failures(folder, number)
         expected[part] = (size, failed, size - failed)
     return expected
+
+
+def shard_failures(folder: Path, number: int) -> int:
+    """How many inputs of shard ``number`` of the embed folder failed (lines of its ``.failures`` file)."""
+    record = folder / FAILURES_DIR / f"part-{number:05d}.jsonl"
+    if not record.is_file():
+        return 0
+    with record.open("rb") as handle:
+        return sum(1 for line in handle if line.strip())
 
 
 def _part_files(folder: Path, num_shards: int) -> tuple[set[int], list[str]]:
