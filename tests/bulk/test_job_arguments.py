@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.bulk.helpers import ROOT, read_output, write_tar, write_tile_folder, tiles
+from tests.bulk.helpers import ROOT, read_output, tiles, write_tar, write_tile_folder
 from tests.fixtures_models import tiny_encoder
 from visreg_hub.bulk import run_embedding
 from visreg_hub.errors import ConfigError, UserInputError
