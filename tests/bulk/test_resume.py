@@ -217,10 +217,12 @@ def test_a_damaged_shard_is_embedded_again_not_counted_done(tmp_path, caplog):
     (out / "part-00004.parquet").write_bytes(b"")  # emptied
     shutil.copy(tmp_path / "other" / "part-00006.parquet", out / "part-00006.parquet")  # another job's
     table = pq.read_table(out / "part-00008.parquet")  # a row lost, job metadata kept
-    pq.write_table(table.slice(0, 9).replace_schema_metadata(table.schema.metadata), out / "part-00008.parquet")
+    shortened = table.slice(0, 9).replace_schema_metadata(table.schema.metadata)
+    pq.write_table(shortened, out / "part-00008.parquet")
     with caplog.at_level("WARNING", logger="visreg_hub.bulk.output"):
         summary = run_embedding(tmp_path / "imgs", out, model=model, shard_size=10, batch_size=16)
     assert summary.shards_written == 4 and summary.complete, summary
-    warned = sorted(int(r.getMessage().split()[1]) for r in caplog.records if "embedded again" in r.getMessage())
+    messages = [record.getMessage() for record in caplog.records]
+    warned = sorted(int(message.split()[1]) for message in messages if "embedded again" in message)
     assert warned == [2, 4, 6, 8], caplog.text
     assert_same_output(out, tmp_path / "reference")
