@@ -268,9 +268,10 @@ def test_environment_ranks_are_checked(tmp_path, model, monkeypatch, env, name):
         run_embedding(tmp_path / "in", tmp_path / "out", model=model)
 
 
-def test_a_tar_key_stored_twice_embeds_the_first_copy_and_says_so(tmp_path, caplog):
+def test_a_tar_key_stored_twice_embeds_the_first_copy_and_fails_the_second(tmp_path, caplog):
     """``tar`` keeps the later of two members with one name; the listing takes the first, for the image and
-    its side files alike (the Ray plans do too), and warns about the second image."""
+    its side files alike (the Ray plans do too); the second image is a failed item of its own (it was only a
+    warning, printed once per listing pass)."""
     from tests.bulk.helpers import tiles
 
     first, second = tiles(2)
@@ -286,6 +287,11 @@ def test_a_tar_key_stored_twice_embeds_the_first_copy_and_says_so(tmp_path, capl
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     with caplog.at_level(logging.WARNING, logger="visreg_hub.bulk.listing"):
-        (item,) = list(listing.iter_items([str(shard)], read=lambda position: True))
-    assert item.payload == members[0][1] and item.cls == "1"
-    assert "k.png is a second image member of this key" in caplog.text
+        item, second_copy = list(listing.iter_items([str(shard)], read=lambda position: True))
+    assert item.payload == members[0][1] and item.cls == "1" and item.error is None
+    assert (second_copy.key, second_copy.member, second_copy.payload) == ("k", "k.png", None)
+    assert second_copy.error == (
+        f"{shard}#k: a second image member for key 'k' (k.png); only the first (k.png) is embedded; "
+        f"give each image its own key"
+    )
+    assert caplog.records == []

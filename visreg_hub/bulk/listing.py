@@ -12,7 +12,8 @@ Inputs, in the order given:
 
 An entry that cannot be embedded is still an item, with ``error`` set (one failure record, nothing
 else lost): an unlistable folder, a symlink loop, a dangling link or FIFO with an image name, a folder
-or non-regular file named in a ``.txt`` list, a tar image member over :data:`MAX_IMAGE_BYTES`.
+or non-regular file named in a ``.txt`` list, a tar image member over :data:`MAX_IMAGE_BYTES`, a second
+image member of one tar key, a tar link member without data.
 
 The listing is read twice (a cheap first pass for its digest and count, then the embedding pass),
 never held in memory. Its digest names every item in order, so a resumed job can tell whether it is
@@ -22,7 +23,6 @@ looking at the same inputs.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import stat
 import tarfile
@@ -31,9 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from visreg_hub.errors import VisregHubError
-from visreg_hub.inference.images import IMAGE_EXTENSIONS
-
-logger = logging.getLogger(__name__)
+from visreg_hub.inference.images import IMAGE_EXTENSIONS, classify_entry
 
 TAR_SUFFIXES = (".tar",)
 LIST_SUFFIXES = (".txt",)
@@ -127,24 +125,15 @@ def _walk(root: str) -> Iterator[Item]:
 
 
 def _entry_kind(entry: os.DirEntry) -> str | None:
-    """``"dir"`` (walk into), ``"file"`` (an image to embed), None (not an image: skip) or a failure reason.
+    """``"dir"`` (walk into), ``"file"`` (an image to embed), None (not an image: skip) or a failure reason
+    starting with the entry's path.
 
-    Symlinked folders are not followed (no cycles); an image-named entry that is not a readable regular
-    file is reported, never skipped silently.
+    The rules are :func:`~visreg_hub.inference.images.classify_entry`'s, so that ``encode(folder)`` and a
+    bulk job list the same entries: symlinked folders are not followed (no cycles); an image-named entry
+    that is not a readable regular file is reported, never skipped silently.
     """
-    path = entry.path
-    try:
-        if entry.is_dir(follow_symlinks=False):
-            return "dir"
-        if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS or entry.is_dir():
-            return None
-        if entry.is_file():
-            return "file"
-        if entry.is_symlink() and not os.path.exists(path):
-            return f"{path}: a symlink whose target does not exist; fix or remove the link"
-        return f"{path}: not a regular file (a FIFO, socket or device); only image files are embedded"
-    except OSError as exc:  # ELOOP (a symlink loop), EACCES, ...
-        return f"{path}: cannot read this entry ({exc.strerror or exc}); fix or remove it"
+    kind = classify_entry(entry)
+    return kind if kind in (None, "dir", "file") else f"{entry.path}: {kind}"
 
 
 def _list_file(path: str) -> Iterator[Item]:
@@ -195,46 +184,72 @@ def _read_side(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str | None:
     return None if handle is None else handle.read().decode("utf-8", "replace").strip()
 
 
-def _member_data(tar: tarfile.TarFile, member: tarfile.TarInfo) -> tuple[tarfile.TarInfo, str | None]:
+def _member_data(
+    member: tarfile.TarInfo, earlier: dict[str, tarfile.TarInfo]
+) -> tuple[tarfile.TarInfo, str | None]:
     """The member holding ``member``'s bytes, or why it has none.
 
     A regular file holds its own. A hard link (GNU tar writes one for every further name of a hard-linked
     file, e.g. a dataset folder made with ``cp -al``) points at an earlier member of the same archive,
     whose data it shares. Symbolic links and special files have no data in the archive.
+
+    Args:
+        member: the member just read.
+        earlier: the members read before it, by name (the last of each name, as extraction would leave
+            it), each mapped to the member holding its bytes.
     """
     if member.isfile():
         return member, None
     if member.islnk():
-        try:
-            target = tar.getmember(member.linkname)
-        except KeyError:
-            return member, f"is a hard link to {member.linkname!r}, which the archive does not hold"
-        if target.isfile() and target.offset_data < member.offset_data:
+        # why not tar.getmember(): it reads the whole member table first; in a truncated shard that raises
+        # and every member after this link would be lost. A hard link can only point backwards anyway.
+        target = earlier.get(member.linkname)
+        if target is not None and target.isfile():
             return target, None
-        return member, f"is a hard link to {member.linkname!r}, which is not an earlier file of the archive"
+        return member, (
+            f"is a hard link to {member.linkname!r}, which is not a file stored earlier in the tar (it is "
+            f"missing, comes later or is not a regular file); store the file itself (GNU tar: "
+            f"--hard-dereference)"
+        )
     kind = "a symbolic link" if member.issym() else "not a regular file"
     return member, f"is {kind} inside the tar; webdataset shards must hold the file itself"
 
 
 def _tar(path: str, read: Callable[[], bool]) -> Iterator[Item]:
     """Items of one webdataset shard; when ``read()`` is true for the item being built, its payload,
-    cls and json are read (the embedding pass reads only the shards it embeds)."""
+    cls and json are read (the embedding pass reads only the shards it embeds).
+
+    Each key is one item, followed by one failed item per further image member of that key, in member
+    order (the same in both listing passes: nothing here depends on ``read()``).
+    """
     group: Item | None = None
+    extra: list[Item] = []  # failed second image members of the key in ``group``, yielded after it
+    earlier: dict[str, tarfile.TarInfo] = {}  # members read so far, by name, for hard links
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
+                data, unreadable = _member_data(member, earlier)
+                earlier[member.name] = data
                 if member.isdir():
                     continue
-                data, unreadable = _member_data(tar, member)
                 key, ext = _split_member(member.name)
                 if group is not None and key != group.key:
                     yield _finish(group)
-                    group = None
+                    yield from extra
+                    group, extra = None, []
                 if group is None:
                     group = Item(path=path, key=key)
                     wanted = read()
                 last = ext.rsplit(".", 1)[-1]
                 role = "image" if last in _IMAGE_EXTS else last if last in ("cls", "json") else None
+                if role == "image" and group.member is not None:
+                    # why a failed item, not a log line: rows + failures must account for every image
+                    # member, and a warning would print once per listing pass
+                    extra.append(Item(path=path, key=key, member=member.name, error=(
+                        f"{path}#{key}: a second image member for key {key!r} ({member.name}); only the "
+                        f"first ({group.member}) is embedded; give each image its own key"
+                    )))  # fmt: skip
+                    continue
                 if unreadable is not None:
                     if role == "image" and group.member is None:
                         group.member = member.name
@@ -243,18 +258,13 @@ def _tar(path: str, read: Callable[[], bool]) -> Iterator[Item]:
                 if role is not None and (group.refs is None or role not in group.refs):
                     group.refs = {**(group.refs or {}), role: (data.offset_data, data.size)}
                 try:
-                    if last in _IMAGE_EXTS and group.member is None:
+                    if role == "image":  # the key's first image (a second one is handled above)
                         group.member = member.name
                         if data.size > MAX_IMAGE_BYTES:
                             group.error = _too_large(path, key, member.name, data.size)
                         elif wanted:
                             handle = tar.extractfile(data)
                             group.payload = b"" if handle is None else handle.read()
-                    elif last in _IMAGE_EXTS:  # a second image of one key (or the same name stored twice)
-                        logger.warning(
-                            "%s#%s: %s is a second image member of this key; the first, %s, is embedded",
-                            path, key, member.name, group.member,
-                        )  # fmt: skip
                     # side files: the first of each kind, as for the image (and as the Ray plans record)
                     elif wanted and last == "cls" and group.cls is None:
                         group.cls = _read_side(tar, data)
@@ -267,10 +277,12 @@ def _tar(path: str, read: Callable[[], bool]) -> Iterator[Item]:
         # why: a damaged shard loses its remaining members, not the job: one failure names where
         if group is not None:
             yield _finish(group)
-            group = None
+            yield from extra
+            group, extra = None, []
         yield Item(path=path, key="<unreadable rest>", error=f"{path}: tar shard is damaged: {exc}")
     if group is not None:
         yield _finish(group)
+        yield from extra
 
 
 def read_refs(item: Item, handle) -> Item:

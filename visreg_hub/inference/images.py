@@ -6,7 +6,9 @@ listed, 4-D batches split) and then :func:`decode_image`, which applies these ru
 * Files (``str``/``Path``) and encoded ``bytes`` are opened with Pillow and fully decoded (``.load()``)
   so truncated and corrupt files fail here, with a reason, instead of later or silently.
   ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never changed. A file whose pixel data is complete but whose
-  trailer is missing (e.g. a PNG without its final IEND chunk) decodes normally.
+  trailer is missing (e.g. a PNG without its final IEND chunk) decodes normally. A path must name a
+  regular file (links followed): a FIFO, socket, device or symlink loop is refused from its status and
+  never opened (opening a FIFO blocks until a writer appears).
 * Only common raster formats are parsed (:data:`DEFAULT_FORMATS`: JPEG, PNG, GIF, BMP, TIFF, WebP, PPM
   and their close relatives). Pillow can also open EPS (which runs Ghostscript), PSD and dozens of
   rarely used formats; untrusted uploads should not reach those parsers, so they are refused unless the
@@ -43,8 +45,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
+import stat
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -58,11 +62,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from visreg_hub.errors import ImageDecodeError
 from visreg_hub.models.limits import DEFAULT_MAX_PIXELS
 
+logger = logging.getLogger(__name__)
+
 # DEFAULT_MAX_PIXELS (Pillow's warning threshold) is a per-call cap: the global stays untouched.
 # The fix a pixel-cap message offers: where the cap is raised (a library caller, the CLI, the servers).
 PIXEL_CAP_HINT = (
-    "raise the cap only for files you trust (encode(max_pixels=...), --max-pixels of visreg-hub serve "
-    "and of the demo)"
+    "raise the cap only for files you trust (encode(max_pixels=...), --max-pixels of visreg-hub embed, "
+    "of visreg-hub serve and of the demo)"
 )
 # Pillow format identifiers accepted by default (see the module docstring for why there is a list).
 # Multi-picture JPEGs (MPO, from phones) open through the JPEG plugin.
@@ -100,9 +106,11 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
     """Image files under ``folder``, recursively, sorted by relative path.
 
     Files are matched by extension (case-insensitive, see ``IMAGE_EXTENSIONS``). Hidden files and
-    folders (name starting with ``.``, e.g. macOS ``._photo.jpg`` resource forks) are skipped. A symlink
-    named like an image whose target is missing is listed, so that decoding reports it instead of the
-    folder silently shrinking.
+    folders (name starting with ``.``, e.g. macOS ``._photo.jpg`` resource forks) are skipped, and so
+    are symlinked folders (never followed: no cycles). Every other image-named entry is listed, also
+    one that cannot be decoded (a dangling link, a symlink loop, a FIFO, socket or device), so that
+    decoding reports it (see :func:`classify_entry`) instead of the folder silently shrinking. A
+    sub-folder that cannot be listed is left out with a logged warning.
 
     Raises:
         NotADirectoryError: ``folder`` is not a directory.
@@ -110,21 +118,102 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is not a directory; pass a folder of images")
-    found = []
-    for path in root.rglob("*"):
-        relative = path.relative_to(root)
-        if any(part.startswith(".") for part in relative.parts):
+    found: list[Path] = []
+    pending = [os.fspath(root)]  # an explicit stack: a deep tree cannot hit the recursion limit
+    while pending:
+        directory = pending.pop()
+        try:
+            with os.scandir(directory) as scan:
+                entries = list(scan)
+        except OSError as exc:
+            logger.warning("%s: cannot list this folder (%s); its images are left out", directory, exc)
             continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS and (path.is_file() or _dangling(path)):
-            found.append(path)
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            kind = classify_entry(entry)
+            if kind == "dir":
+                pending.append(entry.path)
+            elif kind is not None:  # a regular file, or a failure reason that decoding reports
+                found.append(Path(entry.path))
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
+# Why an image-named path cannot be decoded; the folder walks here and in visreg_hub.bulk share them.
+DANGLING_LINK_REASON = "a symlink whose target does not exist; fix or remove the link"
+NOT_REGULAR_REASON = "not a regular file (a FIFO, socket or device); only image files are embedded"
+FILE_NOT_FOUND_REASON = "file not found; check the path"
+
+
+def unreadable_entry_reason(exc: OSError) -> str:
+    """Why a path whose status cannot be read (ELOOP: a symlink loop, EACCES, ...) is not decoded."""
+    return f"cannot read this entry ({exc.strerror or exc}); fix or remove it"
+
+
+def classify_entry(entry: os.DirEntry) -> str | None:
+    """What a folder walk does with one directory entry.
+
+    Returns:
+        ``"dir"``: a real folder, to walk into (a symlinked folder is not followed, so a walk has no
+        cycles); ``"file"``: an image-named regular file (links followed); None: not an image (skip);
+        otherwise why the image-named entry cannot be decoded (without the path): a dangling link, a
+        symlink loop or an unreadable entry, a FIFO, socket or device. Such an entry is reported, never
+        skipped silently, and never opened (opening a FIFO blocks until a writer appears).
+    """
+    try:
+        if entry.is_dir(follow_symlinks=False):
+            return "dir"
+        if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS or entry.is_dir():
+            return None
+        if entry.is_file():
+            return "file"
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            return DANGLING_LINK_REASON
+        return NOT_REGULAR_REASON
+    except OSError as exc:  # why: DirEntry.is_dir/is_file raise for ELOOP (a symlink loop), EACCES, ...
+        return unreadable_entry_reason(exc)
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be opened as an image file (without the path), or None: a regular file.
+
+    Links are followed (``os.stat``). Checked before any open: opening a FIFO blocks forever.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # ENOTDIR: a parent in the path is a file
+        return FILE_NOT_FOUND_REASON
+    except OSError as exc:
+        return unreadable_entry_reason(exc)
+    if stat.S_ISDIR(mode):
+        return "is a directory, not an image file; pass the folder to encode() to embed the images in it"
+    if not stat.S_ISREG(mode):
+        return NOT_REGULAR_REASON
+    return None
+
+
+def _open_regular_file(path: Path, label: str) -> io.BufferedReader:
+    """``path`` opened for reading, refused unless it is a regular file (checked by :func:`file_problem`
+    before opening, and on the open descriptor).
+
+    why the non-blocking open: the path may have been replaced by a FIFO since it was checked; opening
+    one in blocking mode waits for a writer, forever. Regular files ignore the flag.
+    """
+    problem = file_problem(path)
+    if problem is not None:
+        raise ImageDecodeError(f"{label}: {problem}")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        descriptor = os.open(path, flags)
+    except OSError as exc:
+        raise ImageDecodeError(f"{label}: file cannot be read ({exc})") from exc
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise ImageDecodeError(f"{label}: {NOT_REGULAR_REASON}")
+    return os.fdopen(descriptor, "rb")
+
+
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def _dangling(path: Path) -> bool:
-    return path.is_symlink() and not path.exists()
 
 
 _SINGLE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, torch.Tensor)
@@ -310,10 +399,25 @@ def _check_pixels(size: tuple[int, int], label: str, max_pixels: int | None) -> 
     if width < 1 or height < 1:
         raise ImageDecodeError(f"{label}: image has an empty size {width}x{height}")
     if max_pixels is not None and width * height > max_pixels:
-        raise ImageDecodeError(
-            f"{label}: image is {width}x{height} = {width * height:,} pixels, above the cap "
-            f"max_pixels={max_pixels:,} (decompression-bomb guard); {PIXEL_CAP_HINT}"
-        )
+        raise _over_cap(label, max_pixels, size)
+
+
+def _over_cap(
+    label: str, max_pixels: int, size: tuple[int, int] | None = None, pixels: int | None = None
+) -> ImageDecodeError:
+    """The one message for an image over ``max_pixels``, with its (width, height) ``size`` or its pixel
+    count when known."""
+    if size is not None:
+        what = f"image is {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels,"
+    else:
+        what = "image is" if pixels is None else f"image is {pixels:,} pixels,"
+    return ImageDecodeError(
+        f"{label}: {what} above the cap max_pixels={max_pixels:,} (decompression-bomb guard); "
+        f"{PIXEL_CAP_HINT}"
+    )
+
+
+_BOMB_PIXELS = re.compile(r"Image size \((\d+) pixels\)")  # Pillow's DecompressionBombError text
 
 
 def _decode_encoded(
@@ -324,14 +428,7 @@ def _decode_encoded(
     draft_to: int | None = None,
 ) -> Image.Image:
     if isinstance(payload, Path):
-        if not payload.exists():
-            raise ImageDecodeError(f"{label}: file not found; check the path")
-        if not payload.is_file():
-            raise ImageDecodeError(f"{label}: not a regular file")
-        try:
-            fp: Any = open(payload, "rb")  # noqa: SIM115 - closed in the finally below
-        except OSError as exc:
-            raise ImageDecodeError(f"{label}: file cannot be read ({exc})") from exc
+        fp: Any = _open_regular_file(payload, label)  # closed in the finally below
     else:
         fp = io.BytesIO(payload)
     try:
@@ -353,11 +450,9 @@ def _decode_encoded(
         raise
     except Image.DecompressionBombError as exc:
         if max_pixels is not None and max_pixels < 2 * (Image.MAX_IMAGE_PIXELS or 0):
-            # Pillow's own guard fired first, but max_pixels is the cap the caller set: name it
-            raise ImageDecodeError(
-                f"{label}: image is above the cap max_pixels={max_pixels:,} (decompression-bomb guard; "
-                f"{exc}); {PIXEL_CAP_HINT}"
-            ) from exc
+            # Pillow's own guard fired first, but max_pixels is the cap the caller set: name only it
+            found = _BOMB_PIXELS.search(str(exc))
+            raise _over_cap(label, max_pixels, pixels=int(found.group(1)) if found else None) from exc
         raise ImageDecodeError(
             f"{label}: {exc} Raise PIL.Image.MAX_IMAGE_PIXELS and max_pixels only for trusted files"
         ) from exc
