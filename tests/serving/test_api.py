@@ -156,7 +156,9 @@ def test_limit_max_pixels(http, fmnist_images):
     too_big = png_bytes(np.zeros((300, 300), dtype=np.uint8))  # 90,000 > 65,536 pixels
     response = embed(http, [b64(too_big), b64(png_bytes(fmnist_images[0]))])
     assert response.status_code == 200
-    assert "max_pixels=65,536" in response.json()["errors"][0]["message"]
+    message = response.json()["errors"][0]["message"]
+    assert "max_pixels=65,536" in message and message.endswith("; send a smaller image (resize it)")
+    assert "encode(" not in message  # the library's hint is for library callers
     alone = embed(http, [b64(too_big)])
     assert alone.status_code == 422 and "max_pixels" in alone.json()["error"]["message"]
 

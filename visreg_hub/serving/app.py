@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from visreg_hub.errors import VisregHubError, require_extra
+from visreg_hub.inference.images import PIXEL_CAP_HINT
 from visreg_hub.serving.batcher import DynamicBatcher
 from visreg_hub.serving.config import IndexSpec, ServeConfig
 from visreg_hub.serving.metrics import Metrics
@@ -319,7 +320,8 @@ class Service:
         try:
             return runtime.decode(payload, label, max_pixels=self.limits.max_pixels, draft=draft), None
         except VisregHubError as exc:
-            return None, str(exc)
+            # the library's hint names encode(max_pixels=...) and CLI flags: a client can only resize
+            return None, str(exc).replace(f"; {PIXEL_CAP_HINT}", "; send a smaller image (resize it)")
         except Exception as exc:  # why: an unexpected decoder error is this item's, not the request's
             logger.warning("unexpected error decoding %s: %r", label, exc)
             return None, f"{label}: could not be decoded ({type(exc).__name__})"
