@@ -482,6 +482,13 @@ def test_errors_never_echo_what_a_client_sent_at_length(http):
         assert len(message) < 400 and "characters)" in message, message
 
 
+def test_a_base64_text_part_in_a_form_is_refused_by_name(http, fmnist_images):
+    image = b64(png_bytes(fmnist_images[0]))
+    response = http.post("/v1/embeddings", files=[("model", (None, "tiny"))], data={"input": image})
+    assert response.status_code == 422, response.text
+    assert "form field 'input' holds text, not a file" in response.json()["error"]["message"]
+
+
 def test_text_and_deeply_nested_json_get_their_own_messages(http):
     text = embed(http, ["a photo of a cat."])  # "." is not base64 (without it the words decode as bytes)
     assert text.status_code == 422 and "embeds images, not text" in text.json()["errors"][0]["message"]

@@ -335,6 +335,13 @@ async def _parse_embeddings_request(request: Request, service: Service) -> schem
     files = [
         value for key, value in form.multi_items() if key in _FORM_FILE_FIELDS and hasattr(value, "read")
     ]
+    pairs = form.multi_items()
+    texts = sorted({key for key, value in pairs if key in _FORM_FILE_FIELDS and isinstance(value, str)})
+    if texts:
+        raise ApiError(
+            422, f"form field {texts[0]!r} holds text, not a file: send each image as a file part "
+            f"(curl -F {texts[0]}=@photo.jpg), or base64 strings in a JSON body"
+        )  # fmt: skip
     unknown = sorted({key for key in form if key not in _FORM_FIELDS})
     if unknown:
         raise ApiError(422, f"unknown form fields {shown(unknown)}; send images as 'input' file fields")
