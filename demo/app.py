@@ -47,7 +47,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 from demo.cache import scan_gallery
 from demo.server import combined_app, mount_ui
-from demo.service import DEMO_MAX_PIXELS, MAX_K, DemoService, UserInputError
+from demo.service import BUNDLED_SETS, DEMO_MAX_PIXELS, MAX_K, DemoService, UserInputError
 from visreg_hub.argtypes import file_size, int_range, port_number
 from visreg_hub.errors import MissingExtraError, VisregHubError
 from visreg_hub.inference import IMAGE_EXTENSIONS
@@ -129,6 +129,12 @@ def display(image, size: int = 224):
     return image
 
 
+# no "share": it only says "Must be on Spaces to share" (and no image should leave the server)
+IMAGE_BUTTONS = ["download", "fullscreen"]
+RETRIEVAL_CLEARED = (None, None, [])  # results, scores, hit paths
+FEATURES_CLEARED = ("", None, None, None, None, None)  # stats, plot, .npy, model input, PCA, overlay
+
+
 def build_app(service: DemoService, *, top_k: int = 8) -> gr.Blocks:
     """Lay out the page and wire its events to ``service``.
 
@@ -141,18 +147,29 @@ def build_app(service: DemoService, *, top_k: int = 8) -> gr.Blocks:
     examples = [(str(p), p.stem) for p in service.examples()]
 
     @user_errors
-    def status(model_key: str, gallery_key: str) -> str:
-        return service.describe(model_key, gallery_key)
-
-    @user_errors
     def preview(path: str | None):
         return None if path is None else display(service.check_query(path))
 
     @user_errors
     def search(model_key: str, gallery_key: str, path: str | None, k: float):
         outcome = service.search(model_key, gallery_key, path, k)  # the service refuses a k like 2.5
-        items = [(str(hit.path), f"{hit.label} · {hit.score:.3f}") for hit in outcome.hits]
+        # the score first: a narrow caption cuts the label, not the number
+        items = [(str(hit.path), f"{hit.score:.3f} · {hit.label}") for hit in outcome.hits]
         return items, [hit.as_dict() for hit in outcome.hits], [str(hit.path) for hit in outcome.hits]
+
+    gallery_keys = {choice.key for choice in service.gallery_choices}
+    bundled_keys = {bundled.key for bundled in BUNDLED_SETS}
+
+    @user_errors
+    def switch_model(model_key: str, gallery_key: str):
+        """A new model: its bundled gallery when the gallery shown is another bundled one; old outputs go."""
+        if model_key in bundled_keys & gallery_keys and gallery_key in bundled_keys:
+            gallery_key = model_key
+        return (gallery_key, service.describe(model_key, gallery_key), *RETRIEVAL_CLEARED, *FEATURES_CLEARED)
+
+    @user_errors
+    def switch_gallery(model_key: str, gallery_key: str):
+        return (service.describe(model_key, gallery_key), *RETRIEVAL_CLEARED)
 
     @user_errors
     def extract(model_key: str, path: str | None, pooling: str, normalize: bool):
@@ -202,8 +219,9 @@ def build_app(service: DemoService, *, top_k: int = 8) -> gr.Blocks:
                     elem_id="examples",
                 )  # fmt: skip
                 query_view = gr.Image(
-                    label="Query", interactive=False, format="png", height=240, elem_id="query-preview"
-                )
+                    label="Query", interactive=False, format="png", height=240, elem_id="query-preview",
+                    buttons=IMAGE_BUTTONS,
+                )  # fmt: skip
             with gr.Column(scale=2), gr.Tabs():
                 with gr.Tab("Retrieval", id="retrieval"):
                     with gr.Row():
@@ -239,6 +257,7 @@ def build_app(service: DemoService, *, top_k: int = 8) -> gr.Blocks:
                             format="png",
                             height=260,
                             elem_id="view-image",
+                            buttons=IMAGE_BUTTONS,
                         )
                         pca = gr.Image(
                             label="PCA of patch tokens",
@@ -246,6 +265,7 @@ def build_app(service: DemoService, *, top_k: int = 8) -> gr.Blocks:
                             format="png",
                             height=260,
                             elem_id="pca-image",
+                            buttons=IMAGE_BUTTONS,
                         )
                         overlay = gr.Image(
                             label="Overlay",
@@ -253,25 +273,26 @@ def build_app(service: DemoService, *, top_k: int = 8) -> gr.Blocks:
                             format="png",
                             height=260,
                             elem_id="overlay-image",
+                            buttons=IMAGE_BUTTONS,
                         )
 
         private = {"api_visibility": "private"}
-        search_io = {
-            "fn": search,
-            "inputs": [model, gallery, query, k],
-            "outputs": [results, table, hit_paths],
-        }
-        for dropdown in (model, gallery):
-            dropdown.change(status, [model, gallery], info, **private)
+        retrieval_outputs = [results, table, hit_paths]
+        feature_outputs = [stats, plot, download, view, pca, overlay]
+        search_io = {"fn": search, "inputs": [model, gallery, query, k], "outputs": retrieval_outputs}
         query.change(preview, query, query_view, **private)
-        search_button.click(**search_io, api_name="search")
+        work = [search_button.click(**search_io, api_name="search")]
         # picking an example or a result makes it the query and searches from it
-        example_gallery.select(pick_example, None, query, **private).success(**search_io, **private)
-        results.select(pick, hit_paths, query, **private).success(**search_io, **private)
-        extract_button.click(
-            extract, [model, query, pooling, normalize], [stats, plot, download, view, pca, overlay],
-            api_name="extract",
-        )  # fmt: skip
+        for picked in (example_gallery.select(pick_example, None, query, **private),
+                       results.select(pick, hit_paths, query, **private)):  # fmt: skip
+            work += [picked, picked.success(**search_io, **private)]
+        work.append(extract_button.click(extract, [model, query, pooling, normalize], feature_outputs,
+                                         api_name="extract"))  # fmt: skip
+        # a menu change (by the user: .input, not .change, so the paired gallery does not fire it again)
+        # clears the outputs of the other model or gallery and cancels the work still running for them
+        model.input(switch_model, [model, gallery], [gallery, info, *retrieval_outputs, *feature_outputs],
+                    cancels=work, **private)  # fmt: skip
+        gallery.input(switch_gallery, [model, gallery], [info, *retrieval_outputs], cancels=work, **private)
     return demo
 
 

@@ -37,7 +37,7 @@ from visreg_hub.inference import (
     extract_patch_features,
     patch_pca_rgb,
 )
-from visreg_hub.inference.images import PIXEL_CAP_HINT, ImageSource, decode_image
+from visreg_hub.inference.images import DEFAULT_FORMATS, PIXEL_CAP_HINT, ImageSource, decode_image
 from visreg_hub.inference.preprocess import DRAFT_MARGIN, draft_size
 from visreg_hub.models.config import POOLINGS
 from visreg_hub.native_io import utf8_path
@@ -82,9 +82,9 @@ MAX_K = 50
 DISPLAY_SIZE = 224
 RESCAN_S = 10.0  # a gallery's files are listed again when its index was checked longer ago
 DOWNLOAD_MAX_AGE_S = 3600  # .npy downloads older than this are removed (Gradio has its own copy by then)
-# Pillow decoders an upload may use (by content, whatever its name); the rest (EPS, PSD, ...) are refused.
-# JPEG covers camera MPO files too (Pillow opens them through its JPEG plugin).
-ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+# Pillow decoders an upload may use (by content, whatever its name): the library's, so every extension the
+# file picker offers decodes; the rest (EPS, PSD, ...) are refused. JPEG covers camera MPO files too.
+ALLOWED_FORMATS = DEFAULT_FORMATS
 ACCEPTED_TYPES = ", ".join(IMAGE_EXTENSIONS)
 
 
@@ -346,6 +346,13 @@ class DemoService:
         )
         if cached.failures:
             text += f" {len(cached.failures)} gallery file(s) could not be read and are left out."
+        made_for = {bundled.key: bundled for bundled in BUNDLED_SETS}
+        model_key, gallery_key = model_key or self.default_model, gallery_key or self.default_gallery
+        if model_key in made_for and gallery_key in made_for and model_key != gallery_key:
+            text += (
+                f" Note: this gallery goes with `{made_for[gallery_key].model_name}`; this model was trained "
+                "on other images, so its neighbours here mean little."
+            )
         return text
 
     # ------------------------------------------------------------------ uploads

@@ -135,14 +135,14 @@ def test_upload_search_then_click_a_result(page, demo_model, demo_gallery, tmp_p
     css(page, "#search-button")[0].click()
     captions = wait_for_results(page, 8)
     screenshot(page, tmp_path, "search")
-    assert [c.split(" · ")[1] for c in captions] == reference_top_k(demo_model, demo_gallery, query, 8)
+    assert [c.split(" · ")[0] for c in captions] == reference_top_k(demo_model, demo_gallery, query, 8)
     labels = {p.name for p in demo_gallery.iterdir() if p.is_dir()}
-    assert all(c.split(" · ")[0] in labels for c in captions)
+    assert all(c.split(" · ")[1] in labels for c in captions)
 
     css(page, "#results .thumbnail-item")[2].click()  # search from the third result
     # it becomes the query, and as a gallery image it finds itself first (cosine 1)
     wait(page, lambda b: "Sneaker_309" not in css(b, "#query-file")[0].text)
-    wait(page, lambda b: (result_captions(b) or [""])[0].endswith(" · 1.000"))
+    wait(page, lambda b: (result_captions(b) or [""])[0].startswith("1.000 · "))
     wait_for_results(page, 8)
     screenshot(page, tmp_path, "search_from_result")
 
@@ -158,7 +158,7 @@ def test_pick_an_example(page, demo_model, demo_gallery, tmp_path):
     screenshot(page, tmp_path, "example")
     assert "Bag_320" in css(page, "#query-file")[0].text.replace("\n", "")
     expected = reference_top_k(demo_model, demo_gallery, EXAMPLES / "Bag_320.png", 8)
-    assert [c.split(" · ")[1] for c in captions] == expected
+    assert [c.split(" · ")[0] for c in captions] == expected
 
 
 def test_extract_shows_embedding_pca_and_download(page, demo_model, tmp_path):
@@ -180,6 +180,47 @@ def test_extract_shows_embedding_pca_and_download(page, demo_model, tmp_path):
     )
     downloaded = np.load(io.BytesIO(httpx.get(link, timeout=30).content), allow_pickle=False)
     np.testing.assert_allclose(downloaded, expected, atol=1e-6)
+
+
+def choose(browser, menu: str, label: str) -> None:
+    """Pick the option ``label`` of the dropdown ``#menu`` as a user does (open it, click the option)."""
+    from selenium.webdriver.common.by import By
+
+    css(browser, f"#{menu} input")[0].click()
+    options = "li[role='option']"
+    wait(browser, lambda b: [o for o in b.find_elements(By.CSS_SELECTOR, options)
+                             if o.get_attribute("aria-label") == label])[0].click()  # fmt: skip
+
+
+def status_text(browser) -> str:
+    return " ".join(css(browser, "#status")[0].text.split())  # the Markdown's code spans break lines
+
+
+def menu_value(browser, menu: str) -> str:
+    return css(browser, f"#{menu} input")[0].get_attribute("value")
+
+
+def test_switching_the_model_clears_old_results_and_pairs_the_bundled_gallery(page, demo_server, tmp_path):
+    """Results and features of one model never stay on screen under another; a bundled model brings its
+    own bundled gallery along (the photo gallery under the Fashion-MNIST model meant nothing)."""
+    from demo.service import BUNDLED_SETS
+
+    photos, fashion = BUNDLED_SETS
+    upload(page, EXAMPLES / "Sneaker_309.png")
+    wait(page, lambda b: css(b, "#query-preview img"))
+    css(page, "#search-button")[0].click()
+    wait_for_results(page, 8)
+    choose(page, "gallery-choice", f"bundled: {photos.gallery_label}")
+    wait(page, lambda b: not result_captions(b))  # another gallery: the old hits go
+    choose(page, "model-choice", f"bundled ({fashion.model_name})")
+    wait(page, lambda b: menu_value(b, "gallery-choice") == f"bundled: {fashion.gallery_label}")
+    status = wait(page, lambda b: (t := status_text(b)) and fashion.model_name in t and t)
+    assert "goes with" not in status  # model and gallery match
+    choose(page, "gallery-choice", f"bundled: {photos.gallery_label}")  # a mismatch the user asks for
+    wait(page, lambda b: f"goes with {photos.model_name}" in status_text(b))
+    css(page, "#search-button")[0].click()
+    wait_for_results(page, 8)
+    screenshot(page, tmp_path, "switched")
 
 
 def test_broken_upload_shows_a_message_and_the_page_keeps_working(page, tmp_path):

@@ -100,7 +100,7 @@ def test_search_matches_library_brute_force_and_index(
         assert server_ids.tolist() == expected.ids[0].tolist()
     # the captions carry label and score; the images are the gallery files, byte for byte
     for item, row in zip(gallery, rows):
-        assert item["caption"] == f"{row['label']} · {row['score']:.3f}"
+        assert item["caption"] == f"{row['score']:.3f} · {row['label']}"
         assert Path(item["image"]).read_bytes() == files[row["id"]].read_bytes()
 
 

@@ -238,10 +238,13 @@ def test_check_query_refuses_bad_uploads(demo_model_dir, gallery, tmp_path, name
 
 
 def test_check_query_accepts_real_images(demo_model_dir, gallery, tmp_path):
+    """Every file type the picker offers decodes (an .ico and a .dib were offered, then refused)."""
     demo = make_service(demo_model_dir, gallery, tmp_path)
-    rgba = tmp_path / "rgba.webp"
+    rgba, icon, dib = tmp_path / "rgba.webp", tmp_path / "icon.ico", tmp_path / "bitmap.dib"
     Image.new("RGBA", (40, 30), (255, 0, 0, 128)).save(rgba)
-    for path in (PHOTO, EXAMPLES / "Bag_320.png", rgba):
+    Image.open(PHOTO).convert("RGB").resize((32, 32)).save(icon)
+    Image.open(PHOTO).convert("RGB").resize((24, 16)).save(dib, format="DIB")
+    for path in (PHOTO, EXAMPLES / "Bag_320.png", rgba, icon, dib):
         image = demo.check_query(path)
         assert image.mode == "RGB" and image.size[0] > 0
 
