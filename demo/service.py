@@ -390,9 +390,7 @@ class DemoService:
                 f"{name}: not a readable image; the content is not {', '.join(ALLOWED_FORMATS)} or is corrupt"
             ) from None
         except Image.DecompressionBombError:
-            raise UserInputError(
-                f"{name}: the image has too many pixels (limit {self.max_pixels:,}); upload a smaller one"
-            ) from None
+            raise UserInputError(f"{name}: {self._too_many_pixels()}") from None
         except OSError as exc:
             raise UserInputError(f"{name}: truncated or corrupt image ({exc})") from None
         try:
@@ -400,10 +398,20 @@ class DemoService:
         except ImageDecodeError as exc:
             raise UserInputError(self._clean(str(exc), path)) from None
 
-    @staticmethod
-    def _clean(message: str, path: Path) -> str:
+    def _too_many_pixels(self, size: str | None = None) -> str:
+        """The one message for an upload over ``max_pixels`` (``size``: "W x H = N" when known)."""
+        found = f"{size} pixels, " if size else ""
+        return (
+            f"the image has too many pixels ({found}limit {self.max_pixels:,}); upload a smaller one "
+            "(a large JPEG passes: it is decoded at a reduced size)"
+        )
+
+    def _clean(self, message: str, path: Path) -> str:
         """Replace server paths in a library message by the file's name; drop library-user hints."""
         message = message.replace(str(path), path.name)
+        message = re.sub(r"image is (\d+)x(\d+) = ([\d,]+) pixels, above the cap max_pixels=[\d,]+ "
+                         rf"\(decompression-bomb guard\); {re.escape(PIXEL_CAP_HINT)}",
+                         lambda m: self._too_many_pixels(f"{m[1]} x {m[2]} = {m[3]}"), message)  # fmt: skip
         message = message.replace(f"; {PIXEL_CAP_HINT}", "")
         return re.sub(r" \(input index \d+; pass on_error='skip' to embed the others\)", "", message)
 
