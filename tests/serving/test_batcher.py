@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
+import pytest
 import torch
 
 from visreg_hub.serving.batcher import DynamicBatcher
@@ -104,3 +106,49 @@ def test_equal_shares_between_two_large_requests_and_cancelled_ones_dropped():
     assert all(tag != 4 for batch in forward.batches for tag, _ in batch)
     for out, tag in ((a, 2), (b, 3)):
         np.testing.assert_array_equal(out, np.stack([np.full(9, tag), np.arange(9)], 1).astype(np.float32))
+
+
+def test_more_requests_than_batch_room_still_serve_a_new_one_next():
+    """Six 40-image requests fill every batch of 4 several times over; a 1-image request sent after them
+    goes into one of the next two batches (the fewest images served go first; whether the first batch
+    held four requests or one depends on when the worker woke), not after the first four are done."""
+    forward = GatedForward()
+    batcher = DynamicBatcher(forward, max_batch_size=4, max_wait_ms=0.0, max_queue=1000)
+
+    async def scenario():
+        large = [asyncio.ensure_future(batcher.submit(tagged(tag, 40))) for tag in range(1, 7)]
+        await asyncio.get_running_loop().run_in_executor(None, forward.first_started.wait, 30)
+        await asyncio.sleep(0.05)
+        small = asyncio.ensure_future(batcher.submit(tagged(9, 1)))
+        await asyncio.sleep(0.05)
+        forward.release.set()
+        return [await job for job in large], await small
+
+    try:
+        large, small = run(scenario())
+    finally:
+        batcher.close()
+    first_with_small = next(n for n, batch in enumerate(forward.batches) if (9, 0) in batch)
+    assert first_with_small <= 2, [sorted({tag for tag, _ in b}) for b in forward.batches[:4]]
+    np.testing.assert_array_equal(small, [[9.0, 0.0]])
+    for tag, out in enumerate(large, 1):  # every large request complete and in order
+        np.testing.assert_array_equal(out, np.stack([np.full(40, tag), np.arange(40)], 1).astype(np.float32))
+    served = [{tag for tag, _ in batch} for batch in forward.batches[1:8]]
+    assert all(len(tags) == 4 for tags in served)  # each batch spread over four requests
+
+
+def test_a_failed_forward_pass_drops_the_rest_of_its_requests():
+    calls = []
+
+    def forward(pixels: torch.Tensor) -> np.ndarray:
+        calls.append(int(pixels.shape[0]))
+        raise RuntimeError("out of memory")
+
+    batcher = DynamicBatcher(forward, max_batch_size=4, max_wait_ms=0.0, max_queue=100)
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            run(batcher.submit(tagged(1, 16)))
+        time.sleep(0.2)
+        assert calls == [4] and batcher.queued == 0  # not 4 passes for a request already failed
+    finally:
+        batcher.close()

@@ -180,13 +180,15 @@ class DynamicBatcher:
 
         Why not first come, first served: a request of thousands of images would hold every batch until
         it is done while a one-image request behind it waits, for seconds or until its timeout. Each pass
-        gives every job with images left an equal share of the room left (at least one image, in arrival
-        order), so a small request rides in the next batch whatever is queued ahead of it.
+        gives every job with images left an equal share of the room left (at least one image). When more
+        jobs wait than a batch has room, the least served go first (fewest images taken, then arrival): a
+        new request waits only for those served no more than it, never for all of the large ones.
         """
         parts: dict[int, list] = {}  # id(job) -> [job, start, stop]
         count = 0
         while count < self.max_batch_size:
-            waiting = [job for job in self._jobs if job.taken < job.size]
+            # sorted() is stable: equal counts keep their arrival order
+            waiting = sorted((job for job in self._jobs if job.taken < job.size), key=lambda job: job.taken)
             if not waiting:
                 break
             share = max(1, (self.max_batch_size - count) // len(waiting))
@@ -217,6 +219,7 @@ class DynamicBatcher:
             except Exception as exc:  # why: one failing batch must fail its requests, not the thread
                 logger.exception("forward pass of %d images failed", batch.shape[0])
                 for job, _, _ in parts:
+                    job.cancelled = True  # its images still queued would cost passes nobody awaits
                     job.loop.call_soon_threadsafe(_resolve, job.future, None, exc)
                 continue
             seconds = time.perf_counter() - started
