@@ -226,3 +226,22 @@ def test_a_damaged_shard_is_embedded_again_not_counted_done(tmp_path, caplog):
     warned = sorted(int(message.split()[1]) for message in messages if "embedded again" in message)
     assert warned == [2, 4, 6, 8], caplog.text
     assert_same_output(out, tmp_path / "reference")
+
+
+def test_a_damaged_shard_of_another_rank_keeps_the_job_incomplete(tmp_path):
+    """Rank 0 finishing last must not declare the job complete over rank 1's damaged shard; once rank 1
+    has embedded it again the job is complete and equals an uninterrupted run."""
+    write_tile_folder(tmp_path / "imgs", 40)
+    model = tiny_encoder()
+    run_embedding(tmp_path / "imgs", tmp_path / "reference", model=model, shard_size=10, batch_size=16)
+    out = tmp_path / "out"
+    for rank in (0, 1):
+        run_embedding(tmp_path / "imgs", out, model=model, shard_size=10, rank=rank, world_size=2)
+    part = out / "part-00003.parquet"  # rank 1's
+    part.write_bytes(part.read_bytes()[:100])
+    again = run_embedding(tmp_path / "imgs", out, model=model, shard_size=10, rank=0, world_size=2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not again.complete and not manifest["complete"] and 3 not in manifest["shards_done"]
+    fixed = run_embedding(tmp_path / "imgs", out, model=model, shard_size=10, rank=1, world_size=2)
+    assert fixed.complete and fixed.shards_written == 1
+    assert_same_output(out, tmp_path / "reference")

@@ -101,12 +101,17 @@ def finished_shards(
     done = done_shards(folder, num_shards)
     if numbers is not None:
         done &= numbers
-    shard_size, count = manifest["shard_size"], manifest["inputs"]["count"]
-    damaged = unusable_shards(folder, done, job_id=manifest.get("job_id"), dim=manifest["model"]["dim"],
-                              inputs_of=lambda s: min(shard_size, count - s * shard_size))  # fmt: skip
+    damaged = _damaged(folder, manifest, done)
     for number, why in damaged.items():
         logger.warning("shard %d is embedded again: %s", number, why)
     return done - set(damaged)
+
+
+def _damaged(folder: Path, manifest: dict[str, Any], numbers: set[int]) -> dict[int, str]:
+    """:func:`unusable_shards` of ``numbers`` for the job ``manifest`` describes."""
+    shard_size, count = manifest["shard_size"], manifest["inputs"]["count"]
+    return unusable_shards(folder, numbers, job_id=manifest.get("job_id"), dim=manifest["model"]["dim"],
+                           inputs_of=lambda s: min(shard_size, count - s * shard_size))  # fmt: skip
 
 
 def unusable_shards(
@@ -301,8 +306,13 @@ def finalize(folder: Path, manifest: dict[str, Any], num_shards: int) -> bool:
         True if the job is complete.
     """
     done = done_shards(folder, num_shards)
-    manifest = {**manifest, "shards_done": sorted(done), "num_shards": num_shards}
+    if done >= set(range(num_shards)):
+        # why only now: every shard is on disk, so this is the one moment a damaged one (another rank's,
+        # or one still waiting to be redone) would wrongly make the job complete; its footer is cheap
+        done -= set(_damaged(folder, manifest, done))
     complete = done >= set(range(num_shards))
+    # "complete" is rewritten either way: a manifest read as complete may now hold a damaged shard
+    manifest = {**manifest, "shards_done": sorted(done), "num_shards": num_shards, "complete": complete}
     if complete:
 
         def write_failures(path: Path) -> None:
@@ -313,6 +323,5 @@ def finalize(folder: Path, manifest: dict[str, Any], num_shards: int) -> bool:
                         out.write(part.read_text(encoding="utf-8"))
 
         write_atomic(folder / FAILURES_NAME, write_failures)
-        manifest["complete"] = True
     write_manifest(folder, manifest)
     return complete
