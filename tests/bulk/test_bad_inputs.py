@@ -291,7 +291,7 @@ def test_a_tar_key_stored_twice_embeds_the_first_copy_and_fails_the_second(tmp_p
     assert item.payload == members[0][1] and item.cls == "1" and item.error is None
     assert (second_copy.key, second_copy.member, second_copy.payload) == ("k", "k.png", None)
     assert second_copy.error == (
-        f"{shard}#k: a second image member for key 'k' (k.png); only the first (k.png) is embedded; "
-        f"give each image its own key"
+        f"{shard}#k: k.png is stored twice in the tar; the first copy is embedded, not this one (tar would "
+        f"extract this one); remove the duplicate"
     )
     assert caplog.records == []

@@ -13,7 +13,7 @@ Inputs, in the order given:
 An entry that cannot be embedded is still an item, with ``error`` set (one failure record, nothing
 else lost): an unlistable folder, a symlink loop, a dangling link or FIFO with an image name, a folder
 or non-regular file named in a ``.txt`` list, a tar image member over :data:`MAX_IMAGE_BYTES`, a second
-image member of one tar key, a tar link member without data.
+copy of one tar member name, a tar link member without data.
 
 The listing is read twice (a cheap first pass for its digest and count, then the embedding pass),
 never held in memory. Its digest names every item in order, so a resumed job can tell whether it is
@@ -219,11 +219,14 @@ def _tar(path: str, read: Callable[[], bool]) -> Iterator[Item]:
     """Items of one webdataset shard; when ``read()`` is true for the item being built, its payload,
     cls and json are read (the embedding pass reads only the shards it embeds).
 
-    Each key is one item, followed by one failed item per further image member of that key, in member
-    order (the same in both listing passes: nothing here depends on ``read()``).
+    Each key is one item: its first image field (``key.jpg``) is embedded; further image fields of the
+    sample (``key.seg.png``, ``key.depth.png``) are its other data and left alone. The same member name
+    stored twice is a failed item of its own after the key's item, in member order (the same in both
+    listing passes: nothing here depends on ``read()``).
     """
     group: Item | None = None
-    extra: list[Item] = []  # failed second image members of the key in ``group``, yielded after it
+    extra: list[Item] = []  # failed second copies of the key in ``group``, yielded after it
+    names: set[str] = set()  # member names of the key in ``group``
     earlier: dict[str, tarfile.TarInfo] = {}  # members read so far, by name, for hard links
     try:
         with tarfile.open(path, mode="r:") as tar:
@@ -236,20 +239,24 @@ def _tar(path: str, read: Callable[[], bool]) -> Iterator[Item]:
                 if group is not None and key != group.key:
                     yield _finish(group)
                     yield from extra
-                    group, extra = None, []
+                    group, extra, names = None, [], set()
                 if group is None:
                     group = Item(path=path, key=key)
                     wanted = read()
                 last = ext.rsplit(".", 1)[-1]
                 role = "image" if last in _IMAGE_EXTS else last if last in ("cls", "json") else None
-                if role == "image" and group.member is not None:
+                duplicate = member.name in names
+                names.add(member.name)
+                if role == "image" and duplicate:
                     # why a failed item, not a log line: rows + failures must account for every image
-                    # member, and a warning would print once per listing pass
+                    # stored, and a warning would print once per listing pass
                     extra.append(Item(path=path, key=key, member=member.name, error=(
-                        f"{path}#{key}: a second image member for key {key!r} ({member.name}); only the "
-                        f"first ({group.member}) is embedded; give each image its own key"
+                        f"{path}#{key}: {member.name} is stored twice in the tar; the first copy is "
+                        f"embedded, not this one (tar would extract this one); remove the duplicate"
                     )))  # fmt: skip
                     continue
+                if role == "image" and group.member is not None:
+                    continue  # another image field of the sample (key.seg.png after key.jpg)
                 if unreadable is not None:
                     if role == "image" and group.member is None:
                         group.member = member.name
@@ -278,7 +285,7 @@ def _tar(path: str, read: Callable[[], bool]) -> Iterator[Item]:
         if group is not None:
             yield _finish(group)
             yield from extra
-            group, extra = None, []
+            group, extra, names = None, [], set()
         yield Item(path=path, key="<unreadable rest>", error=f"{path}: tar shard is damaged: {exc}")
     if group is not None:
         yield _finish(group)
