@@ -207,10 +207,15 @@ def _open_regular_file(path: Path, label: str) -> io.BufferedReader:
         descriptor = os.open(path, flags)
     except OSError as exc:
         raise ImageDecodeError(f"{label}: file cannot be read ({exc})") from exc
-    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ImageDecodeError(f"{label}: {NOT_REGULAR_REASON}")
+        if hasattr(os, "set_blocking"):  # back to blocking reads (network filesystems may honour the flag)
+            os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
         os.close(descriptor)
-        raise ImageDecodeError(f"{label}: {NOT_REGULAR_REASON}")
-    return os.fdopen(descriptor, "rb")
+        raise
 
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
