@@ -82,19 +82,23 @@ class Server:
         max_wait_ms: float,
         max_queue: int,
         backend: str,
+        root: Path = ROOT,
+        extra: tuple[str, ...] = (),
     ):
+        """``root``: the checkout whose ``visreg_hub`` serves (another one measures an earlier version);
+        ``extra``: more ``serve`` flags."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [
             sys.executable, "-m", "visreg_hub.cli", "serve", "--model", model_arg, "--port", str(self.port),
             "--device", device, "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms),
-            "--max-queue", str(max_queue), "--max-items", "256", "--backend", backend,
+            "--max-queue", str(max_queue), "--max-items", "256", "--backend", backend, *extra,
         ]  # fmt: skip
         # ROOT first, the caller's PYTHONPATH kept (packages installed with --target live there)
-        python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        python_path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": python_path, "OMP_NUM_THREADS": str(torch.get_num_threads())}
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed with the process in stop()
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(command, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
