@@ -159,3 +159,25 @@ def test_a_bulk_folder_and_encode_folder_list_and_explain_the_same_entries(tmp_p
         with pytest.raises(ImageDecodeError) as caught:
             decode_image(ImageSource(Path(path), path))
         assert str(caught.value) == error
+
+
+@pytest.mark.parametrize("cut", ["at a header", "inside a header"])
+def test_a_shard_cut_between_members_says_so(tmp_path, model, cut):
+    """tarfile reads an archive cut at (or inside) a member header as a normal end: the members after the
+    cut vanished without a word. The listing now checks for the end-of-archive block."""
+    images = [_png(tile) for tile in tiles(5)]
+    whole = tmp_path / "whole.tar"
+    _write_shard(whole, [(f"k{i}.png", data) for i, data in enumerate(images)])
+    with tarfile.open(whole) as tar:
+        fourth = tar.getmember("k3.png").offset  # where the fourth member's header starts
+    shard = tmp_path / "cut.tar"
+    shard.write_bytes(whole.read_bytes()[: fourth + (0 if cut == "at a header" else 100)])
+    summary = run_embedding(shard, tmp_path / "out", model=model, shard_size=10)
+    rows, vectors, _ = read_output(tmp_path / "out")
+    assert [key for _, key in rows] == ["k0", "k1", "k2"] and (summary.embedded, summary.failed) == (3, 1)
+    np.testing.assert_allclose(vectors, encode(model, images[:3], convert_to_numpy=True), atol=1e-6)
+    [record] = failures(tmp_path / "out")
+    assert record["key"] == "<end of archive>"
+    assert "ends without its end-of-archive marker" in record["reason"]
+    complete = run_embedding(whole, tmp_path / "whole-out", model=model, shard_size=10)
+    assert (complete.embedded, complete.failed) == (5, 0)  # an intact shard has its marker

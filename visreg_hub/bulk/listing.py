@@ -228,6 +228,7 @@ def _tar(path: str, read: Callable[[], bool]) -> Iterator[Item]:
     extra: list[Item] = []  # failed second copies of the key in ``group``, yielded after it
     names: set[str] = set()  # member names of the key in ``group``
     earlier: dict[str, tarfile.TarInfo] = {}  # members read so far, by name, for hard links
+    ended = True  # the archive's end-of-archive marker was found (or a failure already covers the rest)
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
@@ -280,6 +281,7 @@ def _tar(path: str, read: Callable[[], bool]) -> Iterator[Item]:
                 except (tarfile.TarError, OSError, EOFError) as exc:
                     # a member whose data cannot be read fails alone (the listing stays the same)
                     group.error = f"{path}#{key}: cannot read {member.name}: {exc}"
+            ended = _has_end_marker(tar)
     except (tarfile.TarError, OSError, EOFError) as exc:
         # why: a damaged shard loses its remaining members, not the job: one failure names where
         if group is not None:
@@ -290,6 +292,23 @@ def _tar(path: str, read: Callable[[], bool]) -> Iterator[Item]:
     if group is not None:
         yield _finish(group)
         yield from extra
+    if not ended:
+        yield Item(path=path, key="<end of archive>", error=(
+            f"{path}: the tar shard ends without its end-of-archive marker, so it was most likely cut short "
+            f"(a partial copy or download): members after the last one listed are missing; copy it again"
+        ))  # fmt: skip
+
+
+def _has_end_marker(tar: tarfile.TarFile) -> bool:
+    """Whether a zero block follows the last member, as every tar writer puts there.
+
+    why: Python's tarfile reads an archive cut at (or inside) a member header as a normal end, so a
+    truncated shard would silently lose every member after the cut.
+    """
+    handle = tar.fileobj
+    handle.seek(tar.offset)
+    block = handle.read(tarfile.BLOCKSIZE)
+    return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
 
 
 def read_refs(item: Item, handle) -> Item:
