@@ -182,7 +182,7 @@ def file_problem(path: str | os.PathLike) -> str | None:
     try:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):  # ENOTDIR: a parent in the path is a file
-        return FILE_NOT_FOUND_REASON
+        return DANGLING_LINK_REASON if os.path.islink(path) else FILE_NOT_FOUND_REASON
     except OSError as exc:
         return unreadable_entry_reason(exc)
     if stat.S_ISDIR(mode):
