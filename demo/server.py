@@ -159,19 +159,17 @@ def combined_app(
     *,
     limits: Limits | None = None,
     max_batch_size: int = 32,
-    max_image_bytes: int | None = None,
+    max_image_bytes: int = Limits.max_image_bytes,
 ) -> Any:
     """The serving app on ``service``'s models, wired into ``service`` (mount the UI with :func:`mount_ui`).
 
-    The API keeps the UI's limits: ``service.max_pixels`` per image and, given ``max_image_bytes`` (the
-    demo's ``--max-file-size``), that many encoded bytes per image. JPEG uploads far larger than a model's
+    The API keeps the UI's limits: ``service.max_pixels`` per image and ``max_image_bytes`` (the demo's
+    ``--max-file-size``) encoded bytes per image. JPEG uploads far larger than a model's
     input are decoded at a reduced size (``draft_decode``), in the API as in the UI, so camera photos pass
     ``max_pixels``; their embeddings are close to, not equal to, ``encode()``'s of the full decode.
     """
     specs, names = model_specs(service)
-    if limits is None:
-        sizes = {} if max_image_bytes is None else {"max_image_bytes": max_image_bytes}
-        limits = Limits(max_pixels=service.max_pixels, **sizes)
+    limits = limits or Limits(max_pixels=service.max_pixels, max_image_bytes=max_image_bytes)
     config = ServeConfig(
         models=specs,
         device=str(service.device),

@@ -332,10 +332,8 @@ async def _parse_embeddings_request(request: Request, service: Service) -> schem
                 422, f"more than {_MAX_FORM_FIELDS} form fields; send {list(_FORM_FIELDS)}"
             ) from None
         raise
-    files = [
-        value for key, value in form.multi_items() if key in _FORM_FILE_FIELDS and hasattr(value, "read")
-    ]
     pairs = form.multi_items()
+    files = [value for key, value in pairs if key in _FORM_FILE_FIELDS and hasattr(value, "read")]
     texts = sorted({key for key, value in pairs if key in _FORM_FILE_FIELDS and isinstance(value, str)})
     if texts:
         raise ApiError(
