@@ -11,6 +11,8 @@ Writes one ``.npz`` with ``images`` (N, S, S, 3) uint8 (S = ``--size``, default 
 decoder), every other image is resized on its shorter side and centre-cropped; the high-resolution photos
 (endless-sky, wallpapers, opencv, skimage, stellarium at 1024 px) additionally give ``--crops`` random square
 crops each (side 25-100 % of the shorter side), which multiplies the distinct photo views the model sees.
+``--sources`` replaces the default list (``training.sources.COLOUR_SOURCES``), e.g. to add the opt-in
+``game_textures``.
 """
 
 from __future__ import annotations
@@ -90,12 +92,16 @@ def main() -> None:
         "--crops", nargs="+", default=[], metavar="SOURCE=N",
         help="override the random crops per file of a source, e.g. --crops ufoai=4 (default: CROPS)",
     )  # fmt: skip
+    parser.add_argument(
+        "--sources", nargs="+", choices=sorted(sources.LISTINGS), default=list(sources.COLOUR_SOURCES),
+        help="the sources whose training split is read (default: the bundled colour model's)",
+    )  # fmt: skip
     args = parser.parse_args()
     crops = {**CROPS, **parse_crops(args.crops)}
     split = sources.load_split(args.split)
     rng = np.random.default_rng(args.seed)
     arrays, counts = [], {}
-    for name in sorted(sources.LISTINGS):
+    for name in sorted(args.sources):
         train, _ = sources.partition(sources.list_source(name, args.root), split, args.root)
         before = len(arrays)
         for item in train:

@@ -2,8 +2,9 @@
 
 Usage::
 
-    python scripts/prepare_sources.py                 # every package, then list and count each source
+    python scripts/prepare_sources.py                 # the colour model's sources: fetch, list, count
     python scripts/prepare_sources.py --only endless_sky tuxpaint
+    python scripts/prepare_sources.py --only game_textures   # an opt-in source (550 MB of .debs)
     python scripts/prepare_sources.py --write-split   # (re)draw training/splits/sources-v1.json
 
 Idempotent and resumable: downloaded archives and complete unpacks are reused. The cache is
@@ -29,14 +30,17 @@ TEST_FRACTION = {"endless_sky": 0.3, "tuxpaint": 0.3, "openclipart": 0.3, "ufoai
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=sorted(sources.LISTINGS), help="sources to prepare")
+    parser.add_argument(
+        "--only", nargs="+", choices=sorted(sources.LISTINGS),
+        help="sources to prepare (default: the colour model's, training.sources.COLOUR_SOURCES)",
+    )  # fmt: skip
     parser.add_argument("--root", help=f"cache folder (default ${sources.SOURCES_ENV} or ~/.cache/...)")
     parser.add_argument("--write-split", action="store_true", help="redraw the committed test split")
     parser.add_argument("--split", default=str(sources.DEFAULT_SPLIT))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    names = args.only or sorted(sources.LISTINGS)
+    names = args.only or list(sources.COLOUR_SOURCES)
     packages = sorted({p for name in names for p in sources.SOURCE_PACKAGES[name]})
     sources.fetch(packages, args.root)
     listed = {name: sources.list_source(name, args.root) for name in names}

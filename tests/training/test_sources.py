@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -95,6 +97,61 @@ def test_real_gimp_pattern_converts_with_folder_label(root, tmp_path, monkeypatc
     expected = np.frombuffer(raw, np.uint8, offset=int(header_size)).reshape(height, width, depth)
     expected = np.repeat(expected[..., :1], 3, axis=2) if depth < 3 else expected[..., :3]
     np.testing.assert_array_equal(image, expected)
+
+
+def _texture_pk3(path: Path, members: dict[str, Image.Image | str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in members.items():
+            if isinstance(content, str):
+                archive.writestr(name, content)
+                continue
+            handle = io.BytesIO()
+            content.save(handle, format={"jpg": "JPEG", "tga": "TGA"}.get(name.rsplit(".", 1)[-1], "PNG"))
+            archive.writestr(name, handle.getvalue())
+
+
+def test_game_textures_keep_diffuse_surfaces_only(tmp_path, monkeypatch):
+    """Normal/gloss/glow maps, tiny images, flat grey fills and files outside ``textures/<set>/`` are dropped;
+    what stays is pixel-identical to the archive's (lossless members) and unlabelled."""
+    rng = np.random.default_rng(0)
+
+    def noise(side: int) -> Image.Image:
+        return Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+
+    plate, clouds, brick = noise(80), noise(64), noise(96)
+    unpacked = tmp_path / "unpacked"
+    _texture_pk3(unpacked / "nexuiz-textures/usr/share/games/nexuiz/data/textures.pk3", {
+        "textures/metal/plate.tga": plate, "textures/metal/plate_norm.tga": noise(80),
+        "textures/metal/plate_gloss.png": noise(80),
+        "textures/metal/flat.png": Image.new("RGB", (80, 80), (128, 130, 127)),
+        "textures/metal/tiny.png": noise(32), "textures/skies/clouds.png": clouds,
+        "textures/top.png": noise(80),
+        "textures/metal/notes.txt": "not an image", "textures/metal/broken.png": "not a png either",
+    })  # fmt: skip
+    _texture_pk3(unpacked / "openarena-081-textures/usr/share/games/openarena/baseoa/pak4-textures.pk3", {
+        "textures/base_wall/brick.png": brick, "textures/base_wall/brick_glow.png": noise(96),
+    })  # fmt: skip
+    for package in sources.SOURCE_PACKAGES["game_textures"]:
+        (unpacked / package / ".complete").write_text("{}")
+    monkeypatch.setenv(sources.SOURCES_ENV, str(tmp_path))
+
+    items = sources.list_source("game_textures")
+    assert sorted(i.path.relative_to(tmp_path / "derived/game_textures").as_posix() for i in items) == [
+        "base_wall/brick.png", "metal/plate.png", "skies/clouds.png"]  # fmt: skip
+    assert {(i.label, i.source) for i in items} == {(None, "game_textures")}
+    expected = {"plate.png": plate, "clouds.png": clouds, "brick.png": brick}
+    for item in items:
+        np.testing.assert_array_equal(np.asarray(Image.open(item.path)), np.asarray(expected[item.path.name]))
+    # Extracted once: the cache answers without the archives.
+    shutil.rmtree(unpacked / "nexuiz-textures/usr")
+    assert [i.path for i in sources.list_source("game_textures")] == [i.path for i in items]
+
+
+def test_opt_in_sources_stay_out_of_the_colour_model_defaults():
+    """The bundled model's data is rebuilt from COLOUR_SOURCES; a source added later must not join it."""
+    assert "game_textures" in sources.LISTINGS and "game_textures" not in sources.COLOUR_SOURCES
+    assert set(sources.COLOUR_SOURCES) | {"game_textures"} == set(sources.LISTINGS)
 
 
 def _make_deb(tmp_path: Path) -> Path:
