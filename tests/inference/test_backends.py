@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -331,3 +332,70 @@ def test_a_device_the_onnx_build_cannot_use_is_a_device_error_as_on_torch(folder
             model.encode(photo_paths[:1], device=bad)
     cpu = model.encode(photo_paths[:1], device="cpu", convert_to_numpy=True)
     np.testing.assert_allclose(cpu, reference(photo_paths[:1], folder), atol=1e-5)
+
+
+def test_first_calls_from_several_threads_export_once_and_all_succeed(folder, photo_paths, tmp_path, exports,
+                                                                      monkeypatch):
+    """A server's threads reach an empty cache together. torch.export keeps global tracing state, so
+    concurrent exports failed in every thread and could leave fake tensors in the model for good."""
+    import threading
+
+    monkeypatch.setenv("VISREG_HUB_CACHE", str(tmp_path))
+    model = from_pretrained(folder, backend="onnx")
+    barrier, results, errors = threading.Barrier(4), [], []
+
+    def call() -> None:
+        barrier.wait()
+        try:
+            results.append(model.encode(photo_paths))
+        except Exception as exc:  # collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert errors == [] and len(results) == 4 and len(exports) == 1
+    expected = reference(photo_paths, folder)
+    for result in results:
+        torch.testing.assert_close(result, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(model.encode(photo_paths), expected, atol=1e-4, rtol=0)  # the model is intact
+
+
+_EXPORT_IN_A_PROCESS = """
+import sys, time
+from pathlib import Path
+from tests.fixtures_models import tiny_encoder
+from tests.inference.test_backends import OPTIONS, small_export
+from visreg_hub.inference.onnx import cache
+
+root, log = Path(sys.argv[1]), Path(sys.argv[2])
+calls = []
+write = small_export(calls)
+
+def slow_export(path):
+    with log.open("a") as handle:
+        handle.write("export\\n")
+    time.sleep(2.0)  # long enough for the other process to miss the cache too
+    write(path)
+
+print(cache.cached_export(tiny_encoder(seed=8), OPTIONS, slow_export, root=root))
+"""
+
+
+def test_processes_missing_the_same_graph_export_it_once(tmp_path):
+    """The workers of a server (or ranks of a job) start together on an empty cache: one exports, the
+    others wait for its entry instead of each running the whole export."""
+    import subprocess
+    import sys
+
+    root, log = tmp_path / "cache", tmp_path / "exports.log"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    command = [sys.executable, "-c", _EXPORT_IN_A_PROCESS, str(root), str(log)]
+    processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=240)[0].strip() for process in processes]
+    assert [process.returncode for process in processes] == [0, 0]
+    assert log.read_text().splitlines() == ["export"]
+    assert len(set(outputs)) == 1 and Path(outputs[0]).is_file()
+    assert cache._verified(Path(outputs[0]).parent) == Path(outputs[0])

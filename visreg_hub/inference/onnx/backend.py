@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,17 @@ def export_cached(
     return cached_export(model, options, export)
 
 
+_EXPORT_LOCK = threading.Lock()  # held while a graph is exported or opened (see onnx_backend_for)
+_CACHE_LOCK = threading.Lock()  # guards the in-memory cache's dictionaries
+
+
+def _current(cache: weakref.WeakKeyDictionary, model: nn.Module, key: tuple) -> tuple | None:
+    """The cached (watch, embedder) of ``model`` for ``key`` if its weights are unchanged, else None."""
+    with _CACHE_LOCK:
+        entry = cache.get(model, {}).get(key)
+    return entry if entry is not None and entry[0].unchanged(model) else None
+
+
 def onnx_backend_for(
     model: nn.Module,
     spec: BackendSpec,
@@ -204,17 +216,25 @@ def onnx_backend_for(
     precision = spec.precision if resolved is None else "fp16" if resolved == torch.float16 else "fp32"
     providers, device_id = _providers_for(spec, device)
     key = (pooling, precision, optimize, providers, device_id)
-    entries = cache.setdefault(model, {})
-    entry = entries.get(key)
-    if entry is None or not entry[0].unchanged(model):
-        watch = WeightsWatch(model)
-        path = export_cached(
-            model, pooling=pooling, precision=precision, optimize=optimize, providers=providers
-        )
-        embedder = OnnxEmbedder(path, providers=providers, device_id=device_id)
-        logger.info("%s runs on ONNX Runtime: %s", model.config.name or "the model", embedder)
-        entries[key] = entry = (watch, embedder)
+    entry = _current(cache, model, key)
+    if entry is None:
+        # why one lock for the process: torch.export keeps global tracing state, so two exports in two
+        # threads (a server's first requests, on one model or two) break each other and can leave fake
+        # tensors in the model; the second thread waits here and then finds the first one's graph
+        with _EXPORT_LOCK:
+            entry = _current(cache, model, key)
+            if entry is None:
+                watch = WeightsWatch(model)
+                path = export_cached(
+                    model, pooling=pooling, precision=precision, optimize=optimize, providers=providers
+                )
+                embedder = OnnxEmbedder(path, providers=providers, device_id=device_id)
+                logger.info("%s runs on ONNX Runtime: %s", model.config.name or "the model", embedder)
+                entry = (watch, embedder)
+                with _CACHE_LOCK:
+                    cache.setdefault(model, {})[key] = entry
     return OnnxBackend(entry[1])
+
 
 
 def encode_onnx(

@@ -16,6 +16,8 @@ exported and with which versions). The cache dir is ``$VISREG_HUB_CACHE/onnx``, 
   an entry that is a file or a (dangling) symlink rather than a folder.
 * A staging folder left by an export that was killed (``kill -9``, the OOM killer) holds a whole graph;
   staging folders older than :data:`STALE_STAGING_SECONDS` are deleted whenever a graph is exported.
+* Processes that miss the same key at once take turns (an ``flock`` on ``.lock-<key>``): one exports, the
+  others wait and read its entry.
 * A cache dir that cannot be created or written raises :class:`OnnxCacheError` naming the folder and the
   fix, before any export work; ``backend="auto"`` then falls back to torch (``backends.backend_for``).
 """
@@ -31,7 +33,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,22 +152,74 @@ def sweep_stale_staging(root: Path, max_age: float = STALE_STAGING_SECONDS) -> l
     return removed
 
 
+def _cache_error(root: Path, exc: OSError) -> OnnxCacheError:
+    return OnnxCacheError(
+        f"cannot write the ONNX export cache {root} ({exc.strerror or exc}); set {ENV_CACHE} to a "
+        "writable folder, or load the model with backend='torch'"
+    )
+
+
 def _writable_root(root: Path, key: str) -> Path:
     """Create ``root`` and a staging folder in it; an OSError becomes an :class:`OnnxCacheError`."""
     try:
         root.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
     except OSError as exc:
-        raise OnnxCacheError(
-            f"cannot write the ONNX export cache {root} ({exc.strerror or exc}); set {ENV_CACHE} to a "
-            "writable folder, or load the model with backend='torch'"
-        ) from exc
+        raise _cache_error(root, exc) from exc
+
+
+@contextlib.contextmanager
+def _export_lock(root: Path, key: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``root/.lock-<key>`` so processes export one key one at a time.
+
+    Without it, every process that starts on an empty cache (the workers of a server, ranks of a job)
+    runs the same export. The lock dies with its process (``flock``), so a killed export never blocks the
+    next one. Where ``fcntl`` does not exist (Windows) nothing is locked: the atomic rename keeps the
+    cache sound, and only the duplicate work remains.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = open(root / f".lock-{key}", "a")  # noqa: SIM115 (closed below, after the unlock)
+    except OSError as exc:
+        raise _cache_error(root, exc) from exc
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another process is exporting the same graph to %s; waiting for it", root)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cached(entry: Path) -> Path | None:
+    """The verified graph of ``entry``; a broken entry (file, dangling link, bad digest) is removed."""
+    if not (entry.is_symlink() or entry.exists()):  # exists() alone is False for a dangling symlink
+        return None
+    found = _verified(entry) if entry.is_dir() else None
+    if found is not None:
+        logger.info("using the cached ONNX export %s", found)
+        return found
+    if not entry.is_dir():
+        logger.warning("ONNX cache entry %s is not a folder; exporting again", entry)
+    _remove(entry)
+    return None
 
 
 def cached_export(
     model: nn.Module, options: dict[str, Any], export: Callable[[Path], None], root: Path | None = None
 ) -> Path:
     """The path of ``model``'s verified cached graph for ``options``, exporting it first if needed.
+
+    Processes that miss the same key at once export it one at a time (:func:`_export_lock`): the first
+    exports, the others wait and then read its entry.
 
     Args:
         model: the encoder (its weights and config are part of the key).
@@ -182,29 +236,28 @@ def cached_export(
     root = cache_dir() if root is None else Path(root)
     key, description = cache_key(model, options)
     entry = root / key
-    if entry.is_symlink() or entry.exists():  # exists() alone is False for a dangling symlink
-        found = _verified(entry) if entry.is_dir() else None
+    found = _cached(entry)
+    if found is not None:
+        return found
+    with _export_lock(root, key):
+        found = _cached(entry)  # exported by another process while this one waited
         if found is not None:
-            logger.info("using the cached ONNX export %s", found)
             return found
-        if not entry.is_dir():
-            logger.warning("ONNX cache entry %s is not a folder; exporting again", entry)
-        _remove(entry)
-    staging = _writable_root(root, key)
-    sweep_stale_staging(root)
-    try:
-        export(staging / MODEL_FILE)
-        model_file = staging / MODEL_FILE
-        record = {**description, "sha256": _sha256_file(model_file), "size": model_file.stat().st_size}
-        (staging / ENTRY_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+        staging = _writable_root(root, key)
+        sweep_stale_staging(root)
         try:
-            staging.rename(entry)
-        except OSError:  # another process finished the same key first: use its entry if it is sound
-            if not entry.is_dir() or _verified(entry) is None:
-                raise
+            export(staging / MODEL_FILE)
+            model_file = staging / MODEL_FILE
+            record = {**description, "sha256": _sha256_file(model_file), "size": model_file.stat().st_size}
+            (staging / ENTRY_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+            try:
+                staging.rename(entry)
+            except OSError:  # another writer (no lock on this system) finished first: use its entry if sound
+                if not entry.is_dir() or _verified(entry) is None:
+                    raise
+                shutil.rmtree(staging, ignore_errors=True)
+        except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            raise
     logger.info("cached the ONNX export of %s in %s", model.config.name or "the model", entry)
     return entry / MODEL_FILE
