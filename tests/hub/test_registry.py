@@ -104,3 +104,20 @@ def test_an_item_of_list_models_loads_like_its_name():
 def test_dir_of_the_package_lists_the_public_names_only():
     names = {name for name in dir(visreg_hub) if not name.startswith("__")}
     assert names == set(visreg_hub.__all__) - {"__version__"}  # no _PUBLIC, annotations or importlib
+
+
+def test_hub_arguments_on_a_bundled_model_or_a_folder_are_named_as_ignored(tmp_path, caplog):
+    """revision= and cache_dir= only mean something for downloads; on a bundled name (which looks like a
+    Hub model) or a folder they were silently dropped, so a user pinning a revision never learnt it."""
+    import logging
+
+    folder = tmp_path / "tiny"
+    tiny_encoder(seed=3).save_pretrained(folder)
+    with caplog.at_level(logging.WARNING, logger="visreg_hub.hub.loading"):
+        from_pretrained("vit-mini-p7-fmnist", backend="torch")
+        assert caplog.text == ""
+        from_pretrained("vit-mini-p7-fmnist", revision="v2", backend="torch")
+        from_pretrained(folder, cache_dir=tmp_path / "hf", backend="torch")
+    first, second = [r.getMessage() for r in caplog.records]
+    assert "revision='v2' ignored" in first and "bundled model 'vit-mini-p7-fmnist'" in first
+    assert "cache_dir=" in second and str(folder) in second and "nothing is downloaded" in second

@@ -169,3 +169,26 @@ def test_int8_codes_of_one_embedding_without_calibration_warn_at_the_callers_lin
     assert (codes == -128).all()
     assert [(w.category, w.filename) for w in caught] == [(UserWarning, __file__)]
     assert "calibration_embeddings" in str(caught[0].message)
+
+
+def test_similarity_and_dimension_speak_sentence_transformers(model, floats, photo_paths):
+    """``model.similarity(a, b)`` is the cosine matrix (checked against float64 sums written out here) for
+    numpy or tensors, 1-D or 2-D, normalised or not; ``get_sentence_embedding_dimension()`` is E."""
+    from visreg_hub.errors import UserInputError
+
+    assert model.get_sentence_embedding_dimension() == floats.shape[1] == model.embedding_dim()
+    raw = encode(model, photo_paths, normalize=False, convert_to_numpy=True).astype(np.float64)
+    expected = np.zeros((len(raw), len(raw)))
+    for i in range(len(raw)):
+        for j in range(len(raw)):
+            dot = sum(float(x) * float(y) for x, y in zip(raw[i], raw[j], strict=True))
+            expected[i, j] = dot / math.sqrt(float((raw[i] ** 2).sum()) * float((raw[j] ** 2).sum()))
+    for a, b in ((floats, floats), (torch.from_numpy(raw), raw), (raw.astype(np.float32), floats)):
+        scores = model.similarity(a, b)
+        assert isinstance(scores, torch.Tensor) and scores.dtype == torch.float32 and scores.shape == (4, 4)
+        np.testing.assert_allclose(scores.numpy(), expected, atol=1e-5)
+    assert model.similarity(floats[0], floats).shape == (1, 4)  # one vector is one row
+    with pytest.raises(UserInputError, match="different lengths"):
+        model.similarity(floats, floats[:, :8])
+    with pytest.raises(UserInputError, match="float embeddings"):
+        model.similarity(encode(model, photo_paths, precision="int8"), floats)

@@ -136,6 +136,19 @@ def test_four_d_array_with_five_channels_is_one_failing_item():
         decode_image(sources[2])
 
 
+@pytest.mark.parametrize(
+    ("batch", "hint"),
+    [(np.zeros((2, 3, 8, 8), np.uint8), r"channels-first\? use array.transpose\(0, 2, 3, 1\)"),
+     (torch.zeros((2, 8, 8, 3), dtype=torch.uint8), r"channels-last\? use tensor.permute\(0, 3, 1, 2\)")],
+)  # fmt: skip
+def test_a_batch_in_the_other_layout_names_the_transpose(batch, hint):
+    (source,) = expand_inputs([batch])
+    with pytest.raises(ImageDecodeError, match=hint):
+        decode_image(source)
+    fixed = batch.transpose(0, 2, 3, 1) if isinstance(batch, np.ndarray) else batch.permute(0, 3, 1, 2)
+    assert len(expand_inputs([fixed])) == 2  # the hint's fix is accepted: two images
+
+
 def test_nan_in_float_array():
     array = np.full((4, 4, 3), 0.5, np.float32)
     array[1, 2, 0] = np.nan
@@ -187,6 +200,19 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
     expected = np.rint(values / 257.0).astype(np.uint8)  # 40000 -> 156 (clipping would give 255)
     for channel in range(3):
         np.testing.assert_array_equal(decoded[..., channel], expected)
+
+
+def test_eight_bit_values_in_an_int32_image_are_read_as_pillow_reads_them(photo):
+    """``L.convert("I")`` holds 8-bit values in a 32-bit container: read as is (it came out about 257x
+    darker); an ``I`` image with values above 255 is 16-bit data, scaled like I;16."""
+    grey = photo.convert("L")
+    as_int = grey.convert("I")
+    assert as_int.mode == "I"
+    np.testing.assert_array_equal(pixels(decode_image(as_int)), np.asarray(grey.convert("RGB")))
+    np.testing.assert_array_equal(pixels(decode_image(as_int)), np.asarray(as_int.convert("RGB")))
+    deep = np.array([[0, 256, 1000, 65535]], dtype=np.int32)
+    expected = np.rint(deep / 257.0).astype(np.uint8)
+    np.testing.assert_array_equal(pixels(decode_image(Image.fromarray(deep, mode="I")))[..., 0], expected)
 
 
 def test_cmyk_jpeg_converts_to_matching_rgb(tmp_path, photo):

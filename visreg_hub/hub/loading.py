@@ -420,6 +420,12 @@ def from_pretrained(
             "('fp16' for GPU providers, 'int8' for CPUs), or pass backend='torch' to run in that dtype"
         )
     source = resolve(name_or_path, revision=revision)
+    ignored = [f"{key}={value!r}" for key, value in (("revision", revision), ("cache_dir", cache_dir))
+               if value is not None]  # fmt: skip
+    if source.kind == "folder" and ignored:  # transformers ignores them for folders too, but silently
+        what = f"bundled model {source.name!r}" if source.name else f"local folder {source.location!r}"
+        logger.warning("%s ignored: the %s is read from disk, nothing is downloaded", ", ".join(ignored),
+                       what)  # fmt: skip
     model = load(source, limits=limits, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)

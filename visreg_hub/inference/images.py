@@ -22,9 +22,11 @@ listed, 4-D batches split) and then :func:`decode_image`, which applies these ru
 * EXIF orientation is applied (``ImageOps.exif_transpose``).
 * Animated GIF / APNG / WebP / multi-page TIFF: the first frame is used.
 * Transparency (RGBA, LA, PA, palette or colour-key transparency) is composited on a white background.
-* 16-bit images (``I;16*``, and ``I`` with values in [0, 65535]) are scaled to 8 bit as ``round(v / 257)``
-  (full range kept, never clipped). Float images (``F``) in [0, 1] are scaled by 255. ``I``/``F`` images
-  outside those ranges are min-max stretched to [0, 255], since such scientific data has no white point.
+* 16-bit images (``I;16*``, and ``I`` with values in [0, 65535] above 255) are scaled to 8 bit as
+  ``round(v / 257)`` (full range kept, never clipped). An ``I`` image with values in [0, 255] is 8-bit data
+  in a 32-bit container (``L.convert("I")``) and is read as it is, as Pillow and timm read it. Float
+  images (``F``) in [0, 1] are scaled by 255. ``I``/``F`` images outside those ranges are min-max
+  stretched to [0, 255], since such scientific data has no white point.
 * CMYK, grayscale, 1-bit, YCbCr and the rest are converted to RGB with Pillow's conversions (ICC
   profiles are not applied).
 * A binary file object (``open(path, "rb")``, ``io.BytesIO``, a web framework's upload handle: anything
@@ -326,6 +328,10 @@ def expand_inputs(images: Any) -> list[ImageSource]:
             if not 1 <= obj.shape[channel_axis] <= 4:
                 layout = "(N, H, W, C)" if channel_axis == -1 else "(B, C, H, W)"
                 reason = f"4-D input of shape {tuple(obj.shape)} must be a {layout} batch with 1-4 channels"
+                if channel_axis == -1 and 1 <= obj.shape[1] <= 4:  # numpy is channels-last, as PIL's arrays
+                    reason += "; channels-first? use array.transpose(0, 2, 3, 1)"
+                elif channel_axis == 1 and 1 <= obj.shape[-1] <= 4:  # tensors are channels-first, as torch's
+                    reason += "; channels-last? use tensor.permute(0, 3, 1, 2)"
                 sources.append(ImageSource(None, label, reason))
             else:
                 sources.extend(ImageSource(obj[j], f"{label}[{j}]") for j in range(obj.shape[0]))
@@ -506,6 +512,10 @@ def _high_depth_to_uint8(values: np.ndarray, mode: str, label: str) -> np.ndarra
     low, high = float(values.min()), float(values.max())
     if mode == "F" and low >= 0.0 and high <= 1.0:
         scaled = values * 255.0
+    elif mode == "I" and low >= 0.0 and high <= 255.0:
+        # 8-bit data in a 32-bit container (``L.convert("I")``, an 8-bit TIFF written as int32): kept as
+        # is, as Pillow's own convert("RGB") (timm's loader) reads it; 16-bit files open as I;16 instead
+        scaled = values
     elif mode != "F" and low >= 0.0 and high <= 65535.0:
         scaled = values / 257.0  # 65535 -> 255 exactly: full 16-bit range, no clipping
     elif high > low:

@@ -77,6 +77,10 @@ class VISRegEncoder(nn.Module):
         pooling = self._resolve_pooling(pooling)
         return self.embed_dim * POOLING_BLOCKS.get(pooling, 1)
 
+    def get_sentence_embedding_dimension(self) -> int:
+        """sentence-transformers' name for :meth:`embedding_dim` of the default pooling."""
+        return self.embedding_dim()
+
     @property
     def data_config(self) -> dict[str, Any]:
         """timm-style preprocessing settings (input_size, mean, std, crop_pct, interpolation, crop_mode)."""
@@ -246,7 +250,11 @@ class VISRegEncoder(nn.Module):
     # Imports are local so that visreg_hub.models never imports hub/inference at import time.
     @property
     def backend(self) -> str:
-        """What :meth:`encode` runs on now: ``"torch"`` or ``"onnx"`` (``from_pretrained(backend=...)``)."""
+        """What :meth:`encode` runs on now: ``"torch"`` or ``"onnx"`` (``from_pretrained(backend=...)``).
+
+        With ``backend="auto"``, ``"onnx"`` turns into ``"torch"`` after the first call if the ONNX export
+        cache turns out not to be writable (that call warns once and runs on torch).
+        """
         from visreg_hub.inference.backends import resolve_backend, spec_of
 
         return resolve_backend(self, spec_of(self))
@@ -296,6 +304,16 @@ class VISRegEncoder(nn.Module):
             calibration_embeddings=calibration_embeddings, truncate_dim=truncate_dim, on_error=on_error,
             max_pixels=max_pixels, backend=backend, draft_decode=draft_decode,
         )  # fmt: skip
+
+    def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
+        """Cosine similarity matrix, as sentence-transformers' ``model.similarity``.
+
+        Shape:
+            (N, E) or (E,) with (M, E) or (E,) -> (N, M) float32.
+        """
+        from visreg_hub.inference.similarity import cos_sim
+
+        return cos_sim(embeddings1, embeddings2)
 
     def save_pretrained(self, folder, **kwargs):
         """Write config.json, model.safetensors, README.md (:func:`visreg_hub.hub.saving.save_pretrained`)."""
