@@ -369,3 +369,28 @@ def test_search_warns_when_the_model_folder_now_holds_other_weights(tmp_path, ca
     code, out, err = run(capsys, "search", tmp_path / "idx", query, "--json")
     assert code == 0 and "does not have the weights the index was built with" in err
     assert built[:12] in err and json.loads(out)[0]["results"]  # a warning: results still come back
+
+
+def test_search_does_not_let_an_index_choose_a_model_to_download(tmp_path, capsys, model_dir, gallery,
+                                                                  monkeypatch):
+    """An index from someone else records whatever model_name it likes; without --model, search loads a
+    registry model or a model folder on this machine, but never downloads the Hub repo an index names."""
+    from visreg_hub.hub import loading
+
+    downloads = []
+    monkeypatch.setattr(loading, "hub_download", lambda *a, **k: downloads.append(a) or 1 / 0)
+    assert run(capsys, "embed", gallery / "fmnist", "-o", tmp_path / "e.npy", "--model", model_dir)[0] == 0
+    assert run(capsys, "index", "build", tmp_path / "e.npy", "-o", tmp_path / "idx")[0] == 0
+    query = gallery / "fmnist" / "item_03.png"
+    code, _, err = run(capsys, "search", tmp_path / "idx", query, "--json")
+    assert code == 0 and f"using the model the index records: {os.path.abspath(model_dir)}" in err
+    manifest_path = tmp_path / "idx" / "manifest.json"
+    for recorded in ("evil-org/evil-model", "hf-hub:evil-org/evil-model"):
+        manifest = json.loads(manifest_path.read_text())
+        manifest["model_name"] = recorded
+        manifest_path.write_text(json.dumps(manifest))
+        code, out, err = run(capsys, "search", tmp_path / "idx", query, "--json")
+        assert code != 0 and out == "" and downloads == []
+        assert f"records the model '{recorded}'" in err and f"pass --model '{recorded}'" in err
+    code, out, err = run(capsys, "search", tmp_path / "idx", query, "--json", "--model", model_dir)
+    assert code == 0 and json.loads(out)[0]["results"][0]["metadata"]["path"] == os.path.abspath(query)

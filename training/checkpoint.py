@@ -172,8 +172,9 @@ def _newest_intact(root: Path, resume: str) -> tuple[Path, set[str]]:
         except CheckpointError as exc:
             problems.append(str(exc))
             logger.warning("skipping checkpoint %s: %s; trying the previous one", folder.name, exc)
+    why = f" ({'; '.join(problems)})" if problems else " (no complete step folder; see the warnings above)"
     raise CheckpointError(
-        f"--resume {resume!r}: no intact checkpoint under {root} ({'; '.join(problems)}); "
+        f"--resume {resume!r}: no intact checkpoint under {root}{why}; "
         "resume from another copy, or start afresh with --overwrite (replaces the run) or another "
         "train.output_dir"
     )

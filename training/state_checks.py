@@ -39,12 +39,13 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         return load_safetensors(path)
     except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
         hint = (
-            "; it looks like a pickle renamed to .safetensors, which is never unpickled: resume from "
-            "another checkpoint"
+            "; it looks like a pickle renamed to .safetensors, which is never unpickled"
             if looks_like_pickle(path)
-            else ""
+            else "; it is corrupt, truncated or was modified"
         )
-        raise CheckpointError(f"{path} is not a valid safetensors file ({exc}){hint}") from None
+        raise CheckpointError(
+            f"{path} is not a valid safetensors file ({exc}){hint}: resume from another checkpoint"
+        ) from None
 
 
 def like(saved: Any, reference: Any, where: str) -> None:

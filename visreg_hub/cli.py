@@ -107,6 +107,28 @@ def _check_weights(index, model, model_name: str) -> None:
         )
 
 
+def _recorded_model(name: str | None, index_folder: str) -> str:
+    """The model an index records, when ``search`` may load it without ``--model``.
+
+    A registry name (pinned by this package) or a model folder on this machine is loaded; a Hub repository
+    is not: the index folder may come from someone else, and it must not choose what is downloaded.
+    """
+    from visreg_hub.hub.registry import find_entry
+
+    if name is None:
+        raise UserInputError(f"the index {index_folder!r} records no model; pass --model NAME")
+    if find_entry(name) is not None:
+        return name
+    if Path(name).is_absolute() and Path(name).is_dir():
+        print(f"using the model the index records: {name} (pass --model to choose another)", file=sys.stderr)
+        return name
+    raise UserInputError(
+        f"the index {index_folder!r} records the model {name!r}, which is neither a registry model nor a "
+        f"model folder on this machine; pass --model {name!r} to download and use it (an index folder does "
+        "not choose what is downloaded)"
+    )
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from visreg_hub.inference import encode
     from visreg_hub.retrieval import EmbeddingIndex
@@ -116,9 +138,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     queries = _expand_image_inputs(args.images)
     index = EmbeddingIndex.load(args.index)
     _apply_search_options(args, index)
-    model_name = args.model or index.model_name
-    if model_name is None:
-        raise UserInputError(f"the index {args.index!r} records no model; pass --model NAME")
+    model_name = args.model or _recorded_model(index.model_name, args.index)
     model = _load_model(model_name, args.device)
     same = {_model_reference(args.model), model.config.name} if args.model else set()
     if args.model and index.model_name and index.model_name not in same:  # the bundled folder is its name

@@ -120,6 +120,7 @@ def test_index_of_another_kind_or_dim_is_refused(folders, tmp_path):
         ("dim", True, r"dim must be an integer"),
         ("count", -1, "count must be an integer"),
         ("count", 10**30, "count must be an integer"),
+        ("count", 10**12, r"count 1000000000000 is more than the index's ntotal"),  # named ntotal before
         ("params", [], "params must be an object"),
         ("params", {"nlist": "4"}, r"params\.nlist must be an integer"),
         ("normalized", "yes", "normalized must be true or false"),
@@ -174,6 +175,67 @@ def test_non_dict_metadata(folders, tmp_path, line, message):
     )
     with pytest.raises(CheckpointError, match=message):
         EmbeddingIndex.load(folder)
+
+
+def test_an_oversized_metadata_line_is_refused_before_it_is_read_whole(folders, tmp_path):
+    """A 1 GB line compresses to about 1 MB in a download and cost 4.6 GB of memory to load; a line over
+    the per-item cap is refused after reading only the cap (measured here with tracemalloc)."""
+    import tracemalloc
+
+    from visreg_hub.retrieval.limits import MAX_METADATA_BYTES
+
+    lines = (folders["flat"] / "metadata.jsonl").read_text().splitlines()
+    lines[4] = json.dumps({"path": "A" * (8 * MAX_METADATA_BYTES)})
+    data = ("\n".join(lines) + "\n").encode()
+    folder = copy_with(folders["flat"], tmp_path, files={"metadata.jsonl": data})
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=r"line 5 is over 1,048,576 bytes"):
+            EmbeddingIndex.load(folder)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MAX_METADATA_BYTES  # the 8 MiB line was never held whole
+
+
+def test_metadata_over_the_per_item_cap_is_refused_when_added(tmp_path):
+    """What load refuses, add refuses first: an index that saves is an index that loads."""
+    from visreg_hub.errors import UserInputError
+    from visreg_hub.retrieval.limits import MAX_METADATA_BYTES
+
+    index = EmbeddingIndex(8)
+    vectors = np.ones((2, 8), np.float32)
+    just_fits = {"p": "é" * ((MAX_METADATA_BYTES - 8) // 6)}  # stored as \u00e9: 6 bytes per character
+    with pytest.raises(UserInputError, match=r"metadata\[1\] is .* bytes of JSON, over the 1,048,576"):
+        index.add(vectors, metadata=[just_fits, {"p": "x" * MAX_METADATA_BYTES}])
+    index.add(vectors, metadata=[just_fits, None])
+    assert EmbeddingIndex.load(index.save(tmp_path / "idx")).get_metadata([0])[0] == just_fits
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "index.faiss", "ids.npy", "metadata.jsonl"])
+def test_index_files_that_lead_out_of_the_folder_are_refused_unread(folders, tmp_path, name):
+    """A link to /etc/passwd printed the target's sha256 in the checksum error (a way to confirm a guess
+    about a file's contents), and links to files elsewhere loaded; FIFOs read as 'missing'."""
+    import os
+
+    folder = copy_with(folders["flat"], tmp_path)
+    outside = tmp_path / "secret.txt"
+    outside.write_bytes((folder / name).read_bytes())  # even a faithful copy elsewhere is refused
+    (folder / name).unlink()
+    (folder / name).symlink_to(outside)
+    with pytest.raises(CheckpointError, match=r"is a symlink to a file outside the index folder") as caught:
+        EmbeddingIndex.load(folder)
+    assert sha256_file(outside)[:12] not in str(caught.value)
+    (folder / name).unlink()
+    os.mkfifo(folder / name)
+    with pytest.raises(CheckpointError, match=r"is not a regular file"):
+        EmbeddingIndex.load(folder)
+    (folder / name).unlink()
+    inside = folder / "data"
+    inside.mkdir()
+    (inside / name).write_bytes(outside.read_bytes())
+    (folder / name).symlink_to(inside / name)  # a link that stays inside the folder is fine
+    assert len(EmbeddingIndex.load(folder)) == 297
 
 
 def _npy(array: np.ndarray) -> bytes:

@@ -563,3 +563,23 @@ def test_a_pickle_renamed_to_safetensors_in_a_checkpoint_is_named_as_one(tmp_pat
     with pytest.raises(CheckpointError) as caught:
         read_tensors(garbage)
     assert "looks like a pickle" not in str(caught.value)
+
+
+def test_resume_errors_name_a_fix_and_never_show_empty_reasons(run_folder, tmp_path, trainer):
+    """Probe 8 (F6): a garbage training_state.safetensors showed safetensors' own words without a fix, and a
+    run whose only checkpoint pointer led out of the folder said 'no intact checkpoint ... ()'."""
+    output, step4 = _copy(run_folder, tmp_path)
+    shutil.rmtree(output / "checkpoints" / "step-00000002")
+    header = b'{"x":{"dtype":"F32","shape":[1099511627776,1099511627776],"data_offsets":[0,4]}}'
+    (step4 / "training_state.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    write_manifest(step4)
+    fix = r"not a valid safetensors file .*: resume from another checkpoint"
+    with pytest.raises(CheckpointError, match=fix):
+        _resume(trainer, step4)
+    shutil.rmtree(step4)
+    checkpoints = output / "checkpoints"
+    (checkpoints / "latest").write_text("../../elsewhere\n")
+    trainer.checkpoint_root = checkpoints
+    with pytest.raises(CheckpointError, match="no intact checkpoint") as caught:
+        _resume(trainer, str(output))
+    assert "()" not in str(caught.value)

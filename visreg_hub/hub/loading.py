@@ -21,6 +21,7 @@ import torch
 
 from visreg_hub.devices import resolve_device
 from visreg_hub.errors import CheckpointError, ModelNotFoundError, ModelNotPublishedError, UserInputError
+from visreg_hub.folders import outside_target
 from visreg_hub.hub import format as ckpt
 from visreg_hub.hub import preflight, registry
 from visreg_hub.models.limits import ModelLimits
@@ -266,11 +267,8 @@ def _check_inside(folder: Path, path: Path) -> None:
     if not path.is_symlink():
         return
     base = folder.resolve()
-    target = path.resolve()
-    allowed = [base]
-    if base.parent.name == "snapshots":
-        allowed.append(base.parent.parent / "blobs")
-    if not any(target.is_relative_to(root) for root in allowed):
+    blobs = [base.parent.parent / "blobs"] if base.parent.name == "snapshots" else []
+    if outside_target(folder, path, blobs) is not None:
         raise CheckpointError(
             f"{path} is a symlink to a file outside the folder; copy the file into {folder} instead "
             "(visreg_hub reads only the folder it is given)"

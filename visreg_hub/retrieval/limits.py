@@ -17,6 +17,10 @@ from visreg_hub.errors import ConfigError
 MAX_DIM = 1 << 16
 # nesting levels of one item's metadata (dicts and lists); pydantic's JSON serialiser stops at 255
 MAX_METADATA_DEPTH = 64
+# bytes of one item's metadata as stored (compact, ASCII-escaped JSON: one line of metadata.jsonl). A saved
+# line longer than this is refused before it is read whole, so a tampered file cannot make the loader
+# allocate gigabytes for one record; add() refuses the same size, so an index that saves is one that loads.
+MAX_METADATA_BYTES = 1 << 20
 # upper bound of each positive integer build/search parameter
 PARAM_LIMITS = {
     "nlist": 1 << 24,

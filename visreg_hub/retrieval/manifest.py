@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from visreg_hub.errors import CheckpointError
+from visreg_hub.folders import outside_target
 from visreg_hub.hub.format import sha256_file
 from visreg_hub.models.config import POOLINGS
 from visreg_hub.retrieval.limits import MAX_DIM, PARAM_LIMITS
@@ -62,6 +63,19 @@ def _served_snapshot(folder: Path) -> str:
     return name if isinstance(name, str) and re.fullmatch(r"snapshot-\d{6}", name) else "snapshot-NNNNNN"
 
 
+def check_inside(folder: Path, path: Path) -> None:
+    """Refuse an index file that leads out of the folder (a symlink) or is no regular file (a FIFO, a
+    device), before it is opened: its bytes, or their digest in an error, must not leak another file."""
+    target = outside_target(folder, path)
+    if target is not None:
+        raise CheckpointError(
+            f"{path} is a symlink to a file outside the index folder; copy the file into {folder} instead "
+            "(an index is read only from the folder it is given)"
+        )
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file (a folder, FIFO or device); rebuild the index")
+
+
 def verify_files(folder: str | bytes | os.PathLike, manifest: dict[str, Any]) -> None:
     """Check every data file the manifest lists against its recorded sha256.
 
@@ -72,6 +86,7 @@ def verify_files(folder: str | bytes | os.PathLike, manifest: dict[str, Any]) ->
     folder = folder_path(folder)
     for name, expected in manifest["files"].items():
         path = folder / name
+        check_inside(folder, path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} is listed in the manifest but missing; rebuild the index")
         actual = sha256_file(path)
@@ -99,6 +114,7 @@ def read_manifest(folder: str | bytes | os.PathLike) -> dict[str, Any]:
             f"{folder} is a file, not an index folder; pass the folder written by EmbeddingIndex.save or "
             f"`visreg-hub index build` (embeddings files are indexed with `visreg-hub index build`)"
         )
+    check_inside(folder, path)
     if not path.is_file():
         if (folder / "CURRENT").is_file():
             raise FileNotFoundError(
@@ -141,7 +157,11 @@ def read_manifest(folder: str | bytes | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} lacks required fields {missing}")
     _int(manifest["dim"], "dim", 1, MAX_DIM, path)
     count = _int(manifest["count"], "count", 0, MAX_COUNT, path)
-    _int(manifest["ntotal"], "ntotal", count, MAX_COUNT, path)
+    ntotal = _int(manifest["ntotal"], "ntotal", 0, MAX_COUNT, path)
+    if ntotal < count:  # HNSW keeps removed vectors (ntotal >= count); no index holds fewer than count
+        raise CheckpointError(
+            f"{path}: count {count} is more than the index's ntotal {ntotal}; rebuild the index"
+        )
     _int(manifest["next_id"], "next_id", 0, (1 << 63) - 1, path)
     if not isinstance(manifest["kind"], str) or manifest["kind"] not in KINDS:
         raise CheckpointError(f"{path}: kind must be one of {KINDS}, got {manifest['kind']!r}")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from visreg_hub.errors import UserInputError, VisregHubError
-from visreg_hub.retrieval.limits import MAX_METADATA_DEPTH
+from visreg_hub.retrieval.limits import MAX_METADATA_BYTES, MAX_METADATA_DEPTH
 
 MAX_ID = int(np.iinfo(np.int64).max) - 1
 
@@ -108,11 +108,17 @@ def encode_metadata(metadata: Any, n: int) -> list[str | None]:
         if problem is not None:
             raise UserInputError(f"metadata[{i}] {problem}")
         try:
-            texts.append(json.dumps(item, allow_nan=False, separators=(",", ":")))
+            text = json.dumps(item, allow_nan=False, separators=(",", ":"))
         except (TypeError, ValueError, RecursionError) as exc:
             raise UserInputError(
                 f"metadata[{i}] must be JSON-serialisable (str, numbers, lists, dicts): {exc}"
             ) from exc
+        if len(text) > MAX_METADATA_BYTES:  # ASCII-escaped JSON: one character is one byte on disk
+            raise UserInputError(
+                f"metadata[{i}] is {len(text):,} bytes of JSON, over the {MAX_METADATA_BYTES:,} an index "
+                "keeps per item; store large content elsewhere and keep its path or key here"
+            )
+        texts.append(text)
     return texts
 
 

@@ -37,6 +37,7 @@ from visreg_hub.errors import CheckpointError, ConfigError, UserInputError, requ
 from visreg_hub.native_io import read_faiss, write_faiss
 from visreg_hub.retrieval.factory import KINDS
 from visreg_hub.retrieval.faiss_file import check_faiss_file
+from visreg_hub.retrieval.limits import MAX_METADATA_BYTES
 from visreg_hub.retrieval.manifest import (
     DATA_FILES,
     FORMAT_NAME,
@@ -289,9 +290,16 @@ def _read_metadata(path: Path, count: int) -> list[str | None]:
     """metadata.jsonl as compact JSON texts; each line a JSON object or null."""
     texts: list[str | None] = []
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, 1):
+        # bounded reads: a line is refused at MAX_METADATA_BYTES instead of being read whole first
+        lines = iter(lambda: handle.readline(MAX_METADATA_BYTES + 2), b"")
+        for number, raw in enumerate(lines, 1):
             if number > count:
                 raise CheckpointError(f"{path} has more than the manifest's {count} lines; rebuild the index")
+            if len(raw.rstrip(b"\n")) > MAX_METADATA_BYTES:
+                raise CheckpointError(
+                    f"{path} line {number} is over {MAX_METADATA_BYTES:,} bytes, more than an index keeps "
+                    "per item (the file was modified); rebuild the index"
+                )
             try:
                 value = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as exc:
