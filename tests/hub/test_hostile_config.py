@@ -54,6 +54,39 @@ def _edit_config(folder, change) -> None:
     path.write_text(json.dumps(config))
 
 
+def _crafted(config: dict, model_args: dict) -> None:
+    """Change ``model_args`` as a crafted folder would: with the copies timm and transformers read made to
+    agree (input size, feature width, embedding length), so only the budget and header checks remain."""
+    config["model_args"].update(model_args)
+    args = config["model_args"]
+    config["pretrained_cfg"]["input_size"] = [args["in_chans"], args["img_size"], args["img_size"]]
+    config["num_features"] = args["embed_dim"]
+    config["visreg"]["embedding_dim"] = args["embed_dim"]  # the tiny encoder pools "cls"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["pretrained_cfg"].update(input_size=[3, 10**5, 10**5]), r"input_size is"),
+        (lambda c: c["pretrained_cfg"].update(input_size=[3, -5, 32]), r"pretrained_cfg\.input_size is"),
+        (lambda c: c.update(num_features=10**12), r"num_features is 1000000000000 but the model .* has 32"),
+        (lambda c: c.update(num_classes=1000), "num_classes is 1000"),
+        (lambda c: c["visreg"].update(embedding_dim=10**12), r"visreg\.embedding_dim is"),
+        (lambda c: c["pretrained_cfg"].update(url="http://evil.example/w.pth"), r"weights location \(url\)"),
+        (lambda c: c["pretrained_cfg"].update(hf_hub_id="evil/model", file="/etc/passwd"),
+         r"weights location \(file, hf_hub_id\)"),
+    ],
+)  # fmt: skip
+def test_fields_timm_and_transformers_read_must_agree_with_the_model(folder, no_network, change, message):
+    """visreg_hub rebuilds the model from model_args alone, but timm's local-dir: loader and transformers
+    read these copies: a folder where they disagree (or that names a download) was accepted silently."""
+    from_pretrained(folder)  # the folder as saved passes
+    _edit_config(folder, change)
+    with pytest.raises(CheckpointError, match=message):
+        from_pretrained(folder)
+    assert no_network == []
+
+
 def test_a_local_load_never_touches_the_network(folder, no_network):
     model = from_pretrained(folder)
     assert model.config.depth == 2 and no_network == []
@@ -113,7 +146,7 @@ def _peak_rss_bytes() -> int:
     ],
 )
 def test_huge_configs_are_refused_before_allocation(folder, model_args, message, error):
-    _edit_config(folder, lambda c: c["model_args"].update(model_args))
+    _edit_config(folder, lambda c: _crafted(c, model_args))
     before, started = _peak_rss_bytes(), time.perf_counter()
     with pytest.raises(error, match=message):
         from_pretrained(folder)

@@ -262,9 +262,52 @@ def config_from_json(data: dict[str, Any], source: str = CONFIG_NAME) -> ModelCo
         extra["license"] = pretrained_cfg["license"]
     fields["extra"] = extra
     try:
-        return ModelConfig(**fields)
+        config = ModelConfig(**fields)
     except (ConfigError, TypeError, ValueError) as exc:  # e.g. mean: "abc" -> float() ValueError
         raise CheckpointError(f"{source} describes an invalid model: {exc}") from None
+    _check_derived_fields(data, config, source)
+    return config
+
+
+# pretrained_cfg keys that tell timm where to fetch weights; timm's own save drops them, so a folder that has
+# them was edited, and timm's loaders could follow them instead of reading the folder's weights
+_DOWNLOAD_KEYS = ("url", "file", "hf_hub_id", "hf_hub_filename", "source")
+
+
+def _check_derived_fields(data: dict[str, Any], config: ModelConfig, source: str) -> None:
+    """Refuse the fields visreg_hub writes for timm and transformers when they disagree with the model.
+
+    why: visreg_hub rebuilds the model from ``model_args`` alone, but timm's ``local-dir:`` loader and
+    transformers read ``pretrained_cfg.input_size`` and the head fields, so a folder whose copies disagree
+    is a different model (or preprocessing) in each library: an index built with one would be searched
+    with another model without any error.
+    """
+    from visreg_hub.models.config import POOLING_BLOCKS
+
+    pretrained_cfg = data.get("pretrained_cfg") or {}
+    visreg = data.get("visreg") or {}
+    expected = {
+        "pretrained_cfg.input_size": (pretrained_cfg, "input_size", [config.in_chans, config.img_size,
+                                                                     config.img_size]),
+        "num_features": (data, "num_features", config.embed_dim),
+        "num_classes": (data, "num_classes", 0),
+        "pretrained_cfg.num_classes": (pretrained_cfg, "num_classes", 0),
+        "visreg.embedding_dim": (visreg, "embedding_dim",
+                                 config.embed_dim * POOLING_BLOCKS.get(config.pooling, 1)),
+    }  # fmt: skip
+    for label, (block, key, want) in expected.items():
+        if key in block and block[key] != want:
+            raise CheckpointError(
+                f"{source}: {label} is {block[key]!r} but the model it describes has {want!r} (from "
+                "model_args, pooling and the visreg block); timm and transformers would read another model "
+                "from this folder: fix or remove the field"
+            )
+    sources = [key for key in _DOWNLOAD_KEYS if pretrained_cfg.get(key) not in (None, "")]
+    if sources:
+        raise CheckpointError(
+            f"{source}: pretrained_cfg names a weights location ({', '.join(sources)}); a model folder "
+            "carries its own model.safetensors, and timm could fetch the named one instead: remove the key(s)"
+        )
 
 
 _PROMOTED_TYPES = {
