@@ -218,7 +218,7 @@ def test_closed_forms():
     assert scale_loss(unit).item() == pytest.approx(0.0, abs=1e-28)
     # a zero-spread (collapsed) batch stays finite
     collapsed = torch.ones(2, 8, 3, dtype=torch.float64, requires_grad=True)
-    visreg_regularizer(collapsed, identity[:3]).total.backward()
+    visreg_regularizer(collapsed, identity[:3, :3]).total.backward()
     assert torch.isfinite(collapsed.grad).all()
 
 
@@ -487,8 +487,11 @@ def test_public_cached_tables_are_copies():
         (lambda z: vicreg_invariance_loss(z[0]), r"must be a \(V, N, D\) tensor"),  # 2-D: no views
         (lambda z: barlow_twins_terms(z[0]), r"must be a \(V, N, D\) tensor"),
         (lambda z: vicreg_invariance_loss(z.long()), "floating-point"),
-        (lambda z: sigreg_loss(z, torch.randn(8, 3), t_max=float("inf")), "t_max must be a finite"),
-        (lambda z: sigreg_loss(z, torch.randn(8, 3), num_knots=2.5), "num_knots must be an integer"),
+        (lambda z: sigreg_loss(z, torch.eye(8)[:, :3], t_max=float("inf")), "t_max must be a finite"),
+        (lambda z: sigreg_loss(z, torch.eye(8)[:, :3], num_knots=2.5), "num_knots must be an integer"),
+        (lambda z: shape_loss(z, 10 * torch.eye(8)[:, :3]), r"unit-length.*off by 9: pass directions /"),
+        (lambda z: sigreg_loss(z, torch.eye(8, dtype=torch.long)), "directions must be a floating-point"),
+        (lambda z: VISRegLoss(8)(z, directions=torch.ones(8, 4)), "unit-length columns"),
         (lambda z: shape_loss(z, torch.zeros(8, 0)), "K >= 1"),
         (lambda z: VISRegLoss(4)(z[:1], z[1:].long()), "local_proj must be a floating-point tensor"),
     ],

@@ -85,7 +85,7 @@ def test_vicreg_and_barlow_modules():
     all_views = torch.cat([g, local])
     assert out.invariance.item() == pytest.approx(vicreg_invariance_loss(g, local).item())
     assert out.variance.item() == pytest.approx(vicreg_variance_loss(all_views).item())
-    assert out.covariance.item() == pytest.approx(vicreg_covariance_loss(all_views).item())
+    assert out.covariance.item() == pytest.approx(2 * vicreg_covariance_loss(all_views).item())
     assert out.total.item() == pytest.approx(
         25 * out.invariance.item() + 25 * out.variance.item() + out.covariance.item()
     )
@@ -259,3 +259,63 @@ def test_reprs_show_every_setting_that_changes_the_loss():
     assert len(set(shown)) == len(shown), shown
     assert "shape_weight=2.0" in repr(VISRegLoss(shape_weight=2.0))
     assert "route='gram'" in repr(BarlowTwinsLoss(route="gram"))
+
+
+def _official_vicreg(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """facebookresearch/vicreg's loss at its defaults (25, 25, 1), written out in float64 from its code:
+    MSE; centred; std with +1e-4 under the root, hinge averaged per branch and halved; covariance
+    off-diagonal squares / D summed over the two branches."""
+    n, d = x.shape
+    invariance = ((x - y) ** 2).mean()
+    x, y = x - x.mean(dim=0), y - y.mean(dim=0)
+    std_x, std_y = torch.sqrt(x.var(dim=0) + 1e-4), torch.sqrt(y.var(dim=0) + 1e-4)
+    std_loss = torch.relu(1 - std_x).mean() / 2 + torch.relu(1 - std_y).mean() / 2
+    cov_loss = 0.0
+    for z in (x, y):
+        cov = z.T @ z / (n - 1)
+        cov_loss = cov_loss + (cov.square().sum() - cov.diagonal().square().sum()) / d
+    return 25 * invariance + 25 * std_loss + cov_loss
+
+
+def test_vicreg_default_is_the_official_objective_at_two_views():
+    """A researcher's VICRegLoss() must be the official VICReg: the covariance was averaged over the two
+    views (half its official weight), so every VICReg result at defaults was another objective."""
+    generator = torch.Generator().manual_seed(0)
+    for n, d in ((64, 32), (7, 3)):
+        x = torch.randn(n, d, dtype=torch.float64, generator=generator)
+        y = x + 0.5 * torch.randn(n, d, dtype=torch.float64, generator=generator)
+        out = VICRegLoss()(torch.stack([x, y]))
+        assert out.total.item() == pytest.approx(_official_vicreg(x, y).item(), rel=1e-12)
+        # with more views the covariance keeps its weight: (2 / V) * sum over views of c(Z_v)
+        four = torch.stack([x, y, 0.5 * x, y.flip(0)])
+        expected = sum(vicreg_covariance_loss(view) for view in four) * 2 / 4
+        assert VICRegLoss()(four).covariance.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_an_empty_local_stack_means_no_local_views():
+    """``proj[num_global:]`` is (0, N, D) in a recipe without local crops: VISReg, SWD and SIGReg raised
+    an IndexError deep in the functional code, where VICReg and Barlow Twins accepted it."""
+    from visreg_hub.losses import functional as F
+
+    g = views()
+    empty = g[:0]
+    w = torch.nn.functional.normalize(torch.randn(8, 9, dtype=torch.float64), dim=0)
+    for loss in (VISRegLoss(9), SWDLoss(9), SIGRegLoss(9)):
+        assert loss(g, empty, directions=w).total.item() == loss(g, None, directions=w).total.item()
+    for loss in (VICRegLoss(), BarlowTwinsLoss()):
+        assert loss(g, empty).total.item() == loss(g).total.item()
+    with pytest.raises(ValueError, match=r"local_proj must be \(V_local, N, D\)"):
+        F.invariance_loss(g, views(2)[:, :5])  # another N: named, not a torch broadcasting error
+
+
+def test_eps_is_checked_when_the_loss_is_built_and_mixed_dtypes_are_not_rounded_down():
+    """eps=inf was accepted until the first forward; a float32 local stack beside a bf16 global one was
+    rounded to bf16 before the regulariser."""
+    from visreg_hub.losses._numerics import all_views
+
+    for make in (lambda: VICRegLoss(eps=float("inf")), lambda: BarlowTwinsLoss(eps=0.0)):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            make()
+    g, local = views().bfloat16(), views(2, seed=4).float()
+    stacked = all_views(g, local)
+    assert stacked.dtype == torch.float32 and torch.equal(stacked[2:], local)

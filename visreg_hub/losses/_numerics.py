@@ -62,11 +62,28 @@ def check_samples(z: torch.Tensor, minimum: int = 1) -> None:
 
 
 def check_directions(x: torch.Tensor, directions: torch.Tensor) -> None:
-    """``directions`` must be ``(D, K)`` with K >= 1 for embeddings ``(..., N, D)``."""
+    """``directions`` must be ``(D, K)`` with K >= 1 for embeddings ``(..., N, D)``, of unit columns."""
     if directions.dim() != 2 or directions.shape[0] != x.shape[-1] or directions.shape[1] < 1:
         raise UserInputError(
             f"directions must have shape (D, K) = ({x.shape[-1]}, K) with K >= 1 for embeddings of shape "
             f"{tuple(x.shape)}, got {tuple(directions.shape)}"
+        )
+    check_unit_columns(directions)
+
+
+UNIT_TOLERANCE = 2e-2  # bf16 directions hold their norm to about 4e-3
+
+
+def check_unit_columns(directions: torch.Tensor) -> None:
+    """Slice directions are points on the unit sphere: a longer column scales its slice's projections,
+    and with them the shape and SIGReg terms (tenfold columns gave a 3,000x larger shape term)."""
+    if not directions.is_floating_point():
+        raise UserInputError(f"directions must be a floating-point tensor, got dtype {directions.dtype}")
+    error = float((directions.detach().float().norm(dim=0) - 1.0).abs().max())
+    if not error <= UNIT_TOLERANCE:  # NaN fails too
+        raise UserInputError(
+            f"directions must have unit-length columns (slice directions on the sphere); a column's length "
+            f"is off by {error:.3g}: pass directions / directions.norm(dim=0, keepdim=True)"
         )
 
 
@@ -115,7 +132,12 @@ def check_weight(name: str, value: float, *, upper: float | None = None) -> floa
     return float(value)
 
 
-def check_views(global_proj: torch.Tensor, local_proj: torch.Tensor | None) -> None:
+def check_views(global_proj: torch.Tensor, local_proj: torch.Tensor | None) -> torch.Tensor | None:
+    """Check the (V, N, D) view stacks; return ``local_proj``, or None when it holds no views.
+
+    A ``(0, N, D)`` stack is what ``proj[num_global:]`` gives when a recipe has no local crops; it means
+    the same as ``None``.
+    """
     if not isinstance(global_proj, torch.Tensor) or global_proj.dim() != 3:
         shape = tuple(global_proj.shape) if isinstance(global_proj, torch.Tensor) else type(global_proj)
         raise UserInputError(f"global_proj must be a (V, N, D) tensor, got {shape}")
@@ -125,7 +147,7 @@ def check_views(global_proj: torch.Tensor, local_proj: torch.Tensor | None) -> N
             f"got {tuple(global_proj.shape)}"
         )
     if local_proj is None:
-        return
+        return None
     if not isinstance(local_proj, torch.Tensor):
         raise UserInputError(
             f"local_proj must be a (V_local, N, D) tensor or None, got {type(local_proj).__name__}"
@@ -137,12 +159,16 @@ def check_views(global_proj: torch.Tensor, local_proj: torch.Tensor | None) -> N
         )
     if not local_proj.is_floating_point():  # as global_proj: an integer tensor is a mistake, not a cast
         raise UserInputError(f"local_proj must be a floating-point tensor, got dtype {local_proj.dtype}")
+    return local_proj if local_proj.shape[0] > 0 else None
 
 
 def all_views(global_proj: torch.Tensor, local_proj: torch.Tensor | None) -> torch.Tensor:
+    """Global and local views stacked ``(Vg + Vl, N, D)``, in the wider of their dtypes (a bf16 global
+    stack and a float32 local one are not rounded to bf16)."""
     if local_proj is None:
         return global_proj
-    return torch.cat([global_proj, local_proj.to(global_proj.dtype)])
+    dtype = torch.promote_types(global_proj.dtype, local_proj.dtype)
+    return torch.cat([global_proj.to(dtype), local_proj.to(dtype)])
 
 
 def report(local: torch.Tensor, reported: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 
 from visreg_hub.errors import UserInputError
 
-from ._numerics import check_weight, report
+from ._numerics import check_unit_columns, check_weight, report
 from .distributed import reduce_values, world_info
 from .slices import SLICE_MODES, SlicePlan, SliceSampler, plan_slices
 
@@ -93,6 +93,7 @@ class SlicedLoss(nn.Module):
         if not isinstance(directions, torch.Tensor) or directions.dim() != 2 or directions.shape[0] != dim:
             shape = tuple(directions.shape) if isinstance(directions, torch.Tensor) else type(directions)
             raise UserInputError(f"directions must be a (D, K) = ({dim}, K) tensor, got {shape}")
+        check_unit_columns(directions)
         return directions
 
     def _plan(self, z: torch.Tensor, directions: torch.Tensor | None, step: int) -> SlicePlan:

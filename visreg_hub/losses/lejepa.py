@@ -72,7 +72,7 @@ class SIGRegLoss(SlicedLoss):
 
     def forward(self, global_proj, local_proj=None, *, directions=None) -> SIGRegOutput:
         """Args: ``global_proj`` ``(Vg, N, D)``, ``local_proj`` ``(Vl, N, D)`` or None, ``directions``."""
-        check_views(global_proj, local_proj)
+        local_proj = check_views(global_proj, local_proj)
         step = self._take_step()
         views = all_views(global_proj, local_proj)
         directions = self._plan(views, directions, step).directions  # "local": shared, no gather

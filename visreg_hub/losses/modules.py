@@ -11,7 +11,9 @@ Defaults and their sources:
 * :class:`SIGRegLoss`: ``reg_weight=0.05`` (LeJEPA's recommended lambda), ``num_slices=4096``
   (the VISReg repository's SIGReg config), 17 knots on ``[0, 3]``.
 * :class:`SWDLoss`: ``reg_weight=0.9`` (the VISReg repository uses one lambda for all its regularisers).
-* :class:`VICRegLoss`: invariance 25, variance 25, covariance 1, gamma 1 (VICReg paper).
+* :class:`VICRegLoss`: invariance 25, variance 25, covariance 1, gamma 1 (VICReg paper), the variance
+  averaged and the covariance summed over two views as the official code does (its class docstring says
+  how more views count).
 * :class:`BarlowTwinsLoss`: off-diagonal weight 0.0051 (Barlow Twins paper).
 
 Views. The regularisers of VISReg, SWD and SIGReg see *all* views (global and local stacked, as the
@@ -30,11 +32,13 @@ Distributed (slice_mode, see :mod:`visreg_hub.losses.slices`). ``partition`` nev
 embeddings: the batch moments come from every rank's shard sums all-reduced, and one all-to-all hands each
 rank all samples on its K/M slices (:mod:`visreg_hub.losses.partition`), so per-rank work and traffic
 shrink with M. ``replicate`` gathers the batch (every rank needs all of it for its own K directions). In
-``partition`` and ``replicate`` modes
-every reported term equals the single-process value on the concatenated batch (the per-rank partial
-values are summed with one small all-reduce; the invariance is averaged over ranks too), and the gradient
-on each rank's inputs is ``world_size`` times the single-process gradient, which DDP's gradient averaging
-turns into the single-process parameter gradient exactly. ``local`` mode communicates nothing.
+``partition`` mode every reported term equals the single-process value on the concatenated batch (the
+per-rank partial values are summed with one small all-reduce; the invariance is averaged over ranks
+too). In ``replicate`` mode each rank draws its own K directions, so the terms equal one process using
+the M x K stacked directions (not the single-process value with K); with explicit ``directions=`` both
+modes equal the single process. In both, the gradient on each rank's inputs is ``world_size`` times that
+process's gradient, which DDP's gradient averaging turns into its parameter gradient exactly. ``local``
+mode communicates nothing.
 
 Mixed precision. Batch statistics, residuals and every reduction run in float32; the slice projections run
 in the autocast dtype (bf16) and are sorted as such, which equals sorting their float32 upcast; pass

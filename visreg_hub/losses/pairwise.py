@@ -15,10 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from visreg_hub.errors import UserInputError
-
 from . import functional as F
-from ._numerics import all_views, check_views, check_weight
+from ._numerics import all_views, check_eps, check_views, check_weight
 from .distributed import gather_batch
 from .redundancy import check_barlow_route
 
@@ -48,7 +46,7 @@ class _GatheringLoss(nn.Module):
         self.gather, self.group = bool(gather), group
 
     def _views(self, global_proj, local_proj):
-        check_views(global_proj, local_proj)
+        local_proj = check_views(global_proj, local_proj)
         if not self.gather:
             return global_proj, local_proj
         gathered_local = None if local_proj is None else gather_batch(local_proj, -2, self.group)
@@ -58,15 +56,18 @@ class _GatheringLoss(nn.Module):
 class VICRegLoss(_GatheringLoss):
     """VICReg (Bardes, Ponce & LeCun 2022) for V >= 2 views.
 
-    ``total = invariance_weight * invariance + variance_weight * variance + covariance_weight * covariance``;
-    invariance is the MSE averaged over global-global and global-local view pairs, variance and covariance
-    are averaged over views (see :mod:`visreg_hub.losses.functional`). With ``gather=True`` (default) and a
-    process group, every term is computed on the gathered global batch, as the original implementation.
+    ``total = invariance_weight * invariance + variance_weight * variance + covariance_weight * covariance``,
+    weighted as the official implementation (``facebookresearch/vicreg``) is at its two views: invariance
+    is the MSE (averaged over global-global and global-local view pairs), variance the hinge averaged over
+    views (the code's ``std_loss / 2 + ...``), covariance ``c(Z)`` *summed* over the two branches (the code's
+    ``cov_loss``, the paper's eq. 6). With V views the covariance is ``(2 / V) * sum_v c(Z_v)``, so the
+    weights keep their meaning whatever the number of crops. With ``gather=True`` (default) and a process
+    group, every term is computed on the gathered global batch, as the original implementation.
 
-    Averaging over views makes the default covariance weight half the VICReg paper's at two views: its
-    eq. 6 (and the official code) *sums* ``c(Z) + c(Z')`` while it averages the variance hinge. Pass
-    ``covariance_weight=2.0`` for the paper's weighting at V = 2 (``loss.vicreg.covariance_weight=2`` in
-    a training config); this project's method comparisons use the default and say so.
+    (The paper's eq. 6 writes the variance summed too, ``mu [v(Z) + v(Z')]``; its code and its reported
+    weights average it, and this module follows the code.) Until 2026-12-01 the covariance was averaged
+    over views, half of the above: this project's Fashion-MNIST method grid ran with that, which is
+    ``covariance_weight=0.5`` here.
     """
 
     def __init__(
@@ -85,8 +86,7 @@ class VICRegLoss(_GatheringLoss):
         self.variance_weight = check_weight("variance_weight", variance_weight)
         self.covariance_weight = check_weight("covariance_weight", covariance_weight)
         self.gamma = check_weight("gamma", gamma)
-        if not eps > 0:
-            raise UserInputError(f"eps must be positive, got {eps!r}")
+        check_eps(eps)  # a finite number > 0, refused here rather than at the first forward
         self.eps = float(eps)
 
     def extra_repr(self) -> str:
@@ -101,7 +101,8 @@ class VICRegLoss(_GatheringLoss):
         global_proj, local_proj = self._views(global_proj, local_proj)
         views = all_views(global_proj, local_proj)
         invariance = F.vicreg_invariance_loss(global_proj, local_proj)
-        variance, covariance = F.vicreg_variance_covariance(views, gamma=self.gamma, eps=self.eps)
+        variance, mean_covariance = F.vicreg_variance_covariance(views, gamma=self.gamma, eps=self.eps)
+        covariance = 2.0 * mean_covariance  # c(Z) + c(Z') at two views, as the official code sums it
         total = (
             self.invariance_weight * invariance
             + self.variance_weight * variance
@@ -133,8 +134,7 @@ class BarlowTwinsLoss(_GatheringLoss):
     ) -> None:
         super().__init__(gather, group)
         self.off_diagonal_weight = check_weight("off_diagonal_weight", off_diagonal_weight)
-        if not eps > 0:
-            raise UserInputError(f"eps must be positive, got {eps!r}")
+        check_eps(eps)  # a finite number > 0, refused here rather than at the first forward
         self.eps = float(eps)
         self.route = check_barlow_route(route)
 

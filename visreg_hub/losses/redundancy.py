@@ -24,7 +24,8 @@ Precision. Statistics, centring, normalisation, diagonals and every reduction ar
 float64 inputs). The D x D matmuls run in the projection dtype (bf16 under bf16 autocast or for bf16
 inputs, as every other matmul of a mixed-precision step; fp32 otherwise): on CPUs with bf16 units that is
 about four times the fp32 rate. The off-diagonal sums subtract the squared diagonal of the same matrix, so
-the rounding of the diagonal cancels exactly, and Barlow's on-diagonal term uses the float32 diagonal
+the rounding of the diagonal cancels up to the last bits of the sum (about 1e-7 of a one-column
+term in float32), and Barlow's on-diagonal term uses the float32 diagonal
 ``sum_n zn_a * zn_b / N`` computed elementwise (a bf16 ``C_ii`` near 1 would be off by up to 2e-3).
 """
 
@@ -125,7 +126,8 @@ def vicreg_covariance_loss(z: torch.Tensor, *, projection_dtype: torch.dtype | N
     """VICReg covariance term c(Z): mean over views of ``sum_{i != j} C_ij^2 / D``, C the unbiased
     covariance over the batch axis (VICReg paper, eq. 3-4).
 
-    The VICReg code sums this term over its two branches; the mean here is half that at V = 2.
+    The VICReg code sums this term over its two branches; the mean here is half that at V = 2, and
+    :class:`~visreg_hub.losses.VICRegLoss` doubles it.
 
     Args:
         z: projections.
@@ -173,7 +175,7 @@ def vicreg_invariance_loss(global_proj: torch.Tensor, local_proj: torch.Tensor |
         ``global_proj``: ``(Vg, N, D)``; ``local_proj``: ``(Vl, N, D)`` or None. Returns a 0-d float32
         tensor (float64 for float64 inputs).
     """
-    num.check_views(global_proj, local_proj)  # (V, N, D) floats: a 2-D batch is not a stack of views
+    local_proj = num.check_views(global_proj, local_proj)  # (V, N, D) floats, not a 2-D batch
     if not global_proj.is_floating_point():
         raise UserInputError(f"global_proj must be a floating-point tensor, got dtype {global_proj.dtype}")
     views = all_views(global_proj, local_proj)
@@ -382,7 +384,7 @@ def barlow_twins_terms(
         ``global_proj``: ``(Vg, N, D)``; ``local_proj``: ``(Vl, N, D)`` or None. Returns two 0-d float32
         tensors (float64 for float64 inputs).
     """
-    num.check_views(global_proj, local_proj)
+    local_proj = num.check_views(global_proj, local_proj)
     num.check_eps(eps)
     views = all_views(global_proj, local_proj)
     num.check_samples(views, minimum=2)

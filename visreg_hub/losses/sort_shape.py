@@ -37,8 +37,12 @@ Mixed precision. Under autocast (or with bf16/fp16 inputs) the projection matmul
 precision dtype, as every other matmul of the step does. Its output is therefore rounded to bf16; sorting
 those values is exactly sorting their float32 upcast (rounding is monotone), and the comparison with the
 quantiles and the loss accumulation are done in float32 against float32 quantiles, so no precision is lost
-beyond the projection's own rounding. Pass ``projection_dtype=torch.float32`` to project in float32 (TF32 on
-Ampere+ if enabled) when the slices themselves must be float32-accurate.
+beyond the projection's own rounding. That rounding is small for the value (within about 2 % of float64)
+but not for the gradient: a projection's residual ``sorted - quantile`` is a difference of two numbers of
+similar size, and bf16's 8-bit mantissa leaves the shape gradient 8-28 % (relative norm) from float64,
+against 0.2 % in float32 (measured at V 4, N 64-257, D 64). Like any bf16 step it is a noisier gradient,
+not a biased one; pass ``projection_dtype=torch.float32`` to project in float32 (TF32 on Ampere+ if
+enabled) when the slices themselves must be float32-accurate.
 """
 
 from __future__ import annotations

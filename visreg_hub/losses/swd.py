@@ -55,7 +55,7 @@ class SWDLoss(SlicedLoss):
 
     def forward(self, global_proj, local_proj=None, *, directions=None) -> SWDOutput:
         """Args: ``global_proj`` ``(Vg, N, D)``, ``local_proj`` ``(Vl, N, D)`` or None, ``directions``."""
-        check_views(global_proj, local_proj)
+        local_proj = check_views(global_proj, local_proj)
         step = self._take_step()
         views = all_views(global_proj, local_proj)
         plan = self._plan(views, directions, step)

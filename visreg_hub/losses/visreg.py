@@ -35,6 +35,11 @@ class VISRegLoss(SlicedLoss):
     """VISReg: ``(1 - reg_weight) * invariance + reg_weight * (scale_w * scale + shape_w * shape +
     center_w * center)`` (Wu, Balestriero & Levine 2026), regulariser on all views.
 
+    An exactly collapsed batch (every sample equal along a dimension) stays finite: the variance is floored
+    at float32's smallest normal number, so the shape term's ``1 / std`` is about 1e19 and its gradient
+    can reach 1e17 (the official code returns NaN there). Near collapse, not at it, the scale term's push
+    stays constant as the paper argues (docs/results.md); clip gradients if a run can start collapsed.
+
     Args:
         num_slices: K, slice directions per step (split over ranks in ``partition`` mode).
         reg_weight: lambda in [0, 1].
@@ -139,7 +144,7 @@ class VISRegLoss(SlicedLoss):
         directions: torch.Tensor | None = None,
     ) -> VISRegOutput:
         """Args: ``global_proj`` ``(Vg, N, D)``, ``local_proj`` ``(Vl, N, D)`` or None, ``directions``."""
-        check_views(global_proj, local_proj)
+        local_proj = check_views(global_proj, local_proj)
         step = self._take_step()
         center, scale, shape, communicates = self._regularizer(
             all_views(global_proj, local_proj), directions, step
