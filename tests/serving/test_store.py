@@ -309,3 +309,82 @@ def test_loading_a_serve_store_as_an_index_names_its_snapshot(tmp_path):
     with pytest.raises(FileNotFoundError, match=expected):
         EmbeddingIndex.load(folder)
     assert EmbeddingIndex.load(folder / current).count == 2  # the named folder is the index
+
+
+def _store_with_items(folder: Path, count: int = 5, *, snapshot: bool = True):
+    """A store with ``count`` acknowledged items (snapshot-000001 when ``snapshot``, then 2 logged adds)."""
+    rng = np.random.default_rng(3)
+    store = DurableIndex(folder, new_index, snapshot_every=10**6)
+    vectors = unit(rng, count)
+    for row in vectors[: count - 2]:
+        store.add(row[None])
+    if snapshot:
+        store.snapshot()
+    for row in vectors[count - 2 :]:
+        store.add(row[None])
+    store._log.close()
+    os.close(store._folder_lock)
+    return {int(i): v for i, v in zip(store.index.ids, vectors, strict=True)}
+
+
+@pytest.mark.parametrize("generation", [2, 7])
+def test_a_current_naming_a_missing_snapshot_removes_nothing(tmp_path, generation):
+    """Probe 9: CURRENT naming snapshot-000002 made start-up delete snapshot-000001 and its log (every
+    acknowledged item) before it found the named snapshot missing."""
+    folder = tmp_path / "idx"
+    expected = _store_with_items(folder)
+    before = sorted(p.name for p in folder.iterdir())
+    state = {"generation": generation, "snapshot": f"snapshot-{generation:06d}", "next_id": 5}
+    (folder / "CURRENT").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"names snapshot-0000\d\d, which is missing .*snapshot-000001"):
+        DurableIndex(folder, new_index)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    state = {"generation": 1, "snapshot": "snapshot-000001", "next_id": 5}
+    (folder / "CURRENT").write_text(json.dumps(state))
+    check_matches(DurableIndex(folder, new_index), expected, {})  # the fix the message names works
+
+
+@pytest.mark.parametrize("name", ["log-000001.wal", "LOCK", "CURRENT", "snapshot-000001"])
+def test_store_files_that_are_links_are_refused_before_anything_is_written(tmp_path, name):
+    """A log linked to a file elsewhere was truncated to 0 bytes and then appended to; a linked LOCK got
+    the server's pid written over the target; a linked snapshot was loaded."""
+    folder = tmp_path / "idx"
+    _store_with_items(folder)
+    real = folder / name
+    elsewhere = tmp_path / "elsewhere"
+    real.rename(elsewhere)
+    real.symlink_to(elsewhere, target_is_directory=elsewhere.is_dir())
+    snapshot_of = {p: p.read_bytes() for p in [elsewhere] if p.is_file()}
+    with pytest.raises(CheckpointError, match="is a symlink; an index store only reads, writes and deletes"):
+        DurableIndex(folder, new_index)
+    for path, data in snapshot_of.items():
+        assert path.read_bytes() == data  # not truncated, not overwritten
+
+
+def test_a_fifo_among_the_store_files_is_refused_not_waited_on(tmp_path):
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    os.mkfifo(folder / "log-000000.wal")
+    with pytest.raises(CheckpointError, match="is not a regular file"):
+        DurableIndex(folder, new_index)
+
+
+def test_damage_inside_the_log_is_refused_not_cut_off(tmp_path):
+    """Only the tail of a log can be torn by a crash. One flipped byte in record 2 of 5 cut the log there
+    (losing records 3-5, all acknowledged) with a warning calling it a torn tail."""
+    folder = tmp_path / "idx"
+    expected = _store_with_items(folder, 6, snapshot=False)
+    log = folder / "log-000000.wal"
+    data = bytearray(log.read_bytes())
+    record = len(data) // 6
+    data[record + record // 2] ^= 0xFF  # inside the second record's payload
+    log.write_bytes(bytes(data))
+    refusal = r"damaged, but an intact record follows .*truncate -s \d+"
+    with pytest.raises(CheckpointError, match=refusal) as caught:
+        DurableIndex(folder, new_index)
+    assert log.read_bytes() == bytes(data)  # nothing was cut
+    good = int(re.search(r"truncate -s (\d+)", str(caught.value)).group(1))
+    assert good == record
+    os.truncate(log, good)  # the fix the message names: keep the intact prefix
+    store = DurableIndex(folder, new_index)
+    assert sorted(int(i) for i in store.index.ids) == sorted(expected)[:1]

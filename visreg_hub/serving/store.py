@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
 LOCK = "LOCK"
+MAX_CURRENT_BYTES = 4096  # CURRENT holds three small fields
 # what snapshots leave behind when interrupted (CURRENT.tmp: the temporary name before visreg_hub.durable;
 # ..snapshot-G.tmp.saving-PID: EmbeddingIndex.save's staging folder beside the snapshot's)
 _GENERATED = re.compile(
@@ -76,23 +78,34 @@ class DurableIndex:
         snapshot_every: int = 10_000,
         prepare: Callable[[Any], None] | None = None,
     ):
-        from visreg_hub.retrieval import EmbeddingIndex
-
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        _check_entries(self.folder)  # before any of them is opened, truncated or deleted
         self._folder_lock = _lock_folder(self.folder)
         self.snapshot_every = int(snapshot_every)
         self._lock = threading.Lock()
+        try:
+            self._open(new_index, prepare)
+        except BaseException:
+            os.close(self._folder_lock)  # a start that fails releases the folder for the next try
+            raise
+
+    def _open(self, new_index: Callable[[], Any], prepare: Callable[[Any], None] | None) -> None:
+        """Load the state CURRENT names (or the folder's index, or a new one) and replay the log."""
+        from visreg_hub.retrieval import EmbeddingIndex
+
         state = self._read_current()
         self.generation = int(state.get("generation", 0))
         snapshot = state.get("snapshot")
-        self._remove_garbage(snapshot)
+        # load what CURRENT names before removing anything it does not: a CURRENT that names a missing or
+        # broken snapshot must fail with every other file still there, not after they were deleted
         if snapshot is not None:
-            self.index = EmbeddingIndex.load(self.folder / snapshot)
+            self.index = self._load_snapshot(EmbeddingIndex, snapshot)
         elif (self.folder / "manifest.json").is_file():
             self.index = EmbeddingIndex.load(self.folder)
         else:
             self.index = new_index()
+        self._remove_garbage(snapshot)
         if prepare is not None:
             prepare(self.index)
         self._ids: set[int] = {int(i) for i in self.index.ids.tolist()}
@@ -129,14 +142,34 @@ class DurableIndex:
         path = self.folder / CURRENT
         if not path.exists():
             return {}
+        with path.open("rb") as handle:
+            data = handle.read(MAX_CURRENT_BYTES + 1)
+        if len(data) > MAX_CURRENT_BYTES:
+            raise CheckpointError(f"{path} is over {MAX_CURRENT_BYTES} bytes, not a store's CURRENT file; "
+                                  f"restore it from a backup")  # fmt: skip
         try:
-            state = json.loads(path.read_text(encoding="utf-8"))
+            state = json.loads(data.decode("utf-8"))
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise CheckpointError(f"{path} is not valid JSON ({exc}); restore it from a backup") from exc
-        ok = isinstance(state, dict) and isinstance(state.get("generation"), int)
-        if not ok or state.get("snapshot") != f"snapshot-{state['generation']:06d}":
-            raise CheckpointError(f"{path} is malformed: {str(state)[:100]}; restore it from a backup")
+        generation = state.get("generation") if isinstance(state, dict) else None
+        ok = isinstance(generation, int) and not isinstance(generation, bool) and 0 < generation < 10**6
+        if not ok or state.get("snapshot") != f"snapshot-{generation:06d}":
+            raise CheckpointError(
+                f"{path} is malformed (it must name snapshot-G of its generation G); restore it from a backup"
+            )
         return state
+
+    def _load_snapshot(self, index_class, snapshot: str):
+        """The index CURRENT names; a missing one is an error that names the snapshots that are there."""
+        path = self.folder / snapshot
+        if not path.is_dir():
+            found = sorted(p.name for p in self.folder.glob("snapshot-*"))
+            raise CheckpointError(
+                f"{self.folder / CURRENT} names {snapshot}, which is missing (snapshots here: "
+                f"{', '.join(found) or 'none'}); nothing was removed. Restore the folder from a backup, or "
+                "point CURRENT at the newest snapshot here (its log's later changes are then lost)"
+            )
+        return index_class.load(path)
 
     def _remove_garbage(self, snapshot: str | None) -> None:
         """Delete generated files that CURRENT does not name (left by a crash during a snapshot)."""
@@ -144,7 +177,7 @@ class DurableIndex:
         for path in self.folder.iterdir():
             if _GENERATED.match(path.name) and path.name not in keep and path.name != CURRENT:
                 logger.info("removing %s (left over from an interrupted snapshot)", path)
-                if path.is_dir():
+                if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)
                 else:
                     path.unlink()
@@ -255,6 +288,30 @@ class DurableIndex:
             os.close(self._folder_lock)  # closing the descriptor releases the flock
 
 
+def _check_entries(folder: Path) -> None:
+    """Refuse links and special files under the store's own names (CURRENT, LOCK, snapshots, logs).
+
+    why: the store truncates its log, overwrites LOCK and deletes old snapshots; through a symlink that
+    would truncate, overwrite or load a file elsewhere, and a FIFO would hang the start-up.
+    """
+    for path in folder.iterdir():
+        name = path.name
+        if name not in (CURRENT, LOCK) and not _GENERATED.match(name):
+            continue
+        mode = path.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            raise CheckpointError(
+                f"{path} is a symlink; an index store only reads, writes and deletes its own files, so it "
+                "refuses links (one could make it truncate or replace a file elsewhere): put the real file "
+                "or folder there, or remove the link"
+            )
+        wanted_dir = name.startswith(("snapshot-", ".snapshot-", "..snapshot-"))
+        if (wanted_dir and not stat.S_ISDIR(mode)) or (not wanted_dir and not stat.S_ISREG(mode)):
+            kind = "a folder" if wanted_dir else "a regular file"
+            raise CheckpointError(f"{path} is not {kind} as an index store writes it; remove it or restore "
+                                  "the folder from a backup")  # fmt: skip
+
+
 def _lock_folder(folder: Path) -> int:
     """Take the folder's exclusive ``flock`` (released when the returned descriptor closes).
 
@@ -263,7 +320,7 @@ def _lock_folder(folder: Path) -> int:
     """
     import fcntl
 
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -10,7 +10,9 @@ Header: ``{"op": "add", "ids": [...], "dim": D, "metadata": [...]}`` or ``{"op":
 A process killed mid-append leaves a partial record at the end of the file. Reading stops at the first
 record that is short, has a wrong magic or a wrong checksum, and :meth:`LogWriter.open` truncates the
 file there before appending, so later records never hide behind garbage. Only the tail can be torn:
-records are appended and fsynced one at a time, and a record is acknowledged only after its fsync.
+records are appended and fsynced one at a time, and a record is acknowledged only after its fsync. So a
+damaged record with an intact one after it is not a crash's tail but damage to the file: reading refuses
+it (nothing is cut) and names both offsets.
 """
 
 from __future__ import annotations
@@ -103,7 +105,39 @@ def read_log(path: Path) -> tuple[list[LogRecord], int]:
             except (CheckpointError, ValueError, TypeError, KeyError, RecursionError):
                 break  # a checksummed record we cannot parse: stop, as for a torn one
             good = handle.tell()
+        later = _intact_record_after(handle, good)
+    if later is not None:
+        raise CheckpointError(
+            f"{path}: the record at byte {good} is damaged, but an intact record follows at byte {later}: "
+            f"not the torn tail a crash leaves, so nothing was cut and acknowledged changes after it are "
+            f"kept on disk. Restore the store from a backup, or keep the {len(records)} records before it "
+            f"and lose the rest with `truncate -s {good} {path}`"
+        )
     return records, good
+
+
+def _intact_record_after(handle, start: int) -> int | None:
+    """Offset of the first intact record (magic, version, length and CRC-32 all right) after ``start``.
+
+    Only the tail can be torn (module docstring), so damage followed by an intact record means the file
+    was damaged where it had been written long ago: cutting there would drop acknowledged records.
+    """
+    size = os.fstat(handle.fileno()).st_size
+    if size - start <= _FRAME.size:
+        return None
+    import mmap
+
+    with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        position = data.find(MAGIC, start + 1)
+        while position != -1:
+            if position + _FRAME.size <= size:
+                _, version, _, length, crc = _FRAME.unpack_from(data, position)
+                end = position + _FRAME.size + length
+                framed = version == VERSION and length <= MAX_RECORD_BYTES and end <= size
+                if framed and zlib.crc32(data[position + _FRAME.size : end]) == crc:
+                    return position
+            position = data.find(MAGIC, position + 1)
+    return None
 
 
 class LogWriter:
@@ -117,7 +151,7 @@ class LogWriter:
     def __init__(self, path: Path, valid_bytes: int = 0) -> None:
         self.path = path
         created = not path.exists()
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
         if os.fstat(self._fd).st_size != valid_bytes:
             os.ftruncate(self._fd, valid_bytes)
             os.fsync(self._fd)
