@@ -399,3 +399,39 @@ def test_processes_missing_the_same_graph_export_it_once(tmp_path):
     assert log.read_text().splitlines() == ["export"]
     assert len(set(outputs)) == 1 and Path(outputs[0]).is_file()
     assert cache._verified(Path(outputs[0]).parent) == Path(outputs[0])
+
+
+def test_a_cached_graph_is_checked_against_the_model_before_it_is_trusted(folder, photo_paths, tmp_path,
+                                                                           exports, monkeypatch, caplog):
+    """Probe 9: another valid graph put under the key, with entry.json's digest recomputed, gave wrong
+    embeddings without a word; a linked entry ran a graph kept elsewhere; a FIFO entry.json hung encode()."""
+    monkeypatch.setenv("VISREG_HUB_CACHE", str(tmp_path / "cache"))
+    expected = reference(photo_paths, folder)
+    from_pretrained(folder, backend="onnx").encode(photo_paths[:1])  # fills the cache
+    (entry,) = [p for p in (tmp_path / "cache" / "onnx").iterdir() if not p.name.startswith(".")]
+    other = tmp_path / "other"
+    tiny_encoder(seed=8).save_pretrained(other)  # same architecture, other weights: a plausible graph
+    from_pretrained(other, backend="onnx").encode(photo_paths[:1])
+    (other_entry,) = [p for p in (tmp_path / "cache" / "onnx").iterdir()
+                      if not p.name.startswith(".") and p != entry]  # fmt: skip
+    shutil.copyfile(other_entry / "model.onnx", entry / "model.onnx")
+    record = json.loads((entry / "entry.json").read_text())
+    record["sha256"] = hashlib.sha256((entry / "model.onnx").read_bytes()).hexdigest()
+    record["size"] = (entry / "model.onnx").stat().st_size
+    (entry / "entry.json").write_text(json.dumps(record))
+    calls = len(exports)
+    with caplog.at_level(logging.WARNING, logger="visreg_hub.inference.onnx.cache"):
+        got = from_pretrained(folder, backend="onnx").encode(photo_paths)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert "fails its check against the model" in caplog.text and len(exports) == calls + 1
+
+    shutil.rmtree(entry)  # the entry as a link to a folder elsewhere: not followed, exported again
+    entry.symlink_to(other_entry, target_is_directory=True)
+    torch.testing.assert_close(from_pretrained(folder, backend="onnx").encode(photo_paths), expected,
+                               atol=1e-4, rtol=0)  # fmt: skip
+    assert entry.is_dir() and not entry.is_symlink() and (other_entry / "model.onnx").is_file()
+    (entry / "entry.json").unlink()
+    os.mkfifo(entry / "entry.json")  # would block a plain read forever
+    torch.testing.assert_close(from_pretrained(folder, backend="onnx").encode(photo_paths), expected,
+                               atol=1e-4, rtol=0)  # fmt: skip
+    assert (entry / "entry.json").is_file()

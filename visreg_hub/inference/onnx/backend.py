@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from visreg_hub.errors import DeviceError, UserInputError
+from visreg_hub.errors import DeviceError, UserInputError, VisregHubError
 from visreg_hub.inference.backends import Backend, BackendSpec, resolve_dtype
 from visreg_hub.inference.images import DEFAULT_MAX_PIXELS
 from visreg_hub.inference.onnx.cache import cached_export
 from visreg_hub.inference.onnx.embedder import OnnxEmbedder
 from visreg_hub.inference.onnx.export import export_onnx
 from visreg_hub.inference.onnx.runtime import CPU, PROVIDER_PRIORITY
+from visreg_hub.inference.onnx.validate import validate_onnx
 from visreg_hub.inference.pipeline import EmbeddingPipeline, EncodeResult
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,17 @@ def export_cached(
             optimize=optimize, validation_providers=providers,
         )  # fmt: skip
 
-    return cached_export(model, options, export)
+    def check(path: Path) -> None:
+        # a graph read from the cache runs once against the model before it is trusted: its digest only
+        # shows it is the file entry.json records, and whoever can write the cache can record another
+        try:
+            validate_onnx(model, path, batch_sizes=(1,), providers=providers)
+        except VisregHubError:
+            raise
+        except Exception as exc:  # a file ONNX Runtime cannot even run is as untrustworthy
+            raise VisregHubError(f"the cached graph does not run ({type(exc).__name__}: {exc})") from exc
+
+    return cached_export(model, options, export, check=check)
 
 
 _EXPORT_LOCK = threading.Lock()  # held while a graph is exported or opened (see onnx_backend_for)

@@ -14,6 +14,10 @@ exported and with which versions). The cache dir is ``$VISREG_HUB_CACHE/onnx``, 
 * Reading verifies: an entry whose ``entry.json`` is missing or unreadable, or whose ``model.onnx`` size or
   SHA-256 differs from the recorded one, is logged, deleted and exported again; it is never trusted. So is
   an entry that is a file or a (dangling) symlink rather than a folder.
+* The digest only shows the file is the one ``entry.json`` records, and whoever can write the cache (a
+  shared ``VISREG_HUB_CACHE``) can record another graph; so a graph read from the cache is also run once
+  against the model on a probe image (``check``) before it is used, and an entry that fails is exported
+  again. Entries, graphs and records that are links, FIFOs or devices are never followed or read.
 * A staging folder left by an export that was killed (``kill -9``, the OOM killer) holds a whole graph;
   staging folders older than :data:`STALE_STAGING_SECONDS` are deleted whenever a graph is exported.
 * Processes that miss the same key at once take turns (an ``flock`` on ``.lock-<key>``): one exports, the
@@ -31,6 +35,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -101,16 +106,33 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+MAX_ENTRY_BYTES = 1 << 20  # entry.json holds a description and a digest: a few KB
+
+
+def _regular(path: Path) -> bool:
+    """A regular file that is not a symlink (a link could lead the cache to run a graph kept elsewhere)."""
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
 def _verified(entry: Path) -> Path | None:
     """``entry/model.onnx`` if the entry is complete and its digest matches; else None (why is logged)."""
     model_file, record_file = entry / MODEL_FILE, entry / ENTRY_FILE
     try:
-        record = json.loads(record_file.read_text())
+        if not _regular(record_file):  # a FIFO would block the read, /dev/zero would fill memory
+            raise ValueError("not a regular file")
+        with record_file.open("rb") as handle:
+            data = handle.read(MAX_ENTRY_BYTES + 1)
+        if len(data) > MAX_ENTRY_BYTES:
+            raise ValueError(f"over {MAX_ENTRY_BYTES} bytes")
+        record = json.loads(data)
         expected, size = str(record["sha256"]), int(record["size"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         logger.warning("ONNX cache entry %s has no readable %s (%s); exporting again", entry, ENTRY_FILE, exc)
         return None
-    if not model_file.is_file() or model_file.stat().st_size != size or _sha256_file(model_file) != expected:
+    if not _regular(model_file) or model_file.stat().st_size != size or _sha256_file(model_file) != expected:
         logger.warning("ONNX cache entry %s does not match its recorded SHA-256; exporting again", entry)
         return None
     return model_file
@@ -184,7 +206,8 @@ def _export_lock(root: Path, key: str) -> Iterator[None]:
         return
     try:
         root.mkdir(parents=True, exist_ok=True)
-        handle = open(root / f".lock-{key}", "a")  # noqa: SIM115 (closed below, after the unlock)
+        descriptor = os.open(root / f".lock-{key}", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        handle = os.fdopen(descriptor, "r+")  # closed below, after the unlock
     except OSError as exc:
         raise _cache_error(root, exc) from exc
     with handle:
@@ -199,22 +222,34 @@ def _export_lock(root: Path, key: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _cached(entry: Path) -> Path | None:
-    """The verified graph of ``entry``; a broken entry (file, dangling link, bad digest) is removed."""
+def _cached(entry: Path, check: Callable[[Path], None] | None = None) -> Path | None:
+    """The verified graph of ``entry``; a broken one (file, link, bad digest, failed ``check``) is removed."""
     if not (entry.is_symlink() or entry.exists()):  # exists() alone is False for a dangling symlink
         return None
-    found = _verified(entry) if entry.is_dir() else None
+    real_folder = entry.is_dir() and not entry.is_symlink()
+    found = _verified(entry) if real_folder else None
+    if found is not None and check is not None:
+        try:
+            check(found)
+        except VisregHubError as exc:  # a graph that is not what the key says (tampered, or a bad export)
+            logger.warning("ONNX cache entry %s fails its check against the model (%s); exporting again",
+                           entry, exc)  # fmt: skip
+            found = None
     if found is not None:
         logger.info("using the cached ONNX export %s", found)
         return found
-    if not entry.is_dir():
+    if not real_folder:
         logger.warning("ONNX cache entry %s is not a folder; exporting again", entry)
     _remove(entry)
     return None
 
 
 def cached_export(
-    model: nn.Module, options: dict[str, Any], export: Callable[[Path], None], root: Path | None = None
+    model: nn.Module,
+    options: dict[str, Any],
+    export: Callable[[Path], None],
+    root: Path | None = None,
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
     """The path of ``model``'s verified cached graph for ``options``, exporting it first if needed.
 
@@ -226,6 +261,10 @@ def cached_export(
         options: export options that change the graph (pooling, precision, fusions, ...), JSON-able.
         export: writes the graph to the path it is given (and validates it); called only on a miss.
         root: cache dir (None: :func:`cache_dir`).
+        check: called with a graph found in the cache before it is trusted (e.g. run it against the model
+            on a probe batch); a :class:`~visreg_hub.errors.VisregHubError` from it means the entry is
+            removed and exported again. The digest alone only shows the file is the one recorded: whoever
+            can write the cache (a shared ``VISREG_HUB_CACHE``) can record another graph.
 
     Returns:
         ``<root>/<key>/model.onnx``.
@@ -236,11 +275,11 @@ def cached_export(
     root = cache_dir() if root is None else Path(root)
     key, description = cache_key(model, options)
     entry = root / key
-    found = _cached(entry)
+    found = _cached(entry, check)
     if found is not None:
         return found
     with _export_lock(root, key):
-        found = _cached(entry)  # exported by another process while this one waited
+        found = _cached(entry, check)  # exported by another process while this one waited
         if found is not None:
             return found
         staging = _writable_root(root, key)
