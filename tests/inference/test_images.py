@@ -431,3 +431,34 @@ def test_a_text_file_object_is_refused_saying_what_to_pass(tmp_path, photo_paths
     assert "[line.strip() for line in f]" in source.error
     with pytest.raises(ImageDecodeError, match="text-mode file object"):
         decode_image(io.StringIO("a.png\n"))
+
+
+def _ico_with_png_frame(png: bytes, declared: int = 16) -> bytes:
+    """An ICO file whose directory declares ``declared`` px but whose one frame is ``png`` (any size)."""
+    import struct
+
+    directory = struct.pack("<HHH", 0, 1, 1)
+    entry = struct.pack("<BBBBHHII", declared, declared, 0, 0, 1, 32, len(png), 6 + 16)
+    return directory + entry + png
+
+
+def test_an_ico_frame_larger_than_its_directory_says_is_capped_before_decoding(tmp_path):
+    """Probe 9: a 0.5 MB ICO declaring 16x16 held a 12000x12000 PNG; Pillow decoded all 144 Mpx before
+    the cap applied. Each frame's own header is checked first (here: tracemalloc shows no decode)."""
+    import tracemalloc
+
+    big = io.BytesIO()
+    Image.new("RGB", (3000, 3000), (40, 90, 200)).save(big, "PNG")  # 9 Mpx, a few KB compressed
+    data = _ico_with_png_frame(big.getvalue())
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageDecodeError, match=r"3000x3000 = 9,000,000 pixels, above the cap"):
+            decode_image(ImageSource(data, "icon.ico"), max_pixels=1_000_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000  # the 27 MB RGB frame was never decoded
+    small = io.BytesIO()
+    Image.new("RGB", (48, 48), (40, 90, 200)).save(small, "PNG")
+    decoded = pixels(decode_image(ImageSource(_ico_with_png_frame(small.getvalue(), 48), "ok.ico")))
+    assert decoded.shape == (48, 48, 3) and decoded[0, 0].tolist() == [40, 90, 200]

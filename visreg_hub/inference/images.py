@@ -51,6 +51,7 @@ import logging
 import os
 import re
 import stat
+import struct
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -413,6 +414,45 @@ def _check_pixels(size: tuple[int, int], label: str, max_pixels: int | None) -> 
         raise _over_cap(label, max_pixels, size)
 
 
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_ico_frames(fp: Any, label: str, max_pixels: int | None) -> None:
+    """Apply the pixel cap to every frame of an ICO file by the frame's own header, before Pillow opens it.
+
+    why: an ICO directory declares sizes of at most 256 px, but a frame is a PNG or a BMP of any size,
+    and Pillow's ICO plugin decodes the largest frame in full inside ``Image.open`` (a 12000x12000 PNG in
+    a 0.5 MB ICO: 576 MB) before anyone sees its size. Reading each frame's header costs a few bytes;
+    ``fp`` is left at the start. Anything that is not an ICO directory is left to Pillow.
+    """
+    if max_pixels is None:
+        return
+    try:
+        head = fp.read(6)
+        if len(head) < 6 or head[:4] != b"\x00\x00\x01\x00":
+            return
+        (count,) = struct.unpack("<H", head[4:6])
+        offsets = []
+        for _ in range(count):
+            entry = fp.read(16)
+            if len(entry) < 16:
+                return  # a truncated directory: Pillow's error says so
+            offsets.append(struct.unpack("<I", entry[12:16])[0])
+        for offset in offsets:
+            fp.seek(offset)
+            frame = fp.read(24)
+            if frame[:8] == _PNG_MAGIC and len(frame) >= 24:
+                width, height = struct.unpack(">II", frame[16:24])  # the IHDR chunk's first fields
+            elif len(frame) >= 12:  # a BMP info header; an icon's height counts the XOR and AND masks
+                width, height = (abs(v) for v in struct.unpack("<ii", frame[4:12]))
+                height //= 2
+            else:
+                continue
+            _check_pixels((max(width, 1), max(height, 1)), label, max_pixels)
+    finally:
+        fp.seek(0)
+
+
 def _over_cap(
     label: str, max_pixels: int, size: tuple[int, int] | None = None, pixels: int | None = None
 ) -> ImageDecodeError:
@@ -446,6 +486,8 @@ def _decode_encoded(
         # why: our cap decides; Pillow's warning at 1x its limit would only be noise next to it.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if formats is None or "ICO" in formats:
+                _check_ico_frames(fp, label, max_pixels)  # Pillow decodes an ICO inside Image.open
             with Image.open(fp, formats=formats) as image:
                 if draft_to is not None and _draftable(image, draft_to):
                     image.draft(image.mode, (draft_to, draft_to))  # scale only; the mode stays
