@@ -148,6 +148,29 @@ def test_metadata_round_trip(model, plain):
     assert json.loads(raw["visreg_hub.data_config"])["mean"] == list(model.config.mean)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("image_size", "[100000, 100000]", r"image_size \(100000, 100000\), at most 8192"),
+        ("image_size", "[28]", "out of range"),
+        ("embedding_dim", "1000000000000", r"embedding_dim 1000000000000, at most"),
+        ("embedding_dim", '"32"', "out of range"),
+        ("data_config", "[" * 100_000 + "]" * 100_000, "malformed visreg_hub metadata"),
+    ],
+)
+def test_metadata_a_buffer_is_sized_from_is_bounded(plain, tmp_path, key, value, message):
+    """Probe 9: image_size 100000x100000 in a hostile file made every input a 30 GB resize; a deeply
+    nested field raised a bare RecursionError."""
+    proto = onnx.load(str(plain[0]))
+    for prop in proto.metadata_props:
+        if prop.key == f"visreg_hub.{key}":
+            prop.value = value
+    path = tmp_path / "edited.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(CheckpointError, match=message):
+        read_onnx_metadata(path)
+
+
 def test_validation_fails_clearly_on_other_weights(plain):
     with pytest.raises(OnnxValidationError, match=r"max abs error .* > 0.0001 at batch") as info:
         validate_onnx(tiny_encoder(seed=1), plain[0], batch_sizes=(1, 3))

@@ -124,11 +124,36 @@ class OnnxMetadata:
             for key in ("input_size", "mean", "std"):  # JSON lists back to the tuples of ModelConfig
                 data_config[key] = tuple(data_config[key])
             known = set(cls.__dataclass_fields__)
-            return cls(**{key: value for key, value in fields.items() if key in known})
+            metadata = cls(**{key: value for key, value in fields.items() if key in known})
         except CheckpointError:
             raise
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:
             raise CheckpointError(f"{source} has malformed visreg_hub metadata: {exc!r}") from exc
+        _check_sizes(metadata, source)
+        return metadata
+
+
+def _check_sizes(metadata: OnnxMetadata, source: str) -> None:
+    """The sizes buffers are allocated from (the resize target, the output width) within a ViT's bounds.
+
+    why: they come from the file; ``image_size`` 100000 x 100000 made every input a 30 GB resize, and an
+    ``embedding_dim`` of 1e12 sizes the output buffer of a GPU run.
+    """
+    from visreg_hub.models.limits import FIELD_BOUNDS
+
+    side, width = FIELD_BOUNDS["img_size"], FIELD_BOUNDS["embed_dim"] * 4  # cls_last4 is 4 blocks wide
+    sizes = metadata.image_size
+    sane = (
+        len(sizes) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= side for v in sizes)
+        and isinstance(metadata.embedding_dim, int)
+        and 1 <= metadata.embedding_dim <= width
+    )
+    if not sane:
+        raise CheckpointError(
+            f"{source} has visreg_hub metadata out of range (image_size {sizes!r}, at most {side} per side; "
+            f"embedding_dim {metadata.embedding_dim!r}, at most {width}); re-export the model"
+        )
 
 
 _STRING_FIELDS = frozenset(
