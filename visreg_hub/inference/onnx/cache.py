@@ -120,17 +120,23 @@ def _regular(path: Path) -> bool:
 def _verified(entry: Path) -> Path | None:
     """``entry/model.onnx`` if the entry is complete and its digest matches; else None (why is logged)."""
     model_file, record_file = entry / MODEL_FILE, entry / ENTRY_FILE
-    try:
-        if not _regular(record_file):  # a FIFO would block the read, /dev/zero would fill memory
-            raise ValueError("not a regular file")
-        with record_file.open("rb") as handle:
-            data = handle.read(MAX_ENTRY_BYTES + 1)
-        if len(data) > MAX_ENTRY_BYTES:
-            raise ValueError(f"over {MAX_ENTRY_BYTES} bytes")
-        record = json.loads(data)
-        expected, size = str(record["sha256"]), int(record["size"])
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-        logger.warning("ONNX cache entry %s has no readable %s (%s); exporting again", entry, ENTRY_FILE, exc)
+    problem = None
+    if not _regular(record_file):  # a FIFO would block the read, /dev/zero would fill memory
+        problem = "not a regular file"
+    else:
+        try:
+            with record_file.open("rb") as handle:
+                data = handle.read(MAX_ENTRY_BYTES + 1)
+            if len(data) > MAX_ENTRY_BYTES:
+                problem = f"over {MAX_ENTRY_BYTES} bytes"
+            else:
+                record = json.loads(data)
+                expected, size = str(record["sha256"]), int(record["size"])
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            problem = str(exc)
+    if problem is not None:
+        logger.warning("ONNX cache entry %s has no readable %s (%s); exporting again", entry, ENTRY_FILE,
+                       problem)  # fmt: skip
         return None
     if not _regular(model_file) or model_file.stat().st_size != size or _sha256_file(model_file) != expected:
         logger.warning("ONNX cache entry %s does not match its recorded SHA-256; exporting again", entry)
