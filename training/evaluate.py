@@ -45,12 +45,12 @@ from training.config import FMNIST_DIR, LongTailSection
 from visreg_hub.argtypes import float_range, int_range
 from visreg_hub.errors import ConfigError, VisregHubError
 from visreg_hub.models.config import POOLINGS
+from visreg_hub.retrieval.metrics import PROBE_CS, PROBE_VAL_FRACTION, probe_classifier, select_c
 from visreg_hub.retrieval.metrics import linear_probe as retrieval_linear_probe
-from visreg_hub.retrieval.metrics import probe_classifier, select_c
 
 logger = logging.getLogger("training.evaluate")
 
-DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+DEFAULT_CS = PROBE_CS  # the library's linear_probe defaults: one protocol, one number
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -205,7 +205,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--knn-k", type=int_range(1), nargs="+", default=[10, 20, 200])
     parser.add_argument("--temperature", type=float_range(0, low_open=True), default=0.07)
     parser.add_argument(
-        "--val-fraction", type=float_range(0, 1, low_open=True, high_open=True), default=0.1
+        "--val-fraction", type=float_range(0, 1, low_open=True, high_open=True), default=PROBE_VAL_FRACTION
     )
     parser.add_argument("--few-shot", type=int_range(1), nargs="*", default=[])
     parser.add_argument("--seeds", type=int_range(1), default=3)

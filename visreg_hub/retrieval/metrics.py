@@ -227,14 +227,20 @@ def select_c(
     return best, scores
 
 
+# The probe protocol of ``training/evaluate.py`` and the model cards, and the defaults of linear_probe, so
+# that the library and the evaluation script give the same number for the same features.
+PROBE_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+PROBE_VAL_FRACTION = 0.1
+
+
 def linear_probe(
     train_features: Any,
     train_labels: Any,
     test_features: Any,
     test_labels: Any,
     *,
-    cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
-    val_fraction: float = 0.2,
+    cs: Sequence[float] = PROBE_CS,
+    val_fraction: float = PROBE_VAL_FRACTION,
     standardize: bool = True,
     max_iter: int = 1000,
     seed: int = 0,
