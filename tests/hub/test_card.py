@@ -101,3 +101,21 @@ def test_card_names_the_models_own_default_pooling(tmp_path):
         text = (model.save_pretrained(tmp_path / pooling) / "README.md").read_text()
         assert f"this model's default is `{pooling}`" in text
         assert f"| default pooling | `{pooling}` ({model.embedding_dim(pooling)}-d) |" in text
+
+
+def test_the_card_names_the_objective_and_the_real_backbone_shape(tmp_path):
+    """Probe 10: a VICReg, SIGReg or Barlow run's card said "trained with the VISReg objective", and every
+    card called a 2-block, 32-wide backbone "a plain timm vit_tiny_patch16_224"."""
+    expected = {"vicreg": "VICReg", "sigreg": "SIGReg (LeJEPA)", "barlow": "Barlow Twins",
+                "swd": "sliced-Wasserstein (SWD)"}  # fmt: skip
+    for method, words in expected.items():
+        model = tiny_encoder()
+        model.config.extra["recipe"] = {"method": method}
+        text = (model.save_pretrained(tmp_path / method) / "README.md").read_text()
+        assert f"trained with the {words} objective" in text
+        assert "VISReg objective" not in text
+        config = model.config
+        assert (f"width {config.embed_dim}, {config.depth} blocks, {config.patch_size} px patches at "
+                f"{config.img_size} px") in text  # fmt: skip
+    plain = (tiny_encoder().save_pretrained(tmp_path / "plain") / "README.md").read_text()
+    assert "trained with the VISReg objective" in plain  # no recipe recorded: a VISReg release

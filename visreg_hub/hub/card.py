@@ -171,6 +171,20 @@ def _training_section(extra: dict[str, Any]) -> str:
     return "\n\n".join(parts) if parts else "Training details were not recorded with this checkpoint."
 
 
+OBJECTIVES = {"visreg": "VISReg", "sigreg": "SIGReg (LeJEPA)", "swd": "sliced-Wasserstein (SWD)",
+              "vicreg": "VICReg", "barlow": "Barlow Twins"}  # fmt: skip
+
+
+def training_objective(extra: dict[str, Any]) -> str:
+    """The objective a checkpoint was trained with, from its recipe or loss block (VISReg when neither
+    says: converted official releases)."""
+    for block, key in (("recipe", "method"), ("loss", "name")):
+        value = extra.get(block, {}).get(key) if isinstance(extra.get(block), dict) else None
+        if isinstance(value, str) and value.lower() in OBJECTIVES:
+            return OBJECTIVES[value.lower()]
+    return "VISReg"
+
+
 def render_model_card(
     config: ModelConfig,
     *,
@@ -232,12 +246,18 @@ def render_model_card(
         ),
         "training data": ", ".join(data_row) or "not recorded",
     }
+    objective = training_objective(extra)
     folder = repo_id or PLACEHOLDER_FOLDER
     template = Template(resources.files("visreg_hub.hub").joinpath("card.md").read_text(encoding="utf-8"))
     body = template.substitute(
         title=name,
-        description=description or extra.get("description") or f"VISReg image encoder `{name}`.",
+        description=description or extra.get("description") or f"{objective} image encoder `{name}`.",
+        objective=objective,
         architecture=config.architecture,
+        backbone_shape=(
+            f"width {config.embed_dim}, {config.depth} blocks, {config.patch_size} px patches at "
+            f"{config.img_size} px"
+        ),
         load_name=repo_id or load_name or PLACEHOLDER_FOLDER,
         timm_name=f"hf-hub:{repo_id}" if repo_id else f"local-dir:{PLACEHOLDER_FOLDER}",
         transformers_name=folder,
