@@ -102,6 +102,26 @@ def loss_settings(config: TrainingConfig) -> tuple[str, dict]:
     return cls.__name__, kwargs
 
 
+def resolved_loss_settings(config: TrainingConfig) -> dict:
+    """Every constructor argument the run's loss gets, its defaults included, as JSON values.
+
+    What a checkpoint records (``config.extra["loss"]``): the arguments the config sets are not enough to
+    tell later which weights trained it, since a loss's defaults can change between versions.
+    """
+    import visreg_hub.losses as losses
+
+    class_name, kwargs = loss_settings(config)
+    parameters = inspect.signature(getattr(losses, class_name).__init__).parameters
+    settings = {
+        key: parameter.default
+        for key, parameter in parameters.items()
+        if key not in _RESERVED and parameter.default is not inspect.Parameter.empty
+    }
+    settings.update(kwargs)  # the slice seed is the recipe's train.seed
+    return {key: str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
+            for key, value in settings.items()}  # fmt: skip
+
+
 def _loss_params(cls) -> set[str]:
     return set(inspect.signature(cls.__init__).parameters) - _RESERVED
 

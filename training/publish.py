@@ -14,9 +14,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from training.build import loss_settings
+from training.build import resolved_loss_settings
 from training.config import TrainingConfig
 from training.plan import RunPlan
+from visreg_hub import __version__
 from visreg_hub.errors import ConfigError
 from visreg_hub.models import VISRegEncoder
 
@@ -43,7 +44,7 @@ def model_extra(
         last_knn: the latest validation kNN accuracy (%), or None before any evaluation.
     """
     aug, optim, train = config.augment, config.optim, config.train
-    _, loss_kwargs = loss_settings(config)
+    loss = resolved_loss_settings(config)
     source = config.data
     # a Hub dataset id where there is one; never the local path (the card and config.json are published)
     dataset_name = (
@@ -77,7 +78,7 @@ def model_extra(
     extra = dict(base)
     extra.update(
         recipe=recipe,
-        loss={"name": config.loss.name, **loss_kwargs},
+        loss={"name": config.loss.name, **loss, "library_version": __version__},
         datasets=[dataset_name] if source.source == "fmnist" else [],
         data=data,
     )

@@ -148,6 +148,16 @@ def test_every_loss_trains_under_the_same_recipe(tmp_path, loss_name):
     assert type(trainer.loss_fn).__name__.lower().startswith(loss_name[:5])
     extra = from_pretrained(str(tmp_path / "final")).config.extra
     assert extra["loss"]["name"] == loss_name
+    # probe 10: only the overridden settings were recorded; every argument the loss got is, with its value
+    import inspect
+
+    parameters = inspect.signature(type(trainer.loss_fn).__init__).parameters
+    recorded = {k for k in parameters if k not in ("self", "seed", "group")}
+    assert recorded <= set(extra["loss"]) and extra["loss"]["library_version"]
+    numbers = {"covariance_weight", "variance_weight", "off_diagonal_weight", "num_knots", "t_max", "eps",
+               "reg_weight", "num_slices"}  # fmt: skip
+    for key in recorded & numbers:
+        assert extra["loss"][key] == pytest.approx(getattr(trainer.loss_fn, key)), key
 
 
 def test_views_cut_on_the_device_train_exactly_like_views_cut_in_workers(tmp_path):
