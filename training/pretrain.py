@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.engine import Trainer  # heavy imports only after the config is known to be good
 
     signal.signal(signal.SIGTERM, _terminate)  # a scheduler's preemption ends like Ctrl-C, with a message
+    trainer = None
     try:
         trainer = Trainer(
             config, resume=args.resume, push_to_hub=args.push_to_hub, export_every=args.export_every
@@ -160,13 +161,29 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(exc, 2, args.verbose)
     except KeyboardInterrupt as exc:
         how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        print(f"error: {how}; continue from the last checkpoint with --resume auto", file=sys.stderr)
+        print(f"error: {how}; {_after_interrupt(config, trainer)}", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     except Exception as exc:  # diverged, collapsed, bad checkpoint, I/O, out of memory
         return _fail(exc, 1, args.verbose)
     if trainer.accelerator.is_main_process:
         print(json.dumps(summary, indent=2))
     return 0
+
+
+def _after_interrupt(config, trainer) -> str:
+    """What an interrupted run can resume from: the newest complete checkpoint, and the steps after it
+    that are lost (a checkpoint is written every ``train.checkpoint_every`` steps, not on Ctrl-C)."""
+    from training.checkpoint import complete_checkpoints
+
+    root = Path(config.train.output_dir) / "checkpoints"
+    saved = complete_checkpoints(root) if root.is_dir() else []
+    step = trainer.state.global_step if trainer is not None and hasattr(trainer, "state") else None
+    at = f" at step {step}" if step is not None else ""
+    if not saved:
+        every = config.train.checkpoint_every
+        return f"stopped{at} before its first checkpoint (train.checkpoint_every={every}): nothing to resume"
+    last = saved[-1].name
+    return f"stopped{at}; continue from its last checkpoint, {last}, with --resume auto (later steps redone)"
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,7 +108,8 @@ def test_sigterm_ends_a_run_like_ctrl_c_with_a_message_and_a_loadable_checkpoint
     assert process.wait(timeout=60) == 143
     err = process.stderr.read().decode()
     process.stderr.close()
-    assert "terminated (SIGTERM); continue from the last checkpoint with --resume auto" in err
+    said = r"terminated \(SIGTERM\); stopped at step \d+; continue from its last checkpoint, step-00000002, "
+    assert re.search(said + r"with --resume auto", err), err
     assert "Traceback" not in err
     latest = ckpt.read_pointer(output / "checkpoints", "latest")
     assert latest is not None and ckpt.read_state(latest)["global_step"] == 2
@@ -172,3 +174,16 @@ def test_webdataset_run_resumes_mid_epoch_exactly_with_workers(tmp_path, fmnist_
     assert (
         resumed.summary["knn_accuracy"] is not None
     )  # kNN from the labelled validation split (bank + queries)
+
+
+def test_an_interrupt_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path):
+    """Probe 10: Ctrl-C at step 24 of a run checkpointing every 25 said "continue from the last checkpoint
+    with --resume auto", and that then silently started from step 0."""
+    from tests.training.helpers import tiny_config
+    from training.pretrain import _after_interrupt
+
+    config = tiny_config(tmp_path / "run", "train.checkpoint_every=25")
+    said = _after_interrupt(config, None)
+    assert "before its first checkpoint (train.checkpoint_every=25): nothing to resume" in said
+    assert "--resume" not in said
+
