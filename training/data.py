@@ -102,7 +102,7 @@ def long_tail_indices(labels: np.ndarray, spec: LongTailSection) -> tuple[np.nda
     n_max = spec.max_per_class or min(available.values())
     num_classes = len(classes)
     order = rng.permutation(classes)
-    kept, counts = [], {}
+    kept, counts, clipped = [], {}, []
     alpha = spec.alpha
     if alpha is None:
         alpha = float(np.log(spec.imbalance_ratio) / np.log(max(num_classes, 2)))
@@ -111,10 +111,19 @@ def long_tail_indices(labels: np.ndarray, spec: LongTailSection) -> tuple[np.nda
             quota = n_max * (rank + 1) ** (-alpha)
         else:
             quota = n_max * spec.imbalance_ratio ** (-rank / max(num_classes - 1, 1))
-        count = int(min(available[int(cls)], max(spec.min_per_class, int(quota))))
+        wanted = max(spec.min_per_class, int(quota))
+        count = int(min(available[int(cls)], wanted))
+        if count < wanted:
+            clipped.append(f"class {int(cls)}: {count} of {wanted}")
         members = np.flatnonzero(labels == cls)
         kept.append(rng.choice(members, size=count, replace=False))
         counts[int(cls)] = count
+    if clipped:  # the profile is not the one asked for: results labelled with it would mislead
+        logger.warning(
+            "long-tail profile clipped to the images available (%s); the kept counts, head first, are %s, "
+            "not the %s profile's: lower data.long_tail.max_per_class (compare.py: --lt-max) to keep it",
+            ", ".join(clipped), [counts[int(c)] for c in order], spec.profile,
+        )  # fmt: skip
     info = class_groups(dict(sorted(counts.items())), spec.many_threshold, spec.few_threshold)
     return np.sort(np.concatenate(kept)), info
 

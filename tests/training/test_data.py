@@ -273,3 +273,21 @@ def test_shard_stream_resumes_mid_epoch_exactly(shard_folder):
 
 def test_round_robin_positions_drop_exhausted_workers():
     assert round_robin_positions([2, 0, 3]) == [[0, 2], [], [1, 3, 4]]
+
+
+def test_a_long_tail_profile_clipped_by_small_classes_says_so(caplog):
+    """Probe 10: a 500-image set under the 1280 -> 5 profile kept 41/41/41/38/... per class while every
+    table said "1280 -> 5", with nothing in the logs."""
+    import logging
+
+    labels = np.repeat(np.arange(5), 40)
+    spec = LongTailSection(enabled=True, profile="exponential", imbalance_ratio=16.0, max_per_class=320)
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        _, info = long_tail_indices(labels, spec)
+    expected = sorted(min(40, int(320 * 16.0 ** (-r / 4))) for r in range(5))
+    assert sorted(info.counts.values()) == expected
+    assert "long-tail profile clipped to the images available" in caplog.text and "of 320" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        long_tail_indices(labels, LongTailSection(**{**spec.__dict__, "max_per_class": 40}))
+    assert "clipped" not in caplog.text  # a profile the data can supply is silent
