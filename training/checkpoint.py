@@ -210,10 +210,21 @@ def resolve_resume(root: Path, resume: str | None) -> tuple[Path, set[str]] | No
         folder = folder / "checkpoints"
     if folder.is_dir() and (folder / "latest").is_file():  # a checkpoints folder
         return _newest_intact(folder, resume)
+    if not folder.exists():
+        raise CheckpointError(
+            f"--resume {resume!r}: no such file or folder; pass a run folder, its checkpoints folder or a "
+            "step-XXXXXXXX folder (or --resume auto for this run's own output folder)"
+        )
+    if folder.is_file() and folder.name in ("latest", "best"):  # the pointer file, not what it points at
+        raise CheckpointError(
+            f"--resume {resume!r} is a checkpoint pointer file; pass its run folder ({folder.parent.parent}) "
+            "to resume from the newest intact checkpoint, or the step folder it names"
+        )
     if not is_complete(folder):
         raise CheckpointError(
             f"--resume {resume!r} is not a complete checkpoint folder (expected a step-XXXXXXXX folder "
-            f"holding {STATE_FILE}); use --resume auto to pick the latest one under the output folder"
+            f"holding {STATE_FILE}); pass the run folder to use its newest intact checkpoint, or --resume "
+            "auto for this run's own output folder"
         )
     try:
         return folder, verify_manifest(folder)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -583,3 +584,17 @@ def test_resume_errors_name_a_fix_and_never_show_empty_reasons(run_folder, tmp_p
     with pytest.raises(CheckpointError, match="no intact checkpoint") as caught:
         _resume(trainer, str(output))
     assert "()" not in str(caught.value)
+
+
+def test_resume_of_a_missing_path_or_a_pointer_file_says_what_to_pass(run_folder, tmp_path):
+    """Probe 10: a typo'd path read "not a complete checkpoint folder", and the `latest` pointer file got
+    advice to use --resume auto, which is wrong when resuming into another folder."""
+    root = tmp_path / "fresh" / "checkpoints"
+    with pytest.raises(CheckpointError, match="no such file or folder; pass a run folder"):
+        ckpt.resolve_resume(root, str(tmp_path / "no-such-run"))
+    pointer = run_folder / "checkpoints" / "latest"
+    advice = rf"is a checkpoint pointer file; pass its run folder \({re.escape(str(run_folder))}\)"
+    with pytest.raises(CheckpointError, match=advice):
+        ckpt.resolve_resume(root, str(pointer))
+    folder, _ = ckpt.resolve_resume(root, str(run_folder))  # the advice works
+    assert folder.name.startswith("step-")
