@@ -105,3 +105,32 @@ def test_weights_digest_is_the_sha256_of_names_dtypes_shapes_and_bytes_and_sees_
     with torch.no_grad():
         model[0].weight[0, 0] += 1e-6
     assert ckpt.weights_digest(model) != expected.hexdigest()
+
+
+@pytest.mark.parametrize("header_bytes", [640, 896, 1152, 1408])
+def test_a_safetensors_header_length_that_reads_like_a_pickle_marker_still_loads(tmp_path, header_bytes):
+    """A header of 640 bytes starts the file with 80 02 00 ..., pickle protocol 2's marker: such valid
+    files (small models have headers this size) were refused as "a pickled PyTorch file" (found by the
+    long header fuzz). A real pickle is still named as one."""
+    import struct
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from visreg_hub.errors import CheckpointError
+    from visreg_hub.hub.header import looks_like_pickle, read_header
+
+    path = tmp_path / "model.safetensors"
+    for pad in range(header_bytes):
+        save_file({"w": torch.ones(2)}, str(path), metadata={"pad": "x" * pad})
+        if struct.unpack("<Q", path.read_bytes()[:8])[0] == header_bytes:
+            break
+    assert path.read_bytes()[:2] == struct.pack("<H", header_bytes)[:2] and path.read_bytes()[0] == 0x80
+    tensors, _ = read_header(path)
+    assert set(tensors) == {"w"} and not looks_like_pickle(path)
+    assert torch.equal(load_file(str(path))["w"], torch.ones(2))
+    pickled = tmp_path / "renamed.safetensors"
+    torch.save({"w": torch.ones(2)}, pickled, _use_new_zipfile_serialization=False)  # protocol-2 pickle
+    assert looks_like_pickle(pickled)
+    with pytest.raises(CheckpointError, match="looks like a pickled PyTorch file"):
+        read_header(pickled)

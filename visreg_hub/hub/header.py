@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +32,26 @@ FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # torch zip, pickle 2-5
 
 
+def _pickle_start(head: bytes, size: int) -> bool:
+    """Whether the first 9 bytes ``head`` of a ``size``-byte file start a pickle rather than a safetensors
+    file. A safetensors header length whose low bytes are ``80 02`` .. ``80 05`` (640, 896, 1152 or 1408
+    bytes, common for small models) reads like a pickle's protocol marker, so a file whose length field
+    fits the file and whose header then opens with ``{`` is safetensors."""
+    if not head.startswith(_PICKLE_MAGIC):
+        return False
+    if len(head) >= 9:
+        (length,) = struct.unpack("<Q", head[:8])
+        if length <= size - 8 and head[8:9] == b"{":
+            return False
+    return True
+
+
 def looks_like_pickle(path: str | Path) -> bool:
     """Whether ``path`` starts like a pickled PyTorch file (torch's zip, or pickle protocol 2-5); never
     unpickles. Error messages use it to say why a ``.safetensors`` file does not load."""
     try:
         with open(path, "rb") as handle:
-            return handle.read(4).startswith(_PICKLE_MAGIC)
+            return _pickle_start(handle.read(9), os.fstat(handle.fileno()).st_size)
     except OSError:
         return False
 
@@ -64,22 +79,23 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
-            prefix = handle.read(8)
+            prefix = handle.read(9)
             if len(prefix) < 8:
                 raise _invalid(path, f"{size} bytes, too short")
-            if prefix.startswith(_PICKLE_MAGIC):
+            if _pickle_start(prefix, size):
                 raise CheckpointError(
                     f"{path} is not a valid safetensors file: it looks like a pickled PyTorch file "
                     "(.pt/.pth/.bin) renamed to .safetensors; visreg_hub never unpickles weights. Convert it "
                     "with `visreg-hub convert` instead."
                 )
-            (length,) = struct.unpack("<Q", prefix)
+            (length,) = struct.unpack("<Q", prefix[:8])
             if length > size - 8:
                 # why not print the length: from a file that is no safetensors (a symlink to a secret, a
                 # text file) these 8 bytes are its content, and an error message is no place for that
                 raise _invalid(path, f"its header length field exceeds the file's {size} bytes")
             if length > MAX_HEADER_BYTES:
                 raise _invalid(path, f"a {length}-byte header is declared (cap {MAX_HEADER_BYTES})")
+            handle.seek(8)
             raw = handle.read(length)
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
