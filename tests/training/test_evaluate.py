@@ -101,8 +101,12 @@ def test_few_shot_uses_n_per_class_over_seeds(features):
     runs = results["2"]["runs"]
     assert len(runs) == 3 and len(set(runs)) > 1  # different draws
     assert results["2"]["mean"] == pytest.approx(np.mean(runs)) and results["2"]["std"] == pytest.approx(
-        np.std(runs)
+        np.std(runs, ddof=1)  # the sample std, as docs/results.md reports spreads (was the population std)
     )
+    report = {"model": "m", "knn": {}, "knn_temperature": 0.07, "linear": {"best_c": 1.0, "accuracy": 50.0},
+              "few_shot": results, "data": "npz", "num_train": 1, "num_test": 1, "command": "c"}  # fmt: skip
+    row = evaluate.to_markdown(report)
+    assert "2-shot linear (3 seeds; C chosen on 5 more labelled images per class)" in row
 
 
 def test_long_tail_groups_partition_the_test_accuracy(model_folder, tmp_path):
