@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 
 import torch
 from torch import nn
 
 from training.checks import model_config
-from training.config import TrainingConfig
+from training.config import LossSection, TrainingConfig
 from visreg_hub.errors import ConfigError
 from visreg_hub.models import Projector, VISRegEncoder
+
+logger = logging.getLogger(__name__)
 
 LOSS_CLASSES = {
     "visreg": "VISRegLoss",
@@ -122,6 +125,17 @@ def resolved_loss_settings(config: TrainingConfig) -> dict:
             for key, value in settings.items()}  # fmt: skip
 
 
+def _warn_unused_shared_settings(config: TrainingConfig, params: set[str]) -> None:
+    """Name the shared loss settings a run sets but its loss does not take (e.g. ``loss.num_slices`` for
+    VICReg): they are ignored by design, so one loss section serves every method, but not in silence."""
+    defaults = LossSection()
+    shared = ("reg_weight", "num_slices", "slice_mode")
+    unused = [f"loss.{key}={getattr(config.loss, key)!r}" for key in shared
+              if key not in params and getattr(config.loss, key) != getattr(defaults, key)]  # fmt: skip
+    if unused:
+        logger.warning("%s: not used by loss.name=%s, ignored", ", ".join(unused), config.loss.name)
+
+
 def _loss_params(cls) -> set[str]:
     return set(inspect.signature(cls.__init__).parameters) - _RESERVED
 
@@ -141,6 +155,7 @@ def build_loss(config: TrainingConfig) -> nn.Module:
 
     class_name, kwargs = loss_settings(config)
     cls = getattr(losses, class_name)
+    _warn_unused_shared_settings(config, _loss_params(cls))
     if "seed" in inspect.signature(cls.__init__).parameters:
         kwargs["seed"] = config.train.seed
     dtype = kwargs.get("projection_dtype")

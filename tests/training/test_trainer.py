@@ -224,3 +224,18 @@ def test_torch_compile_trains_like_eager(tmp_path):
     assert eager_state.keys() == compiled_state.keys()
     worst = max(float((eager_state[k].float() - compiled_state[k].float()).abs().max()) for k in eager_state)
     assert worst < 5e-3  # two AdamW steps of lr <= 2e-3 from the same start: only round-off differs
+
+
+def test_shared_loss_settings_the_chosen_loss_does_not_take_are_named(tmp_path, caplog):
+    """Probe 10: loss.name=vicreg with loss.num_slices=64 loss.reg_weight=0.2 ran without a word."""
+    import logging
+
+    from training.build import build_loss
+
+    with caplog.at_level(logging.WARNING, logger="training.build"):
+        build_loss(tiny_config(tmp_path, "loss.name=vicreg", "loss.num_slices=64", "loss.reg_weight=0.2"))
+    assert "loss.reg_weight=0.2, loss.num_slices=64: not used by loss.name=vicreg, ignored" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="training.build"):
+        build_loss(tiny_config(tmp_path, "loss.name=visreg", "loss.num_slices=64"))
+    assert "ignored" not in caplog.text  # VISReg takes it
