@@ -18,7 +18,8 @@ One process serves both the UI (at ``/``) and the HTTP inference API of ``visreg
 :mod:`demo.server`): each model is loaded once and the UI's embeddings go through the API's batcher.
 
 Serving safety: uploads are limited in bytes (``--max-file-size``, enforced by Gradio's upload route) and
-pixels (``--max-pixels``), must have an image extension and decode as PNG/JPEG/GIF/BMP/TIFF/WebP/PPM;
+pixels (``--max-pixels``), must have an image extension and decode in one of the library's
+``DEFAULT_FORMATS`` (PNG/JPEG/GIF/BMP/DIB/TIFF/WebP/PPM/ICO);
 errors reach the user as a message (no traceback); the queue is bounded; Gradio may serve only its
 own cache, the galleries and the bundled examples; only the ``search`` and ``extract`` events are
 callable by name (``/gradio_api/call/...``); JPEGs much larger than the model's input are decoded at a
