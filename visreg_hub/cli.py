@@ -120,7 +120,8 @@ def _recorded_model(name: str | None, index_folder: str) -> str:
     if find_entry(name) is not None:
         return name
     if Path(name).is_absolute() and Path(name).is_dir():
-        print(f"using the model the index records: {name} (pass --model to choose another)", file=sys.stderr)
+        note = f"using the model the index records: {name} (pass --model to choose another)"
+        print(printable(note), file=sys.stderr)  # the name comes from the index folder: escape it
         return name
     raise UserInputError(
         f"the index {index_folder!r} records the model {name!r}, which is neither a registry model nor a "
