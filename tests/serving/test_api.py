@@ -476,8 +476,14 @@ def test_errors_never_echo_what_a_client_sent_at_length(http):
         http.post("/v1/embeddings", files=[("input", ("a.png", b"x"))], data={long[:500]: "1"}),
         http.post("/v1/embeddings", files=[("input", ("a.png", b"x"))], data={"dimensions": "9" * 50_000}),
     ]
-    for response in answers:
+    for number, response in enumerate(answers):
         assert 400 <= response.status_code < 500, response.text[:200]
+        assert len(response.text) < 2000, response.text[:200]  # nothing sent comes back at length
+        if number == 2 and not response.headers.get("content-type", "").startswith("application/json"):
+            # a 100 kB header line can also be refused by the HTTP parser itself (h11 stops buffering an
+            # incomplete head at 16 kB, so it depends on how the bytes arrive): a plain 400, no echo either
+            assert response.status_code == 400 and response.text == "Invalid HTTP request received."
+            continue
         message = response.json()["error"]["message"]
         assert len(message) < 400 and "characters)" in message, message
 
