@@ -371,8 +371,9 @@ def test_search_warns_when_the_model_folder_now_holds_other_weights(tmp_path, ca
     assert built[:12] in err and json.loads(out)[0]["results"]  # a warning: results still come back
 
 
-def test_search_does_not_let_an_index_choose_a_model_to_download(tmp_path, capsys, model_dir, gallery,
-                                                                  monkeypatch):
+def test_search_does_not_let_an_index_choose_a_model_to_download(
+    tmp_path, capsys, model_dir, gallery, monkeypatch
+):
     """An index from someone else records whatever model_name it likes; without --model, search loads a
     registry model or a model folder on this machine, but never downloads the Hub repo an index names."""
     from visreg_hub.hub import loading

@@ -334,8 +334,9 @@ def test_a_device_the_onnx_build_cannot_use_is_a_device_error_as_on_torch(folder
     np.testing.assert_allclose(cpu, reference(photo_paths[:1], folder), atol=1e-5)
 
 
-def test_first_calls_from_several_threads_export_once_and_all_succeed(folder, photo_paths, tmp_path, exports,
-                                                                      monkeypatch):
+def test_first_calls_from_several_threads_export_once_and_all_succeed(
+    folder, photo_paths, tmp_path, exports, monkeypatch
+):
     """A server's threads reach an empty cache together. torch.export keeps global tracing state, so
     concurrent exports failed in every thread and could leave fake tensors in the model for good."""
     import threading
@@ -401,8 +402,9 @@ def test_processes_missing_the_same_graph_export_it_once(tmp_path):
     assert cache._verified(Path(outputs[0]).parent) == Path(outputs[0])
 
 
-def test_a_cached_graph_is_checked_against_the_model_before_it_is_trusted(folder, photo_paths, tmp_path,
-                                                                           exports, monkeypatch, caplog):
+def test_a_cached_graph_is_checked_against_the_model_before_it_is_trusted(
+    folder, photo_paths, tmp_path, exports, monkeypatch, caplog
+):
     """Probe 9: another valid graph put under the key, with entry.json's digest recomputed, gave wrong
     embeddings without a word; a linked entry ran a graph kept elsewhere; a FIFO entry.json hung encode()."""
     monkeypatch.setenv("VISREG_HUB_CACHE", str(tmp_path / "cache"))

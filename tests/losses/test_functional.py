@@ -503,7 +503,8 @@ def test_functional_edge_inputs_are_clear_errors_not_nan(call, message):
 
 
 @pytest.mark.parametrize(
-    "loss", [invariance_loss, vicreg_covariance_loss, center_loss, lambda z: VISRegLoss(8)(z).total],
+    "loss",
+    [invariance_loss, vicreg_covariance_loss, center_loss, lambda z: VISRegLoss(8)(z).total],
 )
 def test_double_backward_is_refused_by_name(loss):
     """create_graph=True used to return a gradient without a graph and no error for some terms, so a

@@ -186,4 +186,3 @@ def test_an_interrupt_before_the_first_checkpoint_says_there_is_nothing_to_resum
     said = _after_interrupt(config, None)
     assert "before its first checkpoint (train.checkpoint_every=25): nothing to resume" in said
     assert "--resume" not in said
-

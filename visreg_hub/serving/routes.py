@@ -64,7 +64,6 @@ def _install_errors(app: FastAPI) -> None:
         return JSONResponse(body, exc.status_code, headers=exc.headers)
 
 
-
 class InternalErrorMiddleware:
     """ASGI middleware: an unexpected exception becomes the JSON 500 here, inside the other middlewares.
 

@@ -247,7 +247,6 @@ def onnx_backend_for(
     return OnnxBackend(entry[1])
 
 
-
 def encode_onnx(
     model: nn.Module,
     images: Any,
