@@ -89,10 +89,8 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     from visreg_hub.inference.onnx import OnnxValidationError, export_onnx
     from visreg_hub.inference.onnx.export import check_output_path
 
-    output = Path(args.output)
-    if output.suffix.lower() != ".onnx":  # fail before loading the model
-        raise UserInputError(f"output must end with .onnx, got {args.output!r}")
-    check_output_path(output)  # a folder: --overwrite cannot help, the final rename onto it would fail
+    output = Path(args.output).expanduser()
+    check_output_path(output)  # before loading the model; a folder: --overwrite could not help either
     if (output.exists() or output.is_symlink()) and not args.overwrite:
         raise UserInputError(
             f"{output} already exists; pass --overwrite to replace it, or choose another output"

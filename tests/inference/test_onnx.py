@@ -494,14 +494,21 @@ def test_an_output_folder_is_refused_before_any_export(model, tmp_path, capsys):
 
     folder = tmp_path / "dir.onnx"
     folder.mkdir()
+    plain_folder = tmp_path / "exports"  # the usual mistake: an output folder, as other exporters take
+    plain_folder.mkdir()
     with pytest.raises(ValueError, match=r"dir\.onnx is a folder; name a \.onnx file inside it"):
         export_onnx(model, folder)
+    inside = r"exports is a folder; name a \.onnx file inside it, e\.g\. .*model\.onnx"
+    with pytest.raises(ValueError, match=inside):
+        export_onnx(model, plain_folder)
     model.save_pretrained(tmp_path / "tiny")
-    for extra in ([], ["--overwrite"]):
-        assert main(["export", "onnx", str(tmp_path / "tiny"), str(folder), *extra]) == 1
-        err = capsys.readouterr().err
-        assert "is a folder; name a .onnx file inside it" in err and "pass --overwrite" not in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.onnx", "tiny"]
+    for target in (folder, plain_folder):
+        for extra in ([], ["--overwrite"]):
+            assert main(["export", "onnx", str(tmp_path / "tiny"), str(target), *extra]) == 1
+            err = capsys.readouterr().err
+            assert "is a folder; name a .onnx file inside it" in err and "pass --overwrite" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.onnx", "exports", "tiny"]
+    assert not any(plain_folder.iterdir()) and not any(folder.iterdir())
 
 
 def test_cli_refuses_bad_provider_and_calibration_images_before_loading_the_model(

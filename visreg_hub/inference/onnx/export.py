@@ -161,8 +161,6 @@ def export_onnx(
     from visreg_hub import __version__
 
     path = Path(path).expanduser()
-    if path.suffix.lower() != ".onnx":
-        raise UserInputError(f"path must end with .onnx, got {str(path)!r}")
     check_output_path(path)
     max_opset = min(MAX_OPSET, onnx.defs.onnx_opset_version())
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset:
@@ -265,11 +263,14 @@ def export_onnx(
 
 
 def check_output_path(path: Path) -> None:
-    """Refuse an output path that is a folder (``os.replace`` would fail only after the whole export)."""
-    if path.is_dir():
+    """Refuse an output path that is a folder (``os.replace`` would fail only after the whole export) or
+    does not end with ``.onnx``; checked before any model is loaded or exported."""
+    if path.is_dir():  # first: a folder named "x.onnx" is still a folder
         raise UserInputError(
             f"{path} is a folder; name a .onnx file inside it, e.g. {path / 'model.onnx'}, or another path"
         )
+    if path.suffix.lower() != ".onnx":
+        raise UserInputError(f"the output must end with .onnx, got {str(path)!r}")
 
 
 def _failed_name(path: Path) -> Path:
