@@ -49,12 +49,13 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 from demo.cache import scan_gallery
 from demo.server import combined_app, mount_ui
 from demo.service import BUNDLED_SETS, DEMO_MAX_PIXELS, MAX_K, DemoService, UserInputError
-from visreg_hub.argtypes import file_size, int_range, port_number
+from visreg_hub.argtypes import file_size, float_range, int_range, port_number
 from visreg_hub.errors import MissingExtraError, VisregHubError
 from visreg_hub.inference import IMAGE_EXTENSIONS
 from visreg_hub.models.config import POOLINGS
+from visreg_hub.serving.config import Limits
 from visreg_hub.serving.memory import bound_allocator
-from visreg_hub.serving.server import run_app
+from visreg_hub.serving.server import listening_socket, run_app
 
 try:
     import gradio as gr
@@ -289,11 +290,13 @@ def build_app(service: DemoService, *, top_k: int = 8) -> gr.Blocks:
             work += [picked, picked.success(**search_io, **private)]
         work.append(extract_button.click(extract, [model, query, pooling, normalize], feature_outputs,
                                          api_name="extract"))  # fmt: skip
-        # a menu change (by the user: .input, not .change, so the paired gallery does not fire it again)
-        # clears the outputs of the other model or gallery and cancels the work still running for them
-        model.input(switch_model, [model, gallery], [gallery, info, *retrieval_outputs, *feature_outputs],
-                    cancels=work, **private)  # fmt: skip
-        gallery.input(switch_gallery, [model, gallery], [info, *retrieval_outputs], cancels=work, **private)
+        # a menu change clears the outputs of the other model or gallery and cancels the work still running
+        # for them. why .change: .input also fires when a menu loses the focus unchanged (a click on Search
+        # after opening one), and its cancel then swallowed that search. The paired gallery that
+        # switch_model sets fires switch_gallery too, which clears the same outputs again.
+        model.change(switch_model, [model, gallery], [gallery, info, *retrieval_outputs, *feature_outputs],
+                     cancels=work, **private)  # fmt: skip
+        gallery.change(switch_gallery, [model, gallery], [info, *retrieval_outputs], cancels=work, **private)
     return demo
 
 
@@ -320,6 +323,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="upload size limit (e.g. 5mb, 500kb)")  # fmt: skip
     parser.add_argument("--max-pixels", type=int_range(1), default=DEMO_MAX_PIXELS,
                         help="upload pixel limit, width*height (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--request-timeout-s", type=float_range(0.0, low_open=True),
+                        default=Limits.request_timeout_s,
+                        help="seconds a request body may take to arrive, and an API request to be "
+                             "answered, before 408 (default: %(default)s)")  # fmt: skip
     parser.add_argument("--queue-size", type=int_range(1), default=16, help="requests waiting at most")
     parser.add_argument("--concurrency", type=int_range(1), default=2,
                         help="requests running at once per event")  # fmt: skip
@@ -343,6 +350,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:  # first: a port already taken is reported before the models load
+        sock = listening_socket(args.host, args.port)
+    except VisregHubError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with sock:
+        return _serve(args, sock)
+
+
+def _serve(args: argparse.Namespace, sock) -> int:
+    """Load the models and galleries, build the page and serve it with the API on ``sock``."""
     workspace = Path(tempfile.mkdtemp(prefix="visreg-demo-"))
     atexit.register(shutil.rmtree, workspace, ignore_errors=True)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -354,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device, max_pixels=args.max_pixels,
         )  # fmt: skip
         # loads every model once; the UI uses them and the API's batcher, within the UI's limits
-        app = combined_app(service, max_image_bytes=args.max_file_size)
+        app = combined_app(
+            service, max_image_bytes=args.max_file_size, request_timeout_s=args.request_timeout_s
+        )
         logger.info("%s", service.describe())  # builds/loads the default gallery's index now
         for choice in service.gallery_choices[1:]:  # the others are indexed when picked; listed now
             scan_gallery(choice.source)
@@ -372,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         # uvicorn handles SIGTERM/SIGINT (closing Gradio first ends the event streams browser tabs hold
         # open), then re-raises it: _stop_on_sigterm turns that into KeyboardInterrupt, caught below
         run_app(app, args.host, args.port, log_level="warning", graceful_s=15.0,
-                before_shutdown=functools.partial(demo.close, verbose=False))  # fmt: skip
+                before_shutdown=functools.partial(demo.close, verbose=False), sock=sock)  # fmt: skip
     except KeyboardInterrupt:
         logger.info("stopped")
     except SystemExit as exc:  # uvicorn exits when it cannot bind (e.g. the port is taken)

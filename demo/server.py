@@ -18,6 +18,7 @@ from demo.service import DemoService, UserInputError
 from visreg_hub.serving.app import ApiError, create_app
 from visreg_hub.serving.config import Limits, ModelSpec, ServeConfig, model_spec
 from visreg_hub.serving.schemas import error_body
+from visreg_hub.serving.security import BodyDeadlineMiddleware
 
 logger = logging.getLogger("demo")
 
@@ -60,7 +61,7 @@ class PublicEventsOnly:
                 if problem:
                     await _json_error(send, 422, problem, "invalid_request_error")
                     return
-                receive = _replay(body)
+                receive = _replay(body, receive)
         await self.app(scope, receive, send)
 
     def _body_problem(self, body: bytes, *, join: bool) -> str | None:
@@ -121,18 +122,19 @@ async def _read_body(receive, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _replay(body: bytes):
-    """A ``receive`` that hands the already-read ``body`` to the app once, then waits like the server."""
+def _replay(body: bytes, receive):
+    """A ``receive`` that hands the already-read ``body`` to the app once, then passes on the server's
+    ``receive`` (which waits for the client to disconnect)."""
     sent = False
 
-    async def receive():
+    async def replaying_receive():
         nonlocal sent
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return {"type": "http.disconnect"}
+        return await receive()
 
-    return receive
+    return replaying_receive
 
 
 async def _json_error(send, status: int, message: str, kind: str) -> None:
@@ -160,16 +162,21 @@ def combined_app(
     limits: Limits | None = None,
     max_batch_size: int = 32,
     max_image_bytes: int = Limits.max_image_bytes,
+    request_timeout_s: float = Limits.request_timeout_s,
 ) -> Any:
     """The serving app on ``service``'s models, wired into ``service`` (mount the UI with :func:`mount_ui`).
 
     The API keeps the UI's limits: ``service.max_pixels`` per image and ``max_image_bytes`` (the demo's
-    ``--max-file-size``) encoded bytes per image. JPEG uploads far larger than a model's
-    input are decoded at a reduced size (``draft_decode``), in the API as in the UI, so camera photos pass
-    ``max_pixels``; their embeddings are close to, not equal to, ``encode()``'s of the full decode.
+    ``--max-file-size``) encoded bytes per image, and ``request_timeout_s`` for every request body and
+    every embedding (:func:`mount_ui` holds the page's routes to the same deadline). JPEG uploads far
+    larger than a model's input are decoded at a reduced size (``draft_decode``), in the API as in the
+    UI, so camera photos pass ``max_pixels``; their embeddings are close to, not equal to, ``encode()``'s
+    of the full decode.
     """
     specs, names = model_specs(service)
-    limits = limits or Limits(max_pixels=service.max_pixels, max_image_bytes=max_image_bytes)
+    limits = limits or Limits(
+        max_pixels=service.max_pixels, max_image_bytes=max_image_bytes, request_timeout_s=request_timeout_s
+    )
     config = ServeConfig(
         models=specs,
         device=str(service.device),
@@ -212,4 +219,13 @@ def mount_ui(app, blocks, service: DemoService, *, max_file_size: str, css: str)
     # in a {"path": ...} payload. tests/demo/test_queue.py checks that this keeps holding.
     blocks.has_launched = True
     app.add_middleware(PublicEventsOnly, events=frozenset(blocks.fns))
+    # outermost: the page's routes (uploads, queue joins) read their own bodies, with no deadline of
+    # their own; /v1 bounds its reads itself
+    api = app.state.service
+    app.add_middleware(
+        BodyDeadlineMiddleware,
+        timeout_s=api.limits.request_timeout_s,
+        skip_prefixes=("/v1/",),
+        on_timeout=api.metrics.rejected.labels("request_timeout_s").inc,
+    )
     return app

@@ -28,6 +28,7 @@ EXAMPLES = REPO / "demo" / "assets" / "examples"
 PER_CLASS = 5
 SERVER_MAX_FILE_SIZE = 200 * 1024
 SERVER_MAX_PIXELS = 1_000_000
+SPARE_REQUEST_TIMEOUT_S = 4.0
 
 
 def free_port() -> int:
@@ -130,7 +131,8 @@ def demo_servers(tmp_path_factory, demo_model_dir, demo_gallery):
     """Two real demo servers, started at the same time (start-up is mostly imports, so they overlap):
 
     * ``shared``: for every test that only makes requests; small upload limits;
-    * ``spare``: for tests that fill its queue (``--queue-size 1 --concurrency 1``) or stop it.
+    * ``spare``: for tests that fill its queue (``--queue-size 1 --concurrency 1``), trickle request
+      bodies (``--request-timeout-s``) or stop it.
     """
     common = ["--model", str(demo_model_dir), "--gallery", str(demo_gallery)]
     shared_root, spare_root = tmp_path_factory.mktemp("demo_server"), tmp_path_factory.mktemp("spare_server")
@@ -140,6 +142,7 @@ def demo_servers(tmp_path_factory, demo_model_dir, demo_gallery):
     ])  # fmt: skip
     spare = launch_server(spare_root, [
         *common, "--cache-dir", str(spare_root / "cache"), "--queue-size", "1", "--concurrency", "1",
+        "--request-timeout-s", str(SPARE_REQUEST_TIMEOUT_S),
     ])  # fmt: skip
     try:
         yield {"shared": wait_until_ready(shared), "spare": wait_until_ready(spare)}

@@ -223,6 +223,27 @@ def test_switching_the_model_clears_old_results_and_pairs_the_bundled_gallery(pa
     screenshot(page, tmp_path, "switched")
 
 
+def test_a_menu_opened_and_closed_unchanged_leaves_search_and_results_alone(page, tmp_path):
+    """Opening a menu and leaving it without a new choice (Escape, a click elsewhere, the same option)
+    changes nothing: the next Search click searches, and results on screen stay (a menu event that
+    fired on blur cancelled that search and cleared the results)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    upload(page, EXAMPLES / "Sneaker_309.png")
+    wait(page, lambda b: css(b, "#query-preview img"))
+    for menu in ("model-choice", "gallery-choice"):
+        css(page, f"#{menu} input")[0].click()  # open it
+        wait(page, lambda b: b.find_elements(By.CSS_SELECTOR, "li[role='option']"))
+        css(page, f"#{menu} input")[0].send_keys(Keys.ESCAPE)  # and leave it as it was
+        css(page, "#search-button")[0].click()  # the click also takes the focus from the menu
+        first = wait_for_results(page, 8)
+        screenshot(page, tmp_path, f"after_{menu}")
+        choose(page, menu, menu_value(page, menu))  # the option already chosen, chosen again
+        css(page, "#search-button")[0].click()
+        assert wait_for_results(page, 8) == first
+
+
 def test_broken_upload_shows_a_message_and_the_page_keeps_working(page, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"definitely not a png" * 8)

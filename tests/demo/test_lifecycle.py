@@ -7,10 +7,64 @@ docker send): it exits 0 and its temporary folder (uploads, Gradio's cache, .npy
 
 from __future__ import annotations
 
+import socket
+import time
+from urllib.parse import urlparse
+
 import numpy as np
 from gradio_client import Client, handle_file
 
-from tests.demo.conftest import EXAMPLES, stop_server
+from tests.demo.conftest import EXAMPLES, SPARE_REQUEST_TIMEOUT_S, stop_server
+
+
+def _post_head(url: str, path: str, content_type: str, length: int) -> socket.socket:
+    address = urlparse(url)
+    sock = socket.create_connection((address.hostname, address.port), timeout=30)
+    head = f"POST {path} HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: {content_type}\r\n"
+    sock.sendall(f"{head}Content-Length: {length}\r\n\r\n".encode())
+    return sock
+
+
+def test_the_pages_routes_time_out_a_trickled_body_and_ignore_an_abandoned_one(spare_demo_server):
+    """Gradio's upload and queue routes read their bodies with no deadline of their own: a client sending
+    a byte a second held a connection and a coroutine for as long as it liked. They get --request-timeout-s,
+    as /v1 does. A client that drops its upload half way is no server error (no traceback in the log,
+    checked at the end of the next test)."""
+    server = spare_demo_server
+    boundary = "b0undary"
+    multipart = f"multipart/form-data; boundary={boundary}"
+    part = f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
+    routes = (
+        ("/gradio_api/upload", multipart, part.encode()),
+        ("/gradio_api/queue/join", "application/json", b'{"data": ['),
+    )
+    for path, content_type, opening in routes:
+        sock = _post_head(server.url, path, content_type, 100_000)
+        start = time.monotonic()
+        sock.sendall(opening)
+        answer = b""
+        sock.settimeout(1.0)
+        while time.monotonic() - start < 3 * SPARE_REQUEST_TIMEOUT_S:
+            try:
+                chunk = sock.recv(4096)
+            except TimeoutError:
+                sock.sendall(b" ")  # a byte a second, never the whole body
+                continue
+            answer += chunk
+            if not chunk or b"request_timeout_s" in answer:
+                break
+        sock.close()
+        waited = time.monotonic() - start
+        assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout_s" in answer, (path, answer[:200])
+        assert SPARE_REQUEST_TIMEOUT_S - 0.5 < waited < 2 * SPARE_REQUEST_TIMEOUT_S + 2, (path, waited)
+
+    sock = _post_head(server.url, "/gradio_api/upload", multipart, 100_000)
+    sock.sendall(part.encode())
+    sock.sendall(b"\x89PNG" + bytes(5000))
+    time.sleep(0.3)
+    sock.close()  # gone half way through its upload
+    time.sleep(0.5)
+    assert "Traceback" not in server.log()
 
 
 def test_bounded_queue_and_clean_shutdown(

@@ -723,3 +723,39 @@ def test_an_index_of_another_pooling_takes_vector_queries_only(model, tmp_path, 
         assert added.status_code == 422 and "embeds with 'cls'" in added.json()["error"]["message"]
         by_vector = client.post("/v1/search", json={"index": "patches", "vector": stored[2].tolist(), "k": 1})
         assert by_vector.json()["hits"][0]["id"] == 2
+
+
+def test_the_work_of_a_client_that_disconnected_is_dropped(tiny_model_dir, fmnist_images):
+    """uvicorn does not cancel a handler whose client has gone: without a watch on the connection a
+    client that timed out (and retried, as the OpenAI SDK does) had every abandoned image embedded, and
+    live clients got 429 meanwhile. Now the request's queued images are dropped and its room released."""
+    from visreg_hub import from_pretrained
+    from visreg_hub.serving.app import create_app
+    from visreg_hub.serving.runtime import runtime_from_model
+
+    model = from_pretrained(str(tiny_model_dir))
+    runtime = runtime_from_model("tiny", model, str(tiny_model_dir))
+    forward = runtime.pipeline.embed_pixels
+
+    def slow_forward(pixels):  # 16 images at batch 1: 4 s of work, against a client gone after 0.5 s
+        time.sleep(0.25)
+        return forward(pixels)
+
+    runtime.pipeline.embed_pixels = slow_forward
+    config = ServeConfig(
+        models=(ModelSpec("tiny", str(tiny_model_dir)),), max_batch_size=1, max_wait_ms=0.0, limits=LIMITS
+    )
+    with ThreadServer(create_app(config, runtimes={"tiny": runtime})) as server:
+        body = json.dumps({"input": [b64(png_bytes(image)) for image in fmnist_images[:16]]}).encode()
+        sock = _partial_request(server.url, body, len(body))  # the whole request, then gone
+        time.sleep(0.5)
+        sock.close()
+        time.sleep(0.5)  # the disconnect is seen, the queued images are dropped
+        assert server.service.admitted["tiny"] == 0
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            time.sleep(4.0)  # as long as the whole request would have taken
+            text = client.get("/metrics").text
+            assert metric_value(text, "visreg_rejected_total", limit="client_disconnected") == 1
+            assert metric_value(text, "visreg_items_embedded_total", model="tiny") <= 6
+            live = client.post("/v1/embeddings", json={"input": [b64(png_bytes(fmnist_images[0]))]})
+            assert live.status_code == 200

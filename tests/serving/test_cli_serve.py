@@ -57,3 +57,28 @@ def test_bad_flags_give_one_line(argv, message, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_port_in_use_is_one_line_before_any_model_loads(tiny_model_dir, monkeypatch, capsys):
+    """uvicorn found the port taken only after every model had loaded, then exited 3 with its own line."""
+    import socket
+
+    import demo.app
+    import visreg_hub.serving.app
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("a model was loaded before the port was bound")
+
+    monkeypatch.setattr(visreg_hub.serving.app, "load_runtime", no_loading)
+    monkeypatch.setattr(demo.app, "DemoService", no_loading)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--model", str(tiny_model_dir)]) == 1
+        err = capsys.readouterr().err
+        assert f"cannot serve on 127.0.0.1:{port}" in err and "choose another --port" in err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert demo.app.main(["--port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: cannot serve on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1

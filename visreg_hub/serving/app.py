@@ -289,7 +289,7 @@ class Service:
         runtime = self.runtimes[model]
         pixels = torch.stack([runtime.transform(image) for image in images])
         future = asyncio.run_coroutine_threadsafe(
-            self.with_timeout(self.embed_pixels(model, pixels)), self.loop
+            self.within_limits(self.embed_pixels(model, pixels)), self.loop
         )
         return future.result()
 
@@ -326,10 +326,36 @@ class Service:
             logger.warning("unexpected error decoding %s: %r", label, exc)
             return None, f"{label}: could not be decoded ({type(exc).__name__})"
 
-    async def with_timeout(self, coro):
-        """Run ``coro`` within ``request_timeout_s`` or answer 408 (queued work is dropped)."""
+    async def within_limits(self, coro, receive=None):
+        """Run ``coro`` within ``request_timeout_s`` (else 408) and, given the request's ASGI ``receive``
+        (its body already read), only while the client is still connected (else 499, which nobody reads).
+
+        Either way the work is cancelled: images still queued in the batcher are dropped before they cost
+        a forward pass and the request's room in ``max_queue`` is released. why watch the connection:
+        uvicorn does not cancel a handler whose client has gone, so a client that times out and retries
+        (as the OpenAI SDK does) would have every abandoned request embedded anyway, filling the queue
+        and turning live clients away with 429.
+        """
+        work = asyncio.ensure_future(asyncio.wait_for(coro, self.limits.request_timeout_s))
+        if receive is None:
+            return await self._timed(work)
+        gone = asyncio.ensure_future(_until_disconnect(receive))
         try:
-            return await asyncio.wait_for(coro, self.limits.request_timeout_s)
+            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this handler itself is cancelled (server shutdown)
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+        if not work.done() or work.cancelled():
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            self.metrics.rejected.labels("client_disconnected").inc()
+            raise ApiError(499, "the client disconnected before its answer was ready; the work was dropped")
+        return await self._timed(work)
+
+    async def _timed(self, work):
+        try:
+            return await work
         except TimeoutError:
             self.metrics.rejected.labels("request_timeout_s").inc()
             raise ApiError(
@@ -352,6 +378,13 @@ class Service:
                 store.close()
             except Exception:  # why: one failing index must not keep the others from their snapshot
                 logger.exception("closing index %s failed; its log still holds every change", name)
+
+
+async def _until_disconnect(receive) -> None:
+    """Return when ASGI ``receive`` reports ``http.disconnect`` (call it only once the body has been read:
+    every later message of a request is its disconnect, or the end of its response)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def create_app(config: ServeConfig, *, runtimes: dict[str, ModelRuntime] | None = None) -> Any:

@@ -87,6 +87,8 @@ class InternalErrorMiddleware:
 
         try:
             await self.app(scope, receive, tracked_send)
+        except ClientDisconnect:  # the client left mid-body (or its body timed out): nothing went wrong here
+            logger.debug("%s %s: the client disconnected mid-body", scope.get("method"), scope.get("path"))
         except Exception:
             logger.exception("unexpected error")
             if started:  # too late for a clean answer: let the server close the connection
@@ -216,9 +218,14 @@ def _decode_strings(strings: list[Any]) -> tuple[list[bytes | None], dict[int, s
     return payloads, errors
 
 
-async def _embed(service: Service, model: str, payloads: list[bytes | None], errors: dict[int, str]):
+async def _embed(
+    request: Request, service: Service, model: str, payloads: list[bytes | None], errors: dict[int, str]
+) -> dict[int, np.ndarray]:
+    """Embed ``payloads`` within ``request_timeout_s`` and while ``request``'s client is connected (its
+    body already read); failures go into ``errors``. Returns index -> (E,) float32 embedding."""
     labels = [f"input {i}" for i in range(len(payloads))]
-    return await service.embed_payloads(model, payloads, labels, errors)
+    work = service.embed_payloads(model, payloads, labels, errors)
+    return await service.within_limits(work, request.receive)
 
 
 def _vector_array(service: Service, rows: list[list[float]], dim: int) -> np.ndarray:
@@ -467,7 +474,7 @@ def install(app: FastAPI, service: Service) -> None:
                 f"dimensions {dimensions} exceeds the {runtime.embedding_dim} of model {runtime.name!r}; "
                 f"send 1..{runtime.embedding_dim} or leave it out",
             )
-        vectors = await service.with_timeout(_embed(service, runtime.name, payloads, errors))
+        vectors = await _embed(request, service, runtime.name, payloads, errors)
         if not vectors:
             first = errors[min(errors)] if errors else "no input"
             raise ApiError(
@@ -516,7 +523,7 @@ def install(app: FastAPI, service: Service) -> None:
                     body.index, f"index {body.index!r} matches no served model; query it with 'vector'"
                 ))  # fmt: skip
             payloads, errors = _decode_strings([body.image])
-            vectors = await service.with_timeout(_embed(service, model, payloads, errors))
+            vectors = await _embed(request, service, model, payloads, errors)
             if not vectors:
                 raise ApiError(
                     422, f"the query image could not be embedded: {errors.get(0, 'unknown error')}"
@@ -577,7 +584,7 @@ def install(app: FastAPI, service: Service) -> None:
                     name, f"index {name!r} matches no served model; add 'vectors' instead"
                 ))  # fmt: skip
             payloads, errors = _decode_strings(body.images)
-            embedded = await service.with_timeout(_embed(service, model, payloads, errors))
+            embedded = await _embed(request, service, model, payloads, errors)
             if errors:
                 listed = "; ".join(errors[i] for i in sorted(errors)[:3])
                 raise ApiError(

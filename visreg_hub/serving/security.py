@@ -1,7 +1,9 @@
-"""API keys (stored as sha256 digests, compared in constant time) and the request-body size limit."""
+"""API keys (stored as sha256 digests, compared in constant time), the request-body size limit and the
+request-body deadline."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -108,4 +110,66 @@ class BodyLimitMiddleware:
             (b"connection", b"close"),
         ]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class BodyDeadlineMiddleware:
+    """ASGI middleware: a request body must arrive within ``timeout_s`` of the request's start, else 408.
+
+    For routes that read their bodies themselves (the demo's Gradio routes: uploads, queue joins); the
+    API's own routes bound their reads in ``routes._receive`` and are left to it (``skip_prefixes``).
+    A client trickling a body a byte a second would otherwise hold a connection and a coroutine for as
+    long as it likes.
+
+    At the deadline the 408 is sent from here and the app's ``receive`` reports a disconnect, so the app
+    stops as it does for a client that left; whatever it then tries to send is dropped. why not an
+    exception: a mounted app (Gradio) answers any exception with its own 500 before it gets here.
+    """
+
+    def __init__(self, app, timeout_s: float, skip_prefixes: tuple[str, ...] = (), on_timeout=None) -> None:
+        self.app = app
+        self.timeout_s = float(timeout_s)
+        self.skip_prefixes = skip_prefixes
+        self.on_timeout = on_timeout or (lambda: None)  # called once per request answered 408 (metrics)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path", "").startswith(self.skip_prefixes):
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        body_done = started = timed_out = False
+
+        async def timed_receive():
+            nonlocal body_done, timed_out
+            if body_done:  # after the body: only the disconnect is left to wait for, as long as it takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except TimeoutError:
+                body_done = timed_out = True
+                if not started:
+                    self.on_timeout()
+                    await self._answer_408(send)
+                return {"type": "http.disconnect"}
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            if timed_out:  # answered already: what the app says about the "disconnect" goes nowhere
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, timed_receive, tracked_send)
+
+    async def _answer_408(self, send) -> None:
+        message = f"the request body did not arrive within request_timeout_s={self.timeout_s:g}"
+        body = json.dumps(error_body(message, "invalid_request_error", "request_timeout_s")).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": 408, "headers": headers})
         await send({"type": "http.response.body", "body": body})

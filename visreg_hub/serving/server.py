@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any
 
-from visreg_hub.errors import require_extra
+from visreg_hub.errors import UserInputError, require_extra
 from visreg_hub.serving.config import ServeConfig
 from visreg_hub.serving.memory import bound_allocator, trim
 
@@ -28,9 +29,37 @@ async def trim_when_idle(service, interval: float = IDLE_TRIM_S) -> None:
             await asyncio.to_thread(trim)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port``, for :func:`run_app`; bind it before loading any model.
+
+    why first: a port already taken is then reported at once, on one line, instead of by uvicorn after
+    every model has loaded (and with uvicorn's own exit status).
+
+    Raises:
+        UserInputError: the address cannot be bound (in use, not an address of this machine, a
+            privileged port), naming the address and the fix.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserInputError(f"cannot serve on {host}:{port}: {exc.strerror}; check --host") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart past TIME_WAIT
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise UserInputError(
+            f"cannot serve on {host}:{port}: {exc.strerror or exc}; choose another --port, or stop the "
+            "process that listens there"
+        ) from None
+    return sock
+
+
 def run_app(
     app: Any, host: str, port: int, *, log_level: str = "info", graceful_s: float = 30.0,
-    before_shutdown: Callable[[], None] | None = None,
+    before_shutdown: Callable[[], None] | None = None, sock: socket.socket | None = None,
 ) -> None:  # fmt: skip
     """Serve ``app`` until SIGINT/SIGTERM; in-flight requests get ``graceful_s`` to finish, then the
     app's shutdown drains the batchers and snapshots every index.
@@ -38,6 +67,7 @@ def run_app(
     Args:
         before_shutdown: called when shutdown starts, before waiting for open connections (the demo
             ends the event streams that browser tabs keep open).
+        sock: a socket from :func:`listening_socket` (bound to ``host:port`` earlier); default: bind now.
     """
     uvicorn = require_extra("uvicorn", "serve")
 
@@ -78,12 +108,20 @@ def run_app(
         timeout_graceful_shutdown=graceful_s,
         server_header=False,
     )
-    Server(config).run()
+    sock = listening_socket(host, port) if sock is None else sock
+    with sock:
+        Server(config).run(sockets=[sock])
 
 
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:
-    """Load the models of ``config``, open its indexes and serve the API on ``host:port`` (blocks)."""
+    """Bind ``host:port``, load the models of ``config``, open its indexes and serve the API (blocks).
+
+    Raises:
+        UserInputError: ``host:port`` cannot be bound (checked before any model is loaded).
+    """
     from visreg_hub.serving.app import create_app
 
-    bound_allocator()
-    run_app(create_app(config), host, port, log_level=log_level)
+    sock = listening_socket(host, port)
+    with sock:
+        bound_allocator()
+        run_app(create_app(config), host, port, log_level=log_level, sock=sock)
