@@ -171,6 +171,90 @@ def test_a_corrupt_or_incomplete_cache_entry_is_exported_again(tmp_path, caplog)
     assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 3
 
 
+def test_only_this_users_cache_entries_are_run_and_others_are_left_alone(tmp_path):
+    """A graph is a program, and a check run can be fooled (probe 12: a planted graph recognised the
+    check's fixed inputs and passed). So an entry that another user owns or that group/others can write is
+    never run, and never deleted; a cache dir where others can rename entries is refused as a whole."""
+    import stat
+
+    model, calls = tiny_encoder(seed=8), []
+    first = cache.cached_export(model, OPTIONS, small_export(calls), root=tmp_path)
+    entry = first.parent
+    for path in (entry, first, entry / "entry.json"):
+        mode = path.stat().st_mode
+        path.chmod(mode | stat.S_IWOTH)
+        with pytest.raises(cache.OnnxCacheError, match=r"is writable by group or others.*VISREG_HUB_CACHE"):
+            cache.cached_export(model, OPTIONS, small_export(calls), root=tmp_path)
+        path.chmod(mode)
+        assert path.exists() and len(calls) == 1  # refused, not deleted, not exported over
+    if os.getuid() == 0:  # only root can give a file away
+        os.chown(first, 65534, -1)
+        with pytest.raises(cache.OnnxCacheError, match=r"belongs to another user \(uid 65534\)"):
+            cache.cached_export(model, OPTIONS, small_export(calls), root=tmp_path)
+        os.chown(first, 0, -1)  # root's own (an administrator's read-only cache) is trusted
+    assert cache.cached_export(model, OPTIONS, small_export(calls), root=tmp_path) == first
+    tmp_path.chmod(0o777)  # anyone could swap this user's entries
+    with pytest.raises(cache.OnnxCacheError, match=r"writable by others.*chmod \+t"):
+        cache.cached_export(model, OPTIONS, small_export(calls), root=tmp_path)
+    tmp_path.chmod(0o1777)  # sticky, as /tmp: others cannot rename or remove what is not theirs
+    assert cache.cached_export(model, OPTIONS, small_export(calls), root=tmp_path) == first
+    tmp_path.chmod(0o700)
+    assert len(calls) == 1
+
+
+def test_a_process_that_cannot_check_an_entry_keeps_it(folder, photo_paths, tmp_path, monkeypatch):
+    """Without onnxruntime the check raised MissingExtraError, the valid entry was deleted as "failing
+    its check" and a whole export ran before the same error (probe 12); now the load itself says what is
+    missing, and an entry this process cannot check stays for the processes that can."""
+    import importlib.util
+
+    from visreg_hub.errors import MissingExtraError
+
+    monkeypatch.setenv("VISREG_HUB_CACHE", str(tmp_path / "cache"))
+    from_pretrained(folder, backend="onnx").encode(photo_paths[:1])
+    (entry,) = [p for p in (tmp_path / "cache" / "onnx").iterdir() if not p.name.startswith(".")]
+
+    def no_runtime(*_args, **_kwargs):
+        raise MissingExtraError("'onnxruntime' is required for this feature but is not installed")
+
+    monkeypatch.setattr(onnx_backend, "validate_onnx", no_runtime)
+    with pytest.raises(MissingExtraError, match="onnxruntime"):
+        from_pretrained(folder, backend="onnx").encode(photo_paths[:1])
+    assert (entry / "model.onnx").is_file() and (entry / "entry.json").is_file()
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime"
+                        else find_spec(name, *a))  # fmt: skip
+    for options in ({"backend": "onnx"}, {"precision": "int8"}):
+        with pytest.raises(MissingExtraError, match=r"backend 'onnx' needs onnxruntime.*backend='torch'"):
+            from_pretrained(folder, **options)
+    assert from_pretrained(folder).backend == "torch"  # auto: torch, as without the packages
+
+
+def test_a_cached_graph_of_another_precision_is_not_judged_by_its_own_metadata(
+    folder, photo_paths, tmp_path, exports, monkeypatch, caplog
+):
+    """The check took its threshold from the graph's metadata: a graph saying "int8" was held to cosine
+    0.98 under an fp32 key. It is judged by the precision its key asks for, and one of another precision
+    is exported again."""
+    monkeypatch.setenv("VISREG_HUB_CACHE", str(tmp_path / "cache"))
+    from_pretrained(folder, backend="onnx").encode(photo_paths[:1])
+    (fp32_entry,) = [p for p in (tmp_path / "cache" / "onnx").iterdir() if not p.name.startswith(".")]
+    from_pretrained(folder, backend="onnx", precision="int8").encode(photo_paths[:1])
+    (int8_entry,) = [p for p in (tmp_path / "cache" / "onnx").iterdir()
+                     if not p.name.startswith(".") and p != fp32_entry]  # fmt: skip
+    shutil.copyfile(int8_entry / "model.onnx", fp32_entry / "model.onnx")
+    record = json.loads((fp32_entry / "entry.json").read_text())
+    record["sha256"] = hashlib.sha256((fp32_entry / "model.onnx").read_bytes()).hexdigest()
+    record["size"] = (fp32_entry / "model.onnx").stat().st_size
+    (fp32_entry / "entry.json").write_text(json.dumps(record))
+    calls = len(exports)
+    with caplog.at_level(logging.WARNING, logger="visreg_hub.inference.onnx.cache"):
+        got = from_pretrained(folder, backend="onnx").encode(photo_paths)
+    assert "the cached graph is int8, not the fp32 of its key" in caplog.text and len(exports) == calls + 1
+    torch.testing.assert_close(got, reference(photo_paths, folder), atol=1e-4, rtol=0)
+
+
 def test_a_cache_entry_that_is_a_file_or_a_dangling_symlink_is_exported_again(tmp_path, caplog):
     """rmtree leaves a file or a symlink in place, and the rename of the new entry onto it then failed on
     every call; such an entry must be removed and exported again like any other broken entry."""

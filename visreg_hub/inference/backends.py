@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from visreg_hub.devices import resolve_device
-from visreg_hub.errors import UserInputError
+from visreg_hub.errors import MissingExtraError, UserInputError
 from visreg_hub.inference.preprocess import Preprocessor
 
 logger = logging.getLogger(__name__)
@@ -268,9 +268,12 @@ def default_backend() -> str:
     return value
 
 
+ONNX_PACKAGES = ("onnxruntime", "onnx", "onnxscript")
+
+
 def onnx_available() -> bool:
     """ONNX Runtime and the exporter's packages are importable (``pip install 'visreg_hub[onnx-cpu]'``)."""
-    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx", "onnxscript"))
+    return all(importlib.util.find_spec(name) is not None for name in ONNX_PACKAGES)
 
 
 # models whose "auto" backend fell back to torch because the ONNX export cache dir cannot be written
@@ -301,6 +304,14 @@ def set_backend(
     graph is exported (or read from the on-disk cache) the first time the model embeds.
     """
     spec = make_spec(backend, provider, precision)
+    if spec.backend == "onnx" and not onnx_available():  # now, not at the first encode() after an export
+        from visreg_hub.inference.onnx.runtime import onnx_extra
+
+        missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+        raise MissingExtraError(
+            f"backend 'onnx' needs {', '.join(missing)}, not installed; install them with: "
+            f"pip install 'visreg_hub[{onnx_extra()}]', or load the model with backend='torch'"
+        )
     model.backend_spec = spec
     name = getattr(model.config, "name", None) or "model"
     chosen = resolve_backend(model, spec)

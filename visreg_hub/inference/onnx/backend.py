@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import secrets
 import threading
 import weakref
 from pathlib import Path
@@ -26,8 +27,8 @@ from visreg_hub.inference.images import DEFAULT_MAX_PIXELS
 from visreg_hub.inference.onnx.cache import cached_export
 from visreg_hub.inference.onnx.embedder import OnnxEmbedder
 from visreg_hub.inference.onnx.export import export_onnx
-from visreg_hub.inference.onnx.runtime import CPU, PROVIDER_PRIORITY
-from visreg_hub.inference.onnx.validate import validate_onnx
+from visreg_hub.inference.onnx.runtime import CPU, PROVIDER_PRIORITY, read_onnx_metadata
+from visreg_hub.inference.onnx.validate import default_min_cosine, validate_onnx
 from visreg_hub.inference.pipeline import EmbeddingPipeline, EncodeResult
 
 logger = logging.getLogger(__name__)
@@ -173,10 +174,17 @@ def export_cached(
         )  # fmt: skip
 
     def check(path: Path) -> None:
-        # a graph read from the cache runs once against the model before it is trusted: its digest only
-        # shows it is the file entry.json records, and whoever can write the cache can record another
+        # a graph read from the cache (this user's own, see .cache) runs once against the model before it
+        # is used, judged by the precision asked for (not by what the file's metadata says it is), on
+        # inputs of a fresh seed: this catches a damaged or mismatched export
         try:
-            validate_onnx(model, path, batch_sizes=(1,), providers=providers)
+            recorded = read_onnx_metadata(path).precision
+            if recorded != precision:
+                raise VisregHubError(f"the cached graph is {recorded}, not the {precision} of its key")
+            validate_onnx(
+                model, path, batch_sizes=(1,), providers=providers, min_cosine=default_min_cosine(precision),
+                seed=secrets.randbits(32),
+            )  # fmt: skip
         except VisregHubError:
             raise
         except Exception as exc:  # a file ONNX Runtime cannot even run is as untrustworthy

@@ -14,10 +14,16 @@ exported and with which versions). The cache dir is ``$VISREG_HUB_CACHE/onnx``, 
 * Reading verifies: an entry whose ``entry.json`` is missing or unreadable, or whose ``model.onnx`` size or
   SHA-256 differs from the recorded one, is logged, deleted and exported again; it is never trusted. So is
   an entry that is a file or a (dangling) symlink rather than a folder.
-* The digest only shows the file is the one ``entry.json`` records, and whoever can write the cache (a
-  shared ``VISREG_HUB_CACHE``) can record another graph; so a graph read from the cache is also run once
-  against the model on a probe image (``check``) before it is used, and an entry that fails is exported
-  again. Entries, graphs and records that are links, FIFOs or devices are never followed or read.
+* The cache is per user. A graph is a program that ``encode()`` runs, and the digest only shows the file
+  is the one ``entry.json`` records: whoever can write an entry can record another graph, and no test run
+  can prove a graph honest (it can recognise the test's inputs). So an entry is used only if it, its
+  graph and its record belong to this user (or to root: a read-only cache an administrator filled) and
+  are not writable by group or others, and only from a cache dir that others cannot rename entries in
+  (not writable by others, or sticky like /tmp). Anything else raises :class:`OnnxCacheError` naming the
+  fix, and is never deleted (it is not this user's). Entries, graphs and records that are links, FIFOs or
+  devices are never followed or read.
+* A trusted graph is still run once against the model (``check``) before it is used, which catches a
+  damaged or mismatched export; an entry that fails is exported again.
 * A staging folder left by an export that was killed (``kill -9``, the OOM killer) holds a whole graph;
   staging folders older than :data:`STALE_STAGING_SECONDS` are deleted whenever a graph is exported.
 * Processes that miss the same key at once take turns (an ``flock`` on ``.lock-<key>``): one exports, the
@@ -45,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visreg_hub.errors import VisregHubError
+from visreg_hub.errors import MissingExtraError, VisregHubError
 from visreg_hub.hub.format import weights_digest
 
 logger = logging.getLogger(__name__)
@@ -117,9 +123,50 @@ def _regular(path: Path) -> bool:
         return False
 
 
+def _foreign(path: Path) -> str | None:
+    """Why ``path`` (not followed) is not this user's to trust, or None. See the module docstring."""
+    if not hasattr(os, "getuid"):  # Windows: no owners and modes in this sense; the user's own profile
+        return None
+    try:
+        status = path.lstat()
+    except OSError as exc:
+        return f"cannot be inspected ({exc.strerror or exc})"
+    if status.st_uid not in (os.getuid(), 0):
+        return f"belongs to another user (uid {status.st_uid})"
+    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not stat.S_ISLNK(status.st_mode):
+        return "is writable by group or others"  # (a link's own mode means nothing; it is never followed)
+    return None
+
+
+def _check_root(root: Path) -> None:
+    """Refuse a cache dir where others could swap this user's entries (writable by others, not sticky)."""
+    if not hasattr(os, "getuid"):
+        return
+    try:
+        mode = root.stat().st_mode
+    except OSError:
+        return  # created later, with this user's umask (or refused there with its own error)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
+        raise OnnxCacheError(
+            f"the ONNX export cache {root} is writable by others, who could replace a graph this process "
+            f"would run; set {ENV_CACHE} to a folder of your own, or make this one sticky (chmod +t)"
+        )
+
+
+def _untrusted_error(entry: Path, why: str) -> OnnxCacheError:
+    return OnnxCacheError(
+        f"the ONNX cache entry {entry} {why}, so its graph is not run: the cache is per user; set "
+        f"{ENV_CACHE} to a folder of your own, or load the model with backend='torch'"
+    )
+
+
 def _verified(entry: Path) -> Path | None:
     """``entry/model.onnx`` if the entry is complete and its digest matches; else None (why is logged)."""
     model_file, record_file = entry / MODEL_FILE, entry / ENTRY_FILE
+    for path in (entry, record_file, model_file):
+        why = _foreign(path) if path == entry or path.is_symlink() or path.exists() else None
+        if why is not None:
+            raise _untrusted_error(path, why)
     problem = None
     if not _regular(record_file):  # a FIFO would block the read, /dev/zero would fill memory
         problem = "not a regular file"
@@ -237,7 +284,9 @@ def _cached(entry: Path, check: Callable[[Path], None] | None = None) -> Path | 
     if found is not None and check is not None:
         try:
             check(found)
-        except VisregHubError as exc:  # a graph that is not what the key says (tampered, or a bad export)
+        except MissingExtraError:  # this process cannot run the check; the entry may be fine for others
+            raise
+        except VisregHubError as exc:  # a graph that is not what the key says (a damaged or bad export)
             logger.warning("ONNX cache entry %s fails its check against the model (%s); exporting again",
                            entry, exc)  # fmt: skip
             found = None
@@ -245,6 +294,9 @@ def _cached(entry: Path, check: Callable[[Path], None] | None = None) -> Path | 
         logger.info("using the cached ONNX export %s", found)
         return found
     if not real_folder:
+        why = _foreign(entry)
+        if why is not None:
+            raise _untrusted_error(entry, why)
         logger.warning("ONNX cache entry %s is not a folder; exporting again", entry)
     _remove(entry)
     return None
@@ -267,18 +319,20 @@ def cached_export(
         options: export options that change the graph (pooling, precision, fusions, ...), JSON-able.
         export: writes the graph to the path it is given (and validates it); called only on a miss.
         root: cache dir (None: :func:`cache_dir`).
-        check: called with a graph found in the cache before it is trusted (e.g. run it against the model
-            on a probe batch); a :class:`~visreg_hub.errors.VisregHubError` from it means the entry is
-            removed and exported again. The digest alone only shows the file is the one recorded: whoever
-            can write the cache (a shared ``VISREG_HUB_CACHE``) can record another graph.
+        check: called with a graph found in the cache (this user's, see the module docstring) before it
+            is used (e.g. run it against the model on a probe batch); a
+            :class:`~visreg_hub.errors.VisregHubError` from it means the entry is removed and exported
+            again, except :class:`~visreg_hub.errors.MissingExtraError` (this process cannot check it).
 
     Returns:
         ``<root>/<key>/model.onnx``.
 
     Raises:
-        OnnxCacheError: ``root`` cannot be created or written (checked before ``export`` runs).
+        OnnxCacheError: ``root`` cannot be created or written (checked before ``export`` runs), others
+            can replace entries in it, or the entry is another user's (see the module docstring).
     """
     root = cache_dir() if root is None else Path(root)
+    _check_root(root)
     key, description = cache_key(model, options)
     entry = root / key
     found = _cached(entry, check)

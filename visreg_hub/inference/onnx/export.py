@@ -158,6 +158,7 @@ def export_onnx(
     onnx = require_extra("onnx", onnx_extra())
     require_extra("onnxscript", onnx_extra())
     onnx_ir = require_extra("onnx_ir", onnx_extra())  # installed with onnxscript
+    require_extra("onnxruntime", onnx_extra())  # the check after the export runs it: fail before exporting
     from visreg_hub import __version__
 
     path = Path(path).expanduser()
