@@ -226,6 +226,8 @@ def test_malformed_config_json_is_a_checkpoint_error(folder, name, no_network):
         lambda c: c["pretrained_cfg"].update({"crop_pct": 0.0001}),  # would resize to 280,000 px a side
         lambda c: c["pretrained_cfg"].update({"crop_pct": 1e-300}),
         lambda c: c["pretrained_cfg"].update({"interpolation": ["bicubic"]}),
+        lambda c: c["pretrained_cfg"].update({"crop_mode": "zoom"}),
+        lambda c: c["pretrained_cfg"].update({"crop_mode": ["center"]}),
         lambda c: c["visreg"].update({"format_version": "1"}),
         lambda c: c["visreg"].update({"format_version": 99}),
         lambda c: c["visreg"].update({"pooling": {"cls": 1}}),

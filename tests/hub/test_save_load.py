@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -289,3 +291,32 @@ def test_a_non_square_patch_size_is_refused(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="not a square size"):
         from_pretrained(folder)
+
+
+@pytest.mark.parametrize("crop_mode", ["squash", "border"])
+def test_a_folders_crop_mode_is_what_timm_does_and_survives_a_save(saved, tmp_path, crop_mode):
+    """``pretrained_cfg.crop_mode`` was ignored (every image centre-cropped, cosine 0.93 to timm on
+    "border") and rewritten to "center" by save_pretrained; now it is read, used and written back."""
+    from PIL import Image
+
+    _model, folder = saved
+    edited = tmp_path / "edited"
+    shutil.copytree(folder, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["pretrained_cfg"]["crop_mode"] = crop_mode
+    (edited / "config.json").write_text(json.dumps(config))
+    loaded = from_pretrained(str(edited), backend="torch")
+    assert loaded.config.crop_mode == crop_mode and loaded.data_config["crop_mode"] == crop_mode
+    rng = np.random.default_rng(0)
+    sizes = ((40, 90), (70, 30))  # wide and tall: the three modes differ on both
+    photos = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    backbone = timm.create_model(f"local-dir:{edited}", pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=backbone))
+    assert timm.data.resolve_data_config({}, model=backbone)["crop_mode"] == crop_mode
+    with torch.no_grad():
+        expected = backbone(torch.stack([transform(p) for p in photos]))
+    got = loaded.encode(photos, pooling="cls", normalize=False)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    loaded.save_pretrained(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert again["pretrained_cfg"]["crop_mode"] == crop_mode

@@ -4,8 +4,9 @@ A checkpoint is a folder (one folder = one model):
 
 * ``config.json``: timm-compatible (``architecture``, ``num_classes``, ``num_features``, ``global_pool``,
   ``model_args``, ``pretrained_cfg`` with ``mean``, ``std``, ``input_size``, ``crop_pct``,
-  ``interpolation``) plus a ``visreg`` block (``format_version``, ``pooling``, ``embedding_dim``,
-  ``name``, ``license``, ``recipe``, ``loss``, ``datasets``, evaluation results, other ``extra``).
+  ``interpolation``, ``crop_mode``) plus a ``visreg`` block (``format_version``, ``pooling``,
+  ``embedding_dim``, ``name``, ``license``, ``recipe``, ``loss``, ``datasets``, evaluation results, other
+  ``extra``).
   ``model_args`` holds only architecture arguments: the head arguments (``num_classes``,
   ``global_pool``) live at the top level, because timm's ``local-dir:`` loader and transformers'
   ``TimmWrapperModel`` pass ``num_classes`` themselves and a second copy inside ``model_args`` is a
@@ -124,7 +125,7 @@ def config_to_json(config: ModelConfig, embedding_dim: int) -> dict[str, Any]:
         "fixed_input_size": not config.dynamic_img_size,
         "interpolation": config.interpolation,
         "crop_pct": config.crop_pct,
-        "crop_mode": "center",
+        "crop_mode": config.crop_mode,
         "mean": list(config.mean),
         "std": list(config.std),
         "num_classes": 0,
@@ -247,7 +248,7 @@ def config_from_json(data: dict[str, Any], source: str = CONFIG_NAME) -> ModelCo
         defaults = _architecture_defaults(data["architecture"], known)
         fields = {**defaults, **fields}
     pretrained_cfg = data.get("pretrained_cfg") or {}
-    for key in ("mean", "std", "crop_pct", "interpolation"):
+    for key in ("mean", "std", "crop_pct", "interpolation", "crop_mode"):
         if key in pretrained_cfg:
             fields[key] = pretrained_cfg[key]
     for key in ("pooling", "name", "drop_path_rate"):

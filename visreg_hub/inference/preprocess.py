@@ -29,6 +29,7 @@ from torchvision.transforms import functional as TF
 
 from visreg_hub.errors import ConfigError, ImageDecodeError
 from visreg_hub.inference.images import DEFAULT_MAX_PIXELS, ImageSource, decode_image
+from visreg_hub.models.config import CROP_MODES
 from visreg_hub.models.limits import MIN_CROP_PCT
 
 DEFAULT_CROP_PCT = 0.875  # timm's default when a data config has no crop_pct
@@ -40,7 +41,6 @@ MAX_RESIZED_PIXELS = 2**26
 # (reducing_gap=2.0). On 29 real 2-58 Mpx photos at 224 px it moves a preprocessed pixel by 0.35 grey
 # levels on average (4: 0.07) for a 1.9x faster decode (4: 1.5x); docs/benchmarks.md has the numbers.
 DRAFT_MARGIN = 2
-CROP_MODES = ("center", "squash", "border")
 _INTERPOLATIONS = {
     "nearest": InterpolationMode.NEAREST,
     "bilinear": InterpolationMode.BILINEAR,

@@ -24,6 +24,7 @@ from visreg_hub.suggest import did_you_mean
 
 # Feature taps returning one vector per image; "patch" (a token grid) is served by ``patch_tokens``.
 POOLINGS = ("cls", "cls_last2", "cls_last4", "mean_patch")
+CROP_MODES = ("center", "squash", "border")  # timm's eval crop modes
 # How many blocks' CLS tokens a tap concatenates (the others read one block): its width is embed_dim times
 # this, and the encoder needs at least this depth.
 POOLING_BLOCKS = {"cls_last2": 2, "cls_last4": 4}
@@ -134,6 +135,9 @@ class ModelConfig:
         std: per-channel normalisation std, length ``in_chans``.
         crop_pct: centre-crop fraction used at evaluation (resize to ``img_size / crop_pct``, crop).
         interpolation: resize interpolation, one of ``INTERPOLATIONS``.
+        crop_mode: how an image is fitted to ``img_size`` (timm's ``crop_mode``, one of ``CROP_MODES``):
+            ``"center"`` resizes the shorter side and crops the centre, ``"squash"`` resizes both sides
+            (aspect ratio not kept), ``"border"`` pads to a square.
         name: human-readable name (registry / named size), or None.
         extra: JSON-serialisable metadata: training recipe, loss and its settings, license, eval results.
     """
@@ -156,6 +160,7 @@ class ModelConfig:
     std: tuple[float, ...] = IMAGENET_STD
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
+    crop_mode: str = "center"
     name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -232,6 +237,8 @@ class ModelConfig:
             raise ConfigError(f"crop_pct must be in [{MIN_CROP_PCT}, 1], got {self.crop_pct!r}")
         if self.interpolation not in INTERPOLATIONS:
             raise ConfigError(f"interpolation={self.interpolation!r} is not one of {INTERPOLATIONS}")
+        if self.crop_mode not in CROP_MODES:
+            raise ConfigError(f"crop_mode={self.crop_mode!r} is not one of {CROP_MODES}")
         try:
             json.dumps(self.extra)
         except (TypeError, ValueError, RecursionError) as exc:
@@ -249,7 +256,7 @@ class ModelConfig:
             "std": self.std,
             "crop_pct": self.crop_pct,
             "interpolation": self.interpolation,
-            "crop_mode": "center",
+            "crop_mode": self.crop_mode,
         }
 
     def timm_kwargs(self) -> dict[str, Any]:
