@@ -28,13 +28,16 @@ def floats(model, photo_paths):
 
 
 def reference_int_codes(values, low, high, signed):
-    """Element by element: level = (x - min) / ((max - min) / 255), clipped to [0, 255], truncated."""
+    """Element by element, in float32 scalars (sentence-transformers 6's rule): step = (max - min) / 255
+    (1 for an empty range), level = floor((x - min) / step) clipped to [0, 255]; int8 = level - 128."""
     out = np.zeros(values.shape, dtype=np.int64)
     for i in range(values.shape[0]):
         for d in range(values.shape[1]):
-            step = (float(high[d]) - float(low[d])) / 255
-            level = 0.0 if step == 0 else min(max((float(values[i, d]) - float(low[d])) / step, 0.0), 255.0)
-            out[i, d] = math.trunc(level - 128) if signed else math.trunc(level)
+            start = np.float32(low[d])
+            step = np.float32((np.float32(high[d]) - start) / np.float32(255))
+            step = np.float32(1) if step == 0 else step
+            level = min(max(math.floor(np.float32((np.float32(values[i, d]) - start) / step)), 0), 255)
+            out[i, d] = level - 128 if signed else level
     return out
 
 
@@ -60,7 +63,7 @@ def test_int_precisions_use_the_batch_range_without_calibration(model, photo_pat
     expected = reference_int_codes(floats, floats.min(0), floats.max(0), signed=precision == "int8")
     np.testing.assert_array_equal(codes.numpy().astype(np.int64), expected)
     # closed form: each dimension's batch minimum is the lowest code and its maximum the highest (or one
-    # below it: (max - min) / ((max - min) / 255) can round to 254.999..., truncated as in s-t)
+    # below it: (max - min) / ((max - min) / 255) can round to 254.999..., floored as in s-t)
     lowest, highest = (-128, 127) if precision == "int8" else (0, 255)
     assert (codes.numpy().min(0) == lowest).all() and (codes.numpy().max(0) >= highest - 1).all()
 

@@ -5,19 +5,20 @@ that, see ``from_pretrained(..., backend="onnx", precision="int8")``). The rules
 ``sentence_transformers.quantization.quantize_embeddings``:
 
 * ``"float32"``: unchanged, as float32.
-* ``"uint8"`` / ``"int8"``: per dimension d, ``start_d = min_d``, ``step_d = (max_d - min_d) / 255``;
-  ``uint8 = trunc((x - start) / step)``, ``int8 = trunc((x - start) / step - 128)`` (truncation toward
-  zero, as numpy's ``astype``). The calibration rule: ``ranges`` (a (2, E) array of per-dimension
-  minimum and maximum) if given, else the minimum and maximum of ``calibration_embeddings`` if given,
-  else of the embeddings being quantised (the batch itself: then the result depends on what else is
-  in the batch, and a single embedding has no range; pass calibration embeddings for stable codes).
+* ``"uint8"`` / ``"int8"``: per dimension d, ``start_d = min_d``, ``step_d = (max_d - min_d) / 255``
+  (1 where the range is empty); ``uint8 = clip(floor((x - start) / step), 0, 255)`` and
+  ``int8 = uint8 - 128``, in float32 as sentence-transformers (>= 6) computes them, so codes made here
+  and there from the same embeddings and ranges are equal and can share an index. The calibration rule:
+  ``ranges`` (a (2, E) array of per-dimension minimum and maximum) if given, else the minimum and maximum
+  of ``calibration_embeddings`` if given, else of the embeddings being quantised (the batch itself: then
+  the result depends on what else is in the batch, and a single embedding has no range; pass calibration
+  embeddings for stable codes).
 * ``"ubinary"``: ``numpy.packbits(x > 0)`` per row, uint8 (E / 8 bytes, zero-padded to a whole byte).
 * ``"binary"``: the same bits as int8: ``packbits(x > 0) - 128``.
 
-Where this differs from sentence-transformers, on purpose: values outside the calibration range are
-clipped to it (sentence-transformers lets the integer cast wrap around, so an embedding slightly above
-the calibration maximum becomes a very small code), and a dimension whose range is empty (min == max)
-quantises to the lowest code instead of dividing by zero.
+Where this differs from sentence-transformers, on purpose: int8/uint8 codes of a single embedding
+without ``ranges`` or calibration warn and give the lowest code (sentence-transformers raises), so that
+``encode()`` of one image never fails after the model has run.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def quantization_ranges(
             "(or ranges) for codes that do not depend on the batch",
             len(source),
         )
-    return np.stack([source.min(axis=0), source.max(axis=0)]).astype(np.float64)
+    return np.stack([source.min(axis=0), source.max(axis=0)]).astype(np.float32)
 
 
 def quantize_embeddings(
@@ -108,16 +109,16 @@ def quantize_embeddings(
                 stacklevel=user_stacklevel(),
             )
         ranges = quantization_ranges(values, calibration_embeddings)
-    ranges = np.asarray(ranges, dtype=np.float64)
+    ranges = np.asarray(ranges, dtype=np.float32)  # float32 steps, as sentence-transformers: equal codes
     if ranges.shape != (2, values.shape[1]):
         raise UserInputError(f"ranges must have shape (2, {values.shape[1]}), got {ranges.shape}")
-    starts, steps = ranges[0], (ranges[1] - ranges[0]) / 255
-    safe = np.where(steps > 0, steps, 1.0)  # an empty range maps to the lowest code
-    levels = np.clip((values.astype(np.float64) - starts) / safe, 0.0, 255.0)
-    levels = np.where(steps > 0, levels, 0.0)
+    starts = ranges[0]
+    steps = (ranges[1] - starts) / np.float32(255)
+    steps = np.where(steps == 0, np.float32(1), steps)
+    levels = np.clip(np.floor((values - starts) / steps), 0, 255)  # uniform buckets; outside: the ends
     if precision == "uint8":
-        return np.trunc(levels).astype(np.uint8)
-    return np.trunc(levels - 128).astype(np.int8)
+        return levels.astype(np.uint8)
+    return (levels - 128).astype(np.int8)
 
 
 def _as_float_array(values: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
