@@ -416,6 +416,12 @@ def test_a_device_the_onnx_build_cannot_use_is_a_device_error_as_on_torch(folder
             model.encode(photo_paths[:1], device=bad)
     cpu = model.encode(photo_paths[:1], device="cpu", convert_to_numpy=True)
     np.testing.assert_allclose(cpu, reference(photo_paths[:1], folder), atol=1e-5)
+    # the same at load time: provider="cuda" ran on the CPU with two warnings, each logged twice
+    for provider in ("cuda", "tensorrt", ["tensorrt", "cuda"]):
+        with pytest.raises(DeviceError, match=r"has none of .*provider='cpu'.*\['cuda', 'cpu'\]"):
+            from_pretrained(str(folder), provider=provider)
+    fallback = from_pretrained(str(folder), provider=["cuda", "cpu"])  # a fallback asked for by name
+    np.testing.assert_allclose(fallback.encode(photo_paths[:1], convert_to_numpy=True), cpu, atol=1e-6)
 
 
 def test_first_calls_from_several_threads_export_once_and_all_succeed(

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from visreg_hub.devices import resolve_device
-from visreg_hub.errors import MissingExtraError, UserInputError
+from visreg_hub.errors import DeviceError, MissingExtraError, UserInputError
 from visreg_hub.inference.preprocess import Preprocessor
 
 logger = logging.getLogger(__name__)
@@ -219,14 +219,15 @@ class BackendSpec:
     Attributes:
         backend: ``"auto"`` (ONNX Runtime on the CPU when it is installed, torch on GPUs), ``"torch"``
             or ``"onnx"``.
-        provider: ONNX Runtime provider (``"cpu"``, ``"cuda"``, ``"tensorrt"`` or a full name); None: from
-            the model's device. Only for the ONNX backend.
+        provider: ONNX Runtime provider (``"cpu"``, ``"cuda"``, ``"tensorrt"`` or a full name), or a tuple
+            of them, best first (``("cuda", "cpu")`` falls back to the CPU); None: from the model's
+            device. Only for the ONNX backend.
         precision: ONNX graph precision: ``"fp32"``, ``"fp16"`` (GPU providers) or ``"int8"`` (dynamic
             int8 quantisation of the linear layers, for CPUs). Only for the ONNX backend.
     """
 
     backend: str = "torch"
-    provider: str | None = None
+    provider: str | tuple[str, ...] | None = None
     precision: str = "fp32"
 
 
@@ -253,11 +254,32 @@ def make_spec(backend: str = "auto", provider: str | None = None, precision: str
         )
     if backend == "auto" and (provider is not None or precision != "fp32"):
         backend = "onnx"
+    if isinstance(provider, list):  # kept on the model and part of the export key: hashable
+        provider = tuple(provider)
     if provider is not None:  # a misspelt provider fails here, not after the first encode()'s export
-        from visreg_hub.inference.onnx.runtime import provider_names
-
-        provider_names(provider)
+        _check_provider(provider)
     return BackendSpec(backend, provider, precision)
+
+
+def _check_provider(provider: str | tuple[str, ...]) -> None:
+    """Refuse a provider name that is not one, or providers none of which this onnxruntime build has: as
+    with ``encode(device="cuda")``, a device asked for by name is never silently replaced by the CPU (a
+    list that names ``"cpu"`` last asks for that fallback)."""
+    from visreg_hub.inference.onnx.runtime import provider_names
+
+    names = provider_names(provider)
+    if importlib.util.find_spec("onnxruntime") is None:
+        return  # set_backend says what is missing
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    if not any(name in available for name in names):
+        printed = list(provider) if isinstance(provider, tuple) else provider
+        raise DeviceError(
+            f"provider {printed!r} asked for, but this onnxruntime build has none of {names} (available: "
+            f"{available}); use provider='cpu', install onnxruntime-gpu with matching CUDA/cuDNN "
+            "(pip install 'visreg_hub[onnx]'), or pass e.g. ['cuda', 'cpu'] to fall back to the CPU"
+        )
 
 
 def default_backend() -> str:
