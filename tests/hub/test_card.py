@@ -39,6 +39,9 @@ def test_metadata_reads_back_with_huggingface_hub(tmp_path):
     assert data.library_name == "timm" and "visreg_hub" in data.tags
     assert data.pipeline_tag == "image-feature-extraction"
     assert data.datasets == ["zalando-datasets/fashion_mnist"]
+    grey = tiny_encoder(in_chans=1, mean=(0.5,), std=(0.5,)).save_pretrained(tmp_path / "grey")
+    # transformers' pipeline converts images to RGB: a widget from the tag would fail on a 1-channel model
+    assert ModelCard.load(grey / "README.md").data.pipeline_tag is None
     # only the result on a Hub dataset is in model-index; both are in the body's table
     assert [(r.dataset_type, r.metric_value, r.dataset_split) for r in data.eval_results] == [
         ("zalando-datasets/fashion_mnist", 80.25, "test")

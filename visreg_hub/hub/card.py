@@ -127,7 +127,9 @@ def card_data(
     return ModelCardData(
         license=license,
         library_name=LIBRARY_NAME,
-        pipeline_tag="image-feature-extraction",
+        # the pipeline converts every image to RGB, so it cannot feed a 1-channel model: no tag, no widget
+        # that would fail
+        pipeline_tag="image-feature-extraction" if config.in_chans == 3 else None,
         tags=list(dict.fromkeys([*BASE_TAGS, *(tags or [])])),
         datasets=hub_ids or None,
         metrics=sorted({str(r["metric"]) for r in eval_results}) or None,
