@@ -115,6 +115,28 @@ def test_mixed_good_and_bad_inputs(http, model, fmnist_images):
     np.testing.assert_array_equal(as_matrix(response), model.encode(good, convert_to_numpy=True))
 
 
+def test_on_error_raise_fails_the_whole_request_as_openai_does(http, model, fmnist_images):
+    """With the default "skip", `data` is shorter than `input` after a bad image, so client code that pairs
+    vectors with inputs by position (as OpenAI-client code does) silently shifts them; "raise" answers
+    as OpenAI's API does: a 422 naming every failure, and no vectors."""
+    good, truncated = png_bytes(fmnist_images[1]), png_bytes(fmnist_images[2])[:40]
+    for inputs, failed in (([b64(good), "@@@", b64(good)], [1]), ([b64(truncated), b64(good)], [0])):
+        response = embed(http, inputs, on_error="raise")  # refused early (base64), or when decoding
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["code"] == "input_not_embedded"
+        assert f"{len(failed)} of {len(inputs)} inputs" in error["message"]
+        assert [e["index"] for e in response.json()["errors"]] == failed and "data" not in response.json()
+    files = [("input", ("a.png", good, "image/png")), ("input", ("b.png", truncated, "image/png"))]
+    multipart = http.post("/v1/embeddings", files=files, data={"on_error": "raise"})
+    assert multipart.status_code == 422 and multipart.json()["error"]["code"] == "input_not_embedded"
+    assert http.post("/v1/embeddings", files=files, data={"on_error": "never"}).status_code == 422
+    fine = embed(http, [b64(good)], on_error="raise")
+    assert fine.status_code == 200
+    np.testing.assert_array_equal(as_matrix(fine), model.encode([good], convert_to_numpy=True))
+    assert embed(http, [b64(good)], on_error="ignore").status_code == 422  # only "skip" or "raise"
+
+
 def test_all_inputs_bad_is_a_4xx(http):
     response = embed(http, ["@@@", b64(b"GIF89a broken")])
     assert response.status_code == 422

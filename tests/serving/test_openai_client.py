@@ -61,3 +61,14 @@ def test_dimensions_and_errors_through_the_client(client, model, fmnist_images):
     assert retrieved.id == "tiny" and retrieved.model_extra["embedding_dim"] == model.embedding_dim()
     with pytest.raises(openai.NotFoundError, match="unknown model"):
         client.models.retrieve("nope")
+
+
+def test_on_error_raise_through_the_client(client, fmnist_images):
+    """OpenAI-client code pairs response.data with its inputs by position; with on_error="raise" a bad
+    image fails the call instead of shifting every later vector by one."""
+    encoded = base64.b64encode(png_bytes(fmnist_images[1])).decode()
+    inputs = [encoded, base64.b64encode(b"not an image").decode(), encoded]
+    assert [d.index for d in client.embeddings.create(model="tiny", input=inputs).data] == [0, 2]
+    with pytest.raises(openai.UnprocessableEntityError, match="1 of 3 inputs could not be embedded") as info:
+        client.embeddings.create(model="tiny", input=inputs, extra_body={"on_error": "raise"})
+    assert info.value.code == "input_not_embedded"

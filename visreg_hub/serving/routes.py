@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path as FilePath
 from typing import Any
 
@@ -32,7 +33,7 @@ _ERRORS = {status: {"model": schemas.ErrorResponse} for status in (400, 401, 404
 _JSON_CONTENT = "application/json"
 _MULTIPART = "multipart/form-data"
 _FORM_FILE_FIELDS = ("input", "file", "image")
-_FORM_FIELDS = (*_FORM_FILE_FIELDS, "model", "encoding_format", "dimensions", "user")
+_FORM_FIELDS = (*_FORM_FILE_FIELDS, "model", "encoding_format", "dimensions", "user", "on_error")
 _MAX_FORM_FIELDS = 16
 # JSON bodies from this size on are parsed in a worker thread, off the event loop (about 1 ms of parsing)
 _INLINE_PARSE_BYTES = 256 * 1024
@@ -228,6 +229,17 @@ async def _embed(
     return await service.within_limits(work, request.receive)
 
 
+def _failed_inputs(errors: dict[int, str], count: int) -> ApiError:
+    """The 422 of ``on_error="raise"``: every failed input, by index, and nothing embedded returned."""
+    return ApiError(
+        422,
+        f"{len(errors)} of {count} inputs could not be embedded, so none is returned (on_error='raise'); "
+        f"first: {errors[min(errors)]}",
+        code="input_not_embedded",
+        items=errors,
+    )
+
+
 def _vector_array(service: Service, rows: list[list[float]], dim: int) -> np.ndarray:
     try:
         array = np.asarray(rows, dtype=np.float32)
@@ -312,12 +324,33 @@ async def _json_request(request: Request, service: Service, model: type[BaseMode
     return await _validated_off_loop(model, await _receive(request, service, request.body))
 
 
-async def _parse_embeddings_request(request: Request, service: Service) -> schemas.EmbeddingsRequest | tuple:
-    """JSON body -> EmbeddingsRequest; multipart -> (model, encoding_format, dimensions, [bytes])."""
+@dataclass
+class _EmbedJob:
+    """An embeddings request, from a JSON body or a multipart form.
+
+    ``payloads``: the encoded images by input index (None where the input was refused already, with its
+    message in ``errors``)."""
+
+    model: str | None
+    encoding_format: str
+    dimensions: int | None
+    on_error: str
+    payloads: list[bytes | None]
+    errors: dict[int, str]
+
+
+async def _parse_embeddings_request(request: Request, service: Service) -> _EmbedJob:
+    """The request's images and options, from a JSON body or ``multipart/form-data`` uploads."""
     content_type = _content_type(request)
     if content_type == _JSON_CONTENT:
         body = await _receive(request, service, request.body)
-        return await _validated_off_loop(schemas.EmbeddingsRequest, body)
+        parsed = await _validated_off_loop(schemas.EmbeddingsRequest, body)
+        inputs = [parsed.input] if isinstance(parsed.input, str) else parsed.input
+        _check_count(service, len(inputs), "inputs")
+        payloads, errors = _decode_strings(inputs)
+        return _EmbedJob(
+            parsed.model, parsed.encoding_format, parsed.dimensions, parsed.on_error, payloads, errors
+        )
     if content_type != _MULTIPART:
         raise _refuse_content_type(content_type, "application/json or multipart/form-data")
     limits = service.limits
@@ -351,8 +384,11 @@ async def _parse_embeddings_request(request: Request, service: Service) -> schem
         raise ApiError(422, f"unknown form fields {shown(unknown)}; send images as 'input' file fields")
     model = form.get("model")
     encoding = form.get("encoding_format") or "float"
+    on_error = form.get("on_error") or "skip"
     if encoding not in ("float", "base64") or (model is not None and not isinstance(model, str)):
         raise ApiError(422, "encoding_format must be 'float' or 'base64' and model a name")
+    if on_error not in ("skip", "raise"):
+        raise ApiError(422, f"on_error must be 'skip' or 'raise', got {shown(on_error)}")
     dimensions = form.get("dimensions")
     if dimensions is not None:
         # ASCII digits only and a bounded length: str.isdigit() admits "²", which int() refuses
@@ -361,7 +397,7 @@ async def _parse_embeddings_request(request: Request, service: Service) -> schem
             raise ApiError(422, f"dimensions must be a positive integer, got {shown(dimensions)}")
         dimensions = int(dimensions)
     _check_count(service, len(files), "images")
-    return model, encoding, dimensions, [await f.read() for f in files]
+    return _EmbedJob(model, encoding, dimensions, on_error, [await f.read() for f in files], {})
 
 
 def _json_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -440,6 +476,7 @@ def install(app: FastAPI, service: Service) -> None:
                             "encoding_format": {"type": "string", "enum": ["float", "base64"]},
                             "dimensions": {"type": "integer", "minimum": 1},
                             "user": {"type": "string"},
+                            "on_error": {"type": "string", "enum": ["skip", "raise"]},
                         },
                         "required": ["input"],
                     }
@@ -458,23 +495,20 @@ def install(app: FastAPI, service: Service) -> None:
         summary="embed images (OpenAI-embeddings shaped; JSON base64 or multipart uploads)",
     )
     async def embeddings(request: Request) -> schemas.EmbeddingsResponse:
-        parsed = await _parse_embeddings_request(request, service)
-        if isinstance(parsed, tuple):
-            model_name, encoding, dimensions, payloads = parsed
-            errors: dict[int, str] = {}
-        else:
-            inputs = [parsed.input] if isinstance(parsed.input, str) else parsed.input
-            _check_count(service, len(inputs), "inputs")
-            model_name, encoding, dimensions = parsed.model, parsed.encoding_format, parsed.dimensions
-            payloads, errors = _decode_strings(inputs)
-        runtime = service.runtime(model_name)
+        job = await _parse_embeddings_request(request, service)
+        runtime = service.runtime(job.model)
+        dimensions, errors = job.dimensions, job.errors
         if dimensions is not None and dimensions > runtime.embedding_dim:
             raise ApiError(
                 422,
                 f"dimensions {dimensions} exceeds the {runtime.embedding_dim} of model {runtime.name!r}; "
                 f"send 1..{runtime.embedding_dim} or leave it out",
             )
-        vectors = await _embed(request, service, runtime.name, payloads, errors)
+        if job.on_error == "raise" and errors:  # refused before decoding: nothing else needs to run
+            raise _failed_inputs(errors, len(job.payloads))
+        vectors = await _embed(request, service, runtime.name, job.payloads, errors)
+        if job.on_error == "raise" and errors:
+            raise _failed_inputs(errors, len(job.payloads))
         if not vectors:
             first = errors[min(errors)] if errors else "no input"
             raise ApiError(
@@ -487,7 +521,9 @@ def install(app: FastAPI, service: Service) -> None:
         for i in sorted(vectors):
             values = _truncated(vectors[i], dimensions).astype("<f4")
             embedding = (
-                base64.b64encode(values.tobytes()).decode() if encoding == "base64" else values.tolist()
+                base64.b64encode(values.tobytes()).decode()
+                if job.encoding_format == "base64"
+                else values.tolist()
             )
             data.append(schemas.Embedding(index=i, embedding=embedding))
         return schemas.EmbeddingsResponse(

@@ -37,6 +37,12 @@ class EmbeddingsRequest(_Strict):
         "model.encode(truncate_dim=N)); at most the model's embedding_dim",
     )
     user: str | None = Field(None, description="accepted for OpenAI compatibility, ignored")
+    on_error: Literal["skip", "raise"] = Field(
+        "skip",
+        description="'skip': inputs that cannot be embedded are listed in `errors` by index and the others "
+        "embedded (`data` is then shorter than `input`: pair by `index`); 'raise': any such input fails "
+        "the whole request with a 422 listing every failure, as OpenAI's API does",
+    )
 
 
 class Embedding(BaseModel):
