@@ -173,18 +173,22 @@ def test_a_corrupt_or_incomplete_cache_entry_is_exported_again(tmp_path, caplog)
 
 def test_only_this_users_cache_entries_are_run_and_others_are_left_alone(tmp_path):
     """A graph is a program, and a check run can be fooled (probe 12: a planted graph recognised the
-    check's fixed inputs and passed). So an entry that another user owns or that group/others can write is
-    never run, and never deleted; a cache dir where others can rename entries is refused as a whole."""
+    check's fixed inputs and passed). So an entry that another user owns or that others can write is never
+    run, and never deleted; a cache dir where others can rename entries is refused as a whole. Entries are
+    written 0700/0644 whatever the umask."""
     import stat
 
     model, calls = tiny_encoder(seed=8), []
     first = cache.cached_export(model, OPTIONS, small_export(calls), root=tmp_path)
     entry = first.parent
+    assert stat.S_IMODE(first.stat().st_mode) == 0o644 and stat.S_IMODE(entry.stat().st_mode) == 0o700
     for path in (entry, first, entry / "entry.json"):
         mode = path.stat().st_mode
         path.chmod(mode | stat.S_IWOTH)
-        with pytest.raises(cache.OnnxCacheError, match=r"is writable by group or others.*VISREG_HUB_CACHE"):
+        with pytest.raises(cache.OnnxCacheError, match=r"is writable by others.*VISREG_HUB_CACHE"):
             cache.cached_export(model, OPTIONS, small_export(calls), root=tmp_path)
+        path.chmod(mode | stat.S_IWGRP)  # group write: what umask 002 (user-private groups) gives every file
+        assert cache.cached_export(model, OPTIONS, small_export(calls), root=tmp_path) == first
         path.chmod(mode)
         assert path.exists() and len(calls) == 1  # refused, not deleted, not exported over
     if os.getuid() == 0:  # only root can give a file away

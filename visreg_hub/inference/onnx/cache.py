@@ -18,8 +18,10 @@ exported and with which versions). The cache dir is ``$VISREG_HUB_CACHE/onnx``, 
   is the one ``entry.json`` records: whoever can write an entry can record another graph, and no test run
   can prove a graph honest (it can recognise the test's inputs). So an entry is used only if it, its
   graph and its record belong to this user (or to root: a read-only cache an administrator filled) and
-  are not writable by group or others, and only from a cache dir that others cannot rename entries in
-  (not writable by others, or sticky like /tmp). Anything else raises :class:`OnnxCacheError` naming the
+  are not writable by others, and only from a cache dir that others cannot rename entries in (not
+  writable by others, or sticky like /tmp). Group write is allowed: with the user-private groups of most
+  Linux systems (umask 002) every file a user makes is group-writable; entries this module writes are
+  0700 folders of 0644 files whatever the umask. Anything else raises :class:`OnnxCacheError` naming the
   fix, and is never deleted (it is not this user's). Entries, graphs and records that are links, FIFOs or
   devices are never followed or read.
 * A trusted graph is still run once against the model (``check``) before it is used, which catches a
@@ -133,8 +135,8 @@ def _foreign(path: Path) -> str | None:
         return f"cannot be inspected ({exc.strerror or exc})"
     if status.st_uid not in (os.getuid(), 0):
         return f"belongs to another user (uid {status.st_uid})"
-    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not stat.S_ISLNK(status.st_mode):
-        return "is writable by group or others"  # (a link's own mode means nothing; it is never followed)
+    if status.st_mode & stat.S_IWOTH and not stat.S_ISLNK(status.st_mode):
+        return "is writable by others"  # (a link's own mode means nothing; it is never followed)
     return None
 
 
@@ -146,7 +148,7 @@ def _check_root(root: Path) -> None:
         mode = root.stat().st_mode
     except OSError:
         return  # created later, with this user's umask (or refused there with its own error)
-    if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
+    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
         raise OnnxCacheError(
             f"the ONNX export cache {root} is writable by others, who could replace a graph this process "
             f"would run; set {ENV_CACHE} to a folder of your own, or make this one sticky (chmod +t)"
@@ -349,6 +351,8 @@ def cached_export(
             model_file = staging / MODEL_FILE
             record = {**description, "sha256": _sha256_file(model_file), "size": model_file.stat().st_size}
             (staging / ENTRY_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+            for written in (model_file, staging / ENTRY_FILE):  # whatever the umask: see the module docstring
+                written.chmod(0o644)
             try:
                 staging.rename(entry)
             except OSError:  # another writer (no lock on this system) finished first: use its entry if sound
