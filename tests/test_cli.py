@@ -204,6 +204,9 @@ def test_version_and_usage_errors(capsys):
         (["search", "{tmp}/idx-nomodel", "{tmp}/missing.jpg"], "input not found"),
         (["convert", "{tmp}/missing.pth", "{tmp}/out"], "checkpoint not found"),
         (["convert", "{tmp}/vectors.txt", "{tmp}/out"], "not an official .pth"),
+        # an output that cannot be written is refused before the work, not after it (probe 12)
+        (["embed", "{photo}", "-o", "{tmp}/vectors.txt/e.npy"], "cannot write {tmp}/vectors.txt/e.npy"),
+        (["index", "build", "{tmp}/floats.npy", "-o", "{tmp}/vectors.txt/idx"], "cannot write"),
     ],
 )
 def test_bad_input_exits_1_with_one_line_naming_the_problem(tmp_path, capsys, argv, needle, photo_paths):
@@ -219,6 +222,19 @@ def test_bad_input_exits_1_with_one_line_naming_the_problem(tmp_path, capsys, ar
     assert needle.format(**fill) in err
     assert err.startswith("visreg-hub: error: ") and len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
+
+
+def test_an_unwritable_output_is_refused_before_any_embedding(tmp_path, capsys, monkeypatch, photo_paths):
+    """Probe 12: `embed -o` into a folder it cannot write embedded every image first, then failed."""
+    import visreg_hub.cli
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(visreg_hub.cli, "_load_model", no_model)
+    (tmp_path / "a-file").write_text("not a folder")
+    code, _, err = run(capsys, "embed", photo_paths[0], "-o", tmp_path / "a-file" / "e.npy")
+    assert code == 1 and f"cannot write {tmp_path / 'a-file' / 'e.npy'}" in err and "choose another" in err
 
 
 def test_verbose_adds_the_traceback(tmp_path, capsys):

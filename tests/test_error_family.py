@@ -83,6 +83,13 @@ def test_one_line_and_printable():
     except RuntimeError as exc:
         assert one_line(exc).startswith("out of memory (") and is_expected(exc)
     assert not is_expected(TypeError("x")) and is_expected(KeyError(1))
+    import errno
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/out/part-00003.parquet")
+    assert one_line(full) == (  # was "[Errno 28] No space left on device", with no file and no fix
+        "/data/out/part-00003.parquet: no space left on the disk; "
+        "free some space and run the same command again"
+    )
     assert printable("a\x1b[2Jb\nc\x07\u202e") == "a\\x1b[2Jb\\nc\\x07\\u202e"
     assert printable("chat_été.jpg") == "chat_été.jpg"
 

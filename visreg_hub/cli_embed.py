@@ -101,6 +101,7 @@ def _warn_ignored(args: argparse.Namespace) -> None:
 
 def _embed_single_file(args: argparse.Namespace) -> int:
     """All embeddings in memory, one .npy/.parquet file + its sidecar (for small sets)."""
+    from visreg_hub.durable import check_writable
     from visreg_hub.errors import ImageDecodeError
     from visreg_hub.hub.format import weights_digest
     from visreg_hub.inference import encode
@@ -109,6 +110,7 @@ def _embed_single_file(args: argparse.Namespace) -> int:
     cli = _cli()
     out = check_suffix(args.output, "output")  # fail before the slow part
     _refuse_existing(out, sidecar_path(out), overwrite=args.overwrite)
+    check_writable(out)
     listings = [i for i in args.inputs if Path(i).suffix.lower() in (".txt", ".tar") and Path(i).is_file()]
     if listings:
         # why: a one-file output names its rows by image path; tar members and list lines are embedded
@@ -176,6 +178,7 @@ _PARAM_KINDS = {"nlist": ("ivf", "ivfsq8", "ivfpq"), "nprobe": ("ivf", "ivfsq8",
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
+    from visreg_hub.durable import check_writable
     from visreg_hub.retrieval.build import RECALL_K, build_index
     from visreg_hub.retrieval.manifest import MANIFEST_NAME
     from visreg_hub.retrieval.storage import check_index_output, output_folder
@@ -194,6 +197,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     check_index_output(args.output)
     # an earlier index in the folder (the library replaces it; the command asks first)
     _refuse_existing(output_folder(args.output) / MANIFEST_NAME, overwrite=args.overwrite)
+    check_writable(output_folder(args.output))  # the index is staged beside its folder, then renamed
     index = build_index(
         args.embeddings,
         args.output,

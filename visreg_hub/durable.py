@@ -9,10 +9,28 @@ process see either the old file or the complete new one, never half of it.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["fsync_dir", "fsync_file", "fsync_tree", "write_atomic"]
+__all__ = ["check_writable", "fsync_dir", "fsync_file", "fsync_tree", "write_atomic", "write_atomic_pair"]
+
+
+def check_writable(path: Path) -> None:
+    """Create ``path``'s folder and a file in it, then remove the file: an output that cannot be written
+    (a read-only or foreign folder) fails here, before hours of embedding or index building.
+
+    Raises:
+        UserInputError: naming ``path`` and the reason.
+    """
+    from visreg_hub.errors import UserInputError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe-"):
+            pass
+    except OSError as exc:
+        raise UserInputError(f"cannot write {path}: {exc.strerror or exc}; choose another output") from None
 
 
 def fsync_file(path: Path) -> None:
@@ -51,3 +69,29 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_atomic_pair(
+    path: Path, write: Callable[[Path], None], sidecar: Path, write_sidecar: Callable[[Path], None]
+) -> None:
+    """Replace a data file ``path`` and the ``sidecar`` describing it (``write(tmp)``, ``write_sidecar(tmp)``)
+    so that a crash or a full disk never pairs a sidecar with data it does not describe, and never leaves
+    half a file under either name.
+
+    Both are written to temporary names beside them and fsynced first (a full disk fails here, replacing
+    nothing); then the old sidecar goes, the data is renamed into place, and the new sidecar last: a crash
+    in between leaves the new data without a sidecar, never a wrong pairing.
+    """
+    staged = [(path, write), (sidecar, write_sidecar)]
+    temporaries = [target.with_name(f".{target.name}.tmp-{os.getpid()}") for target, _ in staged]
+    try:
+        for temporary, (_, writer) in zip(temporaries, staged, strict=True):
+            writer(temporary)
+            fsync_file(temporary)
+        sidecar.unlink(missing_ok=True)
+        for temporary, (target, _) in zip(temporaries, staged, strict=True):
+            os.replace(temporary, target)
+        fsync_dir(path.parent)
+    finally:
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ built-in exception a caller would naturally catch (``ValueError``, ``FileNotFoun
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -89,6 +90,9 @@ def is_expected(exc: BaseException) -> bool:
     return isinstance(exc, VisregHubError | OSError | ValueError | LookupError) or _out_of_memory(exc)
 
 
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
 def one_line(exc: BaseException) -> str:
     """The one-line message a command line prints for ``exc``.
 
@@ -102,6 +106,9 @@ def one_line(exc: BaseException) -> str:
         message = f"out of memory ({message or type(exc).__name__}); use a smaller batch, model or image size"
     elif isinstance(exc, RecursionError):
         message = "the input is nested too deeply to process"
+    elif isinstance(exc, OSError) and exc.errno in _DISK_FULL and not isinstance(exc, VisregHubError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        message = f"{where}no space left on the disk; free some space and run the same command again"
     elif not isinstance(exc, VisregHubError | OSError | ValueError) or not message:
         message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     return printable(message)

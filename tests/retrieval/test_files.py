@@ -71,3 +71,39 @@ def test_npy_and_parquet_of_one_name_keep_their_own_sidecars(tmp_path):
     # a folder written by an earlier version (emb.json) still reads
     (tmp_path / "emb.npy.json").rename(tmp_path / "emb.json")
     assert read_embeddings(tmp_path / "emb.npy").info["model"] == "first"
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".parquet"])
+def test_a_write_that_fails_half_way_keeps_the_earlier_pair(tmp_path, monkeypatch, suffix):
+    """Probe 12: a full disk during `embed -o emb.npy --overwrite` left a truncated emb.npy beside the old
+    sidecar (2,887 rows against 123 paths), and a failed first write blocked the re-run as "exists"."""
+    import errno
+
+    from visreg_hub.retrieval import files
+
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    out = tmp_path / f"emb{suffix}"
+    rng = np.random.default_rng(1)
+    first = rng.standard_normal((3, 4)).astype(np.float32)
+    write_embeddings(out, first, paths=["a", "b", "c"])
+
+    def half_then_full(handle):  # what a full disk does: some bytes land, then the write fails
+        handle.write(b"\x93NUMPY half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def npy_on_full_disk(handle, _array, **_kwargs):
+        half_then_full(handle)
+
+    def parquet_on_full_disk(_table, target):
+        with open(target, "wb") as handle:
+            half_then_full(handle)
+
+    monkeypatch.setattr(files.np, "save", npy_on_full_disk)
+    monkeypatch.setattr(files, "write_parquet", parquet_on_full_disk)
+    with pytest.raises(ValueError, match=rf"cannot write .*emb\{suffix}: No space left on device; free some"):
+        write_embeddings(out, rng.standard_normal((5, 4)).astype(np.float32), paths=list("vwxyz"))
+    kept = read_embeddings(out)
+    np.testing.assert_array_equal(kept.embeddings, first)
+    assert kept.paths == ["a", "b", "c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name, f"{out.name}.json"]  # no temporaries

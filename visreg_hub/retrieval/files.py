@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from visreg_hub.durable import write_atomic_pair
 from visreg_hub.errors import MissingExtraError, UserInputError
 from visreg_hub.jsonio import parse_json
 from visreg_hub.native_io import library_source, split_name, write_parquet
@@ -103,17 +104,20 @@ def write_embeddings(
     array = as_float32_matrix(embeddings, name="embeddings")
     if len(paths) != array.shape[0]:
         raise UserInputError(f"got {len(paths)} paths for {array.shape[0]} embeddings; pass one path per row")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".npy":
-        np.save(path, array, allow_pickle=False)
-    else:
+
+    def write_vectors(target: Path) -> None:
+        if path.suffix.lower() == ".npy":
+            with open(target, "wb") as handle:  # a file object: np.save would append .npy to the tmp name
+                np.save(handle, array, allow_pickle=False)
+            return
         pa, _ = _pyarrow("writing .parquet")
         column = pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
         split = [split_name(name) for name in paths]
         columns = {"path": pa.array([text for text, _ in split], pa.string()), "embedding": column}
         if any(raw is not None for _, raw in split):  # names that are not UTF-8: exact bytes, as embed writes
             columns["path_bytes"] = pa.array([raw for _, raw in split], pa.binary())
-        write_parquet(pa.table(columns), path)
+        write_parquet(pa.table(columns), target)
+
     sidecar = {
         "format": SIDECAR_FORMAT,
         "format_version": 1,
@@ -126,7 +130,17 @@ def write_embeddings(
         "paths": list(paths),
         "failures": [{"path": p, "reason": reason} for p, reason in failures],
     }
-    sidecar_path(path).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(sidecar, indent=2) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic_pair(
+            path, write_vectors, sidecar_path(path), lambda target: target.write_text(text, "utf-8")
+        )
+    except OSError as exc:
+        raise UserInputError(
+            f"cannot write {path}: {exc.strerror or exc}; free some space or choose another output "
+            "(an earlier file there was left as it was)"
+        ) from exc
     return sidecar_path(path)
 
 
