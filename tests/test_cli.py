@@ -122,6 +122,14 @@ def test_embed_skips_broken_images_and_records_them(tmp_path, capsys, model_dir,
     assert [Path(f["path"]).name for f in sidecar["failures"]] == ["broken.png"]
     assert "broken.png" not in " ".join(sidecar["paths"])
     assert "1 image(s) failed" in err
+    # a named file that is missing is one more failure under skip, not the end of the job
+    gone = tmp_path / "gone.png"
+    flags = ("--model", model_dir, "--on-error", "skip", "--overwrite")
+    code, _, err = run(capsys, "embed", folder, gone, "-o", out_file, *flags)
+    assert code == 0 and "2 image(s) failed" in err, err
+    failures = json.loads((tmp_path / "emb.npy.json").read_text())["failures"]
+    assert [Path(f["path"]).name for f in failures] == ["broken.png", "gone.png"]
+    assert "not found" in failures[1]["reason"]
 
 
 def test_parquet_output_and_index_from_parquet(tmp_path, capsys, model_dir, gallery):
@@ -199,6 +207,10 @@ def test_version_and_usage_errors(capsys):
         (["index", "build", "{tmp}/missing.npy", "-o", "{tmp}/idx"], "embeddings file not found"),
         (["index", "build", "{tmp}/vectors.txt", "-o", "{tmp}/idx"], "must end with .npy or .parquet"),
         (["index", "build", "{tmp}/ints.npy", "-o", "{tmp}/idx"], "floating-point"),
+        # numpy's own words named no file (probe 12): an object array, a cut header, missing data
+        (["index", "build", "{tmp}/objects.npy", "-o", "{tmp}/idx"], "{tmp}/objects.npy cannot be read as"),
+        (["index", "build", "{tmp}/cut.npy", "-o", "{tmp}/idx"], "{tmp}/cut.npy cannot be read as"),
+        (["index", "build", "{tmp}/short.npy", "-o", "{tmp}/idx"], "{tmp}/short.npy cannot be read as"),
         (["search", "{tmp}/no-index", "{photo}"], "no manifest.json"),
         (["search", "{tmp}/idx-nomodel", "{photo}"], "records no model; pass --model"),
         (["search", "{tmp}/idx-nomodel", "{tmp}/missing.jpg"], "input not found"),
@@ -214,6 +226,10 @@ def test_bad_input_exits_1_with_one_line_naming_the_problem(tmp_path, capsys, ar
     (tmp_path / "vectors.txt").write_text("1 2 3")
     np.save(tmp_path / "ints.npy", np.arange(12).reshape(3, 4))
     np.save(tmp_path / "floats.npy", np.eye(4, dtype=np.float32))
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    whole = (tmp_path / "floats.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(whole[:20])
+    (tmp_path / "short.npy").write_bytes(whole[:-8])
     assert main(["index", "build", str(tmp_path / "floats.npy"), "-o", str(tmp_path / "idx-nomodel")]) == 0
     capsys.readouterr()
     fill = {"tmp": str(tmp_path), "photo": str(photo_paths[0])}
@@ -326,6 +342,11 @@ def test_search_warns_about_ignored_options_and_another_model(tmp_path, capsys, 
     code, out, err = run(capsys, "search", tmp_path / "idx", broken, query, "--on-error", "skip", "--json")
     assert code == 0 and "query skipped" in err and "broken.png" in err
     assert [entry["query"] for entry in json.loads(out)] == [str(query)]
+    gone = tmp_path / "gone.jpg"  # a missing query is skipped too, not the end of the whole search
+    code, out, err = run(capsys, "search", tmp_path / "idx", gone, query, "--on-error", "skip", "--json")
+    assert code == 0 and "query skipped" in err and "gone.jpg" in err and "not found" in err
+    assert [entry["query"] for entry in json.loads(out)] == [str(query)]
+    assert run(capsys, "search", tmp_path / "idx", gone, query)[0] == 1  # without skip: an error
     code, _, err = run(capsys, "search", tmp_path / "idx", tmp_path / "broken.png", "--on-error", "skip")
     assert code == 1 and "no query image could be decoded" in err
 
@@ -409,5 +430,11 @@ def test_search_does_not_let_an_index_choose_a_model_to_download(
         code, out, err = run(capsys, "search", tmp_path / "idx", query, "--json")
         assert code != 0 and out == "" and downloads == []
         assert f"records the model '{recorded}'" in err and f"pass --model '{recorded}'" in err
+    manifest = json.loads(manifest_path.read_text())
+    manifest["model_name"] = str(tmp_path / "moved-away")  # a folder that is not there (any more)
+    manifest_path.write_text(json.dumps(manifest))
+    code, _, err = run(capsys, "search", tmp_path / "idx", query, "--json")
+    assert code == 1 and "which does not exist here" in err and "new location" in err
+    assert "download" not in err  # the old advice: --model with the same missing path, "to download" it
     code, out, err = run(capsys, "search", tmp_path / "idx", query, "--json", "--model", model_dir)
     assert code == 0 and json.loads(out)[0]["results"][0]["metadata"]["path"] == os.path.abspath(query)

@@ -36,7 +36,13 @@ def _model_reference(name: str) -> str:
     return os.path.abspath(name) if Path(name).expanduser().is_dir() else name
 
 
-def _expand_image_inputs(inputs: list[str]) -> list[str]:
+def _expand_image_inputs(inputs: list[str], *, keep_missing: bool = False) -> list[str]:
+    """Absolute image paths: files as given, folders listed.
+
+    Args:
+        keep_missing: keep a path that does not exist, for ``encode(on_error="skip")`` to report as that
+            item's failure (``--on-error skip``); otherwise it is an error before any work.
+    """
     from visreg_hub.inference.images import list_image_files
 
     paths: list[str] = []
@@ -47,7 +53,7 @@ def _expand_image_inputs(inputs: list[str]) -> list[str]:
             if not found:
                 raise UserInputError(f"folder {item!r} contains no image files")
             paths.extend(os.path.abspath(p) for p in found)
-        elif path.is_file():
+        elif path.is_file() or keep_missing:
             paths.append(os.path.abspath(path))
         else:
             raise UserInputError(f"input not found: {item!r} is neither an image file nor a folder")
@@ -123,6 +129,12 @@ def _recorded_model(name: str | None, index_folder: str) -> str:
         note = f"using the model the index records: {name} (pass --model to choose another)"
         print(printable(note), file=sys.stderr)  # the name comes from the index folder: escape it
         return name
+    if Path(name).is_absolute():  # a folder on the machine that built the index: moved, deleted or elsewhere
+        raise UserInputError(
+            f"the index {index_folder!r} records the model folder {name!r}, which does not exist here "
+            "(moved or deleted, or the index was built on another machine); pass --model with the "
+            "folder's new location or the model's name"
+        )
     raise UserInputError(
         f"the index {index_folder!r} records the model {name!r}, which is neither a registry model nor a "
         f"model folder on this machine; pass --model {name!r} to download and use it (an index folder does "
@@ -136,7 +148,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise UserInputError(f"-k must be a positive integer, got {args.k}")
-    queries = _expand_image_inputs(args.images)
+    queries = _expand_image_inputs(args.images, keep_missing=args.on_error == "skip")
     index = EmbeddingIndex.load(args.index)
     _apply_search_options(args, index)
     model_name = args.model or _recorded_model(index.model_name, args.index)

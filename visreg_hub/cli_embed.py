@@ -120,10 +120,10 @@ def _embed_single_file(args: argparse.Namespace) -> int:
             f"{out.suffix} file; pass a folder as -o (e.g. -o {out.with_suffix('')}/), then "
             f"`visreg-hub index build` reads it"
         )
-    paths = cli._expand_image_inputs(args.inputs)
+    on_error = args.on_error or "raise"
+    paths = cli._expand_image_inputs(args.inputs, keep_missing=on_error == "skip")  # skip: a failure each
     model = cli._load_model(args.model, args.device)
     pooling = args.pooling if args.pooling is not None else model.config.pooling
-    on_error = args.on_error or "raise"
     try:
         result = encode(
             model, paths, batch_size=args.batch_size, pooling=pooling, normalize=not args.no_normalize,

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from visreg_hub.errors import ConfigError, VisregHubError
+from visreg_hub.errors import ConfigError, VisregHubError, one_line
 from visreg_hub.jsonio import read_json_file
 from visreg_hub.native_io import library_source, name_fields
 from visreg_hub.retrieval.arrays import as_float32_matrix
@@ -46,6 +46,17 @@ def _shard_name(number: int) -> str:
 
 class EmbeddingSourceError(VisregHubError, ValueError):
     """An embeddings source for ``index build`` is missing, empty or malformed."""
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    """``path`` memory-mapped (never unpickled); a file numpy cannot map is an error naming it."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # object dtype, damaged header, truncated data
+        raise EmbeddingSourceError(
+            f"{path} cannot be read as a numeric .npy array ({one_line(exc)}); write it again, e.g. with "
+            "`visreg-hub embed`, or np.save of a float array"
+        ) from None
 
 
 @dataclass
@@ -135,7 +146,7 @@ def open_sources(paths: list[str | Path], *, paths_file: str | Path | None = Non
     count, dim = 0, None
     for path in files:
         if path.suffix.lower() == ".npy":
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            array = _open_npy(path)
             if array.ndim != 2:
                 raise EmbeddingSourceError(f"{path} must hold an (N, D) array, got shape {array.shape}")
             rows, width = array.shape
@@ -356,7 +367,7 @@ def iter_batches(sources: EmbeddingSources) -> Iterator[tuple[np.ndarray, list[d
     """Yield (float32 (B, D) vectors, B metadata dicts) over every row, in order."""
     for path in sources.files:
         if path.suffix.lower() == ".npy":
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            array = _open_npy(path)
             metadata = _npy_metadata(path, array.shape[0], sources.names)
             for start in range(0, array.shape[0], BATCH_ROWS):
                 block = as_float32_matrix(np.asarray(array[start : start + BATCH_ROWS]), name=str(path))
