@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def _warn_ignored(args: argparse.Namespace) -> None:
 
 def _embed_single_file(args: argparse.Namespace) -> int:
     """All embeddings in memory, one .npy/.parquet file + its sidecar (for small sets)."""
+    from visreg_hub.bulk.listing import check_no_overlap
     from visreg_hub.durable import check_writable
     from visreg_hub.errors import ImageDecodeError
     from visreg_hub.hub.format import weights_digest
@@ -121,6 +123,7 @@ def _embed_single_file(args: argparse.Namespace) -> int:
             f"`visreg-hub index build` reads it"
         )
     on_error = args.on_error or "raise"
+    check_no_overlap(args.inputs, [os.path.abspath(Path(i).expanduser()) for i in args.inputs])
     paths = cli._expand_image_inputs(args.inputs, keep_missing=on_error == "skip")  # skip: a failure each
     model = cli._load_model(args.model, args.device)
     pooling = args.pooling if args.pooling is not None else model.config.pooling

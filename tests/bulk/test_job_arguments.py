@@ -35,6 +35,29 @@ def test_bad_arguments_are_refused_before_the_folder_exists(tmp_path, model, kwa
     assert not (tmp_path / "out").exists()
 
 
+def test_an_output_named_like_a_file_and_overlapping_inputs_are_refused(tmp_path, model, capsys):
+    """Probe 12: embed_dataset(..., "x.npy") made a shard folder named x.npy (the CLI writes one file for
+    that name); the same folder twice, or a folder and its subfolder, embedded every image twice."""
+    from visreg_hub.cli import main
+
+    write_tile_folder(tmp_path / "in" / "sub", 3)
+    for name in ("x.npy", "x.parquet"):
+        with pytest.raises(ConfigError, match=r"names a file, but this job writes a shard folder.*-o x\.npy"):
+            run_embedding(tmp_path / "in", tmp_path / name, model=model)
+        assert not (tmp_path / name).exists()
+    for inputs, words in (
+        ([tmp_path / "in", tmp_path / "in"], "is given twice"),
+        ([tmp_path / "in", tmp_path / "in" / "sub"], "is inside"),
+        ([tmp_path / "in" / "sub" / "..", tmp_path / "in"], "is given twice"),  # one folder, two spellings
+    ):
+        with pytest.raises(UserInputError, match=words):
+            run_embedding(inputs, tmp_path / "out", model=model)
+        assert not (tmp_path / "out").exists()
+        assert main(["embed", *map(str, inputs), "-o", str(tmp_path / "one.npy")]) == 1  # single-file output
+        assert words in capsys.readouterr().err
+    assert run_embedding([tmp_path / "in" / "sub"], tmp_path / "out", model=model).embedded == 3
+
+
 def test_in_memory_images_as_inputs_are_refused_with_the_way_to_embed_them(tmp_path, model):
     with pytest.raises(ConfigError, match=r"inputs must be paths .* got a Image; embed in-memory images"):
         run_embedding([next(tiles(1))], tmp_path / "out", model=model)

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from visreg_hub.errors import VisregHubError
+from visreg_hub.errors import UserInputError, VisregHubError
 from visreg_hub.inference.images import IMAGE_EXTENSIONS, classify_entry
 
 TAR_SUFFIXES = (".tar",)
@@ -96,7 +96,32 @@ def check_inputs(inputs: list[str | os.PathLike]) -> list[str]:
                 f"(got suffix {suffix or 'none'!r}); compressed tars: decompress to .tar first"
             )
         resolved.append(os.path.abspath(path))
+    check_no_overlap(inputs, resolved)
     return resolved
+
+
+def check_no_overlap(inputs: list[str | os.PathLike], resolved: list[str]) -> None:
+    """Refuse an input named twice, or inside a folder that is also an input: its images would be embedded
+    twice (and each would find itself second in every search of the index built from them)."""
+    seen: dict[str, str | os.PathLike] = {}
+    for item, path in zip(inputs, resolved, strict=True):
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UserInputError(
+                f"{str(item)!r} is given twice (also as {str(seen[real])!r}); name each input once, or its "
+                "images are embedded twice"
+            )
+        seen[real] = item
+    folders = {real: item for real, item in seen.items() if os.path.isdir(real)}
+    for real, item in seen.items():
+        parent = os.path.dirname(real)
+        while parent != os.path.dirname(parent):  # up to the root
+            if parent in folders:
+                raise UserInputError(
+                    f"{str(item)!r} is inside {str(folders[parent])!r}, also an input; name only the outer "
+                    "folder, or its images are embedded twice"
+                )
+            parent = os.path.dirname(parent)
 
 
 def _walk(root: str) -> Iterator[Item]:

@@ -159,6 +159,12 @@ def run_embedding(
     """
     start = time.perf_counter()
     # every argument is checked before the output folder and its manifest are created
+    if Path(output_dir).suffix.lower() in (".npy", ".parquet") and not Path(output_dir).is_dir():
+        raise ConfigError(
+            f"output_dir {str(output_dir)!r} names a file, but this job writes a shard folder (parquet "
+            "shards and a manifest); pass a folder name, or for one file use "
+            "`visreg-hub embed ... -o x.npy` (or encode() and visreg_hub.retrieval.write_embeddings)"
+        )
     _check_int("shard_size", shard_size, 1)
     if not isinstance(normalize, bool):
         raise ConfigError(f"normalize must be True or False, got {normalize!r}")
