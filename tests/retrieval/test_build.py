@@ -269,3 +269,20 @@ def test_overwrite_false_refuses_an_index_written_meanwhile_and_keeps_it(tmp_pat
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".idx.")]  # no staging left behind
     b.save(folder)  # the default replaces, as before
     assert len(EmbeddingIndex.load(folder)) == 30
+
+
+def test_a_zero_query_row_is_named_by_its_row_and_an_explicit_kinds_fix_is_its_own(tmp_path, caplog):
+    """Probe 12: a zero vector among the held-out queries was reported by its place in the query sample
+    ("row 0" for data row 7), and an explicit --kind ivfpq below the target was told to raise a
+    --max-memory nobody had given."""
+    vectors = clustered(2_000, 16, seed=5)
+    np.save(tmp_path / "v.npy", vectors)
+    with caplog.at_level("WARNING", logger="visreg_hub.retrieval.build"):
+        index = build_index([tmp_path / "v.npy"], tmp_path / "pq", kind="ivfpq", pq_m=2, target_recall=0.999)
+    fix = "too compressed; choose a less compressed kind (--kind ivfsq8, ivf or flat), or a larger --pq-m"
+    assert fix in caplog.text and "--max-memory" not in caplog.text
+    row = sorted(index.build_info["query_ids"])[3]  # a held-out query, not the first row of the sample
+    vectors[row] = 0
+    np.save(tmp_path / "zero.npy", vectors)
+    with pytest.raises(ValueError, match=rf"zero vector \(row {row}\)"):
+        build_index([tmp_path / "zero.npy"], tmp_path / "idx", normalize=True)

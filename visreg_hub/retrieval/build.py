@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from visreg_hub.errors import ConfigError
+from visreg_hub.errors import ConfigError, UserInputError
 from visreg_hub.retrieval.arrays import l2_normalize
 from visreg_hub.retrieval.factory import IVF_KINDS, KINDS, default_nlist, default_pq_m, estimate_bytes
 from visreg_hub.retrieval.index import EmbeddingIndex
@@ -280,9 +280,18 @@ def build_index(
         "seconds": round(time.perf_counter() - start, 3),
     }
     if recall < target_recall:
+        # the fix depends on who chose the kind: auto chose it to fit a memory budget; an explicit kind
+        # was the user's, with its own parameters
+        fix = (
+            "raise --max-memory"
+            if kind == "auto"
+            else "choose a less compressed kind (--kind ivfsq8, ivf or flat), or a larger --pq-m"
+            if plan["kind"] == "ivfpq"
+            else "choose a less compressed kind (--kind ivf or flat)"
+        )
         logger.warning(
             "recall@%d is %.3f, below the target %.3f, even with exhaustive search: the %s index is too "
-            "compressed; raise --max-memory", RECALL_K, recall, target_recall, plan["kind"],
+            "compressed; %s", RECALL_K, recall, target_recall, plan["kind"], fix,
         )  # fmt: skip
     index.save(output, overwrite=overwrite)
     return index
@@ -292,6 +301,12 @@ def _sample(sources: EmbeddingSources, query_ids: np.ndarray, train_ids: np.ndar
     """One streaming pass collecting the query rows and the training rows (float32, normalised if asked)."""
     queries, train = _gather(sources, query_ids, train_ids)
     if normalize:
+        zero = np.flatnonzero(~queries.any(axis=1))
+        if zero.size:  # l2_normalize would name the row's place in this sample, not in the embeddings
+            raise UserInputError(
+                f"cannot L2-normalise a zero vector (row {int(query_ids[zero[0]])}); remove it or build "
+                "without --normalize"
+            )
         queries = l2_normalize(queries)
     return queries, train
 
