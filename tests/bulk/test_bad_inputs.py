@@ -295,3 +295,17 @@ def test_a_tar_key_stored_twice_embeds_the_first_copy_and_fails_the_second(tmp_p
         f"extract this one); remove the duplicate"
     )
     assert caplog.records == []
+
+
+def test_a_resumed_runs_summary_says_what_the_whole_job_failed(tmp_path, model):
+    """Probe 12: re-running a finished job printed "embedded 0, failed 0 ... complete" while
+    failures.jsonl listed the job's failures; the counts are this run's, and the job's are added."""
+    files = write_tile_folder(tmp_path / "in", 4, nested=False)
+    files[1].write_bytes(b"not an image")
+    first = run_embedding(tmp_path / "in", tmp_path / "out", model=model, shard_size=2)
+    assert (first.embedded, first.failed, first.job_failed) == (3, 1, 1)
+    again = run_embedding(tmp_path / "in", tmp_path / "out", model=model, shard_size=2)
+    assert (again.embedded, again.failed, again.shards_skipped, again.job_failed) == (0, 0, 2, 1)
+    line = again.line()
+    assert line.startswith("this run: embedded 0, failed 0") and "1 image(s) of the job failed" in line
+    assert len(failures(tmp_path / "out")) == 1

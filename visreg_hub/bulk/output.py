@@ -299,6 +299,15 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     write_atomic(folder / MANIFEST_NAME, lambda p: p.write_text(text, encoding="utf-8"))
 
 
+def listed_failures(folder: Path) -> int | None:
+    """How many failures ``failures.jsonl`` lists (the whole job's, once complete); None before."""
+    try:
+        with (folder / FAILURES_NAME).open("rb") as handle:
+            return sum(1 for line in handle if line.strip())
+    except FileNotFoundError:
+        return None
+
+
 def finalize(folder: Path, manifest: dict[str, Any], num_shards: int) -> bool:
     """When every shard is done: failures.jsonl (all shards, in order) and ``complete: true``.
 

@@ -145,6 +145,6 @@ def run_ray(sources, folder: Path, manifest, net, runner, listing, num_shards: i
     if complete:  # the plans and the model copy for the actors are only needed to resume
         shutil.rmtree(folder / PLAN_DIR, ignore_errors=True)
     summary = EmbedSummary(folder, embedded, failed, time.perf_counter() - start, len(todo),
-                           num_shards - len(todo), complete)  # fmt: skip
+                           num_shards - len(todo), complete, output.listed_failures(folder))  # fmt: skip
     logger.info("%s", summary.line())
     return summary

@@ -41,7 +41,9 @@ _MANIFEST_EVERY = 16  # shards between manifest updates while a job runs
 
 @dataclass
 class EmbedSummary:
-    """What one call (one rank) did. ``complete``: every shard of the job is now on disk."""
+    """What one call (one rank) did. ``complete``: every shard of the job is now on disk;
+    ``job_failed``: then, the failures of the whole job (every run and rank), as ``failures.jsonl`` lists.
+    """
 
     output_dir: Path
     embedded: int
@@ -50,6 +52,7 @@ class EmbedSummary:
     shards_written: int
     shards_skipped: int
     complete: bool
+    job_failed: int | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -57,8 +60,10 @@ class EmbedSummary:
 
     def line(self) -> str:
         state = "complete" if self.complete else "incomplete (other ranks or a re-run will finish it)"
+        if self.complete and self.job_failed is not None:  # a resumed run did only part of the job
+            state += f"; {self.job_failed} image(s) of the job failed, listed in {output.FAILURES_NAME}"
         return (
-            f"embedded {self.embedded}, failed {self.failed}, {self.seconds:.1f} s, "
+            f"this run: embedded {self.embedded}, failed {self.failed}, {self.seconds:.1f} s, "
             f"{self.images_per_second:.1f} images/s; {self.shards_written} shard(s) written, "
             f"{self.shards_skipped} already done; {self.output_dir} {state}"
         )
@@ -252,7 +257,7 @@ def run_embedding(
                 output.finalize(folder, manifest, num_shards)
     complete = output.finalize(folder, manifest, num_shards)
     summary = EmbedSummary(folder, embedded, failed, time.perf_counter() - start, written,
-                           len(mine) - len(todo), complete)  # fmt: skip
+                           len(mine) - len(todo), complete, output.listed_failures(folder))  # fmt: skip
     logger.info("%s", summary.line())
     return summary
 
