@@ -55,7 +55,7 @@ from visreg_hub.inference import IMAGE_EXTENSIONS
 from visreg_hub.models.config import POOLINGS
 from visreg_hub.serving.config import Limits
 from visreg_hub.serving.memory import bound_allocator
-from visreg_hub.serving.server import listening_socket, run_app
+from visreg_hub.serving.server import listening_sockets, run_app
 
 try:
     import gradio as gr
@@ -351,16 +351,19 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:  # first: a port already taken is reported before the models load
-        sock = listening_socket(args.host, args.port)
+        sockets = listening_sockets(args.host, args.port)
     except VisregHubError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    with sock:
-        return _serve(args, sock)
+    try:
+        return _serve(args, sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
-def _serve(args: argparse.Namespace, sock) -> int:
-    """Load the models and galleries, build the page and serve it with the API on ``sock``."""
+def _serve(args: argparse.Namespace, sockets: list) -> int:
+    """Load the models and galleries, build the page and serve it with the API on ``sockets``."""
     workspace = Path(tempfile.mkdtemp(prefix="visreg-demo-"))
     atexit.register(shutil.rmtree, workspace, ignore_errors=True)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -392,7 +395,7 @@ def _serve(args: argparse.Namespace, sock) -> int:
         # uvicorn handles SIGTERM/SIGINT (closing Gradio first ends the event streams browser tabs hold
         # open), then re-raises it: _stop_on_sigterm turns that into KeyboardInterrupt, caught below
         run_app(app, args.host, args.port, log_level="warning", graceful_s=15.0,
-                before_shutdown=functools.partial(demo.close, verbose=False), sock=sock)  # fmt: skip
+                before_shutdown=functools.partial(demo.close, verbose=False), sockets=sockets)  # fmt: skip
     except KeyboardInterrupt:
         logger.info("stopped")
     except SystemExit as exc:  # uvicorn exits when it cannot bind (e.g. the port is taken)

@@ -82,3 +82,25 @@ def test_a_port_in_use_is_one_line_before_any_model_loads(tiny_model_dir, monkey
         assert demo.app.main(["--port", str(port)]) == 2
         err = capsys.readouterr().err
         assert f"error: cannot serve on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_address_of_localhost_is_bound_and_the_hint_fits_the_error():
+    """`--host localhost` bound only getaddrinfo's first answer (::1 on most hosts files), so
+    http://127.0.0.1 was refused where plain uvicorn served both."""
+    import socket
+
+    from visreg_hub.serving.server import listening_sockets
+
+    sockets = listening_sockets("localhost", 0)
+    try:
+        addresses = {sock.getsockname()[0] for sock in sockets}
+        expected = {info[4][0] for info in socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM)}
+        assert addresses == expected and "127.0.0.1" in addresses
+    finally:
+        for sock in sockets:
+            sock.close()
+    not_here = r"cannot serve on 203\.0\.113\.7:8000: .*this machine has no such address"
+    with pytest.raises(ValueError, match=not_here):
+        listening_sockets("203.0.113.7", 8000)  # TEST-NET-3: never an address of this machine
+    with pytest.raises(ValueError, match=r"cannot serve on no-such-host\.invalid:8000: .*check --host"):
+        listening_sockets("no-such-host.invalid", 8000)

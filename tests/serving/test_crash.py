@@ -99,6 +99,8 @@ def _run(tmp_path, tiny_model_dir, kills: int) -> None:
                     thread.join(30)
                 # a graceful SIGTERM stop (drained, snapshotted) is a successful exit
                 assert server.signal(signal.SIGTERM) == 0, server.log()
+                # the address is logged (uvicorn names none for sockets bound before the models load)
+                assert f"listening on {server.url.rstrip('/')}" in server.log()
                 assert (
                     server.log().rstrip().endswith("Finished server process")
                     or "Application shutdown complete" in server.log()

@@ -19,7 +19,7 @@ import numpy as np
 
 from visreg_hub.errors import VisregHubError, require_extra
 from visreg_hub.inference.images import PIXEL_CAP_HINT
-from visreg_hub.serving.batcher import DynamicBatcher
+from visreg_hub.serving.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
 from visreg_hub.serving.config import IndexSpec, ServeConfig
 from visreg_hub.serving.metrics import Metrics
 from visreg_hub.serving.runtime import ModelRuntime, load_runtime
@@ -261,7 +261,7 @@ class Service:
                 return {}
             import torch
 
-            outputs = await runtime.batcher.submit(torch.stack([pixels for _, pixels in good]))
+            outputs = await self._submit(runtime, torch.stack([pixels for _, pixels in good]))
             return {i: outputs[row] for row, (i, _) in enumerate(good)}
         finally:
             self.release(model, len(wanted))
@@ -271,9 +271,24 @@ class Service:
         count = int(pixels.shape[0])
         self.admit(model, count)
         try:
-            return await self.runtimes[model].batcher.submit(pixels)
+            return await self._submit(self.runtimes[model], pixels)
         finally:
             self.release(model, count)
+
+    async def _submit(self, runtime: ModelRuntime, pixels) -> np.ndarray:
+        """The batcher's answer for ``pixels``; its refusals as API errors (429 busy, 503 stopping).
+
+        Admission keeps the batcher's queue from overflowing, so these are a safety net, not a path."""
+        try:
+            return await runtime.batcher.submit(pixels)
+        except QueueFullError as exc:
+            self.metrics.rejected.labels("max_queue").inc()
+            raise ApiError(
+                429, str(exc), kind="rate_limit_error", limit="max_queue",
+                headers={"Retry-After": str(exc.retry_after)},
+            ) from None  # fmt: skip
+        except BatcherClosedError as exc:
+            raise ApiError(503, str(exc), kind="unavailable") from None
 
     def embed_images_blocking(self, model: str, images: list) -> np.ndarray:
         """From a thread other than the server's event loop (the demo's UI handlers): preprocess decoded

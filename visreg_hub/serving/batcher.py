@@ -143,7 +143,11 @@ class DynamicBatcher:
         try:
             return await job.future
         except asyncio.CancelledError:
-            job.cancelled = True  # the worker drops what it has not taken yet
+            with self._cond:  # the images not yet taken leave the queue now, not when the worker next looks:
+                job.cancelled = True  # the request's admission is released at once, so the room must be too
+                self._queued -= job.size - job.taken
+                job.taken = job.size
+                self._on_queue(self._queued)
             raise
 
     def close(self, timeout: float | None = 30.0) -> None:

@@ -504,8 +504,8 @@ def install(app: FastAPI, service: Service) -> None:
                 f"dimensions {dimensions} exceeds the {runtime.embedding_dim} of model {runtime.name!r}; "
                 f"send 1..{runtime.embedding_dim} or leave it out",
             )
-        if job.on_error == "raise" and errors:  # refused before decoding: nothing else needs to run
-            raise _failed_inputs(errors, len(job.payloads))
+        # with on_error="raise" the images are still decoded after an input refused early (bad base64),
+        # so that the 422 lists every failure at once, not one stage's
         vectors = await _embed(request, service, runtime.name, job.payloads, errors)
         if job.on_error == "raise" and errors:
             raise _failed_inputs(errors, len(job.payloads))

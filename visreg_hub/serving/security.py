@@ -113,8 +113,13 @@ class BodyLimitMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
+MIN_BODY_RATE = 64 * 1024  # bytes/s a declared body may take on top of timeout_s (about 0.5 Mbit/s)
+
+
 class BodyDeadlineMiddleware:
-    """ASGI middleware: a request body must arrive within ``timeout_s`` of the request's start, else 408.
+    """ASGI middleware: a request body must arrive within ``timeout_s`` of the request's start, plus
+    its declared ``Content-Length`` at :data:`MIN_BODY_RATE` (a 10 MB upload over a slow uplink is not a
+    slow client), else 408.
 
     For routes that read their bodies themselves (the demo's Gradio routes: uploads, queue joins); the
     API's own routes bound their reads in ``routes._receive`` and are left to it (``skip_prefixes``).
@@ -136,15 +141,17 @@ class BodyDeadlineMiddleware:
         if scope["type"] != "http" or scope.get("path", "").startswith(self.skip_prefixes):
             return await self.app(scope, receive, send)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        allowance = int(declared) / MIN_BODY_RATE if declared.isdigit() else 0.0
+        deadline = loop.time() + self.timeout_s + allowance
         body_done = started = timed_out = False
 
         async def timed_receive():
             nonlocal body_done, timed_out
             if body_done:  # after the body: only the disconnect is left to wait for, as long as it takes
                 return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            try:  # (a small floor: a body already here is taken even when the app asks after the deadline)
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.05))
             except TimeoutError:
                 body_done = timed_out = True
                 if not started:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 from collections.abc import Callable
@@ -29,37 +30,65 @@ async def trim_when_idle(service, interval: float = IDLE_TRIM_S) -> None:
             await asyncio.to_thread(trim)
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port``, for :func:`run_app`; bind it before loading any model.
+_BIND_HINTS = {
+    errno.EADDRINUSE: "choose another --port, or stop the process that listens there",
+    errno.EACCES: "ports below 1024 need root: choose a port of 1024 or above",
+    errno.EADDRNOTAVAIL: "this machine has no such address: check --host (127.0.0.1, 0.0.0.0, ::1, ...)",
+}
+
+
+def _shown(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """TCP sockets bound to every address of ``host`` (``localhost``: 127.0.0.1 and ::1, as uvicorn binds
+    it), for :func:`run_app`; bind them before loading any model.
 
     why first: a port already taken is then reported at once, on one line, instead of by uvicorn after
-    every model has loaded (and with uvicorn's own exit status).
+    every model has loaded (and with uvicorn's own exit status). An address family this machine has
+    turned off (``::1`` in /etc/hosts without IPv6) is skipped when another address binds, as asyncio does.
 
     Raises:
-        UserInputError: the address cannot be bound (in use, not an address of this machine, a
-            privileged port), naming the address and the fix.
+        UserInputError: the host does not resolve, or an address cannot be bound (in use, not this
+            machine's, a privileged port), naming the address and the fix.
     """
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise UserInputError(f"cannot serve on {host}:{port}: {exc.strerror}; check --host") from None
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart past TIME_WAIT
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
+        raise UserInputError(f"cannot serve on {_shown(host, port)}: {exc.strerror}; check --host") from None
+    sockets: list[socket.socket] = []
+    unavailable = None
+    for family, kind, proto, _, address in dict.fromkeys(infos):  # getaddrinfo repeats some entries
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart past TIME_WAIT
+            if family == socket.AF_INET6 and len(infos) > 1:  # its own address only, beside the IPv4 one
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRNOTAVAIL:
+                unavailable = exc
+                continue
+            for bound in sockets:
+                bound.close()
+            hint = _BIND_HINTS.get(exc.errno, "check --host and --port")
+            raise UserInputError(
+                f"cannot serve on {_shown(address[0], port)}: {exc.strerror or exc}; {hint}"
+            ) from None
+        sockets.append(sock)
+    if not sockets:
         raise UserInputError(
-            f"cannot serve on {host}:{port}: {exc.strerror or exc}; choose another --port, or stop the "
-            "process that listens there"
-        ) from None
-    return sock
+            f"cannot serve on {_shown(host, port)}: {unavailable.strerror if unavailable else 'no address'}; "
+            f"{_BIND_HINTS[errno.EADDRNOTAVAIL]}"
+        )
+    return sockets
 
 
 def run_app(
     app: Any, host: str, port: int, *, log_level: str = "info", graceful_s: float = 30.0,
-    before_shutdown: Callable[[], None] | None = None, sock: socket.socket | None = None,
+    before_shutdown: Callable[[], None] | None = None, sockets: list[socket.socket] | None = None,
 ) -> None:  # fmt: skip
     """Serve ``app`` until SIGINT/SIGTERM; in-flight requests get ``graceful_s`` to finish, then the
     app's shutdown drains the batchers and snapshots every index.
@@ -67,7 +96,7 @@ def run_app(
     Args:
         before_shutdown: called when shutdown starts, before waiting for open connections (the demo
             ends the event streams that browser tabs keep open).
-        sock: a socket from :func:`listening_socket` (bound to ``host:port`` earlier); default: bind now.
+        sockets: from :func:`listening_sockets` (bound to ``host:port`` earlier); default: bind now.
     """
     uvicorn = require_extra("uvicorn", "serve")
 
@@ -108,9 +137,15 @@ def run_app(
         timeout_graceful_shutdown=graceful_s,
         server_header=False,
     )
-    sock = listening_socket(host, port) if sock is None else sock
-    with sock:
-        Server(config).run(sockets=[sock])
+    sockets = listening_sockets(host, port) if sockets is None else sockets
+    for sock in sockets:  # uvicorn logs no address for sockets it is handed (port 0 would go unnamed)
+        bound_host, bound_port = sock.getsockname()[:2]
+        logger.info("listening on http://%s", _shown(bound_host, bound_port))
+    try:
+        Server(config).run(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:
@@ -121,7 +156,12 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, *, log
     """
     from visreg_hub.serving.app import create_app
 
-    sock = listening_socket(host, port)
-    with sock:
+    sockets = listening_sockets(host, port)
+    try:
         bound_allocator()
-        run_app(create_app(config), host, port, log_level=log_level, sock=sock)
+        app = create_app(config)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    run_app(app, host, port, log_level=log_level, sockets=sockets)
