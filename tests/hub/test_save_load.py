@@ -320,3 +320,6 @@ def test_a_folders_crop_mode_is_what_timm_does_and_survives_a_save(saved, tmp_pa
     loaded.save_pretrained(tmp_path / "again")
     again = json.loads((tmp_path / "again" / "config.json").read_text())
     assert again["pretrained_cfg"]["crop_mode"] == crop_mode
+    config["pretrained_cfg"]["crop_mode"] = None  # timm reads a null as its default, "center"
+    (edited / "config.json").write_text(json.dumps(config))
+    assert from_pretrained(str(edited), backend="torch").config.crop_mode == "center"

@@ -251,6 +251,8 @@ def config_from_json(data: dict[str, Any], source: str = CONFIG_NAME) -> ModelCo
     for key in ("mean", "std", "crop_pct", "interpolation", "crop_mode"):
         if key in pretrained_cfg:
             fields[key] = pretrained_cfg[key]
+    if fields.get("crop_mode", "center") is None:  # timm's default, as its transforms read a null
+        fields["crop_mode"] = "center"
     for key in ("pooling", "name", "drop_path_rate"):
         if visreg.get(key) is not None:
             fields[key] = visreg[key]

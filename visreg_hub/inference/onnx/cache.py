@@ -151,7 +151,8 @@ def _check_root(root: Path) -> None:
     if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
         raise OnnxCacheError(
             f"the ONNX export cache {root} is writable by others, who could replace a graph this process "
-            f"would run; set {ENV_CACHE} to a folder of your own, or make this one sticky (chmod +t)"
+            f"would run; set {ENV_CACHE} to a folder of your own (on a file system with Unix permissions: "
+            "not a FAT/NTFS mount), or make this one sticky (chmod +t)"
         )
 
 
