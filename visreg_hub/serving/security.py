@@ -101,16 +101,20 @@ class BodyLimitMiddleware:
 
     async def _refuse(self, send) -> None:
         self.on_refuse()
-        body = json.dumps(
-            error_body(BodyTooLargeError(self.limit).detail, "invalid_request_error", "max_body_bytes")
-        ).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_closing_error(send, 413, BodyTooLargeError(self.limit).detail, "max_body_bytes")
+
+
+async def send_closing_error(send, status: int, message: str, limit: str) -> None:
+    """Answer from raw ASGI with the API's JSON error for a refused ``limit``, closing the connection
+    (the rest of the request body is never read)."""
+    body = json.dumps(error_body(message, "invalid_request_error", limit)).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 MIN_BODY_RATE = 64 * 1024  # bytes/s a declared body may take on top of timeout_s (about 0.5 Mbit/s)
@@ -156,7 +160,8 @@ class BodyDeadlineMiddleware:
                 body_done = timed_out = True
                 if not started:
                     self.on_timeout()
-                    await self._answer_408(send)
+                    message = f"the request body did not arrive within request_timeout_s={self.timeout_s:g}"
+                    await send_closing_error(send, 408, message, "request_timeout_s")
                 return {"type": "http.disconnect"}
             body_done = message["type"] != "http.request" or not message.get("more_body", False)
             return message
@@ -169,14 +174,3 @@ class BodyDeadlineMiddleware:
             await send(message)
 
         await self.app(scope, timed_receive, tracked_send)
-
-    async def _answer_408(self, send) -> None:
-        message = f"the request body did not arrive within request_timeout_s={self.timeout_s:g}"
-        body = json.dumps(error_body(message, "invalid_request_error", "request_timeout_s")).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]
-        await send({"type": "http.response.start", "status": 408, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
