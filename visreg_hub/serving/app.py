@@ -398,8 +398,12 @@ class Service:
 async def _until_disconnect(receive) -> None:
     """Return when ASGI ``receive`` reports ``http.disconnect`` (call it only once the body has been read:
     every later message of a request is its disconnect, or the end of its response)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception as exc:  # a receive that cannot be watched never cancels the work: stop watching
+        logger.debug("not watching the connection for a disconnect: %r", exc)
+        await asyncio.get_running_loop().create_future()  # until cancelled with the finished work
 
 
 def create_app(config: ServeConfig, *, runtimes: dict[str, ModelRuntime] | None = None) -> Any:
