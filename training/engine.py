@@ -82,6 +82,7 @@ class Trainer:
         resume: None, ``"auto"`` or a checkpoint folder.
         push_to_hub: ``"org/name"`` to upload the final export.
         export_every: also export the backbone every this many steps (overrides ``train.export_every``).
+        command: the command recorded in exported model cards (see ``publish.published_command``).
     """
 
     def __init__(
@@ -90,11 +91,12 @@ class Trainer:
         resume: str | None = None,
         push_to_hub: str | None = None,
         export_every: int | None = None,
+        command: str | None = None,
     ) -> None:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        self.config, self.push_to_hub = config, push_to_hub
+        self.config, self.push_to_hub, self.command = config, push_to_hub, command
         self.export_every = config.train.export_every if export_every is None else export_every
         train = config.train
         self.output_dir = Path(train.output_dir).expanduser().resolve()
@@ -162,6 +164,19 @@ class Trainer:
         self.resumed_from = folder = None if resolved is None else resolved[0]
         self.run_id = self._run_identity(folder)
 
+        if resolved is not None:
+            # before anything is written: a checkpoint refused here (another loss, other data statistics,
+            # a damaged file) must leave the run's config.yaml and logs as they were, and a new output
+            # folder uncreated, or the refused settings would describe the run (and its export) from now on
+            notes = load_training_state(folder, self.parts, self.rank, resolved[1], self.plan.steps_by_epoch)
+            for note in notes:
+                logger.warning(note)
+            logger.info(
+                "resumed from %s at step %d (epoch %d)", folder, self.state.global_step, self.state.epoch
+            )
+            # a finished run resumed again: its last checkpoint is this one, not to be saved (and evaluated,
+            # logging the final metrics line a second time) again
+            self._last_saved_step, self._last_saved_path = self.state.global_step, folder
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temporaries(self.checkpoint_root)
@@ -172,16 +187,6 @@ class Trainer:
         accelerator.wait_for_everyone()
         if accelerator.trackers == [] and train.log_with != "none":
             accelerator.init_trackers("tensorboard", config=flat_dict(config.to_dict()))
-        if resolved is not None:
-            notes = load_training_state(folder, self.parts, self.rank, resolved[1], self.plan.steps_by_epoch)
-            for note in notes:
-                logger.warning(note)
-            logger.info(
-                "resumed from %s at step %d (epoch %d)", folder, self.state.global_step, self.state.epoch
-            )
-            # a finished run resumed again: its last checkpoint is this one, not to be saved (and evaluated,
-            # logging the final metrics line a second time) again
-            self._last_saved_step, self._last_saved_path = self.state.global_step, folder
         if accelerator.is_main_process and resume is not None:
             # the steps after the checkpoint are run again: drop their old lines (or a fresh start's)
             trim_metrics(self.output_dir / "metrics.jsonl", self.state.global_step)
@@ -453,6 +458,7 @@ class Trainer:
             data=self.data.describe(),
             global_step=self.state.global_step,
             last_knn=self.state.last_knn,
+            command=self.command,
         )
 
     def _finish(self) -> dict:

@@ -286,7 +286,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "embedding_dim": int(train_x.shape[1]),
         "pooling": args.pooling or model.config.pooling,
         "knn_temperature": args.temperature,
-        "command": " ".join(["training/evaluate.py", *sys.argv[1:]]),
+        "command": args.command,
     }
     knn_ks = knn_ks_used(args.knn_k, len(train_y))
     results["knn"] = {
@@ -327,6 +327,9 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from training.publish import published_command
+
+    args.command = published_command("training/evaluate.py", sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.suite == "ood":
@@ -335,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             device = args.device or "cpu"
             results = ood.run_suite(args.model, args.ood_manifest or ood_data.MANIFEST, args.ood_root,
                                     args.datasets, batch_size=args.batch_size, device=device)  # fmt: skip
-            results["command"] = " ".join(["training/evaluate.py", *(sys.argv[1:] if argv is None else argv)])
+            results["command"] = args.command
             table = ood.to_markdown(results)
         else:
             results = evaluate(args)

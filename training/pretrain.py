@@ -149,13 +149,16 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(exc, 2, args.verbose)
 
     from training.engine import Trainer  # heavy imports only after the config is known to be good
+    from training.publish import published_command
 
     signal.signal(signal.SIGTERM, _terminate)  # a scheduler's preemption ends like Ctrl-C, with a message
     trainer = None
     try:
+        command = published_command("training/pretrain.py", sys.argv[1:] if argv is None else argv)
         trainer = Trainer(
-            config, resume=args.resume, push_to_hub=args.push_to_hub, export_every=args.export_every
-        )
+            config, resume=args.resume, push_to_hub=args.push_to_hub, export_every=args.export_every,
+            command=command,
+        )  # fmt: skip
         summary = trainer.fit()
     except ConfigError as exc:  # found while opening the data (e.g. fewer images than one batch)
         return _fail(exc, 2, args.verbose)

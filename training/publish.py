@@ -24,6 +24,28 @@ from visreg_hub.models import VISRegEncoder
 logger = logging.getLogger(__name__)
 
 
+def published_command(script: str, argv: list[str]) -> str:
+    """``script`` and its arguments as a card or ``eval.json`` records them: local paths outside the
+    working folder become ``<local>/NAME`` (a card is published; ``/home/alice/...`` is nobody's business
+    and no use to anyone else), paths inside it stay relative, everything else is kept.
+
+    Args:
+        script: the command's script, as a reader would run it (``training/pretrain.py``).
+        argv: its arguments (``key=value`` overrides included; values are judged like paths).
+    """
+    here = Path.cwd().resolve()
+
+    def shown(token: str) -> str:
+        key, sep, value = token.partition("=") if "=" in token else ("", "", token)  # key=value, --flag=value
+        if not value.startswith(("/", "~", "..", os.sep)):
+            return token
+        path = Path(value).expanduser().resolve()
+        local = path.relative_to(here).as_posix() if path.is_relative_to(here) else f"<local>/{path.name}"
+        return f"{key}{sep}{local}"
+
+    return " ".join([script, *map(shown, argv)])
+
+
 def model_extra(
     config: TrainingConfig,
     plan: RunPlan,
@@ -32,6 +54,7 @@ def model_extra(
     data: dict,
     global_step: int,
     last_knn: float | None,
+    command: str | None = None,
 ) -> dict:
     """The ``config.extra`` of the exported model: recipe, loss, data and evaluation numbers.
 
@@ -42,6 +65,7 @@ def model_extra(
         data: :meth:`training.data.TrainData.describe` of the run's data.
         global_step: optimiser steps taken so far.
         last_knn: the latest validation kNN accuracy (%), or None before any evaluation.
+        command: the training command as :func:`published_command` shows it; None: this process's.
     """
     aug, optim, train = config.augment, config.optim, config.train
     loss = resolved_loss_settings(config)
@@ -90,7 +114,7 @@ def model_extra(
                 "metric": "accuracy",
                 "value": round(float(last_knn), 2),
                 "split": "validation (carved from train)" if source.val_source is None else "validation",
-                "command": " ".join(["training/pretrain.py", *sys.argv[1:]]),
+                "command": command or published_command("training/pretrain.py", sys.argv[1:]),
             }
         ]
     return extra

@@ -488,6 +488,27 @@ def test_resuming_with_another_loss_names_the_key(run_folder, tmp_path):
         _resume(other, "auto")
 
 
+def test_a_refused_resume_leaves_the_runs_config_logs_and_a_new_folder_as_they_were(run_folder, tmp_path):
+    """Probe 13: the refusal came after config.yaml had been rewritten with the refused settings (an export
+    then used them: another normalisation, wrong embeddings) and a tensorboard run added; a refused
+    branch into a new folder left that folder behind, and the corrected retry was refused as "another run"."""
+    from training.engine import Trainer
+
+    output, step = _copy(run_folder, tmp_path)
+    before = {p.relative_to(output): p.read_bytes() for p in sorted(output.rglob("*")) if p.is_file()}
+    refused = tiny_config(output, *COMMON, "loss.name=vicreg", "data.mean=[0.9]", "data.std=[0.1]")
+    with pytest.raises(CheckpointError, match=r"resume with the loss.name that wrote it"):
+        Trainer(refused, resume="auto")
+    after = {p.relative_to(output): p.read_bytes() for p in sorted(output.rglob("*")) if p.is_file()}
+    assert after == before  # config.yaml, tensorboard/ and metrics.jsonl untouched
+    branch = tmp_path / "branch"
+    with pytest.raises(CheckpointError):
+        Trainer(tiny_config(branch, *COMMON, "loss.name=vicreg"), resume=str(step))
+    assert not branch.exists()
+    Trainer(tiny_config(branch, *COMMON), resume=str(step))  # the corrected retry
+    assert (branch / "config.yaml").is_file()
+
+
 def test_a_planted_step_symlink_is_never_resumed(run_folder, tmp_path, trainer, caplog):
     """A step-* link in a run's checkpoints folder (to another run's newer checkpoint), also named by the
     `latest` pointer, is skipped with a warning: resume auto takes the run's own newest folder. The same

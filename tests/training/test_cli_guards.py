@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import re
 import subprocess
@@ -67,6 +68,10 @@ def test_resume_auto_with_nothing_to_resume_does_not_replace_a_finished_run(tmp_
     args = [*FIXTURE_ARGS, f"train.output_dir={stopped_early}", "train.max_steps=2", "--resume", "auto"]
     assert pretrain.main([*args, "train.checkpoint_every=0"]) == 0
     assert (stopped_early / "final" / "config.json").is_file()
+    # the card's command is this call's, without the local paths a pushed card would publish (probe 13)
+    [result] = json.loads((stopped_early / "final" / "config.json").read_text())["visreg"]["eval_results"]
+    assert "train.output_dir=<local>/early" in result["command"] and str(tmp_path) not in result["command"]
+    assert "data.path=tests/fixtures/fmnist_train_500.npz" in result["command"]
 
 
 def _tree(folder: Path) -> dict[str, bytes]:

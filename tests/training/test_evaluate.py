@@ -69,6 +69,26 @@ def test_knn_and_outputs_match_an_independent_computation(model_folder, features
     assert "| kNN k=20 T=0.07 |" in table and f"{results['linear']['accuracy']:.2f}" in table
 
 
+def test_the_recorded_command_is_this_calls_with_no_local_paths(model_folder, tmp_path, monkeypatch):
+    """Probe 13: evaluate.main(argv) from Python recorded the host process's sys.argv, and cards pushed to
+    the Hub carried /home/... paths (data.path=, train.output_dir=, --config) in their command."""
+    from training.publish import published_command
+
+    monkeypatch.setattr("sys.argv", ["host.py", "--unrelated", "host", "args"])
+    results = _run(model_folder, tmp_path)
+    assert results["command"].startswith("training/evaluate.py ") and "host" not in results["command"]
+    assert "/tmp" not in results["command"] and "<local>/" + model_folder.name in results["command"]
+    monkeypatch.chdir(REPO)
+    shown = published_command("training/pretrain.py", [
+        "--config", "training/configs/fmnist-fixture-cpu.yaml", f"data.path={REPO}/tests/fixtures/x.npz",
+        "train.output_dir=/home/alice/runs/r1", "--resume=~/runs/r0/checkpoints/step-00000004", "seed=3",
+    ])  # fmt: skip
+    assert shown == (
+        "training/pretrain.py --config training/configs/fmnist-fixture-cpu.yaml "
+        "data.path=tests/fixtures/x.npz train.output_dir=<local>/r1 --resume=<local>/step-00000004 seed=3"
+    )
+
+
 def test_linear_probe_choice_never_looks_at_the_test_labels(features):
     (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
     linear = evaluate.linear_probe(train_x, train_y, test_x, test_y, val_fraction=0.1, seed=0)
