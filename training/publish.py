@@ -103,7 +103,7 @@ def model_extra(
     extra.update(
         recipe=recipe,
         loss={"name": config.loss.name, **loss, "library_version": __version__},
-        datasets=[dataset_name] if source.source == "fmnist" else [],
+        datasets=[dataset_name],  # "own npz data" is no Hub id: the card says "own data", not "not recorded"
         data=data,
     )
     if last_knn is not None:

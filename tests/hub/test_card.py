@@ -117,8 +117,14 @@ def test_the_card_names_the_objective_and_the_real_backbone_shape(tmp_path):
         text = (model.save_pretrained(tmp_path / method) / "README.md").read_text()
         assert f"trained with the {words} objective" in text
         assert "VISReg objective" not in text
+        tags = ModelCard.load(tmp_path / method / "README.md").data.tags  # probe 13: all were "visreg"
+        own_tag = {"barlow": "barlow-twins", "swd": "sliced-wasserstein"}.get(method, method)
+        assert "visreg" not in tags and own_tag in tags
         config = model.config
         assert (f"width {config.embed_dim}, {config.depth} blocks, {config.patch_size} px patches at "
                 f"{config.img_size} px") in text  # fmt: skip
     plain = (tiny_encoder().save_pretrained(tmp_path / "plain") / "README.md").read_text()
     assert "trained with the VISReg objective" in plain  # no recipe recorded: a VISReg release
+    assert "visreg" in ModelCard.load(tmp_path / "plain" / "README.md").data.tags
+    own = tiny_encoder().save_pretrained(tmp_path / "own", datasets=["own npz data"])  # a run on its own data
+    assert "| training data | own data, not on the Hugging Face Hub |" in (own / "README.md").read_text()

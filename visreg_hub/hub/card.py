@@ -37,7 +37,7 @@ LICENSE_TEXT = {
     ),
     "apache-2.0": "Apache License 2.0.",
 }
-BASE_TAGS = ("visreg_hub", "visreg", "self-supervised", "vision-transformer", "image-feature-extraction")
+BASE_TAGS = ("visreg_hub", "self-supervised", "vision-transformer", "image-feature-extraction")
 REQUIRED_RESULT_KEYS = ("task", "dataset", "metric", "value")
 # The names this project uses for public datasets -> their Hugging Face Hub dataset ids.
 HUB_DATASETS = {
@@ -106,6 +106,8 @@ def card_data(
     if dropped:
         logger.info("datasets %s are not Hub dataset ids; left out of the card metadata", dropped)
     name = config.name or config.architecture
+    # the objective's own tag after the library's: a VICReg model is not tagged "visreg"
+    base_tags = [BASE_TAGS[0], OBJECTIVE_TAGS[objective_key(config.extra)], *BASE_TAGS[1:]]
     hub_results = []
     for result in eval_results:
         dataset_id = hub_dataset_id(result["dataset"])
@@ -130,7 +132,7 @@ def card_data(
         # the pipeline converts every image to RGB, so it cannot feed a 1-channel model: no tag, no widget
         # that would fail
         pipeline_tag="image-feature-extraction" if config.in_chans == 3 else None,
-        tags=list(dict.fromkeys([*BASE_TAGS, *(tags or [])])),
+        tags=list(dict.fromkeys([*base_tags, *(tags or [])])),
         datasets=hub_ids or None,
         metrics=sorted({str(r["metric"]) for r in eval_results}) or None,
         model_name=name if hub_results else None,
@@ -177,14 +179,23 @@ OBJECTIVES = {"visreg": "VISReg", "sigreg": "SIGReg (LeJEPA)", "swd": "sliced-Wa
               "vicreg": "VICReg", "barlow": "Barlow Twins"}  # fmt: skip
 
 
-def training_objective(extra: dict[str, Any]) -> str:
-    """The objective a checkpoint was trained with, from its recipe or loss block (VISReg when neither
-    says: converted official releases)."""
+OBJECTIVE_TAGS = {"visreg": "visreg", "sigreg": "sigreg", "swd": "sliced-wasserstein", "vicreg": "vicreg",
+                  "barlow": "barlow-twins"}  # fmt: skip
+
+
+def objective_key(extra: dict[str, Any]) -> str:
+    """The loss name (a key of :data:`OBJECTIVES`) a checkpoint was trained with, from its recipe or loss
+    block ("visreg" when neither says: converted official releases)."""
     for block, key in (("recipe", "method"), ("loss", "name")):
         value = extra.get(block, {}).get(key) if isinstance(extra.get(block), dict) else None
         if isinstance(value, str) and value.lower() in OBJECTIVES:
-            return OBJECTIVES[value.lower()]
-    return "VISReg"
+            return value.lower()
+    return "visreg"
+
+
+def training_objective(extra: dict[str, Any]) -> str:
+    """The objective a checkpoint was trained with, as the card names it (``"VICReg"``, ...)."""
+    return OBJECTIVES[objective_key(extra)]
 
 
 def render_model_card(
@@ -243,8 +254,8 @@ def render_model_card(
         "register tokens": str(config.num_reg_tokens),
         "default pooling": f"`{config.pooling}` ({embedding_dim}-d)",
         "preprocessing": (
-            f"resize {config.interpolation}, centre crop {config.crop_pct}, mean {list(config.mean)}, "
-            f"std {list(config.std)}"
+            f"resize {config.interpolation}, crop mode {config.crop_mode} (crop_pct {config.crop_pct}), "
+            f"mean {list(config.mean)}, std {list(config.std)}"
         ),
         "training data": ", ".join(data_row) or "not recorded",
     }
