@@ -46,7 +46,7 @@ from training.config import FMNIST_DIR, LongTailSection
 from visreg_hub.argtypes import float_range, int_range
 from visreg_hub.errors import ConfigError, VisregHubError
 from visreg_hub.models.config import POOLINGS
-from visreg_hub.retrieval.metrics import PROBE_CS, PROBE_VAL_FRACTION, probe_classifier, select_c
+from visreg_hub.retrieval.metrics import PROBE_CS, PROBE_VAL_FRACTION, fit_quietly, probe_classifier, select_c
 from visreg_hub.retrieval.metrics import linear_probe as retrieval_linear_probe
 
 logger = logging.getLogger("training.evaluate")
@@ -132,7 +132,7 @@ def few_shot(train_x, train_y, test_x, test_y, shots: list[int], seeds: int, cs=
                 held.append(members[shot : shot + max(shot, 5)])
             chosen, held = np.concatenate(chosen), np.concatenate(held)
             best_c, _ = select_c(train_x[chosen], train_y[chosen], train_x[held], train_y[held], cs)
-            model = probe_classifier(best_c).fit(train_x[chosen], train_y[chosen])
+            model = fit_quietly(probe_classifier(best_c), train_x[chosen], train_y[chosen], f"{shot}-shot")
             runs.append(100.0 * float(model.score(test_x, test_y)))
         # the sample std over draws (ddof 1), as every table in docs/results.md reports spreads
         spread = float(np.std(runs, ddof=1)) if len(runs) > 1 else 0.0

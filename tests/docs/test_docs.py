@@ -63,11 +63,30 @@ def test_skipped_blocks_are_few_and_justified():
     assert len(skipped) <= MAX_SKIPPED, "\n".join(skipped)
 
 
+def _tracked_top_level() -> set[str] | None:
+    """Top-level names git tracks in the checkout (None outside a git checkout)."""
+    try:
+        listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {
+        name.split("/", 1)[0] for name in listed.stdout.decode("utf-8", "surrogateescape").split("\0") if name
+    }
+
+
 def _sandbox(tmp_path: Path) -> Path:
+    """A folder that looks like the repository root: a link to each of its tracked top-level entries.
+
+    why tracked only: a user who ran the README's commands in the checkout has their outputs there
+    (``emb.npy``, ``gallery-index/``); linked in, the blocks found "already exists" and, through the
+    link, overwrote the user's own files."""
     work = tmp_path / "work"
     work.mkdir()
+    tracked = _tracked_top_level()
     for entry in REPO.iterdir():
-        if entry.name not in {".git", ".venv", "runs", "third_party"} and not entry.name.startswith("."):
+        if entry.name in {".git", ".venv", "runs", "third_party"} or entry.name.startswith("."):
+            continue
+        if tracked is None or entry.name in tracked:
             (work / entry.name).symlink_to(entry)
     return work
 
@@ -114,3 +133,16 @@ def test_doc_blocks_run(doc, tmp_path):
 @pytest.mark.parametrize("doc", DOC_FILES)
 def test_doc_blocks_run_including_slow(doc, tmp_path):
     run_doc(doc, {"run", "server", "slow", "slow-server"}, tmp_path, timeout=3600)
+
+
+def test_the_sandbox_holds_the_tracked_entries_only(tmp_path):
+    """A fresh-clone user ran the README's commands in the checkout, then `make test`: their emb.npy was
+    linked into the sandbox ("already exists"), and gallery-index/ was overwritten through its link."""
+    stray = REPO / f"docs-sandbox-stray-{os.getpid()}.npy"  # untracked, like a user's output
+    stray.write_bytes(b"a user's file")
+    try:
+        work = _sandbox(tmp_path)
+    finally:
+        stray.unlink()
+    names = {p.name for p in work.iterdir()}
+    assert stray.name not in names and {"README.md", "visreg_hub", "docs", "demo"} <= names

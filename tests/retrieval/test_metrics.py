@@ -228,3 +228,20 @@ def test_the_library_probe_defaults_are_the_evaluation_protocol(toy):
     defaults = inspect.signature(linear_probe).parameters
     assert defaults["val_fraction"].default == 0.1 and tuple(defaults["cs"].default) == evaluate.DEFAULT_CS
     assert evaluate.parse_args(["some-model"]).val_fraction == 0.1
+
+
+def test_a_probe_that_stops_at_max_iter_logs_one_line_instead_of_sklearns_warnings(caplog):
+    """A fresh-clone user: two multi-line ConvergenceWarnings filled 20 of evaluate.py's 45 lines."""
+    import warnings
+
+    from visreg_hub.retrieval.metrics import linear_probe
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((120, 16)), rng.integers(0, 4, 120)
+    logged = caplog.at_level("INFO", "visreg_hub.retrieval.metrics")
+    with warnings.catch_warnings(record=True) as caught, logged:
+        warnings.simplefilter("always")
+        result = linear_probe(x[:90], y[:90], x[90:], y[90:], cs=(10.0,), max_iter=2)
+    assert not [w for w in caught if "Converge" in w.category.__name__]
+    assert caplog.text.count("L-BFGS stopped at max_iter") == 2  # the C=10 fit, and its refit
+    assert 0.0 <= result.test_accuracy <= 1.0

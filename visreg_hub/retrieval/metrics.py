@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,6 +211,23 @@ def probe_classifier(c: float, *, standardize: bool = True, max_iter: int = 1000
     return make_pipeline(StandardScaler(), classifier) if standardize else classifier
 
 
+def fit_quietly(classifier, x: np.ndarray, y: np.ndarray, what: str):
+    """``classifier.fit(x, y)``, with scikit-learn's multi-line ConvergenceWarning (one per fit; they
+    filled half of an evaluation's output) replaced by one log line: an L-BFGS stopped at ``max_iter`` is
+    common at the weakest regularisation, and its accuracy is measured all the same."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        classifier.fit(x, y)
+    for warning in caught:
+        if issubclass(warning.category, ConvergenceWarning):
+            logger.info("linear probe %s: L-BFGS stopped at max_iter before converging", what)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return classifier
+
+
 def select_c(
     x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, cs: Sequence[float], **model
 ) -> tuple[float, dict[float, float]]:
@@ -221,7 +239,8 @@ def select_c(
     _check_cs(cs)
     scores = {}
     for c in sorted(float(c) for c in cs):
-        scores[c] = float(probe_classifier(c, **model).fit(x_fit, y_fit).score(x_val, y_val))
+        classifier = fit_quietly(probe_classifier(c, **model), x_fit, y_fit, f"C={c:g}")
+        scores[c] = float(classifier.score(x_val, y_val))
         logger.info("linear probe C=%g: validation accuracy %.4f", c, scores[c])
     best = max(scores, key=lambda c: (scores[c], -c))
     return best, scores
@@ -291,7 +310,7 @@ def linear_probe(
     tap_accuracies = {tap: scores[best] for tap, (best, scores) in choices.items()}
     tap = max(tap_accuracies, key=tap_accuracies.get)  # first listed on ties (dicts keep order)
     best_c, val_accuracies = choices[tap]
-    final = probe_classifier(best_c, **model).fit(train_taps[tap], y_train)
+    final = fit_quietly(probe_classifier(best_c, **model), train_taps[tap], y_train, f"C={best_c:g} (refit)")
     predictions = final.predict(test_taps[tap])
     return LinearProbeResult(
         test_accuracy=float((predictions == y_test).mean()),
