@@ -204,7 +204,7 @@ def combined_app(
     return app
 
 
-def mount_ui(app, blocks, service: DemoService, *, max_file_size: str, css: str) -> Any:
+def mount_ui(app, blocks, service: DemoService, *, max_file_size: int, css: str) -> Any:
     """Mount the Gradio Blocks at ``/`` of ``app`` (after the API routes, which keep precedence)."""
     import gradio as gr
 
@@ -225,6 +225,7 @@ def mount_ui(app, blocks, service: DemoService, *, max_file_size: str, css: str)
     app.add_middleware(
         BodyDeadlineMiddleware,
         timeout_s=api.limits.request_timeout_s,
+        max_body_bytes=max(int(max_file_size), MAX_JOIN_BYTES) + (64 << 10),  # + multipart's own lines
         skip_prefixes=("/v1/",),
         on_timeout=api.metrics.rejected.labels("request_timeout_s").inc,
     )

@@ -122,7 +122,8 @@ MIN_BODY_RATE = 64 * 1024  # bytes/s a declared body may take on top of timeout_
 
 class BodyDeadlineMiddleware:
     """ASGI middleware: a request body must arrive within ``timeout_s`` of the request's start, plus
-    its declared ``Content-Length`` at :data:`MIN_BODY_RATE` (a 10 MB upload over a slow uplink is not a
+    its declared ``Content-Length`` (at most ``max_body_bytes``: a declared petabyte earns no more than the
+    largest body the routes accept) at :data:`MIN_BODY_RATE` (a 10 MB upload over a slow uplink is not a
     slow client), else 408.
 
     For routes that read their bodies themselves (the demo's Gradio routes: uploads, queue joins); the
@@ -135,9 +136,12 @@ class BodyDeadlineMiddleware:
     exception: a mounted app (Gradio) answers any exception with its own 500 before it gets here.
     """
 
-    def __init__(self, app, timeout_s: float, skip_prefixes: tuple[str, ...] = (), on_timeout=None) -> None:
+    def __init__(
+        self, app, timeout_s: float, max_body_bytes: int, skip_prefixes: tuple[str, ...] = (), on_timeout=None
+    ) -> None:
         self.app = app
         self.timeout_s = float(timeout_s)
+        self.max_body_bytes = int(max_body_bytes)
         self.skip_prefixes = skip_prefixes
         self.on_timeout = on_timeout or (lambda: None)  # called once per request answered 408 (metrics)
 
@@ -146,7 +150,7 @@ class BodyDeadlineMiddleware:
             return await self.app(scope, receive, send)
         loop = asyncio.get_running_loop()
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        allowance = int(declared) / MIN_BODY_RATE if declared.isdigit() else 0.0
+        allowance = min(int(declared), self.max_body_bytes) / MIN_BODY_RATE if declared.isdigit() else 0.0
         deadline = loop.time() + self.timeout_s + allowance
         body_done = started = timed_out = False
 
