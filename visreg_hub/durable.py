@@ -9,6 +9,7 @@ process see either the old file or the complete new one, never half of it.
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -55,13 +56,27 @@ def fsync_tree(folder: Path) -> None:
     fsync_dir(folder)
 
 
+def _temporary_beside(path: Path) -> Path:
+    """A new, empty regular file next to ``path`` with an unguessable name, created with ``O_EXCL``: a
+    link planted at a predictable name (``.emb.npy.tmp-<pid>``) once redirected the write to a file
+    elsewhere. Its mode follows the umask, as the file written in place would (``mkstemp``'s is 0600)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    while True:
+        candidate = path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
+        try:
+            os.close(os.open(candidate, flags, 0o666))
+            return candidate
+        except FileExistsError:  # 2^64 names: only an attacker's guess gets here, and then a new name
+            continue
+
+
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)``, fsync, rename over ``path``, fsync the folder: all or nothing after a crash.
 
     The temporary file sits next to ``path`` (same file system, so the rename is atomic) and is removed if
     ``write`` raises.
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary_beside(path)
     try:
         write(tmp)
         fsync_file(tmp)
@@ -83,11 +98,12 @@ def write_atomic_pair(
     in between leaves the new data without a sidecar, never a wrong pairing.
     """
     staged = [(path, write), (sidecar, write_sidecar)]
-    temporaries = [target.with_name(f".{target.name}.tmp-{os.getpid()}") for target, _ in staged]
+    temporaries: list[Path] = []
     try:
-        for temporary, (_, writer) in zip(temporaries, staged, strict=True):
-            writer(temporary)
-            fsync_file(temporary)
+        for target, writer in staged:
+            temporaries.append(_temporary_beside(target))
+            writer(temporaries[-1])
+            fsync_file(temporaries[-1])
         sidecar.unlink(missing_ok=True)
         for temporary, (target, _) in zip(temporaries, staged, strict=True):
             os.replace(temporary, target)

@@ -107,3 +107,28 @@ def test_a_write_that_fails_half_way_keeps_the_earlier_pair(tmp_path, monkeypatc
     np.testing.assert_array_equal(kept.embeddings, first)
     assert kept.paths == ["a", "b", "c"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name, f"{out.name}.json"]  # no temporaries
+
+
+def test_a_link_planted_at_a_predictable_temporary_name_redirects_nothing(tmp_path):
+    """Probe 14: the temporary was `.emb.npy.tmp-<pid>`; a link planted there made the write truncate and
+    overwrite its target outside the folder, then the link itself became emb.npy."""
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not yours to overwrite")
+    for name in ("emb.npy", "emb.npy.json"):
+        (out / f".{name}.tmp-{os.getpid()}").symlink_to(victim)
+    write_embeddings(out / "emb.npy", np.eye(3, dtype=np.float32), paths=["a", "b", "c"])
+    assert victim.read_text() == "not yours to overwrite"
+    assert not (out / "emb.npy").is_symlink() and read_embeddings(out / "emb.npy").paths == ["a", "b", "c"]
+    assert oct((out / "emb.npy").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    import os
+
+    current = os.umask(0)
+    os.umask(current)
+    return current
