@@ -204,6 +204,20 @@ def test_only_this_users_cache_entries_are_run_and_others_are_left_alone(tmp_pat
     assert cache.cached_export(model, OPTIONS, small_export(calls), root=tmp_path) == first
     tmp_path.chmod(0o700)
     assert len(calls) == 1
+    # probe 14: a root reached through a link, or below a folder others can write, let another user rename
+    # the whole cache between the check and the next open
+    shared = tmp_path / "shared"
+    (shared / "mine").mkdir(parents=True)
+    shared.chmod(0o777)
+    (tmp_path / "link").symlink_to(shared / "mine", target_is_directory=True)
+    for root in (shared / "mine", tmp_path / "link"):
+        with pytest.raises(cache.OnnxCacheError, match=r"shared is writable by others"):
+            cache.cached_export(model, OPTIONS, small_export(calls), root=root)
+    shared.chmod(0o755)
+    if os.getuid() == 0:
+        os.chown(shared, 65534, -1)
+        with pytest.raises(cache.OnnxCacheError, match=r"shared belongs to another user \(uid 65534\)"):
+            cache.cached_export(model, OPTIONS, small_export(calls), root=tmp_path / "link")
 
 
 def test_a_process_that_cannot_check_an_entry_keeps_it(folder, photo_paths, tmp_path, monkeypatch):

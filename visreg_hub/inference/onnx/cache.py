@@ -18,8 +18,9 @@ exported and with which versions). The cache dir is ``$VISREG_HUB_CACHE/onnx``, 
   is the one ``entry.json`` records: whoever can write an entry can record another graph, and no test run
   can prove a graph honest (it can recognise the test's inputs). So an entry is used only if it, its
   graph and its record belong to this user (or to root: a read-only cache an administrator filled) and
-  are not writable by others, and only from a cache dir that others cannot rename entries in (not
-  writable by others, or sticky like /tmp). Group write is allowed: with the user-private groups of most
+  are not writable by others, and only from a cache dir that others cannot rename entries in: neither
+  it nor any folder above it (links resolved) belongs to another user or is writable by others without
+  the sticky bit (as /tmp has). Group write is allowed: with the user-private groups of most
   Linux systems (umask 002) every file a user makes is group-writable; entries this module writes are
   0700 folders of 0644 files whatever the umask. Anything else raises :class:`OnnxCacheError` naming the
   fix, and is never deleted (it is not this user's). Entries, graphs and records that are links, FIFOs or
@@ -141,18 +142,30 @@ def _foreign(path: Path) -> str | None:
 
 
 def _check_root(root: Path) -> None:
-    """Refuse a cache dir where others could swap this user's entries (writable by others, not sticky)."""
+    """Refuse a cache dir where others could swap this user's entries: the dir or any folder above it
+    (links resolved) that belongs to another user (root excepted), or that others can write without the
+    sticky bit (whoever can rename the ``onnx`` folder, or a folder above it, replaces every graph in it
+    between a check and the next open)."""
     if not hasattr(os, "getuid"):
         return
-    try:
-        mode = root.stat().st_mode
-    except OSError:
-        return  # created later, with this user's umask (or refused there with its own error)
-    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+    folder = Path(os.path.realpath(root))
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # created later, by this user
+    for path in (folder, *folder.parents):
+        try:
+            status = path.stat()
+        except OSError:
+            continue
+        if status.st_uid not in (os.getuid(), 0):
+            why = f"{path} belongs to another user (uid {status.st_uid}), who could replace the graphs in it"
+        elif status.st_mode & stat.S_IWOTH and not status.st_mode & stat.S_ISVTX:
+            why = f"{path} is writable by others, who could replace the graphs in it"
+        else:
+            continue
         raise OnnxCacheError(
-            f"the ONNX export cache {root} is writable by others, who could replace a graph this process "
-            f"would run; set {ENV_CACHE} to a folder of your own (on a file system with Unix permissions: "
-            "not a FAT/NTFS mount), or make this one sticky (chmod +t)"
+            f"the ONNX export cache {root} is not safe to run graphs from: {why}; set {ENV_CACHE} to a "
+            "folder of your own (on a file system with Unix permissions: not a FAT/NTFS mount), or make a "
+            "world-writable one sticky (chmod +t)"
         )
 
 
