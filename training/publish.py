@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -22,6 +23,9 @@ from visreg_hub.errors import ConfigError
 from visreg_hub.models import VISRegEncoder
 
 logger = logging.getLogger(__name__)
+
+
+_FOREIGN_PATH = re.compile(r"^([A-Za-z]:[\\/]|\\\\)")
 
 
 def published_command(script: str, argv: list[str]) -> str:
@@ -37,9 +41,15 @@ def published_command(script: str, argv: list[str]) -> str:
 
     def shown(token: str) -> str:
         key, sep, value = token.partition("=") if "=" in token else ("", "", token)  # key=value, --flag=value
-        if not value.startswith(("/", "~", "..", os.sep)):
+        if _FOREIGN_PATH.match(value):  # C:\..., C:/..., \\server\...: another OS's path, never resolved here
+            name = re.split(r"[\\/]", value.rstrip("\\/"))[-1]
+            return f"{key}{sep}<local>/{name}"
+        if not value.startswith(("~", ".")) and "/" not in value:
             return token
-        path = Path(value).expanduser().resolve()
+        try:
+            path = Path(value).expanduser().resolve()
+        except (RuntimeError, OSError, ValueError):  # ~nosuchuser/...: never fail an export over a label
+            return f"{key}{sep}<local>"
         local = path.relative_to(here).as_posix() if path.is_relative_to(here) else f"<local>/{path.name}"
         return f"{key}{sep}{local}"
 

@@ -87,6 +87,18 @@ def test_the_recorded_command_is_this_calls_with_no_local_paths(model_folder, tm
         "training/pretrain.py --config training/configs/fmnist-fixture-cpu.yaml "
         "data.path=tests/fixtures/x.npz train.output_dir=<local>/r1 --resume=<local>/step-00000004 seed=3"
     )
+    # probe 14: more forms that leaked, and one that crashed the export after training
+    odd = [
+        "data.path=~nosuchuser/x",
+        "C:\\Users\\alice\\x.npz",
+        "\\\\srv\\share\\y",
+        "x=../../etc/p",
+        "org/repo",
+    ]
+    assert (
+        published_command("s.py", odd)
+        == "s.py data.path=<local> <local>/x.npz <local>/y x=<local>/p org/repo"
+    )
 
 
 def test_linear_probe_choice_never_looks_at_the_test_labels(features):
