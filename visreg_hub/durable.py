@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from visreg_hub.errors import UserInputError
+
 __all__ = ["check_writable", "fsync_dir", "fsync_file", "fsync_tree", "write_atomic", "write_atomic_pair"]
 
 
@@ -24,8 +26,6 @@ def check_writable(path: Path) -> None:
     Raises:
         UserInputError: naming ``path`` and the reason.
     """
-    from visreg_hub.errors import UserInputError
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe-"):

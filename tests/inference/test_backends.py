@@ -249,6 +249,15 @@ def test_a_process_that_cannot_check_an_entry_keeps_it(folder, photo_paths, tmp_
     assert from_pretrained(folder).backend == "torch"  # auto: torch, as without the packages
 
 
+def _plant_graph(source: Path, entry: Path) -> None:
+    """Put ``source``'s graph into cache ``entry`` and record its digest: a swap the digest cannot see."""
+    shutil.copyfile(source / "model.onnx", entry / "model.onnx")
+    record = json.loads((entry / "entry.json").read_text())
+    record["sha256"] = hashlib.sha256((entry / "model.onnx").read_bytes()).hexdigest()
+    record["size"] = (entry / "model.onnx").stat().st_size
+    (entry / "entry.json").write_text(json.dumps(record))
+
+
 def test_a_cached_graph_of_another_precision_is_not_judged_by_its_own_metadata(
     folder, photo_paths, tmp_path, exports, monkeypatch, caplog
 ):
@@ -261,11 +270,7 @@ def test_a_cached_graph_of_another_precision_is_not_judged_by_its_own_metadata(
     from_pretrained(folder, backend="onnx", precision="int8").encode(photo_paths[:1])
     (int8_entry,) = [p for p in (tmp_path / "cache" / "onnx").iterdir()
                      if not p.name.startswith(".") and p != fp32_entry]  # fmt: skip
-    shutil.copyfile(int8_entry / "model.onnx", fp32_entry / "model.onnx")
-    record = json.loads((fp32_entry / "entry.json").read_text())
-    record["sha256"] = hashlib.sha256((fp32_entry / "model.onnx").read_bytes()).hexdigest()
-    record["size"] = (fp32_entry / "model.onnx").stat().st_size
-    (fp32_entry / "entry.json").write_text(json.dumps(record))
+    _plant_graph(int8_entry, fp32_entry)
     calls = len(exports)
     with caplog.at_level(logging.WARNING, logger="visreg_hub.inference.onnx.cache"):
         got = from_pretrained(folder, backend="onnx").encode(photo_paths)
@@ -524,11 +529,7 @@ def test_a_cached_graph_is_checked_against_the_model_before_it_is_trusted(
     from_pretrained(other, backend="onnx").encode(photo_paths[:1])
     (other_entry,) = [p for p in (tmp_path / "cache" / "onnx").iterdir()
                       if not p.name.startswith(".") and p != entry]  # fmt: skip
-    shutil.copyfile(other_entry / "model.onnx", entry / "model.onnx")
-    record = json.loads((entry / "entry.json").read_text())
-    record["sha256"] = hashlib.sha256((entry / "model.onnx").read_bytes()).hexdigest()
-    record["size"] = (entry / "model.onnx").stat().st_size
-    (entry / "entry.json").write_text(json.dumps(record))
+    _plant_graph(other_entry, entry)
     calls = len(exports)
     with caplog.at_level(logging.WARNING, logger="visreg_hub.inference.onnx.cache"):
         got = from_pretrained(folder, backend="onnx").encode(photo_paths)

@@ -57,9 +57,10 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise UserInputError(f"cannot serve on {_shown(host, port)}: {exc.strerror}; check --host") from None
+    infos = list(dict.fromkeys(infos))  # getaddrinfo repeats some entries
     sockets: list[socket.socket] = []
     unavailable = None
-    for family, kind, proto, _, address in dict.fromkeys(infos):  # getaddrinfo repeats some entries
+    for family, kind, proto, _, address in infos:
         sock = socket.socket(family, kind, proto)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart past TIME_WAIT
