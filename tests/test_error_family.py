@@ -234,6 +234,10 @@ def test_pretrain_missing_config_file(tmp_path, capsys):
         ([sys.executable, "-m", "visreg_hub.cli", "list", "--bogus-flag"], 2, "unrecognized arguments"),
         ([sys.executable, str(ROOT / "training/pretrain.py"), "--config", str(FIXTURE_CONFIG),
           "data.path=/tmp", "train.output_dir={tmp}/run"], 2, "needs a file"),
+        # the [serve] extra missing: None in sys.modules makes each import raise ImportError
+        ([sys.executable, "-c", "import sys; sys.modules.update(starlette=None, fastapi=None, uvicorn=None); "
+          "from visreg_hub.cli import main; sys.exit(main(['serve', '--api-keys', '{text}']))"], 1,
+         "pip install 'visreg_hub[serve]'"),
     ],
 )  # fmt: skip
 def test_real_processes_exit_1_or_2_without_a_traceback(tmp_path, argv, status, needle):

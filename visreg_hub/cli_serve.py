@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from visreg_hub.argtypes import int_range, port_number
+from visreg_hub.argtypes import float_range, int_range, port_number
+from visreg_hub.errors import require_extra
 from visreg_hub.hub.registry import DEFAULT_MODEL
 from visreg_hub.serving.config import Limits, ServeConfig, index_spec, model_spec
 
@@ -45,8 +46,10 @@ def add_serve_parser(commands, common: argparse.ArgumentParser) -> None:
         help="what runs the models (default: $VISREG_HUB_BACKEND or auto, as from_pretrained)",
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--max-batch-size", type=int, default=32, help="images per forward pass (32)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="batching wait for the first image (5)")
+    p.add_argument("--max-batch-size", type=int_range(1), default=32, help="images per forward pass (32)")
+    p.add_argument(
+        "--max-wait-ms", type=float_range(0.0), default=5.0, help="batching wait for the first image (5)"
+    )
     p.add_argument("--api-keys", metavar="FILE", help="one key or sha256:<hex> per line; enables auth")
     p.add_argument(
         "--cors-origin",
@@ -71,12 +74,15 @@ def add_serve_parser(commands, common: argparse.ArgumentParser) -> None:
         )
     p.add_argument(
         "--request-timeout-s",
-        type=float,
+        type=float_range(0.0, low_open=True),
         default=defaults.request_timeout_s,
         help="seconds per request before 408 (%(default)s)",
     )
     p.add_argument(
-        "--snapshot-every", type=int, default=10_000, help="log records per index snapshot (%(default)s)"
+        "--snapshot-every",
+        type=int_range(1),
+        default=10_000,
+        help="log records per index snapshot (%(default)s)",
     )
     p.add_argument(
         "--draft-decode", action="store_true",
@@ -116,6 +122,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # why first: reading the flags already imports the server's web framework (--api-keys), and a
+    # missing extra must be its one-line install hint, not a ModuleNotFoundError
+    for module in ("fastapi", "uvicorn"):
+        require_extra(module, "serve")
     from visreg_hub.serving.server import serve
 
     config = config_from_args(args)

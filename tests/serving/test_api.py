@@ -177,6 +177,23 @@ def test_limit_max_body_bytes(http, server):
     assert response.status_code == 413 and "max_body_bytes" in response.text
 
 
+@pytest.mark.parametrize("declared_times_limit", [1.5, 3.5])
+def test_an_async_client_reads_the_413_of_a_body_it_is_still_uploading(server, declared_times_limit):
+    """Closing the connection on a declared-too-large body reset it mid-upload: httpx's async client (the
+    one openai.AsyncOpenAI uses) then raised ReadError, never saw the 413, and the SDK re-sent it twice."""
+    import asyncio
+
+    body = b"A" * int(LIMITS.max_body_bytes * declared_times_limit)
+
+    async def post_three_times():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            headers = {"content-type": "application/json"}
+            return [await client.post("/v1/embeddings", content=body, headers=headers) for _ in range(3)]
+
+    for response in asyncio.run(post_three_times()):
+        assert response.status_code == 413 and "max_body_bytes" in response.json()["error"]["message"]
+
+
 def test_limit_max_pixels(http, fmnist_images):
     too_big = png_bytes(np.zeros((300, 300), dtype=np.uint8))  # 90,000 > 65,536 pixels
     response = embed(http, [b64(too_big), b64(png_bytes(fmnist_images[0]))])
@@ -564,6 +581,19 @@ def test_body_limit_refusals_are_counted(http):
         ("visreg_requests_total", {"route": "unmatched", "method": "POST", "status": "413"}),
     ):
         assert metric_value(after, name, **labels) == metric_value(before, name, **labels) + 1, name
+
+
+def test_unknown_http_methods_share_one_metrics_label(server, http):
+    """Any token is a method to uvicorn; as a label each one was a new series kept until restart (a client
+    without an API key could grow /metrics by megabytes)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    for method in ("FOO123", "X" * 2000):
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            raw.sendall(f"{method} /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            assert raw.recv(100).startswith(b"HTTP/1.1 405")
+    text = http.get("/metrics").text
+    assert "FOO123" not in text and "XXXX" not in text
+    assert metric_value(text, "visreg_requests_total", route="/health", method="other", status="405") >= 2
 
 
 @pytest.fixture(scope="module")

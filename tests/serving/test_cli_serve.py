@@ -48,7 +48,6 @@ def test_default_model_is_bundled_and_the_demos_photo_model():
     [
         (["serve", "--index", "noequals"], "NAME=FOLDER"),
         (["serve", "--index", "bad/name=x"], "letters, digits"),
-        (["serve", "--max-batch-size", "0"], "max_batch_size"),
         (["serve", "--api-keys", "/nonexistent/keys"], "cannot read --api-keys"),
         (["serve", "--model", "a=x", "--model", "a=y"], "unique"),
     ],
@@ -57,6 +56,18 @@ def test_bad_flags_give_one_line(argv, message, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--max-batch-size", "0"), ("--max-wait-ms", "-1"), ("--max-wait-ms", "inf"), ("--request-timeout-s", "0"),
+     ("--request-timeout-s", "nan"), ("--snapshot-every", "0"), ("--max-items", "x")],
+)  # fmt: skip
+def test_out_of_range_numbers_are_usage_errors(flag, value, capsys):
+    """Every numeric flag is checked by argparse (exit 2 naming the flag), as the demo's own flags are."""
+    assert main(["serve", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and "Traceback" not in err
 
 
 def test_a_port_in_use_is_one_line_before_any_model_loads(tiny_model_dir, monkeypatch, capsys):

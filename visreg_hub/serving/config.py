@@ -120,8 +120,9 @@ class ServeConfig:
             raise ConfigError(f"max_batch_size must be a positive integer, got {self.max_batch_size!r}")
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be a positive integer, got {self.max_batch_size!r}")
-        if not self.max_wait_ms >= 0:
-            raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
+        # NaN fails both comparisons; an endless wait would stall every batch
+        if not 0 <= self.max_wait_ms < float("inf"):
+            raise ConfigError(f"max_wait_ms must be a finite number >= 0, got {self.max_wait_ms!r}")
         if not isinstance(self.snapshot_every, int) or self.snapshot_every < 1:
             raise ConfigError(f"snapshot_every must be a positive integer, got {self.snapshot_every!r}")
 

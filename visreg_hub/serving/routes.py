@@ -98,6 +98,9 @@ class InternalErrorMiddleware:
             await JSONResponse(body, 500)(scope, receive, send)
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class MetricsMiddleware:
     """ASGI middleware: count requests by route template, method and status; observe their latency."""
 
@@ -121,7 +124,9 @@ class MetricsMiddleware:
             await self.app(scope, receive, observed_send)
         finally:
             path = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.requests.labels(path, scope["method"], str(status)).inc()
+            # any token is a method to uvicorn: a fixed label set, or clients could grow /metrics at will
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            self.metrics.requests.labels(path, method, str(status)).inc()
             self.metrics.latency.labels(path).observe(time.perf_counter() - started)
 
 
@@ -133,6 +138,7 @@ def _install_middleware(app: FastAPI, service: Service) -> None:
         BodyLimitMiddleware,
         limit=service.limits.max_body_bytes,
         on_refuse=service.metrics.rejected.labels("max_body_bytes").inc,
+        drain_timeout_s=service.limits.request_timeout_s,
     )
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
     if service.config.cors_origins:

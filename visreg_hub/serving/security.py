@@ -68,23 +68,36 @@ class BodyTooLargeError(HTTPException):
         self.limit = limit
 
 
+DRAIN_FACTOR = 4  # a declared body up to this many times the limit is read and dropped before the 413
+
+
 class BodyLimitMiddleware:
     """ASGI middleware: refuse a body above ``limit`` bytes from Content-Length, or while it streams in.
 
-    A body is never buffered past the limit, whatever the client claims in its headers.
+    A body is never buffered past the limit, whatever the client claims in its headers. A declared body
+    up to :data:`DRAIN_FACTOR` times the limit is read and dropped (within ``drain_timeout_s``) before the
+    413 goes out on a connection kept open. why: closing while the client still uploads resets the
+    connection, and async HTTP clients (``openai.AsyncOpenAI``, ``httpx.AsyncClient``) then report a
+    connection error, never the 413 naming the limit, and retry the whole upload. Larger claims, and
+    bodies that do not arrive in time, get the 413 on a closing connection.
     """
 
-    def __init__(self, app, limit: int, on_refuse=None) -> None:
+    def __init__(self, app, limit: int, on_refuse=None, drain_timeout_s: float = 30.0) -> None:
         self.app = app
         self.limit = int(limit)
         self.on_refuse = on_refuse or (lambda: None)  # called once per refused request (metrics)
+        self.drain_timeout_s = float(drain_timeout_s)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(send)
+        if declared.isdigit() and (len(declared) > 20 or int(declared) > self.limit):
+            self.on_refuse()
+            drainable = len(declared) <= 20 and int(declared) <= DRAIN_FACTOR * self.limit
+            drained = drainable and await self._drain(receive)
+            message = BodyTooLargeError(self.limit).detail
+            return await send_closing_error(send, 413, message, "max_body_bytes", close=not drained)
         received = 0
 
         async def limited_receive():
@@ -99,20 +112,27 @@ class BodyLimitMiddleware:
 
         return await self.app(scope, limited_receive, send)
 
-    async def _refuse(self, send) -> None:
-        self.on_refuse()
-        await send_closing_error(send, 413, BodyTooLargeError(self.limit).detail, "max_body_bytes")
+    async def _drain(self, receive) -> bool:
+        """Read and drop the request body; True when all of it arrived within ``drain_timeout_s``."""
+        try:
+            async with asyncio.timeout(self.drain_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return False  # the client left
+                    if not message.get("more_body", False):
+                        return True
+        except TimeoutError:
+            return False
 
 
-async def send_closing_error(send, status: int, message: str, limit: str) -> None:
-    """Answer from raw ASGI with the API's JSON error for a refused ``limit``, closing the connection
-    (the rest of the request body is never read)."""
+async def send_closing_error(send, status: int, message: str, limit: str, *, close: bool = True) -> None:
+    """Answer from raw ASGI with the API's JSON error for a refused ``limit``; with ``close`` (the rest of
+    the request body is never read) the connection is closed after it."""
     body = json.dumps(error_body(message, "invalid_request_error", limit)).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
-    ]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
