@@ -85,6 +85,13 @@ def add_serve_parser(commands, common: argparse.ArgumentParser) -> None:
         help="log records per index snapshot (%(default)s)",
     )
     p.add_argument(
+        "--on-error",
+        choices=("raise", "skip"),
+        default="raise",
+        help="an image that cannot be embedded, when a request does not say: 'raise' fails the request "
+        "with a 422 (OpenAI's behaviour), 'skip' embeds the others and lists it in `errors` (%(default)s)",
+    )
+    p.add_argument(
         "--draft-decode", action="store_true",
         help="decode JPEGs far larger than the model's input at 1/2-1/8 scale (faster on camera photos; "
              "embeddings close to, not equal to, encode()'s)",
@@ -118,6 +125,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         limits=limits,
         snapshot_every=args.snapshot_every,
         draft_decode=args.draft_decode,
+        on_error=args.on_error,
     )
 
 

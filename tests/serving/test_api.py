@@ -104,7 +104,7 @@ def test_mixed_good_and_bad_inputs(http, model, fmnist_images):
         "http://169.254.169.254/latest/meta-data",
         "file:///etc/passwd",
     ]
-    response = embed(http, inputs)
+    response = embed(http, inputs, on_error="skip")
     assert response.status_code == 200, response.text
     body = response.json()
     assert [item["index"] for item in body["data"]] == [0, 4]
@@ -116,20 +116,21 @@ def test_mixed_good_and_bad_inputs(http, model, fmnist_images):
 
 
 def test_on_error_raise_fails_the_whole_request_as_openai_does(http, model, fmnist_images):
-    """With the default "skip", `data` is shorter than `input` after a bad image, so client code that pairs
-    vectors with inputs by position (as OpenAI-client code does) silently shifts them; "raise" answers
-    as OpenAI's API does: a 422 naming every failure, and no vectors."""
+    """With "skip", `data` is shorter than `input` after a bad image, so client code that pairs vectors
+    with inputs by position (as OpenAI-client code does) silently shifts them; "raise", the server's
+    default, answers as OpenAI's API does: a 422 naming every failure, and no vectors."""
     good, truncated = png_bytes(fmnist_images[1]), png_bytes(fmnist_images[2])[:40]
     for inputs, failed in (([b64(good), "@@@", b64(good)], [1]), ([b64(truncated), b64(good)], [0])):
-        response = embed(http, inputs, on_error="raise")  # refused early (base64), or when decoding
+        response = embed(http, inputs)  # refused early (base64), or when decoding
         assert response.status_code == 422, response.text
         error = response.json()["error"]
         assert error["code"] == "input_not_embedded"
         assert f"{len(failed)} of {len(inputs)} inputs" in error["message"]
         assert [e["index"] for e in response.json()["errors"]] == failed and "data" not in response.json()
     files = [("input", ("a.png", good, "image/png")), ("input", ("b.png", truncated, "image/png"))]
-    multipart = http.post("/v1/embeddings", files=files, data={"on_error": "raise"})
-    assert multipart.status_code == 422 and multipart.json()["error"]["code"] == "input_not_embedded"
+    for form in ({"on_error": "raise"}, {}):
+        multipart = http.post("/v1/embeddings", files=files, data=form)
+        assert multipart.status_code == 422 and multipart.json()["error"]["code"] == "input_not_embedded"
     assert http.post("/v1/embeddings", files=files, data={"on_error": "never"}).status_code == 422
     # a failure found early (bad base64) does not hide one found when decoding: the 422 lists both
     both = embed(http, [b64(good), b64(truncated), "@@@"], on_error="raise")
@@ -141,9 +142,11 @@ def test_on_error_raise_fails_the_whole_request_as_openai_does(http, model, fmni
 
 
 def test_all_inputs_bad_is_a_4xx(http):
-    response = embed(http, ["@@@", b64(b"GIF89a broken")])
+    response = embed(http, ["@@@", b64(b"GIF89a broken")], on_error="skip")
     assert response.status_code == 422
     assert "no input could be embedded" in response.json()["error"]["message"]
+    response = embed(http, ["@@@", b64(b"GIF89a broken")])
+    assert response.status_code == 422 and "2 of 2 inputs could not be embedded" in response.text
 
 
 @pytest.mark.parametrize(
@@ -196,7 +199,7 @@ def test_an_async_client_reads_the_413_of_a_body_it_is_still_uploading(server, d
 
 def test_limit_max_pixels(http, fmnist_images):
     too_big = png_bytes(np.zeros((300, 300), dtype=np.uint8))  # 90,000 > 65,536 pixels
-    response = embed(http, [b64(too_big), b64(png_bytes(fmnist_images[0]))])
+    response = embed(http, [b64(too_big), b64(png_bytes(fmnist_images[0]))], on_error="skip")
     assert response.status_code == 200
     message = response.json()["errors"][0]["message"]
     assert "max_pixels=65,536" in message and message.endswith("; send a smaller image (resize it)")
@@ -209,7 +212,7 @@ def test_limit_max_image_bytes(http, fmnist_images):
     noise = np.random.default_rng(1).integers(0, 256, (250, 250), dtype=np.uint8)  # 62,500 pixels
     too_long = png_bytes(noise)
     assert len(too_long) > LIMITS.max_image_bytes
-    response = embed(http, [b64(too_long), b64(png_bytes(fmnist_images[0]))])
+    response = embed(http, [b64(too_long), b64(png_bytes(fmnist_images[0]))], on_error="skip")
     assert response.status_code == 200 and [row["index"] for row in response.json()["data"]] == [1]
     [error] = response.json()["errors"]
     assert error["index"] == 0 and f"{len(too_long)} bytes, over max_image_bytes=40960" in error["message"]
@@ -483,7 +486,7 @@ def test_data_url_scheme_is_case_insensitive_and_paths_are_named(http, model, fm
 
 
 def test_all_failed_answer_lists_each_input(http):
-    response = embed(http, ["@@@", b64(b"GIF89a broken")])
+    response = embed(http, ["@@@", b64(b"GIF89a broken")], on_error="skip")
     body = response.json()
     assert response.status_code == 422 and body["error"]["code"] == "no_input_embedded"
     assert [e["index"] for e in body["errors"]] == [0, 1]
@@ -598,12 +601,12 @@ def test_unknown_http_methods_share_one_metrics_label(server, http):
 
 @pytest.fixture(scope="module")
 def strict_server(model, tiny_model_dir):
-    """A second server: a queue smaller than max_items and a 1 s request timeout."""
+    """A second server: a queue smaller than max_items, a 1 s request timeout, "skip" as its default."""
     from visreg_hub.serving.app import create_app
     from visreg_hub.serving.runtime import runtime_from_model
 
     limits = Limits(max_items=16, max_queue=4, request_timeout_s=1.0)
-    config = ServeConfig(models=(ModelSpec("tiny", str(tiny_model_dir)),), limits=limits)
+    config = ServeConfig(models=(ModelSpec("tiny", str(tiny_model_dir)),), limits=limits, on_error="skip")
     app = create_app(config, runtimes={"tiny": runtime_from_model("tiny", model, str(tiny_model_dir))})
     with ThreadServer(app) as running:
         yield running
@@ -616,6 +619,16 @@ def test_a_request_larger_than_the_queue_is_413_not_a_retry_forever(strict_serve
         assert response.status_code == 413 and "max_queue=4" in response.json()["error"]["message"]
         assert "Retry-After" not in response.headers
         assert client.post("/v1/embeddings", json={"input": inputs[:4]}).status_code == 200
+
+
+def test_the_server_default_for_bad_inputs_is_a_setting(strict_server, fmnist_images):
+    """`visreg-hub serve --on-error skip`: requests that do not say get the per-item errors."""
+    good = b64(png_bytes(fmnist_images[0]))
+    with httpx.Client(base_url=strict_server.url, timeout=30) as client:
+        response = client.post("/v1/embeddings", json={"input": [good, "@@@"]})
+        assert response.status_code == 200 and [e["index"] for e in response.json()["errors"]] == [1]
+        raised = client.post("/v1/embeddings", json={"input": [good, "@@@"], "on_error": "raise"})
+        assert raised.status_code == 422 and raised.json()["error"]["code"] == "input_not_embedded"
 
 
 def _partial_request(url: str, sent: bytes, declared: int) -> socket.socket:

@@ -160,6 +160,7 @@ def test_api_keys_on(model, fmnist_images, tmp_path):
         assert httpx.post(url, json=payload).status_code == 401
         wrong = httpx.post(url, json=payload, headers={"Authorization": "Bearer s3cret-on"})
         assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"] == "Bearer"
+        assert wrong.json()["error"]["code"] == "invalid_api_key"  # OpenAI's code for a bad key
         assert httpx.post(url, json=payload, headers={"Authorization": "Basic s3cret-one"}).status_code == 401
         for key in ("s3cret-one", "plain-key-two"):
             ok = httpx.post(url, json=payload, headers={"Authorization": f"Bearer {key}"}, timeout=30)

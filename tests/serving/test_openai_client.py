@@ -64,11 +64,16 @@ def test_dimensions_and_errors_through_the_client(client, model, fmnist_images):
 
 
 def test_on_error_raise_through_the_client(client, fmnist_images):
-    """OpenAI-client code pairs response.data with its inputs by position; with on_error="raise" a bad
-    image fails the call instead of shifting every later vector by one."""
+    """OpenAI-client code (LangChain's, LlamaIndex's embedders) pairs response.data with its inputs by
+    position and cannot pass extra fields: by default a bad image fails the call, as on OpenAI, instead
+    of shifting every later vector by one; "skip" is asked for explicitly."""
     encoded = base64.b64encode(png_bytes(fmnist_images[1])).decode()
     inputs = [encoded, base64.b64encode(b"not an image").decode(), encoded]
-    assert [d.index for d in client.embeddings.create(model="tiny", input=inputs).data] == [0, 2]
     with pytest.raises(openai.UnprocessableEntityError, match="1 of 3 inputs could not be embedded") as info:
-        client.embeddings.create(model="tiny", input=inputs, extra_body={"on_error": "raise"})
+        client.embeddings.create(model="tiny", input=inputs)
     assert info.value.code == "input_not_embedded"
+    skipped = client.embeddings.create(model="tiny", input=inputs, extra_body={"on_error": "skip"})
+    assert [d.index for d in skipped.data] == [0, 2]
+    # unset optional fields written out as null (as some clients do) mean the defaults
+    nulls = {"encoding_format": None, "on_error": None, "dimensions": None, "user": None}
+    assert len(client.embeddings.create(model="tiny", input=[encoded], extra_body=nulls).data) == 1

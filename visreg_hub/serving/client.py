@@ -156,7 +156,8 @@ class Client:
             sent = [(start + o, p) for o, p in enumerate(payloads) if p is not None]
             server_errors: dict[int, str] = {}
             if sent:
-                body = {"input": [p for _, p in sent], "encoding_format": "base64"}
+                # "skip" whatever the server's default: the failures are sorted out here, by input index
+                body = {"input": [p for _, p in sent], "encoding_format": "base64", "on_error": "skip"}
                 if self.model:
                     body["model"] = self.model
                 if truncate_dim is not None:

@@ -91,6 +91,10 @@ class ServeConfig:
         draft_decode: decode JPEGs at a reduced size when the model needs far fewer pixels (the
             demo's memory guard; ``visreg-hub serve --draft-decode``), as ``encode(draft_decode=True)``.
             Off by default: embeddings then equal ``encode()`` exactly.
+        on_error: what ``/v1/embeddings`` does with an input it cannot embed when the request does not
+            say: ``"raise"`` (default, OpenAI's behaviour: the request fails with a 422 listing every
+            failure, so ``data`` always pairs with ``input`` by position) or ``"skip"`` (the others are
+            embedded and the failures listed in ``errors``).
     """
 
     models: tuple[ModelSpec, ...]
@@ -104,6 +108,7 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     snapshot_every: int = 10_000
     draft_decode: bool = False
+    on_error: str = "raise"
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -123,6 +128,8 @@ class ServeConfig:
         # NaN fails both comparisons; an endless wait would stall every batch
         if not 0 <= self.max_wait_ms < float("inf"):
             raise ConfigError(f"max_wait_ms must be a finite number >= 0, got {self.max_wait_ms!r}")
+        if self.on_error not in ("raise", "skip"):
+            raise ConfigError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if not isinstance(self.snapshot_every, int) or self.snapshot_every < 1:
             raise ConfigError(f"snapshot_every must be a positive integer, got {self.snapshot_every!r}")
 

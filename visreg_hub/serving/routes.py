@@ -167,6 +167,7 @@ def _auth_dependency(service: Service):
                 401,
                 "missing or invalid API key; send 'Authorization: Bearer <key>'",
                 kind="authentication_error",
+                code="invalid_api_key",  # OpenAI's code for the same answer
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
@@ -354,9 +355,9 @@ async def _parse_embeddings_request(request: Request, service: Service) -> _Embe
         inputs = [parsed.input] if isinstance(parsed.input, str) else parsed.input
         _check_count(service, len(inputs), "inputs")
         payloads, errors = _decode_strings(inputs)
-        return _EmbedJob(
-            parsed.model, parsed.encoding_format, parsed.dimensions, parsed.on_error, payloads, errors
-        )
+        on_error = parsed.on_error or service.config.on_error
+        encoding = parsed.encoding_format or "float"
+        return _EmbedJob(parsed.model, encoding, parsed.dimensions, on_error, payloads, errors)
     if content_type != _MULTIPART:
         raise _refuse_content_type(content_type, "application/json or multipart/form-data")
     limits = service.limits
@@ -390,7 +391,7 @@ async def _parse_embeddings_request(request: Request, service: Service) -> _Embe
         raise ApiError(422, f"unknown form fields {shown(unknown)}; send images as 'input' file fields")
     model = form.get("model")
     encoding = form.get("encoding_format") or "float"
-    on_error = form.get("on_error") or "skip"
+    on_error = form.get("on_error") or service.config.on_error
     if encoding not in ("float", "base64") or (model is not None and not isinstance(model, str)):
         raise ApiError(422, "encoding_format must be 'float' or 'base64' and model a name")
     if on_error not in ("skip", "raise"):

@@ -27,8 +27,8 @@ class EmbeddingsRequest(_Strict):
 
     input: str | list[str] = Field(description="one image or a list; base64 or data: URL")
     model: str | None = Field(None, description="a name from GET /v1/models; default: the first")
-    encoding_format: Literal["float", "base64"] = Field(
-        "float", description="'base64': each embedding as base64 of little-endian float32"
+    encoding_format: Literal["float", "base64"] | None = Field(
+        "float", description="'base64': each embedding as base64 of little-endian float32 (null: 'float')"
     )
     dimensions: int | None = Field(
         None,
@@ -37,11 +37,12 @@ class EmbeddingsRequest(_Strict):
         "model.encode(truncate_dim=N)); at most the model's embedding_dim",
     )
     user: str | None = Field(None, description="accepted for OpenAI compatibility, ignored")
-    on_error: Literal["skip", "raise"] = Field(
-        "skip",
-        description="'skip': inputs that cannot be embedded are listed in `errors` by index and the others "
-        "embedded (`data` is then shorter than `input`: pair by `index`); 'raise': any such input fails "
-        "the whole request with a 422 listing every failure, as OpenAI's API does",
+    on_error: Literal["skip", "raise"] | None = Field(
+        None,
+        description="'raise': any input that cannot be embedded fails the whole request with a 422 listing "
+        "every failure, as OpenAI's API does; 'skip': such inputs are listed in `errors` by index and the "
+        "others embedded (`data` is then shorter than `input`: pair by `index`); null: the server's "
+        "default (`visreg-hub serve --on-error`, 'raise' unless set)",
     )
 
 
