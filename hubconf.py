@@ -4,7 +4,8 @@
     model = torch.hub.load("/path/to/visreg_hub", "vit_mini_p7_fmnist", source="local")
 
 Each entry is ``visreg_hub.from_pretrained(<registry name>, **kwargs)`` (``pretrained=False`` builds the
-same architecture with random weights). The list is derived from :mod:`visreg_hub.hub.registry`, so a
+same architecture with random weights, taking the same arguments, on the torch backend unless
+``backend=`` says otherwise). The list is derived from :mod:`visreg_hub.hub.registry`, so a
 new registry entry is a new torch.hub entry. Weights that are not bundled are downloaded through the
 Hugging Face cache; offline, that is a ``ModelNotFoundError`` saying so, never a raw traceback from deep
 inside huggingface_hub.

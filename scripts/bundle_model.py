@@ -186,6 +186,7 @@ def write(model, name: str, folder: Path, table: dict, pooling: str | None = Non
     model.save_pretrained(
         folder, eval_results=results, eval_command=table.get("meta", {}).get("command"),
         datasets=info["datasets"], license="apache-2.0", description=description, load_name=name,
+        overwrite_card=True,
     )  # fmt: skip
     return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
 

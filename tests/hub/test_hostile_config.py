@@ -69,6 +69,8 @@ def _crafted(config: dict, model_args: dict) -> None:
     [
         (lambda c: c["pretrained_cfg"].update(input_size=[3, 10**5, 10**5]), r"input_size is"),
         (lambda c: c["pretrained_cfg"].update(input_size=[3, -5, 32]), r"pretrained_cfg\.input_size is"),
+        # missing: timm and transformers fall back to the architecture's 224 px (probe 15)
+        (lambda c: c["pretrained_cfg"].pop("input_size"), r"input_size is missing, .* default \[3, 224, 224\]"),
         (lambda c: c.update(num_features=10**12), r"num_features is 1000000000000 but the model .* has 32"),
         (lambda c: c.update(num_classes=1000), "num_classes is 1000"),
         (lambda c: c["visreg"].update(embedding_dim=10**12), r"visreg\.embedding_dim is"),
@@ -310,6 +312,20 @@ def test_a_hugging_face_snapshot_folder_with_blob_links_loads(folder, tmp_path):
     images = torch.rand(1, *from_pretrained(folder).config.data_config["input_size"])
     with torch.no_grad():
         torch.testing.assert_close(from_pretrained(snapshot)(images), from_pretrained(folder)(images))
+
+
+def test_a_snapshot_whose_blobs_folder_is_a_link_is_refused(folder, tmp_path):
+    """``blobs`` itself a link to / let a snapshot's files point at any file on the machine (probe 15)."""
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(folder, elsewhere)
+    repo = tmp_path / "models--org--evil"
+    snapshot = repo / "snapshots" / "rev"
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").symlink_to("/")
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).symlink_to(Path("../../blobs") / (elsewhere / name).relative_to("/"))
+    with pytest.raises(CheckpointError, match="symlink to a file outside the folder"):
+        from_pretrained(snapshot)
 
 
 def test_a_missing_folder_path_says_it_does_not_exist(tmp_path):

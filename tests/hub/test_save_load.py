@@ -129,6 +129,35 @@ def test_save_pretrained_method_with_verbatim_card_and_license(tmp_path):
     assert from_pretrained(folder).config.extra["license"] == "cc-by-nc-4.0"
 
 
+def test_timms_local_dir_spelling_names_the_folder(saved):
+    """The card shows timm.create_model("local-dir:FOLDER"); the same string failed in from_pretrained."""
+    _, folder = saved
+    images = torch.rand(1, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(from_pretrained(f"local-dir:{folder}")(images), from_pretrained(folder)(images))
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        from_pretrained(f"local-dir:{folder}-missing")
+    with pytest.raises(ModelNotFoundError, match="needs a name"):
+        from_pretrained("local-dir:")
+
+
+def test_saving_again_keeps_an_edited_card_unless_told(tmp_path):
+    """huggingface_hub's save_pretrained never overwrites a README.md; ours replaced the author's edits with
+    a fresh card on every save (probe 15)."""
+    folder = save_pretrained(tiny_encoder(seed=1), tmp_path / "m")
+    edited = (folder / "README.md").read_text() + "\n## Notes from the author\n"
+    (folder / "README.md").write_text(edited)
+    save_pretrained(tiny_encoder(seed=2), folder)
+    assert (folder / "README.md").read_text() == edited
+    images = torch.rand(1, 3, 28, 28)
+    with torch.no_grad():  # the weights were replaced all the same
+        torch.testing.assert_close(from_pretrained(folder)(images), tiny_encoder(seed=2)(images))
+    save_pretrained(tiny_encoder(seed=2), folder, overwrite_card=True)
+    assert "Notes from the author" not in (folder / "README.md").read_text()
+    save_pretrained(tiny_encoder(seed=2), folder, card="# given\n")  # an explicit card is always written
+    assert (folder / "README.md").read_text() == "# given\n"
+
+
 def test_device_and_dtype(saved):
     model, folder = saved
     loaded = from_pretrained(folder, device="cpu", dtype=torch.float64)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from visreg_hub import from_pretrained, list_models
@@ -41,6 +42,24 @@ def test_bundled_entry_loads_the_same_model_as_from_pretrained(fmnist_test):
     random = torch.hub.load(str(REPO), "vit_mini_p7_fmnist", source="local", pretrained=False)
     assert random.config == ours.config
     assert not torch.equal(random.backbone.pos_embed, ours.backbone.pos_embed)
+
+
+def test_random_weights_take_the_pretrained_entrys_arguments(caplog):
+    """pretrained=False failed with raw torch errors on the arguments pretrained=True takes (probe 15)."""
+    from visreg_hub.errors import DeviceError
+
+    def random(**kwargs):
+        return torch.hub.load(str(REPO), "vit_mini_p7_fmnist", source="local", pretrained=False, **kwargs)
+
+    assert random(dtype="bf16").backbone.pos_embed.dtype == torch.bfloat16
+    assert random(backend="torch").backend == "torch" and random().backend == "torch"
+    with pytest.raises(DeviceError):
+        random(device="cuda" if not torch.cuda.is_available() else "cuda:99")
+    with caplog.at_level("WARNING", logger="visreg_hub"):
+        random(revision="v1")
+    assert "revision='v1' ignored" in caplog.text
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        random(bogus=1)
 
 
 def test_entries_needing_the_network_fail_with_a_clear_error_offline(tmp_path):

@@ -296,6 +296,8 @@ def test_arrays_and_tensors_match_the_pil_image(photo):
             np.testing.assert_array_equal(decoded, reference)
     uint16 = reference.astype(np.uint16) * 257  # 8-bit data widened to 16 bit scales back exactly
     np.testing.assert_array_equal(pixels(decode_image(uint16)), reference)
+    big_endian = uint16.astype(">u2")  # as FITS and some TIFF readers give them
+    np.testing.assert_array_equal(pixels(decode_image(big_endian)), reference)
     gray = reference[..., 0]
     np.testing.assert_array_equal(pixels(decode_image(gray))[..., 2], gray)
     np.testing.assert_array_equal(pixels(decode_image(torch.from_numpy(gray)[None]))[..., 1], gray)

@@ -305,12 +305,29 @@ def _check_derived_fields(data: dict[str, Any], config: ModelConfig, source: str
                 "model_args, pooling and the visreg block); timm and transformers would read another model "
                 "from this folder: fix or remove the field"
             )
+    input_size = expected["pretrained_cfg.input_size"][2]
+    assumed = None if "input_size" in pretrained_cfg else _timm_default_input_size(config.architecture)
+    if assumed not in (None, input_size):
+        raise CheckpointError(
+            f"{source}: pretrained_cfg.input_size is missing, so timm and transformers would preprocess at "
+            f"{config.architecture}'s default {assumed} while the model takes {input_size}: add "
+            f'"input_size": {input_size} to pretrained_cfg'
+        )
     sources = [key for key in _DOWNLOAD_KEYS if pretrained_cfg.get(key) not in (None, "")]
     if sources:
         raise CheckpointError(
             f"{source}: pretrained_cfg names a weights location ({', '.join(sources)}); a model folder "
             "carries its own model.safetensors, and timm could fetch the named one instead: remove the key(s)"
         )
+
+
+def _timm_default_input_size(architecture: str) -> list[int] | None:
+    """``[C, H, W]`` that timm (and transformers' TimmWrapper) assume for ``architecture`` when a folder's
+    pretrained_cfg has no input_size; None for a name timm has no default for."""
+    from timm.models import get_pretrained_cfg
+
+    default = get_pretrained_cfg(architecture)
+    return None if default is None or default.input_size is None else list(default.input_size)
 
 
 _PROMOTED_TYPES = {

@@ -126,7 +126,8 @@ def resolve(name_or_path: str | Path, *, revision: str | None = None) -> Source:
 
     Resolution order: an existing local folder; ``hf-hub:org/repo``; a registry name
     (:func:`visreg_hub.list_models`); ``org/repo`` on the Hugging Face Hub. Hub names may pin a revision
-    as timm does, ``hf-hub:org/repo@REVISION`` (the same as ``revision=REVISION``).
+    as timm does, ``hf-hub:org/repo@REVISION`` (the same as ``revision=REVISION``); timm's
+    ``local-dir:FOLDER`` is the folder.
 
     Raises:
         ModelNotFoundError: nothing matches (close registry names are suggested), or a file was given.
@@ -134,6 +135,10 @@ def resolve(name_or_path: str | Path, *, revision: str | None = None) -> Source:
     """
     if isinstance(name_or_path, registry.RegistryEntry):  # an item of list_models()
         name_or_path = name_or_path.name
+    if isinstance(name_or_path, str) and name_or_path.startswith("local-dir:"):  # as timm.create_model takes
+        name_or_path = name_or_path[len("local-dir:") :]
+        if name_or_path.strip():
+            name_or_path = Path(name_or_path)
     if isinstance(name_or_path, str) and not name_or_path.strip():  # Path("") would be the current folder
         raise ModelNotFoundError(f"from_pretrained needs a name, repo id or folder, got {name_or_path!r}")
     kind = _local_kind(name_or_path)
@@ -262,13 +267,15 @@ def _check_inside(folder: Path, path: Path) -> None:
 
     why: a folder from someone else must not make the loader read other files; their bytes could end up
     in an error message or a log. A Hugging Face cache snapshot (``.../snapshots/<rev>/``) links its files
-    to ``../../blobs/``, which is allowed.
+    to ``../../blobs/``, which is allowed when ``blobs`` is a real folder (a ``blobs`` that is itself a
+    link could lead anywhere).
     """
     if not path.is_symlink():
         return
     base = folder.resolve()
-    blobs = [base.parent.parent / "blobs"] if base.parent.name == "snapshots" else []
-    if outside_target(folder, path, blobs) is not None:
+    blobs = base.parent.parent / "blobs"
+    cache_layout = base.parent.name == "snapshots" and blobs.is_dir() and not blobs.is_symlink()
+    if outside_target(folder, path, [blobs] if cache_layout else []) is not None:
         raise CheckpointError(
             f"{path} is a symlink to a file outside the folder; copy the file into {folder} instead "
             "(visreg_hub reads only the folder it is given)"
@@ -334,15 +341,39 @@ def load(source: Source, *, limits: ModelLimits | None = None, **download_kwargs
     return official_encoder(pth_path, source.size, **source.config_overrides)
 
 
-def build_architecture(registry_name: str, *, device=None, dtype=None):
+def build_architecture(
+    registry_name: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    backend: str | None = "torch",
+    provider: str | None = None,
+    precision: str = "fp32",
+    **download_options,
+):
     """A registry model's architecture with random weights (nothing is downloaded), in eval mode.
+
+    Takes :func:`from_pretrained`'s arguments, checked the same way. ``backend`` defaults to ``"torch"``:
+    ``"auto"`` would export and cache an ONNX graph of throwaway weights. The download options
+    (``revision``, ``cache_dir``, ``local_files_only``, ``token``) are accepted, so that torch.hub's
+    ``pretrained=False`` takes the same call, and ignored with a warning.
 
     Raises:
         ModelNotFoundError: not a registry name (close names are suggested).
+        DeviceError, UserInputError: as :func:`from_pretrained`.
     """
     from visreg_hub.models.config import ModelConfig
     from visreg_hub.models.encoder import VISRegEncoder
 
+    unknown = sorted(set(download_options) - set(_DOWNLOAD_DEFAULTS))
+    if unknown:
+        raise TypeError(f"build_architecture() got unexpected keyword arguments {unknown}")
+    ignored = [f"{key}={value!r}" for key, value in download_options.items()
+               if value != _DOWNLOAD_DEFAULTS[key]]  # fmt: skip
+    if ignored:
+        logger.warning("%s ignored: pretrained=False builds random weights, nothing is downloaded",
+                       ", ".join(ignored))  # fmt: skip
+    backend, dtype = _checked_runtime_options(device, dtype, backend, provider, precision)
     entry = registry.find_entry(registry_name)
     if entry is None:
         raise ModelNotFoundError(
@@ -352,7 +383,42 @@ def build_architecture(registry_name: str, *, device=None, dtype=None):
         config = ckpt.read_config(_bundled_folder(entry))
     else:
         config = ModelConfig.from_name(entry.size, **{"name": entry.name, **entry.config_overrides})
-    return VISRegEncoder(config).to(device=device, dtype=dtype).eval()
+    return _placed(VISRegEncoder(config), device, dtype, backend, provider, precision)
+
+
+_DOWNLOAD_DEFAULTS = {"revision": None, "cache_dir": None, "local_files_only": False, "token": None}
+
+
+def _checked_runtime_options(device, dtype, backend, provider, precision) -> tuple[str, torch.dtype | None]:
+    """``(backend, dtype)`` resolved, after checking every option that says where and how the model runs;
+    a bad one is one clear error before any download or build."""
+    from visreg_hub.inference.backends import default_backend, make_spec, resolve_dtype
+
+    if backend is None:  # a provider or a precision only means something to ONNX Runtime
+        backend = (
+            "onnx" if provider is not None or precision not in ("fp32", "float32") else default_backend()
+        )
+    spec = make_spec(backend, provider, precision)
+    resolve_device(device)
+    if isinstance(dtype, str):  # "bf16" as encode() takes it
+        dtype = resolve_dtype(dtype)
+    elif dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise UserInputError(f"dtype must be a floating torch dtype or 'fp32', 'fp16', 'bf16', got {dtype!r}")
+    if spec.backend == "onnx" and dtype not in (None, torch.float32):
+        raise UserInputError(
+            f"dtype={dtype} sets the PyTorch model's precision; the ONNX graph's is precision= "
+            "('fp16' for GPU providers, 'int8' for CPUs), or pass backend='torch' to run in that dtype"
+        )
+    return backend, dtype
+
+
+def _placed(model, device, dtype, backend: str, provider, precision):
+    """``model`` on ``device`` in ``dtype``, in eval mode, with its ``encode()`` backend set."""
+    from visreg_hub.inference.backends import set_backend
+
+    if device is not None or dtype is not None:
+        model = model.to(device=device, dtype=dtype)
+    return set_backend(model.eval(), backend, provider, precision)
 
 
 def from_pretrained(
@@ -400,23 +466,7 @@ def from_pretrained(
         ConfigError: unknown (non-ViT) architecture, or a model over ``limits``.
         DeviceError: ``device`` is malformed or absent on this machine (e.g. ``cuda`` without a GPU).
     """
-    from visreg_hub.inference.backends import default_backend, make_spec, resolve_dtype, set_backend
-
-    if backend is None:  # a provider or a precision only means something to ONNX Runtime
-        backend = (
-            "onnx" if provider is not None or precision not in ("fp32", "float32") else default_backend()
-        )
-    spec = make_spec(backend, provider, precision)  # a bad backend argument fails before any download
-    resolve_device(device)  # a bad device is one clear error before any download or build
-    if isinstance(dtype, str):  # "bf16" as encode() takes it; a bad one fails before any download
-        dtype = resolve_dtype(dtype)
-    elif dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise UserInputError(f"dtype must be a floating torch dtype or 'fp32', 'fp16', 'bf16', got {dtype!r}")
-    if spec.backend == "onnx" and dtype not in (None, torch.float32):
-        raise UserInputError(
-            f"dtype={dtype} sets the PyTorch model's precision; the ONNX graph's is precision= "
-            "('fp16' for GPU providers, 'int8' for CPUs), or pass backend='torch' to run in that dtype"
-        )
+    backend, dtype = _checked_runtime_options(device, dtype, backend, provider, precision)
     source = resolve(name_or_path, revision=revision)
     ignored = [f"{key}={value!r}" for key, value in (("revision", revision), ("cache_dir", cache_dir))
                if value is not None]  # fmt: skip
@@ -425,6 +475,4 @@ def from_pretrained(
         logger.warning("%s ignored: the %s is read from disk, nothing is downloaded", ", ".join(ignored),
                        what)  # fmt: skip
     model = load(source, limits=limits, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
-    if device is not None or dtype is not None:
-        model = model.to(device=device, dtype=dtype)
-    return set_backend(model.eval(), backend, provider, precision)
+    return _placed(model, device, dtype, backend, provider, precision)

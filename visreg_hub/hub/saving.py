@@ -35,13 +35,16 @@ def save_pretrained(
     load_name: str | None = None,
     description: str | None = None,
     tags: list[str] | None = None,
+    overwrite_card: bool = False,
 ) -> Path:
     """Write ``model`` as a checkpoint folder (see module docstring) and return the folder.
 
     Args:
         model: a :class:`~visreg_hub.models.VISRegEncoder`.
-        folder: output directory (created; existing files of the same names are replaced, all three only
-            once all three are written, so a failed save leaves the earlier files as they were).
+        folder: output directory (created; an existing config.json and model.safetensors are replaced,
+            only once the new ones are written, so a failed save leaves the earlier files as they were).
+            An existing README.md is kept, as huggingface_hub's ``save_pretrained`` does (it may hold the
+            author's edits), unless ``card`` is given or ``overwrite_card`` is set.
         card: README.md text to write verbatim instead of the generated card.
         eval_results: evaluation numbers for the card (default: ``config.extra["eval_results"]``).
         eval_command: command that produced them.
@@ -52,6 +55,7 @@ def save_pretrained(
             registry name of a bundled model).
         description: one paragraph for the card.
         tags: extra Hub tags.
+        overwrite_card: replace an existing README.md with the generated card.
     """
     from visreg_hub.models.encoder import VISRegEncoder
 
@@ -69,7 +73,10 @@ def save_pretrained(
     kept = {key: value for key, value in given.items() if value is not None}
     if kept:
         config = config.replace(extra={**config.extra, **kept})
-    if card is None:
+    if card is None and not overwrite_card and (folder / ckpt.CARD_NAME).exists():
+        logger.info("kept the existing %s; pass overwrite_card=True to write the generated card",
+                    folder / ckpt.CARD_NAME)  # fmt: skip
+    elif card is None:
         card = render_model_card(
             config,
             embedding_dim=model.embedding_dim(),
@@ -87,29 +94,32 @@ def save_pretrained(
     return folder
 
 
-def _write_files(folder: Path, config, model, card: str) -> None:
-    """Write the three files into a hidden staging folder inside ``folder``, then rename them in.
+def _write_files(folder: Path, config, model, card: str | None) -> None:
+    """Write the files (the card unless None) into a hidden staging folder inside ``folder``, then rename
+    them in.
 
     why: a save that fails half way (disk full, an interrupted process) must not leave the new config.json
     beside the old weights: such a folder fails to load, or with the same architecture loads the old
     weights silently. Until the renames, ``folder`` keeps its earlier files untouched; the weights go in
     first, the card last.
     """
+    names = (ckpt.WEIGHTS_NAME, ckpt.CONFIG_NAME) + ((ckpt.CARD_NAME,) if card is not None else ())
     staging = folder / f".saving-{os.getpid()}"
     staging.mkdir(exist_ok=True)
     try:
         try:
             ckpt.write_weights(staging, model)
             ckpt.write_config(staging, config, model.embedding_dim())
-            (staging / ckpt.CARD_NAME).write_text(card, encoding="utf-8")
-            for name in (ckpt.WEIGHTS_NAME, ckpt.CONFIG_NAME, ckpt.CARD_NAME):
+            if card is not None:
+                (staging / ckpt.CARD_NAME).write_text(card, encoding="utf-8")
+            for name in names:
                 fsync_file(staging / name)
         except Exception as exc:  # safetensors raises its own SafetensorError on a failed write
             raise OSError(
                 f"could not save the model to {folder} ({type(exc).__name__}: {exc}); the folder's earlier "
                 "files are unchanged"
             ) from exc
-        for name in (ckpt.WEIGHTS_NAME, ckpt.CONFIG_NAME, ckpt.CARD_NAME):
+        for name in names:
             os.replace(staging / name, folder / name)
         fsync_dir(folder)
     finally:

@@ -647,7 +647,7 @@ def _array_to_uint8(array: np.ndarray, label: str) -> np.ndarray:
         raise ImageDecodeError(f"{label}: array of shape {tuple(array.shape)} has no pixels")
     if array.dtype == np.uint8:
         converted = array
-    elif array.dtype == np.uint16:
+    elif array.dtype.kind == "u" and array.dtype.itemsize == 2:  # either byte order (FITS, TIFF readers: >u2)
         converted = np.rint(array / 257.0).astype(np.uint8)
     elif array.dtype.kind == "f":
         _check_unit_range(array, label, "array")
