@@ -70,7 +70,8 @@ def _crafted(config: dict, model_args: dict) -> None:
         (lambda c: c["pretrained_cfg"].update(input_size=[3, 10**5, 10**5]), r"input_size is"),
         (lambda c: c["pretrained_cfg"].update(input_size=[3, -5, 32]), r"pretrained_cfg\.input_size is"),
         # missing: timm and transformers fall back to the architecture's 224 px (probe 15)
-        (lambda c: c["pretrained_cfg"].pop("input_size"), r"input_size is missing, .* default \[3, 224, 224\]"),
+        (lambda c: c["pretrained_cfg"].pop("input_size"),
+         r"input_size is missing, .* default \[3, 224, 224\]"),
         (lambda c: c.update(num_features=10**12), r"num_features is 1000000000000 but the model .* has 32"),
         (lambda c: c.update(num_classes=1000), "num_classes is 1000"),
         (lambda c: c["visreg"].update(embedding_dim=10**12), r"visreg\.embedding_dim is"),

@@ -60,8 +60,9 @@ def test_bad_flags_give_one_line(argv, message, capsys):
 
 @pytest.mark.parametrize(
     ("flag", "value"),
-    [("--max-batch-size", "0"), ("--max-wait-ms", "-1"), ("--max-wait-ms", "inf"), ("--request-timeout-s", "0"),
-     ("--request-timeout-s", "nan"), ("--snapshot-every", "0"), ("--max-items", "x")],
+    [("--max-batch-size", "0"), ("--max-wait-ms", "-1"), ("--max-wait-ms", "inf"),
+     ("--request-timeout-s", "0"), ("--request-timeout-s", "nan"), ("--snapshot-every", "0"),
+     ("--max-items", "x")],
 )  # fmt: skip
 def test_out_of_range_numbers_are_usage_errors(flag, value, capsys):
     """Every numeric flag is checked by argparse (exit 2 naming the flag), as the demo's own flags are."""
