@@ -32,6 +32,19 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
+def tiff_with_samples_per_pixel(samples: int) -> bytes:
+    """A small RGB TIFF whose SamplesPerPixel tag (277) claims ``samples`` (Pillow logs an ERROR line)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 64)).save(buffer, "TIFF")
+    data = bytearray(buffer.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for entry in range(struct.unpack_from("<H", data, ifd)[0]):
+        offset = ifd + 2 + 12 * entry
+        if struct.unpack_from("<H", data, offset)[0] == 277:
+            struct.pack_into("<H", data, offset + 8, samples)
+    return bytes(data)
+
+
 def write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path

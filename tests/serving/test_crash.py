@@ -14,6 +14,7 @@ version: 12.
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import signal
@@ -25,6 +26,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.inference.malformed import tiff_with_samples_per_pixel
 from tests.serving.helpers import Zygote
 from visreg_hub.serving.wal import read_log
 
@@ -117,10 +119,14 @@ def _run(tmp_path, tiny_model_dir, kills: int) -> None:
     final = zygote.start(args, log_path).wait_ready()
     try:
         _verify(final.url, acked, attempted)
+        # a malformed upload is its request's 422, not an ERROR line of Pillow's in the server log
+        hostile = base64.b64encode(tiff_with_samples_per_pixel(38)).decode()
+        assert httpx.post(final.url + "/v1/embeddings", json={"input": [hostile]}).status_code == 422
     finally:
         final.signal(signal.SIGTERM)
         zygote.close()
     assert "Traceback" not in log_path.read_text()
+    assert "samples per pixel" not in log_path.read_text()
 
 
 def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path, tiny_model_dir):

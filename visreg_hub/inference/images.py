@@ -483,9 +483,11 @@ def _decode_encoded(
     else:
         fp = io.BytesIO(payload)
     try:
-        # why: our cap decides; Pillow's warning at 1x its limit would only be noise next to it.
+        # why: our cap decides; Pillow's warning at 1x its limit would only be noise next to it. Its
+        # other warnings ("Truncated File Read") describe a file that either decodes or is reported.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", module=r"PIL\.")
             if formats is None or "ICO" in formats:
                 _check_ico_frames(fp, label, max_pixels)  # Pillow decodes an ICO inside Image.open
             with Image.open(fp, formats=formats) as image:

@@ -100,6 +100,9 @@ def run_app(
         sockets: from :func:`listening_sockets` (bound to ``host:port`` earlier); default: bind now.
     """
     uvicorn = require_extra("uvicorn", "serve")
+    # why: Pillow logs ERROR lines for some malformed files (a TIFF with 38 samples per pixel); what a
+    # client sent is its request's 422, and anyone could otherwise write ERROR lines into this log
+    logging.getLogger("PIL").setLevel(logging.CRITICAL)
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None) -> None:
