@@ -140,6 +140,27 @@ def test_symlink_loops_dangling_links_fifos_and_unreadable_folders_are_failures(
         run_embedding(root / "pipe.png", tmp_path / "out2", model=model)  # would block on open
 
 
+def test_a_bulk_job_lists_a_folder_as_encode_does_however_deep(tmp_path):
+    """Two walks had drifted: a bulk job listed a/x.jpg before a-b.jpg where encode(folder) listed it after,
+    and its recursive walk hit Python's recursion limit on a deep tree (probe 15). The names are chosen so
+    that sorting full path strings ('-' < '.' < '/') and walking folders in name order disagree."""
+    from visreg_hub.inference.images import list_image_files
+
+    root = tmp_path / "photos"
+    deep = root
+    for _ in range(1100):  # one level at a time: pathlib's own mkdir(parents=True) recurses
+        deep = deep / "d"
+        deep.mkdir(parents=True)
+    for path in (root / "a" / "x.jpg", root / "a-b.jpg", root / "a.jpg", deep / "bottom.png"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not decoded here")
+    bulk = [item.path for item in listing.iter_items([str(root)])]
+    by_components = sorted(bulk, key=lambda path: Path(path).relative_to(root).parts)
+    assert bulk == [str(p) for p in list_image_files(root)] == by_components
+    assert bulk[:3] == [str(root / "a" / "x.jpg"), str(root / "a-b.jpg"), str(root / "a.jpg")]
+    assert bulk[-1] == str(deep / "bottom.png")
+
+
 def _tar_sizes(path: Path) -> dict[str, int]:
     with tarfile.open(path) as tar:
         return {m.name: m.size for m in tar.getmembers()}

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from visreg_hub.errors import UserInputError, VisregHubError
-from visreg_hub.inference.images import IMAGE_EXTENSIONS, classify_entry
+from visreg_hub.inference.images import IMAGE_EXTENSIONS, walk_image_entries
 
 TAR_SUFFIXES = (".tar",)
 LIST_SUFFIXES = (".txt",)
@@ -125,40 +125,18 @@ def check_no_overlap(inputs: list[str | os.PathLike], resolved: list[str]) -> No
 
 
 def _walk(root: str) -> Iterator[Item]:
-    """The image files under ``root``, depth first, names sorted; what cannot be read is a failed item.
+    """The image files under ``root`` in :func:`~visreg_hub.inference.images.walk_image_entries`' order
+    (``encode(folder)``'s); what cannot be read is a failed item.
 
     why: one unreadable folder, symlink loop or dangling link must not abort or silently shrink the
     listing; it becomes a failure record and everything else is still embedded.
     """
-    try:
-        with os.scandir(root) as scan:
-            entries = sorted(scan, key=lambda e: e.name)
-    except OSError as exc:
-        reason = f"{root}: cannot list this folder ({exc.strerror or exc}); its images are left out"
-        yield Item(path=root, error=reason + ": fix its permissions, or leave it out of the inputs")
-        return
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        kind = _entry_kind(entry)
-        if kind == "dir":
-            yield from _walk(entry.path)
-        elif kind == "file":
-            yield Item(path=entry.path)
-        elif kind is not None:
-            yield Item(path=entry.path, error=kind)
-
-
-def _entry_kind(entry: os.DirEntry) -> str | None:
-    """``"dir"`` (walk into), ``"file"`` (an image to embed), None (not an image: skip) or a failure reason
-    starting with the entry's path.
-
-    The rules are :func:`~visreg_hub.inference.images.classify_entry`'s, so that ``encode(folder)`` and a
-    bulk job list the same entries: symlinked folders are not followed (no cycles); an image-named entry
-    that is not a readable regular file is reported, never skipped silently.
-    """
-    kind = classify_entry(entry)
-    return kind if kind in (None, "dir", "file") else f"{entry.path}: {kind}"
+    for walked in walk_image_entries(root):
+        if walked.unlistable:
+            yield Item(path=walked.path, error=f"{walked.path}: {walked.problem}; its images are left out: "
+                       "fix its permissions, or leave it out of the inputs")  # fmt: skip
+        else:
+            yield Item(path=walked.path, error=walked.problem and f"{walked.path}: {walked.problem}")
 
 
 def _list_file(path: str) -> Iterator[Item]:

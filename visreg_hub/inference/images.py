@@ -53,10 +53,10 @@ import re
 import stat
 import struct
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -105,15 +105,65 @@ class ImageSource:
     error: str | None = None
 
 
-def list_image_files(folder: str | os.PathLike) -> list[Path]:
-    """Image files under ``folder``, recursively, sorted by relative path.
+class WalkedEntry(NamedTuple):
+    """One result of :func:`walk_image_entries`.
 
-    Files are matched by extension (case-insensitive, see ``IMAGE_EXTENSIONS``). Hidden files and
-    folders (name starting with ``.``, e.g. macOS ``._photo.jpg`` resource forks) are skipped, and so
-    are symlinked folders (never followed: no cycles). Every other image-named entry is listed, also
-    one that cannot be decoded (a dangling link, a symlink loop, a FIFO, socket or device), so that
-    decoding reports it (see :func:`classify_entry`) instead of the folder silently shrinking. A
-    sub-folder that cannot be listed is left out with a logged warning.
+    Attributes:
+        path: the entry's path (the walk's root joined with the names below it).
+        problem: None for an image file; else why it cannot be decoded (see :func:`classify_entry`), or
+            for a folder that cannot be listed, why not.
+        unlistable: True for such a folder (its images, if any, are not in the walk).
+    """
+
+    path: str
+    problem: str | None = None
+    unlistable: bool = False
+
+
+def walk_image_entries(root: str | os.PathLike) -> Iterator[WalkedEntry]:
+    """The image-named entries under ``root``, streamed depth first with each folder's names sorted (the
+    order of sorting the paths by their components: ``a/x.jpg`` before ``a-b.jpg``).
+
+    The one folder walk of ``encode(folder)`` (:func:`list_image_files`), ``visreg-hub embed`` and bulk
+    jobs, so that they list the same files in the same order. Files are matched by extension
+    (case-insensitive, see ``IMAGE_EXTENSIONS``); hidden files and folders (name starting with ``.``,
+    e.g. macOS ``._photo.jpg`` resource forks) are skipped, and so are symlinked folders (never
+    followed: no cycles). An image-named entry that cannot be decoded (a dangling link, a symlink loop,
+    a FIFO, socket or device) comes with its ``problem``, and a folder that cannot be listed as
+    ``unlistable``, so that callers report them instead of the listing silently shrinking.
+
+    why an explicit stack of iterators: a tree deeper than Python's recursion limit is walked too, and
+    only one folder's names per level are held in memory.
+    """
+    pending: list[Iterator[os.DirEntry]] = []
+    directory: str | None = os.fspath(root)
+    while True:
+        if directory is not None:
+            try:
+                with os.scandir(directory) as scan:
+                    pending.append(iter(sorted(scan, key=lambda entry: entry.name)))
+            except OSError as exc:
+                yield WalkedEntry(directory, f"cannot list this folder ({exc.strerror or exc})", True)
+            directory = None
+        if not pending:
+            return
+        entry = next(pending[-1], None)
+        if entry is None:
+            pending.pop()
+        elif not entry.name.startswith("."):
+            kind = classify_entry(entry)
+            if kind == "dir":
+                directory = entry.path
+            elif kind is not None:
+                yield WalkedEntry(entry.path, None if kind == "file" else kind)
+
+
+def list_image_files(folder: str | os.PathLike) -> list[Path]:
+    """Image files under ``folder``, recursively, in :func:`walk_image_entries`' order.
+
+    Every image-named entry is listed, also one that cannot be decoded, so that decoding reports it
+    instead of the folder silently shrinking. A sub-folder that cannot be listed is left out with a
+    logged warning.
 
     Raises:
         NotADirectoryError: ``folder`` is not a directory.
@@ -122,24 +172,12 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is not a directory; pass a folder of images")
     found: list[Path] = []
-    pending = [os.fspath(root)]  # an explicit stack: a deep tree cannot hit the recursion limit
-    while pending:
-        directory = pending.pop()
-        try:
-            with os.scandir(directory) as scan:
-                entries = list(scan)
-        except OSError as exc:
-            logger.warning("%s: cannot list this folder (%s); its images are left out", directory, exc)
-            continue
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            kind = classify_entry(entry)
-            if kind == "dir":
-                pending.append(entry.path)
-            elif kind is not None:  # a regular file, or a failure reason that decoding reports
-                found.append(Path(entry.path))
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    for walked in walk_image_entries(root):
+        if walked.unlistable:
+            logger.warning("%s: %s; its images are left out", walked.path, walked.problem)
+        else:
+            found.append(Path(walked.path))
+    return found
 
 
 # Why an image-named path cannot be decoded; the folder walks here and in visreg_hub.bulk share them.
