@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 import visreg_hub
 from demo.cache import CachedIndex, load_or_build, model_identity, scan_gallery
+from visreg_hub.devices import default_device
 from visreg_hub.errors import ImageDecodeError, ModelNotFoundError, UserInputError
 from visreg_hub.hub import from_pretrained, registry
 from visreg_hub.inference import (
@@ -156,13 +157,6 @@ class SearchOutcome:
     extra: dict = field(default_factory=dict)
 
 
-def pick_device(device: str | None) -> torch.device:
-    """``"auto"``/None: the first CUDA device if there is one, else the CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class DemoService:
     """Models, galleries and the operations of the demo.
 
@@ -202,7 +196,7 @@ class DemoService:
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.download_dir = Path(download_dir)
-        self.device = pick_device(device)
+        self.device = default_device(device)
         self.max_pixels = int(max_pixels)
         self.batch_size = int(batch_size)
         self.model_loader = model_loader

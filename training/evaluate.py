@@ -250,13 +250,12 @@ def knn_ks_used(requested: list[int], bank_size: int) -> list[int]:
 
 def evaluate(args: argparse.Namespace) -> dict:
     """Run every evaluation ``args`` asks for and return the results dict (see module docstring)."""
-    import torch
-
     from training.data import long_tail_indices
+    from visreg_hub.devices import default_device
     from visreg_hub.hub import from_pretrained
     from visreg_hub.retrieval.metrics import knn_accuracy
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     model = from_pretrained(args.model, device=device)
     started = time.perf_counter()
     train_items, train_y = load_split(args.data, args.train, "train")

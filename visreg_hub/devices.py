@@ -23,6 +23,18 @@ def _available() -> str:
     return ", ".join(found)
 
 
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` checked by :func:`resolve_device`; None or ``"auto"``: the first CUDA GPU when there is
+    one, else the CPU (the default of the server, the demo and the evaluation script).
+
+    Raises:
+        DeviceError: as :func:`resolve_device`.
+    """
+    if device is None or (isinstance(device, str) and device.strip() == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(device)
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device | None:
     """``device`` as a ``torch.device`` that exists on this machine (None stays None: the caller's default).
 

@@ -147,18 +147,24 @@ def test_a_bulk_job_lists_a_folder_as_encode_does_however_deep(tmp_path):
     from visreg_hub.inference.images import list_image_files
 
     root = tmp_path / "photos"
-    deep = root
+    chain = [root]
     for _ in range(1100):  # one level at a time: pathlib's own mkdir(parents=True) recurses
-        deep = deep / "d"
-        deep.mkdir(parents=True)
-    for path in (root / "a" / "x.jpg", root / "a-b.jpg", root / "a.jpg", deep / "bottom.png"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"not decoded here")
-    bulk = [item.path for item in listing.iter_items([str(root)])]
-    by_components = sorted(bulk, key=lambda path: Path(path).relative_to(root).parts)
-    assert bulk == [str(p) for p in list_image_files(root)] == by_components
-    assert bulk[:3] == [str(root / "a" / "x.jpg"), str(root / "a-b.jpg"), str(root / "a.jpg")]
-    assert bulk[-1] == str(deep / "bottom.png")
+        chain.append(chain[-1] / "d")
+        chain[-1].mkdir(parents=True)
+    deep = chain[-1]
+    try:
+        for path in (root / "a" / "x.jpg", root / "a-b.jpg", root / "a.jpg", deep / "bottom.png"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"not decoded here")
+        bulk = [item.path for item in listing.iter_items([str(root)])]
+        by_components = sorted(bulk, key=lambda path: Path(path).relative_to(root).parts)
+        assert bulk == [str(p) for p in list_image_files(root)] == by_components
+        assert bulk[:3] == [str(root / "a" / "x.jpg"), str(root / "a-b.jpg"), str(root / "a.jpg")]
+        assert bulk[-1] == str(deep / "bottom.png")
+    finally:  # bottom up: shutil.rmtree (pytest's cleanup of old tmp folders) recurses too
+        (deep / "bottom.png").unlink(missing_ok=True)
+        for folder in reversed(chain[1:]):
+            folder.rmdir()
 
 
 def _tar_sizes(path: Path) -> dict[str, int]:

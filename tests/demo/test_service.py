@@ -271,6 +271,23 @@ def test_app_exits_with_a_message_when_the_bundled_model_is_missing(monkeypatch,
     assert "error: the bundled model is missing" in capsys.readouterr().err
 
 
+def test_app_exits_with_one_line_for_a_bad_device(monkeypatch, tmp_path, capsys):
+    """The demo parsed --device itself: `--device bogus` was a torch traceback (review 15)."""
+    import signal
+
+    from demo import app
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        for device in ("bogus", "cuda:99"):
+            assert app.main(["--device", device, "--port", "0", "--cache-dir", str(tmp_path / "c")]) == 2
+            err = capsys.readouterr().err
+            assert f"error: device '{device}'" in err and "Traceback" not in err
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+
+
 # ------------------------------------------------------------------------------------ bundled assets
 def test_bundled_gallery_and_examples_are_small_real_and_disjoint():
     images = list_image_files(BUNDLED_GALLERY)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from visreg_hub.devices import default_device
 from visreg_hub.errors import ImageDecodeError
 from visreg_hub.inference.images import ImageSource, decode_image
 from visreg_hub.inference.pipeline import EmbeddingPipeline
@@ -91,8 +92,7 @@ def load_runtime(spec: ModelSpec, device: str | None, backend: str | None = None
     """Load ``spec`` with ``from_pretrained`` (strict, safetensors only) onto ``device`` for ``backend``."""
     from visreg_hub.hub import from_pretrained
 
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device(device)
     start = time.perf_counter()
     options = {} if backend is None else {"backend": backend}  # None: from_pretrained's default
     model = from_pretrained(spec.source, device=device, **options)
