@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from visreg_hub.errors import ConfigError
+from visreg_hub.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:  # annotations only: training.config imports this module, never the other way round
     from training.config import TrainingConfig
@@ -246,19 +246,67 @@ def check_output_dir(config: TrainingConfig) -> None:
         ) from None
 
 
-def warn_config_changes(before: dict, after: dict) -> None:
-    """Log the settings a resumed run changes (run-length keys are expected to change, and where the run
-    lives is not part of its recipe: a moved or copied run folder resumes without a warning)."""
-    old, new = flat_dict(before), flat_dict(after)
-    expected = {
-        "train.stop_after", "train.max_steps", "train.epochs", "train.progress_bar", "train.output_dir",
-    }  # fmt: skip
-    changed = sorted(
-        key for key in old.keys() | new.keys() if old.get(key) != new.get(key) and key not in expected
-    )
+# Settings a resume may change without a word: the run's length, and where it lives (a moved or copied
+# run folder resumes as it is).
+_RESUMABLE_CHANGES = frozenset(
+    {"train.stop_after", "train.max_steps", "train.epochs", "train.progress_bar", "train.output_dir"}
+)
+# Settings a resume may not change: the exported model and its card would name them for the whole run.
+_FIXED_ON_RESUME = ("loss.name", "data.channels", "data.mean", "data.std")
+
+
+def check_resume_settings(saved: Any, current: dict, checkpoint: Path) -> None:
+    """Compare the settings that wrote ``checkpoint`` (``saved``, from its trainer_state.json) with this
+    run's: refuse a change of objective or input normalisation, log every other change.
+
+    why: the export's config.json and card describe the whole run by its last settings; a VISReg run
+    resumed as SIGReg would be published as a SIGReg model whose steps were mostly VISReg.
+
+    Raises:
+        CheckpointError: a :data:`_FIXED_ON_RESUME` setting differs, naming both values.
+    """
+    if not isinstance(saved, dict):  # a checkpoint written before settings were recorded in it
+        logger.info("%s records no settings; the resume cannot list what changed", checkpoint)
+        return
+    old, new = _leaves(saved), _leaves(current)
+    fixed = [key for key in _FIXED_ON_RESUME if old.get(key) != new.get(key)]
+    if fixed:
+        details = ", ".join(f"{key}={old.get(key)!r} (now {new.get(key)!r})" for key in fixed)
+        raise CheckpointError(
+            f"{checkpoint} was written with {details}; a resume continues the same run, so pass the values "
+            "it was written with (to train with other settings, start a new run without --resume)"
+        )
+    differ = {key for key in old.keys() | new.keys() if old.get(key) != new.get(key)}
+    changed = sorted(differ - _RESUMABLE_CHANGES)
     if changed:
         details = ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed)
         logger.warning("resuming with changed settings (the run is no longer one recipe): %s", details)
+
+
+def check_resume_position(written: Any, total_steps: int, checkpoint: Path) -> None:
+    """Refuse a checkpoint already past this run's last step (a resume with a smaller ``train.max_steps``
+    was accepted, and its export recorded 40 steps of a 30-step run).
+
+    Raises:
+        CheckpointError: the checkpoint's step (``written``: its trainer_state.json) exceeds ``total_steps``.
+    """
+    step = written.get("global_step") if isinstance(written, dict) else None
+    if isinstance(step, int) and not isinstance(step, bool) and step > total_steps:
+        raise CheckpointError(
+            f"{checkpoint} is at step {step}, past this run's {total_steps} steps; raise train.max_steps (or "
+            f"train.epochs) to at least {step}, or resume an earlier checkpoint"
+        )
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": [1]}}`` -> ``{"a.b": [1]}``: the settings by dotted key, values as they are."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def flat_dict(tree: dict, prefix: str = "") -> dict:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from training import checkpoint as ckpt
 from training.build import build_loss, build_model, build_probe, build_scheduler, param_groups
-from training.checks import flat_dict, warn_config_changes
+from training.checks import check_resume_position, check_resume_settings, flat_dict
 from training.config import TrainingConfig
 from training.data import build_data, cut_views, epoch_steps, train_loader
 from training.evaluate_online import OnlineEvaluator
@@ -168,6 +168,10 @@ class Trainer:
             # before anything is written: a checkpoint refused here (another loss, other data statistics,
             # a damaged file) must leave the run's config.yaml and logs as they were, and a new output
             # folder uncreated, or the refused settings would describe the run (and its export) from now on
+            written = ckpt.read_state(folder)  # the settings the checkpoint was written with
+            check_resume_settings(written.get("config") if isinstance(written, dict) else None,
+                                  config.to_dict(), folder)  # fmt: skip
+            check_resume_position(written, self.plan.total_steps, folder)
             notes = load_training_state(folder, self.parts, self.rank, resolved[1], self.plan.steps_by_epoch)
             for note in notes:
                 logger.warning(note)
@@ -180,10 +184,9 @@ class Trainer:
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temporaries(self.checkpoint_root)
-            saved = self.output_dir / "config.yaml"
-            if resume is not None and saved.is_file():
-                warn_config_changes(yaml.safe_load(saved.read_text()), config.to_dict())
-            saved.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            # for people (what ran); a resume compares against the checkpoint's own copy, never this file
+            text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+            write_atomic(self.output_dir / "config.yaml", lambda tmp: tmp.write_text(text, encoding="utf-8"))
         accelerator.wait_for_everyone()
         if accelerator.trackers == [] and train.log_with != "none":
             accelerator.init_trackers("tensorboard", config=flat_dict(config.to_dict()))
@@ -432,6 +435,7 @@ class Trainer:
         record = {**state.state_dict(), "metric": metric, "total_steps": self.plan.total_steps}
         record["metric_name"] = "knn_accuracy" if self.evaluator.enabled else "negative_mean_loss"
         record[ckpt.RUN_ID_KEY] = self.run_id
+        record["config"] = self.config.to_dict()  # what a resume of this checkpoint is compared with
         self._last_saved_step, self._last_saved_path = state.global_step, None
         return ckpt.save_checkpoint(
             self.accelerator,

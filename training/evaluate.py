@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from training.config import FMNIST_DIR, LongTailSection
 from visreg_hub.argtypes import float_range, int_range
-from visreg_hub.errors import ConfigError, VisregHubError
+from visreg_hub.errors import ConfigError, ImageDecodeError, VisregHubError
 from visreg_hub.models.config import POOLINGS
 from visreg_hub.retrieval.metrics import PROBE_CS, PROBE_VAL_FRACTION, fit_quietly, probe_classifier, select_c
 from visreg_hub.retrieval.metrics import linear_probe as retrieval_linear_probe
@@ -90,6 +90,36 @@ def extract_features(model, items, batch_size: int, workers: int, pooling: str |
         images, batch_size=batch_size, num_workers=workers, pooling=pooling, normalize=False,
         convert_to_numpy=True, show_progress_bar=False,
     )  # fmt: skip
+
+
+def embeddable(model, items, labels: np.ndarray, split: str, args: argparse.Namespace):
+    """``(features, items, labels)`` of a split at ``args.pooling``: with ``args.on_error == "skip"`` the
+    images that cannot be decoded are left out with their labels (logged), as training skips them;
+    ``"raise"``: the first one fails the evaluation, naming it.
+
+    Shape:
+        features (N', E) float32, labels (N',) for the N' <= N images embedded.
+    """
+    if args.on_error == "raise":
+        try:
+            return extract_features(model, items, args.batch_size, args.workers, args.pooling), items, labels
+        except ImageDecodeError as exc:  # the library's hint names its keyword; this is a command line
+            library_hint = "pass on_error='skip' to embed the others"
+            hint = str(exc).replace(library_hint, "pass --on-error skip to leave it out")
+            raise ImageDecodeError(f"--{split}: {hint}") from None
+    images = list(items) if isinstance(items, np.ndarray) else items
+    result = model.encode(
+        images, batch_size=args.batch_size, num_workers=args.workers, pooling=args.pooling, normalize=False,
+        convert_to_numpy=True, show_progress_bar=False, on_error="skip",
+    )  # fmt: skip
+    if result.failures:
+        failed = {failure.index for failure in result.failures}
+        logger.warning("--%s: %d of %d images could not be decoded and are left out with their labels "
+                       "(first: %s)", split, len(failed), len(labels), result.failures[0].reason)  # fmt: skip
+        kept = np.asarray([i for i in range(len(labels)) if i not in failed], dtype=np.int64)
+        items = items[kept] if isinstance(items, np.ndarray) else [items[i] for i in kept]
+        labels = labels[kept]
+    return result.embeddings, items, labels
 
 
 # ------------------------------------------------------------------------------------------ probes
@@ -224,6 +254,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--long-tail-seed", type=int_range(0), default=0)
     parser.add_argument("--batch-size", type=int_range(1), default=256)
+    parser.add_argument(
+        "--on-error", choices=("raise", "skip"), default="raise",
+        help="an image that cannot be decoded: stop, naming it (raise), or leave it and its label out (skip)",
+    )  # fmt: skip
     parser.add_argument("--workers", type=int_range(0), default=0)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--out", type=Path, help="JSON results file")
@@ -271,8 +305,8 @@ def evaluate(args: argparse.Namespace) -> dict:
             train_items[kept] if isinstance(train_items, np.ndarray) else [train_items[i] for i in kept]
         )
         train_y, groups = train_y[kept], info.groups
-    train_x = extract_features(model, train_items, args.batch_size, args.workers, args.pooling)
-    test_x = extract_features(model, test_items, args.batch_size, args.workers, args.pooling)
+    train_x, train_items, train_y = embeddable(model, train_items, train_y, "train", args)
+    test_x, test_items, test_y = embeddable(model, test_items, test_y, "test", args)
     logger.info(
         "features: train %s, test %s (%.1f s)", train_x.shape, test_x.shape, time.perf_counter() - started
     )

@@ -497,7 +497,7 @@ def test_a_refused_resume_leaves_the_runs_config_logs_and_a_new_folder_as_they_w
     output, step = _copy(run_folder, tmp_path)
     before = {p.relative_to(output): p.read_bytes() for p in sorted(output.rglob("*")) if p.is_file()}
     refused = tiny_config(output, *COMMON, "loss.name=vicreg", "data.mean=[0.9]", "data.std=[0.1]")
-    with pytest.raises(CheckpointError, match=r"resume with the loss.name that wrote it"):
+    with pytest.raises(CheckpointError, match=r"was written with loss.name="):
         Trainer(refused, resume="auto")
     after = {p.relative_to(output): p.read_bytes() for p in sorted(output.rglob("*")) if p.is_file()}
     assert after == before  # config.yaml, tensorboard/ and metrics.jsonl untouched
@@ -507,6 +507,38 @@ def test_a_refused_resume_leaves_the_runs_config_logs_and_a_new_folder_as_they_w
     assert not branch.exists()
     Trainer(tiny_config(branch, *COMMON), resume=str(step))  # the corrected retry
     assert (branch / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [("loss.name=sigreg", "loss.name='visreg' (now 'sigreg')"), ("data.mean=[0.5]", "data.mean=[0.286]")],
+)
+def test_a_resume_or_branch_cannot_change_the_objective_or_normalisation(run_folder, tmp_path, change, named):
+    """Probe 15: VISReg -> SIGReg (both sliced: the loss state fits) and another data.mean were accepted, and
+    the export's card then named the new objective and normalisation for the whole run; a branch into a
+    new folder was not even compared (the comparison read the output folder's config.yaml)."""
+    from training.engine import Trainer
+
+    output, step = _copy(run_folder, tmp_path)
+    for target, resume in ((output, "auto"), (tmp_path / "branch", str(step))):
+        with pytest.raises(CheckpointError, match=re.escape(named)):
+            Trainer(tiny_config(target, *COMMON, change), resume=resume)
+
+
+def test_a_resume_past_the_runs_end_is_refused_and_other_changes_are_listed(run_folder, tmp_path, caplog):
+    """Probe 15: a step-4 checkpoint resumed with train.max_steps=3 was accepted silently (its export said
+    4 steps of a 3-step run); a branch with another lr said nothing at all."""
+    from training.engine import Trainer
+
+    output, step = _copy(run_folder, tmp_path)
+    (output / "config.yaml").write_text("a: &a [x, x]\nb: &b [*a, *a]\n" + "[: not yaml")  # never read
+    with pytest.raises(CheckpointError, match=r"at step 4, past this run's 3 steps; raise train.max_steps"):
+        Trainer(tiny_config(output, "train.max_steps=3", "train.checkpoint_every=2", "eval.knn_every=0"),
+                resume="auto")  # fmt: skip
+    with caplog.at_level("WARNING", logger="training.checks"):
+        Trainer(tiny_config(tmp_path / "branch", *COMMON, "optim.lr=0.5"), resume=str(step))
+    assert "resuming with changed settings" in caplog.text and "optim.lr: " in caplog.text
+    assert "-> 0.5" in caplog.text and "output_dir" not in caplog.text
 
 
 def test_a_planted_step_symlink_is_never_resumed(run_folder, tmp_path, trainer, caplog):

@@ -204,19 +204,19 @@ def test_augment_section_defaults_are_the_augmentation_defaults():
         assert getattr(AugmentSection(), spec.name) == spec.default, spec.name
 
 
-def test_resume_warns_about_recipe_changes_but_not_about_a_moved_run_folder(caplog):
+def test_resume_warns_about_recipe_changes_but_not_about_a_moved_run_folder(caplog, tmp_path):
     """A run folder moved or copied elsewhere warned 'resuming with changed settings' on every resume."""
     import logging
 
-    from training.checks import warn_config_changes
+    from training.checks import check_resume_settings
 
     before = {"train": {"output_dir": "/old/run", "epochs": 4}, "optim": {"lr": 1e-3}}
     moved = {"train": {"output_dir": "/new/run", "epochs": 8}, "optim": {"lr": 1e-3}}
     with caplog.at_level(logging.WARNING, logger="training.checks"):
-        warn_config_changes(before, moved)
+        check_resume_settings(before, moved, tmp_path)
     assert caplog.records == []
     changed = {"train": {"output_dir": "/new/run", "epochs": 8}, "optim": {"lr": 2e-3}}
     with caplog.at_level(logging.WARNING, logger="training.checks"):
-        warn_config_changes(before, changed)
+        check_resume_settings(before, changed, tmp_path)
     (record,) = caplog.records
     assert "optim.lr: 0.001 -> 0.002" in record.getMessage() and "output_dir" not in record.getMessage()

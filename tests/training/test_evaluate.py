@@ -15,7 +15,6 @@ import torch
 from tests.fixtures_models import tiny_encoder
 from tests.training.helpers import REPO, single_thread  # noqa: F401
 from training import evaluate
-from visreg_hub.retrieval.metrics import knn_accuracy
 
 TRAIN = str(REPO / "tests" / "fixtures" / "fmnist_train_500.npz")
 TEST = str(REPO / "tests" / "fixtures" / "fmnist_test_200.npz")
@@ -50,6 +49,24 @@ def features(model_folder):
     return out
 
 
+def knn_reference(train_x, train_y, test_x, test_y, k: int, temperature: float = 0.07) -> float:
+    """DINO's weighted kNN accuracy (%) in float64, written here from the formula (not the library's):
+    cosine similarities, the k largest vote exp(s / T) for their label, ties to the smallest label."""
+
+    def unit(x):
+        x = x.astype(np.float64)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    sims = unit(test_x) @ unit(train_x).T
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    classes = np.unique(train_y)
+    votes = np.zeros((len(test_x), len(classes)))
+    for row in range(len(test_x)):
+        for j in top[row]:
+            votes[row, np.searchsorted(classes, train_y[j])] += np.exp(sims[row, j] / temperature)
+    return 100.0 * float(np.mean(classes[votes.argmax(axis=1)] == test_y))
+
+
 def _run(model_folder, tmp_path, *extra) -> dict:
     out = tmp_path / "eval.json"
     code = evaluate.main([str(model_folder), "--data", "npz", "--train", TRAIN, "--test", TEST,
@@ -62,11 +79,34 @@ def test_knn_and_outputs_match_an_independent_computation(model_folder, features
     results = _run(model_folder, tmp_path)
     (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
     for k in (10, 20, 200):
-        expected = 100 * knn_accuracy(train_x, train_y, test_x, test_y, k=k, temperature=0.07)
+        expected = knn_reference(train_x, train_y, test_x, test_y, k)
         assert results["knn"][str(k)] == pytest.approx(expected, abs=1e-9)
     assert results["num_train"] == 500 and results["num_test"] == 200 and results["embedding_dim"] == 32
     table = (tmp_path / "eval.md").read_text()
     assert "| kNN k=20 T=0.07 |" in table and f"{results['linear']['accuracy']:.2f}" in table
+
+
+def test_a_folder_with_an_undecodable_image_is_evaluated_with_on_error_skip(model_folder, tmp_path, capsys):
+    """Probe 15: training skips undecodable files, evaluate.py stopped at the first one and suggested
+    on_error='skip', a Python keyword it had no flag for."""
+    from PIL import Image
+
+    data = np.load(TRAIN)
+    for split, rows in (("train", range(0, 200)), ("test", range(200, 300))):
+        for i in rows:
+            folder = tmp_path / split / f"class{data['labels'][i]}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(data["images"][i]).save(folder / f"{i:03d}.png")
+    broken = tmp_path / "train" / f"class{data['labels'][0]}" / "zz-broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    argv = [str(model_folder), "--data", "folder", "--train", str(tmp_path / "train"), "--test",
+            str(tmp_path / "test"), "--knn-k", "5", "--out", str(tmp_path / "r.json")]  # fmt: skip
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "zz-broken.png" in err and "--on-error skip" in err and "on_error='skip'" not in err
+    assert evaluate.main([*argv, "--on-error", "skip"]) == 0
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert (results["num_train"], results["num_test"]) == (200, 100)  # the broken file and its label left out
 
 
 def test_the_recorded_command_is_this_calls_with_no_local_paths(model_folder, tmp_path, monkeypatch):
@@ -206,7 +246,7 @@ def test_knn_results_are_labelled_with_the_k_actually_used(model_folder, feature
     results = _run(model_folder, tmp_path, "--knn-k", "10", "1000", "2000")
     (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
     assert set(results["knn"]) == {"10", "500"} and results["knn_k_requested"] == [10, 1000, 2000]
-    expected = 100 * knn_accuracy(train_x, train_y, test_x, test_y, k=500, temperature=0.07)
+    expected = knn_reference(train_x, train_y, test_x, test_y, k=500)
     assert results["knn"]["500"] == pytest.approx(expected, abs=1e-9)
     table = (tmp_path / "eval.md").read_text()
     assert "| kNN k=500 T=0.07 |" in table and "k=1000" not in table.split("Command:")[0]
