@@ -82,11 +82,14 @@ def build_probe(in_dim: int, num_classes: int) -> nn.Module:
     return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, num_classes))
 
 
-def loss_settings(config: TrainingConfig) -> tuple[str, dict]:
+def loss_settings(config: TrainingConfig, name: str | None = None) -> tuple[str, dict]:
     """The loss class name and its constructor keyword arguments (validated against its signature).
 
     ``loss.reg_weight``, ``loss.num_slices`` and ``loss.slice_mode`` go to every loss that takes them;
     the mapping ``loss.<name>`` adds or overrides arguments.
+
+    Args:
+        name: which loss (default: ``loss.name``, the run's).
 
     Raises:
         ConfigError: a key of ``loss.<name>`` is not an argument of that loss.
@@ -95,7 +98,7 @@ def loss_settings(config: TrainingConfig) -> tuple[str, dict]:
 
     for other in LOSS_CLASSES:  # every loss.<name> mapping, the inactive ones too: a typo is never silent
         _check_keys(other, getattr(config.loss, other), _loss_params(getattr(losses, LOSS_CLASSES[other])))
-    name = config.loss.name
+    name = name or config.loss.name
     cls = getattr(losses, LOSS_CLASSES[name])
     params = _loss_params(cls)
     kwargs = {
@@ -150,26 +153,37 @@ _PROJECTION_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def build_loss(config: TrainingConfig) -> nn.Module:
-    """The configured loss module, seeded with ``train.seed`` (its slice state is checkpointed)."""
+    """The configured loss module, seeded with ``train.seed`` (its slice state is checkpointed).
+
+    The values of the other losses' ``loss.<name>`` mappings are checked too, by building those losses
+    once: a bad one would otherwise pass silently until someone switched ``loss.name`` to it.
+    """
+    for other in LOSS_CLASSES:
+        if other != config.loss.name and getattr(config.loss, other):
+            _build(config, other)
+    loss = _build(config, config.loss.name)
+    _warn_unused_shared_settings(config, _loss_params(type(loss)))
+    return loss
+
+
+def _build(config: TrainingConfig, name: str) -> nn.Module:
     import visreg_hub.losses as losses
 
-    class_name, kwargs = loss_settings(config)
+    class_name, kwargs = loss_settings(config, name)
     cls = getattr(losses, class_name)
-    _warn_unused_shared_settings(config, _loss_params(cls))
     if "seed" in inspect.signature(cls.__init__).parameters:
         kwargs["seed"] = config.train.seed
     dtype = kwargs.get("projection_dtype")
     if isinstance(dtype, str):  # YAML has no torch dtypes: the name stands for one
         if dtype not in _PROJECTION_DTYPES:
             raise ConfigError(
-                f"loss.{config.loss.name}.projection_dtype must be one of {_PROJECTION_DTYPES} or null, "
-                f"got {dtype!r}"
+                f"loss.{name}.projection_dtype must be one of {_PROJECTION_DTYPES} or null, got {dtype!r}"
             )
         kwargs["projection_dtype"] = getattr(torch, dtype)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"loss.{config.loss.name}: {exc}") from exc
+        raise ConfigError(f"loss.{name}: {exc}") from exc
 
 
 def _no_decay(name: str, param: torch.nn.Parameter) -> bool:

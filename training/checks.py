@@ -82,6 +82,11 @@ def validate(config: TrainingConfig) -> None:
     for count_key, size_key in (("global_count", "global_size"), ("local_count", "local_size")):
         _positive(f"augment.{count_key}", getattr(aug, count_key), allow_zero=count_key == "local_count")
         _positive(f"augment.{size_key}", getattr(aug, size_key))
+    if aug.global_count + aug.local_count < 2:  # else the invariance term is 0 and nothing is learnt from it
+        raise ConfigError(
+            f"augment.global_count={aug.global_count} + augment.local_count={aug.local_count} is one view; "
+            "every objective compares at least two views of an image: raise either count"
+        )
     for size_key in ("global_size", "local_size"):
         if getattr(aug, size_key) > data.base_size:
             raise ConfigError(

@@ -65,20 +65,26 @@ class ImageSet(torch.utils.data.Dataset):
     def label(self, index: int) -> int:
         return NO_LABEL if self.labels is None else int(self.labels[index])
 
-    def load(self, index: int) -> torch.Tensor:
-        """(C, base, base) uint8 image. Undecodable files are replaced by the next image (logged once)."""
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        """``(image, used)``: the (C, base, base) uint8 image at ``index``, or, when that file does not
+        decode, at the next index that does (logged); ``used`` is the index it came from."""
         for offset in range(min(len(self), 16)):
-            item = self.items[(index + offset) % len(self)]
+            used = (index + offset) % len(self)
             try:
-                return to_base_tensor(item, self.channels, self.base_size)
+                return to_base_tensor(self.items[used], self.channels, self.base_size), used
             except ImageDecodeError as exc:
                 logger.warning("skipping an undecodable image (%s); using the next one", exc)
         raise ImageDecodeError(f"16 consecutive images from index {index} could not be decoded")
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
-        """``index`` or ``(index, batch_seed)`` -> (image (C, base, base) uint8, label, batch_seed)."""
+        """``index`` or ``(index, batch_seed)`` -> (image (C, base, base) uint8, label, batch_seed).
+
+        The label is the image's own: a substitute for an undecodable file brings its label along (the
+        kNN bank and the online probe would otherwise learn another class's pixels under this one).
+        """
         index, batch_seed = key if isinstance(key, tuple) else (key, 0)
-        return self.load(index), self.label(index), batch_seed
+        image, used = self.load(index)
+        return image, self.label(used), batch_seed
 
 
 def to_base_tensor(item, channels: int, base_size: int) -> torch.Tensor:

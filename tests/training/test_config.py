@@ -133,11 +133,13 @@ def test_loss_choice_passes_shared_settings_only_where_accepted():
         ("data.mean=[0.5, 0.5]", "need one value per channel"),
         ("optim.betas=[0.9, 1.5]", "optim.betas must both be in [0, 1)"),  # AdamW's error came mid-start
         ("train.mixed_precision=fp8", "train.mixed_precision='fp8' is not allowed"),
+        # one view trained VISReg with an invariance of 0 and failed VICReg in its first step (probe 15)
+        ("augment.local_count=0|augment.global_count=1", "is one view; every objective compares at least two"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(override, fragment):
     with pytest.raises(ConfigError) as info:
-        load_config(PRESETS / "fmnist-fixture-cpu.yaml", [override])
+        load_config(PRESETS / "fmnist-fixture-cpu.yaml", override.split("|"))
     assert fragment in str(info.value)
 
 
@@ -152,6 +154,22 @@ def test_unknown_per_loss_setting_is_rejected_with_the_accepted_ones():
         loss_settings(inactive)
     settings = load_config(PRESETS / "fmnist-fixture-cpu.yaml", ["loss.sigreg.num_knots=9"])
     assert "num_knots" not in loss_settings(settings)[1]  # valid settings of another loss are kept aside
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("loss.vicreg.invariance_weight=abc", r"loss\.vicreg: invariance_weight must be a finite number"),
+     ("loss.sigreg.num_knots=100000000", r"loss\.sigreg: num_knots must be an integer in \[2, 4096\]")],
+)  # fmt: skip
+def test_an_inactive_losss_values_are_checked_too(override, message):
+    """Probe 15: only the keys of another loss's mapping were checked; a bad value surfaced when a grid
+    switched loss.name to it (num_knots=1e8 then tried to allocate 205 GB in the first step)."""
+    from training.build import build_loss
+
+    config = load_config(PRESETS / "fmnist-fixture-cpu.yaml", [override])
+    assert config.loss.name == "visreg"
+    with pytest.raises(ConfigError, match=message):
+        build_loss(config)
 
 
 def test_batch_plan_gives_accumulation_or_a_clear_error():

@@ -59,7 +59,21 @@ def test_image_folder_layout_gives_labels_and_lossless_pixels(tmp_path, fmnist_t
     for index, path in enumerate(paths):
         original = images[int(path.stem)]
         assert names[dataset.label(index)] == f"class_{labels[int(path.stem)]}"
-        assert torch.equal(dataset.load(index)[0], torch.from_numpy(original))
+        image, used = dataset.load(index)
+        assert used == index and torch.equal(image[0], torch.from_numpy(original))
+
+
+def test_an_undecodable_labelled_image_is_replaced_together_with_its_label(tmp_path, fmnist_train):
+    """Probe 15: the next image's pixels came back under the broken file's own label, so at a class
+    boundary the kNN bank and the online probe saw one class's pixels labelled as another."""
+    images, _ = fmnist_train
+    _write_png(tmp_path / "a" / "a0.png", images[0])
+    (tmp_path / "a" / "zz.png").write_bytes(b"not a png")
+    _write_png(tmp_path / "b" / "b0.png", images[1])
+    paths, labels, names = scan_folder(tmp_path)
+    assert [p.name for p in paths] == ["a0.png", "zz.png", "b0.png"]
+    image, label, _ = ImageSet(paths, labels, channels=1, base_size=28)[1]
+    assert torch.equal(image[0], torch.from_numpy(images[1])) and names[label] == "b"
 
 
 def test_flat_folder_is_unlabelled_and_recursive(tmp_path, fmnist_train):
@@ -103,7 +117,7 @@ def test_photo_is_resized_on_the_shorter_side_and_centre_cropped(photo_paths):
 def test_npz_and_grayscale_to_rgb(fixtures_dir):
     images, labels = read_npz(fixtures_dir / "fmnist_train_500.npz")
     assert images.shape == (500, 28, 28) and labels.shape == (500,)
-    rgb = ImageSet(images, labels, channels=3, base_size=28).load(7)
+    rgb, _ = ImageSet(images, labels, channels=3, base_size=28).load(7)
     assert (
         rgb.shape == (3, 28, 28)
         and torch.equal(rgb[0], rgb[2])

@@ -5,17 +5,15 @@ Defaults, steps and distributed semantics: :mod:`visreg_hub.losses.modules`.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
-
-from visreg_hub.errors import UserInputError
 
 from . import functional as F
 from ._numerics import all_views, check_views
 from ._sliced import SlicedLoss
 from .distributed import world_info
+from .sigreg import check_grid
 
 __all__ = ["SIGRegLoss", "SIGRegOutput"]
 
@@ -57,10 +55,7 @@ class SIGRegLoss(SlicedLoss):
         group=None,
     ) -> None:
         super().__init__(num_slices, seed, "local", reg_weight, projection_dtype, auto_step, group)
-        if isinstance(num_knots, bool) or not isinstance(num_knots, int) or num_knots < 2:
-            raise UserInputError(f"num_knots must be an integer >= 2, got {num_knots!r}")
-        if isinstance(t_max, bool) or not isinstance(t_max, int | float) or not 0 < t_max < math.inf:
-            raise UserInputError(f"t_max must be a positive finite number, got {t_max!r}")
+        check_grid(t_max, num_knots)
         self.t_max, self.num_knots, self.sync = float(t_max), num_knots, bool(sync)
         self.detach_target = bool(detach_target)
 

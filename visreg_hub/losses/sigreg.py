@@ -59,14 +59,18 @@ def epps_pulley_grid(
     ``2 dt``, end weights ``dt``), times the ``exp(-t^2 / 2)`` window. Returns ``(t, phi, weights)``
     (copies of cached values: editing them changes nothing else).
     """
-    _check_grid(t_max, num_knots)
+    check_grid(t_max, num_knots)
     device = torch.device("cpu") if device is None else torch.device(device)
     return tuple(v.clone() for v in _cached_grid(float(t_max), int(num_knots), str(device), dtype))
 
 
-def _check_grid(t_max: float, num_knots: int) -> None:
-    if isinstance(num_knots, bool) or not isinstance(num_knots, int) or num_knots < 2:
-        raise UserInputError(f"num_knots must be an integer >= 2, got {num_knots!r}")
+MAX_KNOTS = 4096  # LeJEPA uses 17; the bound keeps a typo from allocating (knots x samples) per slice
+
+
+def check_grid(t_max: float, num_knots: int) -> None:
+    """Refuse an Epps-Pulley grid that is not ``2 <= num_knots <= MAX_KNOTS`` knots on ``(0, t_max]``."""
+    if isinstance(num_knots, bool) or not isinstance(num_knots, int) or not 2 <= num_knots <= MAX_KNOTS:
+        raise UserInputError(f"num_knots must be an integer in [2, {MAX_KNOTS}], got {num_knots!r}")
     if isinstance(t_max, bool) or not isinstance(t_max, (int, float)) or not 0 < t_max < math.inf:
         raise UserInputError(f"t_max must be a finite positive number, got {t_max!r}")
 
@@ -148,7 +152,7 @@ def sigreg_loss(
             f"x must be a floating (..., N, D) tensor with N >= 1, got {tuple(x.shape)} {x.dtype}"
         )
     num.check_directions(x, directions)
-    _check_grid(t_max, num_knots)
+    check_grid(t_max, num_knots)
     accumulate = num.accumulation_dtype(x.dtype)
     compute = num.resolve_projection_dtype(x, projection_dtype)
     n = x.shape[-2]
