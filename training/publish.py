@@ -172,9 +172,12 @@ def check_push_target(repo_id: str, token: str | None = None) -> None:
     Raises:
         ConfigError: the reason, and how to fix it or train without pushing.
     """
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
+
+    from visreg_hub.errors import HubRequestError
+    from visreg_hub.hub.remote import hub_request
 
     later = "or train without --push_to_hub and upload final/ later with `hf upload`"
     if not isinstance(repo_id, str) or repo_id.count("/") != 1:
@@ -183,26 +186,12 @@ def check_push_target(repo_id: str, token: str | None = None) -> None:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
         raise ConfigError(f"--push_to_hub {repo_id!r} is not a valid Hub repository id: {exc}") from exc
-    if constants.HF_HUB_OFFLINE:
-        raise ConfigError(
-            f"--push_to_hub needs the Hugging Face Hub but HF_HUB_OFFLINE is set; unset it, {later}"
-        )
+
+    def create():
+        return HfApi(token=token).create_repo(repo_id, exist_ok=True, repo_type="model")
+
     try:
-        HfApi(token=token).create_repo(repo_id, exist_ok=True, repo_type="model")
-    except LocalTokenNotFoundError as exc:
-        raise ConfigError(
-            f"--push_to_hub {repo_id}: no Hub token; run `hf auth login` or set HF_TOKEN, {later}"
-        ) from exc
-    except HfHubHTTPError as exc:
-        status = getattr(exc.response, "status_code", None)
-        why = "the token is missing, invalid or read-only" if status in (401, 403) else f"HTTP {status}"
-        raise ConfigError(
-            f"--push_to_hub {repo_id}: the Hub refused to create the repository ({why}); set HF_TOKEN to a "
-            f"token with write access, {later}"
-        ) from exc
-    except Exception as exc:  # connection refused, DNS, TLS, timeouts: httpx/requests/OSError types vary
-        raise ConfigError(
-            f"--push_to_hub {repo_id}: the Hugging Face Hub at {constants.ENDPOINT} is unreachable "
-            f"({type(exc).__name__}: {exc}); {later}"
-        ) from exc
+        hub_request(f"--push_to_hub {repo_id}", create, fix=later)
+    except HubRequestError as exc:  # a setting of this command: exit 2 before the first step
+        raise ConfigError(str(exc)) from exc
     logger.info("--push_to_hub %s: repository ready, the final model is uploaded after training", repo_id)

@@ -46,6 +46,11 @@ class DeviceError(VisregHubError, ValueError):
     """A device string that is malformed (``bogus``) or names hardware this machine lacks (``cuda``)."""
 
 
+class HubRequestError(VisregHubError, ConnectionError):
+    """A request to the Hugging Face Hub failed: offline mode, no or a refused token, or the Hub is
+    unreachable; the message names which, and the way around it."""
+
+
 class MissingExtraError(VisregHubError, ImportError):
     """An optional dependency is missing; the message names the pip extra that provides it."""
 

@@ -385,6 +385,27 @@ def test_hf_token_private_download_then_offline_reload_from_hf_home(fake_hub, tm
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "offline.npy")), expected, rtol=0, atol=0)
 
 
+def test_push_to_hub_failures_are_one_line_naming_the_fix(monkeypatch, tmp_path):
+    """Offline, model.push_to_hub() raised httpx's bare "ConnectError: Name or service not known", not
+    saying what it contacted or what to do (probe 15); the trainer's --push_to_hub check already did."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from visreg_hub.errors import HubRequestError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubRequestError, match=r"push_to_hub me/x needs the Hugging Face Hub but HF_HUB_OFF"):
+        tiny_encoder().push_to_hub("me/x", token=TOKEN)
+    with socket.socket() as closed:  # a port nothing listens on: connection refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(HubRequestError, match=rf"127\.0\.0\.1:{port} is unreachable .*upload the folder"):
+        tiny_encoder().push_to_hub("me/x", token=TOKEN)
+
+
 def test_push_refuses_malformed_repo_ids_before_any_request(monkeypatch):
     from huggingface_hub import HfApi
 

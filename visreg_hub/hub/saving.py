@@ -155,8 +155,13 @@ def push_to_hub(
 
     Returns:
         huggingface_hub's ``CommitInfo`` (``.commit_url``, ``.oid``).
+
+    Raises:
+        HubRequestError: offline (``HF_HUB_OFFLINE``), no or a refused token, or the Hub unreachable.
     """
     from huggingface_hub import HfApi
+
+    from visreg_hub.hub.remote import hub_request
 
     if not isinstance(repo_id, str) or repo_id.count("/") != 1 or repo_id.startswith("hf-hub:"):
         raise UserInputError(f"repo_id must look like 'org/name', got {repo_id!r}")
@@ -167,18 +172,23 @@ def push_to_hub(
     except HFValidationError as exc:
         raise UserInputError(f"repo_id {repo_id!r} is not a valid Hub repository id: {exc}") from None
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    if revision is not None and revision != "main":
-        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory(prefix="visreg_hub_push_") as tmp:
-        save_pretrained(model, tmp, repo_id=repo_id, **card_kwargs)
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=tmp,
-            commit_message=commit_message,
-            revision=revision,
-            create_pr=create_pr,
-            repo_type="model",
-        )
+        save_pretrained(model, tmp, repo_id=repo_id, **card_kwargs)  # local work first: no request yet
+
+        def upload():
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            if revision is not None and revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp,
+                commit_message=commit_message,
+                revision=revision,
+                create_pr=create_pr,
+                repo_type="model",
+            )
+
+        fix = "or save_pretrained(folder) now and upload the folder later with `hf upload`"
+        commit = hub_request(f"push_to_hub {repo_id}", upload, fix=fix)
     logger.info("pushed %s to %s", model.config.name or model.config.architecture, repo_id)
     return commit
