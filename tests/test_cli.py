@@ -317,6 +317,21 @@ def test_hub_library_warnings_print_once():
     assert done.stderr.count("retry-marker") == 1, done.stderr
 
 
+def test_log_lines_escape_terminal_sequences_in_file_names(tmp_path, model_dir, gallery):
+    """The CLI escaped names in its own messages but not in log lines: a file named with an escape
+    sequence reached the terminal raw through the pipeline's 'could not be decoded' warning (probe 15)."""
+    folder = tmp_path / "photos"
+    shutil.copytree(gallery / "fmnist", folder)
+    (folder / "broken\x1b[2J.png").write_bytes(b"not an image")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "visreg_hub.cli", "embed", str(folder), "--model", str(model_dir),
+               "-o", str(tmp_path / "e.npy"), "--on-error", "skip", "--no-progress"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "WARNING visreg_hub" in done.stderr and "broken\\x1b[2J.png" in done.stderr
+    assert "\x1b" not in done.stderr
+
+
 def test_search_warns_about_ignored_options_and_another_model(tmp_path, capsys, model_dir, gallery):
     code, _, err = run(capsys, "embed", gallery / "fmnist", "-o", tmp_path / "e.npy", "--model", model_dir,
                        "--shard-size", 3, "--engine", "ray")  # fmt: skip

@@ -318,6 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with control characters escaped (:func:`~visreg_hub.errors.printable`), as the CLI's own
+    messages are: the file names and tar keys a warning names come from someone's folder, and an escape
+    sequence in one would drive the terminal. A traceback (``-v``) keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        return printable(super().formatMessage(record))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``visreg-hub`` with ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
     parser = build_parser()
@@ -326,11 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     verbose = getattr(args, "verbose", False)
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
     # huggingface_hub logs through its own stderr handler; propagating too would print each of its
     # retry warnings twice (once bare, once through ours).
     logging.getLogger("huggingface_hub").propagate = False

@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from visreg_hub.errors import printable
 from visreg_hub.hub.registry import DEFAULT_MODEL
 
 DEFAULT_SHARD_SIZE = 5000
@@ -157,9 +158,8 @@ def _embed_single_file(args: argparse.Namespace) -> int:
     rows, dim = len(paths) - len(failed), model.embedding_dim(pooling)
     print(f"wrote {rows} x {dim} embeddings to {out} (paths: {sidecar})")
     if failures:
-        print(
-            f"{len(failures)} image(s) failed and were skipped; first: {failures[0].reason}", file=sys.stderr
-        )
+        first = printable(failures[0].reason)  # names a file of someone's folder: escape it
+        print(f"{len(failures)} image(s) failed and were skipped; first: {first}", file=sys.stderr)
     return 0
 
 

@@ -233,3 +233,25 @@ def test_unnormalised_embeddings_in_an_ip_index_get_a_warning(jobs, tmp_path, ca
     build_index([jobs["raw"]], tmp_path / "raw-normalised", num_queries=1, normalize=True)
     build_index([jobs["base"]], tmp_path / "base", num_queries=1)
     assert "raw inner product" not in caplog.text
+
+
+def test_shards_filtered_with_pandas_and_written_back_build_the_same_index(jobs, tmp_path):
+    """docs/bulk.md reads the shards with pandas; written back with to_parquet, the embedding column is a
+    plain list<float> (no fixed size), which the build refused with "write it with embed" (probe 15)."""
+    import pandas as pd
+
+    frame = pd.concat([pd.read_parquet(p) for p in sorted(jobs["base"].glob("part-*.parquet"))])
+    kept = frame.iloc[::2].reset_index(drop=True)  # a user's filter
+    kept.to_parquet(tmp_path / "cleaned.parquet")
+    expected = np.stack(kept["embedding"].to_list()).astype(np.float32)
+    index = build_index([tmp_path / "cleaned.parquet"], tmp_path / "idx", num_queries=1)
+    result = index.search(expected, k=1)
+    assert result.ids[:, 0].tolist() == list(range(len(kept)))
+    assert [m[0]["path"] for m in result.metadata] == kept["path"].to_list()
+    ragged = pd.DataFrame({"path": ["a", "b"], "embedding": [np.zeros(4), np.zeros(3)]})
+    ragged.to_parquet(tmp_path / "ragged.parquet")
+    with pytest.raises(EmbeddingSourceError, match=r"different lengths \(3 to 4\)"):
+        open_sources([tmp_path / "ragged.parquet"])
+    pd.DataFrame({"embedding": [[1, 2], [3, 4]]}).to_parquet(tmp_path / "ints.parquet")  # not floats
+    with pytest.raises(EmbeddingSourceError, match="no 'embedding' column of float lists"):
+        open_sources([tmp_path / "ints.parquet"])

@@ -78,21 +78,55 @@ class EmbeddingSources:
 
 
 def parquet_shape(path: Path) -> tuple[int, int, dict[bytes, bytes]]:
-    """(rows, embedding width, schema metadata) of a parquet file, from its footer only."""
+    """(rows, embedding width, schema metadata) of a parquet file.
+
+    The ``embedding`` column is a fixed-size list of floats (what ``embed`` writes; its width is in the
+    footer) or a plain list of floats with one length on every row (what pandas' ``to_parquet`` writes,
+    e.g. after filtering the shards: the lengths are read, a batch at a time).
+    """
     pa, pq = _pyarrow("reading .parquet")
     try:
         with library_source(path) as source:
             handle = pq.ParquetFile(source)
             schema, rows = handle.schema_arrow, handle.metadata.num_rows
+            column = schema.field("embedding") if "embedding" in schema.names else None
+            kind = None if column is None else column.type
+            variable = kind is not None and (pa.types.is_list(kind) or pa.types.is_large_list(kind))
+            if variable and pa.types.is_floating(kind.value_type):
+                return rows, _uniform_width(handle, path), schema.metadata or {}
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise EmbeddingSourceError(
             f"{path} is not a readable parquet file ({exc}); if it is a shard of an embed folder, delete it "
             "and re-run the same `visreg-hub embed` command to write it again"
         ) from exc
-    column = schema.field("embedding") if "embedding" in schema.names else None
-    if column is None or not pa.types.is_fixed_size_list(column.type):
-        raise EmbeddingSourceError(f"{path} has no fixed-size-list 'embedding' column; write it with embed")
-    return rows, column.type.list_size, schema.metadata or {}
+    if kind is None or not pa.types.is_fixed_size_list(kind) or not pa.types.is_floating(kind.value_type):
+        raise EmbeddingSourceError(
+            f"{path} has no 'embedding' column of float lists (found {kind or 'none'}); write one list of "
+            "floats per row (pandas: a column of equal-length arrays), or a .npy matrix"
+        )
+    return rows, kind.list_size, schema.metadata or {}
+
+
+def _uniform_width(handle: Any, path: Path) -> int:
+    """The one length of every row of a list<float> ``embedding`` column; refused when rows differ or are
+    null (a width cannot be guessed), or when there are none."""
+    import pyarrow.compute as pc
+
+    widths: set[int] = set()
+    for batch in handle.iter_batches(batch_size=BATCH_ROWS, columns=["embedding"]):
+        column = batch.column("embedding")
+        if column.null_count:
+            raise EmbeddingSourceError(f"{path} has {column.null_count} null 'embedding' rows; drop them")
+        lengths = pc.list_value_length(column)
+        widths.update({pc.min(lengths).as_py(), pc.max(lengths).as_py()} if len(column) else set())
+        if len(widths) > 1:
+            raise EmbeddingSourceError(
+                f"{path}: 'embedding' rows have different lengths ({min(widths)} to {max(widths)}); every "
+                "row needs the same width"
+            )
+    if not widths or widths == {0}:
+        raise EmbeddingSourceError(f"{path} has no embedding values; nothing to index")
+    return widths.pop()
 
 
 def open_sources(paths: list[str | Path], *, paths_file: str | Path | None = None) -> EmbeddingSources:
@@ -388,6 +422,8 @@ def _parquet_batches(
     for batch in handle.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
         column = batch.column("embedding")
         values = column.flatten().to_numpy(zero_copy_only=False)
+        if values.size != len(column) * sources.dim:  # a list<float> file changed since it was measured
+            raise EmbeddingSourceError(f"{path}: rows are not all {sources.dim} wide; it changed while read")
         block = as_float32_matrix(values.reshape(len(column), sources.dim), name=str(path))
         fields = {name: batch.column(name).to_pylist() for name in wanted if name != "embedding"}
         names = None
