@@ -299,14 +299,16 @@ def add_embed_parsers(commands, common: argparse.ArgumentParser) -> None:
                    help="auto: the most accurate index within --max-memory (flat without one)")  # fmt: skip
     b.add_argument("--max-memory", help="FAISS memory budget, e.g. 256MB or 2GB (default: none)")
     b.add_argument("--target-recall", type=float, default=0.95,
-                   help="recall@10 the search effort is tuned to reach (default 0.95)")  # fmt: skip
+                   help="recall@10 the search effort is tuned to reach: the least nprobe / ef_search that "
+                        "meets it on held-out queries (default 0.95)")  # fmt: skip
     b.add_argument(
         "--queries", type=int, default=1000, help="held-out queries for measuring recall (>= 1; 1000)"
     )
     b.add_argument("--metric", choices=("ip", "l2"), default="ip", help="inner product (cosine) or L2")
     b.add_argument("--paths", help="file naming the rows of one .npy file (default: its sidecar)")
     b.add_argument("--model", help="model to record for `search` (default: the embed job's)")
-    b.add_argument("--nlist", type=int, help="IVF cells (explicit IVF kinds; default 4*sqrt(N))")
+    b.add_argument("--nlist", type=int,
+                   help="IVF cells (explicit IVF kinds; default 4*sqrt(N), at most N/39)")  # fmt: skip
     b.add_argument("--nprobe", type=int, help="IVF cells searched per query (default: tuned to the target)")
     b.add_argument("--pq-m", type=int, help="IVF-PQ bytes per vector (must divide the dimension)")
     b.add_argument("--m", type=int, help="HNSW neighbours per node (default 32)")

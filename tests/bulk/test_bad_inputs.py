@@ -283,6 +283,17 @@ def test_a_txt_list_saved_with_a_byte_order_mark_keeps_its_first_entry(tmp_path,
     assert len(read_output(out)[0]) == 2 and failures(out) == []
 
 
+def test_a_txt_list_keeps_spaces_that_are_part_of_a_file_name(tmp_path, model):
+    """Probe 15: each line was stripped, so ' lead.png' (which a folder walk embeds) could not be listed
+    and its failure record named a file that does not exist. Windows line endings still work."""
+    files = write_tile_folder(tmp_path / "in", 2, nested=False)
+    spaced = files[0].rename(files[0].with_name(" lead.png"))
+    (tmp_path / "in" / "list.txt").write_bytes(f" lead.png\r\n  # a comment\n\n{files[1].name}\r\n".encode())
+    out = run_embedding(tmp_path / "in" / "list.txt", tmp_path / "out", model=model).output_dir
+    rows, _, _ = read_output(out)
+    assert [path for path, _ in rows] == [str(spaced), str(files[1])] and failures(out) == []
+
+
 @pytest.mark.parametrize(("env", "name"), [({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK"),
                                            ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE")])  # fmt: skip
 def test_environment_ranks_are_checked(tmp_path, model, monkeypatch, env, name):

@@ -251,3 +251,25 @@ def test_a_damaged_shard_of_another_rank_keeps_the_job_incomplete(tmp_path):
     fixed = run_embedding(tmp_path / "imgs", out, model=model, shard_size=10, rank=1, world_size=2)
     assert fixed.complete and fixed.shards_written == 1
     assert_same_output(out, tmp_path / "reference")
+
+
+def test_a_failures_link_planted_in_the_output_folder_is_refused(tmp_path):
+    """Probe 15: a resumed job wrote its failure records (and removed '.*.tmp-*' files) through a
+    `.failures` symlink, into the folder it pointed to."""
+    from visreg_hub.bulk.output import OutputMismatchError
+
+    write_tile_folder(tmp_path / "imgs", 8, nested=False)
+    (tmp_path / "imgs" / "bad.png").write_bytes(b"not an image")
+    model = tiny_encoder()
+    out = tmp_path / "out"
+    run_embedding(tmp_path / "imgs", out, model=model, shard_size=4, rank=0, world_size=2)  # half the job
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / ".keep.tmp-1").write_text("someone's file")
+    for entry in (out / ".failures").iterdir():
+        entry.unlink()
+    (out / ".failures").rmdir()
+    (out / ".failures").symlink_to(elsewhere)
+    with pytest.raises(OutputMismatchError, match=r"\.failures is a link or a file"):
+        run_embedding(tmp_path / "imgs", out, model=model, shard_size=4)
+    assert sorted(p.name for p in elsewhere.iterdir()) == [".keep.tmp-1"]

@@ -72,6 +72,27 @@ def test_auto_under_a_small_budget_picks_a_compressed_index_whose_recall_is_as_r
     assert index.count == 4_000
 
 
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_the_tuned_search_effort_is_the_least_that_meets_the_target(tmp_path, kind):
+    """Probe 15: tuning only raised nprobe from 16 (ef_search from 64), so a 16-cell IVF index searched every
+    cell whatever --target-recall said. Now: the smallest power of two meeting the target, and half of it
+    does not (checked here by exact search, independently of the build's own measurement)."""
+    vectors = clustered(3_000, 16, seed=2)
+    np.save(tmp_path / "v.npy", vectors)
+    extra = {"nlist": 16} if kind == "ivf" else {}
+    index = build_index([tmp_path / "v.npy"], tmp_path / "idx", kind=kind, target_recall=0.7, num_queries=200,
+                        **extra)  # fmt: skip
+    query_ids = index.build_info["query_ids"]
+    name = "nprobe" if kind == "ivf" else "ef_search"
+    chosen = getattr(index, name)
+    assert index.build_info[name] == chosen and chosen < (16 if kind == "ivf" else 64)
+    recall = exact_recall(vectors, query_ids, index.search(vectors[query_ids], k=11).ids)
+    assert recall >= 0.7 and abs(recall - index.build_info["recall_at_10"]) <= 0.005
+    if chosen > (1 if kind == "ivf" else 16):
+        setattr(index, name, chosen // 2)
+        assert exact_recall(vectors, query_ids, index.search(vectors[query_ids], k=11).ids) < 0.7
+
+
 def test_without_a_budget_auto_is_exact(tmp_path):
     vectors = clustered(2_000, 16, seed=1)
     write_parquet(tmp_path / "a.parquet", vectors, 0)

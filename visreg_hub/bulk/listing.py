@@ -148,8 +148,8 @@ def _list_file(path: str) -> Iterator[Item]:
     base = os.path.dirname(path)
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as handle:
         for line in handle:
-            line = line.strip()
-            if line and not line.startswith("#"):
+            line = line.rstrip("\r\n")  # only the line ending: a file name may begin or end with a space
+            if line.strip() and not line.lstrip().startswith("#"):
                 listed = os.path.normpath(os.path.join(base, os.path.expanduser(line)))
                 yield Item(path=listed, error=_not_a_file(listed, path))
 

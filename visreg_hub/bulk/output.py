@@ -150,9 +150,24 @@ def unusable_shards(
     return problems
 
 
+def failures_dir(folder: Path) -> Path:
+    """``folder/.failures``, refused when it is a link or not a folder.
+
+    why: the job writes and deletes files in it; a ``.failures`` link planted in the output folder would
+    make it write shard failure files, and remove temporaries, wherever the link points.
+    """
+    path = folder / FAILURES_DIR
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise OutputMismatchError(
+            f"{path} is a link or a file, not the job's failures folder; remove it (the job writes its "
+            "failure records there), or use a new output folder"
+        )
+    return path
+
+
 def clean_temporaries(folder: Path) -> None:
     """Remove temporary files a killed run left (``.name.tmp-PID``)."""
-    for sub in (folder, folder / FAILURES_DIR):
+    for sub in (folder, failures_dir(folder)):
         if sub.is_dir():
             for entry in os.scandir(sub):
                 if entry.name.startswith(".") and ".tmp-" in entry.name:
@@ -178,9 +193,9 @@ def write_shard(
             ``index build`` refuses a part file of another job copied in under a valid name.
     """
     pa, _ = pyarrow()
-    failures_path = folder / FAILURES_DIR / f"part-{number:05d}.jsonl"
+    failures_path = failures_dir(folder) / f"part-{number:05d}.jsonl"
     if failures:  # no file for a shard without failures: two fsyncs fewer per shard
-        (folder / FAILURES_DIR).mkdir(exist_ok=True)
+        failures_path.parent.mkdir(exist_ok=True)
         text = "".join(json.dumps(_failure_record(f), ensure_ascii=False) + "\n" for f in failures)
         write_atomic(failures_path, lambda p: p.write_text(text, "utf-8"))
     elif failures_path.exists():
@@ -327,7 +342,7 @@ def finalize(folder: Path, manifest: dict[str, Any], num_shards: int) -> bool:
         def write_failures(path: Path) -> None:
             with path.open("w", encoding="utf-8") as out:
                 for number in range(num_shards):
-                    part = folder / FAILURES_DIR / f"part-{number:05d}.jsonl"
+                    part = failures_dir(folder) / f"part-{number:05d}.jsonl"
                     if part.is_file():
                         out.write(part.read_text(encoding="utf-8"))
 
