@@ -242,12 +242,12 @@ def test_bad_input_exits_1_with_one_line_naming_the_problem(tmp_path, capsys, ar
 
 def test_an_unwritable_output_is_refused_before_any_embedding(tmp_path, capsys, monkeypatch, photo_paths):
     """Probe 12: `embed -o` into a folder it cannot write embedded every image first, then failed."""
-    import visreg_hub.cli
+    import visreg_hub.cli_embed
 
     def no_model(*_args, **_kwargs):
         raise AssertionError("the model was loaded before the output was checked")
 
-    monkeypatch.setattr(visreg_hub.cli, "_load_model", no_model)
+    monkeypatch.setattr(visreg_hub.cli_embed, "load_model", no_model)
     (tmp_path / "a-file").write_text("not a folder")
     code, _, err = run(capsys, "embed", photo_paths[0], "-o", tmp_path / "a-file" / "e.npy")
     assert code == 1 and f"cannot write {tmp_path / 'a-file' / 'e.npy'}" in err and "choose another" in err

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from training.config import FMNIST_DIR, ConfigError, DataSection
@@ -256,24 +255,6 @@ def open_image_set(source: str, path: str | None, split: str, data: DataSection)
 def eval_collate(samples: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(image, label, seed) samples -> (B, C, H, W) uint8 images and (B,) labels."""
     return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples], dtype=torch.long)
-
-
-def eval_views(images: torch.Tensor, img_size: int, crop_pct: float) -> torch.Tensor:
-    """Evaluation preprocessing on the device: centre crop ``crop_pct`` of the base image, resize.
-
-    Args:
-        images: (B, C, H, W) uint8.
-
-    Returns:
-        (B, C, img_size, img_size) float in [0, 1].
-    """
-    side = images.shape[-1]
-    crop = min(side, max(1, round(side * crop_pct)))
-    offset = (side - crop) // 2
-    out = images[..., offset : offset + crop, offset : offset + crop].float().div_(255)
-    if crop != img_size:
-        out = F.interpolate(out, size=(img_size, img_size), mode="bilinear", antialias=True)
-    return out.clamp_(0, 1)
 
 
 def eval_loader(images: ImageSet, rank: int, world: int, batch_size: int, workers: int, collate=None):

@@ -90,13 +90,6 @@ def raise_if_flagged(
         )
 
 
-def raise_if_not_finite(
-    terms: Mapping[str, torch.Tensor], step: int, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-) -> None:
-    """:func:`raise_if_flagged` for scalar terms (name -> value)."""
-    raise_if_flagged({name: nonfinite_flag(value) for name, value in terms.items()}, step, reduce)
-
-
 class HealthMonitor:
     """Computes health statistics and keeps the collapse-alarm counters (saved with the train state).
 

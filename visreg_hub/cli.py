@@ -15,63 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
 import traceback
 from pathlib import Path
 
 from visreg_hub import __version__
+from visreg_hub.cli_common import expand_image_inputs, load_model, model_reference, progress, warn
 from visreg_hub.errors import ImageDecodeError, UserInputError, is_expected, one_line, printable
 
 logger = logging.getLogger("visreg_hub.cli")
-
-# The one user-error type of the CLI and the demo lives in visreg_hub.errors; this name is an alias.
-UserError = UserInputError
-
-
-# ------------------------------------------------------------------------------------------- helpers
-def _model_reference(name: str) -> str:
-    """Local folders are recorded as absolute paths so the index can be searched from any directory."""
-    return os.path.abspath(name) if Path(name).expanduser().is_dir() else name
-
-
-def _expand_image_inputs(inputs: list[str], *, keep_missing: bool = False) -> list[str]:
-    """Absolute image paths: files as given, folders listed.
-
-    Args:
-        keep_missing: keep a path that does not exist, for ``encode(on_error="skip")`` to report as that
-            item's failure (``--on-error skip``); otherwise it is an error before any work.
-    """
-    from visreg_hub.inference.images import list_image_files
-
-    paths: list[str] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            found = list_image_files(path)
-            if not found:
-                raise UserInputError(f"folder {item!r} contains no image files")
-            paths.extend(os.path.abspath(p) for p in found)
-        elif path.is_file() or keep_missing:
-            paths.append(os.path.abspath(path))
-        else:
-            raise UserInputError(f"input not found: {item!r} is neither an image file nor a folder")
-    return paths
-
-
-def _load_model(name: str, device: str | None):
-    from visreg_hub.devices import resolve_device
-    from visreg_hub.hub import from_pretrained
-
-    resolve_device(device)  # a bad --device is one line before any loading
-
-    logger.info("loading model %s", name)
-    return from_pretrained(name, device=device)
-
-
-def _progress(args: argparse.Namespace) -> bool | None:
-    return False if getattr(args, "no_progress", False) else None  # None: shown when stderr is a terminal
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -106,7 +59,7 @@ def _check_weights(index, model, model_name: str) -> None:
 
     built = index.build_info.get("weights_sha256") if isinstance(index.build_info, dict) else None
     if isinstance(built, str) and built != weights_digest(model):
-        _warn(
+        warn(
             f"model {model_name!r} does not have the weights the index was built with (weights sha256 "
             f"{built[:12]}...): scores compare embeddings of two models; search with the model folder that "
             f"embedded the index, or rebuild the index with this model"
@@ -148,14 +101,14 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise UserInputError(f"-k must be a positive integer, got {args.k}")
-    queries = _expand_image_inputs(args.images, keep_missing=args.on_error == "skip")
+    queries = expand_image_inputs(args.images, keep_missing=args.on_error == "skip")
     index = EmbeddingIndex.load(args.index)
     _apply_search_options(args, index)
     model_name = args.model or _recorded_model(index.model_name, args.index)
-    model = _load_model(model_name, args.device)
-    same = {_model_reference(args.model), model.config.name} if args.model else set()
+    model = load_model(model_name, args.device)
+    same = {model_reference(args.model), model.config.name} if args.model else set()
     if args.model and index.model_name and index.model_name not in same:  # the bundled folder is its name
-        _warn(
+        warn(
             f"--model {args.model!r} is not the model the index was built with ({index.model_name!r}); "
             f"scores compare embeddings of two models and mean little unless they share weights"
         )
@@ -173,7 +126,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             pooling=index.pooling,
             normalize=index.normalized,
             device=args.device,
-            show_progress_bar=_progress(args),
+            show_progress_bar=progress(args),
             convert_to_numpy=True,
             on_error=args.on_error,
         )
@@ -184,7 +137,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     embeddings = encoded
     if args.on_error == "skip":
         for failure in encoded.failures:
-            _warn(f"query skipped: {failure.reason}")
+            warn(f"query skipped: {failure.reason}")
         failed = {failure.index for failure in encoded.failures}
         queries = [query for i, query in enumerate(queries) if i not in failed]
         embeddings = encoded.embeddings
@@ -217,10 +170,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn(message: str) -> None:
-    print(f"visreg-hub: warning: {printable(message)}", file=sys.stderr)
-
-
 def _apply_search_options(args: argparse.Namespace, index) -> None:
     """Set --nprobe / --ef-search on the index, saying so when the index kind has no such setting."""
     from visreg_hub.retrieval.factory import IVF_KINDS
@@ -229,12 +178,12 @@ def _apply_search_options(args: argparse.Namespace, index) -> None:
         if index.kind in IVF_KINDS:
             index.nprobe = args.nprobe
         else:
-            _warn(f"--nprobe applies to IVF indexes; this index is {index.kind!r}, so it is ignored")
+            warn(f"--nprobe applies to IVF indexes; this index is {index.kind!r}, so it is ignored")
     if args.ef_search is not None:
         if index.kind == "hnsw":
             index.ef_search = args.ef_search
         else:
-            _warn(f"--ef-search applies to HNSW indexes; this index is {index.kind!r}, so it is ignored")
+            warn(f"--ef-search applies to HNSW indexes; this index is {index.kind!r}, so it is ignored")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

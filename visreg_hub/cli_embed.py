@@ -17,7 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-from visreg_hub.errors import printable
+from visreg_hub.cli_common import expand_image_inputs, load_model, model_reference, progress, warn
+from visreg_hub.errors import UserInputError, printable
 from visreg_hub.hub.registry import DEFAULT_MODEL
 
 DEFAULT_SHARD_SIZE = 5000
@@ -39,29 +40,23 @@ _FILE_LIKE = (
 )
 
 
-def _cli():
-    from visreg_hub import cli
-
-    return cli
-
-
 def cmd_embed(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix.lower() in SINGLE_FILE_SUFFIXES:
         _warn_ignored(args)
         return _embed_single_file(args)
     if out.suffix.lower() in _FILE_LIKE or out.is_file():
-        raise _cli().UserError(
+        raise UserInputError(
             f"output {args.output!r} must end with .npy or .parquet (one file), or name a folder for "
             f"resumable parquet shards"
         )
     if args.on_error == "raise":
-        raise _cli().UserError(
+        raise UserInputError(
             "--on-error raise needs a single .npy/.parquet output; shard folders always record unreadable "
             "inputs in failures.jsonl"
         )
     if args.overwrite:
-        _cli()._warn(
+        warn(
             f"--overwrite applies to single-file outputs only; the shard folder {args.output} resumes "
             f"(remove it to start over)"
         )
@@ -80,7 +75,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         engine=args.engine or "local",
-        show_progress_bar=_cli()._progress(args),
+        show_progress_bar=progress(args),
         draft_decode=args.draft_decode,
         max_pixels=args.max_pixels,
     )
@@ -94,7 +89,7 @@ def _warn_ignored(args: argparse.Namespace) -> None:
     ignored = [flag for flag, value in (("--shard-size", args.shard_size), ("--engine", args.engine))
                if value is not None]  # fmt: skip
     if ignored:
-        _cli()._warn(
+        warn(
             f"{' and '.join(ignored)} {'apply' if len(ignored) > 1 else 'applies'} to shard-folder outputs "
             f"only; ignored for the single file "
             f"{args.output} (pass a folder as -o for resumable shards)"
@@ -110,7 +105,6 @@ def _embed_single_file(args: argparse.Namespace) -> int:
     from visreg_hub.inference import encode
     from visreg_hub.retrieval.files import check_suffix, sidecar_path, write_embeddings
 
-    cli = _cli()
     out = check_suffix(args.output, "output")  # fail before the slow part
     _refuse_existing(out, sidecar_path(out), overwrite=args.overwrite)
     check_writable(out)
@@ -118,31 +112,31 @@ def _embed_single_file(args: argparse.Namespace) -> int:
     if listings:
         # why: a one-file output names its rows by image path; tar members and list lines are embedded
         # (with their keys, .cls/.json sides and per-line failures) by the shard-folder job
-        raise cli.UserError(
+        raise UserInputError(
             f"{listings[0]}: .txt lists and .tar shards are read into a shard folder, not a single "
             f"{out.suffix} file; pass a folder as -o (e.g. -o {out.with_suffix('')}/), then "
             f"`visreg-hub index build` reads it"
         )
     on_error = args.on_error or "raise"
     check_no_overlap(args.inputs, [os.path.abspath(Path(i).expanduser()) for i in args.inputs])
-    paths = cli._expand_image_inputs(args.inputs, keep_missing=on_error == "skip")  # skip: a failure each
-    model = cli._load_model(args.model, args.device)
+    paths = expand_image_inputs(args.inputs, keep_missing=on_error == "skip")  # skip: a failure each
+    model = load_model(args.model, args.device)
     pooling = args.pooling if args.pooling is not None else model.config.pooling
     try:
         result = encode(
             model, paths, batch_size=args.batch_size, pooling=pooling, normalize=not args.no_normalize,
             device=args.device, dtype=args.dtype, num_workers=args.num_workers,
-            show_progress_bar=cli._progress(args), convert_to_numpy=True, on_error=on_error,
+            show_progress_bar=progress(args), convert_to_numpy=True, on_error=on_error,
             draft_decode=args.draft_decode, max_pixels=args.max_pixels,
         )  # fmt: skip
     except ImageDecodeError as exc:
         message = str(exc).replace("pass on_error='skip'", "pass --on-error skip")
-        raise cli.UserError(message) from exc
+        raise UserInputError(message) from exc
     failures = result.failures if on_error == "skip" else []
     embeddings = result.embeddings if on_error == "skip" else result
     failed = {f.index for f in failures}
     if len(failed) == len(paths):
-        raise cli.UserError(
+        raise UserInputError(
             f"none of the {len(paths)} images could be embedded; first failure: {failures[0].reason}"
         )
     sidecar = write_embeddings(
@@ -150,7 +144,7 @@ def _embed_single_file(args: argparse.Namespace) -> int:
         embeddings,
         paths=[p for i, p in enumerate(paths) if i not in failed],
         failures=[(paths[f.index], f.reason) for f in failures],
-        model=cli._model_reference(args.model),
+        model=model_reference(args.model),
         pooling=pooling,
         normalized=not args.no_normalize,
         weights_sha256=weights_digest(model),
@@ -164,13 +158,13 @@ def _embed_single_file(args: argparse.Namespace) -> int:
 
 
 def _refuse_existing(*outputs: Path, overwrite: bool) -> None:
-    """A UserError naming the first of ``outputs`` that exists, unless ``overwrite``.
+    """A UserInputError naming the first of ``outputs`` that exists, unless ``overwrite``.
 
     why: embedding a large set or building an index can take hours; a mistyped -o must not replace one.
     """
     existing = next((path for path in outputs if path.exists() or path.is_symlink()), None)
     if existing is not None and not overwrite:
-        raise _cli().UserError(
+        raise UserInputError(
             f"{existing} already exists; pass --overwrite to replace it, or choose another -o/--output"
         )
 
@@ -190,12 +184,12 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     fixed = {name: value for name, value in fixed.items() if value is not None}
     kind = args.kind
     if fixed and kind == "auto":
-        raise _cli().UserError(f"--{next(iter(fixed)).replace('_', '-')} needs an explicit --kind (not auto)")
+        raise UserInputError(f"--{next(iter(fixed)).replace('_', '-')} needs an explicit --kind (not auto)")
     for name in fixed:  # as `search` warns: a value the chosen kind never reads is a likely mistake
         kinds = _PARAM_KINDS[name]
         if kind not in kinds:
             flag, wanted = name.replace("_", "-"), " / ".join(kinds)
-            _cli()._warn(f"--{flag} applies to --kind {wanted} only; ignored for --kind {kind}")
+            warn(f"--{flag} applies to --kind {wanted} only; ignored for --kind {kind}")
     # a folder that is not an index's (an embed output, other files) first: --overwrite would not help there
     check_index_output(args.output)
     # an earlier index in the folder (the library replaces it; the command asks first)
@@ -209,7 +203,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         target_recall=args.target_recall,
         metric=args.metric,
         normalize=args.normalize,
-        model_name=_cli()._model_reference(args.model) if args.model else None,
+        model_name=model_reference(args.model) if args.model else None,
         num_queries=args.queries,
         paths_file=args.paths,
         overwrite=args.overwrite,

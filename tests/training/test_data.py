@@ -29,7 +29,6 @@ from training.data import (
 )
 from training.datasets import (
     ImageSet,
-    eval_views,
     read_filelist,
     read_fmnist,
     read_npz,
@@ -207,13 +206,6 @@ def test_workers_and_device_paths_cut_identical_views(fmnist_train):
     assert global_views.shape == (2, 8, 1, 28, 28) and local_views.shape == (2, 8, 1, 16, 16)
     other, _ = cut_views(raw["images"], 1235, config.augment)
     assert not torch.equal(other, global_views)
-
-
-def test_eval_views_centre_crop_then_resize():
-    images = torch.arange(64 * 64, dtype=torch.float32).view(1, 1, 64, 64).remainder(256).to(torch.uint8)
-    out = eval_views(images, img_size=56, crop_pct=0.875)
-    assert out.shape == (1, 1, 56, 56)
-    assert torch.allclose(out, images[..., 4:60, 4:60].float() / 255)  # 0.875 * 64 = 56: crop only
 
 
 def test_build_data_carves_a_balanced_validation_split_before_the_long_tail():

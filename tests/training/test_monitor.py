@@ -21,7 +21,8 @@ from training.monitor import (
     TrainingDivergedError,
     effective_rank,
     gaussianity,
-    raise_if_not_finite,
+    nonfinite_flag,
+    raise_if_flagged,
 )
 
 
@@ -51,9 +52,10 @@ def test_gaussianity_is_zero_for_exact_quantiles_and_large_for_two_clusters():
 
 def test_non_finite_term_is_named_with_the_step():
     terms = {"loss/total": torch.tensor(1.0), "loss/shape": torch.tensor(float("inf"))}
+    flags = {name: nonfinite_flag(value) for name, value in terms.items()}
     with pytest.raises(TrainingDivergedError, match=r"step 7: non-finite loss/shape"):
-        raise_if_not_finite(terms, step=7)
-    raise_if_not_finite({"loss/total": torch.tensor(1.0)}, step=7)
+        raise_if_flagged(flags, step=7)
+    raise_if_flagged({"loss/total": nonfinite_flag(torch.tensor(1.0))}, step=7)
 
 
 def test_collapse_alarm_counts_and_stops_after_patience():

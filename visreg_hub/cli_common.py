@@ -1,0 +1,63 @@
+"""Helpers shared by the ``visreg-hub`` sub-commands (:mod:`visreg_hub.cli`, :mod:`visreg_hub.cli_embed`):
+warnings, progress bars, model loading and the image inputs of a command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from visreg_hub.errors import UserInputError, printable
+
+logger = logging.getLogger("visreg_hub.cli")
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr (control characters escaped: names come from someone's files)."""
+    print(f"visreg-hub: warning: {printable(message)}", file=sys.stderr)
+
+
+def progress(args: argparse.Namespace) -> bool | None:
+    """``show_progress_bar`` for ``args``: False with ``--no-progress``, else None (shown on a terminal)."""
+    return False if getattr(args, "no_progress", False) else None
+
+
+def model_reference(name: str) -> str:
+    """Local folders are recorded as absolute paths so the index can be searched from any directory."""
+    return os.path.abspath(name) if Path(name).expanduser().is_dir() else name
+
+
+def expand_image_inputs(inputs: list[str], *, keep_missing: bool = False) -> list[str]:
+    """Absolute image paths: files as given, folders listed.
+
+    Args:
+        keep_missing: keep a path that does not exist, for ``encode(on_error="skip")`` to report as that
+            item's failure (``--on-error skip``); otherwise it is an error before any work.
+    """
+    from visreg_hub.inference.images import list_image_files
+
+    paths: list[str] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = list_image_files(path)
+            if not found:
+                raise UserInputError(f"folder {item!r} contains no image files")
+            paths.extend(os.path.abspath(p) for p in found)
+        elif path.is_file() or keep_missing:
+            paths.append(os.path.abspath(path))
+        else:
+            raise UserInputError(f"input not found: {item!r} is neither an image file nor a folder")
+    return paths
+
+
+def load_model(name: str, device: str | None):
+    """``from_pretrained(name, device=device)``; a bad ``--device`` is one line before any loading."""
+    from visreg_hub.devices import resolve_device
+    from visreg_hub.hub import from_pretrained
+
+    resolve_device(device)
+    logger.info("loading model %s", name)
+    return from_pretrained(name, device=device)
