@@ -15,10 +15,11 @@ import re
 from typing import Any
 
 from demo.service import DemoService, UserInputError
-from visreg_hub.serving.app import ApiError, create_app
+from visreg_hub.serving.app import create_app
 from visreg_hub.serving.config import Limits, ModelSpec, ServeConfig, model_spec
 from visreg_hub.serving.schemas import error_body
 from visreg_hub.serving.security import BodyDeadlineMiddleware
+from visreg_hub.serving.service import ApiError
 
 logger = logging.getLogger("demo")
 

@@ -76,12 +76,12 @@ def test_a_port_in_use_is_one_line_before_any_model_loads(tiny_model_dir, monkey
     import socket
 
     import demo.app
-    import visreg_hub.serving.app
+    import visreg_hub.serving.service
 
     def no_loading(*_args, **_kwargs):
         raise AssertionError("a model was loaded before the port was bound")
 
-    monkeypatch.setattr(visreg_hub.serving.app, "load_runtime", no_loading)
+    monkeypatch.setattr(visreg_hub.serving.service, "load_runtime", no_loading)
     monkeypatch.setattr(demo.app, "DemoService", no_loading)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -1,8 +1,9 @@
 """The HTTP inference API: ``visreg-hub serve``, :func:`create_app` and the :class:`Client`.
 
 Server pieces: :mod:`~visreg_hub.serving.config` (what to serve, limits), :mod:`.batcher` (dynamic
-batching), :mod:`.runtime` (one model), :mod:`.store` + :mod:`.wal` (durable indexes), :mod:`.routes`
-(HTTP), :mod:`.security` (API keys, body limit), :mod:`.metrics` (Prometheus), :mod:`.server`
+batching), :mod:`.runtime` (one model), :mod:`.service` (the models, batchers, indexes and admission of
+a running app), :mod:`.app` (the FastAPI factory), :mod:`.store` + :mod:`.wal` (durable indexes),
+:mod:`.routes` (HTTP), :mod:`.security` (API keys, body limit), :mod:`.metrics` (Prometheus), :mod:`.server`
 (uvicorn, signals). FastAPI and uvicorn come with ``pip install 'visreg_hub[serve]'``; the client needs
 only the standard library.
 """

@@ -23,9 +23,9 @@ from starlette.requests import ClientDisconnect
 
 from visreg_hub.retrieval.records import MAX_ID, IdConflictError, metadata_problem
 from visreg_hub.serving import schemas
-from visreg_hub.serving.app import ApiError, Service, shown
 from visreg_hub.serving.inputs import InputError, image_bytes
 from visreg_hub.serving.security import BodyLimitMiddleware, key_matches
+from visreg_hub.serving.service import ApiError, Service, shown
 
 logger = logging.getLogger(__name__)
 
