@@ -34,6 +34,7 @@ import numpy as np
 
 from visreg_hub.durable import fsync_dir, fsync_tree, write_atomic
 from visreg_hub.errors import CheckpointError, ConfigError, UserInputError, require_extra
+from visreg_hub.hub.format import sha256_file
 from visreg_hub.native_io import read_faiss, write_faiss
 from visreg_hub.retrieval.factory import KINDS
 from visreg_hub.retrieval.faiss_file import check_faiss_file
@@ -46,7 +47,6 @@ from visreg_hub.retrieval.manifest import (
     MAX_MANIFEST_BYTES,
     folder_path,
     read_manifest,
-    sha256_file,
     verify_files,
 )
 from visreg_hub.retrieval.records import metadata_problem
@@ -64,7 +64,6 @@ __all__ = [
     "load_index",
     "read_manifest",
     "save_index",
-    "sha256_file",
     "verify_index",
 ]
 

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from visreg_hub.errors import MissingExtraError, VisregHubError
-from visreg_hub.hub.format import weights_digest
+from visreg_hub.hub.format import sha256_file, weights_digest
 
 logger = logging.getLogger(__name__)
 
@@ -105,14 +105,6 @@ def cache_key(model: nn.Module, options: dict[str, Any]) -> tuple[str, dict[str,
     }
     text = json.dumps(description, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:40], description
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 MAX_ENTRY_BYTES = 1 << 20  # entry.json holds a description and a digest: a few KB
@@ -201,7 +193,7 @@ def _verified(entry: Path) -> Path | None:
         logger.warning("ONNX cache entry %s has no readable %s (%s); exporting again", entry, ENTRY_FILE,
                        problem)  # fmt: skip
         return None
-    if not _regular(model_file) or model_file.stat().st_size != size or _sha256_file(model_file) != expected:
+    if not _regular(model_file) or model_file.stat().st_size != size or sha256_file(model_file) != expected:
         logger.warning("ONNX cache entry %s does not match its recorded SHA-256; exporting again", entry)
         return None
     return model_file
@@ -363,7 +355,7 @@ def cached_export(
         try:
             export(staging / MODEL_FILE)
             model_file = staging / MODEL_FILE
-            record = {**description, "sha256": _sha256_file(model_file), "size": model_file.stat().st_size}
+            record = {**description, "sha256": sha256_file(model_file), "size": model_file.stat().st_size}
             (staging / ENTRY_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
             for written in (model_file, staging / ENTRY_FILE):  # whatever the umask: see the module docstring
                 written.chmod(0o644)

@@ -232,11 +232,7 @@ def export_onnx(
         preprocessing=spec.describe() if spec else "", fusions=fusions, opset=opset,
         library_version=__version__,
     )  # fmt: skip
-    kept = [prop for prop in proto.metadata_props if not prop.key.startswith("visreg_hub.")]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
-    for key, value in meta.to_props().items():
-        proto.metadata_props.add(key=key, value=value)
+    meta.write_to(proto)
     proto.doc_string = f"visreg_hub {config.name or config.architecture} image encoder ({pooling} pooling)"
     with _staged(path) as staged:
         save_model(proto, staged)
@@ -249,11 +245,7 @@ def export_onnx(
             method = quantize_int8(staged, scratch, input_name=meta.input_name, calibration=calibration)
             quantized = onnx.load(str(scratch))
             meta = dataclasses.replace(meta, precision="int8", quantization=method)
-            kept = [prop for prop in quantized.metadata_props if not prop.key.startswith("visreg_hub.")]
-            del quantized.metadata_props[:]
-            quantized.metadata_props.extend(kept)
-            for key, value in meta.to_props().items():
-                quantized.metadata_props.add(key=key, value=value)
+            meta.write_to(quantized)
             save_model(quantized, staged)
             logger.info("quantised %s to int8 (%s); checking it against PyTorch", path, method)
             report = validate_onnx(

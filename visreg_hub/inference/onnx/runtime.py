@@ -89,6 +89,14 @@ class OnnxMetadata:
         """The graph takes uint8 images and resizes/normalises them itself."""
         return bool(self.preprocessing)
 
+    def write_to(self, proto) -> None:
+        """Replace ``proto``'s ``visreg_hub.*`` metadata with this record (other keys are kept)."""
+        kept = [prop for prop in proto.metadata_props if not prop.key.startswith(PREFIX)]
+        del proto.metadata_props[:]
+        proto.metadata_props.extend(kept)
+        for key, value in self.to_props().items():
+            proto.metadata_props.add(key=key, value=value)
+
     def to_props(self) -> dict[str, str]:
         """``metadata_props`` entries (string -> string; structured values as JSON)."""
         props = {}
