@@ -66,7 +66,17 @@ class SIGRegLoss(SlicedLoss):
         )
 
     def forward(self, global_proj, local_proj=None, *, directions=None) -> SIGRegOutput:
-        """Args: ``global_proj`` ``(Vg, N, D)``, ``local_proj`` ``(Vl, N, D)`` or None, ``directions``."""
+        """LeJEPA's loss: invariance plus SIGReg (the sliced Epps-Pulley statistic) of a batch of projections.
+
+        Args:
+            global_proj: projections of the global views.
+            local_proj: projections of the local views (smaller crops), or None.
+            directions: slicing directions to use instead of this step's own (seeded) ones.
+
+        Shape:
+            global_proj ``(Vg, N, D)``; local_proj ``(Vl, N, D)`` with the same N and D; directions
+            ``(D, K)`` with unit columns. Every field of the output is 0-d (total, invariance, sigreg).
+        """
         local_proj = check_views(global_proj, local_proj)
         step = self._take_step()
         views = all_views(global_proj, local_proj)

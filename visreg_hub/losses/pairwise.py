@@ -97,7 +97,17 @@ class VICRegLoss(_GatheringLoss):
         )
 
     def forward(self, global_proj, local_proj=None) -> VICRegOutput:
-        """Args: ``global_proj`` ``(Vg, N, D)``, ``local_proj`` ``(Vl, N, D)`` or None; Vg + Vl >= 2."""
+        """VICReg (invariance, variance hinge, covariance) of a batch of projections; the invariance is
+        averaged over the global-global and global-local view pairs.
+
+        Args:
+            global_proj: projections of the global views.
+            local_proj: projections of the local views, or None.
+
+        Shape:
+            global_proj ``(Vg, N, D)``; local_proj ``(Vl, N, D)`` with the same N and D; Vg + Vl >= 2.
+            Every field of the output is 0-d (total, invariance, variance, covariance).
+        """
         global_proj, local_proj = self._views(global_proj, local_proj)
         views = all_views(global_proj, local_proj)
         invariance = F.vicreg_invariance_loss(global_proj, local_proj)
@@ -145,7 +155,17 @@ class BarlowTwinsLoss(_GatheringLoss):
         )
 
     def forward(self, global_proj, local_proj=None) -> BarlowTwinsOutput:
-        """Args: ``global_proj`` ``(Vg, N, D)``, ``local_proj`` ``(Vl, N, D)`` or None; Vg + Vl >= 2."""
+        """Barlow Twins (cross-correlation on- and off-diagonal terms) of a batch of projections,
+        averaged over the global-global and global-local view pairs.
+
+        Args:
+            global_proj: projections of the global views.
+            local_proj: projections of the local views, or None.
+
+        Shape:
+            global_proj ``(Vg, N, D)``; local_proj ``(Vl, N, D)`` with the same N and D; Vg + Vl >= 2.
+            Every field of the output is 0-d (total, on_diagonal, off_diagonal).
+        """
         global_proj, local_proj = self._views(global_proj, local_proj)
         on_diagonal, off_diagonal = F.barlow_twins_terms(
             global_proj, local_proj, eps=self.eps, route=self.route

@@ -54,7 +54,17 @@ class SWDLoss(SlicedLoss):
                 ("sort_backend", self.sort_backend)]  # fmt: skip
 
     def forward(self, global_proj, local_proj=None, *, directions=None) -> SWDOutput:
-        """Args: ``global_proj`` ``(Vg, N, D)``, ``local_proj`` ``(Vl, N, D)`` or None, ``directions``."""
+        """Invariance plus the sliced Wasserstein distance to N(0, I) of a batch of projections.
+
+        Args:
+            global_proj: projections of the global views.
+            local_proj: projections of the local views (smaller crops), or None.
+            directions: slicing directions to use instead of this step's own (seeded) ones.
+
+        Shape:
+            global_proj ``(Vg, N, D)``; local_proj ``(Vl, N, D)`` with the same N and D; directions
+            ``(D, K)`` with unit columns. Every field of the output is 0-d (total, invariance, swd).
+        """
         local_proj = check_views(global_proj, local_proj)
         step = self._take_step()
         views = all_views(global_proj, local_proj)

@@ -143,7 +143,19 @@ class VISRegLoss(SlicedLoss):
         *,
         directions: torch.Tensor | None = None,
     ) -> VISRegOutput:
-        """Args: ``global_proj`` ``(Vg, N, D)``, ``local_proj`` ``(Vl, N, D)`` or None, ``directions``."""
+        """The VISReg loss of a batch of projections: the invariance term and the regulariser's center,
+        scale and sliced shape terms (the paper's objective).
+
+        Args:
+            global_proj: projections of the global views.
+            local_proj: projections of the local views (smaller crops), or None.
+            directions: slicing directions to use instead of this step's own (seeded) ones.
+
+        Shape:
+            global_proj ``(Vg, N, D)``; local_proj ``(Vl, N, D)`` with the same N and D; directions
+            ``(D, K)`` with unit columns. Every field of the output is 0-d (total, invariance,
+            regularizer, center, scale, shape).
+        """
         local_proj = check_views(global_proj, local_proj)
         step = self._take_step()
         center, scale, shape, communicates = self._regularizer(

@@ -133,6 +133,11 @@ class Client:
                 (returns ``EncodeResult(embeddings, failures)`` as ``encode`` does).
             truncate_dim: keep the first ``truncate_dim`` dimensions, re-normalised, as ``encode`` does
                 (sent as the API's ``dimensions``).
+
+        Returns:
+            float32 embeddings as ``encode`` returns them: ``(N, E)`` for a list (``E`` the model's
+            width, or ``truncate_dim``), ``(E,)`` for a single image; with ``on_error="skip"`` an
+            ``EncodeResult`` whose ``embeddings`` are ``(N', E)`` for the ``N'`` images embedded.
         """
         import torch
 
@@ -232,7 +237,18 @@ class Client:
         metadata: list | None = None,
         ids: list[int] | None = None,
     ) -> np.ndarray:
-        """Add images or vectors to a server index durably; returns the new int64 ids."""
+        """Add images or vectors to a server index durably (answered after the server's fsync).
+
+        Args:
+            index: the server index's name.
+            images: one image or a list, embedded on the server with the index's model.
+            vectors: instead of images, ``(N, D)`` float vectors of the index's width.
+            metadata: one JSON object (or None) per item.
+            ids: one int64 id per item (default: the index assigns them).
+
+        Returns:
+            ``(N,)`` int64: the items' ids.
+        """
         from visreg_hub.inference.images import expand_inputs
 
         body: dict[str, Any] = {"metadata": metadata, "ids": ids}
