@@ -25,6 +25,7 @@ import yaml
 from training.augment import ColorSpec
 from training.checks import FMNIST_DIR, validate  # noqa: F401  (FMNIST_DIR re-exported)
 from visreg_hub.errors import ConfigError
+from visreg_hub.models.config import IMAGENET_MEAN, IMAGENET_STD
 from visreg_hub.suggest import did_you_mean
 
 LOSS_NAMES = ("visreg", "sigreg", "swd", "vicreg", "barlow")
@@ -87,8 +88,8 @@ class DataSection:
     val_split: Literal["train", "test"] = "test"
     val_size: int = 0
     channels: Literal[1, 3] = 3
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     base_size: int = 256
     num_workers: int = 4
     shuffle_buffer: int = 2000

@@ -28,6 +28,7 @@ import torch
 
 from training import sources
 from visreg_hub.inference.images import ImageSource, decode_image
+from visreg_hub.models.config import IMAGENET_MEAN, IMAGENET_STD
 from visreg_hub.retrieval.metrics import knn_accuracy
 
 Features = Callable[[Sequence[Path]], np.ndarray]
@@ -185,8 +186,8 @@ def efficientnet_lite0(root=None, batch_size: int = 64) -> Features:
     model = EfficientNet.from_name("efficientnet-lite0")
     model.load_state_dict(load_pth_weights_only(weights), strict=True)
     model.eval()
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)  # the ImageNet statistics EfficientNet was trained on
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
     def features(paths):
         out = []

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from visreg_hub.errors import UserInputError
+from visreg_hub.models.config import IMAGENET_MEAN, IMAGENET_STD
 from visreg_hub.suggest import did_you_mean
 
 STATUSES = ("published", "bundled", "not yet published")
@@ -36,8 +37,8 @@ OFFICIAL_SOURCE = "Official VISReg release (github.com/HaiyuWu/visreg), Hugging 
 OFFICIAL_DATA = {
     "crop_pct": 0.875,
     "interpolation": "bicubic",
-    "mean": (0.485, 0.456, 0.406),
-    "std": (0.229, 0.224, 0.225),
+    "mean": IMAGENET_MEAN,
+    "std": IMAGENET_STD,
 }
 
 
