@@ -25,18 +25,12 @@ import torch
 
 from training.config import ConfigError
 from training.datasets import NO_LABEL, to_base_tensor
+from visreg_hub.bulk.listing import split_member
 from visreg_hub.inference.images import IMAGE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
 _IMAGE_SUFFIXES = {ext.lstrip(".") for ext in IMAGE_EXTENSIONS}
-
-
-def _split_key(name: str) -> tuple[str, str]:
-    """``"a/b/xxx.seg.jpg"`` -> (``"a/b/xxx"``, ``"seg.jpg"``)."""
-    folder, _, base = name.rpartition("/")
-    stem, _, suffix = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), suffix.lower()
 
 
 def iter_records(path: Path, decode_labels: bool = True) -> Iterator[tuple[str, bytes | None, int]]:
@@ -52,7 +46,7 @@ def iter_records(path: Path, decode_labels: bool = True) -> Iterator[tuple[str, 
         for member in tar:
             if not member.isfile():
                 continue
-            key, suffix = _split_key(member.name)
+            key, suffix = split_member(member.name)
             if key != current_key:
                 if current_key is not None and image is not None:
                     yield current_key, image, label

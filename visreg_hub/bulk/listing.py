@@ -173,8 +173,8 @@ def _not_a_file(listed: str, source: str) -> str | None:
     return None
 
 
-def _split_member(name: str) -> tuple[str, str]:
-    """webdataset convention: ``dir/abc.seg.jpg`` -> key ``dir/abc``, extension ``seg.jpg``."""
+def split_member(name: str) -> tuple[str, str]:
+    """webdataset convention: ``dir/abc.seg.jpg`` -> key ``dir/abc``, extension ``seg.jpg`` (lower case)."""
     directory, _, base = name.rpartition("/")
     stem, _, ext = base.partition(".")
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
@@ -239,7 +239,7 @@ def _tar(path: str, read: Callable[[], bool]) -> Iterator[Item]:
                 earlier[member.name] = data
                 if member.isdir():
                     continue
-                key, ext = _split_member(member.name)
+                key, ext = split_member(member.name)
                 if group is not None and key != group.key:
                     yield _finish(group)
                     yield from extra
