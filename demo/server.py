@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from demo.service import DemoService, UserInputError
+from visreg_hub.errors import shown
 from visreg_hub.serving.app import create_app
 from visreg_hub.serving.config import Limits, ModelSpec, ServeConfig, model_spec
 from visreg_hub.serving.schemas import error_body
@@ -76,10 +77,9 @@ class PublicEventsOnly:
                 return f"unknown event fn_index={index!r}; this page has events {sorted(self.events)}"
         url = _file_url(payload)
         if url is not None:
-            shown = url if len(url) <= 80 else url[:77] + "..."
             return (
                 f"file inputs must be uploaded through /gradio_api/upload and passed by the path it returns; "
-                f"this server does not fetch URLs (got {shown!r})"
+                f"this server does not fetch URLs (got {shown(url)})"
             )
         return None
 

@@ -70,6 +70,14 @@ def test_error_types_are_also_the_builtin_types():
     assert DemoUserInputError is UserInputError  # one user-error type for the CLI and the demo
 
 
+def test_shown_cuts_a_long_value_and_says_how_long_it_was():
+    from visreg_hub.errors import shown
+
+    assert shown("model-a") == "'model-a'"
+    long = "x" * 10_000
+    assert shown(long) == repr(long)[:80] + "... (10,002 characters)"
+
+
 def test_one_line_and_printable():
     assert one_line(KeyError(101)) == "KeyError: 101"
     assert one_line(CheckpointError("bad file\nsecond line")) == "bad file"

@@ -79,6 +79,15 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters: a message never echoes back the
+    megabytes someone put in a model name, a header, a field or a file."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def _out_of_memory(exc: BaseException) -> bool:
     text = str(exc)
     return (

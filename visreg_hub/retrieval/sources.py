@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from visreg_hub.errors import ConfigError, VisregHubError, one_line
+from visreg_hub.errors import ConfigError, VisregHubError, one_line, shown
 from visreg_hub.jsonio import read_json_file
 from visreg_hub.native_io import library_source, name_fields
 from visreg_hub.retrieval.arrays import as_float32_matrix
@@ -364,7 +364,7 @@ def merge_infos(infos: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
             if name in merged and merged[name] != value and not named_by_weights:
                 raise ConfigError(
                     f"cannot build one index from {owner[name]} and {source}: they were embedded with a "
-                    f"different {name} ({_short(merged[name])} vs {_short(value)}); build one index per "
+                    f"different {name} ({shown(merged[name])} vs {shown(value)}); build one index per "
                     f"model setup, or re-embed one source with the other's settings"
                 )
             merged.setdefault(name, value)
@@ -437,11 +437,6 @@ def _parquet_batches(
             for i in range(len(column))
         ]  # fmt: skip
         yield block, metadata
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _meta_name(column: str) -> str:

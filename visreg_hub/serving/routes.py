@@ -21,11 +21,12 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from visreg_hub.errors import shown
 from visreg_hub.retrieval.records import MAX_ID, IdConflictError, metadata_problem
 from visreg_hub.serving import schemas
 from visreg_hub.serving.inputs import InputError, image_bytes
 from visreg_hub.serving.security import BodyLimitMiddleware, key_matches
-from visreg_hub.serving.service import ApiError, Service, shown
+from visreg_hub.serving.service import ApiError, Service
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from visreg_hub.errors import VisregHubError
+from visreg_hub.errors import VisregHubError, shown
 from visreg_hub.inference.images import PIXEL_CAP_HINT
 from visreg_hub.serving.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
 from visreg_hub.serving.config import IndexSpec, ServeConfig
@@ -44,15 +44,6 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.limit, self.headers = status, message, kind, limit, headers
         self.code = code  # OpenAI's error code, for clients that branch on it
         self.items = items  # per-input messages (index -> message), answered as "errors"
-
-
-def shown(value: object, limit: int = 80) -> str:
-    """``repr(value)`` for an error message, cut to ``limit`` characters: an answer never echoes back the
-    megabytes a client put in a model name, header or field name."""
-    text = repr(value)
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text):,} characters)"
 
 
 class Service:
