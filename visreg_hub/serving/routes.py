@@ -420,7 +420,13 @@ def install(app: FastAPI, service: Service) -> None:
     _install_errors(app)
     _install_middleware(app, service)
     auth = [Depends(_auth_dependency(service))]
-    limits = service.limits
+    _install_service_routes(app, service, auth)
+    _install_model_routes(app, service, auth)
+    _install_index_routes(app, service, auth)
+
+
+def _install_service_routes(app: FastAPI, service: Service, auth: list) -> None:
+    """``/health``, ``/ready`` (GET and HEAD, for load balancers) and ``/metrics``."""
 
     @app.get("/health", tags=["service"], summary="liveness: the process answers")
     async def health() -> dict[str, str]:
@@ -452,6 +458,10 @@ def install(app: FastAPI, service: Service) -> None:
     )
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
+
+def _install_model_routes(app: FastAPI, service: Service, auth: list) -> None:
+    """``/v1/models``, ``/v1/models/{id}`` and ``/v1/embeddings`` (OpenAI's shapes)."""
 
     @app.get(
         "/v1/models", tags=["models"], response_model=schemas.ModelList, dependencies=auth, responses=_ERRORS
@@ -540,6 +550,11 @@ def install(app: FastAPI, service: Service) -> None:
             errors=[schemas.ItemError(index=i, message=m) for i, m in sorted(errors.items())],
             usage=schemas.Usage(images=len(data)),
         )
+
+
+def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
+    """``/v1/search`` and the durable indexes' items and info."""
+    limits = service.limits
 
     @app.post(
         "/v1/search",
