@@ -69,7 +69,7 @@ import _doc  # noqa: E402
 import _measure  # noqa: E402
 
 from visreg_hub.inference import EmbeddingPipeline, backend_for, encode, set_backend  # noqa: E402
-from visreg_hub.inference.images import expand_inputs  # noqa: E402
+from visreg_hub.inference.inputs import expand_inputs  # noqa: E402
 from visreg_hub.inference.onnx.runtime import create_session  # noqa: E402
 from visreg_hub.inference.preprocess import Collate, ImageDataset, Preprocessor  # noqa: E402
 from visreg_hub.models import ModelConfig, VISRegEncoder  # noqa: E402
@@ -88,7 +88,7 @@ def write_images(folder: Path, count: int, source_dir: Path | None = None) -> li
     """``count`` JPEG files made from scikit-image's sample photos (falls back to the test fixtures), or
     the image files under ``source_dir`` copied unchanged, cycled to ``count``."""
     if source_dir is not None:
-        from visreg_hub.inference.images import list_image_files
+        from visreg_hub.inference.inputs import list_image_files
 
         originals = list_image_files(source_dir)
         if not originals:

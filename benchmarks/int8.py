@@ -56,7 +56,7 @@ import _measure  # noqa: E402
 from onnx_runtime import versions  # noqa: E402
 
 from visreg_hub.hub import from_pretrained  # noqa: E402
-from visreg_hub.inference.images import list_image_files  # noqa: E402
+from visreg_hub.inference.inputs import list_image_files  # noqa: E402
 from visreg_hub.inference.onnx import OnnxEmbedder, export_onnx, validate_onnx  # noqa: E402
 from visreg_hub.inference.onnx.quantize import calibration_inputs, quantize_int8  # noqa: E402
 from visreg_hub.models import ModelConfig, VISRegEncoder  # noqa: E402

@@ -21,7 +21,8 @@ from PIL import Image
 
 from training.config import FMNIST_DIR, ConfigError, DataSection
 from visreg_hub.errors import ImageDecodeError
-from visreg_hub.inference.images import IMAGE_EXTENSIONS, ImageSource, decode_image, list_image_files
+from visreg_hub.inference.images import IMAGE_EXTENSIONS, ImageSource, decode_image
+from visreg_hub.inference.inputs import list_image_files
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ def expand_image_inputs(inputs: list[str], *, keep_missing: bool = False) -> lis
         keep_missing: keep a path that does not exist, for ``encode(on_error="skip")`` to report as that
             item's failure (``--on-error skip``); otherwise it is an error before any work.
     """
-    from visreg_hub.inference.images import list_image_files
+    from visreg_hub.inference.inputs import list_image_files
 
     paths: list[str] = []
     for item in inputs:

@@ -144,7 +144,7 @@ def test_a_bulk_job_lists_a_folder_as_encode_does_however_deep(tmp_path):
     """Two walks had drifted: a bulk job listed a/x.jpg before a-b.jpg where encode(folder) listed it after,
     and its recursive walk hit Python's recursion limit on a deep tree (probe 15). The names are chosen so
     that sorting full path strings ('-' < '.' < '/') and walking folders in name order disagree."""
-    from visreg_hub.inference.images import list_image_files
+    from visreg_hub.inference.inputs import list_image_files
 
     root = tmp_path / "photos"
     chain = [root]

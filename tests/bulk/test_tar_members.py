@@ -19,7 +19,8 @@ from tests.fixtures_models import tiny_encoder
 from visreg_hub.bulk import listing, run_embedding
 from visreg_hub.errors import ImageDecodeError
 from visreg_hub.inference import encode
-from visreg_hub.inference.images import ImageSource, decode_image, list_image_files
+from visreg_hub.inference.images import ImageSource, decode_image
+from visreg_hub.inference.inputs import list_image_files
 
 pytest.importorskip("pyarrow")
 

@@ -13,7 +13,8 @@ import pytest
 
 from visreg_hub.errors import ImageDecodeError
 from visreg_hub.inference import images
-from visreg_hub.inference.images import ImageSource, decode_image, list_image_files
+from visreg_hub.inference.images import ImageSource, decode_image
+from visreg_hub.inference.inputs import list_image_files
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
 

@@ -12,14 +12,8 @@ from PIL import Image, ImageFile
 
 from tests.inference import malformed
 from visreg_hub.errors import ImageDecodeError
-from visreg_hub.inference.images import (
-    DEFAULT_MAX_PIXELS,
-    ImageSource,
-    decode_image,
-    expand_inputs,
-    is_single_image,
-    list_image_files,
-)
+from visreg_hub.inference.images import DEFAULT_MAX_PIXELS, ImageSource, decode_image
+from visreg_hub.inference.inputs import expand_inputs, is_single_image, list_image_files
 
 
 @pytest.fixture

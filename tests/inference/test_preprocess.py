@@ -10,7 +10,7 @@ from PIL import Image
 from tests.fixtures_models import tiny_config
 from tests.inference import malformed
 from visreg_hub.errors import ConfigError
-from visreg_hub.inference.images import expand_inputs
+from visreg_hub.inference.inputs import expand_inputs
 from visreg_hub.inference.preprocess import Collate, DecodedItem, ImageDataset, Preprocessor
 from visreg_hub.models import ModelConfig
 

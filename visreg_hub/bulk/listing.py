@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from visreg_hub.errors import UserInputError, VisregHubError
-from visreg_hub.inference.images import IMAGE_EXTENSIONS, walk_image_entries
+from visreg_hub.inference.images import IMAGE_EXTENSIONS
+from visreg_hub.inference.inputs import walk_image_entries
 
 TAR_SUFFIXES = (".tar",)
 LIST_SUFFIXES = (".txt",)
@@ -125,7 +126,7 @@ def check_no_overlap(inputs: list[str | os.PathLike], resolved: list[str]) -> No
 
 
 def _walk(root: str) -> Iterator[Item]:
-    """The image files under ``root`` in :func:`~visreg_hub.inference.images.walk_image_entries`' order
+    """The image files under ``root`` in :func:`~visreg_hub.inference.inputs.walk_image_entries`' order
     (``encode(folder)``'s); what cannot be read is a failed item.
 
     why: one unreadable folder, symlink loop or dangling link must not abort or silently shrink the

@@ -15,14 +15,8 @@ with ``from_pretrained(name, backend="onnx")``). ONNX export and the ONNX Runtim
 
 from visreg_hub.inference.backends import Backend, TorchBackend, backend_for, set_backend
 from visreg_hub.inference.embedder import encode, extract_patch_features, patch_pca_rgb
-from visreg_hub.inference.images import (
-    DEFAULT_MAX_PIXELS,
-    IMAGE_EXTENSIONS,
-    ImageSource,
-    decode_image,
-    expand_inputs,
-    list_image_files,
-)
+from visreg_hub.inference.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageSource, decode_image
+from visreg_hub.inference.inputs import expand_inputs, list_image_files
 from visreg_hub.inference.pipeline import BatchEmbeddings, EmbeddingPipeline, EncodeFailure, EncodeResult
 from visreg_hub.inference.preprocess import Preprocessor
 

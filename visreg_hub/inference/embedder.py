@@ -22,7 +22,8 @@ from torch import nn
 
 from visreg_hub.errors import UserInputError, user_stacklevel
 from visreg_hub.inference.backends import BACKENDS, TorchBackend, backend_for, make_spec
-from visreg_hub.inference.images import DEFAULT_MAX_PIXELS, is_single_image
+from visreg_hub.inference.images import DEFAULT_MAX_PIXELS
+from visreg_hub.inference.inputs import is_single_image
 from visreg_hub.inference.pipeline import EmbeddingPipeline, EncodeFailure, EncodeResult
 from visreg_hub.inference.quantize import EMBEDDING_PRECISIONS, quantize_embeddings
 

@@ -1,7 +1,8 @@
 """Robust image decoding: any supported input -> an 8-bit RGB ``PIL.Image``, or a per-item error.
 
-Every input of :func:`visreg_hub.inference.encode` goes through :func:`expand_inputs` (folders are
-listed, 4-D batches split) and then :func:`decode_image`, which applies these rules:
+Every input of :func:`visreg_hub.inference.encode` goes through
+:func:`~visreg_hub.inference.inputs.expand_inputs` (folders are listed, 4-D batches split) and then
+:func:`decode_image`, which applies these rules:
 
 * Files (``str``/``Path``) and encoded ``bytes`` are opened with Pillow and fully decoded (``.load()``)
   so truncated and corrupt files fail here, with a reason, instead of later or silently.
@@ -53,10 +54,9 @@ import re
 import stat
 import struct
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,7 +91,7 @@ _WHITE = (255, 255, 255, 255)
 
 @dataclass(frozen=True)
 class ImageSource:
-    """One image to decode, after :func:`expand_inputs`.
+    """One image to decode, after :func:`~visreg_hub.inference.inputs.expand_inputs`.
 
     Attributes:
         payload: a ``Path``, encoded ``bytes``, ``PIL.Image``, numpy array or torch tensor.
@@ -105,81 +105,6 @@ class ImageSource:
     error: str | None = None
 
 
-class WalkedEntry(NamedTuple):
-    """One result of :func:`walk_image_entries`.
-
-    Attributes:
-        path: the entry's path (the walk's root joined with the names below it).
-        problem: None for an image file; else why it cannot be decoded (see :func:`classify_entry`), or
-            for a folder that cannot be listed, why not.
-        unlistable: True for such a folder (its images, if any, are not in the walk).
-    """
-
-    path: str
-    problem: str | None = None
-    unlistable: bool = False
-
-
-def walk_image_entries(root: str | os.PathLike) -> Iterator[WalkedEntry]:
-    """The image-named entries under ``root``, streamed depth first with each folder's names sorted (the
-    order of sorting the paths by their components: ``a/x.jpg`` before ``a-b.jpg``).
-
-    The one folder walk of ``encode(folder)`` (:func:`list_image_files`), ``visreg-hub embed`` and bulk
-    jobs, so that they list the same files in the same order. Files are matched by extension
-    (case-insensitive, see ``IMAGE_EXTENSIONS``); hidden files and folders (name starting with ``.``,
-    e.g. macOS ``._photo.jpg`` resource forks) are skipped, and so are symlinked folders (never
-    followed: no cycles). An image-named entry that cannot be decoded (a dangling link, a symlink loop,
-    a FIFO, socket or device) comes with its ``problem``, and a folder that cannot be listed as
-    ``unlistable``, so that callers report them instead of the listing silently shrinking.
-
-    why an explicit stack of iterators: a tree deeper than Python's recursion limit is walked too, and
-    only one folder's names per level are held in memory.
-    """
-    pending: list[Iterator[os.DirEntry]] = []
-    directory: str | None = os.fspath(root)
-    while True:
-        if directory is not None:
-            try:
-                with os.scandir(directory) as scan:
-                    pending.append(iter(sorted(scan, key=lambda entry: entry.name)))
-            except OSError as exc:
-                yield WalkedEntry(directory, f"cannot list this folder ({exc.strerror or exc})", True)
-            directory = None
-        if not pending:
-            return
-        entry = next(pending[-1], None)
-        if entry is None:
-            pending.pop()
-        elif not entry.name.startswith("."):
-            kind = classify_entry(entry)
-            if kind == "dir":
-                directory = entry.path
-            elif kind is not None:
-                yield WalkedEntry(entry.path, None if kind == "file" else kind)
-
-
-def list_image_files(folder: str | os.PathLike) -> list[Path]:
-    """Image files under ``folder``, recursively, in :func:`walk_image_entries`' order.
-
-    Every image-named entry is listed, also one that cannot be decoded, so that decoding reports it
-    instead of the folder silently shrinking. A sub-folder that cannot be listed is left out with a
-    logged warning.
-
-    Raises:
-        NotADirectoryError: ``folder`` is not a directory.
-    """
-    root = Path(folder)
-    if not root.is_dir():
-        raise NotADirectoryError(f"{root} is not a directory; pass a folder of images")
-    found: list[Path] = []
-    for walked in walk_image_entries(root):
-        if walked.unlistable:
-            logger.warning("%s: %s; its images are left out", walked.path, walked.problem)
-        else:
-            found.append(Path(walked.path))
-    return found
-
-
 # Why an image-named path cannot be decoded; the folder walks here and in visreg_hub.bulk share them.
 DANGLING_LINK_REASON = "a symlink whose target does not exist; fix or remove the link"
 NOT_REGULAR_REASON = "not a regular file (a FIFO, socket or device); only image files are embedded"
@@ -189,30 +114,6 @@ FILE_NOT_FOUND_REASON = "file not found; check the path"
 def unreadable_entry_reason(exc: OSError) -> str:
     """Why a path whose status cannot be read (ELOOP: a symlink loop, EACCES, ...) is not decoded."""
     return f"cannot read this entry ({exc.strerror or exc}); fix or remove it"
-
-
-def classify_entry(entry: os.DirEntry) -> str | None:
-    """What a folder walk does with one directory entry.
-
-    Returns:
-        ``"dir"``: a real folder, to walk into (a symlinked folder is not followed, so a walk has no
-        cycles); ``"file"``: an image-named regular file (links followed); None: not an image (skip);
-        otherwise why the image-named entry cannot be decoded (without the path): a dangling link, a
-        symlink loop or an unreadable entry, a FIFO, socket or device. Such an entry is reported, never
-        skipped silently, and never opened (opening a FIFO blocks until a writer appears).
-    """
-    try:
-        if entry.is_dir(follow_symlinks=False):
-            return "dir"
-        if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS or entry.is_dir():
-            return None
-        if entry.is_file():
-            return "file"
-        if entry.is_symlink() and not os.path.exists(entry.path):
-            return DANGLING_LINK_REASON
-        return NOT_REGULAR_REASON
-    except OSError as exc:  # why: DirEntry.is_dir/is_file raise for ELOOP (a symlink loop), EACCES, ...
-        return unreadable_entry_reason(exc)
 
 
 def file_problem(path: str | os.PathLike) -> str | None:
@@ -259,31 +160,25 @@ def _open_regular_file(path: Path, label: str) -> io.BufferedReader:
         raise
 
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# The types that are one image each (a file object too, see is_file_like); anything else is iterated.
+SINGLE_INPUT_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, torch.Tensor)
 
 
-_SINGLE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, torch.Tensor)
-
-
-def _is_single(obj: Any) -> bool:
-    return isinstance(obj, _SINGLE_TYPES) or _is_file_like(obj)
-
-
-def _is_file_like(obj: Any) -> bool:
+def is_file_like(obj: Any) -> bool:
     """``obj`` is an open file or file-like stream (``BytesIO``, an upload handle): it has ``.read()``.
 
     Such objects are also iterable (line by line), so this check must come before any iteration.
     """
-    return not isinstance(obj, _SINGLE_TYPES) and callable(getattr(obj, "read", None))
+    return not isinstance(obj, SINGLE_INPUT_TYPES) and callable(getattr(obj, "read", None))
 
 
-_TEXT_FILE_REASON = (
+TEXT_FILE_REASON = (
     "a text-mode file object is not an image; open the image in binary mode (open(path, 'rb')) or pass "
     "its path; for a text file that lists image paths pass [line.strip() for line in f]"
 )
 
 
-def _file_source(handle: Any, label: str) -> ImageSource:
+def file_object_source(handle: Any, label: str) -> ImageSource:
     """One file object -> one :class:`ImageSource` holding its encoded bytes, or a failing item.
 
     The bytes are read here, not at decode time: an open handle cannot be sent to DataLoader worker
@@ -292,97 +187,17 @@ def _file_source(handle: Any, label: str) -> ImageSource:
     name = getattr(handle, "name", None)
     label = f"{label} (file {name})" if isinstance(name, str) else f"{label} (file object)"
     if isinstance(handle, io.TextIOBase):  # refused without reading: sys.stdin must not block
-        return ImageSource(None, label, _TEXT_FILE_REASON)
+        return ImageSource(None, label, TEXT_FILE_REASON)
     try:
         data = handle.read()
     except Exception as exc:  # why: closed (ValueError), write-only (UnsupportedOperation), I/O errors...
         return ImageSource(None, label, f"file object cannot be read ({type(exc).__name__}: {exc})")
     if isinstance(data, str):  # a text stream that is not an io.TextIOBase (e.g. a wrapper)
-        return ImageSource(None, label, _TEXT_FILE_REASON)
+        return ImageSource(None, label, TEXT_FILE_REASON)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         reason = f"file object's read() returned {type(data).__name__}, not bytes; pass the image's bytes"
         return ImageSource(None, label, reason)
     return ImageSource(bytes(data), label)
-
-
-def is_single_image(obj: Any) -> bool:
-    """``obj`` is one image, not a list, a folder or a 4-D batch (``encode`` then returns a 1-D vector)."""
-    if not _is_single(obj):
-        return False
-    if isinstance(obj, (str, os.PathLike)):
-        return not Path(obj).expanduser().is_dir()
-    return not (isinstance(obj, (np.ndarray, torch.Tensor)) and obj.ndim == 4)
-
-
-def expand_inputs(images: Any) -> list[ImageSource]:
-    """Flatten ``encode()`` inputs into one :class:`ImageSource` per image.
-
-    Folders expand to their image files (:func:`list_image_files`); a 4-D numpy array (N, H, W, C) or
-    tensor (B, C, H, W) expands to its images. The position of an item in the returned list is the
-    index that ``encode(..., on_error="skip")`` reports for failures; it equals the input position
-    when no folder or 4-D batch was given. Problems found here (empty folder, bad batch shape,
-    unsupported type) become items that fail on decode, so one bad input never loses the others.
-
-    Args:
-        images: a path, folder, encoded bytes, binary file object, PIL image, array or tensor, or an
-            iterable of them. A file object is one image (never iterated as lines).
-
-    Returns:
-        The expanded sources, in input order.
-    """
-    if isinstance(images, Mapping):  # iterating would embed its keys
-        reason = "a dict is not a list of images; pass a list (e.g. list(the_dict.values()))"
-        return [ImageSource(None, "item 0 (dict)", reason)]
-    items = [images] if _is_single(images) else list(images) if isinstance(images, Iterable) else [images]
-    sources: list[ImageSource] = []
-    for k, obj in enumerate(items):
-        label = f"item {k}"
-        if isinstance(obj, torch.Tensor) and obj.is_meta:  # .cpu() would raise NotImplementedError
-            sources.append(ImageSource(None, label, _META_TENSOR_REASON))
-            continue
-        if isinstance(obj, torch.Tensor):
-            # why: decoding runs on the CPU, possibly in forked DataLoader workers, which cannot touch CUDA
-            obj = obj.detach().cpu()
-        if isinstance(obj, str) and not obj.strip():  # Path("") is ".": never embed a folder by accident
-            sources.append(ImageSource(None, f"{label} (empty string)", "empty path; pass a file or folder"))
-        elif isinstance(obj, str) and _URL.match(obj.strip()) and not Path(obj).exists():
-            reason = "encode() does not fetch URLs; download the file and pass its path (or its bytes)"
-            sources.append(ImageSource(None, obj.strip()[:200], reason))
-        elif isinstance(obj, (str, os.PathLike)):
-            path = Path(obj).expanduser()
-            if path.is_dir():
-                files = list_image_files(path)
-                if not files:
-                    reason = f"directory contains no image files (looked for {', '.join(IMAGE_EXTENSIONS)})"
-                    sources.append(ImageSource(None, str(path), reason))
-                sources.extend(ImageSource(f, str(f)) for f in files)
-            else:
-                sources.append(ImageSource(path, str(path)))
-        elif isinstance(obj, (bytes, bytearray, memoryview)):
-            sources.append(ImageSource(bytes(obj), f"{label} (bytes)"))
-        elif _is_file_like(obj):
-            sources.append(_file_source(obj, label))
-        elif isinstance(obj, (np.ndarray, torch.Tensor)) and obj.ndim == 4:
-            channel_axis = -1 if isinstance(obj, np.ndarray) else 1
-            if not 1 <= obj.shape[channel_axis] <= 4:
-                layout = "(N, H, W, C)" if channel_axis == -1 else "(B, C, H, W)"
-                reason = f"4-D input of shape {tuple(obj.shape)} must be a {layout} batch with 1-4 channels"
-                if channel_axis == -1 and 1 <= obj.shape[1] <= 4:  # numpy is channels-last, as PIL's arrays
-                    reason += "; channels-first? use array.transpose(0, 2, 3, 1)"
-                elif channel_axis == 1 and 1 <= obj.shape[-1] <= 4:  # tensors are channels-first, as torch's
-                    reason += "; channels-last? use tensor.permute(0, 3, 1, 2)"
-                sources.append(ImageSource(None, label, reason))
-            else:
-                sources.extend(ImageSource(obj[j], f"{label}[{j}]") for j in range(obj.shape[0]))
-        elif isinstance(obj, (Image.Image, np.ndarray, torch.Tensor)):
-            sources.append(ImageSource(obj, label))
-        else:
-            reason = (
-                f"unsupported input type {type(obj).__name__}; pass a path, folder, bytes, PIL image, "
-                "numpy array (H, W, C) or tensor (C, H, W)"
-            )
-            sources.append(ImageSource(None, label, reason))
-    return sources
 
 
 def decode_image(
@@ -395,8 +210,9 @@ def decode_image(
     """Decode one image to an 8-bit RGB ``PIL.Image`` (rules in the module docstring).
 
     Args:
-        source: an :class:`ImageSource`, or any single input accepted by :func:`expand_inputs`
-            (path, bytes, binary file object, PIL image, HWC array, CHW tensor).
+        source: an :class:`ImageSource`, or any single input accepted by
+            :func:`~visreg_hub.inference.inputs.expand_inputs` (path, bytes, binary file object, PIL
+            image, HWC array, CHW tensor).
         max_pixels: refuse images with more pixels than this (width * height, read from the header
             before decoding); None disables this cap. Pillow's own hard limit
             (``2 * PIL.Image.MAX_IMAGE_PIXELS``) still applies.
@@ -413,8 +229,8 @@ def decode_image(
     """
     if isinstance(source, (str, os.PathLike)):
         source = ImageSource(Path(source), str(source))  # errors name the file, as in encode()
-    elif _is_file_like(source):
-        source = _file_source(source, f"{type(source).__name__} input")
+    elif is_file_like(source):
+        source = file_object_source(source, f"{type(source).__name__} input")
     elif not isinstance(source, ImageSource):
         source = ImageSource(source, f"{type(source).__name__} input")
     if source.error is not None:
@@ -607,14 +423,14 @@ def _high_depth_to_uint8(values: np.ndarray, mode: str, label: str) -> np.ndarra
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-_META_TENSOR_REASON = (
+META_TENSOR_REASON = (
     "tensor is on the meta device and holds no pixel values; pass a tensor with data (e.g. on 'cpu')"
 )
 
 
 def _tensor_to_hwc(tensor: torch.Tensor, label: str) -> np.ndarray:
     if tensor.is_meta:
-        raise ImageDecodeError(f"{label}: {_META_TENSOR_REASON}")
+        raise ImageDecodeError(f"{label}: {META_TENSOR_REASON}")
     if not (tensor.dtype in (torch.uint8, torch.uint16) or tensor.is_floating_point()):
         raise ImageDecodeError(
             f"{label}: tensor dtype {tensor.dtype} is not supported; pass uint8 (0-255) or float in [0, 1]"

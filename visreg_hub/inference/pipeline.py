@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from visreg_hub.errors import ImageDecodeError, UserInputError
 from visreg_hub.inference.backends import Backend
-from visreg_hub.inference.images import DEFAULT_MAX_PIXELS, ImageSource, expand_inputs
+from visreg_hub.inference.images import DEFAULT_MAX_PIXELS, ImageSource
+from visreg_hub.inference.inputs import expand_inputs
 from visreg_hub.inference.preprocess import Collate, ImageDataset
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class EncodeFailure(NamedTuple):
     """An item that could not be embedded.
 
     Attributes:
-        index: position in the expanded input list (see :func:`~visreg_hub.inference.images.expand_inputs`;
+        index: position in the expanded input list (see :func:`~visreg_hub.inference.inputs.expand_inputs`;
             the input position when no folder or 4-D batch was given).
         reason: the item's label (path or ``item K``) and what went wrong.
     """

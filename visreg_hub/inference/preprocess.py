@@ -231,7 +231,7 @@ class ImageDataset(torch.utils.data.Dataset):
     """Decode + resize/crop per item, errors caught per item (for DataLoader workers).
 
     Args:
-        sources: from :func:`visreg_hub.inference.images.expand_inputs`.
+        sources: from :func:`visreg_hub.inference.inputs.expand_inputs`.
         preprocessor: the model's :class:`Preprocessor` (or another transform with its call signature).
         max_pixels: decompression-bomb cap passed to :func:`decode_image`.
         draft_decode: decode large JPEGs at a reduced scale (:func:`draft_size` of ``preprocessor``).

@@ -142,7 +142,7 @@ class Client:
         import torch
 
         from visreg_hub.inference import EncodeFailure, EncodeResult
-        from visreg_hub.inference.images import expand_inputs, is_single_image
+        from visreg_hub.inference.inputs import expand_inputs, is_single_image
 
         if on_error not in ("raise", "skip"):
             raise UserInputError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -208,7 +208,7 @@ class Client:
             ``SearchResult(scores (Q, k'), ids (Q, k'), metadata)``, ``k' = min(k, count)``; the last
             columns hold ``-1`` / ``-inf`` where a query found fewer hits.
         """
-        from visreg_hub.inference.images import expand_inputs
+        from visreg_hub.inference.inputs import expand_inputs
         from visreg_hub.retrieval import SearchResult
 
         if _is_vectors(queries):
@@ -249,7 +249,7 @@ class Client:
         Returns:
             ``(N,)`` int64: the items' ids.
         """
-        from visreg_hub.inference.images import expand_inputs
+        from visreg_hub.inference.inputs import expand_inputs
 
         body: dict[str, Any] = {"metadata": metadata, "ids": ids}
         if vectors is not None:

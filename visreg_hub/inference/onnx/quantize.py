@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from visreg_hub.errors import UserInputError, require_extra
-from visreg_hub.inference.images import ImageSource, expand_inputs
+from visreg_hub.inference.images import ImageSource
+from visreg_hub.inference.inputs import expand_inputs
 from visreg_hub.inference.preprocess import ImageDataset, Preprocessor
 from visreg_hub.native_io import utf8_path
 
