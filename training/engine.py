@@ -168,19 +168,31 @@ class Trainer:
             # before anything is written: a checkpoint refused here (another loss, other data statistics,
             # a damaged file) must leave the run's config.yaml and logs as they were, and a new output
             # folder uncreated, or the refused settings would describe the run (and its export) from now on
-            written = ckpt.read_state(folder)  # the settings the checkpoint was written with
-            check_resume_settings(written.get("config") if isinstance(written, dict) else None,
-                                  config.to_dict(), folder)  # fmt: skip
-            check_resume_position(written, self.plan.total_steps, folder)
-            notes = load_training_state(folder, self.parts, self.rank, resolved[1], self.plan.steps_by_epoch)
-            for note in notes:
-                logger.warning(note)
-            logger.info(
-                "resumed from %s at step %d (epoch %d)", folder, self.state.global_step, self.state.epoch
-            )
-            # a finished run resumed again: its last checkpoint is this one, not to be saved (and evaluated,
-            # logging the final metrics line a second time) again
-            self._last_saved_step, self._last_saved_path = self.state.global_step, folder
+            self._restore(folder, resolved[1])
+        self._prepare_output(resumed=resume is not None)
+        self.start_step = self.state.global_step
+        self._loss_sum = torch.zeros((), device=accelerator.device)
+        self._loss_count = 0
+        self._evaluated_at: int | None = None
+
+    def _restore(self, folder: Path, names: set[str]) -> None:
+        """Load the checkpoint ``folder`` (its verified files ``names``) into the live objects, after
+        checking it was written with this run's objective and normalisation and is not past its end."""
+        written = ckpt.read_state(folder)  # the settings the checkpoint was written with
+        check_resume_settings(written.get("config") if isinstance(written, dict) else None,
+                              self.config.to_dict(), folder)  # fmt: skip
+        check_resume_position(written, self.plan.total_steps, folder)
+        for note in load_training_state(folder, self.parts, self.rank, names, self.plan.steps_by_epoch):
+            logger.warning(note)
+        logger.info("resumed from %s at step %d (epoch %d)", folder, self.state.global_step, self.state.epoch)
+        # a finished run resumed again: its last checkpoint is this one, not to be saved (and evaluated,
+        # logging the final metrics line a second time) again
+        self._last_saved_step, self._last_saved_path = self.state.global_step, folder
+
+    def _prepare_output(self, resumed: bool) -> None:
+        """The output folder (created), its config.yaml, the trackers, and on a resume metrics.jsonl
+        without the lines of the steps about to run again."""
+        accelerator, config = self.accelerator, self.config
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temporaries(self.checkpoint_root)
@@ -188,15 +200,11 @@ class Trainer:
             text = yaml.safe_dump(config.to_dict(), sort_keys=False)
             write_atomic(self.output_dir / "config.yaml", lambda tmp: tmp.write_text(text, encoding="utf-8"))
         accelerator.wait_for_everyone()
-        if accelerator.trackers == [] and train.log_with != "none":
+        if accelerator.trackers == [] and config.train.log_with != "none":
             accelerator.init_trackers("tensorboard", config=flat_dict(config.to_dict()))
-        if accelerator.is_main_process and resume is not None:
+        if accelerator.is_main_process and resumed:
             # the steps after the checkpoint are run again: drop their old lines (or a fresh start's)
             trim_metrics(self.output_dir / "metrics.jsonl", self.state.global_step)
-        self.start_step = self.state.global_step
-        self._loss_sum = torch.zeros((), device=accelerator.device)
-        self._loss_count = 0
-        self._evaluated_at: int | None = None
 
     def _run_identity(self, resumed_from: Path | None) -> str:
         """The run id this run's checkpoints record: the output folder's run keeps its id across resumes.
