@@ -17,6 +17,7 @@ best, ``latest`` pointer) and ``final/`` (the backbone in the hub format, loadab
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(path)
             else:
                 path.unlink()
+        output = Path(config.train.output_dir).expanduser().absolute()
+        created = [folder for folder in (output, *output.parents) if not folder.exists()]  # leaf first
         check_output_dir(config)  # last: creates the folder, so only once everything else is right
     except (ConfigError, FileNotFoundError) as exc:
         return _fail(exc, 2, args.verbose)
@@ -161,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         summary = trainer.fit()
     except ConfigError as exc:  # found while opening the data (e.g. fewer images than one batch)
+        if trainer is None:  # refused before anything was written: leave no folder this run created
+            with contextlib.suppress(OSError):  # rmdir removes only empty folders; stop at the first other
+                for folder in created:
+                    folder.rmdir()
         return _fail(exc, 2, args.verbose)
     except KeyboardInterrupt as exc:
         how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"

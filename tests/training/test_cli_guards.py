@@ -47,6 +47,20 @@ def test_rerun_into_an_existing_output_dir_is_refused(tmp_path, capsys):
     assert "must be a Hub repository id" in capsys.readouterr().err and marker.is_file()
 
 
+def test_a_run_refused_while_opening_its_data_leaves_no_folder_behind(tmp_path, capsys):
+    """data.val_size >= the number of images is found when the data is opened, after the output folder
+    was created: it stayed behind, empty (noted since probe 10); a folder that existed stays."""
+    from training import pretrain
+
+    output = tmp_path / "new" / "run"
+    assert pretrain.main([*FIXTURE_ARGS, f"train.output_dir={output}", "data.val_size=500"]) == 2
+    assert "leaves none of 500 to train on" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    assert pretrain.main([*FIXTURE_ARGS, f"train.output_dir={tmp_path / 'kept'}", "data.val_size=500"]) == 2
+    assert (tmp_path / "kept").is_dir()
+
+
 def test_resume_auto_with_nothing_to_resume_does_not_replace_a_finished_run(tmp_path, capsys):
     """A finished run whose checkpoints were pruned (compare.py does so): --resume auto would start afresh
     and replace its final/ and metrics, so it is refused like a fresh run over it."""
