@@ -24,7 +24,6 @@ import torch
 from tests.fixtures_models import tiny_encoder
 from tests.inference import malformed
 from visreg_hub.hub import from_pretrained
-from visreg_hub.inference import backends
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -353,7 +352,7 @@ def test_int8_backend_quantises_the_linear_layers(folder, cache_root, photo_path
     embeddings = model.encode(photo_paths)
     (call,) = exports
     assert call["int8"] is True
-    (_, embedder), *_ = backends._ONNX_BACKENDS[model].values()
+    (_, embedder), *_ = onnx_backend.LIVE_BACKENDS[model].values()
     assert embedder.metadata.precision == "int8" and embedder.metadata.quantization == "dynamic"
     ops = {node.op_type for node in onnx.load(str(embedder.path)).graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops and "MatMul" in ops  # attention stays float

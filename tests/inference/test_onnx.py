@@ -29,7 +29,6 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from visreg_hub.inference import backends  # noqa: E402
 from visreg_hub.inference.onnx import (  # noqa: E402
     OnnxEmbedder,
     OnnxValidationError,
@@ -38,7 +37,7 @@ from visreg_hub.inference.onnx import (  # noqa: E402
     read_onnx_metadata,
     validate_onnx,
 )
-from visreg_hub.inference.onnx.backend import weights_fingerprint  # noqa: E402
+from visreg_hub.inference.onnx.backend import LIVE_BACKENDS, weights_fingerprint  # noqa: E402
 from visreg_hub.inference.onnx.graph import PreprocessingSpec, preprocessing_model  # noqa: E402
 
 BAKED_SIZE = (48, 40)  # (H, W) of the uint8 input of the baked graph: portrait, not the model size
@@ -353,9 +352,9 @@ def test_baked_preprocessing_of_a_grayscale_model_matches_pil_luma(photos):
 def test_encode_backend_onnx_fp16_fused(model, photo_paths):
     ours = encode_onnx(model, photo_paths, dtype="fp16", optimize=True)
     assert cosine(ours, model.encode(photo_paths)).min() >= 0.999
-    (_fingerprint, embedder), *_ = backends._ONNX_BACKENDS[model].values()
+    (_fingerprint, embedder), *_ = LIVE_BACKENDS[model].values()
     assert encode_onnx(model, photo_paths[:1], dtype="fp16", optimize=True).shape == (1, 32)
-    cached = backends._ONNX_BACKENDS[model][("cls", "fp16", True, None, 0)][1]
+    cached = LIVE_BACKENDS[model][("cls", "fp16", True, None, 0)][1]
     assert cached is embedder  # cached, not re-exported
     meta = embedder.metadata
     assert meta.precision == "fp16" and meta.fusions.get("sdpa_via_mha") == 2  # one attention per block

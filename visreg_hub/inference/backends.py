@@ -351,9 +351,6 @@ def spec_of(model: nn.Module) -> BackendSpec:
     return spec if isinstance(spec, BackendSpec) else BackendSpec()
 
 
-_ONNX_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def backend_for(
     model: nn.Module,
     *,
@@ -388,9 +385,7 @@ def backend_for(
     from visreg_hub.inference.onnx.cache import OnnxCacheError
 
     try:
-        return onnx_backend_for(
-            model, spec, pooling=pooling, device=device, dtype=dtype, cache=_ONNX_BACKENDS
-        )
+        return onnx_backend_for(model, spec, pooling=pooling, device=device, dtype=dtype)
     except OnnxCacheError as exc:
         if spec.backend != "auto":  # ONNX was asked for by name: its error names the folder and the fix
             raise

@@ -194,13 +194,16 @@ def export_cached(
 
 
 _EXPORT_LOCK = threading.Lock()  # held while a graph is exported or opened (see onnx_backend_for)
-_CACHE_LOCK = threading.Lock()  # guards the in-memory cache's dictionaries
+_CACHE_LOCK = threading.Lock()  # guards LIVE_BACKENDS' dictionaries
+# The in-memory cache: model -> {(pooling, precision, optimize, providers, device id): (WeightsWatch,
+# OnnxEmbedder)}, weakly keyed, so a session lives as long as its model (the disk cache is .cache's).
+LIVE_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _current(cache: weakref.WeakKeyDictionary, model: nn.Module, key: tuple) -> tuple | None:
+def _current(model: nn.Module, key: tuple) -> tuple | None:
     """The cached (watch, embedder) of ``model`` for ``key`` if its weights are unchanged, else None."""
     with _CACHE_LOCK:
-        entry = cache.get(model, {}).get(key)
+        entry = LIVE_BACKENDS.get(model, {}).get(key)
     return entry if entry is not None and entry[0].unchanged(model) else None
 
 
@@ -212,7 +215,6 @@ def onnx_backend_for(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     optimize: bool = False,
-    cache: weakref.WeakKeyDictionary,
 ) -> OnnxBackend:
     """The ONNX backend of ``model`` for one call's arguments (exported or read from disk on first use).
 
@@ -223,7 +225,6 @@ def onnx_backend_for(
         device: None: ``spec.provider`` (None: best available); ``"cpu"``; ``"cuda"`` / ``"cuda:1"``.
         dtype: None: ``spec.precision``; float32 or float16 choose the graph precision; bfloat16 is refused.
         optimize: export with ONNX Runtime fusions.
-        cache: model -> {key: (WeightsWatch, embedder)}, weakly keyed by the model.
     """
     pooling = model.config.pooling if pooling is None else pooling
     model.embedding_dim(pooling)  # validates before any export
@@ -235,13 +236,13 @@ def onnx_backend_for(
     precision = spec.precision if resolved is None else "fp16" if resolved == torch.float16 else "fp32"
     providers, device_id = _providers_for(spec, device)
     key = (pooling, precision, optimize, providers, device_id)
-    entry = _current(cache, model, key)
+    entry = _current(model, key)
     if entry is None:
         # why one lock for the process: torch.export keeps global tracing state, so two exports in two
         # threads (a server's first requests, on one model or two) break each other and can leave fake
         # tensors in the model; the second thread waits here and then finds the first one's graph
         with _EXPORT_LOCK:
-            entry = _current(cache, model, key)
+            entry = _current(model, key)
             if entry is None:
                 watch = WeightsWatch(model)
                 path = export_cached(
@@ -251,7 +252,7 @@ def onnx_backend_for(
                 logger.info("%s runs on ONNX Runtime: %s", model.config.name or "the model", embedder)
                 entry = (watch, embedder)
                 with _CACHE_LOCK:
-                    cache.setdefault(model, {})[key] = entry
+                    LIVE_BACKENDS.setdefault(model, {})[key] = entry
     return OnnxBackend(entry[1])
 
 
@@ -281,12 +282,9 @@ def encode_onnx(
         optimize: export with ONNX Runtime fusions.
         **run_kwargs: ``batch_size``, ``num_workers``, ``show_progress_bar`` (see ``encode()``).
     """
-    from visreg_hub.inference.backends import _ONNX_BACKENDS
-
     backend = onnx_backend_for(
-        model, BackendSpec("onnx"), pooling=pooling, device=device, dtype=dtype, optimize=optimize,
-        cache=_ONNX_BACKENDS,
-    )  # fmt: skip
+        model, BackendSpec("onnx"), pooling=pooling, device=device, dtype=dtype, optimize=optimize
+    )
     pipeline = EmbeddingPipeline(
         backend, normalize=normalize, max_pixels=max_pixels, draft_decode=draft_decode
     )
