@@ -69,8 +69,11 @@ def _crafted(config: dict, model_args: dict) -> None:
     [
         (lambda c: c["pretrained_cfg"].update(input_size=[3, 10**5, 10**5]), r"input_size is"),
         (lambda c: c["pretrained_cfg"].update(input_size=[3, -5, 32]), r"pretrained_cfg\.input_size is"),
-        # missing: timm and transformers fall back to the architecture's 224 px (probe 15)
+        # missing: timm and transformers fall back to their default 224 px (probe 15)
         (lambda c: c["pretrained_cfg"].pop("input_size"),
+         r"input_size is missing, .* default \[3, 224, 224\]"),
+        # ... whatever the architecture's name says (its *_384 default is replaced by the folder's cfg)
+        (lambda c: (c["pretrained_cfg"].pop("input_size"), c.update(architecture="vit_tiny_patch16_384")),
          r"input_size is missing, .* default \[3, 224, 224\]"),
         (lambda c: c.update(num_features=10**12), r"num_features is 1000000000000 but the model .* has 32"),
         (lambda c: c.update(num_classes=1000), "num_classes is 1000"),
@@ -88,6 +91,26 @@ def test_fields_timm_and_transformers_read_must_agree_with_the_model(folder, no_
     with pytest.raises(CheckpointError, match=message):
         from_pretrained(folder)
     assert no_network == []
+
+
+def test_a_missing_input_size_is_refused_only_where_timm_would_read_another_size(tmp_path):
+    """timm and transformers fall back to 224 px when pretrained_cfg has no input_size, whatever the
+    architecture's own default: a *_384 name at 224 px loads; the same name at 384 px is refused."""
+    import json
+
+    from tests.fixtures_models import tiny_encoder
+
+    for img_size, refused in ((224, False), (384, True)):
+        folder = tiny_encoder(img_size=img_size, patch_size=32).save_pretrained(tmp_path / str(img_size))
+        config = json.loads((folder / "config.json").read_text())
+        config["architecture"] = "vit_tiny_patch16_384"
+        del config["pretrained_cfg"]["input_size"]
+        (folder / "config.json").write_text(json.dumps(config))
+        if refused:
+            with pytest.raises(CheckpointError, match=r"input_size is missing"):
+                from_pretrained(folder)
+        else:
+            assert from_pretrained(folder).config.img_size == 224
 
 
 def test_a_local_load_never_touches_the_network(folder, no_network):

@@ -406,6 +406,31 @@ def test_push_to_hub_failures_are_one_line_naming_the_fix(monkeypatch, tmp_path)
         tiny_encoder().push_to_hub("me/x", token=TOKEN)
 
 
+@pytest.mark.parametrize(
+    ("status", "advice"),
+    [(401, "set HF_TOKEN to a write token"), (404, "no such repository"), (429, "wait a minute"),
+     (503, "the Hub failed; try again later")],
+)  # fmt: skip
+def test_a_hub_refusal_names_its_own_fix(monkeypatch, status, advice):
+    """Every HTTP refusal was reported as a token problem, a 503 or a 429 too (review 16)."""
+    import httpx
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from visreg_hub.errors import HubRequestError
+    from visreg_hub.hub.remote import hub_request
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    answer = httpx.Response(status, request=httpx.Request("POST", "https://huggingface.co/api/repos/create"))
+
+    def refused():
+        raise HfHubHTTPError("refused", response=answer)
+
+    with pytest.raises(HubRequestError, match=rf"HTTP {status}: .*{advice}") as info:
+        hub_request("push_to_hub me/x", refused, fix="or upload later")
+    assert status in (401, 403) or "HF_TOKEN to a write token" not in str(info.value)
+
+
 def test_push_refuses_malformed_repo_ids_before_any_request(monkeypatch):
     from huggingface_hub import HfApi
 

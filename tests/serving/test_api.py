@@ -197,6 +197,21 @@ def test_an_async_client_reads_the_413_of_a_body_it_is_still_uploading(server, d
         assert response.status_code == 413 and "max_body_bytes" in response.json()["error"]["message"]
 
 
+def test_a_client_waiting_for_100_continue_gets_the_413_before_uploading(server):
+    """curl sends `Expect: 100-continue` with uploads over 1 MB and waits: reading the refused body to drop
+    it made uvicorn answer 100 Continue, and the client then uploaded all of it just to see the 413."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(
+            f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {3 * LIMITS.max_body_bytes}\r\nExpect: 100-continue\r\n\r\n".encode()
+        )
+        answer = b""
+        while chunk := raw.recv(4096):  # the connection closes after the answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413") and b"max_body_bytes" in answer
+
+
 def test_limit_max_pixels(http, fmnist_images):
     too_big = png_bytes(np.zeros((300, 300), dtype=np.uint8))  # 90,000 > 65,536 pixels
     response = embed(http, [b64(too_big), b64(png_bytes(fmnist_images[0]))], on_error="skip")

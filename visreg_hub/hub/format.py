@@ -306,11 +306,11 @@ def _check_derived_fields(data: dict[str, Any], config: ModelConfig, source: str
                 "from this folder: fix or remove the field"
             )
     input_size = expected["pretrained_cfg.input_size"][2]
-    assumed = None if "input_size" in pretrained_cfg else _timm_default_input_size(config.architecture)
-    if assumed not in (None, input_size):
+    assumed = _timm_fallback_input_size()
+    if "input_size" not in pretrained_cfg and assumed[1:] != input_size[1:]:
         raise CheckpointError(
             f"{source}: pretrained_cfg.input_size is missing, so timm and transformers would preprocess at "
-            f"{config.architecture}'s default {assumed} while the model takes {input_size}: add "
+            f"their default {assumed} while the model takes {input_size}: add "
             f'"input_size": {input_size} to pretrained_cfg'
         )
     sources = [key for key in _DOWNLOAD_KEYS if pretrained_cfg.get(key) not in (None, "")]
@@ -321,13 +321,13 @@ def _check_derived_fields(data: dict[str, Any], config: ModelConfig, source: str
         )
 
 
-def _timm_default_input_size(architecture: str) -> list[int] | None:
-    """``[C, H, W]`` that timm (and transformers' TimmWrapper) assume for ``architecture`` when a folder's
-    pretrained_cfg has no input_size; None for a name timm has no default for."""
-    from timm.models import get_pretrained_cfg
+def _timm_fallback_input_size() -> list[int]:
+    """``[C, H, W]`` that timm and transformers' TimmWrapper assume when a folder's pretrained_cfg has no
+    input_size: timm's ``PretrainedCfg`` default (224 px), whatever the architecture's own default (a
+    ``*_384`` name too: the folder's pretrained_cfg replaces the architecture's)."""
+    from timm.models import PretrainedCfg
 
-    default = get_pretrained_cfg(architecture)
-    return None if default is None or default.input_size is None else list(default.input_size)
+    return list(PretrainedCfg().input_size)
 
 
 _PROMOTED_TYPES = {

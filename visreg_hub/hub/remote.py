@@ -41,10 +41,7 @@ def hub_request(what: str, call: Callable[[], T], *, fix: str) -> T:
         raise HubRequestError(f"{what}: no Hub token; run `hf auth login` or set HF_TOKEN, {fix}") from exc
     except HfHubHTTPError as exc:
         status = getattr(exc.response, "status_code", None)
-        why = "the token is missing, invalid or read-only" if status in (401, 403) else f"HTTP {status}"
-        raise HubRequestError(
-            f"{what}: the Hub refused the request ({why}); set HF_TOKEN to a token with write access, {fix}"
-        ) from exc
+        raise HubRequestError(f"{what}: the Hub refused the request ({_refusal(status)}), {fix}") from exc
     except Exception as exc:
         if not _unreachable(exc):
             raise
@@ -52,6 +49,19 @@ def hub_request(what: str, call: Callable[[], T], *, fix: str) -> T:
             f"{what}: the Hugging Face Hub at {constants.ENDPOINT} is unreachable ({type(exc).__name__}: "
             f"{exc}); {fix}"
         ) from exc
+
+
+def _refusal(status: int | None) -> str:
+    """Why the Hub answered ``status``, and what to do about it."""
+    if status in (401, 403):
+        return f"HTTP {status}: the token is missing, invalid or read-only; set HF_TOKEN to a write token"
+    if status == 404:
+        return "HTTP 404: no such repository or revision, or the token cannot see it; check name and HF_TOKEN"
+    if status == 429:
+        return "HTTP 429: too many requests; wait a minute and try again"
+    if status is not None and status >= 500:
+        return f"HTTP {status}: the Hub failed; try again later"
+    return f"HTTP {status}"
 
 
 def _unreachable(exc: BaseException) -> bool:

@@ -94,6 +94,8 @@ def parquet_shape(path: Path) -> tuple[int, int, dict[bytes, bytes]]:
             variable = kind is not None and (pa.types.is_list(kind) or pa.types.is_large_list(kind))
             if variable and pa.types.is_floating(kind.value_type):
                 return rows, _uniform_width(handle, path), schema.metadata or {}
+    except EmbeddingSourceError:  # its own message (uneven or null rows), not "unreadable: re-run embed"
+        raise
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise EmbeddingSourceError(
             f"{path} is not a readable parquet file ({exc}); if it is a shard of an embed folder, delete it "

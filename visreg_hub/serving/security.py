@@ -78,8 +78,9 @@ class BodyLimitMiddleware:
     up to :data:`DRAIN_FACTOR` times the limit is read and dropped (within ``drain_timeout_s``) before the
     413 goes out on a connection kept open. why: closing while the client still uploads resets the
     connection, and async HTTP clients (``openai.AsyncOpenAI``, ``httpx.AsyncClient``) then report a
-    connection error, never the 413 naming the limit, and retry the whole upload. Larger claims, and
-    bodies that do not arrive in time, get the 413 on a closing connection.
+    connection error, never the 413 naming the limit, and retry the whole upload. Larger claims, bodies
+    that do not arrive in time, and clients waiting for ``100 Continue`` (curl's uploads over 1 MB) get
+    the 413 on a closing connection, with nothing uploaded.
     """
 
     def __init__(self, app, limit: int, on_refuse=None, drain_timeout_s: float = 30.0) -> None:
@@ -91,10 +92,14 @@ class BodyLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"")
         if declared.isdigit() and (len(declared) > 20 or int(declared) > self.limit):
             self.on_refuse()
-            drainable = len(declared) <= 20 and int(declared) <= DRAIN_FACTOR * self.limit
+            # a client waiting for "100 Continue" has sent no body yet: reading one would invite it to
+            # upload what is refused (uvicorn answers 100 on the first read), so it gets the 413 at once
+            waiting = headers.get(b"expect", b"").lower() == b"100-continue"
+            drainable = not waiting and len(declared) <= 20 and int(declared) <= DRAIN_FACTOR * self.limit
             drained = drainable and await self._drain(receive)
             message = BodyTooLargeError(self.limit).detail
             return await send_closing_error(send, 413, message, "max_body_bytes", close=not drained)
