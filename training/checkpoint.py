@@ -28,6 +28,9 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from training.manifest import verify_manifest, write_manifest
 from training.state_checks import read_json
@@ -310,3 +313,33 @@ def read_state(folder: Path) -> dict:
     """The ``trainer_state.json`` of a checkpoint folder (size-capped: it may be read before the manifest
     is verified); any failure is a :class:`CheckpointError` naming the file."""
     return read_json(folder / STATE_FILE, max_bytes=_MAX_STATE_BYTES)
+
+
+def recorded_settings(folder: Path) -> tuple[Any, Path | None]:
+    """The settings (``TrainingConfig.to_dict()``) a checkpoint was written with, and where they came from.
+
+    A checkpoint records them in its trainer_state.json; one written before it did (older versions) falls
+    back to the ``config.yaml`` of its run folder (``folder/../../config.yaml``), read size-capped and
+    without YAML aliases (a 334-byte alias bomb expanded to gigabytes). ``(None, None)`` when
+    neither holds them.
+    """
+    state = read_state(folder)
+    if isinstance(state, dict) and "config" in state:
+        return state["config"], folder / STATE_FILE
+    saved = folder.parent.parent / "config.yaml"
+    try:
+        if not saved.is_file() or saved.stat().st_size > _MAX_STATE_BYTES:
+            return None, None
+        return yaml.load(saved.read_text(encoding="utf-8"), Loader=_NoAliasLoader), saved
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
+        logger.warning("%s cannot be read (%s); the resume cannot compare its settings", saved, exc)
+        return None, None
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing anchors and aliases (what a config.yaml written by a run never has)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("aliases are not allowed in a run's config.yaml")
+        return super().compose_node(parent, index)

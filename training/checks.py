@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from visreg_hub.errors import CheckpointError, ConfigError
+from visreg_hub.errors import CheckpointError, ConfigError, shown
 
 if TYPE_CHECKING:  # annotations only: training.config imports this module, never the other way round
     from training.config import TrainingConfig
@@ -260,9 +260,10 @@ _RESUMABLE_CHANGES = frozenset(
 _FIXED_ON_RESUME = ("loss.name", "data.channels", "data.mean", "data.std")
 
 
-def check_resume_settings(saved: Any, current: dict, checkpoint: Path) -> None:
-    """Compare the settings that wrote ``checkpoint`` (``saved``, from its trainer_state.json) with this
-    run's: refuse a change of objective or input normalisation, log every other change.
+def check_resume_settings(saved: Any, current: dict, source: Path | None, checkpoint: Path) -> None:
+    """Compare the settings that wrote ``checkpoint`` (``saved``, read from ``source``: see
+    :func:`training.checkpoint.recorded_settings`) with this run's: refuse a change of objective or input
+    normalisation, log every other change.
 
     why: the export's config.json and card describe the whole run by its last settings; a VISReg run
     resumed as SIGReg would be published as a SIGReg model whose steps were mostly VISReg.
@@ -270,13 +271,29 @@ def check_resume_settings(saved: Any, current: dict, checkpoint: Path) -> None:
     Raises:
         CheckpointError: a :data:`_FIXED_ON_RESUME` setting differs, naming both values.
     """
-    if not isinstance(saved, dict):  # a checkpoint written before settings were recorded in it
-        logger.info("%s records no settings; the resume cannot list what changed", checkpoint)
+    if saved is None:
+        logger.warning("%s records no settings (nor does its run's config.yaml); the resume cannot check "
+                       "what changed", checkpoint)  # fmt: skip
         return
-    old, new = _leaves(saved), _leaves(current)
+    if not (
+        isinstance(saved, dict)
+        and isinstance(saved.get("loss"), dict)
+        and isinstance(saved.get("data"), dict)
+    ):
+        logger.warning(
+            "%s: the recorded settings are malformed; the resume cannot check what changed", source
+        )
+        return
+    try:
+        old, new = _leaves(saved), _leaves(current)
+    except RecursionError:  # nested deeper than any real setting
+        logger.warning(
+            "%s: the recorded settings are malformed; the resume cannot check what changed", source
+        )
+        return
     fixed = [key for key in _FIXED_ON_RESUME if old.get(key) != new.get(key)]
     if fixed:
-        details = ", ".join(f"{key}={old.get(key)!r} (now {new.get(key)!r})" for key in fixed)
+        details = ", ".join(f"{key}={shown(old.get(key))} (now {shown(new.get(key))})" for key in fixed)
         raise CheckpointError(
             f"{checkpoint} was written with {details}; a resume continues the same run, so pass the values "
             "it was written with (to train with other settings, start a new run without --resume)"
@@ -284,19 +301,23 @@ def check_resume_settings(saved: Any, current: dict, checkpoint: Path) -> None:
     differ = {key for key in old.keys() | new.keys() if old.get(key) != new.get(key)}
     changed = sorted(differ - _RESUMABLE_CHANGES)
     if changed:
-        details = ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed)
-        logger.warning("resuming with changed settings (the run is no longer one recipe): %s", details)
+        details = ", ".join(
+            f"{key[:80]}: {shown(old.get(key))} -> {shown(new.get(key))}" for key in changed[:20]
+        )
+        more = f" and {len(changed) - 20} more" if len(changed) > 20 else ""
+        logger.warning(
+            "resuming with changed settings (the run is no longer one recipe): %s%s", details, more
+        )
 
 
-def check_resume_position(written: Any, total_steps: int, checkpoint: Path) -> None:
+def check_resume_position(step: int, total_steps: int, checkpoint: Path) -> None:
     """Refuse a checkpoint already past this run's last step (a resume with a smaller ``train.max_steps``
     was accepted, and its export recorded 40 steps of a 30-step run).
 
     Raises:
-        CheckpointError: the checkpoint's step (``written``: its trainer_state.json) exceeds ``total_steps``.
+        CheckpointError: the restored position ``step`` exceeds ``total_steps``.
     """
-    step = written.get("global_step") if isinstance(written, dict) else None
-    if isinstance(step, int) and not isinstance(step, bool) and step > total_steps:
+    if step > total_steps:
         raise CheckpointError(
             f"{checkpoint} is at step {step}, past this run's {total_steps} steps; raise train.max_steps (or "
             f"train.epochs) to at least {step}, or resume an earlier checkpoint"

@@ -178,11 +178,12 @@ class Trainer:
     def _restore(self, folder: Path, names: set[str]) -> None:
         """Load the checkpoint ``folder`` (its verified files ``names``) into the live objects, after
         checking it was written with this run's objective and normalisation and is not past its end."""
-        written = ckpt.read_state(folder)  # the settings the checkpoint was written with
-        check_resume_settings(written.get("config") if isinstance(written, dict) else None,
-                              self.config.to_dict(), folder)  # fmt: skip
-        check_resume_position(written, self.plan.total_steps, folder)
-        for note in load_training_state(folder, self.parts, self.rank, names, self.plan.steps_by_epoch):
+        saved, source = ckpt.recorded_settings(folder)  # the settings the checkpoint was written with
+        check_resume_settings(saved, self.config.to_dict(), source, folder)
+        notes = load_training_state(folder, self.parts, self.rank, names, self.plan.steps_by_epoch)
+        # (the live objects are changed by now, but nothing is written: a refusal still leaves no trace)
+        check_resume_position(self.state.global_step, self.plan.total_steps, folder)
+        for note in notes:
             logger.warning(note)
         logger.info("resumed from %s at step %d (epoch %d)", folder, self.state.global_step, self.state.epoch)
         # a finished run resumed again: its last checkpoint is this one, not to be saved (and evaluated,

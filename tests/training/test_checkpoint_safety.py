@@ -541,6 +541,29 @@ def test_a_resume_past_the_runs_end_is_refused_and_other_changes_are_listed(run_
     assert "-> 0.5" in caplog.text and "output_dir" not in caplog.text
 
 
+def test_a_checkpoint_written_before_settings_were_recorded_is_checked_against_its_runs_config(
+    run_folder, tmp_path, caplog
+):
+    """Review 16: checkpoints of the previous version hold no "config": their resume checked nothing (the
+    old code at least warned from config.yaml). Now the run folder's config.yaml stands in, read without
+    YAML aliases (an alias bomb there is a warning, not gigabytes)."""
+    from training.engine import Trainer
+    from training.manifest import write_manifest
+
+    output, step = _copy(run_folder, tmp_path)
+    state = json.loads((step / "trainer_state.json").read_text())
+    del state["config"]
+    (step / "trainer_state.json").write_text(json.dumps(state))
+    write_manifest(step)  # as the previous version wrote it: consistent, just without the settings
+    with pytest.raises(CheckpointError, match=r"was written with loss\.name='visreg' \(now 'sigreg'\)"):
+        Trainer(tiny_config(output, *COMMON, "loss.name=sigreg"), resume="auto")
+    bomb = "a: &a [x, x, x]\nb: &b [*a, *a, *a]\nc: [*b, *b, *b]\n"
+    (output / "config.yaml").write_text(bomb)
+    with caplog.at_level("WARNING", logger="training"):
+        Trainer(tiny_config(output, *COMMON, "loss.name=sigreg"), resume="auto")  # not checked: warned
+    assert "aliases are not allowed" in caplog.text and "records no settings" in caplog.text
+
+
 def test_a_planted_step_symlink_is_never_resumed(run_folder, tmp_path, trainer, caplog):
     """A step-* link in a run's checkpoints folder (to another run's newer checkpoint), also named by the
     `latest` pointer, is skipped with a warning: resume auto takes the run's own newest folder. The same

@@ -228,13 +228,21 @@ def test_resume_warns_about_recipe_changes_but_not_about_a_moved_run_folder(capl
 
     from training.checks import check_resume_settings
 
-    before = {"train": {"output_dir": "/old/run", "epochs": 4}, "optim": {"lr": 1e-3}}
-    moved = {"train": {"output_dir": "/new/run", "epochs": 8}, "optim": {"lr": 1e-3}}
+    common = {"loss": {"name": "visreg"}, "data": {"mean": [0.5]}}
+    before = {**common, "train": {"output_dir": "/old/run", "epochs": 4}, "optim": {"lr": 1e-3}}
+    moved = {**common, "train": {"output_dir": "/new/run", "epochs": 8}, "optim": {"lr": 1e-3}}
+    source = tmp_path / "trainer_state.json"
     with caplog.at_level(logging.WARNING, logger="training.checks"):
-        check_resume_settings(before, moved, tmp_path)
+        check_resume_settings(before, moved, source, tmp_path)
     assert caplog.records == []
-    changed = {"train": {"output_dir": "/new/run", "epochs": 8}, "optim": {"lr": 2e-3}}
+    changed = {**common, "train": {"output_dir": "/new/run", "epochs": 8}, "optim": {"lr": 2e-3}}
     with caplog.at_level(logging.WARNING, logger="training.checks"):
-        check_resume_settings(before, changed, tmp_path)
+        check_resume_settings(before, changed, source, tmp_path)
     (record,) = caplog.records
     assert "optim.lr: 0.001 -> 0.002" in record.getMessage() and "output_dir" not in record.getMessage()
+    caplog.clear()  # a long value is cut (review 16), and a record of the wrong shape is called malformed
+    with caplog.at_level(logging.WARNING, logger="training.checks"):
+        check_resume_settings({**before, "junk": "x" * 10**6}, changed, source, tmp_path)
+        check_resume_settings({"loss": "visreg", "data": [1]}, changed, source, tmp_path)
+    assert len(caplog.records[0].getMessage()) < 1000 and "characters)" in caplog.records[0].getMessage()
+    assert "malformed" in caplog.records[1].getMessage()
