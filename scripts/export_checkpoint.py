@@ -35,7 +35,7 @@ def main() -> None:
     model = build_model(config)
     model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
     model.encoder.config = model.encoder.config.replace(name=f"{args.run.name}@{folder.name}")
-    model.encoder.eval().save_pretrained(args.output)
+    model.encoder.eval().save_pretrained(args.output, overwrite_card=True)
     print(f"wrote {args.output} from {folder}")
 
 

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     report = run_smoke(steps=args.steps, batch_size=args.batch_size, seed=args.seed, log_every=25)
     if args.output is not None:
-        report.encoder.save_pretrained(args.output)
+        report.encoder.save_pretrained(args.output, overwrite_card=True)
         logger.info("saved the backbone to %s", args.output)
 
 

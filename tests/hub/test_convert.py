@@ -182,3 +182,16 @@ def test_nan_weights_and_integer_keys_are_refused_at_conversion(source_vit, tmp_
     torch.save(wrong, tmp_path / "wrong.pth")
     with pytest.raises(CheckpointError, match=r"1 missing keys \['pos_embed'\]\. Pass the architecture"):
         convert_official_checkpoint(tmp_path / "wrong.pth", tmp_path / "out3", arch="vit-t4-28", **TINY)
+
+
+def test_converting_into_a_used_folder_writes_the_new_card(source_vit, tmp_path):
+    """save_pretrained keeps an existing README.md (an author's edits); a conversion's card describes the
+    weights it writes, so converting another checkpoint into the same folder kept the first one's card,
+    licence and checksum (review 16)."""
+    state = {k: v.clone() for k, v in source_vit.state_dict().items()}
+    for name, license in (("first.pth", "cc-by-nc-4.0"), ("second.pth", "apache-2.0")):
+        torch.save(state, tmp_path / name)
+        folder = convert_official_checkpoint(tmp_path / name, tmp_path / "out", arch="vit-t4-28",
+                                             license=license, **TINY)  # fmt: skip
+    card = (folder / "README.md").read_text()
+    assert "license: apache-2.0" in card and "second.pth" in card and "first.pth" not in card

@@ -264,6 +264,6 @@ def convert_official_checkpoint(
     model = official_encoder(pth_path, arch, name=name or pth_path.stem, extra=extra, **config_overrides)
     from visreg_hub.hub.saving import save_pretrained
 
-    folder = save_pretrained(model, out_folder)
+    folder = save_pretrained(model, out_folder, overwrite_card=True)  # the card describes these weights
     logger.info("converted %s (sha256 %s) into %s", pth_path, digest, folder)
     return folder
