@@ -60,6 +60,12 @@ def test_random_weights_take_the_pretrained_entrys_arguments(caplog):
     assert "revision='v1' ignored" in caplog.text
     with pytest.raises(TypeError, match="unexpected keyword"):
         random(bogus=1)
+    from visreg_hub.errors import ConfigError
+    from visreg_hub.models.limits import ModelLimits
+
+    with pytest.raises(ConfigError):  # limits= checked before anything is built, as from_pretrained does
+        random(limits=ModelLimits(max_params=10))
+    assert random(limits=ModelLimits(max_params=None)).backend == "torch"
 
 
 def test_entries_needing_the_network_fail_with_a_clear_error_offline(tmp_path):

@@ -24,7 +24,7 @@ from visreg_hub.errors import CheckpointError, ModelNotFoundError, ModelNotPubli
 from visreg_hub.folders import outside_target
 from visreg_hub.hub import format as ckpt
 from visreg_hub.hub import preflight, registry
-from visreg_hub.models.limits import ModelLimits
+from visreg_hub.models.limits import ModelLimits, check_budget
 
 logger = logging.getLogger(__name__)
 
@@ -346,14 +346,16 @@ def build_architecture(
     *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
-    backend: str | None = "torch",
+    backend: str | None = None,
     provider: str | None = None,
     precision: str = "fp32",
+    limits: ModelLimits | None = None,
     **download_options,
 ):
     """A registry model's architecture with random weights (nothing is downloaded), in eval mode.
 
-    Takes :func:`from_pretrained`'s arguments, checked the same way. ``backend`` defaults to ``"torch"``:
+    Takes :func:`from_pretrained`'s arguments, checked the same way (``limits`` too, before anything is
+    built). ``backend`` None means ``"torch"`` unless ``provider`` or ``precision`` ask for ONNX Runtime:
     ``"auto"`` would export and cache an ONNX graph of throwaway weights. The download options
     (``revision``, ``cache_dir``, ``local_files_only``, ``token``) are accepted, so that torch.hub's
     ``pretrained=False`` takes the same call, and ignored with a warning.
@@ -373,6 +375,8 @@ def build_architecture(
     if ignored:
         logger.warning("%s ignored: pretrained=False builds random weights, nothing is downloaded",
                        ", ".join(ignored))  # fmt: skip
+    if backend is None and provider is None and precision in ("fp32", "float32"):
+        backend = "torch"
     backend, dtype = _checked_runtime_options(device, dtype, backend, provider, precision)
     entry = registry.find_entry(registry_name)
     if entry is None:
@@ -383,6 +387,7 @@ def build_architecture(
         config = ckpt.read_config(_bundled_folder(entry))
     else:
         config = ModelConfig.from_name(entry.size, **{"name": entry.name, **entry.config_overrides})
+    check_budget(config, limits, source=f"registry model {entry.name!r}")
     return _placed(VISRegEncoder(config), device, dtype, backend, provider, precision)
 
 
