@@ -144,11 +144,12 @@ def linear_probe(train_x, train_y, test_x, test_y, val_fraction: float, seed: in
 
 
 def few_shot(train_x, train_y, test_x, test_y, shots: list[int], seeds: int, cs=DEFAULT_CS) -> dict:
-    """N-per-class probes over ``seeds`` draws; C chosen on a disjoint max(N, 5)-per-class sample."""
+    """N-per-class probes over ``seeds`` draws; C chosen on a disjoint sample of up to max(N, 5) per class
+    (fewer where a class has fewer images left: the results record the smallest count used)."""
     classes = np.unique(train_y)
     results = {}
     for shot in shots:
-        runs = []
+        runs, fewest_held = [], max(shot, 5)
         for seed in range(seeds):
             rng = np.random.default_rng([seed, shot])
             chosen, held = [], []
@@ -160,6 +161,7 @@ def few_shot(train_x, train_y, test_x, test_y, shots: list[int], seeds: int, cs=
                     )
                 chosen.append(members[:shot])
                 held.append(members[shot : shot + max(shot, 5)])
+                fewest_held = min(fewest_held, len(held[-1]))
             chosen, held = np.concatenate(chosen), np.concatenate(held)
             best_c, _ = select_c(train_x[chosen], train_y[chosen], train_x[held], train_y[held], cs)
             model = fit_quietly(probe_classifier(best_c), train_x[chosen], train_y[chosen], f"{shot}-shot")
@@ -167,7 +169,7 @@ def few_shot(train_x, train_y, test_x, test_y, shots: list[int], seeds: int, cs=
         # the sample std over draws (ddof 1), as every table in docs/results.md reports spreads
         spread = float(np.std(runs, ddof=1)) if len(runs) > 1 else 0.0
         results[str(shot)] = {"mean": float(np.mean(runs)), "std": spread, "runs": runs,
-                              "c_chosen_on_per_class": max(shot, 5)}  # fmt: skip
+                              "c_chosen_on_per_class": fewest_held}  # fmt: skip
     return results
 
 
@@ -196,9 +198,11 @@ def to_markdown(results: dict) -> str:
     chosen = f"{linear['tap']}, C={linear['best_c']:g}" if "tap" in linear else f"C={linear['best_c']:g}"
     lines.append(f"| linear probe ({chosen} chosen on validation) | {linear['accuracy']:.2f} |")
     for shot, row in results.get("few_shot", {}).items():
-        held = row.get("c_chosen_on_per_class", max(int(shot), 5))
+        most = max(int(shot), 5)
+        held = row.get("c_chosen_on_per_class", most)
+        count = f"{held} to {most}" if held < most else f"{held}"  # small classes leave fewer
         lines.append(
-            f"| {shot}-shot linear ({len(row['runs'])} seeds; C chosen on {held} more labelled images per "
+            f"| {shot}-shot linear ({len(row['runs'])} seeds; C chosen on {count} more labelled images per "
             f"class) | {row['mean']:.2f} ± {row['std']:.2f} (sample std) |"
         )
     for method, groups in results.get("groups", {}).items():

@@ -179,6 +179,12 @@ def test_few_shot_uses_n_per_class_over_seeds(features):
               "few_shot": results, "data": "npz", "num_train": 1, "num_test": 1, "command": "c"}  # fmt: skip
     row = evaluate.to_markdown(report)
     assert "2-shot linear (3 seeds; C chosen on 5 more labelled images per class)" in row
+    # a class with only 4 images: C is chosen on 2 of them (after 2 to fit), and the record says so
+    small = np.concatenate([np.flatnonzero(train_y == c)[: 4 if c == 0 else 20] for c in np.unique(train_y)])
+    few = evaluate.few_shot(train_x[small], train_y[small], test_x, test_y, shots=[2], seeds=1)
+    assert few["2"]["c_chosen_on_per_class"] == 2
+    report["few_shot"] = few
+    assert "C chosen on 2 to 5 more labelled images per class" in evaluate.to_markdown(report)
 
 
 def test_long_tail_groups_partition_the_test_accuracy(model_folder, tmp_path):
