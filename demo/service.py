@@ -157,6 +157,20 @@ class SearchOutcome:
     extra: dict = field(default_factory=dict)
 
 
+def _bundled_choice(bundled: BundledSet) -> Choice:
+    return Choice(bundled.key, f"bundled ({bundled.model_name})", str(bundled.model_folder))
+
+
+def _names_bundled(spec: str, bundled: BundledSet) -> bool:
+    """``spec`` (a ``--model`` value) is ``bundled``'s model: its folder, or its registry name when no
+    folder of that name exists (from_pretrained's order)."""
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        return folder.resolve() == bundled.model_folder.resolve()
+    entry = registry.find_entry(spec)
+    return entry is not None and entry.name == bundled.model_name
+
+
 class DemoService:
     """Models, galleries and the operations of the demo.
 
@@ -202,7 +216,7 @@ class DemoService:
         self.model_loader = model_loader
         self.embedder = embedder
         self.model_choices = self._model_choices(models)
-        self.gallery_choices = self._gallery_choices(galleries)
+        self.gallery_choices = self._gallery_choices(galleries, first=self.model_choices[0].key)
         self._models: dict[str, LoadedModel] = {}
         self._indexes: dict[tuple[str, str], tuple[CachedIndex, float]] = {}  # pair -> (index, scanned at)
         self._pair_locks: dict[tuple[str, str], threading.Lock] = {}
@@ -211,9 +225,18 @@ class DemoService:
     # ------------------------------------------------------------------ choices
     @staticmethod
     def _model_choices(models: Sequence[str]) -> list[Choice]:
-        choices = [Choice(str(spec), f"{spec}", str(spec)) for spec in dict.fromkeys(models)]
+        """The operator's ``--model`` specs in order, then the bundled models; a spec naming a bundled model
+        (its registry name or its folder) is that bundled choice, so it is loaded and listed once, with
+        its gallery."""
         bundled = [b for b in BUNDLED_SETS if (b.model_folder / "config.json").is_file()]
-        choices += [Choice(b.key, f"bundled ({b.model_name})", str(b.model_folder)) for b in bundled]
+        choices: list[Choice] = []
+        for spec in dict.fromkeys(str(m) for m in models):
+            same = next((b for b in bundled if _names_bundled(spec, b)), None)
+            choice = Choice(spec, spec, spec) if same is None else _bundled_choice(same)
+            if choice.key not in {c.key for c in choices}:
+                choices.append(choice)
+        listed = {choice.key for choice in choices}
+        choices += [_bundled_choice(b) for b in bundled if b.key not in listed]
         missing = [str(b.model_folder) for b in BUNDLED_SETS if b not in bundled]
         if not choices:
             raise BundledAssetMissingError(
@@ -225,15 +248,18 @@ class DemoService:
         return choices
 
     @staticmethod
-    def _gallery_choices(galleries: Sequence[str | Path]) -> list[Choice]:
+    def _gallery_choices(galleries: Sequence[str | Path], first: str | None = None) -> list[Choice]:
+        """The operator's ``--gallery`` folders, then the bundled galleries; without ``--gallery`` the
+        default model's own gallery (``first``: its key, when it is a bundled model) comes first."""
         choices = []
         for folder in dict.fromkeys(Path(g).expanduser().resolve() for g in galleries):
             if not folder.is_dir():
                 raise NotADirectoryError(f"gallery {folder} is not a folder; pass --gallery DIR of images")
             choices.append(Choice(str(folder), str(folder), str(folder)))
+        ordered = sorted(BUNDLED_SETS, key=lambda b: b.key != first)  # stable: the rest keep their order
         choices += [
             Choice(b.key, f"bundled: {b.gallery_label}", str(b.gallery))
-            for b in BUNDLED_SETS
+            for b in ordered
             if b.gallery.is_dir()
         ]
         if not choices:

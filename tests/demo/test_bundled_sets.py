@@ -22,6 +22,19 @@ def test_menus_open_on_the_colour_photo_set_then_fashion_mnist(tmp_path):
     assert DemoService.examples()[0].parent == BUNDLED_SETS[0].examples
 
 
+def test_a_bundled_model_named_with_model_is_the_bundled_choice_with_its_gallery(tmp_path):
+    """`--model vit-tiny-p4-fmnist` loaded the model twice (also as 'bundled'), listed it twice (the API
+    as `...-2`) and paired it with the photo gallery by default, without the mismatch note (probe 16)."""
+    for spec in ("vit-tiny-p4-fmnist", str(service.MODEL_ASSETS / "vit-tiny-p4-fmnist")):
+        demo = DemoService([spec], cache_dir=tmp_path / "c", download_dir=tmp_path / "d", device="cpu")
+        assert [c.key for c in demo.model_choices] == ["bundled", "bundled-photos"], spec
+        assert demo.default_gallery == "bundled"  # its own gallery first
+    other = tmp_path / "vit-tiny-p4-fmnist"  # a local folder of that name is the user's model, not ours
+    other.mkdir()
+    demo = DemoService([str(other)], cache_dir=tmp_path / "c", download_dir=tmp_path / "d", device="cpu")
+    assert [c.key for c in demo.model_choices] == [str(other), "bundled-photos", "bundled"]
+
+
 def test_photo_gallery_is_small_credited_and_disjoint_from_its_examples():
     photos = BUNDLED_SETS[0]
     images = list_image_files(photos.gallery)

@@ -150,20 +150,22 @@ def test_all_inputs_bad_is_a_4xx(http):
 
 
 @pytest.mark.parametrize(
-    ("body", "expected"),
+    ("body", "expected", "param"),
     [
-        ({"input": []}, 400),
-        ({"input": [1, 2]}, 422),
-        ({"input": ["x"], "encoding_format": "hex"}, 422),
-        ({"input": ["x"], "unknown": 1}, 422),
-        ({"input": ["x"], "model": "nope"}, 404),
-        ([1, 2, 3], 422),
+        ({"input": []}, 400, None),
+        ({"input": [1, 2]}, 422, "input"),
+        ({"input": ["x"], "encoding_format": "hex"}, 422, "encoding_format"),
+        ({"input": ["x"], "dimensions": 0}, 422, "dimensions"),
+        ({"input": ["x"], "unknown": 1}, 422, "unknown"),
+        ({"input": ["x"], "model": "nope"}, 404, None),
+        ([1, 2, 3], 422, None),
     ],
 )
-def test_malformed_requests_are_4xx(http, body, expected):
+def test_malformed_requests_are_4xx(http, body, expected, param):
+    """...with OpenAI's ``param`` naming the field at fault (it was always null)."""
     response = http.post("/v1/embeddings", json=body)
     assert response.status_code == expected, response.text
-    assert response.json()["error"]["message"]
+    assert response.json()["error"]["message"] and response.json()["error"]["param"] == param
 
 
 # ---------------------------------------------------------------------------------------------- limits

@@ -48,6 +48,14 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def _error_param(exc: RequestValidationError) -> str | None:
+    """The top-level request field of the first error (OpenAI's ``param``: ``"dimensions"``, ``"input"``)."""
+    for error in exc.errors()[:1]:
+        fields = [str(p) for p in error.get("loc", ()) if p != "body"]
+        return fields[0][:80] if fields else None
+    return None
+
+
 def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError):
@@ -56,7 +64,8 @@ def _install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError):
-        return JSONResponse(schemas.error_body(_validation_message(exc), "invalid_request_error"), 422)
+        body = schemas.error_body(_validation_message(exc), "invalid_request_error", param=_error_param(exc))
+        return JSONResponse(body, 422)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException):

@@ -142,13 +142,18 @@ class ModelList(BaseModel):
 
 
 def error_body(
-    message: str, kind: str, limit: str | None = None, code: str | None = None, items: dict | None = None
+    message: str,
+    kind: str,
+    limit: str | None = None,
+    code: str | None = None,
+    items: dict | None = None,
+    param: str | None = None,
 ) -> dict[str, Any]:
     """The JSON of every error answer (:class:`ErrorResponse`): OpenAI's error object (message, type, param
-    (always present, here always null), code) plus the server ``limit`` a request broke, and per-input
+    (the request field at fault, or null), code) plus the server ``limit`` a request broke, and per-input
     ``errors`` when ``items`` (index -> message) is given."""
     body: dict[str, Any] = {
-        "error": {"message": message, "type": kind, "param": None, "code": code, "limit": limit}
+        "error": {"message": message, "type": kind, "param": param, "code": code, "limit": limit}
     }
     if items is not None:
         body["errors"] = [{"index": i, "message": m} for i, m in sorted(items.items())]
