@@ -22,7 +22,7 @@ $(VENV)/.installed-demo: pyproject.toml | $(VENV)/bin/python
 
 $(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e ".[dev]"
-	touch $@
+	touch $@ $(VENV)/.installed-demo  # [dev] holds every package of [demo]: `make demo` needs no install
 
 dev: $(VENV)/.installed-dev
 

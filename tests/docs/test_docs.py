@@ -146,3 +146,25 @@ def test_the_sandbox_holds_the_tracked_entries_only(tmp_path):
         stray.unlink()
     names = {p.name for p in work.iterdir()}
     assert stray.name not in names and {"README.md", "visreg_hub", "docs", "demo"} <= names
+
+
+def test_the_test_extra_holds_everything_the_demo_needs():
+    """`make test` marks the demo's install done too (Makefile): so [dev] must hold every package of [demo],
+    or `make demo` after `make test` would start without one (and offline it could not install it)."""
+    import re
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def packages(extra: str) -> set[str]:
+        found = set()
+        for requirement in extras[extra]:
+            if requirement.startswith("visreg_hub["):
+                for inner in requirement[len("visreg_hub[") : -1].split(","):
+                    found |= packages(inner.strip())
+            else:
+                found.add(re.split(r"[<>=!~ \[;]", requirement, maxsplit=1)[0].lower())
+        return found
+
+    assert packages("demo") <= packages("dev")
+    assert "touch $@ $(VENV)/.installed-demo" in (REPO / "Makefile").read_text()
