@@ -168,7 +168,7 @@ def test_api_keys_on(model, fmnist_images, tmp_path):
         assert httpx.get(server.url + "/v1/models").status_code == 401
         assert httpx.get(server.url + "/metrics").status_code == 401
         assert httpx.get(server.url + "/health").status_code == 200  # probes stay open
-        assert httpx.get(server.url + "/ready").status_code == 200
+        assert httpx.get(server.url + "/ready").json() == {"status": "ready"}  # names only behind the key
         allowed = httpx.get(server.url + "/health", headers={"Origin": "https://app.example"})
         assert allowed.headers["access-control-allow-origin"] == "https://app.example"
         other = httpx.get(server.url + "/health", headers={"Origin": "https://evil.example"})

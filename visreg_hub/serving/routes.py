@@ -460,6 +460,8 @@ def _install_service_routes(app: FastAPI, service: Service, auth: list) -> None:
         if not service.ready:
             body = schemas.error_body("not ready (starting or shutting down)", "unavailable")
             return JSONResponse(body, 503)
+        if service.config.api_key_hashes:  # open to probes without a key: what is served stays behind the key
+            return {"status": "ready"}
         return {"status": "ready", "models": sorted(service.runtimes), "indexes": sorted(service.indexes)}
 
     @app.get(
