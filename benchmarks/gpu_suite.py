@@ -617,7 +617,7 @@ def main(argv=None) -> dict:
     if args.dry_run:  # one thread: on a shared CPU, OpenMP barriers of 2+ threads stall under load
         torch.set_num_threads(1)
     if plan.device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as the anchors (REFERENCE.md) were measured
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the anchors (docs/reference.md) were measured
     print("python benchmarks/gpu_suite.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
     only = tuple(name for name in args.sections.split(",") if name)
     unknown = sorted(set(only) - set(SECTIONS))

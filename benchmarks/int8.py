@@ -16,8 +16,8 @@ Quality: every evaluation image is embedded (L2-normalised) by the fp32 graph an
 recall@10 is the mean over queries of |top-10 neighbours by int8 embeddings & top-10 by fp32| / 10 (the
 query itself excluded), plus the smallest cosine between an image's int8 and fp32 embeddings.
 
-Models: ``vit-s16`` (timm ViT-S/16 at 224 px, random weights: REFERENCE.md's CPU anchor size) on the bundled
-photo gallery (demo/assets/photo-gallery, 333 real photos and clip art; 64 for calibration, the rest
+Models: ``vit-s16`` (timm ViT-S/16 at 224 px, random weights: docs/reference.md's CPU anchor size) on the
+bundled photo gallery (demo/assets/photo-gallery, 333 real photos and clip art; 64 for calibration, the rest
 evaluated), and ``bundled`` (vit-mini-p7-fmnist, trained) on the 700 real Fashion-MNIST fixture images.
 
 Usage::

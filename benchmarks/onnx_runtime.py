@@ -175,9 +175,9 @@ def render(args, rows, notes, device: torch.device, load_start: float, command: 
     goal = gpu_goal(rows) if device.type == "cuda" else (
         "**pending**: not measurable in this run (no GPU). Goal from the issue: on an H100, ORT fp16 at "
         "least as fast as torch eager (fp16) at batch 256 and faster at batch 1, for ViT-S/16 and ViT-B/16. "
-        "Command: `python benchmarks/onnx_runtime.py --device cuda --append-doc`. For scale, docs' anchor "
-        "(REFERENCE.md, H100, ORT 1.31 CUDA EP, plain export, IOBinding, ViT-B/16 batch 256): ORT fp32 3.4k, "
-        "fp16 5.4k img/s vs torch fp16 eager 8.4k, so the goal needs the fused fp16 graph or TensorRT."
+        "Command: `python benchmarks/onnx_runtime.py --device cuda --append-doc`. For scale, the anchor "
+        "(docs/reference.md, H100, ORT 1.31 CUDA EP, plain export, IOBinding, ViT-B/16 batch 256): ORT fp32 "
+        "3.4k, fp16 5.4k img/s vs torch fp16 eager 8.4k, so the goal needs the fused fp16 graph or TensorRT."
     )  # fmt: skip
     lines = [
         f"## ONNX Runtime vs torch eager vs torch.compile ({device.type})",

@@ -334,7 +334,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--device cuda but torch.cuda.is_available() is False; use --device cpu")
     if args.device == "cuda":
         args.bf16 = True
-    if args.peak_tflops is None:  # dense peak of the precision used: H100 SXM bf16 989; CPU see REFERENCE.md
+    if args.peak_tflops is None:  # dense peak of the precision: H100 SXM bf16 989; CPU: docs/reference.md
         threads = args.threads or torch.get_num_threads()
         args.peak_tflops = 989.0 if args.device == "cuda" else 0.095 * threads
     if not args.skip_official and not (args.official_repo / "visreg" / "losses" / "visreg.py").is_file():

@@ -1,6 +1,6 @@
 """Every functional term against an independent reference.
 
-References are plain float64 numpy transcriptions of the formulas in REFERENCE.md (written here, not
+References are plain float64 numpy transcriptions of the formulas in docs/reference.md (written here, not
 imported from the library), closed forms, and plain-autograd versions for gradients.
 """
 
@@ -40,7 +40,7 @@ def np_quantiles(n):
 
 
 def np_visreg_terms(z, w):
-    """center, scale, shape of REFERENCE.md for z (V, N, D) and directions w (D, K)."""
+    """center, scale, shape of docs/reference.md for z (V, N, D) and directions w (D, K)."""
     mu = z.mean(axis=1)
     sigma = np.sqrt(((z - mu[:, None, :]) ** 2).mean(axis=1))  # biased std over n
     center = (mu**2).mean()

@@ -1,6 +1,6 @@
 """Training configuration: presets carry the paper's values, bad input fails early and clearly.
 
-The paper presets are checked value by value against REFERENCE.md's table of the official repository's
+The paper presets are checked value by value against docs/reference.md's table of the official repository's
 defaults (written out here, not read from the presets), so a typo in a preset fails.
 """
 

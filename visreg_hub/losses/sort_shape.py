@@ -5,7 +5,7 @@ The quantity, for samples ``x`` of shape ``(..., N, D)`` and unit directions ``W
     p = x @ W                                  # (..., N, K) projections
     loss = mean over (..., i, k) of (sort_n(p)[i, k] - t_i)^2,   t_i = Phi^-1(i / (N + 1)), i = 1..N
 
-Why a custom autograd function. Sorting is the cost (REFERENCE.md: the projection matmul is a fraction of
+Why a custom autograd function. Sorting is the cost (docs/reference.md: the projection matmul is a fraction of
 the sort). The gradient with respect to the *unsorted* projections is ``2 (p - t_rank(p)) / numel``, where
 ``rank(p)`` is p's position in its sorted slice, so the backward needs no differentiable sort, no gather
 and no saved indices. The forward here:
