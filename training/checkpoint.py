@@ -318,10 +318,11 @@ def read_state(folder: Path) -> dict:
 def recorded_settings(folder: Path) -> tuple[Any, Path | None]:
     """The settings (``TrainingConfig.to_dict()``) a checkpoint was written with, and where they came from.
 
-    A checkpoint records them in its trainer_state.json; one written before it did (older versions) falls
-    back to the ``config.yaml`` of its run folder (``folder/../../config.yaml``), read size-capped and
-    without YAML aliases (a 334-byte alias bomb expanded to gigabytes). ``(None, None)`` when
-    neither holds them.
+    A checkpoint records them in its trainer_state.json; for one written before it did (older versions)
+    the ``config.yaml`` of its run folder (``folder/../../config.yaml``) stands in, read size-capped and
+    without YAML aliases (a 334-byte alias bomb expanded to gigabytes): the last settings any run wrote
+    there, so only a hint (see :func:`training.checks.check_resume_settings`). ``(None, None)`` when
+    neither can be read.
     """
     state = read_state(folder)
     if isinstance(state, dict) and "config" in state:
@@ -331,7 +332,7 @@ def recorded_settings(folder: Path) -> tuple[Any, Path | None]:
         if not saved.is_file() or saved.stat().st_size > _MAX_STATE_BYTES:
             return None, None
         return yaml.load(saved.read_text(encoding="utf-8"), Loader=_NoAliasLoader), saved
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as exc:  # ValueError: a bad date, huge ints
         logger.warning("%s cannot be read (%s); the resume cannot compare its settings", saved, exc)
         return None, None
 

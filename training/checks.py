@@ -292,7 +292,14 @@ def check_resume_settings(saved: Any, current: dict, source: Path | None, checkp
         )
         return
     fixed = [key for key in _FIXED_ON_RESUME if old.get(key) != new.get(key)]
-    if fixed:
+    if fixed and source is not None and source.name == "config.yaml":
+        # the run folder's config.yaml holds the last settings any run (a resume too) wrote there, not
+        # necessarily this checkpoint's: a hint, not grounds to refuse
+        details = ", ".join(f"{key}={shown(old.get(key))} (now {shown(new.get(key))})" for key in fixed)
+        logger.warning("%s (the run's last settings; %s records none of its own) says %s; a resume should "
+                       "continue with the settings the checkpoint was written with", source, checkpoint.name,
+                       details)  # fmt: skip
+    elif fixed:
         details = ", ".join(f"{key}={shown(old.get(key))} (now {shown(new.get(key))})" for key in fixed)
         raise CheckpointError(
             f"{checkpoint} was written with {details}; a resume continues the same run, so pass the values "
