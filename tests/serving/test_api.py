@@ -156,8 +156,9 @@ def test_all_inputs_bad_is_a_4xx(http):
         ({"input": [1, 2]}, 422, "input"),
         ({"input": ["x"], "encoding_format": "hex"}, 422, "encoding_format"),
         ({"input": ["x"], "dimensions": 0}, 422, "dimensions"),
+        ({"input": ["x"], "dimensions": 10_000}, 422, "dimensions"),  # over the model's width: the same field
         ({"input": ["x"], "unknown": 1}, 422, "unknown"),
-        ({"input": ["x"], "model": "nope"}, 404, None),
+        ({"input": ["x"], "model": "nope"}, 404, "model"),
         ([1, 2, 3], 422, None),
     ],
 )
@@ -166,6 +167,16 @@ def test_malformed_requests_are_4xx(http, body, expected, param):
     response = http.post("/v1/embeddings", json=body)
     assert response.status_code == expected, response.text
     assert response.json()["error"]["message"] and response.json()["error"]["param"] == param
+
+
+def test_error_params_name_form_and_path_fields_and_stay_short(http):
+    files = [("input", ("a.png", b"x", "image/png"))]
+    form = http.post("/v1/embeddings", files=files, data={"dimensions": "0"})
+    assert form.status_code == 422 and form.json()["error"]["param"] == "dimensions"
+    path = http.delete("/v1/indexes/items/items/not-a-number")
+    assert path.status_code == 422 and path.json()["error"]["param"] == "item_id"
+    huge = http.post("/v1/embeddings", json={"input": ["x"], "f" * 100_000: 1})
+    assert huge.status_code == 422 and len(huge.text) < 2_000 and len(huge.json()["error"]["param"]) == 80
 
 
 # ---------------------------------------------------------------------------------------------- limits

@@ -43,15 +43,16 @@ _INLINE_PARSE_BYTES = 256 * 1024
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for error in exc.errors()[:5]:  # the input itself is never echoed (it can be megabytes of base64)
-        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")[:80] or "body"  # names too
         parts.append(f"{where}: {error.get('msg', 'invalid')}")
     return "invalid request: " + "; ".join(parts)
 
 
 def _error_param(exc: RequestValidationError) -> str | None:
-    """The top-level request field of the first error (OpenAI's ``param``: ``"dimensions"``, ``"input"``)."""
+    """The request field of the first error (OpenAI's ``param``: ``"dimensions"``, ``"input"``, a path
+    parameter's name), cut to 80 characters."""
     for error in exc.errors()[:1]:
-        fields = [str(p) for p in error.get("loc", ()) if p != "body"]
+        fields = [str(p) for p in error.get("loc", ()) if p not in ("body", "path", "query")]
         return fields[0][:80] if fields else None
     return None
 
@@ -59,7 +60,7 @@ def _error_param(exc: RequestValidationError) -> str | None:
 def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError):
-        body = schemas.error_body(exc.message, exc.kind, exc.limit, exc.code, exc.items)
+        body = schemas.error_body(exc.message, exc.kind, exc.limit, exc.code, exc.items, exc.param)
         return JSONResponse(body, exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -403,15 +404,18 @@ async def _parse_embeddings_request(request: Request, service: Service) -> _Embe
     encoding = form.get("encoding_format") or "float"
     on_error = form.get("on_error") or service.config.on_error
     if encoding not in ("float", "base64") or (model is not None and not isinstance(model, str)):
-        raise ApiError(422, "encoding_format must be 'float' or 'base64' and model a name")
+        field = "encoding_format" if encoding not in ("float", "base64") else "model"
+        raise ApiError(422, "encoding_format must be 'float' or 'base64' and model a name", param=field)
     if on_error not in ("skip", "raise"):
-        raise ApiError(422, f"on_error must be 'skip' or 'raise', got {shown(on_error)}")
+        raise ApiError(422, f"on_error must be 'skip' or 'raise', got {shown(on_error)}", param="on_error")
     dimensions = form.get("dimensions")
     if dimensions is not None:
         # ASCII digits only and a bounded length: str.isdigit() admits "²", which int() refuses
         digits = isinstance(dimensions, str) and re.fullmatch(r"[0-9]{1,9}", dimensions)
         if not (digits and int(dimensions) >= 1):
-            raise ApiError(422, f"dimensions must be a positive integer, got {shown(dimensions)}")
+            raise ApiError(
+                422, f"dimensions must be a positive integer, got {shown(dimensions)}", param="dimensions"
+            )
         dimensions = int(dimensions)
     _check_count(service, len(files), "images")
     return _EmbedJob(model, encoding, dimensions, on_error, [await f.read() for f in files], {})
@@ -532,6 +536,7 @@ def _install_model_routes(app: FastAPI, service: Service, auth: list) -> None:
                 422,
                 f"dimensions {dimensions} exceeds the {runtime.embedding_dim} of model {runtime.name!r}; "
                 f"send 1..{runtime.embedding_dim} or leave it out",
+                param="dimensions",
             )
         # with on_error="raise" the images are still decoded after an input refused early (bad base64),
         # so that the 422 lists every failure at once, not one stage's

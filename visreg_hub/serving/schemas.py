@@ -165,9 +165,11 @@ class ErrorDetail(BaseModel):
 
     message: str
     type: str
-    param: str | None = Field(None, description="always null (present as in OpenAI's error object)")
+    param: str | None = Field(None, description="the request field at fault (e.g. 'dimensions'), or null")
     code: str | None = Field(
-        None, description="'no_input_embedded' when every input failed to decode; 'model_not_found'"
+        None,
+        description="'input_not_embedded' (on_error 'raise'), 'no_input_embedded' (every input failed), "
+        "'model_not_found', 'invalid_api_key'",
     )
     limit: str | None = None
 

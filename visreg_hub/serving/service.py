@@ -39,11 +39,13 @@ class ApiError(Exception):
         headers: dict[str, str] | None = None,
         code: str | None = None,
         items: dict[int, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.limit, self.headers = status, message, kind, limit, headers
         self.code = code  # OpenAI's error code, for clients that branch on it
         self.items = items  # per-input messages (index -> message), answered as "errors"
+        self.param = param  # OpenAI's param: the request field at fault
 
 
 class Service:
@@ -177,6 +179,7 @@ class Service:
                 f"unknown model {shown(name)}; GET /v1/models lists the served ones ({known})",
                 kind="invalid_request_error",
                 code="model_not_found",
+                param="model",
             )
         return self.runtimes[name]
 
