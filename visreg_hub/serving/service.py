@@ -178,8 +178,7 @@ class Service:
                 404,
                 f"unknown model {shown(name)}; GET /v1/models lists the served ones ({known})",
                 kind="invalid_request_error",
-                code="model_not_found",
-                param="model",
+                code="model_not_found",  # param stays null, as OpenAI answers an unknown model
             )
         return self.runtimes[name]
 
