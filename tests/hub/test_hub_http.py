@@ -408,8 +408,9 @@ def test_push_to_hub_failures_are_one_line_naming_the_fix(monkeypatch, tmp_path)
 
 @pytest.mark.parametrize(
     ("status", "advice"),
-    [(401, "set HF_TOKEN to a write token"), (404, "no such repository"), (429, "wait a minute"),
-     (503, "the Hub failed; try again later")],
+    [(401, "set HF_TOKEN to a token with write access"), (404, "no such repository"),
+     (429, "wait a minute"), (503, "the Hub failed\\); try again later"),
+     (409, "You already created this repo\\); fix what it names")],
 )  # fmt: skip
 def test_a_hub_refusal_names_its_own_fix(monkeypatch, status, advice):
     """Every HTTP refusal was reported as a token problem, a 503 or a 429 too (review 16)."""
@@ -424,11 +425,11 @@ def test_a_hub_refusal_names_its_own_fix(monkeypatch, status, advice):
     answer = httpx.Response(status, request=httpx.Request("POST", "https://huggingface.co/api/repos/create"))
 
     def refused():
-        raise HfHubHTTPError("refused", response=answer)
+        raise HfHubHTTPError("You already created this repo", response=answer)
 
-    with pytest.raises(HubRequestError, match=rf"HTTP {status}: .*{advice}") as info:
+    with pytest.raises(HubRequestError, match=rf"HTTP {status}: .*{advice}.*, or upload later$") as info:
         hub_request("push_to_hub me/x", refused, fix="or upload later")
-    assert status in (401, 403) or "HF_TOKEN to a write token" not in str(info.value)
+    assert status in (401, 403) or "write access" not in str(info.value)
 
 
 def test_push_refuses_malformed_repo_ids_before_any_request(monkeypatch):

@@ -12,7 +12,7 @@ import ssl
 from collections.abc import Callable
 from typing import TypeVar
 
-from visreg_hub.errors import HubRequestError
+from visreg_hub.errors import HubRequestError, printable
 
 T = TypeVar("T")
 
@@ -41,7 +41,11 @@ def hub_request(what: str, call: Callable[[], T], *, fix: str) -> T:
         raise HubRequestError(f"{what}: no Hub token; run `hf auth login` or set HF_TOKEN, {fix}") from exc
     except HfHubHTTPError as exc:
         status = getattr(exc.response, "status_code", None)
-        raise HubRequestError(f"{what}: the Hub refused the request ({_refusal(status)}), {fix}") from exc
+        said = printable(" ".join(str(exc.server_message or exc).split()))[:200]  # the Hub's own words
+        reason, action = _refusal(status)
+        raise HubRequestError(
+            f"{what}: the Hub refused the request (HTTP {status}: {reason or said}); {action}, {fix}"
+        ) from exc
     except Exception as exc:
         if not _unreachable(exc):
             raise
@@ -51,17 +55,17 @@ def hub_request(what: str, call: Callable[[], T], *, fix: str) -> T:
         ) from exc
 
 
-def _refusal(status: int | None) -> str:
-    """Why the Hub answered ``status``, and what to do about it."""
+def _refusal(status: int | None) -> tuple[str | None, str]:
+    """``(why the Hub answered status, what to do)``; why is None where the Hub's own message says it."""
     if status in (401, 403):
-        return f"HTTP {status}: the token is missing, invalid or read-only; set HF_TOKEN to a write token"
+        return "the token is missing, invalid or read-only", "set HF_TOKEN to a token with write access"
     if status == 404:
-        return "HTTP 404: no such repository or revision, or the token cannot see it; check name and HF_TOKEN"
+        return "no such repository or revision, or the token cannot see it", "check the name and HF_TOKEN"
     if status == 429:
-        return "HTTP 429: too many requests; wait a minute and try again"
+        return "too many requests", "wait a minute and try again"
     if status is not None and status >= 500:
-        return f"HTTP {status}: the Hub failed; try again later"
-    return f"HTTP {status}"
+        return "the Hub failed", "try again later"
+    return None, "fix what it names and try again"
 
 
 def _unreachable(exc: BaseException) -> bool:
