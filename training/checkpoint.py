@@ -331,16 +331,10 @@ def recorded_settings(folder: Path) -> tuple[Any, Path | None]:
     try:
         if not saved.is_file() or saved.stat().st_size > _MAX_STATE_BYTES:
             return None, None
-        return yaml.load(saved.read_text(encoding="utf-8"), Loader=_NoAliasLoader), saved
+        text = saved.read_text(encoding="utf-8")
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise yaml.YAMLError("aliases are not allowed in a run's config.yaml")
+        return yaml.safe_load(text), saved
     except (OSError, ValueError, yaml.YAMLError, RecursionError) as exc:  # ValueError: a bad date, huge ints
         logger.warning("%s cannot be read (%s); the resume cannot compare its settings", saved, exc)
         return None, None
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing anchors and aliases (what a config.yaml written by a run never has)."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            raise yaml.YAMLError("aliases are not allowed in a run's config.yaml")
-        return super().compose_node(parent, index)
