@@ -161,6 +161,10 @@ def _bundled_choice(bundled: BundledSet) -> Choice:
     return Choice(bundled.key, f"bundled ({bundled.model_name})", str(bundled.model_folder))
 
 
+def _bundled_gallery(bundled: BundledSet) -> Choice:
+    return Choice(bundled.key, f"bundled: {bundled.gallery_label}", str(bundled.gallery))
+
+
 def _names_bundled(spec: str, bundled: BundledSet) -> bool:
     """``spec`` (a ``--model`` value) is ``bundled``'s model: its folder, or its registry name when no
     folder of that name exists (from_pretrained's order)."""
@@ -251,17 +255,18 @@ class DemoService:
     def _gallery_choices(galleries: Sequence[str | Path], first: str | None = None) -> list[Choice]:
         """The operator's ``--gallery`` folders, then the bundled galleries; without ``--gallery`` the
         default model's own gallery (``first``: its key, when it is a bundled model) comes first."""
-        choices = []
+        bundled_at = {b.gallery.resolve(): b for b in BUNDLED_SETS if b.gallery.is_dir()}
+        choices: list[Choice] = []
         for folder in dict.fromkeys(Path(g).expanduser().resolve() for g in galleries):
             if not folder.is_dir():
                 raise NotADirectoryError(f"gallery {folder} is not a folder; pass --gallery DIR of images")
-            choices.append(Choice(str(folder), str(folder), str(folder)))
+            same = bundled_at.get(folder)  # a bundled gallery named with --gallery: its one choice
+            choices.append(
+                Choice(str(folder), str(folder), str(folder)) if same is None else _bundled_gallery(same)
+            )
         ordered = sorted(BUNDLED_SETS, key=lambda b: b.key != first)  # stable: the rest keep their order
-        choices += [
-            Choice(b.key, f"bundled: {b.gallery_label}", str(b.gallery))
-            for b in ordered
-            if b.gallery.is_dir()
-        ]
+        listed = {choice.key for choice in choices}
+        choices += [_bundled_gallery(b) for b in ordered if b.gallery.is_dir() and b.key not in listed]
         if not choices:
             raise BundledAssetMissingError(
                 f"the bundled galleries {[str(b.gallery) for b in BUNDLED_SETS]} are missing; run "

@@ -29,6 +29,9 @@ def test_a_bundled_model_named_with_model_is_the_bundled_choice_with_its_gallery
         demo = DemoService([spec], cache_dir=tmp_path / "c", download_dir=tmp_path / "d", device="cpu")
         assert [c.key for c in demo.model_choices] == ["bundled", "bundled-photos"], spec
         assert demo.default_gallery == "bundled"  # its own gallery first
+    galleries = [str(BUNDLED_SETS[1].gallery), str(BUNDLED_SETS[1].gallery) + "/"]  # a bundled gallery, twice
+    demo = DemoService(galleries=galleries, cache_dir=tmp_path / "c", download_dir=tmp_path / "d")
+    assert [c.key for c in demo.gallery_choices] == ["bundled", "bundled-photos"]  # listed once (review 17)
     other = tmp_path / "vit-tiny-p4-fmnist"  # a local folder of that name is the user's model, not ours
     other.mkdir()
     demo = DemoService([str(other)], cache_dir=tmp_path / "c", download_dir=tmp_path / "d", device="cpu")
