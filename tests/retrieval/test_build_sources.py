@@ -253,6 +253,12 @@ def test_shards_filtered_with_pandas_and_written_back_build_the_same_index(jobs,
     with pytest.raises(EmbeddingSourceError, match=r"different lengths \(3 to 4\)") as info:
         open_sources([tmp_path / "ragged.parquet"])
     assert "re-run" not in str(info.value)  # not taken for an unreadable shard of an embed job
+    kept.iloc[:0].to_parquet(tmp_path / "emptied.parquet")  # a filter that kept nothing (review 17)
+    both = open_sources([tmp_path / "cleaned.parquet", tmp_path / "emptied.parquet"])
+    assert (both.count, both.dim) == (len(kept), expected.shape[1])
+    again = build_index([tmp_path / "emptied.parquet", tmp_path / "cleaned.parquet"], tmp_path / "idx2",
+                        num_queries=1)  # fmt: skip
+    assert again.search(expected, k=1).ids[:, 0].tolist() == list(range(len(kept)))
     pd.DataFrame({"embedding": [[1, 2], [3, 4]]}).to_parquet(tmp_path / "ints.parquet")  # not floats
     with pytest.raises(EmbeddingSourceError, match="no 'embedding' column of float lists"):
         open_sources([tmp_path / "ints.parquet"])

@@ -77,8 +77,9 @@ class EmbeddingSources:
     names: list[str] | None = None
 
 
-def parquet_shape(path: Path) -> tuple[int, int, dict[bytes, bytes]]:
-    """(rows, embedding width, schema metadata) of a parquet file.
+def parquet_shape(path: Path) -> tuple[int, int | None, dict[bytes, bytes]]:
+    """(rows, embedding width, schema metadata) of a parquet file; the width is None for a file of no rows
+    whose column has no fixed width (pandas writes an emptied frame's list column with no element type).
 
     The ``embedding`` column is a fixed-size list of floats (what ``embed`` writes; its width is in the
     footer) or a plain list of floats with one length on every row (what pandas' ``to_parquet`` writes,
@@ -91,6 +92,8 @@ def parquet_shape(path: Path) -> tuple[int, int, dict[bytes, bytes]]:
             schema, rows = handle.schema_arrow, handle.metadata.num_rows
             column = schema.field("embedding") if "embedding" in schema.names else None
             kind = None if column is None else column.type
+            if kind is not None and rows == 0 and not pa.types.is_fixed_size_list(kind):
+                return 0, None, schema.metadata or {}  # pandas writes no element type for no rows
             variable = kind is not None and (pa.types.is_list(kind) or pa.types.is_large_list(kind))
             if variable and pa.types.is_floating(kind.value_type):
                 return rows, _uniform_width(handle, path), schema.metadata or {}
@@ -198,6 +201,8 @@ def open_sources(paths: list[str | Path], *, paths_file: str | Path | None = Non
             )
         if path in shard_jobs:
             check_shard_job(path, *shard_jobs[path], metadata)
+        if width is None:  # no rows and no width: nothing to index, and nothing to disagree with
+            continue
         if dim is not None and width != dim:
             raise EmbeddingSourceError(f"{path} has {width}-dimensional embeddings, the others {dim}")
         count, dim = count + rows, width
