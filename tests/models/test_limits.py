@@ -88,6 +88,12 @@ def test_budget_refuses_parameters_and_activations_and_can_be_overridden():
     with pytest.raises(ConfigError, match="GiB of activations per image"):
         check_budget(wide_image)
     assert check_budget(wide_image, ModelLimits(max_activation_bytes=None)).tokens == 1024 * 1024 + 1
+    # a small limit is printed in a unit that shows it (it read "a 0.00 B-parameter model, over 0.00 B")
+    params = check_budget(tiny_config(), ModelLimits(max_params=None)).params
+    with pytest.raises(ConfigError, match=rf"describes a {params:,}-parameter model, over the limit of 10;"):
+        check_budget(tiny_config(), ModelLimits(max_params=10))
+    with pytest.raises(ConfigError, match="limits must be a ModelLimits"):
+        check_budget(tiny_config(), "x")
 
 
 @pytest.mark.parametrize(

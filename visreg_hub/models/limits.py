@@ -232,17 +232,28 @@ def check_budget(
         ConfigError: over budget; the message gives the estimate, the limit and the override.
     """
     limits = ModelLimits() if limits is None else limits
+    if not isinstance(limits, ModelLimits):
+        raise ConfigError(f"limits must be a ModelLimits (or None), got {type(limits).__name__}")
     size = estimate_config(config)
     if limits.max_params is not None and size.params > limits.max_params:
         raise ConfigError(
-            f"{source} describes a {size.params / 1e9:.2f} B-parameter model, over the limit of "
-            f"{limits.max_params / 1e9:.2f} B; "
+            f"{source} describes a {_count(size.params)}-parameter model, over the limit of "
+            f"{_count(limits.max_params)}; "
             + (fix or "if you trust it, pass limits=ModelLimits(max_params=...)")
         )
     if limits.max_activation_bytes is not None and size.activation_bytes > limits.max_activation_bytes:
         raise ConfigError(
-            f"{source} needs about {size.activation_bytes / 2**30:.1f} GiB of activations per image "
-            f"({size.tokens} tokens), over the limit of {limits.max_activation_bytes / 2**30:.1f} GiB; "
+            f"{source} needs about {_bytes(size.activation_bytes)} of activations per image "
+            f"({size.tokens} tokens), over the limit of {_bytes(limits.max_activation_bytes)}; "
             + (fix or "if you trust it, pass limits=ModelLimits(max_activation_bytes=...)")
         )
     return size
+
+
+def _count(n: int) -> str:
+    """``3.00 B``, ``86.6 M`` or ``1,234``: a parameter count in the unit that shows it."""
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n:,}"
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
