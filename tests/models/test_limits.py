@@ -94,6 +94,13 @@ def test_budget_refuses_parameters_and_activations_and_can_be_overridden():
         check_budget(tiny_config(), ModelLimits(max_params=10))
     with pytest.raises(ConfigError, match="limits must be a ModelLimits"):
         check_budget(tiny_config(), "x")
+    huge_params = check_budget(huge).params  # rounded alike ("2.5 B over 2.5 B"): both exact (review 18)
+    with pytest.raises(ConfigError, match=rf"a {huge_params:,}-parameter model, over the limit of "
+                                          rf"{huge_params - 1:,};"):  # fmt: skip
+        check_budget(huge, ModelLimits(max_params=huge_params - 1))
+    for bad in ("10", -1, 1.5, float("nan"), True):
+        with pytest.raises(ConfigError, match="must be a non-negative integer or None"):
+            ModelLimits(max_params=bad)
 
 
 @pytest.mark.parametrize(

@@ -175,6 +175,12 @@ def test_error_params_name_form_and_path_fields_and_stay_short(http):
     assert form.status_code == 422 and form.json()["error"]["param"] == "dimensions"
     path = http.delete("/v1/indexes/items/items/not-a-number")
     assert path.status_code == 422 and path.json()["error"]["param"] == "item_id"
+    for route, body, field in (("/v1/search", {"index": "items", "vector": [1.0] * 32, "k": 0}, "k"),
+                               ("/v1/search", {"index": "items", "k": 1}, "image")):  # fmt: skip
+        refused = http.post(route, json=body)
+        assert refused.status_code == 422 and refused.json()["error"]["param"] == field, refused.text
+    too_large = http.delete("/v1/indexes/items/items/9999999999999999999")
+    assert too_large.status_code == 422 and too_large.json()["error"]["param"] == "item_id"
     huge = http.post("/v1/embeddings", json={"input": ["x"], "f" * 100_000: 1})
     assert huge.status_code == 422 and len(huge.text) < 2_000 and len(huge.json()["error"]["param"]) == 80
 

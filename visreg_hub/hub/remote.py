@@ -41,11 +41,13 @@ def hub_request(what: str, call: Callable[[], T], *, fix: str) -> T:
         raise HubRequestError(f"{what}: no Hub token; run `hf auth login` or set HF_TOKEN, {fix}") from exc
     except HfHubHTTPError as exc:
         status = getattr(exc.response, "status_code", None)
-        said = printable(" ".join(str(exc.server_message or exc).split()))[:200]  # the Hub's own words
+        said = printable(" ".join(str(exc.server_message or "").split()))[:200]  # the Hub's own words, if any
         reason, action = _refusal(status)
-        raise HubRequestError(
-            f"{what}: the Hub refused the request (HTTP {status}: {reason or said}); {action}, {fix}"
-        ) from exc
+        why = "; ".join(part for part in (said, reason) if part)
+        if not why:  # nothing named: nothing to fix by name
+            why, action = "no reason given", "check the repository name and the token, and try again"
+        message = f"{what}: the Hub refused the request (HTTP {status}: {why}); {action}, {fix}"
+        raise HubRequestError(message) from exc
     except Exception as exc:
         if not _unreachable(exc):
             raise

@@ -59,6 +59,12 @@ class ModelLimits:
     max_params: int | None = DEFAULT_MAX_PARAMS
     max_activation_bytes: int | None = DEFAULT_MAX_ACTIVATION_BYTES
 
+    def __post_init__(self) -> None:
+        for name in ("max_params", "max_activation_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(f"ModelLimits.{name} must be a non-negative integer or None, got {value!r}")
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -237,8 +243,8 @@ def check_budget(
     size = estimate_config(config)
     if limits.max_params is not None and size.params > limits.max_params:
         raise ConfigError(
-            f"{source} describes a {_count(size.params)}-parameter model, over the limit of "
-            f"{_count(limits.max_params)}; "
+            f"{source} describes a {_count(size.params, limits.max_params)}-parameter model, over the limit "
+            f"of {_count(limits.max_params, size.params)}; "
             + (fix or "if you trust it, pass limits=ModelLimits(max_params=...)")
         )
     if limits.max_activation_bytes is not None and size.activation_bytes > limits.max_activation_bytes:
@@ -250,9 +256,17 @@ def check_budget(
     return size
 
 
-def _count(n: int) -> str:
-    """``3.00 B``, ``86.6 M`` or ``1,234``: a parameter count in the unit that shows it."""
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n:,}"
+def _count(n: int, other: int) -> str:
+    """``3.00 B``, ``86.6 M`` or ``1,234``: a parameter count in the unit that shows it, exact when rounding
+    would print it as the ``other`` count it is compared with."""
+
+    def rounded(value: int) -> str:
+        if value >= 999_950_000:  # from here on "M" would read 1000.0
+            return f"{value / 1e9:.2f} B"
+        return f"{value / 1e6:.1f} M" if value >= 1_000_000 else ""
+
+    short = rounded(n)
+    return short if short and short != rounded(other) else f"{n:,}"
 
 
 def _bytes(n: int) -> str:

@@ -586,9 +586,10 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
         store = service.index(body.index)
         if not 1 <= body.k <= limits.max_k:
             service.metrics.rejected.labels("max_k").inc()
-            raise ApiError(422, f"k must be between 1 and max_k={limits.max_k}, got {body.k}", limit="max_k")
+            message = f"k must be between 1 and max_k={limits.max_k}, got {body.k}"
+            raise ApiError(422, message, limit="max_k", param="k")
         if (body.image is None) == (body.vector is None):
-            raise ApiError(422, "send exactly one of 'image' (base64) or 'vector'")
+            raise ApiError(422, "send exactly one of 'image' (base64) or 'vector'", param="image")
         model = service.index_models[body.index]
         if body.vector is not None:
             query = await asyncio.to_thread(_vector_array, service, [body.vector], store.index.dim)
@@ -609,7 +610,7 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
         try:
             result = await asyncio.to_thread(store.search, query, min(body.k, len(store)))
         except ValueError as exc:  # e.g. an all-zero query vector for a normalising index
-            raise ApiError(422, f"query vector: {exc}") from None
+            raise ApiError(422, f"query vector: {exc}", param="vector") from None
         hits = [
             schemas.Hit(id=int(i), score=float(s), metadata=m)
             for i, s, m in zip(result.ids[0].tolist(), result.scores[0].tolist(), result.metadata[0])
@@ -687,7 +688,7 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
     ) -> schemas.DeleteItemResponse:
         # why a string: an int path parameter also took "+1", "01", "1.0" and " 1" as item 1
         if int(item_id) > MAX_ID:
-            raise ApiError(422, f"item id {item_id} is above the largest id {MAX_ID}")
+            raise ApiError(422, f"item id {item_id} is above the largest id {MAX_ID}", param="item_id")
         item_id = int(item_id)
         store = service.index(name)
         removed = await asyncio.to_thread(store.remove, [item_id])
