@@ -47,8 +47,10 @@ from typing import Any
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no phoning home
 
 from demo.cache import scan_gallery
+from demo.menus import BUNDLED_SETS
 from demo.server import combined_app, mount_ui
-from demo.service import BUNDLED_SETS, DEMO_MAX_PIXELS, MAX_K, DemoService, UserInputError
+from demo.service import MAX_K, DemoService, UserInputError
+from demo.uploads import DEMO_MAX_PIXELS
 from visreg_hub.argtypes import file_size, float_range, int_range, port_number
 from visreg_hub.errors import MissingExtraError, VisregHubError
 from visreg_hub.inference import IMAGE_EXTENSIONS

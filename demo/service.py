@@ -17,89 +17,39 @@ import shutil
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-import visreg_hub
 from demo.cache import CachedIndex, load_or_build, model_identity, scan_gallery
-from visreg_hub.devices import default_device
-from visreg_hub.errors import ImageDecodeError, ModelNotFoundError, UserInputError
-from visreg_hub.hub import from_pretrained, registry
-from visreg_hub.inference import (
-    IMAGE_EXTENSIONS,
-    Preprocessor,
-    encode,
-    extract_patch_features,
-    patch_pca_rgb,
+from demo.menus import (  # noqa: F401  (re-exported: the names callers of demo.service know)
+    BUNDLED_SETS,
+    BundledAssetMissingError,
+    Choice,
+    example_files,
+    find_choice,
+    gallery_choices,
+    model_choices,
 )
-from visreg_hub.inference.images import DEFAULT_FORMATS, PIXEL_CAP_HINT, ImageSource, decode_image
+from demo.uploads import DEMO_MAX_PIXELS, NO_IMAGE, check_upload
+from visreg_hub.devices import default_device
+from visreg_hub.errors import UserInputError
+from visreg_hub.hub import from_pretrained, registry
+from visreg_hub.inference import Preprocessor, encode, extract_patch_features, patch_pca_rgb
 from visreg_hub.inference.preprocess import DRAFT_MARGIN, draft_size
 from visreg_hub.models.config import POOLINGS
 from visreg_hub.native_io import utf8_path
 
 logger = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-# Bundled models ship inside the library (visreg_hub/assets/<registry name>), so they also work after a
-# pip install; their galleries and example queries are in demo/assets.
-MODEL_ASSETS = Path(visreg_hub.__file__).resolve().parent / "assets"
-BUNDLED = "bundled"
-
-
-@dataclass(frozen=True)
-class BundledSet:
-    """A bundled model with its gallery and example queries; ``key`` is their key in both menus."""
-
-    key: str
-    model_name: str
-    gallery: Path
-    gallery_label: str
-    examples: Path
-
-    @property
-    def model_folder(self) -> Path:
-        return MODEL_ASSETS / self.model_name
-
-
-# Data, not code: menu order, the first set is the demo's default (no --model / --gallery given).
-BUNDLED_SETS = (
-    BundledSet("bundled-photos", "vit-tiny-p8-colour", ASSETS / "photo-gallery",
-               "photos, clipart, satellite tiles (demo/assets/photo-gallery)", ASSETS / "photo-examples"),
-    BundledSet(BUNDLED, "vit-tiny-p4-fmnist", ASSETS / "gallery",
-               "Fashion-MNIST test images (demo/assets/gallery)", ASSETS / "examples"),
-)  # fmt: skip
-BUNDLED_GALLERY = ASSETS / "gallery"  # the Fashion-MNIST gallery (kept for callers of the single-set demo)
-EXAMPLES = ASSETS / "examples"
-# 2048 x 2048 decoded pixels: an RGBA upload then needs ~16 MB per copy while it is decoded. Large JPEGs
-# (camera photos) are decoded at a reduced scale first (decode_image's draft_to), so they pass.
-DEMO_MAX_PIXELS = 2048 * 2048
 MAX_K = 50
 DISPLAY_SIZE = 224
 RESCAN_S = 10.0  # a gallery's files are listed again when its index was checked longer ago
 DOWNLOAD_MAX_AGE_S = 3600  # .npy downloads older than this are removed (Gradio has its own copy by then)
-# Pillow decoders an upload may use (by content, whatever its name): the library's, so every extension the
-# file picker offers decodes; the rest (EPS, PSD, ...) are refused. JPEG covers camera MPO files too.
-ALLOWED_FORMATS = DEFAULT_FORMATS
-ACCEPTED_TYPES = ", ".join(IMAGE_EXTENSIONS)
-
-
-class BundledAssetMissingError(ModelNotFoundError):
-    """The bundled model or gallery folder is missing from this checkout."""
-
-
-@dataclass(frozen=True)
-class Choice:
-    """One entry of the model or gallery menu: ``key`` is what the UI sends, ``source`` what it means."""
-
-    key: str
-    label: str
-    source: str
 
 
 @dataclass
@@ -157,24 +107,6 @@ class SearchOutcome:
     extra: dict = field(default_factory=dict)
 
 
-def _bundled_choice(bundled: BundledSet) -> Choice:
-    return Choice(bundled.key, f"bundled ({bundled.model_name})", str(bundled.model_folder))
-
-
-def _bundled_gallery(bundled: BundledSet) -> Choice:
-    return Choice(bundled.key, f"bundled: {bundled.gallery_label}", str(bundled.gallery))
-
-
-def _names_bundled(spec: str, bundled: BundledSet) -> bool:
-    """``spec`` (a ``--model`` value) is ``bundled``'s model: its folder, or its registry name when no
-    folder of that name exists (from_pretrained's order)."""
-    folder = Path(spec).expanduser()
-    if folder.is_dir():
-        return folder.resolve() == bundled.model_folder.resolve()
-    entry = registry.find_entry(spec)
-    return entry is not None and entry.name == bundled.model_name
-
-
 class DemoService:
     """Models, galleries and the operations of the demo.
 
@@ -219,61 +151,14 @@ class DemoService:
         self.batch_size = int(batch_size)
         self.model_loader = model_loader
         self.embedder = embedder
-        self.model_choices = self._model_choices(models)
-        self.gallery_choices = self._gallery_choices(galleries, first=self.model_choices[0].key)
+        self.model_choices = model_choices(models)
+        self.gallery_choices = gallery_choices(galleries, first=self.model_choices[0].key)
         self._models: dict[str, LoadedModel] = {}
         self._indexes: dict[tuple[str, str], tuple[CachedIndex, float]] = {}  # pair -> (index, scanned at)
         self._pair_locks: dict[tuple[str, str], threading.Lock] = {}
         self._lock = threading.RLock()  # models, and the two dicts above (never held while embedding)
 
     # ------------------------------------------------------------------ choices
-    @staticmethod
-    def _model_choices(models: Sequence[str]) -> list[Choice]:
-        """The operator's ``--model`` specs in order, then the bundled models; a spec naming a bundled model
-        (its registry name or its folder) is that bundled choice, so it is loaded and listed once, with
-        its gallery."""
-        bundled = [b for b in BUNDLED_SETS if (b.model_folder / "config.json").is_file()]
-        choices: list[Choice] = []
-        for spec in dict.fromkeys(str(m) for m in models):
-            same = next((b for b in bundled if _names_bundled(spec, b)), None)
-            choice = Choice(spec, spec, spec) if same is None else _bundled_choice(same)
-            if choice.key not in {c.key for c in choices}:
-                choices.append(choice)
-        listed = {choice.key for choice in choices}
-        choices += [_bundled_choice(b) for b in bundled if b.key not in listed]
-        missing = [str(b.model_folder) for b in BUNDLED_SETS if b not in bundled]
-        if not choices:
-            raise BundledAssetMissingError(
-                f"the bundled model is missing: {', '.join(missing)} has no config.json. Pass --model with a "
-                "model folder or name, or re-create it with the commands in scripts/bundle_model.py"
-            )
-        if missing:
-            logger.warning("bundled model(s) %s missing; offering the others", missing)
-        return choices
-
-    @staticmethod
-    def _gallery_choices(galleries: Sequence[str | Path], first: str | None = None) -> list[Choice]:
-        """The operator's ``--gallery`` folders, then the bundled galleries; without ``--gallery`` the
-        default model's own gallery (``first``: its key, when it is a bundled model) comes first."""
-        bundled_at = {b.gallery.resolve(): b for b in BUNDLED_SETS if b.gallery.is_dir()}
-        choices: list[Choice] = []
-        for folder in dict.fromkeys(Path(g).expanduser().resolve() for g in galleries):
-            if not folder.is_dir():
-                raise NotADirectoryError(f"gallery {folder} is not a folder; pass --gallery DIR of images")
-            same = bundled_at.get(folder)  # a bundled gallery named with --gallery: its one choice
-            choices.append(
-                Choice(str(folder), str(folder), str(folder)) if same is None else _bundled_gallery(same)
-            )
-        ordered = sorted(BUNDLED_SETS, key=lambda b: b.key != first)  # stable: the rest keep their order
-        listed = {choice.key for choice in choices}
-        choices += [_bundled_gallery(b) for b in ordered if b.gallery.is_dir() and b.key not in listed]
-        if not choices:
-            raise BundledAssetMissingError(
-                f"the bundled galleries {[str(b.gallery) for b in BUNDLED_SETS]} are missing; run "
-                "`python -m demo.make_photo_gallery` / `python -m demo.make_gallery` or pass --gallery DIR"
-            )
-        return choices
-
     @property
     def default_model(self) -> str:
         return self.model_choices[0].key
@@ -289,24 +174,12 @@ class DemoService:
     @staticmethod
     def examples() -> list[Path]:
         """The bundled example queries (none is in a bundled gallery), the default set's first."""
-        return [
-            path
-            for bundled in BUNDLED_SETS
-            for path in sorted(bundled.examples.glob("*"))
-            if path.suffix.lower() in IMAGE_EXTENSIONS
-        ]
-
-    def _find(self, choices: list[Choice], key: str, what: str) -> Choice:
-        for choice in choices:
-            if choice.key == key:
-                return choice
-        known = ", ".join(repr(c.key) for c in choices)
-        raise UserInputError(f"unknown {what} {key!r}; choose one of {known}")
+        return example_files()
 
     # ------------------------------------------------------------------ loading
     def get_model(self, key: str | None = None) -> LoadedModel:
         """The model behind a menu key, loaded once."""
-        choice = self._find(self.model_choices, key or self.default_model, "model")
+        choice = find_choice(self.model_choices, key or self.default_model, "model")
         with self._lock:
             if choice.key not in self._models:
                 start = time.perf_counter()
@@ -329,8 +202,8 @@ class DemoService:
         demo follows its folders. Building one pair holds only that pair's lock: searches on other
         pairs go on meanwhile.
         """
-        model_key = self._find(self.model_choices, model_key or self.default_model, "model").key
-        gallery = self._find(self.gallery_choices, gallery_key or self.default_gallery, "gallery")
+        model_key = find_choice(self.model_choices, model_key or self.default_model, "model").key
+        gallery = find_choice(self.gallery_choices, gallery_key or self.default_gallery, "gallery")
         pair = (model_key, gallery.key)
         with self._lock:
             known = self._indexes.get(pair)
@@ -384,61 +257,12 @@ class DemoService:
     def check_query(
         self, path: str | Path | None, draft_to: int = DRAFT_MARGIN * DISPLAY_SIZE
     ) -> Image.Image:
-        """Validate an uploaded or picked image and decode it (RGB).
-
-        Checks the extension, that the content is one of :data:`ALLOWED_FORMATS`, and decodes it with
-        the library's rules (pixel cap, truncated data, EXIF, alpha, 16-bit). A JPEG over twice
-        ``draft_to`` pixels on its shorter side is decoded at a reduced scale (a memory bound; see
-        ``decode_image``'s ``draft_to``).
+        """An uploaded or picked image, checked and decoded (RGB); see :func:`demo.uploads.check_upload`.
 
         Raises:
             UserInputError: the message names the file (not its server path) and what is wrong.
         """
-        if path is None or str(path) == "":
-            raise UserInputError("No image yet: upload one or pick an example first.")
-        path = Path(path)
-        name = path.name
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            raise UserInputError(
-                f"{name}: file type {path.suffix or '(none)'!r} is not accepted; "
-                f"upload one of {ACCEPTED_TYPES}"
-            )
-        if not path.is_file():
-            raise UserInputError(f"{name}: the uploaded file is gone; upload it again")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(path, formats=ALLOWED_FORMATS):
-                    pass
-        except UnidentifiedImageError:
-            raise UserInputError(
-                f"{name}: not a readable image; the content is not {', '.join(ALLOWED_FORMATS)} or is corrupt"
-            ) from None
-        except Image.DecompressionBombError:
-            raise UserInputError(f"{name}: {self._too_many_pixels()}") from None
-        except OSError as exc:
-            raise UserInputError(f"{name}: truncated or corrupt image ({exc})") from None
-        try:
-            return decode_image(ImageSource(path, name), max_pixels=self.max_pixels, draft_to=draft_to)
-        except ImageDecodeError as exc:
-            raise UserInputError(self._clean(str(exc), path)) from None
-
-    def _too_many_pixels(self, size: str | None = None) -> str:
-        """The one message for an upload over ``max_pixels`` (``size``: "W x H = N" when known)."""
-        found = f"{size} pixels, " if size else ""
-        return (
-            f"the image has too many pixels ({found}limit {self.max_pixels:,}); upload a smaller one "
-            "(a large JPEG passes: it is decoded at a reduced size)"
-        )
-
-    def _clean(self, message: str, path: Path) -> str:
-        """Replace server paths in a library message by the file's name; drop library-user hints."""
-        message = message.replace(str(path), path.name)
-        message = re.sub(r"image is (\d+)x(\d+) = ([\d,]+) pixels, above the cap max_pixels=[\d,]+ "
-                         rf"\(decompression-bomb guard\); {re.escape(PIXEL_CAP_HINT)}",
-                         lambda m: self._too_many_pixels(f"{m[1]} x {m[2]} = {m[3]}"), message)  # fmt: skip
-        message = message.replace(f"; {PIXEL_CAP_HINT}", "")
-        return re.sub(r" \(input index \d+; pass on_error='skip' to embed the others\)", "", message)
+        return check_upload(path, max_pixels=self.max_pixels, draft_to=draft_to)
 
     def _decode_for(self, loaded: LoadedModel, path: str | Path | None) -> Image.Image:
         """check_query with draft decoding at the model's resize target."""
@@ -470,7 +294,7 @@ class DemoService:
         a ``.npy`` file under ``download_dir``. The image is decoded once for all outputs.
         """
         if path is None or str(path) == "":
-            raise UserInputError("No image yet: upload one or pick an example first.")
+            raise UserInputError(NO_IMAGE)
         loaded = self.get_model(model_key)
         image = self._decode_for(loaded, path)
         path = Path(path)
@@ -533,7 +357,7 @@ class DemoService:
         if not whole or not 1 <= k <= MAX_K:
             raise UserInputError(f"k must be a whole number from 1 to {MAX_K}, got {k!r}")
         if path is None or str(path) == "":
-            raise UserInputError("No image yet: upload one or pick an example first.")
+            raise UserInputError(NO_IMAGE)
         loaded = self.get_model(model_key)
         image = self._decode_for(loaded, path)
         cached = self.get_index(model_key, gallery_key)

@@ -81,9 +81,13 @@ def assert_only_local_requests(browser, url: str) -> None:
 
 # ------------------------------------------------------------------------------------------ helpers
 def wait(browser, condition, timeout: float = WAIT_S):
+    """``condition(browser)`` once truthy; an element Gradio re-rendered between finding and reading it
+    (stale) counts as not yet, as a missing one does."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(browser, timeout).until(condition)
+    stale = (StaleElementReferenceException,)
+    return WebDriverWait(browser, timeout, ignored_exceptions=stale).until(condition)
 
 
 def css(browser, selector: str):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from demo import service
-from demo.service import BUNDLED_SETS, DemoService
+from demo import menus
+from demo.menus import BUNDLED_SETS
+from demo.service import DemoService
 from visreg_hub import from_pretrained
 from visreg_hub.inference import list_image_files
 
@@ -25,7 +26,7 @@ def test_menus_open_on_the_colour_photo_set_then_fashion_mnist(tmp_path):
 def test_a_bundled_model_named_with_model_is_the_bundled_choice_with_its_gallery(tmp_path):
     """`--model vit-tiny-p4-fmnist` loaded the model twice (also as 'bundled'), listed it twice (the API
     as `...-2`) and paired it with the photo gallery by default, without the mismatch note (probe 16)."""
-    for spec in ("vit-tiny-p4-fmnist", str(service.MODEL_ASSETS / "vit-tiny-p4-fmnist")):
+    for spec in ("vit-tiny-p4-fmnist", str(menus.MODEL_ASSETS / "vit-tiny-p4-fmnist")):
         demo = DemoService([spec], cache_dir=tmp_path / "c", download_dir=tmp_path / "d", device="cpu")
         assert [c.key for c in demo.model_choices] == ["bundled", "bundled-photos"], spec
         assert demo.default_gallery == "bundled"  # its own gallery first
@@ -59,9 +60,9 @@ def test_photo_gallery_is_small_credited_and_disjoint_from_its_examples():
 
 
 def test_a_missing_bundled_model_leaves_the_other_offered(monkeypatch, tmp_path):
-    real = service.MODEL_ASSETS
+    real = menus.MODEL_ASSETS
     (tmp_path / "assets").mkdir()
     (tmp_path / "assets" / "vit-tiny-p4-fmnist").symlink_to(real / "vit-tiny-p4-fmnist")
-    monkeypatch.setattr(service, "MODEL_ASSETS", tmp_path / "assets")
+    monkeypatch.setattr(menus, "MODEL_ASSETS", tmp_path / "assets")
     demo = DemoService(cache_dir=tmp_path / "c", download_dir=tmp_path / "d", device="cpu")
     assert [c.key for c in demo.model_choices] == ["bundled"]

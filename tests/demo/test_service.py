@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from demo import cache as demo_cache
-from demo import make_gallery, service
+from demo import make_gallery, menus, service
 from demo.service import BundledAssetMissingError, DemoService, UserInputError
 from tests.demo.conftest import BUNDLED_GALLERY, EXAMPLES, REPO, copy_gallery
 from tests.fixtures_models import tiny_encoder
@@ -250,7 +250,7 @@ def test_check_query_accepts_real_images(demo_model_dir, gallery, tmp_path):
 
 # ------------------------------------------------------------------------------------ missing assets
 def test_missing_bundled_model_gives_a_clear_message(monkeypatch, tmp_path):
-    monkeypatch.setattr(service, "MODEL_ASSETS", tmp_path / "no-models")
+    monkeypatch.setattr(menus, "MODEL_ASSETS", tmp_path / "no-models")
     with pytest.raises(BundledAssetMissingError, match=r"bundled model is missing.*Pass --model"):
         DemoService(cache_dir=tmp_path / "c", download_dir=tmp_path / "d")
 
@@ -260,7 +260,7 @@ def test_app_exits_with_a_message_when_the_bundled_model_is_missing(monkeypatch,
 
     from demo import app
 
-    monkeypatch.setattr(service, "MODEL_ASSETS", tmp_path / "no-models")
+    monkeypatch.setattr(menus, "MODEL_ASSETS", tmp_path / "no-models")
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     handler = signal.getsignal(signal.SIGTERM)
