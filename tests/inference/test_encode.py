@@ -45,6 +45,36 @@ def test_equals_forward_on_timm_batch(model, photo_paths, photos):
     assert not torch.allclose(raw.norm(dim=1), torch.ones(4), atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["vit-tiny-p8-colour", "vit-mini-p7-fmnist"])
+def test_timms_own_data_config_recipe_gives_encodes_vectors(name, photo_paths):
+    """A timm user's recipe, ``create_transform(**resolve_model_data_config(model))`` on the encoder or on
+    its timm backbone, preprocesses as the checkpoint says (not the stock architecture's DINO/ImageNet
+    224 px defaults), and names no weights location."""
+    from visreg_hub import from_pretrained
+
+    model = from_pretrained(name, backend="torch")
+    channels = model.config.in_chans
+    images = [Image.open(p).convert("RGB" if channels == 3 else "L") for p in photo_paths]
+    expected = encode(model, images, pooling="cls", normalize=False)
+    for timm_model in (model, model.backbone):
+        config = timm.data.resolve_model_data_config(timm_model)
+        assert tuple(config["input_size"]) == (channels, model.config.img_size, model.config.img_size)
+        assert tuple(config["mean"]) == tuple(model.config.mean)
+        transform = timm.data.create_transform(**config)
+        with torch.no_grad():
+            features = model.backbone(torch.stack([transform(image) for image in images]))
+        torch.testing.assert_close(features, expected, atol=1e-5, rtol=0)
+    assert not any(model.backbone.pretrained_cfg.get(key) for key in ("url", "hf_hub_id", "file"))
+
+
+def test_a_numpy_array_of_paths_is_a_batch(model, photo_paths, photos):
+    """As sentence-transformers: a 1-D str or object array (``df["path"].to_numpy()``) is a list."""
+    for array in (np.array([str(p) for p in photo_paths]), np.array(list(photo_paths), dtype=object)):
+        embeddings = encode(model, array)
+        assert embeddings.shape == (4, 32)
+        torch.testing.assert_close(embeddings, reference(model, photos), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize(("pooling", "dim"), [("cls", 32), ("cls_last2", 64), ("mean_patch", 32), (None, 32)])
 def test_pooling_choices(model, photo_paths, photos, pooling, dim):
     embeddings = encode(model, photo_paths, pooling=pooling, normalize=False)

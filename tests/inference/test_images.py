@@ -197,13 +197,15 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
 
 
 def test_eight_bit_values_in_an_int32_image_are_read_as_pillow_reads_them(photo):
-    """``L.convert("I")`` holds 8-bit values in a 32-bit container: read as is (it came out about 257x
-    darker); an ``I`` image with values above 255 is 16-bit data, scaled like I;16."""
+    """``L.convert("I")`` and ``L.convert("F")`` hold 8-bit values in a 32-bit container: read as is (they
+    came out about 257x darker, or stretched to full contrast); an ``I`` image with values above 255 is
+    16-bit data, scaled like I;16."""
     grey = photo.convert("L")
-    as_int = grey.convert("I")
-    assert as_int.mode == "I"
-    np.testing.assert_array_equal(pixels(decode_image(as_int)), np.asarray(grey.convert("RGB")))
-    np.testing.assert_array_equal(pixels(decode_image(as_int)), np.asarray(as_int.convert("RGB")))
+    for mode in ("I", "F"):
+        wide = grey.convert(mode)
+        assert wide.mode == mode and np.asarray(wide).max() > 1  # not the [0, 1] float convention
+        np.testing.assert_array_equal(pixels(decode_image(wide)), np.asarray(grey.convert("RGB")))
+        np.testing.assert_array_equal(pixels(decode_image(wide)), np.asarray(wide.convert("RGB")))
     deep = np.array([[0, 256, 1000, 65535]], dtype=np.int32)
     expected = np.rint(deep / 257.0).astype(np.uint8)
     np.testing.assert_array_equal(pixels(decode_image(Image.fromarray(deep, mode="I")))[..., 0], expected)

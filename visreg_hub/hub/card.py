@@ -24,8 +24,7 @@ from string import Template
 from typing import Any
 
 from visreg_hub.errors import ConfigError
-from visreg_hub.hub.format import DEFAULT_LICENSE
-from visreg_hub.models.config import ModelConfig
+from visreg_hub.models.config import DEFAULT_LICENSE, ModelConfig
 
 logger = logging.getLogger(__name__)
 

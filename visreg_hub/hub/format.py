@@ -42,7 +42,6 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 MAX_CONFIG_BYTES = 4 * 1024 * 1024  # a config.json with model card data is a few KB
-DEFAULT_LICENSE = "apache-2.0"
 # extra keys stored at the top of the visreg block (the rest stays under visreg["extra"])
 PROMOTED_EXTRA_KEYS = ("license", "recipe", "loss", "datasets", "eval_results", "eval_command", "source")
 
@@ -120,19 +119,7 @@ def config_to_json(config: ModelConfig, embedding_dim: int) -> dict[str, Any]:
         config: the model configuration.
         embedding_dim: length of the default (``config.pooling``) embedding.
     """
-    pretrained_cfg = {
-        "input_size": [config.in_chans, config.img_size, config.img_size],
-        "fixed_input_size": not config.dynamic_img_size,
-        "interpolation": config.interpolation,
-        "crop_pct": config.crop_pct,
-        "crop_mode": config.crop_mode,
-        "mean": list(config.mean),
-        "std": list(config.std),
-        "num_classes": 0,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": config.extra.get("license", DEFAULT_LICENSE),
-    }
+    pretrained_cfg = config.timm_pretrained_cfg()
     extra = dict(config.extra)
     visreg: dict[str, Any] = {
         "format_version": FORMAT_VERSION,

@@ -24,10 +24,11 @@ Every input of :func:`visreg_hub.inference.encode` goes through
 * Animated GIF / APNG / WebP / multi-page TIFF: the first frame is used.
 * Transparency (RGBA, LA, PA, palette or colour-key transparency) is composited on a white background.
 * 16-bit images (``I;16*``, and ``I`` with values in [0, 65535] above 255) are scaled to 8 bit as
-  ``round(v / 257)`` (full range kept, never clipped). An ``I`` image with values in [0, 255] is 8-bit data
-  in a 32-bit container (``L.convert("I")``) and is read as it is, as Pillow and timm read it. Float
-  images (``F``) in [0, 1] are scaled by 255. ``I``/``F`` images outside those ranges are min-max
-  stretched to [0, 255], since such scientific data has no white point.
+  ``round(v / 257)`` (full range kept, never clipped). Float images (``F``) in [0, 1] are scaled by 255.
+  An ``I`` or ``F`` image with values in [0, 255] (and an ``F`` one not in [0, 1]) is 8-bit data in a
+  32-bit container (``L.convert("I")``, ``L.convert("F")``) and is read as it is, as Pillow and timm read
+  it. ``I``/``F`` images outside those ranges are min-max stretched to [0, 255], since such scientific
+  data has no white point.
 * CMYK, grayscale, 1-bit, YCbCr and the rest are converted to RGB with Pillow's conversions (ICC
   profiles are not applied).
 * A binary file object (``open(path, "rb")``, ``io.BytesIO``, a web framework's upload handle: anything
@@ -410,9 +411,10 @@ def _high_depth_to_uint8(values: np.ndarray, mode: str, label: str) -> np.ndarra
     low, high = float(values.min()), float(values.max())
     if mode == "F" and low >= 0.0 and high <= 1.0:
         scaled = values * 255.0
-    elif mode == "I" and low >= 0.0 and high <= 255.0:
-        # 8-bit data in a 32-bit container (``L.convert("I")``, an 8-bit TIFF written as int32): kept as
-        # is, as Pillow's own convert("RGB") (timm's loader) reads it; 16-bit files open as I;16 instead
+    elif mode in ("I", "F") and low >= 0.0 and high <= 255.0:
+        # 8-bit data in a 32-bit container (``L.convert("I")`` or ``("F")``, an 8-bit TIFF written as int32
+        # or float): kept as is, as Pillow's own convert("RGB") (timm's loader) reads it; 16-bit files
+        # open as I;16 instead
         scaled = values
     elif mode != "F" and low >= 0.0 and high <= 65535.0:
         scaled = values / 257.0  # 65535 -> 255 exactly: full 16-bit range, no clipping

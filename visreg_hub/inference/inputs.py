@@ -139,6 +139,8 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _is_single(obj: Any) -> bool:
+    if isinstance(obj, np.ndarray) and obj.ndim == 1 and obj.dtype.kind in "UO":
+        return False  # paths or objects in an array (df["path"].to_numpy()): a list, as sentence-transformers
     return isinstance(obj, SINGLE_INPUT_TYPES) or is_file_like(obj)
 
 

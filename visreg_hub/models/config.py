@@ -22,6 +22,8 @@ from visreg_hub.errors import ConfigError
 from visreg_hub.models.limits import MIN_CROP_PCT, check_architecture_name, check_field_bounds
 from visreg_hub.suggest import did_you_mean
 
+DEFAULT_LICENSE = "apache-2.0"  # a model's licence unless its extra["license"] says otherwise
+
 # Feature taps returning one vector per image; "patch" (a token grid) is served by ``patch_tokens``.
 POOLINGS = ("cls", "cls_last2", "cls_last4", "mean_patch")
 CROP_MODES = ("center", "squash", "border")  # timm's eval crop modes
@@ -257,6 +259,27 @@ class ModelConfig:
             "crop_pct": self.crop_pct,
             "interpolation": self.interpolation,
             "crop_mode": self.crop_mode,
+        }
+
+    def timm_pretrained_cfg(self) -> dict[str, Any]:
+        """timm's ``pretrained_cfg`` for this model: its preprocessing (what
+        ``timm.data.resolve_model_data_config`` and transformers' image processor read) and head fields.
+
+        It names no weights location (``url``, ``hf_hub_id``): the weights are this model's own. The
+        encoder's timm backbone carries it, and ``config.json`` stores it.
+        """
+        return {
+            "input_size": [self.in_chans, self.img_size, self.img_size],
+            "fixed_input_size": not self.dynamic_img_size,
+            "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct,
+            "crop_mode": self.crop_mode,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "num_classes": 0,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+            "license": self.extra.get("license", DEFAULT_LICENSE),
         }
 
     def timm_kwargs(self) -> dict[str, Any]:

@@ -58,6 +58,9 @@ class VISRegEncoder(nn.Module):
             num_classes=0,  # no classifier head: the encoder returns features
             global_pool="token",
             drop_path_rate=config.drop_path_rate,
+            # this model's preprocessing, not the stock architecture's (DINO's 224 px and its weights URL):
+            # timm's resolve_model_data_config(model.backbone) then gives what encode() does
+            pretrained_cfg=config.timm_pretrained_cfg(),
             **config.timm_kwargs(),
         )
         if getattr(self.backbone, "cls_token", None) is None:
@@ -85,6 +88,12 @@ class VISRegEncoder(nn.Module):
     def data_config(self) -> dict[str, Any]:
         """timm-style preprocessing settings (input_size, mean, std, crop_pct, interpolation, crop_mode)."""
         return self.config.data_config
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's ``pretrained_cfg`` of the backbone (this model's preprocessing), so that
+        ``timm.data.resolve_model_data_config(model)`` works on the encoder as on a timm model."""
+        return self.backbone.pretrained_cfg
 
     @property
     def device(self) -> torch.device:
