@@ -27,7 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-sizes", type=parse_batch_sizes, default=(1, 3, 17, 64), help="default 1,3,17,64"
     )
     parser.add_argument("--provider", help="cpu, cuda or tensorrt (default: the best available)")
-    parser.add_argument("--atol", type=float, default=1e-4, help="fp32 max abs error (default 1e-4)")
+    parser.add_argument(
+        "--atol",
+        type=float,
+        default=1e-4,
+        help="fp32 max abs error per unit of output scale: the bound is ATOL x max(1, max |PyTorch value|) "
+        "(default 1e-4)",
+    )
     parser.add_argument(
         "--min-cosine",
         type=float,

@@ -24,6 +24,7 @@ import torch
 from tests.fixtures_models import tiny_encoder
 from tests.inference import malformed
 from visreg_hub.hub import from_pretrained
+from visreg_hub.inference.backends import set_backend
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -173,14 +174,12 @@ def test_a_corrupt_or_incomplete_cache_entry_is_exported_again(tmp_path, caplog)
 def test_only_this_users_cache_entries_are_run_and_others_are_left_alone(tmp_path):
     """A graph is a program, and a check run can be fooled (probe 12: a planted graph recognised the
     check's fixed inputs and passed). So an entry that another user owns or that others can write is never
-    run, and never deleted; a cache dir where others can rename entries is refused as a whole. Entries are
-    written 0700/0644 whatever the umask."""
+    run, and never deleted; a cache dir where others can rename entries is refused as a whole."""
     import stat
 
     model, calls = tiny_encoder(seed=8), []
     first = cache.cached_export(model, OPTIONS, small_export(calls), root=tmp_path)
     entry = first.parent
-    assert stat.S_IMODE(first.stat().st_mode) == 0o644 and stat.S_IMODE(entry.stat().st_mode) == 0o700
     for path in (entry, first, entry / "entry.json"):
         mode = path.stat().st_mode
         path.chmod(mode | stat.S_IWOTH)
@@ -217,6 +216,95 @@ def test_only_this_users_cache_entries_are_run_and_others_are_left_alone(tmp_pat
         os.chown(shared, 65534, -1)
         with pytest.raises(cache.OnnxCacheError, match=r"shared belongs to another user \(uid 65534\)"):
             cache.cached_export(model, OPTIONS, small_export(calls), root=tmp_path / "link")
+
+
+def test_auto_embeds_on_torch_when_the_export_fails_its_check(tmp_path, monkeypatch, caplog, photo_paths):
+    """Probe 19: under backend="auto" (the default, on a CPU) an export that failed its check raised
+    OnnxValidationError from encode() of a model the torch backend embeds, and re-exported on every call.
+    A NaN weight (a diverged checkpoint) makes a real failing check: auto embeds as torch does, warns once,
+    exports once; backend="onnx" raises the check's report."""
+    from visreg_hub.inference.onnx import OnnxValidationError
+
+    monkeypatch.setenv("VISREG_HUB_CACHE", str(tmp_path))
+    model = tiny_encoder(seed=3)
+    with torch.no_grad():
+        model.backbone.blocks[0].mlp.fc1.weight[0, 0] = float("nan")
+    set_backend(model, "torch")
+    expected = model.encode(photo_paths[:2])
+    set_backend(model, "auto")
+    with caplog.at_level(logging.WARNING):
+        first = model.encode(photo_paths[:2])
+        second = model.encode(photo_paths[:2])
+    warnings = [r.getMessage() for r in caplog.records if "falls back to the torch backend" in r.getMessage()]
+    assert len(warnings) == 1 and "NaN or inf" in warnings[0]
+    for got in (first, second):
+        assert torch.equal(torch.isnan(got), torch.isnan(expected))  # torch's own (NaN) embedding
+    set_backend(model, "onnx")
+    with pytest.raises(OnnxValidationError, match=r"nothing was cached.*NaN or inf"):
+        model.encode(photo_paths[:2])
+
+
+@pytest.mark.parametrize(("umask", "folder_mode", "file_mode"),
+                         [(0o022, 0o755, 0o644), (0o002, 0o755, 0o644), (0o077, 0o700, 0o600)])  # fmt: skip
+def test_entries_are_never_writable_by_others_and_readable_as_the_umask_allows(
+    tmp_path, umask, folder_mode, file_mode
+):
+    """Probe 19: entries were 0700 folders whatever the umask, so a cache root filled (a container image
+    built as root, run as another user) could be read by nobody else. Group write (umask 002) is never
+    added: an entry writable by others is not trusted."""
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        first = cache.cached_export(tiny_encoder(seed=8), OPTIONS, small_export([]), root=tmp_path)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(first.parent.stat().st_mode) == folder_mode
+    for written in (first, first.parent / "entry.json"):
+        assert stat.S_IMODE(written.stat().st_mode) == file_mode
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or os.geteuid() != 0, reason="acting as another user needs root")
+def test_another_user_reads_a_cache_root_filled_and_an_unreadable_entry_is_a_cache_error():
+    """Probe 19: another user's encode() crashed with a raw PermissionError (not an OnnxCacheError, so
+    backend="auto" did not fall back) on the 0700 entries of a cache root filled. Now they are readable; one
+    made unreadable is an OnnxCacheError naming the fix. The other user is a forked child (uid 65534)."""
+    import shutil
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="visreg-shared-cache-", dir="/tmp"))
+    try:
+        shared.chmod(0o755)
+        first = cache.cached_export(tiny_encoder(seed=8), OPTIONS, small_export([]), root=shared)
+
+        def as_nobody() -> str:
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: never returns into pytest
+                os.close(read)
+                try:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                    outcome = f"ok {cache._cached(first.parent)}"
+                except cache.OnnxCacheError as exc:
+                    outcome = f"OnnxCacheError {exc}"
+                except BaseException as exc:  # reported to the parent, which asserts
+                    outcome = f"{type(exc).__name__} {exc}"
+                os.write(write, outcome.encode())
+                os._exit(0)
+            os.close(write)
+            with os.fdopen(read, "rb") as pipe:
+                outcome = pipe.read().decode()
+            os.waitpid(pid, 0)
+            return outcome
+
+        assert as_nobody() == f"ok {first}"
+        first.parent.chmod(0o700)  # as entries were written before
+        outcome = as_nobody()
+        assert outcome.startswith("OnnxCacheError") and "cannot be read by this user" in outcome
+        assert "chmod -R a+rX" in outcome and first.exists()  # named the fix, deleted nothing
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_a_process_that_cannot_check_an_entry_keeps_it(folder, photo_paths, tmp_path, monkeypatch):
@@ -273,8 +361,35 @@ def test_a_cached_graph_of_another_precision_is_not_judged_by_its_own_metadata(
     calls = len(exports)
     with caplog.at_level(logging.WARNING, logger="visreg_hub.inference.onnx.cache"):
         got = from_pretrained(folder, backend="onnx").encode(photo_paths)
-    assert "the cached graph is int8, not the fp32 of its key" in caplog.text and len(exports) == calls + 1
+    assert "precision: recorded 'int8', expected 'fp32'" in caplog.text and len(exports) == calls + 1
     torch.testing.assert_close(got, reference(photo_paths, folder), atol=1e-4, rtol=0)
+
+
+def test_a_cached_graph_whose_metadata_is_not_this_models_is_exported_again(
+    folder, photo_paths, tmp_path, exports, monkeypatch, caplog
+):
+    """Probe 19: the check ran the cached graph on random pixels, so metadata it never exercises (the
+    preprocessing mean/std, another pooling's graph under this key) passed: vectors at cosine 0.5 to
+    torch, or 128 values for a 256-d model, without a word. The metadata must be what this model makes."""
+    monkeypatch.setenv("VISREG_HUB_CACHE", str(tmp_path / "cache"))
+    expected = reference(photo_paths, folder)
+    from_pretrained(folder, backend="onnx").encode(photo_paths[:1])
+    (entry,) = [p for p in (tmp_path / "cache" / "onnx").iterdir() if not p.name.startswith(".")]
+    graph = onnx.load(str(entry / "model.onnx"))
+    for prop in graph.metadata_props:
+        if prop.key == "visreg_hub.data_config":
+            config = json.loads(prop.value)
+            config["mean"] = [1.0 - value for value in config["mean"]]
+            prop.value = json.dumps(config)
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    onnx.save(graph, str(edited / "model.onnx"))
+    _plant_graph(edited, entry)
+    calls = len(exports)
+    with caplog.at_level(logging.WARNING, logger="visreg_hub.inference.onnx.cache"):
+        got = from_pretrained(folder, backend="onnx").encode(photo_paths)
+    assert "data_config: recorded" in caplog.text and len(exports) == calls + 1
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
 def test_a_cache_entry_that_is_a_file_or_a_dangling_symlink_is_exported_again(tmp_path, caplog):

@@ -22,7 +22,7 @@ from PIL import Image
 
 from tests.fixtures_models import tiny_encoder
 from tests.inference import malformed
-from visreg_hub.errors import CheckpointError, ImageDecodeError
+from visreg_hub.errors import CheckpointError, ImageDecodeError, UserInputError
 from visreg_hub.models import ModelConfig
 
 onnx = pytest.importorskip("onnx")
@@ -170,10 +170,69 @@ def test_metadata_a_buffer_is_sized_from_is_bounded(plain, tmp_path, key, value,
         read_onnx_metadata(path)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("embedding_dim", "128", "the graph's embedding has 32 values, the metadata says 128"),
+        ("data_config", None, "takes 3 channel\\(s\\), the metadata says 1"),
+        ("input_name", "images", "the metadata names 'images'"),
+        ("preprocessing", "resize 28x28", "is tensor\\(float\\), the metadata implies tensor\\(uint8\\)"),
+    ],
+)
+def test_metadata_that_does_not_describe_its_graph_is_refused_on_open(plain, tmp_path, key, value, message):
+    """Probe 19: a file whose metadata disagrees with its graph opened, reported the metadata's
+    embedding_dim (vectors of another size came out) or failed on first use inside ONNX Runtime."""
+    proto = onnx.load(str(plain[0]))
+    for prop in proto.metadata_props:
+        if prop.key == f"visreg_hub.{key}":
+            if value is None:  # one channel where the graph takes three
+                config = json.loads(prop.value)
+                config["input_size"] = [1, *config["input_size"][1:]]
+                config["mean"], config["std"] = config["mean"][:1], config["std"][:1]
+                prop.value = json.dumps(config)
+            else:
+                prop.value = value
+    path = tmp_path / "edited.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(
+        CheckpointError, match=f"edited.onnx.*does not describe its graph.*{message}.*re-export"
+    ):
+        OnnxEmbedder(path)
+
+
+def test_validating_against_another_model_names_the_mismatch(plain):
+    """Probe 19: validating a graph against a model it was not exported from printed ONNX Runtime's shape
+    errors instead of saying so."""
+    with pytest.raises(
+        UserInputError, match=r"exported from 'tiny-test', not from this model \(embed_dim 32"
+    ):
+        validate_onnx(tiny_encoder(seed=0, embed_dim=48, num_heads=2), plain[0], batch_sizes=(1,))
+
+
 def test_validation_fails_clearly_on_other_weights(plain):
-    with pytest.raises(OnnxValidationError, match=r"max abs error .* > 0.0001 at batch") as info:
+    with pytest.raises(OnnxValidationError, match=r"max abs error .* > [0-9.e-]+ at batch") as info:
         validate_onnx(tiny_encoder(seed=1), plain[0], batch_sizes=(1, 3))
     assert not info.value.report.passed and info.value.report.max_abs_error > 1e-2
+    assert "report it" in str(info.value)  # fp32 numbers: no export option to suggest
+
+
+def test_the_fp32_bound_scales_with_the_outputs_so_large_embeddings_pass(tmp_path):
+    """Probe 19: with embeddings of norm ~5,000 float32 rounding alone exceeds an absolute 1e-4, so a correct
+    export failed its check (and encode() under backend="auto" raised). The bound of each row is 1e-4 x
+    max(1, max |PyTorch value|), recomputed here from the model itself."""
+    model = tiny_encoder(seed=0)
+    with torch.no_grad():
+        model.backbone.norm.weight.mul_(3000.0)
+    report = export_onnx(model, tmp_path / "big.onnx", validation_batch_sizes=(1, 3))
+    assert report.passed
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(1, model.config.in_chans, model.config.img_size, model.config.img_size,
+                         generator=generator)  # fmt: skip
+    with torch.no_grad():
+        scale = float(model(pixels).abs().max())
+    assert scale > 100  # the regime the absolute bound failed in
+    row = report.rows[0]
+    assert row.batch_size == 1 and row.allowed_abs_error == pytest.approx(1e-4 * scale, rel=1e-6)
 
 
 def test_validation_catches_a_baked_batch_size(model, plain, tmp_path):

@@ -298,7 +298,7 @@ def onnx_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ONNX_PACKAGES)
 
 
-# models whose "auto" backend fell back to torch because the ONNX export cache dir cannot be written
+# models whose "auto" backend fell back to torch (an unusable ONNX export cache, or a failed export)
 _CACHE_FALLBACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -369,11 +369,12 @@ def backend_for(
     Returns:
         A :class:`TorchBackend`, or an ONNX Runtime backend (exported once per model, pooling, precision
         and provider, kept in memory for the model's lifetime and on disk across processes; redone when
-        the weights change). With ``backend="auto"``, a cache dir that cannot be written means torch,
-        with one warning per model.
+        the weights change). With ``backend="auto"``, a cache dir that cannot be written or read, or an
+        export that does not match PyTorch, means torch, with one warning per model.
 
     Raises:
         OnnxCacheError: ``backend="onnx"`` and the ONNX export cache dir cannot be written.
+        OnnxValidationError: ``backend="onnx"`` and the export does not match PyTorch.
     """
     spec = spec or spec_of(model)
     resolved_dtype = resolve_dtype(dtype)
@@ -383,14 +384,16 @@ def backend_for(
         return TorchBackend(model, pooling=pooling, device=device, dtype=dtype)
     from visreg_hub.inference.onnx.backend import onnx_backend_for
     from visreg_hub.inference.onnx.cache import OnnxCacheError
+    from visreg_hub.inference.onnx.validate import OnnxValidationError
 
     try:
         return onnx_backend_for(model, spec, pooling=pooling, device=device, dtype=dtype)
-    except OnnxCacheError as exc:
-        if spec.backend != "auto":  # ONNX was asked for by name: its error names the folder and the fix
+    except (OnnxCacheError, OnnxValidationError) as exc:
+        if spec.backend != "auto":  # ONNX was asked for by name: its error names the cause and the fix
             raise
         # why: "auto" is the default, so a user who never asked for ONNX must not lose encode() to an
-        # unusable cache folder (a container's arbitrary UID, HOME=/nonexistent, a read-only home)
+        # unusable cache folder (a container's arbitrary UID, HOME=/nonexistent, a read-only home) or to
+        # a graph that ONNX Runtime does not run as PyTorch does (and must not re-export it on every call)
         _CACHE_FALLBACKS[model] = True  # one warning per model, not one per call
         logger.warning("%s; backend='auto' falls back to the torch backend for this model", exc)
         return TorchBackend(model, pooling=pooling, device=device, dtype=dtype)

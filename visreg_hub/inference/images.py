@@ -25,9 +25,10 @@ Every input of :func:`visreg_hub.inference.encode` goes through
 * Transparency (RGBA, LA, PA, palette or colour-key transparency) is composited on a white background.
 * 16-bit images (``I;16*``, and ``I`` with values in [0, 65535] above 255) are scaled to 8 bit as
   ``round(v / 257)`` (full range kept, never clipped). Float images (``F``) in [0, 1] are scaled by 255.
-  Any other ``I`` or ``F`` image with values in [0, 255] is 8-bit data in a 32-bit container (``L.convert("I")``, ``L.convert("F")``) and is read as it is, as Pillow and timm read
-  it. ``I``/``F`` images outside those ranges are min-max stretched to [0, 255], since such scientific
-  data has no white point.
+  Any other ``I`` or ``F`` image with values in [0, 255] is 8-bit data in a 32-bit container
+  (``L.convert("I")``, ``L.convert("F")``) and is read as it is, as Pillow and timm read it. ``I``/``F``
+  images outside those ranges are min-max stretched to [0, 255], since such scientific data has no white
+  point.
 * CMYK, grayscale, 1-bit, YCbCr and the rest are converted to RGB with Pillow's conversions (ICC
   profiles are not applied).
 * A binary file object (``open(path, "rb")``, ``io.BytesIO``, a web framework's upload handle: anything

@@ -10,10 +10,12 @@ the model's lifetime (and on disk across processes, :mod:`.cache`), redoing it w
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import secrets
 import threading
 import weakref
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,14 @@ from visreg_hub.inference.images import DEFAULT_MAX_PIXELS
 from visreg_hub.inference.onnx.cache import cached_export
 from visreg_hub.inference.onnx.embedder import OnnxEmbedder
 from visreg_hub.inference.onnx.export import export_onnx
-from visreg_hub.inference.onnx.runtime import CPU, PROVIDER_PRIORITY, read_onnx_metadata
-from visreg_hub.inference.onnx.validate import default_min_cosine, validate_onnx
+from visreg_hub.inference.onnx.graph import CORE_INPUT, EMBEDDING
+from visreg_hub.inference.onnx.runtime import CPU, PROVIDER_PRIORITY, OnnxMetadata, read_onnx_metadata
+from visreg_hub.inference.onnx.validate import (
+    OnnxValidationError,
+    default_min_cosine,
+    failure_summary,
+    validate_onnx,
+)
 from visreg_hub.inference.pipeline import EmbeddingPipeline, EncodeResult
 
 logger = logging.getLogger(__name__)
@@ -168,19 +176,28 @@ def export_cached(
             "exporting %s to ONNX (pooling=%s, precision=%s); once per weights and options, then cached",
             model.config.name or "the model", pooling, precision,
         )  # fmt: skip
-        export_onnx(
-            model, path, pooling=pooling, fp16=precision == "fp16", int8=precision == "int8",
-            optimize=optimize, validation_providers=providers,
-        )  # fmt: skip
+        try:
+            export_onnx(
+                model, path, pooling=pooling, fp16=precision == "fp16", int8=precision == "int8",
+                optimize=optimize, validation_providers=providers,
+            )  # fmt: skip
+        except OnnxValidationError as exc:  # its message names a staging file the cache deletes
+            raise OnnxValidationError(
+                f"the ONNX export of {model.config.name or 'the model'} (pooling={pooling}, "
+                f"precision={precision}) does not match PyTorch, so nothing was cached: "
+                f"{failure_summary(exc.report)}. `visreg-hub export onnx` keeps a graph and its report",
+                exc.report,
+            ) from None
 
     def check(path: Path) -> None:
         # a graph read from the cache (this user's own, see .cache) runs once against the model before it
-        # is used, judged by the precision asked for (not by what the file's metadata says it is), on
+        # is used, judged by what this model and these options make (not by what the file's metadata says:
+        # the metadata also drives preprocessing, which the random-input run does not exercise), on
         # inputs of a fresh seed: this catches a damaged or mismatched export
         try:
-            recorded = read_onnx_metadata(path).precision
-            if recorded != precision:
-                raise VisregHubError(f"the cached graph is {recorded}, not the {precision} of its key")
+            differs = metadata_mismatch(read_onnx_metadata(path), model, pooling=pooling, precision=precision)
+            if differs:
+                raise VisregHubError(f"the cached graph's metadata is not this model's ({differs})")
             validate_onnx(
                 model, path, batch_sizes=(1,), providers=providers, min_cosine=default_min_cosine(precision),
                 seed=secrets.randbits(32),
@@ -191,6 +208,33 @@ def export_cached(
             raise VisregHubError(f"the cached graph does not run ({type(exc).__name__}: {exc})") from exc
 
     return cached_export(model, options, export, check=check)
+
+
+def metadata_mismatch(meta: OnnxMetadata, model: nn.Module, *, pooling: str, precision: str) -> str:
+    """The fields of a cached plain graph's metadata that differ from what ``export_cached`` writes for
+    ``model`` (``"field: recorded X, expected Y"``, joined), or "" when they agree."""
+    config = model.config
+    expected = {
+        "model_config": config.to_dict(),
+        "data_config": dict(config.data_config),
+        "pooling": pooling,
+        "embedding_dim": model.embedding_dim(pooling),
+        "outputs": [EMBEDDING],
+        "precision": precision,
+        "input_name": CORE_INPUT,
+        "input_layout": "NCHW",
+        "preprocessing": "",
+    }
+    recorded = asdict(meta)
+
+    def plain(value: Any) -> Any:  # tuples and lists alike, as the JSON in the file
+        return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+    return "; ".join(
+        f"{name}: recorded {plain(recorded[name])!r}, expected {plain(value)!r}"
+        for name, value in expected.items()
+        if plain(recorded[name]) != plain(value)
+    )
 
 
 _EXPORT_LOCK = threading.Lock()  # held while a graph is exported or opened (see onnx_backend_for)

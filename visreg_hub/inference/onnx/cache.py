@@ -22,9 +22,10 @@ exported and with which versions). The cache dir is ``$VISREG_HUB_CACHE/onnx``, 
   it nor any folder above it (links resolved) belongs to another user or is writable by others without
   the sticky bit (as /tmp has). Group write is allowed: with the user-private groups of most
   Linux systems (umask 002) every file a user makes is group-writable; entries this module writes are
-  0700 folders of 0644 files whatever the umask. Anything else raises :class:`OnnxCacheError` naming the
-  fix, and is never deleted (it is not this user's). Entries, graphs and records that are links, FIFOs or
-  devices are never followed or read.
+  0755 folders of 0644 files less the umask's read and search bits (never group- or world-writable), so
+  a cache root filled for others can be read by them. Anything else, or an entry this user cannot read,
+  raises :class:`OnnxCacheError` naming the fix, and is never deleted (it is not this user's). Entries,
+  graphs and records that are links, FIFOs or devices are never followed or read.
 * A trusted graph is still run once against the model (``check``) before it is used, which catches a
   damaged or mismatched export; an entry that fails is exported again.
 * A staging folder left by an export that was killed (``kill -9``, the OOM killer) holds a whole graph;
@@ -161,6 +162,27 @@ def _check_root(root: Path) -> None:
         )
 
 
+def _umask() -> int:
+    """This process's umask, read without setting it (``os.umask`` sets it, process-wide, for an instant in
+    which another thread's new file would get the wrong mode); 0o022 where it cannot be read."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def _unreadable_error(entry: Path, exc: OSError) -> OnnxCacheError:
+    return OnnxCacheError(
+        f"the ONNX cache entry {entry} cannot be read by this user ({exc.strerror or exc}); ask its owner "
+        f"to make it readable (chmod -R a+rX), set {ENV_CACHE} to a folder of your own, or load the model "
+        "with backend='torch'"
+    )
+
+
 def _untrusted_error(entry: Path, why: str) -> OnnxCacheError:
     return OnnxCacheError(
         f"the ONNX cache entry {entry} {why}, so its graph is not run: the cache is per user; set "
@@ -284,7 +306,19 @@ def _export_lock(root: Path, key: str) -> Iterator[None]:
 
 
 def _cached(entry: Path, check: Callable[[Path], None] | None = None) -> Path | None:
-    """The verified graph of ``entry``; a broken one (file, link, bad digest, failed ``check``) is removed."""
+    """The verified graph of ``entry``; a broken one (file, link, bad digest, failed ``check``) is removed.
+
+    Raises:
+        OnnxCacheError: the entry is another user's to trust (see the module docstring), or this user
+            cannot read it (a cache another user filled with private modes).
+    """
+    try:
+        return _cached_or_removed(entry, check)
+    except PermissionError as exc:
+        raise _unreadable_error(entry, exc) from exc
+
+
+def _cached_or_removed(entry: Path, check: Callable[[Path], None] | None) -> Path | None:
     if not (entry.is_symlink() or entry.exists()):  # exists() alone is False for a dangling symlink
         return None
     real_folder = entry.is_dir() and not entry.is_symlink()
@@ -357,8 +391,11 @@ def cached_export(
             model_file = staging / MODEL_FILE
             record = {**description, "sha256": sha256_file(model_file), "size": model_file.stat().st_size}
             (staging / ENTRY_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
-            for written in (model_file, staging / ENTRY_FILE):  # whatever the umask: see the module docstring
-                written.chmod(0o644)
+            # never writable by others, readable as the umask allows: see the module docstring
+            mask = _umask() & 0o077
+            for written in (model_file, staging / ENTRY_FILE):
+                written.chmod(0o644 & ~mask)
+            staging.chmod(0o755 & ~mask)  # mkdtemp made it 0700: nobody else could read a shared cache
             try:
                 staging.rename(entry)
             except OSError:  # another writer (no lock on this system) finished first: use its entry if sound

@@ -28,7 +28,12 @@ from visreg_hub.errors import UserInputError
 from visreg_hub.inference.backends import resolve_dtype
 from visreg_hub.inference.images import DEFAULT_MAX_PIXELS
 from visreg_hub.inference.onnx.graph import EMBEDDING
-from visreg_hub.inference.onnx.runtime import GPU_PROVIDERS, create_session, read_onnx_metadata
+from visreg_hub.inference.onnx.runtime import (
+    GPU_PROVIDERS,
+    check_graph_signature,
+    create_session,
+    read_onnx_metadata,
+)
 from visreg_hub.inference.pipeline import EmbeddingPipeline, EncodeResult
 from visreg_hub.inference.preprocess import Preprocessor
 
@@ -119,6 +124,7 @@ class OnnxEmbedder:
             fp16=self.metadata.precision == "fp16", allow_fallback=allow_fallback,
         )  # fmt: skip
         self.session = info.session
+        check_graph_signature(self.session, self.metadata, repr(str(self.path)))
         self.requested_providers = info.requested
         self.active_provider = info.active
         self.fell_back = info.fell_back

@@ -148,8 +148,9 @@ def export_onnx(
     Raises:
         ValueError: an argument is invalid (the message says how to fix it); checked before the export,
             including the provider names and the calibration images (missing, empty or undecodable).
-        OnnxValidationError: ONNX Runtime disagrees with PyTorch (fp32: max abs error > 1e-4; fp16:
-            cosine < 0.999); the graph is kept for inspection as ``<name>.failed.onnx``.
+        OnnxValidationError: ONNX Runtime disagrees with PyTorch (fp32: max abs error > 1e-4 x the
+            output's scale; fp16: cosine < 0.999); the graph is kept for inspection as
+            ``<name>.failed.onnx``.
 
     Nothing is written to ``path`` unless every step passes: the graph is written and checked in a
     temporary folder beside it, then renamed over ``path``, so a failed export (a bad option, a failed

@@ -205,6 +205,57 @@ def read_onnx_metadata(path: str | Path) -> OnnxMetadata:
     return OnnxMetadata.from_props({p.key: p.value for p in proto.metadata_props}, source=repr(str(path)))
 
 
+def check_graph_signature(session: Any, meta: OnnxMetadata, source: str) -> None:
+    """Refuse a file whose visreg_hub metadata does not describe its own graph (edited, or another graph's
+    metadata copied in): the metadata drives preprocessing and reports ``embedding_dim``, so a mismatch
+    would otherwise fail later inside ONNX Runtime, or report the wrong size.
+
+    Args:
+        session: the file's ``onnxruntime.InferenceSession``.
+        meta: its metadata (:func:`read_onnx_metadata`).
+        source: the file, for the message.
+
+    Raises:
+        CheckpointError: naming each disagreement and the fix.
+    """
+    from visreg_hub.inference.onnx.graph import EMBEDDING
+
+    problems = []
+    inputs = session.get_inputs()
+    outputs = {value.name: value for value in session.get_outputs()}
+    if [value.name for value in inputs] != [meta.input_name]:
+        problems.append(
+            f"the graph's inputs are {[v.name for v in inputs]}, the metadata names {meta.input_name!r}"
+        )
+    else:
+        value = inputs[0]
+        kind = "tensor(uint8)" if meta.has_preprocessing else "tensor(float)"
+        channels = 3 if meta.has_preprocessing else int(meta.data_config["input_size"][0])
+        axis = 3 if meta.input_layout == "NHWC" else 1
+        if value.type != kind:
+            problems.append(f"input {value.name!r} is {value.type}, the metadata implies {kind}")
+        if len(value.shape) != 4:
+            problems.append(f"input {value.name!r} has shape {value.shape}, not 4-D ({meta.input_layout})")
+        elif isinstance(value.shape[axis], int) and value.shape[axis] != channels:
+            problems.append(
+                f"input {value.name!r} takes {value.shape[axis]} channel(s), the metadata says {channels}"
+            )
+    missing = [name for name in meta.outputs if name not in outputs]
+    if missing:
+        problems.append(f"outputs {missing} named by the metadata are not in the graph ({sorted(outputs)})")
+    elif EMBEDDING in outputs:
+        width = outputs[EMBEDDING].shape[-1] if outputs[EMBEDDING].shape else None
+        if isinstance(width, int) and width != meta.embedding_dim:
+            problems.append(
+                f"the graph's embedding has {width} values, the metadata says {meta.embedding_dim}"
+            )
+    if problems:
+        raise CheckpointError(
+            f"{source}: its visreg_hub metadata does not describe its graph ({'; '.join(problems)}); "
+            "re-export it with `visreg-hub export onnx` or visreg_hub.export_onnx"
+        )
+
+
 # ------------------------------------------------------------------------------------------ providers
 def resolve_providers(providers: str | list[str] | tuple[str, ...] | None, available: list[str]) -> list[str]:
     """Provider names to request, best first; CPU is always last as the fallback.
