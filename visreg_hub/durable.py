@@ -8,15 +8,30 @@ process see either the old file or the complete new one, never half of it.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
 import secrets
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from visreg_hub.errors import UserInputError
 
-__all__ = ["check_writable", "fsync_dir", "fsync_file", "fsync_tree", "write_atomic", "write_atomic_pair"]
+__all__ = [
+    "check_writable",
+    "exclusive_lock",
+    "fsync_dir",
+    "fsync_file",
+    "fsync_tree",
+    "remove_dead_staging",
+    "write_atomic",
+    "write_atomic_pair",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def check_writable(path: Path) -> None:
@@ -32,6 +47,66 @@ def check_writable(path: Path) -> None:
             pass
     except OSError as exc:
         raise UserInputError(f"cannot write {path}: {exc.strerror or exc}; choose another output") from None
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block: processes that take the
+    same lock run the block one at a time. The lock dies with its process, so a killed holder never blocks
+    the next. Where ``fcntl`` does not exist (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
+
+
+def _pid_alive(pid: int) -> bool:
+    """A process with this id exists on this machine (another user's counts: it may be writing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or a number no kill() takes: not proven dead
+    return True
+
+
+def remove_dead_staging(folder: Path, prefix: str) -> list[Path]:
+    """Remove the ``<prefix><pid>`` entries in ``folder`` whose process is gone; return what was removed.
+
+    Saves stage into ``<prefix><pid>`` (a whole copy of a model or an index) and remove it when done; one
+    killed mid-way (``kill -9``, the OOM killer) leaves it behind, and the next save runs under another pid,
+    so without this every interrupted save would leave another full copy. A live pid's entry is another
+    save still writing and is left alone (a recycled pid only delays the removal).
+    """
+    pattern = re.compile(re.escape(prefix) + r"(\d+)")
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or int(match[1]) == os.getpid() or _pid_alive(int(match[1])):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError as exc:  # another process removed it first, or not ours to remove
+            logger.debug("could not remove %s: %s", entry, exc)
+            continue
+        removed.append(entry)
+        logger.info("removed %s, left by a save that was interrupted", entry)
+    return removed
 
 
 def fsync_file(path: Path) -> None:

@@ -273,3 +273,37 @@ def test_a_failures_link_planted_in_the_output_folder_is_refused(tmp_path):
     with pytest.raises(OutputMismatchError, match=r"\.failures is a link or a file"):
         run_embedding(tmp_path / "imgs", out, model=model, shard_size=4)
     assert sorted(p.name for p in elsewhere.iterdir()) == [".keep.tmp-1"]
+
+
+def test_ranks_finalize_one_at_a_time_and_read_the_shards_under_the_lock(tmp_path):
+    """Probe 19: a rank that listed the done shards just before another rank's last one landed wrote its
+    stale ``complete: false`` over that rank's ``complete: true``: every shard was on disk, yet `index
+    build` refused the folder. finalize now takes a lock in the folder and lists the shards under it: one
+    that waited while the last shard landed declares the job complete."""
+    import threading
+
+    from visreg_hub.bulk import output
+    from visreg_hub.durable import exclusive_lock
+
+    write_tile_folder(tmp_path / "imgs", 20)
+    model = tiny_encoder()
+    for folder, ranks in ((tmp_path / "ref", (0, 1)), (tmp_path / "out", (0,))):
+        for rank in ranks:
+            run_embedding(tmp_path / "imgs", folder, model=model, shard_size=10, rank=rank, world_size=2)
+    out = tmp_path / "out"
+    stale = json.loads((out / "manifest.json").read_text())
+    assert stale["shards_done"] == [0] and not stale["complete"]
+    results = []
+    with exclusive_lock(out / output.FINALIZE_LOCK):  # another rank is finalizing
+        waiting = threading.Thread(target=lambda: results.append(output.finalize(out, stale, 2)))
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive() and not results  # it waits for the lock before listing anything
+        for name in ("part-00001.parquet", ".failures"):  # rank 1's last shard lands meanwhile
+            source = tmp_path / "ref" / name
+            if source.is_file():
+                (out / name).write_bytes(source.read_bytes())
+    waiting.join(timeout=60)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert results == [True] and manifest["complete"] and manifest["shards_done"] == [0, 1]
+    assert_same_output(out, tmp_path / "ref")

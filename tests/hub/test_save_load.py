@@ -353,3 +353,38 @@ def test_a_folders_crop_mode_is_what_timm_does_and_survives_a_save(saved, tmp_pa
     config["pretrained_cfg"]["crop_mode"] = None  # timm reads a null as its default, "center"
     (edited / "config.json").write_text(json.dumps(config))
     assert from_pretrained(str(edited), backend="torch").config.crop_mode == "center"
+
+
+def test_a_save_interrupted_between_its_files_is_refused_not_loaded_mixed(tmp_path):
+    """Probe 19: save_pretrained renames the new weights in, then the new config.json; a kill between the
+    two left new weights beside the old config (same architecture, other pooling), which loaded silently
+    (cosine 0.30 to either model). Both files record the weights' digest, so the pair is refused; saves
+    stay deterministic (same model, same bytes) and identical weights under a new config still load."""
+    first = save_pretrained(tiny_encoder(seed=0), tmp_path / "model")
+    second = save_pretrained(tiny_encoder(seed=1, pooling="mean_patch"), tmp_path / "other")
+    shutil.copyfile(second / "model.safetensors", first / "model.safetensors")  # the first rename only
+    with pytest.raises(CheckpointError, match=r"holds other weights than the config.json beside it.*save"):
+        from_pretrained(first)
+    again = save_pretrained(tiny_encoder(seed=0), tmp_path / "again")
+    assert (again / "config.json").read_bytes() == (first / "config.json").read_bytes()  # deterministic
+    same_weights = save_pretrained(tiny_encoder(seed=0, pooling="mean_patch"), tmp_path / "renamed")
+    shutil.copyfile(again / "model.safetensors", same_weights / "model.safetensors")
+    assert from_pretrained(same_weights).config.pooling == "mean_patch"  # the weights are the same: fine
+    save_file(load_file(str(again / "model.safetensors")), str(again / "model.safetensors"))  # no digest
+    assert from_pretrained(again) is not None  # weights written by other tools (no digest) still load
+
+
+def test_staging_folders_of_killed_saves_are_removed_by_the_next_save(tmp_path):
+    """Probe 19: a save killed mid-way left .saving-<pid> (a full copy of the weights) in the model folder
+    for good; the next save runs under another pid. A live process's staging folder is left alone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+    folder = save_pretrained(tiny_encoder(), tmp_path / "model")
+    (folder / f".saving-{dead}").mkdir()
+    (folder / f".saving-{dead}" / "model.safetensors").write_bytes(b"half")
+    (folder / ".saving-1").mkdir()  # pid 1 is alive: another save may be writing
+    save_pretrained(tiny_encoder(), folder)
+    assert not (folder / f".saving-{dead}").exists() and (folder / ".saving-1").is_dir()

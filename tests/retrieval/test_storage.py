@@ -218,3 +218,25 @@ def test_an_ivfpq_index_with_the_default_pq_m_saves_and_loads(tmp_path):
     loaded = EmbeddingIndex.load(tmp_path / "pq")
     assert loaded.pq_m == 64 and loaded.factory == index.factory
     np.testing.assert_array_equal(loaded.search(vectors[:5], k=3).ids, index.search(vectors[:5], k=3).ids)
+
+
+def test_a_rebuild_removes_the_copies_killed_saves_left_beside_the_index(tmp_path):
+    """Probe 19: a killed `index build` left .NAME.saving-<pid> (a whole copy of the index) or, between the
+    two swap renames, .NAME.replaced-<pid> (the old one) beside the output for good, one more per
+    interrupted build; the next successful save removes those of dead processes."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+    index = EmbeddingIndex(4, metric="ip", normalize=True)
+    index.add(np.eye(4, dtype=np.float32))
+    folder = tmp_path / "ix"
+    index.save(folder)
+    for kind in ("saving", "replaced"):
+        (tmp_path / f".ix.{kind}-{dead}").mkdir()
+        (tmp_path / f".ix.{kind}-1").mkdir()  # pid 1 is alive: left alone
+    (folder / ".manifest.json.tmp-55e1964c46e5cb9b").write_text("{}")  # a killed write inside the folder
+    index.save(folder)  # an index folder with a killed write's temporary file is still an index folder
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".ix.replaced-1", ".ix.saving-1", "ix"]

@@ -388,3 +388,44 @@ def test_damage_inside_the_log_is_refused_not_cut_off(tmp_path):
     os.truncate(log, good)  # the fix the message names: keep the intact prefix
     store = DurableIndex(folder, new_index)
     assert sorted(int(i) for i in store.index.ids) == sorted(expected)[:1]
+
+
+def test_a_failed_snapshot_never_fails_the_change_that_triggered_it(tmp_path, caplog):
+    """Probe 19: a snapshot that failed (a full disk) after an add's log record was fsynced and applied made
+    the server answer 500 for a committed add, and every later add retried the snapshot and failed the same
+    way (a client retrying on 500 made duplicates). Now the change returns, the failure is logged and kept
+    in ``snapshot_error``, the next try waits another ``snapshot_every`` changes, and nothing is lost."""
+    rng = np.random.default_rng(7)
+    folder = tmp_path / "idx"
+    store = DurableIndex(folder, new_index, snapshot_every=2)
+    first = unit(rng, 1)
+    expected = dict(zip(store.add(first).tolist(), first))
+    blocker = folder / ".snapshot-000001.tmp"  # a file where the snapshot stages its folder: save fails
+    blocker.write_text("in the way")
+    with caplog.at_level("ERROR", logger="visreg_hub.serving.store"):
+        for _ in range(2):  # change 2 reaches snapshot_every: its snapshot fails, yet it returns
+            vectors = unit(rng, 1)
+            expected.update(zip(store.add(vectors).tolist(), vectors))
+    failures = [r for r in caplog.records if "snapshot failed" in r.getMessage()]
+    assert len(failures) == 1 and store.snapshot_error is not None  # change 3 did not retry it
+    assert "every change is still in the log" in failures[0].getMessage() and store.generation == 0
+    blocker.unlink()  # space again: the next due snapshot (change 4, a remove) succeeds
+    removed = store.remove([next(iter(expected))])
+    expected.pop(removed[0])
+    assert store.generation == 1 and store.snapshot_error is None
+    vectors = unit(rng, 1)
+    expected.update(zip(store.add(vectors).tolist(), vectors))
+    crash(store)
+    check_matches(DurableIndex(folder, new_index), expected, {})
+
+
+def test_leftovers_with_random_names_are_removed_on_open(tmp_path):
+    """Probe 19: temporary files are named .CURRENT.tmp-<16 hex> now, but the clean-up still matched
+    decimal pids only, so a kill during a CURRENT write left them for good."""
+    folder = tmp_path / "idx"
+    store = DurableIndex(folder, new_index, snapshot_every=10**6)
+    store.add(unit(np.random.default_rng(8), 2))
+    store.close()
+    (folder / ".CURRENT.tmp-55e1964c46e5cb9b").write_text("{}")
+    DurableIndex(folder, new_index).close()
+    assert not (folder / ".CURRENT.tmp-55e1964c46e5cb9b").exists()

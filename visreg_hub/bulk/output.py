@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from visreg_hub.durable import fsync_dir, write_atomic
+from visreg_hub.durable import exclusive_lock, fsync_dir, write_atomic
 from visreg_hub.errors import MissingExtraError, VisregHubError
 from visreg_hub.native_io import split_name, write_parquet
 
@@ -323,12 +323,24 @@ def listed_failures(folder: Path) -> int | None:
         return None
 
 
+FINALIZE_LOCK = ".finalize.lock"  # hidden: listings of the folder skip it
+
+
 def finalize(folder: Path, manifest: dict[str, Any], num_shards: int) -> bool:
     """When every shard is done: failures.jsonl (all shards, in order) and ``complete: true``.
+
+    Ranks finalize one at a time (a lock in the folder), each reading the shards done under the lock:
+    otherwise a rank that listed the shards before another rank's last one landed could write its stale
+    ``complete: false`` over the other's ``complete: true``.
 
     Returns:
         True if the job is complete.
     """
+    with exclusive_lock(folder / FINALIZE_LOCK):
+        return _finalize_locked(folder, manifest, num_shards)
+
+
+def _finalize_locked(folder: Path, manifest: dict[str, Any], num_shards: int) -> bool:
     done = done_shards(folder, num_shards)
     if done >= set(range(num_shards)):
         # why only now: every shard is on disk, so this is the one moment a damaged one (another rank's,

@@ -250,11 +250,12 @@ def _check_pin(path: Path, source: Source) -> None:
         ckpt.verify_sha256(path, source.sha256, label)
 
 
-def _build(config, weights_path: Path, limits: ModelLimits | None = None):
-    """Check budget and declared shapes (no allocation), then read, build, load strictly, refuse NaN/Inf."""
+def _build(config, weights_path: Path, limits: ModelLimits | None = None, weights_digest: str | None = None):
+    """Check budget, declared shapes and the weights digest config.json records (no allocation), then
+    read, build, load strictly, refuse NaN/Inf."""
     from visreg_hub.models.encoder import VISRegEncoder
 
-    preflight.check_before_build(config, weights_path, limits)
+    preflight.check_before_build(config, weights_path, limits, weights_digest)
     state_dict = ckpt.read_weights(weights_path)
     model = VISRegEncoder(config)
     ckpt.load_backbone_weights(model, state_dict, source=str(weights_path))
@@ -310,7 +311,8 @@ def load_folder(
         )
     if weights_sha256 is not None:
         ckpt.verify_sha256(weights_path, weights_sha256, name or str(folder))
-    return _build(ckpt.read_config(config_path), weights_path, limits)
+    config, weights_digest = ckpt.read_config_and_digest(config_path)
+    return _build(config, weights_path, limits, weights_digest)
 
 
 def load(source: Source, *, limits: ModelLimits | None = None, **download_kwargs: Any):
@@ -326,13 +328,13 @@ def load(source: Source, *, limits: ModelLimits | None = None, **download_kwargs
         return load_folder(source.location, weights_sha256=source.sha256, name=source.name, limits=limits)
     if source.kind == "hub":
         revision = {"revision": source.revision}
-        config = ckpt.read_config(
+        config, weights_digest = ckpt.read_config_and_digest(
             hub_download(source.location, ckpt.CONFIG_NAME, **revision, **download_kwargs)
         )
         weights_path = hub_download(source.location, ckpt.WEIGHTS_NAME, **revision, **download_kwargs)
         if source.sha256 is not None:
             ckpt.verify_sha256(weights_path, source.sha256, source.name or source.location)
-        return _build(config, weights_path, limits)
+        return _build(config, weights_path, limits, weights_digest)
     # official-pth: download the pickled release, check it, convert in memory with the weights-only loader
     from visreg_hub.hub.convert import official_encoder
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from visreg_hub.durable import fsync_dir, fsync_file
+from visreg_hub.durable import fsync_dir, fsync_file, remove_dead_staging
 from visreg_hub.errors import UserInputError
 from visreg_hub.hub import format as ckpt
 from visreg_hub.hub.card import render_model_card
@@ -101,15 +101,20 @@ def _write_files(folder: Path, config, model, card: str | None) -> None:
     why: a save that fails half way (disk full, an interrupted process) must not leave the new config.json
     beside the old weights: such a folder fails to load, or with the same architecture loads the old
     weights silently. Until the renames, ``folder`` keeps its earlier files untouched; the weights go in
-    first, the card last.
+    first, the card last. A kill between the two renames (microseconds) leaves the new weights beside the
+    old config.json; both record the weights' digest, so loading that folder is refused
+    (``preflight.check_before_build``) rather than pairing one model's weights with another's settings.
+    Staging folders of saves that were killed are removed by the next save into the folder.
     """
     names = (ckpt.WEIGHTS_NAME, ckpt.CONFIG_NAME) + ((ckpt.CARD_NAME,) if card is not None else ())
+    remove_dead_staging(folder, ".saving-")
     staging = folder / f".saving-{os.getpid()}"
     staging.mkdir(exist_ok=True)
+    digest = ckpt.weights_digest(model)
     try:
         try:
-            ckpt.write_weights(staging, model)
-            ckpt.write_config(staging, config, model.embedding_dim())
+            ckpt.write_weights(staging, model, digest)
+            ckpt.write_config(staging, config, model.embedding_dim(), digest)
             if card is not None:
                 (staging / ckpt.CARD_NAME).write_text(card, encoding="utf-8")
             for name in names:

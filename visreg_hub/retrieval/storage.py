@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from visreg_hub.durable import fsync_dir, fsync_tree, write_atomic
+from visreg_hub.durable import fsync_dir, fsync_tree, remove_dead_staging, write_atomic
 from visreg_hub.errors import CheckpointError, ConfigError, UserInputError, require_extra
 from visreg_hub.hub.format import sha256_file
 from visreg_hub.native_io import read_faiss, write_faiss
@@ -87,6 +87,7 @@ def save_index(index: EmbeddingIndex, folder: str | Path, *, overwrite: bool = T
     folder.parent.mkdir(parents=True, exist_ok=True)
     staged = folder.parent / f".{folder.name}.saving-{os.getpid()}"
     replaced = folder.parent / f".{folder.name}.replaced-{os.getpid()}"
+    remove_dead_staging(folder.parent, f".{folder.name}.saving-")  # full copies left by killed saves
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir()
     try:
@@ -107,6 +108,8 @@ def save_index(index: EmbeddingIndex, folder: str | Path, *, overwrite: bool = T
             fsync_dir(folder.parent)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+    # the earlier index a killed save left between its two renames: this save's index replaces it now
+    remove_dead_staging(folder.parent, f".{folder.name}.replaced-")
     logger.info("saved %s index of %d vectors to %s", index.kind, len(index), folder)
     return folder
 
@@ -190,7 +193,7 @@ def _write_index_files(index: EmbeddingIndex, folder: Path) -> None:
 
 
 # what an interrupted write of the index files leaves in the folder (visreg_hub.durable.write_atomic)
-_LEFTOVER = re.compile(r"\.(manifest\.json|index\.faiss|ids\.npy|metadata\.jsonl)\.tmp-\d+")
+_LEFTOVER = re.compile(r"\.(manifest\.json|index\.faiss|ids\.npy|metadata\.jsonl)\.tmp-[0-9a-f]+")
 
 
 def output_folder(folder: str | bytes | os.PathLike) -> Path:

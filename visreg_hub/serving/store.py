@@ -25,6 +25,7 @@ the old snapshot and log in charge; a crash after it leaves only garbage that th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -52,7 +53,7 @@ MAX_CURRENT_BYTES = 4096  # CURRENT holds three small fields
 # ..snapshot-G.tmp.saving-PID: EmbeddingIndex.save's staging folder beside the snapshot's)
 _GENERATED = re.compile(
     r"^(snapshot-\d{6}|log-\d{6}\.wal|\.snapshot-\d{6}\.tmp|\.\.snapshot-\d{6}\.tmp\.saving-\d+|CURRENT\.tmp"
-    r"|\.CURRENT\.tmp-\d+)$"
+    r"|\.CURRENT\.tmp-[0-9a-f]+)$"
 )
 
 
@@ -83,6 +84,9 @@ class DurableIndex:
         _check_entries(self.folder)  # before any of them is opened, truncated or deleted
         self._folder_lock = _lock_folder(self.folder)
         self.snapshot_every = int(snapshot_every)
+        # log records at which add/remove next try a snapshot; a failed one waits another snapshot_every
+        self._snapshot_at = self.snapshot_every
+        self.snapshot_error: str | None = None  # why the last snapshot failed, until one succeeds
         self._lock = threading.Lock()
         try:
             self._open(new_index, prepare)
@@ -250,8 +254,22 @@ class DurableIndex:
 
     # ------------------------------------------------------------------ snapshots
     def _maybe_snapshot(self) -> None:
-        if self._log.records >= self.snapshot_every:
+        """Snapshot when the log is long enough. A failure (a full disk, a quota) is logged, not raised:
+        the change that triggered it is committed (its log record is fsynced and applied), so its caller
+        must hear success; the next attempt waits another ``snapshot_every`` records, and the log keeps
+        every change meanwhile."""
+        if self._log.records < self._snapshot_at:
+            return
+        try:
             self._snapshot_locked()
+        except Exception as exc:  # any failure: the log still holds every change
+            self._snapshot_at = self._log.records + self.snapshot_every
+            self.snapshot_error = f"{type(exc).__name__}: {exc}"
+            logger.error(
+                "index %s: snapshot failed (%s); every change is still in the log %s and is kept. Next try "
+                "after %d more changes; free space or fix the folder",
+                self.folder, self.snapshot_error, self._log_path(self.generation).name, self.snapshot_every,
+            )  # fmt: skip
 
     def snapshot(self) -> None:
         """Write a snapshot and start an empty log (no-op when the log is empty)."""
@@ -263,20 +281,41 @@ class DurableIndex:
         old_generation, generation = self.generation, self.generation + 1
         name = f"snapshot-{generation:06d}"
         staging = self.folder / f".{name}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
+        # what an earlier failed attempt at this generation left (CURRENT does not name it)
+        for leftover in (staging, self.folder / name):
+            shutil.rmtree(leftover, ignore_errors=True)
         self.index.save(staging)
         fsync_tree(staging)
         os.replace(staging, self.folder / name)
         new_log = LogWriter(self._log_path(generation))
         state = {"generation": generation, "snapshot": name, "next_id": self.index.next_id}
         # commit point: once CURRENT is replaced (and its folder synced) the new snapshot and empty log rule
-        write_atomic(self.folder / CURRENT, lambda path: path.write_text(json.dumps(state), encoding="utf-8"))
-        self._log.close()
-        self._log = new_log
-        self.generation = generation
-        self._log_path(old_generation).unlink(missing_ok=True)
-        shutil.rmtree(self.folder / f"snapshot-{old_generation:06d}", ignore_errors=True)
+        try:
+            text = json.dumps(state)
+            write_atomic(self.folder / CURRENT, lambda path: path.write_text(text, encoding="utf-8"))
+        except BaseException:
+            if self._current_generation() != generation:  # not committed: the old log stays the log
+                new_log.close()
+                self._log_path(generation).unlink(missing_ok=True)
+                raise
+            # replaced but (say) the folder sync failed: committed, so every later change must go to the
+            # new log, which is the one a restart replays
+            logger.warning("index %s: CURRENT names snapshot %s although its write reported an error",
+                           self.folder, name)  # fmt: skip
+        old_log, self._log, self.generation = self._log, new_log, generation
+        self._snapshot_at, self.snapshot_error = self.snapshot_every, None
+        with contextlib.suppress(OSError):  # committed: the rest is clean-up (garbage is removed at start)
+            old_log.close()
+            self._log_path(old_generation).unlink(missing_ok=True)
+            shutil.rmtree(self.folder / f"snapshot-{old_generation:06d}", ignore_errors=True)
         logger.info("index %s: snapshot %s of %d items", self.folder, name, len(self._ids))
+
+    def _current_generation(self) -> int | None:
+        """The generation CURRENT names on disk now (None when it cannot be read)."""
+        try:
+            return int(self._read_current().get("generation", 0))
+        except Exception:  # unreadable: not committed to this generation
+            return None
 
     def close(self) -> None:
         """Snapshot (so the next start replays nothing), close the log and release the folder."""
