@@ -11,7 +11,11 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from tests.losses.reference import shape_loss_reference, sliced_wasserstein_loss_reference
+from tests.losses.reference import (
+    shape_loss_reference,
+    sliced_quantile_distance_reference,
+    sliced_wasserstein_loss_reference,
+)
 from visreg_hub.losses import (
     VISRegLoss,
     barlow_route,
@@ -516,3 +520,66 @@ def test_double_backward_is_refused_by_name(loss):
     layer.zero_grad()
     loss(layer(torch.randn(2, 16, 8))).backward()  # first order is untouched
     assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+
+
+# ------------------------------------------------------------------ probe 19: inputs the terms must refuse
+def test_shape_loss_moments_must_fit_the_embeddings():
+    """Another batch's moments (more views) gave 0.61 against the correct 0.008 without a word; moments
+    pooled over views, (1, D), worked on small inputs and crashed once the chunking started. Now equal
+    or broadcastable shapes are used as such (pooled moments equal explicitly expanded ones at any size,
+    checked against the float64 transcription), and anything else names the shape it needs."""
+    from visreg_hub.errors import UserInputError
+    from visreg_hub.losses import SliceSampler
+
+    generator = torch.Generator().manual_seed(19)
+    directions = SliceSampler(4096).directions(64, step=0).double()
+    for views in (2, 10):  # 10 x 256 x 4096 passes the internal chunk size
+        z = torch.randn(views, 256, 64, generator=generator, dtype=torch.float64)
+        pooled = batch_moments(z.reshape(1, -1, 64))
+        got = shape_loss(z, directions, moments=pooled)
+        rows = z.reshape(-1, 64)  # the pooled statistics, recomputed here (biased std, as the paper)
+        mean, std = rows.mean(dim=0).expand(views, 64), rows.std(dim=0, correction=0).expand(views, 64)
+        expected = sliced_quantile_distance_reference(z, directions, mean=mean, std=std)
+        np.testing.assert_allclose(float(got), float(expected), rtol=1e-9)
+        other = batch_moments(torch.randn(views + 3, 256, 64, generator=generator, dtype=torch.float64))
+        message = rf"mean must have shape \({views}, 64\).*got \({views + 3}, 64\)"
+        with pytest.raises(UserInputError, match=message):
+            shape_loss(z, directions, moments=other)
+        with pytest.raises(UserInputError, match="the \\(mean, std\\) pair"):
+            shape_loss(z, directions, moments=(pooled[0],))
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 4), (2, 8, 0)])
+def test_empty_view_stacks_and_zero_width_are_refused_not_nan(shape):
+    """An empty (0, N, D) stack (e.g. proj[4:] with 4 views) or D = 0 gave NaN and torch's "degrees of
+    freedom" warning from every functional term."""
+    from visreg_hub.errors import UserInputError
+
+    z = torch.randn(shape)
+    for term in (center_loss, scale_loss, vicreg_variance_loss, vicreg_covariance_loss):
+        with pytest.raises(UserInputError, match="are empty: they need D >= 1 and at least one view"):
+            term(z)
+
+
+def test_vicreg_covariance_stays_finite_in_float16():
+    """Xc^T Xc was formed before dividing by N - 1, so in float16 (raw or autocast) it overflowed at
+    N 256 and std 20 where float32 and bfloat16 were finite; the covariance is now formed scaled. Value
+    and gradient against a float64 computation of the same inputs."""
+    generator = torch.Generator().manual_seed(20)
+    base = torch.randn(256, 1, generator=generator) * 20
+    z = torch.stack([base + torch.randn(256, 16, generator=generator) for _ in range(2)])
+    reference = z.double().requires_grad_()
+    centred = reference - reference.mean(dim=-2, keepdim=True)
+    cov = centred.transpose(-1, -2) @ centred / 255
+    off = cov - torch.diag_embed(torch.diagonal(cov, dim1=-2, dim2=-1))
+    expected = (off.square().sum(dim=(-2, -1)) / 16).mean()
+    expected.backward()
+    half = z.half().requires_grad_()
+    got = vicreg_covariance_loss(half)
+    got.backward()
+    assert torch.isfinite(got) and torch.isfinite(half.grad).all()
+    np.testing.assert_allclose(got.item(), expected.item(), rtol=5e-3)
+    cosine = torch.nn.functional.cosine_similarity(
+        half.grad.double().flatten(), reference.grad.flatten(), dim=0
+    )
+    assert cosine > 0.999

@@ -52,13 +52,38 @@ def autocast_off(device_type: str):
 
 
 def check_samples(z: torch.Tensor, minimum: int = 1) -> None:
-    """``z`` must be a floating ``(..., N, D)`` tensor with ``N >= minimum``."""
+    """``z`` must be a floating ``(..., N, D)`` tensor with ``N >= minimum``, ``D >= 1`` and no empty
+    leading dimension (an empty stack of views has no statistics: every term would be NaN)."""
     if z.dim() < 2 or z.shape[-2] < minimum:
         raise UserInputError(
             f"embeddings must have shape (..., N, D) with N >= {minimum}, got {tuple(z.shape)}"
         )
+    if z.shape[-1] < 1 or 0 in z.shape[:-2]:
+        raise UserInputError(
+            f"embeddings of shape {tuple(z.shape)} are empty: they need D >= 1 and at least one view"
+        )
     if not z.is_floating_point():
         raise UserInputError(f"embeddings must be a floating-point tensor, got dtype {z.dtype}")
+
+
+def moments_like(values: torch.Tensor, rows: torch.Size, name: str) -> torch.Tensor:
+    """``values`` (per-row moments) as ``rows`` = the embeddings' ``(..., D)``: equal, or broadcast from a
+    shape that broadcasts to it (``(1, D)``, ``(D,)``: pooled over views).
+
+    Raises:
+        UserInputError: any other shape (another batch's moments would silently give a wrong value).
+    """
+    shape = tuple(values.shape)
+    try:
+        fits = torch.broadcast_shapes(values.shape, rows) == rows
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise UserInputError(
+            f"{name} must have shape {tuple(rows)} (one row per stack of samples, as batch_moments gives) or "
+            f"broadcast to it, got {shape}"
+        )
+    return values.expand(rows)
 
 
 def check_directions(x: torch.Tensor, directions: torch.Tensor) -> None:

@@ -31,6 +31,8 @@ from typing import NamedTuple
 
 import torch
 
+from visreg_hub.errors import UserInputError
+
 from . import _numerics as num
 from ._numerics import gaussian_quantiles
 from .distributed import all_reduce_sum, world_info
@@ -202,7 +204,8 @@ def shape_loss(
         z: embeddings.
         directions: unit directions (e.g. from :class:`~visreg_hub.losses.SliceSampler`).
         moments: ``(mean, std)`` from :func:`batch_moments`, when already computed (the gradient still
-            flows through ``mean``; ``std`` is detached, as the paper prescribes).
+            flows through ``mean``; ``std`` is detached, as the paper prescribes). Each is ``(..., D)``
+            as ``z``'s leading dimensions, or broadcastable to it (``(1, D)``: moments pooled over views).
         projection_dtype: dtype of the projection matmul (default: autocast dtype, else ``z.dtype``).
         sort_backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`visreg_hub.losses.sort_shape`).
 
@@ -212,6 +215,8 @@ def shape_loss(
     """
     num.check_samples(z)
     num.check_directions(z, directions)
+    if moments is not None and not (isinstance(moments, tuple | list) and len(moments) == 2):
+        raise UserInputError("moments must be the (mean, std) pair batch_moments(z) returns")
     mean, std = batch_moments(z) if moments is None else moments
     return sliced_quantile_distance(
         z,

@@ -74,7 +74,8 @@ def vicreg_variance_loss(z: torch.Tensor, *, gamma: float = 1.0, eps: float = 1e
 
 class _CentredStatistics(torch.autograd.Function):
     """Per view: the unbiased variances ``(V, D)`` and ``sum_{i != j} C_ij^2`` with ``C = Xc^T Xc / (N - 1)``,
-    from one centring, one matmul forward and one backward."""
+    from one centring, one matmul forward and one backward (of ``S = Xc / sqrt(N - 1)``, so ``C = S^T S``
+    stays in float16's range)."""
 
     @staticmethod
     def forward(ctx, z, compute):
@@ -83,8 +84,10 @@ class _CentredStatistics(torch.autograd.Function):
             centred = num.to_accumulation(z)
             centred = centred - centred.mean(dim=-2, keepdim=True)
             variance = centred.square().sum(dim=-2) / (n - 1)
-            operand = centred.to(compute)
-            cov = torch.matmul(operand.transpose(-1, -2), operand).to(centred.dtype).div_(n - 1)
+            # scaled by 1/sqrt(N - 1) before the cast: the matmul then forms C itself, whose entries are
+            # covariances; Xc^T Xc is N - 1 times larger and overflowed float16 (65504) at N 256, std 16
+            operand = (centred * (n - 1) ** -0.5).to(compute)
+            cov = torch.matmul(operand.transpose(-1, -2), operand).to(centred.dtype)
             cov.diagonal(dim1=-2, dim2=-1).zero_()  # off-diagonal part; also what the backward needs
         ctx.save_for_backward(centred, operand, cov)
         ctx.z_dtype = z.dtype
@@ -96,8 +99,10 @@ class _CentredStatistics(torch.autograd.Function):
         centred, operand, off_cov = ctx.saved_tensors
         n = operand.shape[-2]
         with num.autocast_off(operand.device.type):
-            # d/dXc sum_{i!=j} C_ij^2 = 4 Xc C_off / (N - 1)
-            weights = (off_cov * (4.0 / (n - 1) * grad_off).unsqueeze(-1).unsqueeze(-1)).to(operand.dtype)
+            # d/dXc sum_{i!=j} C_ij^2 = 4 Xc C_off / (N - 1) = 4 S C_off / sqrt(N - 1), S the scaled operand
+            weights = (off_cov * (4.0 * (n - 1) ** -0.5 * grad_off).unsqueeze(-1).unsqueeze(-1)).to(
+                operand.dtype
+            )
             grad_centred = num.to_accumulation(torch.matmul(operand, weights))
             # d/dXc var = 2 Xc / (N - 1)
             grad_centred.addcmul_(centred, (2.0 / (n - 1) * grad_variance).unsqueeze(-2))

@@ -273,7 +273,8 @@ def sliced_quantile_distance(
     n, dim = x.shape[-2:]
     flat = x.reshape(-1, n, dim)
     if mean is not None:
-        mean = mean.reshape(-1, dim)
-        inv_std = inv_std.detach().reshape(-1, dim)
+        rows = x.shape[:-2] + x.shape[-1:]  # one (D,) row per stack of N samples
+        mean = num.moments_like(mean, rows, "mean").reshape(-1, dim)
+        inv_std = num.moments_like(inv_std.detach(), rows, "inv_std").reshape(-1, dim)
     use_triton = _resolve_backend(sort_backend, x.device)
     return _SlicedQuantileDistance.apply(flat, mean, inv_std, directions, compute, use_triton)
