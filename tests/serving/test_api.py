@@ -871,3 +871,35 @@ def test_the_work_of_a_client_that_disconnected_is_dropped(tiny_model_dir, fmnis
             text = client.get("/metrics").text
             assert metric_value(text, "visreg_rejected_total", limit="client_disconnected") == 1
             assert sum(calls) == 1 + 16  # of the gone client's 16 images only the one in the forward pass
+
+
+def test_an_add_whose_snapshot_fails_is_answered_200_and_the_failure_is_shown(model, tmp_path):
+    """Probe 19: with a full disk the snapshot after a committed add raised, and the server answered 500 for
+    an item it had stored (a client retrying made a duplicate); every later add did the same. The add is
+    answered 200, GET /v1/indexes/NAME shows why the snapshot failed, and the items survive a restart."""
+    from visreg_hub.serving.app import create_app
+    from visreg_hub.serving.runtime import runtime_from_model
+
+    folder = tmp_path / "shop"
+    config = ServeConfig(
+        models=(ModelSpec("tiny", "tiny"),),
+        indexes=(IndexSpec("shop", folder, model="tiny"),),
+        snapshot_every=2,
+    )
+    vectors = np.eye(model.embedding_dim(), dtype=np.float32)[:3]
+    with ThreadServer(create_app(config, runtimes={"tiny": runtime_from_model("tiny", model)})) as server:
+        client = httpx.Client(base_url=server.url, timeout=60)
+        assert (
+            client.post("/v1/indexes/shop/items", json={"vectors": [vectors[0].tolist()]}).status_code == 200
+        )
+        (folder / ".snapshot-000001.tmp").write_text("in the way")  # the snapshot's staging cannot be made
+        for vector in vectors[1:]:
+            assert (
+                client.post("/v1/indexes/shop/items", json={"vectors": [vector.tolist()]}).status_code == 200
+            )
+        info = client.get("/v1/indexes/shop").json()
+        assert info["count"] == 3 and "exists and is not a folder" in (info["snapshot_error"] or "")
+    (folder / ".snapshot-000001.tmp").unlink()
+    with ThreadServer(create_app(config, runtimes={"tiny": runtime_from_model("tiny", model)})) as server:
+        info = httpx.get(server.url + "/v1/indexes/shop", timeout=60).json()
+        assert info["count"] == 3 and info["snapshot_error"] is None

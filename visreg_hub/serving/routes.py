@@ -715,4 +715,5 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
             metric=index.metric,
             kind=index.kind,
             normalize=index.normalize,
+            snapshot_error=store.snapshot_error,
         )

@@ -124,6 +124,11 @@ class IndexInfo(BaseModel):
     normalize: bool = Field(
         description="added vectors and vector queries are L2-normalised (ip scores are then cosines)"
     )
+    snapshot_error: str | None = Field(
+        None,
+        description="why the last snapshot failed (a full disk), until one succeeds; changes are still "
+        "committed to the write-ahead log meanwhile",
+    )
 
 
 class ModelInfo(BaseModel):

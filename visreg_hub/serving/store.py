@@ -318,9 +318,14 @@ class DurableIndex:
             return None
 
     def close(self) -> None:
-        """Snapshot (so the next start replays nothing), close the log and release the folder."""
+        """Snapshot (so the next start replays nothing), close the log and release the folder. A snapshot
+        that fails here is logged: the log holds every change, and the next start replays it."""
         try:
-            self.snapshot()
+            try:
+                self.snapshot()
+            except Exception as exc:  # the log is complete: a shutdown must still release the folder
+                logger.error("index %s: final snapshot failed (%s: %s); the next start replays the log",
+                             self.folder, type(exc).__name__, exc)  # fmt: skip
             with self._lock:
                 self._log.close()
         finally:
