@@ -149,7 +149,7 @@ def test_parquet_output_and_index_from_parquet(tmp_path, capsys, model_dir, gall
 def test_parquet_without_pyarrow_names_the_fix(tmp_path, capsys, monkeypatch, gallery):
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow` raise ImportError
     code, _, err = run(capsys, "embed", gallery, "-o", tmp_path / "e.parquet")
-    assert code == 1 and "pip install pyarrow" in err
+    assert code == 1 and "pip install 'visreg_hub[parquet]'" in err
 
 
 def test_index_build_options_and_paths_file(tmp_path, capsys):
@@ -266,6 +266,12 @@ def test_list_prints_registry_entries(capsys):
     assert code == 0 and names and all("l14" in n for n in names) and "vit-b16-in1k" not in names
 
 
+def umask() -> int:
+    previous = os.umask(0o022)
+    os.umask(previous)
+    return previous
+
+
 def test_convert_writes_a_loadable_folder(tmp_path, capsys):
     import torch
     from safetensors.torch import load_file
@@ -283,6 +289,20 @@ def test_convert_writes_a_loadable_folder(tmp_path, capsys):
     )
     assert code == 0, err
     assert "converted" in out
+    # probe 19: a second convert into the folder replaced the model silently; now it needs --overwrite
+    code, _, err = run(capsys, "convert", tmp_path / "official.pth", tmp_path / "out", "--arch", "vit-t4-28")
+    assert code == 1 and "already holds a model; pass --overwrite" in err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep")
+    code, _, err = run(
+        capsys, "convert", tmp_path / "official.pth", tmp_path / "other", "--arch", "vit-t4-28"
+    )
+    assert code == 1 and "already holds files" in err and not (tmp_path / "other" / "config.json").exists()
+    code, _, err = run(
+        capsys, "convert", tmp_path / "official.pth", tmp_path / "out", "--arch", "vit-t4-28", "--overwrite"
+    )
+    assert code == 0, err
+    assert oct((tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~umask())
     saved = load_file(tmp_path / "out" / "model.safetensors")
     assert saved.keys() == weights.keys()
     for key, value in weights.items():
@@ -453,3 +473,57 @@ def test_search_does_not_let_an_index_choose_a_model_to_download(
     assert "download" not in err  # the old advice: --model with the same missing path, "to download" it
     code, out, err = run(capsys, "search", tmp_path / "idx", query, "--json", "--model", model_dir)
     assert code == 0 and json.loads(out)[0]["results"][0]["metadata"]["path"] == os.path.abspath(query)
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly():
+    """Probe 19: `visreg-hub list | head` printed "error: [Errno 32] Broken pipe" and exited 1 (a CI step
+    under pipefail failed with an error line). Now it stops quietly with 141, as a tool SIGPIPE killed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "visreg_hub.cli", "list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    process.stdout.close()  # the reader is gone before the first line
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141 and err == ""
+
+
+def test_tilde_in_path_arguments_means_home(tmp_path, capsys, monkeypatch, model_dir, gallery):
+    """Probe 19: the shell leaves ~ alone in --output=~/x and --model=~/m: a folder literally named ~ was
+    made in the working folder, and the model was recorded as <cwd>/~/m, which no later search could load.
+    Numeric flags are argparse errors (exit 2) before any model loads."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(model_dir, home / "m")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    photo = next(gallery.glob("*.jpg"))
+    code, _, err = run(capsys, "embed", photo, "--output=~/t.npy", "--model=~/m")
+    assert code == 0, err
+    assert (home / "t.npy").is_file() and not (work / "~").exists()
+    assert json.loads((home / "t.npy.json").read_text())["model"] == str(home / "m")
+    code, _, err = run(capsys, "index", "build", "~/t.npy", "-o", "~/idx")
+    assert code == 0, err
+    code, out, err = run(capsys, "search", "~/idx", photo, "--json")
+    assert code == 0 and json.loads(out)[0]["results"][0]["metadata"]["path"] == str(photo), err
+    for argv in (["embed", photo, "-o", "x.npy", "--batch-size", "0"], ["search", "~/idx", photo, "-k", "0"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "expected an integer at least 1, got '0'" in err
+
+
+def test_search_json_gives_a_non_utf8_query_name_as_text_and_bytes(tmp_path, capsys, model_dir, gallery):
+    """Probe 19: a query file named with non-UTF-8 bytes came out as a lone surrogate (invalid JSON text for
+    strict parsers); it is the readable form plus query_bytes_hex, as the index metadata gives names."""
+    photo = next(gallery.glob("*.jpg"))
+    odd = os.path.join(os.fsencode(tmp_path), b"caf\xe9.jpg")
+    shutil.copy(photo, odd)
+    run(capsys, "embed", photo, "-o", tmp_path / "e.npy", "--model", model_dir)
+    run(capsys, "index", "build", tmp_path / "e.npy", "-o", tmp_path / "idx")
+    code, out, err = run(capsys, "search", tmp_path / "idx", os.fsdecode(odd), "--json")
+    assert code == 0, err
+    (entry,) = json.loads(out)
+    assert entry["query"] == os.path.join(str(tmp_path), "caf\\xe9.jpg")
+    assert os.fsdecode(bytes.fromhex(entry["query_bytes_hex"])) == os.fsdecode(odd)
+    out.encode("utf-8")  # no lone surrogates

@@ -7,6 +7,7 @@ server that would start and then refuse or hang on every request is worse than o
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Callable
 
@@ -32,6 +33,15 @@ def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
 
 
 port_number = int_range(0, 65535)  # 0: the OS picks a free port
+
+
+def user_path(text: str) -> str:
+    """A path with ``~`` expanded: the shell leaves it alone in ``--output=~/x``, in quotes and in values
+    read from files, and a folder literally named ``~`` is a trap (``rm -rf ~``)."""
+    return os.path.expanduser(text)
+
+
+user_path.__name__ = "path"
 
 
 def float_range(low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = False):

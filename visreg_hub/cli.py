@@ -13,16 +13,20 @@ Results go to stdout, diagnostics and progress bars to stderr. Exit codes: 0 suc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import re
 import sys
 import traceback
 from pathlib import Path
 
 from visreg_hub import __version__
+from visreg_hub.argtypes import int_range, user_path
 from visreg_hub.cli_common import expand_image_inputs, load_model, model_reference, progress, warn
 from visreg_hub.errors import ImageDecodeError, UserInputError, is_expected, one_line, printable
+from visreg_hub.native_io import name_fields
 
 logger = logging.getLogger("visreg_hub.cli")
 
@@ -146,7 +150,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     result = index.search(embeddings, k=args.k)
     report = [
         {
-            "query": query,
+            **name_fields(query, "query"),  # a non-UTF-8 name: readable text plus its exact bytes
             "metric": index.metric,  # "ip": higher score is closer; "l2": score is a squared distance
             "results": [
                 {"rank": rank + 1, "score": float(score), "id": int(hit), "metadata": meta}
@@ -196,6 +200,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UserInputError(
             f"{str(source)!r} is not an official .pth checkpoint (got suffix {source.suffix!r})"
         )
+    output = Path(args.output)
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
+        holds = (
+            "a model"
+            if (output / "config.json").exists() or (output / "model.safetensors").exists()
+            else "files"
+        )
+        raise UserInputError(
+            f"{str(output)!r} already holds {holds}; pass --overwrite to replace it, or choose another folder"
+        )
     out = convert_official_checkpoint(source, args.output, arch=args.arch)
     print(f"converted {source} ({args.arch}) to {out or args.output}")
     return 0
@@ -237,13 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "search", parents=[common], help="find the nearest indexed images of query images"
     )
-    p.add_argument("index", help="index folder written by `visreg-hub index build`")
+    p.add_argument("index", type=user_path, help="index folder written by `visreg-hub index build`")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="query image files and/or folders")
-    p.add_argument("-k", type=int, default=5, help="neighbours per query (default 5)")
+    p.add_argument("-k", type=int_range(1), default=5, help="neighbours per query (default 5)")
     p.add_argument("--model", help="model to embed the queries (default: the one in the index manifest)")
     p.add_argument("--device", help="cpu, cuda, ...")
-    p.add_argument("--nprobe", type=int, help="override the IVF nprobe")
-    p.add_argument("--ef-search", type=int, help="override the HNSW ef_search")
+    p.add_argument("--nprobe", type=int_range(1), help="override the IVF nprobe")
+    p.add_argument("--ef-search", type=int_range(1), help="override the HNSW ef_search")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument(
         "--on-error", choices=("raise", "skip"), default="raise",
@@ -254,8 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "convert", parents=[common], help="convert an official VISReg .pth to a model folder"
     )
-    p.add_argument("checkpoint", help="official .pth file (loaded with torch.load(weights_only=True))")
-    p.add_argument("output", help="folder to write config.json + model.safetensors + README.md")
+    p.add_argument(
+        "checkpoint", type=user_path, help="official .pth file (loaded with torch.load(weights_only=True))"
+    )
+    p.add_argument(
+        "output", type=user_path, help="folder to write config.json + model.safetensors + README.md"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a model already in the output folder (default: refuse)",
+    )
     p.add_argument("--arch", default="vit-b16", help="architecture of the checkpoint (vit-b16, vit-l14)")
     p.set_defaults(func=cmd_convert)
     from visreg_hub.cli_export import add_export_parser  # `export onnx` lives there: keeps this file short
@@ -276,13 +299,23 @@ class _PrintableFormatter(logging.Formatter):
         return printable(super().formatMessage(record))
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's flush at exit cannot raise BrokenPipeError again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``visreg-hub`` with ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
-    parser = build_parser()
     try:
+        parser = build_parser()  # imports torch and timm (seconds): Ctrl-C here is an interrupt too
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except KeyboardInterrupt:
+        print("visreg-hub: interrupted", file=sys.stderr)
+        return 130
     verbose = getattr(args, "verbose", False)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
@@ -295,10 +328,15 @@ def main(argv: list[str] | None = None) -> int:
         (getattr(args, "subparser", None) or parser).print_help(sys.stderr)
         return 2
     try:
-        return func(args)
+        code = func(args)
+        sys.stdout.flush()  # here, not at exit: a reader that closed the pipe is then handled below
+        return code
     except KeyboardInterrupt:
         print("visreg-hub: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `visreg-hub ... | head`: the reader has what it wanted; stop quietly
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell tool the pipe killed reports
     except Exception as exc:  # one line for everything; --verbose shows where it came from
         if verbose:
             traceback.print_exc()

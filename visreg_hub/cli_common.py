@@ -26,7 +26,8 @@ def progress(args: argparse.Namespace) -> bool | None:
 
 def model_reference(name: str) -> str:
     """Local folders are recorded as absolute paths so the index can be searched from any directory."""
-    return os.path.abspath(name) if Path(name).expanduser().is_dir() else name
+    folder = os.path.expanduser(name)
+    return os.path.abspath(folder) if Path(folder).is_dir() else name
 
 
 def expand_image_inputs(inputs: list[str], *, keep_missing: bool = False) -> list[str]:

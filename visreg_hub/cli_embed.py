@@ -62,7 +62,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         )
     from visreg_hub.bulk import run_embedding
 
-    model = args.model if not Path(args.model).expanduser().is_dir() else str(Path(args.model).resolve())
+    folder = Path(args.model).expanduser()
+    model = str(folder.resolve()) if folder.is_dir() else args.model
     summary = run_embedding(
         args.inputs,
         args.output,
@@ -246,7 +247,7 @@ def cmd_index_inspect(args: argparse.Namespace) -> int:
 
 def add_embed_parsers(commands, common: argparse.ArgumentParser) -> None:
     """Register ``embed`` and ``index build|inspect`` on the ``visreg-hub`` sub-command parser."""
-    from visreg_hub.argtypes import int_range
+    from visreg_hub.argtypes import int_range, user_path
     from visreg_hub.models.limits import DEFAULT_MAX_PIXELS
 
     p = commands.add_parser("embed", parents=[common], help="embed images, file lists or tar shards")
@@ -254,15 +255,17 @@ def add_embed_parsers(commands, common: argparse.ArgumentParser) -> None:
         "inputs", nargs="+", metavar="INPUT",
         help="folders and image files; .txt lists and .tar shards too with a shard folder as -o",
     )  # fmt: skip
-    p.add_argument("-o", "--output", required=True,
+    p.add_argument("-o", "--output", required=True, type=user_path,
                    help="output folder of resumable parquet shards, or one .npy/.parquet file")  # fmt: skip
     p.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"registry name, Hub repo or folder ({DEFAULT_MODEL})"
     )
     p.add_argument(
-        "--shard-size", type=int, help=f"inputs per parquet shard (the unit of resume; {DEFAULT_SHARD_SIZE})"
+        "--shard-size",
+        type=int_range(1),
+        help=f"inputs per parquet shard (the unit of resume; {DEFAULT_SHARD_SIZE})",
     )
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int_range(1), default=64, help="images per forward pass (default 64)")
     p.add_argument("--pooling", help="cls | cls_last2 | cls_last4 | mean_patch (default: the model's)")
     p.add_argument("--on-error", choices=("raise", "skip"),
                    help="single-file output: stop at an unreadable image (raise, default) or skip it; "
@@ -273,7 +276,12 @@ def add_embed_parsers(commands, common: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int_range(1), default=DEFAULT_MAX_PIXELS,
                    help="decompression-bomb cap per image, width*height (%(default)s); raise it only for "
                         "files you trust")  # fmt: skip
-    p.add_argument("--num-workers", type=int, default=0, help="decoding worker processes")
+    p.add_argument(
+        "--num-workers",
+        type=int_range(0),
+        default=0,
+        help="decoding worker processes (default 0: decode in the main process)",
+    )
     p.add_argument("--no-normalize", action="store_true", help="keep raw (not L2-normalised) embeddings")
     p.add_argument("--draft-decode", action="store_true",
                    help="decode JPEGs far larger than the model's input at 1/2-1/8 scale: faster on camera "
@@ -287,8 +295,10 @@ def add_embed_parsers(commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("index", parents=[common], help="build or inspect an embedding index")
     actions = p.add_subparsers(dest="index_command", metavar="ACTION")
     b = actions.add_parser("build", parents=[common], help="build a FAISS index from embeddings")
-    b.add_argument("embeddings", nargs="+", help="`embed` output folders and/or .npy/.parquet files")
-    b.add_argument("-o", "--output", required=True, help="index folder to write")
+    b.add_argument(
+        "embeddings", nargs="+", type=user_path, help="`embed` output folders and/or .npy/.parquet files"
+    )
+    b.add_argument("-o", "--output", required=True, type=user_path, help="index folder to write")
     b.add_argument("--kind", choices=("auto", "flat", "ivf", "ivfsq8", "ivfpq", "hnsw"), default="auto",
                    help="auto: the most accurate index within --max-memory (flat without one)")  # fmt: skip
     b.add_argument("--max-memory", help="FAISS memory budget, e.g. 256MB or 2GB (default: none)")
@@ -296,24 +306,33 @@ def add_embed_parsers(commands, common: argparse.ArgumentParser) -> None:
                    help="recall@10 the search effort is tuned to reach: the least nprobe / ef_search that "
                         "meets it on held-out queries (default 0.95)")  # fmt: skip
     b.add_argument(
-        "--queries", type=int, default=1000, help="held-out queries for measuring recall (>= 1; 1000)"
+        "--queries",
+        type=int_range(1),
+        default=1000,
+        help="held-out queries for measuring recall (>= 1; 1000)",
     )
     b.add_argument("--metric", choices=("ip", "l2"), default="ip", help="inner product (cosine) or L2")
-    b.add_argument("--paths", help="file naming the rows of one .npy file (default: its sidecar)")
+    b.add_argument(
+        "--paths", type=user_path, help="file naming the rows of one .npy file (default: its sidecar)"
+    )
     b.add_argument("--model", help="model to record for `search` (default: the embed job's)")
-    b.add_argument("--nlist", type=int,
+    b.add_argument("--nlist", type=int_range(1),
                    help="IVF cells (explicit IVF kinds; default 4*sqrt(N), at most N/39)")  # fmt: skip
-    b.add_argument("--nprobe", type=int, help="IVF cells searched per query (default: tuned to the target)")
-    b.add_argument("--pq-m", type=int, help="IVF-PQ bytes per vector (must divide the dimension)")
-    b.add_argument("--m", type=int, help="HNSW neighbours per node (default 32)")
-    b.add_argument("--ef-search", type=int, help="HNSW search beam width (default: tuned to the target)")
+    b.add_argument(
+        "--nprobe", type=int_range(1), help="IVF cells searched per query (default: tuned to the target)"
+    )
+    b.add_argument("--pq-m", type=int_range(1), help="IVF-PQ bytes per vector (must divide the dimension)")
+    b.add_argument("--m", type=int_range(1), help="HNSW neighbours per node (default 32)")
+    b.add_argument(
+        "--ef-search", type=int_range(1), help="HNSW search beam width (default: tuned to the target)"
+    )
     b.add_argument("--normalize", action="store_true", help="L2-normalise vectors (cosine with --metric ip)")
     b.add_argument("--overwrite", action="store_true", help="replace an index in -o (default: refuse)")
     b.set_defaults(func=cmd_index_build)
     i = actions.add_parser(
         "inspect", parents=[common], help="verify an index folder as loading does; print its manifest summary"
     )
-    i.add_argument("index", help="index folder")
+    i.add_argument("index", type=user_path, help="index folder")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_index_inspect)
     p.set_defaults(func=None, subparser=p)

@@ -17,6 +17,7 @@ import re
 import sys
 from pathlib import Path
 
+from visreg_hub.argtypes import user_path
 from visreg_hub.errors import UserInputError
 
 logger = logging.getLogger("visreg_hub.cli")
@@ -40,7 +41,7 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
 def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``export onnx`` (shared with ``python -m export.export``)."""
     parser.add_argument("model", help="registry name, Hub repo (org/name) or model folder")
-    parser.add_argument("output", help="the .onnx file to write")
+    parser.add_argument("output", type=user_path, help="the .onnx file to write")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset, 18-25 (default 18)")
     parser.add_argument("--pooling", help="cls | cls_last2 | cls_last4 | mean_patch (default: the model's)")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch size to 1")
@@ -78,7 +79,9 @@ def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--provider", help="provider of the check: cpu, cuda, tensorrt (default: best)")
     parser.add_argument("--device", help="where PyTorch runs the model for export and check (default: cpu)")
-    parser.add_argument("--report-json", help="also write the validation report as JSON to this file")
+    parser.add_argument(
+        "--report-json", type=user_path, help="also write the validation report as JSON to this file"
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing output file (default: refuse)"
     )

@@ -22,6 +22,7 @@ from visreg_hub.errors import UserInputError
 
 __all__ = [
     "check_writable",
+    "current_umask",
     "exclusive_lock",
     "fsync_dir",
     "fsync_file",
@@ -47,6 +48,19 @@ def check_writable(path: Path) -> None:
             pass
     except OSError as exc:
         raise UserInputError(f"cannot write {path}: {exc.strerror or exc}; choose another output") from None
+
+
+def current_umask() -> int:
+    """This process's umask, read without setting it (``os.umask`` sets it, process-wide, for an instant in
+    which another thread's new file would get the wrong mode); 0o022 where it cannot be read."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 @contextlib.contextmanager

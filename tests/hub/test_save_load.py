@@ -388,3 +388,17 @@ def test_staging_folders_of_killed_saves_are_removed_by_the_next_save(tmp_path):
     (folder / ".saving-1").mkdir()  # pid 1 is alive: another save may be writing
     save_pretrained(tiny_encoder(), folder)
     assert not (folder / f".saving-{dead}").exists() and (folder / ".saving-1").is_dir()
+
+
+def test_the_weights_are_as_readable_as_the_config(tmp_path):
+    """Probe 19: safetensors writes its file 0600 whatever the umask, so another account could read a saved
+    model's config.json but not its weights (a model folder written by CI and served by another user)."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        folder = save_pretrained(tiny_encoder(), tmp_path / "model")
+    finally:
+        os.umask(previous)
+    modes = {name: (folder / name).stat().st_mode & 0o777 for name in ("model.safetensors", "config.json")}
+    assert modes == {"model.safetensors": 0o644, "config.json": 0o644}

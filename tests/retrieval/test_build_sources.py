@@ -144,7 +144,8 @@ def test_non_utf8_metadata_is_a_checkpoint_error_naming_the_file(tmp_path):
 @pytest.mark.parametrize("queries", ["0", "-3"])
 def test_queries_below_one_are_refused(jobs, tmp_path, capsys, queries):
     code = main(["index", "build", str(jobs["base"]), "-o", str(tmp_path / "idx"), "--queries", queries])
-    assert code == 1 and f"--queries) must be an integer >= 1, got {queries}" in capsys.readouterr().err
+    err = capsys.readouterr().err  # an argparse usage error, before anything is read (probe 19)
+    assert code == 2 and f"--queries: expected an integer at least 1, got '{queries}'" in err
 
 
 def test_a_shard_swapped_for_another_jobs_file_or_emptied_is_refused(jobs, tmp_path):
@@ -262,3 +263,15 @@ def test_shards_filtered_with_pandas_and_written_back_build_the_same_index(jobs,
     pd.DataFrame({"embedding": [[1, 2], [3, 4]]}).to_parquet(tmp_path / "ints.parquet")  # not floats
     with pytest.raises(EmbeddingSourceError, match="no 'embedding' column of float lists"):
         open_sources([tmp_path / "ints.parquet"])
+
+
+@pytest.mark.parametrize(("field", "value"), [("model", 7), ("normalized", "yes"), ("weights_sha256", 12)])
+def test_a_sidecar_field_of_the_wrong_type_is_refused_before_the_index_is_built(tmp_path, field, value):
+    """Probe 19: a sidecar with "model": 7 built an index (exit 0) that `index inspect` and `search` then
+    refused; an integer digest was dropped without a word. The build names the sidecar and the field."""
+    np.save(tmp_path / "e.npy", np.eye(4, dtype=np.float32))
+    sidecar = {"paths": [f"img{i}.png" for i in range(4)], "model": "tiny", field: value}
+    (tmp_path / "e.npy.json").write_text(json.dumps(sidecar))
+    with pytest.raises(EmbeddingSourceError, match=rf"e\.npy\.json: '{field}' must be .* or null, got"):
+        open_sources([tmp_path / "e.npy"])
+    assert not (tmp_path / "idx").exists()

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from visreg_hub.durable import current_umask
 from visreg_hub.errors import CheckpointError, ConfigError
 from visreg_hub.hub.header import WEIGHTS_DIGEST_KEY, looks_like_pickle
 from visreg_hub.jsonio import read_json_file
@@ -390,6 +391,9 @@ def write_weights(folder: str | Path, model, weights_digest: str | None = None) 
     if weights_digest is not None:
         metadata[WEIGHTS_DIGEST_KEY] = weights_digest
     save_file(backbone_state_dict(model), str(path), metadata=metadata)
+    # safetensors creates the file 0600 whatever the umask, so config.json was readable by others and the
+    # weights were not (a model folder written by one account and served by another failed to load)
+    path.chmod(0o666 & ~current_umask())
     return path
 
 

@@ -51,7 +51,8 @@ def _pyarrow(purpose: str):
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise MissingExtraError(
-            f"{purpose} needs pyarrow, which is not installed; run `pip install pyarrow` or use .npy"
+            f"{purpose} needs pyarrow, which is not installed; run `pip install 'visreg_hub[parquet]'` or "
+            "use .npy"
         ) from exc
     return pa, pq
 

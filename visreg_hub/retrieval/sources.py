@@ -163,8 +163,7 @@ def open_sources(paths: list[str | Path], *, paths_file: str | Path | None = Non
             info = {}
             if sidecar is not None:
                 _, extra = read_paths_file(sidecar)
-                info = {key: extra.get(key) for key in ("model", "pooling", "normalized")}
-                info["weights_sha256"] = _digest_or_none(extra.get("weights_sha256"))
+                info = _sidecar_info(sidecar, extra)
         elif not path.exists():
             raise EmbeddingSourceError(f"embeddings file not found: {str(item)!r}")
         else:
@@ -377,6 +376,30 @@ def merge_infos(infos: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
             merged.setdefault(name, value)
             owner.setdefault(name, source)
     return merged
+
+
+# the sidecar fields an index records, with the types its manifest accepts (an index that builds must load)
+_SIDECAR_TYPES = {"model": (str,), "pooling": (str,), "normalized": (bool,), "weights_sha256": (str,)}
+
+
+def _sidecar_info(sidecar: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """The model fields of a ``.npy`` sidecar (each may be missing or null), type-checked.
+
+    Raises:
+        EmbeddingSourceError: a field of the wrong type, naming the sidecar (the index would be built, then
+            refused by ``load``: its manifest accepts only these types).
+    """
+    for key, types in _SIDECAR_TYPES.items():
+        value = extra.get(key)
+        if value is not None and not isinstance(value, types):
+            kind = " or ".join("true/false" if t is bool else "a string" for t in types)
+            raise EmbeddingSourceError(
+                f"{sidecar}: {key!r} must be {kind} or null, got {type(value).__name__} {value!r}; fix the "
+                "sidecar or write it again with `visreg-hub embed`"
+            )
+    info = {key: extra.get(key) for key in ("model", "pooling", "normalized")}
+    info["weights_sha256"] = _digest_or_none(extra.get("weights_sha256"))
+    return info
 
 
 def _digest_or_none(value: Any) -> str | None:

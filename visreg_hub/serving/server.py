@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -140,6 +142,9 @@ def run_app(
         access_log=False,
         timeout_graceful_shutdown=graceful_s,
         server_header=False,
+        # uvicorn's own choice looks at stdout, but its lines go to stderr: a log redirected to a file
+        # from a terminal got colour codes; NO_COLOR (no-color.org) turns them off too
+        use_colors=sys.stderr.isatty() and not os.environ.get("NO_COLOR"),
     )
     sockets = listening_sockets(host, port) if sockets is None else sockets
     for sock in sockets:  # uvicorn logs no address for sockets it is handed (port 0 would go unnamed)

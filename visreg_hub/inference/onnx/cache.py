@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from visreg_hub.durable import current_umask
 from visreg_hub.errors import MissingExtraError, VisregHubError
 from visreg_hub.hub.format import sha256_file, weights_digest
 
@@ -160,19 +161,6 @@ def _check_root(root: Path) -> None:
             "folder of your own (on a file system with Unix permissions: not a FAT/NTFS mount), or make a "
             "world-writable one sticky (chmod +t)"
         )
-
-
-def _umask() -> int:
-    """This process's umask, read without setting it (``os.umask`` sets it, process-wide, for an instant in
-    which another thread's new file would get the wrong mode); 0o022 where it cannot be read."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
 
 
 def _unreadable_error(entry: Path, exc: OSError) -> OnnxCacheError:
@@ -392,7 +380,7 @@ def cached_export(
             record = {**description, "sha256": sha256_file(model_file), "size": model_file.stat().st_size}
             (staging / ENTRY_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
             # never writable by others, readable as the umask allows: see the module docstring
-            mask = _umask() & 0o077
+            mask = current_umask() & 0o077
             for written in (model_file, staging / ENTRY_FILE):
                 written.chmod(0o644 & ~mask)
             staging.chmod(0o755 & ~mask)  # mkdtemp made it 0700: nobody else could read a shared cache
