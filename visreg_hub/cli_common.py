@@ -25,9 +25,11 @@ def progress(args: argparse.Namespace) -> bool | None:
 
 
 def model_reference(name: str) -> str:
-    """Local folders are recorded as absolute paths so the index can be searched from any directory."""
-    folder = os.path.expanduser(name)
-    return os.path.abspath(folder) if Path(folder).is_dir() else name
+    """Local folders are recorded as absolute paths so the index can be searched from any directory
+    (:func:`visreg_hub.hub.registry.model_reference`)."""
+    from visreg_hub.hub.registry import model_reference as reference
+
+    return reference(name)
 
 
 def expand_image_inputs(inputs: list[str], *, keep_missing: bool = False) -> list[str]:

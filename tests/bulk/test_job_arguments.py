@@ -116,3 +116,15 @@ def test_single_file_output_refuses_lists_and_tars_and_takes_max_pixels(tmp_path
     assert done.returncode == 0, done.stderr
     rows, _, _ = read_output(tmp_path / "shards")
     assert len(rows) == 4 and "max_pixels=1,000" in (tmp_path / "shards" / "failures.jsonl").read_text()
+
+
+def test_a_model_folder_given_with_a_tilde_is_recorded_as_its_absolute_path(tmp_path, monkeypatch):
+    """Review of probe 19's fix: the CLI expanded ~ in --model, but run_embedding(model="~/m") still recorded
+    <cwd>/~/m, so `visreg-hub search` on an index of that job could not find the model."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    tiny_encoder().save_pretrained(tmp_path / "home" / "m")
+    write_tile_folder(tmp_path / "imgs", 3)
+    run_embedding(tmp_path / "imgs", tmp_path / "out", model="~/m")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["model"]["name"] == str(tmp_path / "home" / "m") and not (tmp_path / "~").exists()

@@ -206,6 +206,11 @@ def test_eight_bit_values_in_an_int32_image_are_read_as_pillow_reads_them(photo)
         assert wide.mode == mode and np.asarray(wide).max() > 1  # not the [0, 1] float convention
         np.testing.assert_array_equal(pixels(decode_image(wide)), np.asarray(grey.convert("RGB")))
         np.testing.assert_array_equal(pixels(decode_image(wide)), np.asarray(wide.convert("RGB")))
+    # review: float data that merely overshoots 1 (linear/HDR) is not 8-bit levels: stretched, never black
+    ramp = np.linspace(0.0, 0.9995, 64, dtype=np.float32).reshape(8, 8)
+    for values in (ramp, ramp * 1.001):
+        decoded = pixels(decode_image(Image.fromarray(values, mode="F")))[..., 0].astype(np.int64)
+        assert decoded.max() == 255 and decoded.min() == 0 and abs(decoded.mean() - 127.5) < 1.0
     deep = np.array([[0, 256, 1000, 65535]], dtype=np.int32)
     expected = np.rint(deep / 257.0).astype(np.uint8)
     np.testing.assert_array_equal(pixels(decode_image(Image.fromarray(deep, mode="I")))[..., 0], expected)

@@ -93,10 +93,9 @@ def prepare_model(model: Any, device: str | None) -> tuple[torch.nn.Module, str 
     """A loaded model and the reference recorded in the manifest (absolute for local folders)."""
     if isinstance(model, str | os.PathLike):
         from visreg_hub.hub import from_pretrained
+        from visreg_hub.hub.registry import model_reference
 
-        name = os.fspath(model)
-        reference = os.path.abspath(name) if Path(name).expanduser().is_dir() else name
-        return from_pretrained(name, device=device), reference
+        return from_pretrained(os.fspath(model), device=device), model_reference(model)
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a name, a folder or a VISRegEncoder, got {type(model).__name__}")
     return model, getattr(getattr(model, "config", None), "name", None)

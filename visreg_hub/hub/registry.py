@@ -16,6 +16,7 @@ Formats:
 from __future__ import annotations
 
 import fnmatch
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,3 +224,11 @@ def suggest_names(name: str) -> str:
     # "visreg-vit-b16-in1k" and "vit-b16-in1k" both point at the same entry
     hint = did_you_mean(key, names) or did_you_mean(key.removeprefix("visreg-"), names)
     return f"{hint} Registry names: {', '.join(names)} (visreg_hub.list_models())."
+
+
+def model_reference(spec: str | os.PathLike) -> str:
+    """What a job or an index records for the model ``spec`` names: a local folder as its absolute path
+    (``~`` expanded), so the record works from any folder; a registry name or Hub repo as given."""
+    name = os.fspath(spec)
+    folder = os.path.expanduser(name)
+    return os.path.abspath(folder) if os.path.isdir(folder) else name

@@ -25,8 +25,9 @@ Every input of :func:`visreg_hub.inference.encode` goes through
 * Transparency (RGBA, LA, PA, palette or colour-key transparency) is composited on a white background.
 * 16-bit images (``I;16*``, and ``I`` with values in [0, 65535] above 255) are scaled to 8 bit as
   ``round(v / 257)`` (full range kept, never clipped). Float images (``F``) in [0, 1] are scaled by 255.
-  Any other ``I`` or ``F`` image with values in [0, 255] is 8-bit data in a 32-bit container
-  (``L.convert("I")``, ``L.convert("F")``) and is read as it is, as Pillow and timm read it. ``I``/``F``
+  Any other ``I`` image with values in [0, 255], or ``F`` image of whole numbers in [0, 255], is 8-bit
+  data in a 32-bit container (``L.convert("I")``, ``L.convert("F")``) and is read as it is, as Pillow and
+  timm read it. ``I``/``F``
   images outside those ranges are min-max stretched to [0, 255], since such scientific data has no white
   point.
 * CMYK, grayscale, 1-bit, YCbCr and the rest are converted to RGB with Pillow's conversions (ICC
@@ -404,6 +405,12 @@ def _to_rgb(image: Image.Image, label: str) -> Image.Image:
         raise ImageDecodeError(f"{label}: image mode {mode!r} cannot be converted to RGB ({exc})") from exc
 
 
+def _whole(values: np.ndarray) -> bool:
+    """Every value is a whole number (8-bit levels in a float image, as ``L.convert("F")`` gives), not
+    data that merely overshoots [0, 1] (linear/HDR floats), which must not read as near-black levels."""
+    return bool(np.all(values == np.rint(values)))
+
+
 def _high_depth_to_uint8(values: np.ndarray, mode: str, label: str) -> np.ndarray:
     values = values.astype(np.float64)
     if not np.isfinite(values).all():
@@ -411,7 +418,7 @@ def _high_depth_to_uint8(values: np.ndarray, mode: str, label: str) -> np.ndarra
     low, high = float(values.min()), float(values.max())
     if mode == "F" and low >= 0.0 and high <= 1.0:
         scaled = values * 255.0
-    elif mode in ("I", "F") and low >= 0.0 and high <= 255.0:
+    elif mode in ("I", "F") and low >= 0.0 and high <= 255.0 and (mode == "I" or _whole(values)):
         # 8-bit data in a 32-bit container (``L.convert("I")`` or ``("F")``, an 8-bit TIFF written as int32
         # or float): kept as is, as Pillow's own convert("RGB") (timm's loader) reads it; 16-bit files
         # open as I;16 instead
