@@ -67,17 +67,25 @@ def like(saved: Any, reference: Any, where: str) -> None:
         if type(saved) is not type(reference):
             raise CheckpointError(f"training state {where} should be {reference!r}-like, got {saved!r}")
     elif isinstance(reference, (int, float)):
-        if isinstance(saved, bool) or not isinstance(saved, (int, float)):
-            raise CheckpointError(f"training state {where} should be a number, got {saved!r}")
+        check_number(saved, where)
         if isinstance(reference, int) and not isinstance(saved, int):
             raise CheckpointError(f"training state {where} should be an integer, got {saved!r}")
-        # counters and rates of a real run are finite and far below 2**53 (a float's exact integers)
-        if abs(saved) >= 2**53 or not math.isfinite(saved):  # ints first: math.isfinite(10**400) overflows
-            raise CheckpointError(
-                f"training state {where} should be a finite number below 2**53, got {saved!r}"[:200]
-            )
     else:
         raise CheckpointError(f"training state {where}: unsupported live value {type(reference).__name__}")
+
+
+def check_number(saved: Any, where: str) -> None:
+    """Refuse a saved scalar that is not a finite number below 2**53 (a float's exact integers).
+
+    why: counters and rates of a real run are far below it, and a JSON integer of 400 digits would
+    overflow every float conversion after it (an OverflowError instead of a CheckpointError, so
+    ``--resume auto`` would not fall back to an older checkpoint).
+    """
+    if isinstance(saved, bool) or not isinstance(saved, (int, float)):
+        raise CheckpointError(f"training state {where} should be a number, got {saved!r}"[:200])
+    if abs(saved) >= 2**53 or not math.isfinite(saved):  # ints first: math.isfinite(10**400) overflows
+        message = f"training state {where} should be a finite number below 2**53, got {saved!r}"
+        raise CheckpointError(message[:200])
 
 
 def retuple(saved: Any, reference: Any) -> Any:

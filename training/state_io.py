@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 
 from training.state_checks import (
     check_module_tensors,
+    check_number,
     check_trainer_state,
     like,
     read_json,
@@ -221,8 +222,7 @@ def _optimizer_state(parts: TrainingParts, record: dict, tensors: dict) -> dict:
         if not index_text.isdigit() or int(index_text) >= len(params) or not isinstance(values, dict):
             raise CheckpointError(f"training state optimizer.scalars.{index_text} names no parameter")
         for key, value in values.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise CheckpointError(f"training state optimizer.scalars.{index_text}.{key} is not a number")
+            check_number(value, f"optimizer.scalars.{index_text}.{key}")
             state.setdefault(int(index_text), {})[key] = value
     for index, values in state.items():
         _check_adam_state(index, values, params[index].shape, amsgrad[index])

@@ -22,3 +22,20 @@ def outside_target(folder: Path, path: Path, also_allowed: Iterable[Path] = ()) 
     target = path.resolve()
     roots = [folder.resolve(), *(Path(root).resolve() for root in also_allowed)]
     return None if any(target.is_relative_to(root) for root in roots) else target
+
+
+def check_inside(folder: Path, path: Path, *, error: type[Exception], what: str) -> None:
+    """Refuse ``path`` before it is opened when it leads out of ``folder`` (a symlink) or is no regular
+    file (a FIFO or a device would block or stream forever).
+
+    Args:
+        error: the caller's error type (each loader has its own).
+        what: the folder's kind in the message, e.g. "index folder", "embed output folder".
+    """
+    if outside_target(folder, path) is not None:
+        raise error(
+            f"{path} is a symlink to a file outside the {what}; visreg_hub reads only inside the folder it "
+            f"is given: put the file itself in {folder} instead of the link, or remove the link"
+        )
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        raise error(f"{path} is not a regular file (a folder, FIFO or device); remove it from the {what}")

@@ -275,6 +275,24 @@ def test_a_failures_link_planted_in_the_output_folder_is_refused(tmp_path):
     assert sorted(p.name for p in elsewhere.iterdir()) == [".keep.tmp-1"]
 
 
+def test_a_failure_record_linked_outside_the_output_folder_is_not_copied_into_it(tmp_path):
+    """Probe 20: a resumed job copied the file a planted `.failures/part-NNNNN.jsonl` link pointed to (an
+    API key file) into failures.jsonl."""
+    from visreg_hub.retrieval.sources import EmbeddingSourceError
+
+    write_tile_folder(tmp_path / "imgs", 8, nested=False)
+    model = tiny_encoder()
+    out = tmp_path / "out"
+    run_embedding(tmp_path / "imgs", out, model=model, shard_size=4, rank=0, world_size=2)  # half the job
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-API-KEY\n")
+    (out / ".failures").mkdir(exist_ok=True)
+    (out / ".failures" / "part-00000.jsonl").symlink_to(secret)
+    with pytest.raises(EmbeddingSourceError, match=r"part-00000.jsonl is a symlink to a file outside"):
+        run_embedding(tmp_path / "imgs", out, model=model, shard_size=4)
+    assert not (out / "failures.jsonl").exists()
+
+
 def test_ranks_finalize_one_at_a_time_and_read_the_shards_under_the_lock(tmp_path):
     """Probe 19: a rank that listed the done shards just before another rank's last one landed wrote its
     stale ``complete: false`` over that rank's ``complete: true``: every shard was on disk, yet `index

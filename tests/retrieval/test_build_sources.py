@@ -109,6 +109,28 @@ def test_missing_stray_and_unfinished_shards_are_refused(jobs, tmp_path):
         open_sources([bare])
 
 
+@pytest.mark.parametrize("name", ["manifest.json", "part-00001.parquet", ".failures/part-00000.jsonl"])
+def test_a_file_of_an_embed_folder_that_links_outside_it_is_refused(jobs, tmp_path, name):
+    """Probe 20: a `.failures` record linked to a file outside the folder was read (its lines counted, and
+    copied into failures.jsonl on resume); the manifest and shards are read the same way."""
+    folder = _copy(jobs["base"], tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / "secret"
+    if (folder / name).exists():
+        shutil.move(folder / name, target)
+    else:
+        target.write_text("SECRET-TOKEN\n")
+    (folder / name).parent.mkdir(exist_ok=True)
+    (folder / name).symlink_to(target)
+    with pytest.raises(EmbeddingSourceError, match=r"symlink to a file outside the embed output folder"):
+        open_sources([folder])
+    inside = _copy(jobs["base"], tmp_path, "inside")  # a link that stays inside the folder is fine
+    shutil.move(inside / "part-00001.parquet", inside / "kept.parquet.bak")
+    (inside / "part-00001.parquet").symlink_to("kept.parquet.bak")
+    assert open_sources([inside]).count == open_sources([jobs["base"]]).count
+
+
 def test_index_output_over_an_embed_job_or_other_files_is_refused(jobs, tmp_path):
     job = _copy(jobs["base"], tmp_path, "job")
     before = {p.name: p.read_bytes() for p in job.iterdir() if p.is_file()}

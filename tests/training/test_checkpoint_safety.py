@@ -407,6 +407,10 @@ HOSTILE_VALUES = {
     # probe 6 (F4): a step count ahead of the run switched off AdamW's bias correction, silently
     "adam-step-ahead": (None, lambda t: t.update({"optimizer.1.step": torch.tensor(1e20)}),
                         "steps but the run only 4"),
+    # probe 20: a step moved to the JSON scalars as a 400-digit integer crashed with OverflowError, so
+    # --resume auto did not fall back to the previous checkpoint
+    "huge-scalar-step": (lambda r: r["optimizer"].update(scalars={"1": {"step": 10**400}}),
+                         lambda t: t.pop("optimizer.1.step"), "optimizer.scalars.1.step should be a finite"),
     # a changed setting, not a damaged file: the messages name the setting (probe 4)
     "probe-group": (lambda r: r["optimizer"]["param_groups"].append(dict(r["optimizer"]["param_groups"][1])),
                     None, "resume with the train.online_probe setting"),

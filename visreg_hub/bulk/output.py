@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ import numpy as np
 from visreg_hub.durable import exclusive_lock, fsync_dir, write_atomic
 from visreg_hub.errors import MissingExtraError, VisregHubError
 from visreg_hub.native_io import split_name, write_parquet
+from visreg_hub.retrieval.sources import check_embed_file
 
 FORMAT_NAME = "visreg_hub.embedding_shards"
 FORMAT_VERSION = 1
@@ -240,6 +242,7 @@ def _failure_record(failure: dict[str, Any]) -> dict[str, Any]:
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
     path = folder / MANIFEST_NAME
+    check_embed_file(folder, path)
     if not path.is_file():
         return None
     try:
@@ -316,6 +319,7 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 def listed_failures(folder: Path) -> int | None:
     """How many failures ``failures.jsonl`` lists (the whole job's, once complete); None before."""
+    check_embed_file(folder, folder / FAILURES_NAME)
     try:
         with (folder / FAILURES_NAME).open("rb") as handle:
             return sum(1 for line in handle if line.strip())
@@ -355,8 +359,10 @@ def _finalize_locked(folder: Path, manifest: dict[str, Any], num_shards: int) ->
             with path.open("w", encoding="utf-8") as out:
                 for number in range(num_shards):
                     part = failures_dir(folder) / f"part-{number:05d}.jsonl"
+                    check_embed_file(folder, part)
                     if part.is_file():
-                        out.write(part.read_text(encoding="utf-8"))
+                        with part.open(encoding="utf-8") as records:
+                            shutil.copyfileobj(records, out)
 
         write_atomic(folder / FAILURES_NAME, write_failures)
     write_manifest(folder, manifest)

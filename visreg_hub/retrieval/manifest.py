@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from visreg_hub import folders
 from visreg_hub.errors import CheckpointError
-from visreg_hub.folders import outside_target
 from visreg_hub.hub.format import sha256_file
 from visreg_hub.models.config import POOLINGS
 from visreg_hub.retrieval.limits import MAX_DIM, PARAM_LIMITS
@@ -64,16 +64,9 @@ def _served_snapshot(folder: Path) -> str:
 
 
 def check_inside(folder: Path, path: Path) -> None:
-    """Refuse an index file that leads out of the folder (a symlink) or is no regular file (a FIFO, a
-    device), before it is opened: its bytes, or their digest in an error, must not leak another file."""
-    target = outside_target(folder, path)
-    if target is not None:
-        raise CheckpointError(
-            f"{path} is a symlink to a file outside the index folder; copy the file into {folder} instead "
-            "(an index is read only from the folder it is given)"
-        )
-    if (path.exists() or path.is_symlink()) and not path.is_file():
-        raise CheckpointError(f"{path} is not a regular file (a folder, FIFO or device); rebuild the index")
+    """Refuse an index file that leads out of the folder or is no regular file, before it is opened: its
+    bytes, or their digest in an error, must not leak another file."""
+    folders.check_inside(folder, path, error=CheckpointError, what="index folder")
 
 
 def verify_files(folder: str | bytes | os.PathLike, manifest: dict[str, Any]) -> None:

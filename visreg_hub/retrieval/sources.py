@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from visreg_hub import folders
 from visreg_hub.errors import ConfigError, VisregHubError, one_line, shown
 from visreg_hub.jsonio import read_json_file
 from visreg_hub.native_io import library_source, name_fields
@@ -223,6 +224,7 @@ def open_sources(paths: list[str | Path], *, paths_file: str | Path | None = Non
 def _read_embed_manifest(folder: Path) -> dict[str, Any]:
     """The embed job's ``manifest.json``, checked to be one (size-capped: the folder is not trusted)."""
     manifest = folder / EMBED_MANIFEST
+    check_embed_file(folder, manifest)
     if not manifest.is_file():
         raise EmbeddingSourceError(
             f"{folder} has no {EMBED_MANIFEST}, so which part files belong to the job is unknown; pass "
@@ -274,6 +276,8 @@ def _embed_folder(
         info = {"model": model.get("name"), "weights_sha256": model.get("weights_sha256"),
                 "pooling": model.get("pooling"), "normalized": model.get("normalize")}  # fmt: skip
     parts = [folder / _shard_name(number) for number in range(num_shards)]
+    for part in parts:
+        check_embed_file(folder, part)
     jobs = {part: (number, data.get("job_id")) for number, part in enumerate(parts)}
     return parts, info, _expected_rows(folder, data, parts), jobs
 
@@ -325,9 +329,16 @@ def _expected_rows(folder: Path, data: dict[str, Any], parts: list[Path]) -> dic
     return expected
 
 
+def check_embed_file(folder: Path, path: Path) -> None:
+    """Refuse a file of an embed output folder that leads out of it (a planted symlink would copy another
+    file's lines into ``failures.jsonl``, or its rows into an index) or is no regular file."""
+    folders.check_inside(folder, path, error=EmbeddingSourceError, what="embed output folder")
+
+
 def shard_failures(folder: Path, number: int) -> int:
     """How many inputs of shard ``number`` of the embed folder failed (lines of its ``.failures`` file)."""
     record = folder / FAILURES_DIR / f"part-{number:05d}.jsonl"
+    check_embed_file(folder, record)
     if not record.is_file():
         return 0
     with record.open("rb") as handle:
