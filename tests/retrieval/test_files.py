@@ -58,6 +58,21 @@ def test_paths_files(tmp_path):
         read_paths_file(tmp_path / "bad.json")
 
 
+def test_paths_files_that_are_not_utf8(tmp_path):
+    """Probe 20: both raised a bare UnicodeDecodeError naming no file. A line list keeps a non-UTF-8 name
+    as the name that opens the file (as embed's .txt lists); a JSON sidecar must be UTF-8."""
+    import os
+
+    from visreg_hub.errors import VisregHubError
+
+    (tmp_path / "p.txt").write_bytes(b"\xef\xbb\xbfa.png\r\ncaf\xe9.png\n")
+    names, _ = read_paths_file(tmp_path / "p.txt")
+    assert names == ["a.png", os.fsdecode(b"caf\xe9.png")]
+    (tmp_path / "p.json").write_bytes(b'{"paths": ["\xff\xfe"]}')
+    with pytest.raises(VisregHubError, match=r"p.json is not UTF-8 text .*at byte 12"):
+        read_paths_file(tmp_path / "p.json")
+
+
 def test_npy_and_parquet_of_one_name_keep_their_own_sidecars(tmp_path):
     pytest.importorskip("pyarrow")
     a = np.ones((2, 3), np.float32)

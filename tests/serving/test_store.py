@@ -429,3 +429,30 @@ def test_leftovers_with_random_names_are_removed_on_open(tmp_path):
     (folder / ".CURRENT.tmp-55e1964c46e5cb9b").write_text("{}")
     DurableIndex(folder, new_index).close()
     assert not (folder / ".CURRENT.tmp-55e1964c46e5cb9b").exists()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [{"op": "add", "ids": [2**70], "dim": DIM}, {"op": "add", "ids": [1], "dim": 1e400},
+     {"op": "remove", "ids": [-(2**70)]}],
+    ids=["huge-id", "infinite-dim", "huge-removed-id"],
+)  # fmt: skip
+def test_a_checksummed_record_out_of_range_is_damage_not_an_overflow(tmp_path, header):
+    """Probe 20: a record with a right checksum and an id past int64 (or dim 1e400) crashed
+    `serve --index` with OverflowError. It is now an unreadable record like any other: cut as a torn
+    tail when last, refused (nothing cut) when intact records follow it."""
+    import struct
+    import zlib
+
+    from visreg_hub.serving import wal
+
+    body = b"\0" * (4 * DIM) if header["op"] == "add" else b""
+    payload = json.dumps(header).encode() + b"\0" + body
+    hostile = struct.pack("<2sBBII", wal.MAGIC, wal.VERSION, 0, len(payload), zlib.crc32(payload)) + payload
+    good = LogRecord("remove", np.asarray([3], dtype=np.int64)).encode()
+    path = tmp_path / "log.wal"
+    path.write_bytes(good + hostile)
+    assert [r.op for r in read_log(path)[0]] == ["remove"] and read_log(path)[1] == len(good)
+    path.write_bytes(good + hostile + good)
+    with pytest.raises(CheckpointError, match=rf"record at byte {len(good)} is damaged"):
+        read_log(path)

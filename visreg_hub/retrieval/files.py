@@ -154,10 +154,12 @@ def read_paths_file(path: str | Path) -> tuple[list[str], dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"paths file not found: {str(path)!r}")
-    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() != ".json":
-        return [line.strip() for line in text.splitlines() if line.strip()], {}
-    data = parse_json(text, str(path), error=UserInputError)  # deep nesting, bad JSON: one clear error
+        # as embed reads its .txt lists: a name that is not UTF-8 keeps its bytes (os.fsdecode's form)
+        with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+            return [line.strip() for line in handle.read().splitlines() if line.strip()], {}
+    # deep nesting, bad JSON, bytes that are not UTF-8: one clear error naming the file
+    data = parse_json(path.read_bytes(), str(path), error=UserInputError)
     paths = data.get("paths") if isinstance(data, dict) else data
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise UserInputError(f"{path} must hold a JSON list of file paths or an object with a 'paths' list")

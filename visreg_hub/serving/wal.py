@@ -102,7 +102,7 @@ def read_log(path: Path) -> tuple[list[LogRecord], int]:
                 break
             try:
                 records.append(LogRecord.decode(payload))
-            except (CheckpointError, ValueError, TypeError, KeyError, RecursionError):
+            except (CheckpointError, ValueError, TypeError, KeyError, OverflowError, RecursionError):
                 break  # a checksummed record we cannot parse: stop, as for a torn one
             good = handle.tell()
         later = _intact_record_after(handle, good)
