@@ -355,23 +355,54 @@ def test_a_folders_crop_mode_is_what_timm_does_and_survives_a_save(saved, tmp_pa
     assert from_pretrained(str(edited), backend="torch").config.crop_mode == "center"
 
 
-def test_a_save_interrupted_between_its_files_is_refused_not_loaded_mixed(tmp_path):
+def test_a_save_stopped_between_its_renames_is_refused_and_copies_or_edits_are_not(tmp_path, monkeypatch):
     """Probe 19: save_pretrained renames the new weights in, then the new config.json; a kill between the
     two left new weights beside the old config (same architecture, other pooling), which loaded silently
-    (cosine 0.30 to either model). Both files record the weights' digest, so the pair is refused; saves
-    stay deterministic (same model, same bytes) and identical weights under a new config still load."""
+    (cosine 0.30 to either model). Probe 20: the first fix (a weights digest in both files) also refused
+    sound folders: weights copied from another save of the same settings, or a Hub repo whose new weights
+    were uploaded alone. Now only the state the kill leaves (the config.json still in the staging folder,
+    the weights already renamed) is refused, and its fix is named."""
+    import os
+
+    from visreg_hub.hub import saving
+
     first = save_pretrained(tiny_encoder(seed=0), tmp_path / "model")
-    second = save_pretrained(tiny_encoder(seed=1, pooling="mean_patch"), tmp_path / "other")
-    shutil.copyfile(second / "model.safetensors", first / "model.safetensors")  # the first rename only
-    with pytest.raises(CheckpointError, match=r"holds other weights than the config.json beside it.*save"):
+    renames = []
+
+    def killed_after_the_first_rename(source, target):
+        renames.append(target)
+        if len(renames) == 2:
+            raise KeyboardInterrupt  # the process dies here: the staging folder stays
+        os.rename(source, target)
+
+    monkeypatch.setattr(saving.os, "replace", killed_after_the_first_rename)
+    monkeypatch.setattr(saving.shutil, "rmtree", lambda *a, **k: None)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(tiny_encoder(seed=1, pooling="mean_patch"), first)
+    monkeypatch.undo()
+    assert [p.name for p in renames] == ["model.safetensors", "config.json"]
+    with pytest.raises(CheckpointError, match=r"is half saved.*Finish that save by moving the files of"):
         from_pretrained(first)
+    staging = next(first.glob(".saving-*"))
+    for name in os.listdir(staging):  # the fix the message names
+        os.replace(staging / name, first / name)
+    finished = from_pretrained(first)
+    want = tiny_encoder(seed=1, pooling="mean_patch")
+    assert finished.config.pooling == "mean_patch"
+    torch.testing.assert_close(finished.backbone.state_dict(), want.backbone.state_dict())
     again = save_pretrained(tiny_encoder(seed=0), tmp_path / "again")
-    assert (again / "config.json").read_bytes() == (first / "config.json").read_bytes()  # deterministic
-    same_weights = save_pretrained(tiny_encoder(seed=0, pooling="mean_patch"), tmp_path / "renamed")
-    shutil.copyfile(again / "model.safetensors", same_weights / "model.safetensors")
-    assert from_pretrained(same_weights).config.pooling == "mean_patch"  # the weights are the same: fine
-    save_file(load_file(str(again / "model.safetensors")), str(again / "model.safetensors"))  # no digest
-    assert from_pretrained(again) is not None  # weights written by other tools (no digest) still load
+    assert (again / "config.json").read_bytes() == (
+        save_pretrained(tiny_encoder(seed=0), tmp_path / "again2") / "config.json"
+    ).read_bytes()  # saves stay deterministic
+    # weights of another save with the same settings copied in (or uploaded alone to a Hub repo) load
+    other = save_pretrained(tiny_encoder(seed=3), tmp_path / "other")
+    shutil.copyfile(other / "model.safetensors", again / "model.safetensors")
+    torch.testing.assert_close(from_pretrained(again).backbone.state_dict(),
+                               tiny_encoder(seed=3).backbone.state_dict())  # fmt: skip
+    (again / ".saving-12").mkdir()  # a save stopped while writing: the folder is still the old model
+    (again / ".saving-12" / "model.safetensors").write_bytes(b"half")
+    (again / ".saving-12" / "config.json").write_text("{}")
+    assert from_pretrained(again) is not None
 
 
 def test_staging_folders_of_killed_saves_are_removed_by_the_next_save(tmp_path):

@@ -32,7 +32,7 @@ import torch
 
 from visreg_hub.durable import current_umask
 from visreg_hub.errors import CheckpointError, ConfigError
-from visreg_hub.hub.header import WEIGHTS_DIGEST_KEY, looks_like_pickle
+from visreg_hub.hub.header import looks_like_pickle
 from visreg_hub.jsonio import read_json_file
 from visreg_hub.models import limits
 from visreg_hub.models.config import ModelConfig
@@ -113,17 +113,12 @@ def verify_sha256(path: str | Path, expected: str, name: str) -> str:
 
 
 # ---------------------------------------------------------------------- ModelConfig -> config.json
-def config_to_json(
-    config: ModelConfig, embedding_dim: int, weights_digest: str | None = None
-) -> dict[str, Any]:
+def config_to_json(config: ModelConfig, embedding_dim: int) -> dict[str, Any]:
     """The timm-compatible ``config.json`` content for ``config``.
 
     Args:
         config: the model configuration.
         embedding_dim: length of the default (``config.pooling``) embedding.
-        weights_digest: :func:`weights_digest` of the model, also written into the weights' header
-            (:data:`~visreg_hub.hub.header.WEIGHTS_DIGEST_KEY`), so that a folder whose two files come from
-            saves of different weights is refused at load.
     """
     pretrained_cfg = config.timm_pretrained_cfg()
     extra = dict(config.extra)
@@ -139,8 +134,6 @@ def config_to_json(
         if key in extra:
             visreg[key] = extra.pop(key)
     visreg["extra"] = extra
-    if weights_digest is not None:
-        visreg["weights_digest"] = weights_digest
     return {
         "architecture": config.architecture,
         "num_classes": 0,
@@ -152,13 +145,10 @@ def config_to_json(
     }
 
 
-def write_config(
-    folder: str | Path, config: ModelConfig, embedding_dim: int, weights_digest: str | None = None
-) -> Path:
-    """Write ``config.json`` into ``folder`` and return its path (``weights_digest``: see
-    :func:`config_to_json`)."""
+def write_config(folder: str | Path, config: ModelConfig, embedding_dim: int) -> Path:
+    """Write ``config.json`` into ``folder`` and return its path."""
     path = Path(folder) / CONFIG_NAME
-    data = config_to_json(config, embedding_dim, weights_digest)
+    data = config_to_json(config, embedding_dim)
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return path
 
@@ -360,19 +350,11 @@ def _check_promoted(extra: dict[str, Any], source: str) -> None:
 
 def read_config(path: str | Path) -> ModelConfig:
     """Read and parse a ``config.json`` file (or the one inside a folder)."""
-    return read_config_and_digest(path)[0]
-
-
-def read_config_and_digest(path: str | Path) -> tuple[ModelConfig, str | None]:
-    """:func:`read_config`, and the weights digest the file records (None: written without one, e.g. by
-    timm or an older visreg_hub)."""
     path = Path(path)
     if path.is_dir():
         path = path / CONFIG_NAME
     data = read_json_file(path, error=CheckpointError, max_bytes=MAX_CONFIG_BYTES)
-    config = config_from_json(data, source=str(path))
-    weights_digest = (data.get("visreg") or {}).get("weights_digest")
-    return config, weights_digest if isinstance(weights_digest, str) else None
+    return config_from_json(data, source=str(path))
 
 
 # ---------------------------------------------------------------------- weights
@@ -381,16 +363,12 @@ def backbone_state_dict(model) -> dict[str, torch.Tensor]:
     return {key: value.detach().to("cpu").contiguous() for key, value in model.backbone.state_dict().items()}
 
 
-def write_weights(folder: str | Path, model, weights_digest: str | None = None) -> Path:
-    """Write ``model.safetensors`` (the backbone of a VISRegEncoder) into ``folder``; return its path
-    (``weights_digest``: recorded in the header's ``__metadata__``, see :func:`config_to_json`)."""
+def write_weights(folder: str | Path, model) -> Path:
+    """Write ``model.safetensors`` (the backbone of a VISRegEncoder) into ``folder``; return its path."""
     from safetensors.torch import save_file
 
     path = Path(folder) / WEIGHTS_NAME
-    metadata = {"format": "pt"}
-    if weights_digest is not None:
-        metadata[WEIGHTS_DIGEST_KEY] = weights_digest
-    save_file(backbone_state_dict(model), str(path), metadata=metadata)
+    save_file(backbone_state_dict(model), str(path), metadata={"format": "pt"})
     # safetensors creates the file 0600 whatever the umask, so config.json was readable by others and the
     # weights were not (a model folder written by one account and served by another failed to load)
     path.chmod(0o666 & ~current_umask())

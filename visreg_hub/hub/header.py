@@ -32,13 +32,6 @@ FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # torch zip, pickle 2-5
 
 
-# key of the weights' digest in the header's __metadata__ (config.json records it too, as
-# visreg.weights_digest): a folder whose weights and config.json come from saves of different weights (one
-# interrupted between its renames) is refused at load instead of pairing one model's weights with another's
-# settings
-WEIGHTS_DIGEST_KEY = "visreg_hub.weights_digest"
-
-
 def _pickle_start(head: bytes, size: int) -> bool:
     """Whether the first 9 bytes ``head`` of a ``size``-byte file start a pickle rather than a safetensors
     file. A safetensors header length whose low bytes are ``80 02`` .. ``80 05`` (640, 896, 1152 or 1408

@@ -24,6 +24,7 @@ from visreg_hub.errors import CheckpointError, ModelNotFoundError, ModelNotPubli
 from visreg_hub.folders import outside_target
 from visreg_hub.hub import format as ckpt
 from visreg_hub.hub import preflight, registry
+from visreg_hub.hub.saving import interrupted_save
 from visreg_hub.models.limits import ModelLimits, check_budget
 
 logger = logging.getLogger(__name__)
@@ -250,12 +251,11 @@ def _check_pin(path: Path, source: Source) -> None:
         ckpt.verify_sha256(path, source.sha256, label)
 
 
-def _build(config, weights_path: Path, limits: ModelLimits | None = None, weights_digest: str | None = None):
-    """Check budget, declared shapes and the weights digest config.json records (no allocation), then
-    read, build, load strictly, refuse NaN/Inf."""
+def _build(config, weights_path: Path, limits: ModelLimits | None = None):
+    """Check budget and declared shapes (no allocation), then read, build, load strictly, refuse NaN/Inf."""
     from visreg_hub.models.encoder import VISRegEncoder
 
-    preflight.check_before_build(config, weights_path, limits, weights_digest)
+    preflight.check_before_build(config, weights_path, limits)
     state_dict = ckpt.read_weights(weights_path)
     model = VISRegEncoder(config)
     ckpt.load_backbone_weights(model, state_dict, source=str(weights_path))
@@ -309,10 +309,16 @@ def load_folder(
         raise CheckpointError(
             f"{folder} has no {ckpt.WEIGHTS_NAME} (safetensors is the only accepted format).{hint}"
         )
+    staging = interrupted_save(folder)
+    if staging is not None:
+        raise CheckpointError(
+            f"{folder} is half saved: a save stopped after renaming its {ckpt.WEIGHTS_NAME} in and before "
+            f"its {ckpt.CONFIG_NAME}, so the weights do not match the config beside them. Finish that save "
+            f"by moving the files of {staging} into {folder}, or save the model again"
+        )
     if weights_sha256 is not None:
         ckpt.verify_sha256(weights_path, weights_sha256, name or str(folder))
-    config, weights_digest = ckpt.read_config_and_digest(config_path)
-    return _build(config, weights_path, limits, weights_digest)
+    return _build(ckpt.read_config(config_path), weights_path, limits)
 
 
 def load(source: Source, *, limits: ModelLimits | None = None, **download_kwargs: Any):
@@ -328,13 +334,13 @@ def load(source: Source, *, limits: ModelLimits | None = None, **download_kwargs
         return load_folder(source.location, weights_sha256=source.sha256, name=source.name, limits=limits)
     if source.kind == "hub":
         revision = {"revision": source.revision}
-        config, weights_digest = ckpt.read_config_and_digest(
+        config = ckpt.read_config(
             hub_download(source.location, ckpt.CONFIG_NAME, **revision, **download_kwargs)
         )
         weights_path = hub_download(source.location, ckpt.WEIGHTS_NAME, **revision, **download_kwargs)
         if source.sha256 is not None:
             ckpt.verify_sha256(weights_path, source.sha256, source.name or source.location)
-        return _build(config, weights_path, limits, weights_digest)
+        return _build(config, weights_path, limits)
     # official-pth: download the pickled release, check it, convert in memory with the weights-only loader
     from visreg_hub.hub.convert import official_encoder
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from visreg_hub.errors import CheckpointError
-from visreg_hub.hub.header import FLOAT_DTYPES, WEIGHTS_DIGEST_KEY, read_header
+from visreg_hub.hub.header import FLOAT_DTYPES, read_header
 from visreg_hub.models.limits import ModelLimits, check_architecture, check_budget
 
 
@@ -31,34 +31,23 @@ def expected_shapes(config) -> dict[str, tuple[int, ...]]:
     return {name: tuple(value.shape) for name, value in model.backbone.state_dict().items()}
 
 
-def check_before_build(
-    config, weights_path: str | Path, limits: ModelLimits | None = None, weights_digest: str | None = None
-) -> None:
+def check_before_build(config, weights_path: str | Path, limits: ModelLimits | None = None) -> None:
     """Refuse, before any allocation, a config over budget or one its weights file cannot match.
 
     Args:
         config: the parsed config.json.
         weights_path: the model.safetensors beside it.
         limits: the budget (None: the default :class:`ModelLimits`).
-        weights_digest: the digest of the weights config.json was saved with (None: none recorded).
 
     Raises:
         ConfigError: unknown architecture or over the :class:`ModelLimits` budget.
         CheckpointError: the weights file's header is malformed or declares other tensors than the config
-            implies (names, shapes, non-float dtypes), listing the differences; or the two files record
-            different weights (a save interrupted between its renames).
+            implies (names, shapes, non-float dtypes), listing the differences.
     """
     weights_path = Path(weights_path)
     check_architecture(config.architecture)
     check_budget(config, limits, source=f"the config of {weights_path.parent}")
-    declared, metadata = read_header(weights_path)
-    header_digest = metadata.get(WEIGHTS_DIGEST_KEY)
-    if weights_digest is not None and header_digest is not None and header_digest != weights_digest:
-        raise CheckpointError(
-            f"{weights_path} holds other weights than the config.json beside it was saved with (digests "
-            f"{header_digest[:12]}... and {weights_digest[:12]}...): a save into this folder was interrupted "
-            "between its files. Save the model again, or restore the folder from a backup"
-        )
+    declared, _ = read_header(weights_path)
     expected = expected_shapes(config)
     missing = sorted(set(expected) - set(declared))
     unexpected = sorted(set(declared) - set(expected))

@@ -94,6 +94,26 @@ def save_pretrained(
     return folder
 
 
+STAGING_PREFIX = ".saving-"  # + the saving process's id: where a save writes before its renames
+
+
+def interrupted_save(folder: Path) -> Path | None:
+    """The staging folder of a save stopped between its renames (the weights renamed in, not yet the
+    config.json), or None.
+
+    why: only that state pairs one model's weights with another's config.json. Staging folders that hold
+    every file (a save stopped while writing) or none (stopped after its renames) leave the folder as one
+    consistent model, and so do hand edits and copied files: those are not refused.
+    """
+    for entry in folder.glob(f"{STAGING_PREFIX}*"):
+        digits = entry.name[len(STAGING_PREFIX) :]
+        if digits.isdigit() and entry.is_dir() and not entry.is_symlink():
+            holds = {name for name in (ckpt.WEIGHTS_NAME, ckpt.CONFIG_NAME) if (entry / name).is_file()}
+            if holds == {ckpt.CONFIG_NAME}:
+                return entry
+    return None
+
+
 def _write_files(folder: Path, config, model, card: str | None) -> None:
     """Write the files (the card unless None) into a hidden staging folder inside ``folder``, then rename
     them in.
@@ -102,19 +122,18 @@ def _write_files(folder: Path, config, model, card: str | None) -> None:
     beside the old weights: such a folder fails to load, or with the same architecture loads the old
     weights silently. Until the renames, ``folder`` keeps its earlier files untouched; the weights go in
     first, the card last. A kill between the two renames (microseconds) leaves the new weights beside the
-    old config.json; both record the weights' digest, so loading that folder is refused
-    (``preflight.check_before_build``) rather than pairing one model's weights with another's settings.
-    Staging folders of saves that were killed are removed by the next save into the folder.
+    old config.json, and the new config.json in the staging folder: :func:`interrupted_save` finds that
+    state, and loading the folder is refused rather than pairing one model's weights with another's
+    settings. Staging folders of saves that were killed are removed by the next save into the folder.
     """
     names = (ckpt.WEIGHTS_NAME, ckpt.CONFIG_NAME) + ((ckpt.CARD_NAME,) if card is not None else ())
-    remove_dead_staging(folder, ".saving-")
-    staging = folder / f".saving-{os.getpid()}"
+    remove_dead_staging(folder, STAGING_PREFIX)
+    staging = folder / f"{STAGING_PREFIX}{os.getpid()}"
     staging.mkdir(exist_ok=True)
-    digest = ckpt.weights_digest(model)
     try:
         try:
-            ckpt.write_weights(staging, model, digest)
-            ckpt.write_config(staging, config, model.embedding_dim(), digest)
+            ckpt.write_weights(staging, model)
+            ckpt.write_config(staging, config, model.embedding_dim())
             if card is not None:
                 (staging / ckpt.CARD_NAME).write_text(card, encoding="utf-8")
             for name in names:
