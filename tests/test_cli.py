@@ -513,6 +513,28 @@ def test_tilde_in_path_arguments_means_home(tmp_path, capsys, monkeypatch, model
         assert code == 2 and "expected an integer at least 1, got '0'" in err
 
 
+def test_a_model_folder_behind_a_symlink_is_recorded_alike_by_embed_index_and_search(
+    tmp_path, capsys, model_dir, gallery
+):
+    """Review of probe 19's fix: `embed` (shard folder) recorded --model with links resolved, index build and
+    search as given, so the same --model warned "not the model the index was built with" at search time
+    (and a job resumed from Python with that string was another job)."""
+    from visreg_hub.bulk import run_embedding
+
+    (tmp_path / "real").mkdir()
+    shutil.copytree(model_dir, tmp_path / "real" / "m")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    model = str(tmp_path / "link" / "m")
+    code, _, err = run(capsys, "embed", gallery, "-o", tmp_path / "emb", "--model", model, "--no-progress")
+    assert code == 0, err
+    assert json.loads((tmp_path / "emb" / "manifest.json").read_text())["model"]["name"] == model
+    assert run_embedding(gallery, tmp_path / "emb", model=model).complete  # the same job: nothing to redo
+    code, _, err = run(capsys, "index", "build", tmp_path / "emb", "-o", tmp_path / "idx")
+    assert code == 0, err
+    code, _, err = run(capsys, "search", tmp_path / "idx", next(gallery.glob("*.jpg")), "--model", model)
+    assert code == 0 and "not the model" not in err, err
+
+
 def test_search_json_gives_a_non_utf8_query_name_as_text_and_bytes(tmp_path, capsys, model_dir, gallery):
     """Probe 19: a query file named with non-UTF-8 bytes came out as a lone surrogate (invalid JSON text for
     strict parsers); it is the readable form plus query_bytes_hex, as the index metadata gives names."""

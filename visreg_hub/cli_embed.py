@@ -62,12 +62,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
         )
     from visreg_hub.bulk import run_embedding
 
-    folder = Path(args.model).expanduser()
-    model = str(folder.resolve()) if folder.is_dir() else args.model
     summary = run_embedding(
         args.inputs,
         args.output,
-        model=model,
+        model=args.model,  # recorded by run_embedding as index build and search record it
         shard_size=DEFAULT_SHARD_SIZE if args.shard_size is None else args.shard_size,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
