@@ -406,22 +406,31 @@ def _to_rgb(image: Image.Image, label: str) -> Image.Image:
 
 
 def _whole(values: np.ndarray) -> bool:
-    """Every value is a whole number (8-bit levels in a float image, as ``L.convert("F")`` gives), not
-    data that merely overshoots [0, 1] (linear/HDR floats), which must not read as near-black levels."""
+    """Every value is a whole number (8-bit levels, or [0, 1] data that is exactly 0 or 1)."""
     return bool(np.all(values == np.rint(values)))
 
 
 def _high_depth_to_uint8(values: np.ndarray, mode: str, label: str) -> np.ndarray:
+    """(H, W) 16/32-bit integer or float pixel values -> (H, W) uint8 levels.
+
+    Float (F) images: [0, 1] is scaled by 255; data that overshoots 1 a little (a resampling filter's
+    ringing, HDR highlights; under 2 and not whole numbers) is clipped at 1 first, never read as near-black
+    levels; other values within [0, 255] are 8-bit levels (``L.convert("F")``, and the same image resized
+    or blurred, which leaves fractions), kept as Pillow's own ``convert("RGB")`` (timm's loader) keeps
+    them. Integer (I) images within [0, 255] are 8-bit levels too; up to 65535, 16-bit data scaled by
+    1/257. Anything else is stretched from its minimum to its maximum.
+    """
     values = values.astype(np.float64)
     if not np.isfinite(values).all():
         raise ImageDecodeError(f"{label}: {mode}-mode image contains NaN or infinite values")
     low, high = float(values.min()), float(values.max())
     if mode == "F" and low >= 0.0 and high <= 1.0:
         scaled = values * 255.0
-    elif mode in ("I", "F") and low >= 0.0 and high <= 255.0 and (mode == "I" or _whole(values)):
-        # 8-bit data in a 32-bit container (``L.convert("I")`` or ``("F")``, an 8-bit TIFF written as int32
-        # or float): kept as is, as Pillow's own convert("RGB") (timm's loader) reads it; 16-bit files
-        # open as I;16 instead
+    elif mode == "F" and low >= 0.0 and high < 2.0 and not _whole(values):
+        scaled = np.minimum(values, 1.0) * 255.0
+    elif mode in ("I", "F") and low >= 0.0 and high <= 255.0:
+        # 8-bit data in a 32-bit container (an 8-bit TIFF written as int32 or float); 16-bit files open as
+        # I;16 instead
         scaled = values
     elif mode != "F" and low >= 0.0 and high <= 65535.0:
         scaled = values / 257.0  # 65535 -> 255 exactly: full 16-bit range, no clipping
