@@ -201,6 +201,22 @@ def test_input_problems_are_named_in_the_index_terms():
     with pytest.raises(ValueError, match=r"beyond float32's range .* first at row 1"):
         index.add(big)
     assert len(index) == 0
+    # probe 20: finite float32 rows of 1e38 were stored, and every search of an l2 (or unnormalised ip)
+    # index over them scored inf (JSON null in the API, whose schema says a number)
+    for metric in ("l2", "ip"):
+        raw = EmbeddingIndex(3, metric=metric, normalize=False)
+        huge = np.full((2, 3), 1e38, dtype=np.float32)
+        huge[0] = 1.0
+        with pytest.raises(
+            ValueError, match=r"a row of norm 1.73e\+38 \(first at row 1\), too long for finite"
+        ):
+            raw.add(huge)
+        limit = np.float32(np.sqrt(np.finfo(np.float32).max / 4) / np.sqrt(3) * 0.999)
+        edge = np.full((2, 3), limit, dtype=np.float32)
+        edge[1] *= -1  # the farthest pair at the bound: still a finite score
+        raw.add(edge)
+        result = raw.search(edge, k=2)
+        assert np.isfinite(result.scores).all()
     pq = EmbeddingIndex(8, kind="ivfpq", nlist=4, pq_m=2)
     with pytest.raises(ValueError, match="256 for the product quantiser's codebooks") as info:
         pq.add(np.random.default_rng(0).standard_normal((100, 8)).astype(np.float32))

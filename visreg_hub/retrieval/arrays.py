@@ -64,7 +64,27 @@ def as_float32_matrix(array: Any, *, name: str, dim: int | None = None) -> np.nd
             f"{name} contains NaN or infinite values in {bad.size} row(s), first at row {int(bad[0])}; "
             f"drop or re-encode those rows"
         )
+    _check_norms(array, name)
     return array
+
+
+# why: FAISS computes distances and inner products in float32; below this squared norm every squared L2
+# distance (<= 2|a|^2 + 2|b|^2) and inner product (<= |a||b|) of two rows is finite, so no score is inf
+MAX_SQUARED_NORM = float(np.finfo(np.float32).max) / 4
+
+
+def _check_norms(array: np.ndarray, name: str) -> None:
+    """Refuse (N, D) rows too long for finite float32 scores (norm over about 9.2e18), a block at a time."""
+    for start in range(0, array.shape[0], 65536):
+        block = array[start : start + 65536].astype(np.float64)
+        squared = np.einsum("ij,ij->i", block, block)
+        if (squared > MAX_SQUARED_NORM).any():
+            row = start + int(np.flatnonzero(squared > MAX_SQUARED_NORM)[0])
+            raise UserInputError(
+                f"{name} has a row of norm {np.sqrt(squared.max()):.3g} (first at row {row}), too long for "
+                f"finite float32 distances (at most {np.sqrt(MAX_SQUARED_NORM):.3g}); rescale those rows "
+                "(e.g. normalise them)"
+            )
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
