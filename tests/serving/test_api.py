@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import shutil
 import socket
@@ -188,8 +189,12 @@ def test_error_params_name_form_and_path_fields_and_stay_short(http):
 # ---------------------------------------------------------------------------------------------- limits
 def test_limit_max_body_bytes(http, server):
     big = "A" * (LIMITS.max_body_bytes + 10)
+    labels = {"route": "/v1/embeddings", "method": "POST", "status": "413"}
+    before = metric_value(http.get("/metrics").text, "visreg_requests_total", **labels)
     response = http.post("/v1/embeddings", json={"input": [big]})
     assert response.status_code == 413 and "max_body_bytes" in response.json()["error"]["message"]
+    # probe 20: the refusal comes before routing, and was counted under the label of unknown paths
+    assert metric_value(http.get("/metrics").text, "visreg_requests_total", **labels) == before + 1
 
     def chunks():  # no Content-Length: the limit must hold while the body streams in
         for _ in range(LIMITS.max_body_bytes // 65536 + 2):
@@ -361,6 +366,64 @@ def test_index_add_search_delete(http, model, fmnist_images):
     after = http.post("/v1/search", json={"index": "items", "vector": reference[4].tolist(), "k": 50})
     assert ids[4] not in [h["id"] for h in after.json()["hits"]]
     assert http.get("/v1/indexes/items").json()["count"] == info["count"] - 1
+
+
+def test_a_search_that_races_the_delete_of_the_last_item_finds_no_hits(
+    model, tiny_model_dir, tmp_path, monkeypatch
+):
+    """Probe 20: the route checked that the index was not empty before taking the store's lock, so a search
+    racing the delete of the last item got 422 "query vector: the index is empty" (a quarter of the
+    searches of a client deleting and re-adding one item). The size a check outside the lock sees is
+    simulated by a stale ``len``: only the store, under its lock, may decide."""
+    from visreg_hub.serving.app import create_app
+    from visreg_hub.serving.runtime import runtime_from_model
+    from visreg_hub.serving.store import DurableIndex
+
+    config = ServeConfig(models=(ModelSpec("tiny", str(tiny_model_dir)),),
+                         indexes=(IndexSpec("race", tmp_path / "race"),), limits=LIMITS)  # fmt: skip
+    app = create_app(config, runtimes={"tiny": runtime_from_model("tiny", model, str(tiny_model_dir))})
+    with ThreadServer(app) as running, httpx.Client(base_url=running.url, timeout=60) as client:
+        vector = np.eye(32, dtype=np.float32)[0].tolist()
+        added = client.post("/v1/indexes/race/items", json={"vectors": [vector]})
+        assert added.status_code == 200, added.text
+        assert client.delete(f"/v1/indexes/race/items/{added.json()['ids'][0]}").status_code == 200
+        monkeypatch.setattr(DurableIndex, "__len__", lambda self: 1)  # what a check before the delete saw
+        found = client.post("/v1/search", json={"index": "race", "vector": vector, "k": 3})
+        assert found.status_code == 200 and found.json()["hits"] == [], found.text
+
+
+def test_a_full_disk_is_a_507_naming_the_storage_and_changes_nothing(
+    model, tiny_model_dir, tmp_path, monkeypatch
+):
+    """Probe 20: an add or delete whose log record could not be written (a full disk) answered 500
+    "internal error"; the cause is known and the change was not made, so the client hears so (507, as
+    WebDAV's Insufficient Storage) and may retry."""
+    import errno
+
+    from visreg_hub.serving import wal
+    from visreg_hub.serving.app import create_app
+    from visreg_hub.serving.runtime import runtime_from_model
+
+    config = ServeConfig(models=(ModelSpec("tiny", str(tiny_model_dir)),),
+                         indexes=(IndexSpec("full", tmp_path / "full"),), limits=LIMITS)  # fmt: skip
+    app = create_app(config, runtimes={"tiny": runtime_from_model("tiny", model, str(tiny_model_dir))})
+    with ThreadServer(app) as running, httpx.Client(base_url=running.url, timeout=60) as client:
+        vector = np.eye(32, dtype=np.float32)[0].tolist()
+        kept = client.post("/v1/indexes/full/items", json={"vectors": [vector]}).json()["ids"][0]
+
+        def no_space(self, record):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(wal.LogWriter, "append", no_space)
+        for answer in (client.post("/v1/indexes/full/items", json={"vectors": [vector]}),
+                       client.delete(f"/v1/indexes/full/items/{kept}")):  # fmt: skip
+            assert answer.status_code == 507, answer.text
+            error = answer.json()["error"]
+            assert error["code"] == "storage_full" and "No space left on device" in error["message"]
+            assert "nothing was changed" in error["message"]
+        monkeypatch.undo()
+        assert client.get("/v1/indexes/full").json()["count"] == 1
+        assert client.delete(f"/v1/indexes/full/items/{kept}").status_code == 200
 
 
 def test_add_refuses_bad_images_and_duplicate_ids(http, fmnist_images):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import json
 import logging
 import re
@@ -20,6 +21,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from visreg_hub.errors import shown
 from visreg_hub.retrieval.records import MAX_ID, IdConflictError, metadata_problem
@@ -31,6 +33,7 @@ from visreg_hub.serving.service import ApiError, Service
 logger = logging.getLogger(__name__)
 
 _ERRORS = {status: {"model": schemas.ErrorResponse} for status in (400, 401, 404, 408, 413, 415, 422, 429)}
+_STORE_ERRORS = {**_ERRORS, 507: {"model": schemas.ErrorResponse}}
 _JSON_CONTENT = "application/json"
 _MULTIPART = "multipart/form-data"
 _FORM_FILE_FIELDS = ("input", "file", "image")
@@ -38,6 +41,22 @@ _FORM_FIELDS = (*_FORM_FILE_FIELDS, "model", "encoding_format", "dimensions", "u
 _MAX_FORM_FIELDS = 16
 # JSON bodies from this size on are parsed in a worker thread, off the event loop (about 1 ms of parsing)
 _INLINE_PARSE_BYTES = 256 * 1024
+
+
+def _storage_error(name: str, exc: OSError) -> ApiError:
+    """507 for a change the index could not make durable (a full disk, a quota, a read-only folder).
+
+    why not 500: the cause is known and lies with the server's storage, not with the request; the log
+    is cut back to before the change (``LogWriter.append``), so the client may retry once space is freed.
+    """
+    logger.error("index %s: a change could not be written to its log (%s); nothing was changed", name, exc)
+    return ApiError(
+        507,
+        f"index {name!r} could not store the change ({exc.strerror or type(exc).__name__}); nothing was "
+        "changed: retry once the server's index storage has room",
+        kind="server_error",
+        code="storage_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "storage_error",
+    )
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -112,6 +131,16 @@ class InternalErrorMiddleware:
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+def _route_of(scope) -> Any:
+    """The route a request is for when a middleware answered it before routing (the body limit's 413),
+    so its metrics carry the route's label and not that of unknown paths; None for an unknown path."""
+    app = scope.get("app")
+    for route in getattr(getattr(app, "router", None), "routes", ()):
+        if route.matches(scope)[0] != Match.NONE:
+            return route
+    return None
+
+
 class MetricsMiddleware:
     """ASGI middleware: count requests by route template, method and status; observe their latency."""
 
@@ -134,7 +163,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, observed_send)
         finally:
-            path = getattr(scope.get("route"), "path", None) or "unmatched"
+            path = getattr(scope.get("route") or _route_of(scope), "path", None) or "unmatched"
             # any token is a method to uvicorn: a fixed label set, or clients could grow /metrics at will
             method = scope["method"] if scope["method"] in _METHODS else "other"
             self.metrics.requests.labels(path, method, str(status)).inc()
@@ -605,12 +634,12 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
                     422, f"the query image could not be embedded: {errors.get(0, 'unknown error')}"
                 )
             query = vectors[0][None, :]
-        if len(store) == 0:
-            return schemas.SearchResponse(index=body.index, model=model, hits=[])
         try:
-            result = await asyncio.to_thread(store.search, query, min(body.k, len(store)))
+            result = await asyncio.to_thread(store.search, query, body.k)
         except ValueError as exc:  # e.g. an all-zero query vector for a normalising index
             raise ApiError(422, f"query vector: {exc}", param="vector") from None
+        if result is None:  # the index is empty
+            return schemas.SearchResponse(index=body.index, model=model, hits=[])
         hits = [
             schemas.Hit(id=int(i), score=float(s), metadata=m)
             for i, s, m in zip(result.ids[0].tolist(), result.scores[0].tolist(), result.metadata[0])
@@ -623,7 +652,7 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
         tags=["indexes"],
         response_model=schemas.AddItemsResponse,
         dependencies=auth,
-        responses={**_ERRORS, 409: {"model": schemas.ErrorResponse}},
+        responses={**_STORE_ERRORS, 409: {"model": schemas.ErrorResponse}},
         summary="add images or vectors (with metadata); acknowledged once durable",
         openapi_extra=_json_body(schemas.AddItemsRequest),
     )
@@ -673,6 +702,8 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
             raise ApiError(409, str(exc), kind="conflict") from None
         except ValueError as exc:
             raise ApiError(422, str(exc)) from None
+        except OSError as exc:
+            raise _storage_error(name, exc) from None
         return schemas.AddItemsResponse(index=name, ids=[int(i) for i in ids], count=len(store))
 
     @app.delete(
@@ -680,7 +711,7 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
         tags=["indexes"],
         dependencies=auth,
         response_model=schemas.DeleteItemResponse,
-        responses=_ERRORS,
+        responses=_STORE_ERRORS,
         summary="remove one item; acknowledged once durable",
     )
     async def delete_item(
@@ -691,7 +722,10 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
             raise ApiError(422, f"item id {item_id} is above the largest id {MAX_ID}", param="item_id")
         item_id = int(item_id)
         store = service.index(name)
-        removed = await asyncio.to_thread(store.remove, [item_id])
+        try:
+            removed = await asyncio.to_thread(store.remove, [item_id])
+        except OSError as exc:
+            raise _storage_error(name, exc) from None
         if not removed:
             raise ApiError(404, f"index {name!r} has no item {item_id}", kind="not_found")
         return schemas.DeleteItemResponse(index=name, id=item_id, deleted=True, count=len(store))

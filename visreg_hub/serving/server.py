@@ -90,13 +90,15 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
 
 
 def run_app(
-    app: Any, host: str, port: int, *, log_level: str = "info", graceful_s: float = 30.0,
+    app: Any, host: str, port: int, *, log_level: str = "info", graceful_s: float | None = None,
     before_shutdown: Callable[[], None] | None = None, sockets: list[socket.socket] | None = None,
 ) -> None:  # fmt: skip
     """Serve ``app`` until SIGINT/SIGTERM; in-flight requests get ``graceful_s`` to finish, then the
     app's shutdown drains the batchers and snapshots every index.
 
     Args:
+        graceful_s: default ``request_timeout_s`` + 5 s, so that every request the server admitted can
+            finish (a fixed 30 s cut longer requests off with a bare 500 under ``--request-timeout-s 45``).
         before_shutdown: called when shutdown starts, before waiting for open connections (the demo
             ends the event streams that browser tabs keep open).
         sockets: from :func:`listening_sockets` (bound to ``host:port`` earlier); default: bind now.
@@ -117,11 +119,16 @@ def run_app(
         def capture_signals(self):
             with super().capture_signals():
                 yield
+                if self.force_exit:  # a second signal: requests were cut off, so the exit is not clean
+                    logger.warning("stopped without waiting for the requests in flight (a second signal)")
+                    return
                 # why: uvicorn re-raises SIGTERM/SIGINT once it has shut down, so a clean stop would end the
                 # process with -15; by now requests are drained and indexes snapshotted, so it exits 0
                 getattr(self, "_captured_signals", []).clear()
 
     service = app.state.service
+    if graceful_s is None:
+        graceful_s = service.limits.request_timeout_s + 5.0
 
     @contextlib.asynccontextmanager
     async def trimming(_app):

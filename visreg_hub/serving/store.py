@@ -248,9 +248,16 @@ class DurableIndex:
         return len(self._ids)
 
     def search(self, queries: np.ndarray, k: int):
-        """``EmbeddingIndex.search`` under the lock (FAISS must not search during an add)."""
+        """``EmbeddingIndex.search`` of (Q, D) ``queries`` under the lock (FAISS must not search during an
+        add), for at most the ``k`` items the index holds; None when it holds none.
+
+        why here: a caller's own emptiness or size check, made before the lock, races adds and deletes
+        (a search racing the delete of the last item was refused as if its query were wrong).
+        """
         with self._lock:
-            return self.index.search(queries, k=k)
+            if len(self.index) == 0:
+                return None
+            return self.index.search(queries, k=min(k, len(self.index)))
 
     # ------------------------------------------------------------------ snapshots
     def _maybe_snapshot(self) -> None:
