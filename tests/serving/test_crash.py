@@ -136,3 +136,49 @@ def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path, tiny_model_di
 @pytest.mark.slow
 def test_kill_9_twelve_times_during_writes(tmp_path, tiny_model_dir):
     _run(tmp_path, tiny_model_dir, kills=12)
+
+
+def test_the_shutdown_grace_covers_the_request_timeout(tiny_model_dir, monkeypatch):
+    """Probe 20: the grace period was a fixed 30 s, so under --request-timeout-s 45 a SIGTERM cut admitted
+    requests off with a bare 500; it is now request_timeout_s + 5 s."""
+    import uvicorn
+
+    from visreg_hub import from_pretrained
+    from visreg_hub.serving.app import create_app
+    from visreg_hub.serving.config import Limits, ModelSpec, ServeConfig
+    from visreg_hub.serving.runtime import runtime_from_model
+    from visreg_hub.serving.server import listening_sockets, run_app
+
+    seen = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.append(self.config))
+    model = from_pretrained(str(tiny_model_dir))
+    for timeout in (45.0, 2.0):
+        config = ServeConfig(models=(ModelSpec("tiny", str(tiny_model_dir)),),
+                             limits=Limits(request_timeout_s=timeout))  # fmt: skip
+        app = create_app(config, runtimes={"tiny": runtime_from_model("tiny", model)})
+        run_app(app, "127.0.0.1", 0, sockets=listening_sockets("127.0.0.1", 0))
+    assert [c.timeout_graceful_shutdown for c in seen] == [50.0, 7.0]
+
+
+def test_a_second_ctrl_c_cuts_requests_off_and_is_no_clean_exit(tmp_path, tiny_model_dir):
+    """Probe 20: a second Ctrl-C while a request was in flight force-quit (the request cut off) yet the
+    process exited 0, as after a drained stop; it now ends as interrupted (130), with a log line."""
+    import os
+    import socket
+    from urllib.parse import urlsplit
+
+    zygote = Zygote()
+    try:
+        server = zygote.start(["--model", f"tiny={tiny_model_dir}"], tmp_path / "server.log").wait_ready()
+        address = urlsplit(server.url)
+        with socket.create_connection((address.hostname, address.port)) as slow:  # a body still arriving
+            slow.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 4096\r\n\r\n{\"input\": [")  # fmt: skip
+            time.sleep(0.5)
+            os.kill(server.pid, signal.SIGINT)  # drains: waits for the slow request
+            time.sleep(2.0)
+            status = server.signal(signal.SIGINT)
+        assert status not in (0, None), server.log()
+        assert "stopped without waiting for the requests in flight" in server.log()
+    finally:
+        zygote.close()
