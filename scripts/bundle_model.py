@@ -50,7 +50,7 @@ MODELS = {
             "A small VISReg ViT (4 blocks, width 64, 7 px patches, 1-channel 28 px input) trained from "
             "scratch by visreg_hub on the CPU (8 epochs) on the 55,000 Fashion-MNIST training images left "
             "after a 5,000-image validation hold-out. Meant for clothing-like greyscale images, not for "
-            "photos (use `vit-tiny-p8-colour` for those). It is small (0.5 MB) and fast; on its own test "
+            "photos (use `vit-tiny-p8-colour` for those). It is small (0.56 MB) and fast; on its own test "
             "set it does not beat raw pixels, neither at kNN nor with a linear probe (see the table)."
         ),
     },

@@ -28,6 +28,11 @@ class ModelNotFoundError(VisregHubError, FileNotFoundError):
     """A model name, repository or folder could not be resolved."""
 
 
+class DataNotFoundError(VisregHubError, FileNotFoundError):
+    """A file or folder the user named (an index folder, embeddings or paths file), or one such a folder
+    must hold, does not exist."""
+
+
 class ModelNotPublishedError(VisregHubError, LookupError):
     """A registry entry exists but its weights are not (yet) published."""
 
@@ -112,10 +117,15 @@ def one_line(exc: BaseException) -> str:
 
     A :class:`VisregHubError`, ``OSError`` or ``ValueError`` message is kept as is; anything else is
     prefixed with its type (``KeyError: 101`` says more than ``101``). Control characters are escaped
-    (:func:`printable`).
+    (:func:`printable`). Other libraries' messages are cut to their first line (the rest is often a
+    traceback or a dump); ours are one line by design, so a newline in one comes from a name it quotes (a
+    file named ``two\nlines.png``) and is escaped, never cut: the reason after the name must not be lost.
     """
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    message = lines[0] if lines else ""
+    if isinstance(exc, VisregHubError):
+        message = str(exc).strip()
+    else:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        message = lines[0] if lines else ""
     if _out_of_memory(exc):
         message = f"out of memory ({message or type(exc).__name__}); use a smaller batch, model or image size"
     elif isinstance(exc, RecursionError):

@@ -121,3 +121,23 @@ def test_hub_arguments_on_a_bundled_model_or_a_folder_are_named_as_ignored(tmp_p
     first, second = [r.getMessage() for r in caplog.records]
     assert "revision='v2' ignored" in first and "bundled model 'vit-mini-p7-fmnist'" in first
     assert "cache_dir=" in second and str(folder) in second and "nothing is downloaded" in second
+
+
+def test_a_bundled_entrys_size_and_overrides_describe_the_network_in_its_folder():
+    """Probe 20: vit-mini-p7-fmnist's entry named vit-t4-28 without overrides (width 192, 12 blocks, 4 px
+    patches) for a folder holding width 64, 4 blocks, 7 px patches; every field but the name, the pooling
+    chosen on validation and the training record must agree."""
+    import dataclasses
+
+    from visreg_hub.hub.format import read_config
+    from visreg_hub.models.config import ModelConfig
+
+    root = Path(visreg_hub.__file__).parent
+    for entry in list_models():
+        if entry.status != "bundled":
+            continue
+        described = ModelConfig.from_name(entry.size, **entry.config_overrides)
+        saved = read_config(root / entry.local_path)
+        differ = {f.name for f in dataclasses.fields(ModelConfig)
+                  if getattr(described, f.name) != getattr(saved, f.name)}  # fmt: skip
+        assert differ <= {"name", "pooling", "extra"}, (entry.name, differ)

@@ -403,3 +403,18 @@ def test_inspect_passes_a_good_folder_of_every_kind(folders, capsys):
         assert main(["index", "inspect", str(folder), "--json"]) == 0
         summary = json.loads(capsys.readouterr().out)
         assert set(summary["files"].values()) == {"sha256 and contents verified"}
+
+
+@pytest.mark.parametrize("name", ["ids.npy", "index.faiss", "metadata.jsonl", "manifest.json"])
+def test_a_missing_file_of_an_index_folder_is_a_library_error_and_a_file_not_found(tmp_path, name):
+    """Probe 20: SECURITY.md promises that a damaged index folder fails only with a VisregHubError; a
+    half-copied folder (a listed file missing) raised a bare FileNotFoundError. It is DataNotFoundError
+    now, still a FileNotFoundError for code that caught that."""
+    index = EmbeddingIndex(dim=4, metric="ip")
+    index.add(np.eye(4, dtype=np.float32), metadata=[{"n": i} for i in range(4)])
+    index.save(tmp_path / "ok")
+    damaged = shutil.copytree(tmp_path / "ok", tmp_path / "damaged")
+    (damaged / name).unlink()
+    with pytest.raises(VisregHubError, match=r"missing|no manifest.json") as caught:
+        EmbeddingIndex.load(damaged)
+    assert isinstance(caught.value, FileNotFoundError)

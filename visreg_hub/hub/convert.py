@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from visreg_hub.errors import CheckpointError, ConfigError, VisregHubError
+from visreg_hub.errors import CheckpointError, ConfigError, ModelNotFoundError, VisregHubError
 from visreg_hub.hub import preflight
 from visreg_hub.hub.format import load_backbone_weights, sha256_file
 from visreg_hub.models.config import NAMED_SIZES, ModelConfig
@@ -58,7 +58,7 @@ def load_pth_weights_only(path: str | Path) -> Any:
     _check_torch_version()
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}")
+        raise ModelNotFoundError(f"no checkpoint file at {path}")
     with open(path, "rb") as handle:
         head = handle.read(2)
     if head[:1] == b"\x80":

@@ -41,6 +41,8 @@ OFFICIAL_DATA = {
     "mean": IMAGENET_MEAN,
     "std": IMAGENET_STD,
 }
+# The bundled Fashion-MNIST models: one grey channel, normalised with the training set's statistics.
+_FMNIST_DATA = {"in_chans": 1, "mean": (0.286,), "std": (0.353,)}
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,7 @@ _ENTRIES: tuple[RegistryEntry, ...] = (
         local_path="assets/vit-tiny-p4-fmnist",
         sha256="8533934d1aab08175360cb830c97ce5febc6c3b83c3b3ecb2b3fdfd543b98a13",
         dataset="fashion-mnist",
-        config_overrides=dict(embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0),
+        config_overrides=dict(embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0, **_FMNIST_DATA),
     ),
     RegistryEntry(
         name="vit-mini-p7-fmnist",
@@ -176,6 +178,9 @@ _ENTRIES: tuple[RegistryEntry, ...] = (
         local_path="assets/vit-mini-p7-fmnist",
         sha256="f73e7ff3e05fcd09755225c0eed0e33eb6788003bd646dbc29f9395246f7105d",
         dataset="fashion-mnist",
+        config_overrides=dict(
+            patch_size=7, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, **_FMNIST_DATA
+        ),
     ),
 )
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from visreg_hub.errors import ConfigError
+from visreg_hub.errors import ConfigError, ModelNotFoundError
 from visreg_hub.models.limits import MIN_CROP_PCT, check_architecture_name, check_field_bounds
 from visreg_hub.suggest import did_you_mean
 
@@ -347,7 +347,7 @@ class ModelConfig:
         """Read a file written by :meth:`to_json`."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no ModelConfig JSON at {path}")
+            raise ModelNotFoundError(f"no ModelConfig JSON at {path}")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from visreg_hub.durable import write_atomic_pair
-from visreg_hub.errors import MissingExtraError, UserInputError
+from visreg_hub.errors import DataNotFoundError, MissingExtraError, UserInputError
 from visreg_hub.jsonio import parse_json
 from visreg_hub.native_io import library_source, split_name, write_parquet
 from visreg_hub.retrieval.arrays import as_float32_matrix
@@ -153,7 +153,7 @@ def read_paths_file(path: str | Path) -> tuple[list[str], dict[str, Any]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"paths file not found: {str(path)!r}")
+        raise DataNotFoundError(f"paths file not found: {str(path)!r}")
     if path.suffix.lower() != ".json":
         # as embed reads its .txt lists: a name that is not UTF-8 keeps its bytes (os.fsdecode's form)
         with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
@@ -180,7 +180,7 @@ def read_embeddings(path: str | Path, *, paths_file: str | Path | None = None) -
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"embeddings file not found: {str(path)!r}")
+        raise DataNotFoundError(f"embeddings file not found: {str(path)!r}")
     check_suffix(path)
     paths = None
     if path.suffix.lower() == ".npy":

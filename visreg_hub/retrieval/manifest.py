@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from visreg_hub import folders
-from visreg_hub.errors import CheckpointError
+from visreg_hub.errors import CheckpointError, DataNotFoundError
 from visreg_hub.hub.format import sha256_file
 from visreg_hub.models.config import POOLINGS
 from visreg_hub.retrieval.limits import MAX_DIM, PARAM_LIMITS
@@ -81,7 +81,7 @@ def verify_files(folder: str | bytes | os.PathLike, manifest: dict[str, Any]) ->
         path = folder / name
         check_inside(folder, path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is listed in the manifest but missing; rebuild the index")
+            raise DataNotFoundError(f"{path} is listed in the manifest but missing; rebuild the index")
         actual = sha256_file(path)
         if actual != expected:
             raise CheckpointError(
@@ -103,19 +103,19 @@ def read_manifest(folder: str | bytes | os.PathLike) -> dict[str, Any]:
     folder = folder_path(folder)
     path = folder / MANIFEST_NAME
     if folder.is_file():
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"{folder} is a file, not an index folder; pass the folder written by EmbeddingIndex.save or "
             f"`visreg-hub index build` (embeddings files are indexed with `visreg-hub index build`)"
         )
     check_inside(folder, path)
     if not path.is_file():
         if (folder / "CURRENT").is_file():
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"{folder} is a `visreg-hub serve` index store (a snapshot plus a write-ahead log), not an "
                 f"index folder: stop the server (SIGTERM takes a final snapshot), then pass "
                 f"{folder / _served_snapshot(folder)}"
             )
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"no {MANIFEST_NAME} in {folder}; pass a folder written by EmbeddingIndex.save "
             f"or `visreg-hub index build`"
         )

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from visreg_hub.durable import fsync_dir, fsync_tree, remove_dead_staging, write_atomic
-from visreg_hub.errors import CheckpointError, ConfigError, UserInputError, require_extra
+from visreg_hub.errors import CheckpointError, ConfigError, DataNotFoundError, UserInputError, require_extra
 from visreg_hub.hub.format import sha256_file
 from visreg_hub.native_io import read_faiss, write_faiss
 from visreg_hub.retrieval.factory import KINDS
@@ -352,7 +352,7 @@ def verify_index(folder: str | bytes | os.PathLike) -> VerifiedFolder:
     if not folder.exists():
         leftovers = sorted(folder.parent.glob(f".{folder.name}.replaced-*")) if folder.parent.is_dir() else []
         if leftovers:
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"{folder} does not exist, but a save into it was interrupted: the earlier index is in "
                 f"{leftovers[-1]}; rename that folder to {folder.name} to use it"
             )

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from visreg_hub.errors import CheckpointError, UserInputError, require_extra
+from visreg_hub.errors import CheckpointError, ModelNotFoundError, UserInputError, require_extra
 from visreg_hub.native_io import onnx_model_source
 
 logger = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def check_model_file(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.is_file():
         hint = " (it is a folder; pass the .onnx file inside it)" if path.is_dir() else ""
-        raise FileNotFoundError(f"ONNX model not found: {str(path)!r}{hint}")
+        raise ModelNotFoundError(f"ONNX model not found: {str(path)!r}{hint}")
     return path
 
 
