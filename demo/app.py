@@ -396,7 +396,8 @@ def _serve(args: argparse.Namespace, sockets: list) -> int:
     try:
         # uvicorn handles SIGTERM/SIGINT (closing Gradio first ends the event streams browser tabs hold
         # open), then re-raises it: _stop_on_sigterm turns that into KeyboardInterrupt, caught below
-        run_app(app, args.host, args.port, log_level="warning", graceful_s=15.0,
+        # requests in flight get request_timeout_s + 5 s, as under `visreg-hub serve`
+        run_app(app, args.host, args.port, log_level="warning",
                 before_shutdown=functools.partial(demo.close, verbose=False), sockets=sockets)  # fmt: skip
     except KeyboardInterrupt:
         logger.info("stopped")

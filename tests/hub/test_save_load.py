@@ -403,6 +403,15 @@ def test_a_save_stopped_between_its_renames_is_refused_and_copies_or_edits_are_n
     (again / ".saving-12" / "model.safetensors").write_bytes(b"half")
     (again / ".saving-12" / "config.json").write_text("{}")
     assert from_pretrained(again) is not None
+    # review of probe 20: a stopped save's staging folder whose process id a live process has taken since
+    # is left by later saves; once a later save completed (its config.json is newer) it is not refused
+    stale = again / ".saving-1"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"is half saved"):
+        from_pretrained(again)
+    save_pretrained(tiny_encoder(seed=3), again)  # pid 1 is alive: its staging folder stays
+    assert stale.is_dir() and from_pretrained(again) is not None
 
 
 def test_staging_folders_of_killed_saves_are_removed_by_the_next_save(tmp_path):

@@ -216,6 +216,11 @@ def test_eight_bit_values_in_an_int32_image_are_read_as_pillow_reads_them(photo)
     assert not np.all(np.asarray(low_contrast) == np.rint(np.asarray(low_contrast)))
     difference = pixels(decode_image(low_contrast)).astype(int) - np.asarray(low_contrast.convert("RGB"))
     assert np.abs(difference).max() <= 1  # Pillow's rounding; the stretch was up to 119 levels off
+    # review of probe 20: [0, 1] data with one highlight past 2.0 was read as levels (black, cosine 0.45)
+    highlight = np.linspace(0.0, 0.9995, 1024, dtype=np.float32).reshape(32, 32)
+    highlight[0, 0] = 2.01  # one pixel in 1,024
+    decoded = pixels(decode_image(Image.fromarray(highlight, mode="F")))[..., 0].astype(np.int64)
+    assert decoded[0, 0] == 255 and abs(decoded.mean() - 127.5) < 4.0
     deep = np.array([[0, 256, 1000, 65535]], dtype=np.int32)
     expected = np.rint(deep / 257.0).astype(np.uint8)
     np.testing.assert_array_equal(pixels(decode_image(Image.fromarray(deep, mode="I")))[..., 0], expected)

@@ -297,3 +297,17 @@ def test_a_sidecar_field_of_the_wrong_type_is_refused_before_the_index_is_built(
     with pytest.raises(EmbeddingSourceError, match=rf"e\.npy\.json: '{field}' must be .* or null, got"):
         open_sources([tmp_path / "e.npy"])
     assert not (tmp_path / "idx").exists()
+
+
+@pytest.mark.parametrize("problem", ["nan", "norm"])
+def test_a_bad_row_past_the_first_block_is_named_by_its_row_in_the_file(tmp_path, problem):
+    """Review of probe 20: files are read 65,536 rows at a time, and the row a refusal named was its row
+    within the block (464 for row 66,000)."""
+    from visreg_hub.retrieval.sources import BATCH_ROWS, iter_batches
+
+    vectors = np.ones((BATCH_ROWS + 5_000, 4), dtype=np.float32)
+    vectors[BATCH_ROWS + 464] = np.nan if problem == "nan" else 1e38
+    np.save(tmp_path / "e.npy", vectors)
+    with pytest.raises(ValueError, match=rf"first at row {BATCH_ROWS + 464}\b"):
+        for _ in iter_batches(open_sources([tmp_path / "e.npy"])):
+            pass

@@ -103,13 +103,19 @@ def interrupted_save(folder: Path) -> Path | None:
 
     why: only that state pairs one model's weights with another's config.json. Staging folders that hold
     every file (a save stopped while writing) or none (stopped after its renames) leave the folder as one
-    consistent model, and so do hand edits and copied files: those are not refused.
+    consistent model, and so do hand edits and copied files: those are not refused. Nor is a staging
+    folder older than the folder's config.json: a later save completed (the process id of the stopped
+    save may belong to a live process by then, so its staging folder was left in place).
     """
+    current = folder / ckpt.CONFIG_NAME
     for entry in folder.glob(f"{STAGING_PREFIX}*"):
         digits = entry.name[len(STAGING_PREFIX) :]
         if digits.isdigit() and entry.is_dir() and not entry.is_symlink():
             holds = {name for name in (ckpt.WEIGHTS_NAME, ckpt.CONFIG_NAME) if (entry / name).is_file()}
-            if holds == {ckpt.CONFIG_NAME}:
+            pending = entry / ckpt.CONFIG_NAME
+            if holds == {ckpt.CONFIG_NAME} and (
+                not current.is_file() or pending.stat().st_mtime_ns >= current.stat().st_mtime_ns
+            ):
                 return entry
     return None
 

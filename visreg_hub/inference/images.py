@@ -413,12 +413,13 @@ def _whole(values: np.ndarray) -> bool:
 def _high_depth_to_uint8(values: np.ndarray, mode: str, label: str) -> np.ndarray:
     """(H, W) 16/32-bit integer or float pixel values -> (H, W) uint8 levels.
 
-    Float (F) images: [0, 1] is scaled by 255; data that overshoots 1 a little (a resampling filter's
-    ringing, HDR highlights; under 2 and not whole numbers) is clipped at 1 first, never read as near-black
-    levels; other values within [0, 255] are 8-bit levels (``L.convert("F")``, and the same image resized
-    or blurred, which leaves fractions), kept as Pillow's own ``convert("RGB")`` (timm's loader) keeps
-    them. Integer (I) images within [0, 255] are 8-bit levels too; up to 65535, 16-bit data scaled by
-    1/257. Anything else is stretched from its minimum to its maximum.
+    Float (F) images: [0, 1] is scaled by 255; [0, 1] data that overshoots (not whole numbers, and either
+    all under 2, a resampling filter's ringing, or at most 1 % of the pixels over 1, highlights) is
+    clipped at 1 first, never read as near-black levels; other values within [0, 255] are 8-bit levels
+    (``L.convert("F")``, and the same image resized or blurred, which leaves fractions), kept as Pillow's
+    own ``convert("RGB")`` (timm's loader) keeps them. Integer (I) images within [0, 255] are 8-bit
+    levels too; up to 65535, 16-bit data scaled by 1/257. Anything else is stretched from its minimum to
+    its maximum.
     """
     values = values.astype(np.float64)
     if not np.isfinite(values).all():
@@ -426,7 +427,7 @@ def _high_depth_to_uint8(values: np.ndarray, mode: str, label: str) -> np.ndarra
     low, high = float(values.min()), float(values.max())
     if mode == "F" and low >= 0.0 and high <= 1.0:
         scaled = values * 255.0
-    elif mode == "F" and low >= 0.0 and high < 2.0 and not _whole(values):
+    elif mode == "F" and low >= 0.0 and not _whole(values) and (high < 2.0 or (values > 1.0).mean() <= 0.01):
         scaled = np.minimum(values, 1.0) * 255.0
     elif mode in ("I", "F") and low >= 0.0 and high <= 255.0:
         # 8-bit data in a 32-bit container (an 8-bit TIFF written as int32 or float); 16-bit files open as

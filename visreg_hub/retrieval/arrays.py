@@ -11,13 +11,14 @@ from visreg_hub.errors import UserInputError
 _NORMALIZE_BLOCK = 8192  # rows per float64 block of l2_normalize
 
 
-def as_float32_matrix(array: Any, *, name: str, dim: int | None = None) -> np.ndarray:
+def as_float32_matrix(array: Any, *, name: str, dim: int | None = None, first_row: int = 0) -> np.ndarray:
     """Validate user vectors and return a C-contiguous float32 (N, D) array.
 
     Args:
         array: (N, D) or (D,) floating array; a numpy array, a torch tensor or a nested list.
         name: the argument name used in error messages.
         dim: expected D, or None to accept any.
+        first_row: the number of ``array``'s first row in messages (a block read from a larger file).
 
     Raises:
         ValueError: non-floating dtype, wrong rank, wrong dimension, or NaN/inf values.
@@ -51,7 +52,7 @@ def as_float32_matrix(array: Any, *, name: str, dim: int | None = None) -> np.nd
         with np.errstate(invalid="ignore"):
             too_big = np.isfinite(array) & (np.abs(array) > np.finfo(np.float32).max)
         if too_big.any():
-            row = int(np.flatnonzero(too_big.any(axis=1))[0])
+            row = first_row + int(np.flatnonzero(too_big.any(axis=1))[0])
             raise UserInputError(
                 f"{name} has values beyond float32's range (|x| > 3.4e38), first at row {row}; "
                 f"the index stores float32: rescale those rows (e.g. normalise them)"
@@ -61,10 +62,10 @@ def as_float32_matrix(array: Any, *, name: str, dim: int | None = None) -> np.nd
     if not finite.all():
         bad = np.flatnonzero(~finite)
         raise UserInputError(
-            f"{name} contains NaN or infinite values in {bad.size} row(s), first at row {int(bad[0])}; "
-            f"drop or re-encode those rows"
+            f"{name} contains NaN or infinite values in {bad.size} row(s), first at row "
+            f"{first_row + int(bad[0])}; drop or re-encode those rows"
         )
-    _check_norms(array, name)
+    _check_norms(array, name, first_row)
     return array
 
 
@@ -73,13 +74,13 @@ def as_float32_matrix(array: Any, *, name: str, dim: int | None = None) -> np.nd
 MAX_SQUARED_NORM = float(np.finfo(np.float32).max) / 4
 
 
-def _check_norms(array: np.ndarray, name: str) -> None:
+def _check_norms(array: np.ndarray, name: str, first_row: int = 0) -> None:
     """Refuse (N, D) rows too long for finite float32 scores (norm over about 9.2e18), a block at a time."""
     for start in range(0, array.shape[0], 65536):
         block = array[start : start + 65536].astype(np.float64)
         squared = np.einsum("ij,ij->i", block, block)
         if (squared > MAX_SQUARED_NORM).any():
-            row = start + int(np.flatnonzero(squared > MAX_SQUARED_NORM)[0])
+            row = first_row + start + int(np.flatnonzero(squared > MAX_SQUARED_NORM)[0])
             raise UserInputError(
                 f"{name} has a row of norm {np.sqrt(squared.max()):.3g} (first at row {row}), too long for "
                 f"finite float32 distances (at most {np.sqrt(MAX_SQUARED_NORM):.3g}); rescale those rows "

@@ -445,7 +445,8 @@ def iter_batches(sources: EmbeddingSources) -> Iterator[tuple[np.ndarray, list[d
             array = _open_npy(path)
             metadata = _npy_metadata(path, array.shape[0], sources.names)
             for start in range(0, array.shape[0], BATCH_ROWS):
-                block = as_float32_matrix(np.asarray(array[start : start + BATCH_ROWS]), name=str(path))
+                rows = np.asarray(array[start : start + BATCH_ROWS])
+                block = as_float32_matrix(rows, name=str(path), first_row=start)
                 yield block, metadata[start : start + BATCH_ROWS]
             continue
         _, pq = _pyarrow("reading .parquet")
@@ -465,7 +466,7 @@ def _parquet_batches(
         values = column.flatten().to_numpy(zero_copy_only=False)
         if values.size != len(column) * sources.dim:  # a list<float> file changed since it was measured
             raise EmbeddingSourceError(f"{path}: rows are not all {sources.dim} wide; it changed while read")
-        block = as_float32_matrix(values.reshape(len(column), sources.dim), name=str(path))
+        block = as_float32_matrix(values.reshape(len(column), sources.dim), name=str(path), first_row=row)
         fields = {name: batch.column(name).to_pylist() for name in wanted if name != "embedding"}
         names = None
         if sources.names is not None:  # names from --paths replace the shards' own

@@ -125,9 +125,10 @@ class DurableIndex:
             try:
                 self._apply(record, replay=True)
             except ValueError as exc:
-                # an add the index refuses was never acknowledged (it is applied before the answer);
-                # such a record can only come from an older version that logged before validating
-                logger.error("%s: skipping log record %d, which the index refuses: %s", log_path, number, exc)
+                # such a record comes from an older version, which logged before validating or validated
+                # less (vectors too long for finite scores were acknowledged before 0.2.1): keep every
+                # row the index takes, drop only the refused ones
+                self._replay_row_by_row(record, f"{log_path}: log record {number}", exc)
         self._log = LogWriter(log_path, valid)
         self._log.records = len(records)
         logger.info(
@@ -206,6 +207,20 @@ class DurableIndex:
             if present:
                 self.index.remove(np.asarray(present, dtype=np.int64))
                 self._ids.difference_update(present)
+
+    def _replay_row_by_row(self, record: LogRecord, where: str, error: ValueError) -> None:
+        """Apply the rows of a logged add one at a time, logging the ids the index refuses."""
+        if record.op != "add" or len(record.ids) < 2:
+            logger.error("%s is skipped, the index refuses it: %s", where, error)
+            return
+        metadata = record.metadata or [None] * len(record.ids)
+        for row, item_id in enumerate(record.ids.tolist()):
+            rows = slice(row, row + 1)
+            single = LogRecord("add", record.ids[rows], record.vectors[rows], [metadata[row]])
+            try:
+                self._apply(single, replay=True)
+            except ValueError as exc:
+                logger.error("%s: item %d is skipped, the index refuses it: %s", where, item_id, exc)
 
     def add(self, vectors: np.ndarray, metadata: list | None = None, ids: Any = None) -> np.ndarray:
         """Durably add (n, D) vectors; returns their int64 ids once the log record is fsynced.
