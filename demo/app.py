@@ -164,16 +164,28 @@ def build_app(service: DemoService, *, top_k: int = 8) -> gr.Blocks:
     gallery_keys = {choice.key for choice in service.gallery_choices}
     bundled_keys = {bundled.key for bundled in BUNDLED_SETS}
 
+    def status(model_key: str, gallery_key: str) -> str:
+        """The status line of a model and gallery, or what keeps them from being used.
+
+        why not an error: a raised one leaves every output as it was, so the results of the previous
+        gallery stayed on the page under the name of the one that failed to load.
+        """
+        try:
+            return service.describe(model_key, gallery_key)
+        except VisregHubError as exc:
+            logger.warning("cannot use model %r with gallery %r: %s", model_key, gallery_key, exc)
+            return f"**Cannot search this gallery:** {html.escape(str(exc))}"
+
     @user_errors
     def switch_model(model_key: str, gallery_key: str):
         """A new model: its bundled gallery when the gallery shown is another bundled one; old outputs go."""
         if model_key in bundled_keys & gallery_keys and gallery_key in bundled_keys:
             gallery_key = model_key
-        return (gallery_key, service.describe(model_key, gallery_key), *RETRIEVAL_CLEARED, *FEATURES_CLEARED)
+        return (gallery_key, status(model_key, gallery_key), *RETRIEVAL_CLEARED, *FEATURES_CLEARED)
 
     @user_errors
     def switch_gallery(model_key: str, gallery_key: str):
-        return (service.describe(model_key, gallery_key), *RETRIEVAL_CLEARED)
+        return (status(model_key, gallery_key), *RETRIEVAL_CLEARED)
 
     @user_errors
     def extract(model_key: str, path: str | None, pooling: str, normalize: bool):

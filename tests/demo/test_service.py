@@ -138,6 +138,27 @@ def test_an_empty_or_unreadable_gallery_is_a_message_for_the_user(demo_model_dir
         demo.get_index(None, demo.gallery_choices[2].key)
 
 
+def test_switching_to_a_gallery_that_cannot_be_used_clears_the_results_and_says_why(
+    demo_model_dir, gallery, tmp_path
+):
+    """Probe 20: the page's gallery switch raised when the gallery failed to load, which left every output
+    as it was: the previous gallery's results stayed under the failed one's name. The page's own event
+    function now clears them and puts the reason in the status line."""
+    from demo.app import build_app
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    demo = DemoService([str(demo_model_dir)], [gallery, broken], cache_dir=tmp_path / "cache",
+                       download_dir=tmp_path / "downloads")  # fmt: skip
+    page = build_app(demo)
+    switch = next(f.fn for f in page.fns.values() if f.name == "switch_gallery")
+    info, *cleared = switch(demo.default_model, demo.gallery_choices[1].key)
+    assert info.startswith("**Cannot search this gallery:**") and "could be decoded" in info
+    assert cleared == [None, None, []]  # results, scores, hit paths
+    assert "Cannot" not in switch(demo.default_model, demo.gallery_choices[0].key)[0]
+
+
 def test_corrupt_cache_entry_is_rebuilt(demo_model_dir, gallery, tmp_path, caplog):
     built = make_service(demo_model_dir, gallery, tmp_path).get_index()
     (built.folder / "ids.npy").write_bytes(b"tampered")
