@@ -47,7 +47,7 @@ from typing import Any
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no phoning home
 
 from demo.cache import scan_gallery
-from demo.menus import BUNDLED_SETS
+from demo.menus import BUNDLED_SETS, example_set
 from demo.server import combined_app, mount_ui
 from demo.service import MAX_K, DemoService, UserInputError
 from demo.uploads import DEMO_MAX_PIXELS
@@ -207,8 +207,16 @@ def build_app(service: DemoService, *, top_k: int = 8) -> gr.Blocks:
         return chosen(paths or [], evt.index, "result")
 
     @user_errors
-    def pick_example(evt: gr.SelectData) -> str:
-        return chosen(examples, evt.index, "example")[0]
+    def pick_example(gallery_key: str, evt: gr.SelectData) -> str:
+        """The clicked example becomes the query; a note when it belongs to another bundled set than the
+        gallery shown (a garment searched among photos finds clipart at cosine 0.98, which means nothing)."""
+        path = chosen(examples, evt.index, "example")[0]
+        own = example_set(Path(path))
+        if own is not None and own.key in gallery_keys and gallery_key in bundled_keys - {own.key}:
+            label = next(c.label for c in service.gallery_choices if c.key == own.key)
+            gr.Warning(f"This example comes with the {html.escape(label)} set; choose that set in the menus "
+                       "to search it among its own kind (it is searched in the gallery shown).")  # fmt: skip
+        return path
 
     with gr.Blocks(title="visreg_hub demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(INTRO)
@@ -299,7 +307,7 @@ def build_app(service: DemoService, *, top_k: int = 8) -> gr.Blocks:
         query.change(preview, query, query_view, **private)
         work = [search_button.click(**search_io, api_name="search")]
         # picking an example or a result makes it the query and searches from it
-        for picked in (example_gallery.select(pick_example, None, query, **private),
+        for picked in (example_gallery.select(pick_example, gallery, query, **private),
                        results.select(pick, hit_paths, query, **private)):  # fmt: skip
             work += [picked, picked.success(**search_io, **private)]
         work.append(extract_button.click(extract, [model, query, pooling, normalize], feature_outputs,

@@ -149,6 +149,14 @@ def example_files() -> list[Path]:
     ]
 
 
+def example_set(path: Path) -> BundledSet | None:
+    """The bundled set whose example queries hold ``path`` (None for any other file)."""
+    for bundled in BUNDLED_SETS:
+        if path.parent.resolve() == bundled.examples.resolve():
+            return bundled
+    return None
+
+
 def find_choice(choices: Sequence[Choice], key: str, what: str) -> Choice:
     """The choice with ``key``; a :class:`UserInputError` listing the known keys otherwise."""
     for choice in choices:

@@ -159,6 +159,33 @@ def test_switching_to_a_gallery_that_cannot_be_used_clears_the_results_and_says_
     assert "Cannot" not in switch(demo.default_model, demo.gallery_choices[0].key)[0]
 
 
+def test_an_example_of_another_bundled_set_than_the_gallery_shown_gets_a_note(tmp_path):
+    """Probe 20: the examples of both bundled sets share one list, and a click searched the gallery shown
+    (a garment among photos finds clipart at 0.98) without a word."""
+    import warnings
+
+    import gradio as gr
+
+    from demo.app import build_app
+
+    demo = DemoService(cache_dir=tmp_path / "cache", download_dir=tmp_path / "downloads")  # both bundled sets
+    switch = next(f.fn for f in build_app(demo).fns.values() if f.name == "pick_example")
+    photos, garments = (b.key for b in menus.BUNDLED_SETS)
+    examples = demo.examples()
+    garment = next(i for i, p in enumerate(examples) if menus.example_set(p).key == garments)
+    photo = next(i for i, p in enumerate(examples) if menus.example_set(p).key == photos)
+
+    def click(gallery_key, index):
+        return switch(gallery_key, gr.SelectData(None, {"index": index, "value": None}))
+
+    with pytest.warns(UserWarning, match=r"This example comes with the .*Fashion-MNIST.* set"):
+        assert click(photos, garment) == str(examples[garment])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its own set: no note
+        assert click(photos, photo) == str(examples[photo])
+        assert click(garments, garment) == str(examples[garment])
+
+
 def test_corrupt_cache_entry_is_rebuilt(demo_model_dir, gallery, tmp_path, caplog):
     built = make_service(demo_model_dir, gallery, tmp_path).get_index()
     (built.folder / "ids.npy").write_bytes(b"tampered")
