@@ -416,8 +416,10 @@ def _serve(args: argparse.Namespace, sockets: list) -> int:
     try:
         # uvicorn handles SIGTERM/SIGINT (closing Gradio first ends the event streams browser tabs hold
         # open), then re-raises it: _stop_on_sigterm turns that into KeyboardInterrupt, caught below
-        # requests in flight get request_timeout_s + 5 s, as under `visreg-hub serve`
-        run_app(app, args.host, args.port, log_level="warning",
+        # requests in flight get request_timeout_s + 5 s, as under `visreg-hub serve`, and at least the
+        # 15 s Gradio's own connections (event streams, queue joins) take to wind down
+        grace = max(15.0, args.request_timeout_s + 5.0)
+        run_app(app, args.host, args.port, log_level="warning", graceful_s=grace,
                 before_shutdown=functools.partial(demo.close, verbose=False), sockets=sockets)  # fmt: skip
     except KeyboardInterrupt:
         logger.info("stopped")

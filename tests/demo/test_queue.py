@@ -98,7 +98,7 @@ def test_a_click_index_the_page_never_sends_is_refused_with_a_message(page):
     for index in (2, -1, "0", None, [0]):  # 2 results were shown: valid indices are 0 and 1
         refused = page.fire("pick", [None], event_data={"index": index, "value": None})
         assert refused["success"] is False and "no result number" in str(refused["output"]), refused
-    refused = page.fire("pick_example", [], event_data={"index": 10_000, "value": None})
+    refused = page.fire("pick_example", [gallery], event_data={"index": 10_000, "value": None})
     assert refused["success"] is False and "no example number" in str(refused["output"]), refused
     # the session is unharmed: a valid click still picks the second result
     picked = page.fire("pick", [None], event_data={"index": 1, "value": None})
