@@ -8,7 +8,7 @@ import numpy as np
 
 from visreg_hub.errors import UserInputError
 
-_NORMALIZE_BLOCK = 8192  # rows per float64 block of l2_normalize
+_FLOAT64_BLOCK = 8192  # rows per float64 block (l2_normalize, the norm check): about one float32 copy
 
 
 def as_float32_matrix(array: Any, *, name: str, dim: int | None = None, first_row: int = 0) -> np.ndarray:
@@ -76,8 +76,8 @@ MAX_SQUARED_NORM = float(np.finfo(np.float32).max) / 4
 
 def _check_norms(array: np.ndarray, name: str, first_row: int = 0) -> None:
     """Refuse (N, D) rows too long for finite float32 scores (norm over about 9.2e18), a block at a time."""
-    for start in range(0, array.shape[0], 65536):
-        block = array[start : start + 65536].astype(np.float64)
+    for start in range(0, array.shape[0], _FLOAT64_BLOCK):
+        block = array[start : start + _FLOAT64_BLOCK].astype(np.float64)
         squared = np.einsum("ij,ij->i", block, block)
         if (squared > MAX_SQUARED_NORM).any():
             row = first_row + start + int(np.flatnonzero(squared > MAX_SQUARED_NORM)[0])
@@ -99,13 +99,13 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
         ValueError: a row is all zeros (the message names the first).
     """
     out = np.empty(x.shape, dtype=np.float32)
-    for start in range(0, x.shape[0], _NORMALIZE_BLOCK):
-        block = x[start : start + _NORMALIZE_BLOCK].astype(np.float64)
+    for start in range(0, x.shape[0], _FLOAT64_BLOCK):
+        block = x[start : start + _FLOAT64_BLOCK].astype(np.float64)
         norms = np.linalg.norm(block, axis=1, keepdims=True)
         if (norms == 0).any():
             row = start + int(np.flatnonzero(norms[:, 0] == 0)[0])
             raise UserInputError(
                 f"cannot L2-normalise a zero vector (row {row}); remove it or use normalize=False"
             )
-        out[start : start + _NORMALIZE_BLOCK] = block / norms
+        out[start : start + _FLOAT64_BLOCK] = block / norms
     return out
