@@ -36,6 +36,49 @@ def test_import_is_lazy_and_star_import_gives_the_list():
     assert sorted(k for k in namespace if k != "__builtins__") == sorted(visreg_hub.__all__)
 
 
+_HEAVY = ("torch", "timm", "onnxruntime")
+_CHECK_LIGHT = f"""
+import sys
+from visreg_hub.cli import main
+code = main(sys.argv[1:])
+heavy = [name for name in {_HEAVY!r} if name in sys.modules]
+assert not heavy, f"visreg-hub {{' '.join(sys.argv[1:])}} imported {{heavy}}"
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [
+        (["list"], 0),
+        (["list", "--json"], 0),
+        (["embed", "--help"], 0),
+        (["serve", "--help"], 0),
+        (["export", "onnx", "--help"], 0),
+        (["index", "build", "--help"], 0),
+        (["--version"], 0),
+        (["embed"], 2),
+    ],
+)
+def test_listing_help_and_usage_errors_answer_without_torch(argv, code):
+    """`visreg-hub list` and every --help took 3-7 s on a 2-core CPU: the hub and models packages imported
+    torch and timm to read the registry. Only the commands that run a model may import them."""
+    result = subprocess.run([sys.executable, "-c", _CHECK_LIGHT, *argv], capture_output=True, text=True)
+    assert result.returncode == code, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("package", ["visreg_hub.hub", "visreg_hub.models", "visreg_hub.serving"])
+def test_subpackages_export_lazily_and_list_their_public_names(package):
+    import importlib
+
+    module = importlib.import_module(package)
+    names = [name for name in module.__all__]
+    assert names and all(getattr(module, name) is not None for name in names)
+    assert {name for name in dir(module) if not name.startswith("__")} == set(names)
+    with pytest.raises(AttributeError, match=f"module {package!r} has no attribute 'nope'"):
+        module.nope  # noqa: B018
+
+
 def test_package_docstring_names_a_registry_model():
     names = re.findall(r'from_pretrained\("([^"]+)"\)', visreg_hub.__doc__)
     assert names, "the package docstring should show from_pretrained"

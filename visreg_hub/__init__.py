@@ -12,7 +12,7 @@ Names are imported lazily so that ``import visreg_hub`` stays fast and optional 
 
 from __future__ import annotations
 
-import importlib
+from visreg_hub._lazy import lazy_exports
 
 __version__ = "0.2.1"
 
@@ -34,14 +34,4 @@ _PUBLIC = {
 __all__ = ["__version__", *_PUBLIC]
 
 
-def __getattr__(name: str):
-    module_name = _PUBLIC.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'visreg_hub' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value  # cache: __getattr__ runs once per name
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({name for name in globals() if name.startswith("__")} | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC)

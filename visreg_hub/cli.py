@@ -309,7 +309,7 @@ def _silence_stdout() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run ``visreg-hub`` with ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
     try:
-        parser = build_parser()  # imports torch and timm (seconds): Ctrl-C here is an interrupt too
+        parser = build_parser()  # Ctrl-C here is an interrupt too
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)

@@ -97,14 +97,11 @@ def _warn_ignored(args: argparse.Namespace) -> None:
 
 def _embed_single_file(args: argparse.Namespace) -> int:
     """All embeddings in memory, one .npy/.parquet file + its sidecar (for small sets)."""
-    from visreg_hub.bulk.listing import check_no_overlap
     from visreg_hub.durable import check_writable
     from visreg_hub.errors import ImageDecodeError
-    from visreg_hub.hub.format import weights_digest
-    from visreg_hub.inference import encode
     from visreg_hub.retrieval.files import check_suffix, sidecar_path, write_embeddings
 
-    out = check_suffix(args.output, "output")  # fail before the slow part
+    out = check_suffix(args.output, "output")  # fail before the slow part (and before torch is imported)
     _refuse_existing(out, sidecar_path(out), overwrite=args.overwrite)
     check_writable(out)
     listings = [i for i in args.inputs if Path(i).suffix.lower() in (".txt", ".tar") and Path(i).is_file()]
@@ -117,8 +114,13 @@ def _embed_single_file(args: argparse.Namespace) -> int:
             f"`visreg-hub index build` reads it"
         )
     on_error = args.on_error or "raise"
+    from visreg_hub.bulk.listing import check_no_overlap  # imports torch: after the checks above
+
     check_no_overlap(args.inputs, [os.path.abspath(Path(i).expanduser()) for i in args.inputs])
     paths = expand_image_inputs(args.inputs, keep_missing=on_error == "skip")  # skip: a failure each
+    from visreg_hub.hub.format import weights_digest  # timm: seconds, after every check above
+    from visreg_hub.inference import encode
+
     model = load_model(args.model, args.device)
     pooling = args.pooling if args.pooling is not None else model.config.pooling
     try:

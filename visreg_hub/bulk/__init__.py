@@ -9,6 +9,14 @@ shards across processes and machines; ``engine="ray"`` runs it as a Ray Data job
 ``visreg-hub embed INPUTS... -o OUTDIR``.
 """
 
-from visreg_hub.bulk.runner import EmbedSummary, embed_dataset, run_embedding
+from __future__ import annotations
 
-__all__ = ["EmbedSummary", "embed_dataset", "run_embedding"]
+from visreg_hub._lazy import lazy_exports
+
+_EXPORTS = {
+    "EmbedSummary": "visreg_hub.bulk.runner",
+    "embed_dataset": "visreg_hub.bulk.runner",
+    "run_embedding": "visreg_hub.bulk.runner",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

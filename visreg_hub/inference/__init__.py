@@ -13,30 +13,29 @@ with ``from_pretrained(name, backend="onnx")``). ONNX export and the ONNX Runtim
 :mod:`visreg_hub.inference.onnx` (imported on demand, it needs the ``onnx`` extra).
 """
 
-from visreg_hub.inference.backends import Backend, TorchBackend, backend_for, set_backend
-from visreg_hub.inference.embedder import encode, extract_patch_features, patch_pca_rgb
-from visreg_hub.inference.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageSource, decode_image
-from visreg_hub.inference.inputs import expand_inputs, list_image_files
-from visreg_hub.inference.pipeline import BatchEmbeddings, EmbeddingPipeline, EncodeFailure, EncodeResult
-from visreg_hub.inference.preprocess import Preprocessor
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_MAX_PIXELS",
-    "IMAGE_EXTENSIONS",
-    "Backend",
-    "BatchEmbeddings",
-    "EmbeddingPipeline",
-    "EncodeFailure",
-    "EncodeResult",
-    "ImageSource",
-    "Preprocessor",
-    "TorchBackend",
-    "backend_for",
-    "decode_image",
-    "encode",
-    "expand_inputs",
-    "extract_patch_features",
-    "list_image_files",
-    "patch_pca_rgb",
-    "set_backend",
-]
+from visreg_hub._lazy import lazy_exports
+
+_EXPORTS = {
+    "Backend": "visreg_hub.inference.backends",
+    "TorchBackend": "visreg_hub.inference.backends",
+    "backend_for": "visreg_hub.inference.backends",
+    "set_backend": "visreg_hub.inference.backends",
+    "encode": "visreg_hub.inference.embedder",
+    "extract_patch_features": "visreg_hub.inference.embedder",
+    "patch_pca_rgb": "visreg_hub.inference.embedder",
+    "DEFAULT_MAX_PIXELS": "visreg_hub.inference.images",
+    "IMAGE_EXTENSIONS": "visreg_hub.inference.images",
+    "ImageSource": "visreg_hub.inference.images",
+    "decode_image": "visreg_hub.inference.images",
+    "expand_inputs": "visreg_hub.inference.inputs",
+    "list_image_files": "visreg_hub.inference.inputs",
+    "BatchEmbeddings": "visreg_hub.inference.pipeline",
+    "EmbeddingPipeline": "visreg_hub.inference.pipeline",
+    "EncodeFailure": "visreg_hub.inference.pipeline",
+    "EncodeResult": "visreg_hub.inference.pipeline",
+    "Preprocessor": "visreg_hub.inference.preprocess",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

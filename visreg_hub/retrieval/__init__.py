@@ -6,29 +6,21 @@ package works without it.
 
 from __future__ import annotations
 
-from visreg_hub.retrieval.files import EmbeddingFile, read_embeddings, write_embeddings
-from visreg_hub.retrieval.index import EmbeddingIndex, SearchResult
-from visreg_hub.retrieval.manifest import read_manifest
-from visreg_hub.retrieval.metrics import (
-    LinearProbeResult,
-    knn_accuracy,
-    knn_predict,
-    label_recall_at_k,
-    linear_probe,
-    recall_at_k,
-)
+from visreg_hub._lazy import lazy_exports
 
-__all__ = [
-    "EmbeddingFile",
-    "EmbeddingIndex",
-    "LinearProbeResult",
-    "SearchResult",
-    "knn_accuracy",
-    "knn_predict",
-    "label_recall_at_k",
-    "linear_probe",
-    "read_embeddings",
-    "read_manifest",
-    "recall_at_k",
-    "write_embeddings",
-]
+_EXPORTS = {
+    "EmbeddingFile": "visreg_hub.retrieval.files",
+    "read_embeddings": "visreg_hub.retrieval.files",
+    "write_embeddings": "visreg_hub.retrieval.files",
+    "EmbeddingIndex": "visreg_hub.retrieval.index",
+    "SearchResult": "visreg_hub.retrieval.index",
+    "read_manifest": "visreg_hub.retrieval.manifest",
+    "LinearProbeResult": "visreg_hub.retrieval.metrics",
+    "knn_accuracy": "visreg_hub.retrieval.metrics",
+    "knn_predict": "visreg_hub.retrieval.metrics",
+    "label_recall_at_k": "visreg_hub.retrieval.metrics",
+    "linear_probe": "visreg_hub.retrieval.metrics",
+    "recall_at_k": "visreg_hub.retrieval.metrics",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -10,7 +10,7 @@ only the standard library.
 
 from __future__ import annotations
 
-import importlib
+from visreg_hub._lazy import lazy_exports
 
 _LAZY = {
     "Client": "visreg_hub.serving.client",
@@ -23,10 +23,4 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'visreg_hub.serving' has no attribute {name!r}")
-    return getattr(importlib.import_module(module_name), name)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
