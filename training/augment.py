@@ -12,41 +12,15 @@ saturation, grayscale, blur and solarize are, with the official repository's pro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from training.augment_specs import ColorSpec, ViewSpec
+
 _LUMA = (0.299, 0.587, 0.114)
 
-
-@dataclass(frozen=True)
-class ViewSpec:
-    """How to cut one group of views.
-
-    Attributes:
-        count: number of views in this group.
-        size: output side in pixels (square views).
-        scale: (min, max) fraction of the image area a crop covers, as RandomResizedCrop.
-    """
-
-    count: int
-    size: int
-    scale: tuple[float, float]
-
-
-@dataclass(frozen=True)
-class ColorSpec:
-    """Photometric augmentation probabilities and strengths (defaults: the official repository's)."""
-
-    jitter_prob: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    grayscale_prob: float = 0.2
-    blur_prob: float = 0.5
-    solarize_prob: float = 0.2
-    flip_prob: float = 0.5
+__all__ = ["ColorSpec", "ViewSpec", "color_augment", "multi_crop", "random_resized_crops"]
 
 
 def random_resized_crops(

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from training.augment import ColorSpec
+from training.augment_specs import ColorSpec
 from training.checks import FMNIST_DIR, validate  # noqa: F401  (FMNIST_DIR re-exported)
 from visreg_hub.errors import ConfigError
 from visreg_hub.models.config import IMAGENET_MEAN, IMAGENET_STD
@@ -106,7 +106,7 @@ class AugmentSection:
     local_count: int = 6
     local_size: int = 96
     local_scale: tuple[float, float] = (0.05, 0.3)
-    # flip and photometric: training.augment.ColorSpec holds the defaults (the official repository's)
+    # flip and photometric: training.augment_specs.ColorSpec holds the defaults (the official repository's)
     flip_prob: float = ColorSpec.flip_prob
     jitter_prob: float = ColorSpec.jitter_prob
     brightness: float = ColorSpec.brightness
