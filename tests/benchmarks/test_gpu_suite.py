@@ -59,9 +59,11 @@ def test_dry_run_measures_every_section(tmp_path):
 
 def test_sections_runs_only_the_named_sections(tmp_path, capsys):
     suite = _suite()
-    result = suite.main(["--dry-run", "--out", str(tmp_path / "out"), "--sections", "onnx"])
-    assert {row["section"] for row in result["rows"]} == {"onnx"}
-    assert set(result["seconds"]) == {"onnx", "total"}
+    # the loss section: the cheapest (the onnx section exports a model, 18 s here, and the dry run of
+    # every section above already covers it)
+    result = suite.main(["--dry-run", "--out", str(tmp_path / "out"), "--sections", "loss"])
+    assert {row["section"] for row in result["rows"]} == {"loss"}
+    assert set(result["seconds"]) == {"loss", "total"}
     with pytest.raises(SystemExit):
         suite.main(["--dry-run", "--out", str(tmp_path / "bad"), "--sections", "onnx,speed"])
     assert "--sections: unknown ['speed']" in capsys.readouterr().err

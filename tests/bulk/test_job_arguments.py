@@ -4,6 +4,7 @@ job, and the single-file CLI output refuses what only a shard folder can hold.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -89,7 +90,11 @@ def test_equivalent_dtype_spellings_resume_the_same_job(tmp_path, model):
 
 
 def _cli(*argv):
-    environment = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    # the test run's backend and ONNX cache (tests/conftest.py): an ONNX export per process, into the
+    # user's own ~/.cache, took most of this file's time
+    names = ("VISREG_HUB_BACKEND", "VISREG_HUB_CACHE")
+    inherited = {key: os.environ[key] for key in names if key in os.environ}
+    environment = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", **inherited}
     command = [sys.executable, "-m", "visreg_hub.cli", *map(str, argv)]
     return subprocess.run(command, cwd=ROOT, text=True, capture_output=True, env=environment)
 

@@ -129,8 +129,11 @@ def test_config_architecture_cannot_redirect_timm(folder, no_network, architectu
     assert no_network == []
 
 
-@pytest.mark.parametrize("architecture", ["vit_medium_patch16_gap_256", "vit_base_patch16_siglip_224"])
-def test_an_architecture_without_a_cls_token_is_a_checkpoint_error_even_under_python_O(folder, architecture):
+_NO_CLS_TOKEN = ["vit_medium_patch16_gap_256", "vit_base_patch16_siglip_224"]
+
+
+@pytest.mark.parametrize("architecture", _NO_CLS_TOKEN)
+def test_an_architecture_without_a_cls_token_is_a_checkpoint_error(folder, architecture):
     """timm refuses token pooling without a class token with a bare assert (AssertionError, or nothing
     under -O); the loader must name the file and the fix in its own error type instead."""
     with torch.device("meta"):  # independent reference: timm itself builds it without a CLS token
@@ -142,16 +145,31 @@ def test_an_architecture_without_a_cls_token_is_a_checkpoint_error_even_under_py
     small = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
     with pytest.raises(ConfigError, match="has no CLS token"):  # the same refusal when built directly
         VISRegEncoder(ModelConfig(architecture=architecture, **small))
+
+
+def test_the_cls_token_refusal_holds_under_python_O(tmp_path):
+    """The same refusal with asserts stripped (python -O), for both architectures in one process: an -O
+    start compiles torch and timm without cached bytecode (about 20 s here), so it is paid once."""
+    folders = []
+    for architecture in _NO_CLS_TOKEN:
+        folder = tiny_encoder().save_pretrained(tmp_path / architecture)
+        _edit_config(folder, lambda c, a=architecture: c.__setitem__("architecture", a))
+        folders.append(str(folder))
     script = (
         "import sys\n"
         "from visreg_hub.errors import CheckpointError\n"
         "from visreg_hub.hub import from_pretrained\n"
-        f"try: from_pretrained({str(folder)!r}, backend='torch')\n"
-        "except CheckpointError as exc: print('refused:', exc); sys.exit(0)\n"
-        "sys.exit(1)\n"
+        "assert sys.flags.optimize\n"
+        "for folder in sys.argv[1:]:\n"
+        "    try: from_pretrained(folder, backend='torch')\n"
+        "    except CheckpointError as exc: print('refused:', exc)\n"
+        "    else: sys.exit(f'{folder} loaded')\n"
     )
-    ran = subprocess.run([sys.executable, "-O", "-c", script], capture_output=True, text=True, timeout=120)
-    assert ran.returncode == 0 and "has no CLS token" in ran.stdout, ran.stderr[-2000:]
+    ran = subprocess.run([sys.executable, "-O", "-c", script, *folders], capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    refusals = [line for line in ran.stdout.splitlines() if line.startswith("refused:")]
+    assert len(refusals) == 2 and all("has no CLS token" in line for line in refusals), ran.stdout
 
 
 def _peak_rss_bytes() -> int:
