@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -336,6 +337,18 @@ def epoch_steps(data: TrainData, config: TrainingConfig, world: int, accumulatio
     return steps
 
 
+def leave_stop_signals_to_the_main_process(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a worker ignores SIGTERM.
+
+    why: a scheduler's preemption (SLURM, ``kill -- -PGID``) sends SIGTERM to every process of the job;
+    a worker it killed made the main process fail with "DataLoader worker ... killed by signal" instead
+    of stopping with its "continue with --resume auto" line. The main process stops the workers itself,
+    and a worker whose main process died exits on its own (PyTorch's parent watchdog). SIGINT (Ctrl-C)
+    already leaves workers running: PyTorch's worker loop ignores it.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def train_loader(
     data: TrainData,
     config: TrainingConfig,
@@ -354,6 +367,7 @@ def train_loader(
         # Its own generator: creating the iterator must not consume the global RNG (exact resume).
         generator=torch.Generator().manual_seed(train_cfg.seed),
         prefetch_factor=4 if workers else None,
+        worker_init_fn=leave_stop_signals_to_the_main_process if workers else None,
     )
     if isinstance(data.train, ImageSet):
         sampler = GlobalBatchSampler(

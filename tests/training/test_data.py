@@ -297,3 +297,25 @@ def test_a_long_tail_profile_clipped_by_small_classes_says_so(caplog):
     with caplog.at_level(logging.WARNING, logger="training.data"):
         long_tail_indices(labels, LongTailSection(**{**spec.__dict__, "max_per_class": 40}))
     assert "clipped" not in caplog.text  # a profile the data can supply is silent
+
+
+def test_workers_leave_a_sigterm_to_the_main_process(tmp_path):
+    """A scheduler's preemption signals every process of the job: a loader worker it killed failed the run
+    with "DataLoader worker ... killed by signal" instead of the main process's clean stop."""
+    import os
+    import signal
+
+    import psutil
+
+    from tests.training.helpers import tiny_config
+    from training.data import train_loader
+
+    config = tiny_config(tmp_path, "data.num_workers=1")
+    before = {child.pid for child in psutil.Process().children()}  # servers of other tests may run
+    batches = iter(train_loader(build_data(config), config, rank=0, world=1, accumulation=1, epoch=0))
+    next(batches)  # the worker is up
+    (worker,) = [child for child in psutil.Process().children() if child.pid not in before]
+    os.kill(worker.pid, signal.SIGTERM)
+    assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE
+    for _ in range(3):  # and it still serves the main process
+        next(batches)
