@@ -1,11 +1,13 @@
 """Shared fixtures: real image fixtures, seeded RNGs, a tiny random ViT.
 
-Every test runs on the CPU with few threads so the default suite stays under 10 minutes on 2 cores.
+Every test runs on the CPU with one torch thread, and ``make test`` runs one pytest-xdist worker per core,
+so the default suite keeps both cores of a 2-core machine busy without oversubscribing them.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import random
 import shutil
@@ -30,6 +32,54 @@ os.environ.setdefault("VISREG_HUB_BACKEND", "torch")
 if "VISREG_HUB_CACHE" not in os.environ:
     os.environ["VISREG_HUB_CACHE"] = tempfile.mkdtemp(prefix="visreg-hub-test-cache-")
     atexit.register(shutil.rmtree, os.environ["VISREG_HUB_CACHE"], True)
+
+
+def _utf8_safe(text: str) -> str:
+    """``text`` with lone surrogates (undecodable file-name bytes from os.fsdecode) as ``\\udcxx``."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Captured output that names non-UTF-8 files holds lone surrogates; pytest-xdist must send each report
+    to the controller as UTF-8 (execnet refuses them and the whole run stops), so they are escaped."""
+    outcome = yield
+    report = outcome.get_result()
+    report.sections = [(title, _utf8_safe(content)) for title, content in report.sections]
+
+
+_EXPORTED_GRAPHS: dict[tuple, bytes] = {}
+
+
+@pytest.fixture(scope="session")
+def export_each_graph_once():
+    """Memoise the dynamo export (``export_core``) for the session: one tiny ViT takes ~10 s to export on
+    this CPU, and the ONNX tests export the same weights dozens of times to test what happens around the
+    export (caching, checks, int8, fp16, failures). Keyed on everything the graph depends on (weights,
+    dtypes and shapes through ``weights_digest``, the model config, the export options), and every call
+    gets its own copy, so a test sees exactly the graph a fresh export would give it. Tests that replace
+    ``export_core`` themselves still can (their monkeypatch is undone back to this one)."""
+    import onnx
+    import onnx_ir
+
+    from visreg_hub.hub.format import weights_digest
+    from visreg_hub.inference.onnx import export as export_module
+
+    real_export = export_module.export_core
+
+    def export_core(encoder, **options):
+        config = json.dumps(encoder.config.to_dict(), sort_keys=True)
+        key = (type(encoder).__qualname__, weights_digest(encoder), str(encoder.device), config,
+               tuple(sorted(options.items())))  # fmt: skip
+        if key not in _EXPORTED_GRAPHS:
+            graph = real_export(encoder, **options)
+            _EXPORTED_GRAPHS[key] = onnx_ir.serde.serialize_model(graph).SerializeToString()
+        return onnx_ir.serde.deserialize_model(onnx.ModelProto.FromString(_EXPORTED_GRAPHS[key]))
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(export_module, "export_core", export_core)
+    yield
+    patch.undo()
 
 
 @pytest.fixture(autouse=True)

@@ -21,6 +21,9 @@ from visreg_hub import from_pretrained
 from visreg_hub.errors import CheckpointError
 from visreg_hub.native_io import utf8_path
 
+# the dynamo export of one model runs once per session (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("export_each_graph_once")
+
 
 def _odd(folder: Path, stem: str) -> Path:
     """``folder/stem\\xff``: a name with a byte that is not UTF-8 (skipped where file systems refuse it)."""

@@ -33,6 +33,9 @@ pytest.importorskip("onnxscript")
 from visreg_hub.inference.onnx import backend as onnx_backend  # noqa: E402
 from visreg_hub.inference.onnx import cache  # noqa: E402
 
+# the dynamo export of one model runs once per session (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("export_each_graph_once")
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
@@ -601,6 +604,7 @@ from pathlib import Path
 from tests.fixtures_models import tiny_encoder
 from tests.inference.test_backends import OPTIONS, small_export
 from visreg_hub.inference.onnx import cache
+
 
 root, log = Path(sys.argv[1]), Path(sys.argv[2])
 calls = []

@@ -40,6 +40,9 @@ from visreg_hub.inference.onnx import (  # noqa: E402
 from visreg_hub.inference.onnx.backend import LIVE_BACKENDS, weights_fingerprint  # noqa: E402
 from visreg_hub.inference.onnx.graph import PreprocessingSpec, preprocessing_model  # noqa: E402
 
+# the dynamo export of one model runs once per session (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("export_each_graph_once")
+
 BAKED_SIZE = (48, 40)  # (H, W) of the uint8 input of the baked graph: portrait, not the model size
 
 

@@ -14,6 +14,9 @@ from tests.serving.helpers import ThreadServer, b64, metric_value, png_bytes
 from visreg_hub.serving.config import Limits, ModelSpec, ServeConfig
 from visreg_hub.serving.security import hash_key, load_api_keys
 
+# the dynamo export of one model runs once per session (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("export_each_graph_once")
+
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
