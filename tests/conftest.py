@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import random
 import shutil
@@ -80,6 +81,19 @@ def export_each_graph_once():
     patch.setattr(export_module, "export_core", export_core)
     yield
     patch.undo()
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """The CLI's main() configures the root logger (basicConfig, INFO with --verbose); called in-process, it
+    would change what later tests of the same worker capture, so each test gets the root logger back."""
+    root = logging.getLogger()
+    level, before = root.level, set(root.handlers)
+    yield
+    root.setLevel(level)
+    for handler in list(root.handlers):  # pytest's own capture handlers come and go with each phase
+        if handler not in before and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
 
 
 @pytest.fixture(autouse=True)
