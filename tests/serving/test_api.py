@@ -697,6 +697,26 @@ def test_unknown_http_methods_share_one_metrics_label(server, http):
     assert metric_value(text, "visreg_requests_total", route="/health", method="other", status="405") >= 2
 
 
+def test_head_answers_every_get_route_like_get_with_headers_only(server, http):
+    """HEAD /v1/models was a 405 while GET worked (FastAPI answers only declared methods; /health and /ready
+    had hand-written HEAD routes), and a HEAD on an unknown path was 405, not GET's 404 (RFC 9110 9.3.2:
+    HEAD is GET without the body)."""
+    for path in ("/health", "/ready", "/v1/models", "/v1/models/tiny", "/v1/indexes/items", "/openapi.json",
+                 "/docs", "/metrics", "/nope", "/v1/models/nope"):  # fmt: skip
+        got, head = http.get(path), http.head(path)
+        assert head.status_code == got.status_code, path
+        assert head.content == b"" and got.content, path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+        if path != "/metrics":  # /metrics changes between the two requests (it counts them)
+            assert int(head.headers["content-length"]) == len(got.content), path
+    # POST-only routes keep their 405 and say what is allowed; the connection survives a HEAD's bodiless answer
+    refused = http.head("/v1/embeddings")
+    assert refused.status_code == 405 and refused.headers["allow"] == "POST"
+    assert http.get("/health").json() == {"status": "ok"}
+    text = http.get("/metrics").text  # counted as HEAD, under the route's label
+    assert metric_value(text, "visreg_requests_total", route="/v1/models", method="HEAD", status="200") >= 1
+
+
 @pytest.fixture(scope="module")
 def strict_server(model, tiny_model_dir):
     """A second server: a queue smaller than max_items, a 1 s request timeout, "skip" as its default."""

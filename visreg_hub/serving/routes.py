@@ -1,4 +1,8 @@
-"""HTTP routes, error handlers and middleware of the inference API (see :mod:`visreg_hub.serving.app`)."""
+"""HTTP routes and error handlers of the inference API (see :mod:`visreg_hub.serving.app`).
+
+Request bodies are read by :mod:`visreg_hub.serving.request_body`; middleware lives in
+:mod:`visreg_hub.serving.middleware`.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,6 @@ import base64
 import errno
 import json
 import logging
-import re
-import time
-from dataclasses import dataclass
 from pathlib import Path as FilePath
 from typing import Any
 
@@ -18,29 +19,27 @@ from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
-from starlette.routing import Match
 
-from visreg_hub.errors import shown
 from visreg_hub.retrieval.records import MAX_ID, IdConflictError, metadata_problem
 from visreg_hub.serving import schemas
-from visreg_hub.serving.inputs import InputError, image_bytes
-from visreg_hub.serving.security import BodyLimitMiddleware, key_matches
+from visreg_hub.serving.middleware import install_middleware
+from visreg_hub.serving.request_body import (
+    JSON_CONTENT,
+    MULTIPART,
+    check_count,
+    decode_strings,
+    json_request,
+    parse_embeddings_request,
+)
+from visreg_hub.serving.security import key_matches
 from visreg_hub.serving.service import ApiError, Service
 
 logger = logging.getLogger(__name__)
 
 _ERRORS = {status: {"model": schemas.ErrorResponse} for status in (400, 401, 404, 408, 413, 415, 422, 429)}
 _STORE_ERRORS = {**_ERRORS, 507: {"model": schemas.ErrorResponse}}
-_JSON_CONTENT = "application/json"
-_MULTIPART = "multipart/form-data"
-_FORM_FILE_FIELDS = ("input", "file", "image")
-_FORM_FIELDS = (*_FORM_FILE_FIELDS, "model", "encoding_format", "dimensions", "user", "on_error")
-_MAX_FORM_FIELDS = 16
-# JSON bodies from this size on are parsed in a worker thread, off the event loop (about 1 ms of parsing)
-_INLINE_PARSE_BYTES = 256 * 1024
 
 
 def _storage_error(name: str, exc: OSError) -> ApiError:
@@ -95,106 +94,6 @@ def _install_errors(app: FastAPI) -> None:
         return JSONResponse(body, exc.status_code, headers=exc.headers)
 
 
-class InternalErrorMiddleware:
-    """ASGI middleware: an unexpected exception becomes the JSON 500 here, inside the other middlewares.
-
-    why not ``app.exception_handler(Exception)``: Starlette answers those from its outermost middleware, so
-    the 500 carried no CORS headers (a browser saw an opaque CORS failure, not the error) and bypassed the
-    request metrics. The traceback is logged; the client gets no detail.
-    """
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = False
-
-        async def tracked_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracked_send)
-        except ClientDisconnect:  # the client left mid-body (or its body timed out): nothing went wrong here
-            logger.debug("%s %s: the client disconnected mid-body", scope.get("method"), scope.get("path"))
-        except Exception:
-            logger.exception("unexpected error")
-            if started:  # too late for a clean answer: let the server close the connection
-                raise
-            body = schemas.error_body("internal error; it was logged on the server", "server_error")
-            await JSONResponse(body, 500)(scope, receive, send)
-
-
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-
-
-def _route_of(scope) -> Any:
-    """The route a request is for when a middleware answered it before routing (the body limit's 413),
-    so its metrics carry the route's label and not that of unknown paths; None for an unknown path."""
-    app = scope.get("app")
-    for route in getattr(getattr(app, "router", None), "routes", ()):
-        if route.matches(scope)[0] != Match.NONE:
-            return route
-    return None
-
-
-class MetricsMiddleware:
-    """ASGI middleware: count requests by route template, method and status; observe their latency."""
-
-    def __init__(self, app, metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = time.perf_counter()
-        status = 500
-
-        async def observed_send(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, observed_send)
-        finally:
-            path = getattr(scope.get("route") or _route_of(scope), "path", None) or "unmatched"
-            # any token is a method to uvicorn: a fixed label set, or clients could grow /metrics at will
-            method = scope["method"] if scope["method"] in _METHODS else "other"
-            self.metrics.requests.labels(path, method, str(status)).inc()
-            self.metrics.latency.labels(path).observe(time.perf_counter() - started)
-
-
-def _install_middleware(app: FastAPI, service: Service) -> None:
-    # innermost: unexpected errors become a JSON 500 that metrics count and CORS decorates
-    app.add_middleware(InternalErrorMiddleware)
-    # the body limit holds before anything reads the body; metrics count its refusals too
-    app.add_middleware(
-        BodyLimitMiddleware,
-        limit=service.limits.max_body_bytes,
-        on_refuse=service.metrics.rejected.labels("max_body_bytes").inc,
-        drain_timeout_s=service.limits.request_timeout_s,
-    )
-    app.add_middleware(MetricsMiddleware, metrics=service.metrics)
-    if service.config.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=list(service.config.cors_origins),
-            allow_methods=["GET", "POST", "DELETE"],
-            # any request header: the OpenAI JS SDK sends x-stainless-* on every call, and the origin list
-            # (never "*" with credentials) is what guards the API
-            allow_headers=["*"],
-            expose_headers=["Retry-After"],  # so browser code can honour a 429's back-off
-        )
-
-
 def _auth_dependency(service: Service):
     bearer = HTTPBearer(auto_error=False, description="API key (only when the server has --api-keys)")
 
@@ -242,30 +141,6 @@ def _model_info(runtime) -> schemas.ModelInfo:
     )
 
 
-def _check_count(service: Service, count: int, what: str) -> None:
-    if count > service.limits.max_items:
-        service.metrics.rejected.labels("max_items").inc()
-        raise ApiError(
-            413,
-            f"{count} {what} in one request, above max_items={service.limits.max_items}; split the request",
-            limit="max_items",
-        )
-    if count == 0:
-        raise ApiError(400, f"no {what} in the request; send at least one")
-
-
-def _decode_strings(strings: list[Any]) -> tuple[list[bytes | None], dict[int, str]]:
-    payloads: list[bytes | None] = []
-    errors: dict[int, str] = {}
-    for i, text in enumerate(strings):
-        try:
-            payloads.append(image_bytes(text))
-        except InputError as exc:
-            payloads.append(None)
-            errors[i] = f"input {i}: {exc}"
-    return payloads, errors
-
-
 async def _embed(
     request: Request, service: Service, model: str, payloads: list[bytes | None], errors: dict[int, str]
 ) -> dict[int, np.ndarray]:
@@ -301,166 +176,17 @@ def _vector_array(service: Service, rows: list[list[float]], dim: int) -> np.nda
     return array
 
 
-def _content_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
-
-
-def _refuse_content_type(content_type: str, accepted: str) -> ApiError:
-    return ApiError(415, f"Content-Type {shown(content_type or '(none)')} is not accepted; send {accepted}")
-
-
-async def _receive(request: Request, service: Service, read):
-    """``await read()`` (the body or the form) within ``request_timeout_s``.
-
-    A client that stops sending mid-body gets a 408 instead of holding a connection and a coroutine
-    forever; one that disconnects gets a 400 that nobody reads (counted, not logged as a server error).
-    """
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise ApiError(
-            415, f"Content-Encoding {shown(encoding)} is not supported; send the body uncompressed"
-        )
-    timeout = service.limits.request_timeout_s
-    try:
-        return await asyncio.wait_for(read(), timeout)
-    except TimeoutError:
-        service.metrics.rejected.labels("request_timeout_s").inc()
-        raise ApiError(
-            408,
-            f"the request body did not arrive within request_timeout_s={timeout:g}",
-            limit="request_timeout_s",
-        ) from None
-    except ClientDisconnect:
-        raise ApiError(400, "the client disconnected before the request body arrived") from None
-
-
-async def _validated_off_loop(model: type[BaseModel], body: bytes):
-    """:func:`_validated`, in a worker thread when the body is large.
-
-    why: parsing tens of MB of JSON numbers takes seconds; on the event loop it stalls every other request,
-    ``/health`` included (a liveness probe would restart the server).
-    """
-    if len(body) < _INLINE_PARSE_BYTES:
-        return _validated(model, body)
-    return await asyncio.to_thread(_validated, model, body)
-
-
-def _validated(model: type[BaseModel], body: bytes):
-    """JSON bytes -> a ``model`` instance: 400 for bad JSON, 422 (field by field) for a wrong shape."""
-    try:
-        data = json.loads(body)
-    except UnicodeDecodeError:
-        raise ApiError(400, "request body is not UTF-8; JSON is sent as UTF-8 (RFC 8259)") from None
-    except RecursionError:
-        raise ApiError(400, "request body is nested too deeply to parse as JSON; flatten it") from None
-    except ValueError as exc:
-        raise ApiError(400, f"request body is not valid JSON ({type(exc).__name__})") from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from None
-    except RecursionError:
-        raise ApiError(400, "request body is nested too deeply") from None
-
-
-async def _json_request(request: Request, service: Service, model: type[BaseModel]):
-    """The JSON body of a request as ``model`` (415 for any other Content-Type)."""
-    content_type = _content_type(request)
-    if content_type != _JSON_CONTENT:
-        raise _refuse_content_type(content_type, "application/json")
-    return await _validated_off_loop(model, await _receive(request, service, request.body))
-
-
-@dataclass
-class _EmbedJob:
-    """An embeddings request, from a JSON body or a multipart form.
-
-    ``payloads``: the encoded images by input index (None where the input was refused already, with its
-    message in ``errors``)."""
-
-    model: str | None
-    encoding_format: str
-    dimensions: int | None
-    on_error: str
-    payloads: list[bytes | None]
-    errors: dict[int, str]
-
-
-async def _parse_embeddings_request(request: Request, service: Service) -> _EmbedJob:
-    """The request's images and options, from a JSON body or ``multipart/form-data`` uploads."""
-    content_type = _content_type(request)
-    if content_type == _JSON_CONTENT:
-        body = await _receive(request, service, request.body)
-        parsed = await _validated_off_loop(schemas.EmbeddingsRequest, body)
-        inputs = [parsed.input] if isinstance(parsed.input, str) else parsed.input
-        _check_count(service, len(inputs), "inputs")
-        payloads, errors = _decode_strings(inputs)
-        on_error = parsed.on_error or service.config.on_error
-        encoding = parsed.encoding_format or "float"
-        return _EmbedJob(parsed.model, encoding, parsed.dimensions, on_error, payloads, errors)
-    if content_type != _MULTIPART:
-        raise _refuse_content_type(content_type, "application/json or multipart/form-data")
-    limits = service.limits
-
-    async def read_form():
-        # one file over max_items lets the count below answer with max_items' own 413
-        return await request.form(
-            max_files=limits.max_items + 1, max_fields=_MAX_FORM_FIELDS, max_part_size=limits.max_body_bytes
-        )
-
-    try:
-        form = await _receive(request, service, read_form)
-    except HTTPException as exc:  # Starlette's 400 for a form over max_files / max_fields
-        if "Too many files" in str(exc.detail):
-            _check_count(service, limits.max_items + 1, "images")
-        if "Too many fields" in str(exc.detail):
-            raise ApiError(
-                422, f"more than {_MAX_FORM_FIELDS} form fields; send {list(_FORM_FIELDS)}"
-            ) from None
-        raise
-    pairs = form.multi_items()
-    files = [value for key, value in pairs if key in _FORM_FILE_FIELDS and hasattr(value, "read")]
-    texts = sorted({key for key, value in pairs if key in _FORM_FILE_FIELDS and isinstance(value, str)})
-    if texts:
-        raise ApiError(
-            422, f"form field {texts[0]!r} holds text, not a file: send each image as a file part "
-            f"(curl -F {texts[0]}=@photo.jpg), or base64 strings in a JSON body"
-        )  # fmt: skip
-    unknown = sorted({key for key in form if key not in _FORM_FIELDS})
-    if unknown:
-        raise ApiError(422, f"unknown form fields {shown(unknown)}; send images as 'input' file fields")
-    model = form.get("model")
-    encoding = form.get("encoding_format") or "float"
-    on_error = form.get("on_error") or service.config.on_error
-    if encoding not in ("float", "base64") or (model is not None and not isinstance(model, str)):
-        field = "encoding_format" if encoding not in ("float", "base64") else "model"
-        raise ApiError(422, "encoding_format must be 'float' or 'base64' and model a name", param=field)
-    if on_error not in ("skip", "raise"):
-        raise ApiError(422, f"on_error must be 'skip' or 'raise', got {shown(on_error)}", param="on_error")
-    dimensions = form.get("dimensions")
-    if dimensions is not None:
-        # ASCII digits only and a bounded length: str.isdigit() admits "²", which int() refuses
-        digits = isinstance(dimensions, str) and re.fullmatch(r"[0-9]{1,9}", dimensions)
-        if not (digits and int(dimensions) >= 1):
-            raise ApiError(
-                422, f"dimensions must be a positive integer, got {shown(dimensions)}", param="dimensions"
-            )
-        dimensions = int(dimensions)
-    _check_count(service, len(files), "images")
-    return _EmbedJob(model, encoding, dimensions, on_error, [await f.read() for f in files], {})
-
-
 def _json_body(model: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI ``requestBody`` of a route that reads ``model`` from the raw request itself."""
     return {
-        "requestBody": {"required": True, "content": {_JSON_CONTENT: {"schema": model.model_json_schema()}}}
+        "requestBody": {"required": True, "content": {JSON_CONTENT: {"schema": model.model_json_schema()}}}
     }
 
 
 def install(app: FastAPI, service: Service) -> None:
     """Add every route, handler and middleware of the API to ``app``."""
     _install_errors(app)
-    _install_middleware(app, service)
+    install_middleware(app, service)
     auth = [Depends(_auth_dependency(service))]
     _install_service_routes(app, service, auth)
     _install_model_routes(app, service, auth)
@@ -474,14 +200,7 @@ def _install_service_routes(app: FastAPI, service: Service, auth: list) -> None:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    # load balancers probe with HEAD; separate routes keep one OpenAPI operation per path
-    @app.head("/health", include_in_schema=False)
-    async def health_head() -> Response:
-        return Response(status_code=200)
-
-    @app.head("/ready", include_in_schema=False)
-    async def ready_head() -> Response:
-        return Response(status_code=200 if service.ready else 503)
+    # HEAD (load balancers' probes) is answered as GET by middleware.HeadAsGetMiddleware
 
     @app.get(
         "/ready",
@@ -528,8 +247,8 @@ def _install_model_routes(app: FastAPI, service: Service, auth: list) -> None:
         "requestBody": {
             "required": True,
             "content": {
-                _JSON_CONTENT: {"schema": schemas.EmbeddingsRequest.model_json_schema()},
-                _MULTIPART: {
+                JSON_CONTENT: {"schema": schemas.EmbeddingsRequest.model_json_schema()},
+                MULTIPART: {
                     "schema": {
                         "type": "object",
                         "properties": {
@@ -557,7 +276,7 @@ def _install_model_routes(app: FastAPI, service: Service, auth: list) -> None:
         summary="embed images (OpenAI-embeddings shaped; JSON base64 or multipart uploads)",
     )
     async def embeddings(request: Request) -> schemas.EmbeddingsResponse:
-        job = await _parse_embeddings_request(request, service)
+        job = await parse_embeddings_request(request, service)
         runtime = service.runtime(job.model)
         dimensions, errors = job.dimensions, job.errors
         if dimensions is not None and dimensions > runtime.embedding_dim:
@@ -611,7 +330,7 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
         openapi_extra=_json_body(schemas.SearchRequest),
     )
     async def search(request: Request) -> schemas.SearchResponse:
-        body = await _json_request(request, service, schemas.SearchRequest)
+        body = await json_request(request, service, schemas.SearchRequest)
         store = service.index(body.index)
         if not 1 <= body.k <= limits.max_k:
             service.metrics.rejected.labels("max_k").inc()
@@ -627,7 +346,7 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
                 raise ApiError(422, service.index_problems.get(
                     body.index, f"index {body.index!r} matches no served model; query it with 'vector'"
                 ))  # fmt: skip
-            payloads, errors = _decode_strings([body.image])
+            payloads, errors = decode_strings([body.image])
             vectors = await _embed(request, service, model, payloads, errors)
             if not vectors:
                 raise ApiError(
@@ -657,12 +376,12 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
         openapi_extra=_json_body(schemas.AddItemsRequest),
     )
     async def add_items(name: str, request: Request) -> schemas.AddItemsResponse:
-        body = await _json_request(request, service, schemas.AddItemsRequest)
+        body = await json_request(request, service, schemas.AddItemsRequest)
         store = service.index(name)
         if (body.images is None) == (body.vectors is None):
             raise ApiError(422, "send exactly one of 'images' (base64 list) or 'vectors'")
         count = len(body.images if body.images is not None else body.vectors)
-        _check_count(service, count, "items")
+        check_count(service, count, "items")
         for what, values in (("metadata", body.metadata), ("ids", body.ids)):
             if values is not None and len(values) != count:
                 raise ApiError(422, f"{what} has {len(values)} entries for {count} items; send one per item")
@@ -688,7 +407,7 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
                 raise ApiError(422, service.index_problems.get(
                     name, f"index {name!r} matches no served model; add 'vectors' instead"
                 ))  # fmt: skip
-            payloads, errors = _decode_strings(body.images)
+            payloads, errors = decode_strings(body.images)
             embedded = await _embed(request, service, model, payloads, errors)
             if errors:
                 listed = "; ".join(errors[i] for i in sorted(errors)[:3])

@@ -153,7 +153,7 @@ class BodyDeadlineMiddleware:
     ``timeout_s`` whatever size it declares.
 
     For routes that read their bodies themselves (the demo's Gradio routes: uploads, queue joins); the
-    API's own routes bound their reads in ``routes._receive`` and are left to it (``skip_prefixes``).
+    API's own routes bound their reads in ``request_body._receive`` and are left to it (``skip_prefixes``).
     A client trickling a body a byte a second would otherwise hold a connection and a coroutine for as
     long as it likes.
 
