@@ -709,7 +709,7 @@ def test_head_answers_every_get_route_like_get_with_headers_only(server, http):
         assert head.headers["content-type"] == got.headers["content-type"], path
         if path != "/metrics":  # /metrics changes between the two requests (it counts them)
             assert int(head.headers["content-length"]) == len(got.content), path
-    # POST-only routes keep their 405 and say what is allowed; the connection survives a HEAD's bodiless answer
+    # POST-only routes keep their 405 and say what is allowed; the connection survives a bodiless answer
     refused = http.head("/v1/embeddings")
     assert refused.status_code == 405 and refused.headers["allow"] == "POST"
     assert http.get("/health").json() == {"status": "ok"}
