@@ -3,7 +3,9 @@
 A choice is what one menu entry means: ``key`` is what the UI sends back, ``source`` the model spec or
 gallery folder behind it. The operator's ``--model`` / ``--gallery`` values come first, then the bundled
 sets; one that names a bundled model or gallery (by registry name or folder) is that bundled choice, so
-nothing is loaded or listed twice.
+nothing is loaded or listed twice. A model is shown and keyed by its name (a folder's own name), never by
+the server path behind it, and that name is also its id in the HTTP API; two models of one name are
+``name`` and ``name-2``.
 """
 
 from __future__ import annotations
@@ -59,15 +61,42 @@ EXAMPLES = ASSETS / "examples"
 
 @dataclass(frozen=True)
 class Choice:
-    """One entry of the model or gallery menu: ``key`` is what the UI sends, ``source`` what it means."""
+    """One entry of the model or gallery menu.
+
+    Attributes:
+        key: what the UI sends back (and the menu's Gradio API takes).
+        label: what the menu shows.
+        source: the model spec (folder or registry name) or gallery folder behind the entry.
+        name: a model's id in the HTTP API (``/v1/models``), unique among the models; "" for a gallery.
+    """
 
     key: str
     label: str
     source: str
+    name: str = ""
 
 
-def bundled_model_choice(bundled: BundledSet) -> Choice:
-    return Choice(bundled.key, f"bundled ({bundled.model_name})", str(bundled.model_folder))
+def bundled_model_choice(bundled: BundledSet, name: str | None = None) -> Choice:
+    return Choice(bundled.key, f"bundled ({bundled.model_name})", str(bundled.model_folder),
+                  name or bundled.model_name)  # fmt: skip
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """``name``, else ``name-2``, ``name-3``, ...: the first not in ``taken``."""
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    return candidate
+
+
+def _model_identity(spec: str) -> tuple[str, str]:
+    """(what the spec loads, its public name): a folder by its resolved path and its own name, anything
+    else (a registry name, ``org/repo``) by its text."""
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        resolved = folder.resolve()
+        return str(resolved), resolved.name
+    return spec, spec
 
 
 def bundled_gallery_choice(bundled: BundledSet) -> Choice:
@@ -94,13 +123,25 @@ def model_choices(models: Sequence[str]) -> list[Choice]:
     """
     bundled = [b for b in BUNDLED_SETS if (b.model_folder / "config.json").is_file()]
     choices: list[Choice] = []
+    loaded: set[str] = set()  # what each listed spec loads: "x" and "./x/" are one model
     for spec in dict.fromkeys(str(m) for m in models):
         same = next((b for b in bundled if names_bundled_model(spec, b)), None)
-        choice = Choice(spec, spec, spec) if same is None else bundled_model_choice(same)
-        if choice.key not in {c.key for c in choices}:
+        if same is not None:
+            choice = bundled_model_choice(same)
+            target = choice.key
+        else:
+            target, public = _model_identity(spec)
+            # keys and API ids are one name, unique among the models and apart from the bundled keys
+            taken = {c.name for c in choices} | {c.key for c in choices} | {b.key for b in bundled}
+            name = _unique(public, taken)
+            choice = Choice(name, name, spec, name)
+        if target not in loaded:
+            loaded.add(target)
             choices.append(choice)
     listed = {choice.key for choice in choices}
-    choices += [bundled_model_choice(b) for b in bundled if b.key not in listed]
+    for b in bundled:
+        if b.key not in listed:
+            choices.append(bundled_model_choice(b, _unique(b.model_name, {c.name for c in choices})))
     missing = [str(b.model_folder) for b in BUNDLED_SETS if b not in bundled]
     if not choices:
         raise BundledAssetMissingError(

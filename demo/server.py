@@ -17,7 +17,7 @@ from typing import Any
 from demo.service import DemoService, UserInputError
 from visreg_hub.errors import shown
 from visreg_hub.serving.app import create_app
-from visreg_hub.serving.config import Limits, ModelSpec, ServeConfig, model_spec
+from visreg_hub.serving.config import Limits, ModelSpec, ServeConfig
 from visreg_hub.serving.schemas import error_body
 from visreg_hub.serving.security import BodyDeadlineMiddleware
 from visreg_hub.serving.service import ApiError
@@ -146,15 +146,9 @@ async def _json_error(send, status: int, message: str, kind: str) -> None:
 
 
 def model_specs(service: DemoService) -> tuple[tuple[ModelSpec, ...], dict[str, str]]:
-    """API model specs for the demo's menu, and menu key -> API model name (names made unique)."""
-    specs, names = [], {}
-    for choice in service.model_choices:
-        name = model_spec(choice.source).name
-        while name in names.values():
-            name += "-2"
-        names[choice.key] = name
-        specs.append(ModelSpec(name, choice.source))
-    return tuple(specs), names
+    """API model specs for the demo's menu, and menu key -> API model name (``Choice.name``, unique)."""
+    choices = service.model_choices
+    return tuple(ModelSpec(c.name, c.source) for c in choices), {c.key: c.name for c in choices}
 
 
 def combined_app(

@@ -36,7 +36,35 @@ def test_a_bundled_model_named_with_model_is_the_bundled_choice_with_its_gallery
     other = tmp_path / "vit-tiny-p4-fmnist"  # a local folder of that name is the user's model, not ours
     other.mkdir()
     demo = DemoService([str(other)], cache_dir=tmp_path / "c", download_dir=tmp_path / "d", device="cpu")
-    assert [c.key for c in demo.model_choices] == [str(other), "bundled-photos", "bundled"]
+    assert [c.key for c in demo.model_choices] == ["vit-tiny-p4-fmnist", "bundled-photos", "bundled"]
+    assert demo.model_choices[0].source == str(other)
+    # the bundled model of that name steps aside in the API: one id per model
+    assert [c.name for c in demo.model_choices] == ["vit-tiny-p4-fmnist", "vit-tiny-p8-colour",
+                                                    "vit-tiny-p4-fmnist-2"]  # fmt: skip
+
+
+def test_models_are_listed_by_name_never_by_their_server_path(tmp_path):
+    """Two --model folders of one name were `mymodel` / `mymodel-2` in /v1/models but their full server paths
+    in the demo's menu (and as the keys its Gradio API takes): every visitor saw the operator's folders, which
+    the HTTP API never shows. The menu now lists and takes the API's names."""
+    from demo.server import model_specs
+
+    folders = [tmp_path / "a" / "mymodel", tmp_path / "b" / "mymodel", tmp_path / "c" / "mymodel",
+               tmp_path / "bundled"]  # fmt: skip
+    for folder in folders:
+        folder.mkdir(parents=True)
+    specs = [str(folders[0]), str(folders[1]), str(folders[0]) + "/", str(folders[2]), str(folders[3])]
+    demo = DemoService(specs, cache_dir=tmp_path / "cache", download_dir=tmp_path / "d", device="cpu")
+    operator = demo.model_choices[:4]
+    assert [c.key for c in operator] == ["mymodel", "mymodel-2", "mymodel-3", "bundled-2"]
+    assert [c.source for c in operator] == [str(folders[i]) for i in (0, 1, 2, 3)]
+    for choice in demo.model_choices:
+        assert str(tmp_path) not in choice.key + choice.label, choice
+    api_specs, names = model_specs(demo)
+    assert [s.name for s in api_specs][:4] == [c.key for c in operator]  # menu key == API model id
+    assert len({s.name for s in api_specs}) == len(api_specs) == len(demo.model_choices)
+    assert names == {c.key: c.name for c in demo.model_choices}
+    assert menus.find_choice(demo.model_choices, "mymodel-2", "model").source == str(folders[1])
 
 
 def test_photo_gallery_is_small_credited_and_disjoint_from_its_examples():

@@ -78,7 +78,7 @@ def test_bounded_queue_and_clean_shutdown(
         query = EXAMPLES / "Sandal_384.png"
         gallery_key = str(demo_gallery.resolve())
         jobs = [
-            client.submit(str(demo_model_dir), gallery_key, handle_file(str(query)), 5, api_name="/search")
+            client.submit(demo_model_dir.name, gallery_key, handle_file(str(query)), 5, api_name="/search")
             for _ in range(16)
         ]
         outcomes = []
@@ -94,7 +94,7 @@ def test_bounded_queue_and_clean_shutdown(
 
         # still serving, and the .npy download lands in the run's temporary folder
         _, _, npy_path, *_ = client.predict(
-            str(demo_model_dir), handle_file(str(query)), "model default", True, api_name="/extract"
+            demo_model_dir.name, handle_file(str(query)), "model default", True, api_name="/extract"
         )
         np.testing.assert_allclose(
             np.load(npy_path), demo_model.encode(query, convert_to_numpy=True), atol=1e-6
