@@ -10,10 +10,9 @@ name the file, not where the server keeps it.
 from __future__ import annotations
 
 import re
-import warnings
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from visreg_hub.errors import ImageDecodeError, UserInputError
 from visreg_hub.inference import IMAGE_EXTENSIONS
@@ -32,9 +31,10 @@ NO_IMAGE = "No image yet: upload one or pick an example first."
 def check_upload(path: str | Path | None, *, max_pixels: int, draft_to: int) -> Image.Image:
     """Validate an uploaded or picked image and decode it (RGB).
 
-    Checks the extension, that the content is one of :data:`ALLOWED_FORMATS`, and decodes it with the
-    library's rules. A JPEG over twice ``draft_to`` pixels on its shorter side is decoded at a reduced
-    scale (a memory bound; see ``decode_image``'s ``draft_to``).
+    Checks the extension, then decodes with the library's rules, parsing the content only as one of
+    :data:`ALLOWED_FORMATS`. A JPEG over twice ``draft_to`` pixels on its shorter side is decoded at a
+    reduced scale (a memory bound; see ``decode_image``'s ``draft_to``), and ``max_pixels`` applies to
+    that size: a 200 Mpx phone photo passes.
 
     Raises:
         UserInputError: the message names the file (not its server path) and what is wrong.
@@ -50,22 +50,22 @@ def check_upload(path: str | Path | None, *, max_pixels: int, draft_to: int) -> 
     if not path.is_file():
         raise UserInputError(f"{name}: the uploaded file is gone; upload it again")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path, formats=ALLOWED_FORMATS):
-                pass
-    except UnidentifiedImageError:
-        raise UserInputError(
-            f"{name}: not a readable image; the content is not {', '.join(ALLOWED_FORMATS)} or is corrupt"
-        ) from None
-    except Image.DecompressionBombError:
-        raise UserInputError(f"{name}: {too_many_pixels(max_pixels)}") from None
-    except OSError as exc:
-        raise UserInputError(f"{name}: truncated or corrupt image ({exc})") from None
-    try:
-        return decode_image(ImageSource(path, name), max_pixels=max_pixels, draft_to=draft_to)
+        return decode_image(
+            ImageSource(path, name), max_pixels=max_pixels, formats=ALLOWED_FORMATS, draft_to=draft_to
+        )
     except ImageDecodeError as exc:
         raise UserInputError(shown_message(str(exc), path, max_pixels)) from None
+
+
+# the library's pixel-cap message: "image is W x H = N pixels," or "image is N pixels," or "image is"
+_OVER_CAP = re.compile(
+    r"image is (?:(?P<w>\d+)x(?P<h>\d+) = )?(?:(?P<n>[\d,]+) pixels, )?above the cap max_pixels=[\d,]+ "
+    rf"\(decompression-bomb guard\); {re.escape(PIXEL_CAP_HINT)}"
+)
+
+
+def _size_of(match: re.Match) -> str | None:
+    return f"{match['w']} x {match['h']} = {match['n']}" if match["w"] else match["n"]
 
 
 def too_many_pixels(max_pixels: int, size: str | None = None) -> str:
@@ -81,8 +81,8 @@ def shown_message(message: str, path: Path, max_pixels: int) -> str:
     """A library message as a demo user should see it: the server path replaced by the file's name, and
     the hints meant for library callers (``max_pixels=``, ``on_error=``) replaced or dropped."""
     message = message.replace(str(path), path.name)
-    message = re.sub(r"image is (\d+)x(\d+) = ([\d,]+) pixels, above the cap max_pixels=[\d,]+ "
-                     rf"\(decompression-bomb guard\); {re.escape(PIXEL_CAP_HINT)}",
-                     lambda m: too_many_pixels(max_pixels, f"{m[1]} x {m[2]} = {m[3]}"), message)  # fmt: skip
+    message = _OVER_CAP.sub(lambda m: too_many_pixels(max_pixels, _size_of(m)), message)
     message = message.replace(f"; {PIXEL_CAP_HINT}", "")
+    message = re.sub(r"not an image in an accepted format \(([^)]*)\) or a corrupt header",
+                     r"not a readable image; the content is not \1 or is corrupt", message)  # fmt: skip
     return re.sub(r" \(input index \d+; pass on_error='skip' to embed the others\)", "", message)

@@ -7,6 +7,8 @@ import io
 import json
 import os
 import shutil
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -247,6 +249,18 @@ def test_bad_choices_and_k_are_refused(demo_model_dir, gallery, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ upload checks
+def _png_header(width: int, height: int) -> bytes:
+    """A 1-bit PNG that declares ``width`` x ``height`` but holds almost no pixel data (Pillow's open reads
+    the header and stops at the first IDAT chunk)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    pixels = chunk(b"IDAT", zlib.compress(b"\0"))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + pixels + chunk(b"IEND", b"")
+
+
 def _png(size, mode="L", noise: bool = False) -> bytes:
     buffer = io.BytesIO()
     if noise:
@@ -262,7 +276,7 @@ def _png(size, mode="L", noise: bool = False) -> bytes:
     [
         ("notes.txt", b"hello", "file type '.txt' is not accepted"),
         ("noext", b"hello", "file type '(none)' is not accepted"),
-        ("empty.png", b"", "not a readable image"),
+        ("empty.png", b"", "empty.png: empty file (0 bytes)"),
         ("text.png", b"hello world, not pixels", "not a readable image"),
         ("eps.png", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "not a readable image"),
         ("truncated.png", _png((64, 64), noise=True)[:2000], "truncated or corrupt"),
@@ -271,6 +285,11 @@ def _png(size, mode="L", noise: bool = False) -> bytes:
             _png((3000, 2000), "1"),
             "big.png: the image has too many pixels (3000 x 2000 = 6,000,000 pixels, limit 1,000,000); "
             "upload a smaller one (a large JPEG passes: it is decoded at a reduced size)",
+        ),
+        (  # over Pillow's own guard (2 x 89.5 Mpx), which answers before the header's size is read
+            "huge.png",
+            _png_header(14000, 13000),
+            "huge.png: the image has too many pixels (182,000,000 pixels, limit 1,000,000); upload a smaller",
         ),
     ],
 )
@@ -282,6 +301,23 @@ def test_check_query_refuses_bad_uploads(demo_model_dir, gallery, tmp_path, name
         demo.check_query(path)
     assert message in str(info.value)
     assert str(tmp_path) not in str(info.value) and "max_pixels" not in str(info.value)
+
+
+def test_a_camera_jpeg_over_pillows_guard_is_decoded_reduced(demo_model_dir, gallery, tmp_path, monkeypatch):
+    """A 200 Mpx phone photo was refused ("too many pixels"): the upload check opened it in full with Pillow,
+    whose own guard (179 Mpx) fires before the reduced-size decode could apply. The guard is scaled down here
+    (0.5 Mpx) so that a 1.9 Mpx photo stands for the 200 Mpx one."""
+    demo = make_service(demo_model_dir, gallery, tmp_path)
+    path = tmp_path / "camera.jpg"
+    Image.open(PHOTO).convert("RGB").resize((1600, 1200)).save(path, quality=90)
+    expected = demo.check_query(path)  # under the real guard
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 250_000)
+    image = demo.check_query(path)
+    assert image.size == expected.size == (800, 600)  # 1/2: the largest reduction keeping 448 px
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(expected))
+    path.write_bytes(_png_header(1600, 1200))  # not a JPEG: nothing reduces it, the guard stands
+    with pytest.raises(UserInputError, match="pixels"):
+        demo.check_query(path.rename(tmp_path / "camera.png"))
 
 
 def test_check_query_accepts_real_images(demo_model_dir, gallery, tmp_path):

@@ -67,6 +67,31 @@ def test_other_formats_and_small_jpegs_decode_exactly_as_without(big_photo, fmt,
     np.testing.assert_array_equal(np.asarray(reduced), np.asarray(full))
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "MPO"])
+def test_a_jpeg_over_pillows_own_guard_decodes_reduced(big_photo, fmt, monkeypatch, tmp_path):
+    """Pillow refuses an image over 2 x MAX_IMAGE_PIXELS (179 Mpx) inside Image.open, before a draft could
+    scale it: a 200 Mpx phone photo was refused even with draft decoding on. Pillow's guard is scaled down
+    here (0.5 Mpx: the 1.92 Mpx photo is over it) instead of encoding 200 Mpx."""
+    payload = _encoded(big_photo, fmt)
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(payload)
+    expected = np.asarray(_decode(payload, draft_to=112))  # under the default guard
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 250_000)
+    for source in (payload, path):
+        reduced = decode_image(source, max_pixels=None, draft_to=112)
+        np.testing.assert_array_equal(np.asarray(reduced), expected)  # 1/8: 200 x 150, the same pixels
+        # without draft decoding, or when the reduced size is still over the guard, Pillow's refusal stands
+        with pytest.raises(ImageDecodeError, match="pixels"):
+            decode_image(source, max_pixels=None)
+        with pytest.raises(ImageDecodeError, match="pixels"):
+            decode_image(source, max_pixels=None, draft_to=1000)  # not draftable: 1200 < 2 x 1000
+    # max_pixels still applies to the reduced size; a PNG over the guard is still refused
+    with pytest.raises(ImageDecodeError, match="max_pixels"):
+        decode_image(payload, max_pixels=200 * 150 - 1, draft_to=112)
+    with pytest.raises(ImageDecodeError, match="pixels"):
+        decode_image(_encoded(big_photo, "PNG"), max_pixels=None, draft_to=112)
+
+
 def test_bad_bytes_give_the_library_error():
     with pytest.raises(ImageDecodeError, match=r"^x: "):
         _decode(b"\xff\xd8\xff garbage", max_pixels=10**6, draft_to=28)

@@ -19,7 +19,8 @@ Every input of :func:`visreg_hub.inference.encode` goes through
 * Opt-in draft decoding (``draft_to``): a JPEG at least twice ``draft_to`` on its shorter side is decoded
   by libjpeg at 1/2, 1/4 or 1/8 scale (Pillow's ``draft``), the largest reduction that keeps both sides
   >= ``draft_to``. A 12 Mpx photo then costs a fraction of its full decode in time and memory; every
-  other image decodes exactly as without it. The pixel cap then applies to the reduced size.
+  other image decodes exactly as without it. The pixel cap then applies to the reduced size, and so does
+  Pillow's own guard (``2 * PIL.Image.MAX_IMAGE_PIXELS``, 179 Mpx): a 200 Mpx phone photo decodes at 1/8.
 * EXIF orientation is applied (``ImageOps.exif_transpose``).
 * Animated GIF / APNG / WebP / multi-page TIFF: the first frame is used.
 * Transparency (RGBA, LA, PA, palette or colour-key transparency) is composited on a white background.
@@ -62,7 +63,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from visreg_hub.errors import ImageDecodeError
 from visreg_hub.models.limits import DEFAULT_MAX_PIXELS
@@ -346,7 +347,7 @@ def _decode_encoded(
             warnings.filterwarnings("ignore", module=r"PIL\.")
             if formats is None or "ICO" in formats:
                 _check_ico_frames(fp, label, max_pixels)  # Pillow decodes an ICO inside Image.open
-            with Image.open(fp, formats=formats) as image:
+            with _open(fp, formats, draft_to) as image:
                 if draft_to is not None and _draftable(image, draft_to):
                     image.draft(image.mode, (draft_to, draft_to))  # scale only; the mode stays
                 _check_pixels(image.size, label, max_pixels)
@@ -382,6 +383,33 @@ def _decode_encoded(
         raise ImageDecodeError(f"{label}: corrupt image data ({type(exc).__name__}: {exc})") from exc
     finally:
         fp.close()
+
+
+def _open(fp: Any, formats: tuple[str, ...] | None, draft_to: int | None) -> Image.Image:
+    """``Image.open``, except for a JPEG over Pillow's own pixel guard that draft decoding will reduce.
+
+    why: Pillow refuses an image over ``2 * MAX_IMAGE_PIXELS`` (179 Mpx) inside ``Image.open``, before a
+    draft can scale it; a 200 Mpx phone photo (16320 x 12240) decodes at 1/8 to 3 Mpx. Such a JPEG is
+    opened with the JPEG plugin itself (the header only), drafted here and held to the same guard at its
+    reduced size; ``max_pixels`` then applies as to any image (:func:`_decode_encoded`).
+    """
+    try:
+        return Image.open(fp, formats=formats)
+    except Image.DecompressionBombError:
+        if draft_to is None or (formats is not None and "JPEG" not in formats):
+            raise
+        fp.seek(0)
+        if fp.read(3) != b"\xff\xd8\xff":  # not a JPEG: Pillow's refusal stands
+            raise
+        fp.seek(0)
+        image = JpegImagePlugin.JpegImageFile(fp)
+        if _draftable(image, draft_to):
+            image.draft(image.mode, (draft_to, draft_to))
+            width, height = image.size
+            if width * height <= 2 * (Image.MAX_IMAGE_PIXELS or 0):
+                return image
+        image.close()
+        raise
 
 
 def _draftable(image: Image.Image, draft_to: int) -> bool:
