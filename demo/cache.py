@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from visreg_hub.errors import CheckpointError, UserInputError
-from visreg_hub.hub.format import CONFIG_NAME, WEIGHTS_NAME, sha256_file, weights_digest
+from visreg_hub.filehash import sha256_file
+from visreg_hub.hub.format import CONFIG_NAME, WEIGHTS_NAME, weights_digest
 from visreg_hub.inference import encode, list_image_files
 from visreg_hub.native_io import name_fields, split_name
 from visreg_hub.retrieval import EmbeddingIndex

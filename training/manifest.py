@@ -18,7 +18,7 @@ import stat
 from pathlib import Path
 
 from visreg_hub.errors import CheckpointError
-from visreg_hub.hub.format import sha256_file
+from visreg_hub.filehash import sha256_file
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "visreg-checkpoint-manifest"

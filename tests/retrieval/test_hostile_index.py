@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from visreg_hub.errors import CheckpointError, VisregHubError
-from visreg_hub.hub.format import sha256_file
+from visreg_hub.filehash import sha256_file
 from visreg_hub.retrieval import EmbeddingIndex
 
 pytest.importorskip("faiss")

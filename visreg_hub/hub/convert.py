@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from visreg_hub.errors import CheckpointError, ConfigError, ModelNotFoundError, VisregHubError
+from visreg_hub.filehash import sha256_file
 from visreg_hub.hub import preflight
-from visreg_hub.hub.format import load_backbone_weights, sha256_file
+from visreg_hub.hub.format import load_backbone_weights
 from visreg_hub.models.config import NAMED_SIZES, ModelConfig
 
 logger = logging.getLogger(__name__)

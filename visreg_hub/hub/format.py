@@ -32,6 +32,7 @@ import torch
 
 from visreg_hub.durable import current_umask
 from visreg_hub.errors import CheckpointError, ConfigError
+from visreg_hub.filehash import sha256_file
 from visreg_hub.hub.header import looks_like_pickle
 from visreg_hub.jsonio import read_json_file
 from visreg_hub.models import limits
@@ -74,15 +75,6 @@ _MODEL_ARG_TO_FIELD = {
 
 
 # ---------------------------------------------------------------------- checksums
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks so large files never sit in memory twice."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 of a model's tensors (state dict names, dtypes, shapes, bytes, in key order): its identity.
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from visreg_hub import folders
 from visreg_hub.errors import CheckpointError, DataNotFoundError
-from visreg_hub.hub.format import sha256_file
+from visreg_hub.filehash import sha256_file
 from visreg_hub.models.config import POOLINGS
 from visreg_hub.retrieval.limits import MAX_DIM, PARAM_LIMITS
 

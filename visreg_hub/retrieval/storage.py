@@ -34,7 +34,7 @@ import numpy as np
 
 from visreg_hub.durable import fsync_dir, fsync_tree, remove_dead_staging, write_atomic
 from visreg_hub.errors import CheckpointError, ConfigError, DataNotFoundError, UserInputError, require_extra
-from visreg_hub.hub.format import sha256_file
+from visreg_hub.filehash import sha256_file
 from visreg_hub.native_io import read_faiss, write_faiss
 from visreg_hub.retrieval.factory import KINDS
 from visreg_hub.retrieval.faiss_file import check_faiss_file

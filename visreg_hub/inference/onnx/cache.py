@@ -57,7 +57,8 @@ from torch import nn
 
 from visreg_hub.durable import current_umask
 from visreg_hub.errors import MissingExtraError, VisregHubError
-from visreg_hub.hub.format import sha256_file, weights_digest
+from visreg_hub.filehash import sha256_file
+from visreg_hub.hub.format import weights_digest
 
 logger = logging.getLogger(__name__)
 
