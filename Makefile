@@ -8,7 +8,8 @@ PY      = $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # Extra arguments for the demo, e.g.  make demo DEMO_ARGS="--gallery ~/photos --port 8080"
 DEMO_ARGS ?=
-# Test processes (pytest-xdist): one per core, at most 8 (each holds torch); TEST_WORKERS=0: one process
+# Test processes (pytest-xdist): one per core, at most 8 (each holds torch); TEST_WORKERS=0: one process.
+# `make test` ends with the 25 slowest tests, for whoever keeps the run under its 10 minutes.
 TEST_WORKERS ?= auto --maxprocesses 8
 
 .PHONY: dev demo test browser lint bench-losses clean
@@ -42,7 +43,7 @@ browser:
 
 test: dev browser
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=25
 
 lint: dev
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -7,6 +7,7 @@ after a seeded 100-image validation split).
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -87,6 +88,25 @@ def test_two_processes_through_accelerate_launch(tmp_path):
     recipe = model.config.extra["recipe"]
     assert recipe["processes"] == 2 and recipe["steps"] == 12 and recipe["global_batch_size"] == 64
     assert model.config.extra["loss"]["name"] == "visreg" and model.config.extra["eval_results"]
+
+    # The run continues on ONE process (a job preempted on two GPUs, resumed on one): in-process, the same
+    # global batch through twice the accumulation, the position and weights of step 12; rank 1's generator
+    # state is left unused.
+    from training import pretrain
+
+    resumed = [arg for arg in args if not arg.startswith("train.max_steps=")] + ["train.max_steps=14"]
+    assert pretrain.main([*resumed, "--resume", "auto"]) == 0
+    rows = [row for row in _metrics(output) if "loss/total" in row]
+    assert [row["step"] for row in rows] == [2, 4, 6, 8, 10, 12, 14]
+    assert math.isfinite(rows[-1]["loss/total"]) and rows[-1]["loss/total"] < losses[0]
+    last = root / ckpt.step_dir_name(14)
+    assert ckpt.read_state(last)["global_step"] == 14
+    assert {n for n in os.listdir(last) if n.startswith("rng_state_")} == {"rng_state_0.json"} | (
+        {"rng_state_0.safetensors"} & set(os.listdir(last))
+    )
+    recipe = from_pretrained(str(output / "final")).config.extra["recipe"]
+    assert recipe["processes"] == 1 and recipe["steps"] == 14 and recipe["global_batch_size"] == 64
+    assert recipe["gradient_accumulation"] == 4
 
 
 def test_nan_on_one_rank_stops_every_rank_with_the_message(tmp_path):
