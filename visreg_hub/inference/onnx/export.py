@@ -158,13 +158,78 @@ def export_onnx(
     """
     onnx = require_extra("onnx", onnx_extra())
     require_extra("onnxscript", onnx_extra())
-    onnx_ir = require_extra("onnx_ir", onnx_extra())  # installed with onnxscript
+    require_extra("onnx_ir", onnx_extra())  # installed with onnxscript
     require_extra("onnxruntime", onnx_extra())  # the check after the export runs it: fail before exporting
-    from visreg_hub import __version__
 
     path = Path(path).expanduser()
     check_output_path(path)
-    max_opset = min(MAX_OPSET, onnx.defs.onnx_opset_version())
+    plan = _plan(
+        model, opset=opset, max_opset=min(MAX_OPSET, onnx.defs.onnx_opset_version()), pooling=pooling,
+        dynamic_batch=dynamic_batch, dynamic_image_size=dynamic_image_size, fp16=fp16,
+        with_preprocessing=with_preprocessing, image_size=image_size, image_layout=image_layout,
+        patch_tokens=patch_tokens, optimize=optimize, int8=int8, calibration_images=calibration_images,
+        validation_providers=validation_providers,
+    )  # fmt: skip
+    started = time.perf_counter()
+    proto, meta = _graph(model, plan)
+    check = {"batch_sizes": tuple(validation_batch_sizes), "providers": validation_providers}
+    with _staged(path) as staged:
+        save_model(proto, staged)
+        logger.info("exported %s in %.1f s; validating against PyTorch", path, time.perf_counter() - started)
+        report = validate_onnx(model, staged, **check)
+        if plan.int8:
+            method = _quantize_in_place(staged, meta, plan.calibration)
+            logger.info("quantised %s to int8 (%s); checking it against PyTorch", path, method)
+            report = validate_onnx(model, staged, **check, min_cosine=INT8_MIN_COSINE)
+    return dataclasses.replace(report, path=str(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExportPlan:
+    """:func:`export_onnx`'s options, checked and resolved against the model: what the graph will be.
+
+    ``spec`` is the baked preprocessing (None: the graph takes normalised ``pixel_values``);
+    ``calibration`` the decoded calibration batch of static int8 quantisation (None: dynamic).
+    """
+
+    pooling: str
+    embedding_dim: int
+    opset: int
+    dynamic_batch: bool
+    dynamic_image_size: bool
+    fp16: bool
+    optimize: bool
+    patch_tokens: bool
+    int8: bool
+    spec: PreprocessingSpec | None
+    image_layout: str
+    calibration: Any
+
+
+def _plan(
+    model: nn.Module,
+    *,
+    opset: int,
+    max_opset: int,
+    pooling: str | None,
+    dynamic_batch: bool,
+    dynamic_image_size: bool | None,
+    fp16: bool,
+    with_preprocessing: bool,
+    image_size: int | tuple[int, int] | None,
+    image_layout: str,
+    patch_tokens: bool,
+    optimize: bool,
+    int8: bool,
+    calibration_images: Any,
+    validation_providers: str | list[str] | None,
+) -> _ExportPlan:
+    """Check every option before anything is exported (the export takes seconds to minutes), including
+    the provider names and the calibration images (decoded here: a missing folder fails now).
+
+    Raises:
+        UserInputError: the message names the option and how to fix it.
+    """
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset:
         raise UserInputError(f"opset must be an integer in [{MIN_OPSET}, {max_opset}], got {opset!r}")
     if model.dtype != torch.float32:
@@ -205,55 +270,63 @@ def export_onnx(
     if validation_providers is not None:
         provider_names(validation_providers)  # a misspelt provider fails now, not after the export
     calibration = None
-    if calibration_images is not None:  # decoded now: a missing or empty folder fails before the export
+    if calibration_images is not None:
         calibration = calibration_inputs(config.data_config, calibration_images)
+    return _ExportPlan(
+        pooling=pooling, embedding_dim=embedding_dim, opset=opset, dynamic_batch=dynamic_batch,
+        dynamic_image_size=bool(dynamic_image_size), fp16=fp16, optimize=optimize, patch_tokens=patch_tokens,
+        int8=int8, spec=spec, image_layout=image_layout, calibration=calibration,
+    )  # fmt: skip
 
-    started = time.perf_counter()
+
+def _graph(model: nn.Module, plan: _ExportPlan) -> tuple[Any, OnnxMetadata]:
+    """The dynamo export of ``model`` turned into the planned graph (fused, fp16, preprocessing in front),
+    as an ``onnx.ModelProto`` carrying its :class:`OnnxMetadata`."""
+    onnx_ir = require_extra("onnx_ir", onnx_extra())
+    from visreg_hub import __version__
+
     with inference_state(model, model.device):
         core = export_core(
-            model, pooling=pooling, with_patch_tokens=patch_tokens, dynamic_batch=dynamic_batch,
-            dynamic_image_size=dynamic_image_size, opset=opset,
+            model, pooling=plan.pooling, with_patch_tokens=plan.patch_tokens,
+            dynamic_batch=plan.dynamic_batch, dynamic_image_size=plan.dynamic_image_size, opset=plan.opset,
         )  # fmt: skip
     fusions: dict[str, int] = {}
-    if optimize:
+    if plan.optimize:
         core, fusions = fuse_for_ort(core)
     proto = onnx_ir.serde.serialize_model(core)
-    if fp16:
+    if plan.fp16:
         proto = convert_fp16(proto)
+    spec, config = plan.spec, model.config
     if spec is not None:
         proto = attach_preprocessing(proto, spec)
     meta = OnnxMetadata(
         model_name=config.name or "", model_config=config.to_dict(), data_config=dict(config.data_config),
-        pooling=pooling, embedding_dim=embedding_dim,
-        outputs=(EMBEDDING, PATCH_TOKENS) if patch_tokens else (EMBEDDING,),
-        precision="fp16" if fp16 else "fp32", input_name=IMAGE_INPUT if spec else CORE_INPUT,
-        input_layout=image_layout if spec else "NCHW",
+        pooling=plan.pooling, embedding_dim=plan.embedding_dim,
+        outputs=(EMBEDDING, PATCH_TOKENS) if plan.patch_tokens else (EMBEDDING,),
+        precision="fp16" if plan.fp16 else "fp32", input_name=IMAGE_INPUT if spec else CORE_INPUT,
+        input_layout=plan.image_layout if spec else "NCHW",
         image_size=spec.image_size if spec else (config.img_size, config.img_size),
-        dynamic_batch=dynamic_batch, dynamic_image_size=bool(dynamic_image_size),
-        preprocessing=spec.describe() if spec else "", fusions=fusions, opset=opset,
+        dynamic_batch=plan.dynamic_batch, dynamic_image_size=plan.dynamic_image_size,
+        preprocessing=spec.describe() if spec else "", fusions=fusions, opset=plan.opset,
         library_version=__version__,
     )  # fmt: skip
     meta.write_to(proto)
-    proto.doc_string = f"visreg_hub {config.name or config.architecture} image encoder ({pooling} pooling)"
-    with _staged(path) as staged:
-        save_model(proto, staged)
-        logger.info("exported %s in %.1f s; validating against PyTorch", path, time.perf_counter() - started)
-        report = validate_onnx(
-            model, staged, batch_sizes=tuple(validation_batch_sizes), providers=validation_providers
-        )
-        if int8:
-            scratch = staged.with_name("int8-scratch.onnx")
-            method = quantize_int8(staged, scratch, input_name=meta.input_name, calibration=calibration)
-            quantized = onnx.load(str(scratch))
-            meta = dataclasses.replace(meta, precision="int8", quantization=method)
-            meta.write_to(quantized)
-            save_model(quantized, staged)
-            logger.info("quantised %s to int8 (%s); checking it against PyTorch", path, method)
-            report = validate_onnx(
-                model, staged, batch_sizes=tuple(validation_batch_sizes), providers=validation_providers,
-                min_cosine=INT8_MIN_COSINE,
-            )  # fmt: skip
-    return dataclasses.replace(report, path=str(path))
+    proto.doc_string = (
+        f"visreg_hub {config.name or config.architecture} image encoder ({plan.pooling} pooling)"
+    )
+    return proto, meta
+
+
+def _quantize_in_place(staged: Path, meta: OnnxMetadata, calibration: Any) -> str:
+    """Replace the validated fp32 graph at ``staged`` by its int8 quantisation (static with
+    ``calibration``, else dynamic), with the metadata saying so; returns the method used."""
+    onnx = require_extra("onnx", onnx_extra())
+    scratch = staged.with_name("int8-scratch.onnx")
+    method = quantize_int8(staged, scratch, input_name=meta.input_name, calibration=calibration)
+    quantized = onnx.load(str(scratch))
+    dataclasses.replace(meta, precision="int8", quantization=method).write_to(quantized)
+    save_model(quantized, staged)
+    return method
 
 
 def check_output_path(path: Path) -> None:
