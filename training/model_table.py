@@ -11,7 +11,7 @@ feature tap and C chosen together on a 10 % validation split of train, refit, te
 ``training.evaluate.linear_probe``). Raw pixels (784 values in [0, 1]) go through exactly the same kNN and
 probe.
 
-Colour protocol: ``training.source_eval`` (held-out split of ``training/sources.py``).
+Colour protocol: ``training.source_eval`` (held-out split of ``training/sources``).
 """
 
 from __future__ import annotations

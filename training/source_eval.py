@@ -1,4 +1,4 @@
-"""Per-source retrieval evaluation of image embeddings on the held-out split of ``training/sources.py``.
+"""Per-source retrieval evaluation of image embeddings on the held-out split of ``training/sources``.
 
 Protocol (the same for every method, one call each):
 

@@ -200,7 +200,7 @@ def test_fetch_reuses_downloads_without_network(tmp_path, monkeypatch):
 
     calls = []
     real_run = subprocess.run
-    monkeypatch.setattr(sources.subprocess, "run",
+    monkeypatch.setattr(sources.packages.subprocess, "run",
                         lambda cmd, **kw: calls.append(cmd[0]) or (no_network(cmd) if cmd[0] != "dpkg" else
                                                                     real_run(cmd, **kw)))  # fmt: skip
     folders = sources.fetch(["tiny"], root)
