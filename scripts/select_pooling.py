@@ -4,6 +4,7 @@ Usage::
 
     python scripts/select_pooling.py vit-mini-p7-fmnist --data fmnist
     python scripts/select_pooling.py runs/colour-tiny-cpu/final --data colour
+    python scripts/select_pooling.py vit-tiny-p8-colour --data colour --img-size 96
 
 ``fmnist``: the 60,000 Fashion-MNIST training images are split into a seeded 5,000-image validation set and
 a 55,000-image kNN bank; weighted kNN@20 (cosine, T 0.07). ``colour``: per labelled source, the labelled
@@ -17,6 +18,7 @@ bundled config with ``scripts/bundle_model.py --pooling``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -82,8 +84,15 @@ def main() -> None:
     parser.add_argument("--fmnist-dir", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--val-size", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="embed at this input size instead of the model's (position embeddings "
+                        "interpolated; PyTorch backend): is a larger input worth its cost?")  # fmt: skip
     args = parser.parse_args()
-    model = from_pretrained(args.model)
+    if args.img_size is None:
+        model = from_pretrained(args.model)
+    else:
+        model = from_pretrained(args.model, backend="torch")  # an exported graph has a fixed input size
+        model.config = dataclasses.replace(model.config, img_size=args.img_size)  # the preprocessing's size
     poolings = poolings_for_depth(model.config.depth)
     if args.data == "colour":
         print_colour_table(model, args.seed)
