@@ -1,8 +1,9 @@
 """ASGI middleware of the inference API: JSON 500s, request metrics, HEAD answered as GET.
 
-Installed by :func:`install_middleware`, from the innermost out: unexpected errors become a JSON 500
-(:class:`InternalErrorMiddleware`), HEAD is answered like GET (:class:`HeadAsGetMiddleware`), the body limit
-(:class:`~visreg_hub.serving.security.BodyLimitMiddleware`), metrics (:class:`MetricsMiddleware`), then CORS.
+Installed by :func:`install_middleware`, from the innermost out: HEAD is answered like GET
+(:class:`HeadAsGetMiddleware`), unexpected errors become a JSON 500 (:class:`InternalErrorMiddleware`), the
+body limit (:class:`~visreg_hub.serving.security.BodyLimitMiddleware`), metrics (:class:`MetricsMiddleware`),
+then CORS when configured.
 """
 
 from __future__ import annotations
