@@ -75,7 +75,10 @@ def reference(photo_paths, folder):
         return torch.nn.functional.normalize(model(batch), dim=-1)
 
 
-def test_auto_is_onnx_on_the_cpu_and_says_so(folder, cache_root, photo_paths, exports, caplog):
+def test_auto_is_onnx_on_the_cpu_and_says_so(folder, tmp_path, photo_paths, exports, monkeypatch, caplog):
+    # a cache of its own: which of this module's tests ran before on this worker must not matter
+    monkeypatch.setenv("VISREG_HUB_CACHE", str(tmp_path))
+    cache_root = tmp_path / "onnx"
     with caplog.at_level(logging.INFO, logger="visreg_hub.inference.backends"):
         model = from_pretrained(folder, backend="auto")
     assert model.backend == "onnx" and "encode() uses the onnx backend" in caplog.text
@@ -469,7 +472,8 @@ def _refuse_mkdir(self, *args, **kwargs):
     raise PermissionError(13, "Permission denied", str(self))
 
 
-def test_int8_backend_quantises_the_linear_layers(folder, cache_root, photo_paths, exports):
+def test_int8_backend_quantises_the_linear_layers(folder, tmp_path, photo_paths, exports, monkeypatch):
+    monkeypatch.setenv("VISREG_HUB_CACHE", str(tmp_path))  # its own cache: exactly one export here
     model = from_pretrained(folder, backend="onnx", precision="int8")
     embeddings = model.encode(photo_paths)
     (call,) = exports

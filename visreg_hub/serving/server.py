@@ -121,7 +121,11 @@ def run_app(
                 yield
                 if self.force_exit:  # a second signal: requests were cut off, so the exit is not clean
                     logger.warning("stopped without waiting for the requests in flight (a second signal)")
-                    return
+                    # why raise here: uvicorn would re-raise the captured SIGINTs through asyncio's own
+                    # SIGINT handler (the first only cancels the serving task), and a run under load once
+                    # ended 0, as a drained stop does; an interrupt is exit 130 in the CLI
+                    getattr(self, "_captured_signals", []).clear()
+                    raise KeyboardInterrupt
                 # why: uvicorn re-raises SIGTERM/SIGINT once it has shut down, so a clean stop would end the
                 # process with -15; by now requests are drained and indexes snapshotted, so it exits 0
                 getattr(self, "_captured_signals", []).clear()
