@@ -1,6 +1,6 @@
 """Resume after ``kill -9`` at random moments: the final output equals an uninterrupted run, no duplicates.
 
-Default run: a forked child embeds 600 real tiles and is SIGKILLed 5 times (fork: no interpreter start-up
+Default run: a forked child embeds 300 real tiles and is SIGKILLed 5 times (fork: no interpreter start-up
 per attempt). ``slow``: the CLI in fresh processes over 3,000 tiles, and 2 ranks under ``accelerate
 launch``, killed repeatedly.
 """
@@ -45,11 +45,11 @@ def _child(model, inputs, out):
     # why: one intra-op thread per process; two spinning OpenMP threads per process on a shared 2-core
     # machine made each run 17x slower
     torch.set_num_threads(1)
-    run_embedding(inputs, out, model=model, shard_size=40, batch_size=16)
+    run_embedding(inputs, out, model=model, shard_size=20, batch_size=16)
 
 
 def test_kill_9_five_times_then_finish_equals_uninterrupted(tmp_path):
-    write_tile_folder(tmp_path / "imgs", 600)
+    write_tile_folder(tmp_path / "imgs", 300)
     (tmp_path / "imgs" / "bad.png").write_bytes(b"not an image")
     model = tiny_encoder()
     context = multiprocessing.get_context("fork")
@@ -71,7 +71,7 @@ def test_kill_9_five_times_then_finish_equals_uninterrupted(tmp_path):
             kills += 1
         child.join()
         progress.append(len(done_shards(tmp_path / "out")))
-    assert progress[0] < 16, "the first kill must interrupt the job"  # 601 inputs / 40 = 16 shards
+    assert progress[0] < 16, "the first kill must interrupt the job"  # 301 inputs / 20 = 16 shards
     finish = context.Process(target=_child, args=(model, tmp_path / "imgs", tmp_path / "out"))
     finish.start()
     finish.join()
