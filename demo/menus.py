@@ -127,7 +127,7 @@ def model_choices(models: Sequence[str]) -> list[Choice]:
     for spec in dict.fromkeys(str(m) for m in models):
         same = next((b for b in bundled if names_bundled_model(spec, b)), None)
         if same is not None:
-            choice = bundled_model_choice(same)
+            choice = bundled_model_choice(same, _unique(same.model_name, {c.name for c in choices}))
             target = choice.key
         else:
             target, public = _model_identity(spec)

@@ -65,6 +65,13 @@ def test_models_are_listed_by_name_never_by_their_server_path(tmp_path):
     assert len({s.name for s in api_specs}) == len(api_specs) == len(demo.model_choices)
     assert names == {c.key: c.name for c in demo.model_choices}
     assert menus.find_choice(demo.model_choices, "mymodel-2", "model").source == str(folders[1])
+    # a folder named like a bundled model, then that bundled model by its registry name: two API ids
+    other = tmp_path / "d" / "vit-tiny-p4-fmnist"
+    other.mkdir(parents=True)
+    demo = DemoService([str(other), "vit-tiny-p4-fmnist"], cache_dir=tmp_path / "cache",
+                       download_dir=tmp_path / "d", device="cpu")  # fmt: skip
+    assert [c.name for c in demo.model_choices] == ["vit-tiny-p4-fmnist", "vit-tiny-p4-fmnist-2",
+                                                    "vit-tiny-p8-colour"]  # fmt: skip
 
 
 def test_photo_gallery_is_small_credited_and_disjoint_from_its_examples():
