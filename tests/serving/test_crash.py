@@ -180,5 +180,7 @@ def test_a_second_ctrl_c_cuts_requests_off_and_is_no_clean_exit(tmp_path, tiny_m
             status = server.signal(signal.SIGINT)
         assert status not in (0, None), server.log()
         assert "stopped without waiting for the requests in flight" in server.log()
+        # one line says so: no traceback per cancelled task (the cut request, the lifespan)
+        assert "Traceback" not in server.log() and "CancelledError" not in server.log(), server.log()
     finally:
         zygote.close()

@@ -89,6 +89,16 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
+def _not_a_cancellation(record: logging.LogRecord) -> bool:
+    """Log filter: False for uvicorn's report of a task cancelled by a forced stop (a request's
+    ``CancelledError`` with its traceback, or the lifespan's traceback text ending in it)."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, asyncio.CancelledError):
+        return False
+    message = record.getMessage()
+    return not (message.startswith("Traceback") and "CancelledError" in message)
+
+
 def run_app(
     app: Any, host: str, port: int, *, log_level: str = "info", graceful_s: float | None = None,
     before_shutdown: Callable[[], None] | None = None, sockets: list[socket.socket] | None = None,
@@ -125,6 +135,9 @@ def run_app(
                     # SIGINT handler (the first only cancels the serving task), and a run under load once
                     # ended 0, as a drained stop does; an interrupt is exit 130 in the CLI
                     getattr(self, "_captured_signals", []).clear()
+                    # the tasks still running (the cut requests, the app's lifespan) are cancelled as the
+                    # loop closes, and uvicorn logged a traceback for each: the line above says it all
+                    logging.getLogger("uvicorn.error").addFilter(_not_a_cancellation)
                     raise KeyboardInterrupt
                 # why: uvicorn re-raises SIGTERM/SIGINT once it has shut down, so a clean stop would end the
                 # process with -15; by now requests are drained and indexes snapshotted, so it exits 0
