@@ -162,7 +162,8 @@ def test_the_shutdown_grace_covers_the_request_timeout(tiny_model_dir, monkeypat
 
 def test_a_second_ctrl_c_cuts_requests_off_and_is_no_clean_exit(tmp_path, tiny_model_dir):
     """Probe 20: a second Ctrl-C while a request was in flight force-quit (the request cut off) yet the
-    process exited 0, as after a drained stop; it now ends as interrupted (130), with a log line."""
+    process exited 0, as after a drained stop; it now ends as interrupted (130), with a log line. The cut
+    request was uvicorn's plain-text 500; it is now the API's JSON 503 ("unavailable")."""
     import os
     import socket
     from urllib.parse import urlsplit
@@ -178,7 +179,14 @@ def test_a_second_ctrl_c_cuts_requests_off_and_is_no_clean_exit(tmp_path, tiny_m
             os.kill(server.pid, signal.SIGINT)  # drains: waits for the slow request
             time.sleep(2.0)
             status = server.signal(signal.SIGINT)
+            answer = b""
+            while chunk := slow.recv(65536):
+                answer += chunk
         assert status not in (0, None), server.log()
+        # the cut request is told the service is unavailable (JSON, like every other error), not a 500
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), answer
+        assert json.loads(body)["error"]["type"] == "unavailable"
         assert "stopped without waiting for the requests in flight" in server.log()
         # one line says so: no traceback per cancelled task (the cut request, the lifespan)
         assert "Traceback" not in server.log() and "CancelledError" not in server.log(), server.log()

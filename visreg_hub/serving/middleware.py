@@ -8,6 +8,7 @@ then CORS when configured.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -25,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 
 class InternalErrorMiddleware:
-    """ASGI middleware: an unexpected exception becomes the JSON 500 here, inside the other middlewares.
+    """ASGI middleware: an unexpected exception becomes the JSON 500 here, inside the other middlewares;
+    a request cut off by a forced stop is a JSON 503.
 
     why not ``app.exception_handler(Exception)``: Starlette answers those from its outermost middleware, so
     the 500 carried no CORS headers (a browser saw an opaque CORS failure, not the error) and bypassed the
@@ -49,6 +51,16 @@ class InternalErrorMiddleware:
             await self.app(scope, receive, tracked_send)
         except ClientDisconnect:  # the client left mid-body (or its body timed out): nothing went wrong here
             logger.debug("%s %s: the client disconnected mid-body", scope.get("method"), scope.get("path"))
+        except asyncio.CancelledError:
+            # why: a forced stop (a second Ctrl-C or SIGTERM) cancels the requests in flight, and uvicorn
+            # answers one without a response yet with a plain-text 500, which clients read as a server bug
+            # to report; it is the service being unavailable, so a retry elsewhere is the right reaction
+            if not started:
+                body = schemas.error_body(
+                    "the server was stopped before this request finished; retry it", "unavailable"
+                )
+                await JSONResponse(body, 503, headers={"Connection": "close"})(scope, receive, send)
+            raise
         except Exception:
             logger.exception("unexpected error")
             if started:  # too late for a clean answer: let the server close the connection
