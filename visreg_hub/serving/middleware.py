@@ -52,8 +52,8 @@ class InternalErrorMiddleware:
         except ClientDisconnect:  # the client left mid-body (or its body timed out): nothing went wrong here
             logger.debug("%s %s: the client disconnected mid-body", scope.get("method"), scope.get("path"))
         except asyncio.CancelledError:
-            # why: a forced stop (a second Ctrl-C or SIGTERM) cancels the requests in flight, and uvicorn
-            # answers one without a response yet with a plain-text 500, which clients read as a server bug
+            # why: a forced stop (a second Ctrl-C, or the graceful wait ending) cancels requests in flight;
+            # uvicorn answered one without a response yet with a plain-text 500, which clients read as a bug
             # to report; it is the service being unavailable, so a retry elsewhere is the right reaction
             if not started:
                 body = schemas.error_body(
