@@ -180,6 +180,7 @@ def test_a_second_ctrl_c_cuts_requests_off_and_is_no_clean_exit(tmp_path, tiny_m
             time.sleep(2.0)
             status = server.signal(signal.SIGINT)
             answer = b""
+            slow.settimeout(30)  # the process has exited: its socket is closed
             while chunk := slow.recv(65536):
                 answer += chunk
         assert status not in (0, None), server.log()
