@@ -1,8 +1,9 @@
-"""ASGI middleware of the inference API: JSON 500s, request metrics, HEAD answered as GET.
+"""ASGI middleware of the inference API: JSON 500s and 503s, request metrics, HEAD answered as GET.
 
 Installed by :func:`install_middleware`, from the innermost out: HEAD is answered like GET
-(:class:`HeadAsGetMiddleware`), unexpected errors become a JSON 500 (:class:`InternalErrorMiddleware`), the
-body limit (:class:`~visreg_hub.serving.security.BodyLimitMiddleware`), metrics (:class:`MetricsMiddleware`),
+(:class:`HeadAsGetMiddleware`), unexpected errors become a JSON 500 and requests cut off by a forced stop a
+JSON 503 (:class:`InternalErrorMiddleware`), the body limit
+(:class:`~visreg_hub.serving.security.BodyLimitMiddleware`), metrics (:class:`MetricsMiddleware`),
 then CORS when configured.
 """
 
