@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from visreg_hub.errors import ImageDecodeError
-from visreg_hub.inference import images
+from visreg_hub.inference import image_files
 from visreg_hub.inference.images import ImageSource, decode_image
 from visreg_hub.inference.inputs import list_image_files
 
@@ -105,7 +105,7 @@ def test_decoding_a_fifo_socket_or_loop_path_names_the_problem(tmp_path):
 def test_a_path_swapped_for_a_fifo_after_the_check_is_refused_without_blocking(tmp_path, monkeypatch):
     """The check and the open are two steps; a FIFO that appears between them must still not block."""
     os.mkfifo(tmp_path / "swapped.jpg")
-    monkeypatch.setattr(images, "file_problem", lambda path: None)  # as if it was a file when checked
+    monkeypatch.setattr(image_files, "file_problem", lambda path: None)  # as if it was a file when checked
     with fifo_guard(tmp_path / "swapped.jpg"), pytest.raises(ImageDecodeError) as caught:
         decode_image(tmp_path / "swapped.jpg")
     assert str(caught.value) == f"{tmp_path / 'swapped.jpg'}: {FIFO_REASON}; only image files are embedded"

@@ -54,7 +54,6 @@ import io
 import logging
 import os
 import re
-import stat
 import struct
 import warnings
 from dataclasses import dataclass
@@ -66,6 +65,8 @@ import torch
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from visreg_hub.errors import ImageDecodeError
+from visreg_hub.inference.image_files import open_regular_file
+from visreg_hub.inference.pixel_arrays import array_to_uint8, high_depth_to_uint8, tensor_to_hwc
 from visreg_hub.models.limits import DEFAULT_MAX_PIXELS
 
 logger = logging.getLogger(__name__)
@@ -106,61 +107,6 @@ class ImageSource:
     payload: Any
     label: str
     error: str | None = None
-
-
-# Why an image-named path cannot be decoded; the folder walks here and in visreg_hub.bulk share them.
-DANGLING_LINK_REASON = "a symlink whose target does not exist; fix or remove the link"
-NOT_REGULAR_REASON = "not a regular file (a FIFO, socket or device); only image files are embedded"
-FILE_NOT_FOUND_REASON = "file not found; check the path"
-
-
-def unreadable_entry_reason(exc: OSError) -> str:
-    """Why a path whose status cannot be read (ELOOP: a symlink loop, EACCES, ...) is not decoded."""
-    return f"cannot read this entry ({exc.strerror or exc}); fix or remove it"
-
-
-def file_problem(path: str | os.PathLike) -> str | None:
-    """Why ``path`` cannot be opened as an image file (without the path), or None: a regular file.
-
-    Links are followed (``os.stat``). Checked before any open: opening a FIFO blocks forever.
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):  # ENOTDIR: a parent in the path is a file
-        return DANGLING_LINK_REASON if os.path.islink(path) else FILE_NOT_FOUND_REASON
-    except OSError as exc:
-        return unreadable_entry_reason(exc)
-    if stat.S_ISDIR(mode):
-        return "is a directory, not an image file; pass the folder to encode() to embed the images in it"
-    if not stat.S_ISREG(mode):
-        return NOT_REGULAR_REASON
-    return None
-
-
-def _open_regular_file(path: Path, label: str) -> io.BufferedReader:
-    """``path`` opened for reading, refused unless it is a regular file (checked by :func:`file_problem`
-    before opening, and on the open descriptor).
-
-    why the non-blocking open: the path may have been replaced by a FIFO since it was checked; opening
-    one in blocking mode waits for a writer, forever. Regular files ignore the flag.
-    """
-    problem = file_problem(path)
-    if problem is not None:
-        raise ImageDecodeError(f"{label}: {problem}")
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-    try:
-        descriptor = os.open(path, flags)
-    except OSError as exc:
-        raise ImageDecodeError(f"{label}: file cannot be read ({exc})") from exc
-    try:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise ImageDecodeError(f"{label}: {NOT_REGULAR_REASON}")
-        if hasattr(os, "set_blocking"):  # back to blocking reads (network filesystems may honour the flag)
-            os.set_blocking(descriptor, True)
-        return os.fdopen(descriptor, "rb")
-    except BaseException:
-        os.close(descriptor)
-        raise
 
 
 # The types that are one image each (a file object too, see is_file_like); anything else is iterated.
@@ -252,9 +198,9 @@ def decode_image(
         except Exception as exc:  # why: a lazily opened PIL image can still hold a corrupt file
             raise ImageDecodeError(f"{source.label}: PIL image could not be loaded: {exc}") from exc
     if isinstance(payload, torch.Tensor):
-        payload = _tensor_to_hwc(payload, source.label)
+        payload = tensor_to_hwc(payload, source.label)
     if isinstance(payload, np.ndarray):
-        image = Image.fromarray(_array_to_uint8(payload, source.label))
+        image = Image.fromarray(array_to_uint8(payload, source.label))
         _check_pixels(image.size, source.label, max_pixels)
         return _to_rgb(image, source.label)
     raise ImageDecodeError(
@@ -336,7 +282,7 @@ def _decode_encoded(
     draft_to: int | None = None,
 ) -> Image.Image:
     if isinstance(payload, Path):
-        fp: Any = _open_regular_file(payload, label)  # closed in the finally below
+        fp: Any = open_regular_file(payload, label)  # closed in the finally below
     else:
         fp = io.BytesIO(payload)
     try:
@@ -422,7 +368,7 @@ def _to_rgb(image: Image.Image, label: str) -> Image.Image:
     """Mode conversion to 8-bit RGB (an RGB input is returned as is)."""
     mode = image.mode
     if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
-        return Image.fromarray(_high_depth_to_uint8(np.asarray(image), mode, label)).convert("RGB")
+        return Image.fromarray(high_depth_to_uint8(np.asarray(image), mode, label)).convert("RGB")
     if mode in _ALPHA_MODES or "transparency" in image.info:
         # Pillow converts premultiplied "La" only to "LA" (un-premultiplying); from there to RGBA
         rgba = (image.convert("LA") if mode == "La" else image).convert("RGBA")
@@ -431,133 +377,3 @@ def _to_rgb(image: Image.Image, label: str) -> Image.Image:
         return image if mode == "RGB" else image.convert("RGB")
     except (ValueError, OSError) as exc:
         raise ImageDecodeError(f"{label}: image mode {mode!r} cannot be converted to RGB ({exc})") from exc
-
-
-def _whole(values: np.ndarray) -> bool:
-    """Every value is a whole number (8-bit levels, or [0, 1] data that is exactly 0 or 1)."""
-    return bool(np.all(values == np.rint(values)))
-
-
-def _high_depth_to_uint8(values: np.ndarray, mode: str, label: str) -> np.ndarray:
-    """(H, W) 16/32-bit integer or float pixel values -> (H, W) uint8 levels.
-
-    Float (F) images: [0, 1] is scaled by 255; [0, 1] data that overshoots (not whole numbers, and either
-    all under 2, a resampling filter's ringing, or at most 1 % of the pixels over 1, highlights) is
-    clipped at 1 first, never read as near-black levels; other values within [0, 255] are 8-bit levels
-    (``L.convert("F")``, and the same image resized or blurred, which leaves fractions), kept as Pillow's
-    own ``convert("RGB")`` (timm's loader) keeps them. Integer (I) images within [0, 255] are 8-bit
-    levels too; up to 65535, 16-bit data scaled by 1/257. Anything else is stretched from its minimum to
-    its maximum.
-    """
-    values = values.astype(np.float64)
-    if not np.isfinite(values).all():
-        raise ImageDecodeError(f"{label}: {mode}-mode image contains NaN or infinite values")
-    low, high = float(values.min()), float(values.max())
-    if mode == "F" and low >= 0.0 and high <= 1.0:
-        scaled = values * 255.0
-    elif mode == "F" and low >= 0.0 and not _whole(values) and (high < 2.0 or (values > 1.0).mean() <= 0.01):
-        scaled = np.minimum(values, 1.0) * 255.0
-    elif mode in ("I", "F") and low >= 0.0 and high <= 255.0:
-        # 8-bit data in a 32-bit container (an 8-bit TIFF written as int32 or float); 16-bit files open as
-        # I;16 instead
-        scaled = values
-    elif mode != "F" and low >= 0.0 and high <= 65535.0:
-        scaled = values / 257.0  # 65535 -> 255 exactly: full 16-bit range, no clipping
-    elif high > low:
-        scaled = (values - low) * (255.0 / (high - low))
-    else:
-        scaled = np.zeros_like(values)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
-META_TENSOR_REASON = (
-    "tensor is on the meta device and holds no pixel values; pass a tensor with data (e.g. on 'cpu')"
-)
-
-
-def _tensor_to_hwc(tensor: torch.Tensor, label: str) -> np.ndarray:
-    if tensor.is_meta:
-        raise ImageDecodeError(f"{label}: {META_TENSOR_REASON}")
-    if not (tensor.dtype in (torch.uint8, torch.uint16) or tensor.is_floating_point()):
-        raise ImageDecodeError(
-            f"{label}: tensor dtype {tensor.dtype} is not supported; pass uint8 (0-255) or float in [0, 1]"
-        )
-    if tensor.ndim == 3:
-        if not 1 <= tensor.shape[0] <= 4:
-            hint = ""
-            if 1 <= tensor.shape[-1] <= 4:
-                hint = "; it looks channels-last, use tensor.permute(2, 0, 1)"
-            shape = tuple(tensor.shape)
-            raise ImageDecodeError(
-                f"{label}: tensor of shape {shape} must be (C, H, W) with 1-4 channels{hint}"
-            )
-        tensor = tensor.permute(1, 2, 0)
-    elif tensor.ndim != 2:
-        raise ImageDecodeError(
-            f"{label}: tensor of shape {tuple(tensor.shape)} must be (H, W), (C, H, W) or (B, C, H, W)"
-        )
-    tensor = tensor.detach().cpu()
-    if tensor.is_floating_point() and tensor.dtype != torch.float64:
-        tensor = tensor.float()  # numpy has no bfloat16
-    array = tensor.numpy()
-    if array.dtype.kind == "f":
-        _check_unit_range(array, label, "tensor")
-    return array
-
-
-def _check_unit_range(array: np.ndarray, label: str, what: str) -> None:
-    if not np.isfinite(array).all():
-        raise ImageDecodeError(f"{label}: float {what} contains NaN or infinite values")
-    if array.size and (array.min() < 0.0 or array.max() > 1.0):
-        low, high = array.min(), array.max()
-        raise ImageDecodeError(
-            f"{label}: float {what} values span [{_exact(low)}, {_exact(high)}] but raw pixels must be in "
-            f"[0, 1]: {_unit_range_hint(float(low), float(high), what)}"
-        )
-
-
-def _exact(value: np.floating) -> str:
-    """``value`` in the shortest form that reads back as the same number of its dtype: 1.0000001 must not
-    print as 1, or the message would say [0, 1] is outside [0, 1]."""
-    if value == 0 or 1e-4 <= abs(value) < 1e6:
-        return np.format_float_positional(value, trim="-")
-    return np.format_float_scientific(value, trim="-")
-
-
-def _unit_range_hint(low: float, high: float, what: str) -> str:
-    """The likely cause of a float image outside [0, 1], and its fix."""
-    if low >= -0.01 and high <= 1.01:  # a hair outside: resampling overshoot (bicubic) or rounding
-        clamp = "tensor.clamp(0, 1)" if what == "tensor" else "np.clip(array, 0, 1)"
-        return f"values just outside the range (e.g. from bicubic resizing) need clamping: pass {clamp}"
-    return "divide 0-255 data by 255; an already normalised (B, C, H, W) batch goes to model(batch) directly"
-
-
-def _array_to_uint8(array: np.ndarray, label: str) -> np.ndarray:
-    """HW / HWC array (uint8, uint16 or float in [0, 1]) -> contiguous uint8 HW / HWC."""
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and not 2 <= array.shape[-1] <= 4):
-        hint = ""
-        if array.ndim == 3:
-            stack = f"; {array.shape[0]} stacked grayscale images? pass array[..., None] ((N, H, W, 1))"
-            first = "; channels-first? use array.transpose(1, 2, 0)" if array.shape[0] <= 4 else ""
-            hint = first + stack
-        raise ImageDecodeError(
-            f"{label}: array of shape {tuple(array.shape)} must be (H, W) or (H, W, C) with C in 1..4, "
-            f"or an (N, H, W, C) batch{hint}"
-        )
-    if array.shape[0] < 1 or array.shape[1] < 1:
-        raise ImageDecodeError(f"{label}: array of shape {tuple(array.shape)} has no pixels")
-    if array.dtype == np.uint8:
-        converted = array
-    elif array.dtype.kind == "u" and array.dtype.itemsize == 2:  # either byte order (FITS, TIFF readers: >u2)
-        converted = np.rint(array / 257.0).astype(np.uint8)
-    elif array.dtype.kind == "f":
-        _check_unit_range(array, label, "array")
-        converted = np.rint(array.astype(np.float64) * 255.0).astype(np.uint8)
-    else:
-        raise ImageDecodeError(
-            f"{label}: array dtype {array.dtype} is not supported; pass uint8 (0-255), uint16 or "
-            "float in [0, 1]"
-        )
-    return np.ascontiguousarray(converted)

@@ -21,17 +21,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from visreg_hub.inference.image_files import DANGLING_LINK_REASON, NOT_REGULAR_REASON, unreadable_entry_reason
 from visreg_hub.inference.images import (
-    DANGLING_LINK_REASON,
     IMAGE_EXTENSIONS,
-    META_TENSOR_REASON,
-    NOT_REGULAR_REASON,
     SINGLE_INPUT_TYPES,
     ImageSource,
     file_object_source,
     is_file_like,
-    unreadable_entry_reason,
 )
+from visreg_hub.inference.pixel_arrays import META_TENSOR_REASON
 
 logger = logging.getLogger(__name__)
 
