@@ -170,6 +170,27 @@ def test_malformed_requests_are_4xx(http, body, expected, param):
     assert response.json()["error"]["message"] and response.json()["error"]["param"] == param
 
 
+@pytest.mark.parametrize(
+    ("inputs", "named"),
+    [
+        (123, "input is a number"),
+        (None, "input is null"),
+        ({"image": "x"}, "input is an object"),
+        (["ok", 7], "input[1] is a number"),
+        ([["x"]], "input[0] is an array"),
+        ([True], "input[0] is a boolean"),
+    ],
+)
+def test_an_input_that_is_no_string_is_named_with_the_fix(http, inputs, named):
+    """pydantic named each union branch ("input.str: Input should be a valid string; input.list[str].0:
+    ..."): neither the item at fault nor what to send. One message now says both."""
+    response = http.post("/v1/embeddings", json={"input": inputs})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert named in error["message"] and "base64" in error["message"] and error["param"] == "input"
+    assert "list[str]" not in error["message"]
+
+
 def test_error_params_name_form_and_path_fields_and_stay_short(http):
     files = [("input", ("a.png", b"x", "image/png"))]
     form = http.post("/v1/embeddings", files=files, data={"dimensions": "0"})

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from visreg_hub.retrieval.records import MAX_ID
 
 # The largest id a client may give: one below int64's maximum, so the index's next id still fits.
 ItemId = Annotated[int, Field(ge=0, le=MAX_ID)]
+
+
+def _json_type(value: Any) -> str:
+    """How a parsed JSON value is named in an error: "a number", "null", "an object", ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, dict):
+        return "an object"
+    return "an array" if isinstance(value, list) else f"a {type(value).__name__}"
 
 
 class _Strict(BaseModel):
@@ -44,6 +58,31 @@ class EmbeddingsRequest(_Strict):
         "others embedded (`data` is then shorter than `input`: pair by `index`); null: the server's "
         "default (`visreg-hub serve --on-error`, 'raise' unless set)",
     )
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _images_are_strings(cls, value: Any) -> Any:
+        """One error naming the bad input and the fix.
+
+        why: pydantic reports a union field once per branch ("input.str: Input should be a valid string;
+        input.list[str].0: Input should be a valid string"), which names neither the item nor what to send.
+        """
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise PydanticCustomError(
+                "images_as_strings",
+                "input is {got}; send an image as a base64 string or data: URL, or a list of them",
+                {"got": _json_type(value)},
+            )
+        for position, item in enumerate(value):
+            if not isinstance(item, str):
+                raise PydanticCustomError(
+                    "images_as_strings",
+                    "input[{position}] is {got}, not a string; send each image as base64 or a data: URL",
+                    {"position": position, "got": _json_type(item)},
+                )
+        return value
 
 
 class Embedding(BaseModel):
