@@ -207,6 +207,31 @@ def test_error_params_name_form_and_path_fields_and_stay_short(http):
     assert huge.status_code == 422 and len(huge.text) < 2_000 and len(huge.json()["error"]["param"]) == 80
 
 
+@pytest.mark.parametrize(
+    ("route", "body", "field"),
+    [
+        ("/v1/search", {"index": "items", "vector": [1.0, 2.0]}, "vector"),  # not the index's width
+        ("/v1/search", {"index": "items", "vector": [float("nan")] * 32}, "vector"),
+        ("/v1/search", {"index": "items", "image": "bm90IGFuIGltYWdl"}, "image"),  # b"not an image"
+        ("/v1/indexes/items/items", {"vectors": [[1.0, 2.0]]}, "vectors"),
+        ("/v1/indexes/items/items", {"vectors": [[1.0] * 32], "metadata": [{}, {}]}, "metadata"),
+        ("/v1/indexes/items/items", {"vectors": [[1.0] * 32], "ids": [1, 2]}, "ids"),
+        ("/v1/indexes/items/items", {"vectors": [[1.0] * 32], "metadata": [{"a": "x" * 2000}]}, "metadata"),
+        ("/v1/indexes/items/items", {"images": ["bm90IGFuIGltYWdl"]}, "images"),
+        ("/v1/indexes/items/items", {"ids": [1]}, "images"),  # neither images nor vectors
+    ],
+)
+def test_refusals_the_route_finds_name_the_field_at_fault(http, route, body, field):
+    """OpenAI's ``param`` named the field only for what pydantic refused; the routes' own checks (a vector
+    of the wrong width, a metadata list of the wrong length, an image that does not decode) left it null."""
+    before = http.get("/v1/indexes/items").json()["count"]
+    response = http.post(
+        route, content=json.dumps(body, allow_nan=True), headers={"Content-Type": "application/json"}
+    )
+    assert 400 <= response.status_code < 500 and response.json()["error"]["param"] == field, response.text
+    assert http.get("/v1/indexes/items").json()["count"] == before  # refused whole: nothing added
+
+
 # ---------------------------------------------------------------------------------------------- limits
 def test_limit_max_body_bytes(http, server):
     big = "A" * (LIMITS.max_body_bytes + 10)

@@ -162,17 +162,20 @@ def _failed_inputs(errors: dict[int, str], count: int) -> ApiError:
     )
 
 
-def _vector_array(service: Service, rows: list[list[float]], dim: int) -> np.ndarray:
+def _vector_array(rows: list[list[float]], dim: int, field: str) -> np.ndarray:
+    """The request's ``field`` (``vectors``, or the search's ``vector`` as one row) -> (N, dim) float32."""
     try:
         array = np.asarray(rows, dtype=np.float32)
     except (ValueError, OverflowError, TypeError):
-        raise ApiError(422, f"vectors must be lists of {dim} numbers each") from None
+        raise ApiError(422, f"vectors must be lists of {dim} numbers each", param=field) from None
     if array.ndim != 2 or array.shape[1] != dim:
         raise ApiError(
-            422, f"vectors must have {dim} numbers each (the index's dim), got shape {array.shape}"
+            422,
+            f"vectors must have {dim} numbers each (the index's dim), got shape {array.shape}",
+            param=field,
         )
     if not np.isfinite(array).all():
-        raise ApiError(422, "vectors contain NaN or infinite values (or numbers beyond float32)")
+        raise ApiError(422, "vectors contain NaN or infinite values (or numbers beyond float32)", param=field)
     return array
 
 
@@ -340,17 +343,19 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
             raise ApiError(422, "send exactly one of 'image' (base64) or 'vector'", param="image")
         model = service.index_models[body.index]
         if body.vector is not None:
-            query = await asyncio.to_thread(_vector_array, service, [body.vector], store.index.dim)
+            query = await asyncio.to_thread(_vector_array, [body.vector], store.index.dim, "vector")
         else:
             if model is None:
                 raise ApiError(422, service.index_problems.get(
                     body.index, f"index {body.index!r} matches no served model; query it with 'vector'"
-                ))  # fmt: skip
+                ), param="image")  # fmt: skip
             payloads, errors = decode_strings([body.image])
             vectors = await _embed(request, service, model, payloads, errors)
             if not vectors:
                 raise ApiError(
-                    422, f"the query image could not be embedded: {errors.get(0, 'unknown error')}"
+                    422,
+                    f"the query image could not be embedded: {errors.get(0, 'unknown error')}",
+                    param="image",
                 )
             query = vectors[0][None, :]
         try:
@@ -379,18 +384,19 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
         body = await json_request(request, service, schemas.AddItemsRequest)
         store = service.index(name)
         if (body.images is None) == (body.vectors is None):
-            raise ApiError(422, "send exactly one of 'images' (base64 list) or 'vectors'")
+            raise ApiError(422, "send exactly one of 'images' (base64 list) or 'vectors'", param="images")
         count = len(body.images if body.images is not None else body.vectors)
         check_count(service, count, "items")
         for what, values in (("metadata", body.metadata), ("ids", body.ids)):
             if values is not None and len(values) != count:
-                raise ApiError(422, f"{what} has {len(values)} entries for {count} items; send one per item")
+                message = f"{what} has {len(values)} entries for {count} items; send one per item"
+                raise ApiError(422, message, param=what)
         for i, meta in enumerate(body.metadata or []):
             # first what JSON cannot give back (deep nesting broke every later search with a 500; an unpaired
             # surrogate cannot even be measured in UTF-8), then the size
             problem = None if meta is None else metadata_problem(meta)
             if problem is not None:
-                raise ApiError(422, f"metadata[{i}] {problem}")
+                raise ApiError(422, f"metadata[{i}] {problem}", param="metadata")
             size = len(json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
             if meta is not None and size > limits.max_metadata_bytes:
                 raise ApiError(
@@ -398,21 +404,24 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
                     f"metadata[{i}] is {size:,} bytes of JSON, above max_metadata_bytes="
                     f"{limits.max_metadata_bytes:,}; store large data elsewhere and keep a key here",
                     limit="max_metadata_bytes",
+                    param="metadata",
                 )
         if body.vectors is not None:
-            vectors = await asyncio.to_thread(_vector_array, service, body.vectors, store.index.dim)
+            vectors = await asyncio.to_thread(_vector_array, body.vectors, store.index.dim, "vectors")
         else:
             model = service.index_models[name]
             if model is None:
                 raise ApiError(422, service.index_problems.get(
                     name, f"index {name!r} matches no served model; add 'vectors' instead"
-                ))  # fmt: skip
+                ), param="images")  # fmt: skip
             payloads, errors = decode_strings(body.images)
             embedded = await _embed(request, service, model, payloads, errors)
             if errors:
                 listed = "; ".join(errors[i] for i in sorted(errors)[:3])
                 raise ApiError(
-                    422, f"{len(errors)} of {count} images could not be embedded, nothing was added: {listed}"
+                    422,
+                    f"{len(errors)} of {count} images could not be embedded, nothing was added: {listed}",
+                    param="images",
                 )
             vectors = np.stack([embedded[i] for i in range(count)])
         try:
