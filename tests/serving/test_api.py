@@ -404,6 +404,7 @@ def test_index_add_search_delete(http, model, fmnist_images):
     assert by_vector.json()["hits"][0]["id"] == ids[4]
     info = http.get("/v1/indexes/items").json()
     assert info["dim"] == 32 and info["model"] == "tiny" and info["count"] >= len(images)
+    assert http.get("/v1/indexes").json() == {"object": "list", "data": [info]}  # each as its own route says
     for loose in (f"+{ids[4]}", f"0{ids[4]}", f"{ids[4]}.0", f"%20{ids[4]}"):  # not the id, spelt otherwise
         assert http.delete(f"/v1/indexes/items/items/{loose}").status_code == 422, loose
     assert http.delete(f"/v1/indexes/items/items/{ids[4]}").status_code == 200
@@ -747,8 +748,8 @@ def test_head_answers_every_get_route_like_get_with_headers_only(server, http):
     """HEAD /v1/models was a 405 while GET worked (FastAPI answers only declared methods; /health and /ready
     had hand-written HEAD routes), and a HEAD on an unknown path was 405, not GET's 404 (RFC 9110 9.3.2:
     HEAD is GET without the body)."""
-    for path in ("/health", "/ready", "/v1/models", "/v1/models/tiny", "/v1/indexes/items", "/openapi.json",
-                 "/docs", "/metrics", "/nope", "/v1/models/nope"):  # fmt: skip
+    for path in ("/health", "/ready", "/v1/models", "/v1/models/tiny", "/v1/indexes", "/v1/indexes/items",
+                 "/openapi.json", "/docs", "/metrics", "/nope", "/v1/models/nope"):  # fmt: skip
         got, head = http.get(path), http.head(path)
         assert head.status_code == got.status_code, path
         assert head.content == b"" and got.content, path

@@ -86,6 +86,7 @@ def test_search_add_remove_mirror_the_index(setup, fmnist_images):
     assert client.remove("gallery", int(ids[0])) is True
     assert client.remove("gallery", int(ids[0])) is False
     assert client.index_info("gallery")["count"] == 9
+    assert client.indexes() == [client.index_info("gallery")]  # GET /v1/indexes lists each as its own route
     assert client.models()[0]["id"] == "tiny"
 
 

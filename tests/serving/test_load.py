@@ -169,6 +169,9 @@ def test_api_keys_on(model, fmnist_images, tmp_path):
             ok = httpx.post(url, json=payload, headers={"Authorization": f"Bearer {key}"}, timeout=30)
             assert ok.status_code == 200
         assert httpx.get(server.url + "/v1/models").status_code == 401
+        assert httpx.get(server.url + "/v1/indexes").status_code == 401
+        listed = httpx.get(server.url + "/v1/indexes", headers={"Authorization": "Bearer plain-key-two"})
+        assert listed.json() == {"object": "list", "data": []}  # a server started without --index
         assert httpx.get(server.url + "/metrics").status_code == 401
         assert httpx.get(server.url + "/health").status_code == 200  # probes stay open
         assert httpx.get(server.url + "/ready").json() == {"status": "ready"}  # names only behind the key

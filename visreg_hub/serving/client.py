@@ -272,6 +272,10 @@ class Client:
     def index_info(self, index: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/indexes/{index}")
 
+    def indexes(self) -> list[dict[str, Any]]:
+        """The served indexes: name, count, dim, model, metric, kind, ... (as :meth:`index_info` gives)."""
+        return self.request("GET", "/v1/indexes")["data"]
+
     def models(self) -> list[dict[str, Any]]:
         return self.request("GET", "/v1/models")["data"]
 

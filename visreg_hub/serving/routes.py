@@ -458,15 +458,7 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
             raise ApiError(404, f"index {name!r} has no item {item_id}", kind="not_found")
         return schemas.DeleteItemResponse(index=name, id=item_id, deleted=True, count=len(store))
 
-    @app.get(
-        "/v1/indexes/{name}",
-        tags=["indexes"],
-        response_model=schemas.IndexInfo,
-        dependencies=auth,
-        responses=_ERRORS,
-        summary="count, dim and model of an index",
-    )
-    async def index_info(name: str) -> schemas.IndexInfo:
+    def describe(name: str) -> schemas.IndexInfo:
         store = service.index(name)
         index = store.index
         return schemas.IndexInfo(
@@ -479,3 +471,25 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
             normalize=index.normalize,
             snapshot_error=store.snapshot_error,
         )
+
+    @app.get(
+        "/v1/indexes",
+        tags=["indexes"],
+        response_model=schemas.IndexList,
+        dependencies=auth,
+        responses=_ERRORS,
+        summary="the served indexes, as GET /v1/indexes/{name} describes each",
+    )
+    async def list_indexes() -> schemas.IndexList:
+        return schemas.IndexList(data=[describe(name) for name in service.indexes])
+
+    @app.get(
+        "/v1/indexes/{name}",
+        tags=["indexes"],
+        response_model=schemas.IndexInfo,
+        dependencies=auth,
+        responses=_ERRORS,
+        summary="count, dim and model of an index",
+    )
+    async def index_info(name: str) -> schemas.IndexInfo:
+        return describe(name)

@@ -170,6 +170,11 @@ class IndexInfo(BaseModel):
     )
 
 
+class IndexList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[IndexInfo]
+
+
 class ModelInfo(BaseModel):
     id: str
     object: Literal["model"] = "model"
