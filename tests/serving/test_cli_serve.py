@@ -48,12 +48,12 @@ def test_default_model_is_bundled_and_the_demos_photo_model():
     [
         (["serve", "--index", "noequals"], "NAME=FOLDER"),
         (["serve", "--index", "bad/name=x"], "letters, digits"),
-        (["serve", "--api-keys", "/nonexistent/keys"], "cannot read --api-keys"),
+        (["serve", "--api-keys", "{tmp}/missing-keys"], "cannot read --api-keys"),
         (["serve", "--model", "a=x", "--model", "a=y"], "unique"),
     ],
 )
-def test_bad_flags_give_one_line(argv, message, capsys):
-    assert main(argv) == 1
+def test_bad_flags_give_one_line(argv, message, capsys, tmp_path):
+    assert main([arg.format(tmp=tmp_path) for arg in argv]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 

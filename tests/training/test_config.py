@@ -7,6 +7,7 @@ defaults (written out here, not read from the presets), so a typo in a preset fa
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -181,9 +182,10 @@ def test_batch_plan_gives_accumulation_or_a_clear_error():
         batch_plan(config, 3)
 
 
-def test_missing_data_folder_is_reported():
-    config = load_config(PRESETS / "vit-b16-in1k.yaml", ["data.path=/nonexistent/imagenet"])
-    with pytest.raises(ConfigError, match=r"data\.path='/nonexistent/imagenet' does not exist"):
+def test_missing_data_folder_is_reported(tmp_path):
+    missing = tmp_path / "imagenet"
+    config = load_config(PRESETS / "vit-b16-in1k.yaml", [f"data.path={missing}"])
+    with pytest.raises(ConfigError, match=rf"data\.path='{re.escape(str(missing))}' does not exist"):
         check_paths(config)
 
 
@@ -197,13 +199,14 @@ def _run_pretrain(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     "overrides,fragment",
     [
         (["optim.lrr=1e-3"], "unknown config key 'optim.lrr'"),
-        (["data.path=/nonexistent/images"], "does not exist"),
+        (["data.path={tmp}/missing"], "does not exist"),
         (["train.global_batch_size=60"], "not a multiple"),
     ],
 )
 def test_cli_config_errors_exit_nonzero_before_creating_anything(tmp_path, overrides, fragment):
     output = tmp_path / "run"
     config = PRESETS / "fmnist-fixture-cpu.yaml"
+    overrides = [item.format(tmp=tmp_path) for item in overrides]  # a missing path of this test's own
     result = _run_pretrain(tmp_path, "--config", str(config), f"train.output_dir={output}", *overrides)
     assert result.returncode == 2
     assert fragment in result.stderr

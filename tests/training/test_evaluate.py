@@ -206,9 +206,10 @@ def test_long_tail_groups_partition_the_test_accuracy(model_folder, tmp_path):
     assert total == pytest.approx(results["linear"]["accuracy"])
 
 
-def test_missing_split_is_a_clear_error(model_folder, capsys):
-    code = evaluate.main([str(model_folder), "--data", "folder", "--train", "/nonexistent", "--test", TEST])
-    assert code == 2 and "--train '/nonexistent' does not exist" in capsys.readouterr().err
+def test_missing_split_is_a_clear_error(model_folder, tmp_path, capsys):
+    missing = tmp_path / "missing"  # not a fixed path such as /nonexistent: a machine may have it
+    code = evaluate.main([str(model_folder), "--data", "folder", "--train", str(missing), "--test", TEST])
+    assert code == 2 and f"--train '{missing}' does not exist" in capsys.readouterr().err
 
 
 def test_probe_pooling_chooses_the_tap_on_validation(model_folder, tmp_path):
