@@ -682,6 +682,10 @@ def test_a_base64_text_part_in_a_form_is_refused_by_name(http, fmnist_images):
     response = http.post("/v1/embeddings", files=[("model", (None, "tiny"))], data={"input": image})
     assert response.status_code == 422, response.text
     assert "form field 'input' holds text, not a file" in response.json()["error"]["message"]
+    assert response.json()["error"]["param"] == "input"
+    png = ("a.png", png_bytes(fmnist_images[0]), "image/png")
+    unknown = http.post("/v1/embeddings", files=[("input", png)], data={"modle": "tiny"})
+    assert unknown.status_code == 422 and unknown.json()["error"]["param"] == "modle", unknown.text
 
 
 def test_text_and_deeply_nested_json_get_their_own_messages(http):

@@ -183,11 +183,12 @@ async def parse_embeddings_request(request: Request, service: Service) -> EmbedJ
     if texts:
         raise ApiError(
             422, f"form field {texts[0]!r} holds text, not a file: send each image as a file part "
-            f"(curl -F {texts[0]}=@photo.jpg), or base64 strings in a JSON body"
+            f"(curl -F {texts[0]}=@photo.jpg), or base64 strings in a JSON body", param=texts[0]
         )  # fmt: skip
     unknown = sorted({key for key in form if key not in _FORM_FIELDS})
     if unknown:
-        raise ApiError(422, f"unknown form fields {shown(unknown)}; send images as 'input' file fields")
+        message = f"unknown form fields {shown(unknown)}; send images as 'input' file fields"
+        raise ApiError(422, message, param=unknown[0][:80])  # a client's name, cut as JSON fields' are
     model = form.get("model")
     encoding = form.get("encoding_format") or "float"
     on_error = form.get("on_error") or service.config.on_error
