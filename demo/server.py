@@ -178,6 +178,8 @@ def combined_app(
         max_batch_size=max_batch_size,
         limits=limits,
         draft_decode=True,
+        without_indexes="none over HTTP (the demo searches its galleries in its page; "
+        "`visreg-hub serve --index NAME=FOLDER` serves an index to /v1/search)",
     )
     app = create_app(config)
     api = app.state.service

@@ -31,6 +31,10 @@ def test_the_demo_serves_the_api(demo_server, demo_model, demo_model_dir):
     assert "openapi" in httpx.get(base + "/openapi.json", timeout=10).json()
     metrics = httpx.get(base + "/metrics", timeout=10).text
     assert 'visreg_requests_total{method="POST",route="/v1/embeddings",status="200"}' in metrics
+    # the galleries are the page's, not the API's: a search over HTTP says where they are searched
+    assert httpx.get(base + "/v1/indexes", timeout=10).json()["data"] == []
+    search = httpx.post(base + "/v1/search", json={"index": "bundled", "vector": [0.0]}, timeout=10)
+    assert search.status_code == 404 and "the demo searches its galleries in its page" in search.text
 
 
 def test_the_api_keeps_the_demos_file_size_limit(demo_server, demo_model, demo_model_dir):

@@ -172,6 +172,9 @@ def test_api_keys_on(model, fmnist_images, tmp_path):
         assert httpx.get(server.url + "/v1/indexes").status_code == 401
         listed = httpx.get(server.url + "/v1/indexes", headers={"Authorization": "Bearer plain-key-two"})
         assert listed.json() == {"object": "list", "data": []}  # a server started without --index
+        missing = httpx.post(server.url + "/v1/search", json={"index": "x", "vector": [0.0]},
+                             headers={"Authorization": "Bearer plain-key-two"})  # fmt: skip
+        assert missing.status_code == 404 and "`visreg-hub serve --index NAME=FOLDER`" in missing.text
         assert httpx.get(server.url + "/metrics").status_code == 401
         assert httpx.get(server.url + "/health").status_code == 200  # probes stay open
         assert httpx.get(server.url + "/ready").json() == {"status": "ready"}  # names only behind the key

@@ -95,6 +95,8 @@ class ServeConfig:
             say: ``"raise"`` (default, OpenAI's behaviour: the request fails with a 422 listing every
             failure, so ``data`` always pairs with ``input`` by position) or ``"skip"`` (the others are
             embedded and the failures listed in ``errors``).
+        without_indexes: how an unknown index's 404 explains a server that serves none (the demo says
+            where its galleries are searched instead).
     """
 
     models: tuple[ModelSpec, ...]
@@ -109,6 +111,9 @@ class ServeConfig:
     snapshot_every: int = 10_000
     draft_decode: bool = False
     on_error: str = "raise"
+    without_indexes: str = (
+        "none (this server was started without indexes; `visreg-hub serve --index NAME=FOLDER` serves one)"
+    )
 
     def __post_init__(self) -> None:
         if not self.models:

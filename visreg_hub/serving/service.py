@@ -184,10 +184,7 @@ class Service:
 
     def index(self, name: str) -> DurableIndex:
         if name not in self.indexes:
-            known = ", ".join(sorted(self.indexes)) or (
-                "none (this server was started without indexes; `visreg-hub serve --index NAME=FOLDER` "
-                "serves one)"
-            )
+            known = ", ".join(sorted(self.indexes)) or self.config.without_indexes
             raise ApiError(404, f"unknown index {shown(name)}; served indexes: {known}", kind="not_found")
         return self.indexes[name]
 
