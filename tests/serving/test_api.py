@@ -468,9 +468,15 @@ def test_a_full_disk_is_a_507_naming_the_storage_and_changes_nothing(
             error = answer.json()["error"]
             assert error["code"] == "storage_full" and "No space left on device" in error["message"]
             assert "nothing was changed" in error["message"]
+        # an operator sees it while it lasts; reads go on (ready stays up: searches still work)
+        info = client.get("/v1/indexes/full").json()
+        assert info["write_error"] == "OSError: No space left on device" and info["count"] == 1
+        assert client.get("/ready").status_code == 200
+        assert client.post("/v1/search", json={"index": "full", "vector": vector, "k": 1}).status_code == 200
         monkeypatch.undo()
         assert client.get("/v1/indexes/full").json()["count"] == 1
         assert client.delete(f"/v1/indexes/full/items/{kept}").status_code == 200
+        assert client.get("/v1/indexes").json()["data"][0]["write_error"] is None  # cleared by a write
 
 
 def test_add_refuses_bad_images_and_duplicate_ids(http, fmnist_images):

@@ -470,6 +470,7 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
             kind=index.kind,
             normalize=index.normalize,
             snapshot_error=store.snapshot_error,
+            write_error=store.write_error,
         )
 
     @app.get(

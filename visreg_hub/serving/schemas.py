@@ -168,6 +168,11 @@ class IndexInfo(BaseModel):
         description="why the last snapshot failed (a full disk), until one succeeds; changes are still "
         "committed to the write-ahead log meanwhile",
     )
+    write_error: str | None = Field(
+        None,
+        description="why the last add or delete could not be written to the log (a full disk: it was "
+        "refused with a 507 and changed nothing), until one is written; searches still work meanwhile",
+    )
 
 
 class IndexList(BaseModel):

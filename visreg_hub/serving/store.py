@@ -87,6 +87,7 @@ class DurableIndex:
         # log records at which add/remove next try a snapshot; a failed one waits another snapshot_every
         self._snapshot_at = self.snapshot_every
         self.snapshot_error: str | None = None  # why the last snapshot failed, until one succeeds
+        self.write_error: str | None = None  # why the last change could not be logged, until one is
         self._lock = threading.Lock()
         try:
             self._open(new_index, prepare)
@@ -234,7 +235,7 @@ class DurableIndex:
         with self._lock:
             pending = self.index.validate_add(vectors, metadata, ids)
             record = LogRecord("add", pending.ids, vectors, list(metadata) if metadata is not None else None)
-            self._log.append(record)  # durable from here on
+            self._append(record)  # durable from here on
             self._apply(record)
             self._maybe_snapshot()
         return pending.ids
@@ -246,10 +247,20 @@ class DurableIndex:
             present = [i for i in dict.fromkeys(wanted) if i in self._ids]
             if present:
                 record = LogRecord("remove", np.asarray(present, dtype=np.int64))
-                self._log.append(record)
+                self._append(record)
                 self._apply(record)
                 self._maybe_snapshot()
         return present
+
+    def _append(self, record: LogRecord) -> None:
+        """Log ``record`` (fsynced); an OSError (a full disk, a quota) is kept in :attr:`write_error`
+        until a change is logged again, so GET /v1/indexes shows it while /ready stays up for reads."""
+        try:
+            self._log.append(record)
+        except OSError as exc:
+            self.write_error = f"{type(exc).__name__}: {exc.strerror or exc}"
+            raise
+        self.write_error = None
 
     @property
     def next_id(self) -> int:
