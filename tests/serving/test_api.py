@@ -514,6 +514,12 @@ def test_openapi_schema_is_valid(http):
         assert path in spec["paths"], path
     content = spec["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]
     assert set(content) == {"application/json", "multipart/form-data"}
+    paths += ["/v1/indexes"]
+    for path in paths:  # every error the routes answer is documented, 503 (stopping) included
+        for operation in spec["paths"][path].values():
+            documented = set(operation["responses"])
+            if path not in ("/health", "/ready", "/metrics"):
+                assert {"400", "422", "503"} <= documented, (path, documented)
 
 
 def test_cors_is_off_by_default(http):

@@ -38,7 +38,10 @@ from visreg_hub.serving.service import ApiError, Service
 
 logger = logging.getLogger(__name__)
 
-_ERRORS = {status: {"model": schemas.ErrorResponse} for status in (400, 401, 404, 408, 413, 415, 422, 429)}
+# every JSON error a route can answer (503: the server is stopping; a forced stop cuts requests off with it)
+_ERRORS = {
+    status: {"model": schemas.ErrorResponse} for status in (400, 401, 404, 408, 413, 415, 422, 429, 503)
+}
 _STORE_ERRORS = {**_ERRORS, 507: {"model": schemas.ErrorResponse}}
 
 
