@@ -405,10 +405,16 @@ def test_index_add_search_delete(http, model, fmnist_images):
     info = http.get("/v1/indexes/items").json()
     assert info["dim"] == 32 and info["model"] == "tiny" and info["count"] >= len(images)
     assert http.get("/v1/indexes").json() == {"object": "list", "data": [info]}  # each as its own route says
+    for position, item_id in enumerate(ids):  # each item's metadata, as a hit carries it
+        item = http.get(f"/v1/indexes/items/items/{item_id}")
+        assert item.json() == {"index": "items", "id": item_id, "metadata": {"n": position}}, item.text
     for loose in (f"+{ids[4]}", f"0{ids[4]}", f"{ids[4]}.0", f"%20{ids[4]}"):  # not the id, spelt otherwise
         assert http.delete(f"/v1/indexes/items/items/{loose}").status_code == 422, loose
+        assert http.get(f"/v1/indexes/items/items/{loose}").status_code == 422, loose
     assert http.delete(f"/v1/indexes/items/items/{ids[4]}").status_code == 200
     assert http.delete(f"/v1/indexes/items/items/{ids[4]}").status_code == 404
+    gone = http.get(f"/v1/indexes/items/items/{ids[4]}")
+    assert gone.status_code == 404 and "has no item" in gone.json()["error"]["message"]
     assert http.head("/health").status_code == 200 and http.head("/ready").status_code == 200
     after = http.post("/v1/search", json={"index": "items", "vector": reference[4].tolist(), "k": 50})
     assert ids[4] not in [h["id"] for h in after.json()["hits"]]

@@ -83,6 +83,7 @@ def test_search_add_remove_mirror_the_index(setup, fmnist_images):
         np.testing.assert_array_equal(got.ids, expected.ids)
         np.testing.assert_allclose(got.scores, expected.scores, rtol=1e-5, atol=1e-6)
         assert got.metadata == expected.metadata
+    assert [client.metadata("gallery", i) for i in ids.tolist()] == [{"n": i} for i in range(10)]
     assert client.remove("gallery", int(ids[0])) is True
     assert client.remove("gallery", int(ids[0])) is False
     assert client.index_info("gallery")["count"] == 9

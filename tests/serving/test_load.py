@@ -170,6 +170,7 @@ def test_api_keys_on(model, fmnist_images, tmp_path):
             assert ok.status_code == 200
         assert httpx.get(server.url + "/v1/models").status_code == 401
         assert httpx.get(server.url + "/v1/indexes").status_code == 401
+        assert httpx.get(server.url + "/v1/indexes/x/items/1").status_code == 401  # the key comes first
         listed = httpx.get(server.url + "/v1/indexes", headers={"Authorization": "Bearer plain-key-two"})
         assert listed.json() == {"object": "list", "data": []}  # a server started without --index
         missing = httpx.post(server.url + "/v1/search", json={"index": "x", "vector": [0.0]},

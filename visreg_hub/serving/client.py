@@ -269,6 +269,11 @@ class Client:
             raise
         return True
 
+    def metadata(self, index: str, item_id: int) -> dict[str, Any] | None:
+        """The metadata stored with one item (None when it was added without); raises
+        :class:`ServerError` (404) when the index has no such id."""
+        return self.request("GET", f"/v1/indexes/{index}/items/{int(item_id)}")["metadata"]
+
     def index_info(self, index: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/indexes/{index}")
 

@@ -437,6 +437,29 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
             raise _storage_error(name, exc) from None
         return schemas.AddItemsResponse(index=name, ids=[int(i) for i in ids], count=len(store))
 
+    def checked_id(item_id: str) -> int:
+        # why a string: an int path parameter also took "+1", "01", "1.0" and " 1" as item 1
+        if int(item_id) > MAX_ID:
+            raise ApiError(422, f"item id {item_id} is above the largest id {MAX_ID}", param="item_id")
+        return int(item_id)
+
+    decimal_id = Path(pattern=r"^(0|[1-9][0-9]{0,18})$", description="a decimal id")
+
+    @app.get(
+        "/v1/indexes/{name}/items/{item_id}",
+        tags=["indexes"],
+        dependencies=auth,
+        response_model=schemas.ItemResponse,
+        responses=_ERRORS,
+        summary="one item's metadata, as search hits carry it",
+    )
+    async def get_item(name: str, item_id: str = decimal_id) -> schemas.ItemResponse:
+        item_id = checked_id(item_id)
+        present, metadata = service.index(name).metadata_of(item_id)
+        if not present:
+            raise ApiError(404, f"index {name!r} has no item {item_id}", kind="not_found")
+        return schemas.ItemResponse(index=name, id=item_id, metadata=metadata)
+
     @app.delete(
         "/v1/indexes/{name}/items/{item_id}",
         tags=["indexes"],
@@ -445,13 +468,8 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
         responses=_STORE_ERRORS,
         summary="remove one item; acknowledged once durable",
     )
-    async def delete_item(
-        name: str, item_id: str = Path(pattern=r"^(0|[1-9][0-9]{0,18})$", description="a decimal id")
-    ) -> schemas.DeleteItemResponse:
-        # why a string: an int path parameter also took "+1", "01", "1.0" and " 1" as item 1
-        if int(item_id) > MAX_ID:
-            raise ApiError(422, f"item id {item_id} is above the largest id {MAX_ID}", param="item_id")
-        item_id = int(item_id)
+    async def delete_item(name: str, item_id: str = decimal_id) -> schemas.DeleteItemResponse:
+        item_id = checked_id(item_id)
         store = service.index(name)
         try:
             removed = await asyncio.to_thread(store.remove, [item_id])

@@ -146,6 +146,12 @@ class AddItemsResponse(BaseModel):
     count: int
 
 
+class ItemResponse(BaseModel):
+    index: str
+    id: int
+    metadata: dict[str, Any] | None
+
+
 class DeleteItemResponse(BaseModel):
     index: str
     id: int

@@ -262,6 +262,13 @@ class DurableIndex:
             raise
         self.write_error = None
 
+    def metadata_of(self, item_id: int) -> tuple[bool, dict | None]:
+        """(present, metadata) of one item, under the lock: (False, None) when the index has no such id."""
+        with self._lock:
+            if item_id not in self._ids:
+                return False, None
+            return True, self.index.get_metadata([item_id])[0]
+
     @property
     def next_id(self) -> int:
         """The next id handed out when an add names none (the index's counter; it only grows)."""
