@@ -455,7 +455,8 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
     )
     async def get_item(name: str, item_id: str = decimal_id) -> schemas.ItemResponse:
         item_id = checked_id(item_id)
-        present, metadata = service.index(name).metadata_of(item_id)
+        # in a thread: the store's lock can be held through an add's fsync or a snapshot (seconds)
+        present, metadata = await asyncio.to_thread(service.index(name).metadata_of, item_id)
         if not present:
             raise ApiError(404, f"index {name!r} has no item {item_id}", kind="not_found")
         return schemas.ItemResponse(index=name, id=item_id, metadata=metadata)
