@@ -161,8 +161,14 @@ def build_index(
     if not good:
         first = next(iter(failed.values()))
         raise GalleryError(f"no gallery image in {root} could be decoded; first error: {first}")
+    # normalize: queries too are L2-normalised, so scores are cosines whatever a vector query's length
+    # (the API's vector queries; the page's are unit already)
     index = EmbeddingIndex(
-        model.embedding_dim(), metric="ip", model_name=model_name, pooling=model.config.pooling
+        model.embedding_dim(),
+        metric="ip",
+        normalize=True,
+        model_name=model_name,
+        pooling=model.config.pooling,
     )
     # names that are not UTF-8 are stored readable, with their bytes (ids still map to files[i])
     metadata = [{**name_fields(files[i].relpath), "label": split_name(label_of(files[i].relpath))[0]}
@@ -193,6 +199,7 @@ def load_or_build(
     if folder.is_dir():
         try:
             index = EmbeddingIndex.load(folder)
+            index.normalize = True  # as build_index makes it (entries cached before it did lack the flag)
             info = json.loads((folder / INFO_NAME).read_text(encoding="utf-8"))
             if info.get("key") != key:
                 raise CheckpointError(f"{folder / INFO_NAME} records another key")

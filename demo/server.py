@@ -14,6 +14,7 @@ import logging
 import re
 from typing import Any
 
+from demo.gallery_api import attach_galleries
 from demo.service import DemoService, UserInputError
 from visreg_hub.errors import shown
 from visreg_hub.serving.app import create_app
@@ -166,7 +167,7 @@ def combined_app(
     every embedding (:func:`mount_ui` holds the page's routes to the same deadline). JPEG uploads far
     larger than a model's input are decoded at a reduced size (``draft_decode``), in the API as in the
     UI, so camera photos pass ``max_pixels``; their embeddings are close to, not equal to, ``encode()``'s
-    of the full decode.
+    of the full decode. The galleries are the API's indexes, read-only (:mod:`demo.gallery_api`).
     """
     specs, names = model_specs(service)
     limits = limits or Limits(
@@ -178,11 +179,10 @@ def combined_app(
         max_batch_size=max_batch_size,
         limits=limits,
         draft_decode=True,
-        without_indexes="none over HTTP (the demo searches its galleries in its page; "
-        "`visreg-hub serve --index NAME=FOLDER` serves an index to /v1/search)",
     )
     app = create_app(config)
     api = app.state.service
+    attach_galleries(api, service, names)  # read-only: /v1/search finds what the page finds
     by_source = {spec.source: spec.name for spec in specs}
 
     def load(source: str):

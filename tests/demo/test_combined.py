@@ -14,7 +14,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from tests.demo.conftest import EXAMPLES, SERVER_MAX_FILE_SIZE, SERVER_MAX_PIXELS
+from tests.demo.conftest import BUNDLED_GALLERY, EXAMPLES, SERVER_MAX_FILE_SIZE, SERVER_MAX_PIXELS
+from visreg_hub.inference import list_image_files
 
 
 def test_the_demo_serves_the_api(demo_server, demo_model, demo_model_dir):
@@ -31,10 +32,68 @@ def test_the_demo_serves_the_api(demo_server, demo_model, demo_model_dir):
     assert "openapi" in httpx.get(base + "/openapi.json", timeout=10).json()
     metrics = httpx.get(base + "/metrics", timeout=10).text
     assert 'visreg_requests_total{method="POST",route="/v1/embeddings",status="200"}' in metrics
-    # the galleries are the page's, not the API's: a search over HTTP says where they are searched
-    assert httpx.get(base + "/v1/indexes", timeout=10).json()["data"] == []
-    search = httpx.post(base + "/v1/search", json={"index": "bundled", "vector": [0.0]}, timeout=10)
-    assert search.status_code == 404 and "the demo searches its galleries in its page" in search.text
+
+
+def _embedded_total(base: str) -> float:
+    """Images the server has embedded so far, over every model (its Prometheus counter)."""
+    text = httpx.get(base + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("visreg_items_embedded_total{"))  # fmt: skip
+
+
+def test_the_api_searches_the_galleries_the_page_searches(
+    demo_server, demo_model, demo_model_dir, demo_gallery
+):
+    """Every gallery of the menu is a read-only index of /v1/search, with the model the page pairs it
+    with; hits and scores against a numpy brute force over ``encode()`` of the gallery files."""
+    base = demo_server.url.rstrip("/")
+    listed = {info["name"]: info for info in httpx.get(base + "/v1/indexes", timeout=120).json()["data"]}
+    assert list(listed) == ["gallery", "bundled-photos", "bundled"]  # no server path among the names
+    assert all(info["normalize"] and info["metric"] == "ip" for info in listed.values())  # cosine scores
+    assert [(info["model"], info["dim"]) for info in listed.values()] == [
+        (demo_model_dir.name, demo_model.embedding_dim()),
+        ("vit-tiny-p8-colour", 256),
+        ("vit-tiny-p4-fmnist", 512),
+    ]
+    files = list_image_files(demo_gallery)
+    good = [i for i, f in enumerate(files) if f.parent.name != "broken"]  # the truncated file is left out
+    assert listed["gallery"]["count"] == len(good) and listed["bundled"]["count"] == len(
+        list_image_files(BUNDLED_GALLERY)
+    )
+    gallery = demo_model.encode([files[i] for i in good], convert_to_numpy=True).astype(np.float64)
+    payload = (EXAMPLES / "Trouser_216.png").read_bytes()
+    query = demo_model.encode(payload, convert_to_numpy=True).astype(np.float64)
+    scores = gallery @ query
+    order = np.argsort(-scores)[:5]
+
+    def search(**body):
+        return httpx.post(base + "/v1/search", json={"index": "gallery", "k": 5, **body}, timeout=60)
+
+    for answer in (search(image=base64.b64encode(payload).decode()), search(vector=(3.0 * query).tolist())):
+        assert answer.status_code == 200, answer.text
+        hits = answer.json()["hits"]
+        assert answer.json()["model"] == demo_model_dir.name
+        np.testing.assert_allclose([h["score"] for h in hits], scores[order], atol=1e-5)  # cosine, any length
+        assert [h["id"] for h in hits] == [good[j] for j in order]
+        assert [h["metadata"] for h in hits] == [
+            {"path": files[h["id"]].relative_to(demo_gallery).as_posix(), "label": files[h["id"]].parent.name}
+            for h in hits
+        ]
+    assert search(vector=[0.0] * demo_model.embedding_dim()).status_code == 422
+    item = httpx.get(base + f"/v1/indexes/gallery/items/{good[3]}", timeout=10).json()
+    assert item["metadata"]["path"] == files[good[3]].relative_to(demo_gallery).as_posix()
+    # read-only: refused before any image is embedded, and nothing changes
+    embedded = _embedded_total(base)
+    image = base64.b64encode(payload).decode()
+    add = httpx.post(base + "/v1/indexes/gallery/items", json={"images": [image]}, timeout=60)
+    delete = httpx.delete(base + f"/v1/indexes/gallery/items/{good[0]}", timeout=10)
+    for refused in (add, delete):
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["type"] == "permission_error" and "read-only" in refused.text
+    assert _embedded_total(base) == embedded
+    assert httpx.get(base + "/v1/indexes/gallery", timeout=10).json()["count"] == len(good)
+    unknown = httpx.post(base + "/v1/search", json={"index": "nope", "vector": [1.0]}, timeout=10)
+    assert unknown.status_code == 404 and "served indexes: bundled, bundled-photos, gallery" in unknown.text
 
 
 def test_the_api_keeps_the_demos_file_size_limit(demo_server, demo_model, demo_model_dir):

@@ -980,6 +980,27 @@ def test_an_index_of_another_pooling_takes_vector_queries_only(model, tmp_path, 
         assert by_vector.json()["hits"][0]["id"] == 2
 
 
+def test_an_attached_index_needs_its_own_name_and_a_served_model(model, tmp_path):
+    """``Service.attach_index`` (the demo's galleries) refuses what would shadow a served index or embed
+    queries with a model the server does not hold."""
+    from visreg_hub.serving.app import create_app
+    from visreg_hub.serving.runtime import runtime_from_model
+
+    config = ServeConfig(
+        models=(ModelSpec("tiny", "tiny"),), indexes=(IndexSpec("items", tmp_path / "items"),)
+    )
+    service = create_app(config, runtimes={"tiny": runtime_from_model("tiny", model)}).state.service
+    try:
+        store = service.indexes["items"]
+        with pytest.raises(ValueError, match="'items' is served twice"):
+            service.attach_index("items", store, "tiny")
+        with pytest.raises(ValueError, match="model 'other' is not served"):
+            service.attach_index("copy", store, "other")
+        assert list(service.indexes) == ["items"] and service.writable_index("items") is store
+    finally:
+        service.close()
+
+
 def test_the_work_of_a_client_that_disconnected_is_dropped(tiny_model_dir, fmnist_images):
     """uvicorn does not cancel a handler whose client has gone: without a watch on the connection a
     client that timed out (and retried, as the OpenAI SDK does) had every abandoned image embedded, and

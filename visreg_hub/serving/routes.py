@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 _ERRORS = {
     status: {"model": schemas.ErrorResponse} for status in (400, 401, 404, 408, 413, 415, 422, 429, 503)
 }
-_STORE_ERRORS = {**_ERRORS, 507: {"model": schemas.ErrorResponse}}
+_STORE_ERRORS = {**_ERRORS, **{status: {"model": schemas.ErrorResponse} for status in (403, 507)}}
 
 
 def _storage_error(name: str, exc: OSError) -> ApiError:
@@ -346,7 +346,7 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
             raise ApiError(422, "send exactly one of 'image' (base64) or 'vector'", param="image")
         model = service.index_models[body.index]
         if body.vector is not None:
-            query = await asyncio.to_thread(_vector_array, [body.vector], store.index.dim, "vector")
+            query = await asyncio.to_thread(_vector_array, [body.vector], store.dim, "vector")
         else:
             if model is None:
                 raise ApiError(422, service.index_problems.get(
@@ -385,7 +385,7 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
     )
     async def add_items(name: str, request: Request) -> schemas.AddItemsResponse:
         body = await json_request(request, service, schemas.AddItemsRequest)
-        store = service.index(name)
+        store = service.writable_index(name)
         if (body.images is None) == (body.vectors is None):
             raise ApiError(422, "send exactly one of 'images' (base64 list) or 'vectors'", param="images")
         count = len(body.images if body.images is not None else body.vectors)
@@ -410,7 +410,7 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
                     param="metadata",
                 )
         if body.vectors is not None:
-            vectors = await asyncio.to_thread(_vector_array, body.vectors, store.index.dim, "vectors")
+            vectors = await asyncio.to_thread(_vector_array, body.vectors, store.dim, "vectors")
         else:
             model = service.index_models[name]
             if model is None:
@@ -471,7 +471,7 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
     )
     async def delete_item(name: str, item_id: str = decimal_id) -> schemas.DeleteItemResponse:
         item_id = checked_id(item_id)
-        store = service.index(name)
+        store = service.writable_index(name)
         try:
             removed = await asyncio.to_thread(store.remove, [item_id])
         except OSError as exc:
@@ -481,6 +481,8 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
         return schemas.DeleteItemResponse(index=name, id=item_id, deleted=True, count=len(store))
 
     def describe(name: str) -> schemas.IndexInfo:
+        """Blocking for some stores (a demo gallery is listed, loaded or built first): call it in a worker
+        thread."""
         store = service.index(name)
         index = store.index
         return schemas.IndexInfo(
@@ -504,7 +506,8 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
         summary="the served indexes, as GET /v1/indexes/{name} describes each",
     )
     async def list_indexes() -> schemas.IndexList:
-        return schemas.IndexList(data=[describe(name) for name in service.indexes])
+        names = list(service.indexes)
+        return schemas.IndexList(data=await asyncio.to_thread(lambda: [describe(name) for name in names]))
 
     @app.get(
         "/v1/indexes/{name}",
@@ -515,4 +518,5 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
         summary="count, dim and model of an index",
     )
     async def index_info(name: str) -> schemas.IndexInfo:
-        return describe(name)
+        service.index(name)  # the 404 of an unknown name, without a thread
+        return await asyncio.to_thread(describe, name)

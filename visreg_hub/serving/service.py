@@ -21,7 +21,7 @@ from visreg_hub.serving.batcher import BatcherClosedError, DynamicBatcher, Queue
 from visreg_hub.serving.config import IndexSpec, ServeConfig
 from visreg_hub.serving.metrics import Metrics
 from visreg_hub.serving.runtime import ModelRuntime, load_runtime
-from visreg_hub.serving.store import DurableIndex
+from visreg_hub.serving.store import DurableIndex, IndexStore
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Service:
         )
         self.admitted: dict[str, int] = dict.fromkeys(self.runtimes, 0)  # images in decode or queue
         self.activity = 0  # requests admitted so far (the idle memory trim watches it)
-        self.indexes: dict[str, DurableIndex] = {}
+        self.indexes: dict[str, IndexStore] = {}
         self.index_models: dict[str, str | None] = {}
         self.index_problems: dict[str, str] = {}  # why an index has no model for images, where known
         for spec in config.indexes:
@@ -105,6 +105,21 @@ class Service:
             on_batch=on_batch,
             on_queue=depth.set,
         )
+
+    def attach_index(self, name: str, store: IndexStore, model: str | None) -> None:
+        """Serve ``store`` (opened by the caller, e.g. the demo's read-only galleries) as index ``name``,
+        its image queries embedded with the served ``model`` (None: vector queries only).
+
+        Raises:
+            ValueError: ``name`` is already served, or ``model`` is not.
+        """
+        if name in self.indexes:
+            raise ValueError(f"index name {name!r} is served twice; give each index its own name")
+        if model is not None and model not in self.runtimes:
+            served = ", ".join(sorted(self.runtimes))
+            raise ValueError(f"index {name!r}: model {model!r} is not served ({served})")
+        self.indexes[name] = store
+        self.index_models[name] = model
 
     def _open_index(self, spec: IndexSpec) -> None:
         from visreg_hub.retrieval import EmbeddingIndex
@@ -182,11 +197,20 @@ class Service:
             )
         return self.runtimes[name]
 
-    def index(self, name: str) -> DurableIndex:
+    def index(self, name: str) -> IndexStore:
         if name not in self.indexes:
             known = ", ".join(sorted(self.indexes)) or self.config.without_indexes
             raise ApiError(404, f"unknown index {shown(name)}; served indexes: {known}", kind="not_found")
         return self.indexes[name]
+
+    def writable_index(self, name: str) -> IndexStore:
+        """:meth:`index`, or a 403 when that index is served read-only (before the request does any work)."""
+        store = self.index(name)
+        if store.read_only_reason is not None:
+            raise ApiError(
+                403, f"index {name!r} is read-only: {store.read_only_reason}", kind="permission_error"
+            )
+        return store
 
     # ------------------------------------------------------------------ embedding
     def admit(self, model: str, count: int) -> None:

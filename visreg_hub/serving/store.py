@@ -35,7 +35,7 @@ import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -57,6 +57,31 @@ _GENERATED = re.compile(
 )
 
 
+class IndexStore(Protocol):
+    """What the API's index routes need of a served index: :class:`DurableIndex`, or a read-only one
+    such as the demo's galleries (``demo/gallery_api.py``). Every method may block (disk I/O, a build):
+    routes call them from a worker thread, except :attr:`dim` and :attr:`read_only_reason`, which must
+    not."""
+
+    read_only_reason: str | None  # None: writable; else why not and what to do (the 403 of adds, deletes)
+    snapshot_error: str | None
+    write_error: str | None
+
+    @property
+    def dim(self) -> int: ...  # the width of query and stored vectors, known without loading anything
+
+    @property
+    def index(self) -> Any: ...  # the EmbeddingIndex (metric, kind, normalize, pooling)
+
+    def __len__(self) -> int: ...
+
+    def search(self, queries: np.ndarray, k: int) -> Any: ...  # SearchResult, or None when empty
+
+    def metadata_of(self, item_id: int) -> tuple[bool, dict | None]: ...
+
+    def close(self) -> None: ...
+
+
 class DurableIndex:
     """An EmbeddingIndex with an fsynced write-ahead log, atomic snapshots and replay on open.
 
@@ -70,6 +95,8 @@ class DurableIndex:
         prepare: called with the loaded index before the log is replayed (settings such as ``normalize``
             must hold for the replayed adds exactly as they did when those adds were acknowledged).
     """
+
+    read_only_reason = None
 
     def __init__(
         self,
@@ -268,6 +295,11 @@ class DurableIndex:
             if item_id not in self._ids:
                 return False, None
             return True, self.index.get_metadata([item_id])[0]
+
+    @property
+    def dim(self) -> int:
+        """The width of the stored vectors (fixed when the index is created)."""
+        return self.index.dim
 
     @property
     def next_id(self) -> int:
