@@ -19,6 +19,7 @@ from PIL import Image
 
 from tests.inference.malformed import png_header_only
 from tests.serving.helpers import ThreadServer, b64, metric_value, png_bytes
+from visreg_hub.errors import ConfigError
 from visreg_hub.serving.config import IndexSpec, Limits, ModelSpec, ServeConfig
 
 LIMITS = Limits(
@@ -992,9 +993,9 @@ def test_an_attached_index_needs_its_own_name_and_a_served_model(model, tmp_path
     service = create_app(config, runtimes={"tiny": runtime_from_model("tiny", model)}).state.service
     try:
         store = service.indexes["items"]
-        with pytest.raises(ValueError, match="'items' is served twice"):
+        with pytest.raises(ConfigError, match="'items' is served twice"):
             service.attach_index("items", store, "tiny")
-        with pytest.raises(ValueError, match="model 'other' is not served"):
+        with pytest.raises(ConfigError, match="model 'other' is not served"):
             service.attach_index("copy", store, "other")
         assert list(service.indexes) == ["items"] and service.writable_index("items") is store
     finally:

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from visreg_hub.errors import VisregHubError, shown
+from visreg_hub.errors import ConfigError, VisregHubError, shown
 from visreg_hub.inference.images import PIXEL_CAP_HINT
 from visreg_hub.serving.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
 from visreg_hub.serving.config import IndexSpec, ServeConfig
@@ -111,13 +111,13 @@ class Service:
         its image queries embedded with the served ``model`` (None: vector queries only).
 
         Raises:
-            ValueError: ``name`` is already served, or ``model`` is not.
+            ConfigError: ``name`` is already served, or ``model`` is not.
         """
         if name in self.indexes:
-            raise ValueError(f"index name {name!r} is served twice; give each index its own name")
+            raise ConfigError(f"index name {name!r} is served twice; give each index its own name")
         if model is not None and model not in self.runtimes:
             served = ", ".join(sorted(self.runtimes))
-            raise ValueError(f"index {name!r}: model {model!r} is not served ({served})")
+            raise ConfigError(f"index {name!r}: model {model!r} is not served ({served})")
         self.indexes[name] = store
         self.index_models[name] = model
 
