@@ -18,14 +18,14 @@ import numpy as np
 
 from demo.cache import CachedIndex
 from demo.menus import BUNDLED_SETS
-from demo.service import DemoService
+from demo.service import RESCAN_S, DemoService
 from visreg_hub.errors import UserInputError
 from visreg_hub.serving.service import ApiError, Service
 
 READ_ONLY = (
-    "it is a demo gallery, which follows the files of its folder (add or remove images there and the "
-    "index is rebuilt within seconds); `visreg-hub serve --index NAME=FOLDER` serves an index that "
-    "POST /v1/indexes/{name}/items and DELETE can change"
+    "it is a demo gallery, which follows the files of its folder (add or remove images there: a search "
+    f"made {RESCAN_S:.0f} s later rebuilds the index); `visreg-hub serve --index NAME=FOLDER` serves an "
+    "index that POST /v1/indexes/{name}/items and DELETE can change"
 )
 
 
