@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from demo.cache import CachedIndex
-from demo.menus import BUNDLED_SETS
+from demo.menus import BUNDLED_SETS, unique_name
 from demo.service import RESCAN_S, DemoService
 from visreg_hub.errors import UserInputError
 from visreg_hub.serving.service import ApiError, Service
@@ -88,13 +88,6 @@ class GalleryIndex:
         """Nothing to flush: the demo's cache entries are written whole when built."""
 
 
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, n = name, 2
-    while candidate in taken:
-        candidate, n = f"{name}-{n}", n + 1
-    return candidate
-
-
 def attach_galleries(api: Service, service: DemoService, model_names: dict[str, str]) -> dict[str, str]:
     """Serve every gallery of ``service``'s menu as a read-only index of ``api``.
 
@@ -111,7 +104,7 @@ def attach_galleries(api: Service, service: DemoService, model_names: dict[str, 
     attached: dict[str, str] = {}
     for choice in service.gallery_choices:
         own_name = Path(choice.source).name or "gallery"  # a folder's own name, never its server path
-        name = choice.key if choice.key in bundled else _unique(own_name, taken)
+        name = choice.key if choice.key in bundled else unique_name(own_name, taken)
         taken.add(name)
         # a bundled gallery goes with its bundled model (same key in both menus) when that model is served
         paired = choice.key in bundled and choice.key in model_names

@@ -81,7 +81,7 @@ def bundled_model_choice(bundled: BundledSet, name: str | None = None) -> Choice
                   name or bundled.model_name)  # fmt: skip
 
 
-def _unique(name: str, taken: set[str]) -> str:
+def unique_name(name: str, taken: set[str]) -> str:
     """``name``, else ``name-2``, ``name-3``, ...: the first not in ``taken``."""
     candidate, n = name, 2
     while candidate in taken:
@@ -127,13 +127,13 @@ def model_choices(models: Sequence[str]) -> list[Choice]:
     for spec in dict.fromkeys(str(m) for m in models):
         same = next((b for b in bundled if names_bundled_model(spec, b)), None)
         if same is not None:
-            choice = bundled_model_choice(same, _unique(same.model_name, {c.name for c in choices}))
+            choice = bundled_model_choice(same, unique_name(same.model_name, {c.name for c in choices}))
             target = choice.key
         else:
             target, public = _model_identity(spec)
             # keys and API ids are one name, unique among the models and apart from the bundled keys
             taken = {c.name for c in choices} | {c.key for c in choices} | {b.key for b in bundled}
-            name = _unique(public, taken)
+            name = unique_name(public, taken)
             choice = Choice(name, name, spec, name)
         if target not in loaded:
             loaded.add(target)
@@ -141,7 +141,7 @@ def model_choices(models: Sequence[str]) -> list[Choice]:
     listed = {choice.key for choice in choices}
     for b in bundled:
         if b.key not in listed:
-            choices.append(bundled_model_choice(b, _unique(b.model_name, {c.name for c in choices})))
+            choices.append(bundled_model_choice(b, unique_name(b.model_name, {c.name for c in choices})))
     missing = [str(b.model_folder) for b in BUNDLED_SETS if b not in bundled]
     if not choices:
         raise BundledAssetMissingError(
