@@ -18,10 +18,11 @@ import numpy as np
 
 from demo.cache import CachedIndex
 from demo.menus import BUNDLED_SETS, unique_name
-from demo.service import RESCAN_S, DemoService
+from demo.service import RESCAN_S, DemoService, IndexBuildingError
 from visreg_hub.errors import UserInputError
 from visreg_hub.serving.service import ApiError, Service
 
+BUILD_RETRY_AFTER_S = 5  # a bundled gallery builds in seconds; a large --gallery in minutes
 READ_ONLY = (
     "it is a demo gallery, which follows the files of its folder (add or remove images there: a search "
     f"made {RESCAN_S:.0f} s later rebuilds the index); `visreg-hub serve --index NAME=FOLDER` serves an "
@@ -43,8 +44,8 @@ class GalleryIndex:
     snapshot_error = None  # nothing to snapshot or log: the folder is the record
     write_error = None
 
-    def __init__(self, service: DemoService, model_key: str, gallery_key: str, dim: int) -> None:
-        self.service, self.model_key, self.gallery_key = service, model_key, gallery_key
+    def __init__(self, service: DemoService, name: str, model_key: str, gallery_key: str, dim: int) -> None:
+        self.service, self.name, self.model_key, self.gallery_key = service, name, model_key, gallery_key
         self._dim = int(dim)
 
     @property
@@ -52,11 +53,34 @@ class GalleryIndex:
         return self._dim
 
     def _cached(self) -> CachedIndex:
-        """The page's index for this pair (blocking: it may list the folder, load or build the index)."""
+        """The page's index for this pair (blocking: it may list the folder, load or build the index).
+
+        Never waits for another thread's build: requests run on the event loop's small shared thread pool
+        (6 threads on 2 cores), which every request's body parsing also uses, so requests queued behind a
+        long build would hold up the whole API. The first build answers others 503 with Retry-After; a
+        rebuild serves the last index meanwhile.
+
+        Raises:
+            ApiError: 503 while the pair's first index is being built, or when the gallery holds no image
+                that can be read any more (its message names the index, not the server's folder).
+        """
         try:
-            return self.service.get_index(self.model_key, self.gallery_key)
-        except (UserInputError, OSError) as exc:  # e.g. the folder was emptied or removed meanwhile
-            raise ApiError(503, f"the gallery cannot be searched now: {exc}", kind="unavailable") from None
+            return self.service.get_index(self.model_key, self.gallery_key, wait=False)
+        except IndexBuildingError:
+            raise ApiError(
+                503,
+                f"gallery {self.name!r} is being indexed (its first build since the demo started); retry "
+                "after the Retry-After seconds",
+                kind="unavailable",
+                headers={"Retry-After": str(BUILD_RETRY_AFTER_S)},
+            ) from None
+        except (UserInputError, OSError):  # the folder was emptied, removed or made unreadable meanwhile
+            raise ApiError(
+                503,
+                f"gallery {self.name!r} cannot be searched now: its folder holds no image that can be read; "
+                "the demo indexes it again once it does",
+                kind="unavailable",
+            ) from None
 
     @property
     def index(self):
@@ -110,7 +134,7 @@ def attach_galleries(api: Service, service: DemoService, model_names: dict[str, 
         paired = choice.key in bundled and choice.key in model_names
         model_key = choice.key if paired else service.default_model
         model = model_names[model_key]
-        store = GalleryIndex(service, model_key, choice.key, api.runtimes[model].embedding_dim)
+        store = GalleryIndex(service, name, model_key, choice.key, api.runtimes[model].embedding_dim)
         api.attach_index(name, store, model)
         attached[name] = choice.key
     return attached

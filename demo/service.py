@@ -107,6 +107,10 @@ class SearchOutcome:
     extra: dict = field(default_factory=dict)
 
 
+class IndexBuildingError(UserInputError):
+    """A gallery's first index is being built by another thread (``get_index(wait=False)``)."""
+
+
 class DemoService:
     """Models, galleries and the operations of the demo.
 
@@ -194,13 +198,20 @@ class DemoService:
                 self._models[choice.key] = LoadedModel(model, choice.source, identity, seconds)
             return self._models[choice.key]
 
-    def get_index(self, model_key: str | None = None, gallery_key: str | None = None) -> CachedIndex:
+    def get_index(
+        self, model_key: str | None = None, gallery_key: str | None = None, *, wait: bool = True
+    ) -> CachedIndex:
         """The gallery index for a (model, gallery) pair: from memory, the disk cache, or built.
 
         The gallery folder is listed again when its index was last checked over :data:`RESCAN_S` seconds
         ago; a changed, added or removed file then rebuilds it (what the cache key covers), so a running
         demo follows its folders. Building one pair holds only that pair's lock: searches on other
         pairs go on meanwhile.
+
+        Args:
+            wait: False: while another thread lists, loads or builds this pair, return the pair's last
+                index instead of waiting (:class:`IndexBuildingError` when it has none yet), so callers
+                on a small shared thread pool (the API) never queue behind a build.
         """
         model_key = find_choice(self.model_choices, model_key or self.default_model, "model").key
         gallery = find_choice(self.gallery_choices, gallery_key or self.default_gallery, "gallery")
@@ -210,7 +221,11 @@ class DemoService:
             pair_lock = self._pair_locks.setdefault(pair, threading.Lock())
         if known is not None and time.monotonic() - known[1] < RESCAN_S:
             return known[0]
-        with pair_lock:
+        if not pair_lock.acquire(blocking=wait):
+            if known is not None:
+                return known[0]  # being checked or rebuilt by another thread: the last one meanwhile
+            raise IndexBuildingError(f"the index of this gallery for model {model_key!r} is being built")
+        try:
             with self._lock:
                 known = self._indexes.get(pair)
             now = time.monotonic()
@@ -229,6 +244,8 @@ class DemoService:
             with self._lock:
                 self._indexes[pair] = (cached, now)
             return cached
+        finally:
+            pair_lock.release()
 
     def describe(self, model_key: str | None = None, gallery_key: str | None = None) -> str:
         """Markdown status line for a (model, gallery) pair (loads or builds it if needed)."""

@@ -4,6 +4,8 @@ what a gallery index answers when its folder changes under it."""
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -72,4 +74,50 @@ def test_a_gallery_emptied_under_the_server_is_a_503_naming_why(api_and_demo, mo
         shutil.rmtree(child)
     with pytest.raises(ApiError) as emptied:
         store.search(np.ones((1, store.dim), dtype=np.float32), 3)
-    assert emptied.value.status == 503 and "contains no image files" in emptied.value.message
+    assert emptied.value.status == 503 and "gallery 'photos' cannot be searched now" in emptied.value.message
+    assert str(folders[0]) not in emptied.value.message
+
+
+def test_a_search_during_a_build_is_answered_at_once(api_and_demo, monkeypatch):
+    """API requests share the event loop's small thread pool, so none waits on another thread's build:
+    during the first build a search is a 503 with Retry-After, during a rebuild it gets the last index."""
+    api, _demo, folders = api_and_demo
+    store = api.indexes["photos"]
+    started, release = threading.Event(), threading.Event()
+    real = demo_service.load_or_build
+
+    def slow(*args, **kwargs):
+        started.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(demo_service, "load_or_build", slow)
+    query = np.ones((1, store.dim), dtype=np.float32)
+
+    def build_in_the_background() -> threading.Thread:
+        started.clear()
+        release.clear()
+        builder = threading.Thread(target=store.search, args=(query, 3))
+        builder.start()
+        assert started.wait(30)
+        return builder
+
+    builder = build_in_the_background()
+    begin = time.perf_counter()
+    with pytest.raises(ApiError) as busy:
+        store.search(query, 3)
+    assert time.perf_counter() - begin < 1
+    assert busy.value.status == 503 and busy.value.headers == {"Retry-After": "5"}
+    assert "gallery 'photos' is being indexed" in busy.value.message
+    release.set()
+    builder.join(30)
+    first = store.search(query, 3)
+    # a file added: the next look at the folder rebuilds, and searches meanwhile get the last index
+    monkeypatch.setattr(demo_service, "RESCAN_S", 0.0)
+    shutil.copy2(sorted(folders[0].glob("*/*.png"))[0], folders[0] / "added.png")
+    builder = build_in_the_background()
+    during = store.search(query, 3)
+    assert during.ids.tolist() == first.ids.tolist() and len(store) == 10
+    release.set()
+    builder.join(30)
+    assert len(store) == 11
