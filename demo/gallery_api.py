@@ -35,6 +35,7 @@ class GalleryIndex:
 
     Args:
         service: the demo's service (it owns the index, its cache and its rebuilds).
+        name: the index's name in the API (what its error messages name).
         model_key: the menu key of the model that embeds the gallery and the queries.
         gallery_key: the menu key of the gallery.
         dim: that model's embedding width (the width of vector queries), known without building.
@@ -55,8 +56,8 @@ class GalleryIndex:
     def _cached(self) -> CachedIndex:
         """The page's index for this pair (blocking: it may list the folder, load or build the index).
 
-        Never waits for another thread's build: requests run on the event loop's small shared thread pool
-        (6 threads on 2 cores), which every request's body parsing also uses, so requests queued behind a
+        Never waits for another thread's build: requests run on asyncio's default thread pool (cores + 4
+        threads: 6 on 2 cores), which every request's body parsing also uses, so requests queued behind a
         long build would hold up the whole API. The first build answers others 503 with Retry-After; a
         rebuild serves the last index meanwhile.
 
