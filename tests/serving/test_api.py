@@ -497,9 +497,10 @@ def test_add_refuses_bad_images_and_duplicate_ids(http, fmnist_images):
 
 
 # ---------------------------------------------------------------------------------------------- service
-def test_models_health_ready_metrics(http):
+def test_models_health_ready_metrics(http, model):
     models = http.get("/v1/models").json()
     assert models["data"][0]["id"] == "tiny" and models["data"][0]["embedding_dim"] == 32
+    assert models["data"][0]["backend"] == model.backend  # what encode() of the same model runs on
     # OpenAI's model object has an integer "created"; a server folder is named, never its path
     assert abs(models["data"][0]["created"] - time.time()) < 3600 and models["data"][0]["source"] == "tiny"
     assert http.get("/ready").json()["models"] == ["tiny"]

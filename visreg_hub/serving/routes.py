@@ -141,6 +141,7 @@ def _model_info(runtime) -> schemas.ModelInfo:
         source=_public_source(runtime.spec.source),
         embedding_dim=runtime.embedding_dim,
         input_size=list(runtime.input_shape),
+        backend=runtime.backend.name,
     )
 
 

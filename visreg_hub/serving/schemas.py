@@ -194,6 +194,10 @@ class ModelInfo(BaseModel):
     source: str
     embedding_dim: int
     input_size: list[int]
+    backend: str = Field(
+        description="what embeds this model's requests: 'onnx' (ONNX Runtime) or 'torch', as model.backend "
+        "says for encode(); `visreg-hub serve --backend` chooses"
+    )
 
 
 class ModelList(BaseModel):
