@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,23 @@ def demo_model(demo_model_dir):
     from visreg_hub import from_pretrained
 
     return from_pretrained(str(demo_model_dir))
+
+
+def hold_builds(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make every gallery index build of ``demo.service`` set ``started``, then wait (30 s at most) for
+    ``release`` before it builds; returns (started, release)."""
+    from demo import service
+
+    started, release = threading.Event(), threading.Event()
+    real = service.load_or_build
+
+    def held(*args, **kwargs):
+        started.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service, "load_or_build", held)
+    return started, release
 
 
 def copy_gallery(target: Path, per_class: int = PER_CLASS) -> Path:

@@ -13,7 +13,7 @@ import pytest
 from demo import service as demo_service
 from demo.server import combined_app
 from demo.service import DemoService
-from tests.demo.conftest import EXAMPLES, copy_gallery
+from tests.demo.conftest import EXAMPLES, copy_gallery, hold_builds
 from visreg_hub.inference import list_image_files
 from visreg_hub.serving.service import ApiError
 
@@ -83,15 +83,7 @@ def test_a_search_during_a_build_is_answered_at_once(api_and_demo, monkeypatch):
     during the first build a search is a 503 with Retry-After, during a rebuild it gets the last index."""
     api, _demo, folders = api_and_demo
     store = api.indexes["photos"]
-    started, release = threading.Event(), threading.Event()
-    real = demo_service.load_or_build
-
-    def slow(*args, **kwargs):
-        started.set()
-        release.wait(30)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(demo_service, "load_or_build", slow)
+    started, release = hold_builds(monkeypatch)
     query = np.ones((1, store.dim), dtype=np.float32)
 
     def build_in_the_background() -> threading.Thread:

@@ -17,7 +17,7 @@ from PIL import Image
 from demo import cache as demo_cache
 from demo import make_gallery, menus, service
 from demo.service import BundledAssetMissingError, DemoService, UserInputError
-from tests.demo.conftest import BUNDLED_GALLERY, EXAMPLES, REPO, copy_gallery
+from tests.demo.conftest import BUNDLED_GALLERY, EXAMPLES, REPO, copy_gallery, hold_builds
 from tests.fixtures_models import tiny_encoder
 from visreg_hub.inference import list_image_files
 from visreg_hub.retrieval import EmbeddingIndex
@@ -107,15 +107,7 @@ def test_building_one_gallery_does_not_hold_up_another(demo_model_dir, gallery, 
     demo = DemoService([str(demo_model_dir)], [gallery, other], cache_dir=tmp_path / "cache",
                        download_dir=tmp_path / "downloads")  # fmt: skip
     demo.get_index()  # the first gallery, in memory
-    started, release = threading.Event(), threading.Event()
-    real = service.load_or_build
-
-    def slow(*args, **kwargs):
-        started.set()
-        release.wait(30)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(service, "load_or_build", slow)
+    started, release = hold_builds(monkeypatch)
     builder = threading.Thread(target=demo.get_index, args=(None, demo.gallery_choices[1].key))
     builder.start()
     assert started.wait(30)
