@@ -549,3 +549,22 @@ def test_search_json_gives_a_non_utf8_query_name_as_text_and_bytes(tmp_path, cap
     assert entry["query"] == os.path.join(str(tmp_path), "caf\\xe9.jpg")
     assert os.fsdecode(bytes.fromhex(entry["query_bytes_hex"])) == os.fsdecode(odd)
     out.encode("utf-8")  # no lone surrogates
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_embed_says_which_backend_embedded(tmp_path, capsys, monkeypatch, model_dir, gallery, backend):
+    """Issue 14: "say which one they use". `embed` named no backend, so a user could not tell whether an
+    export cache fell back to torch; both outputs (one file, shard folder) now name what ran."""
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("VISREG_HUB_BACKEND", backend)
+    monkeypatch.setenv("VISREG_HUB_CACHE", str(tmp_path / "cache"))
+    photos = sorted(gallery.glob("*.jpg"))[:2]
+    code, out, err = run(capsys, "embed", *photos, "-o", tmp_path / "e.npy", "--model", model_dir)
+    assert code == 0, err
+    assert out.strip().endswith(f"with {backend} on cpu"), out
+    code, out, err = run(capsys, "embed", *photos, "-o", tmp_path / "shards", "--model", model_dir)
+    assert code == 0, err
+    assert out.startswith(f"this run ({backend} on cpu): embedded 2, failed 0"), out
+    code, out, err = run(capsys, "embed", *photos, "-o", tmp_path / "shards", "--model", model_dir)
+    assert code == 0 and out.startswith("this run: embedded 0"), out  # resumed, nothing ran: no backend

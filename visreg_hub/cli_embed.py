@@ -151,7 +151,9 @@ def _embed_single_file(args: argparse.Namespace) -> int:
         weights_sha256=weights_digest(model),
     )
     rows, dim = len(paths) - len(failed), model.embedding_dim(pooling)
-    print(f"wrote {rows} x {dim} embeddings to {out} (paths: {sidecar})")
+    # model.backend after the call: what actually ran (an unusable ONNX cache falls back to torch)
+    device = next(model.parameters()).device.type
+    print(f"wrote {rows} x {dim} embeddings to {out} (paths: {sidecar}) with {model.backend} on {device}")
     if failures:
         first = printable(failures[0].reason)  # names a file of someone's folder: escape it
         print(f"{len(failures)} image(s) failed and were skipped; first: {first}", file=sys.stderr)

@@ -53,6 +53,7 @@ class EmbedSummary:
     shards_skipped: int
     complete: bool
     job_failed: int | None = None
+    backend: str | None = None  # what embedded, e.g. "onnx on cpu" (None: not known to this process)
 
     @property
     def images_per_second(self) -> float:
@@ -62,8 +63,9 @@ class EmbedSummary:
         state = "complete" if self.complete else "incomplete (other ranks or a re-run will finish it)"
         if self.complete and self.job_failed is not None:  # a resumed run did only part of the job
             state += f"; {self.job_failed} image(s) of the job failed, listed in {output.FAILURES_NAME}"
+        on = f" ({self.backend})" if self.backend and self.shards_written else ""
         return (
-            f"this run: embedded {self.embedded}, failed {self.failed}, {self.seconds:.1f} s, "
+            f"this run{on}: embedded {self.embedded}, failed {self.failed}, {self.seconds:.1f} s, "
             f"{self.images_per_second:.1f} images/s; {self.shards_written} shard(s) written, "
             f"{self.shards_skipped} already done; {self.output_dir} {state}"
         )
@@ -256,7 +258,8 @@ def run_embedding(
                 output.finalize(folder, manifest, num_shards)
     complete = output.finalize(folder, manifest, num_shards)
     summary = EmbedSummary(folder, embedded, failed, time.perf_counter() - start, written,
-                           len(mine) - len(todo), complete, output.listed_failures(folder))  # fmt: skip
+                           len(mine) - len(todo), complete, output.listed_failures(folder),
+                           backend=f"{runner.name} on {runner.device.type}")  # fmt: skip
     logger.info("%s", summary.line())
     return summary
 
