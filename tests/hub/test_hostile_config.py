@@ -77,6 +77,11 @@ def _crafted(config: dict, model_args: dict) -> None:
          r"input_size is missing, .* default \[3, 224, 224\]"),
         (lambda c: c.update(num_features=10**12), r"num_features is 1000000000000 but the model .* has 32"),
         (lambda c: c.update(num_classes=1000), "num_classes is 1000"),
+        # another pool: timm refuses the weights (fc_norm missing), transformers fills it with random ones
+        (lambda c: c.update(global_pool="avg"), r"global_pool is 'avg' but the model .* has 'token'"),
+        (lambda c: c["model_args"].update(global_pool="avg"), r"model_args\.global_pool is 'avg'"),
+        (lambda c: c["model_args"].update(global_pool="map"), r"model_args\.global_pool is 'map'"),
+        (lambda c: c["model_args"].update(num_classes=10), r"model_args\.num_classes is 10"),
         (lambda c: c["visreg"].update(embedding_dim=10**12), r"visreg\.embedding_dim is"),
         (lambda c: c["pretrained_cfg"].update(url="http://evil.example/w.pth"), r"weights location \(url\)"),
         (lambda c: c["pretrained_cfg"].update(hf_hub_id="evil/model", file="/etc/passwd"),
@@ -375,3 +380,34 @@ def test_a_missing_folder_path_says_it_does_not_exist(tmp_path):
 
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         from_pretrained(tmp_path / "nope" / "dir")
+
+
+def test_a_global_pool_other_than_token_is_what_timm_refuses(folder):
+    """The refusal above stands for timm's own: the folder with ``global_pool: avg`` in model_args does not
+    load in timm, so accepting it here made a folder that visreg_hub and transformers read differently."""
+    _edit_config(folder, lambda c: c["model_args"].update(global_pool="avg"))
+    with pytest.raises(RuntimeError, match="fc_norm"):
+        timm.create_model(f"local-dir:{folder}", pretrained=True)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_checkpoint_file_that_is_no_regular_file_is_named_so(folder, name, kind):
+    """Probe: a folder or FIFO named model.safetensors was reported as "has no model.safetensors", sending
+    the user to look for a file they could see."""
+    import os
+
+    (folder / name).unlink()
+    os.mkfifo(folder / name) if kind == "fifo" else (folder / name).mkdir()
+    with pytest.raises(CheckpointError, match=rf"{name} is not a regular file \(a folder, FIFO or device\)"):
+        from_pretrained(folder)
+
+
+@pytest.mark.parametrize("spelling", [str, Path, lambda p: f"local-dir:{p}"])
+def test_a_file_given_as_the_model_is_named_a_file_however_it_is_spelled(folder, spelling):
+    """Probe: a Path or local-dir: naming a file said "has no config.json"; a str said "is a file"."""
+    from visreg_hub.errors import ModelNotFoundError
+
+    weights = folder / "model.safetensors"
+    with pytest.raises(ModelNotFoundError, match=r"model\.safetensors' is a file; pass the folder"):
+        from_pretrained(spelling(weights))

@@ -270,12 +270,18 @@ def _check_derived_fields(data: dict[str, Any], config: ModelConfig, source: str
 
     pretrained_cfg = data.get("pretrained_cfg") or {}
     visreg = data.get("visreg") or {}
+    model_args = data.get("model_args") or {}
     expected = {
         "pretrained_cfg.input_size": (pretrained_cfg, "input_size", [config.in_chans, config.img_size,
                                                                      config.img_size]),
         "num_features": (data, "num_features", config.embed_dim),
         "num_classes": (data, "num_classes", 0),
         "pretrained_cfg.num_classes": (pretrained_cfg, "num_classes", 0),
+        # CLS after the final norm: another pool ("avg" builds fc_norm, "map" an attention head) is a model
+        # whose head timm refuses to load and transformers fills with random weights
+        "global_pool": (data, "global_pool", "token"),
+        "model_args.global_pool": (model_args, "global_pool", "token"),
+        "model_args.num_classes": (model_args, "num_classes", 0),
         "visreg.embedding_dim": (visreg, "embedding_dim",
                                  config.embed_dim * POOLING_BLOCKS.get(config.pooling, 1)),
     }  # fmt: skip

@@ -108,12 +108,12 @@ def _registry_source(entry: registry.RegistryEntry, revision: str | None) -> Sou
 
 
 def _local_kind(name_or_path: object) -> str | None:
-    """``"folder"`` or ``"file"`` when a string names one on this machine, else None.
+    """``"folder"`` or ``"file"`` when a string or Path names one on this machine, else None.
 
     A name the OS cannot even look up (too long, a NUL byte) is no local path: it falls through to the
     registry and Hub checks, which explain what is accepted.
     """
-    if not isinstance(name_or_path, str):
+    if not isinstance(name_or_path, str | Path):
         return None
     try:
         path = Path(name_or_path).expanduser()
@@ -143,14 +143,14 @@ def resolve(name_or_path: str | Path, *, revision: str | None = None) -> Source:
     if isinstance(name_or_path, str) and not name_or_path.strip():  # Path("") would be the current folder
         raise ModelNotFoundError(f"from_pretrained needs a name, repo id or folder, got {name_or_path!r}")
     kind = _local_kind(name_or_path)
-    if isinstance(name_or_path, Path) or kind == "folder":
-        return Source("folder", str(Path(name_or_path).expanduser()))
-    if kind == "file":
+    if kind == "file":  # a str, a Path or local-dir: alike
         raise ModelNotFoundError(
-            f"{name_or_path!r} is a file; pass the folder that holds config.json and model.safetensors "
+            f"{str(name_or_path)!r} is a file; pass the folder that holds config.json and model.safetensors "
             "(for an official .pth, run `visreg-hub convert` first; an exported .onnx graph is run with "
             "visreg_hub.inference.onnx.OnnxEmbedder(path))"
         )
+    if isinstance(name_or_path, Path) or kind == "folder":  # a Path that does not exist: load says so
+        return Source("folder", str(Path(name_or_path).expanduser()))
     if not isinstance(name_or_path, str):
         raise ModelNotFoundError(f"from_pretrained needs a name, repo id or folder, got {name_or_path!r}")
     name = name_or_path.strip()
@@ -299,6 +299,11 @@ def load_folder(
         )
     for path in (config_path, weights_path):
         _check_inside(folder, path)
+        if path.exists() and not path.is_file():  # a folder or FIFO of that name is no missing file
+            raise CheckpointError(
+                f"{path} is not a regular file (a folder, FIFO or device); a checkpoint folder holds "
+                f"{ckpt.CONFIG_NAME} and {ckpt.WEIGHTS_NAME} as files: replace it with the file"
+            )
     if not config_path.is_file():
         raise ModelNotFoundError(
             f"{folder} has no {ckpt.CONFIG_NAME}; it is not a visreg_hub/timm checkpoint folder"
