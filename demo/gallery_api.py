@@ -72,7 +72,7 @@ class GalleryIndex:
                 503,
                 f"gallery {self.name!r} is being indexed (its first build since the demo started); retry "
                 "after the Retry-After seconds",
-                kind="unavailable",
+                code="index_building",
                 headers={"Retry-After": str(BUILD_RETRY_AFTER_S)},
             ) from None
         except (UserInputError, OSError):  # the folder was emptied, removed or made unreadable meanwhile
@@ -80,7 +80,7 @@ class GalleryIndex:
                 503,
                 f"gallery {self.name!r} cannot be searched now: its folder holds no image that can be read; "
                 "the demo indexes it again once it does",
-                kind="unavailable",
+                code="index_unavailable",
             ) from None
 
     @property

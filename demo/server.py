@@ -52,17 +52,17 @@ class PublicEventsOnly:
             path = scope.get("path", "")
             match = _NAMED_EVENT.match(path)
             if match and match.group("name") not in self.public:
-                await _json_error(send, 404, "not found", "not_found")
+                await _json_error(send, 404, "not found")
                 return
             if scope.get("method") == "POST" and (match or path == QUEUE_JOIN):
                 body = await _read_body(receive, MAX_JOIN_BYTES)
                 if body is None:
                     too_large = f"event body over {MAX_JOIN_BYTES} bytes"
-                    await _json_error(send, 413, too_large, "invalid_request_error")
+                    await _json_error(send, 413, too_large)
                     return
                 problem = self._body_problem(body, join=path == QUEUE_JOIN)
                 if problem:
-                    await _json_error(send, 422, problem, "invalid_request_error")
+                    await _json_error(send, 422, problem)
                     return
                 receive = _replay(body, receive)
         await self.app(scope, receive, send)
@@ -139,8 +139,8 @@ def _replay(body: bytes, receive):
     return replaying_receive
 
 
-async def _json_error(send, status: int, message: str, kind: str) -> None:
-    body = json.dumps(error_body(message, kind)).encode()
+async def _json_error(send, status: int, message: str) -> None:
+    body = json.dumps(error_body(message, status)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

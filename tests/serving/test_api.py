@@ -154,7 +154,8 @@ def test_all_inputs_bad_is_a_4xx(http):
 @pytest.mark.parametrize(
     ("body", "expected", "param"),
     [
-        ({"input": []}, 400, None),
+        ({"input": []}, 400, "input"),
+        ({"input": ""}, 400, "input"),  # OpenAI's 400 for an empty input (the README says so)
         ({"input": [1, 2]}, 422, "input"),
         ({"input": ["x"], "encoding_format": "hex"}, 422, "encoding_format"),
         ({"input": ["x"], "dimensions": 0}, 422, "dimensions"),

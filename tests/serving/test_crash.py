@@ -187,7 +187,8 @@ def test_a_second_ctrl_c_cuts_requests_off_and_is_no_clean_exit(tmp_path, tiny_m
         # the cut request is told the service is unavailable (JSON, like every other error), not a 500
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 503"), answer
-        assert json.loads(body)["error"]["type"] == "unavailable"
+        error = json.loads(body)["error"]
+        assert error["type"] == "server_error" and error["code"] == "server_stopping"
         assert "stopped without waiting for the requests in flight" in server.log()
         # one line says so: no traceback per cancelled task (the cut request, the lifespan)
         assert "Traceback" not in server.log() and "CancelledError" not in server.log(), server.log()

@@ -268,7 +268,7 @@ def test_the_largest_id_keeps_the_store_usable(tmp_path):
     rng = np.random.default_rng(10)
     assert store.add(unit(rng, 1), ids=[MAX_ID]).tolist() == [MAX_ID]
     assert store.next_id == MAX_ID + 1
-    with pytest.raises(ValueError, match="exhausted"):
+    with pytest.raises(ValueError, match="automatic ids are used up"):
         store.add(unit(rng, 1))
     assert store.add(unit(rng, 1), ids=[5]).tolist() == [5]
     store.close()

@@ -25,6 +25,22 @@ class IdConflictError(VisregHubError, ValueError):
     """An id given for a new vector is already live in the index (the server answers 409)."""
 
 
+class IdsExhaustedError(UserInputError):
+    """Automatic ids would pass ``MAX_ID`` (the server answers 409): they continue after the largest id the
+    index ever held, so one explicit id near ``MAX_ID`` uses them up."""
+
+
+def ids_exhausted(next_id: int, n: int) -> IdsExhaustedError | None:
+    """The error for ``n`` automatic ids from ``next_id`` when they would pass ``MAX_ID``, else None."""
+    if next_id + n - 1 <= MAX_ID:
+        return None
+    return IdsExhaustedError(
+        f"automatic ids are used up: they continue after the largest id this index ever held "
+        f"({next_id - 1}), and {n} more would pass the largest id {MAX_ID}; pass explicit ids (unused ones "
+        f"in [0, {MAX_ID}]), or build a new index from the embeddings"
+    )
+
+
 def check_new_ids(
     ids: Any, n: int, *, next_id: int, live: Container[int], tombstones: Container[int]
 ) -> np.ndarray:
@@ -32,15 +48,14 @@ def check_new_ids(
 
     Raises:
         IdConflictError: an id is already live (a ValueError).
+        IdsExhaustedError: no ``ids`` given and ``n`` automatic ids would pass ``MAX_ID`` (a ValueError).
         ValueError: wrong shape or dtype, out of range, duplicate, or removed from an HNSW graph that
             still holds them (``tombstones``).
     """
     if ids is None:
-        if next_id + n - 1 > MAX_ID:
-            raise UserInputError(
-                f"the id counter is exhausted (next id {next_id}: automatic ids continue after the largest "
-                f"id added); pass explicit ids in [0, {MAX_ID}]"
-            )
+        exhausted = ids_exhausted(next_id, n)
+        if exhausted is not None:
+            raise exhausted
         return np.arange(next_id, next_id + n, dtype=np.int64)
     try:
         ids = np.asarray(ids)

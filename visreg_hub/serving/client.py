@@ -19,6 +19,7 @@ import io
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -30,8 +31,10 @@ from visreg_hub.errors import ImageDecodeError, UserInputError, VisregHubError
 class ServerError(VisregHubError, RuntimeError):
     """The server answered with an error; ``status`` is the HTTP status, the message is the server's.
 
-    ``code`` is the error's code (``"no_input_embedded"`` when no image of a request could be decoded)
-    and ``item_errors`` the per-input messages that come with it (input index -> message).
+    ``code`` is the error's code (``"no_input_embedded"`` when no image of a request could be decoded,
+    ``"item_not_found"``, ...) and ``item_errors`` the per-input messages that come with it (input index ->
+    message). ``added_ids``: for :meth:`Client.add` split into several requests, the ids of the items the
+    requests before the failed one added (durably), in input order; empty otherwise.
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class ServerError(VisregHubError, RuntimeError):
         self.retry_after = retry_after
         self.code = code
         self.item_errors = item_errors or {}
+        self.added_ids = np.zeros(0, dtype=np.int64)
 
 
 class Client:
@@ -120,15 +124,28 @@ class Client:
         *,
         batch_size: int = 64,
         convert_to_numpy: bool = False,
+        convert_to_tensor: bool = False,
+        normalize_embeddings: bool | None = None,
+        normalize: bool | None = None,
+        precision: str = "float32",
+        calibration_embeddings: Any = None,
+        show_progress_bar: bool | None = None,
         on_error: str = "raise",
         truncate_dim: int | None = None,
     ):
-        """Embed images on the server, like ``model.encode(images)`` (default pooling, L2-normalised).
+        """Embed images on the server, like ``model.encode(images)`` (the served pooling, L2-normalised).
 
         Args:
             images: one input or a list (see :func:`visreg_hub.inference.encode`).
             batch_size: images per HTTP request (at most the server's ``max_items``).
             convert_to_numpy: return a numpy array instead of a torch tensor.
+            convert_to_tensor: return a tensor (the default; wins over ``convert_to_numpy``, as in
+                sentence-transformers).
+            normalize_embeddings, normalize: True or None only: the server returns L2-normalised
+                embeddings (un-normalised features need a local ``from_pretrained``).
+            precision, calibration_embeddings: quantise the returned embeddings as ``encode`` does
+                (``"int8"``, ``"uint8"``, ``"binary"``, ``"ubinary"``; here, after the float32 answer).
+            show_progress_bar: a bar over the images sent; None shows it when stderr is a terminal.
             on_error: ``"raise"`` (first bad image raises :class:`ImageDecodeError`) or ``"skip"``
                 (returns ``EncodeResult(embeddings, failures)`` as ``encode`` does).
             truncate_dim: keep the first ``truncate_dim`` dimensions, re-normalised, as ``encode`` does
@@ -136,19 +153,37 @@ class Client:
 
         Returns:
             float32 embeddings as ``encode`` returns them: ``(N, E)`` for a list (``E`` the model's
-            width, or ``truncate_dim``), ``(E,)`` for a single image; with ``on_error="skip"`` an
-            ``EncodeResult`` whose ``embeddings`` are ``(N', E)`` for the ``N'`` images embedded.
+            width, or ``truncate_dim``), ``(E,)`` for a single image, or the ``precision``'s dtype and
+            width; with ``on_error="skip"`` an ``EncodeResult`` whose ``embeddings`` are ``(N', E)`` for
+            the ``N'`` images embedded.
         """
+        import sys
+
         import torch
+        from tqdm.auto import tqdm
 
         from visreg_hub.inference import EncodeFailure, EncodeResult
         from visreg_hub.inference.inputs import expand_inputs, is_single_image
+        from visreg_hub.inference.quantize import EMBEDDING_PRECISIONS, quantize_embeddings
 
         if on_error not in ("raise", "skip"):
             raise UserInputError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        for name, value in (("normalize_embeddings", normalize_embeddings), ("normalize", normalize)):
+            if value is not None and value is not True:
+                raise UserInputError(
+                    f"{name}={value!r}: the server returns L2-normalised embeddings only; for raw features "
+                    "load the model locally (visreg_hub.from_pretrained(...).encode(..., normalize=False))"
+                )
+        if precision not in EMBEDDING_PRECISIONS:
+            raise UserInputError(f"precision must be one of {EMBEDDING_PRECISIONS}, got {precision!r}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}")
         sources = expand_inputs(images)
         rows: dict[int, np.ndarray] = {}
         failures: list[EncodeFailure] = []
+        if show_progress_bar is None:
+            show_progress_bar = sys.stderr.isatty()
+        bar = tqdm(total=len(sources), desc="encode (server)", unit="img", disable=not show_progress_bar)
         for start in range(0, len(sources), batch_size):
             chunk = sources[start : start + batch_size]
             payloads, local_errors = [], {}
@@ -182,16 +217,21 @@ class Client:
                 label = chunk[index - start].label
                 reason = message if message.startswith(label) else f"{label}: {message}"
                 if on_error == "raise":
+                    bar.close()
                     raise ImageDecodeError(
                         f"{reason} (input index {index}; pass on_error='skip' to embed the others)"
                     )
                 failures.append(EncodeFailure(index, reason))
+            bar.update(len(chunk))
+        bar.close()
         ordered = [rows[i] for i in sorted(rows)]
         dim = ordered[0].shape[0] if ordered else (truncate_dim or self._dim())
         array = np.stack(ordered).astype(np.float32) if ordered else np.zeros((0, dim), np.float32)
+        if precision != "float32":
+            array = quantize_embeddings(array, precision, calibration_embeddings=calibration_embeddings)
         if on_error == "raise" and is_single_image(images):
             array = array[0]  # as encode(): a single image gives a 1-D vector
-        embeddings = array if convert_to_numpy else torch.from_numpy(array)
+        embeddings = array if convert_to_numpy and not convert_to_tensor else torch.from_numpy(array)
         return EncodeResult(embeddings, failures) if on_error == "skip" else embeddings
 
     def search(self, queries: Any, k: int = 10, *, index: str):
@@ -236,35 +276,66 @@ class Client:
         vectors: Any = None,
         metadata: list | None = None,
         ids: list[int] | None = None,
+        batch_size: int = 64,
     ) -> np.ndarray:
         """Add images or vectors to a server index durably (answered after the server's fsync).
 
         Args:
             index: the server index's name.
-            images: one image or a list, embedded on the server with the index's model.
+            images: one image, a list or a folder, embedded on the server with the index's model.
             vectors: instead of images, ``(N, D)`` float vectors of the index's width.
             metadata: one JSON object (or None) per item.
             ids: one int64 id per item (default: the index assigns them).
+            batch_size: items per HTTP request (at most the server's ``max_items``); each request is
+                added as a whole or not at all.
 
         Returns:
             ``(N,)`` int64: the items' ids.
+
+        Raises:
+            ServerError: a request was refused; the items of the requests before it stay added, and
+                the error's ``added_ids`` lists their ids (in input order).
         """
         from visreg_hub.inference.inputs import expand_inputs
 
-        body: dict[str, Any] = {"metadata": metadata, "ids": ids}
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}")
         if vectors is not None:
-            body["vectors"] = np.asarray(vectors, dtype=np.float32).tolist()
+            items: list = np.asarray(vectors, dtype=np.float32).tolist()
         else:
-            body["images"] = [_payload(s) for s in expand_inputs(images)]
-        answer = self.request("POST", f"/v1/indexes/{index}/items", body)
-        return np.asarray(answer["ids"], dtype=np.int64)
+            items = expand_inputs(images)
+        for name, values in (("metadata", metadata), ("ids", ids)):
+            if values is not None and len(values) != len(items):
+                raise UserInputError(
+                    f"{name} has {len(values)} entries for {len(items)} items; give one each"
+                )
+        added: list[np.ndarray] = []
+        path = f"/v1/indexes/{_segment(index)}/items"
+        for start in range(0, len(items), batch_size):
+            part = slice(start, start + batch_size)
+            body: dict[str, Any] = {
+                "metadata": None if metadata is None else list(metadata[part]),
+                "ids": None if ids is None else list(ids[part]),
+            }
+            if vectors is not None:
+                body["vectors"] = items[part]
+            else:  # read and encoded one request at a time: a large folder is never all in memory
+                body["images"] = [_payload(s) for s in items[part]]
+            try:
+                answer = self.request("POST", path, body)
+            except ServerError as exc:
+                exc.added_ids = np.concatenate(added) if added else np.zeros(0, dtype=np.int64)
+                raise
+            added.append(np.asarray(answer["ids"], dtype=np.int64))
+        return np.concatenate(added) if added else np.zeros(0, dtype=np.int64)
 
     def remove(self, index: str, item_id: int) -> bool:
         """Remove one item; False when the index has no such id."""
         try:
-            self.request("DELETE", f"/v1/indexes/{index}/items/{int(item_id)}")
+            self.request("DELETE", f"/v1/indexes/{_segment(index)}/items/{int(item_id)}")
         except ServerError as exc:
-            if exc.status == 404 and "has no item" in str(exc):
+            # the code since 0.2.5; the message for servers before it
+            if exc.status == 404 and (exc.code == "item_not_found" or "has no item" in str(exc)):
                 return False
             raise
         return True
@@ -272,10 +343,11 @@ class Client:
     def metadata(self, index: str, item_id: int) -> dict[str, Any] | None:
         """The metadata stored with one item (None when it was added without); raises
         :class:`ServerError` (404) when the index has no such id."""
-        return self.request("GET", f"/v1/indexes/{index}/items/{int(item_id)}")["metadata"]
+        return self.request("GET", f"/v1/indexes/{_segment(index)}/items/{int(item_id)}")["metadata"]
 
     def index_info(self, index: str) -> dict[str, Any]:
-        return self.request("GET", f"/v1/indexes/{index}")
+        """One served index: name, count, dim, model, metric, kind, normalize, snapshot/write errors."""
+        return self.request("GET", f"/v1/indexes/{_segment(index)}")
 
     def indexes(self) -> list[dict[str, Any]]:
         """The served indexes: name, count, dim, model, metric, kind, ... (as :meth:`index_info` gives)."""
@@ -291,6 +363,11 @@ class Client:
             if self.model
             else next(iter(models.values()))["embedding_dim"]
         )
+
+
+def _segment(name: str) -> str:
+    """An index name as one URL path segment: percent-encoded UTF-8 (``café``, ``a/b``, ``a b``)."""
+    return urllib.parse.quote(str(name), safe="")
 
 
 def _is_vectors(queries: Any) -> bool:

@@ -58,7 +58,9 @@ class InternalErrorMiddleware:
             # to report; it is the service being unavailable, so a retry elsewhere is the right reaction
             if not started:
                 body = schemas.error_body(
-                    "the server was stopped before this request finished; retry it", "unavailable"
+                    "the server was stopped before this request finished; retry it",
+                    503,
+                    code="server_stopping",
                 )
                 await JSONResponse(body, 503, headers={"Connection": "close"})(scope, receive, send)
             raise
@@ -66,7 +68,7 @@ class InternalErrorMiddleware:
             logger.exception("unexpected error")
             if started:  # too late for a clean answer: let the server close the connection
                 raise
-            body = schemas.error_body("internal error; it was logged on the server", "server_error")
+            body = schemas.error_body("internal error; it was logged on the server", 500)
             await JSONResponse(body, 500)(scope, receive, send)
 
 

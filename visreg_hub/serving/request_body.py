@@ -33,17 +33,19 @@ _MAX_FORM_FIELDS = 16
 _INLINE_PARSE_BYTES = 256 * 1024
 
 
-def check_count(service: Service, count: int, what: str) -> None:
-    """413 (``max_items``) for more than the service's limit of items in one request, 400 for none."""
+def check_count(service: Service, count: int, what: str, param: str) -> None:
+    """413 (``max_items``) for more than the service's limit of items in one request, 400 for none;
+    ``param`` is the request field that holds them."""
     if count > service.limits.max_items:
         service.metrics.rejected.labels("max_items").inc()
         raise ApiError(
             413,
             f"{count} {what} in one request, above max_items={service.limits.max_items}; split the request",
             limit="max_items",
+            param=param,
         )
     if count == 0:
-        raise ApiError(400, f"no {what} in the request; send at least one")
+        raise ApiError(400, f"no {what} in the request; send at least one", param=param)
 
 
 def decode_strings(strings: list[Any]) -> tuple[list[bytes | None], dict[int, str]]:
@@ -151,8 +153,12 @@ async def parse_embeddings_request(request: Request, service: Service) -> EmbedJ
     if content_type == JSON_CONTENT:
         body = await _receive(request, service, request.body)
         parsed = await _validated_off_loop(schemas.EmbeddingsRequest, body)
+        if parsed.input == "":  # OpenAI's 400 for an empty input (an empty string in a list is an item's)
+            raise ApiError(
+                400, "input is an empty string; send an image as base64 or a data: URL", param="input"
+            )
         inputs = [parsed.input] if isinstance(parsed.input, str) else parsed.input
-        check_count(service, len(inputs), "inputs")
+        check_count(service, len(inputs), "inputs", "input")
         payloads, errors = decode_strings(inputs)
         on_error = parsed.on_error or service.config.on_error
         encoding = parsed.encoding_format or "float"
@@ -171,7 +177,7 @@ async def parse_embeddings_request(request: Request, service: Service) -> EmbedJ
         form = await _receive(request, service, read_form)
     except HTTPException as exc:  # Starlette's 400 for a form over max_files / max_fields
         if "Too many files" in str(exc.detail):
-            check_count(service, limits.max_items + 1, "images")
+            check_count(service, limits.max_items + 1, "images", "input")
         if "Too many fields" in str(exc.detail):
             raise ApiError(
                 422, f"more than {_MAX_FORM_FIELDS} form fields; send {list(_FORM_FIELDS)}"
@@ -206,5 +212,5 @@ async def parse_embeddings_request(request: Request, service: Service) -> EmbedJ
                 422, f"dimensions must be a positive integer, got {shown(dimensions)}", param="dimensions"
             )
         dimensions = int(dimensions)
-    check_count(service, len(files), "images")
+    check_count(service, len(files), "images", "input")
     return EmbedJob(model, encoding, dimensions, on_error, [await f.read() for f in files], {})

@@ -22,7 +22,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from visreg_hub.retrieval.records import MAX_ID, IdConflictError, metadata_problem
+from visreg_hub.retrieval.records import (
+    MAX_ID,
+    IdConflictError,
+    IdsExhaustedError,
+    ids_exhausted,
+    metadata_problem,
+)
 from visreg_hub.serving import schemas
 from visreg_hub.serving.middleware import install_middleware
 from visreg_hub.serving.request_body import (
@@ -56,7 +62,6 @@ def _storage_error(name: str, exc: OSError) -> ApiError:
         507,
         f"index {name!r} could not store the change ({exc.strerror or type(exc).__name__}); nothing was "
         "changed: retry once the server's index storage has room",
-        kind="server_error",
         code="storage_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "storage_error",
     )
 
@@ -81,19 +86,18 @@ def _error_param(exc: RequestValidationError) -> str | None:
 def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError):
-        body = schemas.error_body(exc.message, exc.kind, exc.limit, exc.code, exc.items, exc.param)
+        body = schemas.error_body(exc.message, exc.status, exc.limit, exc.code, exc.items, exc.param)
         return JSONResponse(body, exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError):
-        body = schemas.error_body(_validation_message(exc), "invalid_request_error", param=_error_param(exc))
+        body = schemas.error_body(_validation_message(exc), 422, param=_error_param(exc))
         return JSONResponse(body, 422)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException):
         limit = "max_body_bytes" if exc.status_code == 413 else None
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        body = schemas.error_body(str(exc.detail), kind, limit)
+        body = schemas.error_body(str(exc.detail), exc.status_code, limit)
         return JSONResponse(body, exc.status_code, headers=exc.headers)
 
 
@@ -108,7 +112,6 @@ def _auth_dependency(service: Service):
             raise ApiError(
                 401,
                 "missing or invalid API key; send 'Authorization: Bearer <key>'",
-                kind="authentication_error",
                 code="invalid_api_key",  # OpenAI's code for the same answer
                 headers={"WWW-Authenticate": "Bearer"},
             )
@@ -163,6 +166,7 @@ def _failed_inputs(errors: dict[int, str], count: int) -> ApiError:
         f"first: {errors[min(errors)]}",
         code="input_not_embedded",
         items=errors,
+        param="input",
     )
 
 
@@ -217,7 +221,7 @@ def _install_service_routes(app: FastAPI, service: Service, auth: list) -> None:
     )
     async def ready():
         if not service.ready:
-            body = schemas.error_body("not ready (starting or shutting down)", "unavailable")
+            body = schemas.error_body("not ready (starting or shutting down)", 503, code="not_ready")
             return JSONResponse(body, 503)
         if service.config.api_key_hashes:  # open to probes without a key: what is served stays behind the key
             return {"status": "ready"}
@@ -305,6 +309,7 @@ def _install_model_routes(app: FastAPI, service: Service, auth: list) -> None:
                 f"no input could be embedded ({len(errors)} failed; first: {first})",
                 code="no_input_embedded",
                 items=errors,
+                param="input",
             )
         data = []
         for i in sorted(vectors):
@@ -390,7 +395,10 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
         if (body.images is None) == (body.vectors is None):
             raise ApiError(422, "send exactly one of 'images' (base64 list) or 'vectors'", param="images")
         count = len(body.images if body.images is not None else body.vectors)
-        check_count(service, count, "items")
+        check_count(service, count, "items", "images" if body.images is not None else "vectors")
+        exhausted = None if body.ids is not None else ids_exhausted(store.index.next_id, count)
+        if exhausted is not None:  # before any image is embedded (the add checks again, under its lock)
+            raise ApiError(409, str(exhausted), code="ids_exhausted", param="ids")
         for what, values in (("metadata", body.metadata), ("ids", body.ids)):
             if values is not None and len(values) != count:
                 message = f"{what} has {len(values)} entries for {count} items; send one per item"
@@ -431,7 +439,9 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
         try:
             ids = await asyncio.to_thread(store.add, vectors, body.metadata, body.ids)
         except IdConflictError as exc:
-            raise ApiError(409, str(exc), kind="conflict") from None
+            raise ApiError(409, str(exc), code="id_conflict", param="ids") from None
+        except IdsExhaustedError as exc:  # another add took the last ids since the check above
+            raise ApiError(409, str(exc), code="ids_exhausted", param="ids") from None
         except ValueError as exc:
             raise ApiError(422, str(exc)) from None
         except OSError as exc:
@@ -459,7 +469,7 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
         # in a thread: the store's lock can be held through an add's fsync or a snapshot (seconds)
         present, metadata = await asyncio.to_thread(service.index(name).metadata_of, item_id)
         if not present:
-            raise ApiError(404, f"index {name!r} has no item {item_id}", kind="not_found")
+            raise ApiError(404, f"index {name!r} has no item {item_id}", code="item_not_found")
         return schemas.ItemResponse(index=name, id=item_id, metadata=metadata)
 
     @app.delete(
@@ -478,7 +488,7 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
         except OSError as exc:
             raise _storage_error(name, exc) from None
         if not removed:
-            raise ApiError(404, f"index {name!r} has no item {item_id}", kind="not_found")
+            raise ApiError(404, f"index {name!r} has no item {item_id}", code="item_not_found")
         return schemas.DeleteItemResponse(index=name, id=item_id, deleted=True, count=len(store))
 
     def describe(name: str) -> schemas.IndexInfo:

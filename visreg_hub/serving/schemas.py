@@ -137,7 +137,11 @@ class AddItemsRequest(_Strict):
     images: list[str] | None = None
     vectors: list[list[float]] | None = None
     metadata: list[dict[str, Any] | None] | None = None
-    ids: list[ItemId] | None = Field(None, description=f"0..{MAX_ID}; default: assigned by the server")
+    ids: list[ItemId] | None = Field(
+        None,
+        description=f"0..{MAX_ID}; default: assigned by the server, counting on from the largest id the "
+        "index ever held (so an explicit id near the top leaves no automatic ones: a 409 'ids_exhausted')",
+    )
 
 
 class AddItemsResponse(BaseModel):
@@ -205,19 +209,34 @@ class ModelList(BaseModel):
     data: list[ModelInfo]
 
 
+_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def error_type(status: int) -> str:
+    """OpenAI's error ``type`` of an HTTP status: one of five, so a client that branches on ``type`` sees
+    one value per kind of failure; what exactly went wrong is the ``code`` (``index_not_found``, ...)."""
+    return _STATUS_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+
+
 def error_body(
     message: str,
-    kind: str,
+    status: int,
     limit: str | None = None,
     code: str | None = None,
     items: dict | None = None,
     param: str | None = None,
 ) -> dict[str, Any]:
-    """The JSON of every error answer (:class:`ErrorResponse`): OpenAI's error object (message, type, param
-    (the request field at fault, or null), code) plus the server ``limit`` a request broke, and per-input
-    ``errors`` when ``items`` (index -> message) is given."""
+    """The JSON of every error answer (:class:`ErrorResponse`): OpenAI's error object (message, type (from
+    the HTTP ``status``), param (the request field at fault, or null), code) plus the server ``limit`` a
+    request broke, and per-input ``errors`` when ``items`` (index -> message) is given."""
     body: dict[str, Any] = {
-        "error": {"message": message, "type": kind, "param": param, "code": code, "limit": limit}
+        "error": {
+            "message": message,
+            "type": error_type(status),
+            "param": param,
+            "code": code,
+            "limit": limit,
+        }
     }
     if items is not None:
         body["errors"] = [{"index": i, "message": m} for i, m in sorted(items.items())]
@@ -228,12 +247,18 @@ class ErrorDetail(BaseModel):
     """OpenAI's error object; ``limit`` names the server limit (and flag) a request broke."""
 
     message: str
-    type: str
+    type: str = Field(
+        description="OpenAI's: 'invalid_request_error' (4xx), 'authentication_error' (401), "
+        "'permission_error' (403), 'rate_limit_error' (429), 'server_error' (5xx)"
+    )
     param: str | None = Field(None, description="the request field at fault (e.g. 'dimensions'), or null")
     code: str | None = Field(
         None,
-        description="'input_not_embedded' (on_error 'raise'), 'no_input_embedded' (every input failed), "
-        "'model_not_found', 'invalid_api_key'",
+        description="what went wrong, for clients that branch on it: 'input_not_embedded' (on_error "
+        "'raise'), 'no_input_embedded' (every input failed), 'model_not_found', 'index_not_found', "
+        "'item_not_found', 'id_conflict', 'ids_exhausted', 'read_only_index', 'invalid_api_key', "
+        "'timeout', 'not_ready', 'server_stopping', 'index_building', 'index_unavailable', "
+        "'storage_full', 'storage_error'; null where the status and message say it all",
     )
     limit: str | None = None
 

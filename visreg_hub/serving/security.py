@@ -134,7 +134,7 @@ class BodyLimitMiddleware:
 async def send_closing_error(send, status: int, message: str, limit: str, *, close: bool = True) -> None:
     """Answer from raw ASGI with the API's JSON error for a refused ``limit``; with ``close`` (the rest of
     the request body is never read) the connection is closed after it."""
-    body = json.dumps(error_body(message, "invalid_request_error", limit)).encode()
+    body = json.dumps(error_body(message, status, limit)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if close:
         headers.append((b"connection", b"close"))

@@ -34,7 +34,6 @@ class ApiError(Exception):
         status: int,
         message: str,
         *,
-        kind: str = "invalid_request_error",
         limit: str | None = None,
         headers: dict[str, str] | None = None,
         code: str | None = None,
@@ -42,7 +41,7 @@ class ApiError(Exception):
         param: str | None = None,
     ) -> None:
         super().__init__(message)
-        self.status, self.message, self.kind, self.limit, self.headers = status, message, kind, limit, headers
+        self.status, self.message, self.limit, self.headers = status, message, limit, headers
         self.code = code  # OpenAI's error code, for clients that branch on it
         self.items = items  # per-input messages (index -> message), answered as "errors"
         self.param = param  # OpenAI's param: the request field at fault
@@ -192,7 +191,6 @@ class Service:
             raise ApiError(
                 404,
                 f"unknown model {shown(name)}; GET /v1/models lists the served ones ({known})",
-                kind="invalid_request_error",
                 code="model_not_found",  # param stays null, as OpenAI answers an unknown model
             )
         return self.runtimes[name]
@@ -200,7 +198,8 @@ class Service:
     def index(self, name: str) -> IndexStore:
         if name not in self.indexes:
             known = ", ".join(sorted(self.indexes)) or self.config.without_indexes
-            raise ApiError(404, f"unknown index {shown(name)}; served indexes: {known}", kind="not_found")
+            message = f"unknown index {shown(name)}; served indexes: {known}"
+            raise ApiError(404, message, code="index_not_found")
         return self.indexes[name]
 
     def writable_index(self, name: str) -> IndexStore:
@@ -208,7 +207,7 @@ class Service:
         store = self.index(name)
         if store.read_only_reason is not None:
             raise ApiError(
-                403, f"index {name!r} is read-only: {store.read_only_reason}", kind="permission_error"
+                403, f"index {name!r} is read-only: {store.read_only_reason}", code="read_only_index"
             )
         return store
 
@@ -232,7 +231,6 @@ class Service:
                 429,
                 f"server busy: {self.admitted[model]} images of model {model!r} are waiting "
                 f"(limit max_queue={self.limits.max_queue}); retry after the Retry-After seconds",
-                kind="rate_limit_error",
                 limit="max_queue",
                 headers={"Retry-After": str(runtime.batcher.retry_after())},
             )
@@ -296,11 +294,11 @@ class Service:
         except QueueFullError as exc:
             self.metrics.rejected.labels("max_queue").inc()
             raise ApiError(
-                429, str(exc), kind="rate_limit_error", limit="max_queue",
+                429, str(exc), limit="max_queue",
                 headers={"Retry-After": str(exc.retry_after)},
             ) from None  # fmt: skip
         except BatcherClosedError as exc:
-            raise ApiError(503, str(exc), kind="unavailable") from None
+            raise ApiError(503, str(exc), code="server_stopping") from None
 
     def embed_images_blocking(self, model: str, images: list) -> np.ndarray:
         """From a thread other than the server's event loop (the demo's UI handlers): preprocess decoded
@@ -389,8 +387,8 @@ class Service:
                 408,
                 f"the request took longer than request_timeout_s={self.limits.request_timeout_s:g}; "
                 "send fewer images per request or retry later",
-                kind="timeout_error",
                 limit="request_timeout_s",
+                code="timeout",
             ) from None
 
     def close(self) -> None:
