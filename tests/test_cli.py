@@ -568,3 +568,46 @@ def test_embed_says_which_backend_embedded(tmp_path, capsys, monkeypatch, model_
     assert out.startswith(f"this run ({backend} on cpu): embedded 2, failed 0"), out
     code, out, err = run(capsys, "embed", *photos, "-o", tmp_path / "shards", "--model", model_dir)
     assert code == 0 and out.startswith("this run: embedded 0"), out  # resumed, nothing ran: no backend
+
+
+def test_a_sub_folder_that_cannot_be_listed_is_a_failure_not_fewer_rows(
+    tmp_path, capsys, monkeypatch, model_dir
+):
+    """Probe: `embed folder -o x.npy` left an unlistable sub-folder out with a log warning and exit 0 (the
+    sidecar's failures empty), where a shard-folder job recorded it. Now --on-error raise stops on it and
+    skip records it; encode(folder) does the same."""
+    from visreg_hub.errors import ImageDecodeError
+    from visreg_hub.hub import from_pretrained
+
+    root = tmp_path / "photos"
+    (root / "locked").mkdir(parents=True)
+    photos = sorted((ROOT / "tests" / "fixtures" / "photos").glob("*.jpg"))[:3]
+    shutil.copy(photos[0], root / "a.jpg")
+    shutil.copy(photos[1], root / "b.jpg")
+    shutil.copy(photos[2], root / "locked" / "c.jpg")
+    real_scandir = os.scandir
+
+    def scandir(path):  # as root, chmod 000 does not stop listing: refuse this folder instead
+        if os.fspath(path) == str(root / "locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    code, out, err = run(capsys, "embed", root, "-o", tmp_path / "e.npy", "--model", model_dir)
+    assert code == 1 and not (tmp_path / "e.npy").exists()
+    assert "locked: cannot list this folder (Permission denied)" in err and "--on-error skip" in err
+    code, out, err = run(capsys, "embed", root, "-o", tmp_path / "e.npy", "--model", model_dir,
+                         "--on-error", "skip")  # fmt: skip
+    assert code == 0 and "1 image(s) failed" in err, err
+    sidecar = json.loads((tmp_path / "e.npy.json").read_text())
+    assert sidecar["paths"] == [str(root / "a.jpg"), str(root / "b.jpg")]
+    ((path, reason),) = [(f["path"], f["reason"]) for f in sidecar["failures"]]
+    assert path == str(root / "locked") and "cannot list this folder (Permission denied)" in reason
+    model = from_pretrained(str(model_dir))
+    np.testing.assert_allclose(
+        np.load(tmp_path / "e.npy"), model.encode(sidecar["paths"], convert_to_numpy=True), atol=1e-6
+    )
+    with pytest.raises(ImageDecodeError, match="locked: cannot list this folder"):
+        model.encode(root)
+    result = model.encode(root, on_error="skip")
+    assert result.embeddings.shape[0] == 2 and [f.index for f in result.failures] == [2]

@@ -36,8 +36,9 @@ def expand_image_inputs(inputs: list[str], *, keep_missing: bool = False) -> lis
     """Absolute image paths: files as given, folders listed.
 
     Args:
-        keep_missing: keep a path that does not exist, for ``encode(on_error="skip")`` to report as that
-            item's failure (``--on-error skip``); otherwise it is an error before any work.
+        keep_missing: keep a path that does not exist, or a sub-folder that cannot be listed, for
+            ``encode(on_error="skip")`` to report as that item's failure (``--on-error skip``); otherwise it
+            is an error before any work.
     """
     from visreg_hub.inference.inputs import list_image_files
 
@@ -45,10 +46,18 @@ def expand_image_inputs(inputs: list[str], *, keep_missing: bool = False) -> lis
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = list_image_files(path)
-            if not found:
+            unlistable: list = []
+            found = list_image_files(path, unlistable=unlistable)
+            if unlistable and not keep_missing:  # fewer rows than the folder holds is no success
+                first = unlistable[0]
+                raise UserInputError(
+                    f"{first.path}: {first.left_out}; or pass --on-error skip to embed the rest and record it"
+                )
+            if not found and not unlistable:
                 raise UserInputError(f"folder {item!r} contains no image files")
+            # with skip, the folder itself is an input: encode() reports it as a failed item
             paths.extend(os.path.abspath(p) for p in found)
+            paths.extend(os.path.abspath(u.path) for u in unlistable)
         elif path.is_file() or keep_missing:
             paths.append(os.path.abspath(path))
         else:

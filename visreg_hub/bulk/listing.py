@@ -134,8 +134,7 @@ def _walk(root: str) -> Iterator[Item]:
     """
     for walked in walk_image_entries(root):
         if walked.unlistable:
-            yield Item(path=walked.path, error=f"{walked.path}: {walked.problem}; its images are left out: "
-                       "fix its permissions, or leave it out of the inputs")  # fmt: skip
+            yield Item(path=walked.path, error=f"{walked.path}: {walked.left_out}")
         else:
             yield Item(path=walked.path, error=walked.problem and f"{walked.path}: {walked.problem}")
 

@@ -48,6 +48,11 @@ class WalkedEntry(NamedTuple):
     problem: str | None = None
     unlistable: bool = False
 
+    @property
+    def left_out(self) -> str:
+        """For an unlistable folder: what every caller reports after its path (why, and the fix)."""
+        return f"{self.problem}; its images are left out: fix its permissions, or leave it out of the inputs"
+
 
 def walk_image_entries(root: str | os.PathLike) -> Iterator[WalkedEntry]:
     """The image-named entries under ``root``, streamed depth first with each folder's names sorted (the
@@ -87,12 +92,12 @@ def walk_image_entries(root: str | os.PathLike) -> Iterator[WalkedEntry]:
                 yield WalkedEntry(entry.path, None if kind == "file" else kind)
 
 
-def list_image_files(folder: str | os.PathLike) -> list[Path]:
+def list_image_files(folder: str | os.PathLike, *, unlistable: list[WalkedEntry] | None = None) -> list[Path]:
     """Image files under ``folder``, recursively, in :func:`walk_image_entries`' order.
 
     Every image-named entry is listed, also one that cannot be decoded, so that decoding reports it
-    instead of the folder silently shrinking. A sub-folder that cannot be listed is left out with a
-    logged warning.
+    instead of the folder silently shrinking. A sub-folder that cannot be listed is left out: appended
+    to ``unlistable`` when given (the caller reports it), else with a logged warning.
 
     Raises:
         NotADirectoryError: ``folder`` is not a directory.
@@ -102,10 +107,12 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
         raise NotADirectoryError(f"{root} is not a directory; pass a folder of images")
     found: list[Path] = []
     for walked in walk_image_entries(root):
-        if walked.unlistable:
-            logger.warning("%s: %s; its images are left out", walked.path, walked.problem)
-        else:
+        if not walked.unlistable:
             found.append(Path(walked.path))
+        elif unlistable is not None:
+            unlistable.append(walked)
+        else:
+            logger.warning("%s: %s", walked.path, walked.left_out)
     return found
 
 
@@ -186,13 +193,18 @@ def expand_inputs(images: Any) -> list[ImageSource]:
             reason = "encode() does not fetch URLs; download the file and pass its path (or its bytes)"
             sources.append(ImageSource(None, obj.strip()[:200], reason))
         elif isinstance(obj, (str, os.PathLike)):
-            path = Path(obj).expanduser()
+            path, start = Path(obj).expanduser(), len(sources)
             if path.is_dir():
-                files = list_image_files(path)
-                if not files:
+                # a folder that cannot be listed is a failed item of its own: the rest is still embedded,
+                # and on_error="raise" stops on it instead of returning fewer rows than the folder holds
+                for walked in walk_image_entries(path):
+                    if walked.unlistable:
+                        sources.append(ImageSource(None, walked.path, walked.left_out))
+                    else:
+                        sources.append(ImageSource(Path(walked.path), walked.path))
+                if len(sources) == start:
                     reason = f"directory contains no image files (looked for {', '.join(IMAGE_EXTENSIONS)})"
                     sources.append(ImageSource(None, str(path), reason))
-                sources.extend(ImageSource(f, str(f)) for f in files)
             else:
                 sources.append(ImageSource(path, str(path)))
         elif isinstance(obj, (bytes, bytearray, memoryview)):
