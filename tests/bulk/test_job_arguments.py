@@ -36,6 +36,17 @@ def test_bad_arguments_are_refused_before_the_folder_exists(tmp_path, model, kwa
     assert not (tmp_path / "out").exists()
 
 
+def test_the_ray_engine_without_ray_is_refused_before_the_folder_exists(tmp_path, model, monkeypatch):
+    """Probe: `embed --engine ray` without ray wrote the folder's manifest, then named the missing extra."""
+    from visreg_hub.errors import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError, installed or not
+    write_tile_folder(tmp_path / "in", 3)
+    with pytest.raises(MissingExtraError, match=r"visreg_hub\[ray\]"):
+        run_embedding(tmp_path / "in", tmp_path / "out", model=model, engine="ray")
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_output_named_like_a_file_and_overlapping_inputs_are_refused(tmp_path, model, capsys):
     """Probe 12: embed_dataset(..., "x.npy") made a shard folder named x.npy (the CLI writes one file for
     that name); the same folder twice, or a folder and its subfolder, embedded every image twice."""

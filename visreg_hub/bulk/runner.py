@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from visreg_hub.bulk import output
 from visreg_hub.bulk.listing import Item, check_inputs, iter_items, summarize
-from visreg_hub.errors import ConfigError, VisregHubError
+from visreg_hub.errors import ConfigError, VisregHubError, require_extra
 from visreg_hub.hub.format import weights_digest
 from visreg_hub.inference.backends import backend_for, resolve_dtype
 from visreg_hub.inference.images import DEFAULT_MAX_PIXELS
@@ -180,6 +180,8 @@ def run_embedding(
     _check_int("num_workers", num_workers, 0)
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "ray":  # a missing extra is said before a model is loaded or a folder written
+        require_extra("ray", "ray")
     env_rank, env_world, local_rank = distributed_rank()
     rank = env_rank if rank is None else _check_int("rank", rank, 0)
     world_size = env_world if world_size is None else _check_int("world_size", world_size, 1)
