@@ -593,11 +593,11 @@ def test_a_sub_folder_that_cannot_be_listed_is_a_failure_not_fewer_rows(
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    code, out, err = run(capsys, "embed", root, "-o", tmp_path / "e.npy", "--model", model_dir)
+    code, _, err = run(capsys, "embed", root, "-o", tmp_path / "e.npy", "--model", model_dir)
     assert code == 1 and not (tmp_path / "e.npy").exists()
     assert "locked: cannot list this folder (Permission denied)" in err and "--on-error skip" in err
-    code, out, err = run(capsys, "embed", root, "-o", tmp_path / "e.npy", "--model", model_dir,
-                         "--on-error", "skip")  # fmt: skip
+    code, _, err = run(capsys, "embed", root, "-o", tmp_path / "e.npy", "--model", model_dir,
+                       "--on-error", "skip")  # fmt: skip
     assert code == 0 and "1 image(s) failed" in err, err
     sidecar = json.loads((tmp_path / "e.npy.json").read_text())
     assert sidecar["paths"] == [str(root / "a.jpg"), str(root / "b.jpg")]
@@ -611,3 +611,30 @@ def test_a_sub_folder_that_cannot_be_listed_is_a_failure_not_fewer_rows(
         model.encode(root)
     result = model.encode(root, on_error="skip")
     assert result.embeddings.shape[0] == 2 and [f.index for f in result.failures] == [2]
+
+
+def test_a_bulk_job_logs_progress_lines_where_stderr_is_no_terminal(
+    tmp_path, capsys, caplog, monkeypatch, model_dir, gallery
+):
+    """Probe: `embed -o folder 2> log` printed nothing until the job ended (tqdm's bar is off without a
+    terminal). It logs a line per PROGRESS_EVERY_S there now, shown by the CLI at its default verbosity,
+    and --no-progress turns them off."""
+    import logging
+
+    from visreg_hub.bulk import runner
+
+    monkeypatch.setattr(runner, "PROGRESS_EVERY_S", 0.0)  # a line per shard here
+    progress_logger = logging.getLogger("visreg_hub.bulk.progress")
+    monkeypatch.setattr(progress_logger, "level", logging.NOTSET)  # WARNING from the root: hidden
+    code, _, err = run(
+        capsys, "embed", gallery, "-o", tmp_path / "a", "--model", model_dir, "--shard-size", 5
+    )
+    assert code == 0, err
+    lines = [r.getMessage() for r in caplog.records if r.name == "visreg_hub.bulk.progress"]
+    counts = [int(line.split("embed: ")[1].split(" /")[0]) for line in lines]
+    assert counts == [5, 10, 15, 16] and all("/ 16 images" in line and "images/s" in line for line in lines)
+    caplog.clear()
+    progress_logger.setLevel(logging.NOTSET)
+    code, _, err = run(capsys, "embed", gallery, "-o", tmp_path / "b", "--model", model_dir,
+                       "--shard-size", 5, "--no-progress")  # fmt: skip
+    assert code == 0 and not [r for r in caplog.records if r.name == "visreg_hub.bulk.progress"], err

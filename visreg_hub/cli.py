@@ -323,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     # huggingface_hub logs through its own stderr handler; propagating too would print each of its
     # retry warnings twice (once bare, once through ours).
     logging.getLogger("huggingface_hub").propagate = False
+    if progress(args) is None:  # a bulk job's progress lines where its bar cannot show (stderr no terminal)
+        logging.getLogger("visreg_hub.bulk.progress").setLevel(logging.INFO)
     func = getattr(args, "func", None)
     if func is None:
         (getattr(args, "subparser", None) or parser).print_help(sys.stderr)

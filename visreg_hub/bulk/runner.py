@@ -33,6 +33,9 @@ from visreg_hub.inference.backends import backend_for, resolve_dtype
 from visreg_hub.inference.images import DEFAULT_MAX_PIXELS
 
 logger = logging.getLogger(__name__)
+# progress lines of a job whose stderr is no terminal; the CLI shows this logger at its default verbosity
+progress_logger = logging.getLogger("visreg_hub.bulk.progress")
+PROGRESS_EVERY_S = 30.0
 
 ENGINES = ("local", "ray")
 _CHUNK_BYTES = 256 * 2**20  # encoded tar bytes held per pipeline call
@@ -68,6 +71,37 @@ class EmbedSummary:
             f"this run{on}: embedded {self.embedded}, failed {self.failed}, {self.seconds:.1f} s, "
             f"{self.images_per_second:.1f} images/s; {self.shards_written} shard(s) written, "
             f"{self.shards_skipped} already done; {self.output_dir} {state}"
+        )
+
+
+class ProgressLines:
+    """Progress as a log line at most every ``PROGRESS_EVERY_S`` seconds: done / total, rate, time left.
+
+    why: tqdm's bar is off when stderr is no terminal, and that is where long jobs run (nohup, Slurm, CI,
+    ``2> log``): without these lines their log is silent until the job ends.
+    """
+
+    def __init__(self, total: int, done: int, desc: str) -> None:
+        self.total, self.done, self.desc, self.first = total, done, desc, done
+        self.start = self.last = time.monotonic()
+
+    def update(self, count: int) -> None:
+        self.done += count
+        now = time.monotonic()
+        if now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        rate = (self.done - self.first) / max(now - self.start, 1e-9)
+        left = f"about {(self.total - self.done) / rate:.0f} s left" if rate > 0 else "time left unknown"
+        share = 100.0 * self.done / max(self.total, 1)
+        progress_logger.info(
+            "%s: %d / %d images (%.0f %%), %.1f images/s, %s",
+            self.desc,
+            self.done,
+            self.total,
+            share,
+            rate,
+            left,
         )
 
 
@@ -159,7 +193,8 @@ def run_embedding(
             (a Ray Data job on the current Ray cluster; ``pip install 'visreg_hub[ray]'``).
         rank, world_size: override the launcher's ``RANK``/``WORLD_SIZE``.
         max_pixels: decompression-bomb cap per image.
-        show_progress_bar: None shows it when stderr is a terminal.
+        show_progress_bar: None shows a bar when stderr is a terminal, and otherwise logs a progress line
+            every ``PROGRESS_EVERY_S`` seconds (logger ``visreg_hub.bulk.progress``, INFO); False: neither.
         draft_decode: decode large JPEGs at a reduced scale, as in ``encode()`` (faster on camera
             photos, close to but not equal to a full decode); recorded in the manifest.
     """
@@ -239,20 +274,26 @@ def run_embedding(
     done = output.finished_shards(folder, manifest, num_shards, set(mine))
     todo = {s for s in mine if s not in done}
 
+    log_lines = show_progress_bar is None and not sys.stderr.isatty()  # not when turned off by name
     if show_progress_bar is None:
         show_progress_bar = sys.stderr.isatty()
+    total, initial = sum(shard_len(s) for s in mine), sum(shard_len(s) for s in mine if s in done)
+    desc = "embed" if world_size == 1 else f"embed rank {rank}/{world_size}"
     bar = tqdm(
-        total=sum(shard_len(s) for s in mine),
-        initial=sum(shard_len(s) for s in mine if s in done),
-        desc="embed" if world_size == 1 else f"embed rank {rank}/{world_size}",
-        unit="img",
-        disable=not show_progress_bar or not todo,
+        total=total, initial=initial, desc=desc, unit="img", disable=not show_progress_bar or not todo,
         smoothing=0.05,
-    )
+    )  # fmt: skip
+    lines = ProgressLines(total, initial, desc) if log_lines else None
+
+    def advance(count: int) -> None:
+        bar.update(count)
+        if lines is not None:
+            lines.update(count)
+
     embedded = failed = written = 0
     with bar:
         for number, items in _shards(sources, listing, shard_size, todo):
-            rows, vectors, failures = embedder.embed(items, progress=bar.update)
+            rows, vectors, failures = embedder.embed(items, progress=advance)
             output.write_shard(folder, number, rows=rows, embeddings=vectors, failures=failures,
                                job_id=manifest.get("job_id"))  # fmt: skip
             embedded, failed, written = embedded + len(rows), failed + len(failures), written + 1
