@@ -77,6 +77,9 @@ def is_complete(folder: Path) -> bool:
     return folder.is_dir() and _STEP_DIR.match(folder.name) is not None and (folder / STATE_FILE).is_file()
 
 
+_WARNED_LINKS: set[str] = set()  # a resume lists the checkpoints several times: say it once per link
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete ``step-*`` folders, oldest first.
 
@@ -91,7 +94,9 @@ def complete_checkpoints(root: Path) -> list[Path]:
         if not is_complete(path):
             continue
         if path.is_symlink():
-            logger.warning("ignoring %s: a symlink, not a checkpoint this run wrote", path)
+            if str(path) not in _WARNED_LINKS:
+                _WARNED_LINKS.add(str(path))
+                logger.warning("ignoring %s: a symlink, not a checkpoint this run wrote", path)
             continue
         found.append(path)
     return sorted(found)
