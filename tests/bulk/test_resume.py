@@ -345,3 +345,59 @@ def test_ranks_finalize_one_at_a_time_and_read_the_shards_under_the_lock(tmp_pat
     manifest = json.loads((out / "manifest.json").read_text())
     assert results == [True] and manifest["complete"] and manifest["shards_done"] == [0, 1]
     assert_same_output(out, tmp_path / "ref")
+
+
+_HOLD = """
+import sys
+from pathlib import Path
+from visreg_hub.bulk.output import run_lock
+with run_lock(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes the pipe
+"""
+
+
+def _holding(folder, rank: int, world_size: int) -> subprocess.Popen:
+    """Another process that holds ``folder`` as (rank, world_size) until its stdin closes."""
+    held = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(folder), str(rank), str(world_size)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert held.stdout.readline().strip() == "held"
+    return held
+
+
+def test_a_second_run_on_a_busy_folder_is_refused_and_ranks_of_one_job_are_not(tmp_path):
+    """Probe: two `embed` runs on one folder both embedded every shard, and a one-rank run removes the
+    temporary files of "killed" runs, i.e. the other run's half-written shard. A second run is refused now
+    (another process holds the folder), the ranks of one job still run side by side, and the folder is
+    free again once the holder ends."""
+    from visreg_hub.bulk.output import FolderBusyError
+
+    model = tiny_encoder()
+    write_tile_folder(tmp_path / "in", 12)
+    out = tmp_path / "out"
+    kwargs = {"model": model, "shard_size": 4}
+    run_embedding(tmp_path / "in", out, rank=1, world_size=3, **kwargs)  # the job's folder and manifest
+    one_rank = _holding(out, 0, 1)
+    try:
+        with pytest.raises(
+            FolderBusyError, match=r"another run of this job is embedding into .*: wait for it"
+        ):
+            run_embedding(tmp_path / "in", out, **kwargs)
+        with pytest.raises(FolderBusyError, match="a one-rank run of this job is embedding"):
+            run_embedding(tmp_path / "in", out, rank=2, world_size=3, **kwargs)
+    finally:
+        one_rank.communicate("")
+    rank0 = _holding(out, 0, 3)
+    try:
+        with pytest.raises(FolderBusyError, match=r"another run of rank 0 is embedding"):
+            run_embedding(tmp_path / "in", out, rank=0, world_size=3, **kwargs)
+        with pytest.raises(FolderBusyError, match=r"another run of this job is embedding"):
+            run_embedding(tmp_path / "in", out, **kwargs)  # one rank for all: not beside the job's ranks
+        assert not run_embedding(tmp_path / "in", out, rank=2, world_size=3, **kwargs).complete  # beside it
+    finally:
+        rank0.communicate("")
+    summary = run_embedding(tmp_path / "in", out, **kwargs)  # free again: finishes the job
+    assert summary.complete and summary.shards_written == 1 and summary.shards_skipped == 2

@@ -28,7 +28,8 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -328,6 +329,59 @@ def listed_failures(folder: Path) -> int | None:
 
 
 FINALIZE_LOCK = ".finalize.lock"  # hidden: listings of the folder skip it
+RUN_LOCK = ".embed.lock"  # held by every run for its whole length: exclusive for one rank, shared for ranks
+
+
+class FolderBusyError(VisregHubError, RuntimeError):
+    """Another process embeds into the same output folder (as the same rank, or as a whole job)."""
+
+
+@contextmanager
+def run_lock(folder: Path, rank: int, world_size: int) -> Iterator[None]:
+    """Hold the folder against a second run for the block (non-blocking ``flock``; they die with their
+    process, so a killed run never blocks the next).
+
+    A one-rank run takes ``.embed.lock`` exclusively; each rank of a multi-rank job takes it shared plus its
+    own ``.embed-rank-R.lock``, so the ranks of one job run together but not beside a second copy of a rank
+    or a one-rank run. why: two runs would each embed every unfinished shard (twice the work), and a
+    one-rank run removes the temporary files of killed runs, which would be the other run's files in the
+    middle of being written. Where ``fcntl`` does not exist (Windows) the block runs unlocked.
+
+    Raises:
+        FolderBusyError: another run holds the folder.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    wanted = [(folder / RUN_LOCK, fcntl.LOCK_EX if world_size == 1 else fcntl.LOCK_SH)]
+    if world_size > 1:
+        wanted.append((folder / f".embed-rank-{rank}.lock", fcntl.LOCK_EX))
+    held: list[int] = []
+    try:
+        for path, mode in wanted:
+            held.append(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644))
+            try:
+                fcntl.flock(held[-1], mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if world_size == 1:  # the holder is a one-rank run, or ranks of a multi-rank one
+                    who = "another run of this job"
+                else:
+                    who = (
+                        "a one-rank run of this job"
+                        if mode == fcntl.LOCK_SH
+                        else f"another run of rank {rank}"
+                    )
+                raise FolderBusyError(
+                    f"{who} is embedding into {folder} now; two would embed the same shards twice and remove "
+                    "each other's half-written files: wait for it to end (a re-run then resumes where it "
+                    "stopped), or write to another folder"
+                ) from None
+        yield
+    finally:
+        for descriptor in held:
+            os.close(descriptor)  # closing releases the lock
 
 
 def finalize(folder: Path, manifest: dict[str, Any], num_shards: int) -> bool:

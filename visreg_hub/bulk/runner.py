@@ -250,15 +250,29 @@ def run_embedding(
         job["model"]["draft_decode"] = True
     _keep_recorded_dtype(folder, job, net)
     manifest = output.check_or_start(folder, job)
-    if world_size == 1:
-        output.clean_temporaries(folder)
-    num_shards = math.ceil(listing.count / shard_size)
-    if engine == "ray":
-        from visreg_hub.bulk.ray_engine import run_ray
+    with output.run_lock(folder, rank, world_size):
+        if world_size == 1:
+            output.clean_temporaries(folder)
+        num_shards = math.ceil(listing.count / shard_size)
+        if engine == "ray":
+            from visreg_hub.bulk.ray_engine import run_ray
 
-        return run_ray(sources, folder, manifest, net, runner, listing, num_shards, start=start,
-                       batch_size=batch_size, normalize=normalize, max_pixels=max_pixels, device=device,
-                       dtype=dtype, pooling=pooling, draft_decode=draft_decode)  # fmt: skip
+            return run_ray(sources, folder, manifest, net, runner, listing, num_shards, start=start,
+                           batch_size=batch_size, normalize=normalize, max_pixels=max_pixels, device=device,
+                           dtype=dtype, pooling=pooling, draft_decode=draft_decode)  # fmt: skip
+        return _embed_my_shards(
+            sources, folder, manifest, runner, listing, num_shards, shard_size=shard_size, rank=rank,
+            world_size=world_size, start=start, batch_size=batch_size, num_workers=num_workers,
+            normalize=normalize, max_pixels=max_pixels, draft_decode=draft_decode,
+            show_progress_bar=show_progress_bar,
+        )  # fmt: skip
+
+
+def _embed_my_shards(sources, folder: Path, manifest: dict[str, Any], runner, listing, num_shards: int, *,
+                     shard_size: int, rank: int, world_size: int, start: float, batch_size: int,
+                     num_workers: int, normalize: bool, max_pixels: int | None, draft_decode: bool,
+                     show_progress_bar: bool | None) -> EmbedSummary:  # fmt: skip
+    """Embed and write this rank's unfinished shards (``run_embedding``'s local engine, under its lock)."""
     from visreg_hub.inference.pipeline import EmbeddingPipeline
 
     embedder = ShardEmbedder(
