@@ -38,7 +38,12 @@ class ModelNotPublishedError(VisregHubError, LookupError):
 
 
 class ImageDecodeError(VisregHubError, ValueError):
-    """An image could not be decoded; the message names the item and the reason."""
+    """An image could not be decoded; the message names the item and the reason. ``limit``: the cap it is
+    over (``"max_pixels"``), None for any other reason."""
+
+    def __init__(self, message: str, *, limit: str | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class UserInputError(VisregHubError, ValueError):

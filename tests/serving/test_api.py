@@ -291,8 +291,14 @@ def test_limit_max_pixels(http, fmnist_images):
     message = response.json()["errors"][0]["message"]
     assert "max_pixels=65,536" in message and message.endswith("; send a smaller image (resize it)")
     assert "encode(" not in message  # the library's hint is for library callers
+    assert response.json()["errors"][0]["limit"] == "max_pixels"  # by name, as the 413s' limit (probe)
     alone = embed(http, [b64(too_big)])
     assert alone.status_code == 422 and "max_pixels" in alone.json()["error"]["message"]
+    assert (
+        alone.json()["error"]["limit"] == "max_pixels" and alone.json()["errors"][0]["limit"] == "max_pixels"
+    )
+    search = http.post("/v1/search", json={"index": "items", "image": b64(too_big)})
+    assert search.status_code == 422 and search.json()["error"]["limit"] == "max_pixels"
 
 
 def test_limit_max_image_bytes(http, fmnist_images):
@@ -303,8 +309,13 @@ def test_limit_max_image_bytes(http, fmnist_images):
     assert response.status_code == 200 and [row["index"] for row in response.json()["data"]] == [1]
     [error] = response.json()["errors"]
     assert error["index"] == 0 and f"{len(too_long)} bytes, over max_image_bytes=40960" in error["message"]
+    assert error["limit"] == "max_image_bytes"
     alone = embed(http, [b64(too_long)])
     assert alone.status_code == 422 and "max_image_bytes" in alone.json()["error"]["message"]
+    assert alone.json()["error"]["limit"] == "max_image_bytes"
+    bad = embed(http, ["bm90IGFuIGltYWdl"])  # not an image: no limit broken
+    assert bad.status_code == 422 and bad.json()["error"]["limit"] is None
+    assert bad.json()["errors"][0]["limit"] is None
 
 
 def test_limit_max_items(http, fmnist_images):

@@ -267,7 +267,8 @@ def _over_cap(
         what = "image is" if pixels is None else f"image is {pixels:,} pixels,"
     return ImageDecodeError(
         f"{label}: {what} above the cap max_pixels={max_pixels:,} (decompression-bomb guard); "
-        f"{PIXEL_CAP_HINT}"
+        f"{PIXEL_CAP_HINT}",
+        limit="max_pixels",
     )
 
 

@@ -167,6 +167,7 @@ def _failed_inputs(errors: dict[int, str], count: int) -> ApiError:
         code="input_not_embedded",
         items=errors,
         param="input",
+        limit=schemas.first_limit(errors),
     )
 
 
@@ -310,6 +311,7 @@ def _install_model_routes(app: FastAPI, service: Service, auth: list) -> None:
                 code="no_input_embedded",
                 items=errors,
                 param="input",
+                limit=schemas.first_limit(errors),
             )
         data = []
         for i in sorted(vectors):
@@ -323,7 +325,10 @@ def _install_model_routes(app: FastAPI, service: Service, auth: list) -> None:
         return schemas.EmbeddingsResponse(
             model=runtime.name,
             data=data,
-            errors=[schemas.ItemError(index=i, message=m) for i, m in sorted(errors.items())],
+            errors=[
+                schemas.ItemError(index=i, message=m, limit=getattr(m, "limit", None))
+                for i, m in sorted(errors.items())
+            ],
             usage=schemas.Usage(images=len(data)),
         )
 
@@ -365,6 +370,7 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
                     422,
                     f"the query image could not be embedded: {errors.get(0, 'unknown error')}",
                     param="image",
+                    limit=schemas.first_limit(errors),
                 )
             query = vectors[0][None, :]
         try:
@@ -434,6 +440,7 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
                     422,
                     f"{len(errors)} of {count} images could not be embedded, nothing was added: {listed}",
                     param="images",
+                    limit=schemas.first_limit(errors),
                 )
             vectors = np.stack([embedded[i] for i in range(count)])
         try:

@@ -94,6 +94,26 @@ class Embedding(BaseModel):
 class ItemError(BaseModel):
     index: int
     message: str
+    limit: str | None = Field(
+        None, description="the server limit this input broke (e.g. 'max_pixels'), or null"
+    )
+
+
+class ItemMessage(str):
+    """One input's error message, as the routes collect them (input index -> message); ``limit`` names the
+    server limit it broke (``max_image_bytes``, ``max_pixels``), None for any other failure."""
+
+    limit: str | None = None
+
+    def __new__(cls, message: str, limit: str | None = None) -> ItemMessage:
+        item = super().__new__(cls, message)
+        item.limit = limit
+        return item
+
+
+def first_limit(items: dict[int, str]) -> str | None:
+    """The limit the first failed input broke (an error's ``limit``), None when it broke none."""
+    return getattr(items[min(items)], "limit", None) if items else None
 
 
 class Usage(BaseModel):
@@ -239,7 +259,9 @@ def error_body(
         }
     }
     if items is not None:
-        body["errors"] = [{"index": i, "message": m} for i, m in sorted(items.items())]
+        body["errors"] = [
+            {"index": i, "message": m, "limit": getattr(m, "limit", None)} for i, m in sorted(items.items())
+        ]
     return body
 
 

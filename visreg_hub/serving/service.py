@@ -21,6 +21,7 @@ from visreg_hub.serving.batcher import BatcherClosedError, DynamicBatcher, Queue
 from visreg_hub.serving.config import IndexSpec, ServeConfig
 from visreg_hub.serving.metrics import Metrics
 from visreg_hub.serving.runtime import ModelRuntime, load_runtime
+from visreg_hub.serving.schemas import ItemMessage
 from visreg_hub.serving.store import DurableIndex, IndexStore
 
 logger = logging.getLogger(__name__)
@@ -251,9 +252,10 @@ class Service:
         cap = self.limits.max_image_bytes
         for i, payload in enumerate(payloads):
             if payload is not None and len(payload) > cap:
-                errors[i] = (
+                errors[i] = ItemMessage(
                     f"{labels[i]}: {len(payload)} bytes, over max_image_bytes={cap}; "
-                    "send a smaller file (downscale or re-encode it)"
+                    "send a smaller file (downscale or re-encode it)",
+                    "max_image_bytes",
                 )
                 self.metrics.rejected.labels("max_image_bytes").inc()
         wanted = [i for i, payload in enumerate(payloads) if payload is not None and i not in errors]
@@ -346,7 +348,8 @@ class Service:
             return runtime.decode(payload, label, max_pixels=self.limits.max_pixels, draft=draft), None
         except VisregHubError as exc:
             # the library's hint names encode(max_pixels=...) and CLI flags: a client can only resize
-            return None, str(exc).replace(f"; {PIXEL_CAP_HINT}", "; send a smaller image (resize it)")
+            message = str(exc).replace(f"; {PIXEL_CAP_HINT}", "; send a smaller image (resize it)")
+            return None, ItemMessage(message, getattr(exc, "limit", None))
         except Exception as exc:  # why: an unexpected decoder error is this item's, not the request's
             logger.warning("unexpected error decoding %s: %r", label, exc)
             return None, f"{label}: could not be decoded ({type(exc).__name__})"
