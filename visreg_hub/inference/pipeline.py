@@ -95,11 +95,17 @@ def as_int(value: Any) -> int | None:
         return None
 
 
-def check_run_args(batch_size: Any, num_workers: Any, on_error: Any) -> tuple[int, int]:
-    """``(batch_size, num_workers)`` as ints, or a ValueError naming the bad argument of ``encode()``."""
-    size, workers = as_int(batch_size), as_int(num_workers)
+def check_batch_size(batch_size: Any) -> int:
+    """``batch_size`` as an int, or a ValueError naming it (``encode()``, ``Client.encode/add``)."""
+    size = as_int(batch_size)
     if size is None or size < 1:
         raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return size
+
+
+def check_run_args(batch_size: Any, num_workers: Any, on_error: Any) -> tuple[int, int]:
+    """``(batch_size, num_workers)`` as ints, or a ValueError naming the bad argument of ``encode()``."""
+    size, workers = check_batch_size(batch_size), as_int(num_workers)
     if workers is None or workers < 0:
         raise UserInputError(f"num_workers must be an integer >= 0, got {num_workers!r}")
     if on_error not in ON_ERROR:

@@ -164,6 +164,7 @@ class Client:
 
         from visreg_hub.inference import EncodeFailure, EncodeResult
         from visreg_hub.inference.inputs import expand_inputs, is_single_image
+        from visreg_hub.inference.pipeline import check_batch_size
         from visreg_hub.inference.quantize import EMBEDDING_PRECISIONS, quantize_embeddings
 
         if on_error not in ("raise", "skip"):
@@ -176,8 +177,7 @@ class Client:
                 )
         if precision not in EMBEDDING_PRECISIONS:
             raise UserInputError(f"precision must be one of {EMBEDDING_PRECISIONS}, got {precision!r}")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = check_batch_size(batch_size)
         sources = expand_inputs(images)
         rows: dict[int, np.ndarray] = {}
         failures: list[EncodeFailure] = []
@@ -297,9 +297,9 @@ class Client:
                 the error's ``added_ids`` lists their ids (in input order).
         """
         from visreg_hub.inference.inputs import expand_inputs
+        from visreg_hub.inference.pipeline import check_batch_size
 
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = check_batch_size(batch_size)
         if vectors is not None:
             items: list = np.asarray(vectors, dtype=np.float32).tolist()
         else:
