@@ -152,17 +152,22 @@ def _check_keys(name: str, settings: dict, params: set[str]) -> None:
 _PROJECTION_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
-def build_loss(config: TrainingConfig) -> nn.Module:
+def build_loss(config: TrainingConfig, *, warn_unused: bool = True) -> nn.Module:
     """The configured loss module, seeded with ``train.seed`` (its slice state is checkpointed).
 
     The values of the other losses' ``loss.<name>`` mappings are checked too, by building those losses
     once: a bad one would otherwise pass silently until someone switched ``loss.name`` to it.
+
+    Args:
+        warn_unused: name the shared settings this loss ignores (off for a check-only build, which the
+            trainer's own build follows: one warning per run).
     """
     for other in LOSS_CLASSES:
         if other != config.loss.name and getattr(config.loss, other):
             _build(config, other)
     loss = _build(config, config.loss.name)
-    _warn_unused_shared_settings(config, _loss_params(type(loss)))
+    if warn_unused:
+        _warn_unused_shared_settings(config, _loss_params(type(loss)))
     return loss
 
 

@@ -374,7 +374,9 @@ class Trainer:
             grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad_norm)
             if accelerator.scaler is None:  # with fp16's GradScaler, inf steps are skipped by the scaler
                 nonfinite["gradient norm"] = nonfinite_flag(grad_norm)
-        raise_if_flagged(nonfinite, step, reduce=accelerator.reduce if self.world > 1 else None)
+        # step + 1: steps are counted from 1 wherever a user reads them (checkpoints, metrics.jsonl)
+        raise_if_flagged(nonfinite, step + 1, reduce=accelerator.reduce if self.world > 1 else None)
+        metrics["optim/lr"] = self.scheduler.get_last_lr()[0]  # the rate this step uses, read before stepping
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -384,7 +386,6 @@ class Trainer:
             metrics.update(self._health(probe_features, projections, num_global, batch_size))
         if grad_norm is not None:
             metrics["optim/grad_norm"] = grad_norm.detach()
-        metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
         return metrics
 
     def _health(self, probe_features, projections, num_global: int, batch_size: int) -> dict:

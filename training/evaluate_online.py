@@ -86,15 +86,21 @@ class OnlineEvaluator:
         """kNN accuracy (%) on the validation split with the bank as memory; probe accuracy when present."""
         bank, _, bank_labels = self.embed(self.data.bank)
         val, val_logits, val_labels = self.embed(self.data.val)
-        accuracy = 100.0 * knn_accuracy(
+        accuracy = knn_accuracy(
             bank.cpu().numpy(), bank_labels, val.cpu().numpy(), val_labels,
             k=self.settings.knn_k, temperature=self.settings.knn_temperature,
         )  # fmt: skip
-        results = {"knn/accuracy": accuracy}
+        results = {"knn/accuracy": _percent(accuracy)}
         if val_logits is not None:
             predicted = val_logits.argmax(1).cpu().numpy()
-            results["probe/val_acc"] = 100.0 * float((predicted == val_labels).mean())
+            results["probe/val_acc"] = _percent(float((predicted == val_labels).mean()))
         return results
+
+
+def _percent(fraction: float) -> float:
+    """A share of a validation split in percent, rounded where no split can resolve it (1e-6 %): 100 * 0.29
+    is 28.999999999999996 in floats, which logs and summaries would print."""
+    return round(100.0 * fraction, 6)
 
 
 class LibraryPreprocessCollate:

@@ -72,7 +72,8 @@ def raise_if_flagged(
     Args:
         flags: name -> 0-d tensor counting the non-finite values seen (:func:`nonfinite_flag`, summed
             over micro-steps).
-        step: the optimiser step being computed (for the message).
+        step: the optimiser step being computed, counted from 1 as checkpoints and metrics.jsonl count
+            (the step after ``step-0000000{step - 1}``), for the message.
         reduce: sums a tensor over ranks (``accelerator.reduce``); None in single-process use.
 
     Raises:

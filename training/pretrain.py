@@ -77,7 +77,8 @@ def preflight(config: TrainingConfig, num_processes: int) -> None:
         raise ConfigError(f"train.stop_after={stop_after} is beyond train.max_steps={max_steps}")
     from training.build import build_loss  # imports torch and timm
 
-    check_loss_device(build_loss(config))  # every loss value, not only the key names (allocates nothing)
+    # every loss value, not only the key names (allocates nothing); the trainer's build warns
+    check_loss_device(build_loss(config, warn_unused=False))
     check_precision_device(config.train.mixed_precision)
     model_config(config)
 

@@ -118,6 +118,14 @@ def test_vicreg_and_barlow_modules():
         (lambda: SIGRegLoss(t_max=0), "t_max must be a finite positive number, got 0"),
         (lambda: VICRegLoss(variance_weight=-2.0), "variance_weight must be >= 0, got -2.0"),
         (lambda: BarlowTwinsLoss(off_diagonal_weight=math.inf), "off_diagonal_weight must be a finite"),
+        # yes/no options: the string 'false' is truthy, and bool() turned the option on (probe)
+        (lambda: VISRegLoss(detach_target="false"), "detach_target must be True or False, got 'false'"),
+        (lambda: SWDLoss(detach_target=0), "detach_target must be True or False, got 0"),
+        (lambda: SWDLoss(auto_step="false"), "auto_step must be True or False, got 'false'"),
+        (lambda: SIGRegLoss(sync="maybe"), "sync must be True or False, got 'maybe'"),
+        (lambda: SIGRegLoss(detach_target=None), "detach_target must be True or False, got None"),
+        (lambda: VICRegLoss(gather="no"), "gather must be True or False, got 'no'"),
+        (lambda: BarlowTwinsLoss(gather="false"), "gather must be True or False, got 'false'"),
     ],
 )
 def test_invalid_settings_raise_value_error_naming_the_value(factory, message):

@@ -160,7 +160,10 @@ def test_unknown_per_loss_setting_is_rejected_with_the_accepted_ones():
 @pytest.mark.parametrize(
     ("override", "message"),
     [("loss.vicreg.invariance_weight=abc", r"loss\.vicreg: invariance_weight must be a finite number"),
-     ("loss.sigreg.num_knots=100000000", r"loss\.sigreg: num_knots must be an integer in \[2, 4096\]")],
+     ("loss.sigreg.num_knots=100000000", r"loss\.sigreg: num_knots must be an integer in \[2, 4096\]"),
+     # a quoted 'false' was truthy: the run trained with the option on and recorded "false" (probe)
+     ("loss.visreg.detach_target='false'", r"loss\.visreg: detach_target must be True or False, got 'false'"),
+     ("loss.sigreg.sync=maybe", r"loss\.sigreg: sync must be True or False, got 'maybe'")],
 )  # fmt: skip
 def test_an_inactive_losss_values_are_checked_too(override, message):
     """Probe 15: only the keys of another loss's mapping were checked; a bad value surfaced when a grid

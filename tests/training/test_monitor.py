@@ -79,8 +79,8 @@ def test_nan_at_step_stops_before_any_optimizer_step(tmp_path):
 
     trainer = Trainer(config)
     with pytest.raises(
-        TrainingDivergedError, match=r"diverged at step 2: non-finite loss/total, .*loss/shape"
-    ):
+        TrainingDivergedError, match=r"diverged at step 3: non-finite loss/total, .*loss/shape"
+    ):  # the third step (steps count from 1, as checkpoint step-00000002 holds the first two)
         trainer.fit()
     assert trainer.state.global_step == 2
     adam_steps = {float(state["step"]) for state in trainer.optimizer.state_dict()["state"].values()}

@@ -122,7 +122,7 @@ def test_nan_on_one_rank_stops_every_rank_with_the_message(tmp_path):
         args, cwd=tmp_path, env={"ACCELERATE_USE_CPU": "true"}, launcher=launcher, timeout=240
     )
     assert result.returncode != 0
-    message = "training diverged at step 3: non-finite loss/total"
+    message = "training diverged at step 4: non-finite loss/total"  # the 4th step (index 3)
     assert result.stderr.count(message) == 2, result.stderr[-3000:]  # printed by both ranks
 
 
@@ -259,3 +259,34 @@ def test_shared_loss_settings_the_chosen_loss_does_not_take_are_named(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="training.build"):
         build_loss(tiny_config(tmp_path, "loss.name=visreg", "loss.num_slices=64"))
     assert "ignored" not in caplog.text  # VISReg takes it
+
+
+def test_each_logged_step_carries_the_learning_rate_it_used(tmp_path):
+    """Probe: optim/lr was read after the scheduler stepped, so each metrics row showed the next step's rate
+    and the last row a rate no step used (lr * min_lr_ratio). Row s (s steps done) used lr_factor(s - 1)."""
+    import json
+
+    config = tiny_config(tmp_path / "run", "train.max_steps=6", "optim.warmup_steps=2", "train.log_every=1",
+                         "train.checkpoint_every=0", "eval.knn_every=0")  # fmt: skip
+    trainer = train(config)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = {row["step"]: row["optim/lr"] for row in rows if "optim/lr" in row}
+    assert sorted(logged) == [1, 2, 3, 4, 5, 6]
+    plan, optim = trainer.plan, config.optim
+    for step, lr in logged.items():
+        want = optim.lr * lr_factor(step - 1, plan.warmup_steps, plan.total_steps, optim.min_lr_ratio)
+        assert lr == pytest.approx(want, rel=1e-9), step
+    assert logged[1] == pytest.approx(optim.lr / 2)  # the first warm-up step: half the rate
+    knn = [row["knn/accuracy"] for row in rows if "knn/accuracy" in row]
+    assert knn and all(value == round(value, 6) for value in knn)
+
+
+def test_a_run_names_an_ignored_shared_setting_once(tmp_path):
+    """Probe: pretrain.py built the loss twice (the check before anything is created, then the trainer's),
+    so every 'not used by loss.name' warning was printed twice."""
+    args = ["--config", str(FIXTURE_CONFIG), f"data.path={REPO / 'tests/fixtures/fmnist_train_500.npz'}",
+            f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", "train.progress_bar=false",
+            "eval.knn_every=0", "loss.name=sigreg", "loss.slice_mode=replicate"]  # fmt: skip
+    result = run_script(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("loss.slice_mode='replicate': not used by loss.name=sigreg, ignored") == 1

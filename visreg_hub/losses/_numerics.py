@@ -10,6 +10,7 @@ import contextlib
 import functools
 import math
 
+import numpy as np
 import torch
 
 from visreg_hub.errors import UserInputError
@@ -153,6 +154,14 @@ def gaussian_quantiles(
 
 
 # ------------------------------------------------------------------------------- module arguments
+def check_flag(name: str, value: bool) -> bool:
+    """A yes/no option: True or False (numpy's too); why not bool(value): the string 'false' is truthy, so a
+    config's quoted 'false' would switch the option on and be recorded as asked."""
+    if not isinstance(value, bool | np.bool_):
+        raise UserInputError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def check_weight(name: str, value: float, *, upper: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise UserInputError(f"{name} must be a finite number, got {value!r}")

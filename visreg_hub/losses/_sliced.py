@@ -15,7 +15,7 @@ from torch import nn
 
 from visreg_hub.errors import UserInputError
 
-from ._numerics import check_unit_columns, check_weight, report
+from ._numerics import check_flag, check_unit_columns, check_weight, report
 from .distributed import reduce_values, world_info
 from .slices import SLICE_MODES, SlicePlan, SliceSampler, plan_slices
 
@@ -49,7 +49,7 @@ class SlicedLoss(nn.Module):
         self.slice_mode = slice_mode
         self.reg_weight = check_weight("reg_weight", reg_weight, upper=1.0)
         self.projection_dtype = projection_dtype
-        self.auto_step = bool(auto_step)
+        self.auto_step = check_flag("auto_step", auto_step)
         self.group = group
         self.step = 0
 

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 
 from . import functional as F
-from ._numerics import all_views, check_views
+from ._numerics import all_views, check_flag, check_views
 from ._sliced import SlicedLoss
 from .distributed import world_info
 from .sigreg import check_grid
@@ -56,8 +56,8 @@ class SIGRegLoss(SlicedLoss):
     ) -> None:
         super().__init__(num_slices, seed, "local", reg_weight, projection_dtype, auto_step, group)
         check_grid(t_max, num_knots)
-        self.t_max, self.num_knots, self.sync = float(t_max), num_knots, bool(sync)
-        self.detach_target = bool(detach_target)
+        self.t_max, self.num_knots, self.sync = float(t_max), num_knots, check_flag("sync", sync)
+        self.detach_target = check_flag("detach_target", detach_target)
 
     def extra_repr(self) -> str:
         return (

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from ._numerics import all_views, check_eps, check_views, check_weight
+from ._numerics import all_views, check_eps, check_flag, check_views, check_weight
 from .distributed import gather_batch
 from .redundancy import check_barlow_route
 
@@ -43,7 +43,7 @@ class BarlowTwinsOutput(NamedTuple):
 class _GatheringLoss(nn.Module):
     def __init__(self, gather: bool, group) -> None:
         super().__init__()
-        self.gather, self.group = bool(gather), group
+        self.gather, self.group = check_flag("gather", gather), group
 
     def _views(self, global_proj, local_proj):
         local_proj = check_views(global_proj, local_proj)

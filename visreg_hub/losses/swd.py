@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 
 from . import functional as F
-from ._numerics import all_views, check_views
+from ._numerics import all_views, check_flag, check_views
 from ._sliced import SlicedLoss
 from .distributed import gather_batch
 from .partition import partitioned_quantile_distance
@@ -47,7 +47,7 @@ class SWDLoss(SlicedLoss):
     ) -> None:
         super().__init__(num_slices, seed, slice_mode, reg_weight, projection_dtype, auto_step, group)
         self.sort_backend = check_sort_backend(sort_backend)
-        self.detach_target = bool(detach_target)
+        self.detach_target = check_flag("detach_target", detach_target)
 
     def _repr_settings(self):
         return [("detach_target", self.detach_target), ("projection_dtype", self.projection_dtype),

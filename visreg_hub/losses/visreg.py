@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 
 from . import functional as F
-from ._numerics import all_views, check_views, check_weight, report
+from ._numerics import all_views, check_flag, check_views, check_weight, report
 from ._sliced import SlicedLoss
 from .distributed import gather_batch, reduce_values, world_info
 from .partition import partitioned_quantile_distance
@@ -83,7 +83,7 @@ class VISRegLoss(SlicedLoss):
         self.scale_weight = check_weight("scale_weight", scale_weight)
         self.shape_weight = check_weight("shape_weight", shape_weight)
         self.center_weight = check_weight("center_weight", center_weight)
-        self.detach_target = bool(detach_target)
+        self.detach_target = check_flag("detach_target", detach_target)
 
     def _repr_settings(self):
         return [
