@@ -209,6 +209,6 @@ def test_metadata_errors_are_not_hidden_by_an_exhausted_id_counter():
     index.add(np.eye(4, dtype=np.float32)[:1], ids=[MAX_ID])
     with pytest.raises(ValueError, match="metadata must be a list of 2"):
         index.add(np.eye(4, dtype=np.float32)[:2], metadata=[{}])
-    with pytest.raises(ValueError, match=r"counter is exhausted .*continue after the largest id"):
+    with pytest.raises(ValueError, match=r"automatic ids are used up: they continue after the largest id"):
         index.add(np.eye(4, dtype=np.float32)[:2])
     assert index.add(np.eye(4, dtype=np.float32)[1:2], ids=[5]).tolist() == [5]

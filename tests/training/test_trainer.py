@@ -98,7 +98,18 @@ def test_two_processes_through_accelerate_launch(tmp_path):
     assert pretrain.main([*resumed, "--resume", "auto"]) == 0
     rows = [row for row in _metrics(output) if "loss/total" in row]
     assert [row["step"] for row in rows] == [2, 4, 6, 8, 10, 12, 14]
-    assert math.isfinite(rows[-1]["loss/total"]) and rows[-1]["loss/total"] < losses[0]
+    assert math.isfinite(rows[-1]["loss/total"])
+    # why not "the loss is below step 2's": one process puts 16 images per micro-step through the loss
+    # where two ranks put 32 (batch statistics over fewer samples read higher), so the values are not
+    # comparable. The resume is checked on the weights: two small-lr steps from step 12's weights move
+    # them far less than the six steps before did (a restart from scratch would move them more).
+    moved = {}
+    for start, end in ((6, 12), (12, 14)):
+        before = load_file(str(root / ckpt.step_dir_name(start) / "model.safetensors"))
+        after = load_file(str(root / ckpt.step_dir_name(end) / "model.safetensors"))
+        weights = [k for k in before if k.startswith("encoder.backbone.")]  # not the loss's step counters
+        moved[start] = max(float((after[k] - before[k]).abs().max()) for k in weights)
+    assert 0 < moved[12] < moved[6] / 2, moved
     last = root / ckpt.step_dir_name(14)
     assert ckpt.read_state(last)["global_step"] == 14
     assert {n for n in os.listdir(last) if n.startswith("rng_state_")} == {"rng_state_0.json"} | (
