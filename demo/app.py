@@ -181,11 +181,10 @@ def build_app(service: DemoService, *, top_k: int = 8) -> gr.Blocks:
         """A new model: its bundled gallery when the gallery shown is another bundled one; old outputs go."""
         if model_key in bundled_keys & gallery_keys and gallery_key in bundled_keys:
             gallery_key = model_key
-        return (gallery_key, status(model_key, gallery_key), *RETRIEVAL_CLEARED, *FEATURES_CLEARED)
+        return (gallery_key, *RETRIEVAL_CLEARED, *FEATURES_CLEARED)
 
-    @user_errors
-    def switch_gallery(model_key: str, gallery_key: str):
-        return (status(model_key, gallery_key), *RETRIEVAL_CLEARED)
+    def clear_retrieval():
+        return RETRIEVAL_CLEARED
 
     @user_errors
     def extract(model_key: str, path: str | None, pooling: str, normalize: bool):
@@ -315,10 +314,16 @@ def build_app(service: DemoService, *, top_k: int = 8) -> gr.Blocks:
         # a menu change clears the outputs of the other model or gallery and cancels the work still running
         # for them. why .change: .input also fires when a menu loses the focus unchanged (a click on Search
         # after opening one), and its cancel then swallowed that search. The paired gallery that
-        # switch_model sets fires switch_gallery too, which clears the same outputs again.
-        model.change(switch_model, [model, gallery], [gallery, info, *retrieval_outputs, *feature_outputs],
-                     cancels=work, **private)  # fmt: skip
-        gallery.change(switch_gallery, [model, gallery], [info, *retrieval_outputs], cancels=work, **private)
+        # switch_model sets fires the gallery's change too, which clears the same outputs again.
+        # why the status line in a step of its own: it may wait for the gallery's index to be built, and
+        # a clearing answered after that wait wiped the results of a search made meanwhile (probe)
+        model.change(switch_model, [model, gallery], [gallery, *retrieval_outputs, *feature_outputs],
+                     cancels=work, **private).then(status, [model, gallery], info, **private)  # fmt: skip
+        gallery.change(clear_retrieval, None, retrieval_outputs, cancels=work, **private).then(
+            status, [model, gallery], info, **private
+        )
+        # a page opened later shows the galleries as they are now, not as they were at start-up
+        demo.load(status, [model, gallery], info, **private)
     return demo
 
 

@@ -91,7 +91,8 @@ def scan_gallery(root: str | Path) -> list[GalleryFile]:
     root = Path(root).resolve()
     paths = list_image_files(root)
     if not paths:
-        raise GalleryError(f"gallery folder {root} contains no image files (png, jpg, webp, ...)")
+        # the folder's own name: the message reaches the page's users, who never see server paths
+        raise GalleryError(f"gallery folder {root.name!r} contains no image files (png, jpg, webp, ...)")
     files = []
     for path in paths:
         try:
@@ -159,8 +160,8 @@ def build_index(
     failed = {failure.index: failure.reason for failure in result.failures}
     good = [i for i in range(len(files)) if i not in failed]
     if not good:
-        first = next(iter(failed.values()))
-        raise GalleryError(f"no gallery image in {root} could be decoded; first error: {first}")
+        first = next(iter(failed.values())).replace(f"{root}{os.sep}", "")  # paths relative to the gallery
+        raise GalleryError(f"no gallery image in {root.name!r} could be decoded; first error: {first}")
     # normalize: queries too are L2-normalised, so scores are cosines whatever a vector query's length
     # (the API's vector queries; the page's are unit already)
     index = EmbeddingIndex(

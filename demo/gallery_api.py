@@ -12,12 +12,10 @@ hits. A hit's metadata is what the page shows: the file's ``path`` relative to t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from demo.cache import CachedIndex
-from demo.menus import BUNDLED_SETS, unique_name
+from demo.menus import BUNDLED_SETS
 from demo.service import RESCAN_S, DemoService, IndexBuildingError
 from visreg_hub.errors import UserInputError
 from visreg_hub.serving.service import ApiError, Service
@@ -125,17 +123,13 @@ def attach_galleries(api: Service, service: DemoService, model_names: dict[str, 
         API index name -> gallery menu key, in menu order.
     """
     bundled = {b.key for b in BUNDLED_SETS}
-    taken = set(bundled)
     attached: dict[str, str] = {}
-    for choice in service.gallery_choices:
-        own_name = Path(choice.source).name or "gallery"  # a folder's own name, never its server path
-        name = choice.key if choice.key in bundled else unique_name(own_name, taken)
-        taken.add(name)
+    for choice in service.gallery_choices:  # named as in the menu: never a server path
         # a bundled gallery goes with its bundled model (same key in both menus) when that model is served
         paired = choice.key in bundled and choice.key in model_names
         model_key = choice.key if paired else service.default_model
         model = model_names[model_key]
-        store = GalleryIndex(service, name, model_key, choice.key, api.runtimes[model].embedding_dim)
-        api.attach_index(name, store, model)
-        attached[name] = choice.key
+        store = GalleryIndex(service, choice.key, model_key, choice.key, api.runtimes[model].embedding_dim)
+        api.attach_index(choice.key, store, model)
+        attached[choice.key] = choice.key
     return attached

@@ -3,9 +3,9 @@
 A choice is what one menu entry means: ``key`` is what the UI sends back, ``source`` the model spec or
 gallery folder behind it. The operator's ``--model`` / ``--gallery`` values come first, then the bundled
 sets; one that names a bundled model or gallery (by registry name or folder) is that bundled choice, so
-nothing is loaded or listed twice. A model is shown and keyed by its name (a folder's own name), never by
-the server path behind it, and that name is also its id in the HTTP API; two models of one name are
-``name`` and ``name-2``.
+nothing is loaded or listed twice. A model or ``--gallery`` folder is shown and keyed by its name (a
+folder's own name), never by the server path behind it, and that name is also its id (a model) or index
+name (a gallery) in the HTTP API; two of one name are ``name`` and ``name-2``.
 """
 
 from __future__ import annotations
@@ -167,8 +167,13 @@ def gallery_choices(galleries: Sequence[str | Path], first: str | None = None) -
         if not folder.is_dir():
             raise NotADirectoryError(f"gallery {folder} is not a folder; pass --gallery DIR of images")
         same = bundled_at.get(folder)  # a bundled gallery named with --gallery: its one choice
-        own = Choice(str(folder), str(folder), str(folder))
-        choices.append(own if same is None else bundled_gallery_choice(same))
+        if same is None:  # its own name, apart from the bundled keys and the galleries before it
+            name = unique_name(
+                folder.name or "gallery", {c.key for c in choices} | {b.key for b in BUNDLED_SETS}
+            )
+            choices.append(Choice(name, name, str(folder)))
+        else:
+            choices.append(bundled_gallery_choice(same))
     ordered = sorted(BUNDLED_SETS, key=lambda b: b.key != first)  # stable: the rest keep their order
     listed = {choice.key for choice in choices}
     choices += [bundled_gallery_choice(b) for b in ordered if b.gallery.is_dir() and b.key not in listed]

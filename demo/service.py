@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 MAX_K = 50
 DISPLAY_SIZE = 224
 RESCAN_S = 10.0  # a gallery's files are listed again when its index was checked longer ago
+# how long get_index(wait=False) waits for the work it starts in the background: a cached or small gallery
+# is answered at once, a long build never holds the caller's thread longer than this
+BACKGROUND_WAIT_S = 2.0
 DOWNLOAD_MAX_AGE_S = 3600  # .npy downloads older than this are removed (Gradio has its own copy by then)
 
 
@@ -160,7 +163,10 @@ class DemoService:
         self._models: dict[str, LoadedModel] = {}
         self._indexes: dict[tuple[str, str], tuple[CachedIndex, float]] = {}  # pair -> (index, scanned at)
         self._pair_locks: dict[tuple[str, str], threading.Lock] = {}
-        self._lock = threading.RLock()  # models, and the two dicts above (never held while embedding)
+        # get_index(wait=False)'s background work per pair, and the error of the last one that failed
+        self._workers: dict[tuple[str, str], threading.Thread] = {}
+        self._failures: dict[tuple[str, str], Exception] = {}
+        self._lock = threading.RLock()  # models, and the dicts above (never held while embedding)
 
     # ------------------------------------------------------------------ choices
     @property
@@ -209,9 +215,11 @@ class DemoService:
         pairs go on meanwhile.
 
         Args:
-            wait: False: while another thread lists, loads or builds this pair, return the pair's last
-                index instead of waiting (:class:`IndexBuildingError` when it has none yet), so callers
-                on a small shared thread pool (the API) never queue behind a build.
+            wait: False: never list, load or build in the caller's thread, so callers on a small shared
+                thread pool (the API) never queue behind a build. The work runs in a background thread;
+                meanwhile the pair's last index is returned, or, when it has none yet, the caller waits
+                up to :data:`BACKGROUND_WAIT_S` (a cached index loads in that time) and then gets
+                :class:`IndexBuildingError` (or the error the work ended with).
         """
         model_key = find_choice(self.model_choices, model_key or self.default_model, "model").key
         gallery = find_choice(self.gallery_choices, gallery_key or self.default_gallery, "gallery")
@@ -221,10 +229,9 @@ class DemoService:
             pair_lock = self._pair_locks.setdefault(pair, threading.Lock())
         if known is not None and time.monotonic() - known[1] < RESCAN_S:
             return known[0]
-        if not pair_lock.acquire(blocking=wait):
-            if known is not None:
-                return known[0]  # being checked or rebuilt by another thread: the last one meanwhile
-            raise IndexBuildingError(f"the index of this gallery for model {model_key!r} is being built")
+        if not wait:
+            return self._in_background(pair, known)
+        pair_lock.acquire()
         try:
             with self._lock:
                 known = self._indexes.get(pair)
@@ -246,6 +253,40 @@ class DemoService:
             return cached
         finally:
             pair_lock.release()
+
+    def _in_background(self, pair: tuple[str, str], known) -> CachedIndex:
+        """``get_index(wait=False)``: the pair's check, load or build in a background thread (one per
+        pair at a time); the last index meanwhile, else a short wait for a quick result."""
+        with self._lock:
+            worker = self._workers.get(pair)
+            if worker is None or not worker.is_alive():
+                self._failures.pop(pair, None)
+                worker = threading.Thread(
+                    target=self._refresh, args=pair, name=f"gallery-index-{pair[1]}", daemon=True
+                )
+                self._workers[pair] = worker
+                worker.start()
+        if known is not None:
+            return known[0]  # being checked or rebuilt: the last one meanwhile
+        worker.join(BACKGROUND_WAIT_S)
+        with self._lock:
+            fresh, failure = self._indexes.get(pair), self._failures.get(pair)
+        if fresh is not None:
+            return fresh[0]
+        if failure is not None and not worker.is_alive():
+            raise failure
+        raise IndexBuildingError(f"the index of this gallery for model {pair[0]!r} is being built")
+
+    def _refresh(self, model_key: str, gallery_key: str) -> None:
+        """A background thread's ``get_index``: its failure is kept for the callers that wait on it, and
+        the pair's last index is dropped (its folder could not be read again: emptied, removed)."""
+        try:
+            self.get_index(model_key, gallery_key)
+        except Exception as exc:  # why: a thread's error would only reach stderr; the API reports it
+            logger.warning("gallery %s with model %s: %s", gallery_key, model_key, exc)
+            with self._lock:
+                self._failures[(model_key, gallery_key)] = exc
+                self._indexes.pop((model_key, gallery_key), None)
 
     def describe(self, model_key: str | None = None, gallery_key: str | None = None) -> str:
         """Markdown status line for a (model, gallery) pair (loads or builds it if needed)."""

@@ -47,7 +47,14 @@ def test_the_api_searches_the_galleries_the_page_searches(
     """Every gallery of the menu is a read-only index of /v1/search, with the model the page pairs it
     with; hits and scores against a numpy brute force over ``encode()`` of the gallery files."""
     base = demo_server.url.rstrip("/")
-    listed = {info["name"]: info for info in httpx.get(base + "/v1/indexes", timeout=120).json()["data"]}
+    deadline = time.monotonic() + 120
+    while True:  # the galleries are built in the background; the list says which are not ready yet
+        listed = {info["name"]: info for info in httpx.get(base + "/v1/indexes", timeout=60).json()["data"]}
+        waiting = [info for info in listed.values() if info["status"] != "ready"]
+        assert all(info["status"] == "building" and info["count"] is None for info in waiting), waiting
+        if not waiting or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert list(listed) == ["gallery", "bundled-photos", "bundled"]  # no server path among the names
     assert all(info["normalize"] and info["metric"] == "ip" for info in listed.values())  # cosine scores
     assert [(info["model"], info["dim"]) for info in listed.values()] == [

@@ -71,7 +71,7 @@ def page(demo_server) -> Page:
 
 def test_the_pages_own_events_run_through_the_queue(page):
     model, gallery = page.props["model-choice"]["value"], page.props["gallery-choice"]["value"]
-    assert "Gallery" in page.fire("switch_gallery", [model, gallery])["output"]["data"][0]
+    assert "Gallery" in page.fire("status", [model, gallery])["output"]["data"][0]
 
     query = page.upload(PHOTO)
     preview = page.fire("preview", [query])
@@ -146,7 +146,7 @@ def test_a_queue_join_for_an_event_the_page_lacks_is_a_4xx_and_the_page_keeps_wo
                       headers={"content-type": "application/json"})  # fmt: skip
     assert huge.status_code == 413
     model, gallery = page.props["model-choice"]["value"], page.props["gallery-choice"]["value"]
-    assert "Gallery" in page.fire("switch_gallery", [model, gallery])["output"]["data"][0]
+    assert "Gallery" in page.fire("status", [model, gallery])["output"]["data"][0]
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9/big.jpg", "https://example.com/x.jpg", " HTTPS://h/x"])

@@ -525,7 +525,22 @@ def _install_index_routes(app: FastAPI, service: Service, auth: list) -> None:
     )
     async def list_indexes() -> schemas.IndexList:
         names = list(service.indexes)
-        return schemas.IndexList(data=await asyncio.to_thread(lambda: [describe(name) for name in names]))
+        return schemas.IndexList(data=await asyncio.to_thread(lambda: [listed(name) for name in names]))
+
+    def listed(name: str) -> schemas.IndexInfo:
+        """``describe``, or for an index that cannot answer now (a demo gallery building or emptied) an
+        entry that says so: one such index must not hide the others (a 503 for the whole list did)."""
+        try:
+            return describe(name)
+        except ApiError as exc:
+            if exc.status != 503:
+                raise
+            store = service.index(name)
+            status = "building" if exc.code == "index_building" else "unavailable"
+            return schemas.IndexInfo(
+                name=name, status=status, problem=exc.message, count=None, dim=store.dim,
+                model=service.index_models[name], metric=None, kind=None, normalize=None,
+            )  # fmt: skip
 
     @app.get(
         "/v1/indexes/{name}",

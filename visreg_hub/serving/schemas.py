@@ -185,12 +185,19 @@ class DeleteItemResponse(BaseModel):
 
 class IndexInfo(BaseModel):
     name: str
-    count: int
+    status: Literal["ready", "building", "unavailable"] = Field(
+        "ready",
+        description="'building' or 'unavailable' only for an index the server builds itself (a demo "
+        "gallery) that cannot be searched now; GET /v1/indexes lists it so, with the reason in 'problem' "
+        "and null count, metric, kind and normalize",
+    )
+    problem: str | None = Field(None, description="why the index cannot be searched now (status)")
+    count: int | None
     dim: int
     model: str | None
-    metric: str
-    kind: str
-    normalize: bool = Field(
+    metric: str | None
+    kind: str | None
+    normalize: bool | None = Field(
         description="added vectors and vector queries are L2-normalised (ip scores are then cosines)"
     )
     snapshot_error: str | None = Field(
