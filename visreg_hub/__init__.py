@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from visreg_hub._lazy import lazy_exports
 
-__version__ = "0.2.4"
+__version__ = "0.2.5"
 
 # The one list of public names: name -> module that defines it. ``__all__``, ``dir()`` and the lazy
 # ``__getattr__`` below are all derived from it, so adding a public name is one line here.
