@@ -468,6 +468,36 @@ def test_an_unwritable_cache_falls_back_to_torch_for_auto_and_is_an_error_for_on
         explicit.encode(photo_paths)
 
 
+def test_a_damaged_entry_that_cannot_be_removed_is_a_cache_error_before_any_export(
+    folder, photo_paths, tmp_path, monkeypatch, caplog
+):
+    """Probe: a damaged entry in a folder this user could not delete from was exported over (seconds), then
+    the rename into place raised a bare OSError on every encode(), also under backend='auto'. It is an
+    OnnxCacheError before the export now: 'auto' falls back to torch with one warning, 'onnx' names it."""
+    model = tiny_encoder(seed=8)
+    calls = []
+    path = cache.cached_export(model, OPTIONS, small_export(calls), root=tmp_path)
+    path.write_bytes(path.read_bytes()[:10])  # damaged: its recorded SHA-256 no longer matches
+    monkeypatch.setattr(cache, "_remove", lambda entry: None)  # as a read-only entry folder leaves it
+    with pytest.raises(cache.OnnxCacheError, match=r"is damaged and cannot be removed .*VISREG_HUB_CACHE"):
+        cache.cached_export(model, OPTIONS, small_export(calls), root=tmp_path)
+    assert len(calls) == 1  # no second export was run for nothing
+    monkeypatch.setenv("VISREG_HUB_CACHE", str(tmp_path / "shared"))
+    first = from_pretrained(folder, backend="auto")
+    assert first.encode(photo_paths[:1]).shape[0] > 0 and first.backend == "onnx"  # fills the cache
+    (entry,) = [p for p in (tmp_path / "shared" / "onnx").iterdir() if not p.name.startswith(".")]
+    (entry / "model.onnx").write_bytes(b"damaged")
+    model = from_pretrained(folder, backend="auto")
+    with caplog.at_level(logging.WARNING, logger="visreg_hub.inference.backends"):
+        embeddings = model.encode(photo_paths)
+        model.encode(photo_paths[:1])
+    warned = [r for r in caplog.records if r.name == "visreg_hub.inference.backends" and r.levelno >= 30]
+    assert len(warned) == 1 and "cannot be removed" in warned[0].getMessage() and model.backend == "torch"
+    torch.testing.assert_close(embeddings, reference(photo_paths, folder), atol=1e-5, rtol=0)
+    with pytest.raises(cache.OnnxCacheError, match="cannot be removed"):
+        from_pretrained(folder, backend="onnx").encode(photo_paths[:1])
+
+
 def _refuse_mkdir(self, *args, **kwargs):
     raise PermissionError(13, "Permission denied", str(self))
 

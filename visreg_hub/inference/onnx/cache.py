@@ -330,6 +330,13 @@ def _cached_or_removed(entry: Path, check: Callable[[Path], None] | None) -> Pat
             raise _untrusted_error(entry, why)
         logger.warning("ONNX cache entry %s is not a folder; exporting again", entry)
     _remove(entry)
+    if os.path.lexists(
+        entry
+    ):  # why check now: the export would run (seconds) and then fail to take its place
+        raise OnnxCacheError(
+            f"ONNX cache entry {entry} is damaged and cannot be removed (a read-only folder in it?); delete "
+            f"it, or set {ENV_CACHE} to a folder you can write"
+        )
     return None
 
 
@@ -387,9 +394,12 @@ def cached_export(
             staging.chmod(0o755 & ~mask)  # mkdtemp made it 0700: nobody else could read a shared cache
             try:
                 staging.rename(entry)
-            except OSError:  # another writer (no lock on this system) finished first: use its entry if sound
+            except OSError as exc:  # another writer (no lock on this system) finished first: use its entry
                 if not entry.is_dir() or _verified(entry) is None:
-                    raise
+                    raise OnnxCacheError(
+                        f"the ONNX export could not be put in place at {entry} ({exc.strerror or exc}); "
+                        f"delete that entry, or set {ENV_CACHE} to a folder you can write"
+                    ) from exc
                 shutil.rmtree(staging, ignore_errors=True)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
