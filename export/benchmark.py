@@ -29,9 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
+    from visreg_hub.errors import VisregHubError
     from visreg_hub.inference.onnx import OnnxEmbedder
 
-    embedder = OnnxEmbedder(args.onnx, providers=args.provider, intra_op_num_threads=args.threads)
+    try:  # a bad path or file is one line naming it, as in export.validate (not a traceback)
+        embedder = OnnxEmbedder(args.onnx, providers=args.provider, intra_op_num_threads=args.threads)
+    except (VisregHubError, OSError) as exc:
+        print(f"export.benchmark: error: {exc}", file=sys.stderr)
+        return 1
     meta, rng = embedder.metadata, np.random.default_rng(0)
     print(f"{args.onnx}: {meta.model_name} {meta.precision}, provider {embedder.active_provider}")
     batch_sizes = args.batch_sizes

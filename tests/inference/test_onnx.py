@@ -871,3 +871,16 @@ def test_int8_export_keeps_onnx_runtime_advice_out_of_the_root_logger(model, tmp
         assert caplog.records[-1].getMessage() == "a user's own INFO line, after the export"
     assert not logging.getLogger().filters  # the filter is gone afterwards
     assert logging.getLogger("onnxruntime.quantization").level == logging.NOTSET
+
+
+def test_benchmark_names_a_bad_file_in_one_line(tmp_path, capsys):
+    """Probe: `python -m export.benchmark` on a text file or a missing path printed a traceback, where
+    export.validate prints one line."""
+    from export.benchmark import main
+
+    text = tmp_path / "text.onnx"
+    text.write_text("not a graph")
+    for path, named in ((text, "is not a readable ONNX model"), (tmp_path / "missing.onnx", "missing.onnx")):
+        assert main([str(path)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("export.benchmark: error: ") and named in err and "Traceback" not in err
