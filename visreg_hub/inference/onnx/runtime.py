@@ -142,26 +142,49 @@ class OnnxMetadata:
 
 
 def _check_sizes(metadata: OnnxMetadata, source: str) -> None:
-    """The sizes buffers are allocated from (the resize target, the output width) within a ViT's bounds.
+    """The sizes buffers are allocated from (the resize target, the preprocessing's input size, the output
+    width) within a ViT's bounds, and the fields that choose a code path among their values.
 
-    why: they come from the file; ``image_size`` 100000 x 100000 made every input a 30 GB resize, and an
-    ``embedding_dim`` of 1e12 sizes the output buffer of a GPU run.
+    why: they come from the file; ``image_size`` 100000 x 100000 made every input a 30 GB resize, a
+    ``data_config.input_size`` of 4096 x 4096 sized the preprocessing of a graph without baked
+    preprocessing (GBs per batch), and an ``embedding_dim`` of 1e12 sizes the output buffer of a GPU run.
     """
+    from visreg_hub.models.config import POOLINGS
     from visreg_hub.models.limits import FIELD_BOUNDS
 
+    def sides(values, count: int) -> bool:
+        return len(values) == count and all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= side for v in values
+        )
+
     side, width = FIELD_BOUNDS["img_size"], FIELD_BOUNDS["embed_dim"] * 4  # cls_last4 is 4 blocks wide
-    sizes = metadata.image_size
+    sizes, input_size = metadata.image_size, tuple(metadata.data_config.get("input_size", ()))
     sane = (
-        len(sizes) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= side for v in sizes)
+        sides(sizes, 2)
+        and sides(input_size, 3)
+        and input_size[0] in (1, 3)
         and isinstance(metadata.embedding_dim, int)
         and 1 <= metadata.embedding_dim <= width
     )
     if not sane:
         raise CheckpointError(
-            f"{source} has visreg_hub metadata out of range (image_size {sizes!r}, at most {side} per side; "
-            f"embedding_dim {metadata.embedding_dim!r}, at most {width}); re-export the model"
+            f"{source} has visreg_hub metadata out of range (image_size {sizes!r}, data_config.input_size "
+            f"{input_size!r}: at most {side} per side, 1 or 3 channels; embedding_dim "
+            f"{metadata.embedding_dim!r}, at most {width}); re-export the model"
         )
+    if not metadata.has_preprocessing and tuple(input_size[1:]) != tuple(sizes):
+        # the preprocessing of a plain graph is sized from data_config: it must make what the graph takes
+        raise CheckpointError(
+            f"{source} has visreg_hub metadata data_config.input_size {input_size!r} for a graph that takes "
+            f"{tuple(sizes)!r} images (image_size); re-export the model"
+        )
+    choices = {"pooling": POOLINGS, "precision": ("fp32", "fp16", "int8"), "input_layout": ("NCHW", "NHWC")}
+    for name, allowed in choices.items():
+        if getattr(metadata, name) not in allowed:
+            raise CheckpointError(
+                f"{source} has visreg_hub metadata {name}={getattr(metadata, name)!r}, not one of "
+                f"{tuple(allowed)}; re-export the model"
+            )
 
 
 _STRING_FIELDS = frozenset(
