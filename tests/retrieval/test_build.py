@@ -274,14 +274,18 @@ def test_overwrite_false_refuses_an_index_written_meanwhile_and_keeps_it(tmp_pat
     folder = tmp_path / "idx"
     folder.mkdir()  # an empty folder is a new output
     a.save(folder, overwrite=False)
-    with pytest.raises(UserInputError, match=r"already holds an index.*--overwrite"):
-        b.save(folder, overwrite=False)
-    # the race itself: the folder was empty when checked and filled before the swap; the rename refuses
     from visreg_hub.retrieval import storage
 
+    written = []
+    monkeypatch.setattr(storage, "_write_index_files", lambda *args: written.append(args))
+    with pytest.raises(UserInputError, match=r"already holds an index; nothing was replaced.*--overwrite"):
+        b.save(folder, overwrite=False)  # refused before anything is written, and not blamed on a race
+    assert written == []
+    monkeypatch.undo()
+    # the race itself: the folder was empty when checked and filled before the swap; the rename refuses
     monkeypatch.setattr(storage, "_is_new", lambda folder: True)
     monkeypatch.setattr(storage, "_holds_index", lambda folder: False)
-    with pytest.raises(UserInputError, match="already holds an index"):
+    with pytest.raises(UserInputError, match=r"already holds an index \(written while this build ran"):
         b.save(folder, overwrite=False)
     monkeypatch.undo()
     kept = EmbeddingIndex.load(folder)

@@ -126,6 +126,28 @@ def test_metadata_is_copied_and_round_trips(tmp_path):
     ]
 
 
+def test_numpy_scalars_in_metadata_are_stored_as_the_numbers_they_hold_and_ids_iterate(tmp_path):
+    """Probe: {"label": labels[i]} with a numpy array of labels was refused ("int64 is not JSON
+    serializable", though the message allowed numbers); and an index with len() and `in` over its ids could
+    not be iterated."""
+    index = EmbeddingIndex(4)
+    labels, scores = np.array([3, 7]), np.array([0.5, 0.25], dtype=np.float32)
+    meta = [{"label": labels[i], "score": scores[i], "ok": np.bool_(i == 0)} for i in range(2)]
+    ids = index.add(np.eye(4, dtype=np.float32)[:2], metadata=meta)
+    want = [{"label": 3, "score": 0.5, "ok": True}, {"label": 7, "score": 0.25, "ok": False}]
+    assert index.get_metadata(ids) == want
+    assert EmbeddingIndex.load(index.save(tmp_path / "idx")).get_metadata(ids) == want
+    assert type(index.get_metadata(ids)[0]["label"]) is int
+    with pytest.raises(ValueError, match="JSON-serialisable"):  # a value JSON cannot hold is still refused
+        index.add(np.eye(4, dtype=np.float32)[:1], metadata=[{"bad": np.float32("nan")}])
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        index.add(np.eye(4, dtype=np.float32)[:1], metadata=[{"array": np.arange(3)}])
+    index.remove([ids[0]])
+    index.add(np.eye(4, dtype=np.float32)[2:3])
+    assert list(index) == index.ids.tolist() == [1, 2] and all(type(i) is int for i in index)
+    assert all(i in index for i in index) and len(list(index)) == len(index)
+
+
 @pytest.mark.parametrize("meta", [{1: "a"}, {"nested": [{"ok": 1, None: 2}]}, {(1, 2): "t"}])
 def test_metadata_keys_json_would_change_are_refused(meta):
     """JSON turns {1: "a"} into {"1": "a"}: what get_metadata returned differed from what was added."""

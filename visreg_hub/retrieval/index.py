@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -227,6 +228,10 @@ class EmbeddingIndex:
 
     def __contains__(self, item: object) -> bool:
         return isinstance(item, int | np.integer) and int(item) in self._meta
+
+    def __iter__(self) -> Iterator[int]:
+        """The live ids in insertion order, as Python ints (``len`` and ``in`` count and test the same)."""
+        return iter(self.ids.tolist())
 
     # --------------------------------------------------------------------------------- building
     def _faiss_metric(self, faiss):

@@ -99,13 +99,22 @@ def lookup_ids(ids: Any) -> list[int]:
     return [int(i) for i in array.reshape(-1).tolist()]
 
 
+def _numpy_scalar(value: Any) -> Any:
+    """numpy's scalars (``np.int64`` labels, ``np.float32`` scores, ``np.bool_``) as the Python numbers they
+    hold, losslessly: ``{"label": labels[i]}`` with a numpy array of labels is the common case."""
+    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def encode_metadata(metadata: Any, n: int) -> list[str | None]:
     """n metadata dicts (or None) as compact JSON texts.
 
     Raises:
         ValueError: not a list of n dicts/None, an item :func:`metadata_problem` names (a key that is not a
             string, an unpaired surrogate, nesting deeper than ``MAX_METADATA_DEPTH``), or a value JSON
-            cannot represent (NaN, objects, cycles). Tuples are stored, and come back, as lists.
+            cannot represent (NaN, objects, cycles). Tuples are stored, and come back, as lists; numpy
+            scalars as the Python numbers they hold.
     """
     if metadata is None:
         return [None] * n
@@ -123,7 +132,7 @@ def encode_metadata(metadata: Any, n: int) -> list[str | None]:
         if problem is not None:
             raise UserInputError(f"metadata[{i}] {problem}")
         try:
-            text = json.dumps(item, allow_nan=False, separators=(",", ":"))
+            text = json.dumps(item, allow_nan=False, separators=(",", ":"), default=_numpy_scalar)
         except (TypeError, ValueError, RecursionError) as exc:
             raise UserInputError(
                 f"metadata[{i}] must be JSON-serialisable (str, numbers, lists, dicts): {exc}"

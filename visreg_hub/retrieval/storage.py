@@ -84,6 +84,8 @@ def save_index(index: EmbeddingIndex, folder: str | Path, *, overwrite: bool = T
         raise UserInputError("cannot save an untrained IVF index; add() or train() first")
     folder = output_folder(folder)
     check_index_output(folder)
+    if not overwrite and _holds_index(folder):  # before writing anything (checked again at the swap)
+        raise _already_holds_an_index(folder, during=False)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staged = folder.parent / f".{folder.name}.saving-{os.getpid()}"
     replaced = folder.parent / f".{folder.name}.replaced-{os.getpid()}"
@@ -125,11 +127,12 @@ def _is_new(folder: Path) -> bool:
     return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
 
 
-def _already_holds_an_index(folder: Path) -> UserInputError:
+def _already_holds_an_index(folder: Path, *, during: bool = True) -> UserInputError:
+    """``during``: the index appeared while this save wrote its own (another build into the same folder)."""
+    when = " (written while this build ran, e.g. by another build into the same folder)" if during else ""
     return UserInputError(
-        f"{folder} already holds an index (written while this build ran, e.g. by another build into the "
-        "same folder); nothing was replaced: pass overwrite=True (--overwrite) to replace it, or choose "
-        "another output folder"
+        f"{folder} already holds an index{when}; nothing was replaced: pass overwrite=True (--overwrite) "
+        "to replace it, or choose another output folder"
     )
 
 
