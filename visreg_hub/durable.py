@@ -63,6 +63,27 @@ def current_umask() -> int:
     return 0o022
 
 
+def try_lock(path: Path, *, shared: bool = False) -> int | None:
+    """Take a non-blocking ``flock`` on ``path`` (created if missing, never through a symlink).
+
+    Returns:
+        The descriptor that holds it (closing it releases the lock; so does the process ending), or None
+        when another holder has it: a conflicting lock, or another open of the file in this process.
+
+    Raises:
+        ImportError: no ``fcntl`` (Windows): callers decide whether to run unlocked.
+    """
+    import fcntl
+
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(descriptor, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        return None
+    return descriptor
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block: processes that take the

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from visreg_hub.durable import exclusive_lock, fsync_dir, write_atomic
+from visreg_hub.durable import exclusive_lock, fsync_dir, try_lock, write_atomic
 from visreg_hub.errors import MissingExtraError, VisregHubError
 from visreg_hub.native_io import split_name, write_parquet
 from visreg_hub.retrieval.sources import check_embed_file
@@ -350,34 +350,25 @@ def run_lock(folder: Path, rank: int, world_size: int) -> Iterator[None]:
     Raises:
         FolderBusyError: another run holds the folder.
     """
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    wanted = [(folder / RUN_LOCK, fcntl.LOCK_EX if world_size == 1 else fcntl.LOCK_SH)]
+    # (lock file, shared, who holds it when it is refused)
+    wanted = [(folder / RUN_LOCK, world_size > 1, "another run of this job" if world_size == 1 else
+               "a one-rank run of this job")]  # fmt: skip
     if world_size > 1:
-        wanted.append((folder / f".embed-rank-{rank}.lock", fcntl.LOCK_EX))
+        wanted.append((folder / f".embed-rank-{rank}.lock", False, f"another run of rank {rank}"))
     held: list[int] = []
     try:
-        for path, mode in wanted:
-            held.append(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644))
+        for path, shared, who in wanted:
             try:
-                fcntl.flock(held[-1], mode | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if world_size == 1:  # the holder is a one-rank run, or ranks of a multi-rank one
-                    who = "another run of this job"
-                else:
-                    who = (
-                        "a one-rank run of this job"
-                        if mode == fcntl.LOCK_SH
-                        else f"another run of rank {rank}"
-                    )
+                descriptor = try_lock(path, shared=shared)
+            except ImportError:  # no fcntl (Windows): unlocked
+                break
+            if descriptor is None:
                 raise FolderBusyError(
                     f"{who} is embedding into {folder} now; two would embed the same shards twice and remove "
                     "each other's half-written files: wait for it to end (a re-run then resumes where it "
                     "stopped), or write to another folder"
-                ) from None
+                )
+            held.append(descriptor)
         yield
     finally:
         for descriptor in held:

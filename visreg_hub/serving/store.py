@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from visreg_hub.durable import fsync_tree, write_atomic
+from visreg_hub.durable import fsync_tree, try_lock, write_atomic
 from visreg_hub.errors import CheckpointError
 from visreg_hub.retrieval.records import IdConflictError  # noqa: F401  (re-exported: the 409 of add)
 from visreg_hub.serving.wal import LogRecord, LogWriter, read_log
@@ -434,18 +434,17 @@ def _lock_folder(folder: Path) -> int:
     Raises:
         CheckpointError: another process, or another store in this one, serves the folder.
     """
-    import fcntl
-
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-        os.close(fd)
+    fd = try_lock(folder / LOCK)
+    if fd is None:
+        reader = os.open(folder / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            holder = os.pread(reader, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        finally:
+            os.close(reader)
         raise CheckpointError(
             f"index folder {folder} is already served (by pid {holder}); two writers would lose each "
             "other's acknowledged changes: stop the other server, or give each --index its own folder"
-        ) from None
+        )
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
     return fd
